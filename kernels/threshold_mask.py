@@ -1,0 +1,170 @@
+"""Fused row-score / threshold / compaction kernels.
+
+For a weight viewed as ``[N, K]`` (Linear ``[out, in]``, Conv2d ``[out, in/groups*kh*kw]``) and
+thresholds ``tau [N]``, two launches produce, entirely on the device:
+
+* ``score[i] = mean_j |W[i, j]|`` (fp32 accumulation) and ``mask[i] = score[i] > tau[i]``;
+* ``perm [N]`` (int32): the active rows in ascending order, followed by the pruned rows in
+  ascending order, and ``count [1]`` (int32), the number of active rows.
+
+``perm[:count]`` is the sorted compact list the GEMM kernels gather through; keeping the pruned
+rows after it lets one upper-bound grid cover every output column without knowing ``count``
+on the host. No atomics are used, so the result is identical from run to run.
+
+The first launch is the only one that reads ``W`` (one pass). The second is a single program
+that reads ``N`` mask bytes twice: cheap next to the pass over ``W``, and it is where the
+collapse guard lives, because it is the first place the whole layer's density is known.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .._rowmask import RowMask
+from ._config import interpreter_enabled
+
+
+@triton.jit
+def _row_score_mask_kernel(
+    w_ptr,  # [N, K] weight rows, any strides
+    tau_ptr,  # [N] thresholds, any float dtype
+    score_ptr,  # [N] fp32 out: mean |w| of each row
+    mask_ptr,  # [N] int8 out (a bool tensor viewed as int8): score > tau
+    N,
+    K,
+    stride_wn,
+    stride_wk,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)
+    rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < N
+    acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        cols = k0 + tl.arange(0, BLOCK_K)
+        w = tl.load(
+            w_ptr + rows[:, None] * stride_wn + cols[None, :] * stride_wk,
+            mask=row_ok[:, None] & (cols[None, :] < K),
+            other=0.0,
+        )
+        acc += tl.abs(w.to(tl.float32))
+    score = tl.sum(acc, axis=1) / K
+    tau = tl.load(tau_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
+    tl.store(score_ptr + rows, score, mask=row_ok)
+    # Strict comparison, as the spec's `s - tau > 0`.
+    tl.store(mask_ptr + rows, (score > tau).to(tl.int8), mask=row_ok)
+
+
+@triton.jit
+def _compact_rows_kernel(
+    score_ptr,  # [N] fp32 row scores
+    mask_ptr,  # [N] int8 in/out: rewritten when the collapse guard fires
+    perm_ptr,  # [N] int32 out: active rows ascending, then pruned rows ascending
+    count_ptr,  # [1] int32 out: number of active rows
+    collapsed_ptr,  # [1] int8 out: 1 when the collapse guard fired (only with HAS_GUARD)
+    N,
+    collapse_density,  # guard fires when active rows <= collapse_density * N
+    HAS_GUARD: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    # Single program: a deterministic prefix sum over the mask without inter-program sync.
+    total = tl.sum(tl.zeros([BLOCK], dtype=tl.int32), axis=0)
+    for n0 in range(0, N, BLOCK):
+        offs = n0 + tl.arange(0, BLOCK)
+        total += tl.sum(tl.load(mask_ptr + offs, mask=offs < N, other=0).to(tl.int32), axis=0)
+
+    if HAS_GUARD:
+        # Collapse guard: the caller resets tau to 0 when this fires; the mask it implies,
+        # score > 0, is rebuilt here from the stored scores instead of re-reading W.
+        collapsed = total.to(tl.float32) <= collapse_density * N
+        tl.store(collapsed_ptr, collapsed.to(tl.int8))
+        if collapsed:
+            total = tl.sum(tl.zeros([BLOCK], dtype=tl.int32), axis=0)
+            for n0 in range(0, N, BLOCK):
+                offs = n0 + tl.arange(0, BLOCK)
+                s = tl.load(score_ptr + offs, mask=offs < N, other=0.0)
+                m = (s > 0.0).to(tl.int8)
+                tl.store(mask_ptr + offs, m, mask=offs < N)
+                total += tl.sum(m.to(tl.int32), axis=0)
+
+    active_before = tl.sum(tl.zeros([BLOCK], dtype=tl.int32), axis=0)
+    for n0 in range(0, N, BLOCK):
+        offs = n0 + tl.arange(0, BLOCK)
+        valid = offs < N
+        m = tl.load(mask_ptr + offs, mask=valid, other=0).to(tl.int32)
+        active_incl = tl.cumsum(m, axis=0)
+        # Rows before `offs` in the whole layer that are pruned: n0 - active_before, plus
+        # those earlier in this block.
+        pruned_incl = (offs + 1) - (active_before + active_incl)
+        pos = tl.where(m == 1, active_before + active_incl - 1, total + pruned_incl - 1)
+        tl.store(perm_ptr + pos, offs.to(tl.int32), mask=valid)
+        active_before += tl.sum(m, axis=0)
+    tl.store(count_ptr, total)
+
+
+_SCORE_BLOCK_N = 32
+_SCORE_BLOCK_K = 128
+_COMPACT_BLOCK = 1024
+
+
+def threshold_row_mask(
+    weight2d: torch.Tensor,
+    threshold: torch.Tensor,
+    *,
+    collapse_density: float | None = None,
+) -> RowMask:
+    """Compute the row mask of ``weight2d [N, K]`` against ``threshold [N]`` on the device.
+
+    With ``collapse_density`` set, a layer whose density is ``<= collapse_density`` gets the mask
+    of ``tau = 0`` instead, and ``RowMask.collapsed`` says so; the caller owns the thresholds and
+    resets them (the kernels never write their inputs). No host synchronisation.
+    """
+    if weight2d.dim() != 2:
+        raise ValueError(f"threshold_row_mask expects a 2-D weight view, got shape {tuple(weight2d.shape)}")
+    n_rows, fan_in = weight2d.shape
+    if threshold.shape != (n_rows,):
+        raise ValueError(f"threshold must have shape ({n_rows},), got {tuple(threshold.shape)}")
+    if threshold.device != weight2d.device:
+        raise ValueError(f"threshold is on {threshold.device} but weight is on {weight2d.device}")
+    if n_rows == 0 or fan_in == 0:
+        raise ValueError(f"weight must have at least one row and one column, got {tuple(weight2d.shape)}")
+    device = weight2d.device
+    threshold = threshold.contiguous()
+    score = torch.empty(n_rows, device=device, dtype=torch.float32)
+    mask = torch.empty(n_rows, device=device, dtype=torch.bool)
+    perm = torch.empty(n_rows, device=device, dtype=torch.int32)
+    count = torch.empty(1, device=device, dtype=torch.int32)
+    has_guard = collapse_density is not None
+    collapsed = torch.zeros(1, device=device, dtype=torch.int8) if has_guard else None
+
+    block_k = min(_SCORE_BLOCK_K, triton.next_power_of_2(fan_in))
+    _row_score_mask_kernel[(triton.cdiv(n_rows, _SCORE_BLOCK_N),)](
+        weight2d,
+        threshold,
+        score,
+        mask.view(torch.int8),
+        n_rows,
+        fan_in,
+        weight2d.stride(0),
+        weight2d.stride(1),
+        BLOCK_N=_SCORE_BLOCK_N,
+        BLOCK_K=block_k,
+        num_warps=4,
+    )
+    block = min(_COMPACT_BLOCK, triton.next_power_of_2(n_rows)) if not interpreter_enabled() else 64
+    _compact_rows_kernel[(1,)](
+        score,
+        mask.view(torch.int8),
+        perm,
+        count,
+        collapsed if has_guard else count,
+        n_rows,
+        float(collapse_density) if has_guard else 0.0,
+        HAS_GUARD=has_guard,
+        BLOCK=block,
+        num_warps=4,
+    )
+    return RowMask(mask, perm, count, score, collapsed.view(torch.bool) if has_guard else None)

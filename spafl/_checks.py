@@ -1,0 +1,141 @@
+"""Input validation shared by the functional API and the layers.
+
+Every check here reads only tensor metadata (shape, dtype, device) except the finiteness
+check of the thresholds, which needs the values: on CPU it is free and on by default, on CUDA
+it costs a device synchronisation, so there it runs only when asked for (``check_finite=True``).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+BACKENDS = ("auto", "triton", "reference")
+BACKWARD_MODES = ("exact", "skip", "sample")
+TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+@functools.lru_cache(maxsize=1)
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def interpreter_enabled() -> bool:
+    """True when Triton runs kernels on the CPU through its NumPy interpreter."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def check_options(backend: str, backward_mode: str, sample_fraction: float, collapse_density: float | None) -> None:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backward_mode not in BACKWARD_MODES:
+        raise ValueError(f"backward_mode must be one of {BACKWARD_MODES}, got {backward_mode!r}")
+    if not isinstance(sample_fraction, (int, float)) or not 0.0 < float(sample_fraction) <= 1.0:
+        raise ValueError(f"sample_fraction must be in (0, 1], got {sample_fraction!r}")
+    if collapse_density is not None and (
+        not isinstance(collapse_density, (int, float)) or not 0.0 <= float(collapse_density) < 1.0
+    ):
+        raise ValueError(f"collapse_density must be None or in [0, 1), got {collapse_density!r}")
+
+
+def check_positive_int(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return value
+
+
+def _tensor(name: str, value) -> torch.Tensor:
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    return value
+
+
+def check_threshold_values(threshold: torch.Tensor, check_finite: bool | None) -> None:
+    """Reject NaN / inf thresholds (see the module docstring for when this runs)."""
+    if check_finite is None:
+        check_finite = threshold.device.type == "cpu"
+    if not check_finite:
+        return
+    finite = torch.isfinite(threshold.detach())
+    if not bool(finite.all()):
+        bad = (~finite).nonzero().flatten()[:8].tolist()
+        raise ValueError(f"threshold has non-finite values (NaN or inf) at units {bad}")
+
+
+def check_layer_inputs(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    threshold: torch.Tensor,
+    bias: torch.Tensor | None,
+    *,
+    op: str,
+    weight_dim: int,
+    x_feature_dim: int,
+    x_min_dim: int,
+) -> None:
+    """Shape / dtype / device checks common to threshold Linear and Conv2d.
+
+    ``x_feature_dim`` is the dimension of ``x`` that must equal ``weight.shape[1]`` (times the
+    groups for a grouped conv, checked by the caller).
+    """
+    _tensor("x", x)
+    _tensor("weight", weight)
+    _tensor("threshold", threshold)
+    if bias is not None:
+        _tensor("bias", bias)
+    if weight.dim() != weight_dim:
+        raise ValueError(f"{op}: weight must be {weight_dim}-D, got shape {tuple(weight.shape)}")
+    if any(s == 0 for s in weight.shape):
+        raise ValueError(f"{op}: weight must not be empty, got shape {tuple(weight.shape)}")
+    n_out = weight.shape[0]
+    if x.dim() < x_min_dim:
+        raise ValueError(f"{op}: x must have at least {x_min_dim} dimension(s), got shape {tuple(x.shape)}")
+    if threshold.shape != (n_out,):
+        raise ValueError(
+            f"{op}: threshold must have shape ({n_out},), one value per output unit; got {tuple(threshold.shape)}"
+        )
+    if bias is not None and bias.shape != (n_out,):
+        raise ValueError(f"{op}: bias must have shape ({n_out},), got {tuple(bias.shape)}")
+    for name, t in (("x", x), ("weight", weight), ("threshold", threshold), ("bias", bias)):
+        if t is not None and not t.is_floating_point():
+            raise TypeError(f"{op}: {name} must be a floating-point tensor, got {t.dtype}")
+    if x.dtype != weight.dtype:
+        raise TypeError(
+            f"{op}: x is {x.dtype} but weight is {weight.dtype}; cast one of them "
+            "(the dense layer has the same rule) or run under torch.autocast"
+        )
+    if bias is not None and bias.dtype != weight.dtype:
+        raise TypeError(f"{op}: bias is {bias.dtype} but weight is {weight.dtype}")
+    devices = {t.device for t in (x, weight, threshold, bias) if t is not None}
+    if len(devices) > 1:
+        where = ", ".join(f"{n}={t.device}" for n, t in (("x", x), ("weight", weight), ("threshold", threshold),
+                                                          ("bias", bias)) if t is not None)
+        raise ValueError(f"{op}: all tensors must be on the same device, got {where}")
+
+
+def resolve_backend(backend: str, weight: torch.Tensor) -> str:
+    """Pick the implementation: ``auto`` means Triton for CUDA tensors it supports, else the
+    reference; ``triton`` insists (and explains why it cannot run)."""
+    if backend == "reference":
+        return "reference"
+    on_cuda = weight.device.type == "cuda"
+    if backend == "auto":
+        ok = on_cuda and weight.dtype in TRITON_DTYPES and triton_available()
+        return "triton" if ok else "reference"
+    if not triton_available():
+        raise RuntimeError("backend='triton' needs the triton package (pip install 'spafl[triton]')")
+    if not on_cuda and not interpreter_enabled():
+        raise ValueError(
+            f"backend='triton' runs on CUDA tensors, got tensors on {weight.device}; use backend='auto' or "
+            "'reference' on CPU (or set TRITON_INTERPRET=1 before importing spafl to run the kernels in "
+            "Triton's interpreter, for testing)"
+        )
+    if weight.dtype not in TRITON_DTYPES:
+        raise TypeError(f"backend='triton' supports {TRITON_DTYPES}, got {weight.dtype}; use backend='reference'")
+    return "triton"

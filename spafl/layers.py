@@ -1,0 +1,164 @@
+"""Drop-in threshold layers."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from ._checks import check_options, check_positive_int, check_threshold_values
+from .functional import threshold_linear, threshold_row_mask
+
+
+class _ThresholdMixin:
+    """Mask / density / collapse-guard state shared by the threshold layers.
+
+    Expects ``self.weight [out, ...]``, ``self.threshold [out]`` and the options set by
+    :meth:`_init_threshold_state`.
+    """
+
+    def _init_threshold_state(self, backend, backward_mode, sample_fraction, collapse_density, check_finite, device):
+        check_options(backend, backward_mode, sample_fraction, collapse_density)
+        self.backend = backend
+        self.backward_mode = backward_mode
+        self.sample_fraction = float(sample_fraction)
+        self.collapse_density = collapse_density
+        self.check_finite = check_finite
+        # Number of times the collapse guard reset this layer's thresholds; a buffer so that it
+        # lives on the device (incremented without a host sync) and is saved with checkpoints.
+        self.register_buffer("collapse_resets", torch.zeros((), dtype=torch.long, device=device))
+
+    def _layer_options(self) -> dict:
+        return {
+            "backend": self.backend,
+            "backward_mode": self.backward_mode,
+            "sample_fraction": self.sample_fraction,
+            "collapse_density": self.collapse_density,
+            "collapse_counter": self.collapse_resets,
+            "check_finite": self.check_finite,
+        }
+
+    @property
+    def mask(self) -> torch.Tensor:
+        """bool ``[out]``: units active under the current weights and thresholds (no guard)."""
+        return threshold_row_mask(self.weight, self.threshold, backend=self.backend).mask
+
+    @property
+    def density(self) -> float:
+        """Fraction of active output units (synchronises with the device)."""
+        return float(self.mask.float().mean())
+
+    def _density_repr(self) -> str:
+        try:
+            return f"density={self.density:.3f}"
+        except Exception:  # e.g. meta tensors: the repr must not fail
+            return "density=?"
+
+
+class ThresholdLinear(_ThresholdMixin, nn.Module):
+    """``nn.Linear`` with a trainable threshold per output neuron (SpaFL).
+
+    Neuron ``i`` is active while ``mean_j |weight[i, j]| > threshold[i]``; a pruned neuron
+    outputs ``bias[i]`` (0 without bias) and on CUDA its row of the GEMM is skipped in the
+    forward and backward passes. Thresholds start at 0, so a fresh layer is fully dense.
+
+    Args:
+        in_features, out_features, bias, device, dtype: as for ``nn.Linear``.
+        backend: ``"auto"`` (Triton kernels for CUDA tensors, plain PyTorch otherwise),
+            ``"triton"`` or ``"reference"``.
+        backward_mode: ``"exact"``, ``"skip"`` or ``"sample"``: what pruned neurons receive in
+            the backward pass (see :func:`spafl.threshold_linear`).
+        sample_fraction: share of the batch used by ``"sample"`` mode.
+        collapse_density: the collapse guard: when the layer's density is ``<=`` this at forward
+            time, its thresholds are reset to 0 and ``collapse_resets`` is incremented (the
+            reference code uses 0.01). ``None`` disables it. Runs in every forward pass, as in
+            the reference code, without a host synchronisation.
+        check_finite: reject NaN / inf thresholds in forward (default: on CPU only, see
+            :func:`spafl.threshold_linear`).
+
+    Shapes: input ``[..., in_features]``, output ``[..., out_features]``.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        *,
+        backend: str = "auto",
+        backward_mode: str = "exact",
+        sample_fraction: float = 0.125,
+        collapse_density: float | None = 0.01,
+        check_finite: bool | None = None,
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__()
+        self.in_features = check_positive_int("in_features", in_features)
+        self.out_features = check_positive_int("out_features", out_features)
+        factory = {"device": device, "dtype": dtype}
+        self.weight = nn.Parameter(torch.empty((out_features, in_features), **factory))
+        self.threshold = nn.Parameter(torch.empty(out_features, **factory))
+        self.bias = nn.Parameter(torch.empty(out_features, **factory)) if bias else None
+        if not bias:
+            self.register_parameter("bias", None)
+        self._init_threshold_state(backend, backward_mode, sample_fraction, collapse_density, check_finite, device)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        # nn.Linear's initialisation, and thresholds at 0 (every neuron active).
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+        if self.bias is not None:
+            bound = 1 / math.sqrt(self.in_features)
+            nn.init.uniform_(self.bias, -bound, bound)
+        nn.init.zeros_(self.threshold)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return threshold_linear(x, self.weight, self.threshold, self.bias, **self._layer_options())
+
+    @classmethod
+    def from_dense(cls, linear: nn.Linear, **kwargs) -> ThresholdLinear:
+        """A threshold layer with a copy of ``linear``'s weight and bias (thresholds at 0)."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"from_dense expects an nn.Linear, got {type(linear).__name__}")
+        layer = cls(
+            linear.in_features,
+            linear.out_features,
+            bias=linear.bias is not None,
+            device=linear.weight.device,
+            dtype=linear.weight.dtype,
+            **kwargs,
+        )
+        with torch.no_grad():
+            layer.weight.copy_(linear.weight)
+            if linear.bias is not None:
+                layer.bias.copy_(linear.bias)
+        layer.weight.requires_grad_(linear.weight.requires_grad)
+        if linear.bias is not None:
+            layer.bias.requires_grad_(linear.bias.requires_grad)
+        layer.train(linear.training)
+        return layer
+
+    def to_dense(self) -> nn.Linear:
+        """A plain ``nn.Linear`` computing the same function: pruned rows of the weight zeroed."""
+        check_threshold_values(self.threshold, True)
+        dense = nn.Linear(
+            self.in_features,
+            self.out_features,
+            bias=self.bias is not None,
+            device=self.weight.device,
+            dtype=self.weight.dtype,
+        )
+        with torch.no_grad():
+            dense.weight.copy_(self.weight * self.mask.to(self.weight.dtype)[:, None])
+            if self.bias is not None:
+                dense.bias.copy_(self.bias)
+        dense.train(self.training)
+        return dense
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+            f"{self._density_repr()}, backend={self.backend!r}, backward_mode={self.backward_mode!r}"
+        )

@@ -1,0 +1,145 @@
+"""Plain-PyTorch reference of the threshold layers.
+
+This is what CPU users run, what every Triton kernel is tested against, and what the
+benchmarks call "masked dense". It follows ``spafl-algorithm.md`` section 1 literally:
+
+* row score ``s_i = mean_j |W_ij|`` over all fan-in elements, mask ``m_i = s_i > tau_i``;
+* forward with ``W_hat = W * m``;
+* straight-through backward: ``G = dL/dW_hat``, ``r_i = sum_j G_ij W_ij``,
+  ``dL/dtau_i = -r_i``, ``dL/dW_ij = m_i G_ij + sign(W_ij) r_i / fan_in``.
+
+Nothing here synchronises with the host either (the collapse guard uses ``torch.where``), so
+the reference path is also safe to run on a GPU, e.g. as the masked-dense baseline.
+Half-precision inputs are computed in fp32 and the results cast back.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ._rowmask import RowMask, sample_rows
+
+BACKWARD_MODES = ("exact", "skip", "sample")
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def row_scores(weight: torch.Tensor) -> torch.Tensor:
+    """Mean |w| of every output unit: ``[out]`` (fp32, or fp64 for fp64 weights)."""
+    w = weight.detach().reshape(weight.shape[0], -1)
+    return w.abs().to(_compute_dtype(weight.dtype)).mean(dim=1)
+
+
+def row_mask(
+    weight: torch.Tensor, threshold: torch.Tensor, *, collapse_density: float | None = None
+) -> RowMask:
+    """Reference of :func:`spafl.kernels.threshold_row_mask` (same outputs, same guard)."""
+    score = row_scores(weight)
+    mask = score > threshold.detach().to(score.dtype)
+    collapsed = None
+    if collapse_density is not None:
+        n_active = mask.sum()
+        collapsed = (n_active.to(torch.float32) <= collapse_density * mask.numel()).reshape(1)
+        mask = torch.where(collapsed, score > 0, mask)
+    # Active rows first (ascending), then pruned rows (ascending): a stable sort on ~mask.
+    perm = torch.argsort((~mask).to(torch.int8), stable=True).to(torch.int32)
+    count = mask.sum().to(torch.int32).reshape(1)
+    return RowMask(mask, perm, count, score, collapsed)
+
+
+def threshold_linear_forward(
+    x: torch.Tensor, weight: torch.Tensor, mask: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``F.linear(x, W * m[:, None], b)``; x ``[..., in]`` -> ``[..., out]``."""
+    compute = _compute_dtype(x.dtype)
+    w_hat = weight.to(compute) * mask.to(compute)[:, None]
+    y = F.linear(x.to(compute), w_hat, None if bias is None else bias.to(compute))
+    return y.to(x.dtype)
+
+
+def threshold_gradients(
+    grad_w_hat: torch.Tensor,
+    weight: torch.Tensor,
+    multiplier: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    mode: str = "exact",
+    sampled_grad_w_hat: torch.Tensor | None = None,
+    sample_scale: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Straight-through gradients ``(dW, dtau)`` from ``G = dL/dW_hat``.
+
+    ``grad_w_hat`` and ``weight`` are ``[out, fan_in...]`` (any trailing shape: Linear and
+    Conv2d share this), ``multiplier [out]`` is the factor the forward applied to each row
+    (the 0/1 mask; the gradcheck stand-in passes a smooth one), ``mask [out]`` bool.
+    ``mode``: ``exact`` uses ``r`` of every row; ``skip`` sets ``r = 0`` on pruned rows;
+    ``sample`` takes pruned rows' ``r`` from ``sampled_grad_w_hat * sample_scale``.
+    """
+    if mode not in BACKWARD_MODES:
+        raise ValueError(f"backward mode must be one of {BACKWARD_MODES}, got {mode!r}")
+    out = weight.shape[0]
+    g = grad_w_hat.reshape(out, -1)
+    w = weight.reshape(out, -1).to(g.dtype)
+    r = (g * w).sum(dim=1)
+    if mode == "skip":
+        r = torch.where(mask, r, torch.zeros_like(r))
+    elif mode == "sample":
+        if sampled_grad_w_hat is None:
+            raise ValueError("sample mode needs the gradient of the sampled batch rows")
+        r_est = (sampled_grad_w_hat.reshape(out, -1) * w).sum(dim=1) * sample_scale
+        r = torch.where(mask, r, r_est)
+    fan_in = w.shape[1]
+    dw = multiplier.to(g.dtype)[:, None] * g + torch.sign(w) * (r / fan_in)[:, None]
+    return dw.reshape(weight.shape), -r
+
+
+def threshold_linear_backward(
+    grad_out: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    multiplier: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    has_bias: bool,
+    mode: str = "exact",
+    sample_fraction: float = 0.125,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Reference backward: ``(dx, dW, dtau, db)`` in the compute dtype (fp32 / fp64)."""
+    compute = _compute_dtype(x.dtype)
+    n_out, fan_in = weight.shape
+    dy = grad_out.reshape(-1, n_out).to(compute)
+    x2 = x.reshape(-1, fan_in).to(compute)
+    w = weight.to(compute)
+    dx = (dy @ (w * multiplier.to(compute)[:, None])).reshape(x.shape)
+    grad_w_hat = dy.t() @ x2
+    sampled, scale = None, 1.0
+    if mode == "sample":
+        m_rows = x2.shape[0]
+        count, step = sample_rows(m_rows, sample_fraction)
+        idx = torch.arange(count, device=x2.device) * step
+        sampled = dy[idx].t() @ x2[idx]
+        scale = m_rows / count
+    dw, dtau = threshold_gradients(
+        grad_w_hat, w, multiplier, mask, mode=mode, sampled_grad_w_hat=sampled, sample_scale=scale
+    )
+    db = dy.sum(dim=0) if has_bias else None
+    return dx, dw, dtau, db
+
+
+def straight_through_surrogate(
+    x: torch.Tensor, weight: torch.Tensor, threshold: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The same forward written so that plain autograd yields the ``exact`` STE gradients.
+
+    ``m~ = m + (s - tau) - stop_grad(s - tau)`` has the value of the 0/1 mask and derivative 1
+    with respect to ``s - tau``, which is the straight-through estimator. Used by the tests as
+    an independent check of :func:`threshold_linear_backward`.
+    """
+    score = weight.abs().reshape(weight.shape[0], -1).mean(dim=1)
+    gap = score - threshold
+    mask = (gap > 0).to(weight.dtype)
+    mult = mask + gap - gap.detach()
+    return F.linear(x, weight * mult[:, None], bias)

@@ -1,0 +1,137 @@
+"""Compile every Triton kernel configuration ahead of time for a CUDA target, without a GPU.
+
+Run as a script (the pytest test ``test_kernels_compile.py`` runs it in a subprocess, because
+``TRITON_INTERPRET=1`` replaces the kernels with interpreted functions at import time). It
+builds the same specialisations the launchers use (dtype, constexpr flags, block sizes) and
+asks Triton to lower them to a cubin for sm_90, so a kernel that only breaks in the compiler
+(types of loop-carried values, layouts, unsupported ops) fails on a CPU machine too.
+
+Usage: python tests/aot_compile.py [--arch 90]
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import os
+import sys
+
+os.environ.pop("TRITON_INTERPRET", None)
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+
+from spafl.kernels import _config  # noqa: E402
+from spafl.kernels import threshold_linear as tlin  # noqa: E402
+from spafl.kernels import threshold_mask as tmask  # noqa: E402
+
+PTR = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16"}
+
+
+def _compile(fn, signature: dict, constexprs: dict, arch: int, num_warps: int, num_stages: int = 3):
+    sig = dict(signature)
+    for name in constexprs:
+        sig[name] = "constexpr"
+    src = triton.compiler.ASTSource(fn=fn, signature=sig, constexprs=constexprs)
+    options = {"num_warps": num_warps, "num_stages": num_stages}
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
+
+
+def cases():
+    """Yield (name, thunk) pairs, one per kernel specialisation the launchers can produce."""
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        p = PTR[dtype]
+        yield f"row_score_mask[{p}]", lambda p=p: (
+            tmask._row_score_mask_kernel,
+            {"w_ptr": p, "tau_ptr": p, "score_ptr": "*fp32", "mask_ptr": "*i8", "N": "i32", "K": "i32",
+             "stride_wn": "i32", "stride_wk": "i32"},
+            {"BLOCK_N": tmask._SCORE_BLOCK_N, "BLOCK_K": tmask._SCORE_BLOCK_K},
+            4,
+        )
+    for guard in (False, True):
+        yield f"compact_rows[guard={guard}]", lambda guard=guard: (
+            tmask._compact_rows_kernel,
+            {"score_ptr": "*fp32", "mask_ptr": "*i8", "perm_ptr": "*i32", "count_ptr": "*i32",
+             "collapsed_ptr": "*i8", "N": "i32", "collapse_density": "fp32"},
+            {"HAS_GUARD": guard, "BLOCK": tmask._COMPACT_BLOCK},
+            4,
+        )
+    for dtype, has_bias in itertools.product((torch.float32, torch.float16, torch.bfloat16), (False, True)):
+        p = PTR[dtype]
+        cfg = _config._GPU_GEMM_FP32 if dtype == torch.float32 else _config._GPU_GEMM_16BIT
+        prec = "tf32" if dtype == torch.float32 else "ieee"
+        yield f"linear_fwd[{p},bias={has_bias}]", lambda p=p, cfg=cfg, has_bias=has_bias, prec=prec: (
+            tlin._threshold_linear_fwd_kernel,
+            {"x_ptr": p, "w_ptr": p, "b_ptr": p, "perm_ptr": "*i32", "count_ptr": "*i32", "y_ptr": p,
+             "M": "i32", "N": "i32", "K": "i32", "stride_xm": "i32", "stride_xk": "i32", "stride_wn": "i32",
+             "stride_wk": "i32", "stride_ym": "i32", "stride_yn": "i32"},
+            {"HAS_BIAS": has_bias, "UPCAST": False, "DOT_PRECISION": prec, "BLOCK_M": cfg.block_m,
+             "BLOCK_N": cfg.block_n, "BLOCK_K": cfg.block_k, "GROUP_M": cfg.group_m},
+            cfg.num_warps,
+        )
+    for dtype in (torch.float32, torch.bfloat16):
+        p = PTR[dtype]
+        cfg = _config._GPU_GEMM_FP32 if dtype == torch.float32 else _config._GPU_GEMM_16BIT
+        prec = "tf32" if dtype == torch.float32 else "ieee"
+        for all_rows in (False, True):
+            yield f"gather_grad_columns[{p},all={all_rows}]", lambda p=p, cfg=cfg, all_rows=all_rows: (
+                tlin._gather_grad_columns_kernel,
+                {"dy_ptr": p, "perm_ptr": "*i32", "count_ptr": "*i32", "dyt_ptr": p, "M": "i32", "N": "i32",
+                 "stride_dym": "i32", "stride_dyn": "i32"},
+                {"ALL_ROWS": all_rows, "BLOCK_P": cfg.block_n, "BLOCK_M": cfg.block_m},
+                4,
+            )
+        yield f"linear_bwd_dx[{p}]", lambda p=p, cfg=cfg, prec=prec: (
+            tlin._threshold_linear_bwd_dx_kernel,
+            {"dyt_ptr": p, "w_ptr": p, "perm_ptr": "*i32", "count_ptr": "*i32", "dx_ptr": p, "M": "i32",
+             "N": "i32", "K": "i32", "stride_wn": "i32", "stride_wk": "i32", "stride_dxm": "i32",
+             "stride_dxk": "i32"},
+            {"UPCAST": False, "DOT_PRECISION": prec, "BLOCK_M": cfg.block_m, "BLOCK_K": cfg.block_k * 2,
+             "BLOCK_P": cfg.block_k, "GROUP_M": cfg.group_m},
+            cfg.num_warps,
+        )
+        for mode in (0, 1, 2):
+            yield f"linear_bwd_dw[{p},mode={mode}]", lambda p=p, cfg=cfg, prec=prec, mode=mode: (
+                tlin._threshold_linear_bwd_dw_kernel,
+                {"dyt_ptr": p, "x_ptr": p, "w_ptr": p, "perm_ptr": "*i32", "count_ptr": "*i32", "dw_ptr": p,
+                 "rpart_ptr": "*fp32", "M": "i32", "N": "i32", "K": "i32", "stride_xm": "i32",
+                 "stride_xk": "i32", "stride_wn": "i32", "stride_wk": "i32", "stride_dwn": "i32",
+                 "stride_dwk": "i32", "sample_count": "i32", "sample_step": "i32"},
+                {"MODE": mode, "UPCAST": False, "DOT_PRECISION": prec, "BLOCK_P": cfg.block_n,
+                 "BLOCK_K": cfg.block_k * 2, "BLOCK_M": cfg.block_k},
+                cfg.num_warps,
+            )
+            yield f"linear_bwd_finish[{p},mode={mode}]", lambda p=p, mode=mode: (
+                tlin._threshold_linear_bwd_finish_kernel,
+                {"rpart_ptr": "*fp32", "w_ptr": p, "perm_ptr": "*i32", "count_ptr": "*i32", "dw_ptr": p,
+                 "dtau_ptr": p, "N": "i32", "K": "i32", "NUM_KB": "i32", "stride_wn": "i32",
+                 "stride_wk": "i32", "stride_dwn": "i32", "stride_dwk": "i32"},
+                {"MODE": mode, "BLOCK_P": 32, "BLOCK_K": 128},
+                4,
+            )
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", type=int, default=90)
+    parser.add_argument("-k", default="", help="only cases whose name contains this")
+    args = parser.parse_args(argv)
+    failures = 0
+    for name, make in cases():
+        if args.k not in name:
+            continue
+        fn, sig, consts, warps = make()
+        try:
+            compiled = _compile(fn, sig, consts, args.arch, warps)
+            meta = compiled.metadata
+            print(f"ok   {name}: shared={meta.shared} bytes, warps={meta.num_warps}")
+        except Exception as exc:  # report every failure, not just the first
+            failures += 1
+            print(f"FAIL {name}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+    print(f"{failures} failed")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
