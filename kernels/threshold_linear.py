@@ -245,8 +245,11 @@ def _threshold_linear_bwd_dw_kernel(
     # for an all-pruned tile, all (exact), none (skip) or the strided sample (sample).
     m_step = 1
     m_end = M
+    # Positions of dyt that hold data: skip mode gathered only the active columns.
+    a_rows = N
     if MODE == 1:
         m_end = tl.where(has_active, M, 0)
+        a_rows = count
     if MODE == 2:
         m_end = tl.where(has_active, M, sample_count)
         m_step = tl.where(has_active, 1, sample_step)
@@ -255,7 +258,11 @@ def _threshold_linear_bwd_dw_kernel(
         offs_j = j0 + tl.arange(0, BLOCK_M)
         j_ok = offs_j < m_end
         offs_m = offs_j.to(tl.int64) * m_step
-        a = tl.load(dyt_ptr + offs_p.to(tl.int64)[:, None] * M + offs_m[None, :], mask=p_ok[:, None] & j_ok[None, :], other=0.0)
+        a = tl.load(
+            dyt_ptr + offs_p.to(tl.int64)[:, None] * M + offs_m[None, :],
+            mask=(offs_p < a_rows)[:, None] & j_ok[None, :],
+            other=0.0,
+        )
         b = tl.load(
             x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
             mask=j_ok[:, None] & k_ok[None, :],

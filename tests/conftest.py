@@ -1,0 +1,53 @@
+"""Test set-up: the Triton kernels run natively on CUDA, else in Triton's CPU interpreter.
+
+TRITON_INTERPRET must be set before any kernel module is imported (``@triton.jit`` reads it
+when the kernel is decorated), hence here, at the top of conftest.
+"""
+
+import os
+
+import torch
+
+HAS_CUDA = torch.cuda.is_available()
+if not HAS_CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+# Tolerances per dtype, relative to the largest magnitude of the expected tensor: the kernels
+# accumulate in fp32 and round once (twice for dW, whose sign term is added in a second pass),
+# the reference computes in fp32 and rounds once. On CUDA, fp32 dots run in IEEE mode in the
+# tests (TF32 off, PyTorch's default), so fp32 is compared at fp32 rounding.
+TOLERANCES = {
+    torch.float32: 2e-5,
+    torch.float16: 4e-3,
+    torch.bfloat16: 3e-2,
+    torch.float64: 1e-10,
+}
+
+DEVICE = "cuda" if HAS_CUDA else "cpu"
+
+
+@pytest.fixture
+def device() -> str:
+    return DEVICE
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, name: str) -> None:
+    """Compare with a tolerance scaled by the expected tensor's largest magnitude; on failure,
+    report where and how large the worst mismatch is."""
+    assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    a = actual.detach().double().cpu()
+    e = expected.detach().double().cpu()
+    assert torch.isfinite(a).all(), f"{name}: non-finite values in the result"
+    scale = max(float(e.abs().max()) if e.numel() else 0.0, 1.0)
+    tol = TOLERANCES[dtype] * scale
+    err = (a - e).abs()
+    if err.numel() and float(err.max()) > tol:
+        idx = int(err.argmax())
+        pos = tuple(int(i) for i in torch.unravel_index(torch.tensor(idx), err.shape))
+        bad = int((err > tol).sum())
+        raise AssertionError(
+            f"{name}: {bad}/{err.numel()} elements off by more than {tol:.3g} (dtype {dtype}); worst at {pos}: "
+            f"got {float(a.flatten()[idx]):.6g}, expected {float(e.flatten()[idx]):.6g}"
+        )

@@ -1,0 +1,153 @@
+"""Triton kernels against the reference: masks bit-exact, every output and gradient, every mode.
+
+On CPU the kernels run in Triton's interpreter (TRITON_INTERPRET=1, set in conftest), so the
+shapes stay small; on CUDA the same tests run natively, plus larger shapes (test_gpu.py).
+"""
+
+import pytest
+import torch
+
+from conftest import assert_close
+from spafl import reference, threshold_for_density
+from spafl.kernels import threshold_linear_bwd, threshold_linear_fwd, threshold_row_mask
+
+pytestmark = pytest.mark.interpreter
+
+# Odd and prime shapes: tile edges in every dimension, N smaller than one tile, K = 1.
+SHAPES = [(37, 53, 41), (7, 13, 5), (3, 1, 17), (70, 67, 1), (33, 97, 65)]
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+MODES = ["exact", "skip", "sample"]
+
+
+def _inputs(m, n, k, dtype, density, device, seed=0, bias=True):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(m, k, generator=g).to(device=device, dtype=dtype)
+    w = (torch.randn(n, k, generator=g) / k**0.5).to(device=device, dtype=dtype)
+    b = torch.randn(n, generator=g).to(device=device, dtype=dtype) if bias else None
+    dy = torch.randn(m, n, generator=g).to(device=device, dtype=dtype)
+    tau = threshold_for_density(w, density)
+    return x, w, b, dy, tau
+
+
+def _check_all(x, w, b, dy, tau, mode, dtype, sample_fraction=0.3):
+    rm = threshold_row_mask(w, tau)
+    ref = reference.row_mask(w, tau)
+    assert torch.equal(rm.mask.cpu(), ref.mask.cpu()), "mask differs from the reference"
+    assert torch.equal(rm.perm.cpu(), ref.perm.cpu()), "compact index list differs from the reference"
+    assert torch.equal(rm.count.cpu(), ref.count.cpu())
+    assert_close(rm.score, ref.score, torch.float32, "row scores")
+
+    y = threshold_linear_fwd(x, w, b, rm)
+    assert y.dtype == x.dtype
+    assert_close(y, reference.threshold_linear_forward(x, w, ref.mask, b), dtype, "y")
+
+    dx, dw, dtau = threshold_linear_bwd(dy, x, w, rm, mode=mode, sample_fraction=sample_fraction,
+                                        threshold_dtype=tau.dtype)
+    rdx, rdw, rdtau, _ = reference.threshold_linear_backward(
+        dy, x, w, ref.mask.to(w.dtype), ref.mask, has_bias=False, mode=mode, sample_fraction=sample_fraction
+    )
+    assert dx.dtype == dw.dtype == dtype and dtau.dtype == tau.dtype
+    assert_close(dx, rdx, dtype, "dx")
+    assert_close(dw, rdw, dtype, "dW")
+    assert_close(dtau, rdtau, dtype, "dtau")
+    return rm, y, dx, dw, dtau
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("density", [0.0, 0.3, 1.0])
+@pytest.mark.parametrize("mode", MODES)
+def test_kernels_match_reference_fp32(shape, density, mode, device):
+    _check_all(*_inputs(*shape, torch.float32, density, device), mode, torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("density", [0.0, 0.3, 1.0])
+@pytest.mark.parametrize("mode", MODES)
+def test_kernels_match_reference_half(dtype, density, mode, device):
+    _check_all(*_inputs(37, 53, 41, dtype, density, device), mode, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_bias_and_pruned_outputs(dtype, device):
+    x, w, b, dy, tau = _inputs(19, 23, 29, dtype, 0.3, device)
+    rm = threshold_row_mask(w, tau)
+    y = threshold_linear_fwd(x, w, b, rm)
+    pruned = ~rm.mask
+    # Pruned outputs are exactly the bias, written in the same launch.
+    assert torch.equal(y[:, pruned], b[pruned].expand(19, -1))
+    y0 = threshold_linear_fwd(x, w, None, rm)
+    assert (y0[:, pruned] == 0).all()
+    assert_close(y - b, y0, dtype, "y - b")
+
+
+def test_every_output_element_is_written(device):
+    # Poison the allocator's memory first: an unwritten element would show up as NaN.
+    for _ in range(3):
+        torch.full((4096,), float("nan"), device=device)
+    x, w, b, dy, tau = _inputs(33, 97, 65, torch.float32, 0.3, device)
+    rm = threshold_row_mask(w, tau)
+    assert torch.isfinite(threshold_linear_fwd(x, w, None, rm)).all()
+    for mode in MODES:
+        dx, dw, dtau = threshold_linear_bwd(dy, x, w, rm, mode=mode)
+        assert torch.isfinite(dx).all() and torch.isfinite(dw).all() and torch.isfinite(dtau).all()
+
+
+def test_non_contiguous_inputs(device):
+    g = torch.Generator().manual_seed(3)
+    # x and dy as transposed views, W as a column slice of a wider tensor.
+    x = torch.randn(41, 37, generator=g).to(device).t()
+    w = (torch.randn(53, 60, generator=g) / 7).to(device)[:, 5:46]
+    dy = torch.randn(53, 37, generator=g).to(device).t()
+    assert not (x.is_contiguous() or w.is_contiguous() or dy.is_contiguous())
+    tau = threshold_for_density(w, 0.4)
+    _check_all(x, w, None, dy, tau, "exact", torch.float32)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_deterministic_across_runs(mode, device):
+    x, w, b, dy, tau = _inputs(37, 53, 41, torch.float32, 0.3, device)
+    first = [t.clone() for t in (*threshold_row_mask(w, tau)[:4],)]
+    rm = threshold_row_mask(w, tau)
+    for a, b_ in zip(first, rm[:4]):
+        assert torch.equal(a, b_)
+    out1 = (threshold_linear_fwd(x, w, b, rm), *threshold_linear_bwd(dy, x, w, rm, mode=mode))
+    out2 = (threshold_linear_fwd(x, w, b, rm), *threshold_linear_bwd(dy, x, w, rm, mode=mode))
+    for a, b_ in zip(out1, out2):
+        assert torch.equal(a, b_)
+
+
+@pytest.mark.parametrize("active", [0, 1, 2, 3])
+def test_collapse_guard_matches_reference(active, device):
+    w = torch.randn(200, 9).to(device)
+    tau = threshold_for_density(w, active / 200)
+    rm = threshold_row_mask(w, tau, collapse_density=0.01)
+    ref = reference.row_mask(w, tau, collapse_density=0.01)
+    assert rm.collapsed.item() == ref.collapsed.item() == (active <= 2)
+    assert torch.equal(rm.mask.cpu(), ref.mask.cpu())
+    assert torch.equal(rm.perm.cpu(), ref.perm.cpu())
+    assert rm.count.item() == (200 if active <= 2 else active)
+
+
+def test_empty_batch(device):
+    x, w, b, dy, tau = _inputs(0, 13, 7, torch.float32, 0.5, device)
+    rm = threshold_row_mask(w, tau)
+    assert threshold_linear_fwd(x, w, b, rm).shape == (0, 13)
+    dx, dw, dtau = threshold_linear_bwd(dy, x, w, rm)
+    assert dx.shape == (0, 7) and (dw == 0).all() and (dtau == 0).all()
+
+
+def test_launchers_reject_bad_operands(device):
+    x, w, b, dy, tau = _inputs(5, 6, 7, torch.float32, 0.5, device)
+    rm = threshold_row_mask(w, tau)
+    with pytest.raises(ValueError, match="features"):
+        threshold_linear_fwd(x[:, :6], w, b, rm)
+    with pytest.raises(TypeError, match="float16"):
+        threshold_linear_fwd(x.half(), w, b, rm)
+    with pytest.raises(TypeError, match="float64"):
+        threshold_linear_fwd(x.double(), w.double(), None, rm)
+    with pytest.raises(ValueError, match="backward mode"):
+        threshold_linear_bwd(dy, x, w, rm, mode="fast")
+    with pytest.raises(ValueError, match="grad_y"):
+        threshold_linear_bwd(dy[:, :3], x, w, rm)
+    with pytest.raises(ValueError, match="threshold must have shape"):
+        threshold_row_mask(w, tau[:3])
