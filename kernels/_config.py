@@ -12,8 +12,10 @@ from dataclasses import dataclass
 
 import torch
 
-from .._checks import TRITON_DTYPES as SUPPORTED_DTYPES
-from .._checks import interpreter_enabled
+from .._checks import TRITON_DTYPES, interpreter_enabled
+
+# Element types the kernels accept for activations and weights.
+SUPPORTED_DTYPES = TRITON_DTYPES
 
 
 

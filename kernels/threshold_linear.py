@@ -27,8 +27,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._config import SUPPORTED_DTYPES, dot_precision, gemm_config, interpreter_enabled
 from .._rowmask import RowMask, sample_rows
+from ._config import SUPPORTED_DTYPES, dot_precision, gemm_config, interpreter_enabled
 
 BACKWARD_MODES = {"exact": 0, "skip": 1, "sample": 2}
 
@@ -292,7 +292,11 @@ def _threshold_linear_bwd_dw_kernel(
             offs_j = j0 + tl.arange(0, BLOCK_M)
             j_ok = offs_j < s_end
             offs_m = offs_j.to(tl.int64) * sample_step
-            a = tl.load(dyt_ptr + offs_p.to(tl.int64)[:, None] * M + offs_m[None, :], mask=pruned[:, None] & j_ok[None, :], other=0.0)
+            a = tl.load(
+                dyt_ptr + offs_p.to(tl.int64)[:, None] * M + offs_m[None, :],
+                mask=pruned[:, None] & j_ok[None, :],
+                other=0.0,
+            )
             b = tl.load(
                 x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
                 mask=j_ok[:, None] & k_ok[None, :],

@@ -52,7 +52,9 @@ def sparsify(
         if type(module) in CONVERTERS and name and not skip(name, module)
     ]
     if type(model) in CONVERTERS and not skip("", model):
-        raise TypeError("sparsify converts the layers inside a model; call ThresholdLinear.from_dense on a single layer")
+        raise TypeError(
+            "sparsify converts the layers inside a model; call ThresholdLinear.from_dense on a single layer"
+        )
     for name, module in targets:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model

@@ -100,8 +100,9 @@ class ThresholdLinear(_ThresholdMixin, nn.Module):
         factory = {"device": device, "dtype": dtype}
         self.weight = nn.Parameter(torch.empty((out_features, in_features), **factory))
         self.threshold = nn.Parameter(torch.empty(out_features, **factory))
-        self.bias = nn.Parameter(torch.empty(out_features, **factory)) if bias else None
-        if not bias:
+        if bias:
+            self.bias = nn.Parameter(torch.empty(out_features, **factory))
+        else:
             self.register_parameter("bias", None)
         self._init_threshold_state(backend, backward_mode, sample_fraction, collapse_density, check_finite, device)
         self.reset_parameters()

@@ -108,11 +108,11 @@ def test_deterministic_across_runs(mode, device):
     x, w, b, dy, tau = _inputs(37, 53, 41, torch.float32, 0.3, device)
     first = [t.clone() for t in (*threshold_row_mask(w, tau)[:4],)]
     rm = threshold_row_mask(w, tau)
-    for a, b_ in zip(first, rm[:4]):
+    for a, b_ in zip(first, rm[:4], strict=True):
         assert torch.equal(a, b_)
     out1 = (threshold_linear_fwd(x, w, b, rm), *threshold_linear_bwd(dy, x, w, rm, mode=mode))
     out2 = (threshold_linear_fwd(x, w, b, rm), *threshold_linear_bwd(dy, x, w, rm, mode=mode))
-    for a, b_ in zip(out1, out2):
+    for a, b_ in zip(out1, out2, strict=True):
         assert torch.equal(a, b_)
 
 

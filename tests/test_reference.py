@@ -106,7 +106,7 @@ def test_sample_mode_with_the_whole_batch_is_exact_and_estimates_otherwise():
     exact = reference.threshold_linear_backward(dy, x, w, mask.double(), mask, has_bias=True)
     full = reference.threshold_linear_backward(dy, x, w, mask.double(), mask, has_bias=True, mode="sample",
                                                sample_fraction=1.0)
-    for a, e in zip(full, exact):
+    for a, e in zip(full, exact, strict=True):
         torch.testing.assert_close(a, e)
     part = reference.threshold_linear_backward(dy, x, w, mask.double(), mask, has_bias=True, mode="sample",
                                                sample_fraction=0.25)

@@ -1,0 +1,80 @@
+"""CUDA-only checks: native kernels at larger shapes, bf16, TF32, and the CUDA-side options.
+
+Skipped without a CUDA device (the same kernels run in the interpreter in the other tests).
+"""
+
+import pytest
+import torch
+
+from conftest import HAS_CUDA, assert_close
+from spafl import ThresholdLinear, reference, threshold_for_density, threshold_linear
+from spafl.kernels import threshold_linear_bwd, threshold_linear_fwd, threshold_row_mask
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")]
+
+
+@pytest.mark.parametrize("shape", [(1000, 1531, 769), (4096, 1024, 2048), (1, 4096, 4096)], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("density", [0.0, 0.1, 0.5, 1.0])
+@pytest.mark.parametrize("mode", ["exact", "skip", "sample"])
+def test_large_shapes_match_reference(shape, dtype, density, mode):
+    m, n, k = shape
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(m, k, generator=g).cuda().to(dtype)
+    w = (torch.randn(n, k, generator=g) / k**0.5).cuda().to(dtype)
+    b = torch.randn(n, generator=g).cuda().to(dtype)
+    dy = torch.randn(m, n, generator=g).cuda().to(dtype)
+    tau = threshold_for_density(w, density)
+    rm = threshold_row_mask(w, tau)
+    ref = reference.row_mask(w, tau)
+    assert torch.equal(rm.mask, ref.mask) and torch.equal(rm.perm, ref.perm)
+    assert_close(threshold_linear_fwd(x, w, b, rm), reference.threshold_linear_forward(x, w, ref.mask, b), dtype, "y")
+    dx, dw, dtau = threshold_linear_bwd(dy, x, w, rm, mode=mode, threshold_dtype=tau.dtype)
+    rdx, rdw, rdtau, _ = reference.threshold_linear_backward(dy, x, w, ref.mask.to(dtype), ref.mask,
+                                                             has_bias=False, mode=mode)
+    assert_close(dx, rdx, dtype, "dx")
+    assert_close(dw, rdw, dtype, "dW")
+    assert_close(dtau, rdtau, dtype, "dtau")
+
+
+def test_tf32_follows_torch_setting():
+    x = torch.randn(512, 512, device="cuda")
+    w = torch.randn(256, 512, device="cuda") / 20
+    tau = torch.zeros(256, device="cuda")
+    exact = reference.threshold_linear_forward(x.double(), w.double(), torch.ones(256, dtype=torch.bool,
+                                                                                   device="cuda"))
+    old = torch.backends.cuda.matmul.allow_tf32
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = False
+        err_ieee = (threshold_linear(x, w, tau, backend="triton").double() - exact).abs().max()
+        torch.backends.cuda.matmul.allow_tf32 = True
+        err_tf32 = (threshold_linear(x, w, tau, backend="triton").double() - exact).abs().max()
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = old
+    assert err_ieee < 1e-4 < err_tf32 < 5e-2
+
+
+def test_check_finite_on_cuda_only_when_asked():
+    layer = ThresholdLinear(8, 4, device="cuda")
+    with torch.no_grad():
+        layer.threshold[1] = float("nan")
+    layer(torch.randn(2, 8, device="cuda"))  # default: no check (it would sync every call)
+    layer.check_finite = True
+    with pytest.raises(ValueError, match="non-finite"):
+        layer(torch.randn(2, 8, device="cuda"))
+
+
+def test_auto_backend_uses_triton_on_cuda_and_layer_trains():
+    torch.manual_seed(0)
+    layer = ThresholdLinear(64, 32, device="cuda", dtype=torch.bfloat16)
+    opt = torch.optim.SGD(layer.parameters(), lr=0.1, momentum=0.9)
+    x = torch.randn(256, 64, device="cuda", dtype=torch.bfloat16)
+    target = torch.randn(256, 32, device="cuda", dtype=torch.bfloat16)
+    losses = []
+    for _ in range(20):
+        opt.zero_grad()
+        loss = (layer(x) - target).float().square().mean()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]

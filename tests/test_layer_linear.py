@@ -1,0 +1,190 @@
+"""The functional API, the autograd Function and the ThresholdLinear module."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import spafl
+from conftest import assert_close
+from spafl import ThresholdLinear, reference, sparsify, threshold_for_density, threshold_linear
+
+
+def _layer_pair(in_f=29, out_f=23, density=0.4, bias=True, mode="exact", device="cpu", dtype=torch.float32):
+    torch.manual_seed(0)
+    ref = ThresholdLinear(in_f, out_f, bias=bias, backend="reference", backward_mode=mode, device=device, dtype=dtype)
+    with torch.no_grad():
+        ref.threshold.copy_(threshold_for_density(ref.weight, density))
+    tri = copy.deepcopy(ref)
+    tri.backend = "triton"
+    return ref, tri
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("mode", ["exact", "skip", "sample"])
+@pytest.mark.parametrize("bias", [True, False])
+def test_triton_layer_matches_reference_layer_through_autograd(mode, bias, device):
+    ref, tri = _layer_pair(bias=bias, mode=mode, device=device)
+    x = torch.randn(2, 3, 5, 29, device=device)  # any leading shape, like nn.Linear
+    outs, grads = [], []
+    for layer in (ref, tri):
+        xi = x.clone().requires_grad_()
+        y = layer(xi)
+        (y * torch.linspace(-1, 1, y.numel(), device=device).reshape(y.shape)).sum().backward()
+        outs.append(y)
+        grads.append([xi.grad, layer.weight.grad, layer.threshold.grad] + ([layer.bias.grad] if bias else []))
+    assert outs[0].shape == (2, 3, 5, 23)
+    assert_close(outs[1], outs[0], torch.float32, "y")
+    for name, a, e in zip(["dx", "dW", "dtau", "db"], grads[1], grads[0], strict=True):
+        assert_close(a, e, torch.float32, name)
+
+
+def test_reference_layer_matches_straight_through_surrogate():
+    layer, _ = _layer_pair()
+    x = torch.randn(8, 29, requires_grad=True)
+    layer(x).square().sum().backward()
+    params = [p.detach().clone().requires_grad_() for p in (layer.weight, layer.threshold, layer.bias)]
+    xs = x.detach().clone().requires_grad_()
+    reference.straight_through_surrogate(xs, *params[:2], params[2]).square().sum().backward()
+    got = [x.grad, layer.weight.grad, layer.threshold.grad, layer.bias.grad]
+    want = [xs.grad] + [p.grad for p in params]
+    for name, a, e in zip(["dx", "dW", "dtau", "db"], got, want, strict=True):
+        torch.testing.assert_close(a, e, msg=name)
+
+
+def test_fresh_layer_is_dense_and_equals_nn_linear():
+    torch.manual_seed(1)
+    dense = nn.Linear(10, 6)
+    layer = ThresholdLinear.from_dense(dense)
+    assert (layer.threshold == 0).all() and layer.density == 1.0 and layer.mask.all()
+    x = torch.randn(4, 10)
+    torch.testing.assert_close(layer(x), dense(x))
+    assert layer.weight.data_ptr() != dense.weight.data_ptr()  # a copy, not shared storage
+
+
+def test_to_dense_computes_the_same_function():
+    layer, _ = _layer_pair(density=0.5)
+    dense = layer.to_dense()
+    assert type(dense) is nn.Linear
+    x = torch.randn(6, 29)
+    torch.testing.assert_close(dense(x), layer(x))
+    assert (dense.weight[~layer.mask] == 0).all()
+
+
+def test_mask_density_repr_and_defaults():
+    layer = ThresholdLinear(7, 10)
+    assert layer.weight.shape == (10, 7) and layer.threshold.shape == (10,) and layer.bias.shape == (10,)
+    assert layer.mask.dtype == torch.bool and layer.mask.shape == (10,)
+    with torch.no_grad():
+        layer.threshold.copy_(threshold_for_density(layer.weight, 0.3))
+    assert layer.density == pytest.approx(0.3)
+    assert "density=0.300" in repr(layer) and "in_features=7" in repr(layer)
+    assert ThresholdLinear(3, 4, bias=False).bias is None
+    half = ThresholdLinear(3, 4, dtype=torch.float64)
+    assert half.weight.dtype == half.threshold.dtype == torch.float64
+
+
+def test_collapse_guard_resets_thresholds_and_counts_without_changing_healthy_layers():
+    layer = ThresholdLinear(16, 200)
+    with torch.no_grad():
+        layer.threshold.fill_(10.0)  # everything pruned
+    y = layer(torch.randn(3, 16))
+    assert (layer.threshold == 0).all() and layer.collapse_resets.item() == 1
+    assert layer.density == 1.0 and (y != layer.bias).any()  # this forward already used tau = 0
+    with torch.no_grad():
+        layer.threshold.copy_(threshold_for_density(layer.weight, 0.5))
+    before = layer.threshold.clone()
+    layer(torch.randn(3, 16))
+    assert torch.equal(layer.threshold, before) and layer.collapse_resets.item() == 1
+    off = ThresholdLinear(16, 200, collapse_density=None)
+    with torch.no_grad():
+        off.threshold.fill_(10.0)
+    off(torch.randn(3, 16))
+    assert (off.threshold == 10).all() and off.density == 0.0
+
+
+@pytest.mark.interpreter
+def test_collapse_guard_on_the_triton_path(device):
+    _, tri = _layer_pair(out_f=150, density=1 / 150, device=device)
+    tri(torch.randn(3, 29, device=device))
+    assert (tri.threshold == 0).all() and tri.collapse_resets.item() == 1
+
+
+def test_pruned_neurons_can_come_back_in_exact_mode_only():
+    torch.manual_seed(0)
+    layer = ThresholdLinear(12, 10, backward_mode="exact")
+    with torch.no_grad():
+        layer.threshold.copy_(threshold_for_density(layer.weight, 0.5))
+    pruned = ~layer.mask
+    layer(torch.randn(16, 12)).square().sum().backward()
+    assert (layer.threshold.grad[pruned] != 0).all()
+    layer.backward_mode = "skip"
+    layer.threshold.grad = layer.weight.grad = None
+    layer(torch.randn(16, 12)).square().sum().backward()
+    assert (layer.threshold.grad[pruned] == 0).all() and (layer.weight.grad[pruned] == 0).all()
+
+
+def test_state_dict_round_trip_and_penalty():
+    a = ThresholdLinear(5, 4)
+    with torch.no_grad():
+        a.threshold.uniform_(0, 0.5)
+    b = ThresholdLinear(5, 4)
+    b.load_state_dict(a.state_dict())
+    assert set(a.state_dict()) == {"weight", "threshold", "bias", "collapse_resets"}
+    assert torch.equal(a.mask, b.mask)
+    model = nn.Sequential(a, nn.ReLU(), b)
+    torch.testing.assert_close(spafl.threshold_penalty(model), 2 * torch.exp(-a.threshold).sum())
+
+
+def test_sparsify_swaps_linear_layers_keeping_weights():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 3)))
+    x = torch.randn(5, 6)
+    y0 = model(x)
+    out = sparsify(model, exclude=("2.1",), backward_mode="skip")
+    assert out is model
+    assert isinstance(model[0], ThresholdLinear) and isinstance(model[2][0], ThresholdLinear)
+    assert type(model[2][1]) is nn.Linear
+    assert model[0].backward_mode == "skip"
+    torch.testing.assert_close(model(x), y0)
+    assert [n for n, _ in spafl.threshold_layers(model)] == ["0", "2.0"]
+    d = spafl.model_density(model)
+    assert d == {"mean": 1.0, "weighted": 1.0, "layers": {"0": 1.0, "2.0": 1.0}}
+
+
+def test_sparsify_leaves_attention_projections_alone_and_accepts_a_predicate():
+    model = nn.ModuleDict({"attn": nn.MultiheadAttention(8, 2), "head": nn.Linear(8, 2), "keep": nn.Linear(8, 2)})
+    sparsify(model, exclude=lambda name, m: name == "keep")
+    assert type(model["attn"].out_proj) is not ThresholdLinear  # MHA reads out_proj.weight directly
+    assert isinstance(model["head"], ThresholdLinear) and type(model["keep"]) is nn.Linear
+
+
+def test_sparsify_errors():
+    with pytest.raises(ValueError, match="do not exist"):
+        sparsify(nn.Sequential(nn.Linear(2, 2)), exclude=("nope",))
+    with pytest.raises(TypeError, match="nn.Module"):
+        sparsify("model")
+    with pytest.raises(TypeError, match="from_dense"):
+        sparsify(nn.Linear(2, 2))
+
+
+def test_autocast_runs_in_the_autocast_dtype_with_master_weights_kept():
+    layer = ThresholdLinear(16, 8)
+    x = torch.randn(4, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+    assert y.dtype == torch.bfloat16
+    y.float().sum().backward()
+    assert layer.weight.grad.dtype == torch.float32 and layer.threshold.grad.dtype == torch.float32
+    assert_close(y.float(), layer.to_dense()(x), torch.bfloat16, "y under autocast")
+
+
+def test_functional_matches_layer_and_train_only_thresholds():
+    layer, _ = _layer_pair()
+    layer.weight.requires_grad_(False)  # the paper's "train only the thresholds" setting
+    x = torch.randn(3, 29)
+    y = threshold_linear(x, layer.weight, layer.threshold, layer.bias)
+    torch.testing.assert_close(y, layer(x))
+    y.sum().backward()
+    assert layer.threshold.grad is not None and layer.weight.grad is None
