@@ -36,7 +36,7 @@ def test_triton_layer_matches_reference_layer_through_autograd(mode, bias, devic
         grads.append([xi.grad, layer.weight.grad, layer.threshold.grad] + ([layer.bias.grad] if bias else []))
     assert outs[0].shape == (2, 3, 5, 23)
     assert_close(outs[1], outs[0], torch.float32, "y")
-    for name, a, e in zip(["dx", "dW", "dtau", "db"], grads[1], grads[0], strict=True):
+    for name, a, e in zip(["dx", "dW", "dtau", "db"][: len(grads[0])], grads[1], grads[0], strict=True):
         assert_close(a, e, torch.float32, name)
 
 
