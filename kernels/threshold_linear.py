@@ -279,9 +279,8 @@ def _threshold_linear_bwd_dw_kernel(
         w_rows = tl.where(has_active, N, 0)
     w_ok = (offs_p < w_rows)[:, None] & k_ok[None, :]
     w = tl.load(w_ptr + rows[:, None] * stride_wn + offs_k[None, :] * stride_wk, mask=w_ok, other=0.0).to(tl.float32)
+    # Skip mode: pruned positions loaded dY as 0 above, so their r is exactly 0 here.
     r = tl.sum(acc * w, axis=1)
-    if MODE == 1:
-        r = tl.where(active, r, 0.0)
     if MODE == 2:
         # The one tile that straddles `count` reduced its pruned rows over the whole batch;
         # re-estimate them from the sample so the result does not depend on the tiling.

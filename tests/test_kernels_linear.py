@@ -116,6 +116,20 @@ def test_deterministic_across_runs(mode, device):
         assert torch.equal(a, b_)
 
 
+def test_threshold_equal_to_score_prunes(device):
+    # Rows of constant magnitude 2^-j have an exactly representable mean |w| whatever the
+    # summation order, so tau == score is a true tie: the comparison is strict, the row is pruned.
+    k = 24
+    mags = 2.0 ** -torch.arange(8, dtype=torch.float32)
+    signs = torch.where(torch.rand(8, k) > 0.5, 1.0, -1.0)
+    w = (mags[:, None] * signs).to(device)
+    tau = mags.clone().to(device)
+    tau[::2] -= 1e-3  # even rows strictly above their threshold
+    rm = threshold_row_mask(w, tau)
+    assert rm.mask.tolist() == [True, False] * 4
+    assert torch.equal(rm.mask.cpu(), reference.row_mask(w, tau).mask.cpu())
+
+
 @pytest.mark.parametrize("active", [0, 1, 2, 3])
 def test_collapse_guard_matches_reference(active, device):
     w = torch.randn(200, 9).to(device)
