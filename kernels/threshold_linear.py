@@ -203,6 +203,46 @@ def _threshold_linear_bwd_dx_kernel(
 
 
 @triton.jit
+def _dyt_x_product(
+    acc,
+    dyt_ptr,
+    x_ptr,
+    offs_p,
+    p_ok,
+    offs_k,
+    k_ok,
+    M,
+    m_end,
+    m_step,
+    stride_xm,
+    stride_xk,
+    UPCAST: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+):
+    # acc += dyt[offs_p, rows_m] @ x[rows_m, offs_k] over the batch rows m = j * m_step, j < m_end.
+    for j0 in range(0, m_end, BLOCK_M):
+        offs_j = j0 + tl.arange(0, BLOCK_M)
+        j_ok = offs_j < m_end
+        offs_m = offs_j.to(tl.int64) * m_step
+        a = tl.load(
+            dyt_ptr + offs_p.to(tl.int64)[:, None] * M + offs_m[None, :],
+            mask=p_ok[:, None] & j_ok[None, :],
+            other=0.0,
+        )
+        b = tl.load(
+            x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
+            mask=j_ok[:, None] & k_ok[None, :],
+            other=0.0,
+        )
+        if UPCAST:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        acc += tl.dot(a, b, input_precision=DOT_PRECISION)
+    return acc
+
+
+@triton.jit
 def _threshold_linear_bwd_dw_kernel(
     dyt_ptr,  # [N, M] compacted, transposed dY
     x_ptr,  # [M, K]
@@ -254,24 +294,8 @@ def _threshold_linear_bwd_dw_kernel(
         m_end = tl.where(has_active, M, sample_count)
         m_step = tl.where(has_active, 1, sample_step)
     acc = tl.zeros([BLOCK_P, BLOCK_K], dtype=tl.float32)
-    for j0 in range(0, m_end, BLOCK_M):
-        offs_j = j0 + tl.arange(0, BLOCK_M)
-        j_ok = offs_j < m_end
-        offs_m = offs_j.to(tl.int64) * m_step
-        a = tl.load(
-            dyt_ptr + offs_p.to(tl.int64)[:, None] * M + offs_m[None, :],
-            mask=(offs_p < a_rows)[:, None] & j_ok[None, :],
-            other=0.0,
-        )
-        b = tl.load(
-            x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
-            mask=j_ok[:, None] & k_ok[None, :],
-            other=0.0,
-        )
-        if UPCAST:
-            a = a.to(tl.float32)
-            b = b.to(tl.float32)
-        acc += tl.dot(a, b, input_precision=DOT_PRECISION)
+    acc = _dyt_x_product(acc, dyt_ptr, x_ptr, offs_p, offs_p < a_rows, offs_k, k_ok, M, m_end, m_step, stride_xm,
+                         stride_xk, UPCAST, DOT_PRECISION, BLOCK_M)
 
     # W is read only where r is needed (not for the all-pruned tiles of skip mode).
     w_rows = N
@@ -286,25 +310,8 @@ def _threshold_linear_bwd_dw_kernel(
         # re-estimate them from the sample so the result does not depend on the tiling.
         s_end = tl.where(has_active & has_pruned, sample_count, 0)
         acc_s = tl.zeros([BLOCK_P, BLOCK_K], dtype=tl.float32)
-        pruned = p_ok & (offs_p >= count)
-        for j0 in range(0, s_end, BLOCK_M):
-            offs_j = j0 + tl.arange(0, BLOCK_M)
-            j_ok = offs_j < s_end
-            offs_m = offs_j.to(tl.int64) * sample_step
-            a = tl.load(
-                dyt_ptr + offs_p.to(tl.int64)[:, None] * M + offs_m[None, :],
-                mask=pruned[:, None] & j_ok[None, :],
-                other=0.0,
-            )
-            b = tl.load(
-                x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
-                mask=j_ok[:, None] & k_ok[None, :],
-                other=0.0,
-            )
-            if UPCAST:
-                a = a.to(tl.float32)
-                b = b.to(tl.float32)
-            acc_s += tl.dot(a, b, input_precision=DOT_PRECISION)
+        acc_s = _dyt_x_product(acc_s, dyt_ptr, x_ptr, offs_p, p_ok & (offs_p >= count), offs_k, k_ok, M, s_end,
+                               sample_step, stride_xm, stride_xk, UPCAST, DOT_PRECISION, BLOCK_M)
         r_sampled = tl.where(has_active, tl.sum(acc_s * w, axis=1), r) * (M / sample_count)
         r = tl.where(active, r, r_sampled)
     tl.store(rpart_ptr + pid_k * N + rows, r, mask=p_ok)
