@@ -95,6 +95,11 @@ def _compact_rows_kernel(
         offs = n0 + tl.arange(0, BLOCK)
         valid = offs < N
         m = tl.load(mask_ptr + offs, mask=valid, other=0).to(tl.int32)
+        if HAS_GUARD:
+            # Recompute the reset mask rather than read back what other threads of this
+            # program just stored (that read-after-write would need a barrier).
+            s = tl.load(score_ptr + offs, mask=valid, other=0.0)
+            m = tl.where(collapsed, (s > 0.0).to(tl.int32), m)
         active_incl = tl.cumsum(m, axis=0)
         # Rows before `offs` in the whole layer that are pruned: n0 - active_before, plus
         # those earlier in this block.
