@@ -29,11 +29,31 @@ from spafl.kernels import threshold_mask as tmask  # noqa: E402
 PTR = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16"}
 
 
-def _compile(fn, signature: dict, constexprs: dict, arch: int, num_warps: int, num_stages: int = 3):
+# Inner (contiguous) strides: Triton's launcher specialises an integer argument equal to 1 as a
+# constant, so for contiguous tensors these become 1 at compile time.
+INNER_STRIDES = {"stride_xk", "stride_wk", "stride_yn", "stride_dyn", "stride_dxk", "stride_dwk"}
+# Integer arguments that are not sizes or strides: never assumed divisible by 16.
+NOT_ALIGNED = {"sample_count", "sample_step", "NUM_KB"}
+
+
+def _compile(fn, signature: dict, constexprs: dict, arch: int, num_warps: int, num_stages: int = 3,
+             aligned: bool = False):
+    """Compile one specialisation. ``aligned=False`` is the generic one (any strides, any
+    alignment); ``aligned=True`` is what the launcher produces for contiguous tensors with
+    16-byte aligned data and sizes that are multiples of 16: inner strides become the constant
+    1 and the other pointer / integer arguments carry ``tt.divisibility = 16``."""
     sig = dict(signature)
+    constexprs = dict(constexprs)
+    attrs = {}
+    if aligned:
+        for name, ty in signature.items():
+            if name in INNER_STRIDES:
+                constexprs[name] = 1
+            elif ty.startswith("*") or (ty == "i32" and name not in NOT_ALIGNED):
+                attrs[(fn.arg_names.index(name),)] = [["tt.divisibility", 16]]
     for name in constexprs:
         sig[name] = "constexpr"
-    src = triton.compiler.ASTSource(fn=fn, signature=sig, constexprs=constexprs)
+    src = triton.compiler.ASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=attrs)
     options = {"num_warps": num_warps, "num_stages": num_stages}
     return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
 
@@ -122,13 +142,17 @@ def main(argv=None) -> int:
         if args.k not in name:
             continue
         fn, sig, consts, warps = make()
-        try:
-            compiled = _compile(fn, sig, consts, args.arch, warps)
-            meta = compiled.metadata
-            print(f"ok   {name}: shared={meta.shared} bytes, warps={meta.num_warps}")
-        except Exception as exc:  # report every failure, not just the first
-            failures += 1
-            print(f"FAIL {name}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+        for aligned in (False, True):
+            label = f"{name}{'[aligned]' if aligned else ''}"
+            try:
+                compiled = _compile(fn, sig, consts, args.arch, warps, aligned=aligned)
+                meta, ptx = compiled.metadata, compiled.asm["ptx"]
+                n_async = ptx.count("cp.async.cg") + ptx.count("cp.async.ca")
+                print(f"ok   {label}: shared={meta.shared} B, warps={meta.num_warps}, "
+                      f"wgmma={ptx.count('wgmma.mma_async')}, cp.async={n_async}")
+            except Exception as exc:  # report every failure, not just the first
+                failures += 1
+                print(f"FAIL {label}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
     print(f"{failures} failed")
     return 1 if failures else 0
 
