@@ -87,7 +87,7 @@ def _threshold_linear_fwd_kernel(
     k_end = tl.where(pid_p * BLOCK_N < count, K, 0)
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k0 in range(0, k_end, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
+        offs_k = (k0 + tl.arange(0, BLOCK_K)).to(tl.int64)
         k_ok = offs_k < K
         a = tl.load(
             x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
@@ -130,8 +130,9 @@ def _gather_grad_columns_kernel(
 ):
     # Compacts (and transposes) the columns of dY that the backward GEMMs read, so both GEMMs
     # load contiguous runs along M instead of scattered columns.
-    pid_p = tl.program_id(0)
-    pid_m = tl.program_id(1)
+    # M tiles on grid axis 0, whose limit is 2^31 - 1 (axis 1 stops at 65535).
+    pid_m = tl.program_id(0)
+    pid_p = tl.program_id(1)
     if ALL_ROWS:
         limit = N
     else:
@@ -249,7 +250,7 @@ def _threshold_linear_bwd_dw_kernel(
     w_ptr,  # [N, K]
     perm_ptr,  # [N] int32
     count_ptr,  # [1] int32
-    dw_ptr,  # [N, K] out: m * G (the sign term is added by the finish kernel)
+    g_ptr,  # [N, K] out, contiguous: m * G (the finish kernel adds the sign term)
     rpart_ptr,  # [cdiv(K, BLOCK_K), N] fp32 out: per-K-tile partial sums of r
     M,
     N,
@@ -258,8 +259,6 @@ def _threshold_linear_bwd_dw_kernel(
     stride_xk,
     stride_wn,
     stride_wk,
-    stride_dwn,
-    stride_dwk,
     sample_count,  # MODE 2: batch rows used to estimate r of pruned rows
     sample_step,  # MODE 2: stride between those batch rows
     MODE: tl.constexpr,  # 0 exact, 1 skip, 2 sample
@@ -316,11 +315,8 @@ def _threshold_linear_bwd_dw_kernel(
         r = tl.where(active, r, r_sampled)
     tl.store(rpart_ptr + pid_k * N + rows, r, mask=p_ok)
     g = tl.where(active[:, None], acc, 0.0)
-    tl.store(
-        dw_ptr + rows[:, None] * stride_dwn + offs_k[None, :] * stride_dwk,
-        g.to(dw_ptr.dtype.element_ty),
-        mask=p_ok[:, None] & k_ok[None, :],
-    )
+    g_ok = p_ok[:, None] & k_ok[None, :]
+    tl.store(g_ptr + rows[:, None] * K + offs_k[None, :], g.to(g_ptr.dtype.element_ty), mask=g_ok)
 
 
 @triton.jit
@@ -329,7 +325,8 @@ def _threshold_linear_bwd_finish_kernel(
     w_ptr,  # [N, K]
     perm_ptr,  # [N] int32
     count_ptr,  # [1] int32
-    dw_ptr,  # [N, K] in/out: m * G in, m * G + sign(W) * r / K out
+    g_ptr,  # [N, K] m * G from the dW kernel (fp32 workspace for 16-bit weights, else dw itself)
+    dw_ptr,  # [N, K] out: m * G + sign(W) * r / K, rounded once to the weight dtype
     dtau_ptr,  # [N] out: -r
     N,
     K,
@@ -339,6 +336,7 @@ def _threshold_linear_bwd_finish_kernel(
     stride_dwn,
     stride_dwk,
     MODE: tl.constexpr,
+    IN_PLACE: tl.constexpr,  # g_ptr is dw_ptr
     BLOCK_P: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
@@ -352,19 +350,29 @@ def _threshold_linear_bwd_finish_kernel(
         r += tl.load(rpart_ptr + kb * N + rows, mask=p_ok, other=0.0)
     tl.store(dtau_ptr + rows, (-r).to(dtau_ptr.dtype.element_ty), mask=p_ok)
 
-    # In skip mode an all-pruned tile has r = 0 and dW = 0 already: no pass over W.
+    # In skip mode an all-pruned tile has r = 0 and G = 0: nothing to read. In place, dW is
+    # already 0 there and the tile is done; otherwise the loop only writes zeros.
     k_end = K
+    load_rows = N
     if MODE == 1:
-        k_end = tl.where(pid * BLOCK_P < tl.load(count_ptr), K, 0)
+        tile_active = pid * BLOCK_P < tl.load(count_ptr)
+        load_rows = tl.where(tile_active, N, 0)
+        if IN_PLACE:
+            k_end = tl.where(tile_active, K, 0)
     coef = (r / K)[:, None]
     for k0 in range(0, k_end, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
+        offs_k = (k0 + tl.arange(0, BLOCK_K)).to(tl.int64)
         ok = p_ok[:, None] & (offs_k[None, :] < K)
-        w = tl.load(w_ptr + rows[:, None] * stride_wn + offs_k[None, :] * stride_wk, mask=ok, other=0.0).to(tl.float32)
-        dw_ptrs = dw_ptr + rows[:, None] * stride_dwn + offs_k[None, :] * stride_dwk
-        g = tl.load(dw_ptrs, mask=ok, other=0.0).to(tl.float32)
+        load_ok = ok & (offs_p < load_rows)[:, None]
+        w = tl.load(w_ptr + rows[:, None] * stride_wn + offs_k[None, :] * stride_wk, mask=load_ok, other=0.0)
+        w = w.to(tl.float32)  # (the interpreter compares raw bf16 incorrectly)
+        g = tl.load(g_ptr + rows[:, None] * K + offs_k[None, :], mask=load_ok, other=0.0).to(tl.float32)
         sign = tl.where(w > 0, 1.0, tl.where(w < 0, -1.0, 0.0))
-        tl.store(dw_ptrs, (g + sign * coef).to(dw_ptr.dtype.element_ty), mask=ok)
+        tl.store(
+            dw_ptr + rows[:, None] * stride_dwn + offs_k[None, :] * stride_dwk,
+            (g + sign * coef).to(dw_ptr.dtype.element_ty),
+            mask=ok,
+        )
 
 
 # ----------------------------------------------------------------------------- launchers
@@ -395,6 +403,8 @@ def threshold_linear_fwd(
     y = torch.empty((m_rows, n_rows), device=x2d.device, dtype=x2d.dtype)
     if m_rows == 0:
         return y
+    if bias is not None:
+        bias = bias.contiguous()  # the kernel indexes the bias with stride 1
     cfg = gemm_config(x2d.dtype)
     grid = (triton.cdiv(m_rows, cfg.block_m) * triton.cdiv(n_rows, cfg.block_n),)
     _threshold_linear_fwd_kernel[grid](
@@ -465,7 +475,7 @@ def threshold_linear_bwd(
     mode_id = BACKWARD_MODES[mode]
 
     dyt = torch.empty((n_rows, m_rows), device=device, dtype=x2d.dtype)
-    _gather_grad_columns_kernel[(triton.cdiv(n_rows, cfg.block_n), triton.cdiv(m_rows, cfg.block_m))](
+    _gather_grad_columns_kernel[(triton.cdiv(m_rows, cfg.block_m), triton.cdiv(n_rows, cfg.block_n))](
         grad_y,
         row_mask.perm,
         row_mask.count,
@@ -505,6 +515,11 @@ def threshold_linear_bwd(
             num_stages=cfg.num_stages,
         )
 
+    # dW = m*G + sign(W) r / K is finished in a second pass (r needs every K tile of G). For
+    # 16-bit weights G goes through an fp32 workspace so that dW is rounded once, like the
+    # reference; fp32 weights finish in place.
+    in_place = weight.dtype == torch.float32
+    g = dw if in_place else torch.empty((n_rows, fan_in), device=device, dtype=torch.float32)
     s_count, s_step = sample_rows(m_rows, sample_fraction)
     block_k = cfg.block_k * 2
     num_kb = triton.cdiv(fan_in, block_k)
@@ -515,7 +530,7 @@ def threshold_linear_bwd(
         weight,
         row_mask.perm,
         row_mask.count,
-        dw,
+        g,
         rpart,
         m_rows,
         n_rows,
@@ -524,8 +539,6 @@ def threshold_linear_bwd(
         x2d.stride(1),
         weight.stride(0),
         weight.stride(1),
-        dw.stride(0),
-        dw.stride(1),
         s_count,
         s_step,
         MODE=mode_id,
@@ -543,6 +556,7 @@ def threshold_linear_bwd(
         weight,
         row_mask.perm,
         row_mask.count,
+        g,
         dw,
         dtau,
         n_rows,
@@ -553,6 +567,7 @@ def threshold_linear_bwd(
         dw.stride(0),
         dw.stride(1),
         MODE=mode_id,
+        IN_PLACE=in_place,
         BLOCK_P=finish_block_p,
         BLOCK_K=128 if not upcast else 64,
         num_warps=4,

@@ -44,7 +44,7 @@ def _row_score_mask_kernel(
     row_ok = rows < N
     acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
-        cols = k0 + tl.arange(0, BLOCK_K)
+        cols = (k0 + tl.arange(0, BLOCK_K)).to(tl.int64)  # int64: cols * stride may pass 2^31
         w = tl.load(
             w_ptr + rows[:, None] * stride_wn + cols[None, :] * stride_wk,
             mask=row_ok[:, None] & (cols[None, :] < K),

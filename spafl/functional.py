@@ -184,10 +184,12 @@ def threshold_linear(
             f"dimension, but weight {tuple(weight.shape)} expects {weight.shape[1]}"
         )
     check_threshold_values(threshold, check_finite)
+    # The mask comes from the master weight, before any autocast cast, so that it agrees with
+    # `layer.mask`, `density` and `to_dense()`.
+    row_mask = _row_mask(weight, threshold, resolve_backend(backend, weight), collapse_density)
+    apply_collapse_guard(threshold, row_mask, collapse_counter)
     x, weight, bias = _autocast(x, weight, bias)
     resolved = resolve_backend(backend, weight)
-    row_mask = _row_mask(weight, threshold, resolved, collapse_density)
-    apply_collapse_guard(threshold, row_mask, collapse_counter)
     return ThresholdLinearFunction.apply(
         x, weight, threshold, bias, row_mask.mask, row_mask.perm, row_mask.count, resolved, backward_mode,
         float(sample_fraction),

@@ -114,20 +114,20 @@ def cases():
         for mode in (0, 1, 2):
             yield f"linear_bwd_dw[{p},mode={mode}]", lambda p=p, cfg=cfg, prec=prec, mode=mode: (
                 tlin._threshold_linear_bwd_dw_kernel,
-                {"dyt_ptr": p, "x_ptr": p, "w_ptr": p, "perm_ptr": "*i32", "count_ptr": "*i32", "dw_ptr": p,
+                {"dyt_ptr": p, "x_ptr": p, "w_ptr": p, "perm_ptr": "*i32", "count_ptr": "*i32", "g_ptr": "*fp32",
                  "rpart_ptr": "*fp32", "M": "i32", "N": "i32", "K": "i32", "stride_xm": "i32",
-                 "stride_xk": "i32", "stride_wn": "i32", "stride_wk": "i32", "stride_dwn": "i32",
-                 "stride_dwk": "i32", "sample_count": "i32", "sample_step": "i32"},
+                 "stride_xk": "i32", "stride_wn": "i32", "stride_wk": "i32", "sample_count": "i32",
+                 "sample_step": "i32"},
                 {"MODE": mode, "UPCAST": False, "DOT_PRECISION": prec, "BLOCK_P": cfg.block_n,
                  "BLOCK_K": cfg.block_k * 2, "BLOCK_M": cfg.block_k},
                 cfg.num_warps,
             )
-            yield f"linear_bwd_finish[{p},mode={mode}]", lambda p=p, mode=mode: (
+            yield f"linear_bwd_finish[{p},mode={mode}]", lambda p=p, mode=mode, dtype=dtype: (
                 tlin._threshold_linear_bwd_finish_kernel,
-                {"rpart_ptr": "*fp32", "w_ptr": p, "perm_ptr": "*i32", "count_ptr": "*i32", "dw_ptr": p,
-                 "dtau_ptr": p, "N": "i32", "K": "i32", "NUM_KB": "i32", "stride_wn": "i32",
+                {"rpart_ptr": "*fp32", "w_ptr": p, "perm_ptr": "*i32", "count_ptr": "*i32", "g_ptr": "*fp32",
+                 "dw_ptr": p, "dtau_ptr": p, "N": "i32", "K": "i32", "NUM_KB": "i32", "stride_wn": "i32",
                  "stride_wk": "i32", "stride_dwn": "i32", "stride_dwk": "i32"},
-                {"MODE": mode, "BLOCK_P": 32, "BLOCK_K": 128},
+                {"MODE": mode, "IN_PLACE": dtype == torch.float32, "BLOCK_P": 32, "BLOCK_K": 128},
                 4,
             )
 

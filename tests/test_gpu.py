@@ -78,3 +78,16 @@ def test_auto_backend_uses_triton_on_cuda_and_layer_trains():
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < losses[0]
+
+
+def test_strided_operands_past_int32_offsets():
+    # A weight view whose element offsets pass 2^31 (stride 32769 along K): the kernels must
+    # compute addresses in int64.
+    storage = torch.randn(32769 * 65535 + 2, device="cuda", dtype=torch.float16)  # 4.3 GB
+    w = storage.as_strided((2, 65536), (1, 32769))
+    tau = torch.zeros(2, device="cuda", dtype=torch.float16)
+    rm = threshold_row_mask(w, tau)
+    assert torch.equal(rm.mask, reference.row_mask(w, tau).mask)
+    x = torch.randn(3, 65536, device="cuda", dtype=torch.float16)
+    assert_close(threshold_linear_fwd(x, w, None, rm), reference.threshold_linear_forward(x, w, rm.mask),
+                 torch.float16, "y")

@@ -80,6 +80,27 @@ def test_bias_and_pruned_outputs(dtype, device):
     assert_close(y - b, y0, dtype, "y - b")
 
 
+def test_strided_bias(device):
+    x, w, _, dy, tau = _inputs(9, 6, 5, torch.float32, 0.5, device)
+    bias = torch.randn(6, 3, device=device)[:, 1]
+    assert bias.stride(0) == 3
+    rm = threshold_row_mask(w, tau)
+    assert_close(threshold_linear_fwd(x, w, bias, rm), reference.threshold_linear_forward(x, w, rm.mask, bias),
+                 torch.float32, "y with a strided bias")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_half_weight_gradient_is_rounded_once(dtype, device):
+    # dW = m*G + sign(W) r / K: the kernel keeps G in fp32 until the sign term is added, so it
+    # matches the reference (fp32 math, one rounding) to within one rounding of the result.
+    x, w, _, dy, tau = _inputs(64, 40, 48, dtype, 0.5, device, seed=5)
+    rm = threshold_row_mask(w, tau)
+    _, dw, _ = threshold_linear_bwd(dy, x, w, rm)
+    _, rdw, _, _ = reference.threshold_linear_backward(dy, x, w, rm.mask.to(dtype), rm.mask, has_bias=False)
+    ulp = torch.finfo(dtype).eps * rdw.abs().clamp_min(torch.finfo(dtype).tiny)
+    assert ((dw.double() - rdw.to(dtype).double()).abs() <= ulp.double() + 1e-6 * rdw.abs().max()).all()
+
+
 def test_every_output_element_is_written(device):
     # Poison the allocator's memory first: an unwritten element would show up as NaN.
     for _ in range(3):

@@ -180,6 +180,18 @@ def test_autocast_runs_in_the_autocast_dtype_with_master_weights_kept():
     assert_close(y.float(), layer.to_dense()(x), torch.bfloat16, "y under autocast")
 
 
+def test_autocast_takes_the_mask_from_the_master_weight():
+    # bf16(1.001) == 1.0: a mask computed from the cast weight would prune both units.
+    layer = ThresholdLinear(4, 2, bias=False)
+    with torch.no_grad():
+        layer.weight.fill_(1.001)
+        layer.threshold.fill_(1.0005)
+    assert layer.mask.all()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(torch.ones(1, 4))
+    assert (y != 0).all()
+
+
 def test_functional_matches_layer_and_train_only_thresholds():
     layer, _ = _layer_pair()
     layer.weight.requires_grad_(False)  # the paper's "train only the thresholds" setting
