@@ -91,3 +91,22 @@ def test_strided_operands_past_int32_offsets():
     x = torch.randn(3, 65536, device="cuda", dtype=torch.float16)
     assert_close(threshold_linear_fwd(x, w, None, rm), reference.threshold_linear_forward(x, w, rm.mask),
                  torch.float16, "y")
+
+
+@pytest.mark.parametrize("mode", ["exact", "skip", "sample"])
+def test_training_step_never_synchronises_with_the_host(mode):
+    # Mask, compaction, collapse guard, forward and backward: all on the device. PyTorch's sync
+    # debug mode raises on any synchronising call (.item(), nonzero(), a device-to-host copy).
+    layer = ThresholdLinear(96, 200, device="cuda", backward_mode=mode)
+    with torch.no_grad():
+        layer.threshold.fill_(10.0)  # forces the collapse guard to fire on the first step
+    x = torch.randn(64, 96, device="cuda")
+    layer(x).sum().backward()  # warm-up: kernel compilation may synchronise
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(3):
+            layer(x).sum().backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert layer.collapse_resets.item() == 1
