@@ -68,6 +68,31 @@ def check_threshold_values(threshold: torch.Tensor, check_finite: bool | None) -
         raise ValueError(f"threshold has non-finite values (NaN or inf) at units {bad}")
 
 
+def check_weight_and_threshold(
+    weight: torch.Tensor, threshold: torch.Tensor, *, op: str, weight_dim: int | None = None
+) -> None:
+    """``weight [out, fan_in...]`` (exactly ``weight_dim``-D if given) and ``threshold [out]``:
+    tensors, non-empty, floating point, on one device."""
+    _tensor("weight", weight)
+    _tensor("threshold", threshold)
+    if weight_dim is not None and weight.dim() != weight_dim:
+        raise ValueError(f"{op}: weight must be {weight_dim}-D, got shape {tuple(weight.shape)}")
+    if weight.dim() < 2:
+        raise ValueError(f"{op}: weight must have at least 2 dimensions [out, fan_in...], got {tuple(weight.shape)}")
+    if any(s == 0 for s in weight.shape):
+        raise ValueError(f"{op}: weight must not be empty, got shape {tuple(weight.shape)}")
+    n_out = weight.shape[0]
+    if threshold.shape != (n_out,):
+        raise ValueError(
+            f"{op}: threshold must have shape ({n_out},), one value per output unit; got {tuple(threshold.shape)}"
+        )
+    for name, t in (("weight", weight), ("threshold", threshold)):
+        if not t.is_floating_point():
+            raise TypeError(f"{op}: {name} must be a floating-point tensor, got {t.dtype}")
+    if weight.device != threshold.device:
+        raise ValueError(f"{op}: weight is on {weight.device} but threshold is on {threshold.device}")
+
+
 def check_layer_inputs(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -76,33 +101,20 @@ def check_layer_inputs(
     *,
     op: str,
     weight_dim: int,
-    x_feature_dim: int,
     x_min_dim: int,
 ) -> None:
-    """Shape / dtype / device checks common to threshold Linear and Conv2d.
-
-    ``x_feature_dim`` is the dimension of ``x`` that must equal ``weight.shape[1]`` (times the
-    groups for a grouped conv, checked by the caller).
-    """
+    """Shape / dtype / device checks common to the threshold layers (the caller checks that the
+    feature dimension of ``x`` matches the weight, which differs between Linear and Conv2d)."""
     _tensor("x", x)
-    _tensor("weight", weight)
-    _tensor("threshold", threshold)
-    if bias is not None:
-        _tensor("bias", bias)
-    if weight.dim() != weight_dim:
-        raise ValueError(f"{op}: weight must be {weight_dim}-D, got shape {tuple(weight.shape)}")
-    if any(s == 0 for s in weight.shape):
-        raise ValueError(f"{op}: weight must not be empty, got shape {tuple(weight.shape)}")
+    check_weight_and_threshold(weight, threshold, op=op, weight_dim=weight_dim)
     n_out = weight.shape[0]
     if x.dim() < x_min_dim:
         raise ValueError(f"{op}: x must have at least {x_min_dim} dimension(s), got shape {tuple(x.shape)}")
-    if threshold.shape != (n_out,):
-        raise ValueError(
-            f"{op}: threshold must have shape ({n_out},), one value per output unit; got {tuple(threshold.shape)}"
-        )
-    if bias is not None and bias.shape != (n_out,):
-        raise ValueError(f"{op}: bias must have shape ({n_out},), got {tuple(bias.shape)}")
-    for name, t in (("x", x), ("weight", weight), ("threshold", threshold), ("bias", bias)):
+    if bias is not None:
+        _tensor("bias", bias)
+        if bias.shape != (n_out,):
+            raise ValueError(f"{op}: bias must have shape ({n_out},), got {tuple(bias.shape)}")
+    for name, t in (("x", x), ("bias", bias)):
         if t is not None and not t.is_floating_point():
             raise TypeError(f"{op}: {name} must be a floating-point tensor, got {t.dtype}")
     if x.dtype != weight.dtype:
@@ -112,10 +124,9 @@ def check_layer_inputs(
         )
     if bias is not None and bias.dtype != weight.dtype:
         raise TypeError(f"{op}: bias is {bias.dtype} but weight is {weight.dtype}")
-    devices = {t.device for t in (x, weight, threshold, bias) if t is not None}
-    if len(devices) > 1:
-        where = ", ".join(f"{n}={t.device}" for n, t in (("x", x), ("weight", weight), ("threshold", threshold),
-                                                          ("bias", bias)) if t is not None)
+    named = (("x", x), ("weight", weight), ("threshold", threshold), ("bias", bias))
+    if len({t.device for _, t in named if t is not None}) > 1:
+        where = ", ".join(f"{n}={t.device}" for n, t in named if t is not None)
         raise ValueError(f"{op}: all tensors must be on the same device, got {where}")
 
 

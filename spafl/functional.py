@@ -10,6 +10,7 @@ from ._checks import (
     check_layer_inputs,
     check_options,
     check_threshold_values,
+    check_weight_and_threshold,
     resolve_backend,
 )
 from ._rowmask import RowMask
@@ -28,6 +29,7 @@ def threshold_row_mask(
     *,
     backend: str = "auto",
     collapse_density: float | None = None,
+    check_finite: bool | None = None,
 ) -> RowMask:
     """Which output units of ``weight [out, ...]`` are active under ``threshold [out]``.
 
@@ -35,12 +37,11 @@ def threshold_row_mask(
     computed on the tensors' device without a host synchronisation. With ``collapse_density``,
     a layer at or below that density gets the mask of ``tau = 0`` and ``RowMask.collapsed`` is
     set; this function does not modify ``threshold`` (the layers do, see ``collapse_density``).
+    ``check_finite`` as for :func:`threshold_linear`.
     """
-    if weight.dim() < 2:
-        raise ValueError(f"weight must have at least 2 dimensions [out, fan_in...], got {tuple(weight.shape)}")
-    if threshold.shape != (weight.shape[0],):
-        raise ValueError(f"threshold must have shape ({weight.shape[0]},), got {tuple(threshold.shape)}")
     check_options(backend, "exact", 1.0, collapse_density)
+    check_weight_and_threshold(weight, threshold, op="threshold_row_mask")
+    check_threshold_values(threshold, check_finite)
     return _row_mask(weight, threshold, resolve_backend(backend, weight), collapse_density)
 
 
@@ -175,9 +176,7 @@ def threshold_linear(
             tensors (the check would synchronise with the host every call).
     """
     check_options(backend, backward_mode, sample_fraction, collapse_density)
-    check_layer_inputs(
-        x, weight, threshold, bias, op="threshold_linear", weight_dim=2, x_feature_dim=-1, x_min_dim=1
-    )
+    check_layer_inputs(x, weight, threshold, bias, op="threshold_linear", weight_dim=2, x_min_dim=1)
     if x.shape[-1] != weight.shape[1]:
         raise ValueError(
             f"threshold_linear: x has shape {tuple(x.shape)} with {x.shape[-1]} features in its last "

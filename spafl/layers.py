@@ -42,7 +42,8 @@ class _ThresholdMixin:
     @property
     def mask(self) -> torch.Tensor:
         """bool ``[out]``: units active under the current weights and thresholds (no guard)."""
-        return threshold_row_mask(self.weight, self.threshold, backend=self.backend).mask
+        rm = threshold_row_mask(self.weight, self.threshold, backend=self.backend, check_finite=self.check_finite)
+        return rm.mask
 
     @property
     def density(self) -> float:

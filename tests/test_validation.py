@@ -85,8 +85,17 @@ def test_layer_forward_names_the_problem():
         layer.to_dense()
 
 
-def test_row_mask_rejects_bad_shapes():
+def test_row_mask_rejects_bad_input():
     with pytest.raises(ValueError, match="at least 2 dimensions"):
         threshold_row_mask(torch.randn(4), TAU)
     with pytest.raises(ValueError, match=r"threshold must have shape \(4,\)"):
         threshold_row_mask(W, torch.zeros(3))
+    with pytest.raises(TypeError, match="weight must be a floating-point"):
+        threshold_row_mask(W.long(), TAU)
+    with pytest.raises(ValueError, match="threshold is on meta"):
+        threshold_row_mask(W, TAU.to("meta"))
+    with pytest.raises(ValueError, match=r"non-finite .* \[0\]"):
+        threshold_row_mask(W, torch.tensor([float("nan"), 0.0, 0.0, 0.0]))
+    with pytest.raises(ValueError, match="collapse_density"):
+        threshold_row_mask(W, TAU, collapse_density=2.0)
+    assert threshold_row_mask(torch.randn(4, 2, 3, 3), TAU).mask.shape == (4,)  # conv-shaped weights
