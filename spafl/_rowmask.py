@@ -12,7 +12,8 @@ class RowMask(NamedTuple):
     """Device-side description of which rows (output units) of a layer are active.
 
     mask:      bool  [N]  ``score > tau`` (after the collapse guard, if one ran)
-    perm:      int32 [N]  active rows ascending, then pruned rows ascending
+    perm:      int32 [N]  active rows ascending, then pruned rows ascending (None when the
+                          reference path was asked not to build it)
     count:     int32 [1]  number of active rows (``perm[:count]`` is the compact list)
     score:     fp32  [N]  mean |w| of each row (fp64 for fp64 weights on the reference path)
     collapsed: bool  [1]  whether the collapse guard fired (None when no guard was asked for)

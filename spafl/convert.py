@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from .layers import ThresholdLinear
+from .reference import row_scores
 
 # Dense type -> threshold layer type. `sparsify` converts modules whose type is EXACTLY a key:
 # subclasses may read the weight directly instead of calling forward (nn.MultiheadAttention's
@@ -102,8 +103,6 @@ def threshold_for_density(weight: torch.Tensor, density: float) -> torch.Tensor:
     implementation of the score cannot flip a unit. Used by tests and benchmarks."""
     if not 0.0 <= density <= 1.0:
         raise ValueError(f"density must be in [0, 1], got {density}")
-    from .reference import row_scores
-
     scores = row_scores(weight).sort(descending=True).values
     n = scores.numel()
     k = round(density * n)

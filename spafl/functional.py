@@ -45,12 +45,14 @@ def threshold_row_mask(
     return _row_mask(weight, threshold, resolve_backend(backend, weight), collapse_density)
 
 
-def _row_mask(weight, threshold, resolved_backend: str, collapse_density: float | None) -> RowMask:
+def _row_mask(
+    weight, threshold, resolved_backend: str, collapse_density: float | None, with_perm: bool = True
+) -> RowMask:
     w2d = weight.detach().reshape(weight.shape[0], -1)
     with torch.no_grad():
         if resolved_backend == "triton":
             return _kernels().threshold_row_mask(w2d, threshold.detach(), collapse_density=collapse_density)
-        return reference.row_mask(w2d, threshold, collapse_density=collapse_density)
+        return reference.row_mask(w2d, threshold, collapse_density=collapse_density, with_perm=with_perm)
 
 
 def apply_collapse_guard(
@@ -184,12 +186,13 @@ def threshold_linear(
         )
     check_threshold_values(threshold, check_finite)
     # The mask comes from the master weight, before any autocast cast, so that it agrees with
-    # `layer.mask`, `density` and `to_dense()`.
-    row_mask = _row_mask(weight, threshold, resolve_backend(backend, weight), collapse_density)
+    # `layer.mask`, `density` and `to_dense()`; the GEMMs run on the (possibly cast) operands.
+    x_op, w_op, b_op = _autocast(x, weight, bias)
+    resolved = resolve_backend(backend, w_op)
+    row_mask = _row_mask(weight, threshold, resolve_backend(backend, weight), collapse_density,
+                         with_perm=resolved == "triton")
     apply_collapse_guard(threshold, row_mask, collapse_counter)
-    x, weight, bias = _autocast(x, weight, bias)
-    resolved = resolve_backend(backend, weight)
     return ThresholdLinearFunction.apply(
-        x, weight, threshold, bias, row_mask.mask, row_mask.perm, row_mask.count, resolved, backward_mode,
+        x_op, w_op, threshold, b_op, row_mask.mask, row_mask.perm, row_mask.count, resolved, backward_mode,
         float(sample_fraction),
     )

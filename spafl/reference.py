@@ -34,9 +34,17 @@ def row_scores(weight: torch.Tensor) -> torch.Tensor:
 
 
 def row_mask(
-    weight: torch.Tensor, threshold: torch.Tensor, *, collapse_density: float | None = None
+    weight: torch.Tensor,
+    threshold: torch.Tensor,
+    *,
+    collapse_density: float | None = None,
+    with_perm: bool = True,
 ) -> RowMask:
-    """Reference of :func:`spafl.kernels.threshold_row_mask` (same outputs, same guard)."""
+    """Reference of :func:`spafl.kernels.threshold_row_mask` (same outputs, same guard).
+
+    ``with_perm=False`` leaves ``RowMask.perm`` as None: the reference GEMMs only need the mask,
+    and the sort that builds the compact index list is then skipped.
+    """
     score = row_scores(weight)
     mask = score > threshold.detach().to(score.dtype)
     collapsed = None
@@ -45,7 +53,7 @@ def row_mask(
         collapsed = (n_active.to(torch.float32) <= collapse_density * mask.numel()).reshape(1)
         mask = torch.where(collapsed, score > 0, mask)
     # Active rows first (ascending), then pruned rows (ascending): a stable sort on ~mask.
-    perm = torch.argsort((~mask).to(torch.int8), stable=True).to(torch.int32)
+    perm = torch.argsort((~mask).to(torch.int8), stable=True).to(torch.int32) if with_perm else None
     count = mask.sum().to(torch.int32).reshape(1)
     return RowMask(mask, perm, count, score, collapsed)
 
