@@ -387,6 +387,8 @@ def _check_operands(x2d: torch.Tensor, weight: torch.Tensor, row_mask: RowMask) 
         raise TypeError(f"x is {x2d.dtype} but weight is {weight.dtype}")
     if weight.dtype not in SUPPORTED_DTYPES:
         raise TypeError(f"Triton kernels support {SUPPORTED_DTYPES}, got {weight.dtype}")
+    if row_mask.perm is None:
+        raise ValueError("the row mask has no compact index list (perm); build it with with_perm=True")
     if x2d.device != weight.device or row_mask.perm.device != weight.device:
         raise ValueError("x, weight and the row mask must be on the same device")
     if row_mask.perm.shape != (weight.shape[0],):

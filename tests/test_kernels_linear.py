@@ -186,3 +186,5 @@ def test_launchers_reject_bad_operands(device):
         threshold_linear_bwd(dy[:, :3], x, w, rm)
     with pytest.raises(ValueError, match="threshold must have shape"):
         threshold_row_mask(w, tau[:3])
+    with pytest.raises(ValueError, match="no compact index list"):
+        threshold_linear_fwd(x, w, b, reference.row_mask(w, tau, with_perm=False))
