@@ -7,6 +7,7 @@ top-level ``kernels`` module. Importing it needs Triton; the rest of ``spafl`` d
 
 from .._rowmask import RowMask
 from ._config import SUPPORTED_DTYPES, interpreter_enabled
+from .threshold_conv2d import threshold_conv2d_bwd, threshold_conv2d_fwd
 from .threshold_linear import BACKWARD_MODES, threshold_linear_bwd, threshold_linear_fwd
 from .threshold_mask import threshold_row_mask
 
@@ -15,6 +16,8 @@ __all__ = [
     "SUPPORTED_DTYPES",
     "RowMask",
     "interpreter_enabled",
+    "threshold_conv2d_bwd",
+    "threshold_conv2d_fwd",
     "threshold_linear_bwd",
     "threshold_linear_fwd",
     "threshold_row_mask",

@@ -44,12 +44,16 @@ def gemm_config(dtype: torch.dtype) -> GemmConfig:
     return _GPU_GEMM_FP32 if dtype == torch.float32 else _GPU_GEMM_16BIT
 
 
-def dot_precision() -> str:
-    """`tl.dot` precision for fp32 operands, following PyTorch's own matmul setting.
+def dot_precision(op: str = "matmul") -> str:
+    """`tl.dot` precision for fp32 operands, following PyTorch's own setting for the same op.
 
-    With ``torch.backends.cuda.matmul.allow_tf32`` (or float32 matmul precision "high"/"medium")
-    the kernels use TF32 tensor cores like cuBLAS does; otherwise full IEEE fp32.
+    ``op="matmul"``: ``torch.backends.cuda.matmul.allow_tf32`` (float32 matmul precision
+    "high" / "medium"), off by default, as for ``F.linear``. ``op="conv"``:
+    ``torch.backends.cudnn.allow_tf32``, on by default, as for ``F.conv2d``. TF32 tensor cores
+    when the setting allows them, otherwise full IEEE fp32.
     """
     if interpreter_enabled():
         return "ieee"
+    if op == "conv":
+        return "tf32" if torch.backends.cudnn.allow_tf32 else "ieee"
     return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"

@@ -116,13 +116,17 @@ def _threshold_linear_fwd_kernel(
 
 @triton.jit
 def _gather_grad_columns_kernel(
-    dy_ptr,  # [M, N] output gradient, any strides
+    dy_ptr,  # output gradient: [M, N] (Linear) or [B, N, Ho, Wo] (Conv2d), any strides
     perm_ptr,  # [N] int32
     count_ptr,  # [1] int32
-    dyt_ptr,  # [N, M] out: dyt[p, m] = dy[m, perm[p]] for positions p < limit
+    dyt_ptr,  # [N, M] out: dyt[p, m] = dY[m, perm[p]] for positions p < limit
     M,
     N,
-    stride_dym,
+    PLANE,  # a batch row m is the pixel (m // PLANE, (m % PLANE) // WIDTH, m % WIDTH); 1, 1 for Linear
+    WIDTH,
+    stride_dyb,
+    stride_dyh,
+    stride_dyw,
     stride_dyn,
     ALL_ROWS: tl.constexpr,  # gather every position (exact / sample modes) or only active ones
     BLOCK_P: tl.constexpr,
@@ -143,8 +147,12 @@ def _gather_grad_columns_kernel(
     p_ok = offs_p < limit
     rows = tl.load(perm_ptr + offs_p, mask=p_ok, other=0).to(tl.int64)
     offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    b = offs_m // PLANE
+    hw = offs_m - b * PLANE
+    h = hw // WIDTH
+    src = b * stride_dyb + h * stride_dyh + (hw - h * WIDTH) * stride_dyw
     ok = p_ok[:, None] & (offs_m[None, :] < M)
-    tile = tl.load(dy_ptr + offs_m[None, :] * stride_dym + rows[:, None] * stride_dyn, mask=ok, other=0.0)
+    tile = tl.load(dy_ptr + src[None, :] + rows[:, None] * stride_dyn, mask=ok, other=0.0)
     tl.store(dyt_ptr + offs_p.to(tl.int64)[:, None] * M + offs_m[None, :], tile, mask=ok)
 
 
@@ -244,6 +252,23 @@ def _dyt_x_product(
 
 
 @triton.jit
+def _mode_reduction_bounds(has_active, count, M, N, sample_count, sample_step, MODE: tl.constexpr):
+    # The batch rows m = j * m_step, j < m_end, that a dW tile reduces over: all of them for a
+    # tile holding an active row; for an all-pruned tile, all (exact), none (skip) or the strided
+    # sample (sample). a_rows: positions of dyt that hold data (skip gathered only active ones).
+    m_step = 1
+    m_end = M
+    a_rows = N
+    if MODE == 1:
+        m_end = tl.where(has_active, M, 0)
+        a_rows = count
+    if MODE == 2:
+        m_end = tl.where(has_active, M, sample_count)
+        m_step = tl.where(has_active, 1, sample_step)
+    return m_end, m_step, a_rows
+
+
+@triton.jit
 def _threshold_linear_bwd_dw_kernel(
     dyt_ptr,  # [N, M] compacted, transposed dY
     x_ptr,  # [M, K]
@@ -280,18 +305,7 @@ def _threshold_linear_bwd_dw_kernel(
     has_active = pid_p * BLOCK_P < count
     has_pruned = (pid_p + 1) * BLOCK_P > count
 
-    # Batch rows the main loop reduces over: all of them for a tile holding an active row;
-    # for an all-pruned tile, all (exact), none (skip) or the strided sample (sample).
-    m_step = 1
-    m_end = M
-    # Positions of dyt that hold data: skip mode gathered only the active columns.
-    a_rows = N
-    if MODE == 1:
-        m_end = tl.where(has_active, M, 0)
-        a_rows = count
-    if MODE == 2:
-        m_end = tl.where(has_active, M, sample_count)
-        m_step = tl.where(has_active, 1, sample_step)
+    m_end, m_step, a_rows = _mode_reduction_bounds(has_active, count, M, N, sample_count, sample_step, MODE)
     acc = tl.zeros([BLOCK_P, BLOCK_K], dtype=tl.float32)
     acc = _dyt_x_product(acc, dyt_ptr, x_ptr, offs_p, offs_p < a_rows, offs_k, k_ok, M, m_end, m_step, stride_xm,
                          stride_xk, UPCAST, DOT_PRECISION, BLOCK_M)
@@ -325,12 +339,13 @@ def _threshold_linear_bwd_finish_kernel(
     w_ptr,  # [N, K]
     perm_ptr,  # [N] int32
     count_ptr,  # [1] int32
-    g_ptr,  # [N, K] m * G from the dW kernel (fp32 workspace for 16-bit weights, else dw itself)
+    g_ptr,  # [SPLIT, N, K] m * G from the dW kernel(s): fp32 workspace, or dw itself (IN_PLACE)
     dw_ptr,  # [N, K] out: m * G + sign(W) * r / K, rounded once to the weight dtype
     dtau_ptr,  # [N] out: -r
     N,
     K,
-    NUM_KB,
+    NUM_KB,  # rows of rpart
+    SPLIT,  # slices of g to sum (1 when IN_PLACE)
     stride_wn,
     stride_wk,
     stride_dwn,
@@ -366,7 +381,10 @@ def _threshold_linear_bwd_finish_kernel(
         load_ok = ok & (offs_p < load_rows)[:, None]
         w = tl.load(w_ptr + rows[:, None] * stride_wn + offs_k[None, :] * stride_wk, mask=load_ok, other=0.0)
         w = w.to(tl.float32)  # (the interpreter compares raw bf16 incorrectly)
-        g = tl.load(g_ptr + rows[:, None] * K + offs_k[None, :], mask=load_ok, other=0.0).to(tl.float32)
+        g = tl.zeros([BLOCK_P, BLOCK_K], dtype=tl.float32)
+        for sl in range(0, SPLIT):  # fixed order: deterministic
+            g_off = (sl * N + rows[:, None]) * K + offs_k[None, :]
+            g += tl.load(g_ptr + g_off, mask=load_ok, other=0.0).to(tl.float32)
         sign = tl.where(w > 0, 1.0, tl.where(w < 0, -1.0, 0.0))
         tl.store(
             dw_ptr + rows[:, None] * stride_dwn + offs_k[None, :] * stride_dwk,
@@ -393,6 +411,45 @@ def _check_operands(x2d: torch.Tensor, weight: torch.Tensor, row_mask: RowMask) 
         raise ValueError("x, weight and the row mask must be on the same device")
     if row_mask.perm.shape != (weight.shape[0],):
         raise ValueError(f"row mask is for {row_mask.perm.shape[0]} rows but weight has {weight.shape[0]}")
+
+
+def gather_grad_columns(
+    grad: torch.Tensor,
+    row_mask: RowMask,
+    rows: int,
+    units: int,
+    pixel_shape: tuple[int, int],
+    pixel_strides: tuple[int, int, int],
+    unit_stride: int,
+    *,
+    all_rows: bool,
+) -> torch.Tensor:
+    """``dyt [units, rows]``: column ``perm[p]`` of the output gradient in row ``p`` (every
+    position with ``all_rows``, else the first ``count``; the rest is left unwritten).
+
+    A batch row ``m`` is the pixel ``(m // plane, (m % plane) // width, m % width)`` with
+    ``pixel_shape = (plane, width)`` and ``pixel_strides`` the strides of those three indices
+    (``(1, 1)`` and ``(stride_m, 0, 0)`` for a 2-D gradient); ``unit_stride`` is the stride of
+    the unit (column / channel) index.
+    """
+    cfg = gemm_config(grad.dtype)
+    dyt = torch.empty((units, rows), device=grad.device, dtype=grad.dtype)
+    _gather_grad_columns_kernel[(triton.cdiv(rows, cfg.block_m), triton.cdiv(units, cfg.block_n))](
+        grad,
+        row_mask.perm,
+        row_mask.count,
+        dyt,
+        rows,
+        units,
+        *pixel_shape,
+        *pixel_strides,
+        unit_stride,
+        ALL_ROWS=all_rows,
+        BLOCK_P=cfg.block_n,
+        BLOCK_M=cfg.block_m,
+        num_warps=4,
+    )
+    return dyt
 
 
 def threshold_linear_fwd(
@@ -476,21 +533,8 @@ def threshold_linear_bwd(
     precision = dot_precision()
     mode_id = BACKWARD_MODES[mode]
 
-    dyt = torch.empty((n_rows, m_rows), device=device, dtype=x2d.dtype)
-    _gather_grad_columns_kernel[(triton.cdiv(m_rows, cfg.block_m), triton.cdiv(n_rows, cfg.block_n))](
-        grad_y,
-        row_mask.perm,
-        row_mask.count,
-        dyt,
-        m_rows,
-        n_rows,
-        grad_y.stride(0),
-        grad_y.stride(1),
-        ALL_ROWS=mode_id != 1,
-        BLOCK_P=cfg.block_n,
-        BLOCK_M=cfg.block_m,
-        num_warps=4,
-    )
+    dyt = gather_grad_columns(grad_y, row_mask, m_rows, n_rows, (1, 1), (grad_y.stride(0), 0, 0), grad_y.stride(1),
+                              all_rows=mode_id != 1)
 
     if need_dx:
         grid = (triton.cdiv(m_rows, cfg.block_m) * triton.cdiv(fan_in, cfg.block_k * 2),)
@@ -564,6 +608,7 @@ def threshold_linear_bwd(
         n_rows,
         fan_in,
         num_kb,
+        1,
         weight.stride(0),
         weight.stride(1),
         dw.stride(0),

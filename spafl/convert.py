@@ -7,15 +7,15 @@ from collections.abc import Callable, Iterator
 import torch
 from torch import nn
 
-from .layers import ThresholdLinear
+from .layers import ThresholdConv2d, ThresholdLinear
 from .reference import row_scores
 
 # Dense type -> threshold layer type. `sparsify` converts modules whose type is EXACTLY a key:
 # subclasses may read the weight directly instead of calling forward (nn.MultiheadAttention's
 # `out_proj` is such a subclass), and converting them would silently leave them dense.
-CONVERTERS: dict[type[nn.Module], type[nn.Module]] = {nn.Linear: ThresholdLinear}
+CONVERTERS: dict[type[nn.Module], type[nn.Module]] = {nn.Linear: ThresholdLinear, nn.Conv2d: ThresholdConv2d}
 
-THRESHOLD_LAYER_TYPES: tuple[type[nn.Module], ...] = (ThresholdLinear,)
+THRESHOLD_LAYER_TYPES: tuple[type[nn.Module], ...] = (ThresholdLinear, ThresholdConv2d)
 
 
 def sparsify(
@@ -24,8 +24,9 @@ def sparsify(
     exclude: Callable[[str, nn.Module], bool] | tuple[str, ...] = (),
     **layer_kwargs,
 ) -> nn.Module:
-    """Replace, in place, every ``nn.Linear`` of ``model`` by a threshold layer with the same
-    weights (thresholds at 0, so the model computes the same function), and return ``model``.
+    """Replace, in place, every ``nn.Linear`` and ``nn.Conv2d`` of ``model`` by a threshold layer
+    with the same weights (thresholds at 0, so the model computes the same function), and return
+    ``model``. Only modules of exactly these types are converted (see ``CONVERTERS``).
 
     Args:
         exclude: qualified module names to keep dense (e.g. ``("fc",)``), or a predicate
@@ -54,7 +55,8 @@ def sparsify(
     ]
     if type(model) in CONVERTERS and not skip("", model):
         raise TypeError(
-            "sparsify converts the layers inside a model; call ThresholdLinear.from_dense on a single layer"
+            "sparsify converts the layers inside a model; call ThresholdLinear.from_dense or "
+            "ThresholdConv2d.from_dense on a single layer"
         )
     for name, module in targets:
         parent_name, _, child = name.rpartition(".")

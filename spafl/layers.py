@@ -5,10 +5,12 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ._checks import check_options, check_positive_int, check_threshold_values
-from .functional import threshold_linear, threshold_row_mask
+from ._conv import conv_geometry
+from .functional import threshold_conv2d, threshold_linear, threshold_row_mask
 
 
 class _ThresholdMixin:
@@ -38,6 +40,18 @@ class _ThresholdMixin:
             "collapse_counter": self.collapse_resets,
             "check_finite": self.check_finite,
         }
+
+    def _copy_from(self, dense: nn.Module):
+        """Copy ``dense``'s weight and bias (values, memory format, requires_grad, train mode)."""
+        with torch.no_grad():
+            self.weight.data = torch.empty_like(dense.weight).copy_(dense.weight)
+            if dense.bias is not None:
+                self.bias.copy_(dense.bias)
+        self.weight.requires_grad_(dense.weight.requires_grad)
+        if dense.bias is not None:
+            self.bias.requires_grad_(dense.bias.requires_grad)
+        self.train(dense.training)
+        return self
 
     @property
     def mask(self) -> torch.Tensor:
@@ -132,15 +146,7 @@ class ThresholdLinear(_ThresholdMixin, nn.Module):
             dtype=linear.weight.dtype,
             **kwargs,
         )
-        with torch.no_grad():
-            layer.weight.copy_(linear.weight)
-            if linear.bias is not None:
-                layer.bias.copy_(linear.bias)
-        layer.weight.requires_grad_(linear.weight.requires_grad)
-        if linear.bias is not None:
-            layer.bias.requires_grad_(linear.bias.requires_grad)
-        layer.train(linear.training)
-        return layer
+        return layer._copy_from(linear)
 
     def to_dense(self) -> nn.Linear:
         """A plain ``nn.Linear`` computing the same function: pruned rows of the weight zeroed."""
@@ -164,3 +170,155 @@ class ThresholdLinear(_ThresholdMixin, nn.Module):
             f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
             f"{self._density_repr()}, backend={self.backend!r}, backward_mode={self.backward_mode!r}"
         )
+
+
+class ThresholdConv2d(_ThresholdMixin, nn.Module):
+    """``nn.Conv2d`` with a trainable threshold per filter (SpaFL).
+
+    Filter ``i`` is active while the mean |w| of ``weight[i]`` (over ``in_channels / groups *
+    kh * kw``) is ``> threshold[i]``; a pruned filter's output channel is ``bias[i]`` (0
+    without bias) and on CUDA the filter is skipped by the implicit-GEMM kernels in the forward
+    and backward passes. Thresholds start at 0, so a fresh layer is fully dense.
+
+    Args:
+        in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
+        padding_mode, device, dtype: as for ``nn.Conv2d``. ``groups > 1`` (grouped and
+            depthwise convolutions) runs on the plain-PyTorch path: the mask is applied, but
+            nothing is skipped.
+        backend, backward_mode, sample_fraction, collapse_density, check_finite: as for
+            :class:`ThresholdLinear` (``sample`` mode samples output pixels).
+
+    Shapes: input ``[B, in_channels, H, W]`` or ``[in_channels, H, W]``, output
+    ``[B, out_channels, Ho, Wo]``; channels-last inputs give channels-last outputs.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size,
+        stride=1,
+        padding=0,
+        dilation=1,
+        groups: int = 1,
+        bias: bool = True,
+        padding_mode: str = "zeros",
+        *,
+        backend: str = "auto",
+        backward_mode: str = "exact",
+        sample_fraction: float = 0.125,
+        collapse_density: float | None = 0.01,
+        check_finite: bool | None = None,
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__()
+        self.in_channels = check_positive_int("in_channels", in_channels)
+        self.out_channels = check_positive_int("out_channels", out_channels)
+        geometry = conv_geometry(kernel_size, stride, padding, dilation, groups)
+        if in_channels % groups or out_channels % groups:
+            raise ValueError(
+                f"in_channels ({in_channels}) and out_channels ({out_channels}) must be divisible by groups ({groups})"
+            )
+        if padding_mode not in ("zeros", "reflect", "replicate", "circular"):
+            raise ValueError(
+                f"padding_mode must be 'zeros', 'reflect', 'replicate' or 'circular', got {padding_mode!r}"
+            )
+        self.kernel_size = geometry.kernel
+        self.stride = geometry.stride
+        self.padding = geometry.padding
+        self.dilation = geometry.dilation
+        self.groups = groups
+        self.padding_mode = padding_mode
+        # F.pad order (left, right, top, bottom) for the non-zero padding modes.
+        (top, left), (bottom, right) = geometry.pad_begin, geometry.pad_end
+        self._explicit_padding = (left, right, top, bottom)
+        factory = {"device": device, "dtype": dtype}
+        kh, kw = geometry.kernel
+        self.weight = nn.Parameter(torch.empty((out_channels, in_channels // groups, kh, kw), **factory))
+        self.threshold = nn.Parameter(torch.empty(out_channels, **factory))
+        if bias:
+            self.bias = nn.Parameter(torch.empty(out_channels, **factory))
+        else:
+            self.register_parameter("bias", None)
+        self._init_threshold_state(backend, backward_mode, sample_fraction, collapse_density, check_finite, device)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        # nn.Conv2d's initialisation, and thresholds at 0 (every filter active).
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+        if self.bias is not None:
+            fan_in = self.weight[0].numel()
+            bound = 1 / math.sqrt(fan_in) if fan_in > 0 else 0
+            nn.init.uniform_(self.bias, -bound, bound)
+        nn.init.zeros_(self.threshold)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        padding = self.padding
+        if self.padding_mode != "zeros":
+            x = F.pad(x, self._explicit_padding, mode=self.padding_mode)
+            padding = 0
+        return threshold_conv2d(
+            x, self.weight, self.threshold, self.bias, self.stride, padding, self.dilation, self.groups,
+            **self._layer_options(),
+        )
+
+    @classmethod
+    def from_dense(cls, conv: nn.Conv2d, **kwargs) -> ThresholdConv2d:
+        """A threshold layer with a copy of ``conv``'s weight and bias (thresholds at 0); the
+        weight keeps its memory format (e.g. channels-last)."""
+        if not isinstance(conv, nn.Conv2d):
+            raise TypeError(f"from_dense expects an nn.Conv2d, got {type(conv).__name__}")
+        layer = cls(
+            conv.in_channels,
+            conv.out_channels,
+            conv.kernel_size,
+            stride=conv.stride,
+            padding=conv.padding,
+            dilation=conv.dilation,
+            groups=conv.groups,
+            bias=conv.bias is not None,
+            padding_mode=conv.padding_mode,
+            device=conv.weight.device,
+            dtype=conv.weight.dtype,
+            **kwargs,
+        )
+        return layer._copy_from(conv)
+
+    def to_dense(self) -> nn.Conv2d:
+        """A plain ``nn.Conv2d`` computing the same function: pruned filters zeroed."""
+        check_threshold_values(self.threshold, True)
+        dense = nn.Conv2d(
+            self.in_channels,
+            self.out_channels,
+            self.kernel_size,
+            stride=self.stride,
+            padding=self.padding,
+            dilation=self.dilation,
+            groups=self.groups,
+            bias=self.bias is not None,
+            padding_mode=self.padding_mode,
+            device=self.weight.device,
+            dtype=self.weight.dtype,
+        )
+        with torch.no_grad():
+            dense.weight.data = self.weight * self.mask.to(self.weight.dtype)[:, None, None, None]
+            if self.bias is not None:
+                dense.bias.copy_(self.bias)
+        dense.train(self.training)
+        return dense
+
+    def extra_repr(self) -> str:
+        parts = [f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}"]
+        if self.padding not in ((0, 0), "valid"):
+            parts.append(f"padding={self.padding!r}" if isinstance(self.padding, str) else f"padding={self.padding}")
+        if self.dilation != (1, 1):
+            parts.append(f"dilation={self.dilation}")
+        if self.groups != 1:
+            parts.append(f"groups={self.groups}")
+        if self.bias is None:
+            parts.append("bias=False")
+        if self.padding_mode != "zeros":
+            parts.append(f"padding_mode={self.padding_mode!r}")
+        parts += [self._density_repr(), f"backend={self.backend!r}", f"backward_mode={self.backward_mode!r}"]
+        return ", ".join(parts)

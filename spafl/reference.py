@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ._conv import ConvGeometry
 from ._rowmask import RowMask, sample_rows
 
 BACKWARD_MODES = ("exact", "skip", "sample")
@@ -134,6 +135,94 @@ def threshold_linear_backward(
         grad_w_hat, w, multiplier, mask, mode=mode, sampled_grad_w_hat=sampled, sample_scale=scale
     )
     db = dy.sum(dim=0) if has_bias else None
+    return dx, dw, dtau, db
+
+
+def _explicit_padding(x: torch.Tensor, geometry: ConvGeometry) -> tuple[torch.Tensor, tuple[int, int]]:
+    # Asymmetric padding ("same" with an odd total) as an explicit pad: F.conv2d would make the
+    # same copy internally, with a warning.
+    if geometry.pad_begin == geometry.pad_end:
+        return x, geometry.pad_begin
+    (top, left), (bottom, right) = geometry.pad_begin, geometry.pad_end
+    return F.pad(x, (left, right, top, bottom)), (0, 0)
+
+
+def _conv2d(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, geometry: ConvGeometry) -> torch.Tensor:
+    x, padding = _explicit_padding(x, geometry)
+    return F.conv2d(x, w, b, geometry.stride, padding, geometry.dilation, geometry.groups)
+
+
+def _conv2d_backward(
+    dy: torch.Tensor, x: torch.Tensor, w: torch.Tensor, geometry: ConvGeometry, need_dx: bool
+) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """``(dL/dx | None, dL/dw)`` of ``_conv2d(x, w)`` for the output gradient ``dy``, from the
+    convolution's own backward (no forward recomputation)."""
+    xp, padding = _explicit_padding(x, geometry)
+    dx, dw, _ = torch.ops.aten.convolution_backward(
+        dy, xp, w, None, geometry.stride, padding, geometry.dilation, False, (0, 0), geometry.groups,
+        (need_dx, True, False),
+    )
+    if need_dx and xp is not x:
+        top, left = geometry.pad_begin
+        dx = dx[..., top : top + x.shape[-2], left : left + x.shape[-1]]
+    return dx, dw
+
+
+def threshold_conv2d_forward(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    mask: torch.Tensor,
+    bias: torch.Tensor | None,
+    geometry: ConvGeometry,
+) -> torch.Tensor:
+    """``F.conv2d(x, W * m[:, None, None, None], b, ...)`` for ``x [B, C, H, W]``."""
+    compute = _compute_dtype(x.dtype)
+    w_hat = weight.to(compute) * mask.to(compute)[:, None, None, None]
+    y = _conv2d(x.to(compute), w_hat, None if bias is None else bias.to(compute), geometry)
+    return y.to(x.dtype)
+
+
+def _sampled_pixels(grad_out: torch.Tensor, sample_fraction: float) -> tuple[torch.Tensor, float]:
+    """``grad_out [B, C, Ho, Wo]`` with every output pixel zeroed except the sample that the
+    ``sample`` mode uses (flattened pixel index ``b * Ho * Wo + oh * Wo + ow`` in
+    ``0, step, 2 * step, ...``), and the scale ``pixels / sampled``."""
+    b, _, ho, wo = grad_out.shape
+    pixels = b * ho * wo
+    count, step = sample_rows(pixels, sample_fraction)
+    keep = torch.zeros(pixels, dtype=torch.bool, device=grad_out.device)
+    keep[torch.arange(count, device=grad_out.device) * step] = True
+    return grad_out * keep.view(b, 1, ho, wo).to(grad_out.dtype), pixels / count
+
+
+def threshold_conv2d_backward(
+    grad_out: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    multiplier: torch.Tensor,
+    mask: torch.Tensor,
+    geometry: ConvGeometry,
+    *,
+    has_bias: bool,
+    need_dx: bool = True,
+    mode: str = "exact",
+    sample_fraction: float = 0.125,
+) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Reference backward of the threshold Conv2d: ``(dx | None, dW, dtau, db)`` in the compute
+    dtype. ``G = dL/dW_hat`` and ``dx`` come from the convolution's backward; the
+    straight-through terms from :func:`threshold_gradients`, exactly as for Linear."""
+    compute = _compute_dtype(x.dtype)
+    dy = grad_out.to(compute)
+    xc = x.detach().to(compute)
+    w_hat = weight.detach().to(compute) * multiplier.detach().to(compute)[:, None, None, None]
+    dx, grad_w_hat = _conv2d_backward(dy, xc, w_hat, geometry, need_dx)
+    sampled, scale = None, 1.0
+    if mode == "sample":
+        dy_sampled, scale = _sampled_pixels(dy, sample_fraction)
+        _, sampled = _conv2d_backward(dy_sampled, xc, w_hat, geometry, False)
+    dw, dtau = threshold_gradients(
+        grad_w_hat, weight.to(compute), multiplier, mask, mode=mode, sampled_grad_w_hat=sampled, sample_scale=scale
+    )
+    db = dy.sum(dim=(0, 2, 3)) if has_bias else None
     return dx, dw, dtau, db
 
 

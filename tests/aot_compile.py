@@ -23,6 +23,7 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 
 from spafl.kernels import _config  # noqa: E402
+from spafl.kernels import threshold_conv2d as tconv  # noqa: E402
 from spafl.kernels import threshold_linear as tlin  # noqa: E402
 from spafl.kernels import threshold_mask as tmask  # noqa: E402
 
@@ -31,9 +32,16 @@ PTR = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16"}
 
 # Inner (contiguous) strides: Triton's launcher specialises an integer argument equal to 1 as a
 # constant, so for contiguous tensors these become 1 at compile time.
-INNER_STRIDES = {"stride_xk", "stride_wk", "stride_yn", "stride_dyn", "stride_dxk", "stride_dwk"}
+# The convolutions' aligned case is the channels-last one (activations and weights).
+INNER_STRIDES = {"stride_xk", "stride_wk", "stride_yn", "stride_dyn", "stride_dxk", "stride_dwk",
+                 "sxc", "swc", "syf", "sdc"}
 # Integer arguments that are not sizes or strides: never assumed divisible by 16.
-NOT_ALIGNED = {"sample_count", "sample_step", "NUM_KB"}
+# For the convolutions the aligned case is channels-last with channel counts that are multiples
+# of 16 (every ResNet layer but the first): the strides between pixels are multiples of 16 then,
+# the spatial sizes and the kernel geometry need not be.
+NOT_ALIGNED = {"sample_count", "sample_step", "NUM_KB", "SPLIT", "PLANE", "WIDTH", "H", "W", "Ho", "Wo",
+               "Hq", "Wq", "KH", "KW", "stride_h", "stride_w", "pad_h", "pad_w", "dil_h", "dil_w",
+               "stride_dyh", "stride_dyw"}
 
 
 def _compile(fn, signature: dict, constexprs: dict, arch: int, num_warps: int, num_stages: int = 3,
@@ -98,7 +106,8 @@ def cases():
             yield f"gather_grad_columns[{p},all={all_rows}]", lambda p=p, cfg=cfg, all_rows=all_rows: (
                 tlin._gather_grad_columns_kernel,
                 {"dy_ptr": p, "perm_ptr": "*i32", "count_ptr": "*i32", "dyt_ptr": p, "M": "i32", "N": "i32",
-                 "stride_dym": "i32", "stride_dyn": "i32"},
+                 "PLANE": "i32", "WIDTH": "i32", "stride_dyb": "i32", "stride_dyh": "i32", "stride_dyw": "i32",
+                 "stride_dyn": "i32"},
                 {"ALL_ROWS": all_rows, "BLOCK_P": cfg.block_n, "BLOCK_M": cfg.block_m},
                 4,
             )
@@ -125,10 +134,64 @@ def cases():
             yield f"linear_bwd_finish[{p},mode={mode}]", lambda p=p, mode=mode, dtype=dtype: (
                 tlin._threshold_linear_bwd_finish_kernel,
                 {"rpart_ptr": "*fp32", "w_ptr": p, "perm_ptr": "*i32", "count_ptr": "*i32", "g_ptr": "*fp32",
-                 "dw_ptr": p, "dtau_ptr": p, "N": "i32", "K": "i32", "NUM_KB": "i32", "stride_wn": "i32",
+                 "dw_ptr": p, "dtau_ptr": p, "N": "i32", "K": "i32", "NUM_KB": "i32", "SPLIT": "i32",
+                 "stride_wn": "i32",
                  "stride_wk": "i32", "stride_dwn": "i32", "stride_dwk": "i32"},
                 {"MODE": mode, "IN_PLACE": dtype == torch.float32, "BLOCK_P": 32, "BLOCK_K": 128},
                 4,
+            )
+
+
+def _conv_geometry_sig() -> dict:
+    names = ["C", "H", "W", "Ho", "Wo"]
+    return {n: "i32" for n in names}
+
+
+def _strides(prefix: str, dims: str) -> dict:
+    return {f"{prefix}{d}": "i32" for d in dims}
+
+
+_CONV_SHAPE = ("KH", "KW", "stride_h", "stride_w", "pad_h", "pad_w", "dil_h", "dil_w")
+
+
+def conv_cases():
+    shape = {n: "i32" for n in _CONV_SHAPE}
+    for dtype, has_bias in itertools.product((torch.float32, torch.float16, torch.bfloat16), (False, True)):
+        p = PTR[dtype]
+        cfg = _config._GPU_GEMM_FP32 if dtype == torch.float32 else _config._GPU_GEMM_16BIT
+        prec = "tf32" if dtype == torch.float32 else "ieee"
+        yield f"conv_fwd[{p},bias={has_bias}]", lambda p=p, cfg=cfg, has_bias=has_bias, prec=prec: (
+            tconv._threshold_conv2d_fwd_kernel,
+            {"x_ptr": p, "w_ptr": p, "b_ptr": p, "perm_ptr": "*i32", "count_ptr": "*i32", "y_ptr": p, "P": "i32",
+             "F": "i32", **_conv_geometry_sig(), **shape, **_strides("sx", "bchw"), **_strides("sw", "fchw"),
+             **_strides("sy", "bfhw")},
+            {"HAS_BIAS": has_bias, "UPCAST": False, "DOT_PRECISION": prec, "BLOCK_M": cfg.block_m,
+             "BLOCK_N": 64, "BLOCK_K": cfg.block_k, "GROUP_M": cfg.group_m},
+            cfg.num_warps,
+        )
+    for dtype in (torch.float32, torch.bfloat16):
+        p = PTR[dtype]
+        cfg = _config._GPU_GEMM_FP32 if dtype == torch.float32 else _config._GPU_GEMM_16BIT
+        prec = "tf32" if dtype == torch.float32 else "ieee"
+        yield f"conv_bwd_dx[{p}]", lambda p=p, cfg=cfg, prec=prec: (
+            tconv._threshold_conv2d_bwd_dx_kernel,
+            {"dyt_ptr": p, "w_ptr": p, "perm_ptr": "*i32", "count_ptr": "*i32", "dx_ptr": p, "PQ": "i32",
+             "P": "i32", **_conv_geometry_sig(), "Hq": "i32", "Wq": "i32", **shape, **_strides("sw", "fchw"),
+             **_strides("sd", "bchw")},
+            {"UPCAST": False, "DOT_PRECISION": prec, "BLOCK_M": cfg.block_m, "BLOCK_C": 64, "BLOCK_P": cfg.block_k,
+             "GROUP_M": cfg.group_m},
+            cfg.num_warps,
+        )
+        for mode in (0, 1, 2):
+            yield f"conv_bwd_dw[{p},mode={mode}]", lambda p=p, cfg=cfg, prec=prec, mode=mode: (
+                tconv._threshold_conv2d_bwd_dw_kernel,
+                {"dyt_ptr": p, "x_ptr": p, "w_ptr": p, "perm_ptr": "*i32", "count_ptr": "*i32", "g_ptr": "*fp32",
+                 "rpart_ptr": "*fp32", "P": "i32", "F": "i32", **_conv_geometry_sig(), **shape,
+                 **_strides("sx", "bchw"), **_strides("sw", "fchw"), "sample_count": "i32", "sample_step": "i32",
+                 "SPLIT": "i32"},
+                {"MODE": mode, "UPCAST": False, "DOT_PRECISION": prec, "BLOCK_P": 64, "BLOCK_C": 64,
+                 "BLOCK_M": cfg.block_k},
+                cfg.num_warps,
             )
 
 
@@ -138,7 +201,7 @@ def main(argv=None) -> int:
     parser.add_argument("-k", default="", help="only cases whose name contains this")
     args = parser.parse_args(argv)
     failures = 0
-    for name, make in cases():
+    for name, make in itertools.chain(cases(), conv_cases()):
         if args.k not in name:
             continue
         fn, sig, consts, warps = make()

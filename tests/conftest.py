@@ -11,13 +11,17 @@ import torch
 HAS_CUDA = torch.cuda.is_available()
 if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# fp32 references at full precision on CUDA: cuDNN convolutions default to TF32 (matmuls do
+# not), and the kernels follow the same switches (tests that check TF32 turn them on).
+torch.backends.cudnn.allow_tf32 = False
+torch.backends.cuda.matmul.allow_tf32 = False
 
 import pytest  # noqa: E402
 
 # Tolerances per dtype, relative to the largest magnitude of the expected tensor: the kernels
 # accumulate in fp32 and round once (twice for dW, whose sign term is added in a second pass),
 # the reference computes in fp32 and rounds once. On CUDA, fp32 dots run in IEEE mode in the
-# tests (TF32 off, PyTorch's default), so fp32 is compared at fp32 rounding.
+# tests (TF32 off, see above), so fp32 is compared at fp32 rounding.
 TOLERANCES = {
     torch.float32: 2e-5,
     torch.float16: 4e-3,

@@ -3,12 +3,30 @@
 Skipped without a CUDA device (the same kernels run in the interpreter in the other tests).
 """
 
+import copy
+
 import pytest
 import torch
 
+import spafl
 from conftest import HAS_CUDA, assert_close
-from spafl import ThresholdLinear, reference, threshold_for_density, threshold_linear
-from spafl.kernels import threshold_linear_bwd, threshold_linear_fwd, threshold_row_mask
+from spafl import (
+    ThresholdConv2d,
+    ThresholdLinear,
+    reference,
+    sparsify,
+    threshold_conv2d,
+    threshold_for_density,
+    threshold_linear,
+)
+from spafl._conv import conv_geometry
+from spafl.kernels import (
+    threshold_conv2d_bwd,
+    threshold_conv2d_fwd,
+    threshold_linear_bwd,
+    threshold_linear_fwd,
+    threshold_row_mask,
+)
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")]
 
@@ -110,3 +128,104 @@ def test_training_step_never_synchronises_with_the_host(mode):
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert layer.collapse_resets.item() == 1
+
+
+# (batch, cin, cout, size, kernel, stride, padding): ResNet-18 layers, its stem, a ragged case.
+CONV_SHAPES = {
+    "resnet-64x64-32px": (64, 64, 64, 32, 3, 1, 1),
+    "resnet-64x128-stride2": (32, 64, 128, 32, 3, 2, 1),
+    "resnet-shortcut-1x1-stride2": (32, 64, 128, 32, 1, 2, 0),
+    "stem-7x7": (8, 3, 64, 64, 7, 2, 3),
+    "ragged-5x5": (5, 37, 51, 19, 5, 1, 2),
+}
+
+
+@pytest.mark.parametrize("name", list(CONV_SHAPES))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("density", [0.0, 0.1, 0.5, 1.0])
+@pytest.mark.parametrize("mode", ["exact", "skip", "sample"])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_conv_shapes_match_reference(name, dtype, density, mode, channels_last):
+    b, cin, cout, size, k, stride, pad = CONV_SHAPES[name]
+    geo = conv_geometry(k, stride, pad)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(b, cin, size, size, generator=g).cuda().to(dtype)
+    w = (torch.randn(cout, cin, k, k, generator=g) / (cin * k * k) ** 0.5).cuda().to(dtype)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+        w = w.to(memory_format=torch.channels_last)
+    bias = torch.randn(cout, generator=g).cuda().to(dtype)
+    ho, wo = geo.output_size(size, size)
+    dy = torch.randn(b, cout, ho, wo, generator=g).cuda().to(dtype)
+    tau = threshold_for_density(w, density)
+    rm = threshold_row_mask(w.reshape(cout, -1), tau)
+    ref = reference.row_mask(w, tau)
+    assert torch.equal(rm.mask, ref.mask) and torch.equal(rm.perm, ref.perm)
+    y_ref = reference.threshold_conv2d_forward(x, w, ref.mask, bias, geo)
+    assert_close(threshold_conv2d_fwd(x, w, bias, rm, geo), y_ref, dtype, "y")
+    dx, dw, dtau = threshold_conv2d_bwd(dy, x, w, rm, geo, mode=mode, threshold_dtype=tau.dtype)
+    rdx, rdw, rdtau, _ = reference.threshold_conv2d_backward(dy, x, w, ref.mask.to(dtype), ref.mask, geo,
+                                                             has_bias=False, mode=mode)
+    assert_close(dx, rdx, dtype, "dx")
+    assert_close(dw, rdw, dtype, "dW")
+    assert_close(dtau, rdtau, dtype, "dtau")
+
+
+def test_conv_tf32_follows_the_cudnn_setting():
+    x = torch.randn(16, 64, 16, 16, device="cuda")
+    w = torch.randn(64, 64, 3, 3, device="cuda") / 24
+    tau = torch.zeros(64, device="cuda")
+    exact = torch.nn.functional.conv2d(x.double(), w.double(), padding=1)
+    old = torch.backends.cudnn.allow_tf32
+    try:
+        torch.backends.cudnn.allow_tf32 = False
+        err_ieee = (threshold_conv2d(x, w, tau, padding=1, backend="triton").double() - exact).abs().max()
+        torch.backends.cudnn.allow_tf32 = True
+        err_tf32 = (threshold_conv2d(x, w, tau, padding=1, backend="triton").double() - exact).abs().max()
+    finally:
+        torch.backends.cudnn.allow_tf32 = old
+    assert err_ieee < 1e-4 < err_tf32 < 5e-2
+
+
+@pytest.mark.parametrize("mode", ["exact", "skip", "sample"])
+def test_conv_training_step_never_synchronises_with_the_host(mode):
+    layer = ThresholdConv2d(32, 64, 3, padding=1, device="cuda", backward_mode=mode)
+    with torch.no_grad():
+        layer.threshold.fill_(10.0)  # forces the collapse guard to fire on the first step
+    x = torch.randn(8, 32, 16, 16, device="cuda").to(memory_format=torch.channels_last)
+    layer(x).sum().backward()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(3):
+            layer(x).sum().backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert layer.collapse_resets.item() == 1
+
+
+def test_torchvision_resnet18_trains_on_the_triton_path():
+    torchvision = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    model = sparsify(torchvision.models.resnet18(num_classes=10)).cuda().to(memory_format=torch.channels_last)
+    reference_model = copy.deepcopy(model)
+    for layer in reference_model.modules():
+        if hasattr(layer, "backend"):
+            layer.backend = "reference"
+    with torch.no_grad():
+        for (_, a), (_, b) in zip(spafl.threshold_layers(model), spafl.threshold_layers(reference_model),
+                                  strict=True):
+            a.threshold.copy_(threshold_for_density(a.weight, 0.5))
+            b.threshold.copy_(a.threshold)
+    x = torch.randn(16, 3, 64, 64, device="cuda").to(memory_format=torch.channels_last)
+    outs = []
+    for m in (model, reference_model):
+        m.train()
+        y = m(x)
+        y.square().mean().backward()
+        outs.append(y)
+    # Twenty layers with batch norm between them: summation-order differences grow with depth.
+    assert_close(outs[0], outs[1], torch.float16, "logits")
+    for (name, a), (_, b) in zip(spafl.threshold_layers(model), spafl.threshold_layers(reference_model),
+                                 strict=True):
+        assert_close(a.threshold.grad, b.threshold.grad, torch.bfloat16, f"{name} dtau")

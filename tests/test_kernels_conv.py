@@ -1,0 +1,179 @@
+"""Triton Conv2d kernels against the reference: forward and every gradient, every option.
+
+On CPU the kernels run in Triton's interpreter (TRITON_INTERPRET=1, set in conftest): small
+shapes, odd sizes everywhere so that tile edges, mixed active / pruned tiles and padding
+borders are all exercised.
+"""
+
+import pytest
+import torch
+
+from conftest import assert_close
+from spafl import reference, threshold_for_density
+from spafl._conv import conv_geometry
+from spafl.kernels import threshold_conv2d_bwd, threshold_conv2d_fwd, threshold_row_mask
+
+pytestmark = pytest.mark.interpreter
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+MODES = ["exact", "skip", "sample"]
+
+# (batch, channels, height, width, filters, kernel, stride, padding, dilation)
+GEOMETRIES = {
+    "1x1": (2, 6, 5, 7, 37, 1, 1, 0, 1),
+    "1x1-stride2": (2, 5, 7, 6, 19, 1, 2, 0, 1),
+    "3x3-pad1": (2, 5, 7, 7, 37, 3, 1, 1, 1),
+    "3x3-stride2": (3, 5, 9, 8, 21, 3, 2, 1, 1),
+    "3x3-valid-dil2": (2, 3, 9, 9, 17, 3, 1, "valid", 2),
+    "5x5-same": (2, 4, 6, 7, 23, 5, 1, "same", 1),
+    "5x5-stride3-pad2": (2, 3, 11, 10, 13, 5, 3, 2, 1),
+    "7x7-stride2-pad3": (2, 3, 11, 9, 19, 7, 2, 3, 1),
+    "2x2-same": (2, 5, 6, 5, 11, 2, 1, "same", 1),  # asymmetric padding
+    "3x5-mixed": (2, 5, 8, 9, 37, (3, 5), (2, 3), (1, 2), (1, 2)),
+    "40-channels": (1, 40, 5, 4, 9, 3, 1, 1, 1),  # more channels than one channel block
+}
+
+
+def _inputs(geometry, dtype, density, device, seed=0, bias=True, channels_last=False):
+    b, c, h, w, f, kernel, stride, padding, dilation = geometry
+    geo = conv_geometry(kernel, stride, padding, dilation)
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(b, c, h, w, generator=g).to(device=device, dtype=dtype)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    wt = (torch.randn(f, c, *geo.kernel, generator=g) / (c * geo.kernel[0] * geo.kernel[1]) ** 0.5)
+    wt = wt.to(device=device, dtype=dtype)
+    bias_t = torch.randn(f, generator=g).to(device=device, dtype=dtype) if bias else None
+    ho, wo = geo.output_size(h, w)
+    dy = torch.randn(b, f, ho, wo, generator=g).to(device=device, dtype=dtype)
+    tau = threshold_for_density(wt, density)
+    return geo, x, wt, bias_t, dy, tau
+
+
+def _check_all(geo, x, w, b, dy, tau, mode, dtype, sample_fraction=0.3, split=None):
+    rm = threshold_row_mask(w.reshape(w.shape[0], -1), tau)
+    ref = reference.row_mask(w, tau)
+    assert torch.equal(rm.mask.cpu(), ref.mask.cpu()) and torch.equal(rm.perm.cpu(), ref.perm.cpu())
+
+    y = threshold_conv2d_fwd(x, w, b, rm, geo)
+    assert y.dtype == x.dtype
+    assert_close(y, reference.threshold_conv2d_forward(x, w, ref.mask, b, geo), dtype, "y")
+
+    dx, dw, dtau = threshold_conv2d_bwd(dy, x, w, rm, geo, mode=mode, sample_fraction=sample_fraction,
+                                        threshold_dtype=tau.dtype, split=split)
+    rdx, rdw, rdtau, _ = reference.threshold_conv2d_backward(
+        dy, x, w, ref.mask.to(w.dtype), ref.mask, geo, has_bias=False, mode=mode, sample_fraction=sample_fraction
+    )
+    assert dx.dtype == dw.dtype == dtype and dtau.dtype == tau.dtype
+    assert dx.shape == x.shape and dw.shape == w.shape
+    assert_close(dx, rdx, dtype, "dx")
+    assert_close(dw, rdw, dtype, "dW")
+    assert_close(dtau, rdtau, dtype, "dtau")
+    return rm, y, dx, dw, dtau
+
+
+@pytest.mark.parametrize("name", list(GEOMETRIES))
+@pytest.mark.parametrize("density", [0.0, 0.4, 1.0])
+def test_every_geometry_matches_reference_fp32(name, density, device):
+    _check_all(*_inputs(GEOMETRIES[name], torch.float32, density, device), "exact", torch.float32)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("density", [0.0, 0.4, 1.0])
+@pytest.mark.parametrize("split", [None, 3])
+def test_backward_modes_and_pixel_splits(mode, density, split, device):
+    _check_all(*_inputs(GEOMETRIES["3x3-stride2"], torch.float32, density, device), mode, torch.float32,
+               split=split)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("density", [0.0, 0.4, 1.0])
+@pytest.mark.parametrize("mode", MODES)
+def test_half_precision(dtype, density, mode, device):
+    _check_all(*_inputs(GEOMETRIES["3x3-pad1"], dtype, density, device), mode, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("name", ["3x3-pad1", "7x7-stride2-pad3"])
+def test_channels_last_in_and_out(dtype, name, device):
+    rm, y, dx, _, _ = _check_all(*_inputs(GEOMETRIES[name], dtype, 0.4, device, channels_last=True), "exact", dtype)
+    # Like F.conv2d: a channels-last input gives channels-last outputs and input gradients.
+    assert y.is_contiguous(memory_format=torch.channels_last) and not y.is_contiguous()
+    assert dx.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_strided_views_and_channels_last_weights(device):
+    geo, x, w, b, dy, tau = _inputs(GEOMETRIES["3x3-stride2"], torch.float32, 0.4, device)
+    x = torch.cat([x, x], dim=3)[..., ::2]  # every other column: no unit stride anywhere
+    w = w.to(memory_format=torch.channels_last)
+    dy = dy.transpose(2, 3).contiguous().transpose(2, 3)
+    assert not (x.is_contiguous() or w.is_contiguous() or dy.is_contiguous())
+    _check_all(geo, x, w, b, dy, tau, "exact", torch.float32)
+    _check_all(geo, x, w, b, dy, tau, "skip", torch.float32)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_pruned_channels_are_exactly_the_bias(dtype, device):
+    geo, x, w, b, _, tau = _inputs(GEOMETRIES["3x3-pad1"], dtype, 0.3, device)
+    rm = threshold_row_mask(w.reshape(w.shape[0], -1), tau)
+    pruned = ~rm.mask
+    y = threshold_conv2d_fwd(x, w, b, rm, geo)
+    assert torch.equal(y[:, pruned], b[pruned][None, :, None, None].expand(2, -1, 7, 7))
+    y0 = threshold_conv2d_fwd(x, w, None, rm, geo)
+    assert (y0[:, pruned] == 0).all()
+
+
+def test_every_output_element_is_written(device):
+    for _ in range(3):  # poison the allocator: an unwritten element would show up as NaN
+        torch.full((1 << 14,), float("nan"), device=device)
+    geo, x, w, b, dy, tau = _inputs(GEOMETRIES["5x5-stride3-pad2"], torch.float32, 0.3, device)
+    rm = threshold_row_mask(w.reshape(w.shape[0], -1), tau)
+    assert torch.isfinite(threshold_conv2d_fwd(x, w, None, rm, geo)).all()
+    for mode in MODES:
+        for split in (1, 2):
+            for t in threshold_conv2d_bwd(dy, x, w, rm, geo, mode=mode, split=split):
+                assert torch.isfinite(t).all()
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_deterministic_across_runs(mode, device):
+    geo, x, w, b, dy, tau = _inputs(GEOMETRIES["3x3-pad1"], torch.float32, 0.4, device)
+    rm = threshold_row_mask(w.reshape(w.shape[0], -1), tau)
+    runs = [(threshold_conv2d_fwd(x, w, b, rm, geo), *threshold_conv2d_bwd(dy, x, w, rm, geo, mode=mode, split=2))
+            for _ in range(2)]
+    for a, b_ in zip(*runs, strict=True):
+        assert torch.equal(a, b_)
+
+
+def test_no_dx_and_empty_batch(device):
+    geo, x, w, b, dy, tau = _inputs(GEOMETRIES["3x3-pad1"], torch.float32, 0.4, device)
+    rm = threshold_row_mask(w.reshape(w.shape[0], -1), tau)
+    dx, dw, _ = threshold_conv2d_bwd(dy, x, w, rm, geo, need_dx=False)
+    assert dx is None and dw.shape == w.shape
+    x0, dy0 = x[:0], dy[:0]
+    assert threshold_conv2d_fwd(x0, w, b, rm, geo).shape == (0, 37, 7, 7)
+    dx, dw, dtau = threshold_conv2d_bwd(dy0, x0, w, rm, geo)
+    assert dx.shape == x0.shape and (dw == 0).all() and (dtau == 0).all()
+
+
+def test_launchers_reject_bad_operands(device):
+    geo, x, w, b, dy, tau = _inputs(GEOMETRIES["3x3-pad1"], torch.float32, 0.4, device)
+    rm = threshold_row_mask(w.reshape(w.shape[0], -1), tau)
+    with pytest.raises(ValueError, match="channels"):
+        threshold_conv2d_fwd(x[:, :4], w, b, rm, geo)
+    with pytest.raises(ValueError, match="groups=1"):
+        threshold_conv2d_fwd(x, w, b, rm, conv_geometry(3, 1, 1, 1, groups=5))
+    with pytest.raises(ValueError, match="kernel"):
+        threshold_conv2d_fwd(x, w, b, rm, conv_geometry(5, 1, 2))
+    with pytest.raises(ValueError, match="too small"):
+        threshold_conv2d_fwd(x[..., :1, :1], w, b, rm, conv_geometry(3))
+    with pytest.raises(TypeError, match="float16"):
+        threshold_conv2d_fwd(x.half(), w, b, rm, geo)
+    with pytest.raises(ValueError, match="grad_y"):
+        threshold_conv2d_bwd(dy[..., :3], x, w, rm, geo)
+    with pytest.raises(ValueError, match="backward mode"):
+        threshold_conv2d_bwd(dy, x, w, rm, geo, mode="fast")
+    with pytest.raises(ValueError, match="split"):
+        threshold_conv2d_bwd(dy, x, w, rm, geo, split=0)
+    with pytest.raises(ValueError, match="no compact index list"):
+        threshold_conv2d_fwd(x, w, b, reference.row_mask(w, tau, with_perm=False), geo)
