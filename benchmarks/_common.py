@@ -99,3 +99,20 @@ def timed_call(fn, next_inputs, op: str):
             x.requires_grad_(False)
 
     return run
+
+
+def measure(providers: dict, device: torch.device, reps: int, first_mode: str, row: dict, fwd_flops: int) -> list:
+    """Time every provider, forward and forward+backward. ``providers`` maps a name to
+    ``(fn, next_inputs)``; the forward of ``spafl-*`` providers other than ``spafl-<first_mode>``
+    is not timed again (it does not depend on the backward mode). ``row`` is copied into every
+    result row."""
+    rows = []
+    for name, (fn, feed) in providers.items():
+        for op in ("fwd", "fwd+bwd"):
+            if op == "fwd" and name.startswith("spafl-") and name != f"spafl-{first_mode}":
+                continue
+            ms, lo, hi = time_ms(timed_call(fn, feed, op), device, reps)
+            flops = fwd_flops * (1 if op == "fwd" else 3)
+            rows.append({**row, "provider": name, "op": op, "ms": ms, "ms_p20": lo, "ms_p80": hi,
+                         "tflops_dense_equiv": flops / ms / 1e9, "timestamp": timestamp()})
+    return rows

@@ -20,7 +20,7 @@ import sys
 
 import torch
 import torch.nn.functional as F
-from _common import DTYPES, add_speedups, append_csv, environment, print_table, rotating, time_ms, timed_call, timestamp
+from _common import DTYPES, add_speedups, append_csv, environment, measure, print_table, rotating
 
 import spafl
 from spafl import threshold_conv2d, threshold_for_density
@@ -78,18 +78,11 @@ def main(argv=None) -> int:
         for mode in args.modes:
             providers[f"spafl-{mode}"] = (lambda x, mode=mode, tau=tau: threshold_conv2d(
                 x, weight, tau, bias, stride, pad, backward_mode=mode), next_inputs)
-        for name, (fn, feed) in providers.items():
-            for op in ("fwd", "fwd+bwd"):
-                if op == "fwd" and name.startswith("spafl-") and name != f"spafl-{args.modes[0]}":
-                    continue  # the forward does not depend on the backward mode
-                if name == "compact" and active.numel() == 0:
-                    continue
-                ms, lo, hi = time_ms(timed_call(fn, feed, op), device, args.reps)
-                flops = 2 * b * out * out * cout * cin * k * k * (1 if op == "fwd" else 3)
-                rows.append({**env, "provider": name, "op": op, "dtype": args.dtype, "layout": str(fmt)[6:],
-                             "batch": b, "cin": cin, "cout": cout, "size": size, "kernel": k, "stride": stride,
-                             "density": density, "ms": ms, "ms_p20": lo, "ms_p80": hi,
-                             "tflops_dense_equiv": flops / ms / 1e9, "timestamp": timestamp()})
+        if active.numel() == 0:
+            del providers["compact"]  # no filters left: nothing to run
+        row = {**env, "dtype": args.dtype, "layout": str(fmt)[6:], "batch": b, "cin": cin, "cout": cout,
+               "size": size, "kernel": k, "stride": stride, "density": density}
+        rows += measure(providers, device, args.reps, args.modes[0], row, 2 * b * out * out * cout * cin * k * k)
     add_speedups(rows)
     print_table(rows, f"# {env['device']}; torch {env['torch']}, triton {env['triton']}; batch {b}, {cin}->{cout}, "
                       f"{size}x{size}, {k}x{k}/{stride}, {args.dtype}, {str(fmt)[6:]}; command: {' '.join(sys.argv)}")

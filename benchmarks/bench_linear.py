@@ -19,7 +19,7 @@ import sys
 
 import torch
 import torch.nn.functional as F
-from _common import DTYPES, add_speedups, append_csv, environment, print_table, rotating, time_ms, timed_call, timestamp
+from _common import DTYPES, add_speedups, append_csv, environment, measure, print_table, rotating
 
 import spafl
 from spafl import threshold_for_density, threshold_linear
@@ -54,21 +54,14 @@ def main(argv=None) -> int:
         tau = threshold_for_density(weight.detach(), density).requires_grad_()
         mask = spafl.threshold_row_mask(weight, tau).mask
         providers = {
-            "dense": lambda x: F.linear(x, weight, bias),
-            "masked": lambda x, mask=mask: F.linear(x, weight * mask.to(dtype)[:, None], bias),
+            "dense": (lambda x: F.linear(x, weight, bias), next_inputs),
+            "masked": (lambda x, mask=mask: F.linear(x, weight * mask.to(dtype)[:, None], bias), next_inputs),
         }
         for mode in args.modes:
-            providers[f"spafl-{mode}"] = lambda x, mode=mode, tau=tau: threshold_linear(
-                x, weight, tau, bias, backward_mode=mode)
-        for name, fn in providers.items():
-            for op in ("fwd", "fwd+bwd"):
-                if op == "fwd" and name.startswith("spafl-") and name != f"spafl-{args.modes[0]}":
-                    continue  # the forward does not depend on the backward mode
-                ms, lo, hi = time_ms(timed_call(fn, next_inputs, op), device, args.reps)
-                flops = 2 * m * n * k * (1 if op == "fwd" else 3)
-                rows.append({**env, "provider": name, "op": op, "dtype": args.dtype, "M": m, "N": n, "K": k,
-                             "density": density, "ms": ms, "ms_p20": lo, "ms_p80": hi,
-                             "tflops_dense_equiv": flops / ms / 1e9, "timestamp": timestamp()})
+            providers[f"spafl-{mode}"] = (lambda x, mode=mode, tau=tau: threshold_linear(
+                x, weight, tau, bias, backward_mode=mode), next_inputs)
+        row = {**env, "dtype": args.dtype, "M": m, "N": n, "K": k, "density": density}
+        rows += measure(providers, device, args.reps, args.modes[0], row, 2 * m * n * k)
     add_speedups(rows)
     print_table(rows, f"# {env['device']}; torch {env['torch']}, triton {env['triton']}; M={m} N={n} K={k} "
                       f"{args.dtype}; command: {' '.join(sys.argv)}")

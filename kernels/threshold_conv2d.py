@@ -32,12 +32,14 @@ import triton.language as tl
 
 from .._conv import ConvGeometry
 from .._rowmask import RowMask, sample_rows
-from ._config import SUPPORTED_DTYPES, dot_precision, gemm_config, interpreter_enabled
+from ._config import dot_precision, gemm_config, interpreter_enabled
 from .threshold_linear import (
     BACKWARD_MODES,
     _grouped_tile,
     _mode_reduction_bounds,
+    _perm_tile,
     _threshold_linear_bwd_finish_kernel,
+    check_row_mask_operands,
     gather_grad_columns,
 )
 
@@ -74,19 +76,8 @@ def _threshold_conv2d_fwd_kernel(
     y_ptr,  # [B, F, Ho, Wo] out
     P,  # B * Ho * Wo
     F,
-    C,
-    H,
-    W,
-    Ho,
-    Wo,
-    KH,
-    KW,
-    stride_h,
-    stride_w,
-    pad_h,
-    pad_w,
-    dil_h,
-    dil_w,
+    C, H, W, Ho, Wo, KH, KW,
+    stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
     sxb, sxc, sxh, sxw,
     swf, swc, swh, sww,
     syb, syf, syh, syw,
@@ -101,10 +92,7 @@ def _threshold_conv2d_fwd_kernel(
     pid = tl.program_id(0)
     pid_m, pid_p = _grouped_tile(pid, tl.cdiv(P, BLOCK_M), tl.cdiv(F, BLOCK_N), GROUP_M)
     count = tl.load(count_ptr)
-    offs_p = pid_p * BLOCK_N + tl.arange(0, BLOCK_N)
-    p_ok = offs_p < F
-    rows = tl.load(perm_ptr + offs_p, mask=p_ok, other=0).to(tl.int64)
-    active = offs_p < count
+    offs_p, p_ok, rows, active = _perm_tile(perm_ptr, pid_p, F, count, BLOCK_N)
     offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     m_ok = offs_m < P
     b, oh, ow = _pixel_coords(offs_m, Ho * Wo, Wo)
@@ -149,21 +137,9 @@ def _threshold_conv2d_bwd_dx_kernel(
     dx_ptr,  # [B, C, H, W] out
     PQ,  # B * Hq * Wq: input pixels of one phase (upper bound)
     P,  # B * Ho * Wo
-    C,
-    H,
-    W,
-    Ho,
-    Wo,
-    Hq,  # cdiv(H, stride_h)
-    Wq,  # cdiv(W, stride_w)
-    KH,
-    KW,
-    stride_h,
-    stride_w,
-    pad_h,
-    pad_w,
-    dil_h,
-    dil_w,
+    C, H, W, Ho, Wo,
+    Hq, Wq,  # cdiv(H, stride_h), cdiv(W, stride_w)
+    KH, KW, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
     swf, swc, swh, sww,
     sdb, sdc, sdh, sdw,
     UPCAST: tl.constexpr,
@@ -274,19 +250,8 @@ def _threshold_conv2d_bwd_dw_kernel(
     rpart_ptr,  # [SPLIT, KH * KW * cdiv(C, BLOCK_C), F] fp32 out: partial sums of r
     P,
     F,
-    C,
-    H,
-    W,
-    Ho,
-    Wo,
-    KH,
-    KW,
-    stride_h,
-    stride_w,
-    pad_h,
-    pad_w,
-    dil_h,
-    dil_w,
+    C, H, W, Ho, Wo, KH, KW,
+    stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
     sxb, sxc, sxh, sxw,
     swf, swc, swh, sww,
     sample_count,
@@ -307,10 +272,7 @@ def _threshold_conv2d_bwd_dw_kernel(
     r = rs // KW
     s = rs - r * KW
     count = tl.load(count_ptr)
-    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
-    p_ok = offs_p < F
-    rows = tl.load(perm_ptr + offs_p, mask=p_ok, other=0).to(tl.int64)
-    active = offs_p < count
+    offs_p, p_ok, rows, active = _perm_tile(perm_ptr, pid_p, F, count, BLOCK_P)
     offs_c = ((pid_k - rs * num_cb) * BLOCK_C + tl.arange(0, BLOCK_C)).to(tl.int64)
     c_ok = offs_c < C
     has_active = pid_p * BLOCK_P < count
@@ -362,16 +324,7 @@ def _check_operands(x: torch.Tensor, weight: torch.Tensor, row_mask: RowMask, ge
         raise ValueError(f"weight has kernel {tuple(weight.shape[2:])} but the geometry says {geometry.kernel}")
     if x.shape[1] != weight.shape[1]:
         raise ValueError(f"x has {x.shape[1]} channels but weight expects {weight.shape[1]}")
-    if x.dtype != weight.dtype:
-        raise TypeError(f"x is {x.dtype} but weight is {weight.dtype}")
-    if weight.dtype not in SUPPORTED_DTYPES:
-        raise TypeError(f"Triton kernels support {SUPPORTED_DTYPES}, got {weight.dtype}")
-    if row_mask.perm is None:
-        raise ValueError("the row mask has no compact index list (perm); build it with with_perm=True")
-    if x.device != weight.device or row_mask.perm.device != weight.device:
-        raise ValueError("x, weight and the row mask must be on the same device")
-    if row_mask.perm.shape != (weight.shape[0],):
-        raise ValueError(f"row mask is for {row_mask.perm.shape[0]} filters but weight has {weight.shape[0]}")
+    check_row_mask_operands(x, weight, row_mask, "filters")
     ho, wo = geometry.output_size(x.shape[2], x.shape[3])
     if ho < 1 or wo < 1:
         raise ValueError(f"input of spatial size {tuple(x.shape[2:])} is too small for this convolution")

@@ -47,6 +47,16 @@ def _grouped_tile(pid, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
 
 
 @triton.jit
+def _perm_tile(perm_ptr, pid_p, N, count, BLOCK: tl.constexpr):
+    # A tile of positions in `perm`: (positions, in range, the unit (row / filter) at each
+    # position as int64, active). Position p < count holds an active unit.
+    offs_p = pid_p * BLOCK + tl.arange(0, BLOCK)
+    p_ok = offs_p < N
+    rows = tl.load(perm_ptr + offs_p, mask=p_ok, other=0).to(tl.int64)
+    return offs_p, p_ok, rows, offs_p < count
+
+
+@triton.jit
 def _threshold_linear_fwd_kernel(
     x_ptr,  # [M, K]
     w_ptr,  # [N, K]
@@ -75,11 +85,8 @@ def _threshold_linear_fwd_kernel(
     pid_m, pid_p = _grouped_tile(pid, tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
     count = tl.load(count_ptr)
 
-    # Tile columns are positions in `perm`; position p < count is an active row.
-    offs_p = pid_p * BLOCK_N + tl.arange(0, BLOCK_N)
-    p_ok = offs_p < N
-    rows = tl.load(perm_ptr + offs_p, mask=p_ok, other=0).to(tl.int64)
-    active = offs_p < count
+    # Tile columns are positions in `perm`.
+    offs_p, p_ok, rows, active = _perm_tile(perm_ptr, pid_p, N, count, BLOCK_N)
     offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     m_ok = offs_m < M
 
@@ -296,10 +303,7 @@ def _threshold_linear_bwd_dw_kernel(
     pid_p = tl.program_id(0)
     pid_k = tl.program_id(1)
     count = tl.load(count_ptr)
-    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
-    p_ok = offs_p < N
-    rows = tl.load(perm_ptr + offs_p, mask=p_ok, other=0).to(tl.int64)
-    active = offs_p < count
+    offs_p, p_ok, rows, active = _perm_tile(perm_ptr, pid_p, N, count, BLOCK_P)
     offs_k = (pid_k * BLOCK_K + tl.arange(0, BLOCK_K)).to(tl.int64)
     k_ok = offs_k < K
     has_active = pid_p * BLOCK_P < count
@@ -396,21 +400,26 @@ def _threshold_linear_bwd_finish_kernel(
 # ----------------------------------------------------------------------------- launchers
 
 
+def check_row_mask_operands(x: torch.Tensor, weight: torch.Tensor, row_mask: RowMask, unit: str = "rows") -> None:
+    """Checks shared by the launchers: dtypes, devices, and a row mask that fits ``weight``."""
+    if x.dtype != weight.dtype:
+        raise TypeError(f"x is {x.dtype} but weight is {weight.dtype}")
+    if weight.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"Triton kernels support {SUPPORTED_DTYPES}, got {weight.dtype}")
+    if row_mask.perm is None:
+        raise ValueError("the row mask has no compact index list (perm); build it with with_perm=True")
+    if x.device != weight.device or row_mask.perm.device != weight.device:
+        raise ValueError("x, weight and the row mask must be on the same device")
+    if row_mask.perm.shape != (weight.shape[0],):
+        raise ValueError(f"row mask is for {row_mask.perm.shape[0]} {unit} but weight has {weight.shape[0]}")
+
+
 def _check_operands(x2d: torch.Tensor, weight: torch.Tensor, row_mask: RowMask) -> None:
     if x2d.dim() != 2 or weight.dim() != 2:
         raise ValueError(f"expected x [M, K] and weight [N, K], got {tuple(x2d.shape)} and {tuple(weight.shape)}")
     if x2d.shape[1] != weight.shape[1]:
         raise ValueError(f"x has {x2d.shape[1]} features but weight expects {weight.shape[1]}")
-    if x2d.dtype != weight.dtype:
-        raise TypeError(f"x is {x2d.dtype} but weight is {weight.dtype}")
-    if weight.dtype not in SUPPORTED_DTYPES:
-        raise TypeError(f"Triton kernels support {SUPPORTED_DTYPES}, got {weight.dtype}")
-    if row_mask.perm is None:
-        raise ValueError("the row mask has no compact index list (perm); build it with with_perm=True")
-    if x2d.device != weight.device or row_mask.perm.device != weight.device:
-        raise ValueError("x, weight and the row mask must be on the same device")
-    if row_mask.perm.shape != (weight.shape[0],):
-        raise ValueError(f"row mask is for {row_mask.perm.shape[0]} rows but weight has {weight.shape[0]}")
+    check_row_mask_operands(x2d, weight, row_mask)
 
 
 def gather_grad_columns(

@@ -41,6 +41,15 @@ class _ThresholdMixin:
             "check_finite": self.check_finite,
         }
 
+    def _init_parameters(self, weight_shape: tuple[int, ...], bias: bool, factory: dict) -> None:
+        out = weight_shape[0]
+        self.weight = nn.Parameter(torch.empty(weight_shape, **factory))
+        self.threshold = nn.Parameter(torch.empty(out, **factory))
+        if bias:
+            self.bias = nn.Parameter(torch.empty(out, **factory))
+        else:
+            self.register_parameter("bias", None)
+
     def _copy_from(self, dense: nn.Module):
         """Copy ``dense``'s weight and bias (values, memory format, requires_grad, train mode)."""
         with torch.no_grad():
@@ -112,13 +121,7 @@ class ThresholdLinear(_ThresholdMixin, nn.Module):
         super().__init__()
         self.in_features = check_positive_int("in_features", in_features)
         self.out_features = check_positive_int("out_features", out_features)
-        factory = {"device": device, "dtype": dtype}
-        self.weight = nn.Parameter(torch.empty((out_features, in_features), **factory))
-        self.threshold = nn.Parameter(torch.empty(out_features, **factory))
-        if bias:
-            self.bias = nn.Parameter(torch.empty(out_features, **factory))
-        else:
-            self.register_parameter("bias", None)
+        self._init_parameters((out_features, in_features), bias, {"device": device, "dtype": dtype})
         self._init_threshold_state(backend, backward_mode, sample_fraction, collapse_density, check_finite, device)
         self.reset_parameters()
 
@@ -233,14 +236,8 @@ class ThresholdConv2d(_ThresholdMixin, nn.Module):
         # F.pad order (left, right, top, bottom) for the non-zero padding modes.
         (top, left), (bottom, right) = geometry.pad_begin, geometry.pad_end
         self._explicit_padding = (left, right, top, bottom)
-        factory = {"device": device, "dtype": dtype}
-        kh, kw = geometry.kernel
-        self.weight = nn.Parameter(torch.empty((out_channels, in_channels // groups, kh, kw), **factory))
-        self.threshold = nn.Parameter(torch.empty(out_channels, **factory))
-        if bias:
-            self.bias = nn.Parameter(torch.empty(out_channels, **factory))
-        else:
-            self.register_parameter("bias", None)
+        self._init_parameters((out_channels, in_channels // groups, *geometry.kernel), bias,
+                              {"device": device, "dtype": dtype})
         self._init_threshold_state(backend, backward_mode, sample_fraction, collapse_density, check_finite, device)
         self.reset_parameters()
 

@@ -111,14 +111,24 @@ def test_strided_operands_past_int32_offsets():
                  torch.float16, "y")
 
 
+LAYERS = {
+    "linear": (lambda mode: ThresholdLinear(96, 200, device="cuda", backward_mode=mode), (64, 96)),
+    "conv": (lambda mode: ThresholdConv2d(32, 64, 3, padding=1, device="cuda", backward_mode=mode), (8, 32, 16, 16)),
+}
+
+
+@pytest.mark.parametrize("kind", list(LAYERS))
 @pytest.mark.parametrize("mode", ["exact", "skip", "sample"])
-def test_training_step_never_synchronises_with_the_host(mode):
+def test_training_step_never_synchronises_with_the_host(kind, mode):
     # Mask, compaction, collapse guard, forward and backward: all on the device. PyTorch's sync
     # debug mode raises on any synchronising call (.item(), nonzero(), a device-to-host copy).
-    layer = ThresholdLinear(96, 200, device="cuda", backward_mode=mode)
+    make, x_shape = LAYERS[kind]
+    layer = make(mode)
     with torch.no_grad():
         layer.threshold.fill_(10.0)  # forces the collapse guard to fire on the first step
-    x = torch.randn(64, 96, device="cuda")
+    x = torch.randn(*x_shape, device="cuda")
+    if x.dim() == 4:
+        x = x.to(memory_format=torch.channels_last)
     layer(x).sum().backward()  # warm-up: kernel compilation may synchronise
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
@@ -185,23 +195,6 @@ def test_conv_tf32_follows_the_cudnn_setting():
     finally:
         torch.backends.cudnn.allow_tf32 = old
     assert err_ieee < 1e-4 < err_tf32 < 5e-2
-
-
-@pytest.mark.parametrize("mode", ["exact", "skip", "sample"])
-def test_conv_training_step_never_synchronises_with_the_host(mode):
-    layer = ThresholdConv2d(32, 64, 3, padding=1, device="cuda", backward_mode=mode)
-    with torch.no_grad():
-        layer.threshold.fill_(10.0)  # forces the collapse guard to fire on the first step
-    x = torch.randn(8, 32, 16, 16, device="cuda").to(memory_format=torch.channels_last)
-    layer(x).sum().backward()
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        for _ in range(3):
-            layer(x).sum().backward()
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
-    assert layer.collapse_resets.item() == 1
 
 
 def test_torchvision_resnet18_trains_on_the_triton_path():
