@@ -26,13 +26,15 @@ from the output pixels.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
 
 from .._conv import ConvGeometry
 from .._rowmask import RowMask, sample_rows
-from ._config import dot_precision, gemm_config, interpreter_enabled
+from ._config import GemmConfig, dot_precision, gemm_config, interpreter_enabled
 from .threshold_linear import (
     BACKWARD_MODES,
     _grouped_tile,
@@ -107,7 +109,7 @@ def _threshold_conv2d_fwd_kernel(
         c0 = (t - rs * num_cb) * BLOCK_K
         r = rs // KW
         s = rs - r * KW
-        offs_c = c0 + tl.arange(0, BLOCK_K)
+        offs_c = (c0 + tl.arange(0, BLOCK_K)).to(tl.int64)  # c * stride_c can pass 2^31 (NCHW)
         c_ok = offs_c < C
         a = _im2col_tile(x_ptr, b, oh, ow, m_ok, offs_c, c_ok, r, s, H, W, stride_h, stride_w, pad_h, pad_w,
                          dil_h, dil_w, sxb, sxc, sxh, sxw)
@@ -276,7 +278,7 @@ def _threshold_conv2d_bwd_dw_kernel(
     offs_c = ((pid_k - rs * num_cb) * BLOCK_C + tl.arange(0, BLOCK_C)).to(tl.int64)
     c_ok = offs_c < C
     has_active = pid_p * BLOCK_P < count
-    has_pruned = (pid_p + 1) * BLOCK_P > count
+    has_pruned = ((pid_p + 1) * BLOCK_P > count) & (count < F)
 
     m_end, m_step, a_rows = _mode_reduction_bounds(has_active, count, P, F, sample_count, sample_step, MODE)
     j_lo, j_hi = _split_range(m_end, split, SPLIT, BLOCK_M)
@@ -330,16 +332,51 @@ def _check_operands(x: torch.Tensor, weight: torch.Tensor, row_mask: RowMask, ge
         raise ValueError(f"input of spatial size {tuple(x.shape[2:])} is too small for this convolution")
 
 
-def _memory_format(t: torch.Tensor) -> torch.memory_format:
-    """The layout PyTorch's convolution gives its output for input ``t``."""
-    if t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous():
-        return torch.channels_last
+def _memory_format(x: torch.Tensor, weight: torch.Tensor) -> torch.memory_format:
+    """The layout PyTorch's convolution gives its output: channels-last when the input or the
+    weight is channels-last."""
+    for t in (x, weight):
+        if t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous():
+            return torch.channels_last
     return torch.contiguous_format
 
 
 def _pow2_block(n: int, cap: int, floor: int = 16) -> int:
     """A power-of-two tile covering ``n`` (at least ``floor``, ``tl.dot``'s minimum; at most ``cap``)."""
     return max(floor, min(cap, triton.next_power_of_2(n)))
+
+
+@dataclass(frozen=True)
+class ConvTiles:
+    """Tile sizes of the three convolution GEMMs for one layer."""
+
+    fwd_filters: int  # forward: output pixels x filters x channels
+    fwd_channels: int
+    dx_channels: int  # dX: input pixels x channels, reduction over filters
+    dx_filters: int
+    dw_filters: int  # dW: filters x channels, reduction over pixels
+    dw_channels: int
+    dw_pixels: int
+
+
+def conv_tiles(cfg: GemmConfig, filters: int, chans: int) -> ConvTiles:
+    """Tiles for a layer of ``filters`` x ``chans``. The filter tiles of the forward and dW
+    GEMMs cover at most half of the filters, so that a layer at density 0.5 has whole tiles of
+    pruned filters to skip (one tile of all the filters would always hold an active one); the
+    channel tiles shrink to the channel count (the stem's 3 channels take a 16-wide tile)."""
+    filter_tile = _pow2_block(filters // 2, cfg.block_n)
+    return ConvTiles(
+        fwd_filters=filter_tile,
+        fwd_channels=_pow2_block(chans, cfg.block_k),
+        dx_channels=_pow2_block(chans, cfg.block_n),
+        dx_filters=cfg.block_k,
+        dw_filters=filter_tile,
+        dw_channels=_pow2_block(chans, cfg.block_k),
+        dw_pixels=cfg.block_k,
+    )
+
+
+_MAX_GRID_YZ = 65535  # CUDA's limit on grid axes 1 and 2
 
 
 def _geometry_args(geometry: ConvGeometry) -> tuple[int, ...]:
@@ -352,22 +389,22 @@ def threshold_conv2d_fwd(
 ) -> torch.Tensor:
     """``Y [B, F, Ho, Wo]`` for ``x [B, C, H, W]``, ``weight [F, C, KH, KW]``, ``bias [F] | None``.
 
-    Any strides; the output is channels-last when ``x`` is, as with ``F.conv2d``.
+    Any strides; the output is channels-last when ``x`` or ``weight`` is, as with ``F.conv2d``.
     """
     _check_operands(x, weight, row_mask, geometry)
     batch, chans, height, width = x.shape
     filters, _, kh, kw = weight.shape
     ho, wo = geometry.output_size(height, width)
-    y = torch.empty((batch, filters, ho, wo), device=x.device, dtype=x.dtype, memory_format=_memory_format(x))
+    y = torch.empty((batch, filters, ho, wo), device=x.device, dtype=x.dtype,
+                    memory_format=_memory_format(x, weight))
     pixels = batch * ho * wo
     if pixels == 0:
         return y
     if bias is not None:
         bias = bias.contiguous()
     cfg = gemm_config(x.dtype)
-    block_n = _pow2_block(filters // 2, cfg.block_n)
-    block_k = _pow2_block(chans, cfg.block_k)
-    grid = (triton.cdiv(pixels, cfg.block_m) * triton.cdiv(filters, block_n),)
+    tiles = conv_tiles(cfg, filters, chans)
+    grid = (triton.cdiv(pixels, cfg.block_m) * triton.cdiv(filters, tiles.fwd_filters),)
     _threshold_conv2d_fwd_kernel[grid](
         x, weight, bias if bias is not None else weight, row_mask.perm, row_mask.count, y,
         pixels, filters, chans, height, width, ho, wo, kh, kw, *_geometry_args(geometry),
@@ -376,8 +413,8 @@ def threshold_conv2d_fwd(
         UPCAST=interpreter_enabled(),
         DOT_PRECISION=dot_precision("conv"),
         BLOCK_M=cfg.block_m,
-        BLOCK_N=block_n,
-        BLOCK_K=block_k,
+        BLOCK_N=tiles.fwd_filters,
+        BLOCK_K=tiles.fwd_channels,
         GROUP_M=cfg.group_m,
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
@@ -420,11 +457,11 @@ def threshold_conv2d_bwd(
     ho, wo = geometry.output_size(height, width)
     if grad_y.shape != (batch, filters, ho, wo):
         raise ValueError(f"grad_y has shape {tuple(grad_y.shape)}, expected {(batch, filters, ho, wo)}")
-    if split is not None and (isinstance(split, bool) or not isinstance(split, int) or split < 1):
-        raise ValueError(f"split must be a positive integer, got {split!r}")
+    if split is not None and (isinstance(split, bool) or not isinstance(split, int) or not 1 <= split <= _MAX_GRID_YZ):
+        raise ValueError(f"split must be an integer in [1, {_MAX_GRID_YZ}], got {split!r}")
     device = x.device
     fan_in = chans * kh * kw
-    dx = torch.empty_like(x, memory_format=_memory_format(x)) if need_dx else None
+    dx = torch.empty_like(x, memory_format=_memory_format(x, weight)) if need_dx else None
     dw = torch.empty(weight.shape, device=device, dtype=weight.dtype)
     dtau = torch.empty(filters, device=device, dtype=threshold_dtype)
     pixels = batch * ho * wo
@@ -437,6 +474,13 @@ def threshold_conv2d_bwd(
 
     grad_y = grad_y.to(x.dtype)
     cfg = gemm_config(x.dtype)
+    tiles = conv_tiles(cfg, filters, chans)
+    sh, sw = geometry.stride
+    num_kb = kh * kw * triton.cdiv(chans, tiles.dw_channels)
+    if num_kb > _MAX_GRID_YZ or sh * sw > _MAX_GRID_YZ:
+        raise ValueError(
+            f"convolution too large for the kernels' launch grid: kernel {kh}x{kw}, {chans} channels, stride {sh}x{sw}"
+        )
     upcast = interpreter_enabled()
     precision = dot_precision("conv")
     mode_id = BACKWARD_MODES[mode]
@@ -449,11 +493,9 @@ def threshold_conv2d_bwd(
     )
 
     if need_dx:
-        sh, sw = geometry.stride
         hq, wq = triton.cdiv(height, sh), triton.cdiv(width, sw)
         phase_pixels = batch * hq * wq
-        block_c = _pow2_block(chans, cfg.block_n)
-        grid = (triton.cdiv(phase_pixels, cfg.block_m) * triton.cdiv(chans, block_c), sh * sw)
+        grid = (triton.cdiv(phase_pixels, cfg.block_m) * triton.cdiv(chans, tiles.dx_channels), sh * sw)
         _threshold_conv2d_bwd_dx_kernel[grid](
             dyt, weight, row_mask.perm, row_mask.count, dx,
             phase_pixels, pixels, chans, height, width, ho, wo, hq, wq, kh, kw, *geo,
@@ -461,26 +503,22 @@ def threshold_conv2d_bwd(
             UPCAST=upcast,
             DOT_PRECISION=precision,
             BLOCK_M=cfg.block_m,
-            BLOCK_C=block_c,
-            BLOCK_P=cfg.block_k,
+            BLOCK_C=tiles.dx_channels,
+            BLOCK_P=tiles.dx_filters,
             GROUP_M=cfg.group_m,
             num_warps=cfg.num_warps,
             num_stages=cfg.num_stages,
         )
 
-    block_p = _pow2_block(filters, cfg.block_n)
-    block_c = _pow2_block(chans, cfg.block_k)
-    block_m = cfg.block_k
-    num_kb = kh * kw * triton.cdiv(chans, block_c)
-    tiles = triton.cdiv(filters, block_p) * num_kb
-    n_split = split if split is not None else _dw_split(tiles, pixels, block_m)
+    n_tiles = triton.cdiv(filters, tiles.dw_filters) * num_kb
+    n_split = split if split is not None else _dw_split(n_tiles, pixels, tiles.dw_pixels)
     # m*G: accumulated straight into dW for fp32 without a split, else into an fp32 workspace
     # (one slice per split) that the finish pass sums in a fixed order and rounds once.
     in_place = weight.dtype == torch.float32 and n_split == 1
     g = dw if in_place else torch.empty((n_split, filters, fan_in), device=device, dtype=torch.float32)
     rpart = torch.empty((n_split * num_kb, filters), device=device, dtype=torch.float32)
     s_count, s_step = sample_rows(pixels, sample_fraction)
-    _threshold_conv2d_bwd_dw_kernel[(triton.cdiv(filters, block_p), num_kb, n_split)](
+    _threshold_conv2d_bwd_dw_kernel[(triton.cdiv(filters, tiles.dw_filters), num_kb, n_split)](
         dyt, x, weight, row_mask.perm, row_mask.count, g, rpart,
         pixels, filters, chans, height, width, ho, wo, kh, kw, *geo,
         *x.stride(), *weight.stride(),
@@ -488,9 +526,9 @@ def threshold_conv2d_bwd(
         MODE=mode_id,
         UPCAST=upcast,
         DOT_PRECISION=precision,
-        BLOCK_P=block_p,
-        BLOCK_C=block_c,
-        BLOCK_M=block_m,
+        BLOCK_P=tiles.dw_filters,
+        BLOCK_C=tiles.dw_channels,
+        BLOCK_M=tiles.dw_pixels,
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )

@@ -307,7 +307,7 @@ def _threshold_linear_bwd_dw_kernel(
     offs_k = (pid_k * BLOCK_K + tl.arange(0, BLOCK_K)).to(tl.int64)
     k_ok = offs_k < K
     has_active = pid_p * BLOCK_P < count
-    has_pruned = (pid_p + 1) * BLOCK_P > count
+    has_pruned = ((pid_p + 1) * BLOCK_P > count) & (count < N)
 
     m_end, m_step, a_rows = _mode_reduction_bounds(has_active, count, M, N, sample_count, sample_step, MODE)
     acc = tl.zeros([BLOCK_P, BLOCK_K], dtype=tl.float32)

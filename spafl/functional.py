@@ -323,7 +323,8 @@ def threshold_conv2d(
         backend, backward_mode, sample_fraction, collapse_density, collapse_counter,
         check_finite: as for :func:`threshold_linear`; ``sample`` mode samples output pixels.
 
-    Channels-last inputs stay channels-last (no copy), as with ``F.conv2d``. 1x1 convolutions
+    Channels-last inputs and weights are read without a copy; the output is channels-last when
+    either is, as with ``F.conv2d``. 1x1 convolutions
     without stride or padding on a channels-last input run through the Linear kernels.
     """
     check_options(backend, backward_mode, sample_fraction, collapse_density)

@@ -154,44 +154,61 @@ def _strides(prefix: str, dims: str) -> dict:
 _CONV_SHAPE = ("KH", "KW", "stride_h", "stride_w", "pad_h", "pad_w", "dil_h", "dil_w")
 
 
+# Geometry arguments that Triton's launcher specialises to the constant 1 for a 1x1 / stride-1
+# / undilated convolution (it does so for every integer argument equal to 1).
+_UNIT_GEOMETRY = {"KH": 1, "KW": 1, "stride_h": 1, "stride_w": 1, "dil_h": 1, "dil_w": 1}
+
+
 def conv_cases():
     shape = {n: "i32" for n in _CONV_SHAPE}
-    for dtype, has_bias in itertools.product((torch.float32, torch.float16, torch.bfloat16), (False, True)):
+    dtypes = (torch.float32, torch.float16, torch.bfloat16)
+    # (dtype, filter tile, unit geometry): every dtype at the 64-filter tile of a 128-filter
+    # layer; bf16 also at 128 (layers of 256 filters and more), at 32 and with unit geometry.
+    fwd = [(d, 64, False) for d in dtypes] + [(torch.bfloat16, 128, False), (torch.bfloat16, 32, False),
+                                              (torch.bfloat16, 64, True)]
+    for (dtype, tile, unit), has_bias in itertools.product(fwd, (False, True)):
         p = PTR[dtype]
         cfg = _config._GPU_GEMM_FP32 if dtype == torch.float32 else _config._GPU_GEMM_16BIT
         prec = "tf32" if dtype == torch.float32 else "ieee"
-        yield f"conv_fwd[{p},bias={has_bias}]", lambda p=p, cfg=cfg, has_bias=has_bias, prec=prec: (
-            tconv._threshold_conv2d_fwd_kernel,
-            {"x_ptr": p, "w_ptr": p, "b_ptr": p, "perm_ptr": "*i32", "count_ptr": "*i32", "y_ptr": p, "P": "i32",
-             "F": "i32", **_conv_geometry_sig(), **shape, **_strides("sx", "bchw"), **_strides("sw", "fchw"),
-             **_strides("sy", "bfhw")},
-            {"HAS_BIAS": has_bias, "UPCAST": False, "DOT_PRECISION": prec, "BLOCK_M": cfg.block_m,
-             "BLOCK_N": 64, "BLOCK_K": cfg.block_k, "GROUP_M": cfg.group_m},
-            cfg.num_warps,
+        geo = _UNIT_GEOMETRY if unit else {}
+        yield f"conv_fwd[{p},n={tile},unit={unit},bias={has_bias}]", (
+            lambda p=p, cfg=cfg, has_bias=has_bias, prec=prec, tile=tile, geo=geo: (
+                tconv._threshold_conv2d_fwd_kernel,
+                {"x_ptr": p, "w_ptr": p, "b_ptr": p, "perm_ptr": "*i32", "count_ptr": "*i32", "y_ptr": p,
+                 "P": "i32", "F": "i32", **_conv_geometry_sig(), **shape, **_strides("sx", "bchw"),
+                 **_strides("sw", "fchw"), **_strides("sy", "bfhw")},
+                {"HAS_BIAS": has_bias, "UPCAST": False, "DOT_PRECISION": prec, "BLOCK_M": cfg.block_m,
+                 "BLOCK_N": tile, "BLOCK_K": cfg.block_k, "GROUP_M": cfg.group_m, **geo},
+                cfg.num_warps,
+            )
         )
-    for dtype in (torch.float32, torch.bfloat16):
+    for dtype, unit in [(d, False) for d in dtypes] + [(torch.bfloat16, True)]:
         p = PTR[dtype]
         cfg = _config._GPU_GEMM_FP32 if dtype == torch.float32 else _config._GPU_GEMM_16BIT
         prec = "tf32" if dtype == torch.float32 else "ieee"
-        yield f"conv_bwd_dx[{p}]", lambda p=p, cfg=cfg, prec=prec: (
+        geo = _UNIT_GEOMETRY if unit else {}
+        yield f"conv_bwd_dx[{p},unit={unit}]", lambda p=p, cfg=cfg, prec=prec, geo=geo: (
             tconv._threshold_conv2d_bwd_dx_kernel,
             {"dyt_ptr": p, "w_ptr": p, "perm_ptr": "*i32", "count_ptr": "*i32", "dx_ptr": p, "PQ": "i32",
              "P": "i32", **_conv_geometry_sig(), "Hq": "i32", "Wq": "i32", **shape, **_strides("sw", "fchw"),
              **_strides("sd", "bchw")},
-            {"UPCAST": False, "DOT_PRECISION": prec, "BLOCK_M": cfg.block_m, "BLOCK_C": 64, "BLOCK_P": cfg.block_k,
-             "GROUP_M": cfg.group_m},
+            {"UPCAST": False, "DOT_PRECISION": prec, "BLOCK_M": cfg.block_m, "BLOCK_C": cfg.block_n,
+             "BLOCK_P": cfg.block_k, "GROUP_M": cfg.group_m, **geo},
             cfg.num_warps,
         )
-        for mode in (0, 1, 2):
-            yield f"conv_bwd_dw[{p},mode={mode}]", lambda p=p, cfg=cfg, prec=prec, mode=mode: (
-                tconv._threshold_conv2d_bwd_dw_kernel,
-                {"dyt_ptr": p, "x_ptr": p, "w_ptr": p, "perm_ptr": "*i32", "count_ptr": "*i32", "g_ptr": "*fp32",
-                 "rpart_ptr": "*fp32", "P": "i32", "F": "i32", **_conv_geometry_sig(), **shape,
-                 **_strides("sx", "bchw"), **_strides("sw", "fchw"), "sample_count": "i32", "sample_step": "i32",
-                 "SPLIT": "i32"},
-                {"MODE": mode, "UPCAST": False, "DOT_PRECISION": prec, "BLOCK_P": 64, "BLOCK_C": 64,
-                 "BLOCK_M": cfg.block_k},
-                cfg.num_warps,
+        tiles = (64, 128) if dtype == torch.bfloat16 and not unit else (64,)
+        for mode, tile in itertools.product((0, 1, 2), tiles):
+            yield f"conv_bwd_dw[{p},p={tile},unit={unit},mode={mode}]", (
+                lambda p=p, cfg=cfg, prec=prec, mode=mode, tile=tile, geo=geo: (
+                    tconv._threshold_conv2d_bwd_dw_kernel,
+                    {"dyt_ptr": p, "x_ptr": p, "w_ptr": p, "perm_ptr": "*i32", "count_ptr": "*i32",
+                     "g_ptr": "*fp32", "rpart_ptr": "*fp32", "P": "i32", "F": "i32", **_conv_geometry_sig(),
+                     **shape, **_strides("sx", "bchw"), **_strides("sw", "fchw"), "sample_count": "i32",
+                     "sample_step": "i32", "SPLIT": "i32"},
+                    {"MODE": mode, "UPCAST": False, "DOT_PRECISION": prec, "BLOCK_P": tile,
+                     "BLOCK_C": cfg.block_k, "BLOCK_M": cfg.block_k, **geo},
+                    cfg.num_warps,
+                )
             )
 
 

@@ -55,3 +55,16 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtyp
             f"{name}: {bad}/{err.numel()} elements off by more than {tol:.3g} (dtype {dtype}); worst at {pos}: "
             f"got {float(a.flatten()[idx]):.6g}, expected {float(e.flatten()[idx]):.6g}"
         )
+
+
+@pytest.fixture
+def poisoned_allocations(monkeypatch):
+    """Make every floating-point ``torch.empty`` / ``empty_like`` return NaNs, so that an output
+    element a kernel forgets to write shows up as NaN (on CPU, fresh memory is often zeros)."""
+    empty, empty_like = torch.empty, torch.empty_like
+
+    def poison(t):
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    monkeypatch.setattr(torch, "empty", lambda *a, **k: poison(empty(*a, **k)))
+    monkeypatch.setattr(torch, "empty_like", lambda *a, **k: poison(empty_like(*a, **k)))

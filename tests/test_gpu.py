@@ -147,6 +147,7 @@ CONV_SHAPES = {
     "resnet-shortcut-1x1-stride2": (32, 64, 128, 32, 1, 2, 0),
     "stem-7x7": (8, 3, 64, 64, 7, 2, 3),
     "ragged-5x5": (5, 37, 51, 19, 5, 1, 2),
+    "resnet-256x256-8px": (32, 256, 256, 8, 3, 1, 1),  # several filter tiles on the GPU
 }
 
 
@@ -222,3 +223,40 @@ def test_torchvision_resnet18_trains_on_the_triton_path():
     for (name, a), (_, b) in zip(spafl.threshold_layers(model), spafl.threshold_layers(reference_model),
                                  strict=True):
         assert_close(a.threshold.grad, b.threshold.grad, torch.bfloat16, f"{name} dtau")
+
+
+@pytest.mark.parametrize(
+    "kernel, stride, padding, dilation",
+    [(3, 1, 2, 2), (2, 1, "same", 1), (5, 3, 2, 1), ((3, 1), (2, 1), (1, 0), 1), (3, 1, "valid", (2, 3))],
+    ids=str,
+)
+@pytest.mark.parametrize("mode", ["exact", "skip", "sample"])
+def test_conv_geometries_and_strided_views_match_reference(kernel, stride, padding, dilation, mode):
+    geo = conv_geometry(kernel, stride, padding, dilation)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(6, 48, 23, 42, generator=g).cuda()[..., ::2]  # no unit stride
+    w = (torch.randn(200, 48, *geo.kernel, generator=g) / 20).cuda()
+    ho, wo = geo.output_size(23, 21)
+    dy = torch.randn(6, 200, wo, ho, generator=g).cuda().transpose(2, 3)
+    tau = threshold_for_density(w, 0.3)
+    rm = threshold_row_mask(w.reshape(200, -1), tau)
+    y_ref = reference.threshold_conv2d_forward(x, w, rm.mask, None, geo)
+    assert_close(threshold_conv2d_fwd(x, w, None, rm, geo), y_ref, torch.float32, "y")
+    got = threshold_conv2d_bwd(dy, x, w, rm, geo, mode=mode, split=3)
+    want = reference.threshold_conv2d_backward(dy, x, w, rm.mask.float(), rm.mask, geo, has_bias=False, mode=mode)
+    for name, a, e in zip(("dx", "dW", "dtau"), got, want[:3], strict=True):
+        assert_close(a, e, torch.float32, name)
+
+
+def test_conv_offsets_past_int32():
+    # One NCHW image of 33 x 8192 x 8192 half elements (4.4 GB): channel offsets c * H * W pass
+    # 2^31, so the kernels must compute addresses in int64.
+    x = torch.empty(1, 33, 8192, 8192, device="cuda", dtype=torch.float16)
+    x.fill_(1.0)
+    x[0, :, 0, 0] = torch.arange(33, device="cuda", dtype=torch.float16)
+    w = torch.ones(4, 33, 1, 1, device="cuda", dtype=torch.float16)
+    tau = torch.zeros(4, device="cuda", dtype=torch.float16)
+    rm = threshold_row_mask(w.reshape(4, -1), tau)
+    geo = conv_geometry(1)
+    y = threshold_conv2d_fwd(x[..., :1, :1], w, None, rm, geo)
+    assert y.flatten().tolist() == [float(sum(range(33)))] * 4

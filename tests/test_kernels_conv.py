@@ -109,7 +109,9 @@ def test_strided_views_and_channels_last_weights(device):
     dy = dy.transpose(2, 3).contiguous().transpose(2, 3)
     assert not (x.is_contiguous() or w.is_contiguous() or dy.is_contiguous())
     _check_all(geo, x, w, b, dy, tau, "exact", torch.float32)
-    _check_all(geo, x, w, b, dy, tau, "skip", torch.float32)
+    _, y, dx, _, _ = _check_all(geo, x, w, b, dy, tau, "skip", torch.float32)
+    # A channels-last weight makes the output channels-last, as with F.conv2d.
+    assert y.is_contiguous(memory_format=torch.channels_last) and dx.is_contiguous(memory_format=torch.channels_last)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -123,16 +125,29 @@ def test_pruned_channels_are_exactly_the_bias(dtype, device):
     assert (y0[:, pruned] == 0).all()
 
 
-def test_every_output_element_is_written(device):
-    for _ in range(3):  # poison the allocator: an unwritten element would show up as NaN
-        torch.full((1 << 14,), float("nan"), device=device)
-    geo, x, w, b, dy, tau = _inputs(GEOMETRIES["5x5-stride3-pad2"], torch.float32, 0.3, device)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_every_output_element_is_written(dtype, device, poisoned_allocations):
+    geo, x, w, b, dy, tau = _inputs(GEOMETRIES["5x5-stride3-pad2"], dtype, 0.3, device)
     rm = threshold_row_mask(w.reshape(w.shape[0], -1), tau)
     assert torch.isfinite(threshold_conv2d_fwd(x, w, None, rm, geo)).all()
     for mode in MODES:
         for split in (1, 2):
             for t in threshold_conv2d_bwd(dy, x, w, rm, geo, mode=mode, split=split):
                 assert torch.isfinite(t).all()
+
+
+def test_tiles_leave_whole_tiles_of_pruned_filters_to_skip():
+    # On the GPU tiles, a 64-filter layer must not be one filter tile: at density 0.5 the
+    # forward and the skip-mode dW would then compute every filter.
+    from spafl.kernels import _config
+    from spafl.kernels.threshold_conv2d import conv_tiles
+
+    for cfg in (_config._GPU_GEMM_16BIT, _config._GPU_GEMM_FP32):
+        for filters in (64, 128, 512):
+            t = conv_tiles(cfg, filters, 64)
+            assert 2 * t.fwd_filters <= filters and 2 * t.dw_filters <= filters
+        stem = conv_tiles(cfg, 64, 3)
+        assert stem.fwd_channels == stem.dw_channels == 16
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -173,7 +188,8 @@ def test_launchers_reject_bad_operands(device):
         threshold_conv2d_bwd(dy[..., :3], x, w, rm, geo)
     with pytest.raises(ValueError, match="backward mode"):
         threshold_conv2d_bwd(dy, x, w, rm, geo, mode="fast")
-    with pytest.raises(ValueError, match="split"):
-        threshold_conv2d_bwd(dy, x, w, rm, geo, split=0)
+    for split in (0, 65536):
+        with pytest.raises(ValueError, match="split"):
+            threshold_conv2d_bwd(dy, x, w, rm, geo, split=split)
     with pytest.raises(ValueError, match="no compact index list"):
         threshold_conv2d_fwd(x, w, b, reference.row_mask(w, tau, with_perm=False), geo)

@@ -101,11 +101,9 @@ def test_half_weight_gradient_is_rounded_once(dtype, device):
     assert ((dw.double() - rdw.to(dtype).double()).abs() <= ulp.double() + 1e-6 * rdw.abs().max()).all()
 
 
-def test_every_output_element_is_written(device):
-    # Poison the allocator's memory first: an unwritten element would show up as NaN.
-    for _ in range(3):
-        torch.full((4096,), float("nan"), device=device)
-    x, w, b, dy, tau = _inputs(33, 97, 65, torch.float32, 0.3, device)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_every_output_element_is_written(dtype, device, poisoned_allocations):
+    x, w, b, dy, tau = _inputs(33, 97, 65, dtype, 0.3, device)
     rm = threshold_row_mask(w, tau)
     assert torch.isfinite(threshold_linear_fwd(x, w, None, rm)).all()
     for mode in MODES:
