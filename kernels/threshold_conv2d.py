@@ -38,6 +38,7 @@ from ._config import GemmConfig, dot_precision, gemm_config, interpreter_enabled
 from .threshold_linear import (
     BACKWARD_MODES,
     _grouped_tile,
+    _mma,
     _mode_reduction_bounds,
     _perm_tile,
     _threshold_linear_bwd_finish_kernel,
@@ -119,10 +120,7 @@ def _threshold_conv2d_fwd_kernel(
             mask=active[None, :] & c_ok[:, None],
             other=0.0,
         )
-        if UPCAST:
-            a = a.to(tl.float32)
-            wt = wt.to(tl.float32)
-        acc += tl.dot(a, wt, input_precision=DOT_PRECISION)
+        acc = _mma(acc, a, wt, UPCAST, DOT_PRECISION)
 
     if HAS_BIAS:
         acc += tl.load(b_ptr + rows, mask=p_ok, other=0.0).to(tl.float32)[None, :]
@@ -198,10 +196,7 @@ def _threshold_conv2d_bwd_dx_kernel(
                 mask=p_ok[:, None] & c_ok[None, :],
                 other=0.0,
             )
-            if UPCAST:
-                a = a.to(tl.float32)
-                wt = wt.to(tl.float32)
-            acc += tl.dot(a, wt, input_precision=DOT_PRECISION)
+            acc = _mma(acc, a, wt, UPCAST, DOT_PRECISION)
     out = dx_ptr + b[:, None] * sdb + ih[:, None] * sdh + iw[:, None] * sdw + offs_c[None, :] * sdc
     tl.store(out, acc.to(dx_ptr.dtype.element_ty), mask=pix_ok[:, None] & c_ok[None, :])
 
@@ -226,10 +221,7 @@ def _dyt_xcol_product(
         b, oh, ow = _pixel_coords(pix, Ho * Wo, Wo)
         xt = _im2col_tile(x_ptr, b, oh, ow, j_ok, offs_c, c_ok, r, s, H, W, stride_h, stride_w, pad_h, pad_w,
                           dil_h, dil_w, sxb, sxc, sxh, sxw)
-        if UPCAST:
-            a = a.to(tl.float32)
-            xt = xt.to(tl.float32)
-        acc += tl.dot(a, xt, input_precision=DOT_PRECISION)
+        acc = _mma(acc, a, xt, UPCAST, DOT_PRECISION)
     return acc
 
 

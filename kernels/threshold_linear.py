@@ -47,6 +47,16 @@ def _grouped_tile(pid, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
 
 
 @triton.jit
+def _mma(acc, a, b, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    # acc += a @ b on tensor cores. UPCAST (the interpreter): in fp32, because bf16 tl.dot is
+    # unreliable there.
+    if UPCAST:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    return tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+
+
+@triton.jit
 def _perm_tile(perm_ptr, pid_p, N, count, BLOCK: tl.constexpr):
     # A tile of positions in `perm`: (positions, in range, the unit (row / filter) at each
     # position as int64, active). Position p < count holds an active unit.
@@ -107,10 +117,7 @@ def _threshold_linear_fwd_kernel(
             mask=active[None, :] & k_ok[:, None],
             other=0.0,
         )
-        if UPCAST:
-            a = a.to(tl.float32)
-            b = b.to(tl.float32)
-        acc += tl.dot(a, b, input_precision=DOT_PRECISION)
+        acc = _mma(acc, a, b, UPCAST, DOT_PRECISION)
 
     if HAS_BIAS:
         acc += tl.load(b_ptr + rows, mask=p_ok, other=0.0).to(tl.float32)[None, :]
@@ -207,10 +214,7 @@ def _threshold_linear_bwd_dx_kernel(
             mask=p_ok[:, None] & k_ok[None, :],
             other=0.0,
         )
-        if UPCAST:
-            a = a.to(tl.float32)
-            b = b.to(tl.float32)
-        acc += tl.dot(a, b, input_precision=DOT_PRECISION)
+        acc = _mma(acc, a, b, UPCAST, DOT_PRECISION)
     tl.store(
         dx_ptr + offs_m[:, None] * stride_dxm + offs_k[None, :] * stride_dxk,
         acc.to(dx_ptr.dtype.element_ty),
@@ -251,10 +255,7 @@ def _dyt_x_product(
             mask=j_ok[:, None] & k_ok[None, :],
             other=0.0,
         )
-        if UPCAST:
-            a = a.to(tl.float32)
-            b = b.to(tl.float32)
-        acc += tl.dot(a, b, input_precision=DOT_PRECISION)
+        acc = _mma(acc, a, b, UPCAST, DOT_PRECISION)
     return acc
 
 
