@@ -41,8 +41,8 @@ from .threshold_linear import (
     _mma,
     _mode_reduction_bounds,
     _perm_tile,
-    _threshold_linear_bwd_finish_kernel,
     check_row_mask_operands,
+    finish_threshold_gradients,
     gather_grad_columns,
 )
 
@@ -526,16 +526,6 @@ def threshold_conv2d_bwd(
     )
     # The finish pass reads W in the (c, r, s) order of the workspace.
     w2d = weight.reshape(filters, fan_in) if weight.is_contiguous() else weight.contiguous().view(filters, fan_in)
-    dw2d = dw.view(filters, fan_in)
-    finish_block_p = 32
-    _threshold_linear_bwd_finish_kernel[(triton.cdiv(filters, finish_block_p),)](
-        rpart, w2d, row_mask.perm, row_mask.count, g, dw2d, dtau,
-        filters, fan_in, n_split * num_kb, n_split,
-        w2d.stride(0), w2d.stride(1), dw2d.stride(0), dw2d.stride(1),
-        MODE=mode_id,
-        IN_PLACE=in_place,
-        BLOCK_P=finish_block_p,
-        BLOCK_K=128 if not upcast else 64,
-        num_warps=4,
-    )
+    finish_threshold_gradients(rpart, w2d, row_mask, g, dw.view(filters, fan_in), dtau, split=n_split,
+                               mode_id=mode_id, in_place=in_place)
     return dx, dw, dtau

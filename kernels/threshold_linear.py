@@ -423,6 +423,48 @@ def _check_operands(x2d: torch.Tensor, weight: torch.Tensor, row_mask: RowMask) 
     check_row_mask_operands(x2d, weight, row_mask)
 
 
+def finish_threshold_gradients(
+    rpart: torch.Tensor,
+    w2d: torch.Tensor,
+    row_mask: RowMask,
+    g: torch.Tensor,
+    dw2d: torch.Tensor,
+    dtau: torch.Tensor,
+    *,
+    split: int,
+    mode_id: int,
+    in_place: bool,
+) -> None:
+    """Second pass of every weight gradient: ``dtau = -r`` from the partial sums ``rpart``
+    (summed over its rows in a fixed order) and ``dW = m G + sign(W) r / K`` from the ``split``
+    slices of ``g`` (``g`` is ``dw2d`` itself when ``in_place``). ``w2d`` and ``dw2d`` are
+    ``[N, K]`` views in the workspace's K order."""
+    n_rows, fan_in = w2d.shape
+    block_p = 32
+    _threshold_linear_bwd_finish_kernel[(triton.cdiv(n_rows, block_p),)](
+        rpart,
+        w2d,
+        row_mask.perm,
+        row_mask.count,
+        g,
+        dw2d,
+        dtau,
+        n_rows,
+        fan_in,
+        rpart.shape[0],
+        split,
+        w2d.stride(0),
+        w2d.stride(1),
+        dw2d.stride(0),
+        dw2d.stride(1),
+        MODE=mode_id,
+        IN_PLACE=in_place,
+        BLOCK_P=block_p,
+        BLOCK_K=64 if interpreter_enabled() else 128,
+        num_warps=4,
+    )
+
+
 def gather_grad_columns(
     grad: torch.Tensor,
     row_mask: RowMask,
@@ -606,27 +648,5 @@ def threshold_linear_bwd(
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )
-    finish_block_p = 32
-    _threshold_linear_bwd_finish_kernel[(triton.cdiv(n_rows, finish_block_p),)](
-        rpart,
-        weight,
-        row_mask.perm,
-        row_mask.count,
-        g,
-        dw,
-        dtau,
-        n_rows,
-        fan_in,
-        num_kb,
-        1,
-        weight.stride(0),
-        weight.stride(1),
-        dw.stride(0),
-        dw.stride(1),
-        MODE=mode_id,
-        IN_PLACE=in_place,
-        BLOCK_P=finish_block_p,
-        BLOCK_K=128 if not upcast else 64,
-        num_warps=4,
-    )
+    finish_threshold_gradients(rpart, weight, row_mask, g, dw, dtau, split=1, mode_id=mode_id, in_place=in_place)
     return dx, dw, dtau
