@@ -12,7 +12,7 @@ setup(
     python_requires=">=3.10",
     # `kernels/` is installed as `spafl.kernels`, never as a top-level `kernels` module
     # (that name belongs to an unrelated PyPI distribution).
-    packages=["spafl", "spafl.kernels"],
+    packages=["spafl", "spafl.federated", "spafl.kernels"],
     package_dir={"spafl": "spafl", "spafl.kernels": "kernels"},
     package_data={"spafl": ["data/*.npz", "data/*.md"]},
     install_requires=["torch>=2.4", "numpy>=1.24"],
@@ -20,8 +20,10 @@ setup(
         # Triton ships for Linux x86-64/aarch64; the reference path runs without it.
         "triton": ["triton>=3.0"],
         "vision": ["torchvision"],
-        "test": ["triton>=3.0", "pytest>=7", "pytest-benchmark>=4"],
-        "dev": ["triton>=3.0", "pytest>=7", "pytest-benchmark>=4", "ruff"],
+        # Plots of federated runs (spafl plot, spafl train --plot).
+        "plot": ["matplotlib>=3.5"],
+        "test": ["triton>=3.0", "pytest>=7", "pytest-benchmark>=4", "matplotlib>=3.5"],
+        "dev": ["triton>=3.0", "pytest>=7", "pytest-benchmark>=4", "matplotlib>=3.5", "ruff"],
     },
     entry_points={"console_scripts": ["spafl=spafl.cli:main"]},
 )

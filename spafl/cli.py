@@ -1,4 +1,7 @@
-"""Command line: ``spafl demo`` (also ``python -m spafl demo``).
+"""Command line: ``spafl train``, ``spafl presets``, ``spafl plot``, ``spafl demo`` (also ``python -m spafl ...``).
+
+``train`` runs federated SpaFL (see ``spafl.federated``): a preset, then a config file, then
+flags; checkpoints every ``--checkpoint-every`` rounds and continues a run with ``--resume``.
 
 ``demo`` trains a small threshold MLP on the embedded 8x8 digits (no download) with SpaFL's
 objective, cross-entropy plus ``th_coeff * sum exp(-tau)``, SGD with momentum 0.9 over the
@@ -66,6 +69,8 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .federated.cli import add_federated_commands
+
     parser = argparse.ArgumentParser(prog="spafl", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="train a threshold MLP on the embedded digits data set")
@@ -80,12 +85,15 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--log-every", type=int, default=5)
     demo.set_defaults(func=_demo)
+    add_federated_commands(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command != "demo":
+        return args.func(args, parser)
     for name in ("epochs", "hidden", "batch_size", "log_every"):
         if getattr(args, name) <= 0:
             parser.error(f"--{name.replace('_', '-')} must be positive")

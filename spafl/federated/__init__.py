@@ -1,0 +1,26 @@
+"""Federated SpaFL: clients keep their weights and batch-norm state, only thresholds travel.
+
+    FedConfig, PRESETS, build_config       a run's configuration and the paper's presets
+    Simulator                              the in-process loop (checkpoint, resume, history)
+    protocol                               the round as plain functions (client and server side)
+    data                                   dataset readers, the Dirichlet split, device tensors
+    models                                 LeNet-5, Conv4, ViT, ResNet-18 and the digits CNN
+    plots                                  accuracy / density curves and mask maps (matplotlib)
+"""
+
+from . import data, models, protocol
+from .config import DEFAULT_PRESET, PRESETS, FedConfig, build_config, load_config_file
+from .simulator import FederatedWarning, Simulator
+
+__all__ = [
+    "DEFAULT_PRESET",
+    "FedConfig",
+    "FederatedWarning",
+    "PRESETS",
+    "Simulator",
+    "build_config",
+    "data",
+    "load_config_file",
+    "models",
+    "protocol",
+]

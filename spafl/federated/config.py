@@ -1,0 +1,241 @@
+"""Run configuration of the federated simulator, and the presets of the paper's table.
+
+A run is fully described by one :class:`FedConfig`; presets are partial configs layered as
+``preset < config file < command-line flags``. ``validate`` turns an impossible configuration
+into one ``ValueError`` that lists every problem, before any data is read.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+DATASETS = ("digits", "fmnist", "cifar10", "cifar100")
+MODELS = ("digits-cnn", "lenet5", "conv4", "vit", "resnet18")
+PENALTY_SCHEDULES = ("sigmoid", "constant")
+NORMALIZATIONS = ("standard", "raw")
+_DATASET_SHAPES = {"digits": (1, 8, 8), "fmnist": (1, 28, 28), "cifar10": (3, 32, 32), "cifar100": (3, 32, 32)}
+_MODEL_INPUTS = {"digits-cnn": (1, 8, 8), "lenet5": (1, 28, 28), "conv4": (3, 32, 32), "vit": (3, 32, 32),
+                 "resnet18": (3, 32, 32)}
+
+
+@dataclass
+class FedConfig:
+    """Everything that determines a run (same config and seed: same history).
+
+    Algorithm (``docs``: spafl-algorithm.md sections 2-3): ``num_clients`` N, ``clients_per_round``
+    K sampled uniformly without replacement, ``rounds``; local SGD with ``momentum`` over weights
+    and thresholds at ``lr * lr_decay**round``, ``local_epochs`` passes of ``batch_size``,
+    gradient-norm clipping at ``clip`` (None: off); objective ``CE + lambda_t * sum exp(-tau)``
+    with ``lambda_t = th_coeff * sigmoid(10 t / penalty_scheduler - 5)`` (``penalty_schedule
+    = "sigmoid"``) or ``th_coeff`` (``"constant"``); the threshold-guided weight update
+    ``th_update``; the collapse guard at ``collapse_density``.
+
+    Data: ``dataset`` read from ``data_root`` (torchvision's on-disk layout; ``download`` uses
+    torchvision when installed), Dirichlet(``alpha``) split of train and test sets; pixels
+    ``normalize``d to zero mean / unit variance per channel (``"standard"``) or left as 0..255
+    floats (``"raw"``, what the reference code feeds its FMNIST LeNet-5); CIFAR crop-and-flip
+    ``augment``ation; ``drop_last`` partial batches; re-draw the split until every client has
+    ``min_train_samples``.
+    """
+
+    # data
+    dataset: str = "digits"
+    data_root: str | None = None
+    download: bool = False
+    normalize: str = "standard"
+    augment: bool = False
+    alpha: float = 0.5
+    min_train_samples: int = 1
+    # model
+    model: str = "digits-cnn"
+    backend: str = "auto"
+    backward_mode: str = "exact"
+    sample_fraction: float = 0.25
+    collapse_density: float | None = 0.01
+    # federation
+    num_clients: int = 20
+    clients_per_round: int = 5
+    rounds: int = 60
+    th_update: bool = True
+    # local training
+    local_epochs: int = 2
+    batch_size: int = 16
+    drop_last: bool = False
+    lr: float = 0.05
+    lr_decay: float = 1.0
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    clip: float | None = None
+    th_coeff: float = 0.002
+    penalty_schedule: str = "sigmoid"
+    penalty_scheduler: float = 1.0
+    # run
+    seed: int = 0
+    device: str = "auto"
+    eval_batch_size: int = 1024
+    checkpoint_every: int = 10
+    mask_layer: str | None = None
+
+    def replace(self, **changes: Any) -> FedConfig:
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def validate(self) -> FedConfig:
+        """Raise ``ValueError`` naming every impossible setting; return ``self``."""
+        errors = []
+
+        def need(ok: bool, message: str) -> None:
+            if not ok:
+                errors.append(message)
+
+        need(self.dataset in DATASETS, f"dataset must be one of {DATASETS}, got {self.dataset!r}")
+        need(self.model in MODELS, f"model must be one of {MODELS}, got {self.model!r}")
+        if self.dataset in DATASETS and self.model in MODELS:
+            need(_DATASET_SHAPES[self.dataset] == _MODEL_INPUTS[self.model],
+                 f"model {self.model!r} takes {_MODEL_INPUTS[self.model]} inputs but dataset {self.dataset!r} "
+                 f"has {_DATASET_SHAPES[self.dataset]} images")
+        need(self.normalize in NORMALIZATIONS, f"normalize must be one of {NORMALIZATIONS}, got {self.normalize!r}")
+        need(self.penalty_schedule in PENALTY_SCHEDULES,
+             f"penalty_schedule must be one of {PENALTY_SCHEDULES}, got {self.penalty_schedule!r}")
+        for name in ("num_clients", "clients_per_round", "rounds", "local_epochs", "batch_size", "eval_batch_size",
+                     "min_train_samples"):
+            value = getattr(self, name)
+            need(isinstance(value, int) and not isinstance(value, bool) and value >= 1,
+                 f"{name} must be a positive integer, got {value!r}")
+        need(isinstance(self.checkpoint_every, int) and self.checkpoint_every >= 0,
+             f"checkpoint_every must be a non-negative integer (0: only at the end), got {self.checkpoint_every!r}")
+        if isinstance(self.num_clients, int) and isinstance(self.clients_per_round, int):
+            need(self.clients_per_round <= self.num_clients,
+                 f"clients_per_round ({self.clients_per_round}) cannot exceed num_clients ({self.num_clients})")
+        for name in ("alpha", "lr", "lr_decay", "penalty_scheduler"):
+            value = getattr(self, name)
+            need(_is_real(value) and value > 0, f"{name} must be a positive finite number, got {value!r}")
+        for name in ("momentum", "weight_decay", "th_coeff"):
+            value = getattr(self, name)
+            need(_is_real(value) and value >= 0, f"{name} must be a non-negative finite number, got {value!r}")
+        need(_is_real(self.momentum) and self.momentum < 1, f"momentum must be below 1, got {self.momentum!r}")
+        need(self.clip is None or (_is_real(self.clip) and self.clip > 0),
+             f"clip must be None or a positive number, got {self.clip!r}")
+        need(self.collapse_density is None or (_is_real(self.collapse_density) and 0 <= self.collapse_density < 1),
+             f"collapse_density must be None or in [0, 1), got {self.collapse_density!r}")
+        need(self.backend in ("auto", "triton", "reference"),
+             f"backend must be auto, triton or reference, got {self.backend!r}")
+        need(self.backward_mode in ("exact", "skip", "sample"),
+             f"backward_mode must be exact, skip or sample, got {self.backward_mode!r}")
+        need(_is_real(self.sample_fraction) and 0 < self.sample_fraction <= 1,
+             f"sample_fraction must be in (0, 1], got {self.sample_fraction!r}")
+        need(isinstance(self.seed, int) and not isinstance(self.seed, bool) and self.seed >= 0,
+             f"seed must be a non-negative integer, got {self.seed!r}")
+        need(isinstance(self.device, str) and (self.device == "auto" or self.device.split(":")[0] in ("cpu", "cuda")),
+             f"device must be auto, cpu or cuda[:i], got {self.device!r}")
+        if errors:
+            raise ValueError("invalid configuration:\n  - " + "\n  - ".join(errors))
+        return self
+
+
+def _is_real(value: Any) -> bool:
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    return number and value == value and abs(value) != float("inf")
+
+
+# The authors' scripts (spafl-algorithm.md section 6). CIFAR uses a constant penalty and
+# gradient clipping; FMNIST the sigmoid schedule, no clipping and raw 0..255 pixels.
+PRESETS: dict[str, dict[str, Any]] = {
+    "digits-cnn": dict(
+        dataset="digits", model="digits-cnn", num_clients=20, clients_per_round=5, alpha=0.5, rounds=60,
+        lr=0.05, th_coeff=0.002, local_epochs=2, batch_size=16, penalty_schedule="sigmoid", penalty_scheduler=1.0,
+    ),
+    "fmnist-lenet5": dict(
+        dataset="fmnist", model="lenet5", num_clients=100, clients_per_round=10, alpha=0.2, rounds=500,
+        lr=0.001, th_coeff=0.002, local_epochs=5, batch_size=64, penalty_schedule="sigmoid", penalty_scheduler=1.0,
+        normalize="raw", augment=False, drop_last=False,
+    ),
+    "cifar10-conv4": dict(
+        dataset="cifar10", model="conv4", num_clients=100, clients_per_round=10, alpha=0.1, rounds=500,
+        lr=0.01, th_coeff=0.00015, local_epochs=5, batch_size=16, clip=3.0, penalty_schedule="constant",
+        normalize="standard", augment=True, drop_last=True, min_train_samples=16,
+    ),
+    "cifar10-vit": dict(
+        dataset="cifar10", model="vit", num_clients=100, clients_per_round=10, alpha=0.1, rounds=500,
+        lr=0.01, th_coeff=0.0001, local_epochs=1, batch_size=16, clip=3.0, penalty_schedule="constant",
+        normalize="standard", augment=True, drop_last=True, min_train_samples=16,
+    ),
+    "cifar100-resnet18": dict(
+        dataset="cifar100", model="resnet18", num_clients=100, clients_per_round=10, alpha=0.1, rounds=1500,
+        lr=0.01, lr_decay=0.993, th_coeff=0.0007, local_epochs=7, batch_size=64, clip=15.0,
+        penalty_schedule="constant", normalize="standard", augment=True, drop_last=True, min_train_samples=64,
+    ),
+}
+DEFAULT_PRESET = "digits-cnn"
+
+_FIELD_NAMES = frozenset(f.name for f in fields(FedConfig))
+
+
+def check_keys(values: dict[str, Any], source: str) -> None:
+    unknown = sorted(set(values) - _FIELD_NAMES)
+    if unknown:
+        raise ValueError(f"{source}: unknown setting(s) {unknown}; valid settings: {sorted(_FIELD_NAMES)}")
+
+
+def preset(name: str) -> dict[str, Any]:
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; presets: {sorted(PRESETS)}")
+    return dict(PRESETS[name])
+
+
+def load_config_file(path: str | Path) -> dict[str, Any]:
+    """Settings from a JSON or TOML file (a flat table of FedConfig fields; TOML needs Python
+    3.11+). A ``preset`` key names the preset the file's settings are layered on."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file {path} does not exist")
+    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".toml":
+        try:
+            import tomllib
+        except ImportError as e:  # Python 3.10
+            raise RuntimeError("TOML config files need Python 3.11+; use JSON") from e
+        values = tomllib.loads(text)
+    elif path.suffix == ".json":
+        values = json.loads(text)
+    else:
+        raise ValueError(f"config file {path} must end in .json or .toml")
+    if not isinstance(values, dict):
+        raise ValueError(f"config file {path} must hold a table of settings")
+    return values
+
+
+def build_config(preset_name: str | None = None, file_values: dict[str, Any] | None = None,
+                 overrides: dict[str, Any] | None = None) -> FedConfig:
+    """``FedConfig`` from a preset, then a config file's values, then explicit overrides."""
+    file_values = dict(file_values or {})
+    preset_name = file_values.pop("preset", None) if preset_name is None else preset_name
+    file_values.pop("preset", None)
+    values: dict[str, Any] = {}
+    if preset_name is not None:
+        values.update(preset(preset_name))
+    check_keys(file_values, "config file")
+    values.update(file_values)
+    overrides = overrides or {}
+    check_keys(overrides, "overrides")
+    values.update(overrides)
+    return FedConfig(**values).validate()
+
+
+# Fields that may differ between a checkpoint and the run that resumes it.
+RESUMABLE_CHANGES = frozenset({"rounds", "checkpoint_every", "data_root", "download", "device", "eval_batch_size"})
+
+
+def config_mismatch(saved: dict[str, Any], current: FedConfig) -> list[str]:
+    now = current.to_dict()
+    return [f"{k}: checkpoint {saved.get(k)!r} vs now {now[k]!r}" for k in sorted(now)
+            if k not in RESUMABLE_CHANGES and saved.get(k) != now[k]]
+
+
+__all__ = ["DEFAULT_PRESET", "FedConfig", "PRESETS", "build_config", "load_config_file", "preset"]

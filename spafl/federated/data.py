@@ -1,0 +1,307 @@
+"""Data for the simulator: dataset readers, the Dirichlet split, and per-client tensors on the device.
+
+The readers parse torchvision's on-disk layouts directly (no torchvision needed):
+
+- Fashion-MNIST: ``<root>/FashionMNIST/raw/{train,t10k}-{images-idx3,labels-idx1}-ubyte[.gz]`` (IDX);
+- CIFAR-10: ``<root>/cifar-10-batches-py/{data_batch_1..5,test_batch}`` (python pickles);
+- CIFAR-100: ``<root>/cifar-100-python/{train,test}`` (python pickles, fine labels).
+
+``download=True`` asks torchvision to fetch the files when it is installed. The digits set
+ships with the package. Each client's split lives on the device as one tensor, so a batch is an
+index gather, not a Python loop over samples.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import pickle
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..datasets import load_digits
+
+
+@dataclass
+class ImageDataset:
+    """A whole labelled image dataset in host memory.
+
+    ``train_x``/``test_x``: uint8 ``[n, C, H, W]`` (0..255) or float32 in [0, 1];
+    ``train_y``/``test_y``: int64 ``[n]``; ``mean``/``std``: per-channel statistics of the
+    training images on the [0, 1] scale, for the standard normalisation.
+    """
+
+    name: str
+    train_x: torch.Tensor
+    train_y: torch.Tensor
+    test_x: torch.Tensor
+    test_y: torch.Tensor
+    num_classes: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return tuple(self.train_x.shape[1:])
+
+
+# Published per-channel statistics (train split, [0, 1] scale).
+_STATS = {
+    "fmnist": ((0.2860,), (0.3530,)),
+    "cifar10": ((0.49139968, 0.48215827, 0.44653124), (0.24703233, 0.24348505, 0.26158768)),
+    "cifar100": ((0.5070751, 0.48654887, 0.44091785), (0.26733428, 0.25643846, 0.27615049)),
+}
+
+
+def _read_idx(path: Path, magic: int) -> np.ndarray:
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as f:
+        data = f.read()
+    if len(data) < 8:
+        raise ValueError(f"{path}: too short for an IDX file")
+    (found,) = struct.unpack(">i", data[:4])
+    if found != magic:
+        raise ValueError(f"{path}: IDX magic {found}, expected {magic}")
+    ndim = magic & 0xFF
+    dims = struct.unpack(f">{ndim}i", data[4 : 4 + 4 * ndim])
+    body = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
+    if body.size != int(np.prod(dims)):
+        raise ValueError(f"{path}: header says {dims} ({int(np.prod(dims))} bytes) but holds {body.size}")
+    return body.reshape(dims)
+
+
+def _find(folder: Path, stem: str) -> Path:
+    for candidate in (folder / stem, folder / f"{stem}.gz"):
+        if candidate.is_file():
+            return candidate
+    raise FileNotFoundError(f"{stem}[.gz] not found in {folder}")
+
+
+def read_fashion_mnist(root: str | Path) -> ImageDataset:
+    """Fashion-MNIST from ``<root>/FashionMNIST/raw`` (``root`` may also be that folder)."""
+    root = Path(root)
+    raw = root if (root / "train-labels-idx1-ubyte.gz").exists() or (root / "train-labels-idx1-ubyte").exists() \
+        else root / "FashionMNIST" / "raw"
+    if not raw.is_dir():
+        raise FileNotFoundError(f"Fashion-MNIST not found: expected {root}/FashionMNIST/raw (torchvision's layout)")
+    parts = {}
+    for split, prefix in (("train", "train"), ("test", "t10k")):
+        images = _read_idx(_find(raw, f"{prefix}-images-idx3-ubyte"), 2051)
+        labels = _read_idx(_find(raw, f"{prefix}-labels-idx1-ubyte"), 2049)
+        if len(images) != len(labels):
+            raise ValueError(f"Fashion-MNIST {split}: {len(images)} images but {len(labels)} labels")
+        parts[split] = (torch.from_numpy(images.copy()).unsqueeze(1), torch.from_numpy(labels.astype(np.int64)))
+    return _checked("fmnist", parts, 10)
+
+
+def _unpickle(path: Path) -> dict:
+    with open(path, "rb") as f:
+        return pickle.load(f, encoding="bytes")
+
+
+def _cifar_part(entries: list[dict], label_key: bytes, where: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    xs, ys = [], []
+    for entry in entries:
+        if b"data" not in entry or label_key not in entry:
+            raise ValueError(f"{where}: a batch lacks {b'data'!r} or {label_key!r}")
+        data = np.asarray(entry[b"data"], dtype=np.uint8)
+        if data.ndim != 2 or data.shape[1] != 3072:
+            raise ValueError(f"{where}: data must be [n, 3072] uint8 rows, got {data.shape}")
+        xs.append(data.reshape(-1, 3, 32, 32))
+        ys.append(np.asarray(entry[label_key], dtype=np.int64))
+    return torch.from_numpy(np.concatenate(xs)), torch.from_numpy(np.concatenate(ys))
+
+
+def read_cifar10(root: str | Path) -> ImageDataset:
+    """CIFAR-10 from ``<root>/cifar-10-batches-py`` (``root`` may also be that folder)."""
+    root = Path(root)
+    folder = root if (root / "test_batch").exists() else root / "cifar-10-batches-py"
+    if not folder.is_dir():
+        raise FileNotFoundError(f"CIFAR-10 not found: expected {root}/cifar-10-batches-py (torchvision's layout)")
+    train = [_unpickle(_find(folder, f"data_batch_{i}")) for i in range(1, 6)]
+    test = [_unpickle(_find(folder, "test_batch"))]
+    parts = {"train": _cifar_part(train, b"labels", folder), "test": _cifar_part(test, b"labels", folder)}
+    return _checked("cifar10", parts, 10)
+
+
+def read_cifar100(root: str | Path) -> ImageDataset:
+    """CIFAR-100 (fine labels) from ``<root>/cifar-100-python`` (``root`` may also be that folder)."""
+    root = Path(root)
+    folder = root if (root / "test").is_file() and (root / "train").is_file() else root / "cifar-100-python"
+    if not folder.is_dir():
+        raise FileNotFoundError(f"CIFAR-100 not found: expected {root}/cifar-100-python (torchvision's layout)")
+    parts = {s: _cifar_part([_unpickle(_find(folder, s))], b"fine_labels", folder) for s in ("train", "test")}
+    return _checked("cifar100", parts, 100)
+
+
+def _checked(name: str, parts: dict, num_classes: int) -> ImageDataset:
+    for split, (_x, y) in parts.items():
+        if len(y) and (int(y.min()) < 0 or int(y.max()) >= num_classes):
+            raise ValueError(f"{name} {split}: labels outside [0, {num_classes})")
+    mean, std = _STATS[name]
+    return ImageDataset(name, *parts["train"], *parts["test"], num_classes=num_classes, mean=mean, std=std)
+
+
+def _digits() -> ImageDataset:
+    images, labels = load_digits()
+    # A fixed 80/20 split (independent of the run's seed, so every run sees the same test set).
+    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(0))
+    n_test = len(labels) // 5
+    test, train = order[:n_test], order[n_test:]
+    x = images.unsqueeze(1)
+    mean, std = float(x[train].mean()), float(x[train].std())
+    return ImageDataset("digits", x[train], labels[train], x[test], labels[test], 10, (mean,), (std,))
+
+
+_READERS = {"fmnist": read_fashion_mnist, "cifar10": read_cifar10, "cifar100": read_cifar100}
+_TORCHVISION = {"fmnist": "FashionMNIST", "cifar10": "CIFAR10", "cifar100": "CIFAR100"}
+
+
+def load_dataset(name: str, root: str | Path | None = None, download: bool = False) -> ImageDataset:
+    """Read a dataset by name (``digits``, ``fmnist``, ``cifar10``, ``cifar100``)."""
+    if name == "digits":
+        return _digits()
+    if name not in _READERS:
+        raise ValueError(f"unknown dataset {name!r}; known: digits, {', '.join(_READERS)}")
+    if root is None:
+        raise ValueError(f"dataset {name!r} needs data_root (the folder torchvision would be given)")
+    if download:
+        try:
+            import torchvision.datasets as tvd
+        except Exception as e:  # not installed, or a build that does not import (CPU torch)
+            raise RuntimeError(f"download=True needs an importable torchvision ({e}); place the files under "
+                               f"{root} in torchvision's layout instead") from e
+        for train in (True, False):
+            getattr(tvd, _TORCHVISION[name])(str(root), train=train, download=True)
+    return _READERS[name](root)
+
+
+# --- the non-IID split --------------------------------------------------------------------
+
+
+def dirichlet_split(train_y: np.ndarray, test_y: np.ndarray, num_clients: int, alpha: float, num_classes: int,
+                    rng: np.random.Generator) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Split train AND test indices among clients, class by class, with shared proportions.
+
+    For each class ``c`` draw ``p_c ~ Dirichlet(alpha * 1_N)`` once; shuffle the class's train
+    indices and cut them at ``floor(cumsum(p_c) * n_c)`` (the reference code's cut), and the
+    class's test indices with the same ``p_c``. Each client's train indices are then shuffled.
+    """
+    train_parts: list[list[np.ndarray]] = [[] for _ in range(num_clients)]
+    test_parts: list[list[np.ndarray]] = [[] for _ in range(num_clients)]
+    for c in range(num_classes):
+        p = rng.dirichlet(np.full(num_clients, float(alpha)))
+        for labels, parts in ((train_y, train_parts), (test_y, test_parts)):
+            idx = np.flatnonzero(labels == c)
+            rng.shuffle(idx)
+            cuts = (np.cumsum(p) * len(idx)).astype(np.int64)[:-1]
+            for k, chunk in enumerate(np.split(idx, cuts)):
+                parts[k].append(chunk)
+    train = [np.concatenate(p).astype(np.int64) for p in train_parts]
+    for t in train:
+        rng.shuffle(t)
+    test = [np.sort(np.concatenate(p)).astype(np.int64) for p in test_parts]
+    return train, test
+
+
+def split_for_run(dataset: ImageDataset, num_clients: int, alpha: float, min_train_samples: int, seed: int,
+                  max_draws: int = 1000) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """The run's split: Dirichlet draws from a generator keyed by ``seed``, re-drawn (as the
+    reference CIFAR code does for batch norm) until every client has ``min_train_samples``."""
+    rng = np.random.default_rng([seed, 0x5B1])
+    train_y, test_y = dataset.train_y.numpy(), dataset.test_y.numpy()
+    if len(train_y) < num_clients * min_train_samples:
+        raise ValueError(f"{len(train_y)} training samples cannot give {num_clients} clients "
+                         f"{min_train_samples} samples each")
+    for _ in range(max_draws):
+        train, test = dirichlet_split(train_y, test_y, num_clients, alpha, dataset.num_classes, rng)
+        if min(len(t) for t in train) >= min_train_samples:
+            return train, test
+    raise ValueError(f"no Dirichlet(alpha={alpha}) split in {max_draws} draws gave every one of {num_clients} "
+                     f"clients {min_train_samples} training samples; raise alpha or lower min_train_samples")
+
+
+def split_digest(train: list[np.ndarray], test: list[np.ndarray]) -> str:
+    """A short hash of a split, stored in checkpoints to prove a resumed run sees the same data."""
+    h = hashlib.sha256()
+    for part in (*train, *test):
+        h.update(np.int64(len(part)).tobytes())
+        h.update(part.astype(np.int64).tobytes())
+    return h.hexdigest()[:16]
+
+
+# --- tensors on the device ----------------------------------------------------------------
+
+
+@dataclass
+class ClientData:
+    """One client's local data on the device: ``train_x [n, C, H, W]`` float, ``train_y [n]``,
+    ``test_x``, ``test_y``, already normalised. ``augment`` applies crop-and-flip to training
+    batches with ``fill`` (the normalised value of a black pixel, per channel) as padding."""
+
+    train_x: torch.Tensor
+    train_y: torch.Tensor
+    test_x: torch.Tensor
+    test_y: torch.Tensor
+    augment: bool = False
+    fill: torch.Tensor | None = None
+
+    @property
+    def num_train(self) -> int:
+        return int(self.train_y.shape[0])
+
+    @property
+    def num_test(self) -> int:
+        return int(self.test_y.shape[0])
+
+
+def _to_float(x: torch.Tensor, dataset: ImageDataset, normalize: str, device: torch.device) -> torch.Tensor:
+    x = x.to(device)
+    if x.dtype == torch.uint8:
+        x = x.float()
+        if normalize == "raw":
+            return x
+        x = x / 255.0
+    elif normalize == "raw":
+        x = x.float() * 255.0
+        return x
+    mean = torch.tensor(dataset.mean, device=device).view(1, -1, 1, 1)
+    std = torch.tensor(dataset.std, device=device).view(1, -1, 1, 1)
+    return (x.float() - mean) / std
+
+
+def client_data(dataset: ImageDataset, train_idx: list[np.ndarray], test_idx: list[np.ndarray], normalize: str,
+                augment: bool, device: torch.device) -> list[ClientData]:
+    """Normalise the dataset once on the device and cut it into per-client tensors."""
+    train_x = _to_float(dataset.train_x, dataset, normalize, device)
+    test_x = _to_float(dataset.test_x, dataset, normalize, device)
+    train_y, test_y = dataset.train_y.to(device), dataset.test_y.to(device)
+    fill = None
+    if augment:
+        black = torch.zeros((1, dataset.image_shape[0], 1, 1), dtype=dataset.train_x.dtype)
+        fill = _to_float(black, dataset, normalize, device).view(-1)
+    out = []
+    for tr, te in zip(train_idx, test_idx, strict=True):
+        tr_t = torch.from_numpy(tr).to(device)
+        te_t = torch.from_numpy(te).to(device)
+        out.append(ClientData(train_x[tr_t], train_y[tr_t], test_x[te_t], test_y[te_t], augment, fill))
+    return out
+
+
+def crop_flip(x: torch.Tensor, fill: torch.Tensor, generator: torch.Generator, pad: int = 4) -> torch.Tensor:
+    """The standard CIFAR augmentation on a batch ``[B, C, H, W]`` on its device: pad by ``pad``
+    with ``fill`` per channel, crop a random ``H x W`` window, flip horizontally with p = 1/2."""
+    b, c, h, w = x.shape
+    padded = fill.view(1, c, 1, 1).expand(b, c, h + 2 * pad, w + 2 * pad).clone()
+    padded[:, :, pad : pad + h, pad : pad + w] = x
+    offsets = torch.randint(0, 2 * pad + 1, (2, b), device=x.device, generator=generator)
+    flip = torch.rand(b, device=x.device, generator=generator) < 0.5
+    rows = offsets[0].view(b, 1, 1) + torch.arange(h, device=x.device).view(1, h, 1)
+    cols = torch.arange(w, device=x.device).view(1, 1, w).expand(b, 1, w)
+    cols = torch.where(flip.view(b, 1, 1), w - 1 - cols, cols) + offsets[1].view(b, 1, 1)
+    batch = torch.arange(b, device=x.device).view(b, 1, 1)
+    return padded.permute(0, 2, 3, 1)[batch, rows, cols].permute(0, 3, 1, 2).contiguous()

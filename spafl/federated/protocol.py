@@ -1,0 +1,357 @@
+"""SpaFL's round as plain functions over plain data, independent of any loop or transport.
+
+Server side: :func:`init_server`, :func:`sample_clients`, :func:`broadcast`,
+:func:`validate_update`, :func:`aggregate`. Client side: :func:`client_round` (receive the
+thresholds, apply the threshold-guided weight update, train, report) and :func:`evaluate`.
+Messages are dicts of tensors; :func:`encode` / :func:`decode` turn them into bytes and back
+(a header of names, dtypes and shapes, then the raw little-endian data), which is what a
+transport would carry and what the accounting measures.
+
+Every random choice is drawn from a generator keyed by ``(seed, round, client)``, so a round
+does not depend on what ran before it: a resumed run, or another engine driving these same
+functions, reproduces the same history.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..convert import threshold_layers, threshold_penalty
+from ..layers import ThresholdConv2d
+from .config import FedConfig
+from .data import ClientData, crop_flip
+
+Tensors = dict[str, torch.Tensor]
+
+
+class UpdateRejected(ValueError):
+    """A client's update failed the server's checks; the global state was not touched."""
+
+
+# --- keyed randomness ---------------------------------------------------------------------
+
+_STREAMS = {"sample": 1, "train": 2, "init": 3}
+
+
+def derived_seed(seed: int, stream: str, *keys: int) -> int:
+    """A 63-bit seed for one (stream, round, client, ...) from the run's seed."""
+    return int(np.random.SeedSequence([seed, _STREAMS[stream], *keys]).generate_state(2, np.uint64)[0] >> 1)
+
+
+def sample_clients(seed: int, round_index: int, num_clients: int, k: int) -> list[int]:
+    """``k`` of ``num_clients`` clients, uniformly without replacement, keyed by the round."""
+    rng = np.random.default_rng(derived_seed(seed, "sample", round_index))
+    return sorted(int(i) for i in rng.choice(num_clients, size=k, replace=False))
+
+
+# --- server -------------------------------------------------------------------------------
+
+
+@dataclass
+class ServerState:
+    """The global thresholds ``tau_g`` and their change in the last aggregation ``delta``
+    (``tau_g(t) - tau_g(t-1)``; zero before the first), as float32 on the host."""
+
+    thresholds: Tensors
+    delta: Tensors
+    round: int = 0
+
+    def state_dict(self) -> dict:
+        return {"thresholds": self.thresholds, "delta": self.delta, "round": self.round}
+
+    @classmethod
+    def from_state_dict(cls, d: Mapping) -> ServerState:
+        return cls(dict(d["thresholds"]), dict(d["delta"]), int(d["round"]))
+
+
+def model_thresholds(model: nn.Module) -> Tensors:
+    """``{layer name: tau}`` for every threshold layer, detached float32 copies on the host."""
+    out = {name: layer.threshold.detach().float().cpu().clone() for name, layer in threshold_layers(model)}
+    if not out:
+        raise ValueError("the model has no threshold layers (build it from spafl layers or call spafl.sparsify)")
+    return out
+
+
+def init_server(model: nn.Module) -> ServerState:
+    tau = model_thresholds(model)
+    return ServerState(tau, {k: torch.zeros_like(v) for k, v in tau.items()})
+
+
+def broadcast(state: ServerState, th_update: bool) -> Tensors:
+    """The downlink message: the global thresholds, and the global change when clients apply
+    the threshold-guided weight update (a client that skipped last round cannot derive it)."""
+    msg = {f"tau/{k}": v for k, v in state.thresholds.items()}
+    if th_update:
+        msg.update({f"delta/{k}": v for k, v in state.delta.items()})
+    return msg
+
+
+def validate_update(update: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor]) -> None:
+    """Raise :class:`UpdateRejected` unless ``update`` holds exactly the expected thresholds:
+    same names, shapes and dtype (float32), all finite."""
+    if not isinstance(update, Mapping):
+        raise UpdateRejected(f"an update must be a mapping of tensors, got {type(update).__name__}")
+    missing, extra = sorted(set(expected) - set(update)), sorted(set(update) - set(expected))
+    if missing or extra:
+        raise UpdateRejected(f"update names differ: missing {missing}, unexpected {extra}")
+    for name, ref in expected.items():
+        t = update[name]
+        if not isinstance(t, torch.Tensor):
+            raise UpdateRejected(f"{name}: expected a tensor, got {type(t).__name__}")
+        if t.shape != ref.shape:
+            raise UpdateRejected(f"{name}: shape {tuple(t.shape)}, expected {tuple(ref.shape)}")
+        if t.dtype != ref.dtype:
+            raise UpdateRejected(f"{name}: dtype {t.dtype}, expected {ref.dtype}")
+        if not bool(torch.isfinite(t).all()):
+            raise UpdateRejected(f"{name}: {int((~torch.isfinite(t)).sum())} non-finite value(s)")
+
+
+def aggregate(state: ServerState, updates: list[Mapping[str, torch.Tensor]]) -> ServerState:
+    """SpaFL's aggregation: ``tau_g <- mean_k tau_k`` (uniform over the accepted updates) and
+    ``delta <- tau_g(new) - tau_g(old)``. No updates: thresholds kept, ``delta = 0``."""
+    if not updates:
+        zeros = {k: torch.zeros_like(v) for k, v in state.thresholds.items()}
+        return ServerState(dict(state.thresholds), zeros, state.round + 1)
+    new = {k: torch.stack([u[k].float() for u in updates]).mean(0) for k in state.thresholds}
+    delta = {k: new[k] - state.thresholds[k] for k in new}
+    return ServerState(new, delta, state.round + 1)
+
+
+# --- the wire format ----------------------------------------------------------------------
+
+_DTYPES = {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16", torch.int64: "i64"}
+_NP = {"f32": np.float32, "f16": np.float16, "i64": np.int64}
+
+
+def encode(tensors: Mapping[str, torch.Tensor]) -> bytes:
+    """Serialise ``{name: tensor}``: u32 header length, a JSON header ``{name: [dtype, shape]}``,
+    then each tensor's little-endian bytes in header order."""
+    header, blobs = {}, []
+    for name, t in tensors.items():
+        if t.dtype not in _DTYPES:
+            raise TypeError(f"{name}: cannot encode dtype {t.dtype}")
+        t = t.detach().cpu().contiguous()
+        header[name] = [_DTYPES[t.dtype], list(t.shape)]
+        raw = t.view(torch.int16) if t.dtype == torch.bfloat16 else t
+        blobs.append(raw.numpy().astype(raw.numpy().dtype.newbyteorder("<"), copy=False).tobytes())
+    head = json.dumps(header, separators=(",", ":")).encode()
+    return struct.pack("<I", len(head)) + head + b"".join(blobs)
+
+
+def decode(payload: bytes) -> Tensors:
+    """Inverse of :func:`encode`; raises ``ValueError`` on a truncated or malformed payload."""
+    if len(payload) < 4:
+        raise ValueError("payload shorter than its header length field")
+    (n,) = struct.unpack("<I", payload[:4])
+    try:
+        header = json.loads(payload[4 : 4 + n])
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"malformed payload header: {e}") from e
+    offset, out = 4 + n, {}
+    for name, (dtype, shape) in header.items():
+        np_dtype = np.int16 if dtype == "bf16" else _NP[dtype]
+        count = math.prod(shape)
+        size = count * np.dtype(np_dtype).itemsize
+        if offset + size > len(payload):
+            raise ValueError(f"payload truncated in {name}")
+        arr = np.frombuffer(payload, dtype=np.dtype(np_dtype).newbyteorder("<"), count=count, offset=offset)
+        t = torch.from_numpy(arr.astype(np_dtype)).reshape(shape)
+        out[name] = t.view(torch.bfloat16) if dtype == "bf16" else t
+        offset += size
+    if offset != len(payload):
+        raise ValueError(f"payload has {len(payload) - offset} trailing bytes")
+    return out
+
+
+# --- client -------------------------------------------------------------------------------
+
+
+def penalty_coefficient(config: FedConfig, round_index: int) -> float:
+    """``lambda_t``: ``th_coeff * sigmoid(10 t / penalty_scheduler - 5)`` or the constant."""
+    if config.penalty_schedule == "constant":
+        return config.th_coeff
+    z = 10.0 * round_index / config.penalty_scheduler - 5.0
+    return config.th_coeff / (1.0 + math.exp(-z)) if z > -700 else 0.0
+
+
+@torch.no_grad()
+def threshold_guided_update(model: nn.Module, delta: Mapping[str, torch.Tensor]) -> None:
+    """``W_i <- W_i - delta_i * sign(sum_j W_ij) / c`` for every unit, with ``c`` = kh*kw for
+    a conv and fan-in for a linear layer (the reference code's constants)."""
+    for name, layer in threshold_layers(model):
+        d = delta[name].to(device=layer.weight.device, dtype=layer.weight.dtype)
+        w = layer.weight
+        c = w[0, 0].numel() if isinstance(layer, ThresholdConv2d) else w.shape[1]
+        sign = torch.sign(w.reshape(w.shape[0], -1).sum(1))
+        w.sub_((d * sign / c).view(-1, *([1] * (w.dim() - 1))))
+
+
+@dataclass
+class ClientReport:
+    """What a client's round produced besides its new state: the uplink (its thresholds) and
+    local statistics (not sent in SpaFL; used for logging and accounting)."""
+
+    thresholds: Tensors
+    num_samples: int
+    train_loss: float
+    flops: float
+    stats: dict = field(default_factory=dict)
+
+
+def set_thresholds(model: nn.Module, tau: Mapping[str, torch.Tensor]) -> None:
+    with torch.no_grad():
+        for name, layer in threshold_layers(model):
+            layer.threshold.copy_(tau[name])
+
+
+def num_batches(n: int, batch_size: int, drop_last: bool) -> int:
+    return n // batch_size if drop_last else -(-n // batch_size)
+
+
+def local_train(model: nn.Module, data: ClientData, config: FedConfig, round_index: int,
+                generator: torch.Generator) -> torch.Tensor:
+    """SpaFL's local objective with a fresh SGD optimiser; returns the mean training loss (a
+    device tensor: no host sync inside the loop)."""
+    lr = config.lr * config.lr_decay**round_index
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=config.momentum, weight_decay=config.weight_decay)
+    lam = penalty_coefficient(config, round_index)
+    n, b = data.num_train, config.batch_size
+    steps = num_batches(n, b, config.drop_last)
+    device = data.train_x.device
+    total = torch.zeros((), device=device)
+    seen = 0
+    model.train()
+    for _ in range(config.local_epochs):
+        order = torch.randperm(n, device=device, generator=generator)
+        for s in range(steps):
+            idx = order[s * b : (s + 1) * b]
+            x, y = data.train_x[idx], data.train_y[idx]
+            if data.augment:
+                x = crop_flip(x, data.fill, generator)
+            loss = F.cross_entropy(model(x), y)
+            objective = loss + lam * threshold_penalty(model) if lam else loss
+            opt.zero_grad(set_to_none=True)
+            objective.backward()
+            if config.clip is not None:
+                nn.utils.clip_grad_norm_(model.parameters(), config.clip)
+            opt.step()
+            total += loss.detach() * len(idx)
+            seen += len(idx)
+    return total / max(seen, 1)
+
+
+def layer_macs(model: nn.Module, image_shape: tuple[int, ...], device: torch.device) -> dict[str, int]:
+    """Multiply-adds of each threshold layer for ONE sample at full density: ``out * in/groups *
+    kh * kw * H_out * W_out`` for a conv and ``out * in`` per row for a linear layer (rows per
+    sample: 1 for the paper's CNNs, the token count for the ViT)."""
+    macs: dict[str, int] = {}
+    hooks = []
+    for name, layer in threshold_layers(model):
+        def hook(module, _inputs, output, name=name):
+            per_out = module.weight[0].numel()  # in/groups * kh * kw, or in
+            macs[name] = int(output[0].numel()) * per_out  # output[0]: one sample
+        hooks.append(layer.register_forward_hook(hook))
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(torch.zeros((1, *image_shape), device=device))
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was_training)
+    return macs
+
+
+def comm_bits_paper(num_thresholds: int, clients_per_round: int) -> int:
+    """The paper's communication per round: ``2 * K * T * 32`` bits (T float32 thresholds
+    down to and up from each of the K sampled clients)."""
+    return 2 * clients_per_round * num_thresholds * 32
+
+
+def densities(model: nn.Module) -> dict[str, torch.Tensor]:
+    """``{layer: bool mask [out]}`` of the current weights and thresholds (on the device)."""
+    return {name: layer.mask for name, layer in threshold_layers(model)}
+
+
+def training_flops(config: FedConfig, num_train: int, masks: Mapping[str, torch.Tensor], macs: Mapping[str, int],
+                   num_thresholds: int, num_weights: int) -> float:
+    """The paper's count for one client's round (a multiply-add is one FLOP): forward =
+    ``local_epochs * |D_k| * sum_l density_l * MACs_l``, backward = 2 * forward, plus
+    ``T * batches_per_epoch + n_weights`` for the thresholds (the reference's count). The
+    densities are those at the end of local training."""
+    dense = sum(float(masks[k].float().mean()) * macs[k] for k in macs)
+    forward = config.local_epochs * num_train * dense
+    return 3.0 * forward + num_thresholds * num_batches(num_train, config.batch_size, config.drop_last) + num_weights
+
+
+def client_round(model: nn.Module, state: Mapping[str, torch.Tensor], message: Mapping[str, torch.Tensor],
+                 data: ClientData, config: FedConfig, round_index: int, client_id: int,
+                 macs: Mapping[str, int]) -> tuple[Tensors, ClientReport]:
+    """One client's round on a working ``model``: load the client's ``state`` (weights, batch
+    norm buffers), take the global thresholds from ``message``, apply the threshold-guided
+    update, train, and return ``(new state, report)``. ``state`` itself is not modified, so a
+    client that fails mid-round keeps the state it had."""
+    model.load_state_dict(state)
+    tau = {k[len("tau/"):]: v for k, v in message.items() if k.startswith("tau/")}
+    set_thresholds(model, tau)
+    if config.th_update:
+        threshold_guided_update(model, {k[len("delta/"):]: v for k, v in message.items() if k.startswith("delta/")})
+    generator = torch.Generator(device=data.train_x.device)
+    generator.manual_seed(derived_seed(config.seed, "train", round_index, client_id))
+    loss = local_train(model, data, config, round_index, generator)
+    masks = densities(model)
+    n_thresholds = sum(v.numel() for v in tau.values())
+    n_weights = sum(layer.weight.numel() for _, layer in threshold_layers(model))
+    flops = training_flops(config, data.num_train, masks, macs, n_thresholds, n_weights)
+    new_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    report = ClientReport(model_thresholds(model), data.num_train, float(loss), flops)
+    return new_state, report
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, state: Mapping[str, torch.Tensor], data: ClientData, batch_size: int,
+             mask_layer: str | None = None) -> dict:
+    """A client's personalised model on its local test split: accuracy (%), mean loss, the
+    number of test samples, its densities (unweighted layer mean, weighted, per layer) and, if
+    ``mask_layer`` names a threshold layer, that layer's mask (bool ``[out]`` on the host)."""
+    model.load_state_dict(state)
+    model.eval()
+    correct = torch.zeros((), dtype=torch.long, device=data.test_x.device)
+    loss = torch.zeros((), device=data.test_x.device)
+    for i in range(0, data.num_test, batch_size):
+        logits = model(data.test_x[i : i + batch_size])
+        y = data.test_y[i : i + batch_size]
+        correct += (logits.argmax(1) == y).sum()
+        loss += F.cross_entropy(logits.float(), y, reduction="sum")
+    layers, active, total, mask = {}, 0, 0, None
+    for name, layer in threshold_layers(model):
+        m = layer.mask
+        if name == mask_layer:
+            mask = m
+        per_unit = layer.weight[0].numel()
+        layers[name] = m.float().mean()
+        active = active + m.sum() * per_unit
+        total += m.numel() * per_unit
+    n = data.num_test
+    values = torch.stack([correct.float(), loss, *layers.values(), torch.as_tensor(active, device=loss.device).float()])
+    values = values.cpu().tolist()  # the one host sync of an evaluation
+    per_layer = dict(zip(layers, values[2:-1], strict=True))
+    return {
+        "acc": 100.0 * values[0] / n if n else float("nan"),
+        "loss": values[1] / n if n else float("nan"),
+        "num_test": n,
+        "density": sum(per_layer.values()) / len(per_layer),
+        "density_weighted": values[-1] / total,
+        "layers": per_layer,
+        "mask": None if mask is None else mask.cpu(),
+    }

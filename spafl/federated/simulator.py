@@ -1,0 +1,449 @@
+"""The in-process federated loop: N clients on one device, driving the functions of ``protocol``.
+
+Only the sampled clients change in a round, so only they are re-evaluated; the others' cached
+results stand (evaluation is deterministic), and every round still reports all N clients.
+Checkpoints hold the whole run (server state, every client's weights and batch-norm buffers,
+cached evaluations, history) and are written atomically; since each round's randomness is keyed
+by ``(seed, round, client)``, a resumed run continues with exactly the history an uninterrupted
+run would have.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..convert import threshold_layers
+from .config import FedConfig, config_mismatch
+from .data import ImageDataset, client_data, load_dataset, split_digest, split_for_run
+from .models import build_model
+from .protocol import (
+    ServerState,
+    UpdateRejected,
+    aggregate,
+    broadcast,
+    client_round,
+    comm_bits_paper,
+    decode,
+    derived_seed,
+    encode,
+    evaluate,
+    init_server,
+    layer_macs,
+    penalty_coefficient,
+    sample_clients,
+    validate_update,
+)
+
+CHECKPOINT_VERSION = 1
+# History fields that measure the machine rather than the algorithm (excluded when comparing runs).
+TIMING_FIELDS = ("wall_s", "train_s", "eval_s")
+
+
+class FederatedWarning(UserWarning):
+    """A client was dropped from a round or its update was rejected (the run goes on)."""
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} requested but CUDA is not available")
+    return device
+
+
+def environment(device: torch.device) -> dict:
+    cpu = f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+    env = {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+    }
+    try:
+        import triton
+
+        env["triton"] = triton.__version__
+    except Exception:
+        env["triton"] = None
+    from .. import __version__
+
+    env["spafl"] = __version__
+    return env
+
+
+def _percentile10(values: np.ndarray) -> float:
+    return float(np.percentile(values, 10)) if len(values) else float("nan")
+
+
+class Simulator:
+    """SpaFL over ``config.num_clients`` in-process clients.
+
+    Args:
+        config: the run (validated here).
+        dataset: an :class:`ImageDataset` to use instead of reading ``config.dataset``.
+        model_fn: builds the (untrained) model instead of ``config.model``; it must contain
+            threshold layers (see :func:`spafl.sparsify`). Called once, after seeding.
+        out_dir: where the history, checkpoints and plots go (None: nowhere).
+        client_fn: the client's round (default :func:`protocol.client_round`); a different
+            function can inject faults or run the client elsewhere.
+        progress: draw a progress line on stderr.
+    """
+
+    def __init__(self, config: FedConfig, *, dataset: ImageDataset | None = None,
+                 model_fn: Callable[[], nn.Module] | None = None, out_dir: str | Path | None = None,
+                 client_fn: Callable = client_round, progress: bool = False, command: str | None = None):
+        self.config = config.validate()
+        self.device = resolve_device(config.device)
+        self.out_dir = Path(out_dir) if out_dir is not None else None
+        self.client_fn = client_fn
+        self.progress = progress
+        self.command = command
+        if dataset is None:
+            dataset = load_dataset(config.dataset, config.data_root, config.download)
+        self.dataset_name = dataset.name
+        self.image_shape = dataset.image_shape
+        train_idx, test_idx = split_for_run(dataset, config.num_clients, config.alpha, config.min_train_samples,
+                                            config.seed)
+        self.split_digest = split_digest(train_idx, test_idx)
+        self.clients = client_data(dataset, train_idx, test_idx, config.normalize, config.augment, self.device)
+
+        torch.manual_seed(derived_seed(config.seed, "init"))
+        layer_kwargs = dict(backend=config.backend, backward_mode=config.backward_mode,
+                            sample_fraction=config.sample_fraction, collapse_density=config.collapse_density)
+        model = model_fn() if model_fn is not None else build_model(config.model, dataset.num_classes, **layer_kwargs)
+        self.model = model.to(self.device)
+        self.layer_names = [name for name, _ in threshold_layers(self.model)]
+        if not self.layer_names:
+            raise ValueError("the model has no threshold layers (build it from spafl layers or call spafl.sparsify)")
+        self.mask_layer = config.mask_layer or self.layer_names[0]
+        if self.mask_layer not in self.layer_names:
+            raise ValueError(f"mask_layer {self.mask_layer!r} is not a threshold layer; layers: {self.layer_names}")
+        self.macs = layer_macs(self.model, self.image_shape, self.device)
+        self.num_thresholds = sum(layer.threshold.numel() for _, layer in threshold_layers(self.model))
+        self.num_weights = sum(layer.weight.numel() for _, layer in threshold_layers(self.model))
+        # Every client starts from the same initial model (one shared dict: client_round never
+        # mutates the state it is given, it returns a new one).
+        initial = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        self.client_states: list[dict[str, torch.Tensor]] = [initial] * config.num_clients
+        self.server: ServerState = init_server(self.model)
+        self.client_flops = np.zeros(config.num_clients)
+        self.eval_cache: list[dict | None] = [None] * config.num_clients
+        self.history: list[dict] = []
+        self.mask_history: list[np.ndarray] = []
+        self.totals = {"comm_bits_paper": 0.0, "bytes": 0, "wall_s": 0.0}
+        self._refresh(range(config.num_clients))
+
+    # --- one round --------------------------------------------------------------------
+
+    @property
+    def round(self) -> int:
+        return self.server.round
+
+    def _refresh(self, ids) -> float:
+        start = time.perf_counter()
+        for i in ids:
+            result = evaluate(self.model, self.client_states[i], self.clients[i], self.config.eval_batch_size,
+                              self.mask_layer)
+            result["collapse_resets"] = sum(int(v) for k, v in self.client_states[i].items()
+                                            if k.endswith("collapse_resets"))
+            self.eval_cache[i] = result
+        return time.perf_counter() - start
+
+    def run_round(self) -> dict:
+        """Run the next round and return its history row."""
+        cfg, t = self.config, self.round
+        start = time.perf_counter()
+        sampled = sample_clients(cfg.seed, t, cfg.num_clients, cfg.clients_per_round)
+        down = encode(broadcast(self.server, cfg.th_update))
+        expected = self.server.thresholds
+        accepted, errors, trained = [], [], []
+        dropped = rejected = 0
+        bytes_up, train_losses, round_flops = 0, [], 0.0
+        for cid in sampled:
+            try:
+                new_state, report = self.client_fn(self.model, self.client_states[cid], decode(down),
+                                                   self.clients[cid], cfg, t, cid, self.macs)
+            except Exception as e:  # the client failed mid-round: drop it from this round
+                dropped += 1
+                errors.append(f"client {cid} failed: {type(e).__name__}: {e}")
+                continue
+            # The client's own state is its business; the server only sees the uplink.
+            self.client_states[cid] = new_state
+            trained.append(cid)
+            self.client_flops[cid] += report.flops
+            round_flops += report.flops
+            train_losses.append(report.train_loss)
+            try:
+                up = encode(report.thresholds)
+                bytes_up += len(up)
+                update = decode(up)
+                validate_update(update, expected)
+            except (UpdateRejected, TypeError, ValueError) as e:
+                rejected += 1
+                errors.append(f"client {cid} update rejected: {e}")
+                continue
+            accepted.append(update)
+        self.server = aggregate(self.server, accepted)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        train_s = time.perf_counter() - start
+        eval_s = self._refresh(trained)
+        for message in errors:
+            warnings.warn(f"round {t}: {message}", FederatedWarning, stacklevel=2)
+        wall = time.perf_counter() - start
+        bits = comm_bits_paper(self.num_thresholds, cfg.clients_per_round)
+        bytes_down = len(down) * len(sampled)
+        self.totals["comm_bits_paper"] += bits
+        self.totals["bytes"] += bytes_down + bytes_up
+        self.totals["wall_s"] += wall
+        row = self._metrics(t)
+        row.update({
+            "sampled": " ".join(map(str, sampled)),
+            "participants": len(accepted),
+            "dropped": dropped,
+            "rejected": rejected,
+            "train_loss": float(np.mean(train_losses)) if train_losses else float("nan"),
+            "lr": cfg.lr * cfg.lr_decay**t,
+            "lambda": penalty_coefficient(cfg, t),
+            "comm_bits_paper": bits,
+            "comm_gbit_paper_total": self.totals["comm_bits_paper"] / 1e9,
+            "bytes_down": bytes_down,
+            "bytes_up": bytes_up,
+            "bytes_total": self.totals["bytes"],
+            "flops_round": round_flops / cfg.num_clients,
+            "flops_total": float(self.client_flops.sum() / cfg.num_clients),
+            "train_s": train_s,
+            "eval_s": eval_s,
+            "wall_s": wall,
+            "errors": errors,
+        })
+        self.history.append(row)
+        self.mask_history.append(np.stack([c["mask"].numpy() for c in self.eval_cache]).astype(np.uint8))
+        return row
+
+    def _metrics(self, t: int) -> dict:
+        cache = self.eval_cache
+        scored = [c for c in cache if c["num_test"] > 0]
+        acc = np.array([c["acc"] for c in scored])
+        n_test = np.array([c["num_test"] for c in scored])
+        loss = np.array([c["loss"] for c in scored])
+        row = {
+            "round": t,
+            "acc_mean": float(acc.mean()) if len(acc) else float("nan"),
+            "acc_weighted": float((acc * n_test).sum() / n_test.sum()) if len(acc) else float("nan"),
+            "acc_std": float(acc.std()) if len(acc) else float("nan"),
+            "acc_min": float(acc.min()) if len(acc) else float("nan"),
+            "acc_p10": _percentile10(acc),
+            "loss": float((loss * n_test).sum() / n_test.sum()) if len(acc) else float("nan"),
+            "clients_without_test_data": len(cache) - len(scored),
+            "density": float(np.mean([c["density"] for c in cache])),
+            "density_weighted": float(np.mean([c["density_weighted"] for c in cache])),
+            "collapse_resets": int(sum(c["collapse_resets"] for c in cache)),
+            "layers": {name: float(np.mean([c["layers"][name] for c in cache])) for name in self.layer_names},
+        }
+        return row
+
+    # --- the whole run ----------------------------------------------------------------
+
+    def run(self, rounds: int | None = None) -> list[dict]:
+        """Run until ``rounds`` (default ``config.rounds``) rounds are done, checkpointing every
+        ``config.checkpoint_every`` rounds and at the end; write the history; return it."""
+        target = self.config.rounds if rounds is None else rounds
+        bar = _Progress(target, self.round) if self.progress else None
+        while self.round < target:
+            row = self.run_round()
+            if bar is not None:
+                bar.update(row)
+            every = self.config.checkpoint_every
+            if self.out_dir is not None and ((every and self.round % every == 0) or self.round == target):
+                self.save_checkpoint()
+                self.write_history()
+        if bar is not None:
+            bar.close()
+        if self.out_dir is not None and not self.history:
+            self.write_history()
+        return self.history
+
+    def summary(self) -> dict:
+        if not self.history:
+            return {"rounds": 0}
+        best = max(self.history, key=lambda r: (r["acc_mean"], -r["round"]))
+        last = self.history[-1]
+        return {
+            "rounds": len(self.history),
+            "final_acc": last["acc_mean"],
+            "final_acc_std": last["acc_std"],
+            "final_density": last["density"],
+            "final_density_weighted": last["density_weighted"],
+            "best_acc": best["acc_mean"],
+            "best_round": best["round"],
+            "density_at_best": best["density"],
+            "comm_gbit_paper": last["comm_gbit_paper_total"],
+            "bytes_exchanged": last["bytes_total"],
+            "flops_per_client": last["flops_total"],
+            "wall_s": self.totals["wall_s"],
+            "mean_round_s": self.totals["wall_s"] / len(self.history),
+            "num_thresholds": self.num_thresholds,
+        }
+
+    # --- files ------------------------------------------------------------------------
+
+    def write_history(self) -> None:
+        """``history.csv`` (one row per round, per-layer densities as ``density:<layer>``
+        columns), ``history.json`` (rows, summary, config, environment), ``masks.npz``."""
+        out = self.out_dir
+        out.mkdir(parents=True, exist_ok=True)
+        meta = {"config": self.config.to_dict(), "environment": environment(self.device), "command": self.command,
+                "split_digest": self.split_digest, "num_thresholds": self.num_thresholds,
+                "num_weights": self.num_weights, "layers": self.layer_names, "macs_per_sample": self.macs,
+                "mask_layer": self.mask_layer, "summary": self.summary(), "history": self.history}
+        _atomic_write(out / "history.json", json.dumps(meta, indent=1).encode())
+        columns = [k for k in self.history[0] if k not in ("layers", "errors")] if self.history else []
+        columns += [f"density:{name}" for name in self.layer_names]
+        lines = _CsvLines(columns)
+        for row in self.history:
+            flat = {k: row[k] for k in columns if k in row}
+            flat.update({f"density:{k}": v for k, v in row["layers"].items()})
+            lines.add(flat)
+        _atomic_write(out / "history.csv", lines.text().encode())
+        if self.mask_history:
+            masks = np.stack(self.mask_history)
+            with tempfile.NamedTemporaryFile(dir=out, suffix=".npz", delete=False) as f:
+                np.savez_compressed(f, masks=masks, rounds=np.array([r["round"] for r in self.history]),
+                                    layer=self.mask_layer)
+            os.replace(f.name, out / "masks.npz")
+
+    def state_dict(self) -> dict:
+        return {
+            "version": CHECKPOINT_VERSION,
+            "config": self.config.to_dict(),
+            "dataset": self.dataset_name,
+            "split_digest": self.split_digest,
+            "server": self.server.state_dict(),
+            "client_states": self.client_states,
+            "client_flops": self.client_flops.copy(),
+            "eval_cache": self.eval_cache,
+            "history": self.history,
+            "mask_history": self.mask_history,
+            "totals": dict(self.totals),
+        }
+
+    def load_state_dict(self, ckpt: dict) -> None:
+        if ckpt.get("version") != CHECKPOINT_VERSION:
+            raise ValueError(f"checkpoint version {ckpt.get('version')!r}; this spafl reads {CHECKPOINT_VERSION}")
+        problems = config_mismatch(ckpt["config"], self.config)
+        if problems:
+            raise ValueError("the checkpoint was written by a different configuration:\n  " + "\n  ".join(problems))
+        if ckpt["split_digest"] != self.split_digest:
+            raise ValueError("the data split differs from the checkpoint's (different dataset files?)")
+        self.server = ServerState.from_state_dict(ckpt["server"])
+        self.client_states = [{k: v.to(self.device) for k, v in s.items()} for s in ckpt["client_states"]]
+        self.client_flops = np.asarray(ckpt["client_flops"], dtype=np.float64).copy()
+        self.eval_cache = ckpt["eval_cache"]
+        self.history = ckpt["history"]
+        self.mask_history = ckpt["mask_history"]
+        self.totals = dict(ckpt["totals"])
+
+    def save_checkpoint(self, path: str | Path | None = None) -> Path:
+        """Write the whole run to ``path`` (default ``<out_dir>/checkpoint.pt``) atomically: a
+        temporary file in the same folder, fsync'd, then renamed over the old checkpoint."""
+        path = Path(path) if path is not None else self.out_dir / "checkpoint.pt"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".checkpoint-", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                torch.save(self.state_dict(), f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+        return path
+
+    @classmethod
+    def resume(cls, path: str | Path, config: FedConfig | None = None, **kwargs) -> Simulator:
+        """Rebuild a run from a checkpoint (``path``: the file or its folder). ``config`` may
+        change only ``rounds``, ``checkpoint_every``, ``data_root``, ``download``, ``device``
+        and ``eval_batch_size``; by default the checkpoint's own configuration is used."""
+        path = Path(path)
+        file = path / "checkpoint.pt" if path.is_dir() else path
+        if not file.is_file():
+            raise FileNotFoundError(f"no checkpoint at {file}")
+        ckpt = torch.load(file, map_location="cpu", weights_only=False)
+        if config is None:
+            config = FedConfig(**ckpt["config"])
+        kwargs.setdefault("out_dir", file.parent)
+        sim = cls(config, **kwargs)
+        sim.load_state_dict(ckpt)
+        return sim
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+class _CsvLines:
+    def __init__(self, columns: list[str]):
+        import io
+
+        self.buffer = io.StringIO()
+        self.writer = csv.DictWriter(self.buffer, fieldnames=columns, lineterminator="\n")
+        self.writer.writeheader()
+
+    def add(self, row: dict) -> None:
+        self.writer.writerow(row)
+
+    def text(self) -> str:
+        return self.buffer.getvalue()
+
+
+class _Progress:
+    """A one-line progress bar on stderr (a line per ~5% when stderr is not a terminal)."""
+
+    def __init__(self, total: int, done: int):
+        self.total, self.start_done = total, done
+        self.start = time.perf_counter()
+        self.tty = sys.stderr.isatty()
+        self.step = max(1, total // 20)
+
+    def update(self, row: dict) -> None:
+        done = row["round"] + 1
+        elapsed = time.perf_counter() - self.start
+        rate = elapsed / max(done - self.start_done, 1)
+        filled = int(30 * done / self.total)
+        line = (f"[{'#' * filled}{'.' * (30 - filled)}] round {done}/{self.total}  acc {row['acc_mean']:.2f}%  "
+                f"density {row['density']:.3f}  {rate:.2f} s/round  eta {rate * (self.total - done):.0f} s")
+        if self.tty:
+            sys.stderr.write("\r" + line)
+            sys.stderr.flush()
+        elif done % self.step == 0 or done == self.total:
+            sys.stderr.write(line + "\n")
+
+    def close(self) -> None:
+        if self.tty:
+            sys.stderr.write("\n")
