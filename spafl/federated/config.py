@@ -150,6 +150,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "digits-cnn": dict(
         dataset="digits", model="digits-cnn", num_clients=20, clients_per_round=5, alpha=0.5, rounds=60,
         lr=0.05, th_coeff=0.002, local_epochs=2, batch_size=16, penalty_schedule="sigmoid", penalty_scheduler=1.0,
+        mask_layer="fc3",
     ),
     "fmnist-lenet5": dict(
         dataset="fmnist", model="lenet5", num_clients=100, clients_per_round=10, alpha=0.2, rounds=500,
