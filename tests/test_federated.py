@@ -329,7 +329,7 @@ def test_models(name, shape, classes, thresholds):
     assert out.shape == (2, classes)
     assert sum(v.numel() for v in protocol.model_thresholds(model).values()) == thresholds
     out.sum().backward()
-    assert all(layer.threshold.grad is not None for _, layer in __import__("spafl").threshold_layers(model))
+    assert all(layer.threshold.grad is not None for _, layer in spafl_layers(model))
 
 
 # --- end to end -----------------------------------------------------------------------
@@ -543,3 +543,39 @@ def test_plots(tmp_path):
     assert all(p.stat().st_size > 1000 for p in paths)
     masks = np.load(tmp_path / "masks.npz")["masks"]
     assert masks.shape == (2, 8, 16) and set(np.unique(masks)) <= {0, 1}
+
+
+def test_client_round_takes_global_thresholds_and_applies_the_update_before_training(monkeypatch):
+    data = synthetic(n_train=200, n_test=50)
+    sim = Simulator(small_config(rounds=1), dataset=data)
+    state = sim.client_states[0]
+    tau = {k: torch.rand_like(v) * 0.01 for k, v in sim.server.thresholds.items()}
+    delta = {k: torch.randn_like(v) * 0.01 for k, v in tau.items()}
+    message = {**{f"tau/{k}": v for k, v in tau.items()}, **{f"delta/{k}": v for k, v in delta.items()}}
+    seen = {}
+
+    def record(model, *args):
+        seen["tau"] = {name: layer.threshold.detach().clone() for name, layer in spafl_layers(model)}
+        seen["w"] = {name: layer.weight.detach().clone() for name, layer in spafl_layers(model)}
+        return torch.zeros(())
+
+    monkeypatch.setattr(protocol, "local_train", record)
+    new_state, report = protocol.client_round(sim.model, state, message, sim.clients[0], sim.config, 3, 0, sim.macs)
+    expected_model = build_model("digits-cnn", 10)
+    expected_model.load_state_dict(state)
+    protocol.threshold_guided_update(expected_model, delta)
+    for name, layer in spafl_layers(expected_model):
+        assert torch.equal(seen["tau"][name], tau[name])
+        assert torch.equal(seen["w"][name], layer.weight.detach())
+        assert torch.equal(report.thresholds[name], tau[name])
+    assert all(torch.equal(state[k], sim.client_states[0][k]) for k in state)  # the input state is untouched
+    assert not torch.equal(new_state["conv1.weight"], state["conv1.weight"])
+    protocol.client_round(sim.model, state, message, sim.clients[0], sim.config.replace(th_update=False), 3, 0,
+                          sim.macs)
+    assert torch.equal(seen["w"]["conv1"], state["conv1.weight"])
+
+
+def spafl_layers(model):
+    from spafl import threshold_layers
+
+    return threshold_layers(model)

@@ -310,7 +310,7 @@ class Simulator:
                 "split_digest": self.split_digest, "num_thresholds": self.num_thresholds,
                 "num_weights": self.num_weights, "layers": self.layer_names, "macs_per_sample": self.macs,
                 "mask_layer": self.mask_layer, "summary": self.summary(), "history": self.history}
-        _atomic_write(out / "history.json", json.dumps(meta, indent=1).encode())
+        _atomic_write(out / "history.json", lambda f: f.write(json.dumps(meta, indent=1).encode()))
         columns = [k for k in self.history[0] if k not in ("layers", "errors")] if self.history else []
         columns += [f"density:{name}" for name in self.layer_names]
         lines = _CsvLines(columns)
@@ -318,13 +318,12 @@ class Simulator:
             flat = {k: row[k] for k in columns if k in row}
             flat.update({f"density:{k}": v for k, v in row["layers"].items()})
             lines.add(flat)
-        _atomic_write(out / "history.csv", lines.text().encode())
+        _atomic_write(out / "history.csv", lambda f: f.write(lines.text().encode()))
         if self.mask_history:
             masks = np.stack(self.mask_history)
-            with tempfile.NamedTemporaryFile(dir=out, suffix=".npz", delete=False) as f:
-                np.savez_compressed(f, masks=masks, rounds=np.array([r["round"] for r in self.history]),
-                                    layer=self.mask_layer)
-            os.replace(f.name, out / "masks.npz")
+            rounds = np.array([r["round"] for r in self.history])
+            _atomic_write(out / "masks.npz",
+                          lambda f: np.savez_compressed(f, masks=masks, rounds=rounds, layer=self.mask_layer))
 
     def state_dict(self) -> dict:
         return {
@@ -362,17 +361,8 @@ class Simulator:
         temporary file in the same folder, fsync'd, then renamed over the old checkpoint."""
         path = Path(path) if path is not None else self.out_dir / "checkpoint.pt"
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".checkpoint-", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                torch.save(self.state_dict(), f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        state = self.state_dict()
+        _atomic_write(path, lambda f: torch.save(state, f))
         return path
 
     @classmethod
@@ -393,11 +383,13 @@ class Simulator:
         return sim
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
+def _atomic_write(path: Path, write: Callable) -> None:
+    """``write(file)`` into a temporary file beside ``path``, fsync it, rename it over ``path``:
+    a crash leaves either the old file or the new one, never a partial one."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
