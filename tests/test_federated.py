@@ -579,3 +579,22 @@ def spafl_layers(model):
     from spafl import threshold_layers
 
     return threshold_layers(model)
+
+
+def test_any_model_through_sparsify_and_models_without_threshold_layers():
+    from torch import nn
+
+    import spafl
+
+    def my_model():
+        return spafl.sparsify(nn.Sequential(nn.Conv2d(1, 6, 3), nn.ReLU(), nn.Flatten(), nn.Linear(6 * 36, 10)))
+
+    sim = Simulator(small_config(rounds=1), dataset=synthetic(n_train=200, n_test=50), model_fn=my_model)
+    assert sim.layer_names == ["0", "3"] and sim.num_thresholds == 16
+    row = sim.run()[0]
+    assert row["participants"] == 3 and set(row["layers"]) == {"0", "3"}
+    with pytest.raises(ValueError, match="no threshold layers"):
+        Simulator(small_config(), dataset=synthetic(n_train=200, n_test=50),
+                  model_fn=lambda: nn.Sequential(nn.Flatten(), nn.Linear(64, 10)))
+    with pytest.raises(ValueError, match="mask_layer 'fc9'"):
+        Simulator(small_config(mask_layer="fc9"), dataset=synthetic(n_train=200, n_test=50))
