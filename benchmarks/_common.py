@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import csv
-import platform
 import statistics
 import time
 from datetime import datetime, timezone
 
 import torch
 
-import spafl
+from spafl._env import environment  # noqa: F401  (re-exported to the benchmark scripts)
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -30,19 +29,6 @@ def time_ms(fn, device: torch.device, reps: int) -> tuple[float, float, float]:
         samples.append((time.perf_counter() - t0) * 1e3)
     q = statistics.quantiles(samples, n=10)
     return statistics.median(samples), q[1], q[7]
-
-
-def environment(device: torch.device) -> dict:
-    """Device name and library versions, stored beside every result row."""
-    name = torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or platform.machine()
-    env = {"device": name, "torch": torch.__version__, "spafl": spafl.__version__}
-    try:
-        import triton
-
-        env["triton"] = triton.__version__
-    except ImportError:
-        env["triton"] = ""
-    return env
 
 
 def timestamp() -> str:

@@ -598,3 +598,21 @@ def test_any_model_through_sparsify_and_models_without_threshold_layers():
                   model_fn=lambda: nn.Sequential(nn.Flatten(), nn.Linear(64, 10)))
     with pytest.raises(ValueError, match="mask_layer 'fc9'"):
         Simulator(small_config(mask_layer="fc9"), dataset=synthetic(n_train=200, n_test=50))
+
+
+def test_unusable_datasets_are_rejected_before_training():
+    cfg = small_config()
+    with pytest.raises(ValueError, match=r"takes \(1, 8, 8\) images but the dataset has \(1, 28, 28\)"):
+        Simulator(cfg, dataset=synthetic((1, 28, 28), n_train=200, n_test=50))
+    bad = synthetic(n_train=200, n_test=50)
+    bad.train_x[3, 0, 2, 2] = float("nan")
+    with pytest.raises(ValueError, match="train images hold non-finite values"):
+        Simulator(cfg, dataset=bad)
+    bad = synthetic(n_train=200, n_test=50)
+    bad.test_y[0] = 10
+    with pytest.raises(ValueError, match=r"test labels must be int64 in \[0, 10\)"):
+        Simulator(cfg, dataset=bad)
+    bad = synthetic(n_train=200, n_test=50)
+    bad.train_y = bad.train_y[:-1]
+    with pytest.raises(ValueError, match="labels \\[n\\]"):
+        Simulator(cfg, dataset=bad)

@@ -175,6 +175,11 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 DEFAULT_PRESET = "digits-cnn"
 
+def model_input_shape(model: str) -> tuple[int, int, int]:
+    """``(C, H, W)`` of the images a named model takes."""
+    return _MODEL_INPUTS[model]
+
+
 _FIELD_NAMES = frozenset(f.name for f in fields(FedConfig))
 
 

@@ -11,9 +11,9 @@ run would have.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .._env import environment
 from ..convert import threshold_layers
 from .config import FedConfig, config_mismatch
 from .data import ImageDataset, client_data, load_dataset, split_digest, split_for_run
@@ -65,23 +66,24 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def environment(device: torch.device) -> dict:
-    cpu = f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
-    env = {
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu,
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-    }
-    try:
-        import triton
+def _check_dataset(dataset: ImageDataset, config: FedConfig, custom_model: bool) -> None:
+    """Fail with a clear message on data the run cannot use (before any training)."""
+    from .config import model_input_shape
 
-        env["triton"] = triton.__version__
-    except Exception:
-        env["triton"] = None
-    from .. import __version__
-
-    env["spafl"] = __version__
-    return env
+    for split in ("train", "test"):
+        x, y = getattr(dataset, f"{split}_x"), getattr(dataset, f"{split}_y")
+        if x.dim() != 4 or y.dim() != 1 or x.shape[0] != y.shape[0]:
+            raise ValueError(f"dataset {split} split: expected images [n, C, H, W] and labels [n], "
+                             f"got {tuple(x.shape)} and {tuple(y.shape)}")
+        if x.dtype != torch.uint8 and not x.is_floating_point():
+            raise ValueError(f"dataset {split} images must be uint8 or floating point, got {x.dtype}")
+        if x.is_floating_point() and not bool(torch.isfinite(x).all()):
+            raise ValueError(f"dataset {split} images hold non-finite values")
+        if y.dtype != torch.int64 or (len(y) and (int(y.min()) < 0 or int(y.max()) >= dataset.num_classes)):
+            raise ValueError(f"dataset {split} labels must be int64 in [0, {dataset.num_classes})")
+    if not custom_model and tuple(dataset.image_shape) != model_input_shape(config.model):
+        raise ValueError(f"model {config.model!r} takes {model_input_shape(config.model)} images but the dataset "
+                         f"has {tuple(dataset.image_shape)}; pass model_fn= for another model")
 
 
 def _percentile10(values: np.ndarray) -> float:
@@ -113,6 +115,7 @@ class Simulator:
         self.command = command
         if dataset is None:
             dataset = load_dataset(config.dataset, config.data_root, config.download)
+        _check_dataset(dataset, config, custom_model=model_fn is not None)
         self.dataset_name = dataset.name
         self.image_shape = dataset.image_shape
         train_idx, test_idx = split_for_run(dataset, config.num_clients, config.alpha, config.min_train_samples,
@@ -313,12 +316,14 @@ class Simulator:
         _atomic_write(out / "history.json", lambda f: f.write(json.dumps(meta, indent=1).encode()))
         columns = [k for k in self.history[0] if k not in ("layers", "errors")] if self.history else []
         columns += [f"density:{name}" for name in self.layer_names]
-        lines = _CsvLines(columns)
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
+        writer.writeheader()
         for row in self.history:
             flat = {k: row[k] for k in columns if k in row}
             flat.update({f"density:{k}": v for k, v in row["layers"].items()})
-            lines.add(flat)
-        _atomic_write(out / "history.csv", lambda f: f.write(lines.text().encode()))
+            writer.writerow(flat)
+        _atomic_write(out / "history.csv", lambda f: f.write(buffer.getvalue().encode()))
         if self.mask_history:
             masks = np.stack(self.mask_history)
             rounds = np.array([r["round"] for r in self.history])
@@ -397,21 +402,6 @@ def _atomic_write(path: Path, write: Callable) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
-
-
-class _CsvLines:
-    def __init__(self, columns: list[str]):
-        import io
-
-        self.buffer = io.StringIO()
-        self.writer = csv.DictWriter(self.buffer, fieldnames=columns, lineterminator="\n")
-        self.writer.writeheader()
-
-    def add(self, row: dict) -> None:
-        self.writer.writerow(row)
-
-    def text(self) -> str:
-        return self.buffer.getvalue()
 
 
 class _Progress:
