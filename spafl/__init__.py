@@ -13,7 +13,7 @@ The Triton kernels are ``spafl.kernels`` (imported lazily; needs Triton).
 
 from . import reference
 from ._rowmask import RowMask
-from .convert import model_density, sparsify, threshold_for_density, threshold_layers, threshold_penalty
+from .convert import densify, model_density, sparsify, threshold_for_density, threshold_layers, threshold_penalty
 from .functional import (
     ThresholdConv2dFunction,
     ThresholdLinearFunction,
@@ -31,6 +31,7 @@ __all__ = [
     "ThresholdConv2dFunction",
     "ThresholdLinear",
     "ThresholdLinearFunction",
+    "densify",
     "model_density",
     "reference",
     "sparsify",

@@ -58,11 +58,28 @@ def sparsify(
             "sparsify converts the layers inside a model; call ThresholdLinear.from_dense or "
             "ThresholdConv2d.from_dense on a single layer"
         )
+    _replace(model, targets, lambda module: CONVERTERS[type(module)].from_dense(module, **layer_kwargs))
+    return model
+
+
+def densify(model: nn.Module) -> nn.Module:
+    """The inverse of :func:`sparsify`: replace, in place, every threshold layer of ``model`` by
+    the plain ``nn.Linear`` / ``nn.Conv2d`` computing the same function (pruned units' weights
+    zeroed, thresholds dropped), and return ``model``. Use it to export a trained model, or to
+    build the dense counterpart of a SpaFL architecture."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"densify expects an nn.Module, got {type(model).__name__}")
+    if isinstance(model, THRESHOLD_LAYER_TYPES):
+        raise TypeError("densify converts the layers inside a model; call .to_dense() on a single layer")
+    _replace(model, list(threshold_layers(model)), lambda module: module.to_dense())
+    return model
+
+
+def _replace(model: nn.Module, targets: list[tuple[str, nn.Module]], make: Callable[[nn.Module], nn.Module]) -> None:
     for name, module in targets:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, CONVERTERS[type(module)].from_dense(module, **layer_kwargs))
-    return model
+        setattr(parent, child, make(module))
 
 
 def threshold_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:

@@ -1,4 +1,5 @@
-"""``spafl train`` / ``spafl presets`` / ``spafl plot``: the simulator's command line.
+"""``spafl train`` / ``spafl compare`` / ``spafl presets`` / ``spafl plot``: the simulator's
+command line.
 
 Every :class:`FedConfig` field is a flag (``--num-clients``, ``--th-update/--no-th-update``,
 ``--clip none``...). Settings are layered preset < ``--config`` file < flags.
@@ -15,9 +16,14 @@ import typing
 import warnings
 from pathlib import Path
 
-from .config import DEFAULT_PRESET, PRESETS, FedConfig, build_config, load_config_file
+from .config import DEFAULT_PRESET, METHODS, PRESETS, FedConfig, build_config, load_config_file
 
 _HELP = {
+    "method": "spafl, fedavg (dense), local (no communication), sparsyfed, or topk (SparsyFed's ablation)",
+    "sparsity": "SparsyFed / Top-K target sparsity of the uploaded weights",
+    "beta": "SparsyFed's Powerpropagation exponent",
+    "spectral_exponent": "SparsyFed's hyperparameter-free variant: beta per layer from the spectral norm",
+    "lr_final": "decay the learning rate exponentially from --lr to this over the run ('none': lr * lr_decay**t)",
     "dataset": "digits (embedded), fmnist, cifar10 or cifar100",
     "data_root": "folder holding the dataset in torchvision's layout (e.g. ../shared/data)",
     "download": "let torchvision download the dataset (needs torchvision)",
@@ -53,6 +59,8 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
         help_text = _HELP.get(f.name, "") + f" (default {f.default!r})"
         if base is bool:
             group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        elif f.name == "method":
+            group.add_argument(flag, choices=METHODS, default=None, help=help_text)
         else:
             kind = _optional(base) if optional else base
             group.add_argument(flag, type=kind, default=None, dest=f.name, help=help_text,
@@ -74,12 +82,63 @@ def add_federated_commands(sub) -> None:
     _add_config_flags(train)
     train.set_defaults(func=_train)
 
+    compare = sub.add_parser("compare", help="run several methods with several seeds and tabulate them",
+                             formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    compare.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                         help=f"start from a preset (default {DEFAULT_PRESET}, or the config file's)")
+    compare.add_argument("--config", type=Path, default=None, help="a JSON or TOML file of settings")
+    compare.add_argument("--methods", type=_csv(str), default=list(METHODS), help="comma-separated methods")
+    compare.add_argument("--seeds", type=_csv(int), default=[0, 1, 2], help="comma-separated seeds")
+    compare.add_argument("--out", type=Path, default=None, help="folder (default runs/compare-<preset>)")
+    compare.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
+    _add_config_flags(compare)
+    compare.set_defaults(func=_compare)
+
     presets = sub.add_parser("presets", help="list the presets and their settings")
     presets.set_defaults(func=_presets)
 
     plot = sub.add_parser("plot", help="draw the plots of a run folder")
     plot.add_argument("run", type=Path)
     plot.set_defaults(func=_plot)
+
+
+def _csv(kind):
+    def parse(text: str) -> list:
+        items = [kind(x) for x in text.split(",") if x.strip()]
+        if not items:
+            raise argparse.ArgumentTypeError("expected a comma-separated list")
+        return items
+
+    parse.__name__ = f"list of {kind.__name__}"
+    return parse
+
+
+def _base_config(args: argparse.Namespace) -> tuple[FedConfig, str | None]:
+    file_values = load_config_file(args.config) if args.config else {}
+    preset = args.preset or (None if "preset" in file_values else DEFAULT_PRESET)
+    return build_config(preset, file_values, _overrides(args)), preset or file_values.get("preset")
+
+
+def _compare(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from .compare import run_comparison
+
+    if args.method is not None:
+        parser.error("compare runs --methods; --method is for spafl train")
+    command = "spafl " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    try:
+        config, preset = _base_config(args)
+        out = args.out or Path("runs") / f"compare-{preset or 'custom'}"
+        print(f"spafl compare: {', '.join(args.methods)} x seeds {args.seeds} on {config.dataset} / {config.model}, "
+              f"{config.rounds} rounds, into {out}")
+        runs = run_comparison(config, args.methods, args.seeds, out, progress=args.progress, command=command)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"spafl compare: {e}", file=sys.stderr)
+        return 2
+    from .compare import aggregate_runs, table_markdown
+
+    print(table_markdown(aggregate_runs(runs)), end="")
+    print(f"wrote {out / 'comparison.md'}, {out / 'comparison.csv'} and the run folders")
+    return 0
 
 
 def _overrides(args: argparse.Namespace) -> dict:
@@ -107,10 +166,9 @@ def _train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             sim = Simulator.resume(ckpt, config, progress=args.progress, command=command)
             print(f"resuming {args.out} at round {sim.round} of {config.rounds}")
         else:
-            file_values = load_config_file(args.config) if args.config else {}
-            preset = args.preset or (None if "preset" in file_values else DEFAULT_PRESET)
-            config = build_config(preset, file_values, overrides)
-            out = args.out or Path("runs") / f"{preset or file_values.get('preset', 'custom')}-seed{config.seed}"
+            config, preset = _base_config(args)
+            tag = "" if config.method == "spafl" else f"-{config.method}"
+            out = args.out or Path("runs") / f"{preset or 'custom'}{tag}-seed{config.seed}"
             if (out / "checkpoint.pt").exists() and not args.overwrite:
                 parser.error(f"{out} already holds a run; pass --resume to continue it or --overwrite to replace it")
             args.out = out
@@ -119,8 +177,9 @@ def _train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         print(f"spafl train: {e}", file=sys.stderr)
         return 2
     cfg = sim.config
-    print(f"spafl train: {cfg.dataset} / {cfg.model}, {cfg.num_clients} clients, {cfg.clients_per_round} per round, "
-          f"{cfg.rounds} rounds, alpha {cfg.alpha}, device {sim.device}, {sim.num_thresholds} thresholds, "
+    size = f"{sim.num_thresholds} thresholds" if cfg.method == "spafl" else f"{sim.num_weights} prunable weights"
+    print(f"spafl train: {cfg.method}, {cfg.dataset} / {cfg.model}, {cfg.num_clients} clients, "
+          f"{cfg.clients_per_round} per round, {cfg.rounds} rounds, alpha {cfg.alpha}, device {sim.device}, {size}, "
           f"run folder {args.out}")
     with warnings.catch_warnings():
         warnings.simplefilter("always")
@@ -136,7 +195,9 @@ def _print_summary(s: dict) -> None:
         print("no rounds run")
         return
     print(f"rounds {s['rounds']}: accuracy {s['final_acc']:.2f}% (std {s['final_acc_std']:.2f} over clients), "
-          f"best {s['best_acc']:.2f}% at round {s['best_round']} (density {s['density_at_best']:.3f})")
+          f"best {s['best_acc']:.2f}% at round {s['best_round']} (density {s['density_at_best']:.3f})"
+          + (f"; global model on the whole test set {s['final_acc_global']:.2f}%"
+             if s.get("final_acc_global") == s.get("final_acc_global") else ""))
     print(f"density {s['final_density']:.3f} (layer mean), {s['final_density_weighted']:.3f} (weighted); "
           f"communication {s['comm_gbit_paper']:.6g} Gbit by the paper's formula, "
           f"{s['bytes_exchanged'] / 1e6:.4g} MB serialised; training {s['flops_per_client']:.4g} FLOPs per client; "

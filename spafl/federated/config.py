@@ -13,6 +13,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+METHODS = ("spafl", "fedavg", "local", "sparsyfed", "topk")
 DATASETS = ("digits", "fmnist", "cifar10", "cifar100")
 MODELS = ("digits-cnn", "lenet5", "conv4", "vit", "resnet18")
 PENALTY_SCHEDULES = ("sigmoid", "constant")
@@ -40,8 +41,21 @@ class FedConfig:
     floats (``"raw"``, what the reference code feeds its FMNIST LeNet-5); CIFAR crop-and-flip
     ``augment``ation; ``drop_last`` partial batches; re-draw the split until every client has
     ``min_train_samples``.
+
+    Method (``spafl.federated.methods``): ``method`` is ``spafl``, ``fedavg`` (dense, sample-
+    weighted average of the whole model), ``local`` (no communication), ``sparsyfed``
+    (Powerpropagation with exponent ``beta``, or per layer from the spectral norm with
+    ``spectral_exponent``; activation pruning; one global Top-K at ``sparsity`` after local
+    training) or ``topk`` (SparsyFed's ablation: beta 1, no activation pruning). The training
+    settings above are shared by all methods (the threshold ones only apply to SpaFL); with
+    ``lr_final`` set, the learning rate decays exponentially from ``lr`` to ``lr_final`` over
+    ``rounds`` (SparsyFed's schedule) instead of ``lr * lr_decay**t``.
     """
 
+    method: str = "spafl"
+    sparsity: float = 0.9
+    beta: float = 1.25
+    spectral_exponent: bool = False
     # data
     dataset: str = "digits"
     data_root: str | None = None
@@ -67,6 +81,7 @@ class FedConfig:
     drop_last: bool = False
     lr: float = 0.05
     lr_decay: float = 1.0
+    lr_final: float | None = None
     momentum: float = 0.9
     weight_decay: float = 0.0
     clip: float | None = None
@@ -94,6 +109,13 @@ class FedConfig:
             if not ok:
                 errors.append(message)
 
+        need(self.method in METHODS, f"method must be one of {METHODS}, got {self.method!r}")
+        need(_is_real(self.sparsity) and 0 <= self.sparsity < 1, f"sparsity must be in [0, 1), got {self.sparsity!r}")
+        need(_is_real(self.beta) and self.beta >= 1, f"beta must be a finite number >= 1, got {self.beta!r}")
+        need(self.lr_final is None or (_is_real(self.lr_final) and self.lr_final > 0),
+             f"lr_final must be None or a positive number, got {self.lr_final!r}")
+        need(not (self.spectral_exponent and self.method != "sparsyfed"),
+             f"spectral_exponent is a SparsyFed setting; method is {self.method!r}")
         need(self.dataset in DATASETS, f"dataset must be one of {DATASETS}, got {self.dataset!r}")
         need(self.model in MODELS, f"model must be one of {MODELS}, got {self.model!r}")
         if self.dataset in DATASETS and self.model in MODELS:
@@ -240,8 +262,9 @@ RESUMABLE_CHANGES = frozenset({"rounds", "checkpoint_every", "data_root", "downl
 
 def config_mismatch(saved: dict[str, Any], current: FedConfig) -> list[str]:
     now = current.to_dict()
+    saved = {**FedConfig().to_dict(), **saved}  # settings added since the checkpoint: their defaults
     return [f"{k}: checkpoint {saved.get(k)!r} vs now {now[k]!r}" for k in sorted(now)
             if k not in RESUMABLE_CHANGES and saved.get(k) != now[k]]
 
 
-__all__ = ["DEFAULT_PRESET", "FedConfig", "PRESETS", "build_config", "load_config_file", "preset"]
+__all__ = ["DEFAULT_PRESET", "FedConfig", "METHODS", "PRESETS", "build_config", "load_config_file", "preset"]

@@ -65,3 +65,33 @@ def _save(fig, path: Path) -> Path:
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def plot_comparison(out: str | Path, runs: list[dict]) -> list[Path]:
+    """``accuracy_vs_round.png`` and ``accuracy_vs_gbit.png``: each method's mean personalised
+    accuracy over its seeds (band: min..max over seeds) against the round and against the
+    cumulative communication (log scale; local-only, which sends nothing, is left out)."""
+    out = Path(out)
+    methods = list(dict.fromkeys(r["method"] for r in runs))
+    fig_r, ax_r = plt.subplots(figsize=(6.4, 4))
+    fig_g, ax_g = plt.subplots(figsize=(6.4, 4))
+    for method in methods:
+        group = [r for r in runs if r["method"] == method]
+        n = min(len(r["history"]) for r in group)
+        acc = np.array([[row["acc_mean"] for row in r["history"][:n]] for r in group])
+        gbit = np.array([[row["comm_gbit_paper_total"] for row in r["history"][:n]] for r in group]).mean(0)
+        rounds = np.arange(1, n + 1)
+        line, = ax_r.plot(rounds, acc.mean(0), label=method)
+        if len(group) > 1:
+            ax_r.fill_between(rounds, acc.min(0), acc.max(0), alpha=0.2, color=line.get_color())
+        if gbit[-1] > 0:
+            ax_g.plot(gbit, acc.mean(0), label=method, color=line.get_color())
+    config = runs[0]["config"]
+    title = f"{config['dataset']} / {config['model']}, {len({r['seed'] for r in runs})} seed(s)"
+    ax_r.set(xlabel="round", ylabel="personalised test accuracy (%)", title=title)
+    ax_g.set(xlabel="cumulative communication (Gbit, log scale)", ylabel="personalised test accuracy (%)",
+             title=title, xscale="log")
+    for ax in (ax_r, ax_g):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    return [_save(fig_r, out / "accuracy_vs_round.png"), _save(fig_g, out / "accuracy_vs_gbit.png")]

@@ -129,20 +129,64 @@ def aggregate(state: ServerState, updates: list[Mapping[str, torch.Tensor]]) -> 
 # --- the wire format ----------------------------------------------------------------------
 
 _DTYPES = {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16", torch.int64: "i64"}
-_NP = {"f32": np.float32, "f16": np.float16, "i64": np.int64}
+_NP = {"f32": np.float32, "f16": np.float16, "bf16": np.int16, "i64": np.int64}
+_ITEMSIZE = {"f32": 4, "f16": 2, "bf16": 2, "i64": 8}
 
 
-def encode(tensors: Mapping[str, torch.Tensor]) -> bytes:
-    """Serialise ``{name: tensor}``: u32 header length, a JSON header ``{name: [dtype, shape]}``,
-    then each tensor's little-endian bytes in header order."""
+def _index_dtype(numel: int) -> str:
+    return "u16" if numel <= 1 << 16 else "u32" if numel <= 1 << 32 else "u64"
+
+
+_INDEX_NP = {"u16": np.uint16, "u32": np.uint32, "u64": np.uint64}
+
+
+def sparse_layout(numel: int, nnz: int, itemsize: int) -> tuple[str, int]:
+    """The smallest encoding of a tensor with ``nnz`` non-zeros and its size in bytes:
+    ``"dense"`` (every value), ``"bitmap"`` (the non-zero values plus one bit per entry) or
+    ``"index"`` (the non-zero values plus their flat positions as u16/u32/u64). Ties go to the
+    simpler encoding, in that order."""
+    index_size = {"u16": 2, "u32": 4, "u64": 8}[_index_dtype(numel)]
+    sizes = {"dense": numel * itemsize, "bitmap": nnz * itemsize + -(-numel // 8),
+             "index": nnz * (itemsize + index_size)}
+    kind = min(sizes, key=lambda k: (sizes[k], list(sizes).index(k)))
+    return kind, sizes[kind]
+
+
+def _le_bytes(arr: np.ndarray) -> bytes:
+    return arr.astype(arr.dtype.newbyteorder("<"), copy=False).tobytes()
+
+
+def encode(tensors: Mapping[str, torch.Tensor], sparse: bool = False) -> bytes:
+    """Serialise ``{name: tensor}``: u32 header length, a JSON header, then each tensor's
+    little-endian bytes in header order.
+
+    The header maps each name to ``[dtype, shape]`` (dense) or, with ``sparse=True`` and when
+    smaller (:func:`sparse_layout`), to ``[dtype, shape, "bitmap", nnz]`` (non-zero values, then
+    a little-endian bit per entry) or ``[dtype, shape, "index", nnz, index dtype]`` (non-zero
+    values, then their flat positions)."""
     header, blobs = {}, []
     for name, t in tensors.items():
         if t.dtype not in _DTYPES:
             raise TypeError(f"{name}: cannot encode dtype {t.dtype}")
+        dtype = _DTYPES[t.dtype]
         t = t.detach().cpu().contiguous()
-        header[name] = [_DTYPES[t.dtype], list(t.shape)]
-        raw = t.view(torch.int16) if t.dtype == torch.bfloat16 else t
-        blobs.append(raw.numpy().astype(raw.numpy().dtype.newbyteorder("<"), copy=False).tobytes())
+        flat = (t.view(torch.int16) if t.dtype == torch.bfloat16 else t).reshape(-1).numpy()
+        kind = "dense"
+        if sparse:
+            nonzero = (t != 0).reshape(-1).numpy()
+            nnz = int(nonzero.sum())
+            kind, _ = sparse_layout(flat.size, nnz, _ITEMSIZE[dtype])
+        if kind == "dense":
+            header[name] = [dtype, list(t.shape)]
+            blobs.append(_le_bytes(flat))
+        elif kind == "bitmap":
+            header[name] = [dtype, list(t.shape), "bitmap", nnz]
+            blobs += [_le_bytes(flat[nonzero]), np.packbits(nonzero, bitorder="little").tobytes()]
+        else:
+            index = _index_dtype(flat.size)
+            header[name] = [dtype, list(t.shape), "index", nnz, index]
+            positions = np.flatnonzero(nonzero).astype(_INDEX_NP[index])
+            blobs += [_le_bytes(flat[nonzero]), _le_bytes(positions)]
     head = json.dumps(header, separators=(",", ":")).encode()
     return struct.pack("<I", len(head)) + head + b"".join(blobs)
 
@@ -156,20 +200,60 @@ def decode(payload: bytes) -> Tensors:
         header = json.loads(payload[4 : 4 + n])
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ValueError(f"malformed payload header: {e}") from e
-    offset, out = 4 + n, {}
-    for name, (dtype, shape) in header.items():
-        np_dtype = np.int16 if dtype == "bf16" else _NP[dtype]
-        count = math.prod(shape)
+    offset = 4 + n
+
+    def take(name: str, np_dtype, count: int) -> np.ndarray:
+        nonlocal offset
         size = count * np.dtype(np_dtype).itemsize
         if offset + size > len(payload):
             raise ValueError(f"payload truncated in {name}")
         arr = np.frombuffer(payload, dtype=np.dtype(np_dtype).newbyteorder("<"), count=count, offset=offset)
-        t = torch.from_numpy(arr.astype(np_dtype)).reshape(shape)
-        out[name] = t.view(torch.bfloat16) if dtype == "bf16" else t
         offset += size
+        return arr.astype(np_dtype)
+
+    out = {}
+    for name, entry in header.items():
+        dtype, shape, *layout = entry
+        if dtype not in _NP:
+            raise ValueError(f"{name}: unknown dtype {dtype!r}")
+        count = math.prod(shape)
+        if not layout:
+            flat = take(name, _NP[dtype], count)
+        else:
+            kind, nnz = layout[0], int(layout[1])
+            if not 0 <= nnz <= count:
+                raise ValueError(f"{name}: {nnz} non-zeros in a tensor of {count}")
+            values = take(name, _NP[dtype], nnz)
+            if kind == "bitmap":
+                bits = take(name, np.uint8, -(-count // 8))
+                positions = np.flatnonzero(np.unpackbits(bits, count=count, bitorder="little"))
+            elif kind == "index" and len(layout) == 3 and layout[2] in _INDEX_NP:
+                positions = take(name, _INDEX_NP[layout[2]], nnz).astype(np.int64)
+            else:
+                raise ValueError(f"{name}: unknown layout {layout!r}")
+            if len(positions) != nnz or (nnz and (positions[0] < 0 or positions[-1] >= count
+                                                  or bool((np.diff(positions) <= 0).any()))):
+                raise ValueError(f"{name}: positions do not match its {nnz} non-zeros")
+            flat = np.zeros(count, dtype=_NP[dtype])
+            flat[positions] = values
+        t = torch.from_numpy(flat).reshape(shape)
+        out[name] = t.view(torch.bfloat16) if dtype == "bf16" else t
     if offset != len(payload):
         raise ValueError(f"payload has {len(payload) - offset} trailing bytes")
     return out
+
+
+def payload_bits(tensors: Mapping[str, torch.Tensor], sparse: bool = False) -> int:
+    """Bits of the tensors' data in :func:`encode`'s layout, without the header: what the
+    papers count (32 bits per float32 value sent, plus the bitmap or indices of a sparse one)."""
+    total = 0
+    for t in tensors.values():
+        itemsize = t.element_size()
+        if sparse:
+            total += sparse_layout(t.numel(), int(torch.count_nonzero(t)), itemsize)[1]
+        else:
+            total += t.numel() * itemsize
+    return 8 * total
 
 
 # --- client -------------------------------------------------------------------------------
@@ -197,14 +281,23 @@ def threshold_guided_update(model: nn.Module, delta: Mapping[str, torch.Tensor])
 
 @dataclass
 class ClientReport:
-    """What a client's round produced besides its new state: the uplink (its thresholds) and
-    local statistics (not sent in SpaFL; used for logging and accounting)."""
+    """What a client's round produced besides its new state: the uplink ``update`` (SpaFL: its
+    thresholds) and local statistics (not sent in SpaFL; used for logging and accounting)."""
 
-    thresholds: Tensors
+    update: Tensors
     num_samples: int
     train_loss: float
     flops: float
     stats: dict = field(default_factory=dict)
+
+    @property
+    def thresholds(self) -> Tensors:
+        """SpaFL's name for the uplink."""
+        return self.update
+
+    @thresholds.setter
+    def thresholds(self, value: Tensors) -> None:
+        self.update = value
 
 
 def set_thresholds(model: nn.Module, tau: Mapping[str, torch.Tensor]) -> None:
@@ -217,13 +310,22 @@ def num_batches(n: int, batch_size: int, drop_last: bool) -> int:
     return n // batch_size if drop_last else -(-n // batch_size)
 
 
+def learning_rate(config: FedConfig, round_index: int) -> float:
+    """``lr * lr_decay**t``, or with ``lr_final`` set, SparsyFed's exponential schedule from
+    ``lr`` at round 0 to ``lr_final`` at round ``rounds``: ``lr * (lr_final / lr)**(t / rounds)``."""
+    if config.lr_final is not None:
+        return config.lr * math.exp(round_index / config.rounds * math.log(config.lr_final / config.lr))
+    return config.lr * config.lr_decay**round_index
+
+
 def local_train(model: nn.Module, data: ClientData, config: FedConfig, round_index: int,
-                generator: torch.Generator) -> torch.Tensor:
-    """SpaFL's local objective with a fresh SGD optimiser; returns the mean training loss (a
-    device tensor: no host sync inside the loop)."""
-    lr = config.lr * config.lr_decay**round_index
+                generator: torch.Generator, penalty: bool = True) -> torch.Tensor:
+    """Local training with a fresh SGD optimiser: SpaFL's objective (cross-entropy plus the
+    threshold penalty), or plain cross-entropy with ``penalty=False``. Returns the mean
+    training loss (a device tensor: no host sync inside the loop)."""
+    lr = learning_rate(config, round_index)
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=config.momentum, weight_decay=config.weight_decay)
-    lam = penalty_coefficient(config, round_index)
+    lam = penalty_coefficient(config, round_index) if penalty else 0.0
     n, b = data.num_train, config.batch_size
     steps = num_batches(n, b, config.drop_last)
     device = data.train_x.device
@@ -249,13 +351,14 @@ def local_train(model: nn.Module, data: ClientData, config: FedConfig, round_ind
     return total / max(seen, 1)
 
 
-def layer_macs(model: nn.Module, image_shape: tuple[int, ...], device: torch.device) -> dict[str, int]:
-    """Multiply-adds of each threshold layer for ONE sample at full density: ``out * in/groups *
-    kh * kw * H_out * W_out`` for a conv and ``out * in`` per row for a linear layer (rows per
-    sample: 1 for the paper's CNNs, the token count for the ViT)."""
+def layer_macs(model: nn.Module, image_shape: tuple[int, ...], device: torch.device,
+               layers: list[tuple[str, nn.Module]] | None = None) -> dict[str, int]:
+    """Multiply-adds of each threshold layer (or of ``layers``) for ONE sample at full density:
+    ``out * in/groups * kh * kw * H_out * W_out`` for a conv and ``out * in`` per row for a
+    linear layer (rows per sample: 1 for the paper's CNNs, the token count for the ViT)."""
     macs: dict[str, int] = {}
     hooks = []
-    for name, layer in threshold_layers(model):
+    for name, layer in (threshold_layers(model) if layers is None else layers):
         def hook(module, _inputs, output, name=name):
             per_out = module.weight[0].numel()  # in/groups * kh * kw, or in
             macs[name] = int(output[0].numel()) * per_out  # output[0]: one sample
@@ -287,9 +390,11 @@ def training_flops(config: FedConfig, num_train: int, masks: Mapping[str, torch.
                    num_thresholds: int, num_weights: int) -> float:
     """The paper's count for one client's round (a multiply-add is one FLOP): forward =
     ``local_epochs * |D_k| * sum_l density_l * MACs_l``, backward = 2 * forward, plus
-    ``T * batches_per_epoch + n_weights`` for the thresholds (the reference's count). The
-    densities are those at the end of local training."""
-    dense = sum(float(masks[k].float().mean()) * macs[k] for k in macs)
+    ``T * batches_per_epoch + n_weights`` for the thresholds (the reference's count; pass 0 for
+    a method without thresholds). ``masks[l]``: SpaFL's unit mask, or for an unstructured
+    method a tensor whose mean is the layer's fraction of non-zero weights; the densities are
+    those at the end of local training."""
+    dense = sum(float(torch.as_tensor(masks[k]).float().mean()) * macs[k] for k in macs)
     forward = config.local_epochs * num_train * dense
     return 3.0 * forward + num_thresholds * num_batches(num_train, config.batch_size, config.drop_last) + num_weights
 
@@ -318,13 +423,33 @@ def client_round(model: nn.Module, state: Mapping[str, torch.Tensor], message: M
     return new_state, report
 
 
+def layer_densities(layers: list[tuple[str, nn.Module]]) -> tuple[dict[str, torch.Tensor], torch.Tensor, int]:
+    """``({layer: density}, active weights, prunable weights)`` on the device. A threshold
+    layer's density is its fraction of active units (each carries ``weight[0].numel()``
+    weights); any other layer's is its fraction of non-zero weights."""
+    per_layer, active, total = {}, [], 0
+    for name, layer in layers:
+        if hasattr(layer, "threshold"):
+            m = layer.mask
+            per_layer[name] = m.float().mean()
+            active.append(m.sum() * layer.weight[0].numel())
+        else:
+            nz = layer.weight != 0
+            per_layer[name] = nz.float().mean()
+            active.append(nz.sum())
+        total += layer.weight.numel()
+    return per_layer, torch.stack(active).sum() if active else torch.zeros(()), total
+
+
 @torch.no_grad()
-def evaluate(model: nn.Module, state: Mapping[str, torch.Tensor], data: ClientData, batch_size: int,
-             mask_layer: str | None = None) -> dict:
-    """A client's personalised model on its local test split: accuracy (%), mean loss, the
-    number of test samples, its densities (unweighted layer mean, weighted, per layer) and, if
-    ``mask_layer`` names a threshold layer, that layer's mask (bool ``[out]`` on the host)."""
-    model.load_state_dict(state)
+def evaluate(model: nn.Module, state: Mapping[str, torch.Tensor] | None, data: ClientData, batch_size: int,
+             mask_layer: str | None = None, layers: list[tuple[str, nn.Module]] | None = None) -> dict:
+    """A model on ``data``'s test split: accuracy (%), mean loss, the number of test samples,
+    its densities (unweighted layer mean, weighted, per layer; over the threshold layers, or
+    over ``layers``) and, if ``mask_layer`` names a threshold layer, its unit mask (bool
+    ``[out]`` on the host). ``state`` is loaded first unless None (already loaded)."""
+    if state is not None:
+        model.load_state_dict(state)
     model.eval()
     correct = torch.zeros((), dtype=torch.long, device=data.test_x.device)
     loss = torch.zeros((), device=data.test_x.device)
@@ -333,25 +458,22 @@ def evaluate(model: nn.Module, state: Mapping[str, torch.Tensor], data: ClientDa
         y = data.test_y[i : i + batch_size]
         correct += (logits.argmax(1) == y).sum()
         loss += F.cross_entropy(logits.float(), y, reduction="sum")
-    layers, active, total, mask = {}, 0, 0, None
-    for name, layer in threshold_layers(model):
-        m = layer.mask
-        if name == mask_layer:
-            mask = m
-        per_unit = layer.weight[0].numel()
-        layers[name] = m.float().mean()
-        active = active + m.sum() * per_unit
-        total += m.numel() * per_unit
+    layers = list(threshold_layers(model)) if layers is None else layers
+    per_layer_t, active, total = layer_densities(layers)
+    mask = None
+    if mask_layer is not None:
+        layer = dict(layers).get(mask_layer)
+        mask = layer.mask if layer is not None and hasattr(layer, "threshold") else None
     n = data.num_test
-    values = torch.stack([correct.float(), loss, *layers.values(), torch.as_tensor(active, device=loss.device).float()])
+    values = torch.stack([correct.float(), loss, *per_layer_t.values(), active.to(loss.device).float()])
     values = values.cpu().tolist()  # the one host sync of an evaluation
-    per_layer = dict(zip(layers, values[2:-1], strict=True))
+    per_layer = dict(zip(per_layer_t, values[2:-1], strict=True))
     return {
         "acc": 100.0 * values[0] / n if n else float("nan"),
         "loss": values[1] / n if n else float("nan"),
         "num_test": n,
-        "density": sum(per_layer.values()) / len(per_layer),
-        "density_weighted": values[-1] / total,
+        "density": sum(per_layer.values()) / len(per_layer) if per_layer else float("nan"),
+        "density_weighted": values[-1] / total if total else float("nan"),
         "layers": per_layer,
         "mask": None if mask is None else mask.cpu(),
     }

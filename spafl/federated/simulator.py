@@ -1,4 +1,5 @@
-"""The in-process federated loop: N clients on one device, driving the functions of ``protocol``.
+"""The in-process federated loop: N clients on one device, driving a method's functions
+(:mod:`.methods`: SpaFL through :mod:`.protocol`, or a baseline).
 
 Only the sampled clients change in a round, so only they are re-evaluated; the others' cached
 results stand (evaluation is deterministic), and every round still reports all N clients.
@@ -29,23 +30,18 @@ from .._env import environment
 from ..convert import threshold_layers
 from .config import FedConfig, config_mismatch
 from .data import ImageDataset, client_data, load_dataset, split_digest, split_for_run
+from .methods import make_method
 from .models import build_model
 from .protocol import (
-    ServerState,
     UpdateRejected,
-    aggregate,
-    broadcast,
-    client_round,
-    comm_bits_paper,
     decode,
     derived_seed,
     encode,
     evaluate,
-    init_server,
     layer_macs,
+    learning_rate,
     penalty_coefficient,
     sample_clients,
-    validate_update,
 )
 
 CHECKPOINT_VERSION = 1
@@ -91,26 +87,29 @@ def _percentile10(values: np.ndarray) -> float:
 
 
 class Simulator:
-    """SpaFL over ``config.num_clients`` in-process clients.
+    """``config.method`` (SpaFL by default) over ``config.num_clients`` in-process clients.
 
     Args:
         config: the run (validated here).
         dataset: an :class:`ImageDataset` to use instead of reading ``config.dataset``.
-        model_fn: builds the (untrained) model instead of ``config.model``; it must contain
-            threshold layers (see :func:`spafl.sparsify`). Called once, after seeding.
+        model_fn: builds the (untrained) model instead of ``config.model``; for SpaFL it must
+            contain threshold layers (see :func:`spafl.sparsify`); the other methods convert
+            it (:func:`spafl.densify`, Powerpropagation). Called once, after seeding.
         out_dir: where the history, checkpoints and plots go (None: nowhere).
-        client_fn: the client's round (default :func:`protocol.client_round`); a different
-            function can inject faults or run the client elsewhere.
+        client_fn: the client's round (default: the method's ``client_round``, for SpaFL
+            :func:`protocol.client_round`); a different function can inject faults or run the
+            client elsewhere.
         progress: draw a progress line on stderr.
     """
 
     def __init__(self, config: FedConfig, *, dataset: ImageDataset | None = None,
                  model_fn: Callable[[], nn.Module] | None = None, out_dir: str | Path | None = None,
-                 client_fn: Callable = client_round, progress: bool = False, command: str | None = None):
+                 client_fn: Callable | None = None, progress: bool = False, command: str | None = None):
         self.config = config.validate()
+        self.method = make_method(self.config)
         self.device = resolve_device(config.device)
         self.out_dir = Path(out_dir) if out_dir is not None else None
-        self.client_fn = client_fn
+        self.client_fn = client_fn if client_fn is not None else self.method.client_round
         self.progress = progress
         self.command = command
         if dataset is None:
@@ -122,28 +121,40 @@ class Simulator:
                                             config.seed)
         self.split_digest = split_digest(train_idx, test_idx)
         self.clients = client_data(dataset, train_idx, test_idx, config.normalize, config.augment, self.device)
+        # The whole test set, for the global model of the non-personalised methods.
+        self.global_test = None
+        if not self.method.personalised:
+            everything = np.arange(len(dataset.test_y))
+            self.global_test = client_data(dataset, [everything[:0]], [everything], config.normalize, False,
+                                           self.device)[0]
 
         torch.manual_seed(derived_seed(config.seed, "init"))
         layer_kwargs = dict(backend=config.backend, backward_mode=config.backward_mode,
                             sample_fraction=config.sample_fraction, collapse_density=config.collapse_density)
         model = model_fn() if model_fn is not None else build_model(config.model, dataset.num_classes, **layer_kwargs)
-        self.model = model.to(self.device)
-        self.layer_names = [name for name, _ in threshold_layers(self.model)]
+        self.model = self.method.prepare_model(model.to(self.device))
+        self.prunable = self.method.prunable(self.model)
+        self.layer_names = [name for name, _ in self.prunable]
         if not self.layer_names:
-            raise ValueError("the model has no threshold layers (build it from spafl layers or call spafl.sparsify)")
-        self.mask_layer = config.mask_layer or self.layer_names[0]
-        if self.mask_layer not in self.layer_names:
-            raise ValueError(f"mask_layer {self.mask_layer!r} is not a threshold layer; layers: {self.layer_names}")
-        self.macs = layer_macs(self.model, self.image_shape, self.device)
+            raise ValueError(f"the model has no layer that {self.method.name} prunes or counts")
+        self.mask_layer = None
+        if self.method.name == "spafl":
+            self.mask_layer = config.mask_layer or self.layer_names[0]
+            if self.mask_layer not in self.layer_names:
+                raise ValueError(f"mask_layer {self.mask_layer!r} is not a threshold layer; layers: {self.layer_names}")
+        self.macs = layer_macs(self.model, self.image_shape, self.device, layers=self.prunable)
         self.num_thresholds = sum(layer.threshold.numel() for _, layer in threshold_layers(self.model))
-        self.num_weights = sum(layer.weight.numel() for _, layer in threshold_layers(self.model))
-        # Every client starts from the same initial model (one shared dict: client_round never
-        # mutates the state it is given, it returns a new one).
+        self.num_weights = sum(layer.weight.numel() for _, layer in self.prunable)
+        # Every client of a personalised method starts from the same initial model (one shared
+        # dict: a client's round never mutates the state it is given, it returns a new one);
+        # the clients of a global method hold nothing between rounds.
         initial = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
-        self.client_states: list[dict[str, torch.Tensor]] = [initial] * config.num_clients
-        self.server: ServerState = init_server(self.model)
+        self.client_states: list[dict[str, torch.Tensor] | None] = (
+            [initial] * config.num_clients if self.method.personalised else [None] * config.num_clients)
+        self.server = self.method.init_server(self.model)
         self.client_flops = np.zeros(config.num_clients)
         self.eval_cache: list[dict | None] = [None] * config.num_clients
+        self.global_eval: dict | None = None
         self.history: list[dict] = []
         self.mask_history: list[np.ndarray] = []
         self.totals = {"comm_bits_paper": 0.0, "bytes": 0, "wall_s": 0.0}
@@ -156,59 +167,78 @@ class Simulator:
         return self.server.round
 
     def _refresh(self, ids) -> float:
+        """Evaluate clients ``ids`` (personalised methods) or the global model on every client
+        and on the whole test set (global methods)."""
         start = time.perf_counter()
+        method, batch = self.method, self.config.eval_batch_size
+        if not method.personalised:
+            ids = range(self.config.num_clients)
+            method.load(self.model, self.server, None)
         for i in ids:
-            result = evaluate(self.model, self.client_states[i], self.clients[i], self.config.eval_batch_size,
-                              self.mask_layer)
-            result["collapse_resets"] = sum(int(v) for k, v in self.client_states[i].items()
-                                            if k.endswith("collapse_resets"))
+            state = self.client_states[i]
+            if method.personalised:
+                method.load(self.model, self.server, state)
+            result = evaluate(self.model, None, self.clients[i], batch, self.mask_layer, self.prunable)
+            result["collapse_resets"] = sum(int(v) for k, v in (state or {}).items() if k.endswith("collapse_resets"))
             self.eval_cache[i] = result
+        if self.global_test is not None:
+            self.global_eval = evaluate(self.model, None, self.global_test, batch, None, self.prunable)
         return time.perf_counter() - start
 
     def run_round(self) -> dict:
         """Run the next round and return its history row."""
-        cfg, t = self.config, self.round
+        cfg, t, method = self.config, self.round, self.method
         start = time.perf_counter()
         sampled = sample_clients(cfg.seed, t, cfg.num_clients, cfg.clients_per_round)
-        down = encode(broadcast(self.server, cfg.th_update))
-        expected = self.server.thresholds
-        accepted, errors, trained = [], [], []
+        message = method.broadcast(self.server) if method.communicates else {}
+        down = encode(message, sparse=method.sparse_wire) if method.communicates else b""
+        accepted, weights, reports, errors, trained = [], [], [], [], []
         dropped = rejected = 0
-        bytes_up, train_losses, round_flops = 0, [], 0.0
+        bytes_up, nnz_up, train_losses, round_flops = 0, 0, [], 0.0
         for cid in sampled:
             try:
-                new_state, report = self.client_fn(self.model, self.client_states[cid], decode(down),
+                received = decode(down) if method.communicates else {}
+                new_state, report = self.client_fn(self.model, self.client_states[cid], received,
                                                    self.clients[cid], cfg, t, cid, self.macs)
             except Exception as e:  # the client failed mid-round: drop it from this round
                 dropped += 1
                 errors.append(f"client {cid} failed: {type(e).__name__}: {e}")
                 continue
             # The client's own state is its business; the server only sees the uplink.
-            self.client_states[cid] = new_state
+            if method.personalised:
+                self.client_states[cid] = new_state
             trained.append(cid)
             self.client_flops[cid] += report.flops
             round_flops += report.flops
             train_losses.append(report.train_loss)
+            if not method.communicates:
+                continue
             try:
-                up = encode(report.thresholds)
+                up = encode(report.update, sparse=method.sparse_wire)
                 bytes_up += len(up)
                 update = decode(up)
-                validate_update(update, expected)
+                method.validate_update(update, self.server)
             except (UpdateRejected, TypeError, ValueError) as e:
                 rejected += 1
                 errors.append(f"client {cid} update rejected: {e}")
                 continue
             accepted.append(update)
-        self.server = aggregate(self.server, accepted)
+            weights.append(report.num_samples)
+            reports.append(report)
+            nnz_up += sum(int(torch.count_nonzero(v)) for v in update.values())
+        before = self.server
+        self.server = method.aggregate(self.server, accepted, weights)
+        extra = method.round_metrics(before, self.server, reports)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         train_s = time.perf_counter() - start
         eval_s = self._refresh(trained)
-        for message in errors:
-            warnings.warn(f"round {t}: {message}", FederatedWarning, stacklevel=2)
+        for text in errors:
+            warnings.warn(f"round {t}: {text}", FederatedWarning, stacklevel=2)
         wall = time.perf_counter() - start
-        bits = comm_bits_paper(self.num_thresholds, cfg.clients_per_round)
+        bits = method.paper_bits(message, accepted, len(sampled))
         bytes_down = len(down) * len(sampled)
+        nnz_down = sum(int(torch.count_nonzero(v)) for v in message.values()) * len(sampled)
         self.totals["comm_bits_paper"] += bits
         self.totals["bytes"] += bytes_down + bytes_up
         self.totals["wall_s"] += wall
@@ -219,22 +249,26 @@ class Simulator:
             "dropped": dropped,
             "rejected": rejected,
             "train_loss": float(np.mean(train_losses)) if train_losses else float("nan"),
-            "lr": cfg.lr * cfg.lr_decay**t,
-            "lambda": penalty_coefficient(cfg, t),
+            "lr": learning_rate(cfg, t),
+            "lambda": penalty_coefficient(cfg, t) if method.name == "spafl" else 0.0,
             "comm_bits_paper": bits,
             "comm_gbit_paper_total": self.totals["comm_bits_paper"] / 1e9,
             "bytes_down": bytes_down,
             "bytes_up": bytes_up,
             "bytes_total": self.totals["bytes"],
+            "nnz_down": nnz_down,
+            "nnz_up": nnz_up,
             "flops_round": round_flops / cfg.num_clients,
             "flops_total": float(self.client_flops.sum() / cfg.num_clients),
             "train_s": train_s,
             "eval_s": eval_s,
             "wall_s": wall,
+            **extra,
             "errors": errors,
         })
         self.history.append(row)
-        self.mask_history.append(np.stack([c["mask"].numpy() for c in self.eval_cache]).astype(np.uint8))
+        if self.mask_layer is not None:
+            self.mask_history.append(np.stack([c["mask"].numpy() for c in self.eval_cache]).astype(np.uint8))
         return row
 
     def _metrics(self, t: int) -> dict:
@@ -257,6 +291,9 @@ class Simulator:
             "collapse_resets": int(sum(c["collapse_resets"] for c in cache)),
             "layers": {name: float(np.mean([c["layers"][name] for c in cache])) for name in self.layer_names},
         }
+        if self.global_eval is not None:  # the global model on the whole test set
+            row["acc_global"] = self.global_eval["acc"]
+            row["loss_global"] = self.global_eval["loss"]
         return row
 
     # --- the whole run ----------------------------------------------------------------
@@ -286,8 +323,10 @@ class Simulator:
         best = max(self.history, key=lambda r: (r["acc_mean"], -r["round"]))
         last = self.history[-1]
         return {
+            "method": self.method.name,
             "rounds": len(self.history),
             "final_acc": last["acc_mean"],
+            "final_acc_global": last.get("acc_global", float("nan")),
             "final_acc_std": last["acc_std"],
             "final_density": last["density"],
             "final_density_weighted": last["density_weighted"],
@@ -297,6 +336,7 @@ class Simulator:
             "comm_gbit_paper": last["comm_gbit_paper_total"],
             "bytes_exchanged": last["bytes_total"],
             "flops_per_client": last["flops_total"],
+            "final_global_sparsity": last.get("global_sparsity", float("nan")),
             "wall_s": self.totals["wall_s"],
             "mean_round_s": self.totals["wall_s"] / len(self.history),
             "num_thresholds": self.num_thresholds,
@@ -337,6 +377,7 @@ class Simulator:
             "dataset": self.dataset_name,
             "split_digest": self.split_digest,
             "server": self.server.state_dict(),
+            "global_eval": self.global_eval,
             "client_states": self.client_states,
             "client_flops": self.client_flops.copy(),
             "eval_cache": self.eval_cache,
@@ -353,8 +394,10 @@ class Simulator:
             raise ValueError("the checkpoint was written by a different configuration:\n  " + "\n  ".join(problems))
         if ckpt["split_digest"] != self.split_digest:
             raise ValueError("the data split differs from the checkpoint's (different dataset files?)")
-        self.server = ServerState.from_state_dict(ckpt["server"])
-        self.client_states = [{k: v.to(self.device) for k, v in s.items()} for s in ckpt["client_states"]]
+        self.server = type(self.server).from_state_dict(ckpt["server"])
+        self.global_eval = ckpt.get("global_eval")
+        self.client_states = [None if s is None else {k: v.to(self.device) for k, v in s.items()}
+                              for s in ckpt["client_states"]]
         self.client_flops = np.asarray(ckpt["client_flops"], dtype=np.float64).copy()
         self.eval_cache = ckpt["eval_cache"]
         self.history = ckpt["history"]

@@ -1,0 +1,145 @@
+"""Run several methods with several seeds on one configuration and tabulate them like the
+paper's Table 2 (accuracy mean +- std over seeds, communication, FLOPs, wall time).
+
+Each (method, seed) is an ordinary run folder ``<out>/<method>-seed<seed>`` with its own
+checkpoint: an interrupted comparison resumes where it stopped, a finished run is not redone,
+and asking for more rounds extends the runs already there.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import warnings
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+
+from .config import METHODS, FedConfig
+from .simulator import Simulator, _atomic_write
+
+METHOD_LABELS = {"spafl": "SpaFL", "fedavg": "FedAvg (dense)", "local": "Local only", "sparsyfed": "SparsyFed",
+                 "topk": "Top-K"}
+RUN_COLUMNS = ("method", "seed", "rounds", "final_acc", "final_acc_std", "best_acc", "final_acc_global",
+               "final_density_weighted", "final_global_sparsity", "comm_gbit_paper", "bytes_exchanged",
+               "flops_per_client", "wall_s", "mean_round_s")
+
+
+def run_folder(out: Path, method: str, seed: int) -> Path:
+    return Path(out) / f"{method}-seed{seed}"
+
+
+def run_comparison(config: FedConfig, methods: Iterable[str], seeds: Iterable[int], out: str | Path,
+                   progress: bool = False, command: str | None = None, log=print) -> list[dict]:
+    """Run (or resume, or reuse) every ``method`` x ``seed`` with ``config``'s other settings;
+    write the table and return one summary per run."""
+    out = Path(out)
+    methods, seeds = list(methods), list(seeds)
+    unknown = sorted(set(methods) - set(METHODS))
+    if unknown or not methods:
+        raise ValueError(f"unknown or no methods {unknown}; methods: {METHODS}")
+    if not seeds:
+        raise ValueError("give at least one seed")
+    configs = [config.replace(method=m, seed=s, spectral_exponent=config.spectral_exponent and m == "sparsyfed")
+               .validate() for s in seeds for m in methods]  # every method's first seed first
+    for cfg in configs:
+        folder = run_folder(out, cfg.method, cfg.seed)
+        ckpt = folder / "checkpoint.pt"
+        if ckpt.is_file():
+            sim = Simulator.resume(ckpt, cfg, progress=progress, command=command)
+            state = "done" if sim.round >= cfg.rounds else f"resuming at round {sim.round}"
+        else:
+            sim = Simulator(cfg, out_dir=folder, progress=progress, command=command)
+            state = "starting"
+        log(f"{cfg.method} seed {cfg.seed}: {state} ({cfg.rounds} rounds) in {folder}")
+        with warnings.catch_warnings():
+            warnings.simplefilter("always")
+            sim.run()
+    runs = [load_run(run_folder(out, c.method, c.seed)) for c in configs]
+    write_table(out, runs)
+    return runs
+
+
+def load_run(folder: Path) -> dict:
+    meta = json.loads((Path(folder) / "history.json").read_text())
+    summary = dict(meta["summary"])
+    summary.setdefault("method", meta["config"].get("method", "spafl"))
+    summary["seed"] = meta["config"]["seed"]
+    summary["config"] = meta["config"]
+    summary["environment"] = meta["environment"]
+    summary["history"] = meta["history"]
+    summary["folder"] = str(folder)
+    return summary
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    v = np.array([x for x in values if x == x], dtype=float)
+    if not len(v):
+        return float("nan"), float("nan")
+    return float(v.mean()), float(v.std())
+
+
+def aggregate_runs(runs: list[dict]) -> list[dict]:
+    """One row per method: mean (and std over seeds) of each run's final values."""
+    rows = []
+    for method in dict.fromkeys(r["method"] for r in runs):
+        group = [r for r in runs if r["method"] == method]
+        acc, acc_std = _mean_std([r["final_acc"] for r in group])
+        glob, glob_std = _mean_std([r.get("final_acc_global", float("nan")) for r in group])
+        rows.append({
+            "method": method,
+            "seeds": len(group),
+            "rounds": min(r["rounds"] for r in group),
+            "acc": acc, "acc_std": acc_std,
+            "acc_global": glob, "acc_global_std": glob_std,
+            "density_weighted": _mean_std([r["final_density_weighted"] for r in group])[0],
+            "comm_gbit": _mean_std([r["comm_gbit_paper"] for r in group])[0],
+            "megabytes": _mean_std([r["bytes_exchanged"] / 1e6 for r in group])[0],
+            "flops": _mean_std([r["flops_per_client"] for r in group])[0],
+            "wall_s": _mean_std([r["wall_s"] for r in group])[0],
+            "round_s": _mean_std([r["mean_round_s"] for r in group])[0],
+        })
+    return rows
+
+
+def _fmt(x: float, spec: str) -> str:
+    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
+
+
+def table_markdown(rows: list[dict]) -> str:
+    lines = ["| method | seeds | rounds | accuracy (%) | global-model accuracy (%) | density | comm (Gbit) "
+             "| serialised (MB) | FLOPs per client | wall (s) | s / round |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        glob = "-" if math.isnan(r["acc_global"]) else f"{r['acc_global']:.2f} +- {r['acc_global_std']:.2f}"
+        lines.append(
+            f"| {METHOD_LABELS.get(r['method'], r['method'])} | {r['seeds']} | {r['rounds']} "
+            f"| {_fmt(r['acc'], '.2f')} +- {_fmt(r['acc_std'], '.2f')} | {glob} "
+            f"| {_fmt(r['density_weighted'], '.3f')} | {_fmt(r['comm_gbit'], '.4g')} | {_fmt(r['megabytes'], '.4g')} "
+            f"| {_fmt(r['flops'], '.3g')} | {_fmt(r['wall_s'], '.1f')} | {_fmt(r['round_s'], '.2f')} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_table(out: Path, runs: list[dict]) -> list[Path]:
+    """``comparison.csv`` (one row per run), ``comparison.md`` (per method) and, with
+    matplotlib, ``accuracy_vs_round.png`` and ``accuracy_vs_gbit.png``."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=RUN_COLUMNS, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    for r in runs:
+        writer.writerow({k: r.get(k, "") for k in RUN_COLUMNS})
+    _atomic_write(out / "comparison.csv", lambda f: f.write(buffer.getvalue().encode()))
+    rows = aggregate_runs(runs)
+    text = table_markdown(rows)
+    _atomic_write(out / "comparison.md", lambda f: f.write(text.encode()))
+    written = [out / "comparison.csv", out / "comparison.md"]
+    try:
+        from .plots import plot_comparison
+    except ImportError:
+        return written
+    return written + plot_comparison(out, runs)
