@@ -391,7 +391,9 @@ def test_models_of_every_method_build_from_the_same_architecture():
     for method in ("spafl", "fedavg", "sparsyfed"):
         sim = Simulator(small_config(method=method, rounds=1))
         assert [n for n, _ in sim.prunable] == ["conv1", "conv2", "fc3", "fc4"]
-    assert isinstance(GlobalState({}).state_dict(), dict)
+    state = GlobalState({"w": torch.ones(2)}, 3)
+    again = GlobalState.from_state_dict(state.state_dict())
+    assert again.round == 3 and torch.equal(again.params["w"], torch.ones(2))
 
 
 # --- the comparison -----------------------------------------------------------------------
@@ -416,6 +418,8 @@ def test_compare_runs_every_method_and_seed_and_resumes(tmp_path, capsys):
     assert load_run(tmp_path / "fedavg-seed0")["rounds"] == 3
     with pytest.raises(ValueError, match="methods"):
         run_comparison(cfg, ["fedprox"], [0], tmp_path)
+    with pytest.raises(ValueError, match="seed"):
+        run_comparison(cfg, ["fedavg"], [], tmp_path)
 
 
 def test_cli_compare_and_train_method(tmp_path, capsys):
