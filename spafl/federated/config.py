@@ -197,6 +197,16 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 DEFAULT_PRESET = "digits-cnn"
 
+_DATASET_CLASSES = {"digits": 10, "fmnist": 10, "cifar10": 10, "cifar100": 100}
+
+
+def dataset_classes(dataset: str) -> int:
+    """The number of classes of a named dataset (known without reading it)."""
+    if dataset not in _DATASET_CLASSES:
+        raise ValueError(f"unknown dataset {dataset!r}; datasets: {DATASETS}")
+    return _DATASET_CLASSES[dataset]
+
+
 def model_input_shape(model: str) -> tuple[int, int, int]:
     """``(C, H, W)`` of the images a named model takes."""
     return _MODEL_INPUTS[model]

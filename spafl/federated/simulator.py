@@ -30,7 +30,7 @@ from .._env import environment
 from ..convert import threshold_layers
 from .config import FedConfig, config_mismatch
 from .data import ImageDataset, client_data, load_dataset, split_digest, split_for_run
-from .methods import make_method
+from .methods import Method, make_method
 from .models import build_model
 from .protocol import (
     UpdateRejected,
@@ -62,7 +62,7 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def _check_dataset(dataset: ImageDataset, config: FedConfig, custom_model: bool) -> None:
+def check_dataset(dataset: ImageDataset, config: FedConfig, custom_model: bool) -> None:
     """Fail with a clear message on data the run cannot use (before any training)."""
     from .config import model_input_shape
 
@@ -84,6 +84,157 @@ def _check_dataset(dataset: ImageDataset, config: FedConfig, custom_model: bool)
 
 def _percentile10(values: np.ndarray) -> float:
     return float(np.percentile(values, 10)) if len(values) else float("nan")
+
+
+def whole_test_set(dataset: ImageDataset, config: FedConfig, device: torch.device):
+    """The dataset's whole test split as one client's data (no training samples): where a
+    global model is evaluated besides every client's own test split."""
+    everything = np.arange(len(dataset.test_y))
+    return client_data(dataset, [everything[:0]], [everything], config.normalize, False, device)[0]
+
+
+def initial_model(config: FedConfig, method: Method, num_classes: int, device: torch.device,
+                  model_fn: Callable[[], nn.Module] | None = None) -> nn.Module:
+    """The run's initial model, the same in every process that builds it: seeded from
+    ``config.seed``, built from ``config.model`` (or ``model_fn``), converted by the method."""
+    torch.manual_seed(derived_seed(config.seed, "init"))
+    layer_kwargs = dict(backend=config.backend, backward_mode=config.backward_mode,
+                        sample_fraction=config.sample_fraction, collapse_density=config.collapse_density)
+    model = model_fn() if model_fn is not None else build_model(config.model, num_classes, **layer_kwargs)
+    return method.prepare_model(model.to(device))
+
+
+def client_metrics(round_index: int, evaluations: list[dict], layer_names: list[str],
+                   global_eval: dict | None = None) -> dict:
+    """A round's accuracy, loss and density columns from every client's latest evaluation
+    (:func:`protocol.evaluate` results, plus ``collapse_resets``) and, for a global method, the
+    global model's on the whole test set."""
+    scored = [c for c in evaluations if c["num_test"] > 0]
+    acc = np.array([c["acc"] for c in scored])
+    n_test = np.array([c["num_test"] for c in scored])
+    loss = np.array([c["loss"] for c in scored])
+    row = {
+        "round": round_index,
+        "acc_mean": float(acc.mean()) if len(acc) else float("nan"),
+        "acc_weighted": float((acc * n_test).sum() / n_test.sum()) if len(acc) else float("nan"),
+        "acc_std": float(acc.std()) if len(acc) else float("nan"),
+        "acc_min": float(acc.min()) if len(acc) else float("nan"),
+        "acc_p10": _percentile10(acc),
+        "loss": float((loss * n_test).sum() / n_test.sum()) if len(acc) else float("nan"),
+        "clients_without_test_data": len(evaluations) - len(scored),
+        "density": float(np.mean([c["density"] for c in evaluations])),
+        "density_weighted": float(np.mean([c["density_weighted"] for c in evaluations])),
+        "collapse_resets": int(sum(c["collapse_resets"] for c in evaluations)),
+        "layers": {name: float(np.mean([c["layers"][name] for c in evaluations])) for name in layer_names},
+    }
+    if global_eval is not None:  # the global model on the whole test set
+        row["acc_global"] = global_eval["acc"]
+        row["loss_global"] = global_eval["loss"]
+    return row
+
+
+class RoundTally:
+    """One round's outcome, client by client, as the server sees it; the simulator and the
+    Flower server (:mod:`spafl.flower`) both fill one and take the history columns from it.
+
+    ``drop`` a client that failed, ``trained`` one that finished (its report), ``receive``
+    its uplink bytes (decoded and validated here: a bad update is rejected, not aggregated),
+    or ``reject`` an uplink that could not be read at all."""
+
+    def __init__(self, method: Method, server):
+        self.method, self.server = method, server
+        self.accepted: list[dict[str, torch.Tensor]] = []
+        self.weights: list[int] = []
+        self.reports: list = []
+        self.errors: list[str] = []
+        self.trained_ids: list[int] = []
+        self.train_losses: list[float] = []
+        self.dropped = self.rejected = self.bytes_up = self.nnz_up = 0
+        self.flops = 0.0
+
+    def drop(self, cid: int, reason: str) -> None:
+        self.dropped += 1
+        self.errors.append(f"client {cid} failed: {reason}")
+
+    def trained(self, cid: int, report) -> None:
+        self.trained_ids.append(cid)
+        self.flops += report.flops
+        self.train_losses.append(report.train_loss)
+
+    def reject(self, cid: int, reason: str) -> None:
+        self.rejected += 1
+        self.errors.append(f"client {cid} update rejected: {reason}")
+
+    def receive(self, cid: int, report, up: bytes) -> None:
+        self.bytes_up += len(up)
+        try:
+            update = decode(up)
+            self.method.validate_update(update, self.server)
+        except (UpdateRejected, TypeError, ValueError) as e:
+            self.reject(cid, str(e))
+            return
+        self.accepted.append(update)
+        self.weights.append(report.num_samples)
+        self.reports.append(report)
+        self.nnz_up += sum(int(torch.count_nonzero(v)) for v in update.values())
+
+    def warn(self, round_index: int) -> None:
+        for text in self.errors:
+            warnings.warn(f"round {round_index}: {text}", FederatedWarning, stacklevel=3)
+
+    def columns(self, config: FedConfig, t: int, message: dict[str, torch.Tensor], down_bytes: int, totals: dict,
+                client_flops: np.ndarray, timings: dict, extra: dict) -> dict:
+        """The round's history columns after the client metrics; adds the round to ``totals``."""
+        method, sampled = self.method, config.clients_per_round
+        bits = method.paper_bits(message, self.accepted, sampled)
+        bytes_down = down_bytes * sampled
+        totals["comm_bits_paper"] += bits
+        totals["bytes"] += bytes_down + self.bytes_up
+        totals["wall_s"] += timings.get("wall_s", 0.0)
+        return {
+            "sampled": " ".join(map(str, sample_clients(config.seed, t, config.num_clients, sampled))),
+            "participants": len(self.accepted),
+            "dropped": self.dropped,
+            "rejected": self.rejected,
+            "train_loss": float(np.mean(self.train_losses)) if self.train_losses else float("nan"),
+            "lr": learning_rate(config, t),
+            "lambda": penalty_coefficient(config, t) if method.name == "spafl" else 0.0,
+            "comm_bits_paper": bits,
+            "comm_gbit_paper_total": totals["comm_bits_paper"] / 1e9,
+            "bytes_down": bytes_down,
+            "bytes_up": self.bytes_up,
+            "bytes_total": totals["bytes"],
+            "nnz_down": sum(int(torch.count_nonzero(v)) for v in message.values()) * sampled,
+            "nnz_up": self.nnz_up,
+            "flops_round": self.flops / config.num_clients,
+            "flops_total": float(client_flops.sum() / config.num_clients),
+            **timings,
+            **extra,
+            "errors": self.errors,
+        }
+
+
+def write_history(out: Path, meta: dict, history: list[dict], layer_names: list[str],
+                  mask_history: list[np.ndarray] | None = None, mask_layer: str | None = None) -> None:
+    """``history.csv`` (one row per round, per-layer densities as ``density:<layer>``
+    columns), ``history.json`` (``meta`` plus the rows), ``masks.npz`` (when there are masks),
+    each written atomically."""
+    out.mkdir(parents=True, exist_ok=True)
+    _atomic_write(out / "history.json", lambda f: f.write(json.dumps({**meta, "history": history}, indent=1).encode()))
+    columns = [k for k in history[0] if k not in ("layers", "errors")] if history else []
+    columns += [f"density:{name}" for name in layer_names]
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
+    writer.writeheader()
+    for row in history:
+        flat = {k: row[k] for k in columns if k in row}
+        flat.update({f"density:{k}": v for k, v in row["layers"].items()})
+        writer.writerow(flat)
+    _atomic_write(out / "history.csv", lambda f: f.write(buffer.getvalue().encode()))
+    if mask_history:
+        masks = np.stack(mask_history)
+        rounds = np.array([r["round"] for r in history])
+        _atomic_write(out / "masks.npz", lambda f: np.savez_compressed(f, masks=masks, rounds=rounds, layer=mask_layer))
 
 
 class Simulator:
@@ -114,7 +265,7 @@ class Simulator:
         self.command = command
         if dataset is None:
             dataset = load_dataset(config.dataset, config.data_root, config.download)
-        _check_dataset(dataset, config, custom_model=model_fn is not None)
+        check_dataset(dataset, config, custom_model=model_fn is not None)
         self.dataset_name = dataset.name
         self.image_shape = dataset.image_shape
         train_idx, test_idx = split_for_run(dataset, config.num_clients, config.alpha, config.min_train_samples,
@@ -122,17 +273,9 @@ class Simulator:
         self.split_digest = split_digest(train_idx, test_idx)
         self.clients = client_data(dataset, train_idx, test_idx, config.normalize, config.augment, self.device)
         # The whole test set, for the global model of the non-personalised methods.
-        self.global_test = None
-        if not self.method.personalised:
-            everything = np.arange(len(dataset.test_y))
-            self.global_test = client_data(dataset, [everything[:0]], [everything], config.normalize, False,
-                                           self.device)[0]
+        self.global_test = None if self.method.personalised else whole_test_set(dataset, config, self.device)
 
-        torch.manual_seed(derived_seed(config.seed, "init"))
-        layer_kwargs = dict(backend=config.backend, backward_mode=config.backward_mode,
-                            sample_fraction=config.sample_fraction, collapse_density=config.collapse_density)
-        model = model_fn() if model_fn is not None else build_model(config.model, dataset.num_classes, **layer_kwargs)
-        self.model = self.method.prepare_model(model.to(self.device))
+        self.model = initial_model(config, self.method, dataset.num_classes, self.device, model_fn)
         self.prunable = self.method.prunable(self.model)
         self.layer_names = [name for name, _ in self.prunable]
         if not self.layer_names:
@@ -192,109 +335,41 @@ class Simulator:
         sampled = sample_clients(cfg.seed, t, cfg.num_clients, cfg.clients_per_round)
         message = method.broadcast(self.server) if method.communicates else {}
         down = encode(message, sparse=method.sparse_wire) if method.communicates else b""
-        accepted, weights, reports, errors, trained = [], [], [], [], []
-        dropped = rejected = 0
-        bytes_up, nnz_up, train_losses, round_flops = 0, 0, [], 0.0
+        tally = RoundTally(method, self.server)
         for cid in sampled:
             try:
                 received = decode(down) if method.communicates else {}
                 new_state, report = self.client_fn(self.model, self.client_states[cid], received,
                                                    self.clients[cid], cfg, t, cid, self.macs)
             except Exception as e:  # the client failed mid-round: drop it from this round
-                dropped += 1
-                errors.append(f"client {cid} failed: {type(e).__name__}: {e}")
+                tally.drop(cid, f"{type(e).__name__}: {e}")
                 continue
             # The client's own state is its business; the server only sees the uplink.
             if method.personalised:
                 self.client_states[cid] = new_state
-            trained.append(cid)
             self.client_flops[cid] += report.flops
-            round_flops += report.flops
-            train_losses.append(report.train_loss)
-            if not method.communicates:
-                continue
-            try:
-                up = encode(report.update, sparse=method.sparse_wire)
-                bytes_up += len(up)
-                update = decode(up)
-                method.validate_update(update, self.server)
-            except (UpdateRejected, TypeError, ValueError) as e:
-                rejected += 1
-                errors.append(f"client {cid} update rejected: {e}")
-                continue
-            accepted.append(update)
-            weights.append(report.num_samples)
-            reports.append(report)
-            nnz_up += sum(int(torch.count_nonzero(v)) for v in update.values())
+            tally.trained(cid, report)
+            if method.communicates:
+                tally.receive(cid, report, encode(report.update, sparse=method.sparse_wire))
         before = self.server
-        self.server = method.aggregate(self.server, accepted, weights)
-        extra = method.round_metrics(before, self.server, reports)
+        self.server = method.aggregate(self.server, tally.accepted, tally.weights)
+        extra = method.round_metrics(before, self.server, tally.reports)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         train_s = time.perf_counter() - start
-        eval_s = self._refresh(trained)
-        for text in errors:
-            warnings.warn(f"round {t}: {text}", FederatedWarning, stacklevel=2)
+        eval_s = self._refresh(tally.trained_ids)
+        tally.warn(t)
         wall = time.perf_counter() - start
-        bits = method.paper_bits(message, accepted, len(sampled))
-        bytes_down = len(down) * len(sampled)
-        nnz_down = sum(int(torch.count_nonzero(v)) for v in message.values()) * len(sampled)
-        self.totals["comm_bits_paper"] += bits
-        self.totals["bytes"] += bytes_down + bytes_up
-        self.totals["wall_s"] += wall
         row = self._metrics(t)
-        row.update({
-            "sampled": " ".join(map(str, sampled)),
-            "participants": len(accepted),
-            "dropped": dropped,
-            "rejected": rejected,
-            "train_loss": float(np.mean(train_losses)) if train_losses else float("nan"),
-            "lr": learning_rate(cfg, t),
-            "lambda": penalty_coefficient(cfg, t) if method.name == "spafl" else 0.0,
-            "comm_bits_paper": bits,
-            "comm_gbit_paper_total": self.totals["comm_bits_paper"] / 1e9,
-            "bytes_down": bytes_down,
-            "bytes_up": bytes_up,
-            "bytes_total": self.totals["bytes"],
-            "nnz_down": nnz_down,
-            "nnz_up": nnz_up,
-            "flops_round": round_flops / cfg.num_clients,
-            "flops_total": float(self.client_flops.sum() / cfg.num_clients),
-            "train_s": train_s,
-            "eval_s": eval_s,
-            "wall_s": wall,
-            **extra,
-            "errors": errors,
-        })
+        row.update(tally.columns(cfg, t, message, len(down), self.totals, self.client_flops,
+                                 {"train_s": train_s, "eval_s": eval_s, "wall_s": wall}, extra))
         self.history.append(row)
         if self.mask_layer is not None:
             self.mask_history.append(np.stack([c["mask"].numpy() for c in self.eval_cache]).astype(np.uint8))
         return row
 
     def _metrics(self, t: int) -> dict:
-        cache = self.eval_cache
-        scored = [c for c in cache if c["num_test"] > 0]
-        acc = np.array([c["acc"] for c in scored])
-        n_test = np.array([c["num_test"] for c in scored])
-        loss = np.array([c["loss"] for c in scored])
-        row = {
-            "round": t,
-            "acc_mean": float(acc.mean()) if len(acc) else float("nan"),
-            "acc_weighted": float((acc * n_test).sum() / n_test.sum()) if len(acc) else float("nan"),
-            "acc_std": float(acc.std()) if len(acc) else float("nan"),
-            "acc_min": float(acc.min()) if len(acc) else float("nan"),
-            "acc_p10": _percentile10(acc),
-            "loss": float((loss * n_test).sum() / n_test.sum()) if len(acc) else float("nan"),
-            "clients_without_test_data": len(cache) - len(scored),
-            "density": float(np.mean([c["density"] for c in cache])),
-            "density_weighted": float(np.mean([c["density_weighted"] for c in cache])),
-            "collapse_resets": int(sum(c["collapse_resets"] for c in cache)),
-            "layers": {name: float(np.mean([c["layers"][name] for c in cache])) for name in self.layer_names},
-        }
-        if self.global_eval is not None:  # the global model on the whole test set
-            row["acc_global"] = self.global_eval["acc"]
-            row["loss_global"] = self.global_eval["loss"]
-        return row
+        return client_metrics(t, self.eval_cache, self.layer_names, self.global_eval)
 
     # --- the whole run ----------------------------------------------------------------
 
@@ -347,28 +422,11 @@ class Simulator:
     def write_history(self) -> None:
         """``history.csv`` (one row per round, per-layer densities as ``density:<layer>``
         columns), ``history.json`` (rows, summary, config, environment), ``masks.npz``."""
-        out = self.out_dir
-        out.mkdir(parents=True, exist_ok=True)
         meta = {"config": self.config.to_dict(), "environment": environment(self.device), "command": self.command,
                 "split_digest": self.split_digest, "num_thresholds": self.num_thresholds,
                 "num_weights": self.num_weights, "layers": self.layer_names, "macs_per_sample": self.macs,
-                "mask_layer": self.mask_layer, "summary": self.summary(), "history": self.history}
-        _atomic_write(out / "history.json", lambda f: f.write(json.dumps(meta, indent=1).encode()))
-        columns = [k for k in self.history[0] if k not in ("layers", "errors")] if self.history else []
-        columns += [f"density:{name}" for name in self.layer_names]
-        buffer = io.StringIO()
-        writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
-        writer.writeheader()
-        for row in self.history:
-            flat = {k: row[k] for k in columns if k in row}
-            flat.update({f"density:{k}": v for k, v in row["layers"].items()})
-            writer.writerow(flat)
-        _atomic_write(out / "history.csv", lambda f: f.write(buffer.getvalue().encode()))
-        if self.mask_history:
-            masks = np.stack(self.mask_history)
-            rounds = np.array([r["round"] for r in self.history])
-            _atomic_write(out / "masks.npz",
-                          lambda f: np.savez_compressed(f, masks=masks, rounds=rounds, layer=self.mask_layer))
+                "mask_layer": self.mask_layer, "summary": self.summary()}
+        write_history(self.out_dir, meta, self.history, self.layer_names, self.mask_history, self.mask_layer)
 
     def state_dict(self) -> dict:
         return {
