@@ -1,0 +1,447 @@
+"""The ``ServerApp`` and :class:`MethodStrategy`: the simulator's server functions on Flower.
+
+A round, as in :meth:`spafl.federated.Simulator.run_round`:
+
+1. the cohort is ``sample_clients(seed, round, N, K)``: partition ids, each sent to the Flower
+   node that serves it (learnt by a ``query`` to every node, again whenever a node is new);
+2. every sampled client gets the method's downlink (``Method.broadcast``, encoded as in the
+   simulator) and replies with its uplink;
+3. the uplinks are decoded, validated and aggregated by the method (SpaFL: the uniform mean of
+   the thresholds; the change of the global thresholds is kept for the next downlink, where the
+   clients' threshold-guided weight update reads it);
+4. evaluation: a personalised method's clients report their evaluation with their uplink; a
+   global method's model is sent to every node to be evaluated on its test split (and, with
+   ``server-eval``, on the whole test set here).
+
+The history has the simulator's columns (same seed, same values: the tests check it) and the
+bytes measured on the Flower messages: ``wire_payload_down`` / ``wire_payload_up`` (the encoded
+payloads, equal to the simulator's ``bytes_down`` / ``bytes_up``), ``wire_message_down`` /
+``wire_message_up`` (whole messages as Flower serialises them, headers and metrics included)
+and ``wire_eval`` (evaluation messages, which the papers' accounting leaves out). The server
+checkpoints every round (atomically) into ``out_dir`` and continues from there when restarted;
+clients replay a round from the state they had before it (:class:`.client.ClientStore`).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import warnings
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
+from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp.strategy import Strategy
+
+from .._env import environment
+from ..federated.config import FedConfig, config_mismatch, dataset_classes
+from ..federated.data import ImageDataset, load_dataset
+from ..federated.methods import make_method
+from ..federated.protocol import decode, encode, evaluate, sample_clients
+from ..federated.simulator import (
+    CHECKPOINT_VERSION,
+    FederatedWarning,
+    RoundTally,
+    _atomic_write,
+    client_metrics,
+    initial_model,
+    resolve_device,
+    whole_test_set,
+    write_history,
+)
+from .wire import (
+    ARRAYS,
+    CONFIG,
+    METRICS,
+    config_digest,
+    config_from_run_config,
+    message_size,
+    metrics_evaluation,
+    metrics_report,
+    pack,
+    payload_size,
+    unpack,
+)
+
+# A child of Flower's logger: its messages show wherever Flower's do (flwr run --stream, log files).
+log = logging.getLogger("flwr").getChild("spafl")
+
+
+class MethodStrategy(Strategy):
+    """A Flower strategy running one of spafl's methods (``config.method``) exactly as the
+    simulator does. ``start(grid)`` runs the whole federation; the four ``configure_*`` /
+    ``aggregate_*`` methods are Flower's strategy interface for a caller that drives the rounds
+    itself (the strategy keeps the global state: the ``arrays`` Flower passes in are ignored).
+
+    Args:
+        config: the run; every client must run the same settings (checked by digest).
+        out_dir: history, checkpoint (None: keep nothing). A checkpoint there of the same run
+            is continued.
+        server_eval: a global method's model is also evaluated on the whole test set here
+            (needs the dataset on the server).
+        round_timeout: seconds to wait for a round's replies (0: no limit); a client that does
+            not reply in time is dropped from the round.
+        node_wait: seconds to wait for the SuperNodes of all ``num_clients`` partitions.
+        dataset: the clients' dataset, when it is not the one ``config`` names (its number of
+            classes and, with ``server_eval``, its test split are used here).
+    """
+
+    def __init__(self, config: FedConfig, *, out_dir: str | Path | None = None, server_eval: bool = True,
+                 round_timeout: float = 0.0, node_wait: float = 300.0, command: str | None = None,
+                 dataset: ImageDataset | None = None):
+        self.config = config.validate()
+        self.method = make_method(self.config)
+        self.device = resolve_device(config.device)
+        self.out_dir = Path(out_dir) if out_dir else None
+        self.round_timeout = round_timeout or None
+        self.node_wait = node_wait
+        self.command = command
+        self.digest = config_digest(self.config)
+        classes = dataset.num_classes if dataset is not None else dataset_classes(config.dataset)
+        self.model = initial_model(self.config, self.method, classes, self.device)
+        self.prunable = self.method.prunable(self.model)
+        self.layer_names = [n for n, _ in self.prunable]
+        self.num_weights = sum(layer.weight.numel() for _, layer in self.prunable)
+        self.num_thresholds = sum(layer.threshold.numel() for _, layer in self.prunable
+                                  if hasattr(layer, "threshold"))
+        self.server = self.method.init_server(self.model)
+        n = config.num_clients
+        self.eval_cache: list[dict | None] = [None] * n
+        self.global_eval: dict | None = None
+        self.client_flops = np.zeros(n)
+        self.history: list[dict] = []
+        self.totals = {"comm_bits_paper": 0.0, "bytes": 0, "wall_s": 0.0}
+        self.global_test = None
+        if server_eval and not self.method.personalised:
+            if dataset is None:
+                dataset = load_dataset(config.dataset, config.data_root, config.download)
+            self.global_test = whole_test_set(dataset, self.config, self.device)
+        self.nodes: dict[int, int] = {}  # partition id -> Flower node id
+        self.wire_log: list[dict] = []  # one entry per message sent or received
+        self._round: dict = {}
+        if self.out_dir is not None and (self.out_dir / "checkpoint.pt").is_file():
+            self.load_checkpoint(self.out_dir / "checkpoint.pt")
+
+    @property
+    def round(self) -> int:
+        return self.server.round
+
+    def summary(self) -> None:
+        cfg = self.config
+        log.info("spafl %s: %d partitions, %d per round, %d rounds, settings %s, at round %d", self.method.name,
+                 cfg.num_clients, cfg.clients_per_round, cfg.rounds, self.digest, self.round)
+
+    # --- messages -----------------------------------------------------------------------
+
+    def _message(self, node: int, kind: str, payload: bytes | None, round_index: int) -> Message:
+        content = RecordDict({CONFIG: ConfigRecord({"round": round_index, "digest": self.digest})})
+        if payload is not None:
+            content[ARRAYS] = pack(payload)
+        return Message(content, dst_node_id=node, message_type=kind)
+
+    def _log(self, kind: str, direction: str, partition: int | None, msg: Message, round_index: int) -> None:
+        content = msg.content if not msg.has_error() else RecordDict()
+        records = {name: sorted(rec.keys()) for name, rec in content.items()}
+        tensors = {}
+        if ARRAYS in content.array_records:
+            tensors = {k: int(v.numel()) for k, v in decode(unpack(content.array_records[ARRAYS])).items()}
+        self.wire_log.append({"round": round_index, "kind": kind, "direction": direction, "partition": partition,
+                 "payload_bytes": payload_size(msg) if not msg.has_error() else 0, "message_bytes": message_size(msg),
+                 "records": records, "tensors": tensors})
+
+    def _exchange(self, grid: Grid, kind: str, messages: list[Message], round_index: int,
+                  timeout: float | None) -> list[Message]:
+        """Send ``messages`` and return the replies that came back in time, logging every message
+        both ways (partition ids where known)."""
+        partition = {node: p for p, node in self.nodes.items()}
+        for msg in messages:
+            self._log(kind, "down", partition.get(msg.metadata.dst_node_id), msg, round_index)
+        replies = list(grid.send_and_receive(messages, timeout=timeout)) if messages else []
+        for reply in replies:
+            p = partition.get(reply.metadata.src_node_id)
+            if p is None and not reply.has_error() and METRICS in reply.content.metric_records:
+                p = reply.content.metric_records[METRICS].get("partition-id")
+            self._log(kind, "up", None if p is None else int(p), reply, round_index)
+        return replies
+
+    # --- nodes --------------------------------------------------------------------------
+
+    def discover(self, grid: Grid) -> None:
+        """Learn which node serves which partition: ask every node not yet known (a node that
+        cannot serve this run fails here, with its reason), until every partition has a node or
+        ``node_wait`` seconds have passed. A personalised method's clients answer with their
+        evaluation, the first entry of the evaluation cache."""
+        n, deadline = self.config.num_clients, time.monotonic() + self.node_wait
+        while True:
+            connected = set(grid.get_node_ids())
+            self.nodes = {p: node for p, node in self.nodes.items() if node in connected}
+            new = sorted(connected - set(self.nodes.values()))
+            if new:
+                messages = [self._message(node, MessageType.QUERY, None, self.round) for node in new]
+                for reply in self._exchange(grid, MessageType.QUERY, messages, self.round, self.node_wait or None):
+                    self._register(reply)
+            if len(self.nodes) == n or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+        missing = sorted(set(range(n)) - set(self.nodes))
+        if missing and self.round == 0 and self.method.personalised:
+            raise RuntimeError(f"no SuperNode serves partition(s) {missing[:10]} (of {n}) after {self.node_wait} s; "
+                               f"start {n} SuperNodes with partition-id 0..{n - 1}")
+        if missing:
+            log.warning("no SuperNode serves partition(s) %s; they are dropped when sampled", missing[:10])
+
+    def _register(self, reply: Message) -> None:
+        node = reply.metadata.src_node_id
+        if reply.has_error():
+            raise RuntimeError(f"node {node} cannot serve this run: {reply.error.reason}")
+        digest = reply.content.config_records[CONFIG]["digest"]
+        if digest != self.digest:
+            raise RuntimeError(f"node {node} runs settings {digest}, the server {self.digest}: every SuperNode "
+                               "must run the same run config")
+        metrics = reply.content.metric_records[METRICS]
+        p = int(metrics["partition-id"])
+        if not 0 <= p < self.config.num_clients:
+            raise RuntimeError(f"node {node} serves partition {p}, outside 0..{self.config.num_clients - 1}")
+        if p in self.nodes and self.nodes[p] != node:  # a restarted SuperNode comes back with a new id
+            log.warning("partition %d moved from node %d to node %d", p, self.nodes[p], node)
+        self.nodes[p] = node
+        evaluation = metrics_evaluation(metrics)
+        if evaluation is not None and self.eval_cache[p] is None:
+            self.eval_cache[p] = evaluation
+
+    # --- Flower's strategy interface ----------------------------------------------------
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord | None, config: ConfigRecord | None,
+                        grid: Grid) -> Iterable[Message]:
+        """The train messages of round ``server_round`` (1-based, Flower's count) to the nodes of
+        the sampled partitions."""
+        cfg, t, method = self.config, server_round - 1, self.method
+        if t != self.round:
+            raise ValueError(f"the strategy is at round {self.round + 1}, asked to configure round {server_round}")
+        sampled = sample_clients(cfg.seed, t, cfg.num_clients, cfg.clients_per_round)
+        message = method.broadcast(self.server) if method.communicates else {}
+        down = encode(message, sparse=method.sparse_wire) if method.communicates else None
+        self._round = {"start": time.perf_counter(), "sampled": sampled, "message": message,
+                       "down": down, "partitions": {}}
+        out = []
+        for p in sampled:
+            if p in self.nodes:
+                msg = self._message(self.nodes[p], MessageType.TRAIN, down, t)
+                self._round["partitions"][p] = msg
+                out.append(msg)
+        return out
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None,
+                                                                                       MetricRecord | None]:
+        """Decode, validate and aggregate the uplinks in the cohort's order (as the simulator);
+        return the next downlink and the round's training metrics."""
+        state, method = self._round, self.method
+        by_node = {r.metadata.src_node_id: r for r in replies}
+        tally = RoundTally(method, self.server)
+        for p in state["sampled"]:
+            msg = state["partitions"].get(p)
+            reply = by_node.get(msg.metadata.dst_node_id) if msg is not None else None
+            if msg is None:
+                tally.drop(p, "no SuperNode serves this partition")
+                continue
+            if reply is None:
+                tally.drop(p, "no reply in time")
+                continue
+            if reply.has_error():
+                tally.drop(p, reply.error.reason)
+                continue
+            metrics = reply.content.metric_records.get(METRICS, {})
+            try:
+                report = metrics_report(metrics, {})
+                evaluation = metrics_evaluation(metrics)
+                if method.personalised and evaluation is None:
+                    raise ValueError("the reply carries no evaluation")
+            except (KeyError, TypeError, ValueError) as e:
+                tally.drop(p, f"malformed reply: {e}")
+                continue
+            self.client_flops[p] += report.flops
+            tally.trained(p, report)
+            if method.personalised:
+                self.eval_cache[p] = evaluation
+            if method.communicates:
+                try:
+                    up = unpack(reply.content.array_records[ARRAYS])
+                except (KeyError, ValueError) as e:
+                    tally.reject(p, f"unreadable uplink: {e}")
+                    continue
+                tally.receive(p, report, up)
+        before = self.server
+        self.server = method.aggregate(self.server, tally.accepted, tally.weights)
+        state["tally"] = tally
+        state["extra"] = method.round_metrics(before, self.server, tally.reports)
+        state["train_s"] = time.perf_counter() - state["start"]
+        train_loss = float(np.mean(tally.train_losses)) if tally.train_losses else float("nan")
+        down = encode(method.broadcast(self.server), sparse=method.sparse_wire) if method.communicates else None
+        metrics = MetricRecord({"train-loss": train_loss, "participants": len(tally.accepted)})
+        return (pack(down) if down is not None else None), metrics
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord | None, config: ConfigRecord | None,
+                           grid: Grid) -> Iterable[Message]:
+        """A global method's model to every node (personalised clients reported with their
+        uplink: nothing to send)."""
+        if self.method.personalised:
+            return []
+        payload = encode(self.method.broadcast(self.server), sparse=self.method.sparse_wire)
+        return [self._message(node, MessageType.EVALUATE, payload, server_round - 1) for node in self.nodes.values()]
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        """Update the evaluation cache, evaluate the global model on the whole test set, write
+        the round's history row; return the client-averaged metrics."""
+        state, method = self._round, self.method
+        tally = state["tally"]
+        start = time.perf_counter()
+        node_partition = {node: p for p, node in self.nodes.items()}
+        for reply in replies:
+            p = node_partition.get(reply.metadata.src_node_id)
+            if p is None:
+                continue
+            evaluation = None if reply.has_error() else metrics_evaluation(reply.content.metric_records[METRICS])
+            if evaluation is None:
+                tally.errors.append(f"client {p} evaluation failed: "
+                                    f"{reply.error.reason if reply.has_error() else 'no evaluation'}")
+                continue
+            self.eval_cache[p] = evaluation
+        missing = [p for p, e in enumerate(self.eval_cache) if e is None]
+        if missing:
+            raise RuntimeError(f"no evaluation of partition(s) {missing[:10]} yet: every client must be evaluated "
+                               "once before the history can report it")
+        if self.global_test is not None:
+            method.load(self.model, self.server, None)
+            self.global_eval = evaluate(self.model, None, self.global_test, self.config.eval_batch_size, None,
+                                        self.prunable)
+        eval_s = time.perf_counter() - start
+        tally.warn(self.round - 1)
+        t = server_round - 1
+        timings = {"train_s": state["train_s"], "eval_s": eval_s, "wall_s": time.perf_counter() - state["start"]}
+        row = client_metrics(t, self.eval_cache, self.layer_names, self.global_eval)
+        row.update(tally.columns(self.config, t, state["message"], len(state["down"] or b""), self.totals,
+                                 self.client_flops, timings, state["extra"]))
+        row.update(self._wire_columns(t))
+        self.history.append(row)
+        return MetricRecord({"acc-mean": row["acc_mean"], "density": row["density"]})
+
+    def _wire_columns(self, t: int) -> dict:
+        cols = {"wire_payload_down": 0, "wire_payload_up": 0, "wire_message_down": 0, "wire_message_up": 0,
+                "wire_eval": 0}
+        for e in self.wire_log:
+            if e["round"] != t:
+                continue
+            if e["kind"] == MessageType.TRAIN:
+                cols[f"wire_payload_{e['direction']}"] += e["payload_bytes"]
+                cols[f"wire_message_{e['direction']}"] += e["message_bytes"]
+            elif e["kind"] == MessageType.EVALUATE:
+                cols["wire_eval"] += e["message_bytes"]
+        return cols
+
+    # --- the run --------------------------------------------------------------------------
+
+    def start(self, grid: Grid, initial_arrays: ArrayRecord | None = None, num_rounds: int | None = None,
+              timeout: float | None = None, train_config: ConfigRecord | None = None,
+              evaluate_config: ConfigRecord | None = None, evaluate_fn=None) -> list[dict]:
+        """Run until ``num_rounds`` (default ``config.rounds``) rounds are done; checkpoint and
+        write the history after every round; return the history."""
+        target = self.config.rounds if num_rounds is None else num_rounds
+        if timeout is not None:
+            self.round_timeout = timeout or None
+        self.summary()
+        while self.round < target:
+            self.discover(grid)
+            server_round = self.round + 1
+            t = self.round
+            messages = list(self.configure_train(server_round, None, None, grid))
+            self.aggregate_train(server_round, self._exchange(grid, MessageType.TRAIN, messages, t,
+                                                              self.round_timeout))
+            messages = list(self.configure_evaluate(server_round, None, None, grid))
+            metrics = self.aggregate_evaluate(server_round, self._exchange(grid, MessageType.EVALUATE, messages, t,
+                                                                           self.round_timeout))
+            row = self.history[-1]
+            log.info("round %d/%d: acc %.2f%%, density %.3f, payload %d B down / %d B up, messages %d B / %d B",
+                     server_round, target, metrics["acc-mean"], metrics["density"], row["wire_payload_down"],
+                     row["wire_payload_up"], row["wire_message_down"], row["wire_message_up"])
+            if self.out_dir is not None:
+                self.save_checkpoint()
+                self.write_history()
+        if self.out_dir is not None and not self.history:
+            self.write_history()
+        return self.history
+
+    # --- files ----------------------------------------------------------------------------
+
+    def summary_dict(self) -> dict:
+        last = self.history[-1] if self.history else {}
+        return {"method": self.method.name, "rounds": len(self.history), "final_acc": last.get("acc_mean"),
+                "final_density": last.get("density"), "comm_gbit_paper": last.get("comm_gbit_paper_total"),
+                "bytes_exchanged": last.get("bytes_total"), "num_thresholds": self.num_thresholds}
+
+    def write_history(self) -> None:
+        meta = {"engine": "flower", "config": self.config.to_dict(), "environment": environment(self.device),
+                "command": self.command, "settings_digest": self.digest, "num_thresholds": self.num_thresholds,
+                "num_weights": self.num_weights, "layers": self.layer_names, "summary": self.summary_dict()}
+        write_history(self.out_dir, meta, self.history, self.layer_names)
+
+    def state_dict(self) -> dict:
+        return {"version": CHECKPOINT_VERSION, "engine": "flower", "config": self.config.to_dict(),
+                "server": self.server.state_dict(), "eval_cache": self.eval_cache, "global_eval": self.global_eval,
+                "client_flops": self.client_flops.copy(), "history": self.history, "totals": dict(self.totals)}
+
+    def save_checkpoint(self, path: str | Path | None = None) -> Path:
+        path = Path(path) if path is not None else self.out_dir / "checkpoint.pt"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        state = self.state_dict()
+        _atomic_write(path, lambda f: torch.save(state, f))
+        return path
+
+    def load_checkpoint(self, path: str | Path) -> None:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        if ckpt.get("version") != CHECKPOINT_VERSION or ckpt.get("engine") != "flower":
+            raise ValueError(f"{path} is not a checkpoint of spafl's Flower server (version {CHECKPOINT_VERSION})")
+        problems = config_mismatch(ckpt["config"], self.config)
+        if problems:
+            raise ValueError(f"{path} was written by a run with other settings:\n  " + "\n  ".join(problems))
+        self.server = type(self.server).from_state_dict(ckpt["server"])
+        self.eval_cache = ckpt["eval_cache"]
+        self.global_eval = ckpt["global_eval"]
+        self.client_flops = np.asarray(ckpt["client_flops"], dtype=np.float64).copy()
+        self.history = ckpt["history"]
+        self.totals = dict(ckpt["totals"])
+        log.info("continuing the run in %s from round %d", path.parent if hasattr(path, "parent") else path,
+                 self.round)
+
+
+def server_app(config: FedConfig | None = None, out_dir: str | Path | None = None, *, server_eval: bool = True,
+               round_timeout: float = 0.0, node_wait: float = 300.0, dataset: ImageDataset | None = None,
+               on_start=None) -> ServerApp:
+    """A ``ServerApp`` running :class:`MethodStrategy` for ``config``; with ``config`` None
+    (what ``flwr run`` loads), the settings come from Flower's run config. ``on_start(strategy)``
+    is called before the first round (to keep a handle on it)."""
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        if config is None:
+            cfg, options = config_from_run_config(context.run_config)
+            kwargs = dict(out_dir=options["out-dir"] or None, server_eval=options["server-eval"],
+                          round_timeout=float(options["round-timeout"]), node_wait=float(options["node-wait"]))
+        else:
+            cfg = config
+            kwargs = dict(out_dir=out_dir, server_eval=server_eval, round_timeout=round_timeout, node_wait=node_wait,
+                          dataset=dataset)
+        with warnings.catch_warnings():
+            warnings.simplefilter("always", FederatedWarning)
+            strategy = MethodStrategy(cfg, **kwargs)
+            if on_start is not None:
+                on_start(strategy)
+            strategy.start(grid)
+
+    return app
+
+
+app = server_app()
