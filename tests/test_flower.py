@@ -169,6 +169,18 @@ def test_client_store_replays_a_round_from_the_state_before_it(tmp_path):
     assert ClientStore(tmp_path / "p.pt", config.replace(device="cpu", data_root="/x")).load()["round"] == 1
 
 
+def test_strategy_refuses_flower_arguments_it_would_ignore():
+    from flwr.app import ArrayRecord
+
+    from spafl.flower import MethodStrategy
+
+    strategy = MethodStrategy(flower_config())
+    with pytest.raises(ValueError, match="initial_arrays"):
+        strategy.start(grid=None, initial_arrays=ArrayRecord())
+    with pytest.raises(ValueError, match="asked to configure round 3"):
+        strategy.configure_train(3, None, None, grid=None)
+
+
 def test_config_from_run_config():
     config, options = config_from_run_config({"preset": "", "rounds": 4, "clients-per-round": 3, "lr": "",
                                               "out-dir": "x"})

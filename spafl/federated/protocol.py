@@ -191,8 +191,9 @@ def encode(tensors: Mapping[str, torch.Tensor], sparse: bool = False) -> bytes:
     return struct.pack("<I", len(head)) + head + b"".join(blobs)
 
 
-def decode(payload: bytes) -> Tensors:
-    """Inverse of :func:`encode`; raises ``ValueError`` on a truncated or malformed payload."""
+def payload_header(payload: bytes) -> tuple[dict, int]:
+    """``(header, its end offset)`` of an :func:`encode` payload, without reading the tensors:
+    ``{name: [dtype, shape, layout...]}``."""
     if len(payload) < 4:
         raise ValueError("payload shorter than its header length field")
     (n,) = struct.unpack("<I", payload[:4])
@@ -200,7 +201,14 @@ def decode(payload: bytes) -> Tensors:
         header = json.loads(payload[4 : 4 + n])
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ValueError(f"malformed payload header: {e}") from e
-    offset = 4 + n
+    if not isinstance(header, dict):
+        raise ValueError("malformed payload header: not a table of tensors")
+    return header, 4 + n
+
+
+def decode(payload: bytes) -> Tensors:
+    """Inverse of :func:`encode`; raises ``ValueError`` on a truncated or malformed payload."""
+    header, offset = payload_header(payload)
 
     def take(name: str, np_dtype, count: int) -> np.ndarray:
         nonlocal offset

@@ -174,7 +174,7 @@ def _client(context: Context, config: FedConfig | None, state_dir: str | Path | 
         raise ValueError(f"this SuperNode serves partition {partition} of {count}, but the run has "
                          f"{config.num_clients} clients (num-clients)")
     state_dir = Path(state_dir if state_dir is not None else "flower-state").resolve()
-    key = (config_digest(config), config.data_root, config.device, partition, str(state_dir))
+    key = (config_digest(config), config.data_root, config.device, partition, str(state_dir), id(dataset))
     if key not in _CLIENTS:
         _CLIENTS[key] = PartitionClient(config, partition, state_dir, dataset)
     return _CLIENTS[key]

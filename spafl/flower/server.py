@@ -25,6 +25,7 @@ clients replay a round from the state they had before it (:class:`.client.Client
 from __future__ import annotations
 
 import logging
+import math
 import time
 import warnings
 from collections.abc import Iterable
@@ -40,7 +41,7 @@ from .._env import environment
 from ..federated.config import FedConfig, config_mismatch, dataset_classes
 from ..federated.data import ImageDataset, load_dataset
 from ..federated.methods import make_method
-from ..federated.protocol import decode, encode, evaluate, sample_clients
+from ..federated.protocol import encode, evaluate, payload_header, sample_clients
 from ..federated.simulator import (
     CHECKPOINT_VERSION,
     FederatedWarning,
@@ -146,8 +147,9 @@ class MethodStrategy(Strategy):
         content = msg.content if not msg.has_error() else RecordDict()
         records = {name: sorted(rec.keys()) for name, rec in content.items()}
         tensors = {}
-        if ARRAYS in content.array_records:
-            tensors = {k: int(v.numel()) for k, v in decode(unpack(content.array_records[ARRAYS])).items()}
+        if ARRAYS in content.array_records:  # names and sizes from the header (the tally decodes uplinks)
+            header, _ = payload_header(unpack(content.array_records[ARRAYS]))
+            tensors = {k: math.prod(v[1]) for k, v in header.items()}
         self.wire_log.append({"round": round_index, "kind": kind, "direction": direction, "partition": partition,
                  "payload_bytes": payload_size(msg) if not msg.has_error() else 0, "message_bytes": message_size(msg),
                  "records": records, "tensors": tensors})
@@ -347,7 +349,16 @@ class MethodStrategy(Strategy):
               timeout: float | None = None, train_config: ConfigRecord | None = None,
               evaluate_config: ConfigRecord | None = None, evaluate_fn=None) -> list[dict]:
         """Run until ``num_rounds`` (default ``config.rounds``) rounds are done; checkpoint and
-        write the history after every round; return the history."""
+        write the history after every round; return the history. ``timeout`` overrides
+        ``round_timeout``. The strategy keeps the global model, the round settings and the
+        evaluation itself: Flower's ``initial_arrays``, ``train_config``, ``evaluate_config``
+        and ``evaluate_fn`` are refused rather than ignored."""
+        given = [name for name, value in (("initial_arrays", initial_arrays), ("train_config", train_config),
+                                          ("evaluate_config", evaluate_config), ("evaluate_fn", evaluate_fn))
+                 if value is not None]
+        if given:
+            raise ValueError(f"MethodStrategy.start does not take {given}: the global state comes from the "
+                             "method (config.method) and the run's seed")
         target = self.config.rounds if num_rounds is None else num_rounds
         if timeout is not None:
             self.round_timeout = timeout or None
