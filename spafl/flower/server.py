@@ -121,7 +121,8 @@ class MethodStrategy(Strategy):
                 dataset = load_dataset(config.dataset, config.data_root, config.download)
             self.global_test = whole_test_set(dataset, self.config, self.device)
         self.nodes: dict[int, int] = {}  # partition id -> Flower node id
-        self.wire_log: list[dict] = []  # one entry per message sent or received
+        self.wire_log: list[dict] = []  # one entry per message sent or received (in memory)
+        self._wire_start = 0
         self._round: dict = {}
         if self.out_dir is not None and (self.out_dir / "checkpoint.pt").is_file():
             self.load_checkpoint(self.out_dir / "checkpoint.pt")
@@ -333,7 +334,7 @@ class MethodStrategy(Strategy):
     def _wire_columns(self, t: int) -> dict:
         cols = {"wire_payload_down": 0, "wire_payload_up": 0, "wire_message_down": 0, "wire_message_up": 0,
                 "wire_eval": 0}
-        for e in self.wire_log:
+        for e in self.wire_log[self._wire_start:]:  # the entries logged since the last row
             if e["round"] != t:
                 continue
             if e["kind"] == MessageType.TRAIN:
@@ -341,6 +342,7 @@ class MethodStrategy(Strategy):
                 cols[f"wire_message_{e['direction']}"] += e["message_bytes"]
             elif e["kind"] == MessageType.EVALUATE:
                 cols["wire_eval"] += e["message_bytes"]
+        self._wire_start = len(self.wire_log)
         return cols
 
     # --- the run --------------------------------------------------------------------------
