@@ -124,6 +124,7 @@ class MethodStrategy(Strategy):
         self.wire_log: list[dict] = []  # one entry per message sent or received (in memory)
         self._wire_start = 0
         self._round: dict = {}
+        self._cached_downlink: tuple | None = None
         if self.out_dir is not None and (self.out_dir / "checkpoint.pt").is_file():
             self.load_checkpoint(self.out_dir / "checkpoint.pt")
 
@@ -215,18 +216,28 @@ class MethodStrategy(Strategy):
         if evaluation is not None and self.eval_cache[p] is None:
             self.eval_cache[p] = evaluation
 
+    def _downlink(self) -> tuple[dict, bytes | None]:
+        """The method's message from the current global state and its encoding, computed once per
+        global state (the next round's downlink, the value ``aggregate_train`` returns and the
+        evaluation payload of a global model are the same bytes)."""
+        if self._cached_downlink is None or self._cached_downlink[0] is not self.server:
+            method = self.method
+            message = method.broadcast(self.server) if method.communicates else {}
+            down = encode(message, sparse=method.sparse_wire) if method.communicates else None
+            self._cached_downlink = (self.server, message, down)
+        return self._cached_downlink[1], self._cached_downlink[2]
+
     # --- Flower's strategy interface ----------------------------------------------------
 
     def configure_train(self, server_round: int, arrays: ArrayRecord | None, config: ConfigRecord | None,
                         grid: Grid) -> Iterable[Message]:
         """The train messages of round ``server_round`` (1-based, Flower's count) to the nodes of
         the sampled partitions."""
-        cfg, t, method = self.config, server_round - 1, self.method
+        cfg, t = self.config, server_round - 1
         if t != self.round:
             raise ValueError(f"the strategy is at round {self.round + 1}, asked to configure round {server_round}")
         sampled = sample_clients(cfg.seed, t, cfg.num_clients, cfg.clients_per_round)
-        message = method.broadcast(self.server) if method.communicates else {}
-        down = encode(message, sparse=method.sparse_wire) if method.communicates else None
+        message, down = self._downlink()
         self._round = {"start": time.perf_counter(), "sampled": sampled, "message": message,
                        "down": down, "partitions": {}}
         out = []
@@ -282,7 +293,7 @@ class MethodStrategy(Strategy):
         state["extra"] = method.round_metrics(before, self.server, tally.reports)
         state["train_s"] = time.perf_counter() - state["start"]
         train_loss = float(np.mean(tally.train_losses)) if tally.train_losses else float("nan")
-        down = encode(method.broadcast(self.server), sparse=method.sparse_wire) if method.communicates else None
+        _, down = self._downlink()
         metrics = MetricRecord({"train-loss": train_loss, "participants": len(tally.accepted)})
         return (pack(down) if down is not None else None), metrics
 
@@ -292,7 +303,7 @@ class MethodStrategy(Strategy):
         uplink: nothing to send)."""
         if self.method.personalised:
             return []
-        payload = encode(self.method.broadcast(self.server), sparse=self.method.sparse_wire)
+        _, payload = self._downlink()
         return [self._message(node, MessageType.EVALUATE, payload, server_round - 1) for node in self.nodes.values()]
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
