@@ -144,6 +144,11 @@ def main(argv=None) -> int:
     p.add_argument("--reps", type=int, default=20 if cuda else 5)
     p.add_argument("--csv", default=None)
     args = p.parse_args(argv)
+    bad = [d for d in args.densities if not 0.0 <= d <= 1.0]
+    if bad:
+        p.error(f"densities must be in [0, 1], got {bad}")
+    if args.reps < 1:
+        p.error(f"--reps must be at least 1, got {args.reps}")
     device = torch.device("cuda" if cuda else "cpu")
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True

@@ -280,6 +280,11 @@ def main(argv=None) -> int:
     p.add_argument("--reps", type=int, default=20 if cuda else 5)
     p.add_argument("--csv", default=None, help="append the rows to this CSV file")
     args = p.parse_args(argv)
+    bad = [d for d in args.densities if not 0.0 <= d <= 1.0]
+    if bad:
+        p.error(f"densities must be in [0, 1], got {bad}")
+    if args.reps < 1:
+        p.error(f"--reps must be at least 1, got {args.reps}")
     if "dense" not in args.providers:
         p.error("the dense provider is the baseline of every ratio: keep it")
     device = torch.device("cuda" if cuda else "cpu")

@@ -101,3 +101,18 @@ def test_e2e_step_table(tmp_path):
     assert [(r["density"], r["provider"]) for r in rows] == [
         (d, p) for d in ("1.0", "0.2") for p in ("dense", "masked", "spafl")]
     assert all(float(r["ms"]) > 0 for r in rows)
+
+
+@pytest.mark.parametrize("script", [kernels, e2e])
+@pytest.mark.parametrize("argv, message", [(["--densities", "1.5"], "densities must be in"),
+                                           (["--reps", "0"], "--reps must be at least 1")])
+def test_benchmark_scripts_refuse_bad_arguments(script, argv, message, capsys):
+    with pytest.raises(SystemExit) as exc:
+        script.main(argv)
+    assert exc.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_kernels_script_refuses_an_unknown_case(capsys):
+    with pytest.raises(SystemExit):
+        kernels.main(["--suite", "smoke", "--cases", "nope"])
+    assert "no case of suite 'smoke'" in capsys.readouterr().err

@@ -117,7 +117,7 @@ def test_personalised_weights_persist_across_rounds(spafl_run):
             assert torch.equal(saved["state"][k], v.cpu()), (c, k)
 
 
-@pytest.mark.parametrize("method", ["fedavg", "sparsyfed", "local"])
+@pytest.mark.parametrize("method", ["fedavg", "sparsyfed", "topk", "local"])
 def test_baselines_through_the_same_adapter(tmp_path, method):
     config, data = flower_config(method=method, rounds=2), synthetic(noise=0.3)
     strategy = simulate(config, state_dir=tmp_path / "state", dataset=data)
@@ -179,6 +179,41 @@ def test_strategy_refuses_flower_arguments_it_would_ignore():
         strategy.start(grid=None, initial_arrays=ArrayRecord())
     with pytest.raises(ValueError, match="asked to configure round 3"):
         strategy.configure_train(3, None, None, grid=None)
+
+
+def test_client_refuses_a_node_that_cannot_serve_the_run(tmp_path):
+    from types import SimpleNamespace
+
+    from spafl.flower.client import PartitionClient, _check_digest, _client
+
+    config, data = flower_config(), synthetic(noise=0.3)
+
+    def context(**node):
+        return SimpleNamespace(node_config=node, run_config={})
+
+    with pytest.raises(ValueError, match="no partition.*--node-config"):
+        _client(context(), config, tmp_path, data)
+    with pytest.raises(ValueError, match="partition 1 of 10, but the run has 4 clients"):
+        _client(context(**{"partition-id": 1, "num-partitions": 10}), config, tmp_path, data)
+    with pytest.raises(ValueError, match="partition 4 of 4"):
+        _client(context(**{"partition-id": 4, "num-partitions": 4}), config, tmp_path, data)
+    client = PartitionClient(config, 1, tmp_path, data)
+
+    def message(records):
+        return SimpleNamespace(content=SimpleNamespace(config_records=records))
+
+    with pytest.raises(ValueError, match="no run-settings digest"):
+        _check_digest(client, message({}))
+    with pytest.raises(ValueError, match="same run config"):
+        _check_digest(client, message({"config": {"digest": config_digest(config.replace(lr=0.5)), "round": 0}}))
+    assert _check_digest(client, message({"config": {"digest": client.digest, "round": 0}}))["round"] == 0
+
+
+def test_strategy_refuses_an_impossible_config():
+    from spafl.flower import MethodStrategy
+
+    with pytest.raises(ValueError, match="clients_per_round"):
+        MethodStrategy(FedConfig(**{**flower_config().to_dict(), "clients_per_round": 9}))  # validated there
 
 
 def test_config_from_run_config():
