@@ -45,7 +45,13 @@ MIN_REPS_FOR_SPREAD = 3
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Defaults after every flag's help; the module docstring printed as written."""
+    """The default after a flag's help (where it has one: not None, not a switch's False); the
+    module docstring printed as written."""
+
+    def _get_help_string(self, action):
+        if action.default is None or (action.default is False and action.nargs == 0):
+            return action.help
+        return super()._get_help_string(action)
 
 
 def parser_for(doc: str) -> argparse.ArgumentParser:

@@ -278,9 +278,8 @@ def build_parser(cuda: bool):
     p.add_argument("--round-densities", nargs="+", default=["late-spafl"], metavar="SPEC",
                    help=f"densities of the round table: a profile ({', '.join(sorted(PROFILES))}; skipped for a "
                         "preset whose model it does not cover) or one density for every layer")
-    p.add_argument("--round-reps", type=int, default=None,
-                   help="measured rounds per provider in the round table, after a warm-up round (default 3 on CPU, "
-                        "5 on CUDA)")
+    p.add_argument("--round-reps", type=int, default=5 if cuda else 3,
+                   help="measured rounds per provider in the round table, after a warm-up round")
     p.add_argument("--data-root", default=None, help="folder holding FashionMNIST/raw (torchvision's layout)")
     p.add_argument("--synthetic-size", type=int, default=50000, help="training images of a synthetic dataset")
     add_run_args(p, default_reps=30 if cuda else 10, default_min_sample_ms=1.0 if cuda else 2.0)
@@ -303,7 +302,6 @@ def main(argv=None) -> int:
                 p.error(f"--round-densities takes profiles ({', '.join(sorted(PROFILES))}) or densities, got {spec!r}")
             if not (math.isfinite(value) and 0.0 <= value <= 1.0):
                 p.error(f"densities must be in [0, 1], got {[value]}")
-    args.round_reps = args.round_reps if args.round_reps is not None else (5 if cuda else 3)
     if args.round_reps < 1:
         p.error(f"--round-reps must be at least 1, got {args.round_reps}")
     if args.synthetic_size < 10:
