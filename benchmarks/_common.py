@@ -290,8 +290,13 @@ def fmt_ratio(r: Ratio) -> str:
 
 
 def ratio_columns(prefix: str, r: Ratio) -> dict:
-    """``{prefix: value, prefix_p20: ..., prefix_p80: ...}`` for a CSV row."""
-    return {prefix: r.value, f"{prefix}_p20": r.p20, f"{prefix}_p80": r.p80}
+    """``{prefix: value, prefix_p20, prefix_p80, prefix_noisy}`` for a CSV row."""
+    return {prefix: r.value, f"{prefix}_p20": r.p20, f"{prefix}_p80": r.p80, f"{prefix}_noisy": r.noisy}
+
+
+def row_ratio(row: dict, prefix: str) -> Ratio:
+    """The :class:`Ratio` stored in ``row`` by :func:`ratio_columns`."""
+    return Ratio(row[prefix], row[f"{prefix}_p20"], row[f"{prefix}_p80"], row[f"{prefix}_noisy"])
 
 
 def header(env: dict, threads: int, reps: int, tolerance: float, command: str) -> str:

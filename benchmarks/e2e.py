@@ -35,8 +35,9 @@ or the profile's name), layer_densities (what was set, per layer), density (mean
 set for step rows, measured for round rows); provider, backend, op; reps, inner (calls per
 sample); ms, ms_p20, ms_p80; speedup_vs_dense and speedup_vs_masked (baseline ms / this ms,
 NaN where the baseline was not run) each with the _p20/_p80 interval of the paired
-per-repetition ratios; noisy (either ratio's interval reaches beyond +-tolerance of it); the
-command.
+per-repetition ratios and a _noisy flag (that interval reaches beyond +-tolerance of the ratio,
+or fewer than 3 repetitions: do not read the ratio; printed as '?'); noisy (either ratio is
+noisy); the command.
 """
 
 from __future__ import annotations
@@ -64,6 +65,7 @@ from _common import (
     parser_for,
     ratio,
     ratio_columns,
+    row_ratio,
     timestamp,
 )
 
@@ -79,8 +81,9 @@ PROFILES = {"late-spafl": {"lenet5": {"conv1": 0.6, "conv2": 0.3, "fc3": 0.05, "
 ROUND_LR = 1e-12
 COLUMNS = ("timestamp", "device", "torch", "triton", "python", "spafl", "threads", "table", "case", "shape", "data",
            "dtype", "profile", "layer_densities", "density", "provider", "backend", "op", "reps", "inner", "ms",
-           "ms_p20", "ms_p80", "speedup_vs_dense", "speedup_vs_dense_p20", "speedup_vs_dense_p80", "speedup_vs_masked",
-           "speedup_vs_masked_p20", "speedup_vs_masked_p80", "noisy", "command")
+           "ms_p20", "ms_p80", "speedup_vs_dense", "speedup_vs_dense_p20", "speedup_vs_dense_p80",
+           "speedup_vs_dense_noisy", "speedup_vs_masked", "speedup_vs_masked_p20", "speedup_vs_masked_p80",
+           "speedup_vs_masked_noisy", "noisy", "command")
 
 
 def set_density(model: torch.nn.Module, density: float | dict[str, float]) -> None:
@@ -257,11 +260,9 @@ def show_header() -> None:
 
 
 def show_row(r: dict) -> None:
-    vs_dense = Ratio(r["speedup_vs_dense"], r["speedup_vs_dense_p20"], r["speedup_vs_dense_p80"], False)
-    vs_masked = Ratio(r["speedup_vs_masked"], r["speedup_vs_masked_p20"], r["speedup_vs_masked_p80"], False)
-    mark = "  ? noisy" if r["noisy"] else ""
+    vs_dense, vs_masked = row_ratio(r, "speedup_vs_dense"), row_ratio(r, "speedup_vs_masked")
     print(f"{r['table']:<6}{r['case']:<15}{r['profile']:<11}{r['density']:>8.3f} {r['provider']:<9}{r['backend']:<10}"
-          f"{fmt_ms(r['ms'], r['ms_p20'], r['ms_p80']):<26}{fmt_ratio(vs_dense):<24}{fmt_ratio(vs_masked):<24}{mark}",
+          f"{fmt_ms(r['ms'], r['ms_p20'], r['ms_p80']):<26}{fmt_ratio(vs_dense):<24}{fmt_ratio(vs_masked)}",
           flush=True)
 
 

@@ -33,9 +33,10 @@ Columns: the machine and versions, threads; the case (layer, case, shape, dtype,
 active rows); provider and backend (compact / reference / triton for ours and masked, torch for
 the plain ops); op; reps and inner (calls per sample); ms, ms_p20, ms_p80 (per call); TFLOP/s
 of the dense-equivalent and of the active work; speedup_vs_dense (dense ms / this ms) with
-speedup_vs_dense_p20/_p80 (the interval of the paired per-repetition ratios);
-fraction_of_upper_bound (smaller ms / this ms) with its interval; noisy (either ratio's interval
-reaches beyond +-tolerance of it: do not read that ratio); the command.
+speedup_vs_dense_p20/_p80 (the interval of the paired per-repetition ratios) and
+speedup_vs_dense_noisy (that interval reaches beyond +-tolerance of the ratio, or fewer than 3
+repetitions: do not read the ratio; printed as '?'); fraction_of_upper_bound (smaller ms / this
+ms) with its interval and flag; noisy (either ratio is noisy); the command.
 """
 
 from __future__ import annotations
@@ -63,6 +64,7 @@ from _common import (
     parser_for,
     ratio,
     ratio_columns,
+    row_ratio,
     timestamp,
 )
 
@@ -76,8 +78,8 @@ CPU_DENSITIES = (1.0, 0.5, 0.25, 0.1, 0.05)
 COLUMNS = ("timestamp", "device", "torch", "triton", "python", "spafl", "threads", "layer", "case", "shape", "dtype",
            "density", "active", "provider", "backend", "op", "reps", "inner", "ms", "ms_p20", "ms_p80",
            "tflops_dense_equiv", "tflops_effective", "speedup_vs_dense", "speedup_vs_dense_p20",
-           "speedup_vs_dense_p80", "fraction_of_upper_bound", "fraction_of_upper_bound_p20",
-           "fraction_of_upper_bound_p80", "noisy", "command")
+           "speedup_vs_dense_p80", "speedup_vs_dense_noisy", "fraction_of_upper_bound", "fraction_of_upper_bound_p20",
+           "fraction_of_upper_bound_p80", "fraction_of_upper_bound_noisy", "noisy", "command")
 
 
 @dataclass(frozen=True)
@@ -324,12 +326,9 @@ def show_header() -> None:
 
 
 def show_row(r: dict) -> None:
-    vs_dense = Ratio(r["speedup_vs_dense"], r["speedup_vs_dense_p20"], r["speedup_vs_dense_p80"], False)
-    of_bound = Ratio(r["fraction_of_upper_bound"], r["fraction_of_upper_bound_p20"], r["fraction_of_upper_bound_p80"],
-                     False)
-    mark = "  ? noisy" if r["noisy"] else ""
+    vs_dense, of_bound = row_ratio(r, "speedup_vs_dense"), row_ratio(r, "fraction_of_upper_bound")
     print(f"{r['case']:<24}{r['dtype']:<9}{r['density']:>5.2f} {r['op']:<8}{r['provider']:<12}{r['backend']:<10}"
-          f"{fmt_ms(r['ms'], r['ms_p20'], r['ms_p80']):<26}{fmt_ratio(vs_dense):<24}{fmt_ratio(of_bound):<22}{mark}",
+          f"{fmt_ms(r['ms'], r['ms_p20'], r['ms_p80']):<26}{fmt_ratio(vs_dense):<24}{fmt_ratio(of_bound)}",
           flush=True)
 
 

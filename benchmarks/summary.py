@@ -33,11 +33,11 @@ def read(path: Path | None) -> list[dict]:
 
 
 def _cell(r: dict, key: str = "speedup_vs_dense") -> str:
-    """``2.10x``, ``2.10x?`` when the row is noisy, ``-`` when missing."""
+    """``2.10x``, ``2.10x?`` when that ratio was flagged noisy, ``-`` when missing."""
     value = float(r[key])
     if value != value:
         return "-"
-    return f"{value:.2f}x" + ("?" if str(r.get("noisy", "")).lower() == "true" else "")
+    return f"{value:.2f}x" + ("?" if str(r.get(f"{key}_noisy", r.get("noisy", ""))).lower() == "true" else "")
 
 
 def _provider_name(cells: dict, provider: str) -> str:

@@ -160,6 +160,18 @@ def test_group_rows_ratios_against_dense_and_the_smaller_layer():
     assert math.isnan(without_smaller[0]["fraction_of_upper_bound"])  # no smaller layer without active rows
 
 
+def test_a_noisy_ratio_is_marked_where_it_is_printed(capsys):
+    timings = {"dense": _common.Timing((4.0,) * 5), "smaller": _common.Timing((1.0, 3.0, 1.0, 3.0, 1.0)),
+               "spafl-exact": _common.Timing((2.0,) * 5)}
+    backends = {"dense": "torch", "smaller": "torch", "spafl-exact": "compact"}
+    rows = kernels.group_rows(SMOKE["linear"], "float32", 0.5, 24, "fwd", timings, backends, 0.2)
+    ours = rows[-1]
+    assert not ours["speedup_vs_dense_noisy"] and ours["fraction_of_upper_bound_noisy"] and ours["noisy"]
+    kernels.show_row(ours)
+    printed = capsys.readouterr().out
+    assert "2.00x (2.00-2.00) " in printed and "0.50x (0.50-1.50)?" in printed
+
+
 # --- the CSV ---------------------------------------------------------------------------------
 
 QUICK = ["--suite", "smoke", "--cases", "smoke-linear", "--densities", "0.5", "--ops", "fwd", "--providers", "dense",
@@ -178,12 +190,15 @@ def test_kernels_script_writes_the_csv_schema_and_plots(tmp_path):
     ours = resolve_backend("auto", torch.empty(1))
     for r in rows:
         assert float(r["ms"]) > 0 and r["device"].startswith("cpu") and r["torch"] == torch.__version__
-        assert r["threads"] == "1" and r["reps"] == "3" and r["noisy"] in ("True", "False")
+        assert r["threads"] == "1" and r["reps"] == "3"
+        flags = [r["speedup_vs_dense_noisy"], r["fraction_of_upper_bound_noisy"]]
+        assert r["noisy"] == str("True" in flags) and set(flags) <= {"True", "False"}
         assert float(r["speedup_vs_dense_p20"]) <= float(r["speedup_vs_dense_p80"])
         assert r["backend"] == {"masked": "reference", "spafl-exact": ours, "spafl-skip": ours}.get(r["provider"],
                                                                                                    "torch")
         if r["provider"] == "dense":
             assert float(r["speedup_vs_dense"]) == float(r["speedup_vs_dense_p20"]) == 1.0
+            assert r["speedup_vs_dense_noisy"] == "False"  # a side against itself
     full = [r for r in rows if r["density"] == "1.0"]
     assert all(int(r["active"]) == (48 if r["layer"] == "linear" else 12) for r in full)
     pytest.importorskip("matplotlib")

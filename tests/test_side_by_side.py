@@ -215,6 +215,21 @@ def test_read_history_takes_wall_time_accuracy_and_density(tmp_path):
                                       {"round": 1, "seconds": 7.5, "acc": 18.0, "density": 0.97}]
 
 
+def test_our_side_runs_spafl_train_with_the_extra_arguments(tmp_path):
+    fake_fmnist(tmp_path / "data")
+    out, work = tmp_path / "o.csv", tmp_path / "work"
+    tiny = "--dataset digits --model digits-cnn --num-clients 4 --clients-per-round 2 --local-epochs 1"
+    assert sbs.main(["--data-root", str(tmp_path / "data"), "--sides", "ours", "--rounds", "1", "--ours",
+                     f"tiny={tiny} --normalize standard", "--csv", str(out), "--workdir", str(work),
+                     "--poll-s", "0.2"]) == 0
+    with out.open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["side"], r["round"]) for r in rows] == [("tiny", "0")]
+    history = sbs.read_history(work / "ours-tiny" / "history.csv")
+    assert float(rows[0]["seconds"]) == history[0]["seconds"] > 0 and 0 <= float(rows[0]["acc"]) <= 100
+    assert tiny in rows[0]["command"] and "--preset fmnist-lenet5" in rows[0]["command"]
+
+
 def test_summary_ratio_drift_and_extrapolation():
     authors = [{"round": t, "seconds": 60.0 + (t >= 3) * 6, "acc": 10.0 + t, "density": 1.0 - 0.01 * t}
                for t in range(6)]
