@@ -275,11 +275,22 @@ def emit(rows: Iterable[dict], sink: CsvSink | None, show: Callable[[dict], None
     return n
 
 
+def _num(v: float) -> str:
+    """About 3 significant digits, never in exponent notation (1234, 12.3, 0.123, 0.00123)."""
+    if not math.isfinite(v):
+        return str(v)
+    if abs(v) >= 100:
+        return f"{v:.0f}"
+    if abs(v) >= 10:
+        return f"{v:.1f}"
+    return f"{v:.3g}" if abs(v) >= 1e-3 else f"{v:.6f}"
+
+
 def fmt_ms(t: float, lo: float, hi: float) -> str:
-    """``12.3 (11.9-13.0)``: a median and its spread, to 3 significant digits."""
+    """``12.3 (11.9-13.0)``: a median and its spread, to about 3 significant digits."""
     if not math.isfinite(t):
         return "-"
-    return f"{t:.3g} ({lo:.3g}-{hi:.3g})"
+    return f"{_num(t)} ({_num(lo)}-{_num(hi)})"
 
 
 def fmt_ratio(r: Ratio) -> str:

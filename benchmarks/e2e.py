@@ -262,7 +262,7 @@ def show_header() -> None:
 def show_row(r: dict) -> None:
     vs_dense, vs_masked = row_ratio(r, "speedup_vs_dense"), row_ratio(r, "speedup_vs_masked")
     print(f"{r['table']:<6}{r['case']:<15}{r['profile']:<11}{r['density']:>8.3f} {r['provider']:<9}{r['backend']:<10}"
-          f"{fmt_ms(r['ms'], r['ms_p20'], r['ms_p80']):<26}{fmt_ratio(vs_dense):<24}{fmt_ratio(vs_masked)}",
+          f"{fmt_ms(r['ms'], r['ms_p20'], r['ms_p80']):<25} {fmt_ratio(vs_dense):<23} {fmt_ratio(vs_masked)}",
           flush=True)
 
 

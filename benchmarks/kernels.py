@@ -328,7 +328,7 @@ def show_header() -> None:
 def show_row(r: dict) -> None:
     vs_dense, of_bound = row_ratio(r, "speedup_vs_dense"), row_ratio(r, "fraction_of_upper_bound")
     print(f"{r['case']:<24}{r['dtype']:<9}{r['density']:>5.2f} {r['op']:<8}{r['provider']:<12}{r['backend']:<10}"
-          f"{fmt_ms(r['ms'], r['ms_p20'], r['ms_p80']):<26}{fmt_ratio(vs_dense):<24}{fmt_ratio(of_bound)}",
+          f"{fmt_ms(r['ms'], r['ms_p20'], r['ms_p80']):<25} {fmt_ratio(vs_dense):<23} {fmt_ratio(of_bound)}",
           flush=True)
 
 
