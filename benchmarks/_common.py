@@ -37,7 +37,7 @@ from pathlib import Path
 
 import torch
 
-from spafl._env import environment  # noqa: F401  (re-exported to the benchmark scripts)
+from spafl._env import environment
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 TOLERANCE = 0.2
@@ -308,6 +308,34 @@ def ratio_columns(prefix: str, r: Ratio) -> dict:
 def row_ratio(row: dict, prefix: str) -> Ratio:
     """The :class:`Ratio` stored in ``row`` by :func:`ratio_columns`."""
     return Ratio(row[prefix], row[f"{prefix}_p20"], row[f"{prefix}_p80"], row[f"{prefix}_noisy"])
+
+
+def start(p: argparse.ArgumentParser, args: argparse.Namespace, device: torch.device, script: str,
+          argv: list[str] | None, columns: Iterable[str], table_header: str) -> tuple[CsvSink | None, dict]:
+    """Set the threads, open the CSV (a parser error if ``--append`` meets another schema), print
+    the run's header and the table's; return the sink and the columns every row shares."""
+    torch.set_num_threads(args.threads)
+    env = environment(device)
+    command = command_line(script, argv)
+    try:
+        sink = CsvSink(args.csv, columns, append=args.append) if args.csv else None
+    except ValueError as e:
+        p.error(str(e))
+    print(header(env, args.threads, args.reps, args.tolerance, command), flush=True)
+    print(table_header, flush=True)
+    return sink, {**{k: env[k] for k in ("device", "torch", "triton", "python", "spafl")}, "threads": args.threads,
+                  "command": command}
+
+
+def report(rows: Iterable[dict], sink: CsvSink | None, show: Callable[[dict], None]) -> int:
+    """:func:`emit` ``rows``; the exit status: 0, or 130 after an interrupt (the rows before it
+    printed and saved)."""
+    try:
+        emit(rows, sink, show)
+    except KeyboardInterrupt:
+        print(f"# interrupted{f'; {sink.path} holds the rows printed above' if sink else ''}", flush=True)
+        return 130
+    return 0
 
 
 def header(env: dict, threads: int, reps: int, tolerance: float, command: str) -> str:

@@ -50,22 +50,19 @@ from collections.abc import Iterator
 import torch
 import torch.nn.functional as F
 from _common import (
-    CsvSink,
     Ratio,
     Timing,
     add_run_args,
     check_run_args,
-    command_line,
-    emit,
-    environment,
     fmt_ms,
     fmt_ratio,
-    header,
     interleaved,
     parser_for,
     ratio,
     ratio_columns,
+    report,
     row_ratio,
+    start,
     timestamp,
 )
 
@@ -254,9 +251,8 @@ def round_rows(preset: str, dataset: ImageDataset, data: str, profile: str, dens
 # --- command line ---------------------------------------------------------------------------
 
 
-def show_header() -> None:
-    print(f"{'table':<6}{'case':<15}{'profile':<11}{'density':>8} {'provider':<9}{'backend':<10}{'ms (p20-p80)':<26}"
-          f"{'vs dense (p20-p80)':<24}{'vs masked (p20-p80)':<24}", flush=True)
+TABLE_HEADER = (f"{'table':<6}{'case':<15}{'profile':<11}{'density':>8} {'provider':<9}{'backend':<10}"
+                f"{'ms (p20-p80)':<26}{'vs dense (p20-p80)':<24}vs masked (p20-p80)")
 
 
 def show_row(r: dict) -> None:
@@ -313,19 +309,9 @@ def main(argv=None) -> int:
         except ValueError as e:
             p.error(str(e))
     device = torch.device("cuda" if cuda else "cpu")
-    torch.set_num_threads(args.threads)
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
-    env = environment(device)
-    command = command_line(__file__, argv)
-    try:
-        sink = CsvSink(args.csv, COLUMNS, append=args.append) if args.csv else None
-    except ValueError as e:
-        p.error(str(e))
-    print(header(env, args.threads, args.reps, args.tolerance, command), flush=True)
-    show_header()
-    base = {**{k: env[k] for k in ("device", "torch", "triton", "python", "spafl")}, "threads": args.threads,
-            "command": command}
+    sink, base = start(p, args, device, __file__, argv, COLUMNS, TABLE_HEADER)
 
     def rows() -> Iterator[dict]:
         if "step" in args.tables:
@@ -347,12 +333,7 @@ def main(argv=None) -> int:
                                           args.tolerance, log=lambda s: print(s, flush=True)):
                         yield {"timestamp": timestamp(), **base, **row}
 
-    try:
-        emit(rows(), sink, show_row)
-    except KeyboardInterrupt:
-        print(f"# interrupted{f'; {args.csv} holds the rows printed above' if args.csv else ''}", flush=True)
-        return 130
-    return 0
+    return report(rows(), sink, show_row)
 
 
 if __name__ == "__main__":

@@ -50,21 +50,18 @@ import torch
 import torch.nn.functional as F
 from _common import (
     DTYPES,
-    CsvSink,
     Ratio,
     add_run_args,
     check_run_args,
-    command_line,
-    emit,
-    environment,
     fmt_ms,
     fmt_ratio,
-    header,
     interleaved,
     parser_for,
     ratio,
     ratio_columns,
+    report,
     row_ratio,
+    start,
     timestamp,
 )
 
@@ -320,9 +317,8 @@ def measure(cases, dtypes, densities, ops, providers, device, reps: int, min_sam
                         yield {"timestamp": timestamp(), **base, **row}
 
 
-def show_header() -> None:
-    print(f"{'case':<24}{'dtype':<9}{'dens':>5} {'op':<8}{'provider':<12}{'backend':<10}{'ms (p20-p80)':<26}"
-          f"{'vs dense (p20-p80)':<24}{'of bound':<22}", flush=True)
+TABLE_HEADER = (f"{'case':<24}{'dtype':<9}{'dens':>5} {'op':<8}{'provider':<12}{'backend':<10}{'ms (p20-p80)':<26}"
+                f"{'vs dense (p20-p80)':<24}of bound (smaller ms / this ms)")
 
 
 def show_row(r: dict) -> None:
@@ -367,28 +363,13 @@ def main(argv=None) -> int:
         p.error(f"no case of suite {args.suite!r} is named {args.cases}; cases: "
                 f"{', '.join(c.name for c in SUITES[args.suite])}")
     device = torch.device("cuda" if cuda else "cpu")
-    torch.set_num_threads(args.threads)
     torch.backends.cuda.matmul.allow_tf32 = True  # fp32 is TF32 for every provider alike
     torch.backends.cudnn.allow_tf32 = True
     torch.backends.cudnn.benchmark = True
-    env = environment(device)
-    command = command_line(__file__, argv)
-    try:
-        sink = CsvSink(args.csv, COLUMNS, append=args.append) if args.csv else None
-    except ValueError as e:
-        p.error(str(e))
-    print(header(env, args.threads, args.reps, args.tolerance, command), flush=True)
-    show_header()
-    base = {**{k: env[k] for k in ("device", "torch", "triton", "python", "spafl")}, "threads": args.threads,
-            "command": command}
+    sink, base = start(p, args, device, __file__, argv, COLUMNS, TABLE_HEADER)
     rows = measure(cases, args.dtypes, args.densities, args.ops, args.providers, device, args.reps,
                    args.min_sample_ms, args.tolerance, base)
-    try:
-        emit(rows, sink, show_row)
-    except KeyboardInterrupt:
-        print(f"# interrupted{f'; {args.csv} holds the rows printed above' if args.csv else ''}", flush=True)
-        return 130
-    return 0
+    return report(rows, sink, show_row)
 
 
 if __name__ == "__main__":
