@@ -329,6 +329,15 @@ def test_e2e_step_table(tmp_path):
     assert late["layer_densities"] == "conv1=0.6 conv2=0.3 fc3=0.05 fc4=1"
     assert {r["backend"] for r in rows if r["provider"] == "spafl"} == {resolve_backend("auto", torch.empty(1))}
     assert all(float(r["ms"]) > 0 and r["noisy"] == "True" for r in rows)  # 1 repetition: spread unknown
+    import summary
+
+    text = summary.e2e_tables(rows)
+    assert "| lenet5 | conv1=0.6 conv2=0.3 fc3=0.05 fc4=1 |" in text and "x? |" in text
+    pytest.importorskip("matplotlib")
+    import plot
+
+    written = plot.plot(rows, tmp_path / "plots", "test")
+    assert sorted(p.name for p in written) == ["e2e_profiles_and_rounds.png", "step_train-step_float32.png"]
 
 
 def test_e2e_round_table_keeps_the_set_densities(tmp_path, capsys):

@@ -194,6 +194,11 @@ def test_a_run_against_a_stand_in_writes_rows_and_summary(tmp_path, capsys):
     assert "| authors | 3 | 8.00" in text and "(extrapolated)" in text
     printed = capsys.readouterr().out
     assert printed.count("authors          round") == 3
+    pytest.importorskip("matplotlib")
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import plot
+
+    assert [p.name for p in plot.plot(rows, tmp_path / "plots", "test")] == ["side_by_side.png"]
 
 
 def test_a_failing_side_reports_its_output(tmp_path, capsys):
