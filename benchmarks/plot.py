@@ -48,6 +48,15 @@ def _pyplot():
     return plt
 
 
+# One colour per provider in every figure and panel.
+COLORS = {name: f"C{i}" for i, name in enumerate(("dense", "masked", "gather", "smaller", "spafl-exact", "spafl-skip",
+                                                  "spafl"))}
+
+
+def _color(provider: str) -> str:
+    return COLORS.get(provider, "black")
+
+
 def _label(r: dict) -> str:
     backend = r.get("backend", "")
     return f"{r['provider']} ({backend})" if backend and backend != "torch" else r["provider"]
@@ -83,7 +92,8 @@ def plot_speedups(rows: list[dict], out: Path, title: str) -> list[Path]:
                 if r["case"] == case:
                     by_provider[_label(r)].append(r)
             densities = sorted({_f(r, "density") for r in group if r["case"] == case and _f(r, "density") > 0})
-            for i, (label, points) in enumerate(sorted(by_provider.items())):
+            for label, points in sorted(by_provider.items(), key=lambda kv: list(COLORS).index(kv[1][0]["provider"])
+                                        if kv[1][0]["provider"] in COLORS else len(COLORS)):
                 points = sorted((p for p in points if _f(p, "density") > 0), key=lambda p: _f(p, "density"))
                 if not points:
                     continue
@@ -91,7 +101,7 @@ def plot_speedups(rows: list[dict], out: Path, title: str) -> list[Path]:
                 y = [_f(p, "speedup_vs_dense") for p in points]
                 lo = [_f(p, "speedup_vs_dense_p20") for p in points]
                 hi = [_f(p, "speedup_vs_dense_p80") for p in points]
-                color = f"C{i}"
+                color = _color(points[0]["provider"])
                 (line,) = ax.plot(x, y, color=color, lw=1.2, label=label)
                 if not any(math.isnan(v) for v in lo + hi):
                     yerr = [[max(0.0, a - b) for a, b in zip(y, lo, strict=True)],
@@ -140,7 +150,7 @@ def plot_bars(rows: list[dict], out: Path, title: str) -> list[Path]:
         y = [_f(r, "ms") * scale for r in group]
         lo = [max(0.0, v - _f(r, "ms_p20") * scale) for v, r in zip(y, group, strict=True)]
         hi = [max(0.0, _f(r, "ms_p80") * scale - v) for v, r in zip(y, group, strict=True)]
-        ax.bar(range(len(group)), y, yerr=[lo, hi], capsize=3, color=[f"C{i}" for i in range(len(group))])
+        ax.bar(range(len(group)), y, yerr=[lo, hi], capsize=3, color=[_color(r["provider"]) for r in group])
         for i, r in enumerate(group):
             s = _f(r, "speedup_vs_masked")
             if not math.isnan(s) and r["provider"] != "masked":
