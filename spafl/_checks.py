@@ -12,7 +12,8 @@ import os
 
 import torch
 
-BACKENDS = ("auto", "triton", "reference")
+BACKENDS = ("auto", "compact", "reference", "triton")
+COLLAPSE_TIMINGS = ("current", "previous")
 BACKWARD_MODES = ("exact", "skip", "sample")
 TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -42,6 +43,11 @@ def check_options(backend: str, backward_mode: str, sample_fraction: float, coll
         not isinstance(collapse_density, (int, float)) or not 0.0 <= float(collapse_density) < 1.0
     ):
         raise ValueError(f"collapse_density must be None or in [0, 1), got {collapse_density!r}")
+
+
+def check_collapse_timing(collapse_timing: str) -> None:
+    if collapse_timing not in COLLAPSE_TIMINGS:
+        raise ValueError(f"collapse_timing must be one of {COLLAPSE_TIMINGS}, got {collapse_timing!r}")
 
 
 def check_positive_int(name: str, value) -> int:
@@ -131,12 +137,16 @@ def check_layer_inputs(
 
 
 def resolve_backend(backend: str, weight: torch.Tensor) -> str:
-    """Pick the implementation: ``auto`` means Triton for CUDA tensors it supports, else the
-    reference; ``triton`` insists (and explains why it cannot run)."""
-    if backend == "reference":
-        return "reference"
+    """Pick the implementation. ``auto``: Triton for CUDA tensors it supports (fp32 / fp16 /
+    bf16, Triton installed), the compacting plain-PyTorch path for CPU tensors, the reference
+    otherwise (it never synchronises with the device). ``compact`` and ``reference`` run on any
+    device; ``triton`` insists (and explains why it cannot run)."""
+    if backend in ("reference", "compact"):
+        return backend
     on_cuda = weight.device.type == "cuda"
     if backend == "auto":
+        if weight.device.type == "cpu":
+            return "compact"
         ok = on_cuda and weight.dtype in TRITON_DTYPES and triton_available()
         return "triton" if ok else "reference"
     if not triton_available():
@@ -144,9 +154,11 @@ def resolve_backend(backend: str, weight: torch.Tensor) -> str:
     if not on_cuda and not interpreter_enabled():
         raise ValueError(
             f"backend='triton' runs on CUDA tensors, got tensors on {weight.device}; use backend='auto' or "
-            "'reference' on CPU (or set TRITON_INTERPRET=1 before importing spafl to run the kernels in "
+            "'compact' on CPU (or set TRITON_INTERPRET=1 before importing spafl to run the kernels in "
             "Triton's interpreter, for testing)"
         )
     if weight.dtype not in TRITON_DTYPES:
-        raise TypeError(f"backend='triton' supports {TRITON_DTYPES}, got {weight.dtype}; use backend='reference'")
+        raise TypeError(
+            f"backend='triton' supports {TRITON_DTYPES}, got {weight.dtype}; use backend='compact' or 'reference'"
+        )
     return "triton"

@@ -148,7 +148,7 @@ def test_mask_density_repr_memory_format_and_state_dict():
     other = ThresholdConv2d(3, 10, (3, 5), stride=2, padding=1, bias=False)
     other.load_state_dict(layer.state_dict())
     assert torch.equal(other.mask, layer.mask)
-    assert set(layer.state_dict()) == {"weight", "threshold", "collapse_resets"}
+    assert set(layer.state_dict()) == {"weight", "threshold", "collapse_resets", "previous_density"}
     dense = nn.Conv2d(4, 6, 3).to(memory_format=torch.channels_last)
     assert ThresholdConv2d.from_dense(dense).weight.is_contiguous(memory_format=torch.channels_last)
 

@@ -131,7 +131,7 @@ def test_state_dict_round_trip_and_penalty():
         a.threshold.uniform_(0, 0.5)
     b = ThresholdLinear(5, 4)
     b.load_state_dict(a.state_dict())
-    assert set(a.state_dict()) == {"weight", "threshold", "bias", "collapse_resets"}
+    assert set(a.state_dict()) == {"weight", "threshold", "bias", "collapse_resets", "previous_density"}
     assert torch.equal(a.mask, b.mask)
     model = nn.Sequential(a, nn.ReLU(), b)
     torch.testing.assert_close(spafl.threshold_penalty(model), 2 * torch.exp(-a.threshold).sum())
