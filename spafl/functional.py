@@ -256,9 +256,14 @@ def _operands_already_cast(device_type: str):
     """Autocast off inside the forward: :func:`_autocast` has cast the operands already, and the
     plain-PyTorch backends compute in fp32 (fp64) and round once, like the backward (which
     autocast does not reach)."""
-    if torch.is_autocast_enabled(device_type):
+    if _autocast_enabled(device_type):
         return torch.autocast(device_type, enabled=False)
     return contextlib.nullcontext()
+
+
+def _autocast_enabled(device_type: str) -> bool:
+    # Devices without autocast (e.g. "meta", for shape-only runs) raise in is_autocast_enabled.
+    return torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
 
 
 # The one place where a resolved backend name becomes code.
@@ -338,7 +343,7 @@ def _autocast(x, weight, bias):
     """Under ``torch.autocast``, run in the autocast dtype like ``F.linear`` does; thresholds and
     the master weights stay in their own dtype (gradients flow back through the casts)."""
     device_type = x.device.type
-    if not torch.is_autocast_enabled(device_type):
+    if not _autocast_enabled(device_type):
         return x, weight, bias
     dtype = torch.get_autocast_dtype(device_type)
     cast = (lambda t: t if t is None or t.dtype == dtype else t.to(dtype))  # noqa: E731

@@ -440,3 +440,233 @@ def test_tolerance_table_covers_the_compute_dtypes():
     assert {torch.float32, torch.float64, torch.float16, torch.bfloat16} <= set(TOLERANCES)
     assert spafl.compact.active_units(torch.tensor([True, True])) is None
     assert spafl.compact.active_units(torch.tensor([False, True, True])).tolist() == [1, 2]
+
+
+# ----------------------------------------------------------------------------- input-side skipping
+
+
+def _set_densities(model, densities):
+    for (_, layer), density in zip(spafl.threshold_layers(model), densities, strict=True):
+        with torch.no_grad():
+            layer.threshold.copy_(threshold_for_density(layer.weight, density))
+
+
+def _model_grads(model, x, seed=0):
+    xi = x.clone().requires_grad_()
+    out = model(xi)
+    torch.manual_seed(seed)
+    (out * torch.randn(out.shape)).sum().backward()
+    grads = {name: p.grad.clone() for name, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    return out, xi.grad, grads
+
+
+def _assert_models_agree(fast, ref, x):
+    out_f, dx_f, g_f = _model_grads(fast, x)
+    out_r, dx_r, g_r = _model_grads(ref, x)
+    assert_close(out_f, out_r, torch.float32, "output")
+    assert_close(dx_f, dx_r, torch.float32, "input gradient")
+    assert g_f.keys() == g_r.keys()
+    for name in g_r:
+        assert_close(g_f[name], g_r[name], torch.float32, name)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_lenet5_with_input_skipping_equals_the_reference_model(mode, products):
+    from spafl.federated.models import LeNet5
+
+    torch.manual_seed(0)
+    fast = LeNet5(backend="compact", backward_mode=mode)
+    ref = LeNet5(backend="reference", backward_mode=mode, skip_zero_inputs=False)
+    ref.load_state_dict(fast.state_dict())
+    for model in (fast, ref):
+        _set_densities(model, (0.6, 0.3, 0.05, 1.0))
+    assert [n for n, layer in spafl.threshold_layers(fast) if layer.skip_zero_inputs] == ["conv2", "fc3", "fc4"]
+    _assert_models_agree(fast, ref, torch.randn(6, 1, 28, 28))
+    conv2_input = [shapes[0] for op, shapes in products if op == "_conv2d" and shapes[1][1:] != (1, 5, 5)]
+    assert conv2_input[0][1] == 12  # the 12 channels of conv1's 12 active filters, of 20
+    fc3 = [shapes for op, shapes in products if op == "_linear" and shapes[1][0] == 25]
+    assert fc3 and fc3[0][0][1] <= 15 * 16  # features of conv2's 15 active filters, of 800
+
+
+def test_conv4_bn_before_relu_equals_the_reference_model():
+    from spafl.federated.models import Conv4
+
+    torch.manual_seed(0)
+    fast = Conv4(backend="compact")
+    ref = Conv4(backend="reference", skip_zero_inputs=False)
+    ref.load_state_dict(fast.state_dict())
+    for model in (fast, ref):
+        _set_densities(model, (0.5, 0.3, 0.4, 0.2, 0.3, 0.5, 1.0))
+    _assert_models_agree(fast, ref, torch.randn(4, 3, 32, 32))
+
+
+def test_producer_with_positive_bias_drops_nothing_and_agrees(products):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(9, 20), torch.nn.ReLU(), torch.nn.Linear(20, 7))
+    with torch.no_grad():
+        model[0].bias.fill_(0.5)
+    fast = spafl.sparsify(model, backend="compact")
+    ref = spafl.sparsify(torch.nn.Sequential(torch.nn.Linear(9, 20), torch.nn.ReLU(), torch.nn.Linear(20, 7)),
+                         backend="reference", skip_zero_inputs=False)
+    ref.load_state_dict(fast.state_dict())
+    assert fast[2].skip_zero_inputs
+    for m in (fast, ref):
+        _set_densities(m, (0.3, 0.5))
+    products.clear()
+    _assert_models_agree(fast, ref, torch.randn(5, 9))
+    assert ("_linear", ((5, 20), (4, 20))) in products  # every input feature of the second layer kept
+
+
+class _Chain(torch.nn.Module):
+    """conv -> ``between`` -> conv -> flatten -> linear."""
+
+    def __init__(self, between, relu_before_fc=False):
+        super().__init__()
+        self.conv1 = ThresholdConv2d(3, 6, 3, bias=False)
+        self.conv2 = ThresholdConv2d(6, 4, 3, bias=False)
+        self.fc = ThresholdLinear(4 * 4 * 4, 5, bias=False)
+        self.between = between
+        self.last = torch.nn.ReLU() if relu_before_fc else torch.nn.Identity()
+
+    def forward(self, x):
+        return self.fc(self.last(self.conv2(self.between(self.conv1(x)))).flatten(1))
+
+
+class _Residual(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1 = ThresholdConv2d(3, 3, 3, padding=1, bias=False)
+        self.conv2 = ThresholdConv2d(3, 3, 3, padding=1, bias=False)
+
+    def forward(self, x):
+        return self.conv2(F.relu(self.conv1(x)) + x)
+
+
+class _InPlaceElsewhere(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1 = ThresholdConv2d(3, 3, 3, padding=1, bias=False)
+        self.conv2 = ThresholdConv2d(3, 3, 3, padding=1, bias=False)
+
+    def forward(self, x):
+        a = F.relu(self.conv1(x))
+        a.add_(1.0)
+        return self.conv2(a)
+
+
+class _CalledTwice(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = ThresholdConv2d(3, 3, 3, padding=1, bias=False)
+
+    def forward(self, x):
+        return self.conv(F.gelu(self.conv(F.relu(x))))
+
+
+@pytest.mark.parametrize(
+    "between, flagged",
+    [
+        (torch.nn.ReLU(), ["conv2", "fc"]),
+        (torch.nn.Sequential(torch.nn.BatchNorm2d(6), torch.nn.ReLU(inplace=True), torch.nn.Dropout()),
+         ["conv2", "fc"]),
+        (torch.nn.Sequential(torch.nn.ReLU(), torch.nn.MaxPool2d(2, stride=1, padding=1)), ["conv2", "fc"]),
+        (torch.nn.GELU(), ["fc"]),
+        (torch.nn.LeakyReLU(), ["fc"]),
+        (torch.nn.Sequential(torch.nn.ReLU(), torch.nn.BatchNorm2d(6)), ["fc"]),
+        (torch.nn.Sequential(torch.nn.ReLU(), torch.nn.AvgPool2d(3, stride=1, padding=1)), ["fc"]),
+        (torch.nn.Sequential(torch.nn.ReLU(), torch.nn.MaxPool2d(3, 1, 1, return_indices=True)), ["fc"]),
+        (lambda t: t.clamp(min=0), ["fc"]),
+    ],
+    ids=["relu", "bn-relu-dropout", "relu-maxpool", "gelu", "leaky", "relu-bn", "relu-avgpool", "indices", "clamp"],
+)
+def test_detector_flags_only_relu_chains(between, flagged):
+    between = between if isinstance(between, torch.nn.Module) else _Lambda(between)
+    model = _Chain(between)
+    # conv2's output reaches fc through flatten only, without a ReLU: fc is not flagged ...
+    assert spafl.find_zero_input_layers(model) == [name for name in flagged if name != "fc"]
+    # ... until a ReLU comes first.
+    assert spafl.find_zero_input_layers(_Chain(between, relu_before_fc=True)) == flagged
+
+
+class _Lambda(torch.nn.Module):
+    def __init__(self, fn):
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, x):
+        return self.fn(x)
+
+
+def test_detector_refuses_residual_adds_in_place_writes_and_mixed_call_sites():
+    assert spafl.find_zero_input_layers(_Residual()) == []
+    assert spafl.find_zero_input_layers(_InPlaceElsewhere()) == []
+    assert spafl.find_zero_input_layers(_CalledTwice()) == []
+
+
+@pytest.mark.parametrize("between", [torch.nn.GELU(), torch.nn.LeakyReLU(0.1), _Lambda(lambda t: t.clamp(min=0))],
+                         ids=["gelu", "leaky", "clamp"])
+def test_forcing_the_flag_where_the_rule_fails_changes_a_gradient(between):
+    # Each of these maps 0 to 0 (so the second layer's input has zero features where the first
+    # layer's units are pruned) but has a nonzero gradient at 0: the first layer's pruned units
+    # then receive a gradient that skipping would drop.
+    torch.manual_seed(0)
+    first, second = ThresholdLinear(8, 12, bias=False), ThresholdLinear(12, 5, bias=False)
+    _set_densities(torch.nn.Sequential(first, second), (0.5, 1.0))
+    x = torch.randn(6, 8)
+    grads = {}
+    for flag in (False, True):
+        second.skip_zero_inputs = flag
+        first.threshold.grad = None
+        second(between(first(x))).square().sum().backward()
+        grads[flag] = first.threshold.grad.clone()
+    pruned = ~first.mask
+    assert (grads[False][pruned] != 0).all()
+    assert (grads[True][pruned] == 0).all()  # what skipping does: wrong here, hence the rule
+
+
+def test_sparsify_sets_flags_and_can_leave_them_off():
+    def net():
+        return torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
+                                   torch.nn.Conv2d(4, 4, 3), torch.nn.ReLU(), torch.nn.Flatten(),
+                                   torch.nn.Linear(4 * 3 * 3, 3))
+
+    flags = lambda m: [n for n, layer in spafl.threshold_layers(m) if layer.skip_zero_inputs]  # noqa: E731
+    assert flags(spafl.sparsify(net())) == ["3", "6"]
+    assert flags(spafl.sparsify(net(), skip_zero_inputs=False)) == []
+    with pytest.raises(TypeError, match="skip_zero_inputs must be a bool"):
+        spafl.sparsify(net(), skip_zero_inputs="yes")
+
+
+class _Untraceable(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)
+
+    def forward(self, x):
+        h = F.relu(self.a(x))
+        return self.b(h) if h.sum() > 0 else h  # data-dependent control flow
+
+
+def test_untraceable_model_gets_no_flags_and_a_warning():
+    with pytest.warns(UserWarning, match="could not trace _Untraceable"):
+        model = spafl.sparsify(_Untraceable())
+    assert not any(layer.skip_zero_inputs for _, layer in spafl.threshold_layers(model))
+    with pytest.raises(TypeError, match="nn.Module"):
+        spafl.find_zero_input_layers("model")
+
+
+def test_federated_models_get_their_flags_from_the_detector():
+    from spafl.federated.models import build_model
+
+    def flags(name, **kwargs):
+        model = build_model(name, 10, **kwargs)
+        return [n for n, layer in spafl.threshold_layers(model) if layer.skip_zero_inputs]
+
+    assert flags("lenet5") == flags("digits-cnn") == ["conv2", "fc3", "fc4"]
+    assert flags("vit") == []  # LayerNorm, GELU and attention outputs feed its linears
+    assert flags("conv4") == ["convs.1", "convs.2", "convs.3", "dense1", "dense2", "dense3"]
+    assert "conv1" not in flags("resnet18") and "blocks.0.conv1" in flags("resnet18")
+    assert flags("lenet5", skip_zero_inputs=False) == []
+    with pytest.raises(TypeError, match="skip_zero_inputs must be a bool"):
+        build_model("lenet5", 10, skip_zero_inputs=None)
