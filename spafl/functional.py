@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import struct
 from typing import NamedTuple
 
 import torch
@@ -93,6 +94,9 @@ def _guarded_row_mask(
     is built, and the mask comes from the reset thresholds. Either way ``previous_density``
     (when given) then holds this forward's density. All device-side: no host synchronisation.
     """
+    if mask_backend != "triton" and not with_perm and weight.device.type == "cpu":
+        return _guarded_row_mask_on_host(weight, threshold, collapse_density, collapse_timing, counter,
+                                         previous_density)
     if collapse_density is None:
         return _row_mask(weight, threshold, mask_backend, None, with_perm)
     if collapse_timing == "previous":
@@ -108,6 +112,39 @@ def _guarded_row_mask(
     return row_mask
 
 
+def _guarded_row_mask_on_host(weight, threshold, collapse_density, collapse_timing, counter, previous_density):
+    """:func:`_guarded_row_mask` for CPU tensors, deciding on the host (a synchronisation is free
+    there) so that a forward where the guard does not fire pays no device-side no-op writes. The
+    comparisons are the device path's, in its dtypes. ``RowMask.perm``, ``count`` and
+    ``collapsed`` stay None."""
+    with torch.no_grad():
+        score = reference.row_scores(weight)
+        mask = score > threshold.detach().to(score.dtype)
+        if collapse_density is None:
+            return RowMask(mask, None, None, score, None)
+        n = mask.numel()
+        active = None
+        if collapse_timing == "previous":
+            fired = bool(previous_density <= collapse_density)
+        else:
+            active = int(mask.sum())
+            fired = active <= _float32(collapse_density * n)  # the device path compares in fp32
+        if fired:
+            threshold.zero_()
+            if counter is not None:
+                counter.add_(1)
+            mask = score > 0
+            active = None
+        if previous_density is not None:
+            active = int(mask.sum()) if active is None else active
+            previous_density.fill_(active / n)  # = the device path's fp32 count / n, rounded once
+    return RowMask(mask, None, None, score, None)
+
+
+def _float32(value: float) -> float:
+    return struct.unpack("f", struct.pack("f", value))[0]
+
+
 # ----------------------------------------------------------------------------- implementations
 
 
@@ -116,10 +153,10 @@ def _cast_gradients(grads, need_dx: bool, weight_dtype: torch.dtype, threshold_d
     the inputs."""
     dx, dw, dtau, db = grads
     return (
-        dx.to(weight_dtype) if need_dx else None,
-        dw.to(weight_dtype),
-        dtau.to(threshold_dtype),
-        db.to(weight_dtype) if db is not None else None,
+        compact._cast(dx, weight_dtype) if need_dx else None,
+        compact._cast(dw, weight_dtype),
+        compact._cast(dtau, threshold_dtype),
+        compact._cast(db, weight_dtype),
     )
 
 
@@ -270,6 +307,30 @@ def _autocast_enabled(device_type: str) -> bool:
 IMPLEMENTATIONS = {"reference": _Reference, "compact": _Compact, "triton": _Triton}
 
 
+def _linear_forward(x, weight, bias, row_mask, backend, options):
+    """``(y [..., out], x2d, the RowMask the backward gets, the backend's state)``."""
+    n_out, fan_in = weight.shape
+    x2d = x.reshape(-1, fan_in)
+    row_mask = RowMask(row_mask.mask, row_mask.perm, row_mask.count, None)
+    with _operands_already_cast(x.device.type):
+        y, state = IMPLEMENTATIONS[backend].linear_forward(x2d, weight, bias, row_mask, options)
+    return y.reshape(*x.shape[:-1], n_out), x2d, row_mask, state
+
+
+def _conv2d_forward(x, weight, bias, row_mask, geometry, backend, options):
+    """``(y, the RowMask the backward gets, the backend's state)``."""
+    row_mask = RowMask(row_mask.mask, row_mask.perm, row_mask.count, None)
+    with _operands_already_cast(x.device.type):
+        y, state = IMPLEMENTATIONS[backend].conv2d_forward(x, weight, bias, row_mask, geometry, options)
+    return y, row_mask, state
+
+
+def _needs_graph(*tensors) -> bool:
+    """Whether autograd must record the call: without it (inference, ``no_grad``) the forward
+    runs without the autograd Function and its saved state."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
 class ThresholdLinearFunction(torch.autograd.Function):
     """``y = x @ (W * m)^T + b`` with the straight-through threshold gradient.
 
@@ -280,17 +341,12 @@ class ThresholdLinearFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, threshold, bias, row_mask, backend, options):
-        impl = IMPLEMENTATIONS[backend]
-        n_out, fan_in = weight.shape
-        x2d = x.reshape(-1, fan_in)
-        row_mask = RowMask(row_mask.mask, row_mask.perm, row_mask.count, None)
-        with _operands_already_cast(x.device.type):
-            y, state = impl.linear_forward(x2d, weight, bias, row_mask, options)
+        y, x2d, row_mask, state = _linear_forward(x, weight, bias, row_mask, backend, options)
         ctx.save_for_backward(x2d, weight, row_mask.mask, row_mask.perm, row_mask.count)
-        ctx.impl, ctx.state, ctx.options = impl, state, options
+        ctx.impl, ctx.state, ctx.options = IMPLEMENTATIONS[backend], state, options
         ctx.x_shape = x.shape
         ctx.has_bias = bias is not None
-        return y.reshape(*x.shape[:-1], n_out)
+        return y
 
     @staticmethod
     @once_differentiable
@@ -318,12 +374,9 @@ class ThresholdConv2dFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, threshold, bias, row_mask, geometry, backend, options):
-        impl = IMPLEMENTATIONS[backend]
-        row_mask = RowMask(row_mask.mask, row_mask.perm, row_mask.count, None)
-        with _operands_already_cast(x.device.type):
-            y, state = impl.conv2d_forward(x, weight, bias, row_mask, geometry, options)
+        y, row_mask, state = _conv2d_forward(x, weight, bias, row_mask, geometry, backend, options)
         ctx.save_for_backward(x, weight, row_mask.mask, row_mask.perm, row_mask.count)
-        ctx.impl, ctx.state, ctx.options = impl, state, options
+        ctx.impl, ctx.state, ctx.options = IMPLEMENTATIONS[backend], state, options
         ctx.geometry = geometry
         ctx.has_bias = bias is not None
         return y
@@ -442,6 +495,8 @@ def threshold_linear(
                                  IMPLEMENTATIONS[resolved].with_perm, collapse_density, collapse_timing,
                                  collapse_counter, previous_density)
     options = _Options(backward_mode, float(sample_fraction), skip_zero_inputs, threshold.dtype)
+    if not _needs_graph(x_op, w_op, threshold, b_op):
+        return _linear_forward(x_op, w_op, b_op, row_mask, resolved, options)[0]
     return ThresholdLinearFunction.apply(x_op, w_op, threshold, b_op, row_mask, resolved, options)
 
 
@@ -529,5 +584,8 @@ def threshold_conv2d(
                                  IMPLEMENTATIONS[resolved].with_perm, collapse_density, collapse_timing,
                                  collapse_counter, previous_density)
     options = _Options(backward_mode, float(sample_fraction), skip_zero_inputs, threshold.dtype)
-    y = ThresholdConv2dFunction.apply(x_op, w_op, threshold, b_op, row_mask, geometry, resolved, options)
+    if _needs_graph(x_op, w_op, threshold, b_op):
+        y = ThresholdConv2dFunction.apply(x_op, w_op, threshold, b_op, row_mask, geometry, resolved, options)
+    else:
+        y = _conv2d_forward(x_op, w_op, b_op, row_mask, geometry, resolved, options)[0]
     return y.squeeze(0) if unbatched else y

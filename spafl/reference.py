@@ -28,10 +28,34 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+# Elements per block of the row-wise passes over a weight on the CPU: a block's temporaries stay
+# in cache, where one temporary the size of a large weight (64 MB for 4096 x 4096) costs more in
+# page faults than the reduction itself (measured 75 ms whole vs 15 ms in blocks).
+ROW_BLOCK = 1 << 18
+
+
+def row_blocks(n_rows: int, row_len: int, device: torch.device) -> list[slice]:
+    """Slices of rows for a row-wise pass: blocks of about ``ROW_BLOCK`` elements on the CPU, one
+    slice elsewhere (one kernel launch beats many on a GPU)."""
+    if device.type != "cpu" or n_rows * row_len <= ROW_BLOCK:
+        return [slice(0, n_rows)]
+    step = max(1, ROW_BLOCK // max(1, row_len))
+    return [slice(r, min(r + step, n_rows)) for r in range(0, n_rows, step)]
+
+
 def row_scores(weight: torch.Tensor) -> torch.Tensor:
-    """Mean |w| of every output unit: ``[out]`` (fp32, or fp64 for fp64 weights)."""
+    """Mean |w| of every output unit: ``[out]`` (fp32, or fp64 for fp64 weights). With one
+    intra-op thread a row's mean is bit-identical in blocks and at once (with several, PyTorch
+    may split a long row's sum differently, as it does between thread counts)."""
     w = weight.detach().reshape(weight.shape[0], -1)
-    return w.abs().to(_compute_dtype(weight.dtype)).mean(dim=1)
+    compute = _compute_dtype(weight.dtype)
+    blocks = row_blocks(w.shape[0], w.shape[1], w.device)
+    if len(blocks) == 1:
+        return w.abs().to(compute).mean(dim=1)
+    out = torch.empty(w.shape[0], dtype=compute, device=w.device)
+    for rows in blocks:
+        torch.mean(w[rows].abs().to(compute), dim=1, out=out[rows])
+    return out
 
 
 def row_mask(

@@ -338,3 +338,24 @@ def test_previous_timing_on_cuda_does_not_synchronise(kind):
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert layer.collapse_resets.item() == 1 and layer.previous_density.item() == 1.0
+
+
+@pytest.mark.parametrize("timing", ["current", "previous"])
+def test_host_and_device_guard_paths_agree(timing):
+    # On CPU the guard decides on the host; the device-side path (no synchronisation) is what
+    # CUDA runs. Same masks, thresholds, counters and stored densities, edge cases included.
+    from spafl.functional import _guarded_row_mask
+
+    torch.manual_seed(0)
+    w = torch.randn(200, 7)
+    for density in (0.5, 2 / 200, 3 / 200, 1 / 200, 0.0, 1.0):
+        for previous in (1.0, 0.0100001, 0.01, 0.005, 0.0):
+            results = []
+            for with_perm in (False, True):  # False on CPU: the host path
+                tau = threshold_for_density(w, density)
+                counter = torch.zeros((), dtype=torch.long)
+                stored = torch.tensor(previous)
+                rm = _guarded_row_mask(w, tau, "reference", with_perm, 0.01, timing, counter, stored)
+                results.append((rm.mask, tau, counter, stored))
+            for a, b in zip(*results, strict=True):
+                assert torch.equal(a, b), (density, previous)
