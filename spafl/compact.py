@@ -18,7 +18,7 @@ the rounding of the compute dtype (fp32 for fp32 / fp16 / bf16 inputs, fp64 for 
 * input skipping (``skip_zero_inputs=True``): input features (Linear) / channels (Conv2d)
   that are exactly zero for the whole batch are dropped from every product; their weight
   gradient is the sign term alone (``G`` is 0 there) and their input gradient is returned as 0.
-  When this leaves every gradient upstream unchanged is stated in :class:`spafl.ThresholdLinear`.
+  When this leaves every gradient upstream unchanged is stated in :mod:`spafl.layers`.
 * grouped convolutions: the groups that hold active filters are gathered and each is padded to
   the largest number of active filters in one group, so a grouped convolution costs
   ``groups_used * widest / filters`` of the dense one (exactly the active share for depthwise
@@ -61,12 +61,14 @@ def _conv2d_backward(dy, x, w, stride, padding, dilation, groups: int, need_dx: 
     """``(dL/dx | None, dL/dw)`` of ``_conv2d(x, w)`` from the convolution's own backward,
     except for the weight gradient of a convolution with one input channel (the first layer of
     a grayscale model): oneDNN's weight-gradient kernel vectorises over input channels and is
-    slow there (measured 2-2.4x slower than the route below for LeNet-5's conv1 on an AVX2 CPU),
-    so ``dW`` comes from a forward convolution of the batch-transposed tensors instead:
+    slow there, so ``dW`` comes from a forward convolution of the batch-transposed tensors:
     ``dW[f, c, i, j] = sum_{b, p} dy[b, f, p] x[b, c, p * stride + (i, j) * dilation]`` is the
     convolution of ``x^T [C, B, H, W]`` with the kernel ``dy^T [F, B, Ho, Wo]`` at stride
-    ``dilation`` and dilation ``stride``."""
-    if groups != 1 or x.shape[1] != 1:
+    ``dilation`` and dilation ``stride``. Measured on an AVX2 CPU, one thread: 1.8-2.0x faster
+    for 5x5 and 7x7 kernels (LeNet-5's conv1: 1.96x) and for small output maps, 0.64-0.95x for
+    3x3 kernels on maps of 64x64 and more, hence the condition."""
+    (kh, kw), (out_h, out_w) = w.shape[2:], dy.shape[2:]
+    if groups != 1 or x.shape[1] != 1 or (kh * kw < 25 and out_h * out_w > 1024):
         dx, dw, _ = torch.ops.aten.convolution_backward(
             dy, x, w, None, stride, padding, dilation, False, (0, 0), groups, (need_dx, True, False)
         )
@@ -76,7 +78,6 @@ def _conv2d_backward(dy, x, w, stride, padding, dilation, groups: int, need_dx: 
         dx = torch.ops.aten.convolution_backward(
             dy, x, w, None, stride, padding, dilation, False, (0, 0), groups, (True, False, False)
         )[0]
-    (kh, kw) = w.shape[2:]
     dw = F.conv2d(x.transpose(0, 1), dy.transpose(0, 1), None, dilation, padding, stride)
     return dx, dw[:, :, :kh, :kw].transpose(0, 1).contiguous(memory_format=_weight_format(w))
 

@@ -1,7 +1,8 @@
-"""Plain-PyTorch reference of the threshold layers.
+"""Plain-PyTorch reference of the threshold layers (``backend="reference"``).
 
-This is what CPU users run, what every Triton kernel is tested against, and what the
-benchmarks call "masked dense". It follows ``spafl-algorithm.md`` section 1 literally:
+This is the oracle: what the Triton kernels and the compacting CPU backend
+(:mod:`spafl.compact`) are tested against, and what the benchmarks call "masked dense". It
+follows ``spafl-algorithm.md`` section 1 literally:
 
 * row score ``s_i = mean_j |W_ij|`` over all fan-in elements, mask ``m_i = s_i > tau_i``;
 * forward with ``W_hat = W * m``;

@@ -670,3 +670,31 @@ def test_federated_models_get_their_flags_from_the_detector():
     assert flags("lenet5", skip_zero_inputs=False) == []
     with pytest.raises(TypeError, match="skip_zero_inputs must be a bool"):
         build_model("lenet5", 10, skip_zero_inputs=None)
+
+
+@pytest.mark.parametrize("geometry", [((5, 5), (1, 1), (0, 0), (1, 1)), ((3, 2), (2, 3), (1, 2), (2, 1)),
+                                      ((1, 1), (2, 2), (0, 0), (1, 1))], ids=str)
+def test_single_input_channel_weight_gradient_route(geometry):
+    # With one input channel dW comes from a forward convolution of the transposed tensors.
+    kernel, stride, padding, dilation = geometry
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 1, 13, 11, generator=g, dtype=torch.float64)
+    w = torch.randn(4, 1, *kernel, generator=g, dtype=torch.float64)
+    dy = torch.randn(F.conv2d(x, w, None, stride, padding, dilation).shape, generator=g, dtype=torch.float64)
+    want = torch.ops.aten.convolution_backward(dy, x, w, None, stride, padding, dilation, False, (0, 0), 1,
+                                               (True, True, False))
+    dx, dw = compact._conv2d_backward(dy, x, w, stride, padding, dilation, 1, True)
+    torch.testing.assert_close(dw, want[1])
+    torch.testing.assert_close(dx, want[0])
+
+
+def test_inference_skips_the_autograd_function():
+    layer = ThresholdConv2d(3, 8, 3, backend="compact")
+    with torch.no_grad():
+        layer.threshold.copy_(threshold_for_density(layer.weight, 0.5))
+    x = torch.randn(2, 3, 6, 6)
+    with torch.no_grad():
+        y = layer(x)
+    assert y.grad_fn is None
+    torch.testing.assert_close(y, layer(x).detach())
+    assert layer(x).grad_fn is not None
