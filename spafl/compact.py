@@ -40,7 +40,7 @@ import torch.nn.functional as F
 
 from ._conv import ConvGeometry
 from ._rowmask import sample_rows
-from .reference import _compute_dtype, row_blocks
+from .reference import _compute_dtype, row_blocks, scratch
 
 # ----------------------------------------------------------------------------- dense products
 
@@ -49,8 +49,9 @@ def _linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> 
     return F.linear(x, w, b)
 
 
-def _mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    return torch.mm(a, b)
+def _mm(a: torch.Tensor, b: torch.Tensor, into: torch.Tensor | None = None) -> torch.Tensor:
+    """``a @ b``, or ``into + a @ b`` written into ``into`` (the GEMM adds it as it stores)."""
+    return torch.mm(a, b) if into is None else into.addmm_(a, b)
 
 
 def _conv2d(x, w, b, stride, padding, dilation, groups: int) -> torch.Tensor:
@@ -67,8 +68,7 @@ def _conv2d_backward(dy, x, w, stride, padding, dilation, groups: int, need_dx: 
     ``dilation`` and dilation ``stride``. Measured on an AVX2 CPU, one thread: 1.8-2.0x faster
     for 5x5 and 7x7 kernels (LeNet-5's conv1: 1.96x) and for small output maps, 0.64-0.95x for
     3x3 kernels on maps of 64x64 and more, hence the condition."""
-    (kh, kw), (out_h, out_w) = w.shape[2:], dy.shape[2:]
-    if groups != 1 or x.shape[1] != 1 or (kh * kw < 25 and out_h * out_w > 1024):
+    if not _single_channel_route(x.shape[1], w.shape[2:], dy.shape[2:], groups):
         dx, dw, _ = torch.ops.aten.convolution_backward(
             dy, x, w, None, stride, padding, dilation, False, (0, 0), groups, (need_dx, True, False)
         )
@@ -78,8 +78,15 @@ def _conv2d_backward(dy, x, w, stride, padding, dilation, groups: int, need_dx: 
         dx = torch.ops.aten.convolution_backward(
             dy, x, w, None, stride, padding, dilation, False, (0, 0), groups, (True, False, False)
         )[0]
+    kh, kw = w.shape[2:]
     dw = F.conv2d(x.transpose(0, 1), dy.transpose(0, 1), None, dilation, padding, stride)
     return dx, dw[:, :, :kh, :kw].transpose(0, 1).contiguous(memory_format=_weight_format(w))
+
+
+def _single_channel_route(in_channels: int, kernel, out_size, groups: int) -> bool:
+    """Whether :func:`_conv2d_backward` takes the weight gradient from a forward convolution."""
+    (kh, kw), (out_h, out_w) = kernel, out_size
+    return groups == 1 and in_channels == 1 and (kh * kw >= 25 or out_h * out_w <= 1024)
 
 
 # ----------------------------------------------------------------------------- index lists
@@ -127,14 +134,15 @@ def _take(t: torch.Tensor, rows: torch.Tensor | None, cols: torch.Tensor | None)
 
 def _row_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``sum_j a_ij b_ij`` of two ``[n, ...]`` tensors: ``[n]`` (row blocks: see ``row_blocks``)."""
-    n = a.shape[0]
     a2, b2 = a.flatten(1), b.flatten(1)
-    blocks = row_blocks(n, a2.shape[1], a.device)
-    if len(blocks) == 1:
+    blocks = row_blocks(a2.shape[0], a2.shape[1], a.device)
+    if blocks is None:
         return (a2 * b2).sum(dim=1)
-    out = a2.new_empty(n)
+    out = a2.new_empty(a2.shape[0])
     for rows in blocks:
-        torch.sum(a2[rows] * b2[rows], dim=1, out=out[rows])
+        a_rows = a2[rows]
+        buf = torch.mul(a_rows, b2[rows], out=scratch(a_rows.shape[0], a_rows.shape[1], a_rows.dtype))
+        torch.sum(buf, dim=1, out=out[rows])
     return out
 
 
@@ -142,29 +150,33 @@ def _straight_through_(g: torch.Tensor, w: torch.Tensor, fan_in: int) -> tuple[t
     """``(dW, r)`` for rows that are all active: ``r_i = sum_j G_ij W_ij`` and
     ``dW = G + sign(W) * r / fan_in`` written into ``G`` (made contiguous first), in one pass of
     row blocks so that ``G`` and ``W`` are read once."""
-    n = g.shape[0]
     g = g.contiguous()
     g2, w2 = g.flatten(1), w.flatten(1)
-    r = g2.new_empty(n)
-    for rows in row_blocks(n, g2.shape[1], g.device):
-        g_rows = g2[rows]
-        r_rows = torch.sum(g_rows * w2[rows], dim=1, out=r[rows])
-        g_rows.addcmul_(torch.sign(w2[rows]), (r_rows / fan_in)[:, None])
+    blocks = row_blocks(g2.shape[0], g2.shape[1], g.device)
+    if blocks is None:
+        r = (g2 * w2).sum(dim=1)
+        g2.addcmul_(torch.sign(w2), (r / fan_in)[:, None])
+        return g, r
+    r = g2.new_empty(g2.shape[0])
+    for rows in blocks:
+        g_rows, w_rows = g2[rows], w2[rows]
+        buf = torch.mul(g_rows, w_rows, out=scratch(g_rows.shape[0], g_rows.shape[1], g_rows.dtype))
+        r_rows = torch.sum(buf, dim=1, out=r[rows])
+        g_rows.addcmul_(torch.sign(w_rows, out=buf), (r_rows / fan_in)[:, None])
     return g, r
 
 
 def _scatter_units(active, units, bias, shape, dim, memory_format=torch.contiguous_format) -> torch.Tensor:
-    """The output of ``shape``: ``active`` (the active units' values) at ``units`` along ``dim``,
-    the other units' ``bias`` (0 without bias). A fill and an ``index_copy_``: measured faster on
-    the CPU than writing each element once with ``index_fill_``, which is slow off dimension 0."""
+    """The output of ``shape``: ``active + bias`` (the active units' pre-activations) at ``units``
+    along ``dim``, ``bias`` (0 without bias) at the other units. A fill and an ``index_copy_`` /
+    ``index_add_``: measured faster on the CPU than writing each element once with
+    ``index_fill_``, which is slow off dimension 0."""
     out = torch.empty(shape, dtype=active.dtype, device=active.device, memory_format=memory_format)
     if bias is None:
-        out.zero_()
-    else:
-        view = [1] * len(shape)
-        view[dim] = -1
-        out.copy_(bias.view(view).expand(shape))
-    return out.index_copy_(dim, units, active)
+        return out.zero_().index_copy_(dim, units, active)
+    view = [1] * len(shape)
+    view[dim] = -1
+    return out.copy_(bias.view(view).expand(shape)).index_add_(dim, units, active)
 
 
 def _zeros_except(values, index, shape, dim, memory_format=torch.contiguous_format) -> torch.Tensor:
@@ -173,9 +185,17 @@ def _zeros_except(values, index, shape, dim, memory_format=torch.contiguous_form
 
 
 def _sign_term(w_rows: torch.Tensor, r: torch.Tensor, fan_in: int) -> torch.Tensor:
-    """``sign(W_ij) * r_i / fan_in`` for ``w_rows [n, ...]``, ``r [n]``."""
+    """``sign(W_ij) * r_i / fan_in`` for ``w_rows [n, ...]``, ``r [n]`` (a new tensor), in row
+    blocks on the CPU so that each block is scaled while in cache."""
     view = (-1,) + (1,) * (w_rows.dim() - 1)
-    return torch.sign(w_rows).mul_((r / fan_in).view(view))
+    scale = (r / fan_in).view(view)
+    out = torch.sign(w_rows)
+    blocks = row_blocks(out.shape[0], out[0].numel() if out.shape[0] else 1, out.device)
+    if blocks is None or len(blocks) == 1:
+        return out.mul_(scale)
+    for rows in blocks:
+        out[rows].mul_(scale[rows])
+    return out
 
 
 # ----------------------------------------------------------------------------- Linear
@@ -189,19 +209,27 @@ def linear_forward(
     skip_zero_inputs: bool = False,
 ) -> tuple[torch.Tensor, tuple]:
     """``x [M, K]``, ``weight [N, K]``, ``mask [N]`` -> ``(y [M, N] in x's dtype, state)``;
-    ``state`` (the active units and the kept input features, None meaning all) goes to
-    :func:`linear_backward`."""
+    ``state`` goes to :func:`linear_backward`: the active units and the kept input features
+    (None meaning all), and the active units' pre-activations ``Z [M, A]`` when ``M < K``: the
+    backward then takes ``r_i = sum_b dY_bi Z_bi`` from them, which reads ``M * A`` values
+    instead of the ``A * K`` of ``sum_j G_ij W_ij``."""
     compute = _compute_dtype(x.dtype)
     xc, w, b = _cast(x, compute), _cast(weight, compute), _cast(bias, compute)
     units = active_units(mask)
     cols = _nonzero_along(xc, 1) if skip_zero_inputs else None
-    state = (units, cols)
     x_in = xc if cols is None else xc.index_select(1, cols)
+    w_in = _take(w, units, cols)
+    keep_z = x_in.shape[0] < x_in.shape[1]
+    # The gathered operands go to the backward with the index lists: no second gather there.
+    saved = (None if cols is None else x_in, None if w_in is w else w_in)
+    if units is None and not keep_z:  # density 1: the dense op itself
+        return _cast(_linear(x_in, w_in, b), x.dtype), (units, cols, *saved, None)
+    z = _linear(x_in, w_in)
     if units is None:
-        return _cast(_linear(x_in, _take(w, None, cols), b), x.dtype), state
-    b_active = None if b is None else b.index_select(0, units)
-    y_active = _linear(x_in, _take(w, units, cols), b_active)
-    return _cast(_scatter_units(y_active, units, b, (x.shape[0], w.shape[0]), 1), x.dtype), state
+        y = z.clone() if b is None else z + b  # z itself stays private to the backward
+    else:
+        y = _scatter_units(z, units, b, (x.shape[0], w.shape[0]), 1)
+    return _cast(y, x.dtype), (units, cols, *saved, z if keep_z else None)
 
 
 def linear_backward(
@@ -218,30 +246,36 @@ def linear_backward(
 ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """``(dx [M, K] | None, dW [N, K], dtau [N], db [N] | None)`` in the compute dtype, equal to
     :func:`spafl.reference.threshold_linear_backward` (``dx`` is 0 at dropped input features)."""
-    units, cols = state
+    units, cols, x_in, w_in, z = state
     compute = _compute_dtype(x.dtype)
     dy, xc, w = _cast(grad_out, compute), _cast(x, compute), _cast(weight, compute)
     n_out, fan_in = w.shape
     db = dy.sum(dim=0) if has_bias else None
-    if units is None and cols is None:  # density 1, nothing dropped: the dense products
-        dx = _mm(dy, w) if need_dx else None
-        dw, r = _straight_through_(_mm(dy.t(), xc), w, fan_in)
-        return dx, dw, r.neg_(), db
-    x_in = xc if cols is None else xc.index_select(1, cols)
+    x_in = xc if x_in is None else x_in
+    w_in = w if w_in is None else w_in
     dy_a = dy if units is None else dy.index_select(1, units)
-    w_a = w if units is None else w.index_select(0, units)  # whole rows: the sign term covers every input
-    w_in = w_a if cols is None else w_a.index_select(1, cols)
+    w_a = w_in if cols is None else _take(w, units, None)  # whole rows: the sign term covers every input
     dx = None
     if need_dx:
         dx_in = _mm(dy_a, w_in)
         dx = dx_in if cols is None else _zeros_except(dx_in, cols, xc.shape, 1)
-    g = _mm(dy_a.t(), x_in)
-    r_a = _row_dot(g, w_in)  # exact with dropped features: G is 0 there
-    dw_a = _sign_term(w_a, r_a, fan_in)
-    if cols is None:
-        dw_a.add_(g)
+    if z is not None:
+        r_a = (dy_a * z).sum(dim=0)
+        dw_a = _sign_term(w_a, r_a, fan_in)
+        if cols is None:
+            _mm(dy_a.t(), x_in, into=dw_a)  # dW = sign term + G, G never stored on its own
+        else:
+            dw_a.index_add_(1, cols, _mm(dy_a.t(), x_in))  # G is 0 at dropped features
+    elif units is None and cols is None:
+        dw_a, r_a = _straight_through_(_mm(dy_a.t(), x_in), w, fan_in)
     else:
-        dw_a.index_add_(1, cols, g)
+        g = _mm(dy_a.t(), x_in)
+        r_a = _row_dot(g, w_in)  # exact with dropped features: G is 0 there
+        dw_a = _sign_term(w_a, r_a, fan_in)
+        if cols is None:
+            dw_a.add_(g)
+        else:
+            dw_a.index_add_(1, cols, g)
     if units is None:
         return dx, dw_a, r_a.neg_(), db
     dw = _zeros_except(dw_a, units, w.shape, 0)
@@ -366,6 +400,16 @@ def _gather_channels(x: torch.Tensor, channels: torch.Tensor | None) -> torch.Te
     return x if channels is None else x.index_select(1, channels)
 
 
+class _ConvState(NamedTuple):
+    """What :func:`conv2d_forward` hands to :func:`conv2d_backward`."""
+
+    units: torch.Tensor | None  # active filters (None: all)
+    channels: torch.Tensor | None  # kept input channels (None: all)
+    x_in: torch.Tensor | None  # the input with only those channels (None: the input itself)
+    plan: _ConvPlan | None  # the active filters' compact convolution (None: the dense one, or none)
+    x_plan: torch.Tensor | None  # the plan's input when it is neither x_in nor the input
+
+
 def conv2d_forward(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -373,7 +417,7 @@ def conv2d_forward(
     mask: torch.Tensor,
     geometry: ConvGeometry,
     skip_zero_inputs: bool = False,
-) -> tuple[torch.Tensor, tuple]:
+) -> tuple[torch.Tensor, _ConvState]:
     """``x [B, C, H, W]``, ``weight [F, C / groups, kh, kw]``, ``mask [F]`` ->
     ``(y [B, F, Ho, Wo] in x's dtype, state for conv2d_backward)``."""
     compute = _compute_dtype(x.dtype)
@@ -382,24 +426,25 @@ def conv2d_forward(
     channels = _nonzero_along(xc, 1) if skip_zero_inputs and geometry.groups == 1 else None
     if channels is not None and not channels.numel():  # every input channel is 0: so is every product
         units = mask.new_zeros(0, dtype=torch.long)
-    state = (units, channels)
     if units is None and channels is None:
-        return _cast(_plan_conv(xc, _ConvPlan(w, geometry.groups, None, None), geometry, b), x.dtype), state
+        y = _plan_conv(xc, _ConvPlan(w, geometry.groups, None, None), geometry, b)
+        return _cast(y, x.dtype), _ConvState(None, None, None, None, None)
     fmt = _conv_format(x, weight)
-    if units is None:
-        plan = _conv_plan(w, None, channels, geometry.groups)
-        y = _plan_conv(_gather_channels(xc, plan.channels), plan, geometry, b)
-        return _cast(_as_format(y, fmt), x.dtype), state
-    out_h, out_w = geometry.output_size(x.shape[2], x.shape[3])
-    shape = (x.shape[0], w.shape[0], out_h, out_w)
-    if units.numel():
-        plan = _conv_plan(w, units, channels, geometry.groups)
-        y_active = _plan_conv(_gather_channels(xc, plan.channels), plan, geometry)
-        if b is not None:
-            y_active += b.index_select(0, units).view(1, -1, 1, 1)
-    else:
+    x_in = _gather_channels(xc, channels)
+    if units is not None and not units.numel():
+        out_h, out_w = geometry.output_size(x.shape[2], x.shape[3])
         y_active = xc.new_empty((x.shape[0], 0, out_h, out_w))
-    return _cast(_scatter_units(y_active, units, b, shape, 1, fmt), x.dtype), state
+        y = _scatter_units(y_active, units, b, (x.shape[0], w.shape[0], out_h, out_w), 1, fmt)
+        return _cast(y, x.dtype), _ConvState(units, channels, x_in, None, None)
+    plan = _conv_plan(w, units, channels, geometry.groups)
+    x_plan = x_in if plan.channels is channels else _gather_channels(xc, plan.channels)
+    state = _ConvState(units, channels, None if channels is None else x_in, plan,
+                       None if x_plan is x_in else x_plan)
+    if units is None:
+        return _cast(_as_format(_plan_conv(x_plan, plan, geometry, b), fmt), x.dtype), state
+    y_active = _plan_conv(x_plan, plan, geometry)
+    out_h, out_w = y_active.shape[2:]
+    return _cast(_scatter_units(y_active, units, b, (x.shape[0], w.shape[0], out_h, out_w), 1, fmt), x.dtype), state
 
 
 def conv2d_backward(
@@ -408,7 +453,7 @@ def conv2d_backward(
     weight: torch.Tensor,
     mask: torch.Tensor,
     geometry: ConvGeometry,
-    state: tuple,
+    state: _ConvState,
     *,
     has_bias: bool,
     need_dx: bool = True,
@@ -417,7 +462,7 @@ def conv2d_backward(
 ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """``(dx | None, dW, dtau, db | None)`` in the compute dtype, equal to
     :func:`spafl.reference.threshold_conv2d_backward` (``dx`` is 0 at dropped input channels)."""
-    units, channels = state
+    units, channels = state.units, state.channels
     compute = _compute_dtype(x.dtype)
     dy, xc, w = _cast(grad_out, compute), _cast(x, compute), _cast(weight, compute)
     n_out, fan_in = w.shape[0], w[0].numel()
@@ -427,14 +472,14 @@ def conv2d_backward(
         dx, g = _plan_conv_backward(dy, xc, _ConvPlan(w, geometry.groups, None, None), geometry, need_dx, x.shape)
         dw, r = _straight_through_(g, w, fan_in)
         return None if dx is None else _as_format(dx, fmt), dw, r.neg_(), db
-    x_in = _gather_channels(xc, channels)
-    if units is not None and not units.numel():  # nothing active (or every input channel 0)
+    x_in = xc if state.x_in is None else state.x_in
+    plan = state.plan
+    if plan is None:  # nothing active (or every input channel 0)
         dx = torch.empty(xc.shape, dtype=compute, device=xc.device, memory_format=fmt).zero_() if need_dx else None
         dw, dtau = w.new_zeros(w.shape), w.new_zeros(n_out)
     else:
-        plan = _conv_plan(w, units, channels, geometry.groups)
-        x_plan = x_in if plan.channels is channels else _gather_channels(xc, plan.channels)
-        dy_a = dy if units is None else dy.index_select(1, units)
+        x_plan = x_in if state.x_plan is None else state.x_plan
+        dy_a = dy if units is None else _gather_grad(dy, units, plan, x_plan, need_dx)
         if plan.slots is not None:
             dy_a = _zeros_except(dy_a, plan.slots, (dy.shape[0], plan.weight.shape[0], *dy.shape[2:]), 1)
         dx_in, g = _plan_conv_backward(dy_a, x_plan, plan, geometry, need_dx, x_plan.shape)
@@ -447,7 +492,8 @@ def conv2d_backward(
         elif need_dx:
             dx = _zeros_except(dx_in, plan.channels, xc.shape, 1, fmt)
         r_a = _row_dot(g, w_in)  # exact with dropped channels: G is 0 there
-        dw_a = _sign_term(w if units is None else w.index_select(0, units), r_a, fan_in)
+        w_a = w_in if channels is None else _take(w, units, None)  # whole filters for the sign term
+        dw_a = _sign_term(w_a, r_a, fan_in)
         if channels is None:
             dw_a.add_(g)
         else:
@@ -463,6 +509,15 @@ def conv2d_backward(
         dtau.index_copy_(0, pruned, -r_p)
         dw.index_copy_(0, pruned, _sign_term(w.index_select(0, pruned), r_p, fan_in))
     return dx, dw, dtau, db
+
+
+def _gather_grad(dy: torch.Tensor, units: torch.Tensor, plan: _ConvPlan, x_plan: torch.Tensor, need_dx: bool):
+    """``dy[:, units]``; laid out channel-major (a ``[B, A, Ho, Wo]`` view of an
+    ``[A, B, Ho, Wo]`` tensor) when the weight gradient will take the single-input-channel route
+    of :func:`_conv2d_backward`, which reads ``dy`` transposed: one copy instead of two."""
+    if need_dx or not _single_channel_route(x_plan.shape[1], plan.weight.shape[2:], dy.shape[2:], plan.groups):
+        return dy.index_select(1, units)
+    return dy.transpose(0, 1).index_select(0, units).transpose(0, 1)
 
 
 def _plan_conv_backward(dy, x_in, plan: _ConvPlan, geometry: ConvGeometry, need_dx: bool, x_shape):
