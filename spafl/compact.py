@@ -49,9 +49,12 @@ def _linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> 
     return F.linear(x, w, b)
 
 
-def _mm(a: torch.Tensor, b: torch.Tensor, into: torch.Tensor | None = None) -> torch.Tensor:
-    """``a @ b``, or ``into + a @ b`` written into ``into`` (the GEMM adds it as it stores)."""
-    return torch.mm(a, b) if into is None else into.addmm_(a, b)
+def _mm(a: torch.Tensor, b: torch.Tensor, into: torch.Tensor | None = None, out: torch.Tensor | None = None):
+    """``a @ b`` (written into ``out`` if given), or ``into + a @ b`` written into ``into`` (the
+    GEMM adds it as it stores)."""
+    if into is not None:
+        return into.addmm_(a, b)
+    return torch.mm(a, b) if out is None else torch.mm(a, b, out=out)
 
 
 def _conv2d(x, w, b, stride, padding, dilation, groups: int) -> torch.Tensor:
@@ -184,12 +187,12 @@ def _zeros_except(values, index, shape, dim, memory_format=torch.contiguous_form
     return _scatter_units(values, index, None, shape, dim, memory_format)
 
 
-def _sign_term(w_rows: torch.Tensor, r: torch.Tensor, fan_in: int) -> torch.Tensor:
-    """``sign(W_ij) * r_i / fan_in`` for ``w_rows [n, ...]``, ``r [n]`` (a new tensor), in row
-    blocks on the CPU so that each block is scaled while in cache."""
+def _sign_term(w_rows: torch.Tensor, r: torch.Tensor, fan_in: int, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``sign(W_ij) * r_i / fan_in`` for ``w_rows [n, ...]``, ``r [n]`` (into ``out`` or a new
+    tensor), in row blocks on the CPU so that each block is scaled while in cache."""
     view = (-1,) + (1,) * (w_rows.dim() - 1)
     scale = (r / fan_in).view(view)
-    out = torch.sign(w_rows)
+    out = torch.sign(w_rows) if out is None else torch.sign(w_rows, out=out)
     blocks = row_blocks(out.shape[0], out[0].numel() if out.shape[0] else 1, out.device)
     if blocks is None or len(blocks) == 1:
         return out.mul_(scale)
@@ -250,6 +253,11 @@ def linear_backward(
     compute = _compute_dtype(x.dtype)
     dy, xc, w = _cast(grad_out, compute), _cast(x, compute), _cast(weight, compute)
     n_out, fan_in = w.shape
+    # The weight-sized output is allocated first: it then takes the heap block that the previous
+    # step's dW freed. Allocated later, behind this step's temporaries, it grew the heap into
+    # fresh pages that glibc trimmed again after the step (measured ~45 page faults a step for
+    # an 800 -> 500 Linear, a third of its time on a loaded machine).
+    dw = torch.empty(w.shape, dtype=compute, device=w.device)
     db = dy.sum(dim=0) if has_bias else None
     x_in = xc if x_in is None else x_in
     w_in = w if w_in is None else w_in
@@ -259,26 +267,27 @@ def linear_backward(
     if need_dx:
         dx_in = _mm(dy_a, w_in)
         dx = dx_in if cols is None else _zeros_except(dx_in, cols, xc.shape, 1)
+    dw_a = dw if units is None else None  # where the active rows' dW goes
     if z is not None:
         r_a = (dy_a * z).sum(dim=0)
-        dw_a = _sign_term(w_a, r_a, fan_in)
+        dw_a = _sign_term(w_a, r_a, fan_in, out=dw_a)
         if cols is None:
             _mm(dy_a.t(), x_in, into=dw_a)  # dW = sign term + G, G never stored on its own
         else:
             dw_a.index_add_(1, cols, _mm(dy_a.t(), x_in))  # G is 0 at dropped features
     elif units is None and cols is None:
-        dw_a, r_a = _straight_through_(_mm(dy_a.t(), x_in), w, fan_in)
+        _, r_a = _straight_through_(_mm(dy_a.t(), x_in, out=dw), w, fan_in)
     else:
         g = _mm(dy_a.t(), x_in)
         r_a = _row_dot(g, w_in)  # exact with dropped features: G is 0 there
-        dw_a = _sign_term(w_a, r_a, fan_in)
+        dw_a = _sign_term(w_a, r_a, fan_in, out=dw_a)
         if cols is None:
             dw_a.add_(g)
         else:
             dw_a.index_add_(1, cols, g)
     if units is None:
-        return dx, dw_a, r_a.neg_(), db
-    dw = _zeros_except(dw_a, units, w.shape, 0)
+        return dx, dw, r_a.neg_(), db
+    dw.zero_().index_copy_(0, units, dw_a)
     dtau = _zeros_except(r_a.neg_(), units, (n_out,), 0)
     pruned, r_p = _pruned_r_linear(dy, x_in, w, mask, cols, mode, sample_fraction)
     if pruned is not None:
@@ -474,9 +483,10 @@ def conv2d_backward(
         return None if dx is None else _as_format(dx, fmt), dw, r.neg_(), db
     x_in = xc if state.x_in is None else state.x_in
     plan = state.plan
+    dw = torch.empty(w.shape, dtype=compute, device=w.device)  # first: see linear_backward
     if plan is None:  # nothing active (or every input channel 0)
         dx = torch.empty(xc.shape, dtype=compute, device=xc.device, memory_format=fmt).zero_() if need_dx else None
-        dw, dtau = w.new_zeros(w.shape), w.new_zeros(n_out)
+        dw, dtau = dw.zero_(), w.new_zeros(n_out)
     else:
         x_plan = x_in if state.x_plan is None else state.x_plan
         dy_a = dy if units is None else _gather_grad(dy, units, plan, x_plan, need_dx)
@@ -500,7 +510,7 @@ def conv2d_backward(
             dw_a.index_add_(1, channels, g)
         if units is None:
             return dx, dw_a, r_a.neg_(), db
-        dw = _zeros_except(dw_a, units, w.shape, 0)
+        dw.zero_().index_copy_(0, units, dw_a)
         dtau = _zeros_except(r_a.neg_(), units, (n_out,), 0)
     if channels is not None and not channels.numel():  # every input 0: every r is 0
         return dx, dw, dtau, db
