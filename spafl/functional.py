@@ -92,7 +92,9 @@ def _guarded_row_mask(
     when it fires. ``"previous"``: it tests ``previous_density`` (the density of the last
     guarded forward, as the SpaFL authors' layers test ``self.ratio``), resets before the mask
     is built, and the mask comes from the reset thresholds. Either way ``previous_density``
-    (when given) then holds this forward's density. All device-side: no host synchronisation.
+    (when given) then holds this forward's density. Device-side, without a host
+    synchronisation, except for CPU tensors on the plain-PyTorch backends, where the host
+    decides (:func:`_guarded_row_mask_on_host`, same results).
     """
     if mask_backend != "triton" and not with_perm and weight.device.type == "cpu":
         return _guarded_row_mask_on_host(weight, threshold, collapse_density, collapse_timing, counter,
