@@ -5,15 +5,26 @@ Public API:
     ThresholdLinearFunction, ThresholdConv2dFunction           the autograd Functions
     ThresholdLinear, ThresholdConv2d          drop-in nn.Linear / nn.Conv2d replacements
     sparsify                                  swap a model's nn.Linear / nn.Conv2d layers in place
+    find_zero_input_layers, mark_zero_input_layers   input-side skipping where it is exact
     threshold_layers, threshold_penalty, model_density, threshold_for_density
     RowMask                                   device-side mask / compact index list / count
-    reference                                 the plain-PyTorch reference of every op
+    reference                                 the masked-dense reference of every op (the tests' oracle)
+    compact                                   the compacting plain-PyTorch backend (CPU default)
 The Triton kernels are ``spafl.kernels`` (imported lazily; needs Triton).
 """
 
-from . import reference
+from . import compact, reference
 from ._rowmask import RowMask
-from .convert import densify, model_density, sparsify, threshold_for_density, threshold_layers, threshold_penalty
+from .convert import (
+    densify,
+    find_zero_input_layers,
+    mark_zero_input_layers,
+    model_density,
+    sparsify,
+    threshold_for_density,
+    threshold_layers,
+    threshold_penalty,
+)
 from .functional import (
     ThresholdConv2dFunction,
     ThresholdLinearFunction,
@@ -31,7 +42,10 @@ __all__ = [
     "ThresholdConv2dFunction",
     "ThresholdLinear",
     "ThresholdLinearFunction",
+    "compact",
     "densify",
+    "find_zero_input_layers",
+    "mark_zero_input_layers",
     "model_density",
     "reference",
     "sparsify",

@@ -8,11 +8,13 @@ it costs a device synchronisation, so there it runs only when asked for (``check
 from __future__ import annotations
 
 import functools
+import math
 import os
 
 import torch
 
-BACKENDS = ("auto", "triton", "reference")
+BACKENDS = ("auto", "compact", "reference", "triton")
+COLLAPSE_TIMINGS = ("current", "previous")
 BACKWARD_MODES = ("exact", "skip", "sample")
 TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -44,6 +46,11 @@ def check_options(backend: str, backward_mode: str, sample_fraction: float, coll
         raise ValueError(f"collapse_density must be None or in [0, 1), got {collapse_density!r}")
 
 
+def check_collapse_timing(collapse_timing: str) -> None:
+    if collapse_timing not in COLLAPSE_TIMINGS:
+        raise ValueError(f"collapse_timing must be one of {COLLAPSE_TIMINGS}, got {collapse_timing!r}")
+
+
 def check_positive_int(name: str, value) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
@@ -62,7 +69,12 @@ def check_threshold_values(threshold: torch.Tensor, check_finite: bool | None) -
         check_finite = threshold.device.type == "cpu"
     if not check_finite:
         return
-    finite = torch.isfinite(threshold.detach())
+    threshold = threshold.detach()
+    # One reduction in the common case: a finite sum means finite values (the elementwise test
+    # below runs only when the sum is not finite, which overflow alone can also cause).
+    if math.isfinite(float(threshold.sum(dtype=torch.float64))):
+        return
+    finite = torch.isfinite(threshold)
     if not bool(finite.all()):
         bad = (~finite).nonzero().flatten()[:8].tolist()
         raise ValueError(f"threshold has non-finite values (NaN or inf) at units {bad}")
@@ -131,12 +143,16 @@ def check_layer_inputs(
 
 
 def resolve_backend(backend: str, weight: torch.Tensor) -> str:
-    """Pick the implementation: ``auto`` means Triton for CUDA tensors it supports, else the
-    reference; ``triton`` insists (and explains why it cannot run)."""
-    if backend == "reference":
-        return "reference"
+    """Pick the implementation. ``auto``: Triton for CUDA tensors it supports (fp32 / fp16 /
+    bf16, Triton installed), the compacting plain-PyTorch path for CPU tensors, the reference
+    otherwise (it never synchronises with the device). ``compact`` and ``reference`` run on any
+    device; ``triton`` insists (and explains why it cannot run)."""
+    if backend in ("reference", "compact"):
+        return backend
     on_cuda = weight.device.type == "cuda"
     if backend == "auto":
+        if weight.device.type == "cpu":
+            return "compact"
         ok = on_cuda and weight.dtype in TRITON_DTYPES and triton_available()
         return "triton" if ok else "reference"
     if not triton_available():
@@ -144,9 +160,11 @@ def resolve_backend(backend: str, weight: torch.Tensor) -> str:
     if not on_cuda and not interpreter_enabled():
         raise ValueError(
             f"backend='triton' runs on CUDA tensors, got tensors on {weight.device}; use backend='auto' or "
-            "'reference' on CPU (or set TRITON_INTERPRET=1 before importing spafl to run the kernels in "
+            "'compact' on CPU (or set TRITON_INTERPRET=1 before importing spafl to run the kernels in "
             "Triton's interpreter, for testing)"
         )
     if weight.dtype not in TRITON_DTYPES:
-        raise TypeError(f"backend='triton' supports {TRITON_DTYPES}, got {weight.dtype}; use backend='reference'")
+        raise TypeError(
+            f"backend='triton' supports {TRITON_DTYPES}, got {weight.dtype}; use backend='compact' or 'reference'"
+        )
     return "triton"

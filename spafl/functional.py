@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
+import struct
+from typing import NamedTuple
+
 import torch
 from torch.autograd.function import once_differentiable
 
-from . import reference
+from . import compact, reference
 from ._checks import (
+    check_collapse_timing,
     check_layer_inputs,
     check_options,
     check_threshold_values,
@@ -71,80 +76,161 @@ def apply_collapse_guard(
             counter.add_(row_mask.collapsed.reshape(()).to(counter.dtype))
 
 
-class ThresholdLinearFunction(torch.autograd.Function):
-    """``y = x @ (W * m)^T + b`` with the straight-through threshold gradient.
+def _guarded_row_mask(
+    weight: torch.Tensor,
+    threshold: torch.Tensor,
+    mask_backend: str,
+    with_perm: bool,
+    collapse_density: float | None,
+    collapse_timing: str,
+    counter: torch.Tensor | None,
+    previous_density: torch.Tensor | None,
+) -> RowMask:
+    """The forward's row mask, after the collapse guard (if one is asked for) has run.
 
-    Inputs: ``x [..., in]``, ``weight [out, in]``, ``threshold [out]``, ``bias [out] | None``,
-    the precomputed ``mask / perm / count`` of :func:`threshold_row_mask`, then the backend
-    (``"triton"`` or ``"reference"``), the backward mode and the sample fraction.
+    ``"current"``: the guard tests this mask's density, and the mask of ``tau = 0`` is used
+    when it fires. ``"previous"``: it tests ``previous_density`` (the density of the last
+    guarded forward, as the SpaFL authors' layers test ``self.ratio``), resets before the mask
+    is built, and the mask comes from the reset thresholds. Either way ``previous_density``
+    (when given) then holds this forward's density. Device-side, without a host
+    synchronisation, except for CPU tensors on the plain-PyTorch backends, where the host
+    decides (:func:`_guarded_row_mask_on_host`, same results).
     """
+    if mask_backend != "triton" and not with_perm and weight.device.type == "cpu":
+        return _guarded_row_mask_on_host(weight, threshold, collapse_density, collapse_timing, counter,
+                                         previous_density)
+    if collapse_density is None:
+        return _row_mask(weight, threshold, mask_backend, None, with_perm)
+    if collapse_timing == "previous":
+        collapsed = (previous_density <= collapse_density).reshape(1)
+        apply_collapse_guard(threshold, RowMask(None, None, None, None, collapsed), counter)
+        row_mask = _row_mask(weight, threshold, mask_backend, None, with_perm)._replace(collapsed=collapsed)
+    else:
+        row_mask = _row_mask(weight, threshold, mask_backend, collapse_density, with_perm)
+        apply_collapse_guard(threshold, row_mask, counter)
+    if previous_density is not None:
+        with torch.no_grad():
+            previous_density.copy_(row_mask.count.reshape(()) / row_mask.mask.numel())
+    return row_mask
 
-    @staticmethod
-    def forward(ctx, x, weight, threshold, bias, mask, perm, count, backend, backward_mode, sample_fraction):
-        n_out, fan_in = weight.shape
-        x2d = x.reshape(-1, fan_in)
-        if backend == "triton":
-            y = _kernels().threshold_linear_fwd(x2d, weight, bias, RowMask(mask, perm, count, None))
-        else:
-            y = reference.threshold_linear_forward(x2d, weight, mask, bias)
-        ctx.save_for_backward(x2d, weight, mask, perm, count)
-        ctx.x_shape = x.shape
-        ctx.has_bias = bias is not None
-        ctx.backend = backend
-        ctx.backward_mode = backward_mode
-        ctx.sample_fraction = sample_fraction
-        ctx.threshold_dtype = threshold.dtype
-        return y.reshape(*x.shape[:-1], n_out)
 
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_y):
-        x2d, weight, mask, perm, count = ctx.saved_tensors
-        n_out = weight.shape[0]
-        grad_y2d = grad_y.reshape(-1, n_out)
-        need_dx = ctx.needs_input_grad[0]
-        if ctx.backend == "triton":
-            dx, dw, dtau = _kernels().threshold_linear_bwd(
-                grad_y2d,
-                x2d,
-                weight,
-                RowMask(mask, perm, count, None),
-                mode=ctx.backward_mode,
-                sample_fraction=ctx.sample_fraction,
-                need_dx=need_dx,
-                threshold_dtype=ctx.threshold_dtype,
-            )
-            db = grad_y2d.sum(dim=0, dtype=torch.float32).to(weight.dtype) if ctx.has_bias else None
+def _guarded_row_mask_on_host(weight, threshold, collapse_density, collapse_timing, counter, previous_density):
+    """:func:`_guarded_row_mask` for CPU tensors, deciding on the host (a synchronisation is free
+    there) so that a forward where the guard does not fire pays no device-side no-op writes. The
+    comparisons are the device path's, in its dtypes. ``RowMask.perm``, ``count`` and
+    ``collapsed`` stay None."""
+    with torch.no_grad():
+        score = reference.row_scores(weight)
+        mask = score > threshold.detach().to(score.dtype)
+        if collapse_density is None:
+            return RowMask(mask, None, None, score, None)
+        n = mask.numel()
+        active = None
+        if collapse_timing == "previous":
+            fired = bool(previous_density <= collapse_density)
         else:
-            dx, dw, dtau, db = _cast_gradients(
-                reference.threshold_linear_backward(
-                    grad_y2d,
-                    x2d,
-                    weight,
-                    mask.to(weight.dtype),
-                    mask,
-                    has_bias=ctx.has_bias,
-                    mode=ctx.backward_mode,
-                    sample_fraction=ctx.sample_fraction,
-                ),
-                need_dx,
-                weight.dtype,
-                ctx.threshold_dtype,
-            )
-        if dx is not None:
-            dx = dx.reshape(ctx.x_shape)
-        return dx, dw, dtau, db, None, None, None, None, None, None
+            active = int(mask.sum())
+            fired = active <= _float32(collapse_density * n)  # the device path compares in fp32
+        if fired:
+            threshold.zero_()
+            if counter is not None:
+                counter.add_(1)
+            mask = score > 0
+            active = None
+        if previous_density is not None:
+            active = int(mask.sum()) if active is None else active
+            previous_density.fill_(active / n)  # = the device path's fp32 count / n, rounded once
+    return RowMask(mask, None, None, score, None)
+
+
+def _float32(value: float) -> float:
+    return struct.unpack("f", struct.pack("f", value))[0]
+
+
+# ----------------------------------------------------------------------------- implementations
 
 
 def _cast_gradients(grads, need_dx: bool, weight_dtype: torch.dtype, threshold_dtype: torch.dtype):
-    """The reference backward's fp32 ``(dx, dw, dtau, db)`` in the dtypes of the inputs."""
+    """The compute-dtype ``(dx, dw, dtau, db)`` of the plain-PyTorch backends in the dtypes of
+    the inputs."""
     dx, dw, dtau, db = grads
     return (
-        dx.to(weight_dtype) if need_dx else None,
-        dw.to(weight_dtype),
-        dtau.to(threshold_dtype),
-        db.to(weight_dtype) if db is not None else None,
+        compact._cast(dx, weight_dtype) if need_dx else None,
+        compact._cast(dw, weight_dtype),
+        compact._cast(dtau, threshold_dtype),
+        compact._cast(db, weight_dtype),
     )
+
+
+class _Options(NamedTuple):
+    """What the autograd Functions pass to an implementation besides the tensors."""
+
+    backward_mode: str
+    sample_fraction: float
+    skip_zero_inputs: bool
+    threshold_dtype: torch.dtype
+
+
+class _Reference:
+    """Masked dense (``W * m``, then the dense op): the oracle of the tests and the benchmarks'
+    ``masked`` baseline. Ignores ``skip_zero_inputs``."""
+
+    with_perm = False
+
+    @staticmethod
+    def linear_forward(x2d, weight, bias, row_mask, options):
+        return reference.threshold_linear_forward(x2d, weight, row_mask.mask, bias), None
+
+    @staticmethod
+    def linear_backward(grad_y2d, x2d, weight, row_mask, state, options, need_dx, has_bias):
+        grads = reference.threshold_linear_backward(
+            grad_y2d, x2d, weight, row_mask.mask.to(weight.dtype), row_mask.mask, has_bias=has_bias,
+            mode=options.backward_mode, sample_fraction=options.sample_fraction,
+        )
+        return _cast_gradients(grads, need_dx, weight.dtype, options.threshold_dtype)
+
+    @staticmethod
+    def conv2d_forward(x, weight, bias, row_mask, geometry, options):
+        return reference.threshold_conv2d_forward(x, weight, row_mask.mask, bias, geometry), None
+
+    @staticmethod
+    def conv2d_backward(grad_y, x, weight, row_mask, geometry, state, options, need_dx, has_bias):
+        grads = reference.threshold_conv2d_backward(
+            grad_y, x, weight, row_mask.mask.to(weight.dtype), row_mask.mask, geometry, has_bias=has_bias,
+            need_dx=need_dx, mode=options.backward_mode, sample_fraction=options.sample_fraction,
+        )
+        return _cast_gradients(grads, need_dx, weight.dtype, options.threshold_dtype)
+
+
+class _Compact:
+    """Gathers the active units (and, with ``skip_zero_inputs``, the nonzero inputs): see
+    :mod:`spafl.compact`."""
+
+    with_perm = False
+
+    @staticmethod
+    def linear_forward(x2d, weight, bias, row_mask, options):
+        return compact.linear_forward(x2d, weight, bias, row_mask.mask, options.skip_zero_inputs)
+
+    @staticmethod
+    def linear_backward(grad_y2d, x2d, weight, row_mask, state, options, need_dx, has_bias):
+        grads = compact.linear_backward(
+            grad_y2d, x2d, weight, row_mask.mask, state, has_bias=has_bias, need_dx=need_dx,
+            mode=options.backward_mode, sample_fraction=options.sample_fraction,
+        )
+        return _cast_gradients(grads, need_dx, weight.dtype, options.threshold_dtype)
+
+    @staticmethod
+    def conv2d_forward(x, weight, bias, row_mask, geometry, options):
+        return compact.conv2d_forward(x, weight, bias, row_mask.mask, geometry, options.skip_zero_inputs)
+
+    @staticmethod
+    def conv2d_backward(grad_y, x, weight, row_mask, geometry, state, options, need_dx, has_bias):
+        grads = compact.conv2d_backward(
+            grad_y, x, weight, row_mask.mask, geometry, state, has_bias=has_bias, need_dx=need_dx,
+            mode=options.backward_mode, sample_fraction=options.sample_fraction,
+        )
+        return _cast_gradients(grads, need_dx, weight.dtype, options.threshold_dtype)
 
 
 def _pointwise_as_linear(x: torch.Tensor, geometry: ConvGeometry) -> bool:
@@ -153,88 +239,195 @@ def _pointwise_as_linear(x: torch.Tensor, geometry: ConvGeometry) -> bool:
     return geometry.is_pointwise and x.permute(0, 2, 3, 1).is_contiguous()
 
 
+class _Triton:
+    """The Triton kernels (``spafl.kernels``): device-side compaction, no host synchronisation.
+    Ignores ``skip_zero_inputs``."""
+
+    with_perm = True
+
+    @staticmethod
+    def linear_forward(x2d, weight, bias, row_mask, options):
+        return _kernels().threshold_linear_fwd(x2d, weight, bias, row_mask), None
+
+    @staticmethod
+    def linear_backward(grad_y2d, x2d, weight, row_mask, state, options, need_dx, has_bias):
+        dx, dw, dtau = _kernels().threshold_linear_bwd(
+            grad_y2d, x2d, weight, row_mask, mode=options.backward_mode, sample_fraction=options.sample_fraction,
+            need_dx=need_dx, threshold_dtype=options.threshold_dtype,
+        )
+        db = grad_y2d.sum(dim=0, dtype=torch.float32).to(weight.dtype) if has_bias else None
+        return dx, dw, dtau, db
+
+    @staticmethod
+    def conv2d_forward(x, weight, bias, row_mask, geometry, options):
+        if not _pointwise_as_linear(x, geometry):
+            return _kernels().threshold_conv2d_fwd(x, weight, bias, row_mask, geometry), False
+        batch, chans, height, width = x.shape
+        filters = weight.shape[0]
+        x2d = x.permute(0, 2, 3, 1).reshape(-1, chans)
+        y2d = _kernels().threshold_linear_fwd(x2d, weight.reshape(filters, chans), bias, row_mask)
+        return y2d.view(batch, height, width, filters).permute(0, 3, 1, 2), True
+
+    @staticmethod
+    def conv2d_backward(grad_y, x, weight, row_mask, geometry, as_linear, options, need_dx, has_bias):
+        kwargs = {"mode": options.backward_mode, "sample_fraction": options.sample_fraction, "need_dx": need_dx,
+                  "threshold_dtype": options.threshold_dtype}
+        if as_linear:
+            batch, chans, height, width = x.shape
+            filters = weight.shape[0]
+            dx, dw, dtau = _kernels().threshold_linear_bwd(
+                grad_y.permute(0, 2, 3, 1).reshape(-1, filters),
+                x.permute(0, 2, 3, 1).reshape(-1, chans),
+                weight.reshape(filters, chans),
+                row_mask,
+                **kwargs,
+            )
+            dw = dw.view(weight.shape)
+            if dx is not None:
+                dx = dx.view(batch, height, width, chans).permute(0, 3, 1, 2)
+        else:
+            dx, dw, dtau = _kernels().threshold_conv2d_bwd(grad_y, x, weight, row_mask, geometry, **kwargs)
+        db = grad_y.sum(dim=(0, 2, 3), dtype=torch.float32).to(weight.dtype) if has_bias else None
+        return dx, dw, dtau, db
+
+
+def _operands_already_cast(device_type: str):
+    """Autocast off inside the forward: :func:`_autocast` has cast the operands already, and the
+    plain-PyTorch backends compute in fp32 (fp64) and round once, like the backward (which
+    autocast does not reach)."""
+    if _autocast_enabled(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
+
+
+def _autocast_enabled(device_type: str) -> bool:
+    # Devices without autocast (e.g. "meta", for shape-only runs) raise in is_autocast_enabled.
+    return torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
+
+
+# The one place where a resolved backend name becomes code.
+IMPLEMENTATIONS = {"reference": _Reference, "compact": _Compact, "triton": _Triton}
+
+
+def _linear_forward(x, weight, bias, row_mask, backend, options):
+    """``(y [..., out], x2d, the RowMask the backward gets, the backend's state)``."""
+    n_out, fan_in = weight.shape
+    x2d = x.reshape(-1, fan_in)
+    row_mask = RowMask(row_mask.mask, row_mask.perm, row_mask.count, None)
+    with _operands_already_cast(x.device.type):
+        y, state = IMPLEMENTATIONS[backend].linear_forward(x2d, weight, bias, row_mask, options)
+    return y.reshape(*x.shape[:-1], n_out), x2d, row_mask, state
+
+
+def _conv2d_forward(x, weight, bias, row_mask, geometry, backend, options):
+    """``(y, the RowMask the backward gets, the backend's state)``."""
+    row_mask = RowMask(row_mask.mask, row_mask.perm, row_mask.count, None)
+    with _operands_already_cast(x.device.type):
+        y, state = IMPLEMENTATIONS[backend].conv2d_forward(x, weight, bias, row_mask, geometry, options)
+    return y, row_mask, state
+
+
+def _needs_graph(*tensors) -> bool:
+    """Whether autograd must record the call: without it (inference, ``no_grad``) the forward
+    runs without the autograd Function and its saved state."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+class ThresholdLinearFunction(torch.autograd.Function):
+    """``y = x @ (W * m)^T + b`` with the straight-through threshold gradient.
+
+    Inputs: ``x [..., in]``, ``weight [out, in]``, ``threshold [out]``, ``bias [out] | None``,
+    the :class:`RowMask` of :func:`threshold_row_mask`, the resolved backend (a key of
+    ``IMPLEMENTATIONS``) and the options (``_Options``).
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, threshold, bias, row_mask, backend, options):
+        y, x2d, row_mask, state = _linear_forward(x, weight, bias, row_mask, backend, options)
+        ctx.save_for_backward(x2d, weight, row_mask.mask, row_mask.perm, row_mask.count)
+        ctx.impl, ctx.state, ctx.options = IMPLEMENTATIONS[backend], state, options
+        ctx.x_shape = x.shape
+        ctx.has_bias = bias is not None
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_y):
+        x2d, weight, mask, perm, count = ctx.saved_tensors
+        grad_y2d = grad_y.reshape(-1, weight.shape[0])
+        dx, dw, dtau, db = ctx.impl.linear_backward(
+            grad_y2d, x2d, weight, RowMask(mask, perm, count, None), ctx.state, ctx.options,
+            ctx.needs_input_grad[0], ctx.has_bias,
+        )
+        if dx is not None:
+            dx = dx.reshape(ctx.x_shape)
+        return dx, dw, dtau, db, None, None, None
+
+
 class ThresholdConv2dFunction(torch.autograd.Function):
     """``y = conv2d(x, W * m[:, None, None, None], b)`` with the straight-through threshold
     gradient.
 
     Inputs: ``x [B, C, H, W]``, ``weight [F, C / groups, KH, KW]``, ``threshold [F]``,
-    ``bias [F] | None``, the ``mask / perm / count`` of :func:`threshold_row_mask`, a
-    ``ConvGeometry``, then the backend (``"triton"``: ``groups == 1`` only, or
-    ``"reference"``), the backward mode and the sample fraction.
+    ``bias [F] | None``, the :class:`RowMask` of :func:`threshold_row_mask`, a
+    ``ConvGeometry``, the resolved backend (``"triton"`` takes ``groups == 1`` only) and the
+    options (``_Options``).
     """
 
     @staticmethod
-    def forward(ctx, x, weight, threshold, bias, mask, perm, count, geometry, backend, backward_mode,
-                sample_fraction):
-        row_mask = RowMask(mask, perm, count, None)
-        as_linear = backend == "triton" and _pointwise_as_linear(x, geometry)
-        if as_linear:
-            batch, chans, height, width = x.shape
-            filters = weight.shape[0]
-            x2d = x.permute(0, 2, 3, 1).reshape(-1, chans)
-            y2d = _kernels().threshold_linear_fwd(x2d, weight.reshape(filters, chans), bias, row_mask)
-            y = y2d.view(batch, height, width, filters).permute(0, 3, 1, 2)
-        elif backend == "triton":
-            y = _kernels().threshold_conv2d_fwd(x, weight, bias, row_mask, geometry)
-        else:
-            y = reference.threshold_conv2d_forward(x, weight, mask, bias, geometry)
-        ctx.save_for_backward(x, weight, mask, perm, count)
+    def forward(ctx, x, weight, threshold, bias, row_mask, geometry, backend, options):
+        y, row_mask, state = _conv2d_forward(x, weight, bias, row_mask, geometry, backend, options)
+        ctx.save_for_backward(x, weight, row_mask.mask, row_mask.perm, row_mask.count)
+        ctx.impl, ctx.state, ctx.options = IMPLEMENTATIONS[backend], state, options
         ctx.geometry = geometry
-        ctx.as_linear = as_linear
         ctx.has_bias = bias is not None
-        ctx.backend = backend
-        ctx.backward_mode = backward_mode
-        ctx.sample_fraction = sample_fraction
-        ctx.threshold_dtype = threshold.dtype
         return y
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_y):
         x, weight, mask, perm, count = ctx.saved_tensors
-        need_dx = ctx.needs_input_grad[0]
-        options = {"mode": ctx.backward_mode, "sample_fraction": ctx.sample_fraction, "need_dx": need_dx,
-                   "threshold_dtype": ctx.threshold_dtype}
-        if ctx.backend == "triton":
-            row_mask = RowMask(mask, perm, count, None)
-            if ctx.as_linear:
-                batch, chans, height, width = x.shape
-                filters = weight.shape[0]
-                dx, dw, dtau = _kernels().threshold_linear_bwd(
-                    grad_y.permute(0, 2, 3, 1).reshape(-1, filters),
-                    x.permute(0, 2, 3, 1).reshape(-1, chans),
-                    weight.reshape(filters, chans),
-                    row_mask,
-                    **options,
-                )
-                dw = dw.view(weight.shape)
-                if dx is not None:
-                    dx = dx.view(batch, height, width, chans).permute(0, 3, 1, 2)
-            else:
-                dx, dw, dtau = _kernels().threshold_conv2d_bwd(grad_y, x, weight, row_mask, ctx.geometry, **options)
-            db = grad_y.sum(dim=(0, 2, 3), dtype=torch.float32).to(weight.dtype) if ctx.has_bias else None
-        else:
-            dx, dw, dtau, db = _cast_gradients(
-                reference.threshold_conv2d_backward(
-                    grad_y, x, weight, mask.to(weight.dtype), mask, ctx.geometry, has_bias=ctx.has_bias,
-                    need_dx=need_dx, mode=ctx.backward_mode, sample_fraction=ctx.sample_fraction,
-                ),
-                need_dx,
-                weight.dtype,
-                ctx.threshold_dtype,
-            )
-        return dx, dw, dtau, db, None, None, None, None, None, None, None
+        dx, dw, dtau, db = ctx.impl.conv2d_backward(
+            grad_y, x, weight, RowMask(mask, perm, count, None), ctx.geometry, ctx.state, ctx.options,
+            ctx.needs_input_grad[0], ctx.has_bias,
+        )
+        return dx, dw, dtau, db, None, None, None, None
 
 
 def _autocast(x, weight, bias):
     """Under ``torch.autocast``, run in the autocast dtype like ``F.linear`` does; thresholds and
     the master weights stay in their own dtype (gradients flow back through the casts)."""
     device_type = x.device.type
-    if not torch.is_autocast_enabled(device_type):
+    if not _autocast_enabled(device_type):
         return x, weight, bias
     dtype = torch.get_autocast_dtype(device_type)
     cast = (lambda t: t if t is None or t.dtype == dtype else t.to(dtype))  # noqa: E731
     return cast(x), cast(weight), cast(bias)
+
+
+def _validate_guard(
+    collapse_density, collapse_timing: str, collapse_counter, previous_density, threshold: torch.Tensor, op: str
+) -> None:
+    check_collapse_timing(collapse_timing)
+    for name, t in (("collapse_counter", collapse_counter), ("previous_density", previous_density)):
+        if t is None:
+            continue
+        if not isinstance(t, torch.Tensor) or t.numel() != 1:
+            raise ValueError(f"{op}: {name} must be a one-element tensor, got {t!r}")
+        if t.device != threshold.device:
+            raise ValueError(f"{op}: {name} is on {t.device} but threshold is on {threshold.device}")
+    if previous_density is not None and not previous_density.is_floating_point():
+        raise TypeError(f"{op}: previous_density must be a floating-point tensor, got {previous_density.dtype}")
+    if collapse_timing == "previous" and collapse_density is not None and previous_density is None:
+        raise ValueError(
+            f"{op}: collapse_timing='previous' needs previous_density, the tensor that carries the density "
+            "from one forward to the next (the layers keep it as a buffer)"
+        )
+
+
+def _check_flag(name: str, value) -> None:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {value!r}")
 
 
 def threshold_linear(
@@ -248,24 +441,40 @@ def threshold_linear(
     sample_fraction: float = 0.125,
     collapse_density: float | None = None,
     collapse_counter: torch.Tensor | None = None,
+    collapse_timing: str = "current",
+    previous_density: torch.Tensor | None = None,
+    skip_zero_inputs: bool = False,
     check_finite: bool | None = None,
 ) -> torch.Tensor:
     """Threshold-pruned linear layer: ``x [..., in] -> [..., out]``.
 
     Output unit ``i`` is active while ``mean_j |weight[i, j]| > threshold[i]``; pruned units
-    output ``bias[i]`` (or 0) and, on the Triton backend, cost nothing in the forward pass.
+    output ``bias[i]`` (or 0) and, on the ``compact`` and ``triton`` backends, cost nothing in
+    the forward pass.
 
     Args:
         weight: ``[out, in]``; threshold: ``[out]``; bias: ``[out]`` or None (never masked).
-        backend: ``"auto"`` (Triton for CUDA tensors, reference otherwise), ``"triton"``,
-            ``"reference"``.
+        backend: ``"auto"`` (``"compact"`` for CPU tensors, ``"triton"`` for CUDA tensors of
+            fp32 / fp16 / bf16, else ``"reference"``), ``"compact"`` (plain PyTorch that
+            gathers the active units; synchronises with the device, any device), ``"triton"``,
+            or ``"reference"`` (masked dense: the oracle of the tests).
         backward_mode: what pruned units receive in the backward pass. ``"exact"``: the
-            straight-through gradient of the spec (costs their dense work). ``"skip"``: none,
+            straight-through gradient of the spec (costs their dense work; on ``compact`` only
+            for pruned units whose output gradient is not zero). ``"skip"``: none,
             ``dtau_i = 0`` and ``dW_i = 0``. ``"sample"``: ``r_i`` estimated from
             ``sample_fraction`` of the batch rows. Active units are exact in every mode.
         collapse_density: if set and the layer's density is ``<=`` it, ``threshold`` is reset to
             0 in place (before the forward; the reset mask is used) and ``collapse_counter``
             (an integer scalar tensor) is incremented. No host synchronisation.
+        collapse_timing: ``"current"``: the guard tests this forward's density.
+            ``"previous"``: it tests ``previous_density``, the density of the previous guarded
+            forward (the SpaFL authors' layers), which it then overwrites with this forward's.
+        previous_density: a one-element floating tensor on the threshold's device, read and
+            written in place (the layers keep it as the ``previous_density`` buffer); needed by
+            ``"previous"``; when given, every guarded forward (either timing) stores its density.
+        skip_zero_inputs: drop input features that are 0 for every row of ``x`` from the
+            products (``compact`` backend; the others ignore it). The input gradient is then 0
+            at those features; see :class:`spafl.ThresholdLinear` for when that is exact.
         check_finite: reject NaN / inf thresholds. Default: on for CPU tensors, off for CUDA
             tensors (the check would synchronise with the host every call).
     """
@@ -276,18 +485,21 @@ def threshold_linear(
             f"threshold_linear: x has shape {tuple(x.shape)} with {x.shape[-1]} features in its last "
             f"dimension, but weight {tuple(weight.shape)} expects {weight.shape[1]}"
         )
+    _validate_guard(collapse_density, collapse_timing, collapse_counter, previous_density, threshold,
+                    "threshold_linear")
+    _check_flag("skip_zero_inputs", skip_zero_inputs)
     check_threshold_values(threshold, check_finite)
     # The mask comes from the master weight, before any autocast cast, so that it agrees with
     # `layer.mask`, `density` and `to_dense()`; the GEMMs run on the (possibly cast) operands.
     x_op, w_op, b_op = _autocast(x, weight, bias)
     resolved = resolve_backend(backend, w_op)
-    row_mask = _row_mask(weight, threshold, resolve_backend(backend, weight), collapse_density,
-                         with_perm=resolved == "triton")
-    apply_collapse_guard(threshold, row_mask, collapse_counter)
-    return ThresholdLinearFunction.apply(
-        x_op, w_op, threshold, b_op, row_mask.mask, row_mask.perm, row_mask.count, resolved, backward_mode,
-        float(sample_fraction),
-    )
+    row_mask = _guarded_row_mask(weight, threshold, resolve_backend(backend, weight),
+                                 IMPLEMENTATIONS[resolved].with_perm, collapse_density, collapse_timing,
+                                 collapse_counter, previous_density)
+    options = _Options(backward_mode, float(sample_fraction), skip_zero_inputs, threshold.dtype)
+    if not _needs_graph(x_op, w_op, threshold, b_op):
+        return _linear_forward(x_op, w_op, b_op, row_mask, resolved, options)[0]
+    return ThresholdLinearFunction.apply(x_op, w_op, threshold, b_op, row_mask, resolved, options)
 
 
 def threshold_conv2d(
@@ -305,27 +517,35 @@ def threshold_conv2d(
     sample_fraction: float = 0.125,
     collapse_density: float | None = None,
     collapse_counter: torch.Tensor | None = None,
+    collapse_timing: str = "current",
+    previous_density: torch.Tensor | None = None,
+    skip_zero_inputs: bool = False,
     check_finite: bool | None = None,
 ) -> torch.Tensor:
     """Threshold-pruned 2-D convolution: ``x [B, C, H, W]`` (or unbatched ``[C, H, W]``) ->
     ``[B, F, Ho, Wo]``, with the options of ``F.conv2d``.
 
     Filter ``i`` is active while the mean |w| of ``weight[i]`` (over ``C / groups * KH * KW``)
-    is ``> threshold[i]``; a pruned filter's output channel is ``bias[i]`` (or 0). On the Triton
-    backend pruned filters cost nothing in the forward pass and, except for the threshold
-    gradient of ``exact`` / ``sample`` modes, in the backward pass.
+    is ``> threshold[i]``; a pruned filter's output channel is ``bias[i]`` (or 0). On the
+    ``compact`` and ``triton`` backends pruned filters cost nothing in the forward pass and,
+    except for the threshold gradient of ``exact`` / ``sample`` modes, in the backward pass.
 
     Args:
         weight: ``[F, C / groups, KH, KW]``; threshold: ``[F]``; bias: ``[F]`` or None.
         stride, dilation: int or pair; padding: int, pair, ``"same"`` or ``"valid"``.
-        groups: ``groups > 1`` (grouped and depthwise convolutions) runs on the reference path,
-            masked dense ``F.conv2d``: nothing is skipped there. ``backend="triton"`` then raises.
+        groups: grouped and depthwise convolutions run on ``compact`` (the groups holding
+            active filters, each padded to the widest; see :mod:`spafl.compact`) and
+            ``reference``; ``backend="triton"`` takes ``groups == 1`` only (``"auto"`` on CUDA
+            falls back to ``"reference"`` for them).
         backend, backward_mode, sample_fraction, collapse_density, collapse_counter,
-        check_finite: as for :func:`threshold_linear`; ``sample`` mode samples output pixels.
+        collapse_timing, previous_density, check_finite: as for :func:`threshold_linear`;
+        ``sample`` mode samples output pixels.
+        skip_zero_inputs: drop input channels that are 0 over the whole batch (``compact``,
+            ``groups == 1``; ignored otherwise). See :class:`spafl.ThresholdConv2d`.
 
-    Channels-last inputs and weights are read without a copy; the output is channels-last when
-    either is, as with ``F.conv2d``. 1x1 convolutions
-    without stride or padding on a channels-last input run through the Linear kernels.
+    Channels-last inputs and weights give a channels-last output, as with ``F.conv2d``. On
+    ``triton``, 1x1 convolutions without stride or padding on a channels-last input run through
+    the Linear kernels.
     """
     check_options(backend, backward_mode, sample_fraction, collapse_density)
     check_layer_inputs(x, weight, threshold, bias, op="threshold_conv2d", weight_dim=4, x_min_dim=3)
@@ -346,6 +566,9 @@ def threshold_conv2d(
             f"threshold_conv2d: input of spatial size {tuple(x.shape[-2:])} is too small for kernel "
             f"{geometry.kernel} with dilation {geometry.dilation} and padding {geometry.padding}"
         )
+    _validate_guard(collapse_density, collapse_timing, collapse_counter, previous_density, threshold,
+                    "threshold_conv2d")
+    _check_flag("skip_zero_inputs", skip_zero_inputs)
     check_threshold_values(threshold, check_finite)
     unbatched = x.dim() == 3
     if unbatched:
@@ -356,14 +579,15 @@ def threshold_conv2d(
         if backend == "triton":
             raise ValueError(
                 f"backend='triton' supports groups=1, got groups={groups}; grouped and depthwise convolutions "
-                "run on backend='reference' (or 'auto', which picks it)"
+                "run on backend='compact' or 'reference' ('auto' picks the reference on CUDA)"
             )
         resolved = "reference"
-    row_mask = _row_mask(weight, threshold, resolve_backend(backend, weight), collapse_density,
-                         with_perm=resolved == "triton")
-    apply_collapse_guard(threshold, row_mask, collapse_counter)
-    y = ThresholdConv2dFunction.apply(
-        x_op, w_op, threshold, b_op, row_mask.mask, row_mask.perm, row_mask.count, geometry, resolved,
-        backward_mode, float(sample_fraction),
-    )
+    row_mask = _guarded_row_mask(weight, threshold, resolve_backend(backend, weight),
+                                 IMPLEMENTATIONS[resolved].with_perm, collapse_density, collapse_timing,
+                                 collapse_counter, previous_density)
+    options = _Options(backward_mode, float(sample_fraction), skip_zero_inputs, threshold.dtype)
+    if _needs_graph(x_op, w_op, threshold, b_op):
+        y = ThresholdConv2dFunction.apply(x_op, w_op, threshold, b_op, row_mask, geometry, resolved, options)
+    else:
+        y = _conv2d_forward(x_op, w_op, b_op, row_mask, geometry, resolved, options)[0]
     return y.squeeze(0) if unbatched else y

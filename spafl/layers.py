@@ -1,4 +1,33 @@
-"""Drop-in threshold layers."""
+"""Drop-in threshold layers.
+
+Input-side skipping (``skip_zero_inputs=True``, honoured by the ``compact`` backend). The layer
+drops input features (Linear: entries of the last dimension; Conv2d: channels) that are exactly
+0 for every sample of the batch: their products are skipped in the forward pass, in ``dW``
+(``G = dL/dW_hat`` is 0 there, so ``dW`` is the sign term alone) and in ``dX``, which is
+returned as 0 there instead of ``(W * m)^T dY``. The layer's output and its weight, threshold
+and bias gradients are unchanged (for finite weights), in every backward mode.
+
+The rule under which every gradient upstream is unchanged too: the layer's input is the output
+of a ReLU (``nn.ReLU``, ``F.relu``, ``torch.relu``, ``Tensor.relu``, in place or not) reached
+only through max pooling (``max_pool*``, ``adaptive_max_pool*``, without indices), dropout,
+identity and shape operations (flatten, view, reshape, permute, transpose, squeeze, unsqueeze,
+contiguous), and nothing modifies those tensors in place. Then a dropped entry comes only from
+ReLU outputs that are 0 (a maximum of non-negative values is 0 only when all of them are),
+those operations route its gradient only to such positions (or to none), and ReLU's backward
+gives 0 there whatever arrives. So the gradients of every parameter, threshold and input
+upstream of the ReLU are those of the computation without skipping. What does differ: the
+gradient of the ReLU's output itself and of the tensors between it and the layer, at the
+dropped entries (a hook or ``retain_grad`` sees 0 there). The rule does NOT hold, and the flag
+must stay off, with a bias or normalisation after the ReLU (BatchNorm, LayerNorm), any other
+activation (GELU, LeakyReLU, ELU, ``clamp(min=0)``, whose gradient at exactly 0 is 1), average
+pooling (an average of tiny positive values can round to 0), or a residual add, concatenation
+or other arithmetic between the ReLU and the layer. Normalisation or a bias BEFORE the ReLU is
+fine. :func:`spafl.mark_zero_input_layers` (used by :func:`spafl.sparsify` and the federated
+models) finds such chains by tracing the model with ``torch.fx``.
+
+Collapse guard options (``collapse_density``, ``collapse_timing``, ``collapse_in_eval``):
+see :class:`ThresholdLinear`.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._checks import check_options, check_positive_int, check_threshold_values
+from ._checks import check_collapse_timing, check_options, check_positive_int, check_threshold_values
 from ._conv import conv_geometry
 from .functional import threshold_conv2d, threshold_linear, threshold_row_mask
 
@@ -20,26 +49,53 @@ class _ThresholdMixin:
     :meth:`_init_threshold_state`.
     """
 
-    def _init_threshold_state(self, backend, backward_mode, sample_fraction, collapse_density, check_finite, device):
+    # Version 2 added the `previous_density` buffer (see _load_from_state_dict).
+    _version = 2
+
+    def _init_threshold_state(self, backend, backward_mode, sample_fraction, collapse_density, collapse_timing,
+                              collapse_in_eval, skip_zero_inputs, check_finite, device):
         check_options(backend, backward_mode, sample_fraction, collapse_density)
+        check_collapse_timing(collapse_timing)
+        for name, flag in (("collapse_in_eval", collapse_in_eval), ("skip_zero_inputs", skip_zero_inputs)):
+            if not isinstance(flag, bool):
+                raise TypeError(f"{name} must be a bool, got {flag!r}")
         self.backend = backend
         self.backward_mode = backward_mode
         self.sample_fraction = float(sample_fraction)
         self.collapse_density = collapse_density
+        self.collapse_timing = collapse_timing
+        self.collapse_in_eval = collapse_in_eval
+        self.skip_zero_inputs = skip_zero_inputs
         self.check_finite = check_finite
         # Number of times the collapse guard reset this layer's thresholds; a buffer so that it
         # lives on the device (incremented without a host sync) and is saved with checkpoints.
         self.register_buffer("collapse_resets", torch.zeros((), dtype=torch.long, device=device))
+        # Density of the last forward in which the guard ran (1 before any): what
+        # collapse_timing="previous" tests, like the authors' `self.ratio`. Saved with checkpoints.
+        self.register_buffer("previous_density", torch.ones((), dtype=torch.float32, device=device))
 
     def _layer_options(self) -> dict:
+        guard = self.collapse_density if self.training or self.collapse_in_eval else None
         return {
             "backend": self.backend,
             "backward_mode": self.backward_mode,
             "sample_fraction": self.sample_fraction,
-            "collapse_density": self.collapse_density,
+            "collapse_density": guard,
             "collapse_counter": self.collapse_resets,
+            "collapse_timing": self.collapse_timing,
+            "previous_density": self.previous_density,
+            "skip_zero_inputs": self.skip_zero_inputs,
             "check_finite": self.check_finite,
         }
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        # Checkpoints written before `previous_density` existed load with the fresh value (1).
+        key = prefix + "previous_density"
+        if local_metadata.get("version", 1) < 2 and key not in state_dict:
+            state_dict[key] = self.previous_density.detach().clone()
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
 
     def _init_parameters(self, weight_shape: tuple[int, ...], bias: bool, factory: dict) -> None:
         out = weight_shape[0]
@@ -73,6 +129,11 @@ class _ThresholdMixin:
         """Fraction of active output units (synchronises with the device)."""
         return float(self.mask.float().mean())
 
+    def _flags_repr(self) -> str:
+        flags = [f"collapse_timing={self.collapse_timing!r}"] if self.collapse_timing != "current" else []
+        flags += [name + "=True" for name in ("collapse_in_eval", "skip_zero_inputs") if getattr(self, name)]
+        return "".join(", " + f for f in flags)
+
     def _density_repr(self) -> str:
         try:
             return f"density={self.density:.3f}"
@@ -89,17 +150,29 @@ class ThresholdLinear(_ThresholdMixin, nn.Module):
 
     Args:
         in_features, out_features, bias, device, dtype: as for ``nn.Linear``.
-        backend: ``"auto"`` (Triton kernels for CUDA tensors, plain PyTorch otherwise),
-            ``"triton"`` or ``"reference"``.
+        backend: ``"auto"`` (the compacting plain-PyTorch path ``"compact"`` for CPU tensors,
+            the Triton kernels for CUDA tensors), ``"compact"``, ``"triton"`` or
+            ``"reference"`` (masked dense, the tests' oracle).
         backward_mode: ``"exact"``, ``"skip"`` or ``"sample"``: what pruned neurons receive in
             the backward pass (see :func:`spafl.threshold_linear`).
         sample_fraction: share of the batch used by ``"sample"`` mode.
-        collapse_density: the collapse guard: when the layer's density is ``<=`` this at forward
-            time, its thresholds are reset to 0 and ``collapse_resets`` is incremented (the
-            reference code uses 0.01). ``None`` disables it. Runs in every forward pass, as in
-            the reference code, without a host synchronisation.
+        collapse_density: the collapse guard: when the layer's density is ``<=`` this, its
+            thresholds are reset to 0 (before the forward, whose mask then comes from the reset
+            thresholds) and ``collapse_resets`` is incremented (the reference code uses 0.01).
+            ``None`` disables it. No host synchronisation.
+        collapse_timing: which density the guard tests: ``"current"``, this forward's;
+            ``"previous"``, the one measured at the previous guarded forward (the buffer
+            ``previous_density``, 1 at first), as the SpaFL authors' layers do.
+        collapse_in_eval: run the guard in eval-mode forwards too (the authors' code does).
+            With the default False, an eval-mode forward (with or without ``no_grad``) changes
+            no parameter and no buffer; in training mode the guard runs in every forward.
+        skip_zero_inputs: input-side skipping (see the module docstring for the rule that
+            makes it exact). Set by :func:`spafl.sparsify` and the federated models where the
+            rule holds; the ``compact`` backend honours it, the others ignore it.
         check_finite: reject NaN / inf thresholds in forward (default: on CPU only, see
             :func:`spafl.threshold_linear`).
+
+    Buffers: ``collapse_resets`` (how often the guard fired), ``previous_density``.
 
     Shapes: input ``[..., in_features]``, output ``[..., out_features]``.
     """
@@ -114,6 +187,9 @@ class ThresholdLinear(_ThresholdMixin, nn.Module):
         backward_mode: str = "exact",
         sample_fraction: float = 0.125,
         collapse_density: float | None = 0.01,
+        collapse_timing: str = "current",
+        collapse_in_eval: bool = False,
+        skip_zero_inputs: bool = False,
         check_finite: bool | None = None,
         device=None,
         dtype=None,
@@ -122,7 +198,8 @@ class ThresholdLinear(_ThresholdMixin, nn.Module):
         self.in_features = check_positive_int("in_features", in_features)
         self.out_features = check_positive_int("out_features", out_features)
         self._init_parameters((out_features, in_features), bias, {"device": device, "dtype": dtype})
-        self._init_threshold_state(backend, backward_mode, sample_fraction, collapse_density, check_finite, device)
+        self._init_threshold_state(backend, backward_mode, sample_fraction, collapse_density, collapse_timing,
+                                   collapse_in_eval, skip_zero_inputs, check_finite, device)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -172,6 +249,7 @@ class ThresholdLinear(_ThresholdMixin, nn.Module):
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
             f"{self._density_repr()}, backend={self.backend!r}, backward_mode={self.backward_mode!r}"
+            + self._flags_repr()
         )
 
 
@@ -180,16 +258,18 @@ class ThresholdConv2d(_ThresholdMixin, nn.Module):
 
     Filter ``i`` is active while the mean |w| of ``weight[i]`` (over ``in_channels / groups *
     kh * kw``) is ``> threshold[i]``; a pruned filter's output channel is ``bias[i]`` (0
-    without bias) and on CUDA the filter is skipped by the implicit-GEMM kernels in the forward
-    and backward passes. Thresholds start at 0, so a fresh layer is fully dense.
+    without bias) and the filter is skipped in the forward and backward passes (on the
+    ``compact`` and ``triton`` backends). Thresholds start at 0, so a fresh layer is fully dense.
 
     Args:
         in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
         padding_mode, device, dtype: as for ``nn.Conv2d``. ``groups > 1`` (grouped and
-            depthwise convolutions) runs on the plain-PyTorch path: the mask is applied, but
-            nothing is skipped.
-        backend, backward_mode, sample_fraction, collapse_density, check_finite: as for
-            :class:`ThresholdLinear` (``sample`` mode samples output pixels).
+            depthwise convolutions) skips pruned filters on ``compact`` (see
+            :mod:`spafl.compact`); on CUDA, ``"auto"`` runs them on the reference path.
+        backend, backward_mode, sample_fraction, collapse_density, collapse_timing,
+        collapse_in_eval, skip_zero_inputs, check_finite: as for :class:`ThresholdLinear`
+            (``sample`` mode samples output pixels; input skipping drops input channels and
+            applies to ``groups == 1``).
 
     Shapes: input ``[B, in_channels, H, W]`` or ``[in_channels, H, W]``, output
     ``[B, out_channels, Ho, Wo]``; channels-last inputs give channels-last outputs.
@@ -211,6 +291,9 @@ class ThresholdConv2d(_ThresholdMixin, nn.Module):
         backward_mode: str = "exact",
         sample_fraction: float = 0.125,
         collapse_density: float | None = 0.01,
+        collapse_timing: str = "current",
+        collapse_in_eval: bool = False,
+        skip_zero_inputs: bool = False,
         check_finite: bool | None = None,
         device=None,
         dtype=None,
@@ -238,7 +321,8 @@ class ThresholdConv2d(_ThresholdMixin, nn.Module):
         self._explicit_padding = (left, right, top, bottom)
         self._init_parameters((out_channels, in_channels // groups, *geometry.kernel), bias,
                               {"device": device, "dtype": dtype})
-        self._init_threshold_state(backend, backward_mode, sample_fraction, collapse_density, check_finite, device)
+        self._init_threshold_state(backend, backward_mode, sample_fraction, collapse_density, collapse_timing,
+                                   collapse_in_eval, skip_zero_inputs, check_finite, device)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -318,4 +402,4 @@ class ThresholdConv2d(_ThresholdMixin, nn.Module):
         if self.padding_mode != "zeros":
             parts.append(f"padding_mode={self.padding_mode!r}")
         parts += [self._density_repr(), f"backend={self.backend!r}", f"backward_mode={self.backward_mode!r}"]
-        return ", ".join(parts)
+        return ", ".join(parts) + self._flags_repr()

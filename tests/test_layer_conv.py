@@ -148,7 +148,7 @@ def test_mask_density_repr_memory_format_and_state_dict():
     other = ThresholdConv2d(3, 10, (3, 5), stride=2, padding=1, bias=False)
     other.load_state_dict(layer.state_dict())
     assert torch.equal(other.mask, layer.mask)
-    assert set(layer.state_dict()) == {"weight", "threshold", "collapse_resets"}
+    assert set(layer.state_dict()) == {"weight", "threshold", "collapse_resets", "previous_density"}
     dense = nn.Conv2d(4, 6, 3).to(memory_format=torch.channels_last)
     assert ThresholdConv2d.from_dense(dense).weight.is_contiguous(memory_format=torch.channels_last)
 
@@ -275,3 +275,27 @@ def test_layer_constructor_rejects_bad_config():
         ThresholdConv2d(4, 6, 3, padding_mode="mirror")
     with pytest.raises(TypeError, match="nn.Conv2d"):
         ThresholdConv2d.from_dense(nn.Linear(2, 2))
+
+
+@pytest.mark.parametrize("mode", ["exact", "skip", "sample"])
+@pytest.mark.parametrize("bias", [True, False])
+def test_compact_layer_matches_reference_layer_through_autograd(mode, bias):
+    ref, com = _layer_pair(mode=mode, bias=bias, stride=2)
+    com.backend = "compact"
+    _assert_same(*_run_both(ref, com, torch.randn(2, 5, 9, 8)))
+
+
+def test_conv_guard_previous_timing_and_eval():
+    torch.manual_seed(0)
+    layer = ThresholdConv2d(3, 120, 3, bias=False, collapse_timing="previous")
+    with torch.no_grad():
+        layer.threshold.copy_(threshold_for_density(layer.weight, 1 / 120))
+    x = torch.randn(2, 3, 6, 6)
+    layer.eval()
+    layer(x)  # eval: no guard, no buffer touched
+    assert layer.previous_density.item() == 1.0 and layer.collapse_resets.item() == 0
+    layer.train()
+    y = layer(x)  # the previous density (1) was healthy: the sparse mask is used
+    assert (y.abs().sum(dim=(0, 2, 3)) > 0).sum() == 1 and layer.previous_density.item() == pytest.approx(1 / 120)
+    layer(x)  # now the guard fires
+    assert (layer.threshold == 0).all() and layer.collapse_resets.item() == 1 and layer.previous_density.item() == 1

@@ -8,7 +8,7 @@ from torch import nn
 
 import spafl
 from conftest import assert_close
-from spafl import ThresholdLinear, reference, sparsify, threshold_for_density, threshold_linear
+from spafl import ThresholdConv2d, ThresholdLinear, reference, sparsify, threshold_for_density, threshold_linear
 
 
 def _layer_pair(in_f=29, out_f=23, density=0.4, bias=True, mode="exact", device="cpu", dtype=torch.float32):
@@ -131,7 +131,7 @@ def test_state_dict_round_trip_and_penalty():
         a.threshold.uniform_(0, 0.5)
     b = ThresholdLinear(5, 4)
     b.load_state_dict(a.state_dict())
-    assert set(a.state_dict()) == {"weight", "threshold", "bias", "collapse_resets"}
+    assert set(a.state_dict()) == {"weight", "threshold", "bias", "collapse_resets", "previous_density"}
     assert torch.equal(a.mask, b.mask)
     model = nn.Sequential(a, nn.ReLU(), b)
     torch.testing.assert_close(spafl.threshold_penalty(model), 2 * torch.exp(-a.threshold).sum())
@@ -200,3 +200,162 @@ def test_functional_matches_layer_and_train_only_thresholds():
     torch.testing.assert_close(y, layer(x))
     y.sum().backward()
     assert layer.threshold.grad is not None and layer.weight.grad is None
+
+
+# ----------------------------------------------------------------------------- collapse guard options
+
+
+class _AuthorsGuard:
+    """The SpaFL authors' guard written out (their MaskedMLP.forward): the density of the PREVIOUS
+    forward (``ratio``, 1 at first) is tested; a reset zeroes the thresholds for good and counts."""
+
+    def __init__(self):
+        self.ratio, self.resets = 1.0, 0
+
+    def forward(self, weight, threshold, x):
+        if self.ratio <= 0.01:
+            threshold.fill_(0.0)
+            self.resets += 1
+        mask = weight.abs().mean(1) > threshold
+        self.ratio = float(mask.float().mean())
+        return x @ (weight * mask[:, None]).t()
+
+
+@pytest.mark.parametrize("backend", ["compact", "reference"])
+def test_previous_timing_reproduces_the_authors_sequence(backend):
+    torch.manual_seed(0)
+    layer = ThresholdLinear(6, 200, bias=False, backend=backend, collapse_timing="previous")
+    oracle = _AuthorsGuard()
+    oracle_tau = layer.threshold.detach().clone()
+    # healthy, then 1 unit of 200 (0.5% <= 1%), then left alone for three forwards
+    schedule = [0.5, 1 / 200, None, None, None]
+    fired_at = []
+    for step, density in enumerate(schedule):
+        if density is not None:
+            with torch.no_grad():
+                layer.threshold.copy_(threshold_for_density(layer.weight, density))
+            oracle_tau.copy_(layer.threshold)
+        x = torch.randn(3, 6)
+        resets = layer.collapse_resets.item()
+        y = layer(x)
+        want = oracle.forward(layer.weight.detach(), oracle_tau, x)
+        if layer.collapse_resets.item() > resets:
+            fired_at.append(step)
+        torch.testing.assert_close(y, want)
+        torch.testing.assert_close(layer.threshold.detach(), oracle_tau)
+        assert layer.collapse_resets.item() == oracle.resets
+        assert layer.previous_density.item() == pytest.approx(oracle.ratio)
+    # the sparse mask was used once (step 1), the reset came one forward later and persisted
+    assert fired_at == [2] and layer.density == 1.0
+
+
+def test_current_timing_fires_in_the_same_forward():
+    layer = ThresholdLinear(6, 200, bias=False)
+    with torch.no_grad():
+        layer.threshold.copy_(threshold_for_density(layer.weight, 1 / 200))
+    y = layer(torch.randn(3, 6))
+    assert layer.collapse_resets.item() == 1 and (y != 0).sum() > 150
+    assert layer.previous_density.item() == 1.0  # this forward's density, after the reset
+
+
+@pytest.mark.parametrize("timing", ["current", "previous"])
+def test_eval_forward_changes_nothing_unless_asked(timing):
+    layer = ThresholdLinear(6, 200, collapse_timing=timing)
+    with torch.no_grad():
+        layer.threshold.fill_(10.0)  # everything pruned
+        layer.previous_density.fill_(0.0)
+    layer.eval()
+    before = {k: v.clone() for k, v in layer.state_dict().items()}
+    x = torch.randn(3, 6)
+    y = layer(x)
+    with torch.no_grad():
+        layer(x)
+    assert torch.equal(y, layer.bias.detach().expand(3, 200))  # the pruned mask, no reset
+    for k, v in layer.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    layer.train()
+    layer(x)
+    assert (layer.threshold == 0).all() and layer.collapse_resets.item() == 1
+    authors = ThresholdLinear(6, 200, collapse_timing=timing, collapse_in_eval=True).eval()
+    with torch.no_grad():
+        authors.threshold.fill_(10.0)
+        authors.previous_density.fill_(0.0)
+        authors(x)
+    assert (authors.threshold == 0).all() and authors.collapse_resets.item() == 1
+
+
+def test_previous_density_travels_in_the_state_dict_and_old_checkpoints_load():
+    a = ThresholdLinear(5, 4, collapse_timing="previous")
+    with torch.no_grad():
+        a.previous_density.fill_(0.25)
+    b = ThresholdLinear(5, 4, collapse_timing="previous")
+    b.load_state_dict(a.state_dict())
+    assert b.previous_density.item() == 0.25
+    old = {k: v for k, v in a.state_dict().items() if k != "previous_density"}  # no version metadata
+    c = ThresholdLinear(5, 4)
+    c.load_state_dict(old)
+    assert c.previous_density.item() == 1.0 and torch.equal(c.weight, a.weight)
+    with pytest.raises(RuntimeError, match="Missing key"):
+        c.load_state_dict({k: v for k, v in old.items() if k != "threshold"})
+
+
+def test_guard_runs_on_the_device_without_host_synchronisation():
+    # Meta tensors have no values: any .item(), bool() or nonzero() on the guard's path would raise.
+    for timing in ("current", "previous"):
+        layer = ThresholdLinear(8, 200, collapse_timing=timing, device="meta")
+        layer(torch.randn(3, 8, device="meta")).sum().backward()
+        assert layer.threshold.grad.shape == (200,) and layer.previous_density.device.type == "meta"
+
+
+def test_guard_options_are_validated_and_shown():
+    with pytest.raises(ValueError, match="collapse_timing must be one of"):
+        ThresholdLinear(3, 3, collapse_timing="next")
+    with pytest.raises(TypeError, match="collapse_in_eval must be a bool"):
+        ThresholdLinear(3, 3, collapse_in_eval=1)
+    with pytest.raises(TypeError, match="skip_zero_inputs must be a bool"):
+        ThresholdLinear(3, 3, skip_zero_inputs="no")
+    text = repr(ThresholdLinear(3, 3, collapse_timing="previous", collapse_in_eval=True, skip_zero_inputs=True))
+    assert "collapse_timing='previous', collapse_in_eval=True, skip_zero_inputs=True" in text
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+def test_previous_timing_on_cuda_does_not_synchronise(kind):
+    if kind == "linear":
+        layer, x = ThresholdLinear(64, 200, collapse_timing="previous", device="cuda"), torch.randn(8, 64)
+    else:
+        layer, x = ThresholdConv2d(16, 200, 3, collapse_timing="previous", device="cuda"), torch.randn(2, 16, 8, 8)
+    x = x.cuda()
+    with torch.no_grad():
+        layer.threshold.fill_(10.0)
+    layer(x).sum().backward()  # warm-up (compilation may synchronise); measures density 0, no reset yet
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        layer(x).sum().backward()  # the reset fires here
+        layer.eval()
+        layer(x)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert layer.collapse_resets.item() == 1 and layer.previous_density.item() == 1.0
+
+
+@pytest.mark.parametrize("timing", ["current", "previous"])
+def test_host_and_device_guard_paths_agree(timing):
+    # On CPU the guard decides on the host; the device-side path (no synchronisation) is what
+    # CUDA runs. Same masks, thresholds, counters and stored densities, edge cases included.
+    from spafl.functional import _guarded_row_mask
+
+    torch.manual_seed(0)
+    w = torch.randn(200, 7)
+    for density in (0.5, 2 / 200, 3 / 200, 1 / 200, 0.0, 1.0):
+        for previous in (1.0, 0.0100001, 0.01, 0.005, 0.0):
+            results = []
+            for with_perm in (False, True):  # False on CPU: the host path
+                tau = threshold_for_density(w, density)
+                counter = torch.zeros((), dtype=torch.long)
+                stored = torch.tensor(previous)
+                rm = _guarded_row_mask(w, tau, "reference", with_perm, 0.01, timing, counter, stored)
+                results.append((rm.mask, tau, counter, stored))
+            for a, b in zip(*results, strict=True):
+                assert torch.equal(a, b), (density, previous)

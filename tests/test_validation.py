@@ -50,8 +50,14 @@ def test_non_finite_check_can_be_turned_off_and_nan_thresholds_prune():
 
 def test_triton_backend_on_cpu_without_interpreter_explains(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
-    with pytest.raises(ValueError, match="runs on CUDA tensors"):
+    with pytest.raises(ValueError, match="runs on CUDA tensors.*'compact' on CPU"):
         threshold_linear(X, W, TAU, backend="triton")
+
+
+@pytest.mark.parametrize("backend", ["auto", "compact", "reference"])
+def test_every_cpu_backend_name_is_accepted(backend):
+    torch.testing.assert_close(threshold_linear(X, W, TAU, backend=backend), X @ W.t())
+    assert ThresholdLinear(3, 4, backend=backend).backend == backend
 
 
 def test_triton_backend_rejects_float64(monkeypatch):

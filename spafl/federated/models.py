@@ -12,6 +12,12 @@
 ==============  =======================================================================
 
 Any other model works through :func:`spafl.sparsify`.
+
+Every constructor takes ``skip_zero_inputs`` (default True): the threshold layers whose input is
+a ReLU's output through max pooling / shape operations only get input-side skipping, found by
+:func:`spafl.mark_zero_input_layers` (LeNet-5 and digits-cnn: conv2, fc3, fc4; conv4: every
+layer but the first; resnet18: every block's convolutions; vit: none, its linears read
+LayerNorm, GELU and attention outputs). See :mod:`spafl.layers` for the rule.
 """
 
 from __future__ import annotations
@@ -20,16 +26,25 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..convert import mark_zero_input_layers
 from ..layers import ThresholdConv2d, ThresholdLinear
 
 
+def _input_skipping(model: nn.Module, enabled: bool) -> None:
+    if not isinstance(enabled, bool):
+        raise TypeError(f"skip_zero_inputs must be a bool, got {enabled!r}")
+    if enabled:
+        mark_zero_input_layers(model)
+
+
 class LeNet5(nn.Module):
-    def __init__(self, num_classes: int = 10, **layer_kwargs):
+    def __init__(self, num_classes: int = 10, skip_zero_inputs: bool = True, **layer_kwargs):
         super().__init__()
         self.conv1 = ThresholdConv2d(1, 20, 5, bias=False, **layer_kwargs)
         self.conv2 = ThresholdConv2d(20, 50, 5, bias=False, **layer_kwargs)
         self.fc3 = ThresholdLinear(4 * 4 * 50, 500, bias=False, **layer_kwargs)
         self.fc4 = ThresholdLinear(500, num_classes, bias=False, **layer_kwargs)
+        _input_skipping(self, skip_zero_inputs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = F.max_pool2d(F.relu(self.conv1(x)), 2)
@@ -39,7 +54,7 @@ class LeNet5(nn.Module):
 
 
 class Conv4(nn.Module):
-    def __init__(self, num_classes: int = 10, **layer_kwargs):
+    def __init__(self, num_classes: int = 10, skip_zero_inputs: bool = True, **layer_kwargs):
         super().__init__()
         widths = [3, 64, 64, 128, 128]
         self.convs = nn.ModuleList(
@@ -51,6 +66,7 @@ class Conv4(nn.Module):
         self.dense2 = ThresholdLinear(128, 128, bias=False, **layer_kwargs)
         self.bn6 = nn.BatchNorm1d(128)
         self.dense3 = ThresholdLinear(128, num_classes, bias=False, **layer_kwargs)
+        _input_skipping(self, skip_zero_inputs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for i, (conv, bn) in enumerate(zip(self.convs, self.bns, strict=True)):
@@ -83,7 +99,8 @@ class _PreActBlock(nn.Module):
 
 
 class ResNet18(nn.Module):
-    def __init__(self, num_classes: int = 100, widths: tuple[int, ...] = (32, 64, 128, 256), **layer_kwargs):
+    def __init__(self, num_classes: int = 100, widths: tuple[int, ...] = (32, 64, 128, 256),
+                 skip_zero_inputs: bool = True, **layer_kwargs):
         super().__init__()
         self.conv1 = ThresholdConv2d(3, widths[0], 3, padding=1, bias=False, **layer_kwargs)
         self.bn1 = nn.BatchNorm2d(widths[0])
@@ -94,6 +111,7 @@ class ResNet18(nn.Module):
                 cin = w
         self.blocks = nn.Sequential(*blocks)
         self.linear = nn.Linear(widths[-1], num_classes)
+        _input_skipping(self, skip_zero_inputs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.blocks(F.relu(self.bn1(self.conv1(x))))
@@ -128,7 +146,8 @@ class _FeedForward(nn.Module):
 
 class ViT(nn.Module):
     def __init__(self, num_classes: int = 10, image_size: int = 32, patch: int = 4, dim: int = 128, depth: int = 6,
-                 heads: int = 8, dim_head: int = 64, mlp_dim: int = 256, channels: int = 3, **layer_kwargs):
+                 heads: int = 8, dim_head: int = 64, mlp_dim: int = 256, channels: int = 3,
+                 skip_zero_inputs: bool = True, **layer_kwargs):
         super().__init__()
         if image_size % patch:
             raise ValueError(f"image size {image_size} is not a multiple of the patch size {patch}")
@@ -141,6 +160,7 @@ class ViT(nn.Module):
             layers += [_Attention(dim, heads, dim_head, **layer_kwargs), _FeedForward(dim, mlp_dim, **layer_kwargs)]
         self.layers = nn.Sequential(*layers)
         self.head = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, num_classes))
+        _input_skipping(self, skip_zero_inputs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
@@ -152,12 +172,13 @@ class ViT(nn.Module):
 
 
 class DigitsCNN(nn.Module):
-    def __init__(self, num_classes: int = 10, **layer_kwargs):
+    def __init__(self, num_classes: int = 10, skip_zero_inputs: bool = True, **layer_kwargs):
         super().__init__()
         self.conv1 = ThresholdConv2d(1, 16, 3, padding=1, bias=False, **layer_kwargs)
         self.conv2 = ThresholdConv2d(16, 32, 3, padding=1, bias=False, **layer_kwargs)
         self.fc3 = ThresholdLinear(32 * 2 * 2, 64, bias=False, **layer_kwargs)
         self.fc4 = ThresholdLinear(64, num_classes, bias=False, **layer_kwargs)
+        _input_skipping(self, skip_zero_inputs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = F.max_pool2d(F.relu(self.conv1(x)), 2)
@@ -170,7 +191,9 @@ MODEL_BUILDERS = {"digits-cnn": DigitsCNN, "lenet5": LeNet5, "conv4": Conv4, "vi
 
 def build_model(name: str, num_classes: int, **layer_kwargs) -> nn.Module:
     """A fresh model by name; ``layer_kwargs`` go to every threshold layer (``backend``,
-    ``backward_mode``, ``sample_fraction``, ``collapse_density``)."""
+    ``backward_mode``, ``sample_fraction``, ``collapse_density``, ``collapse_timing``,
+    ``collapse_in_eval``), except ``skip_zero_inputs``, which the model's constructor takes
+    (True: input-side skipping where the rule of :mod:`spafl.layers` holds; False: none)."""
     if name not in MODEL_BUILDERS:
         raise ValueError(f"unknown model {name!r}; models: {sorted(MODEL_BUILDERS)}")
     return MODEL_BUILDERS[name](num_classes=num_classes, **layer_kwargs)

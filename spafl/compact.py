@@ -1,0 +1,580 @@
+"""Compacting backend of the threshold layers (``backend="compact"``, what ``"auto"`` picks on CPU).
+
+Plain PyTorch that really skips pruned units, with results equal to :mod:`spafl.reference` up to
+the rounding of the compute dtype (fp32 for fp32 / fp16 / bf16 inputs, fp64 for fp64):
+
+* forward: the active units' index list (``nonzero``), the dense op (``F.linear`` /
+  ``F.conv2d``) on the gathered rows of the weight, its result scattered into the output;
+  pruned units output 0 (plus their bias). With every unit active and nothing to drop, the
+  dense op runs on the weight itself: no gather, no scatter.
+* backward: ``dX`` and ``G = dL/dW_hat`` through the active rows only, then the
+  straight-through terms of ``spafl-algorithm.md`` section 1. A pruned unit ``i`` needs
+  ``r_i = sum_b dY_bi Z_bi`` (``Z`` = the pre-activation it would have) in ``exact`` mode and
+  the same sum over the reference's sampled batch rows / output pixels, scaled as the reference
+  does, in ``sample`` mode. ``r_i`` is 0 whenever unit ``i``'s output gradient is 0 (a pruned
+  unit without bias followed by ReLU: ReLU's gradient at 0 is 0), so ``Z`` is computed only for
+  pruned units whose output gradient is not identically zero: a cheap reduction over ``dY``
+  decides. ``skip`` mode gives pruned units nothing.
+* input skipping (``skip_zero_inputs=True``): input features (Linear) / channels (Conv2d)
+  that are exactly zero for the whole batch are dropped from every product; their weight
+  gradient is the sign term alone (``G`` is 0 there) and their input gradient is returned as 0.
+  When this leaves every gradient upstream unchanged is stated in :mod:`spafl.layers`.
+* grouped convolutions: the groups that hold active filters are gathered and each is padded to
+  the largest number of active filters in one group, so a grouped convolution costs
+  ``groups_used * widest / filters`` of the dense one (exactly the active share for depthwise
+  convolutions and for groups with equal numbers of active filters). Input skipping is not
+  applied to grouped convolutions.
+
+The index lists come from host synchronisations (``nonzero``, ``int``): free on the CPU, and the
+reason the Triton kernels, not this module, are the CUDA path. Every dense product goes
+through :func:`_linear`, :func:`_mm`, :func:`_conv2d` or :func:`_conv2d_backward`, so that the
+tests can see the shapes that were really multiplied.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+from ._conv import ConvGeometry
+from ._rowmask import sample_rows
+from .reference import _compute_dtype, row_blocks, scratch
+
+# ----------------------------------------------------------------------------- dense products
+
+
+def _linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
+    return F.linear(x, w, b)
+
+
+def _mm(a: torch.Tensor, b: torch.Tensor, into: torch.Tensor | None = None, out: torch.Tensor | None = None):
+    """``a @ b`` (written into ``out`` if given), or ``into + a @ b`` written into ``into`` (the
+    GEMM adds it as it stores)."""
+    if into is not None:
+        return into.addmm_(a, b)
+    return torch.mm(a, b) if out is None else torch.mm(a, b, out=out)
+
+
+def _conv2d(x, w, b, stride, padding, dilation, groups: int) -> torch.Tensor:
+    return F.conv2d(x, w, b, stride, padding, dilation, groups)
+
+
+def _conv2d_backward(dy, x, w, stride, padding, dilation, groups: int, need_dx: bool):
+    """``(dL/dx | None, dL/dw)`` of ``_conv2d(x, w)`` from the convolution's own backward,
+    except for the weight gradient of a convolution with one input channel (the first layer of
+    a grayscale model): oneDNN's weight-gradient kernel vectorises over input channels and is
+    slow there, so ``dW`` comes from a forward convolution of the batch-transposed tensors:
+    ``dW[f, c, i, j] = sum_{b, p} dy[b, f, p] x[b, c, p * stride + (i, j) * dilation]`` is the
+    convolution of ``x^T [C, B, H, W]`` with the kernel ``dy^T [F, B, Ho, Wo]`` at stride
+    ``dilation`` and dilation ``stride``. Measured on an AVX2 CPU, one thread: 1.8-2.0x faster
+    for 5x5 and 7x7 kernels (LeNet-5's conv1: 1.96x) and for small output maps, 0.64-0.95x for
+    3x3 kernels on maps of 64x64 and more, hence the condition."""
+    if not _single_channel_route(x.shape[1], w.shape[2:], dy.shape[2:], groups):
+        dx, dw, _ = torch.ops.aten.convolution_backward(
+            dy, x, w, None, stride, padding, dilation, False, (0, 0), groups, (need_dx, True, False)
+        )
+        return dx, dw
+    dx = None
+    if need_dx:
+        dx = torch.ops.aten.convolution_backward(
+            dy, x, w, None, stride, padding, dilation, False, (0, 0), groups, (True, False, False)
+        )[0]
+    kh, kw = w.shape[2:]
+    dw = F.conv2d(x.transpose(0, 1), dy.transpose(0, 1), None, dilation, padding, stride)
+    return dx, dw[:, :, :kh, :kw].transpose(0, 1).contiguous(memory_format=_weight_format(w))
+
+
+def _single_channel_route(in_channels: int, kernel, out_size, groups: int) -> bool:
+    """Whether :func:`_conv2d_backward` takes the weight gradient from a forward convolution."""
+    (kh, kw), (out_h, out_w) = kernel, out_size
+    return groups == 1 and in_channels == 1 and (kh * kw >= 25 or out_h * out_w <= 1024)
+
+
+# ----------------------------------------------------------------------------- index lists
+
+
+def active_units(mask: torch.Tensor) -> torch.Tensor | None:
+    """Ascending int64 indices of the active units of ``mask [N]``; None when all are active.
+    Synchronises with the device."""
+    units = mask.nonzero().squeeze(1)
+    return None if units.numel() == mask.numel() else units
+
+
+def _nonzero_slices(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """bool ``[t.shape[dim]]``: whether slice ``j`` along ``dim`` holds a value that is not 0
+    (NaN counts as not 0: it propagates through amax / amin). Two reductions without a temporary:
+    several times faster on the CPU than ``t.ne(0).any(dims)``."""
+    other = tuple(d for d in range(t.dim()) if d != dim)
+    if not other:
+        return t.ne(0)
+    if t.numel() == 0:
+        return torch.zeros(t.shape[dim], dtype=torch.bool, device=t.device)
+    return t.amax(dim=other).ne(0) | t.amin(dim=other).ne(0)
+
+
+def _nonzero_along(t: torch.Tensor, dim: int) -> torch.Tensor | None:
+    """Indices ``j`` along ``dim`` where some entry of ``t`` is not 0; None when that is every ``j``."""
+    if t.numel() == 0:
+        return t.new_zeros(0, dtype=torch.long)
+    index = _nonzero_slices(t, dim).nonzero().squeeze(1)
+    return None if index.numel() == t.shape[dim] else index
+
+
+def _cast(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    # A no-op .to() still costs a dispatcher round trip: measurable on small layers.
+    return t if t is None or t.dtype == dtype else t.to(dtype)
+
+
+def _take(t: torch.Tensor, rows: torch.Tensor | None, cols: torch.Tensor | None) -> torch.Tensor:
+    if rows is not None:
+        t = t.index_select(0, rows)
+    if cols is not None:
+        t = t.index_select(1, cols)
+    return t
+
+
+def _row_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``sum_j a_ij b_ij`` of two ``[n, ...]`` tensors: ``[n]`` (row blocks: see ``row_blocks``)."""
+    a2, b2 = a.flatten(1), b.flatten(1)
+    blocks = row_blocks(a2.shape[0], a2.shape[1], a.device)
+    if blocks is None:
+        return (a2 * b2).sum(dim=1)
+    out = a2.new_empty(a2.shape[0])
+    for rows in blocks:
+        a_rows = a2[rows]
+        buf = torch.mul(a_rows, b2[rows], out=scratch(a_rows.shape[0], a_rows.shape[1], a_rows.dtype))
+        torch.sum(buf, dim=1, out=out[rows])
+    return out
+
+
+def _straight_through_(g: torch.Tensor, w: torch.Tensor, fan_in: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(dW, r)`` for rows that are all active: ``r_i = sum_j G_ij W_ij`` and
+    ``dW = G + sign(W) * r / fan_in`` written into ``G`` (made contiguous first), in one pass of
+    row blocks so that ``G`` and ``W`` are read once."""
+    g = g.contiguous()
+    g2, w2 = g.flatten(1), w.flatten(1)
+    blocks = row_blocks(g2.shape[0], g2.shape[1], g.device)
+    if blocks is None:
+        r = (g2 * w2).sum(dim=1)
+        g2.addcmul_(torch.sign(w2), (r / fan_in)[:, None])
+        return g, r
+    r = g2.new_empty(g2.shape[0])
+    for rows in blocks:
+        g_rows, w_rows = g2[rows], w2[rows]
+        buf = torch.mul(g_rows, w_rows, out=scratch(g_rows.shape[0], g_rows.shape[1], g_rows.dtype))
+        r_rows = torch.sum(buf, dim=1, out=r[rows])
+        g_rows.addcmul_(torch.sign(w_rows, out=buf), (r_rows / fan_in)[:, None])
+    return g, r
+
+
+def _scatter_units(active, units, bias, shape, dim, memory_format=torch.contiguous_format) -> torch.Tensor:
+    """The output of ``shape``: ``active + bias`` (the active units' pre-activations) at ``units``
+    along ``dim``, ``bias`` (0 without bias) at the other units. A fill and an ``index_copy_`` /
+    ``index_add_``: measured faster on the CPU than writing each element once with
+    ``index_fill_``, which is slow off dimension 0."""
+    out = torch.empty(shape, dtype=active.dtype, device=active.device, memory_format=memory_format)
+    if bias is None:
+        return out.zero_().index_copy_(dim, units, active)
+    view = [1] * len(shape)
+    view[dim] = -1
+    return out.copy_(bias.view(view).expand(shape)).index_add_(dim, units, active)
+
+
+def _zeros_except(values, index, shape, dim, memory_format=torch.contiguous_format) -> torch.Tensor:
+    """A tensor of ``shape`` holding ``values`` at ``index`` along ``dim`` and 0 elsewhere."""
+    return _scatter_units(values, index, None, shape, dim, memory_format)
+
+
+def _sign_term(w_rows: torch.Tensor, r: torch.Tensor, fan_in: int, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``sign(W_ij) * r_i / fan_in`` for ``w_rows [n, ...]``, ``r [n]`` (into ``out`` or a new
+    tensor); on the CPU in row blocks, each block scaled while still in cache: one pass over
+    memory instead of two."""
+    view = (-1,) + (1,) * (w_rows.dim() - 1)
+    scale = (r / fan_in).view(view)
+    if out is None:
+        out = torch.empty_like(w_rows, memory_format=torch.contiguous_format)
+    blocks = row_blocks(out.shape[0], out[0].numel() if out.shape[0] else 1, out.device)
+    if blocks is None:
+        return torch.sign(w_rows, out=out).mul_(scale)
+    for rows in blocks:
+        torch.sign(w_rows[rows], out=out[rows]).mul_(scale[rows])
+    return out
+
+
+# ----------------------------------------------------------------------------- Linear
+
+
+def linear_forward(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    mask: torch.Tensor,
+    skip_zero_inputs: bool = False,
+) -> tuple[torch.Tensor, tuple]:
+    """``x [M, K]``, ``weight [N, K]``, ``mask [N]`` -> ``(y [M, N] in x's dtype, state)``;
+    ``state`` goes to :func:`linear_backward`: the active units and the kept input features
+    (None meaning all), and the active units' pre-activations ``Z [M, A]`` when ``M < K``: the
+    backward then takes ``r_i = sum_b dY_bi Z_bi`` from them, which reads ``M * A`` values
+    instead of the ``A * K`` of ``sum_j G_ij W_ij``."""
+    compute = _compute_dtype(x.dtype)
+    xc, w, b = _cast(x, compute), _cast(weight, compute), _cast(bias, compute)
+    units = active_units(mask)
+    cols = _nonzero_along(xc, 1) if skip_zero_inputs else None
+    x_in = xc if cols is None else xc.index_select(1, cols)
+    w_in = _take(w, units, cols)
+    keep_z = x_in.shape[0] < x_in.shape[1]
+    # The gathered operands go to the backward with the index lists: no second gather there.
+    saved = (None if cols is None else x_in, None if w_in is w else w_in)
+    if units is None and not keep_z:  # density 1: the dense op itself
+        return _cast(_linear(x_in, w_in, b), x.dtype), (units, cols, *saved, None)
+    z = _linear(x_in, w_in)
+    if units is None:
+        y = z.clone() if b is None else z + b  # z itself stays private to the backward
+    else:
+        y = _scatter_units(z, units, b, (x.shape[0], w.shape[0]), 1)
+    return _cast(y, x.dtype), (units, cols, *saved, z if keep_z else None)
+
+
+def linear_backward(
+    grad_out: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    mask: torch.Tensor,
+    state: tuple,
+    *,
+    has_bias: bool,
+    need_dx: bool = True,
+    mode: str = "exact",
+    sample_fraction: float = 0.125,
+) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """``(dx [M, K] | None, dW [N, K], dtau [N], db [N] | None)`` in the compute dtype, equal to
+    :func:`spafl.reference.threshold_linear_backward` (``dx`` is 0 at dropped input features)."""
+    units, cols, x_in, w_in, z = state
+    compute = _compute_dtype(x.dtype)
+    dy, xc, w = _cast(grad_out, compute), _cast(x, compute), _cast(weight, compute)
+    n_out, fan_in = w.shape
+    # The weight-sized output is allocated first: it then takes the heap block that the previous
+    # step's dW freed. Allocated later, behind this step's temporaries, it grew the heap into
+    # fresh pages that glibc trimmed again after the step (measured ~45 page faults a step for
+    # an 800 -> 500 Linear, a third of its time on a loaded machine).
+    dw = torch.empty(w.shape, dtype=compute, device=w.device)
+    db = dy.sum(dim=0) if has_bias else None
+    x_in = xc if x_in is None else x_in
+    w_in = w if w_in is None else w_in
+    dy_a = dy if units is None else dy.index_select(1, units)
+    w_a = w_in if cols is None else _take(w, units, None)  # whole rows: the sign term covers every input
+    dx = None
+    if need_dx:
+        dx_in = _mm(dy_a, w_in)
+        dx = dx_in if cols is None else _zeros_except(dx_in, cols, xc.shape, 1)
+    dw_a = dw if units is None else None  # where the active rows' dW goes
+    if z is not None:
+        r_a = (dy_a * z).sum(dim=0)
+        dw_a = _sign_term(w_a, r_a, fan_in, out=dw_a)
+        if cols is None:
+            _mm(dy_a.t(), x_in, into=dw_a)  # dW = sign term + G, G never stored on its own
+        else:
+            dw_a.index_add_(1, cols, _mm(dy_a.t(), x_in))  # G is 0 at dropped features
+    elif units is None and cols is None:
+        _, r_a = _straight_through_(_mm(dy_a.t(), x_in, out=dw), w, fan_in)
+    else:
+        g = _mm(dy_a.t(), x_in)
+        r_a = _row_dot(g, w_in)  # exact with dropped features: G is 0 there
+        dw_a = _sign_term(w_a, r_a, fan_in, out=dw_a)
+        if cols is None:
+            dw_a.add_(g)
+        else:
+            dw_a.index_add_(1, cols, g)
+    if units is None:
+        return dx, dw, r_a.neg_(), db
+    dw.zero_().index_copy_(0, units, dw_a)
+    dtau = _zeros_except(r_a.neg_(), units, (n_out,), 0)
+    pruned, r_p = _pruned_r_linear(dy, x_in, w, mask, cols, mode, sample_fraction)
+    if pruned is not None:
+        dtau.index_copy_(0, pruned, -r_p)
+        dw.index_copy_(0, pruned, _sign_term(w.index_select(0, pruned), r_p, fan_in))
+    return dx, dw, dtau, db
+
+
+def _live_pruned(dy: torch.Tensor, mask: torch.Tensor):
+    """``(pruned units whose output gradient in dy [rows, N, ...] is not all 0, those columns
+    of dy)`` or ``(None, None)``: ``r_i`` of every other pruned unit is exactly 0."""
+    pruned = (~mask).nonzero().squeeze(1)
+    if not pruned.numel():
+        return None, None
+    dy_p = dy.index_select(1, pruned)
+    live = _nonzero_slices(dy_p, 1).nonzero().squeeze(1)
+    if not live.numel():
+        return None, None
+    if live.numel() < pruned.numel():
+        pruned, dy_p = pruned.index_select(0, live), dy_p.index_select(1, live)
+    return pruned, dy_p
+
+
+def _pruned_r_linear(dy, x_in, w, mask, cols, mode: str, sample_fraction: float):
+    """``(pruned units with a nonzero r, their r)`` for the backward ``mode``, or ``(None, None)``."""
+    if mode == "skip":
+        return None, None
+    scale = 1.0
+    if mode == "sample":
+        m_rows = dy.shape[0]
+        count, step = sample_rows(m_rows, sample_fraction)
+        dy, x_in = dy[: count * step : step], x_in[: count * step : step]  # rows 0, step, ...
+        scale = m_rows / count
+    pruned, dy_p = _live_pruned(dy, mask)
+    if pruned is None:
+        return None, None
+    z = _linear(x_in, _take(w, pruned, cols))  # what the pruned units would output
+    r = (dy_p * z).sum(dim=0)
+    return pruned, r.mul_(scale) if scale != 1.0 else r
+
+
+# ----------------------------------------------------------------------------- Conv2d
+
+
+def _weight_format(w: torch.Tensor) -> torch.memory_format:
+    return torch.channels_last if _channels_last(w) else torch.contiguous_format
+
+
+def _channels_last(t: torch.Tensor) -> bool:
+    return t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
+
+
+def _conv_format(x: torch.Tensor, weight: torch.Tensor) -> torch.memory_format:
+    """The memory format of ``F.conv2d(x, weight)``'s output and gradients: channels-last when
+    either operand is."""
+    return torch.channels_last if _channels_last(x) or _channels_last(weight) else torch.contiguous_format
+
+
+def _as_format(t: torch.Tensor, memory_format: torch.memory_format) -> torch.Tensor:
+    return t if t.is_contiguous(memory_format=memory_format) else t.contiguous(memory_format=memory_format)
+
+
+class _ConvPlan(NamedTuple):
+    """A convolution over a subset of the filters (and, with ``groups == 1``, of the input channels).
+
+    weight:   ``[G' * width, C' / G', kh, kw]``, the compact weight (zero filters pad groups
+              with fewer active filters than the widest)
+    groups:   ``G'``, the groups of the compact convolution
+    channels: input channels it reads (None: all)
+    slots:    for each selected filter, its output channel in the compact convolution (None:
+              the filters are the compact output channels, in order)
+    """
+
+    weight: torch.Tensor
+    groups: int
+    channels: torch.Tensor | None
+    slots: torch.Tensor | None
+
+
+def _conv_plan(w: torch.Tensor, units: torch.Tensor | None, channels: torch.Tensor | None, groups: int) -> _ConvPlan:
+    """The compact convolution of filters ``units`` (None: all, ascending) reading input
+    channels ``channels`` (None: all; only with ``groups == 1``)."""
+    if groups == 1:
+        return _ConvPlan(_take(w, units, channels), 1, channels, None)
+    if units is None:
+        return _ConvPlan(w, groups, None, None)
+    per_group, chans = w.shape[0] // groups, w.shape[1]
+    used, counts = torch.unique_consecutive(torch.div(units, per_group, rounding_mode="floor"), return_counts=True)
+    width = int(counts.max())
+    n_used = used.numel()
+    channels = None if n_used == groups else (used[:, None] * chans + torch.arange(chans, device=w.device)).flatten()
+    if bool((counts == width).all()):  # every used group has the same number: no padding
+        return _ConvPlan(w.index_select(0, units), n_used, channels, None)
+    start = torch.cumsum(counts, 0) - counts
+    rank = torch.arange(units.numel(), device=w.device) - torch.repeat_interleave(start, counts)
+    slots = torch.repeat_interleave(torch.arange(n_used, device=w.device), counts) * width + rank
+    compact = w.new_zeros((n_used * width, *w.shape[1:])).index_copy_(0, slots, w.index_select(0, units))
+    return _ConvPlan(compact, n_used, channels, slots)
+
+
+def _pad_explicitly(x: torch.Tensor, geometry: ConvGeometry, always: bool = False):
+    """``(x, padding)`` for F.conv2d: asymmetric padding (``"same"`` with an odd total) as an
+    explicit pad, as the reference does; ``always`` pads every side explicitly."""
+    if not always and geometry.pad_begin == geometry.pad_end:
+        return x, geometry.pad_begin
+    (top, left), (bottom, right) = geometry.pad_begin, geometry.pad_end
+    if (top, left, bottom, right) == (0, 0, 0, 0):
+        return x, (0, 0)
+    return F.pad(x, (left, right, top, bottom)), (0, 0)
+
+
+def _plan_conv(x_in: torch.Tensor, plan: _ConvPlan, geometry: ConvGeometry, bias=None) -> torch.Tensor:
+    xp, padding = _pad_explicitly(x_in, geometry)
+    y = _conv2d(xp, plan.weight, bias, geometry.stride, padding, geometry.dilation, plan.groups)
+    return y if plan.slots is None else y.index_select(1, plan.slots)
+
+
+def _gather_channels(x: torch.Tensor, channels: torch.Tensor | None) -> torch.Tensor:
+    return x if channels is None else x.index_select(1, channels)
+
+
+class _ConvState(NamedTuple):
+    """What :func:`conv2d_forward` hands to :func:`conv2d_backward`."""
+
+    units: torch.Tensor | None  # active filters (None: all)
+    channels: torch.Tensor | None  # kept input channels (None: all)
+    x_in: torch.Tensor | None  # the input with only those channels (None: the input itself)
+    plan: _ConvPlan | None  # the active filters' compact convolution (None: the dense one, or none)
+    x_plan: torch.Tensor | None  # the plan's input when it is neither x_in nor the input
+
+
+def conv2d_forward(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    mask: torch.Tensor,
+    geometry: ConvGeometry,
+    skip_zero_inputs: bool = False,
+) -> tuple[torch.Tensor, _ConvState]:
+    """``x [B, C, H, W]``, ``weight [F, C / groups, kh, kw]``, ``mask [F]`` ->
+    ``(y [B, F, Ho, Wo] in x's dtype, state for conv2d_backward)``."""
+    compute = _compute_dtype(x.dtype)
+    xc, w, b = _cast(x, compute), _cast(weight, compute), _cast(bias, compute)
+    units = active_units(mask)
+    channels = _nonzero_along(xc, 1) if skip_zero_inputs and geometry.groups == 1 else None
+    if channels is not None and not channels.numel():  # every input channel is 0: so is every product
+        units = mask.new_zeros(0, dtype=torch.long)
+    if units is None and channels is None:
+        y = _plan_conv(xc, _ConvPlan(w, geometry.groups, None, None), geometry, b)
+        return _cast(y, x.dtype), _ConvState(None, None, None, None, None)
+    fmt = _conv_format(x, weight)
+    x_in = _gather_channels(xc, channels)
+    if units is not None and not units.numel():
+        out_h, out_w = geometry.output_size(x.shape[2], x.shape[3])
+        y_active = xc.new_empty((x.shape[0], 0, out_h, out_w))
+        y = _scatter_units(y_active, units, b, (x.shape[0], w.shape[0], out_h, out_w), 1, fmt)
+        return _cast(y, x.dtype), _ConvState(units, channels, x_in, None, None)
+    plan = _conv_plan(w, units, channels, geometry.groups)
+    x_plan = x_in if plan.channels is channels else _gather_channels(xc, plan.channels)
+    state = _ConvState(units, channels, None if channels is None else x_in, plan,
+                       None if x_plan is x_in else x_plan)
+    if units is None:
+        return _cast(_as_format(_plan_conv(x_plan, plan, geometry, b), fmt), x.dtype), state
+    y_active = _plan_conv(x_plan, plan, geometry)
+    out_h, out_w = y_active.shape[2:]
+    return _cast(_scatter_units(y_active, units, b, (x.shape[0], w.shape[0], out_h, out_w), 1, fmt), x.dtype), state
+
+
+def conv2d_backward(
+    grad_out: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    mask: torch.Tensor,
+    geometry: ConvGeometry,
+    state: _ConvState,
+    *,
+    has_bias: bool,
+    need_dx: bool = True,
+    mode: str = "exact",
+    sample_fraction: float = 0.125,
+) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """``(dx | None, dW, dtau, db | None)`` in the compute dtype, equal to
+    :func:`spafl.reference.threshold_conv2d_backward` (``dx`` is 0 at dropped input channels)."""
+    units, channels = state.units, state.channels
+    compute = _compute_dtype(x.dtype)
+    dy, xc, w = _cast(grad_out, compute), _cast(x, compute), _cast(weight, compute)
+    n_out, fan_in = w.shape[0], w[0].numel()
+    fmt = _conv_format(x, weight)
+    db = dy.sum(dim=(0, 2, 3)) if has_bias else None
+    if units is None and channels is None:  # density 1, nothing dropped: the dense backward
+        dx, g = _plan_conv_backward(dy, xc, _ConvPlan(w, geometry.groups, None, None), geometry, need_dx, x.shape)
+        dw, r = _straight_through_(g, w, fan_in)
+        return None if dx is None else _as_format(dx, fmt), dw, r.neg_(), db
+    x_in = xc if state.x_in is None else state.x_in
+    plan = state.plan
+    dw = torch.empty(w.shape, dtype=compute, device=w.device)  # first: see linear_backward
+    if plan is None:  # nothing active (or every input channel 0)
+        dx = torch.empty(xc.shape, dtype=compute, device=xc.device, memory_format=fmt).zero_() if need_dx else None
+        dw, dtau = dw.zero_(), w.new_zeros(n_out)
+    else:
+        x_plan = x_in if state.x_plan is None else state.x_plan
+        dy_a = dy if units is None else _gather_grad(dy, units, plan, x_plan, need_dx)
+        if plan.slots is not None:
+            dy_a = _zeros_except(dy_a, plan.slots, (dy.shape[0], plan.weight.shape[0], *dy.shape[2:]), 1)
+        dx_in, g = _plan_conv_backward(dy_a, x_plan, plan, geometry, need_dx, x_plan.shape)
+        w_in = plan.weight
+        if plan.slots is not None:
+            g, w_in = g.index_select(0, plan.slots), w_in.index_select(0, plan.slots)
+        dx = None
+        if need_dx and plan.channels is None:
+            dx = _as_format(dx_in, fmt)
+        elif need_dx:
+            dx = _zeros_except(dx_in, plan.channels, xc.shape, 1, fmt)
+        r_a = _row_dot(g, w_in)  # exact with dropped channels: G is 0 there
+        w_a = w_in if channels is None else _take(w, units, None)  # whole filters for the sign term
+        dw_a = _sign_term(w_a, r_a, fan_in)
+        if channels is None:
+            dw_a.add_(g)
+        else:
+            dw_a.index_add_(1, channels, g)
+        if units is None:
+            return dx, dw_a, r_a.neg_(), db
+        dw.zero_().index_copy_(0, units, dw_a)
+        dtau = _zeros_except(r_a.neg_(), units, (n_out,), 0)
+    if channels is not None and not channels.numel():  # every input 0: every r is 0
+        return dx, dw, dtau, db
+    pruned, r_p = _pruned_r_conv(dy, xc, x_in, w, mask, channels, geometry, mode, sample_fraction)
+    if pruned is not None:
+        dtau.index_copy_(0, pruned, -r_p)
+        dw.index_copy_(0, pruned, _sign_term(w.index_select(0, pruned), r_p, fan_in))
+    return dx, dw, dtau, db
+
+
+def _gather_grad(dy: torch.Tensor, units: torch.Tensor, plan: _ConvPlan, x_plan: torch.Tensor, need_dx: bool):
+    """``dy[:, units]``; laid out channel-major (a ``[B, A, Ho, Wo]`` view of an
+    ``[A, B, Ho, Wo]`` tensor) when the weight gradient will take the single-input-channel route
+    of :func:`_conv2d_backward`, which reads ``dy`` transposed: one copy instead of two."""
+    if need_dx or not _single_channel_route(x_plan.shape[1], plan.weight.shape[2:], dy.shape[2:], plan.groups):
+        return dy.index_select(1, units)
+    return dy.transpose(0, 1).index_select(0, units).transpose(0, 1)
+
+
+def _plan_conv_backward(dy, x_in, plan: _ConvPlan, geometry: ConvGeometry, need_dx: bool, x_shape):
+    """``(dx of x_in | None, dL/d plan.weight)`` of :func:`_plan_conv` for its output gradient ``dy``
+    (in the compact convolution's channel order)."""
+    xp, padding = _pad_explicitly(x_in, geometry)
+    dx, g = _conv2d_backward(dy, xp, plan.weight, geometry.stride, padding, geometry.dilation, plan.groups, need_dx)
+    if need_dx and xp is not x_in:
+        top, left = geometry.pad_begin
+        dx = dx[..., top : top + x_shape[2], left : left + x_shape[3]]
+    return dx, g
+
+
+def _pruned_r_conv(dy, xc, x_in, w, mask, channels, geometry: ConvGeometry, mode: str, sample_fraction: float):
+    """``(pruned filters with a nonzero r, their r)`` for the backward ``mode``, or ``(None, None)``.
+    ``x_in`` is ``xc`` with the dropped ``channels`` left out."""
+    if mode == "skip":
+        return None, None
+    if mode == "exact":
+        pruned, dy_p = _live_pruned(dy, mask)
+        if pruned is None:
+            return None, None
+        plan = _conv_plan(w, pruned, channels, geometry.groups)
+        x_plan = x_in if plan.channels is channels else _gather_channels(xc, plan.channels)
+        z = _plan_conv(x_plan, plan, geometry)  # the pruned filters' outputs
+        return pruned, (dy_p * z).sum(dim=(0, 2, 3))
+    # sample: the reference's output pixels b * Ho * Wo + oh * Wo + ow = 0, step, 2 * step, ...
+    batch, _, out_h, out_w = dy.shape
+    pixels = batch * out_h * out_w
+    count, step = sample_rows(pixels, sample_fraction)
+    pix = torch.arange(count, device=dy.device) * step
+    b_i, rest = torch.div(pix, out_h * out_w, rounding_mode="floor"), pix % (out_h * out_w)
+    o_h, o_w = torch.div(rest, out_w, rounding_mode="floor"), rest % out_w
+    pruned, dy_p = _live_pruned(dy[b_i, :, o_h, o_w], mask)  # dy of the sampled pixels: [S, F]
+    if pruned is None:
+        return None, None
+    plan = _conv_plan(w, pruned, channels, geometry.groups)
+    x_plan = x_in if plan.channels is channels else _gather_channels(xc, plan.channels)
+    # The receptive field of each sampled pixel as a [S, C', kh_span, kw_span] batch: one
+    # convolution without stride or padding then gives each pixel's pre-activation.
+    xp, _ = _pad_explicitly(x_plan, geometry, always=True)
+    (kh, kw), (dil_h, dil_w) = geometry.kernel, geometry.dilation
+    span_h, span_w = dil_h * (kh - 1) + 1, dil_w * (kw - 1) + 1
+    windows = xp.unfold(2, span_h, geometry.stride[0]).unfold(3, span_w, geometry.stride[1])[b_i, :, o_h, o_w]
+    z = _conv2d(windows, plan.weight, None, (1, 1), (0, 0), geometry.dilation, plan.groups).flatten(1)
+    if plan.slots is not None:
+        z = z.index_select(1, plan.slots)
+    return pruned, (dy_p * z).sum(dim=0).mul_(pixels / count)
