@@ -296,7 +296,8 @@ def build_config(preset_name: str | None = None, file_values: dict[str, Any] | N
 
 
 # Fields that may differ between a checkpoint and the run that resumes it.
-RESUMABLE_CHANGES = frozenset({"rounds", "checkpoint_every", "data_root", "download", "device", "eval_batch_size"})
+RESUMABLE_CHANGES = frozenset({"rounds", "checkpoint_every", "data_root", "download", "device", "eval_batch_size",
+                               "max_failed_rounds"})
 
 
 def config_mismatch(saved: dict[str, Any], current: FedConfig) -> list[str]:

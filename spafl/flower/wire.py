@@ -35,7 +35,8 @@ APP_OPTIONS = {
     "out-dir": "runs/flower",  # the server's history and checkpoint ("" for none)
     "server-eval": True,  # global methods: evaluate the global model on the whole test set at the server
     "round-timeout": 0.0,  # seconds to wait for a round's replies (0: no limit)
-    "node-wait": 300.0,  # seconds to wait for every partition's SuperNode to connect
+    "node-wait": 300.0,  # seconds to wait at the start for every partition's SuperNode to connect
+    "rejoin-wait": 30.0,  # seconds a later round waits for a sampled partition's lost SuperNode
 }
 # Settings a SuperNode may set for itself (``--node-config``): where its data and state live.
 NODE_OPTIONS = ("data-root", "device", "state-dir")
@@ -59,9 +60,10 @@ def config_from_run_config(run_config: Mapping[str, Any],
             options[name] = values.pop(name)
     for name in NODE_OPTIONS:
         if node_config and name in node_config and node_config[name] != "":
-            values[name] = node_config[name]
-            if name in options:
+            if name in options:  # an app option (state-dir), not a FedConfig field
                 options[name] = node_config[name]
+            else:
+                values[name] = node_config[name]
     overrides, unknown = {}, []
     for name, value in values.items():
         key = _key(name)
@@ -73,7 +75,7 @@ def config_from_run_config(run_config: Mapping[str, Any],
         valid = sorted([*APP_OPTIONS, *(f.replace("_", "-") for f in _FIELDS)])
         raise ValueError(f"unknown run-config key(s) {sorted(unknown)}; valid keys: {valid}")
     preset = options["preset"] or "digits-cnn"
-    for name in ("round-timeout", "node-wait"):
+    for name in ("round-timeout", "node-wait", "rejoin-wait"):
         value = options[name]
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
             raise ValueError(f"{name} must be a non-negative number of seconds, got {value!r}")
