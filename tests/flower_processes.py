@@ -53,20 +53,21 @@ class Processes:
         self.procs: dict[str, subprocess.Popen] = {}
         logs.mkdir(parents=True, exist_ok=True)
 
-    def start(self, name: str, command: str | list[str]) -> subprocess.Popen:
+    def start(self, name: str, command: str | list[str], cwd: Path | None = None) -> subprocess.Popen:
         args = shlex.split(command) if isinstance(command, str) else command
         log = open(self.logs / f"{name}.log", "ab")  # noqa: SIM115 - closed with the process
-        proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=self.env, cwd=self.cwd,
+        proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=self.env, cwd=cwd or self.cwd,
                                 start_new_session=True)
         proc._log = log  # type: ignore[attr-defined]
         self.procs[name] = proc
         return proc
 
-    def run(self, command: str | list[str], timeout: float = 120) -> subprocess.CompletedProcess:
+    def run(self, command: str | list[str], timeout: float = 120,
+            cwd: Path | None = None) -> subprocess.CompletedProcess:
         """Run a command to its end (its own session too; killed with its children on timeout)."""
         args = shlex.split(command) if isinstance(command, str) else command
-        proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=self.env, cwd=self.cwd,
-                                text=True, start_new_session=True)
+        proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=self.env,
+                                cwd=cwd or self.cwd, text=True, start_new_session=True)
         try:
             out, _ = proc.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:

@@ -1,9 +1,9 @@
 """Flower deployments as separate processes on 127.0.0.1: the README's deployment commands as
-written (addresses replaced by loopback, placeholders by values), with a node that cannot serve
-the run and one that claims a partition already served; and the secure deployment: TLS and
-SuperNode authentication, the refusals of an unregistered SuperNode, of a SuperNode and a
-``flwr`` client without TLS or without the CA, and a SuperLink restart that the SuperNodes
-survive. These start several processes each and take minutes on a small machine."""
+written (TLS and SuperNode authentication; addresses replaced by loopback, placeholders by
+values), with a node that cannot serve the run and one that claims a partition already served;
+the refusals of an unregistered SuperNode, of a SuperNode and a ``flwr`` client without TLS or
+without the CA; and a SuperLink restart that the SuperNodes survive. The certificates and keys
+are made here. Each test starts several processes and takes minutes on a small machine."""
 
 from __future__ import annotations
 
@@ -66,39 +66,52 @@ def _rows(out: Path) -> list[dict]:
 
 
 def test_readme_deployment_runs_as_written(tmp_path):
-    """The README's lines (the node-config's state-dir used to make every SuperNode fail),
-    plus a SuperNode that cannot serve the run and one claiming a served partition: both are
-    excluded with a warning and the run goes on with the others."""
+    """The README's lines: TLS, SuperNode keys registered, one SuperNode per partition (the
+    node-config's state-dir used to make every SuperNode fail); plus two registered SuperNodes
+    that must not serve, one for a partition the run does not have and one for a partition
+    already served: both are excluded with a warning and the run goes on with the others."""
     commands, connection = readme_deployment()
-    superlink, supernode, flwr_run = commands
-    assert superlink.startswith("flower-superlink") and supernode.startswith("flower-supernode")
-    assert flwr_run.startswith("flwr run . mine") and "state-dir='/var/spafl'" in supernode
+    superlink, keygen, register, supernode, flwr_run = commands
+    assert superlink.startswith("flower-superlink") and "--insecure" not in " ".join(commands)
+    assert keygen.startswith("ssh-keygen") and register.startswith("flwr supernode register")
+    assert supernode.startswith("flower-supernode") and "state-dir='/var/spafl'" in supernode
+    assert flwr_run.startswith("flwr run . mine")
+    site = tmp_path / "site"  # where the commands run: the certificates and keys live here
+    make_pki(site)
     port, var, data, out = free_port(), tmp_path / "var", tiny_fashion_mnist(tmp_path / "data"), tmp_path / "runs"
     var.mkdir()
 
-    def local(command: str) -> str:  # addresses to loopback, placeholders to this machine's values
+    def local(command: str, node: str = "p", partition: str = "p") -> str:
+        """Addresses to loopback, placeholders to this machine's values."""
         for old, new in (("SERVER", "127.0.0.1"), ("0.0.0.0", "127.0.0.1"), ("9091", str(port)),
-                         ("/var/spafl", str(var)), ("'/data'", f"'{data}'"), ("/abs/runs/fl", str(out)),
-                         ("num-partitions=N", "num-partitions=2"), ("num-clients=N", "num-clients=2"),
-                         ("clients-per-round=K", "clients-per-round=2")):
+                         ("/abs/path/to/ca.crt", str(site / "ca.crt")), ("/var/spafl", str(var)),
+                         ("'/data'", f"'{data}'"), ("/abs/runs/fl", str(out)), ("node-p", f"node-{node}"),
+                         ("partition-id=p", f"partition-id={partition}"), ("num-partitions=N", "num-partitions=2"),
+                         ("num-clients=N", "num-clients=2"), ("clients-per-round=K", "clients-per-round=2")):
             command = command.replace(old, new)
         return command
 
     env = _env(tmp_path)
     (Path(env["FLWR_HOME"]) / "config.toml").write_text(local(connection))
-    procs = Processes(env, tmp_path / "logs", ROOT)
+    procs = Processes(env, tmp_path / "logs", site)
     try:
         procs.start("superlink", local(superlink))
         wait_until(lambda: procs.run("flwr ls mine", 60).returncode == 0, 120, 2, "the SuperLink")
         # partitions 0 and 1 as the README says; then partition 5 of 2 (cannot serve) and a
         # second node for partition 0. Several SuperNodes on one machine need their own
         # runtime ports (--port), which separate machines do not.
-        for name, p in (("node-0", "0"), ("node-1", "1"), ("broken", "5"), ("duplicate", "0")):
-            procs.start(name, local(supernode).replace("partition-id=p", f"partition-id={p}") +
-                        f" --port {free_port()}")
+        for node, partition in (("0", "0"), ("1", "1"), ("broken", "5"), ("duplicate", "0")):
+            if shutil.which("ssh-keygen"):
+                made = procs.run(local(keygen, node), 60)
+                assert made.returncode == 0, made.stdout
+            else:  # the same key files, made without OpenSSH
+                node_keys(site, f"node-{node}.key")
+            registered = procs.run(local(register, node), 60)
+            assert registered.returncode == 0 and "registered successfully" in registered.stdout, registered.stdout
+            procs.start(f"node-{node}", local(supernode, node, partition) + f" --port {free_port()}")
         wait_until(lambda: procs.run("flwr supernode ls mine", 60).stdout.count("online") >= 4, 180, 2,
                    "four SuperNodes online")
-        procs.start("run", local(flwr_run))
+        procs.start("run", local(flwr_run), cwd=ROOT)
         wait_until(lambda: history_rows(out) >= 2, 900, 2, "two rounds")
         run_id = re.search(r"Successfully started run (\d+)", procs.log("run")).group(1)
         stopped = procs.run(f"flwr stop {run_id} mine", 120)  # the preset runs 500 rounds

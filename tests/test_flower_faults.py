@@ -197,3 +197,26 @@ def test_node_config_state_dir_is_an_app_option():
     assert options["rejoin-wait"] == 5
     with pytest.raises(ValueError, match="rejoin-wait"):
         config_from_run_config({"rejoin-wait": -1})
+
+
+class _Payload:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_a_crafted_server_checkpoint_runs_no_code(setup, tmp_path, caplog):
+    config, data, app = setup
+    out = tmp_path / "out"
+    strategy = _run(config.replace(rounds=1), data, FakeGrid(_nodes(app, range(4))), caplog, out_dir=out)
+    resumed = MethodStrategy(config, dataset=data, out_dir=out)  # an honest checkpoint loads
+    assert resumed.round == 1 and resumed.history == strategy.history
+    marker = tmp_path / "pwned"
+    torch.save({"version": 1, "engine": "flower", "payload": _Payload(marker)}, out / "checkpoint.pt")
+    with pytest.raises(ValueError, match="not a readable checkpoint of spafl's Flower server.*Unpickl"):
+        MethodStrategy(config, dataset=data, out_dir=out)
+    assert not marker.exists()

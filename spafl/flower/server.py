@@ -501,7 +501,8 @@ class MethodStrategy(Strategy):
     def state_dict(self) -> dict:
         return {"version": CHECKPOINT_VERSION, "engine": "flower", "config": self.config.to_dict(),
                 "server": self.server.state_dict(), "eval_cache": self.eval_cache, "global_eval": self.global_eval,
-                "client_flops": self.client_flops.copy(), "history": self.history, "totals": dict(self.totals)}
+                "client_flops": torch.from_numpy(self.client_flops.copy()), "history": self.history,
+                "totals": dict(self.totals)}
 
     def save_checkpoint(self, path: str | Path | None = None) -> Path:
         path = Path(path) if path is not None else self.out_dir / "checkpoint.pt"
@@ -511,8 +512,13 @@ class MethodStrategy(Strategy):
         return path
 
     def load_checkpoint(self, path: str | Path) -> None:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-        if ckpt.get("version") != CHECKPOINT_VERSION or ckpt.get("engine") != "flower":
+        # weights_only: tensors and plain containers only; a crafted file cannot run code here
+        try:
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # pickle.UnpicklingError for a forbidden global, RuntimeError for a bad archive
+            raise ValueError(f"{path} is not a readable checkpoint of spafl's Flower server "
+                             f"({type(e).__name__}: {str(e).splitlines()[0][:300]})") from e
+        if not isinstance(ckpt, dict) or ckpt.get("version") != CHECKPOINT_VERSION or ckpt.get("engine") != "flower":
             raise ValueError(f"{path} is not a checkpoint of spafl's Flower server (version {CHECKPOINT_VERSION})")
         problems = config_mismatch(ckpt["config"], self.config)
         if problems:
@@ -520,7 +526,7 @@ class MethodStrategy(Strategy):
         self.server = type(self.server).from_state_dict(ckpt["server"])
         self.eval_cache = ckpt["eval_cache"]
         self.global_eval = ckpt["global_eval"]
-        self.client_flops = np.asarray(ckpt["client_flops"], dtype=np.float64).copy()
+        self.client_flops = torch.as_tensor(ckpt["client_flops"], dtype=torch.float64).numpy().copy()
         self.history = ckpt["history"]
         self.totals = dict(ckpt["totals"])
         log.info("continuing the run in %s from round %d", path.parent if hasattr(path, "parent") else path,
