@@ -85,7 +85,7 @@ def test_readme_deployment_runs_as_written(tmp_path):
         """Addresses to loopback, placeholders to this machine's values."""
         for old, new in (("SERVER", "127.0.0.1"), ("0.0.0.0", "127.0.0.1"), ("9091", str(port)),
                          ("/abs/path/to/ca.crt", str(site / "ca.crt")), ("/var/spafl", str(var)),
-                         ("'/data'", f"'{data}'"), ("/abs/runs/fl", str(out)), ("node-p", f"node-{node}"),
+                         ("'/data'", f"'{data}'"), ("/abs/runs/fl", str(out)), ("node-p.key", f"node-{node}.key"),
                          ("partition-id=p", f"partition-id={partition}"), ("num-partitions=N", "num-partitions=2"),
                          ("num-clients=N", "num-clients=2"), ("clients-per-round=K", "clients-per-round=2")):
             command = command.replace(old, new)
