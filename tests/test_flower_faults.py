@@ -7,6 +7,7 @@ to a real spafl ClientApp (what a SuperNode does), so these tests need no proces
 import logging
 import time
 
+import numpy as np
 import pytest
 import torch
 from test_federated import small_config, synthetic
@@ -220,3 +221,36 @@ def test_a_crafted_server_checkpoint_runs_no_code(setup, tmp_path, caplog):
     with pytest.raises(ValueError, match="not a readable checkpoint of spafl's Flower server.*Unpickl"):
         MethodStrategy(config, dataset=data, out_dir=out)
     assert not marker.exists()
+
+
+def test_malformed_uplinks_are_rejected_and_the_run_goes_on(setup, caplog):
+    """An uplink that is not spafl's payload, or whose header declares a 4 TiB tensor in 60
+    bytes, used to crash the strategy (in the wire log, or allocating it)."""
+    import json
+
+    from flwr.app import Array, ArrayRecord
+
+    from spafl.flower.wire import ARRAYS, pack
+
+    config, data, app = setup
+    first = protocol.sample_clients(config.seed, 0, 4, 2)
+    head = json.dumps({"fc3": ["f32", [1 << 40], "index", 0, "u64"]}).encode()
+    bomb = pack(len(head).to_bytes(4, "little") + head)
+    garbage = ArrayRecord({"x": Array(np.zeros(3, dtype=np.float32))})
+
+    class Hostile(FakeGrid):
+        def send_and_receive(self, messages, *, timeout=None):
+            replies = super().send_and_receive(messages, timeout=timeout)
+            for r in replies:
+                if r.metadata.message_type == "train" and not r.has_error():
+                    p = r.content.metric_records[METRICS]["partition-id"]
+                    if p in first:
+                        r.content[ARRAYS] = bomb if p == first[0] else garbage
+            return replies
+
+    strategy = _run(config.replace(rounds=2), data, Hostile(_nodes(app, range(4))), caplog)
+    row = strategy.history[0]
+    assert row["participants"] == 0 and row["rejected"] == 2
+    assert any("more than the 268435456 allowed" in e for e in row["errors"])
+    assert any("unreadable uplink" in e for e in row["errors"])
+    assert len(strategy.history) == 2

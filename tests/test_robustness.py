@@ -440,3 +440,25 @@ def test_malformed_headers_are_refused_by_decode():
                           ({"w": ["f32", [4], "index"]}, "unknown layout")]:
         with pytest.raises(ValueError, match=match):
             protocol.decode(payload(header, b"\0" * 64))
+
+
+def test_a_tiny_payload_cannot_make_the_server_allocate_a_huge_tensor():
+    """A sparse entry declares its size: 60 bytes used to ask for a 4 TiB allocation
+    (MemoryError, outside the round loop's error handling)."""
+    def payload(header: dict) -> bytes:
+        head = json.dumps(header).encode()
+        return len(head).to_bytes(4, "little") + head
+
+    huge = payload({"w": ["f32", [1 << 40], "index", 0, "u64"]})
+    with pytest.raises(ValueError, match=r"declares 1099511627776 values, more than the 268435456 allowed"):
+        protocol.decode(huge)
+    with pytest.raises(ValueError, match=r"w: payload declares f32 \[1099511627776\], expected f32 \[4\]"):
+        protocol.decode(huge, expected={"w": torch.zeros(4)})
+    with pytest.raises(ValueError, match="names differ"):
+        protocol.decode(huge, expected={"v": torch.zeros(4)})
+    with pytest.raises(ValueError, match="more than the 10 allowed"):
+        protocol.decode(protocol.encode({"w": torch.zeros(11)}), max_numel=10)
+    small = protocol.encode({"w": torch.tensor([0.0, 2.0, 0.0, 0.0])}, sparse=True)
+    assert torch.equal(protocol.decode(small, expected={"w": torch.zeros(4)})["w"], torch.tensor([0.0, 2, 0, 0]))
+    with pytest.raises(ValueError, match=r"payload declares f32 \[4\], expected f32 \[2, 2\]"):
+        protocol.decode(small, expected={"w": torch.zeros(2, 2)})

@@ -466,9 +466,41 @@ def payload_header(payload: bytes) -> tuple[dict, int]:
     return header, 4 + n
 
 
-def decode(payload: bytes) -> Tensors:
-    """Inverse of :func:`encode`; raises ``ValueError`` on a truncated or malformed payload."""
+# The most values :func:`decode` builds from one payload unless told otherwise: a sparse layout
+# can declare a huge tensor in a few bytes, and decoding it allocates the whole tensor. 2**28
+# float32 values are 1 GiB, far above every model here (ResNet-18: 2.8 million weights).
+DECODE_MAX_NUMEL = 1 << 28
+
+
+def decode(payload: bytes, expected: Mapping[str, torch.Tensor] | None = None,
+           max_numel: int = DECODE_MAX_NUMEL) -> Tensors:
+    """Inverse of :func:`encode`; raises ``ValueError`` on a truncated or malformed payload.
+
+    The header is checked before anything is allocated: with ``expected``, it must declare
+    exactly those names, dtypes and shapes; without it, at most ``max_numel`` values in all
+    (a sparse entry declares its size, and decoding allocates it)."""
     header, offset = payload_header(payload)
+    total = 0
+    for name, entry in header.items():
+        if not isinstance(entry, list) or len(entry) < 2:
+            raise ValueError(f"{name}: malformed header entry {entry!r}")
+        dtype, shape = entry[0], entry[1]
+        if not isinstance(dtype, str) or dtype not in _NP:
+            raise ValueError(f"{name}: unknown dtype {dtype!r}")
+        if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+            raise ValueError(f"{name}: shape must be a list of non-negative integers, got {shape!r}")
+        total += math.prod(shape)
+    if expected is not None:
+        missing, extra = sorted(set(expected) - set(header)), sorted(set(header) - set(expected))
+        if missing or extra:
+            raise ValueError(f"payload names differ: missing {missing[:10]}, unexpected {extra[:10]}")
+        for name, ref in expected.items():
+            dtype, shape = header[name][0], header[name][1]
+            if _DTYPES.get(ref.dtype) != dtype or list(ref.shape) != shape:
+                raise ValueError(f"{name}: payload declares {dtype} {shape}, expected {_DTYPES.get(ref.dtype)} "
+                                 f"{list(ref.shape)}")
+    elif total > max_numel:
+        raise ValueError(f"payload declares {total} values, more than the {max_numel} allowed")
 
     def take(name: str, np_dtype, count: int) -> np.ndarray:
         nonlocal offset
@@ -481,13 +513,7 @@ def decode(payload: bytes) -> Tensors:
 
     out = {}
     for name, entry in header.items():
-        if not isinstance(entry, list) or len(entry) < 2:
-            raise ValueError(f"{name}: malformed header entry {entry!r}")
         dtype, shape, *layout = entry
-        if not isinstance(dtype, str) or dtype not in _NP:
-            raise ValueError(f"{name}: unknown dtype {dtype!r}")
-        if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
-            raise ValueError(f"{name}: shape must be a list of non-negative integers, got {shape!r}")
         count = math.prod(shape)
         if not layout:
             flat = take(name, _NP[dtype], count)

@@ -65,7 +65,6 @@ from .wire import (
     metrics_evaluation,
     metrics_report,
     pack,
-    payload_size,
     unpack,
 )
 
@@ -162,13 +161,18 @@ class MethodStrategy(Strategy):
     def _log(self, kind: str, direction: str, partition: int | None, msg: Message, round_index: int) -> None:
         content = msg.content if not msg.has_error() else RecordDict()
         records = {name: sorted(rec.keys()) for name, rec in content.items()}
-        tensors = {}
+        tensors, payload = {}, 0
         if ARRAYS in content.array_records:  # names and sizes from the header (the tally decodes uplinks)
-            header, _ = payload_header(unpack(content.array_records[ARRAYS]))
-            tensors = {k: math.prod(v[1]) for k, v in header.items()}
+            try:
+                raw = unpack(content.array_records[ARRAYS])
+                payload = len(raw)
+                header, _ = payload_header(raw)
+                tensors = {k: math.prod(v[1]) for k, v in header.items()}
+            except (ValueError, TypeError, IndexError, KeyError):  # a malformed uplink: the tally rejects it
+                tensors = {"<malformed>": 0}
         self.wire_log.append({"round": round_index, "kind": kind, "direction": direction, "partition": partition,
-                 "payload_bytes": payload_size(msg) if not msg.has_error() else 0, "message_bytes": message_size(msg),
-                 "records": records, "tensors": tensors})
+                 "payload_bytes": payload, "message_bytes": message_size(msg), "records": records,
+                 "tensors": tensors})
 
     def _exchange(self, grid: Grid, kind: str, messages: list[Message], round_index: int,
                   timeout: float | None) -> list[Message]:
