@@ -254,3 +254,31 @@ def test_malformed_uplinks_are_rejected_and_the_run_goes_on(setup, caplog):
     assert any("more than the 268435456 allowed" in e for e in row["errors"])
     assert any("unreadable uplink" in e for e in row["errors"])
     assert len(strategy.history) == 2
+
+
+def test_reports_that_would_break_the_history_are_refused(setup, caplog):
+    """Numbers the server would write into the history: an infinite FLOP count, an accuracy of
+    1e9, an evaluation without one of the layers (used to raise KeyError in the metrics)."""
+    config, data, app = setup
+    first = protocol.sample_clients(config.seed, 0, 4, 2)
+
+    class Liar(FakeGrid):
+        def send_and_receive(self, messages, *, timeout=None):
+            replies = super().send_and_receive(messages, timeout=timeout)
+            for r in replies:
+                if r.metadata.message_type == "train" and not r.has_error():
+                    m = r.content.metric_records[METRICS]
+                    if m["partition-id"] == first[0]:
+                        m["flops"] = float("inf")
+                    else:
+                        m["eval.acc"] = 1e9
+                        del m["eval.layer.fc3"]
+            return replies
+
+    strategy = _run(config.replace(rounds=1), data, Liar(_nodes(app, range(4))), caplog)
+    errors = strategy.history[0]["errors"]
+    assert strategy.history[0]["dropped"] == 2 and strategy.history[0]["participants"] == 0
+    assert any(f"client {first[0]} failed: malformed reply: flops = inf is outside" in e for e in errors)
+    assert any(f"client {first[1]} failed: malformed reply: " in e and "expected ['conv1', 'conv2', 'fc3', 'fc4']"
+               in e for e in errors)
+    assert all(0 <= e["acc"] <= 100 for e in strategy.eval_cache)

@@ -251,7 +251,7 @@ class MethodStrategy(Strategy):
             digest = reply.content.config_records[CONFIG]["digest"]
             metrics = reply.content.metric_records[METRICS]
             p = metrics["partition-id"]
-            evaluation = metrics_evaluation(metrics)
+            evaluation = metrics_evaluation(metrics, self.layer_names)
         except (KeyError, TypeError, ValueError) as e:
             self._exclude(node, f"malformed reply to the query ({type(e).__name__}: {e})", None)
             return
@@ -329,7 +329,7 @@ class MethodStrategy(Strategy):
                 if metrics.get("partition-id") != p:
                     raise ValueError(f"it answers for partition {metrics.get('partition-id')!r}")
                 report = metrics_report(metrics, {})
-                evaluation = metrics_evaluation(metrics)
+                evaluation = metrics_evaluation(metrics, self.layer_names)
                 if method.personalised and evaluation is None:
                     raise ValueError("the reply carries no evaluation")
             except (KeyError, TypeError, ValueError) as e:
@@ -385,10 +385,14 @@ class MethodStrategy(Strategy):
             p = node_partition.get(reply.metadata.src_node_id)
             if p is None:
                 continue
-            evaluation = None if reply.has_error() else metrics_evaluation(reply.content.metric_records[METRICS])
+            try:
+                evaluation = None if reply.has_error() else metrics_evaluation(
+                    reply.content.metric_records[METRICS], self.layer_names)
+                reason = reply.error.reason if reply.has_error() else "no evaluation"
+            except (KeyError, TypeError, ValueError) as e:
+                evaluation, reason = None, f"malformed evaluation: {e}"
             if evaluation is None:
-                tally.errors.append(f"client {p} evaluation failed: "
-                                    f"{reply.error.reason if reply.has_error() else 'no evaluation'}")
+                tally.errors.append(f"client {p} evaluation failed: {reason}")
                 continue
             self.eval_cache[p] = evaluation
         missing = [p for p, e in enumerate(self.eval_cache) if e is None]
