@@ -272,10 +272,11 @@ def test_loopback_deployment(tmp_path):
     """One SuperLink and two SuperNodes as separate processes on 127.0.0.1, and `flwr run`."""
     import subprocess
 
-    from flower_processes import flower_bin
+    from flower_processes import flower_bin, free_port
 
-    # Flower's commands run with this interpreter (they start each other by name)
-    env = {**os.environ, "PATH": f"{flower_bin(tmp_path / 'bin')}{os.pathsep}{os.environ.get('PATH', '')}"}
+    # Flower's commands run with this interpreter (they start each other by name); free ports
+    env = {**os.environ, "PATH": f"{flower_bin(tmp_path / 'bin')}{os.pathsep}{os.environ.get('PATH', '')}",
+           "SUPERLINK_PORT": str(free_port()), "SUPERNODE_PORTS": f"{free_port()} {free_port()}"}
     out = tmp_path / "loopback"
     done = subprocess.run(["bash", str(ROOT / "scripts" / "flower_loopback.sh"), str(out), "2"], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=600)
