@@ -7,11 +7,14 @@
 #   bash scripts/flower_loopback.sh [OUT_DIR] [ROUNDS]
 #
 # Leaves OUT_DIR/history.csv (the run), OUT_DIR/logs/ (every process's log) and exits non-zero
-# if the run did not finish. Ports: 9091 (SuperLink), 9094-9095 (the SuperNodes' runtime APIs).
+# if the run did not finish. Ports: 9091 (SuperLink), 9094 and 9095 (the SuperNodes' runtime
+# APIs), or SUPERLINK_PORT and SUPERNODE_PORTS="P0 P1" from the environment.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=$(realpath -m "${1:-runs/flower-loopback}")
 rounds=${2:-3}
+link_port=${SUPERLINK_PORT:-9091}
+read -r -a node_ports <<<"${SUPERNODE_PORTS:-9094 9095}"
 rm -rf "$out"
 mkdir -p "$out/logs" "$out/flwr-home"
 export FLWR_HOME="$out/flwr-home"
@@ -21,7 +24,7 @@ cat >"$FLWR_HOME/config.toml" <<TOML
 default = "loopback"
 
 [superlink.loopback]
-address = "127.0.0.1:9091"
+address = "127.0.0.1:$link_port"
 insecure = true
 TOML
 
@@ -30,11 +33,11 @@ cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 
 trap cleanup EXIT
 
 # Flower 1.41 serves the SuperLink's Fleet, Control and Runtime APIs on one HTTP port.
-flower-superlink --insecure --disable-runtime-dependency-installation --host 127.0.0.1 --port 9091 \
+flower-superlink --insecure --disable-runtime-dependency-installation --host 127.0.0.1 --port "$link_port" \
     >"$out/logs/superlink.log" 2>&1 &
 pids+=($!)
 for p in 0 1; do
-    flower-supernode --insecure --superlink 127.0.0.1:9091 --host 127.0.0.1 --port "909$((4 + p))" \
+    flower-supernode --insecure --superlink "127.0.0.1:$link_port" --host 127.0.0.1 --port "${node_ports[$p]}" \
         --node-config "partition-id=$p num-partitions=2" >"$out/logs/supernode-$p.log" 2>&1 &
     pids+=($!)
 done

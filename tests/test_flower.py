@@ -270,14 +270,13 @@ def test_flower_app_config_is_valid():
 
 def test_loopback_deployment(tmp_path):
     """One SuperLink and two SuperNodes as separate processes on 127.0.0.1, and `flwr run`."""
-    import shutil
     import subprocess
-    import sys
 
-    bin_dir = Path(sys.executable).parent
-    if not (bin_dir / "flower-superlink").exists() and shutil.which("flower-superlink") is None:
-        pytest.skip("Flower's command-line tools are not on this environment's PATH")
-    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
+    from flower_processes import flower_bin, free_port
+
+    # Flower's commands run with this interpreter (they start each other by name); free ports
+    env = {**os.environ, "PATH": f"{flower_bin(tmp_path / 'bin')}{os.pathsep}{os.environ.get('PATH', '')}",
+           "SUPERLINK_PORT": str(free_port()), "SUPERNODE_PORTS": f"{free_port()} {free_port()}"}
     out = tmp_path / "loopback"
     done = subprocess.run(["bash", str(ROOT / "scripts" / "flower_loopback.sh"), str(out), "2"], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=600)

@@ -18,6 +18,7 @@ DATASETS = ("digits", "fmnist", "cifar10", "cifar100")
 MODELS = ("digits-cnn", "lenet5", "conv4", "vit", "resnet18")
 PENALTY_SCHEDULES = ("sigmoid", "constant")
 NORMALIZATIONS = ("standard", "raw")
+AGGREGATORS = ("mean", "median", "trimmed-mean")
 _DATASET_SHAPES = {"digits": (1, 8, 8), "fmnist": (1, 28, 28), "cifar10": (3, 32, 32), "cifar100": (3, 32, 32)}
 _MODEL_INPUTS = {"digits-cnn": (1, 8, 8), "lenet5": (1, 28, 28), "conv4": (3, 32, 32), "vit": (3, 32, 32),
                  "resnet18": (3, 32, 32)}
@@ -94,6 +95,19 @@ class FedConfig:
     eval_batch_size: int = 1024
     checkpoint_every: int = 10
     mask_layer: str | None = None
+    # server-side defences against hostile or broken clients (protocol.validate_update,
+    # protocol.aggregate_tensors, methods.Method.aggregate): ``aggregator`` "mean" (the method's
+    # own: uniform for SpaFL, sample-weighted for the others), or the coordinate-wise "median"
+    # or "trimmed-mean" (dropping floor(trim_fraction * updates) values at each end), both
+    # unweighted; ``update_bounds`` rejects updates no legitimate client's local SGD can reach,
+    # with every gradient coordinate bounded by ``clip`` when clipping is on, else by
+    # ``grad_bound`` (None: protocol.DEFAULT_GRAD_BOUND); a run stops with an error after
+    # ``max_failed_rounds`` rounds in a row that aggregate nothing (0: never).
+    aggregator: str = "mean"
+    trim_fraction: float = 0.2
+    update_bounds: bool = True
+    grad_bound: float | None = None
+    max_failed_rounds: int = 3
 
     def replace(self, **changes: Any) -> FedConfig:
         return dataclasses.replace(self, **changes)
@@ -156,6 +170,21 @@ class FedConfig:
              f"seed must be a non-negative integer, got {self.seed!r}")
         need(isinstance(self.device, str) and (self.device == "auto" or self.device.split(":")[0] in ("cpu", "cuda")),
              f"device must be auto, cpu or cuda[:i], got {self.device!r}")
+        need(self.aggregator in AGGREGATORS, f"aggregator must be one of {AGGREGATORS}, got {self.aggregator!r}")
+        need(_is_real(self.trim_fraction) and 0 <= self.trim_fraction < 0.5,
+             f"trim_fraction must be in [0, 0.5), got {self.trim_fraction!r}")
+        if (self.aggregator == "trimmed-mean" and _is_real(self.trim_fraction)
+                and isinstance(self.clients_per_round, int)):
+            need(int(self.trim_fraction * self.clients_per_round) >= 1,
+                 f"trimmed-mean with trim_fraction {self.trim_fraction} trims nothing from {self.clients_per_round} "
+                 f"updates (floor({self.trim_fraction} * {self.clients_per_round}) = 0): raise trim_fraction to at "
+                 f"least 1/clients_per_round or use aggregator 'median'")
+        need(isinstance(self.update_bounds, bool), f"update_bounds must be true or false, got {self.update_bounds!r}")
+        need(self.grad_bound is None or (_is_real(self.grad_bound) and self.grad_bound > 0),
+             f"grad_bound must be None or a positive finite number, got {self.grad_bound!r}")
+        need(isinstance(self.max_failed_rounds, int) and not isinstance(self.max_failed_rounds, bool)
+             and self.max_failed_rounds >= 0,
+             f"max_failed_rounds must be a non-negative integer (0: never stop), got {self.max_failed_rounds!r}")
         if errors:
             raise ValueError("invalid configuration:\n  - " + "\n  - ".join(errors))
         return self
@@ -267,7 +296,8 @@ def build_config(preset_name: str | None = None, file_values: dict[str, Any] | N
 
 
 # Fields that may differ between a checkpoint and the run that resumes it.
-RESUMABLE_CHANGES = frozenset({"rounds", "checkpoint_every", "data_root", "download", "device", "eval_batch_size"})
+RESUMABLE_CHANGES = frozenset({"rounds", "checkpoint_every", "data_root", "download", "device", "eval_batch_size",
+                               "max_failed_rounds"})
 
 
 def config_mismatch(saved: dict[str, Any], current: FedConfig) -> list[str]:

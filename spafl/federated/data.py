@@ -15,8 +15,11 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import io
+import math
 import pickle
 import struct
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -57,21 +60,44 @@ _STATS = {
 }
 
 
+# The IDX header: a big-endian u32 magic (0x0000, a type byte, a dimension count) and one
+# big-endian u32 per dimension. Fashion-MNIST's files are unsigned bytes (type 0x08).
+_IDX_UBYTE = 0x08
+
+
 def _read_idx(path: Path, magic: int) -> np.ndarray:
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as f:
-        data = f.read()
-    if len(data) < 8:
-        raise ValueError(f"{path}: too short for an IDX file")
+    """The uint8 array of an IDX file (``.gz`` or plain) whose magic must be ``magic``.
+
+    Every problem raises ``ValueError`` naming the file: a truncated or corrupt gzip stream
+    (gzip checks its CRC and length), a header shorter than its dimension count, another magic,
+    or a body whose size is not the product of the dimensions."""
+    try:
+        if path.suffix == ".gz":
+            with gzip.open(path, "rb") as f:
+                data = f.read()
+        else:
+            data = path.read_bytes()
+    except (OSError, EOFError, zlib.error) as e:  # gzip.BadGzipFile is an OSError
+        raise ValueError(f"{path}: not a readable {'gzip ' if path.suffix == '.gz' else ''}file "
+                         f"({type(e).__name__}: {e}); delete it and fetch it again") from e
+    ndim = magic & 0xFF
+    if len(data) < 4:
+        raise ValueError(f"{path}: {len(data)} bytes, too short for an IDX header (a 4-byte magic)")
     (found,) = struct.unpack(">i", data[:4])
     if found != magic:
-        raise ValueError(f"{path}: IDX magic {found}, expected {magic}")
-    ndim = magic & 0xFF
+        raise ValueError(f"{path}: IDX magic {found}, expected {magic} "
+                         f"(unsigned bytes, {ndim} dimension{'s' if ndim != 1 else ''})")
+    if len(data) < 4 + 4 * ndim:
+        raise ValueError(f"{path}: IDX header truncated: {len(data)} bytes, the header alone needs {4 + 4 * ndim} "
+                         f"(magic and {ndim} dimension sizes)")
     dims = struct.unpack(f">{ndim}i", data[4 : 4 + 4 * ndim])
-    body = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
-    if body.size != int(np.prod(dims)):
-        raise ValueError(f"{path}: header says {dims} ({int(np.prod(dims))} bytes) but holds {body.size}")
-    return body.reshape(dims)
+    if any(d < 0 for d in dims):
+        raise ValueError(f"{path}: IDX header has negative dimension sizes {dims}")
+    expected = math.prod(dims)
+    body = len(data) - 4 - 4 * ndim
+    if body != expected:
+        raise ValueError(f"{path}: header says {dims} ({expected} bytes) but the file holds {body} bytes after it")
+    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims)
 
 
 def _find(folder: Path, stem: str) -> Path:
@@ -98,21 +124,57 @@ def read_fashion_mnist(root: str | Path) -> ImageDataset:
     return _checked("fmnist", parts, 10)
 
 
+class _ArrayUnpickler(pickle.Unpickler):
+    """An unpickler that rebuilds plain containers and numpy arrays and nothing else: a pickle
+    naming any other callable (the way a crafted file runs code) is refused."""
+
+    # What pickle writes for an ndarray under numpy 1 and 2 and every protocol, and the codec
+    # protocol 2 uses for bytes.
+    _ALLOWED = {
+        ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode"),
+        *((f"numpy{core}.multiarray", name) for core in (".core", "._core") for name in ("_reconstruct", "scalar")),
+        *((f"numpy{core}.numeric", "_frombuffer") for core in (".core", "._core")),
+    }
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in self._ALLOWED:
+            raise pickle.UnpicklingError(f"refusing {module}.{name}: a CIFAR batch holds only arrays, lists, "
+                                         "numbers and strings")
+        return super().find_class(module, name)
+
+
 def _unpickle(path: Path) -> dict:
-    with open(path, "rb") as f:
-        return pickle.load(f, encoding="bytes")
+    """A CIFAR batch file (a pickled dict) read without running code from it."""
+    try:
+        with open(path, "rb") as f:
+            data = _ArrayUnpickler(io.BufferedReader(f), encoding="bytes").load()
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError,
+            MemoryError, UnicodeDecodeError, struct.error) as e:
+        raise ValueError(f"{path}: not a readable CIFAR batch ({type(e).__name__}: {e})") from e
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: a CIFAR batch must be a dict, got {type(data).__name__}")
+    return data
 
 
-def _cifar_part(entries: list[dict], label_key: bytes, where: Path) -> tuple[torch.Tensor, torch.Tensor]:
+def _cifar_part(files: list[Path], label_key: bytes) -> tuple[torch.Tensor, torch.Tensor]:
+    """Images ``[n, 3, 32, 32]`` uint8 and labels ``[n]`` int64 of CIFAR batch files."""
     xs, ys = [], []
-    for entry in entries:
+    for path in files:
+        entry = _unpickle(path)
         if b"data" not in entry or label_key not in entry:
-            raise ValueError(f"{where}: a batch lacks {b'data'!r} or {label_key!r}")
-        data = np.asarray(entry[b"data"], dtype=np.uint8)
-        if data.ndim != 2 or data.shape[1] != 3072:
-            raise ValueError(f"{where}: data must be [n, 3072] uint8 rows, got {data.shape}")
+            raise ValueError(f"{path}: a batch lacks {b'data'!r} or {label_key!r}")
+        try:
+            data = np.asarray(entry[b"data"])
+            labels = np.asarray(entry[label_key])
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{path}: data or labels are not arrays ({e})") from e
+        if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
+            raise ValueError(f"{path}: data must be [n, 3072] uint8 rows, got {data.dtype} {data.shape}")
+        if labels.ndim != 1 or len(labels) != len(data) or not np.issubdtype(labels.dtype, np.integer):
+            raise ValueError(f"{path}: {len(data)} images need {len(data)} integer labels, got {labels.dtype} "
+                             f"{labels.shape}")
         xs.append(data.reshape(-1, 3, 32, 32))
-        ys.append(np.asarray(entry[label_key], dtype=np.int64))
+        ys.append(labels.astype(np.int64))
     return torch.from_numpy(np.concatenate(xs)), torch.from_numpy(np.concatenate(ys))
 
 
@@ -122,9 +184,8 @@ def read_cifar10(root: str | Path) -> ImageDataset:
     folder = root if (root / "test_batch").exists() else root / "cifar-10-batches-py"
     if not folder.is_dir():
         raise FileNotFoundError(f"CIFAR-10 not found: expected {root}/cifar-10-batches-py (torchvision's layout)")
-    train = [_unpickle(_find(folder, f"data_batch_{i}")) for i in range(1, 6)]
-    test = [_unpickle(_find(folder, "test_batch"))]
-    parts = {"train": _cifar_part(train, b"labels", folder), "test": _cifar_part(test, b"labels", folder)}
+    train = [_find(folder, f"data_batch_{i}") for i in range(1, 6)]
+    parts = {"train": _cifar_part(train, b"labels"), "test": _cifar_part([_find(folder, "test_batch")], b"labels")}
     return _checked("cifar10", parts, 10)
 
 
@@ -134,7 +195,7 @@ def read_cifar100(root: str | Path) -> ImageDataset:
     folder = root if (root / "test").is_file() and (root / "train").is_file() else root / "cifar-100-python"
     if not folder.is_dir():
         raise FileNotFoundError(f"CIFAR-100 not found: expected {root}/cifar-100-python (torchvision's layout)")
-    parts = {s: _cifar_part([_unpickle(_find(folder, s))], b"fine_labels", folder) for s in ("train", "test")}
+    parts = {s: _cifar_part([_find(folder, s)], b"fine_labels") for s in ("train", "test")}
     return _checked("cifar100", parts, 100)
 
 

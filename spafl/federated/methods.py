@@ -25,6 +25,7 @@ test split, and also on the whole test set.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -64,9 +65,17 @@ def exchanged(state: Mapping[str, torch.Tensor]) -> Tensors:
 
 def weighted_mean(updates: list[Mapping[str, torch.Tensor]], weights: list[float]) -> Tensors:
     """``sum_k n_k x_k / sum_k n_k`` for every tensor name."""
-    w = torch.tensor(weights, dtype=torch.float64)
-    w = (w / w.sum()).float()
-    return {k: sum(wi * u[k].float() for wi, u in zip(w, updates, strict=True)) for k in updates[0]}
+    return protocol.aggregate_tensors(updates, list(updates[0]), "mean", weights=weights)
+
+
+class AggregateWarning(UserWarning):
+    """The server set aside part of a round's input (an update with an impossible sample count)
+    or refused its aggregate (kept the global state); the run goes on."""
+
+
+# Training-set sizes of the named datasets: the most samples any client of a run can hold,
+# so the most a reported sample count may say when the server knows nothing finer.
+TRAIN_SIZES = {"digits": 1438, "fmnist": 60000, "cifar10": 50000, "cifar100": 50000}
 
 
 def _load_exchanged(model: nn.Module, message: Mapping[str, torch.Tensor]) -> None:
@@ -89,6 +98,13 @@ class Method:
 
     def __init__(self, config: FedConfig):
         self.config = config
+        # The most training samples a client can hold (caps reported sample counts and the
+        # local steps the update bounds allow); a server that knows its data sets it.
+        self.sample_bound: int | None = TRAIN_SIZES.get(config.dataset)
+        # Names of the exchanged tensors that SGD trains (the rest are buffers, such as batch
+        # norm's running statistics); set by init_server from the model.
+        self.trained: frozenset[str] | None = None
+        self.refused: str | None = None  # why the last aggregate was refused (None: accepted)
 
     # model
     def prepare_model(self, model: nn.Module) -> nn.Module:
@@ -101,18 +117,98 @@ class Method:
 
     # server
     def init_server(self, model: nn.Module) -> GlobalState:
+        self.trained = frozenset(name for name, _ in model.named_parameters())
         return GlobalState(exchanged(model.state_dict()) if self.communicates else {})
 
     def broadcast(self, server) -> Tensors:
         return dict(server.params)
 
-    def validate_update(self, update: Mapping[str, torch.Tensor], server) -> None:
-        protocol.validate_update(update, server.params)
+    def expected_update(self, server) -> Tensors:
+        """The tensors an uplink must hold (names, shapes, dtypes), at their global values."""
+        return server.params if self.communicates else {}
+
+    def check_payload(self, update: object, server) -> None:
+        """Raise :class:`UpdateRejected` unless ``update`` is this round's uplink in form (a
+        mapping of the expected names to dense tensors of the expected shapes and dtypes);
+        cheap, and safe on any object: the round loop runs it before encoding an update."""
+        protocol.check_payload(update, self.expected_update(server))
+
+    def check_sample_count(self, num_samples: object, known: int | None = None) -> int:
+        """A client's reported sample count, validated (:func:`protocol.check_sample_count`)
+        against ``known`` (what the server knows the client holds) or the method's
+        ``sample_bound``."""
+        return protocol.check_sample_count(num_samples, known if known is not None else self.sample_bound)
+
+    def update_bounds(self, server, num_samples: int | None = None) -> dict[str, protocol.UpdateBounds] | None:
+        """The values a legitimate client's update can hold (None: ``update_bounds`` off): each
+        weight SGD trains within :func:`protocol.sgd_reach` of its global value, under the
+        gradient bound :func:`protocol.gradient_bound`; a buffer (batch norm's running
+        statistics) anything finite, a running variance non-negative. ``num_samples`` (the
+        client's count; default the ``sample_bound``) sets the local steps."""
+        if not self.config.update_bounds:
+            return None
+        n = num_samples if num_samples is not None else self.sample_bound
+        g = protocol.gradient_bound(self.config)
+        zero_ok = self.sparse_wire  # a post-training Top-K may zero any weight
+        lr = protocol.learning_rate(self.config, server.round)
+        out = {}
+        for name, value in self.expected_update(server).items():
+            if name.endswith("running_var"):
+                out[name] = protocol.UpdateBounds(floor=0.0, rule="a variance is not negative")
+            elif (self.trained is None or name in self.trained) and n is not None:
+                steps = protocol.local_steps(self.config, n)
+                rule = (f"{steps} SGD steps at lr {lr:.3g}, momentum {self.config.momentum}, |gradient| <= {g:g}"
+                        f"{' (clip)' if self.config.clip is not None else ''}")
+                out[name] = protocol.UpdateBounds(protocol.sgd_reach(self.config, server.round, n, value, g),
+                                                  zero_ok=zero_ok, rule=rule)
+        return out
+
+    def validate_update(self, update: Mapping[str, torch.Tensor], server, num_samples: int | None = None) -> None:
+        """Raise :class:`UpdateRejected` unless ``update`` is an uplink a legitimate client could
+        have sent this round (:func:`protocol.validate_update` with :meth:`update_bounds`)."""
+        protocol.validate_update(update, self.expected_update(server), self.update_bounds(server, num_samples))
+
+    def _combine(self, server, updates: list[Tensors], weights: list[float]):
+        """The aggregate of validated updates (the method's own mean, or the configured robust
+        aggregator)."""
+        cfg = self.config
+        names = list(self.expected_update(server))
+        robust = cfg.aggregator != "mean"
+        params = protocol.aggregate_tensors(updates, names, cfg.aggregator, cfg.trim_fraction,
+                                            None if robust else weights)
+        return GlobalState(params, server.round + 1)
+
+    def _unchanged(self, server):
+        return GlobalState(dict(server.params), server.round + 1)
 
     def aggregate(self, server, updates: list[Tensors], weights: list[float]):
-        if not updates or not self.communicates:
-            return GlobalState(dict(server.params), server.round + 1)
-        return GlobalState(weighted_mean(updates, weights), server.round + 1)
+        """The next global state from the round's accepted ``updates`` and their clients'
+        sample counts ``weights``. An update whose count is not a positive integer (above the
+        ``sample_bound``) is set aside; the aggregate is checked (:func:`protocol.check_aggregate`)
+        and, if it fails, refused: the global state is kept and :attr:`refused` says why (both
+        with an :class:`AggregateWarning`)."""
+        self.refused = None
+        if not self.communicates:
+            return self._unchanged(server)
+        kept_updates, kept_weights = [], []
+        for i, (update, weight) in enumerate(zip(updates, weights, strict=True)):
+            try:
+                kept_weights.append(self.check_sample_count(weight))
+            except UpdateRejected as e:
+                warnings.warn(f"round {server.round}: update {i} set aside: {e}", AggregateWarning, stacklevel=2)
+                continue
+            kept_updates.append(update)
+        if not kept_updates:
+            return self._unchanged(server)
+        new = self._combine(server, kept_updates, kept_weights)
+        try:
+            protocol.check_aggregate(self.expected_update(server), self.expected_update(new),
+                                     self.update_bounds(server, max(kept_weights)))
+        except UpdateRejected as e:
+            self.refused = str(e)
+            warnings.warn(f"round {server.round}: {e}; the global state is kept", AggregateWarning, stacklevel=2)
+            return self._unchanged(server)
+        return new
 
     def paper_bits(self, message: Tensors, uploads: list[Tensors], clients: int) -> int:
         """Bits of one round by the papers' accounting: the payload of the downlink to each of
@@ -177,16 +273,29 @@ class SpaFL(Method):
         return list(threshold_layers(model))
 
     def init_server(self, model: nn.Module) -> protocol.ServerState:
-        return protocol.init_server(model)
+        state = protocol.init_server(model)
+        self.trained = frozenset(state.thresholds)
+        return state
 
     def broadcast(self, server) -> Tensors:
         return protocol.broadcast(server, self.config.th_update)
 
-    def validate_update(self, update, server) -> None:
-        protocol.validate_update(update, server.thresholds)
+    def expected_update(self, server) -> Tensors:
+        return server.thresholds
 
-    def aggregate(self, server, updates, weights):
-        return protocol.aggregate(server, updates)  # SpaFL's mean is uniform over clients
+    def update_bounds(self, server, num_samples=None):
+        """SpaFL's rule (:func:`protocol.threshold_bounds`)."""
+        n = num_samples if num_samples is not None else self.sample_bound
+        if not self.config.update_bounds or n is None:
+            return None
+        return protocol.threshold_bounds(self.config, server, n)
+
+    def _combine(self, server, updates, weights):
+        # SpaFL's mean is uniform over clients (the sample counts do not enter it)
+        return protocol.aggregate(server, updates, self.config.aggregator, self.config.trim_fraction)
+
+    def _unchanged(self, server):
+        return protocol.keep(server)
 
     def paper_bits(self, message, uploads, clients) -> int:
         """The paper's ``2 * K * T * 32`` (thresholds only: the threshold change that the
@@ -240,8 +349,8 @@ class SparsyFed(Method):
     def weight_names(self, model: nn.Module) -> list[str]:
         return [f"{n}.weight" for n, _ in self.prunable(model)]
 
-    def validate_update(self, update, server) -> None:
-        super().validate_update(update, server)
+    def validate_update(self, update, server, num_samples=None) -> None:
+        super().validate_update(update, server, num_samples)
         nnz = sum(int(torch.count_nonzero(update[k])) for k in self._weights)
         if nnz > self._keep:
             raise UpdateRejected(f"{nnz} non-zero weights, above the Top-K target of {self._keep}")

@@ -3,7 +3,9 @@
 A round, as in :meth:`spafl.federated.Simulator.run_round`:
 
 1. the cohort is ``sample_clients(seed, round, N, K)``: partition ids, each sent to the Flower
-   node that serves it (learnt by a ``query`` to every node, again whenever a node is new);
+   node that serves it (learnt by a ``query`` to every node, again whenever a node is new; a
+   node that cannot serve the run, or claims a partition another connected node serves, is
+   excluded with a warning and the run goes on without it);
 2. every sampled client gets the method's downlink (``Method.broadcast``, encoded as in the
    simulator) and replies with its uplink;
 3. the uplinks are decoded, validated and aggregated by the method (SpaFL: the uniform mean of
@@ -40,8 +42,8 @@ from flwr.serverapp.strategy import Strategy
 from .._env import environment
 from ..federated.config import FedConfig, config_mismatch, dataset_classes
 from ..federated.data import ImageDataset, load_dataset
-from ..federated.methods import make_method
-from ..federated.protocol import encode, evaluate, payload_header, sample_clients
+from ..federated.methods import AggregateWarning, make_method
+from ..federated.protocol import UpdateRejected, encode, evaluate, payload_header, sample_clients
 from ..federated.simulator import (
     CHECKPOINT_VERSION,
     FederatedWarning,
@@ -63,7 +65,6 @@ from .wire import (
     metrics_evaluation,
     metrics_report,
     pack,
-    payload_size,
     unpack,
 )
 
@@ -85,20 +86,27 @@ class MethodStrategy(Strategy):
             (needs the dataset on the server).
         round_timeout: seconds to wait for a round's replies (0: no limit); a client that does
             not reply in time is dropped from the round.
-        node_wait: seconds to wait for the SuperNodes of all ``num_clients`` partitions.
+        node_wait: seconds to wait, at the start, for the SuperNodes of all ``num_clients``
+            partitions (the run then starts with those that came, and warns).
+        rejoin_wait: seconds a later round waits for the node of a sampled partition that has
+            none (a SuperNode that died and is being restarted); 0: drop it at once. A lost node
+            whose partition is not sampled costs no wait at all.
         dataset: the clients' dataset, when it is not the one ``config`` names (its number of
             classes and, with ``server_eval``, its test split are used here).
     """
 
     def __init__(self, config: FedConfig, *, out_dir: str | Path | None = None, server_eval: bool = True,
-                 round_timeout: float = 0.0, node_wait: float = 300.0, command: str | None = None,
-                 dataset: ImageDataset | None = None):
+                 round_timeout: float = 0.0, node_wait: float = 300.0, rejoin_wait: float = 30.0,
+                 command: str | None = None, dataset: ImageDataset | None = None):
         self.config = config.validate()
         self.method = make_method(self.config)
+        if dataset is not None:
+            self.method.sample_bound = len(dataset.train_y)
         self.device = resolve_device(config.device)
         self.out_dir = Path(out_dir) if out_dir else None
         self.round_timeout = round_timeout or None
         self.node_wait = node_wait
+        self.rejoin_wait = rejoin_wait
         self.command = command
         self.digest = config_digest(self.config)
         classes = dataset.num_classes if dataset is not None else dataset_classes(config.dataset)
@@ -121,6 +129,11 @@ class MethodStrategy(Strategy):
                 dataset = load_dataset(config.dataset, config.data_root, config.download)
             self.global_test = whole_test_set(dataset, self.config, self.device)
         self.nodes: dict[int, int] = {}  # partition id -> Flower node id
+        # Flower node id -> (why it does not serve this run, the partition it claimed or None);
+        # a node claiming a partition that another node serves is asked again once that one is gone
+        self.excluded: dict[int, tuple[str, int | None]] = {}
+        self._discovered = False  # the first discovery (which waits node_wait) is done
+        self.failed_rounds = 0  # rounds in a row that aggregated nothing
         self.wire_log: list[dict] = []  # one entry per message sent or received (in memory)
         self._wire_start = 0
         self._round: dict = {}
@@ -148,13 +161,18 @@ class MethodStrategy(Strategy):
     def _log(self, kind: str, direction: str, partition: int | None, msg: Message, round_index: int) -> None:
         content = msg.content if not msg.has_error() else RecordDict()
         records = {name: sorted(rec.keys()) for name, rec in content.items()}
-        tensors = {}
+        tensors, payload = {}, 0
         if ARRAYS in content.array_records:  # names and sizes from the header (the tally decodes uplinks)
-            header, _ = payload_header(unpack(content.array_records[ARRAYS]))
-            tensors = {k: math.prod(v[1]) for k, v in header.items()}
+            try:
+                raw = unpack(content.array_records[ARRAYS])
+                payload = len(raw)
+                header, _ = payload_header(raw)
+                tensors = {k: math.prod(v[1]) for k, v in header.items()}
+            except (ValueError, TypeError, IndexError, KeyError):  # a malformed uplink: the tally rejects it
+                tensors = {"<malformed>": 0}
         self.wire_log.append({"round": round_index, "kind": kind, "direction": direction, "partition": partition,
-                 "payload_bytes": payload_size(msg) if not msg.has_error() else 0, "message_bytes": message_size(msg),
-                 "records": records, "tensors": tensors})
+                 "payload_bytes": payload, "message_bytes": message_size(msg), "records": records,
+                 "tensors": tensors})
 
     def _exchange(self, grid: Grid, kind: str, messages: list[Message], round_index: int,
                   timeout: float | None) -> list[Message]:
@@ -173,47 +191,86 @@ class MethodStrategy(Strategy):
 
     # --- nodes --------------------------------------------------------------------------
 
-    def discover(self, grid: Grid) -> None:
-        """Learn which node serves which partition: ask every node not yet known (a node that
-        cannot serve this run fails here, with its reason), until every partition has a node or
-        ``node_wait`` seconds have passed. A personalised method's clients answer with their
+    def discover(self, grid: Grid, needed: Iterable[int] | None = None) -> None:
+        """Learn which node serves which partition: query every connected node not yet known.
+        A node that cannot serve this run (its query fails or times out, it runs other
+        settings, it claims a partition outside the run, or one that another connected node
+        already serves) is excluded from sampling with a warning; the run goes on without it.
+
+        The first discovery waits up to ``node_wait`` seconds for all ``num_clients``
+        partitions; later ones wait up to ``rejoin_wait`` only while a partition in ``needed``
+        (the round's cohort) has no node. A personalised method's clients answer with their
         evaluation, the first entry of the evaluation cache."""
-        n, deadline = self.config.num_clients, time.monotonic() + self.node_wait
+        n = self.config.num_clients
+        first = not self._discovered
+        wanted = set(range(n)) if first or needed is None else set(needed)
+        wait = self.node_wait if first else self.rejoin_wait
+        deadline = time.monotonic() + wait
         while True:
             connected = set(grid.get_node_ids())
+            gone = {p for p, node in self.nodes.items() if node not in connected}
+            for p in sorted(gone):
+                log.warning("the SuperNode of partition %d (node %d) is gone", p, self.nodes[p])
             self.nodes = {p: node for p, node in self.nodes.items() if node in connected}
-            new = sorted(connected - set(self.nodes.values()))
+            self.excluded = {node: e for node, e in self.excluded.items() if node in connected}
+            served = set(self.nodes.values())
+            # a node excluded as a duplicate is asked again once its partition is free
+            retry = {node for node, (_, p) in self.excluded.items() if p is not None and p not in self.nodes}
+            new = sorted((connected - served - set(self.excluded)) | retry)
             if new:
                 messages = [self._message(node, MessageType.QUERY, None, self.round) for node in new]
-                for reply in self._exchange(grid, MessageType.QUERY, messages, self.round, self.node_wait or None):
+                timeout = max(deadline - time.monotonic(), 10.0)
+                replies = self._exchange(grid, MessageType.QUERY, messages, self.round, timeout)
+                answered = set()
+                for reply in replies:
+                    answered.add(reply.metadata.src_node_id)
                     self._register(reply)
-            if len(self.nodes) == n or time.monotonic() > deadline:
+                for node in sorted(set(new) - answered):  # asked again at the next pass
+                    log.warning("node %d did not answer the query within %.0f s", node, timeout)
+            if wanted <= set(self.nodes) or time.monotonic() > deadline:
                 break
             time.sleep(0.5)
-        missing = sorted(set(range(n)) - set(self.nodes))
-        if missing and self.round == 0 and self.method.personalised:
-            raise RuntimeError(f"no SuperNode serves partition(s) {missing[:10]} (of {n}) after {self.node_wait} s; "
-                               f"start {n} SuperNodes with partition-id 0..{n - 1}")
+        self._discovered = True
+        missing = sorted(wanted - set(self.nodes))
         if missing:
-            log.warning("no SuperNode serves partition(s) %s; they are dropped when sampled", missing[:10])
+            log.warning("no SuperNode serves partition(s) %s%s after %.0f s; they are dropped when sampled",
+                        missing[:10], " ..." if len(missing) > 10 else "", wait)
+
+    def _exclude(self, node: int, reason: str, partition: int | None) -> None:
+        if self.excluded.get(node, ("",))[0] != reason:
+            log.warning("node %d excluded from sampling: %s", node, reason)
+        self.excluded[node] = (reason, partition)
 
     def _register(self, reply: Message) -> None:
+        """Record the partition a query's reply claims, or exclude its node (see :meth:`discover`)."""
         node = reply.metadata.src_node_id
         if reply.has_error():
-            raise RuntimeError(f"node {node} cannot serve this run: {reply.error.reason}")
-        digest = reply.content.config_records[CONFIG]["digest"]
+            self._exclude(node, f"cannot serve this run: {reply.error.reason}", None)
+            return
+        try:
+            digest = reply.content.config_records[CONFIG]["digest"]
+            metrics = reply.content.metric_records[METRICS]
+            p = metrics["partition-id"]
+            evaluation = metrics_evaluation(metrics, self.layer_names)
+        except (KeyError, TypeError, ValueError) as e:
+            self._exclude(node, f"malformed reply to the query ({type(e).__name__}: {e})", None)
+            return
         if digest != self.digest:
-            raise RuntimeError(f"node {node} runs settings {digest}, the server {self.digest}: every SuperNode "
-                               "must run the same run config")
-        metrics = reply.content.metric_records[METRICS]
-        p = int(metrics["partition-id"])
-        if not 0 <= p < self.config.num_clients:
-            raise RuntimeError(f"node {node} serves partition {p}, outside 0..{self.config.num_clients - 1}")
-        if p in self.nodes and self.nodes[p] != node:  # a restarted SuperNode comes back with a new id
-            log.warning("partition %d moved from node %d to node %d", p, self.nodes[p], node)
+            self._exclude(node, f"runs settings {digest}, the server {self.digest}: every SuperNode must run the "
+                          "same run config", None)
+            return
+        if isinstance(p, bool) or not isinstance(p, int) or not 0 <= p < self.config.num_clients:
+            self._exclude(node, f"serves partition {p!r}, outside 0..{self.config.num_clients - 1}", None)
+            return
+        holder = self.nodes.get(p)
+        if holder is not None and holder != node:
+            self._exclude(node, f"claims partition {p}, which node {holder} serves", p)
+            return
+        self.excluded.pop(node, None)
         self.nodes[p] = node
-        evaluation = metrics_evaluation(metrics)
-        if evaluation is not None and self.eval_cache[p] is None:
+        if self.method.personalised and evaluation is None:
+            log.warning("node %d (partition %d) sent no evaluation with its query", node, p)
+        elif evaluation is not None and self.eval_cache[p] is None:
             self.eval_cache[p] = evaluation
 
     def _downlink(self) -> tuple[dict, bytes | None]:
@@ -269,12 +326,19 @@ class MethodStrategy(Strategy):
                 continue
             metrics = reply.content.metric_records.get(METRICS, {})
             try:
+                if metrics.get("partition-id") != p:
+                    raise ValueError(f"it answers for partition {metrics.get('partition-id')!r}")
                 report = metrics_report(metrics, {})
-                evaluation = metrics_evaluation(metrics)
+                evaluation = metrics_evaluation(metrics, self.layer_names)
                 if method.personalised and evaluation is None:
                     raise ValueError("the reply carries no evaluation")
             except (KeyError, TypeError, ValueError) as e:
                 tally.drop(p, f"malformed reply: {e}")
+                continue
+            try:
+                method.check_sample_count(report.num_samples)
+            except UpdateRejected as e:
+                tally.reject(p, str(e))
                 continue
             self.client_flops[p] += report.flops
             tally.trained(p, report)
@@ -288,7 +352,11 @@ class MethodStrategy(Strategy):
                     continue
                 tally.receive(p, report, up)
         before = self.server
-        self.server = method.aggregate(self.server, tally.accepted, tally.weights)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", AggregateWarning)
+            self.server = method.aggregate(self.server, tally.accepted, tally.weights)
+        for w in caught:
+            tally.errors.append(str(w.message))
         state["tally"] = tally
         state["extra"] = method.round_metrics(before, self.server, tally.reports)
         state["train_s"] = time.perf_counter() - state["start"]
@@ -317,16 +385,20 @@ class MethodStrategy(Strategy):
             p = node_partition.get(reply.metadata.src_node_id)
             if p is None:
                 continue
-            evaluation = None if reply.has_error() else metrics_evaluation(reply.content.metric_records[METRICS])
+            try:
+                evaluation = None if reply.has_error() else metrics_evaluation(
+                    reply.content.metric_records[METRICS], self.layer_names)
+                reason = reply.error.reason if reply.has_error() else "no evaluation"
+            except (KeyError, TypeError, ValueError) as e:
+                evaluation, reason = None, f"malformed evaluation: {e}"
             if evaluation is None:
-                tally.errors.append(f"client {p} evaluation failed: "
-                                    f"{reply.error.reason if reply.has_error() else 'no evaluation'}")
+                tally.errors.append(f"client {p} evaluation failed: {reason}")
                 continue
             self.eval_cache[p] = evaluation
         missing = [p for p, e in enumerate(self.eval_cache) if e is None]
-        if missing:
-            raise RuntimeError(f"no evaluation of partition(s) {missing[:10]} yet: every client must be evaluated "
-                               "once before the history can report it")
+        if missing:  # partitions no node has served yet: the metrics cover the others
+            tally.errors.append(f"no evaluation of partition(s) {missing[:10]} yet (no SuperNode has served them); "
+                                "the accuracy columns cover the other partitions")
         if self.global_test is not None:
             method.load(self.model, self.server, None)
             self.global_eval = evaluate(self.model, None, self.global_test, self.config.eval_batch_size, None,
@@ -335,7 +407,11 @@ class MethodStrategy(Strategy):
         tally.warn(self.round - 1)
         t = server_round - 1
         timings = {"train_s": state["train_s"], "eval_s": eval_s, "wall_s": time.perf_counter() - state["start"]}
-        row = client_metrics(t, self.eval_cache, self.layer_names, self.global_eval)
+        with warnings.catch_warnings():  # no partition evaluated yet: the columns are NaN
+            warnings.simplefilter("ignore", RuntimeWarning)
+            row = client_metrics(t, [e for e in self.eval_cache if e is not None], self.layer_names,
+                                 self.global_eval)
+        row["unevaluated"] = len(missing)
         row.update(tally.columns(self.config, t, state["message"], len(state["down"] or b""), self.totals,
                                  self.client_flops, timings, state["extra"]))
         row.update(self._wire_columns(t))
@@ -377,9 +453,10 @@ class MethodStrategy(Strategy):
             self.round_timeout = timeout or None
         self.summary()
         while self.round < target:
-            self.discover(grid)
-            server_round = self.round + 1
             t = self.round
+            self.discover(grid, sample_clients(self.config.seed, t, self.config.num_clients,
+                                               self.config.clients_per_round))
+            server_round = self.round + 1
             messages = list(self.configure_train(server_round, None, None, grid))
             self.aggregate_train(server_round, self._exchange(grid, MessageType.TRAIN, messages, t,
                                                               self.round_timeout))
@@ -393,9 +470,27 @@ class MethodStrategy(Strategy):
             if self.out_dir is not None:
                 self.save_checkpoint()
                 self.write_history()
+            self._check_progress(row)
         if self.out_dir is not None and not self.history:
             self.write_history()
         return self.history
+
+    def _check_progress(self, row: dict) -> None:
+        """Count the rounds in a row that aggregated nothing (every sampled client dropped or
+        rejected, or the aggregate refused; for local-only: no client trained); stop the run
+        with an error after ``config.max_failed_rounds`` of them."""
+        tally = self._round["tally"]
+        failed = (not tally.accepted or self.method.refused is not None) if self.method.communicates \
+            else not tally.trained_ids
+        self.failed_rounds = self.failed_rounds + 1 if failed else 0
+        if failed:
+            log.warning("round %d aggregated nothing (%d sampled: %d dropped, %d rejected)%s", row["round"] + 1,
+                        self.config.clients_per_round, row["dropped"], row["rejected"],
+                        f"; aggregate refused: {self.method.refused}" if self.method.refused else "")
+        limit = self.config.max_failed_rounds
+        if limit and self.failed_rounds >= limit:
+            raise RuntimeError(f"{self.failed_rounds} rounds in a row aggregated nothing (last errors: "
+                               f"{'; '.join(row['errors'][-3:])}); stopping the run (max_failed_rounds = {limit})")
 
     # --- files ----------------------------------------------------------------------------
 
@@ -414,7 +509,8 @@ class MethodStrategy(Strategy):
     def state_dict(self) -> dict:
         return {"version": CHECKPOINT_VERSION, "engine": "flower", "config": self.config.to_dict(),
                 "server": self.server.state_dict(), "eval_cache": self.eval_cache, "global_eval": self.global_eval,
-                "client_flops": self.client_flops.copy(), "history": self.history, "totals": dict(self.totals)}
+                "client_flops": torch.from_numpy(self.client_flops.copy()), "history": self.history,
+                "totals": dict(self.totals)}
 
     def save_checkpoint(self, path: str | Path | None = None) -> Path:
         path = Path(path) if path is not None else self.out_dir / "checkpoint.pt"
@@ -424,8 +520,13 @@ class MethodStrategy(Strategy):
         return path
 
     def load_checkpoint(self, path: str | Path) -> None:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-        if ckpt.get("version") != CHECKPOINT_VERSION or ckpt.get("engine") != "flower":
+        # weights_only: tensors and plain containers only; a crafted file cannot run code here
+        try:
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # pickle.UnpicklingError for a forbidden global, RuntimeError for a bad archive
+            raise ValueError(f"{path} is not a readable checkpoint of spafl's Flower server "
+                             f"({type(e).__name__}: {str(e).splitlines()[0][:300]})") from e
+        if not isinstance(ckpt, dict) or ckpt.get("version") != CHECKPOINT_VERSION or ckpt.get("engine") != "flower":
             raise ValueError(f"{path} is not a checkpoint of spafl's Flower server (version {CHECKPOINT_VERSION})")
         problems = config_mismatch(ckpt["config"], self.config)
         if problems:
@@ -433,7 +534,7 @@ class MethodStrategy(Strategy):
         self.server = type(self.server).from_state_dict(ckpt["server"])
         self.eval_cache = ckpt["eval_cache"]
         self.global_eval = ckpt["global_eval"]
-        self.client_flops = np.asarray(ckpt["client_flops"], dtype=np.float64).copy()
+        self.client_flops = torch.as_tensor(ckpt["client_flops"], dtype=torch.float64).numpy().copy()
         self.history = ckpt["history"]
         self.totals = dict(ckpt["totals"])
         log.info("continuing the run in %s from round %d", path.parent if hasattr(path, "parent") else path,
@@ -441,8 +542,8 @@ class MethodStrategy(Strategy):
 
 
 def server_app(config: FedConfig | None = None, out_dir: str | Path | None = None, *, server_eval: bool = True,
-               round_timeout: float = 0.0, node_wait: float = 300.0, dataset: ImageDataset | None = None,
-               on_start=None) -> ServerApp:
+               round_timeout: float = 0.0, node_wait: float = 300.0, rejoin_wait: float = 30.0,
+               dataset: ImageDataset | None = None, on_start=None) -> ServerApp:
     """A ``ServerApp`` running :class:`MethodStrategy` for ``config``; with ``config`` None
     (what ``flwr run`` loads), the settings come from Flower's run config. ``on_start(strategy)``
     is called before the first round (to keep a handle on it)."""
@@ -453,11 +554,12 @@ def server_app(config: FedConfig | None = None, out_dir: str | Path | None = Non
         if config is None:
             cfg, options = config_from_run_config(context.run_config)
             kwargs = dict(out_dir=options["out-dir"] or None, server_eval=options["server-eval"],
-                          round_timeout=float(options["round-timeout"]), node_wait=float(options["node-wait"]))
+                          round_timeout=float(options["round-timeout"]), node_wait=float(options["node-wait"]),
+                          rejoin_wait=float(options["rejoin-wait"]))
         else:
             cfg = config
             kwargs = dict(out_dir=out_dir, server_eval=server_eval, round_timeout=round_timeout, node_wait=node_wait,
-                          dataset=dataset)
+                          rejoin_wait=rejoin_wait, dataset=dataset)
         with warnings.catch_warnings():
             warnings.simplefilter("always", FederatedWarning)
             strategy = MethodStrategy(cfg, **kwargs)

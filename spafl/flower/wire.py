@@ -35,7 +35,8 @@ APP_OPTIONS = {
     "out-dir": "runs/flower",  # the server's history and checkpoint ("" for none)
     "server-eval": True,  # global methods: evaluate the global model on the whole test set at the server
     "round-timeout": 0.0,  # seconds to wait for a round's replies (0: no limit)
-    "node-wait": 300.0,  # seconds to wait for every partition's SuperNode to connect
+    "node-wait": 300.0,  # seconds to wait at the start for every partition's SuperNode to connect
+    "rejoin-wait": 30.0,  # seconds a later round waits for a sampled partition's lost SuperNode
 }
 # Settings a SuperNode may set for itself (``--node-config``): where its data and state live.
 NODE_OPTIONS = ("data-root", "device", "state-dir")
@@ -59,9 +60,10 @@ def config_from_run_config(run_config: Mapping[str, Any],
             options[name] = values.pop(name)
     for name in NODE_OPTIONS:
         if node_config and name in node_config and node_config[name] != "":
-            values[name] = node_config[name]
-            if name in options:
+            if name in options:  # an app option (state-dir), not a FedConfig field
                 options[name] = node_config[name]
+            else:
+                values[name] = node_config[name]
     overrides, unknown = {}, []
     for name, value in values.items():
         key = _key(name)
@@ -73,7 +75,7 @@ def config_from_run_config(run_config: Mapping[str, Any],
         valid = sorted([*APP_OPTIONS, *(f.replace("_", "-") for f in _FIELDS)])
         raise ValueError(f"unknown run-config key(s) {sorted(unknown)}; valid keys: {valid}")
     preset = options["preset"] or "digits-cnn"
-    for name in ("round-timeout", "node-wait"):
+    for name in ("round-timeout", "node-wait", "rejoin-wait"):
         value = options[name]
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
             raise ValueError(f"{name} must be a non-negative number of seconds, got {value!r}")
@@ -136,10 +138,29 @@ def report_metrics(report: ClientReport, partition: int) -> dict[str, int | floa
     return out
 
 
+def _number(metrics: Mapping[str, Any], key: str, integer: bool = False, low: float = -math.inf,
+            high: float = math.inf, nan_ok: bool = False) -> int | float:
+    """``metrics[key]`` checked: an int (``integer``) or a number, within ``[low, high]``
+    (NaN only with ``nan_ok``); ``ValueError`` (``KeyError`` when absent) otherwise."""
+    value = metrics[key]
+    if isinstance(value, bool) or not isinstance(value, (int,) if integer else (int, float)):
+        raise ValueError(f"{key} must be {'an integer' if integer else 'a number'}, got {value!r}")
+    if value != value:
+        if nan_ok:
+            return float(value)
+        raise ValueError(f"{key} is NaN")
+    if not low <= value <= high:
+        raise ValueError(f"{key} = {value!r} is outside [{low}, {high}]")
+    return value
+
+
 def metrics_report(metrics: Mapping[str, Any], update: dict) -> ClientReport:
+    """The training report in a reply's metrics, its numbers checked (the sample count is an
+    integer; the server checks its range); ``ValueError`` or ``KeyError`` otherwise."""
     stats = {k[len("stat."):]: v for k, v in metrics.items() if k.startswith("stat.")}
-    return ClientReport(update, int(metrics["num-examples"]), float(metrics["train-loss"]), float(metrics["flops"]),
-                        stats)
+    return ClientReport(update, _number(metrics, "num-examples", integer=True),
+                        float(_number(metrics, "train-loss", nan_ok=True)),
+                        float(_number(metrics, "flops", low=0.0, high=1e30)), stats)
 
 
 def evaluation_metrics(result: Mapping[str, Any]) -> dict[str, int | float]:
@@ -153,12 +174,21 @@ def evaluation_metrics(result: Mapping[str, Any]) -> dict[str, int | float]:
     return out
 
 
-def metrics_evaluation(metrics: Mapping[str, Any]) -> dict[str, Any] | None:
-    """The evaluation in a reply's metrics, or None if it carries none."""
+def metrics_evaluation(metrics: Mapping[str, Any], layers: list[str] | None = None) -> dict[str, Any] | None:
+    """The evaluation in a reply's metrics, or None if it carries none. Its numbers are checked
+    (accuracy in [0, 100], densities in [0, 1], counts non-negative integers) and, with
+    ``layers``, its per-layer densities must name exactly those layers; ``ValueError`` or
+    ``KeyError`` otherwise, so that a client cannot break the history with its report."""
     if "eval.acc" not in metrics:
         return None
-    layers = {k[len("eval.layer."):]: float(v) for k, v in metrics.items() if k.startswith("eval.layer.")}
-    return {"acc": float(metrics["eval.acc"]), "loss": float(metrics["eval.loss"]),
-            "num_test": int(metrics["eval.num-test"]), "density": float(metrics["eval.density"]),
-            "density_weighted": float(metrics["eval.density-weighted"]), "layers": layers,
-            "collapse_resets": int(metrics["eval.collapse-resets"]), "mask": None}
+    found = {k[len("eval.layer."):]: float(_number(metrics, k, low=0.0, high=1.0))
+             for k in metrics if k.startswith("eval.layer.")}
+    if layers is not None and sorted(found) != sorted(layers):
+        raise ValueError(f"the evaluation has layers {sorted(found)[:10]}, expected {sorted(layers)[:10]}")
+    return {"acc": float(_number(metrics, "eval.acc", low=0.0, high=100.0, nan_ok=True)),
+            "loss": float(_number(metrics, "eval.loss", low=0.0, nan_ok=True)),
+            "num_test": int(_number(metrics, "eval.num-test", integer=True, low=0)),
+            "density": float(_number(metrics, "eval.density", low=0.0, high=1.0, nan_ok=True)),
+            "density_weighted": float(_number(metrics, "eval.density-weighted", low=0.0, high=1.0, nan_ok=True)),
+            "layers": found, "collapse_resets": int(_number(metrics, "eval.collapse-resets", integer=True, low=0)),
+            "mask": None}
