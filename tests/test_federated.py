@@ -26,7 +26,7 @@ from spafl.federated.data import (
     split_for_run,
 )
 from spafl.federated.models import build_model
-from spafl.federated.simulator import TIMING_FIELDS
+from spafl.federated.server import TIMING_FIELDS
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 

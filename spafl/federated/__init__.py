@@ -3,6 +3,7 @@ and the methods it is compared with.
 
     FedConfig, PRESETS, build_config       a run's configuration and the paper's presets
     Simulator                              the in-process loop (checkpoint, resume, history)
+    server                                 what every engine shares: the round's tally, history files, initial model
     protocol                               the round as plain functions (client and server side)
     methods                                SpaFL, FedAvg, local-only, SparsyFed and Top-K behind one interface
     powerprop                              SparsyFed's Powerpropagation layers, activation pruning, Top-K
@@ -12,7 +13,7 @@ and the methods it is compared with.
     plots                                  accuracy / density curves and mask maps (matplotlib)
 """
 
-from . import compare, data, methods, models, powerprop, protocol
+from . import compare, data, methods, models, powerprop, protocol, server
 from .config import DEFAULT_PRESET, PRESETS, FedConfig, build_config, load_config_file
 from .simulator import FederatedWarning, Simulator
 
@@ -30,4 +31,5 @@ __all__ = [
     "models",
     "powerprop",
     "protocol",
+    "server",
 ]

@@ -19,7 +19,8 @@ from pathlib import Path
 import numpy as np
 
 from .config import METHODS, FedConfig
-from .simulator import Simulator, _atomic_write
+from .server import _atomic_write
+from .simulator import Simulator
 
 METHOD_LABELS = {"spafl": "SpaFL", "fedavg": "FedAvg (dense)", "local": "Local only", "sparsyfed": "SparsyFed",
                  "topk": "Top-K"}

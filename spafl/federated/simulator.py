@@ -11,14 +11,8 @@ run would have.
 
 from __future__ import annotations
 
-import csv
-import io
-import json
-import os
 import sys
-import tempfile
 import time
-import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -30,211 +24,21 @@ from .._env import environment
 from ..convert import threshold_layers
 from .config import FedConfig, config_mismatch
 from .data import ImageDataset, client_data, load_dataset, split_digest, split_for_run
-from .methods import Method, make_method
-from .models import build_model
-from .protocol import (
-    UpdateRejected,
-    decode,
-    derived_seed,
-    encode,
-    evaluate,
-    layer_macs,
-    learning_rate,
-    penalty_coefficient,
-    sample_clients,
+from .methods import make_method
+from .protocol import decode, encode, evaluate, layer_macs, sample_clients
+from .server import (  # noqa: F401 (TIMING_FIELDS, FederatedWarning: importable from here too)
+    CHECKPOINT_VERSION,
+    TIMING_FIELDS,
+    FederatedWarning,
+    RoundTally,
+    _atomic_write,
+    check_dataset,
+    client_metrics,
+    initial_model,
+    resolve_device,
+    whole_test_set,
+    write_history,
 )
-
-CHECKPOINT_VERSION = 1
-# History fields that measure the machine rather than the algorithm (excluded when comparing runs).
-TIMING_FIELDS = ("wall_s", "train_s", "eval_s")
-
-
-class FederatedWarning(UserWarning):
-    """A client was dropped from a round or its update was rejected (the run goes on)."""
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r} requested but CUDA is not available")
-    return device
-
-
-def check_dataset(dataset: ImageDataset, config: FedConfig, custom_model: bool) -> None:
-    """Fail with a clear message on data the run cannot use (before any training)."""
-    from .config import model_input_shape
-
-    for split in ("train", "test"):
-        x, y = getattr(dataset, f"{split}_x"), getattr(dataset, f"{split}_y")
-        if x.dim() != 4 or y.dim() != 1 or x.shape[0] != y.shape[0]:
-            raise ValueError(f"dataset {split} split: expected images [n, C, H, W] and labels [n], "
-                             f"got {tuple(x.shape)} and {tuple(y.shape)}")
-        if x.dtype != torch.uint8 and not x.is_floating_point():
-            raise ValueError(f"dataset {split} images must be uint8 or floating point, got {x.dtype}")
-        if x.is_floating_point() and not bool(torch.isfinite(x).all()):
-            raise ValueError(f"dataset {split} images hold non-finite values")
-        if y.dtype != torch.int64 or (len(y) and (int(y.min()) < 0 or int(y.max()) >= dataset.num_classes)):
-            raise ValueError(f"dataset {split} labels must be int64 in [0, {dataset.num_classes})")
-    if not custom_model and tuple(dataset.image_shape) != model_input_shape(config.model):
-        raise ValueError(f"model {config.model!r} takes {model_input_shape(config.model)} images but the dataset "
-                         f"has {tuple(dataset.image_shape)}; pass model_fn= for another model")
-
-
-def _percentile10(values: np.ndarray) -> float:
-    return float(np.percentile(values, 10)) if len(values) else float("nan")
-
-
-def whole_test_set(dataset: ImageDataset, config: FedConfig, device: torch.device):
-    """The dataset's whole test split as one client's data (no training samples): where a
-    global model is evaluated besides every client's own test split."""
-    everything = np.arange(len(dataset.test_y))
-    return client_data(dataset, [everything[:0]], [everything], config.normalize, False, device)[0]
-
-
-def initial_model(config: FedConfig, method: Method, num_classes: int, device: torch.device,
-                  model_fn: Callable[[], nn.Module] | None = None) -> nn.Module:
-    """The run's initial model, the same in every process that builds it: seeded from
-    ``config.seed``, built from ``config.model`` (or ``model_fn``), converted by the method."""
-    torch.manual_seed(derived_seed(config.seed, "init"))
-    layer_kwargs = dict(backend=config.backend, backward_mode=config.backward_mode,
-                        sample_fraction=config.sample_fraction, collapse_density=config.collapse_density)
-    model = model_fn() if model_fn is not None else build_model(config.model, num_classes, **layer_kwargs)
-    return method.prepare_model(model.to(device))
-
-
-def client_metrics(round_index: int, evaluations: list[dict], layer_names: list[str],
-                   global_eval: dict | None = None) -> dict:
-    """A round's accuracy, loss and density columns from every client's latest evaluation
-    (:func:`protocol.evaluate` results, plus ``collapse_resets``) and, for a global method, the
-    global model's on the whole test set."""
-    scored = [c for c in evaluations if c["num_test"] > 0]
-    acc = np.array([c["acc"] for c in scored])
-    n_test = np.array([c["num_test"] for c in scored])
-    loss = np.array([c["loss"] for c in scored])
-    row = {
-        "round": round_index,
-        "acc_mean": float(acc.mean()) if len(acc) else float("nan"),
-        "acc_weighted": float((acc * n_test).sum() / n_test.sum()) if len(acc) else float("nan"),
-        "acc_std": float(acc.std()) if len(acc) else float("nan"),
-        "acc_min": float(acc.min()) if len(acc) else float("nan"),
-        "acc_p10": _percentile10(acc),
-        "loss": float((loss * n_test).sum() / n_test.sum()) if len(acc) else float("nan"),
-        "clients_without_test_data": len(evaluations) - len(scored),
-        "density": float(np.mean([c["density"] for c in evaluations])),
-        "density_weighted": float(np.mean([c["density_weighted"] for c in evaluations])),
-        "collapse_resets": int(sum(c["collapse_resets"] for c in evaluations)),
-        "layers": {name: float(np.mean([c["layers"][name] for c in evaluations])) for name in layer_names},
-    }
-    if global_eval is not None:  # the global model on the whole test set
-        row["acc_global"] = global_eval["acc"]
-        row["loss_global"] = global_eval["loss"]
-    return row
-
-
-class RoundTally:
-    """One round's outcome, client by client, as the server sees it; the simulator and the
-    Flower server (:mod:`spafl.flower`) both fill one and take the history columns from it.
-
-    ``drop`` a client that failed, ``trained`` one that finished (its report), ``receive``
-    its uplink bytes (decoded and validated here: a bad update is rejected, not aggregated),
-    or ``reject`` an uplink that could not be read at all."""
-
-    def __init__(self, method: Method, server):
-        self.method, self.server = method, server
-        self.accepted: list[dict[str, torch.Tensor]] = []
-        self.weights: list[int] = []
-        self.reports: list = []
-        self.errors: list[str] = []
-        self.trained_ids: list[int] = []
-        self.train_losses: list[float] = []
-        self.dropped = self.rejected = self.bytes_up = self.nnz_up = 0
-        self.flops = 0.0
-
-    def drop(self, cid: int, reason: str) -> None:
-        self.dropped += 1
-        self.errors.append(f"client {cid} failed: {reason}")
-
-    def trained(self, cid: int, report) -> None:
-        self.trained_ids.append(cid)
-        self.flops += report.flops
-        self.train_losses.append(report.train_loss)
-
-    def reject(self, cid: int, reason: str) -> None:
-        self.rejected += 1
-        self.errors.append(f"client {cid} update rejected: {reason}")
-
-    def receive(self, cid: int, report, up: bytes) -> None:
-        self.bytes_up += len(up)
-        try:
-            update = decode(up)
-            self.method.validate_update(update, self.server)
-        except (UpdateRejected, TypeError, ValueError) as e:
-            self.reject(cid, str(e))
-            return
-        self.accepted.append(update)
-        self.weights.append(report.num_samples)
-        self.reports.append(report)
-        self.nnz_up += sum(int(torch.count_nonzero(v)) for v in update.values())
-
-    def warn(self, round_index: int) -> None:
-        for text in self.errors:
-            warnings.warn(f"round {round_index}: {text}", FederatedWarning, stacklevel=3)
-
-    def columns(self, config: FedConfig, t: int, message: dict[str, torch.Tensor], down_bytes: int, totals: dict,
-                client_flops: np.ndarray, timings: dict, extra: dict) -> dict:
-        """The round's history columns after the client metrics; adds the round to ``totals``."""
-        method, sampled = self.method, config.clients_per_round
-        bits = method.paper_bits(message, self.accepted, sampled)
-        bytes_down = down_bytes * sampled
-        totals["comm_bits_paper"] += bits
-        totals["bytes"] += bytes_down + self.bytes_up
-        totals["wall_s"] += timings.get("wall_s", 0.0)
-        return {
-            "sampled": " ".join(map(str, sample_clients(config.seed, t, config.num_clients, sampled))),
-            "participants": len(self.accepted),
-            "dropped": self.dropped,
-            "rejected": self.rejected,
-            "train_loss": float(np.mean(self.train_losses)) if self.train_losses else float("nan"),
-            "lr": learning_rate(config, t),
-            "lambda": penalty_coefficient(config, t) if method.name == "spafl" else 0.0,
-            "comm_bits_paper": bits,
-            "comm_gbit_paper_total": totals["comm_bits_paper"] / 1e9,
-            "bytes_down": bytes_down,
-            "bytes_up": self.bytes_up,
-            "bytes_total": totals["bytes"],
-            "nnz_down": sum(int(torch.count_nonzero(v)) for v in message.values()) * sampled,
-            "nnz_up": self.nnz_up,
-            "flops_round": self.flops / config.num_clients,
-            "flops_total": float(client_flops.sum() / config.num_clients),
-            **timings,
-            **extra,
-            "errors": self.errors,
-        }
-
-
-def write_history(out: Path, meta: dict, history: list[dict], layer_names: list[str],
-                  mask_history: list[np.ndarray] | None = None, mask_layer: str | None = None) -> None:
-    """``history.csv`` (one row per round, per-layer densities as ``density:<layer>``
-    columns), ``history.json`` (``meta`` plus the rows), ``masks.npz`` (when there are masks),
-    each written atomically."""
-    out.mkdir(parents=True, exist_ok=True)
-    _atomic_write(out / "history.json", lambda f: f.write(json.dumps({**meta, "history": history}, indent=1).encode()))
-    columns = [k for k in history[0] if k not in ("layers", "errors")] if history else []
-    columns += [f"density:{name}" for name in layer_names]
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
-    writer.writeheader()
-    for row in history:
-        flat = {k: row[k] for k in columns if k in row}
-        flat.update({f"density:{k}": v for k, v in row["layers"].items()})
-        writer.writerow(flat)
-    _atomic_write(out / "history.csv", lambda f: f.write(buffer.getvalue().encode()))
-    if mask_history:
-        masks = np.stack(mask_history)
-        rounds = np.array([r["round"] for r in history])
-        _atomic_write(out / "masks.npz", lambda f: np.savez_compressed(f, masks=masks, rounds=rounds, layer=mask_layer))
 
 
 class Simulator:
@@ -487,22 +291,6 @@ class Simulator:
         sim = cls(config, **kwargs)
         sim.load_state_dict(ckpt)
         return sim
-
-
-def _atomic_write(path: Path, write: Callable) -> None:
-    """``write(file)`` into a temporary file beside ``path``, fsync it, rename it over ``path``:
-    a crash leaves either the old file or the new one, never a partial one."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 class _Progress:

@@ -29,7 +29,7 @@ from ..federated.config import FedConfig, config_mismatch
 from ..federated.data import ImageDataset, client_data, load_dataset, split_for_run
 from ..federated.methods import GlobalState, make_method
 from ..federated.protocol import decode, encode, evaluate, layer_macs
-from ..federated.simulator import _atomic_write, check_dataset, initial_model, resolve_device
+from ..federated.server import _atomic_write, check_dataset, initial_model, resolve_device
 from .wire import (
     ARRAYS,
     CONFIG,

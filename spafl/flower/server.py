@@ -42,7 +42,7 @@ from ..federated.config import FedConfig, config_mismatch, dataset_classes
 from ..federated.data import ImageDataset, load_dataset
 from ..federated.methods import make_method
 from ..federated.protocol import encode, evaluate, payload_header, sample_clients
-from ..federated.simulator import (
+from ..federated.server import (
     CHECKPOINT_VERSION,
     FederatedWarning,
     RoundTally,
