@@ -50,6 +50,7 @@ from ..federated.server import (
     client_metrics,
     initial_model,
     resolve_device,
+    round_diagnostics,
     whole_test_set,
     write_history,
 )
@@ -94,6 +95,9 @@ class MethodStrategy(Strategy):
                  round_timeout: float = 0.0, node_wait: float = 300.0, command: str | None = None,
                  dataset: ImageDataset | None = None):
         self.config = config.validate()
+        if config.rng != "keyed":
+            raise ValueError(f"rng={config.rng!r} draws every client's batch order from one stream of the "
+                             "simulator's process; Flower clients run apart: use rng='keyed'")
         self.method = make_method(self.config)
         self.device = resolve_device(config.device)
         self.out_dir = Path(out_dir) if out_dir else None
@@ -338,6 +342,7 @@ class MethodStrategy(Strategy):
         row = client_metrics(t, self.eval_cache, self.layer_names, self.global_eval)
         row.update(tally.columns(self.config, t, state["message"], len(state["down"] or b""), self.totals,
                                  self.client_flops, timings, state["extra"]))
+        row.update(round_diagnostics(self.server, self.history, row, self.config.num_clients))
         row.update(self._wire_columns(t))
         self.history.append(row)
         return MetricRecord({"acc-mean": row["acc_mean"], "density": row["density"]})
