@@ -176,7 +176,7 @@ def test_a_global_method_client_keeps_its_momentum_per_run(tmp_path):
     assert not (tmp_path / "none").exists()
 
 
-def test_flower_refuses_the_sequential_rng(tmp_path):
+def test_flower_refuses_what_it_cannot_run_as_the_simulator(tmp_path):
     from spafl.flower import MethodStrategy
     from spafl.flower.client import PartitionClient
 
@@ -185,6 +185,8 @@ def test_flower_refuses_the_sequential_rng(tmp_path):
         MethodStrategy(config)
     with pytest.raises(ValueError, match="rng='global'"):
         PartitionClient(config, 0, tmp_path, synthetic(noise=0.3))
+    with pytest.raises(ValueError, match="collapse_in_eval=True.*simulator"):
+        MethodStrategy(flower_config(collapse_in_eval=True))
 
 
 def test_resumed_flower_run_continues_exactly(tmp_path, spafl_run):

@@ -43,6 +43,17 @@ from .wire import (
 )
 
 
+def check_flower_settings(config: FedConfig) -> None:
+    """Refuse the settings the Flower apps cannot run as the simulator does."""
+    if config.rng != "keyed":
+        raise ValueError(f"rng={config.rng!r} draws every client's batch order from one stream of the "
+                         "simulator's process; Flower clients run apart: use rng='keyed'")
+    if config.collapse_in_eval:
+        raise ValueError("collapse_in_eval=True needs every client evaluated every round with the reset kept in "
+                         "its state; the Flower apps evaluate a personalised client only when it trains: run it "
+                         "in the simulator")
+
+
 class ClientStore:
     """One partition's state on disk: the state after the last round it trained, the state
     before that round (so that a round the server replays after a restart starts from the same
@@ -112,9 +123,7 @@ class PartitionClient:
 
     def __init__(self, config: FedConfig, partition: int, state_dir: str | Path, dataset: ImageDataset | None = None):
         self.config = config.validate()
-        if config.rng != "keyed":
-            raise ValueError(f"rng={config.rng!r} draws every client's batch order from one stream of the "
-                             "simulator's process; Flower clients run apart: use rng='keyed'")
+        check_flower_settings(self.config)
         self.partition = partition
         self.device = resolve_device(config.device)
         self.method = make_method(config)

@@ -54,6 +54,7 @@ from ..federated.server import (
     whole_test_set,
     write_history,
 )
+from .client import check_flower_settings
 from .wire import (
     ARRAYS,
     CONFIG,
@@ -95,9 +96,7 @@ class MethodStrategy(Strategy):
                  round_timeout: float = 0.0, node_wait: float = 300.0, command: str | None = None,
                  dataset: ImageDataset | None = None):
         self.config = config.validate()
-        if config.rng != "keyed":
-            raise ValueError(f"rng={config.rng!r} draws every client's batch order from one stream of the "
-                             "simulator's process; Flower clients run apart: use rng='keyed'")
+        check_flower_settings(self.config)
         self.method = make_method(self.config)
         self.device = resolve_device(config.device)
         self.out_dir = Path(out_dir) if out_dir else None
