@@ -379,6 +379,9 @@ def test_plots_of_the_diagnostics(tmp_path):
     mean_line = fig.axes[2].lines[0]
     assert mean_line.get_xdata().tolist() == [1, 2, 3]
     assert mean_line.get_ydata().tolist() == [r["tau"]["fc3"]["mean"] for r in sim.history]
+    import matplotlib.pyplot as plt
+
+    plt.close("all")
 
 
 # --- collapse-guard settings --------------------------------------------------------------------

@@ -15,6 +15,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
+from .config import dataset_classes  # noqa: E402
+
 # Percentile bands of the per-client accuracy plot: (low, high) pairs, outermost first.
 CLIENT_BANDS = ((0, 100), (10, 90), (25, 75))
 
@@ -78,7 +80,8 @@ def plot_run(run: str | Path, rounds_shown: int = 3) -> list[Path]:
 
     if (run / "clients.npz").is_file():
         with np.load(run / "clients.npz") as data:
-            fig = client_accuracy_figure(data["rounds"], data["acc"], title)
+            classes = dataset_classes(meta["config"]["dataset"])
+            fig = client_accuracy_figure(data["rounds"], data["acc"], title, stuck_below=2 * 100.0 / classes)
         out.append(_save(fig, run / "clients.png"))
 
     if rows[0].get("tau"):
@@ -96,11 +99,11 @@ def client_percentiles(acc: np.ndarray) -> dict[int, np.ndarray]:
     return {q: np.nanpercentile(acc, q, axis=1) for q in qs}
 
 
-def client_accuracy_figure(rounds: np.ndarray, acc: np.ndarray, title: str = ""):
+def client_accuracy_figure(rounds: np.ndarray, acc: np.ndarray, title: str = "", stuck_below: float = 20.0):
     """The distribution of the clients' accuracies over the rounds (``acc [rounds, clients]``
     in %, y axis 0 to 100): the median and the 25-75, 10-90 and min-max bands
-    (:func:`client_percentiles`); under it, how many clients were below 20% each round (stuck
-    near chance for 10 classes)."""
+    (:func:`client_percentiles`); under it, how many clients were below ``stuck_below`` % each
+    round (:func:`plot_run` passes twice the chance level: clients stuck near chance)."""
     bands = client_percentiles(acc)
     fig, (ax, low) = plt.subplots(2, 1, figsize=(6.4, 5.2), sharex=True, gridspec_kw={"height_ratios": [3, 1]})
     for (q_low, q_high), alpha in zip(CLIENT_BANDS, (0.15, 0.25, 0.35), strict=True):
@@ -110,9 +113,9 @@ def client_accuracy_figure(rounds: np.ndarray, acc: np.ndarray, title: str = "")
     ax.set(ylabel="client test accuracy (%)", ylim=(0, 100), title=f"{title}: accuracy over {acc.shape[1]} clients")
     ax.grid(alpha=0.3)
     ax.legend(fontsize="small", loc="lower right")
-    stuck = (np.nan_to_num(np.asarray(acc, dtype=np.float64), nan=100.0) < 20).sum(1)
+    stuck = (np.nan_to_num(np.asarray(acc, dtype=np.float64), nan=100.0) < stuck_below).sum(1)
     low.plot(rounds, stuck, color="C3", lw=1)
-    low.set(xlabel="round", ylabel="clients < 20%", ylim=(0, max(1, acc.shape[1])))
+    low.set(xlabel="round", ylabel=f"clients < {stuck_below:g}%", ylim=(0, max(1, acc.shape[1])))
     low.grid(alpha=0.3)
     _round_axis(low)
     return fig
