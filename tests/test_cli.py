@@ -44,7 +44,8 @@ def test_thread_policy_choices(monkeypatch):
     monkeypatch.setattr(_threads, "cpu_cores", lambda: 8)
     p = ThreadPolicy.choose(clients_per_round=5, environ={})
     assert (p.workers, p.intra_op, p.cores, p.source) == (5, 1, 8, "default")  # one worker per sampled client
-    assert p.describe() == f"5 workers x 1 intra-op thread (default), {torch.get_num_interop_threads()} inter-op, 8 cores"
+    inter = torch.get_num_interop_threads()
+    assert p.describe() == f"5 workers x 1 intra-op thread (default), {inter} inter-op, 8 cores"
     assert ThreadPolicy.choose(clients_per_round=10, environ={}).workers == 8  # one per core
     p = ThreadPolicy.choose(clients_per_round=10, threads=2, environ={"OMP_NUM_THREADS": "3"})
     assert (p.workers, p.intra_op, p.source) == (4, 2, "--threads")  # the flag wins over the environment

@@ -402,8 +402,8 @@ def test_collapse_settings_reach_the_layers_only_when_set(monkeypatch):
     assert "collapse_timing" not in seen[-2] and "collapse_in_eval" not in seen[-2]
     assert seen[-1]["collapse_timing"] == "previous" and seen[-1]["collapse_in_eval"] is True
     assert seen[-1]["collapse_density"] == 0.01
-    for changes, text in (({"collapse_timing": "next"}, "collapse_timing"), ({"collapse_in_eval": 1}, "collapse_in_eval"),
-                          ({"rng": "numpy"}, "rng must be")):
+    for changes, text in (({"collapse_timing": "next"}, "collapse_timing"),
+                          ({"collapse_in_eval": 1}, "collapse_in_eval"), ({"rng": "numpy"}, "rng must be")):
         with pytest.raises(ValueError, match=text):
             small_config(**changes)
 
