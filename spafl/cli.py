@@ -1,5 +1,9 @@
 """Command line: ``spafl train``, ``spafl presets``, ``spafl plot``, ``spafl demo`` (also ``python -m spafl ...``).
 
+Every command that trains picks its threads itself (:class:`spafl._threads.ThreadPolicy`): one
+torch intra-op thread unless ``--threads`` or ``OMP_NUM_THREADS`` says otherwise, and for the
+federated runs one client worker per core (``--workers``); the run's header shows the choice.
+
 ``train`` runs federated SpaFL (see ``spafl.federated``): a preset, then a config file, then
 flags; checkpoints every ``--checkpoint-every`` rounds and continues a run with ``--resume``.
 
@@ -21,7 +25,7 @@ from . import model_density, sparsify, threshold_penalty
 from .datasets import load_digits
 
 
-def _demo(args: argparse.Namespace) -> int:
+def _demo(args: argparse.Namespace, policy) -> int:
     device = torch.device(args.device)
     torch.manual_seed(args.seed)
     images, labels = load_digits()
@@ -41,6 +45,7 @@ def _demo(args: argparse.Namespace) -> int:
     loss_fn = nn.CrossEntropyLoss()
     print(f"spafl demo: digits 8x8, {len(train_idx)} train / {n_test} test, MLP 64-{args.hidden}-{args.hidden}-10 "
           f"with threshold layers, device {device}, backend {args.backend}, backward {args.backward_mode}")
+    print(f"threads: {policy.describe(workers=False)}")
     print(f"{'epoch':>5} {'loss':>8} {'test acc':>9} {'density':>8} {'weighted':>9}  layers")
     start = time.perf_counter()
     for epoch in range(1, args.epochs + 1):
@@ -69,7 +74,7 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .federated.cli import add_federated_commands
+    from .federated.cli import add_federated_commands, add_thread_flags
 
     parser = argparse.ArgumentParser(prog="spafl", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -84,6 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--log-every", type=int, default=5)
+    add_thread_flags(demo, workers=False)
     demo.set_defaults(func=_demo)
     add_federated_commands(sub)
     return parser
@@ -99,7 +105,11 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--{name.replace('_', '-')} must be positive")
     if args.lr <= 0 or args.th_coeff < 0:
         parser.error("--lr must be positive and --th-coeff non-negative")
-    return args.func(args)
+    from .federated.cli import thread_policy
+
+    policy = thread_policy(args, parser)
+    with policy.applied():
+        return args.func(args, policy)
 
 
 if __name__ == "__main__":

@@ -1,12 +1,19 @@
-"""Test set-up: the Triton kernels run natively on CUDA, else in Triton's CPU interpreter.
+"""Test set-up: the Triton kernels run natively on CUDA, else in Triton's CPU interpreter; one
+intra-op thread.
 
 TRITON_INTERPRET must be set before any kernel module is imported (``@triton.jit`` reads it
-when the kernel is decorated), hence here, at the top of conftest.
+when the kernel is decorated), hence here, at the top of conftest. The tests' models are small:
+extra intra-op threads only make them compete for the cores (a shared 2-core machine ran the
+suite 3x slower with PyTorch's default), so the process uses one, whatever OMP_NUM_THREADS says.
 """
 
 import os
 
-import torch
+os.environ.setdefault("OMP_NUM_THREADS", "1")  # before torch starts its thread pool
+
+import torch  # noqa: E402
+
+torch.set_num_threads(1)
 
 HAS_CUDA = torch.cuda.is_available()
 if not HAS_CUDA:

@@ -26,7 +26,7 @@ from spafl.federated.data import (
     split_for_run,
 )
 from spafl.federated.models import build_model
-from spafl.federated.simulator import TIMING_FIELDS
+from spafl.federated.server import TIMING_FIELDS
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -522,7 +522,7 @@ def test_cli_train_resume_and_refusal(tmp_path, capsys):
     assert "rounds 2: accuracy" in text and "Gbit" in text
     assert main(["train", "--out", str(out), "--resume", "--rounds", "3", "--no-progress", "--no-plot"]) == 0
     history = json.loads((out / "history.json").read_text())["history"]
-    assert [r["round"] for r in history] == [0, 1, 2]
+    assert [r["round"] for r in history] == [1, 2, 3]  # rounds count from 1
     with pytest.raises(SystemExit):
         main(args)  # the folder holds a run: refuse to overwrite it
     assert "already holds a run" in capsys.readouterr().err
@@ -539,7 +539,7 @@ def test_plots(tmp_path):
     sim = Simulator(small_config(rounds=2), dataset=synthetic(n_train=200, n_test=50), out_dir=tmp_path)
     sim.run()
     paths = plot_run(tmp_path)
-    assert {p.name for p in paths} == {"accuracy.png", "density.png", "masks.png"}
+    assert {p.name for p in paths} == {"accuracy.png", "density.png", "masks.png", "clients.png", "thresholds.png"}
     assert all(p.stat().st_size > 1000 for p in paths)
     masks = np.load(tmp_path / "masks.npz")["masks"]
     assert masks.shape == (2, 8, 16) and set(np.unique(masks)) <= {0, 1}
@@ -554,7 +554,7 @@ def test_client_round_takes_global_thresholds_and_applies_the_update_before_trai
     message = {**{f"tau/{k}": v for k, v in tau.items()}, **{f"delta/{k}": v for k, v in delta.items()}}
     seen = {}
 
-    def record(model, *args):
+    def record(model, *args, **kwargs):
         seen["tau"] = {name: layer.threshold.detach().clone() for name, layer in spafl_layers(model)}
         seen["w"] = {name: layer.weight.detach().clone() for name, layer in spafl_layers(model)}
         return torch.zeros(())

@@ -138,6 +138,57 @@ def test_baselines_through_the_same_adapter(tmp_path, method):
     assert (tmp_path / "state").exists() == (method == "local")
 
 
+def test_per_run_optimizer_on_flower_matches_the_simulator_and_persists(tmp_path):
+    config, data = flower_config(optimizer_lifetime="per-run"), synthetic(noise=0.3)
+    strategy = simulate(config, state_dir=tmp_path / "state", dataset=data)
+    sim = reference(config, data)
+    assert common(strategy.history, sim.history) == strip_timing(sim.history)
+    assert strip_timing(sim.history) != strip_timing(reference(config.replace(optimizer_lifetime="per-round"),
+                                                               data).history)
+    stored = 0
+    for c, state in enumerate(sim.client_states):
+        path = tmp_path / "state" / f"partition-{c:05d}.pt"
+        if not path.exists():
+            continue
+        saved = torch.load(path, weights_only=True)["state"]
+        assert any(k.startswith("momentum/") for k in saved)
+        assert saved.keys() == state.keys() and all(torch.equal(saved[k], state[k].cpu()) for k in saved)
+        stored += 1
+    assert stored
+
+
+def test_a_global_method_client_keeps_its_momentum_per_run(tmp_path):
+    from spafl.flower.client import PartitionClient
+
+    config, data = flower_config(method="fedavg", optimizer_lifetime="per-run"), synthetic(noise=0.3)
+    client = PartitionClient(config, 1, tmp_path, data)
+    message = dict(client.method.init_server(client.model).params)
+    client.train(message, 0)
+    first = client.store.load()
+    assert first["before"] is None and set(first["state"]) == {f"momentum/{n}" for n, _ in
+                                                               client.model.named_parameters()}
+    client.train(message, 1)
+    second = client.store.load()
+    assert all(torch.equal(second["before"][k], first["state"][k]) for k in first["state"])
+    assert not torch.equal(second["state"]["momentum/fc4.weight"], first["state"]["momentum/fc4.weight"])
+    stateless = PartitionClient(config.replace(optimizer_lifetime="per-round"), 2, tmp_path / "none", data)
+    stateless.train(message, 0)
+    assert not (tmp_path / "none").exists()
+
+
+def test_flower_refuses_what_it_cannot_run_as_the_simulator(tmp_path):
+    from spafl.flower import MethodStrategy
+    from spafl.flower.client import PartitionClient
+
+    config = flower_config(rng="global")
+    with pytest.raises(ValueError, match="rng='global'.*use rng='keyed'"):
+        MethodStrategy(config)
+    with pytest.raises(ValueError, match="rng='global'"):
+        PartitionClient(config, 0, tmp_path, synthetic(noise=0.3))
+    with pytest.raises(ValueError, match="collapse_in_eval=True.*simulator"):
+        MethodStrategy(flower_config(collapse_in_eval=True))
+
+
 def test_resumed_flower_run_continues_exactly(tmp_path, spafl_run):
     config, data, _, strategy, _ = spafl_run
     first = simulate(config.replace(rounds=2), state_dir=tmp_path / "state", out_dir=tmp_path / "out", dataset=data)

@@ -414,7 +414,7 @@ def test_compare_runs_every_method_and_seed_and_resumes(tmp_path, capsys):
     # asking for more rounds extends the runs already there instead of starting over
     log = []
     run_comparison(cfg.replace(rounds=3), ["fedavg"], [0], tmp_path, log=log.append)
-    assert "resuming at round 2" in log[0]
+    assert "resuming after round 2" in log[0]
     assert load_run(tmp_path / "fedavg-seed0")["rounds"] == 3
     with pytest.raises(ValueError, match="methods"):
         run_comparison(cfg, ["fedprox"], [0], tmp_path)

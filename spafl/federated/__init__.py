@@ -2,7 +2,9 @@
 and the methods it is compared with.
 
     FedConfig, PRESETS, build_config       a run's configuration and the paper's presets
-    Simulator                              the in-process loop (checkpoint, resume, history)
+    Simulator                              the in-process loop (checkpoint, resume, history, parallel clients)
+    ThreadPolicy                           workers x intra-op threads for a run (what ``spafl train`` picks)
+    server                                 what every engine shares: the round's tally, history files, initial model
     protocol                               the round as plain functions (client and server side)
     methods                                SpaFL, FedAvg, local-only, SparsyFed and Top-K behind one interface
     powerprop                              SparsyFed's Powerpropagation layers, activation pruning, Top-K
@@ -12,7 +14,8 @@ and the methods it is compared with.
     plots                                  accuracy / density curves and mask maps (matplotlib)
 """
 
-from . import compare, data, methods, models, powerprop, protocol
+from .._threads import ThreadPolicy
+from . import compare, data, methods, models, powerprop, protocol, server
 from .config import DEFAULT_PRESET, PRESETS, FedConfig, build_config, load_config_file
 from .simulator import FederatedWarning, Simulator
 
@@ -22,6 +25,7 @@ __all__ = [
     "FederatedWarning",
     "PRESETS",
     "Simulator",
+    "ThreadPolicy",
     "build_config",
     "compare",
     "data",
@@ -30,4 +34,5 @@ __all__ = [
     "models",
     "powerprop",
     "protocol",
+    "server",
 ]

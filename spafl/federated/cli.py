@@ -16,6 +16,7 @@ import typing
 import warnings
 from pathlib import Path
 
+from .._threads import ThreadPolicy
 from .config import DEFAULT_PRESET, METHODS, PRESETS, FedConfig, build_config, load_config_file
 
 _HELP = {
@@ -36,6 +37,10 @@ _HELP = {
     "checkpoint_every": "rounds between checkpoints (0: only at the end)",
     "mask_layer": "threshold layer whose masks are recorded for the mask plot (default: the first)",
     "device": "auto, cpu or cuda[:i]",
+    "optimizer_lifetime": "per-round (a fresh SGD optimiser every round) or per-run (one per client, momentum kept)",
+    "collapse_timing": "collapse guard on the density of this forward (current) or the previous one (previous)",
+    "collapse_in_eval": "run the collapse guard in evaluation too (a reset persists in the client)",
+    "rng": "keyed (draws keyed by seed, round, client) or global (the reference code's sequential draws)",
 }
 
 
@@ -67,6 +72,29 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
                                metavar=base.__name__.upper())
 
 
+def add_thread_flags(parser: argparse.ArgumentParser, workers: bool = True) -> None:
+    """``--threads`` (and ``--workers``): see :class:`spafl._threads.ThreadPolicy`."""
+    group = parser.add_argument_group("threads (default: 1 intra-op thread, or OMP_NUM_THREADS when set"
+                                      + ("; one worker per core, at most one per sampled client)" if workers else ")"))
+    group.add_argument("--threads", type=int, default=None, metavar="N",
+                       help="torch intra-op threads (small models gain nothing from more)")
+    if workers:
+        group.add_argument("--workers", type=int, default=None, metavar="N",
+                           help="clients trained and evaluated at once, in threads (CPU only; the history does not "
+                                "depend on it)")
+
+
+def thread_policy(args: argparse.Namespace, parser: argparse.ArgumentParser, config: FedConfig | None = None
+                  ) -> ThreadPolicy:
+    """The policy the flags, the environment and the machine give (``parser.error`` on bad flags)."""
+    try:
+        return ThreadPolicy.choose(workers=getattr(args, "workers", 1), threads=args.threads,
+                                   clients_per_round=config.clients_per_round if config is not None else 1,
+                                   device=config.device if config is not None else getattr(args, "device", "cpu"))
+    except ValueError as e:
+        parser.error(str(e).replace("threads must", "--threads must").replace("workers must", "--workers must"))
+
+
 def add_federated_commands(sub) -> None:
     train = sub.add_parser("train", help="run federated SpaFL (default: the embedded digits preset)",
                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -79,6 +107,7 @@ def add_federated_commands(sub) -> None:
     train.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
     train.add_argument("--plot", action=argparse.BooleanOptionalAction, default=True,
                        help="draw the plots at the end (needs matplotlib)")
+    add_thread_flags(train)
     _add_config_flags(train)
     train.set_defaults(func=_train)
 
@@ -91,6 +120,7 @@ def add_federated_commands(sub) -> None:
     compare.add_argument("--seeds", type=_csv(int), default=[0, 1, 2], help="comma-separated seeds")
     compare.add_argument("--out", type=Path, default=None, help="folder (default runs/compare-<preset>)")
     compare.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
+    add_thread_flags(compare)
     _add_config_flags(compare)
     compare.set_defaults(func=_compare)
 
@@ -127,10 +157,17 @@ def _compare(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     command = "spafl " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     try:
         config, preset = _base_config(args)
-        out = args.out or Path("runs") / f"compare-{preset or 'custom'}"
-        print(f"spafl compare: {', '.join(args.methods)} x seeds {args.seeds} on {config.dataset} / {config.model}, "
-              f"{config.rounds} rounds, into {out}")
-        runs = run_comparison(config, args.methods, args.seeds, out, progress=args.progress, command=command)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"spafl compare: {e}", file=sys.stderr)
+        return 2
+    policy = thread_policy(args, parser, config)
+    out = args.out or Path("runs") / f"compare-{preset or 'custom'}"
+    print(f"spafl compare: {', '.join(args.methods)} x seeds {args.seeds} on {config.dataset} / {config.model}, "
+          f"{config.rounds} rounds, into {out}; threads: {policy.describe()}")
+    try:
+        with policy.applied():
+            runs = run_comparison(config, args.methods, args.seeds, out, progress=args.progress, command=command,
+                                  workers=policy.workers)
     except (ValueError, FileNotFoundError) as e:
         print(f"spafl compare: {e}", file=sys.stderr)
         return 2
@@ -146,7 +183,7 @@ def _overrides(args: argparse.Namespace) -> dict:
 
 
 def _train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    from .simulator import Simulator
+    from .simulator import Simulator, read_checkpoint
 
     overrides = _overrides(args)
     command = "spafl " + " ".join(shlex.quote(a) for a in sys.argv[1:])
@@ -156,15 +193,11 @@ def _train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
                 parser.error("--resume needs --out (the run folder)")
             if args.preset or args.config:
                 parser.error("--resume takes the run's settings from its checkpoint; drop --preset/--config")
-            import torch
-
             ckpt = args.out / "checkpoint.pt"
             if not ckpt.is_file():
                 parser.error(f"--resume: no checkpoint in {args.out}")
-            saved = torch.load(ckpt, map_location="cpu", weights_only=False)["config"]
+            saved = read_checkpoint(ckpt)["config"]
             config = FedConfig(**{**saved, **overrides}).validate()
-            sim = Simulator.resume(ckpt, config, progress=args.progress, command=command)
-            print(f"resuming {args.out} at round {sim.round} of {config.rounds}")
         else:
             config, preset = _base_config(args)
             tag = "" if config.method == "spafl" else f"-{config.method}"
@@ -172,18 +205,30 @@ def _train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             if (out / "checkpoint.pt").exists() and not args.overwrite:
                 parser.error(f"{out} already holds a run; pass --resume to continue it or --overwrite to replace it")
             args.out = out
-            sim = Simulator(config, out_dir=out, progress=args.progress, command=command)
     except (ValueError, FileNotFoundError) as e:
         print(f"spafl train: {e}", file=sys.stderr)
         return 2
-    cfg = sim.config
-    size = f"{sim.num_thresholds} thresholds" if cfg.method == "spafl" else f"{sim.num_weights} prunable weights"
-    print(f"spafl train: {cfg.method}, {cfg.dataset} / {cfg.model}, {cfg.num_clients} clients, "
-          f"{cfg.clients_per_round} per round, {cfg.rounds} rounds, alpha {cfg.alpha}, device {sim.device}, {size}, "
-          f"run folder {args.out}")
-    with warnings.catch_warnings():
-        warnings.simplefilter("always")
-        sim.run()
+    policy = thread_policy(args, parser, config)
+    with policy.applied():
+        try:
+            if args.resume:
+                sim = Simulator.resume(ckpt, config, progress=args.progress, command=command, workers=policy.workers)
+                print(f"resuming {args.out}: {sim.round} of {config.rounds} rounds done")
+            else:
+                sim = Simulator(config, out_dir=args.out, progress=args.progress, command=command,
+                                workers=policy.workers)
+        except (ValueError, FileNotFoundError) as e:
+            print(f"spafl train: {e}", file=sys.stderr)
+            return 2
+        cfg = sim.config
+        size = f"{sim.num_thresholds} thresholds" if cfg.method == "spafl" else f"{sim.num_weights} prunable weights"
+        print(f"spafl train: {cfg.method}, {cfg.dataset} / {cfg.model}, {cfg.num_clients} clients, "
+              f"{cfg.clients_per_round} per round, rounds 1 to {cfg.rounds}, alpha {cfg.alpha}, device {sim.device}, "
+              f"{size}, run folder {args.out}")
+        print(f"threads: {policy.describe()}")
+        with warnings.catch_warnings(), sim:
+            warnings.simplefilter("always")
+            sim.run()
     _print_summary(sim.summary())
     if args.plot:
         _draw(args.out)
@@ -201,7 +246,8 @@ def _print_summary(s: dict) -> None:
     print(f"density {s['final_density']:.3f} (layer mean), {s['final_density_weighted']:.3f} (weighted); "
           f"communication {s['comm_gbit_paper']:.6g} Gbit by the paper's formula, "
           f"{s['bytes_exchanged'] / 1e6:.4g} MB serialised; training {s['flops_per_client']:.4g} FLOPs per client; "
-          f"{s['wall_s']:.1f} s ({s['mean_round_s']:.3f} s/round)")
+          f"{s['wall_s']:.1f} s ({s['mean_round_s']:.3f} s/round)"
+          + (f"; {s['never_sampled']} client(s) never sampled" if s.get("never_sampled") else ""))
 
 
 def _draw(run: Path) -> None:

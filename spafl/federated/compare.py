@@ -19,7 +19,8 @@ from pathlib import Path
 import numpy as np
 
 from .config import METHODS, FedConfig
-from .simulator import Simulator, _atomic_write
+from .server import _atomic_write
+from .simulator import Simulator
 
 METHOD_LABELS = {"spafl": "SpaFL", "fedavg": "FedAvg (dense)", "local": "Local only", "sparsyfed": "SparsyFed",
                  "topk": "Top-K"}
@@ -33,9 +34,10 @@ def run_folder(out: Path, method: str, seed: int) -> Path:
 
 
 def run_comparison(config: FedConfig, methods: Iterable[str], seeds: Iterable[int], out: str | Path,
-                   progress: bool = False, command: str | None = None, log=print) -> list[dict]:
-    """Run (or resume, or reuse) every ``method`` x ``seed`` with ``config``'s other settings;
-    write the table and return one summary per run."""
+                   progress: bool = False, command: str | None = None, log=print, workers: int = 1) -> list[dict]:
+    """Run (or resume, or reuse) every ``method`` x ``seed`` with ``config``'s other settings
+    (one after another, each with ``workers`` client threads: see :class:`.Simulator`); write
+    the table and return one summary per run."""
     out = Path(out)
     methods, seeds = list(methods), list(seeds)
     unknown = sorted(set(methods) - set(METHODS))
@@ -49,13 +51,13 @@ def run_comparison(config: FedConfig, methods: Iterable[str], seeds: Iterable[in
         folder = run_folder(out, cfg.method, cfg.seed)
         ckpt = folder / "checkpoint.pt"
         if ckpt.is_file():
-            sim = Simulator.resume(ckpt, cfg, progress=progress, command=command)
-            state = "done" if sim.round >= cfg.rounds else f"resuming at round {sim.round}"
+            sim = Simulator.resume(ckpt, cfg, progress=progress, command=command, workers=workers)
+            state = "done" if sim.round >= cfg.rounds else f"resuming after round {sim.round}"
         else:
-            sim = Simulator(cfg, out_dir=folder, progress=progress, command=command)
+            sim = Simulator(cfg, out_dir=folder, progress=progress, command=command, workers=workers)
             state = "starting"
         log(f"{cfg.method} seed {cfg.seed}: {state} ({cfg.rounds} rounds) in {folder}")
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), sim:
             warnings.simplefilter("always")
             sim.run()
     runs = [load_run(run_folder(out, c.method, c.seed)) for c in configs]

@@ -17,6 +17,9 @@ METHODS = ("spafl", "fedavg", "local", "sparsyfed", "topk")
 DATASETS = ("digits", "fmnist", "cifar10", "cifar100")
 MODELS = ("digits-cnn", "lenet5", "conv4", "vit", "resnet18")
 PENALTY_SCHEDULES = ("sigmoid", "constant")
+OPTIMIZER_LIFETIMES = ("per-round", "per-run")
+COLLAPSE_TIMINGS = ("current", "previous")
+RNG_MODES = ("keyed", "global")
 NORMALIZATIONS = ("standard", "raw")
 AGGREGATORS = ("mean", "median", "trimmed-mean")
 _DATASET_SHAPES = {"digits": (1, 8, 8), "fmnist": (1, 28, 28), "cifar10": (3, 32, 32), "cifar100": (3, 32, 32)}
@@ -51,6 +54,16 @@ class FedConfig:
     settings above are shared by all methods (the threshold ones only apply to SpaFL); with
     ``lr_final`` set, the learning rate decays exponentially from ``lr`` to ``lr_final`` over
     ``rounds`` (SparsyFed's schedule) instead of ``lr * lr_decay**t``.
+
+    How the reference code runs: ``optimizer_lifetime`` ``"per-round"`` (a fresh SGD optimiser
+    every round, as the CIFAR scripts) or ``"per-run"`` (one per client for its whole life, as
+    the FMNIST script: the momentum buffers carry over between the client's rounds, kept in its
+    state; the learning rate still follows the schedule); the collapse guard's
+    ``collapse_timing`` (``"current"``: the density of this forward's mask; ``"previous"``: the
+    density of the layer's previous forward, as the reference layers) and ``collapse_in_eval``
+    (the guard also runs in evaluation, and a reset there persists in the client's state);
+    ``rng``: ``"keyed"`` (every draw keyed by ``(seed, round, client)``) or ``"global"`` (the
+    reference code's sequential draws, :class:`spafl.federated.protocol.SequentialStreams`).
     """
 
     method: str = "spafl"
@@ -89,6 +102,11 @@ class FedConfig:
     th_coeff: float = 0.002
     penalty_schedule: str = "sigmoid"
     penalty_scheduler: float = 1.0
+    # how the reference code runs
+    optimizer_lifetime: str = "per-round"
+    collapse_timing: str = "current"
+    collapse_in_eval: bool = False
+    rng: str = "keyed"
     # run
     seed: int = 0
     device: str = "auto"
@@ -139,6 +157,13 @@ class FedConfig:
         need(self.normalize in NORMALIZATIONS, f"normalize must be one of {NORMALIZATIONS}, got {self.normalize!r}")
         need(self.penalty_schedule in PENALTY_SCHEDULES,
              f"penalty_schedule must be one of {PENALTY_SCHEDULES}, got {self.penalty_schedule!r}")
+        need(self.optimizer_lifetime in OPTIMIZER_LIFETIMES,
+             f"optimizer_lifetime must be one of {OPTIMIZER_LIFETIMES}, got {self.optimizer_lifetime!r}")
+        need(self.collapse_timing in COLLAPSE_TIMINGS,
+             f"collapse_timing must be one of {COLLAPSE_TIMINGS}, got {self.collapse_timing!r}")
+        need(isinstance(self.collapse_in_eval, bool),
+             f"collapse_in_eval must be True or False, got {self.collapse_in_eval!r}")
+        need(self.rng in RNG_MODES, f"rng must be one of {RNG_MODES}, got {self.rng!r}")
         for name in ("num_clients", "clients_per_round", "rounds", "local_epochs", "batch_size", "eval_batch_size",
                      "min_train_samples"):
             value = getattr(self, name)
@@ -196,7 +221,9 @@ def _is_real(value: Any) -> bool:
 
 
 # The authors' scripts (spafl-algorithm.md section 6). CIFAR uses a constant penalty and
-# gradient clipping; FMNIST the sigmoid schedule, no clipping and raw 0..255 pixels.
+# gradient clipping; FMNIST the sigmoid schedule, no clipping and raw 0..255 pixels. The FMNIST
+# client builds its SGD optimiser once (momentum carries over between its rounds), the CIFAR
+# clients one per round. The digits preset keeps a fresh optimiser per round.
 PRESETS: dict[str, dict[str, Any]] = {
     "digits-cnn": dict(
         dataset="digits", model="digits-cnn", num_clients=20, clients_per_round=5, alpha=0.5, rounds=60,
@@ -206,22 +233,23 @@ PRESETS: dict[str, dict[str, Any]] = {
     "fmnist-lenet5": dict(
         dataset="fmnist", model="lenet5", num_clients=100, clients_per_round=10, alpha=0.2, rounds=500,
         lr=0.001, th_coeff=0.002, local_epochs=5, batch_size=64, penalty_schedule="sigmoid", penalty_scheduler=1.0,
-        normalize="raw", augment=False, drop_last=False,
+        normalize="raw", augment=False, drop_last=False, optimizer_lifetime="per-run",
     ),
     "cifar10-conv4": dict(
         dataset="cifar10", model="conv4", num_clients=100, clients_per_round=10, alpha=0.1, rounds=500,
         lr=0.01, th_coeff=0.00015, local_epochs=5, batch_size=16, clip=3.0, penalty_schedule="constant",
-        normalize="standard", augment=True, drop_last=True, min_train_samples=16,
+        normalize="standard", augment=True, drop_last=True, min_train_samples=16, optimizer_lifetime="per-round",
     ),
     "cifar10-vit": dict(
         dataset="cifar10", model="vit", num_clients=100, clients_per_round=10, alpha=0.1, rounds=500,
         lr=0.01, th_coeff=0.0001, local_epochs=1, batch_size=16, clip=3.0, penalty_schedule="constant",
-        normalize="standard", augment=True, drop_last=True, min_train_samples=16,
+        normalize="standard", augment=True, drop_last=True, min_train_samples=16, optimizer_lifetime="per-round",
     ),
     "cifar100-resnet18": dict(
         dataset="cifar100", model="resnet18", num_clients=100, clients_per_round=10, alpha=0.1, rounds=1500,
         lr=0.01, lr_decay=0.993, th_coeff=0.0007, local_epochs=7, batch_size=64, clip=15.0,
         penalty_schedule="constant", normalize="standard", augment=True, drop_last=True, min_train_samples=64,
+        optimizer_lifetime="per-round",
     ),
 }
 DEFAULT_PRESET = "digits-cnn"

@@ -226,13 +226,13 @@ class Method:
     def load(self, model: nn.Module, server, client_state: Mapping[str, torch.Tensor] | None) -> None:
         """Load the model a client is evaluated with."""
         if self.personalised:
-            model.load_state_dict(client_state)
+            protocol.load_client_state(model, client_state)
         else:
             _load_exchanged(model, server.params)
 
     def receive(self, model: nn.Module, state, message: Mapping[str, torch.Tensor]) -> None:
         if self.personalised:
-            model.load_state_dict(state)
+            protocol.load_client_state(model, state)
         else:
             _load_exchanged(model, message)
 
@@ -244,19 +244,26 @@ class Method:
 
     def client_round(self, model: nn.Module, state: Mapping[str, torch.Tensor] | None,
                      message: Mapping[str, torch.Tensor], data: ClientData, config: FedConfig, round_index: int,
-                     client_id: int, macs: Mapping[str, int]) -> tuple[Tensors | None, ClientReport]:
+                     client_id: int, macs: Mapping[str, int], *,
+                     train_seeds: list[int] | None = None) -> tuple[Tensors | None, ClientReport]:
         """Receive, train with plain cross-entropy, post-process; return ``(the client's new
-        state or None for a stateless client, report)``."""
+        state, report)``. A global method's client keeps no model: its state is None, or with
+        ``optimizer_lifetime="per-run"`` its optimiser's momentum buffers alone."""
         self.receive(model, state, message)
         before = self.before_training(model, round_index)
-        generator = torch.Generator(device=data.train_x.device)
-        generator.manual_seed(derived_seed(config.seed, "train", round_index, client_id))
-        loss = protocol.local_train(model, data, config, round_index, generator, penalty=False)
+        generators = protocol.train_generators(config, round_index, client_id, data.train_x.device, train_seeds)
+        kept = protocol.momentum_entries(state) if config.optimizer_lifetime == "per-run" else None
+        optimizer = protocol.sgd(model, config, round_index, kept)
+        loss = protocol.local_train(model, data, config, round_index, generators, penalty=False, optimizer=optimizer)
         layers = dict(self.prunable(model))
         density = {k: (layers[k].weight != 0) for k in macs}
         flops = protocol.training_flops(config, data.num_train, density, macs, 0, 0)
         stats = self.after_training(model, before)
-        new_state = {k: v.detach().clone() for k, v in model.state_dict().items()} if self.personalised else None
+        if self.personalised:
+            new_state = protocol.client_state(model, optimizer, config)
+        else:  # the client of a global method keeps its optimiser's momentum at most
+            per_run = config.optimizer_lifetime == "per-run"
+            new_state = (protocol.optimizer_momentum(model, optimizer) or None) if per_run else None
         update = exchanged(model.state_dict()) if self.communicates else {}
         return new_state, ClientReport(update, data.num_train, float(loss), flops, stats)
 

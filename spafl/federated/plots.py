@@ -1,5 +1,7 @@
-"""Plots of a run folder (needs matplotlib): accuracy and density curves, and one layer's
-masks across clients at a few rounds (like the paper's Figure 3)."""
+"""Plots of a run folder (needs matplotlib): accuracy and density curves, one layer's masks
+across clients at a few rounds (like the paper's Figure 3), the distribution of the clients'
+accuracies over the rounds and the global thresholds per layer. Rounds count from 1, as in
+the history."""
 
 from __future__ import annotations
 
@@ -11,18 +13,32 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
+
+from .config import dataset_classes  # noqa: E402
+
+# Percentile bands of the per-client accuracy plot: (low, high) pairs, outermost first.
+CLIENT_BANDS = ((0, 100), (10, 90), (25, 75))
+
+
+def history_rounds(meta: dict) -> np.ndarray:
+    """The rounds' numbers counting from 1 (files written before ``history_format`` 2
+    numbered them from 0)."""
+    rounds = np.array([row["round"] for row in meta["history"]], dtype=np.int64)
+    return rounds if meta.get("history_format", 1) >= 2 else rounds + 1
 
 
 def plot_run(run: str | Path, rounds_shown: int = 3) -> list[Path]:
-    """Write ``accuracy.png``, ``density.png`` and (when ``masks.npz`` exists) ``masks.png``
-    into ``run``; return their paths."""
+    """Write ``accuracy.png``, ``density.png``, and when their data exist ``masks.png``
+    (``masks.npz``), ``clients.png`` (``clients.npz``) and ``thresholds.png`` (the history's
+    ``tau`` statistics) into ``run``; return their paths."""
     run = Path(run)
     meta = json.loads((run / "history.json").read_text())
     rows = meta["history"]
     if not rows:
         return []
     title = f"{meta['config']['dataset']} / {meta['config']['model']}, seed {meta['config']['seed']}"
-    r = np.array([row["round"] for row in rows]) + 1
+    r = history_rounds(meta)
     out = []
 
     fig, ax = plt.subplots(figsize=(6.4, 4))
@@ -33,6 +49,7 @@ def plot_run(run: str | Path, rounds_shown: int = 3) -> list[Path]:
     ax.plot(r, [row["acc_weighted"] for row in rows], label="sample-weighted", lw=1)
     ax.plot(r, [row["acc_p10"] for row in rows], label="10th percentile", lw=1, ls="--")
     ax.set(xlabel="round", ylabel="personalised test accuracy (%)", title=title)
+    _round_axis(ax)
     ax.grid(alpha=0.3)
     ax.legend()
     out.append(_save(fig, run / "accuracy.png"))
@@ -43,6 +60,7 @@ def plot_run(run: str | Path, rounds_shown: int = 3) -> list[Path]:
     for name in meta["layers"]:
         ax.plot(r, [row["layers"][name] for row in rows], label=name, lw=0.8, alpha=0.7)
     ax.set(xlabel="round", ylabel="density (active units)", ylim=(0, 1.02), title=title)
+    _round_axis(ax)
     ax.grid(alpha=0.3)
     ax.legend(fontsize="small", ncol=2)
     out.append(_save(fig, run / "density.png"))
@@ -50,14 +68,82 @@ def plot_run(run: str | Path, rounds_shown: int = 3) -> list[Path]:
     if (run / "masks.npz").is_file():
         data = np.load(run / "masks.npz")
         masks, rounds = data["masks"], data["rounds"]
+        if meta.get("history_format", 1) < 2:
+            rounds = rounds + 1
         picks = sorted({int(i) for i in np.linspace(0, len(rounds) - 1, rounds_shown)})
         fig, axes = plt.subplots(1, len(picks), figsize=(4 * len(picks), 3.6), squeeze=False)
         for ax, i in zip(axes[0], picks, strict=True):
             ax.imshow(masks[i], aspect="auto", cmap="Greys", vmin=0, vmax=1, interpolation="nearest")
-            ax.set(title=f"round {rounds[i] + 1}", xlabel=f"unit of {data['layer']}", ylabel="client")
+            ax.set(title=f"round {rounds[i]}", xlabel=f"unit of {data['layer']}", ylabel="client")
         fig.suptitle(f"{title}: active (black) units of {data['layer']} per client")
         out.append(_save(fig, run / "masks.png"))
+
+    if (run / "clients.npz").is_file():
+        with np.load(run / "clients.npz") as data:
+            classes = dataset_classes(meta["config"]["dataset"])
+            fig = client_accuracy_figure(data["rounds"], data["acc"], title, stuck_below=2 * 100.0 / classes)
+        out.append(_save(fig, run / "clients.png"))
+
+    if rows[0].get("tau"):
+        out.append(_save(threshold_figure(r, rows, title), run / "thresholds.png"))
     return out
+
+
+def client_percentiles(acc: np.ndarray) -> dict[int, np.ndarray]:
+    """``{q: the q-th percentile over clients, per round}`` of ``acc [rounds, clients]`` for
+    every q of :data:`CLIENT_BANDS` and the median; clients without test data (NaN) left out."""
+    qs = sorted({q for band in CLIENT_BANDS for q in band} | {50})
+    acc = np.asarray(acc, dtype=np.float64)
+    if acc.size == 0 or np.isnan(acc).all():
+        return {q: np.full(len(acc), np.nan) for q in qs}
+    return {q: np.nanpercentile(acc, q, axis=1) for q in qs}
+
+
+def client_accuracy_figure(rounds: np.ndarray, acc: np.ndarray, title: str = "", stuck_below: float = 20.0):
+    """The distribution of the clients' accuracies over the rounds (``acc [rounds, clients]``
+    in %, y axis 0 to 100): the median and the 25-75, 10-90 and min-max bands
+    (:func:`client_percentiles`); under it, how many clients were below ``stuck_below`` % each
+    round (:func:`plot_run` passes twice the chance level: clients stuck near chance)."""
+    bands = client_percentiles(acc)
+    fig, (ax, low) = plt.subplots(2, 1, figsize=(6.4, 5.2), sharex=True, gridspec_kw={"height_ratios": [3, 1]})
+    for (q_low, q_high), alpha in zip(CLIENT_BANDS, (0.15, 0.25, 0.35), strict=True):
+        ax.fill_between(rounds, bands[q_low], bands[q_high], alpha=alpha, color="C0", lw=0,
+                        label=f"{q_low}-{q_high}th percentile" if (q_low, q_high) != (0, 100) else "min-max")
+    ax.plot(rounds, bands[50], color="C0", lw=1.5, label="median")
+    ax.set(ylabel="client test accuracy (%)", ylim=(0, 100), title=f"{title}: accuracy over {acc.shape[1]} clients")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small", loc="lower right")
+    stuck = (np.nan_to_num(np.asarray(acc, dtype=np.float64), nan=100.0) < stuck_below).sum(1)
+    low.plot(rounds, stuck, color="C3", lw=1)
+    low.set(xlabel="round", ylabel=f"clients < {stuck_below:g}%", ylim=(0, max(1, acc.shape[1])))
+    low.grid(alpha=0.3)
+    _round_axis(low)
+    return fig
+
+
+def threshold_figure(rounds: np.ndarray, rows: list[dict], title: str = ""):
+    """The global thresholds of every layer over the rounds: mean, +- std, and the min-max band
+    (one panel per layer: their scales differ)."""
+    layers = list(rows[0]["tau"])
+    fig, axes = plt.subplots(len(layers), 1, figsize=(6.4, 1.9 * len(layers) + 0.8), sharex=True, squeeze=False)
+    for ax, name in zip(axes[:, 0], layers, strict=True):
+        stats = {s: np.array([row["tau"][name][s] for row in rows]) for s in ("mean", "std", "min", "max")}
+        ax.fill_between(rounds, stats["min"], stats["max"], alpha=0.15, color="C1", lw=0, label="min-max")
+        ax.fill_between(rounds, stats["mean"] - stats["std"], stats["mean"] + stats["std"], alpha=0.3, color="C1",
+                        lw=0, label="+- std")
+        ax.plot(rounds, stats["mean"], color="C1", lw=1.2, label="mean")
+        ax.set_ylabel(f"tau {name}")
+        ax.grid(alpha=0.3)
+    axes[0, 0].set_title(f"{title}: global thresholds")
+    axes[0, 0].legend(fontsize="small", loc="upper left")
+    axes[-1, 0].set_xlabel("round")
+    _round_axis(axes[-1, 0])
+    return fig
+
+
+def _round_axis(ax) -> None:
+    """Integer round ticks."""
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
 
 
 def _save(fig, path: Path) -> Path:
@@ -89,6 +175,7 @@ def plot_comparison(out: str | Path, runs: list[dict]) -> list[Path]:
     config = runs[0]["config"]
     title = f"{config['dataset']} / {config['model']}, {len({r['seed'] for r in runs})} seed(s)"
     ax_r.set(xlabel="round", ylabel="personalised test accuracy (%)", title=title)
+    _round_axis(ax_r)
     ax_g.set(xlabel="cumulative communication (Gbit, log scale)", ylabel="personalised test accuracy (%)",
              title=title, xscale="log")
     for ax in (ax_r, ax_g):

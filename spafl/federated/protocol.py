@@ -11,7 +11,8 @@ transport would carry and what the accounting measures.
 
 Every random choice is drawn from a generator keyed by ``(seed, round, client)``, so a round
 does not depend on what ran before it: a resumed run, or another engine driving these same
-functions, reproduces the same history.
+functions, reproduces the same history. (``rng="global"`` replaces the cohort and batch-order
+draws by the reference code's sequential streams, :class:`SequentialStreams`, for comparison.)
 """
 
 from __future__ import annotations
@@ -53,6 +54,43 @@ def sample_clients(seed: int, round_index: int, num_clients: int, k: int) -> lis
     """``k`` of ``num_clients`` clients, uniformly without replacement, keyed by the round."""
     rng = np.random.default_rng(derived_seed(seed, "sample", round_index))
     return sorted(int(i) for i in rng.choice(num_clients, size=k, replace=False))
+
+
+class SequentialStreams:
+    """``rng="global"``: the reference code's plain sequential draws instead of keyed streams.
+
+    The cohort comes from one NumPy ``RandomState`` seeded once (``np.random.seed(seed)``;
+    ``np.random.choice(N, K, replace=False)`` every round, in the order drawn), and each
+    client's batch order from one torch generator seeded once, from which every sampled client,
+    in cohort order, draws one seed per local epoch (what a shuffling ``DataLoader`` draws from
+    torch's global generator at the start of each epoch). Every draw depends on all the draws
+    before it: a run is reproducible from its start, and a resumed run continues exactly only
+    because the streams' states travel in the checkpoint (:meth:`state_dict`)."""
+
+    def __init__(self, seed: int):
+        self.sampler = np.random.RandomState(seed)
+        self.batches = torch.Generator().manual_seed(seed)
+
+    def sample(self, num_clients: int, k: int) -> list[int]:
+        """The next round's cohort, in the order drawn (not sorted)."""
+        return [int(i) for i in self.sampler.choice(num_clients, size=k, replace=False)]
+
+    def epoch_seeds(self, epochs: int) -> list[int]:
+        """The next client's seeds, one per local epoch."""
+        return [int(torch.empty((), dtype=torch.int64).random_(generator=self.batches)) for _ in range(epochs)]
+
+    def state_dict(self) -> dict:
+        """Plain tensors and numbers (loads with ``torch.load(weights_only=True)``)."""
+        kind, keys, pos, has_gauss, gauss = self.sampler.get_state()
+        return {"sampler_keys": torch.from_numpy(keys.astype(np.int64)), "sampler_pos": int(pos),
+                "sampler_has_gauss": int(has_gauss), "sampler_gauss": float(gauss),
+                "batches": self.batches.get_state()}
+
+    def load_state_dict(self, d: Mapping) -> None:
+        keys = d["sampler_keys"].numpy().astype(np.uint32)
+        self.sampler.set_state(("MT19937", keys, int(d["sampler_pos"]), int(d["sampler_has_gauss"]),
+                                float(d["sampler_gauss"])))
+        self.batches.set_state(d["batches"])
 
 
 # --- server -------------------------------------------------------------------------------
@@ -618,13 +656,95 @@ def learning_rate(config: FedConfig, round_index: int) -> float:
     return config.lr * config.lr_decay**round_index
 
 
+# --- the client's state: its model and, with a per-run optimiser, its momentum --------------
+
+# Keys of the momentum buffers in a client's state (``optimizer_lifetime="per-run"``), beside the
+# model's own state-dict entries: ``momentum/<parameter name>``.
+MOMENTUM_PREFIX = "momentum/"
+
+
+def model_entries(state: Mapping[str, torch.Tensor]) -> Tensors:
+    """The model's entries of a client's state (without the optimiser's momentum buffers)."""
+    return {k: v for k, v in state.items() if not k.startswith(MOMENTUM_PREFIX)}
+
+
+def momentum_entries(state: Mapping[str, torch.Tensor] | None) -> Tensors:
+    """``{parameter name: momentum buffer}`` kept in a client's state (empty: none kept)."""
+    return {k[len(MOMENTUM_PREFIX):]: v for k, v in (state or {}).items() if k.startswith(MOMENTUM_PREFIX)}
+
+
+def load_client_state(model: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
+    """Load a client's state into ``model`` (every model entry; the momentum buffers stay out)."""
+    model.load_state_dict(model_entries(state))
+
+
+def sgd(model: nn.Module, config: FedConfig, round_index: int,
+        momentum: Mapping[str, torch.Tensor] | None = None) -> torch.optim.SGD:
+    """The round's SGD optimiser at :func:`learning_rate`, with ``momentum`` (``{parameter
+    name: buffer}`` saved after the client's previous round, see :func:`client_state`) loaded
+    into it: an optimiser kept for the client's whole life, whose learning rate follows the
+    schedule, steps exactly as this one does."""
+    opt = torch.optim.SGD(model.parameters(), lr=learning_rate(config, round_index), momentum=config.momentum,
+                          weight_decay=config.weight_decay)
+    if momentum:
+        params = dict(model.named_parameters())
+        unknown = sorted(set(momentum) - set(params))
+        if unknown:
+            raise ValueError(f"momentum buffers for parameters the model does not have: {unknown[:5]}")
+        for name, buffer in momentum.items():
+            p = params[name]
+            if buffer.shape != p.shape:
+                raise ValueError(f"momentum buffer of {name}: shape {tuple(buffer.shape)}, parameter {tuple(p.shape)}")
+            opt.state[p]["momentum_buffer"] = buffer.detach().to(device=p.device, dtype=p.dtype).clone()
+    return opt
+
+
+def optimizer_momentum(model: nn.Module, optimizer: torch.optim.Optimizer) -> Tensors:
+    """The optimiser's momentum buffers as ``momentum/<parameter name>`` entries (copies;
+    parameters without a buffer yet, or SGD without momentum, have none)."""
+    out = {}
+    for name, p in model.named_parameters():
+        buffer = optimizer.state.get(p, {}).get("momentum_buffer")
+        if buffer is not None:
+            out[MOMENTUM_PREFIX + name] = buffer.detach().clone()
+    return out
+
+
+def client_state(model: nn.Module, optimizer: torch.optim.Optimizer | None, config: FedConfig) -> Tensors:
+    """What a client keeps after its round: detached copies of the model's state and, with
+    ``optimizer_lifetime="per-run"``, the optimiser's momentum buffers (:func:`optimizer_momentum`;
+    plain tensors, so the state loads with ``torch.load(weights_only=True)``)."""
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    if optimizer is not None and config.optimizer_lifetime == "per-run":
+        state.update(optimizer_momentum(model, optimizer))
+    return state
+
+
+def train_generators(config: FedConfig, round_index: int, client_id: int, device: torch.device,
+                     train_seeds: list[int] | None = None) -> list[torch.Generator]:
+    """One generator per local epoch for the batch order (and augmentation): by default the
+    same generator, keyed by ``(seed, round, client)``, for every epoch; with ``train_seeds``
+    (``rng="global"``: drawn by :class:`SequentialStreams`), one seeded generator per epoch."""
+    if train_seeds is None:
+        generator = torch.Generator(device=device)
+        generator.manual_seed(derived_seed(config.seed, "train", round_index, client_id))
+        return [generator] * config.local_epochs
+    if len(train_seeds) != config.local_epochs:
+        raise ValueError(f"{len(train_seeds)} train seeds for {config.local_epochs} local epochs")
+    return [torch.Generator(device=device).manual_seed(int(s)) for s in train_seeds]
+
+
 def local_train(model: nn.Module, data: ClientData, config: FedConfig, round_index: int,
-                generator: torch.Generator, penalty: bool = True) -> torch.Tensor:
-    """Local training with a fresh SGD optimiser: SpaFL's objective (cross-entropy plus the
-    threshold penalty), or plain cross-entropy with ``penalty=False``. Returns the mean
-    training loss (a device tensor: no host sync inside the loop)."""
-    lr = learning_rate(config, round_index)
-    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=config.momentum, weight_decay=config.weight_decay)
+                generator: torch.Generator | list[torch.Generator], penalty: bool = True,
+                optimizer: torch.optim.Optimizer | None = None) -> torch.Tensor:
+    """Local training: SpaFL's objective (cross-entropy plus the threshold penalty), or plain
+    cross-entropy with ``penalty=False``, with ``optimizer`` (default: a fresh :func:`sgd`).
+    ``generator``: one for every epoch, or a list of one per epoch (:func:`train_generators`).
+    Returns the mean training loss (a device tensor: no host sync inside the loop)."""
+    opt = optimizer if optimizer is not None else sgd(model, config, round_index)
+    generators = list(generator) if isinstance(generator, (list, tuple)) else [generator] * config.local_epochs
+    if len(generators) != config.local_epochs:
+        raise ValueError(f"{len(generators)} generators for {config.local_epochs} local epochs")
     lam = penalty_coefficient(config, round_index) if penalty else 0.0
     n, b = data.num_train, config.batch_size
     steps = num_batches(n, b, config.drop_last)
@@ -632,7 +752,7 @@ def local_train(model: nn.Module, data: ClientData, config: FedConfig, round_ind
     total = torch.zeros((), device=device)
     seen = 0
     model.train()
-    for _ in range(config.local_epochs):
+    for generator in generators:
         order = torch.randperm(n, device=device, generator=generator)
         for s in range(steps):
             idx = order[s * b : (s + 1) * b]
@@ -701,24 +821,26 @@ def training_flops(config: FedConfig, num_train: int, masks: Mapping[str, torch.
 
 def client_round(model: nn.Module, state: Mapping[str, torch.Tensor], message: Mapping[str, torch.Tensor],
                  data: ClientData, config: FedConfig, round_index: int, client_id: int,
-                 macs: Mapping[str, int]) -> tuple[Tensors, ClientReport]:
+                 macs: Mapping[str, int], *, train_seeds: list[int] | None = None) -> tuple[Tensors, ClientReport]:
     """One client's round on a working ``model``: load the client's ``state`` (weights, batch
-    norm buffers), take the global thresholds from ``message``, apply the threshold-guided
-    update, train, and return ``(new state, report)``. ``state`` itself is not modified, so a
-    client that fails mid-round keeps the state it had."""
-    model.load_state_dict(state)
+    norm buffers and, with ``optimizer_lifetime="per-run"``, its optimiser's momentum), take
+    the global thresholds from ``message``, apply the threshold-guided update, train, and
+    return ``(new state, report)``. ``state`` itself is not modified, so a client that fails
+    mid-round keeps the state it had. ``train_seeds``: see :func:`train_generators`."""
+    load_client_state(model, state)
     tau = {k[len("tau/"):]: v for k, v in message.items() if k.startswith("tau/")}
     set_thresholds(model, tau)
     if config.th_update:
         threshold_guided_update(model, {k[len("delta/"):]: v for k, v in message.items() if k.startswith("delta/")})
-    generator = torch.Generator(device=data.train_x.device)
-    generator.manual_seed(derived_seed(config.seed, "train", round_index, client_id))
-    loss = local_train(model, data, config, round_index, generator)
+    generators = train_generators(config, round_index, client_id, data.train_x.device, train_seeds)
+    kept = momentum_entries(state) if config.optimizer_lifetime == "per-run" else None
+    optimizer = sgd(model, config, round_index, kept)
+    loss = local_train(model, data, config, round_index, generators, optimizer=optimizer)
     masks = densities(model)
     n_thresholds = sum(v.numel() for v in tau.values())
     n_weights = sum(layer.weight.numel() for _, layer in threshold_layers(model))
     flops = training_flops(config, data.num_train, masks, macs, n_thresholds, n_weights)
-    new_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    new_state = client_state(model, optimizer, config)
     report = ClientReport(model_thresholds(model), data.num_train, float(loss), flops)
     return new_state, report
 
@@ -749,7 +871,7 @@ def evaluate(model: nn.Module, state: Mapping[str, torch.Tensor] | None, data: C
     over ``layers``) and, if ``mask_layer`` names a threshold layer, its unit mask (bool
     ``[out]`` on the host). ``state`` is loaded first unless None (already loaded)."""
     if state is not None:
-        model.load_state_dict(state)
+        load_client_state(model, state)
     model.eval()
     correct = torch.zeros((), dtype=torch.long, device=data.test_x.device)
     loss = torch.zeros((), device=data.test_x.device)

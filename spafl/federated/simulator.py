@@ -3,23 +3,27 @@
 
 Only the sampled clients change in a round, so only they are re-evaluated; the others' cached
 results stand (evaluation is deterministic), and every round still reports all N clients.
-Checkpoints hold the whole run (server state, every client's weights and batch-norm buffers,
-cached evaluations, history) and are written atomically; since each round's randomness is keyed
-by ``(seed, round, client)``, a resumed run continues with exactly the history an uninterrupted
-run would have.
+Checkpoints hold the whole run (server state, every client's weights, batch-norm buffers and
+kept optimiser momentum, cached evaluations, history) and are written atomically; since each
+round's randomness is keyed by ``(seed, round, client)``, a resumed run continues with exactly
+the history an uninterrupted run would have (with ``rng="global"`` the sequential streams'
+states travel in the checkpoint instead).
+
+On a CPU the round's clients can train, and be evaluated, in parallel threads (``workers``):
+each worker has its own copy of the model, every client its own keyed generators, and the
+results are applied in the cohort's order, so the history is the same for any worker count.
 """
 
 from __future__ import annotations
 
-import csv
-import io
-import json
-import os
+import copy
+import pickle
+import queue
 import sys
-import tempfile
 import time
-import warnings
-from collections.abc import Callable
+import weakref
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -30,211 +34,33 @@ from .._env import environment
 from ..convert import threshold_layers
 from .config import FedConfig, config_mismatch
 from .data import ImageDataset, client_data, load_dataset, split_digest, split_for_run
-from .methods import Method, make_method
-from .models import build_model
+from .methods import make_method
 from .protocol import (
-    UpdateRejected,
+    MOMENTUM_PREFIX,
+    SequentialStreams,
     decode,
-    derived_seed,
     encode,
     evaluate,
     layer_macs,
-    learning_rate,
-    penalty_coefficient,
+    model_entries,
+    momentum_entries,
     sample_clients,
 )
-
-CHECKPOINT_VERSION = 1
-# History fields that measure the machine rather than the algorithm (excluded when comparing runs).
-TIMING_FIELDS = ("wall_s", "train_s", "eval_s")
-
-
-class FederatedWarning(UserWarning):
-    """A client was dropped from a round or its update was rejected (the run goes on)."""
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r} requested but CUDA is not available")
-    return device
-
-
-def check_dataset(dataset: ImageDataset, config: FedConfig, custom_model: bool) -> None:
-    """Fail with a clear message on data the run cannot use (before any training)."""
-    from .config import model_input_shape
-
-    for split in ("train", "test"):
-        x, y = getattr(dataset, f"{split}_x"), getattr(dataset, f"{split}_y")
-        if x.dim() != 4 or y.dim() != 1 or x.shape[0] != y.shape[0]:
-            raise ValueError(f"dataset {split} split: expected images [n, C, H, W] and labels [n], "
-                             f"got {tuple(x.shape)} and {tuple(y.shape)}")
-        if x.dtype != torch.uint8 and not x.is_floating_point():
-            raise ValueError(f"dataset {split} images must be uint8 or floating point, got {x.dtype}")
-        if x.is_floating_point() and not bool(torch.isfinite(x).all()):
-            raise ValueError(f"dataset {split} images hold non-finite values")
-        if y.dtype != torch.int64 or (len(y) and (int(y.min()) < 0 or int(y.max()) >= dataset.num_classes)):
-            raise ValueError(f"dataset {split} labels must be int64 in [0, {dataset.num_classes})")
-    if not custom_model and tuple(dataset.image_shape) != model_input_shape(config.model):
-        raise ValueError(f"model {config.model!r} takes {model_input_shape(config.model)} images but the dataset "
-                         f"has {tuple(dataset.image_shape)}; pass model_fn= for another model")
-
-
-def _percentile10(values: np.ndarray) -> float:
-    return float(np.percentile(values, 10)) if len(values) else float("nan")
-
-
-def whole_test_set(dataset: ImageDataset, config: FedConfig, device: torch.device):
-    """The dataset's whole test split as one client's data (no training samples): where a
-    global model is evaluated besides every client's own test split."""
-    everything = np.arange(len(dataset.test_y))
-    return client_data(dataset, [everything[:0]], [everything], config.normalize, False, device)[0]
-
-
-def initial_model(config: FedConfig, method: Method, num_classes: int, device: torch.device,
-                  model_fn: Callable[[], nn.Module] | None = None) -> nn.Module:
-    """The run's initial model, the same in every process that builds it: seeded from
-    ``config.seed``, built from ``config.model`` (or ``model_fn``), converted by the method."""
-    torch.manual_seed(derived_seed(config.seed, "init"))
-    layer_kwargs = dict(backend=config.backend, backward_mode=config.backward_mode,
-                        sample_fraction=config.sample_fraction, collapse_density=config.collapse_density)
-    model = model_fn() if model_fn is not None else build_model(config.model, num_classes, **layer_kwargs)
-    return method.prepare_model(model.to(device))
-
-
-def client_metrics(round_index: int, evaluations: list[dict], layer_names: list[str],
-                   global_eval: dict | None = None) -> dict:
-    """A round's accuracy, loss and density columns from every client's latest evaluation
-    (:func:`protocol.evaluate` results, plus ``collapse_resets``) and, for a global method, the
-    global model's on the whole test set."""
-    scored = [c for c in evaluations if c["num_test"] > 0]
-    acc = np.array([c["acc"] for c in scored])
-    n_test = np.array([c["num_test"] for c in scored])
-    loss = np.array([c["loss"] for c in scored])
-    row = {
-        "round": round_index,
-        "acc_mean": float(acc.mean()) if len(acc) else float("nan"),
-        "acc_weighted": float((acc * n_test).sum() / n_test.sum()) if len(acc) else float("nan"),
-        "acc_std": float(acc.std()) if len(acc) else float("nan"),
-        "acc_min": float(acc.min()) if len(acc) else float("nan"),
-        "acc_p10": _percentile10(acc),
-        "loss": float((loss * n_test).sum() / n_test.sum()) if len(acc) else float("nan"),
-        "clients_without_test_data": len(evaluations) - len(scored),
-        "density": float(np.mean([c["density"] for c in evaluations])),
-        "density_weighted": float(np.mean([c["density_weighted"] for c in evaluations])),
-        "collapse_resets": int(sum(c["collapse_resets"] for c in evaluations)),
-        "layers": {name: float(np.mean([c["layers"][name] for c in evaluations])) for name in layer_names},
-    }
-    if global_eval is not None:  # the global model on the whole test set
-        row["acc_global"] = global_eval["acc"]
-        row["loss_global"] = global_eval["loss"]
-    return row
-
-
-class RoundTally:
-    """One round's outcome, client by client, as the server sees it; the simulator and the
-    Flower server (:mod:`spafl.flower`) both fill one and take the history columns from it.
-
-    ``drop`` a client that failed, ``trained`` one that finished (its report), ``receive``
-    its uplink bytes (decoded and validated here: a bad update is rejected, not aggregated),
-    or ``reject`` an uplink that could not be read at all."""
-
-    def __init__(self, method: Method, server):
-        self.method, self.server = method, server
-        self.accepted: list[dict[str, torch.Tensor]] = []
-        self.weights: list[int] = []
-        self.reports: list = []
-        self.errors: list[str] = []
-        self.trained_ids: list[int] = []
-        self.train_losses: list[float] = []
-        self.dropped = self.rejected = self.bytes_up = self.nnz_up = 0
-        self.flops = 0.0
-
-    def drop(self, cid: int, reason: str) -> None:
-        self.dropped += 1
-        self.errors.append(f"client {cid} failed: {reason}")
-
-    def trained(self, cid: int, report) -> None:
-        self.trained_ids.append(cid)
-        self.flops += report.flops
-        self.train_losses.append(report.train_loss)
-
-    def reject(self, cid: int, reason: str) -> None:
-        self.rejected += 1
-        self.errors.append(f"client {cid} update rejected: {reason}")
-
-    def receive(self, cid: int, report, up: bytes) -> None:
-        self.bytes_up += len(up)
-        try:
-            update = decode(up)
-            self.method.validate_update(update, self.server)
-        except (UpdateRejected, TypeError, ValueError) as e:
-            self.reject(cid, str(e))
-            return
-        self.accepted.append(update)
-        self.weights.append(report.num_samples)
-        self.reports.append(report)
-        self.nnz_up += sum(int(torch.count_nonzero(v)) for v in update.values())
-
-    def warn(self, round_index: int) -> None:
-        for text in self.errors:
-            warnings.warn(f"round {round_index}: {text}", FederatedWarning, stacklevel=3)
-
-    def columns(self, config: FedConfig, t: int, message: dict[str, torch.Tensor], down_bytes: int, totals: dict,
-                client_flops: np.ndarray, timings: dict, extra: dict) -> dict:
-        """The round's history columns after the client metrics; adds the round to ``totals``."""
-        method, sampled = self.method, config.clients_per_round
-        bits = method.paper_bits(message, self.accepted, sampled)
-        bytes_down = down_bytes * sampled
-        totals["comm_bits_paper"] += bits
-        totals["bytes"] += bytes_down + self.bytes_up
-        totals["wall_s"] += timings.get("wall_s", 0.0)
-        return {
-            "sampled": " ".join(map(str, sample_clients(config.seed, t, config.num_clients, sampled))),
-            "participants": len(self.accepted),
-            "dropped": self.dropped,
-            "rejected": self.rejected,
-            "train_loss": float(np.mean(self.train_losses)) if self.train_losses else float("nan"),
-            "lr": learning_rate(config, t),
-            "lambda": penalty_coefficient(config, t) if method.name == "spafl" else 0.0,
-            "comm_bits_paper": bits,
-            "comm_gbit_paper_total": totals["comm_bits_paper"] / 1e9,
-            "bytes_down": bytes_down,
-            "bytes_up": self.bytes_up,
-            "bytes_total": totals["bytes"],
-            "nnz_down": sum(int(torch.count_nonzero(v)) for v in message.values()) * sampled,
-            "nnz_up": self.nnz_up,
-            "flops_round": self.flops / config.num_clients,
-            "flops_total": float(client_flops.sum() / config.num_clients),
-            **timings,
-            **extra,
-            "errors": self.errors,
-        }
-
-
-def write_history(out: Path, meta: dict, history: list[dict], layer_names: list[str],
-                  mask_history: list[np.ndarray] | None = None, mask_layer: str | None = None) -> None:
-    """``history.csv`` (one row per round, per-layer densities as ``density:<layer>``
-    columns), ``history.json`` (``meta`` plus the rows), ``masks.npz`` (when there are masks),
-    each written atomically."""
-    out.mkdir(parents=True, exist_ok=True)
-    _atomic_write(out / "history.json", lambda f: f.write(json.dumps({**meta, "history": history}, indent=1).encode()))
-    columns = [k for k in history[0] if k not in ("layers", "errors")] if history else []
-    columns += [f"density:{name}" for name in layer_names]
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
-    writer.writeheader()
-    for row in history:
-        flat = {k: row[k] for k in columns if k in row}
-        flat.update({f"density:{k}": v for k, v in row["layers"].items()})
-        writer.writerow(flat)
-    _atomic_write(out / "history.csv", lambda f: f.write(buffer.getvalue().encode()))
-    if mask_history:
-        masks = np.stack(mask_history)
-        rounds = np.array([r["round"] for r in history])
-        _atomic_write(out / "masks.npz", lambda f: np.savez_compressed(f, masks=masks, rounds=rounds, layer=mask_layer))
+from .server import (  # noqa: F401 (TIMING_FIELDS, FederatedWarning: importable from here too)
+    CHECKPOINT_VERSION,
+    TIMING_FIELDS,
+    ClientRecord,
+    FederatedWarning,
+    RoundTally,
+    _atomic_write,
+    check_dataset,
+    client_metrics,
+    initial_model,
+    resolve_device,
+    round_diagnostics,
+    whole_test_set,
+    write_history,
+)
 
 
 class Simulator:
@@ -249,16 +75,25 @@ class Simulator:
         out_dir: where the history, checkpoints and plots go (None: nowhere).
         client_fn: the client's round (default: the method's ``client_round``, for SpaFL
             :func:`protocol.client_round`); a different function can inject faults or run the
-            client elsewhere.
+            client elsewhere. With ``workers > 1`` it is called from several threads at once
+            (on different models). With ``rng="global"`` it also receives ``train_seeds=``.
         progress: draw a progress line on stderr.
+        workers: how many clients train (and are evaluated) at once, in threads of this
+            process, CPU only. The history does not depend on it. The simulator does not change
+            torch's thread settings: for ``workers > 1`` call ``torch.set_num_threads(1)``, or
+            run inside ``with ThreadPolicy.choose(...).applied():`` (:class:`spafl.federated.ThreadPolicy`),
+            else the workers' intra-op threads compete for the cores. ``spafl train`` chooses
+            both (``--workers``, ``--threads``).
     """
 
     def __init__(self, config: FedConfig, *, dataset: ImageDataset | None = None,
                  model_fn: Callable[[], nn.Module] | None = None, out_dir: str | Path | None = None,
-                 client_fn: Callable | None = None, progress: bool = False, command: str | None = None):
+                 client_fn: Callable | None = None, progress: bool = False, command: str | None = None,
+                 workers: int = 1):
         self.config = config.validate()
         self.method = make_method(self.config)
         self.device = resolve_device(config.device)
+        self.workers = check_workers(workers, self.device)
         self.out_dir = Path(out_dir) if out_dir is not None else None
         self.client_fn = client_fn if client_fn is not None else self.method.client_round
         self.progress = progress
@@ -290,67 +125,177 @@ class Simulator:
         self.num_weights = sum(layer.weight.numel() for _, layer in self.prunable)
         # Every client of a personalised method starts from the same initial model (one shared
         # dict: a client's round never mutates the state it is given, it returns a new one);
-        # the clients of a global method hold nothing between rounds.
+        # the clients of a global method hold nothing between rounds (with a per-run optimiser,
+        # its momentum alone).
         initial = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        self._initial_state = initial
         self.client_states: list[dict[str, torch.Tensor] | None] = (
             [initial] * config.num_clients if self.method.personalised else [None] * config.num_clients)
         self.server = self.method.init_server(self.model)
+        self.streams = SequentialStreams(config.seed) if config.rng == "global" else None
         self.client_flops = np.zeros(config.num_clients)
         self.eval_cache: list[dict | None] = [None] * config.num_clients
         self.global_eval: dict | None = None
         self.history: list[dict] = []
         self.mask_history: list[np.ndarray] = []
+        self.client_record = ClientRecord(config.num_clients)
         self.totals = {"comm_bits_paper": 0.0, "bytes": 0, "wall_s": 0.0}
+        # Working models: slot 0 is self.model; the other workers' copies are made on first use.
+        self._slots: list[tuple[nn.Module, list]] = [(self.model, self.prunable)]
+        self._free: queue.SimpleQueue | None = None
+        self._pool: ThreadPoolExecutor | None = None
         self._refresh(range(config.num_clients))
+
+    # --- workers ----------------------------------------------------------------------
+
+    def _parallel(self, fn: Callable, items: Sequence) -> list:
+        """``[fn(slot, item) for item in items]``, spread over the workers (each call gets a
+        working model of its own, ``slot = (model, prunable layers)``); results in the order
+        of ``items``."""
+        if self.workers == 1 or len(items) <= 1:
+            return [fn(self._slots[0], item) for item in items]
+        if self._pool is None:
+            for _ in range(self.workers - 1):
+                model = copy.deepcopy(self.model)
+                self._slots.append((model, self.method.prunable(model)))
+            self._free = queue.SimpleQueue()
+            for slot in self._slots:
+                self._free.put(slot)
+            self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="spafl-client")
+            weakref.finalize(self, self._pool.shutdown, wait=False)
+        free = self._free
+
+        def task(item):
+            slot = free.get()
+            try:
+                return fn(slot, item)
+            finally:
+                free.put(slot)
+
+        return list(self._pool.map(task, items))
+
+    def close(self) -> None:
+        """Stop the worker threads (a later round starts them again)."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool, self._free = None, None
+            del self._slots[1:]
+
+    def __enter__(self) -> Simulator:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     # --- one round --------------------------------------------------------------------
 
     @property
     def round(self) -> int:
+        """Rounds done (the next round's index, counting from 0)."""
         return self.server.round
 
+    def _evaluate_on(self, slot: tuple, i: int, server) -> tuple[dict, dict | None]:
+        """Client ``i``'s evaluation on a working model; with ``collapse_in_eval`` (personalised
+        methods), also its state after the evaluation when that changed it (a guard reset during
+        evaluation persists, as in the reference clients, which keep their model objects)."""
+        model, prunable = slot
+        method, state = self.method, self.client_states[i]
+        method.load(model, server, state)
+        result = evaluate(model, None, self.clients[i], self.config.eval_batch_size, self.mask_layer, prunable)
+        after = model.state_dict()
+        result["collapse_resets"] = sum(int(v) for k, v in after.items() if k.endswith("collapse_resets"))
+        changed = None
+        if self.config.collapse_in_eval and method.personalised and any(
+                not torch.equal(after[k], v) for k, v in model_entries(state).items()):
+            changed = {k: v.detach().clone() for k, v in after.items()}
+            changed.update({MOMENTUM_PREFIX + k: v for k, v in momentum_entries(state).items()})
+        return result, changed
+
     def _refresh(self, ids) -> float:
-        """Evaluate clients ``ids`` (personalised methods) or the global model on every client
-        and on the whole test set (global methods)."""
+        """Evaluate clients ``ids`` (personalised methods; every client with ``collapse_in_eval``,
+        as the reference loop does) or the global model on every client and on the whole test
+        set (global methods)."""
         start = time.perf_counter()
-        method, batch = self.method, self.config.eval_batch_size
-        if not method.personalised:
-            ids = range(self.config.num_clients)
-            method.load(self.model, self.server, None)
-        for i in ids:
-            state = self.client_states[i]
-            if method.personalised:
-                method.load(self.model, self.server, state)
-            result = evaluate(self.model, None, self.clients[i], batch, self.mask_layer, self.prunable)
-            result["collapse_resets"] = sum(int(v) for k, v in (state or {}).items() if k.endswith("collapse_resets"))
-            self.eval_cache[i] = result
-        if self.global_test is not None:
-            self.global_eval = evaluate(self.model, None, self.global_test, batch, None, self.prunable)
+        method, server, n = self.method, self.server, self.config.num_clients
+        if method.personalised:
+            ids = range(n) if self.config.collapse_in_eval else ids
+            ids = list(ids)
+            results = self._parallel(lambda slot, i: self._evaluate_on(slot, i, server), ids)
+            for i, (result, changed) in zip(ids, results, strict=True):
+                self.eval_cache[i] = result
+                if changed is not None:
+                    self.client_states[i] = changed
+            return time.perf_counter() - start
+
+        # A global model: one load per worker, then its share of the clients, and the whole
+        # test set as one more share.
+        chunks = [list(c) for c in np.array_split(np.arange(n), min(self.workers, n))]
+
+        def share(slot, chunk):
+            model, prunable = slot
+            method.load(model, server, None)
+            if chunk is None:
+                return evaluate(model, None, self.global_test, self.config.eval_batch_size, None, prunable)
+            out = []
+            for i in chunk:
+                result = evaluate(model, None, self.clients[int(i)], self.config.eval_batch_size, self.mask_layer,
+                                  prunable)
+                result["collapse_resets"] = 0
+                out.append(result)
+            return out
+
+        results = self._parallel(share, [*chunks, None])
+        for chunk, evaluations in zip(chunks, results[:-1], strict=True):
+            for i, result in zip(chunk, evaluations, strict=True):
+                self.eval_cache[int(i)] = result
+        self.global_eval = results[-1]
         return time.perf_counter() - start
+
+    def _client_job(self, slot: tuple, job: tuple) -> tuple:
+        """One client's round on a working model: ``(cid, new state, report, uplink bytes,
+        error)``; a client that fails (or whose uplink cannot be encoded) returns its error."""
+        cid, t, down, seeds = job
+        model, _ = slot
+        method, cfg = self.method, self.config
+        try:
+            received = decode(down) if method.communicates else {}
+            if not method.personalised:  # nothing of a previous client's round stays in the working model
+                model.load_state_dict(self._initial_state)
+            kwargs = {"train_seeds": seeds} if seeds is not None else {}
+            new_state, report = self.client_fn(model, self.client_states[cid], received, self.clients[cid], cfg, t,
+                                               cid, self.macs, **kwargs)
+            up = encode(report.update, sparse=method.sparse_wire) if method.communicates else None
+        except Exception as e:  # the client failed mid-round: drop it from this round
+            return cid, None, None, None, f"{type(e).__name__}: {e}"
+        return cid, new_state, report, up, None
 
     def run_round(self) -> dict:
         """Run the next round and return its history row."""
         cfg, t, method = self.config, self.round, self.method
         start = time.perf_counter()
-        sampled = sample_clients(cfg.seed, t, cfg.num_clients, cfg.clients_per_round)
+        if self.streams is not None:  # every draw in cohort order, before any client trains
+            cohort = self.streams.sample(cfg.num_clients, cfg.clients_per_round)
+            seeds = [self.streams.epoch_seeds(cfg.local_epochs) for _ in cohort]
+        else:
+            cohort = sample_clients(cfg.seed, t, cfg.num_clients, cfg.clients_per_round)
+            seeds = [None] * len(cohort)
         message = method.broadcast(self.server) if method.communicates else {}
         down = encode(message, sparse=method.sparse_wire) if method.communicates else b""
-        tally = RoundTally(method, self.server)
-        for cid in sampled:
-            try:
-                received = decode(down) if method.communicates else {}
-                new_state, report = self.client_fn(self.model, self.client_states[cid], received,
-                                                   self.clients[cid], cfg, t, cid, self.macs)
-            except Exception as e:  # the client failed mid-round: drop it from this round
-                tally.drop(cid, f"{type(e).__name__}: {e}")
+        results = self._parallel(self._client_job, [(cid, t, down, s) for cid, s in zip(cohort, seeds, strict=True)])
+        tally = RoundTally(method, self.server, cohort)
+        train_losses = {}
+        for cid, new_state, report, up, error in results:  # in cohort order, whatever finished first
+            if error is not None:
+                tally.drop(cid, error)
                 continue
             # The client's own state is its business; the server only sees the uplink.
-            if method.personalised:
+            if new_state is not None:
                 self.client_states[cid] = new_state
             self.client_flops[cid] += report.flops
+            train_losses[cid] = report.train_loss
             tally.trained(cid, report)
             if method.communicates:
-                tally.receive(cid, report, encode(report.update, sparse=method.sparse_wire))
+                tally.receive(cid, report, up)
         before = self.server
         self.server = method.aggregate(self.server, tally.accepted, tally.weights)
         extra = method.round_metrics(before, self.server, tally.reports)
@@ -363,7 +308,9 @@ class Simulator:
         row = self._metrics(t)
         row.update(tally.columns(cfg, t, message, len(down), self.totals, self.client_flops,
                                  {"train_s": train_s, "eval_s": eval_s, "wall_s": wall}, extra))
+        row.update(round_diagnostics(self.server, self.history, row, cfg.num_clients))
         self.history.append(row)
+        self.client_record.append(row["round"], self.eval_cache, cohort, train_losses)
         if self.mask_layer is not None:
             self.mask_history.append(np.stack([c["mask"].numpy() for c in self.eval_cache]).astype(np.uint8))
         return row
@@ -393,6 +340,7 @@ class Simulator:
         return self.history
 
     def summary(self) -> dict:
+        """The run's final and best numbers (``best_round`` counts from 1, as the history)."""
         if not self.history:
             return {"rounds": 0}
         best = max(self.history, key=lambda r: (r["acc_mean"], -r["round"]))
@@ -412,6 +360,7 @@ class Simulator:
             "bytes_exchanged": last["bytes_total"],
             "flops_per_client": last["flops_total"],
             "final_global_sparsity": last.get("global_sparsity", float("nan")),
+            "never_sampled": last["never_sampled"],
             "wall_s": self.totals["wall_s"],
             "mean_round_s": self.totals["wall_s"] / len(self.history),
             "num_thresholds": self.num_thresholds,
@@ -421,14 +370,18 @@ class Simulator:
 
     def write_history(self) -> None:
         """``history.csv`` (one row per round, per-layer densities as ``density:<layer>``
-        columns), ``history.json`` (rows, summary, config, environment), ``masks.npz``."""
+        columns, global threshold statistics as ``tau:<layer>:<stat>``), ``history.json``
+        (rows, summary, config, environment), ``masks.npz``, ``clients.npz``."""
         meta = {"config": self.config.to_dict(), "environment": environment(self.device), "command": self.command,
                 "split_digest": self.split_digest, "num_thresholds": self.num_thresholds,
                 "num_weights": self.num_weights, "layers": self.layer_names, "macs_per_sample": self.macs,
                 "mask_layer": self.mask_layer, "summary": self.summary()}
-        write_history(self.out_dir, meta, self.history, self.layer_names, self.mask_history, self.mask_layer)
+        write_history(self.out_dir, meta, self.history, self.layer_names, self.mask_history, self.mask_layer,
+                      self.client_record)
 
     def state_dict(self) -> dict:
+        """The whole run as plain containers of tensors and numbers (loads with
+        ``torch.load(weights_only=True)``)."""
         return {
             "version": CHECKPOINT_VERSION,
             "config": self.config.to_dict(),
@@ -437,10 +390,12 @@ class Simulator:
             "server": self.server.state_dict(),
             "global_eval": self.global_eval,
             "client_states": self.client_states,
-            "client_flops": self.client_flops.copy(),
+            "client_flops": torch.from_numpy(self.client_flops.copy()),
             "eval_cache": self.eval_cache,
             "history": self.history,
-            "mask_history": self.mask_history,
+            "mask_history": [torch.from_numpy(m) for m in self.mask_history],
+            "clients": self.client_record.state_dict(),
+            "streams": self.streams.state_dict() if self.streams is not None else None,
             "totals": dict(self.totals),
         }
 
@@ -456,10 +411,14 @@ class Simulator:
         self.global_eval = ckpt.get("global_eval")
         self.client_states = [None if s is None else {k: v.to(self.device) for k, v in s.items()}
                               for s in ckpt["client_states"]]
-        self.client_flops = np.asarray(ckpt["client_flops"], dtype=np.float64).copy()
+        self.client_flops = torch.as_tensor(ckpt["client_flops"], dtype=torch.float64).numpy().copy()
         self.eval_cache = ckpt["eval_cache"]
         self.history = ckpt["history"]
-        self.mask_history = ckpt["mask_history"]
+        self.mask_history = [np.asarray(m.numpy() if isinstance(m, torch.Tensor) else m, dtype=np.uint8)
+                             for m in ckpt["mask_history"]]
+        self.client_record.load_state_dict(ckpt["clients"])
+        if self.streams is not None:
+            self.streams.load_state_dict(ckpt["streams"])
         self.totals = dict(ckpt["totals"])
 
     def save_checkpoint(self, path: str | Path | None = None) -> Path:
@@ -475,12 +434,11 @@ class Simulator:
     def resume(cls, path: str | Path, config: FedConfig | None = None, **kwargs) -> Simulator:
         """Rebuild a run from a checkpoint (``path``: the file or its folder). ``config`` may
         change only ``rounds``, ``checkpoint_every``, ``data_root``, ``download``, ``device``
-        and ``eval_batch_size``; by default the checkpoint's own configuration is used."""
+        and ``eval_batch_size``; by default the checkpoint's own configuration is used.
+        ``kwargs`` go to the constructor (``dataset``, ``workers``...)."""
         path = Path(path)
         file = path / "checkpoint.pt" if path.is_dir() else path
-        if not file.is_file():
-            raise FileNotFoundError(f"no checkpoint at {file}")
-        ckpt = torch.load(file, map_location="cpu", weights_only=False)
+        ckpt = read_checkpoint(file)
         if config is None:
             config = FedConfig(**ckpt["config"])
         kwargs.setdefault("out_dir", file.parent)
@@ -489,20 +447,34 @@ class Simulator:
         return sim
 
 
-def _atomic_write(path: Path, write: Callable) -> None:
-    """``write(file)`` into a temporary file beside ``path``, fsync it, rename it over ``path``:
-    a crash leaves either the old file or the new one, never a partial one."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-", suffix=".tmp")
+def read_checkpoint(file: str | Path) -> dict:
+    """A simulator checkpoint, read with ``torch.load(weights_only=True)`` (tensors, plain
+    containers and numbers only: a checkpoint cannot run code)."""
+    file = Path(file)
+    if not file.is_file():
+        raise FileNotFoundError(f"no checkpoint at {file}")
     try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+        ckpt = torch.load(file, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError) as e:
+        raise ValueError(f"{file} is not a checkpoint this spafl can read (version {CHECKPOINT_VERSION}; "
+                         f"checkpoints of older versions hold objects it no longer loads): {e}") from e
+    if not isinstance(ckpt, dict) or "config" not in ckpt:
+        raise ValueError(f"{file} is not a simulator checkpoint")
+    if ckpt.get("version") != CHECKPOINT_VERSION:
+        raise ValueError(f"{file}: checkpoint version {ckpt.get('version')!r}; this spafl reads {CHECKPOINT_VERSION}")
+    return ckpt
+
+
+def check_workers(workers: int, device: torch.device) -> int:
+    """``workers`` if the run can use that many: a positive integer, and 1 on CUDA (the clients
+    of one device run one after another: concurrent clients would queue on the same stream and
+    the threads would only add host synchronisation)."""
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise ValueError(f"workers must be a positive integer, got {workers!r}")
+    if workers > 1 and device.type != "cpu":
+        raise ValueError(f"workers={workers}: clients run in parallel threads on the CPU only; on {device.type} "
+                         "they run one after another (use workers=1)")
+    return workers
 
 
 class _Progress:
@@ -515,7 +487,7 @@ class _Progress:
         self.step = max(1, total // 20)
 
     def update(self, row: dict) -> None:
-        done = row["round"] + 1
+        done = row["round"]  # the round's number, counting from 1: the rounds done
         elapsed = time.perf_counter() - self.start
         rate = elapsed / max(done - self.start_done, 1)
         filled = int(30 * done / self.total)

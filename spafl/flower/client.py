@@ -29,7 +29,7 @@ from ..federated.config import FedConfig, config_mismatch
 from ..federated.data import ImageDataset, client_data, load_dataset, split_for_run
 from ..federated.methods import GlobalState, make_method
 from ..federated.protocol import decode, encode, evaluate, layer_macs
-from ..federated.simulator import _atomic_write, check_dataset, initial_model, resolve_device
+from ..federated.server import _atomic_write, check_dataset, initial_model, resolve_device
 from .wire import (
     ARRAYS,
     CONFIG,
@@ -43,10 +43,24 @@ from .wire import (
 )
 
 
+def check_flower_settings(config: FedConfig) -> None:
+    """Refuse the settings the Flower apps cannot run as the simulator does."""
+    if config.rng != "keyed":
+        raise ValueError(f"rng={config.rng!r} draws every client's batch order from one stream of the "
+                         "simulator's process; Flower clients run apart: use rng='keyed'")
+    if config.collapse_in_eval:
+        raise ValueError("collapse_in_eval=True needs every client evaluated every round with the reset kept in "
+                         "its state; the Flower apps evaluate a personalised client only when it trains: run it "
+                         "in the simulator")
+
+
 class ClientStore:
-    """One partition's model on disk: the state after the last round it trained, the state
+    """One partition's state on disk: the state after the last round it trained, the state
     before that round (so that a round the server replays after a restart starts from the same
-    state), the round index and the run's settings."""
+    state), the round index and the run's settings. A state is the client's model and, with
+    ``optimizer_lifetime="per-run"``, its optimiser's momentum (``momentum/<parameter>``
+    entries; a global method's client keeps only those); plain tensors, read with
+    ``torch.load(weights_only=True)``."""
 
     def __init__(self, path: Path, config: FedConfig):
         self.path, self.config = Path(path), config
@@ -78,8 +92,8 @@ class ClientStore:
         saved = self.load()
         return initial if saved is None else saved["state"]
 
-    def save(self, round_index: int, before: dict, after: dict) -> None:
-        cpu = lambda s: {k: v.detach().cpu() for k, v in s.items()}  # noqa: E731
+    def save(self, round_index: int, before: dict | None, after: dict | None) -> None:
+        cpu = lambda s: None if s is None else {k: v.detach().cpu() for k, v in s.items()}  # noqa: E731
         record = {"config": self.config.to_dict(), "round": round_index, "state": cpu(after), "before": cpu(before)}
         self.path.parent.mkdir(parents=True, exist_ok=True)
         _atomic_write(self.path, lambda f: torch.save(record, f))
@@ -109,6 +123,7 @@ class PartitionClient:
 
     def __init__(self, config: FedConfig, partition: int, state_dir: str | Path, dataset: ImageDataset | None = None):
         self.config = config.validate()
+        check_flower_settings(self.config)
         self.partition = partition
         self.device = resolve_device(config.device)
         self.method = make_method(config)
@@ -141,12 +156,16 @@ class PartitionClient:
     def train(self, message: dict, round_index: int) -> tuple[bytes | None, dict]:
         """One round: ``(encoded uplink or None, metrics)``."""
         method = self.method
-        state = self.store.state_for(round_index, self.initial) if method.personalised else None
+        # A personalised client keeps its model; with a per-run optimiser, any client keeps its momentum.
+        keeps_state = method.personalised or self.config.optimizer_lifetime == "per-run"
+        initial = self.initial if method.personalised else None
+        state = self.store.state_for(round_index, initial) if keeps_state else None
         new_state, report = method.client_round(self.model, state, message, self.data, self.config, round_index,
                                                 self.partition, self.macs)
         metrics = report_metrics(report, self.partition)
-        if method.personalised:
+        if keeps_state:
             self.store.save(round_index, state, new_state)
+        if method.personalised:
             method.load(self.model, None, new_state)
             metrics.update(evaluation_metrics(self._evaluate(new_state)))
         up = encode(report.update, sparse=method.sparse_wire) if method.communicates else None

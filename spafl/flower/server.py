@@ -44,7 +44,7 @@ from ..federated.config import FedConfig, config_mismatch, dataset_classes
 from ..federated.data import ImageDataset, load_dataset
 from ..federated.methods import AggregateWarning, make_method
 from ..federated.protocol import UpdateRejected, encode, evaluate, payload_header, sample_clients
-from ..federated.simulator import (
+from ..federated.server import (
     CHECKPOINT_VERSION,
     FederatedWarning,
     RoundTally,
@@ -52,9 +52,11 @@ from ..federated.simulator import (
     client_metrics,
     initial_model,
     resolve_device,
+    round_diagnostics,
     whole_test_set,
     write_history,
 )
+from .client import check_flower_settings
 from .wire import (
     ARRAYS,
     CONFIG,
@@ -99,6 +101,7 @@ class MethodStrategy(Strategy):
                  round_timeout: float = 0.0, node_wait: float = 300.0, rejoin_wait: float = 30.0,
                  command: str | None = None, dataset: ImageDataset | None = None):
         self.config = config.validate()
+        check_flower_settings(self.config)
         self.method = make_method(self.config)
         if dataset is not None:
             self.method.sample_bound = len(dataset.train_y)
@@ -414,6 +417,7 @@ class MethodStrategy(Strategy):
         row["unevaluated"] = len(missing)
         row.update(tally.columns(self.config, t, state["message"], len(state["down"] or b""), self.totals,
                                  self.client_flops, timings, state["extra"]))
+        row.update(round_diagnostics(self.server, self.history, row, self.config.num_clients))
         row.update(self._wire_columns(t))
         self.history.append(row)
         return MetricRecord({"acc-mean": row["acc_mean"], "density": row["density"]})
