@@ -84,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--lr", type=float, default=0.02)
     demo.add_argument("--th-coeff", type=float, default=0.002, help="weight of the threshold penalty")
     demo.add_argument("--batch-size", type=int, default=64)
-    demo.add_argument("--backend", choices=["auto", "triton", "reference"], default="auto")
+    demo.add_argument("--backend", choices=["auto", "compact", "reference", "triton"], default="auto")
     demo.add_argument("--backward-mode", choices=["exact", "skip", "sample"], default="exact")
     demo.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     demo.add_argument("--seed", type=int, default=0)

@@ -227,6 +227,21 @@ def test_presets_follow_the_reference_scripts():
     for name in ("digits-cnn", "cifar10-conv4", "cifar10-vit", "cifar100-resnet18"):
         assert build_config(name).optimizer_lifetime == "per-round", name
     assert all(build_config(name).rng == "keyed" for name in PRESETS)
+    # The reference layers test the density of their previous forward (in training and evaluation;
+    # evaluation is left to --collapse-in-eval, so that inference changes nothing by default).
+    for name in ("fmnist-lenet5", "cifar10-conv4", "cifar10-vit", "cifar100-resnet18"):
+        assert build_config(name).collapse_timing == "previous", name
+    assert build_config("digits-cnn").collapse_timing == "current"
+    assert not any(build_config(name).collapse_in_eval for name in PRESETS)
+
+
+@pytest.mark.parametrize("backend", ["auto", "compact", "reference"])
+def test_backends_reach_the_model(backend):
+    cfg = small_config(backend=backend)
+    sim = Simulator(cfg, dataset=synthetic(n_train=200, n_test=50))
+    assert {m.backend for m in sim.model.modules() if hasattr(m, "threshold")} == {backend}
+    with pytest.raises(ValueError, match="backend must be one of"):
+        small_config(backend="cuda")
 
 
 # --- the reference code's sequential RNG --------------------------------------------------------
@@ -387,7 +402,7 @@ def test_plots_of_the_diagnostics(tmp_path):
 # --- collapse-guard settings --------------------------------------------------------------------
 
 
-def test_collapse_settings_reach_the_layers_only_when_set(monkeypatch):
+def test_collapse_settings_reach_the_layers(monkeypatch):
     seen = []
 
     def capture(name, classes, **kwargs):
@@ -399,60 +414,82 @@ def test_collapse_settings_reach_the_layers_only_when_set(monkeypatch):
     server.initial_model(small_config(), method, 10, torch.device("cpu"))
     server.initial_model(small_config(collapse_timing="previous", collapse_in_eval=True), method, 10,
                          torch.device("cpu"))
-    assert "collapse_timing" not in seen[-2] and "collapse_in_eval" not in seen[-2]
+    assert seen[-2]["collapse_timing"] == "current" and seen[-2]["collapse_in_eval"] is False
     assert seen[-1]["collapse_timing"] == "previous" and seen[-1]["collapse_in_eval"] is True
     assert seen[-1]["collapse_density"] == 0.01
+    monkeypatch.undo()
+    model = server.initial_model(small_config(collapse_timing="previous", collapse_in_eval=True), method, 10,
+                                 torch.device("cpu"))
+    layers = [m for m in model.modules() if hasattr(m, "threshold")]
+    assert len(layers) == 4
+    assert all(layer.collapse_timing == "previous" and layer.collapse_in_eval for layer in layers)
     for changes, text in (({"collapse_timing": "next"}, "collapse_timing"),
                           ({"collapse_in_eval": 1}, "collapse_in_eval"), ({"rng": "numpy"}, "rng must be")):
         with pytest.raises(ValueError, match=text):
             small_config(**changes)
 
 
-@pytest.mark.parametrize("in_eval", [True, False])
-def test_a_reset_during_evaluation_persists_in_the_client_state(monkeypatch, in_eval):
-    """A fake guard: evaluating client ``victim`` resets its first layer's thresholds (as the
-    layers do with ``collapse_in_eval``); with the setting on, the reset stays in its state."""
-    from spafl.federated import simulator as simulator_module
+def _collapse(sim, cid):
+    """Give client ``cid`` a collapsed first layer: every filter pruned, as its last forward saw it."""
+    state = dict(sim.client_states[cid])
+    state["conv1.threshold"] = torch.full_like(state["conv1.threshold"], 1e3)
+    state["conv1.previous_density"] = torch.zeros_like(state["conv1.previous_density"])
+    sim.client_states[cid] = state
+    sim._refresh([cid] if not sim.config.collapse_in_eval else [])
+    if sim.config.collapse_in_eval:  # its last evaluation saw the collapse (the guard reset it then)
+        sim.client_states[cid] = state
+        sim.eval_cache[cid] = {**sim.eval_cache[cid], "layers": {**sim.eval_cache[cid]["layers"], "conv1": 0.0}}
 
+
+@pytest.mark.parametrize("timing", ["previous", "current"])
+def test_a_reset_during_evaluation_persists_and_matches_evaluating_every_client(monkeypatch, timing):
+    """The real guard with ``collapse_in_eval``: a client that is not sampled but whose last
+    evaluation left a layer collapsed is evaluated again, the guard resets it there and the reset
+    stays in its state. Evaluating only such clients (besides the trained ones) gives exactly what
+    evaluating every client every round, as the reference loop does, gives."""
     data = synthetic(n_train=300, n_test=100)
-    cfg = small_config(rounds=2, clients_per_round=3, th_coeff=0.5, collapse_in_eval=in_eval,
+    cfg = small_config(rounds=3, clients_per_round=2, collapse_in_eval=True, collapse_timing=timing,
                        optimizer_lifetime="per-run")
-    victim = protocol.sample_clients(cfg.seed, 0, cfg.num_clients, cfg.clients_per_round)[0]
-    evaluated, holder = [], {}
-    real = protocol.evaluate
-
-    def guarded(model, state, client, *args, **kwargs):
-        evaluated.append(client)
-        if client is holder.get("victim") and float(model.conv1.threshold.detach().abs().sum()) > 0:
-            with torch.no_grad():
-                model.conv1.threshold.zero_()
-                model.conv1.collapse_resets += 1
-        return real(model, state, client, *args, **kwargs)
-
-    monkeypatch.setattr(simulator_module, "evaluate", guarded)
-    sims = []
-    for workers in (1, 2):
-        sim = Simulator(cfg, dataset=data, model_fn=lambda: build_model("digits-cnn", 10), workers=workers)
-        holder["victim"] = sim.clients[victim]
-        evaluated.clear()
-        with sim:
+    sampled = [set(protocol.sample_clients(cfg.seed, t, cfg.num_clients, cfg.clients_per_round)) for t in (1, 2)]
+    victim = next(i for i in range(cfg.num_clients) if i not in sampled[0] | sampled[1])
+    sims, evaluated = [], []
+    for every_client in (False, True):
+        if every_client:
+            monkeypatch.setattr(Simulator, "_guard_would_fire", lambda self, i: True)
+        sim = Simulator(cfg, dataset=data, model_fn=lambda: build_model("digits-cnn", 10, collapse_timing=timing,
+                                                                         collapse_in_eval=True))
+        with sim, warnings.catch_warnings():
+            warnings.simplefilter("ignore", FederatedWarning)
             sim.run_round()
-            evals_round_one = len(evaluated)
+            _collapse(sim, victim)
+            before = sim.client_states[victim]
+            calls = []
+            real = sim._evaluate_on
+            monkeypatch.setattr(sim, "_evaluate_on", lambda slot, i, server: calls.append(i) or real(slot, i, server))
             sim.run_round()
-        sims.append(sim)
+            sim.run_round()
+        evaluated.append(calls)
         state = sim.client_states[victim]
-        if in_eval:
-            assert evals_round_one == cfg.num_clients  # every client, every round, as the reference loop
-            assert torch.equal(state["conv1.threshold"], torch.zeros_like(state["conv1.threshold"]))
-            assert int(state["conv1.collapse_resets"]) >= 1
-            assert protocol.momentum_entries(state)  # the kept momentum survives the write-back
-            assert sim.history[0]["collapse_resets"] >= 1
-        else:
-            assert evals_round_one == 3  # the trained clients only
-            assert float(state["conv1.threshold"].abs().sum()) > 0  # evaluation changed nothing
-            assert int(state["conv1.collapse_resets"]) == 0
+        assert int(state["conv1.collapse_resets"]) == int(before["conv1.collapse_resets"]) + 1
+        assert torch.equal(state["conv1.threshold"], torch.zeros_like(state["conv1.threshold"]))
+        assert sim.eval_cache[victim]["layers"]["conv1"] > 0.01
+        sims.append(sim)
+    assert evaluated[0].count(victim) == 1  # once, in the round after the collapse; then it is healthy
+    assert len(evaluated[1]) == 2 * cfg.num_clients
     assert strip_timing(sims[0].history) == strip_timing(sims[1].history)
     same_states(*sims)
+
+
+def test_without_collapse_in_eval_evaluation_changes_nothing():
+    data = synthetic(n_train=300, n_test=100)
+    cfg = small_config(rounds=2, clients_per_round=2, collapse_timing="previous", optimizer_lifetime="per-run")
+    sim = Simulator(cfg, dataset=data, model_fn=lambda: build_model("digits-cnn", 10, collapse_timing="previous"))
+    with sim:
+        sim.run_round()
+        states = [dict(s) for s in sim.client_states]
+        sim._refresh(range(cfg.num_clients))
+    for a, b in zip(states, sim.client_states, strict=True):
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 # --- round numbering, checkpoint format ---------------------------------------------------------

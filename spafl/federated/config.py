@@ -13,6 +13,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+BACKENDS = ("auto", "compact", "reference", "triton")
 METHODS = ("spafl", "fedavg", "local", "sparsyfed", "topk")
 DATASETS = ("digits", "fmnist", "cifar10", "cifar100")
 MODELS = ("digits-cnn", "lenet5", "conv4", "vit", "resnet18")
@@ -185,8 +186,7 @@ class FedConfig:
              f"clip must be None or a positive number, got {self.clip!r}")
         need(self.collapse_density is None or (_is_real(self.collapse_density) and 0 <= self.collapse_density < 1),
              f"collapse_density must be None or in [0, 1), got {self.collapse_density!r}")
-        need(self.backend in ("auto", "triton", "reference"),
-             f"backend must be auto, triton or reference, got {self.backend!r}")
+        need(self.backend in BACKENDS, f"backend must be one of {BACKENDS}, got {self.backend!r}")
         need(self.backward_mode in ("exact", "skip", "sample"),
              f"backward_mode must be exact, skip or sample, got {self.backward_mode!r}")
         need(_is_real(self.sample_fraction) and 0 < self.sample_fraction <= 1,
@@ -233,23 +233,25 @@ PRESETS: dict[str, dict[str, Any]] = {
     "fmnist-lenet5": dict(
         dataset="fmnist", model="lenet5", num_clients=100, clients_per_round=10, alpha=0.2, rounds=500,
         lr=0.001, th_coeff=0.002, local_epochs=5, batch_size=64, penalty_schedule="sigmoid", penalty_scheduler=1.0,
-        normalize="raw", augment=False, drop_last=False, optimizer_lifetime="per-run",
+        normalize="raw", augment=False, drop_last=False, optimizer_lifetime="per-run", collapse_timing="previous",
     ),
     "cifar10-conv4": dict(
         dataset="cifar10", model="conv4", num_clients=100, clients_per_round=10, alpha=0.1, rounds=500,
         lr=0.01, th_coeff=0.00015, local_epochs=5, batch_size=16, clip=3.0, penalty_schedule="constant",
         normalize="standard", augment=True, drop_last=True, min_train_samples=16, optimizer_lifetime="per-round",
+        collapse_timing="previous",
     ),
     "cifar10-vit": dict(
         dataset="cifar10", model="vit", num_clients=100, clients_per_round=10, alpha=0.1, rounds=500,
         lr=0.01, th_coeff=0.0001, local_epochs=1, batch_size=16, clip=3.0, penalty_schedule="constant",
         normalize="standard", augment=True, drop_last=True, min_train_samples=16, optimizer_lifetime="per-round",
+        collapse_timing="previous",
     ),
     "cifar100-resnet18": dict(
         dataset="cifar100", model="resnet18", num_clients=100, clients_per_round=10, alpha=0.1, rounds=1500,
         lr=0.01, lr_decay=0.993, th_coeff=0.0007, local_epochs=7, batch_size=64, clip=15.0,
         penalty_schedule="constant", normalize="standard", augment=True, drop_last=True, min_train_samples=64,
-        optimizer_lifetime="per-round",
+        optimizer_lifetime="per-round", collapse_timing="previous",
     ),
 }
 DEFAULT_PRESET = "digits-cnn"

@@ -92,13 +92,8 @@ def initial_model(config: FedConfig, method: Method, num_classes: int, device: t
     ``config.seed``, built from ``config.model`` (or ``model_fn``), converted by the method."""
     torch.manual_seed(derived_seed(config.seed, "init"))
     layer_kwargs = dict(backend=config.backend, backward_mode=config.backward_mode,
-                        sample_fraction=config.sample_fraction, collapse_density=config.collapse_density)
-    # The collapse guard's timing and evaluation switches are passed only when they differ from
-    # the layers' defaults, so a model is built with exactly the keywords its settings need.
-    if config.collapse_timing != "current":
-        layer_kwargs["collapse_timing"] = config.collapse_timing
-    if config.collapse_in_eval:
-        layer_kwargs["collapse_in_eval"] = True
+                        sample_fraction=config.sample_fraction, collapse_density=config.collapse_density,
+                        collapse_timing=config.collapse_timing, collapse_in_eval=config.collapse_in_eval)
     model = model_fn() if model_fn is not None else build_model(config.model, num_classes, **layer_kwargs)
     return method.prepare_model(model.to(device))
 

@@ -212,14 +212,22 @@ class Simulator:
         return result, changed
 
     def _refresh(self, ids) -> float:
-        """Evaluate clients ``ids`` (personalised methods; every client with ``collapse_in_eval``,
-        as the reference loop does) or the global model on every client and on the whole test
-        set (global methods)."""
+        """Evaluate clients ``ids`` (personalised methods) or the global model on every client
+        and on the whole test set (global methods).
+
+        With ``collapse_in_eval`` the reference loop evaluates every client every round, and an
+        evaluation can reset a collapsed layer's thresholds. An untrained client's weights and
+        thresholds have not changed since its last evaluation, whose per-layer densities are in
+        the cache, so its guard fires again exactly when one of those densities is at or below
+        ``collapse_density``: only such clients are evaluated besides ``ids``, which gives the
+        reference loop's results without evaluating all of them."""
         start = time.perf_counter()
         method, server, n = self.method, self.server, self.config.num_clients
         if method.personalised:
-            ids = range(n) if self.config.collapse_in_eval else ids
             ids = list(ids)
+            if self.config.collapse_in_eval and self.config.collapse_density is not None:
+                chosen = set(ids)
+                ids += [i for i in range(n) if i not in chosen and self._guard_would_fire(i)]
             results = self._parallel(lambda slot, i: self._evaluate_on(slot, i, server), ids)
             for i, (result, changed) in zip(ids, results, strict=True):
                 self.eval_cache[i] = result
@@ -250,6 +258,14 @@ class Simulator:
                 self.eval_cache[int(i)] = result
         self.global_eval = results[-1]
         return time.perf_counter() - start
+
+    def _guard_would_fire(self, i: int) -> bool:
+        """Whether client ``i``'s last evaluation left a layer at or below the collapse guard."""
+        cached = self.eval_cache[i]
+        if cached is None:
+            return True
+        limit = self.config.collapse_density
+        return any(density <= limit for density in cached["layers"].values())
 
     def _client_job(self, slot: tuple, job: tuple) -> tuple:
         """One client's round on a working model: ``(cid, new state, report, uplink bytes,
