@@ -6,7 +6,8 @@ Public API:
     ThresholdLinear, ThresholdConv2d          drop-in nn.Linear / nn.Conv2d replacements
     sparsify                                  swap a model's nn.Linear / nn.Conv2d layers in place
     find_zero_input_layers, mark_zero_input_layers   input-side skipping where it is exact
-    threshold_layers, threshold_penalty, model_density, threshold_for_density
+    threshold_layers, named_threshold_layers   the threshold layers of a model (like modules / named_modules)
+    threshold_penalty, model_density, threshold_for_density
     RowMask                                   device-side mask / compact index list / count
     reference                                 the masked-dense reference of every op (the tests' oracle)
     compact                                   the compacting plain-PyTorch backend (CPU default)
@@ -20,6 +21,7 @@ from .convert import (
     find_zero_input_layers,
     mark_zero_input_layers,
     model_density,
+    named_threshold_layers,
     sparsify,
     threshold_for_density,
     threshold_layers,
@@ -47,6 +49,7 @@ __all__ = [
     "find_zero_input_layers",
     "mark_zero_input_layers",
     "model_density",
+    "named_threshold_layers",
     "reference",
     "sparsify",
     "threshold_conv2d",

@@ -83,7 +83,7 @@ def densify(model: nn.Module) -> nn.Module:
         raise TypeError(f"densify expects an nn.Module, got {type(model).__name__}")
     if isinstance(model, THRESHOLD_LAYER_TYPES):
         raise TypeError("densify converts the layers inside a model; call .to_dense() on a single layer")
-    _replace(model, list(threshold_layers(model)), lambda module: module.to_dense())
+    _replace(model, list(named_threshold_layers(model)), lambda module: module.to_dense())
     return model
 
 
@@ -94,16 +94,28 @@ def _replace(model: nn.Module, targets: list[tuple[str, nn.Module]], make: Calla
         setattr(parent, child, make(module))
 
 
-def threshold_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
-    """``(name, layer)`` for every threshold layer in ``model``, in module order."""
-    for name, module in model.named_modules():
-        if isinstance(module, THRESHOLD_LAYER_TYPES):
-            yield name, module
+def named_threshold_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """``(name, layer)`` for every threshold layer in ``model``, in module order, each layer once
+    (under its first name, as ``named_modules`` does)."""
+    _check_module("named_threshold_layers", model)
+    return ((name, m) for name, m in model.named_modules() if isinstance(m, THRESHOLD_LAYER_TYPES))
+
+
+def threshold_layers(model: nn.Module) -> Iterator[nn.Module]:
+    """Every threshold layer in ``model``, in module order, each once (like ``modules()``; see
+    :func:`named_threshold_layers` for the names)."""
+    _check_module("threshold_layers", model)
+    return (m for m in model.modules() if isinstance(m, THRESHOLD_LAYER_TYPES))
+
+
+def _check_module(op: str, model) -> None:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"{op} expects an nn.Module, got {type(model).__name__}")
 
 
 def threshold_penalty(model: nn.Module) -> torch.Tensor:
     """SpaFL's sparsity regulariser ``sum_layers sum_i exp(-tau_i)`` (multiply by lambda_t)."""
-    terms = [torch.exp(-layer.threshold).sum() for _, layer in threshold_layers(model)]
+    terms = [torch.exp(-layer.threshold).sum() for layer in threshold_layers(model)]
     if not terms:
         raise ValueError("model has no threshold layers")
     return torch.stack(terms).sum()
@@ -117,7 +129,7 @@ def model_density(model: nn.Module) -> dict:
     """
     layers = {}
     active = total = 0
-    for name, layer in threshold_layers(model):
+    for name, layer in named_threshold_layers(model):
         mask = layer.mask
         per_unit = layer.weight[0].numel()
         layers[name] = float(mask.float().mean())
@@ -266,7 +278,7 @@ def find_zero_input_layers(model: nn.Module) -> list[str]:
             source = node.args[0] if node.args else node.kwargs.get("x", node.kwargs.get("input"))
             ok = isinstance(source, torch.fx.Node) and _fed_by_relu(source, modules)
             verdicts[node.target] = verdicts.get(node.target, True) and ok
-    return [name for name, _ in threshold_layers(model) if verdicts.get(name, False)]
+    return [name for name, _ in named_threshold_layers(model) if verdicts.get(name, False)]
 
 
 def mark_zero_input_layers(model: nn.Module, *, warn: bool = True) -> list[str]:
@@ -278,7 +290,7 @@ def mark_zero_input_layers(model: nn.Module, *, warn: bool = True) -> list[str]:
     :mod:`spafl.layers` holds. So does a container without a ``forward`` (``nn.ModuleDict``),
     silently: there is no computation to read.
     """
-    layers = list(threshold_layers(model))
+    layers = list(named_threshold_layers(model))
     if type(model).forward is nn.Module.forward:
         for _, layer in layers:
             layer.skip_zero_inputs = False

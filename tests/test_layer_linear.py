@@ -148,7 +148,7 @@ def test_sparsify_swaps_linear_layers_keeping_weights():
     assert type(model[2][1]) is nn.Linear
     assert model[0].backward_mode == "skip"
     torch.testing.assert_close(model(x), y0)
-    assert [n for n, _ in spafl.threshold_layers(model)] == ["0", "2.0"]
+    assert [n for n, _ in spafl.named_threshold_layers(model)] == ["0", "2.0"]
     d = spafl.model_density(model)
     assert d == {"mean": 1.0, "weighted": 1.0, "layers": {"0": 1.0, "2.0": 1.0}}
 
