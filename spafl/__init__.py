@@ -4,7 +4,8 @@ Public API:
     threshold_linear, threshold_conv2d, threshold_row_mask     functional forms
     ThresholdLinearFunction, ThresholdConv2dFunction           the autograd Functions
     ThresholdLinear, ThresholdConv2d          drop-in nn.Linear / nn.Conv2d replacements
-    sparsify                                  swap a model's nn.Linear / nn.Conv2d layers in place
+    sparsify, densify                         swap a model's nn.Linear / nn.Conv2d layers in place, and back
+    dense_state_dict                          the plain model's state dict of a sparsified model
     find_zero_input_layers, mark_zero_input_layers   input-side skipping where it is exact
     threshold_layers, named_threshold_layers   the threshold layers of a model (like modules / named_modules)
     threshold_penalty, model_density, threshold_for_density
@@ -17,6 +18,7 @@ The Triton kernels are ``spafl.kernels`` (imported lazily; needs Triton).
 from . import compact, reference
 from ._rowmask import RowMask
 from .convert import (
+    dense_state_dict,
     densify,
     find_zero_input_layers,
     mark_zero_input_layers,
@@ -45,6 +47,7 @@ __all__ = [
     "ThresholdLinear",
     "ThresholdLinearFunction",
     "compact",
+    "dense_state_dict",
     "densify",
     "find_zero_input_layers",
     "mark_zero_input_layers",

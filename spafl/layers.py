@@ -111,13 +111,6 @@ class _ThresholdMixin:
             state_dict[key] = self.previous_density.detach().clone()
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
-        if strict and prefix + "threshold" not in state_dict and prefix + "weight" in state_dict:
-            error_msgs.append(
-                f"'{prefix}threshold' is missing: a plain {self._dense_type.__name__}'s state dict (of the model "
-                f"before spafl.sparsify)? Load it into the dense model and sparsify that, or load it with "
-                f"strict=False to keep this layer's thresholds. The other way round, spafl.dense_state_dict(model) "
-                f"is the state dict of the plain model"
-            )
 
     def _init_parameters(self, weight_shape: tuple[int, ...], bias: bool, factory: dict) -> None:
         out = weight_shape[0]
@@ -236,8 +229,6 @@ class ThresholdLinear(_ThresholdMixin, nn.Module):
     Shapes: input ``[..., in_features]``, output ``[..., out_features]``.
     """
 
-    _dense_type = nn.Linear
-
     def __init__(
         self,
         in_features: int,
@@ -334,8 +325,6 @@ class ThresholdConv2d(_ThresholdMixin, nn.Module):
     Shapes: input ``[B, in_channels, H, W]`` or ``[in_channels, H, W]``, output
     ``[B, out_channels, Ho, Wo]``; channels-last inputs give channels-last outputs.
     """
-
-    _dense_type = nn.Conv2d
 
     def __init__(
         self,

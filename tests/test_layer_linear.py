@@ -155,7 +155,8 @@ def test_sparsify_swaps_linear_layers_keeping_weights():
 
 def test_sparsify_leaves_attention_projections_alone_and_accepts_a_predicate():
     model = nn.ModuleDict({"attn": nn.MultiheadAttention(8, 2), "head": nn.Linear(8, 2), "keep": nn.Linear(8, 2)})
-    sparsify(model, exclude=lambda name, m: name == "keep")
+    with pytest.warns(UserWarning, match=r"left these layers dense: attn.out_proj \(NonDynamicallyQuantizableLinear\)"):
+        sparsify(model, exclude=lambda name, m: name == "keep")
     assert type(model["attn"].out_proj) is not ThresholdLinear  # MHA reads out_proj.weight directly
     assert isinstance(model["head"], ThresholdLinear) and type(model["keep"]) is nn.Linear
 
