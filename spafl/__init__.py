@@ -15,7 +15,11 @@ Public API:
 The Triton kernels are ``spafl.kernels`` (imported lazily; needs Triton).
 """
 
-from . import compact, reference
+from . import (
+    _ops,  # noqa: F401  (registers the torch.library operators that torch.compile traces)
+    compact,
+    reference,
+)
 from ._rowmask import RowMask
 from .convert import (
     dense_state_dict,

@@ -8,7 +8,7 @@ asked for (``check_finite=True``).
 
 from __future__ import annotations
 
-import functools
+import importlib.util
 import math
 import os
 
@@ -20,13 +20,13 @@ BACKWARD_MODES = ("exact", "skip", "sample")
 TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-@functools.lru_cache(maxsize=1)
+# Whether Triton is installed, decided once at import without importing it (slow). A constant
+# rather than a cached function: torch.compile reads a global, where it warns about caches.
+_TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
+
+
 def triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    return _TRITON_INSTALLED
 
 
 def interpreter_enabled() -> bool:

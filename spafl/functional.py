@@ -154,6 +154,16 @@ def _guarded_row_mask_on_host(weight, threshold, collapse_density, collapse_timi
     return RowMask(mask, None, None, score, None)
 
 
+def _traced_row_mask(weight, threshold, mask_backend, with_perm, collapse_density, collapse_timing, counter,
+                     previous_density, check_finite):
+    """``(mask, perm, count)`` of :func:`_guarded_row_mask` while ``torch.compile`` traces: the
+    ``spafl::row_mask`` operator (:mod:`spafl._ops`), which runs the guard and the finiteness check
+    inside, where their host decisions break no graph."""
+    with torch.no_grad():  # the guard writes into the thresholds, a leaf that requires grad
+        return torch.ops.spafl.row_mask(weight, threshold, counter, previous_density, mask_backend, with_perm,
+                                        collapse_density, collapse_timing, check_finite)
+
+
 def _float32(value: float) -> float:
     return struct.unpack("f", struct.pack("f", value))[0]
 
@@ -510,11 +520,17 @@ def threshold_linear(
     # `layer.mask`, `density` and `to_dense()`; the GEMMs run on the (possibly cast) operands.
     x_op, w_op, b_op = _autocast(x, weight, bias)
     resolved = resolve_backend(backend, w_op)
-    row_mask = _guarded_row_mask(weight, threshold, resolve_backend(backend, weight),
-                                 IMPLEMENTATIONS[resolved].with_perm, collapse_density, collapse_timing,
-                                 collapse_counter, previous_density, check)
-    options = _Options(_backward_mode(backward_mode, x.numel() // x.shape[-1]),
-                       float(sample_fraction), skip_zero_inputs, threshold.dtype)
+    mode = _backward_mode(backward_mode, x.numel() // x.shape[-1])
+    guard = (resolve_backend(backend, weight), IMPLEMENTATIONS[resolved].with_perm, collapse_density, collapse_timing,
+             collapse_counter, previous_density, check)
+    if torch.compiler.is_compiling():
+        mask, perm, count = _traced_row_mask(weight, threshold, *guard)
+        n_out, fan_in = weight.shape
+        y = torch.ops.spafl.threshold_linear(x_op.reshape(-1, fan_in), w_op, threshold, b_op, mask, perm, count,
+                                             resolved, mode, float(sample_fraction), skip_zero_inputs)
+        return y.reshape(*x.shape[:-1], n_out)
+    row_mask = _guarded_row_mask(weight, threshold, *guard)
+    options = _Options(mode, float(sample_fraction), skip_zero_inputs, threshold.dtype)
     if not _needs_graph(x_op, w_op, threshold, b_op):
         return _linear_forward(x_op, w_op, b_op, row_mask, resolved, options)[0]
     return ThresholdLinearFunction.apply(x_op, w_op, threshold, b_op, row_mask, resolved, options)
@@ -600,11 +616,19 @@ def threshold_conv2d(
                 "run on backend='compact' or 'reference' ('auto' picks the reference on CUDA)"
             )
         resolved = "reference"
-    row_mask = _guarded_row_mask(weight, threshold, resolve_backend(backend, weight),
-                                 IMPLEMENTATIONS[resolved].with_perm, collapse_density, collapse_timing,
-                                 collapse_counter, previous_density, check)
-    options = _Options(_backward_mode(backward_mode, x.shape[0]), float(sample_fraction), skip_zero_inputs,
-                       threshold.dtype)
+    mode = _backward_mode(backward_mode, x.shape[0])
+    guard = (resolve_backend(backend, weight), IMPLEMENTATIONS[resolved].with_perm, collapse_density, collapse_timing,
+             collapse_counter, previous_density, check)
+    if torch.compiler.is_compiling():
+        mask, perm, count = _traced_row_mask(weight, threshold, *guard)
+        y = torch.ops.spafl.threshold_conv2d(
+            x_op, w_op, threshold, b_op, mask, perm, count, list(geometry.stride), list(geometry.pad_begin),
+            list(geometry.pad_end), list(geometry.dilation), groups, resolved, mode, float(sample_fraction),
+            skip_zero_inputs,
+        )
+        return y.squeeze(0) if unbatched else y
+    row_mask = _guarded_row_mask(weight, threshold, *guard)
+    options = _Options(mode, float(sample_fraction), skip_zero_inputs, threshold.dtype)
     if _needs_graph(x_op, w_op, threshold, b_op):
         y = ThresholdConv2dFunction.apply(x_op, w_op, threshold, b_op, row_mask, geometry, resolved, options)
     else:
