@@ -127,6 +127,8 @@ class _ThresholdMixin:
         ``dense``'s Parameter objects themselves with ``copy=False``)."""
         if not isinstance(copy, bool):
             raise TypeError(f"copy must be a bool, got {copy!r}")
+        if isinstance(dense, nn.modules.lazy.LazyModuleMixin) and dense.has_uninitialized_params():
+            raise ValueError(f"from_dense: the {type(dense).__name__} is not initialised yet; run a forward first")
         for name in ("device", "dtype"):
             if name in kwargs:
                 raise TypeError(f"from_dense takes the {name} of the dense layer's weight; got {name}={kwargs[name]!r}")
@@ -172,7 +174,16 @@ class _ThresholdMixin:
     @property
     def density(self) -> float:
         """Fraction of active output units (synchronises with the device)."""
+        if self.weight.device.type == "meta":
+            raise ValueError("density needs the weights' values, and this layer is on the meta device")
         return float(self.mask.float().mean())
+
+    def _finish_dense(self, dense: nn.Module) -> nn.Module:
+        """``to_dense``'s layer takes this one's train mode and ``requires_grad`` flags."""
+        dense.weight.requires_grad_(self.weight.requires_grad)
+        if self.bias is not None:
+            dense.bias.requires_grad_(self.bias.requires_grad)
+        return dense.train(self.training)
 
     def _flags_repr(self) -> str:
         """The options that differ from the defaults (the sample fraction in ``sample`` mode)."""
@@ -293,8 +304,7 @@ class ThresholdLinear(_ThresholdMixin, nn.Module):
             dense.weight.copy_(self.weight.masked_fill(~self.mask[:, None], 0))
             if self.bias is not None:
                 dense.bias.copy_(self.bias)
-        dense.train(self.training)
-        return dense
+        return self._finish_dense(dense)
 
     def extra_repr(self) -> str:
         return (
@@ -424,11 +434,12 @@ class ThresholdConv2d(_ThresholdMixin, nn.Module):
             dtype=self.weight.dtype,
         )
         with torch.no_grad():
-            dense.weight.data = self.weight.masked_fill(~self.mask[:, None, None, None], 0)
+            # (empty_like keeps the weight's memory format, which masked_fill may not)
+            masked = self.weight.masked_fill(~self.mask[:, None, None, None], 0)
+            dense.weight.data = torch.empty_like(self.weight).copy_(masked)
             if self.bias is not None:
                 dense.bias.copy_(self.bias)
-        dense.train(self.training)
-        return dense
+        return self._finish_dense(dense)
 
     def extra_repr(self) -> str:
         parts = [f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}"]

@@ -113,14 +113,20 @@ def test_inductor_compiles_lenet5_and_trains_like_eager():
 
 @pytest.mark.parametrize("backend", ["reference", pytest.param("triton", marks=pytest.mark.interpreter)])
 def test_other_backends_compile(backend, device):
-    if device != "cpu":
-        pytest.skip("the CUDA run is tests/test_gpu.py's")
+    # Triton: natively on CUDA, in the interpreter on CPU (real kernels behind the traced operators)
     for kind in ("mlp", "cnn"):
         torch._dynamo.reset()
         model, x = _model(kind, backend=backend)
         if backend == "triton" and kind == "cnn":  # the kernels take groups=1 only
             model[3] = spafl.ThresholdConv2d(8, 8, 3, padding="same", backend=backend)
-        _train_both(model, x, steps=1 if backend == "triton" else 2)  # (the interpreter is slow)
+        slow = backend == "triton" and device == "cpu"
+        _train_both(model.to(device), x.to(device), steps=1 if slow else 2)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_inductor_compiles_lenet5_on_cuda():
+    model, x = _model("lenet5")
+    _train_both(model.cuda(), x.cuda(), steps=2, backend="inductor")
 
 
 def test_a_non_finite_threshold_or_weight_fails_inside_the_compiled_graph():

@@ -124,6 +124,8 @@ def test_meta_tensors_work_as_for_the_dense_layers(kind):
     layer, x = _layer(kind, "auto", "meta")
     dense = nn.Linear(13, 7, device="meta") if kind == "linear" else nn.Conv2d(3, 7, 3, padding=1, device="meta")
     assert "density=?" in repr(layer)
+    with pytest.raises(ValueError, match="density needs the weights' values, and this layer is on the meta device"):
+        layer.density
     for train in (True, False):
         layer.train(train)
         y = layer(x)
@@ -210,6 +212,10 @@ def test_from_dense_keeps_memory_format_requires_grad_and_mode(copy_weights):
     shared = ThresholdLinear.from_dense(lin, copy=False)
     assert shared.weight is lin.weight and shared.bias is lin.bias and shared.threshold.dtype == torch.float64
     assert shared.collapse_resets.device == lin.weight.device
+    # and back: to_dense keeps the flags and the mode
+    back = layer.to_dense()
+    assert not back.weight.requires_grad and back.bias.requires_grad and not back.training
+    assert back.weight.is_contiguous(memory_format=torch.channels_last)
 
 
 def test_from_dense_rejects_bad_input():
@@ -221,6 +227,8 @@ def test_from_dense_rejects_bad_input():
         ThresholdConv2d.from_dense(nn.Linear(2, 2))
     with pytest.raises(ValueError, match="backward_mode"):
         ThresholdLinear.from_dense(nn.Linear(2, 2), backward_mode="fast")
+    with pytest.raises(ValueError, match="the LazyLinear is not initialised yet; run a forward first"):
+        ThresholdLinear.from_dense(nn.LazyLinear(3))
     pruned = prune.random_unstructured(nn.Linear(4, 3), "weight", amount=0.5)
     with pytest.raises(ValueError, match="its weight is a Tensor computed from others"):
         ThresholdLinear.from_dense(pruned, copy=False)
