@@ -446,7 +446,7 @@ def test_tolerance_table_covers_the_compute_dtypes():
 
 
 def _set_densities(model, densities):
-    for (_, layer), density in zip(spafl.threshold_layers(model), densities, strict=True):
+    for (_, layer), density in zip(spafl.named_threshold_layers(model), densities, strict=True):
         with torch.no_grad():
             layer.threshold.copy_(threshold_for_density(layer.weight, density))
 
@@ -481,7 +481,7 @@ def test_lenet5_with_input_skipping_equals_the_reference_model(mode, products):
     ref.load_state_dict(fast.state_dict())
     for model in (fast, ref):
         _set_densities(model, (0.6, 0.3, 0.05, 1.0))
-    assert [n for n, layer in spafl.threshold_layers(fast) if layer.skip_zero_inputs] == ["conv2", "fc3", "fc4"]
+    assert [n for n, layer in spafl.named_threshold_layers(fast) if layer.skip_zero_inputs] == ["conv2", "fc3", "fc4"]
     _assert_models_agree(fast, ref, torch.randn(6, 1, 28, 28))
     conv2_input = [shapes[0] for op, shapes in products if op == "_conv2d" and shapes[1][1:] != (1, 5, 5)]
     assert conv2_input[0][1] == 12  # the 12 channels of conv1's 12 active filters, of 20
@@ -631,7 +631,7 @@ def test_sparsify_sets_flags_and_can_leave_them_off():
                                    torch.nn.Conv2d(4, 4, 3), torch.nn.ReLU(), torch.nn.Flatten(),
                                    torch.nn.Linear(4 * 3 * 3, 3))
 
-    flags = lambda m: [n for n, layer in spafl.threshold_layers(m) if layer.skip_zero_inputs]  # noqa: E731
+    flags = lambda m: [n for n, layer in spafl.named_threshold_layers(m) if layer.skip_zero_inputs]  # noqa: E731
     assert flags(spafl.sparsify(net())) == ["3", "6"]
     assert flags(spafl.sparsify(net(), skip_zero_inputs=False)) == []
     with pytest.raises(TypeError, match="skip_zero_inputs must be a bool"):
@@ -651,7 +651,7 @@ class _Untraceable(torch.nn.Module):
 def test_untraceable_model_gets_no_flags_and_a_warning():
     with pytest.warns(UserWarning, match="could not trace _Untraceable"):
         model = spafl.sparsify(_Untraceable())
-    assert not any(layer.skip_zero_inputs for _, layer in spafl.threshold_layers(model))
+    assert not any(layer.skip_zero_inputs for _, layer in spafl.named_threshold_layers(model))
     with pytest.raises(TypeError, match="nn.Module"):
         spafl.find_zero_input_layers("model")
 
@@ -661,7 +661,7 @@ def test_federated_models_get_their_flags_from_the_detector():
 
     def flags(name, **kwargs):
         model = build_model(name, 10, **kwargs)
-        return [n for n, layer in spafl.threshold_layers(model) if layer.skip_zero_inputs]
+        return [n for n, layer in spafl.named_threshold_layers(model) if layer.skip_zero_inputs]
 
     assert flags("lenet5") == flags("digits-cnn") == ["conv2", "fc3", "fc4"]
     assert flags("vit") == []  # LayerNorm, GELU and attention outputs feed its linears

@@ -207,7 +207,7 @@ def test_torchvision_resnet18_trains_on_the_triton_path():
         if hasattr(layer, "backend"):
             layer.backend = "reference"
     with torch.no_grad():
-        for (_, a), (_, b) in zip(spafl.threshold_layers(model), spafl.threshold_layers(reference_model),
+        for (_, a), (_, b) in zip(spafl.named_threshold_layers(model), spafl.named_threshold_layers(reference_model),
                                   strict=True):
             a.threshold.copy_(threshold_for_density(a.weight, 0.5))
             b.threshold.copy_(a.threshold)
@@ -220,7 +220,7 @@ def test_torchvision_resnet18_trains_on_the_triton_path():
         outs.append(y)
     # Twenty layers with batch norm between them: summation-order differences grow with depth.
     assert_close(outs[0], outs[1], torch.float16, "logits")
-    for (name, a), (_, b) in zip(spafl.threshold_layers(model), spafl.threshold_layers(reference_model),
+    for (name, a), (_, b) in zip(spafl.named_threshold_layers(model), spafl.named_threshold_layers(reference_model),
                                  strict=True):
         assert_close(a.threshold.grad, b.threshold.grad, torch.bfloat16, f"{name} dtau")
 
