@@ -7,12 +7,12 @@ must never autotune); the interpreter's are smaller (fewer rows per test, more t
 exercised), except inside :func:`production_tiles`, which makes it run the GPU tiles: the
 work-count harness (``tests/work_count.py``) counts the work of exactly what the GPU issues.
 
-Autotuning (GPU only; ``SPAFL_AUTOTUNE=0``, :func:`fixed_configs` or :func:`autotuning` turn it
-off). The GEMM
-launchers go through :func:`launch`, which wraps the kernel in ``triton.autotune`` over a few
-candidate tile sizes, warp counts and pipeline depths (:data:`CANDIDATES`), keyed by every
-integer argument (shapes and strides) and the dtypes, with one tuner per kernel family and
-*density bucket*. The active count lives on the device, so the bucket comes from what the host
+Autotuning (GPU only; opt-in with ``SPAFL_AUTOTUNE=1`` or :func:`autotuning`, off by default
+because every candidate is a compile at the first call of every layer shape: minutes for a
+ResNet-18). The GEMM launchers go through :func:`launch`, which then wraps the kernel in
+``triton.autotune`` over a few candidate tile sizes, warp counts and pipeline depths
+(:data:`CANDIDATES`), keyed by every integer argument (shapes and strides) and the dtypes, with
+one tuner per kernel family and *density bucket*. The active count lives on the device, so the bucket comes from what the host
 knows without a synchronisation: the caller's ``density_hint`` (for instance the density it
 measured at a previous step), else the bucket ``"unknown"``. Without a hint a layer is tuned at
 the density of its first call and keeps that choice; this costs little because the kernels adapt
@@ -230,7 +230,7 @@ def autotune_enabled() -> bool:
         return False
     if _autotune_override is not None:
         return _autotune_override
-    value = os.environ.get("SPAFL_AUTOTUNE", "1")
+    value = os.environ.get("SPAFL_AUTOTUNE", "0")
     if value not in ("0", "1"):
         raise ValueError(f"SPAFL_AUTOTUNE must be '0' or '1', got {value!r}")
     return value == "1"

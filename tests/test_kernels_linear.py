@@ -113,12 +113,17 @@ def test_autotune_settings(monkeypatch):
     assert all(m["BLOCK_N"] <= 128 for m in _config.candidate_metas("linear_fwd", fixed, {"BLOCK_N": 16}))
     assert all(m["BLOCK_M"] == 128 for m in _config.candidate_metas("linear_fwd", fixed, fixed_keys=("BLOCK_M",)))
     monkeypatch.setattr(_config, "interpreter_enabled", lambda: False)
+    monkeypatch.delenv("SPAFL_AUTOTUNE", raising=False)
+    assert not _config.autotune_enabled()  # opt-in
     monkeypatch.setenv("SPAFL_AUTOTUNE", "0")
     assert not _config.autotune_enabled()
     monkeypatch.setenv("SPAFL_AUTOTUNE", "1")
     assert _config.autotune_enabled()
     with _config.fixed_configs():
         assert not _config.autotune_enabled()
+    monkeypatch.setenv("SPAFL_AUTOTUNE", "0")
+    with _config.autotuning(True):
+        assert _config.autotune_enabled()
     monkeypatch.setenv("SPAFL_AUTOTUNE", "yes")
     with pytest.raises(ValueError, match="SPAFL_AUTOTUNE"):
         _config.autotune_enabled()
