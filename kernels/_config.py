@@ -12,12 +12,13 @@ because every candidate is a compile at the first call of every layer shape: min
 ResNet-18). The GEMM launchers go through :func:`launch`, which then wraps the kernel in
 ``triton.autotune`` over a few candidate tile sizes, warp counts and pipeline depths
 (:data:`CANDIDATES`), keyed by every integer argument (shapes and strides) and the dtypes, with
-one tuner per kernel family and *density bucket*. The active count lives on the device, so the bucket comes from what the host
-knows without a synchronisation: the caller's ``density_hint`` (for instance the density it
-measured at a previous step), else the bucket ``"unknown"``. Without a hint a layer is tuned at
-the density of its first call and keeps that choice; this costs little because the kernels adapt
-to the density at run time anyway: the block that straddles the active count runs the narrowest
-tile class that covers it (:func:`tail_widths`), whatever the configured block.
+one tuner per kernel family and *density bucket*. The active count lives on the device, so the
+bucket comes from what the host knows without a synchronisation: the caller's
+``density_hint`` (for instance the density it measured at a previous step), else the bucket
+``"unknown"``. Without a hint a layer is tuned at the density of its first call and keeps that
+choice; this costs little because the kernels adapt to the density at run time anyway: the
+block that straddles the active count runs the narrowest tile class that covers it
+(:func:`tail_widths`), whatever the configured block.
 """
 
 from __future__ import annotations

@@ -457,42 +457,42 @@ def _conv_dw_tile(
 
 
 @triton.jit
-def _conv_dw_active(
+def _conv_dw_tiles(
     x_ptr, dyc_ptr, dy_ptr, w_ptr, perm_ptr, g_ptr, rpart_ptr,
-    p0, count, kb, split, num_kb, r, s, rs, offs_c, c_ok, F, H, W, Ho, Wo, P, SPLIT,
+    p0, p_end, count, kb, split, num_kb, r, s, rs, offs_c, c_ok, F, H, W, Ho, Wo, m_end, m_step, r_scale, SPLIT,
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
     sxb, sxc, sxh, sxw, stride_cm, sdyb, sdyf, sdyh, sdyw, swf, swc, swh, sww,
     stride_gs, stride_gn, stride_gc, stride_grs,
-    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, WIDE: tl.constexpr,
-    BLOCK_C: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr,
+    SOURCE: tl.constexpr, STORE_G: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    WIDE: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr,
     TAIL1: tl.constexpr, TAIL2: tl.constexpr, TAIL3: tl.constexpr,
 ):
-    # An active block (p0 < count) over all the pixels, at the narrowest width covering it.
-    rem = count - p0
+    # The block of positions [p0, p_end) at the narrowest tile class that covers it.
+    rem = p_end - p0
     if rem > TAIL1:
-        _conv_dw_tile(x_ptr, dyc_ptr, dy_ptr, w_ptr, perm_ptr, g_ptr, rpart_ptr, p0, count, count, kb, split, num_kb,
-                      r, s, rs, offs_c, c_ok, F, H, W, Ho, Wo, P, 1, 1.0, SPLIT, stride_h, stride_w, pad_h, pad_w,
-                      dil_h, dil_w, sxb, sxc, sxh, sxw, stride_cm, sdyb, sdyf, sdyh, sdyw, swf, swc, swh, sww,
-                      stride_gs, stride_gn, stride_gc, stride_grs, 0, True, UPCAST, DOT_PRECISION, WIDE, BLOCK_C,
-                      BLOCK_M, BLOCK_P)
+        _conv_dw_tile(x_ptr, dyc_ptr, dy_ptr, w_ptr, perm_ptr, g_ptr, rpart_ptr, p0, p_end, count, kb, split, num_kb,
+                      r, s, rs, offs_c, c_ok, F, H, W, Ho, Wo, m_end, m_step, r_scale, SPLIT, stride_h, stride_w,
+                      pad_h, pad_w, dil_h, dil_w, sxb, sxc, sxh, sxw, stride_cm, sdyb, sdyf, sdyh, sdyw, swf, swc,
+                      swh, sww, stride_gs, stride_gn, stride_gc, stride_grs, SOURCE, STORE_G, UPCAST,
+                      DOT_PRECISION, WIDE, BLOCK_C, BLOCK_M, BLOCK_P)
     elif rem > TAIL2:
-        _conv_dw_tile(x_ptr, dyc_ptr, dy_ptr, w_ptr, perm_ptr, g_ptr, rpart_ptr, p0, count, count, kb, split, num_kb,
-                      r, s, rs, offs_c, c_ok, F, H, W, Ho, Wo, P, 1, 1.0, SPLIT, stride_h, stride_w, pad_h, pad_w,
-                      dil_h, dil_w, sxb, sxc, sxh, sxw, stride_cm, sdyb, sdyf, sdyh, sdyw, swf, swc, swh, sww,
-                      stride_gs, stride_gn, stride_gc, stride_grs, 0, True, UPCAST, DOT_PRECISION, WIDE, BLOCK_C,
-                      BLOCK_M, TAIL1)
+        _conv_dw_tile(x_ptr, dyc_ptr, dy_ptr, w_ptr, perm_ptr, g_ptr, rpart_ptr, p0, p_end, count, kb, split, num_kb,
+                      r, s, rs, offs_c, c_ok, F, H, W, Ho, Wo, m_end, m_step, r_scale, SPLIT, stride_h, stride_w,
+                      pad_h, pad_w, dil_h, dil_w, sxb, sxc, sxh, sxw, stride_cm, sdyb, sdyf, sdyh, sdyw, swf, swc,
+                      swh, sww, stride_gs, stride_gn, stride_gc, stride_grs, SOURCE, STORE_G, UPCAST,
+                      DOT_PRECISION, WIDE, BLOCK_C, BLOCK_M, TAIL1)
     elif rem > TAIL3:
-        _conv_dw_tile(x_ptr, dyc_ptr, dy_ptr, w_ptr, perm_ptr, g_ptr, rpart_ptr, p0, count, count, kb, split, num_kb,
-                      r, s, rs, offs_c, c_ok, F, H, W, Ho, Wo, P, 1, 1.0, SPLIT, stride_h, stride_w, pad_h, pad_w,
-                      dil_h, dil_w, sxb, sxc, sxh, sxw, stride_cm, sdyb, sdyf, sdyh, sdyw, swf, swc, swh, sww,
-                      stride_gs, stride_gn, stride_gc, stride_grs, 0, True, UPCAST, DOT_PRECISION, WIDE, BLOCK_C,
-                      BLOCK_M, TAIL2)
+        _conv_dw_tile(x_ptr, dyc_ptr, dy_ptr, w_ptr, perm_ptr, g_ptr, rpart_ptr, p0, p_end, count, kb, split, num_kb,
+                      r, s, rs, offs_c, c_ok, F, H, W, Ho, Wo, m_end, m_step, r_scale, SPLIT, stride_h, stride_w,
+                      pad_h, pad_w, dil_h, dil_w, sxb, sxc, sxh, sxw, stride_cm, sdyb, sdyf, sdyh, sdyw, swf, swc,
+                      swh, sww, stride_gs, stride_gn, stride_gc, stride_grs, SOURCE, STORE_G, UPCAST,
+                      DOT_PRECISION, WIDE, BLOCK_C, BLOCK_M, TAIL2)
     else:
-        _conv_dw_tile(x_ptr, dyc_ptr, dy_ptr, w_ptr, perm_ptr, g_ptr, rpart_ptr, p0, count, count, kb, split, num_kb,
-                      r, s, rs, offs_c, c_ok, F, H, W, Ho, Wo, P, 1, 1.0, SPLIT, stride_h, stride_w, pad_h, pad_w,
-                      dil_h, dil_w, sxb, sxc, sxh, sxw, stride_cm, sdyb, sdyf, sdyh, sdyw, swf, swc, swh, sww,
-                      stride_gs, stride_gn, stride_gc, stride_grs, 0, True, UPCAST, DOT_PRECISION, WIDE, BLOCK_C,
-                      BLOCK_M, TAIL3)
+        _conv_dw_tile(x_ptr, dyc_ptr, dy_ptr, w_ptr, perm_ptr, g_ptr, rpart_ptr, p0, p_end, count, kb, split, num_kb,
+                      r, s, rs, offs_c, c_ok, F, H, W, Ho, Wo, m_end, m_step, r_scale, SPLIT, stride_h, stride_w,
+                      pad_h, pad_w, dil_h, dil_w, sxb, sxc, sxh, sxw, stride_cm, sdyb, sdyf, sdyh, sdyw, swf, swc,
+                      swh, sww, stride_gs, stride_gn, stride_gc, stride_grs, SOURCE, STORE_G, UPCAST,
+                      DOT_PRECISION, WIDE, BLOCK_C, BLOCK_M, TAIL3)
 
 
 @triton.jit
@@ -569,19 +569,22 @@ def _threshold_conv2d_bwd_dw_kernel(
     else:
         n_active = tl.cdiv(count, BLOCK_P)
         if t < n_active:
-            _conv_dw_active(x_ptr, dyc_ptr, dy_ptr, w_ptr, perm_ptr, g_ptr, rpart_ptr, t * BLOCK_P, count, kb, split,
-                            num_kb, r, s, rs, offs_c, c_ok, F, H, W, Ho, Wo, P, SPLIT, stride_h, stride_w, pad_h,
-                            pad_w, dil_h, dil_w, sxb, sxc, sxh, sxw, stride_cm, sdyb, sdyf, sdyh, sdyw, swf, swc, swh,
-                            sww, stride_gs, stride_gn, stride_gc, stride_grs, UPCAST, DOT_PRECISION, WIDE, BLOCK_C,
-                            BLOCK_M, BLOCK_P, TAIL1, TAIL2, TAIL3)
+            # Active positions over all the pixels; G stored.
+            _conv_dw_tiles(x_ptr, dyc_ptr, dy_ptr, w_ptr, perm_ptr, g_ptr, rpart_ptr, t * BLOCK_P, count, count, kb,
+                           split, num_kb, r, s, rs, offs_c, c_ok, F, H, W, Ho, Wo, P, 1, 1.0, SPLIT, stride_h,
+                           stride_w, pad_h, pad_w, dil_h, dil_w, sxb, sxc, sxh, sxw, stride_cm, sdyb, sdyf, sdyh,
+                           sdyw, swf, swc, swh, sww, stride_gs, stride_gn, stride_gc, stride_grs, 0, True, UPCAST,
+                           DOT_PRECISION, WIDE, BLOCK_C, BLOCK_M, BLOCK_P, TAIL1, TAIL2, TAIL3)
         elif MODE == 2:
+            # Pruned positions over the strided sample of the pixels; r only.
             p0 = count + (t - n_active) * BLOCK_P
             if p0 < F:
-                _conv_dw_tile(x_ptr, dyc_ptr, dy_ptr, w_ptr, perm_ptr, g_ptr, rpart_ptr, p0, F, count, kb, split,
-                              num_kb, r, s, rs, offs_c, c_ok, F, H, W, Ho, Wo, sample_count, sample_step,
-                              P / sample_count, SPLIT, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, sxb, sxc, sxh,
-                              sxw, stride_cm, sdyb, sdyf, sdyh, sdyw, swf, swc, swh, sww, stride_gs, stride_gn,
-                              stride_gc, stride_grs, 1, False, UPCAST, DOT_PRECISION, WIDE, BLOCK_C, BLOCK_M, BLOCK_P)
+                _conv_dw_tiles(x_ptr, dyc_ptr, dy_ptr, w_ptr, perm_ptr, g_ptr, rpart_ptr, p0, F, count, kb, split,
+                               num_kb, r, s, rs, offs_c, c_ok, F, H, W, Ho, Wo, sample_count, sample_step,
+                               P / sample_count, SPLIT, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, sxb, sxc,
+                               sxh, sxw, stride_cm, sdyb, sdyf, sdyh, sdyw, swf, swc, swh, sww, stride_gs, stride_gn,
+                               stride_gc, stride_grs, 1, False, UPCAST, DOT_PRECISION, WIDE, BLOCK_C, BLOCK_M,
+                               BLOCK_P, TAIL1, TAIL2, TAIL3)
 
 
 # ----------------------------------------------------------------------------- launchers

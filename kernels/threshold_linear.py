@@ -452,36 +452,36 @@ def _linear_dw_tile(
 
 
 @triton.jit
-def _linear_dw_active(
+def _linear_dw_tiles(
     x_ptr, dyc_ptr, dy_ptr, w_ptr, perm_ptr, g_ptr, rpart_ptr,
-    p0, count, pid_k, offs_k, k_ok, M, N,
+    p0, p_end, count, pid_k, offs_k, k_ok, M, N, m_end, m_step, r_scale,
     stride_xm, stride_xk, stride_cm, stride_dym, stride_dyn, stride_wn, stride_wk, stride_gn, stride_gk,
-    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, WIDE: tl.constexpr,
-    BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr,
+    SOURCE: tl.constexpr, STORE_G: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    WIDE: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr,
     TAIL1: tl.constexpr, TAIL2: tl.constexpr, TAIL3: tl.constexpr,
 ):
-    # An active block (p0 < count) over the whole batch, at the narrowest width covering it.
-    rem = count - p0
+    # The block of positions [p0, p_end) at the narrowest tile class that covers it.
+    rem = p_end - p0
     if rem > TAIL1:
-        _linear_dw_tile(x_ptr, dyc_ptr, dy_ptr, w_ptr, perm_ptr, g_ptr, rpart_ptr, p0, count, count, pid_k, offs_k,
-                        k_ok, M, N, M, 1, 1.0, stride_xm, stride_xk, stride_cm, stride_dym, stride_dyn, stride_wn,
-                        stride_wk, stride_gn, stride_gk, 0, True, UPCAST, DOT_PRECISION, WIDE, BLOCK_K, BLOCK_M,
-                        BLOCK_P)
+        _linear_dw_tile(x_ptr, dyc_ptr, dy_ptr, w_ptr, perm_ptr, g_ptr, rpart_ptr, p0, p_end, count, pid_k, offs_k,
+                        k_ok, M, N, m_end, m_step, r_scale, stride_xm, stride_xk, stride_cm, stride_dym, stride_dyn,
+                        stride_wn, stride_wk, stride_gn, stride_gk, SOURCE, STORE_G, UPCAST, DOT_PRECISION, WIDE,
+                        BLOCK_K, BLOCK_M, BLOCK_P)
     elif rem > TAIL2:
-        _linear_dw_tile(x_ptr, dyc_ptr, dy_ptr, w_ptr, perm_ptr, g_ptr, rpart_ptr, p0, count, count, pid_k, offs_k,
-                        k_ok, M, N, M, 1, 1.0, stride_xm, stride_xk, stride_cm, stride_dym, stride_dyn, stride_wn,
-                        stride_wk, stride_gn, stride_gk, 0, True, UPCAST, DOT_PRECISION, WIDE, BLOCK_K, BLOCK_M,
-                        TAIL1)
+        _linear_dw_tile(x_ptr, dyc_ptr, dy_ptr, w_ptr, perm_ptr, g_ptr, rpart_ptr, p0, p_end, count, pid_k, offs_k,
+                        k_ok, M, N, m_end, m_step, r_scale, stride_xm, stride_xk, stride_cm, stride_dym, stride_dyn,
+                        stride_wn, stride_wk, stride_gn, stride_gk, SOURCE, STORE_G, UPCAST, DOT_PRECISION, WIDE,
+                        BLOCK_K, BLOCK_M, TAIL1)
     elif rem > TAIL3:
-        _linear_dw_tile(x_ptr, dyc_ptr, dy_ptr, w_ptr, perm_ptr, g_ptr, rpart_ptr, p0, count, count, pid_k, offs_k,
-                        k_ok, M, N, M, 1, 1.0, stride_xm, stride_xk, stride_cm, stride_dym, stride_dyn, stride_wn,
-                        stride_wk, stride_gn, stride_gk, 0, True, UPCAST, DOT_PRECISION, WIDE, BLOCK_K, BLOCK_M,
-                        TAIL2)
+        _linear_dw_tile(x_ptr, dyc_ptr, dy_ptr, w_ptr, perm_ptr, g_ptr, rpart_ptr, p0, p_end, count, pid_k, offs_k,
+                        k_ok, M, N, m_end, m_step, r_scale, stride_xm, stride_xk, stride_cm, stride_dym, stride_dyn,
+                        stride_wn, stride_wk, stride_gn, stride_gk, SOURCE, STORE_G, UPCAST, DOT_PRECISION, WIDE,
+                        BLOCK_K, BLOCK_M, TAIL2)
     else:
-        _linear_dw_tile(x_ptr, dyc_ptr, dy_ptr, w_ptr, perm_ptr, g_ptr, rpart_ptr, p0, count, count, pid_k, offs_k,
-                        k_ok, M, N, M, 1, 1.0, stride_xm, stride_xk, stride_cm, stride_dym, stride_dyn, stride_wn,
-                        stride_wk, stride_gn, stride_gk, 0, True, UPCAST, DOT_PRECISION, WIDE, BLOCK_K, BLOCK_M,
-                        TAIL3)
+        _linear_dw_tile(x_ptr, dyc_ptr, dy_ptr, w_ptr, perm_ptr, g_ptr, rpart_ptr, p0, p_end, count, pid_k, offs_k,
+                        k_ok, M, N, m_end, m_step, r_scale, stride_xm, stride_xk, stride_cm, stride_dym, stride_dyn,
+                        stride_wn, stride_wk, stride_gn, stride_gk, SOURCE, STORE_G, UPCAST, DOT_PRECISION, WIDE,
+                        BLOCK_K, BLOCK_M, TAIL3)
 
 
 @triton.jit
@@ -544,17 +544,20 @@ def _threshold_linear_bwd_dw_kernel(
     else:
         n_active = tl.cdiv(count, BLOCK_P)
         if t < n_active:
-            _linear_dw_active(x_ptr, dyc_ptr, dy_ptr, w_ptr, perm_ptr, g_ptr, rpart_ptr, t * BLOCK_P, count, pid_k,
-                              offs_k, k_ok, M, N, stride_xm, stride_xk, stride_cm, stride_dym, stride_dyn, stride_wn,
-                              stride_wk, stride_gn, stride_gk, UPCAST, DOT_PRECISION, WIDE, BLOCK_K, BLOCK_M,
-                              BLOCK_P, TAIL1, TAIL2, TAIL3)
+            # Active positions over the whole batch; G stored.
+            _linear_dw_tiles(x_ptr, dyc_ptr, dy_ptr, w_ptr, perm_ptr, g_ptr, rpart_ptr, t * BLOCK_P, count, count,
+                             pid_k, offs_k, k_ok, M, N, M, 1, 1.0, stride_xm, stride_xk, stride_cm, stride_dym,
+                             stride_dyn, stride_wn, stride_wk, stride_gn, stride_gk, 0, True, UPCAST, DOT_PRECISION,
+                             WIDE, BLOCK_K, BLOCK_M, BLOCK_P, TAIL1, TAIL2, TAIL3)
         elif MODE == 2:
+            # Pruned positions over the strided sample of the batch rows; r only.
             p0 = count + (t - n_active) * BLOCK_P
             if p0 < N:
-                _linear_dw_tile(x_ptr, dyc_ptr, dy_ptr, w_ptr, perm_ptr, g_ptr, rpart_ptr, p0, N, count, pid_k,
-                                offs_k, k_ok, M, N, sample_count, sample_step, M / sample_count, stride_xm, stride_xk,
-                                stride_cm, stride_dym, stride_dyn, stride_wn, stride_wk, stride_gn, stride_gk, 1,
-                                False, UPCAST, DOT_PRECISION, WIDE, BLOCK_K, BLOCK_M, BLOCK_P)
+                _linear_dw_tiles(x_ptr, dyc_ptr, dy_ptr, w_ptr, perm_ptr, g_ptr, rpart_ptr, p0, N, count, pid_k,
+                                 offs_k, k_ok, M, N, sample_count, sample_step, M / sample_count, stride_xm,
+                                 stride_xk, stride_cm, stride_dym, stride_dyn, stride_wn, stride_wk, stride_gn,
+                                 stride_gk, 1, False, UPCAST, DOT_PRECISION, WIDE, BLOCK_K, BLOCK_M, BLOCK_P, TAIL1,
+                                 TAIL2, TAIL3)
 
 
 @triton.jit

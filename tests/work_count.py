@@ -436,8 +436,7 @@ def expected_fractions(r: LayerWork, density: float) -> dict:
             reduction = r.size.rows if isinstance(r.layer, LinearLayer) else _pixels(r)
             sampled = sample_rows(reduction, 0.125)[0]
             rho = -(-sampled // bm) / -(-reduction // bm)
-            pruned_blocks = -(-(units - a) // bp)
-            out[("dw", mode)] = (covered_units(a, bp) + pruned_blocks * bp * rho) / dense
+            out[("dw", mode)] = (covered_units(a, bp) + covered_units(units - a, bp) * rho) / dense
     return out
 
 
@@ -520,8 +519,9 @@ def check(r: LayerWork, modes=MODES) -> list[str]:
 # ----------------------------------------------------------------------------- report
 
 
-def table(results: list[LayerWork], metric: str = "macs", markdown: bool = False) -> str:
-    """Work fractions (issued / issued at density 1) per layer, op and mode, one column per density."""
+def table(results: list[LayerWork], metric: str = "macs", markdown: bool = False, grouped: bool = False) -> str:
+    """Work fractions (issued / issued at density 1) per layer, op and mode, one column per density.
+    ``grouped``: one row for the layers whose rows are identical (same op, units and fractions)."""
     dens = [d for d in DENSITIES if d != 1.0]
     head = ["layer", "units", "op", *[f"d={d:g}" for d in dens]]
     rows = []
@@ -532,6 +532,11 @@ def table(results: list[LayerWork], metric: str = "macs", markdown: bool = False
             label = f"{op}[{mode}]" if mode else op
             cells = [f"{r.fraction(op, mode, d, metric):.3f}" if d in r.work[(op, mode)] else "" for d in dens]
             rows.append([r.layer.name, str(r.layer.units), label, *cells])
+    if grouped:
+        merged: dict = {}
+        for row in rows:
+            merged.setdefault(tuple(row[1:]), []).append(row[0])
+        rows = [[", ".join(names), *key] for key, names in merged.items()]
     if markdown:
         lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         lines += ["| " + " | ".join(row) + " |" for row in rows]
@@ -550,6 +555,7 @@ def main(argv=None) -> int:
     parser.add_argument("-k", default="", help="only layers whose name contains this")
     parser.add_argument("--metric", choices=["macs", "load_bytes", "store_bytes"], default="macs")
     parser.add_argument("--markdown", action="store_true")
+    parser.add_argument("--grouped", action="store_true", help="one row for layers with identical rows")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     results, violations = [], []
@@ -561,7 +567,7 @@ def main(argv=None) -> int:
             print(f"# {layer.name}: {results[-1].seconds:.1f} s", file=sys.stderr)
     for metric in ("macs", "load_bytes") if args.metric == "macs" else (args.metric,):
         print(f"\n## {metric}: issued at density d / issued at density 1\n")
-        print(table(results, metric, args.markdown))
+        print(table(results, metric, args.markdown, args.grouped))
     print("\n".join(["", *violations, f"{len(violations)} violations"]))
     print(f"\n# {len(results)} layers in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
     return 1 if violations else 0
