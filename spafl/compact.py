@@ -145,15 +145,19 @@ def _one_block(n_rows: int, row_len: int, device: torch.device) -> bool:
     return device.type != "cpu" or n_rows * row_len <= ROW_BLOCK
 
 
+# Temporaries up to this many elements (256 KB of fp32) come from the allocator: small blocks
+# that glibc keeps, so no page faults to avoid, and no workspace bookkeeping to pay for.
+_SMALL = 1 << 16
+
+
 def _row_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``sum_j a_ij b_ij`` of two ``[n, ...]`` tensors of one layout: ``[n]`` (row blocks: see
     ``row_blocks``)."""
-    if a.dim() == 4 and _channels_last(a) and _channels_last(b):  # weights in the chain's layout
-        return (a * b).sum(dim=(1, 2, 3))
+    n = a.shape[0]
+    k = a.numel() // n if n else 0
+    if a.device.type != "cpu" or n * k <= _SMALL:
+        return (a * b).sum(dim=tuple(range(1, a.dim())))
     a2, b2 = a.flatten(1), b.flatten(1)
-    n, k = a2.shape
-    if a.device.type != "cpu":
-        return (a2 * b2).sum(dim=1)
     if _one_block(n, k, a.device):
         return torch.mul(a2, b2, out=scratch(n, k, a2.dtype)).sum(dim=1)
     out = a2.new_empty(n)
@@ -207,13 +211,14 @@ def _sign_term(w_rows: torch.Tensor, r: torch.Tensor, fan_in: int, out: torch.Te
     """``sign(W_ij) * r_i / fan_in`` for ``w_rows [n, ...]``, ``r [n]`` (into ``out`` or a new
     tensor); on the CPU in row blocks, each block scaled while still in cache: one pass over
     memory instead of two."""
-    view = (-1,) + (1,) * (w_rows.dim() - 1)
-    scale = (r / fan_in).view(view)
+    n = w_rows.shape[0]
+    scale = torch.div(r, fan_in).view((n,) + (1,) * (w_rows.dim() - 1))
     if out is None:
         out = torch.empty_like(w_rows, memory_format=torch.contiguous_format)
-    if _one_block(out.shape[0], out[0].numel() if out.shape[0] else 1, out.device):
+    row_len = w_rows.numel() // n if n else 0
+    if _one_block(n, row_len, out.device):
         return torch.sign(w_rows, out=out).mul_(scale)
-    for rows in row_blocks(out.shape[0], out[0].numel(), out.device):
+    for rows in row_blocks(n, row_len, out.device):
         torch.sign(w_rows[rows], out=out[rows]).mul_(scale[rows])
     return out
 
@@ -386,7 +391,11 @@ def _channels_last(t: torch.Tensor) -> bool:
     which picks a convolution's layout): sizes-1 dimensions are not skipped, so a one-channel
     tensor with strides ``(H * W, 1, W, 1)`` is channels-last and one with ``(H * W, H * W, W, 1)``
     is not, although both are contiguous in both formats."""
-    if t.dim() != 4 or t.stride(1) == 0:
+    if t.dim() != 4:
+        return False
+    if t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous():
+        return True  # the common case, decided in C++
+    if t.stride(1) == 0:
         return False
     least = 0
     for d in (1, 3, 2, 0):
