@@ -83,7 +83,7 @@ def _(weight, threshold, counter, previous_density, backend, with_perm, collapse
 # ----------------------------------------------------------------------------- Linear
 
 
-def _compact_linear_state(x: Tensor, weight: Tensor, mask: Tensor, skip_zero_inputs: bool) -> tuple:
+def _compact_linear_state(x: Tensor, weight: Tensor, mask: Tensor, skip_zero_inputs: bool) -> compact._LinearState:
     """The state :func:`spafl.compact.linear_forward` hands to its backward, rebuilt from the
     forward's inputs without the forward's product (so ``Z`` is None and the backward takes
     ``r`` from ``G``; equal results)."""
@@ -92,7 +92,8 @@ def _compact_linear_state(x: Tensor, weight: Tensor, mask: Tensor, skip_zero_inp
     units = compact.active_units(mask)
     cols = compact._nonzero_along(xc, 1) if skip_zero_inputs else None
     w_in = compact._take(w, units, cols)
-    return units, cols, None if cols is None else xc.index_select(1, cols), None if w_in is w else w_in, None
+    x_in = None if cols is None else xc.index_select(1, cols)
+    return compact._LinearState(units, cols, x_in, None if w_in is w else w_in, None, False, False)
 
 
 @torch.library.custom_op("spafl::threshold_linear", mutates_args=())
