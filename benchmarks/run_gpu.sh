@@ -104,7 +104,7 @@ from spafl import threshold_layers
 from spafl.federated.models import build_model
 for name in ("lenet5", "conv4", "resnet18", "vit"):
     seen = set()
-    for index, (_, layer) in enumerate(threshold_layers(build_model(name, 10))):
+    for index, layer in enumerate(threshold_layers(build_model(name, 10))):
         key = (type(layer).__name__, tuple(layer.weight.shape), getattr(layer, "stride", None),
                getattr(layer, "padding", None))
         if key not in seen:
@@ -130,7 +130,7 @@ shape, batch = MODELS[name]
 torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # as e2e.py
 model = build_model(name, 10, backend="reference", collapse_density=None).cuda()
 set_density(model, 0.5)
-layer = list(threshold_layers(model))[index][1]
+layer = list(threshold_layers(model))[index]
 inputs = []
 hook = layer.register_forward_hook(lambda mod, args, out: inputs.append(args[0].detach()))
 model.train()(torch.randn(batch, *shape, device="cuda"))
