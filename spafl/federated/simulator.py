@@ -17,6 +17,7 @@ results are applied in the cohort's order, so the history is the same for any wo
 from __future__ import annotations
 
 import copy
+import math
 import pickle
 import queue
 import sys
@@ -37,7 +38,9 @@ from .data import ImageDataset, client_data, load_dataset, split_digest, split_f
 from .methods import make_method
 from .protocol import (
     MOMENTUM_PREFIX,
+    ClientReport,
     SequentialStreams,
+    UpdateRejected,
     decode,
     encode,
     evaluate,
@@ -50,9 +53,12 @@ from .server import (  # noqa: F401 (TIMING_FIELDS, FederatedWarning: importable
     CHECKPOINT_VERSION,
     TIMING_FIELDS,
     ClientRecord,
+    FailedRounds,
     FederatedWarning,
+    FederationStalled,
     RoundTally,
     _atomic_write,
+    aggregate_round,
     check_dataset,
     client_metrics,
     initial_model,
@@ -107,6 +113,9 @@ class Simulator:
                                             config.seed)
         self.split_digest = split_digest(train_idx, test_idx)
         self.clients = client_data(dataset, train_idx, test_idx, config.normalize, config.augment, self.device)
+        # What the server knows of its clients bounds the sample counts they may report (and
+        # the local steps an update may have taken), not the named dataset's size.
+        self.method.sample_bound = max(c.num_train for c in self.clients)
         # The whole test set, for the global model of the non-personalised methods.
         self.global_test = None if self.method.personalised else whole_test_set(dataset, config, self.device)
 
@@ -268,9 +277,13 @@ class Simulator:
         return any(density <= limit for density in cached["layers"].values())
 
     def _client_job(self, slot: tuple, job: tuple) -> tuple:
-        """One client's round on a working model: ``(cid, new state, report, uplink bytes,
-        error)``; a client that fails (or whose uplink cannot be encoded) returns its error."""
-        cid, t, down, seeds = job
+        """One client's round on a working model: ``(cid, outcome, new state, report, uplink
+        bytes, sample count, error)``. ``outcome`` is ``"ok"``; ``"dropped"`` when the client
+        failed or its report is malformed; ``"refused"`` when its sample count is impossible
+        (as the Flower server, before the client counts as trained); ``"rejected"`` when its
+        update is not this round's uplink in form (:meth:`Method.check_payload`: another type,
+        dtype, shape...), checked before it is encoded."""
+        cid, t, down, seeds, server = job
         model, _ = slot
         method, cfg = self.method, self.config
         try:
@@ -280,10 +293,21 @@ class Simulator:
             kwargs = {"train_seeds": seeds} if seeds is not None else {}
             new_state, report = self.client_fn(model, self.client_states[cid], received, self.clients[cid], cfg, t,
                                                cid, self.macs, **kwargs)
-            up = encode(report.update, sparse=method.sparse_wire) if method.communicates else None
+            check_report(report)
         except Exception as e:  # the client failed mid-round: drop it from this round
-            return cid, None, None, None, f"{type(e).__name__}: {e}"
-        return cid, new_state, report, up, None
+            return cid, "dropped", None, None, None, None, f"{type(e).__name__}: {e}"
+        if not method.communicates:
+            return cid, "ok", new_state, report, None, None, None
+        try:
+            n = method.check_sample_count(report.num_samples, known=self.clients[cid].num_train)
+        except UpdateRejected as e:
+            return cid, "refused", None, None, None, None, str(e)
+        try:
+            method.check_payload(report.update, server)
+            up = encode(report.update, sparse=method.sparse_wire)
+        except (UpdateRejected, TypeError, ValueError) as e:
+            return cid, "rejected", new_state, report, None, None, str(e)
+        return cid, "ok", new_state, report, up, n, None
 
     def run_round(self) -> dict:
         """Run the next round and return its history row."""
@@ -297,12 +321,16 @@ class Simulator:
             seeds = [None] * len(cohort)
         message = method.broadcast(self.server) if method.communicates else {}
         down = encode(message, sparse=method.sparse_wire) if method.communicates else b""
-        results = self._parallel(self._client_job, [(cid, t, down, s) for cid, s in zip(cohort, seeds, strict=True)])
+        jobs = [(cid, t, down, s, self.server) for cid, s in zip(cohort, seeds, strict=True)]
+        results = self._parallel(self._client_job, jobs)
         tally = RoundTally(method, self.server, cohort)
         train_losses = {}
-        for cid, new_state, report, up, error in results:  # in cohort order, whatever finished first
-            if error is not None:
+        for cid, outcome, new_state, report, up, n, error in results:  # in cohort order, whatever finished first
+            if outcome == "dropped":
                 tally.drop(cid, error)
+                continue
+            if outcome == "refused":
+                tally.reject(cid, error)
                 continue
             # The client's own state is its business; the server only sees the uplink.
             if new_state is not None:
@@ -310,10 +338,12 @@ class Simulator:
             self.client_flops[cid] += report.flops
             train_losses[cid] = report.train_loss
             tally.trained(cid, report)
-            if method.communicates:
-                tally.receive(cid, report, up)
+            if outcome == "rejected":
+                tally.reject(cid, error)
+            elif method.communicates:
+                tally.receive(cid, report, up, n)
         before = self.server
-        self.server = method.aggregate(self.server, tally.accepted, tally.weights)
+        self.server = aggregate_round(method, self.server, tally)
         extra = method.round_metrics(before, self.server, tally.reports)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
@@ -338,22 +368,41 @@ class Simulator:
 
     def run(self, rounds: int | None = None) -> list[dict]:
         """Run until ``rounds`` (default ``config.rounds``) rounds are done, checkpointing every
-        ``config.checkpoint_every`` rounds and at the end; write the history; return it."""
+        ``config.checkpoint_every`` rounds and at the end; write the history; return it.
+
+        A round that aggregates nothing (every sampled client dropped or rejected, or the
+        aggregate refused) is warned about and marked in the history (``round_failed``); after
+        ``config.max_failed_rounds`` of them in a row the run is saved and stops with
+        :class:`FederationStalled`."""
         target = self.config.rounds if rounds is None else rounds
         bar = _Progress(target, self.round) if self.progress else None
-        while self.round < target:
-            row = self.run_round()
+        failures = FailedRounds(self.config.max_failed_rounds, self.history)
+        try:
+            while self.round < target:
+                row = self.run_round()
+                if bar is not None:
+                    bar.update(row)
+                every = self.config.checkpoint_every
+                saved = False
+                if self.out_dir is not None and ((every and self.round % every == 0) or self.round == target):
+                    self._save()
+                    saved = True
+                try:
+                    failures.update(row, self.config)
+                except FederationStalled:
+                    if self.out_dir is not None and not saved:
+                        self._save()
+                    raise
+        finally:
             if bar is not None:
-                bar.update(row)
-            every = self.config.checkpoint_every
-            if self.out_dir is not None and ((every and self.round % every == 0) or self.round == target):
-                self.save_checkpoint()
-                self.write_history()
-        if bar is not None:
-            bar.close()
+                bar.close()
         if self.out_dir is not None and not self.history:
             self.write_history()
         return self.history
+
+    def _save(self) -> None:
+        self.save_checkpoint()
+        self.write_history()
 
     def summary(self) -> dict:
         """The run's final and best numbers (``best_round`` counts from 1, as the history)."""
@@ -479,6 +528,21 @@ def read_checkpoint(file: str | Path) -> dict:
     if ckpt.get("version") != CHECKPOINT_VERSION:
         raise ValueError(f"{file}: checkpoint version {ckpt.get('version')!r}; this spafl reads {CHECKPOINT_VERSION}")
     return ckpt
+
+
+def check_report(report: object) -> None:
+    """Raise ``ValueError`` unless ``report`` is a :class:`protocol.ClientReport` whose numbers
+    the history can take: FLOPs a finite non-negative number, the training loss a number (NaN
+    allowed: a client whose loss diverged still reports). Its update and sample count are the
+    server's checks (:meth:`Method.check_payload`, :meth:`Method.check_sample_count`)."""
+    if not isinstance(report, ClientReport):
+        raise ValueError(f"a client returns (state, ClientReport), got a {type(report).__name__} as its report")
+    for name in ("flops", "train_loss"):
+        value = getattr(report, name)
+        if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+            raise ValueError(f"malformed report: {name} must be a number, got {type(value).__name__}")
+    if not (math.isfinite(report.flops) and report.flops >= 0):
+        raise ValueError(f"malformed report: flops must be finite and non-negative, got {report.flops!r}")
 
 
 def check_workers(workers: int, device: torch.device) -> int:
