@@ -44,11 +44,22 @@ HISTORY_FORMAT = 2
 
 
 def resolve_device(name: str) -> torch.device:
+    """The device ``config.device`` names (``auto``: CUDA when available); ``ValueError``
+    naming the value when torch does not know it or this machine does not have it."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r} requested but CUDA is not available")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"device {name!r} is not a device (auto, cpu, cuda or cuda:<index>)") from e
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"device {name!r}: the simulator runs on cpu or cuda")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {name!r} requested but CUDA is not available")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"device {name!r} requested but this machine has {torch.cuda.device_count()} CUDA "
+                             "device(s)")
     return device
 
 
@@ -403,17 +414,41 @@ class ClientRecord:
             self.rows[k] = list(array)
 
 
-def _atomic_write(path: Path, write: Callable) -> None:
-    """``write(file)`` into a temporary file beside ``path``, fsync it, rename it over ``path``:
-    a crash leaves either the old file or the new one, never a partial one."""
+def _atomic_write(path: Path, write: Callable, keep_previous: Path | None = None) -> None:
+    """``write(file)`` into a temporary file beside ``path``, fsync it, rename it over ``path``
+    and fsync the folder: a crash leaves either the old file or the new one, never a partial
+    one. With ``keep_previous``, the file being replaced stays there under that name (a hard
+    link made before the rename, or the old file renamed where links are not supported)."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
+        if keep_previous is not None and path.is_file():
+            keep_previous.unlink(missing_ok=True)
+            try:
+                os.link(path, keep_previous)  # path stays in place: there is a checkpoint at every moment
+            except OSError:
+                os.replace(path, keep_previous)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+    _fsync_dir(path.parent)  # make the rename durable
+
+
+def _fsync_dir(folder: Path) -> None:
+    """fsync a folder, so that a rename or removal in it survives a crash (where the
+    platform allows it)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

@@ -18,10 +18,10 @@ from __future__ import annotations
 
 import copy
 import math
-import pickle
 import queue
 import sys
 import time
+import uuid
 import weakref
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -33,6 +33,7 @@ from torch import nn
 
 from .._env import environment
 from ..convert import threshold_layers
+from . import runfolder
 from .config import FedConfig, config_mismatch
 from .data import ImageDataset, client_data, load_dataset, split_digest, split_for_run
 from .methods import make_method
@@ -49,6 +50,7 @@ from .protocol import (
     momentum_entries,
     sample_clients,
 )
+from .runfolder import read_checkpoint  # noqa: F401 (importable from here too)
 from .server import (  # noqa: F401 (TIMING_FIELDS, FederatedWarning: importable from here too)
     CHECKPOINT_VERSION,
     TIMING_FIELDS,
@@ -57,7 +59,6 @@ from .server import (  # noqa: F401 (TIMING_FIELDS, FederatedWarning: importable
     FederatedWarning,
     FederationStalled,
     RoundTally,
-    _atomic_write,
     aggregate_round,
     check_dataset,
     client_metrics,
@@ -97,6 +98,9 @@ class Simulator:
                  client_fn: Callable | None = None, progress: bool = False, command: str | None = None,
                  workers: int = 1):
         self.config = config.validate()
+        # Drawn once when the run starts, kept in its checkpoints and history: what tells this
+        # run's files from another's when a folder is resumed.
+        self.run_id = uuid.uuid4().hex
         self.method = make_method(self.config)
         self.device = resolve_device(config.device)
         self.workers = check_workers(workers, self.device)
@@ -375,6 +379,8 @@ class Simulator:
         ``config.max_failed_rounds`` of them in a row the run is saved and stops with
         :class:`FederationStalled`."""
         target = self.config.rounds if rounds is None else rounds
+        if self.out_dir is not None and self.round < target:  # before any training
+            runfolder.prepare(self.out_dir)
         bar = _Progress(target, self.round) if self.progress else None
         failures = FailedRounds(self.config.max_failed_rounds, self.history)
         try:
@@ -438,7 +444,7 @@ class Simulator:
         columns, global threshold statistics as ``tau:<layer>:<stat>``), ``history.json``
         (rows, summary, config, environment), ``masks.npz``, ``clients.npz``."""
         meta = {"config": self.config.to_dict(), "environment": environment(self.device), "command": self.command,
-                "split_digest": self.split_digest, "num_thresholds": self.num_thresholds,
+                "run_id": self.run_id, "split_digest": self.split_digest, "num_thresholds": self.num_thresholds,
                 "num_weights": self.num_weights, "layers": self.layer_names, "macs_per_sample": self.macs,
                 "mask_layer": self.mask_layer, "summary": self.summary()}
         write_history(self.out_dir, meta, self.history, self.layer_names, self.mask_history, self.mask_layer,
@@ -449,6 +455,8 @@ class Simulator:
         ``torch.load(weights_only=True)``)."""
         return {
             "version": CHECKPOINT_VERSION,
+            "engine": "simulator",
+            "run_id": self.run_id,
             "config": self.config.to_dict(),
             "dataset": self.dataset_name,
             "split_digest": self.split_digest,
@@ -472,6 +480,8 @@ class Simulator:
             raise ValueError("the checkpoint was written by a different configuration:\n  " + "\n  ".join(problems))
         if ckpt["split_digest"] != self.split_digest:
             raise ValueError("the data split differs from the checkpoint's (different dataset files?)")
+        if ckpt.get("run_id"):  # checkpoints written before run ids keep the one drawn here
+            self.run_id = str(ckpt["run_id"])
         self.server = type(self.server).from_state_dict(ckpt["server"])
         self.global_eval = ckpt.get("global_eval")
         self.client_states = [None if s is None else {k: v.to(self.device) for k, v in s.items()}
@@ -488,46 +498,48 @@ class Simulator:
 
     def save_checkpoint(self, path: str | Path | None = None) -> Path:
         """Write the whole run to ``path`` (default ``<out_dir>/checkpoint.pt``) atomically: a
-        temporary file in the same folder, fsync'd, then renamed over the old checkpoint."""
-        path = Path(path) if path is not None else self.out_dir / "checkpoint.pt"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        state = self.state_dict()
-        _atomic_write(path, lambda f: torch.save(state, f))
-        return path
+        temporary file in the same folder, fsync'd, then renamed over the old checkpoint, which
+        stays as ``checkpoint.prev.pt`` (:func:`runfolder.save_checkpoint`)."""
+        path = Path(path) if path is not None else self.out_dir / runfolder.CHECKPOINT
+        return runfolder.save_checkpoint(path, self.state_dict())
 
     @classmethod
-    def resume(cls, path: str | Path, config: FedConfig | None = None, **kwargs) -> Simulator:
-        """Rebuild a run from a checkpoint (``path``: the file or its folder). ``config`` may
-        change only ``rounds``, ``checkpoint_every``, ``data_root``, ``download``, ``device``
-        and ``eval_batch_size``; by default the checkpoint's own configuration is used.
-        ``kwargs`` go to the constructor (``dataset``, ``workers``...)."""
+    def resume(cls, path: str | Path, config: FedConfig | None = None, *, log: Callable[[str], None] | None = None,
+               **kwargs) -> Simulator:
+        """Rebuild a run from a checkpoint. ``path`` is the run folder (its ``checkpoint.pt``,
+        or the previous one, ``checkpoint.prev.pt``, when that is missing or unreadable) or a
+        checkpoint file. The checkpoint must belong to the run whose history is in the folder
+        the run continues in (``out_dir``, default the checkpoint's), else
+        :class:`runfolder.RunFolderError` and nothing is changed
+        (:func:`runfolder.open_checkpoint`). What the user should know (a fallback) goes to
+        ``log``, else is warned (:class:`runfolder.CheckpointWarning`).
+
+        ``config`` may change only ``rounds``, ``checkpoint_every``, ``data_root``,
+        ``download``, ``device``, ``eval_batch_size`` and ``max_failed_rounds``; by default the
+        checkpoint's own configuration is used. ``kwargs`` go to the constructor (``dataset``,
+        ``workers``...)."""
         path = Path(path)
-        file = path / "checkpoint.pt" if path.is_dir() else path
-        ckpt = read_checkpoint(file)
+        kwargs.setdefault("out_dir", path if path.is_dir() else path.parent)
+        found = runfolder.open_checkpoint(path, kwargs["out_dir"])
+        runfolder.warn_notes(found.notes, log)
+        return cls.from_checkpoint(found.ckpt, config, source=found.file, **kwargs)
+
+    @classmethod
+    def from_checkpoint(cls, ckpt: dict, config: FedConfig | None = None, *, source: str | Path = "the checkpoint",
+                        **kwargs) -> Simulator:
+        """A simulator continuing the run in ``ckpt`` (as :func:`runfolder.read_checkpoint`
+        returns it, read from ``source``); see :meth:`resume`."""
         if config is None:
-            config = FedConfig(**ckpt["config"])
-        kwargs.setdefault("out_dir", file.parent)
+            try:
+                config = FedConfig(**ckpt["config"]).validate()
+            except (TypeError, ValueError) as e:
+                raise runfolder.RunFolderError(f"{source} holds settings this spafl cannot run: {e}") from e
         sim = cls(config, **kwargs)
-        sim.load_state_dict(ckpt)
+        try:
+            sim.load_state_dict(ckpt)
+        except (KeyError, TypeError, AttributeError, IndexError, RuntimeError) as e:
+            raise runfolder.RunFolderError(f"{source} is a malformed checkpoint ({type(e).__name__}: {e})") from e
         return sim
-
-
-def read_checkpoint(file: str | Path) -> dict:
-    """A simulator checkpoint, read with ``torch.load(weights_only=True)`` (tensors, plain
-    containers and numbers only: a checkpoint cannot run code)."""
-    file = Path(file)
-    if not file.is_file():
-        raise FileNotFoundError(f"no checkpoint at {file}")
-    try:
-        ckpt = torch.load(file, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError) as e:
-        raise ValueError(f"{file} is not a checkpoint this spafl can read (version {CHECKPOINT_VERSION}; "
-                         f"checkpoints of older versions hold objects it no longer loads): {e}") from e
-    if not isinstance(ckpt, dict) or "config" not in ckpt:
-        raise ValueError(f"{file} is not a simulator checkpoint")
-    if ckpt.get("version") != CHECKPOINT_VERSION:
-        raise ValueError(f"{file}: checkpoint version {ckpt.get('version')!r}; this spafl reads {CHECKPOINT_VERSION}")
-    return ckpt
 
 
 def check_report(report: object) -> None:
