@@ -66,7 +66,7 @@ from _common import (
     timestamp,
 )
 
-from spafl import densify, threshold_for_density, threshold_layers, threshold_penalty
+from spafl import densify, named_threshold_layers, threshold_for_density, threshold_penalty
 from spafl.federated import Simulator, build_config
 from spafl.federated.data import ImageDataset, load_dataset
 from spafl.federated.models import build_model
@@ -86,7 +86,7 @@ COLUMNS = ("timestamp", "device", "torch", "triton", "python", "spafl", "threads
 def set_density(model: torch.nn.Module, density: float | dict[str, float]) -> None:
     """Set every threshold layer of ``model`` to ``density`` (one for all, or ``{layer name:
     density}`` naming every threshold layer) with :func:`spafl.threshold_for_density`."""
-    layers = dict(threshold_layers(model))
+    layers = dict(named_threshold_layers(model))
     if isinstance(density, dict):
         if set(density) != set(layers):
             raise ValueError(f"the densities name {sorted(density)}, the model's threshold layers are "
@@ -108,7 +108,7 @@ def _describe(density: float | dict[str, float]) -> tuple[str, float]:
 def _backend(model: torch.nn.Module) -> str:
     from spafl._checks import resolve_backend
 
-    _, layer = next(iter(threshold_layers(model)))
+    _, layer = next(iter(named_threshold_layers(model)))
     return resolve_backend(layer.backend, layer.weight)
 
 

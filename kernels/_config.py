@@ -1,13 +1,31 @@
-"""Launch settings shared by the kernels.
+"""Launch settings shared by the kernels: tiles, autotuning, and the weight-path policy.
 
-Block sizes here are fixed, not autotuned: the interpreter must never autotune, and the
-tuned GPU configurations belong to the benchmark-driven tuning work. The values chosen for
-the GPU are conventional Hopper GEMM tiles (128x128x64 for 16-bit operands, 128x128x32 for
-fp32), not measured optima.
+Fixed configurations. Every kernel has one fixed launch configuration per dtype class:
+conventional Hopper GEMM tiles (128x128x64 for 16-bit operands, 128x128x32 for fp32), not
+measured optima. The interpreter and the tests always use fixed configurations (the interpreter
+must never autotune); the interpreter's are smaller (fewer rows per test, more tile edges
+exercised), except inside :func:`production_tiles`, which makes it run the GPU tiles: the
+work-count harness (``tests/work_count.py``) counts the work of exactly what the GPU issues.
+
+Autotuning (GPU only; opt-in with ``SPAFL_AUTOTUNE=1`` or :func:`autotuning`, off by default
+because every candidate is a compile at the first call of every layer shape: minutes for a
+ResNet-18). The GEMM launchers go through :func:`launch`, which then wraps the kernel in
+``triton.autotune`` over a few candidate tile sizes, warp counts and pipeline depths
+(:data:`CANDIDATES`), keyed by every integer argument (shapes and strides) and the dtypes, with
+one tuner per kernel family and *density bucket*. The active count lives on the device, so the
+bucket comes from what the host knows without a synchronisation: the caller's
+``density_hint`` (for instance the density it measured at a previous step), else the bucket
+``"unknown"``. Without a hint a layer is tuned at the density of its first call and keeps that
+choice; this costs little because the kernels adapt to the density at run time anyway: the
+block that straddles the active count runs the narrowest tile class that covers it
+(:func:`tail_widths`), whatever the configured block.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -17,7 +35,9 @@ from .._checks import TRITON_DTYPES, interpreter_enabled
 # Element types the kernels accept for activations and weights.
 SUPPORTED_DTYPES = TRITON_DTYPES
 
-
+# The narrowest tile of units (rows of W / filters) a kernel issues tensor-core work for: the
+# smallest N of Hopper's wgmma (and of mma.sync) is 8.
+MIN_UNITS = 8
 
 
 @dataclass(frozen=True)
@@ -35,25 +55,253 @@ class GemmConfig:
 # and mixed active/pruned tile paths are exercised.
 _INTERPRETER_GEMM = GemmConfig(32, 32, 32, 4, 4, 1)
 _GPU_GEMM_16BIT = GemmConfig(128, 128, 64, 8, 8, 3)
-_GPU_GEMM_FP32 = GemmConfig(128, 128, 32, 8, 8, 3)
+_GPU_GEMM_FP32 = GemmConfig(128, 128, 32, 8, 8, 3)  # TF32 tensor cores
+# IEEE fp32 runs on the FMA units; a 128-wide N tile spills there (offline sm_90 compile).
+_GPU_GEMM_FP32_IEEE = GemmConfig(128, 64, 32, 8, 8, 3)
 
 
-def gemm_config(dtype: torch.dtype) -> GemmConfig:
-    if interpreter_enabled():
+def aligned(*tensors: torch.Tensor, sizes: tuple[int, ...] = ()) -> bool:
+    """Whether Triton's launcher will see these operands as 16-aligned: data pointers 16-byte
+    aligned, every stride other than 1 and every size in ``sizes`` (the extents the tile masks
+    test along contiguous dimensions) a multiple of 16. That is the specialisation under which
+    the GEMMs load 16-byte vectors and pipeline them with cp.async; otherwise every element is
+    a load of its own with its own address, and the large tiles run out of registers."""
+    for t in tensors:
+        if t.data_ptr() % 16 or any(st % 16 for st in t.stride() if st != 1):
+            return False
+    return all(n % 16 == 0 for n in sizes)
+
+
+_production_tiles_forced = False
+
+
+@contextlib.contextmanager
+def production_tiles() -> Iterator[None]:
+    """Within this block the launchers pick the GPU's tiles and launch settings even in the
+    interpreter (the dot is still upcast to fp32 there: only the tile sizes change)."""
+    global _production_tiles_forced
+    previous, _production_tiles_forced = _production_tiles_forced, True
+    try:
+        yield
+    finally:
+        _production_tiles_forced = previous
+
+
+def gpu_tiles() -> bool:
+    """Whether launches use the GPU's tile sizes: on the GPU, or under :func:`production_tiles`."""
+    return _production_tiles_forced or not interpreter_enabled()
+
+
+def gemm_config(dtype: torch.dtype, op: str = "matmul") -> GemmConfig:
+    """The fixed tiles of a GEMM on ``dtype`` operands (``op`` as for :func:`dot_precision`)."""
+    if not gpu_tiles():
         return _INTERPRETER_GEMM
-    return _GPU_GEMM_FP32 if dtype == torch.float32 else _GPU_GEMM_16BIT
+    if dtype != torch.float32:
+        return _GPU_GEMM_16BIT
+    return _GPU_GEMM_FP32 if dot_precision(op, dtype) == "tf32" else _GPU_GEMM_FP32_IEEE
 
 
-def dot_precision(op: str = "matmul") -> str:
+def dot_precision(op: str = "matmul", dtype: torch.dtype = torch.float32) -> str:
     """`tl.dot` precision for fp32 operands, following PyTorch's own setting for the same op.
 
     ``op="matmul"``: ``torch.backends.cuda.matmul.allow_tf32`` (float32 matmul precision
     "high" / "medium"), off by default, as for ``F.linear``. ``op="conv"``:
     ``torch.backends.cudnn.allow_tf32``, on by default, as for ``F.conv2d``. TF32 tensor cores
-    when the setting allows them, otherwise full IEEE fp32.
+    when the setting allows them, otherwise full IEEE fp32. 16-bit operands: "ieee" (the
+    setting means nothing for them; one value keeps one compiled kernel).
     """
-    if interpreter_enabled():
+    if interpreter_enabled() or dtype != torch.float32:
         return "ieee"
     if op == "conv":
         return "tf32" if torch.backends.cudnn.allow_tf32 else "ieee"
     return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
+
+
+def tail_widths(block: int) -> dict[str, int]:
+    """Tile classes for the block of units that straddles the active count: a kernel with
+    ``BLOCK`` units per program computes ``rem`` active units at width ``BLOCK`` if
+    ``rem > TAIL1``, else ``TAIL1`` if ``rem > TAIL2``, else ``TAIL2`` if ``rem > TAIL3``, else
+    ``TAIL3``: halvings of the block, at least :data:`MIN_UNITS`."""
+    return {f"TAIL{i}": max(block >> i, MIN_UNITS) for i in (1, 2, 3)}
+
+
+def covered_units(active: int, block: int) -> int:
+    """Units a kernel with blocks of ``block`` units and the tail classes of :func:`tail_widths`
+    issues work for when ``active`` units are active (the work-count harness's model)."""
+    full, rem = divmod(active, block)
+    if rem == 0:
+        return full * block
+    widths = [block, *tail_widths(block).values()]
+    width = block
+    for wider, narrower in zip(widths, widths[1:], strict=False):
+        if rem > narrower:
+            width = wider
+            break
+    else:
+        width = widths[-1]
+    return full * block + width
+
+
+# ----------------------------------------------------------------------------- weight path
+
+
+def _channels_last(weight: torch.Tensor) -> bool:
+    return weight.dim() == 4 and weight.is_contiguous(memory_format=torch.channels_last)
+
+
+def use_compact_weight(flag: bool | None, kind: str, weight: torch.Tensor) -> bool:
+    """Whether a GEMM first copies the active rows of ``weight`` to a contiguous buffer in its K
+    order (``compact``) instead of gathering them inside the tile loads (``gather``).
+
+    ``flag`` (the launchers' ``compact_weight``) decides when given; else the environment
+    variable ``SPAFL_COMPACT_WEIGHT``: ``always``, ``never`` or ``auto`` (default). ``auto``
+    compacts a convolution weight that is not channels-last, whose channel loads would stride
+    by ``kh * kw`` elements: the copy (active filters only) is the layout conversion. Linear
+    weights have contiguous rows and gather in the loads.
+    """
+    if flag is not None:
+        return bool(flag)
+    policy = os.environ.get("SPAFL_COMPACT_WEIGHT", "auto")
+    if policy == "always":
+        return True
+    if policy == "never":
+        return False
+    if policy != "auto":
+        raise ValueError(f"SPAFL_COMPACT_WEIGHT must be 'auto', 'always' or 'never', got {policy!r}")
+    return kind == "conv" and not _channels_last(weight)
+
+
+# ----------------------------------------------------------------------------- autotuning
+
+# Candidates per kernel family: overrides of the fixed configuration (which is always tried).
+# Few on purpose: every candidate is a compile on the GPU's first call of each shape.
+CANDIDATES: dict[str, list[dict]] = {
+    "linear_fwd": [
+        {"num_warps": 4, "num_stages": 4},
+        {"BLOCK_N": 256, "num_warps": 8, "num_stages": 3},
+        {"BLOCK_M": 64, "num_warps": 4, "num_stages": 4},
+    ],
+    "linear_dx": [
+        {"num_warps": 4, "num_stages": 4},
+        {"BLOCK_M": 64, "num_warps": 4, "num_stages": 4},
+    ],
+    "linear_dw": [
+        {"num_warps": 4, "num_stages": 4},
+        {"BLOCK_P": 64, "num_warps": 4, "num_stages": 4},
+    ],
+    "conv_fwd": [
+        {"num_warps": 4, "num_stages": 4},
+        {"BLOCK_M": 64, "num_warps": 4, "num_stages": 4},
+    ],
+    "conv_dx": [
+        {"num_warps": 4, "num_stages": 4},
+        {"BLOCK_M": 64, "num_warps": 4, "num_stages": 4},
+    ],
+    "conv_dw": [
+        {"num_warps": 4, "num_stages": 4},
+    ],
+}
+
+# Meta-parameters whose tail classes follow them.
+_TAILED = ("BLOCK_N", "BLOCK_P")
+
+_autotune_override: bool | None = None
+_tuners: dict = {}
+
+
+@contextlib.contextmanager
+def autotuning(enabled: bool) -> Iterator[None]:
+    """Within this block GPU launches autotune (``True``) or use the fixed configurations
+    (``False``), whatever ``SPAFL_AUTOTUNE`` says. The interpreter never autotunes."""
+    global _autotune_override
+    previous, _autotune_override = _autotune_override, bool(enabled)
+    try:
+        yield
+    finally:
+        _autotune_override = previous
+
+
+def fixed_configs() -> contextlib.AbstractContextManager:
+    """Within this block the GPU launches use the fixed configurations (no autotuning)."""
+    return autotuning(False)
+
+
+def autotune_enabled() -> bool:
+    if interpreter_enabled():
+        return False
+    if _autotune_override is not None:
+        return _autotune_override
+    value = os.environ.get("SPAFL_AUTOTUNE", "0")
+    if value not in ("0", "1"):
+        raise ValueError(f"SPAFL_AUTOTUNE must be '0' or '1', got {value!r}")
+    return value == "1"
+
+
+DENSITY_BUCKETS = (0.125, 0.25, 0.5, 1.0)
+
+
+def density_bucket(hint: float | None) -> str:
+    """``"unknown"`` without a hint, else the smallest of :data:`DENSITY_BUCKETS` >= ``hint``."""
+    if hint is None:
+        return "unknown"
+    return f"<={next(b for b in DENSITY_BUCKETS if hint <= b)}"
+
+
+def candidate_metas(family: str, fixed: dict, limits: dict | None = None, fixed_keys: tuple = ()) -> list[dict]:
+    """The fixed configuration, then each candidate of ``family`` applied over it, without
+    duplicates, without overrides of ``fixed_keys``, and without blocks above ``limits``
+    (a block larger than the dimension it tiles only adds masked work)."""
+    metas = [dict(fixed)]
+    for override in CANDIDATES.get(family.rstrip("0123456789"), []):
+        if any(k in fixed_keys or k not in fixed for k in override):
+            continue
+        meta = {**fixed, **override}
+        for key in _TAILED:
+            if key in override:
+                meta.update(tail_widths(meta[key]))
+        if limits and any(meta[k] > v and meta[k] > fixed[k] for k, v in limits.items()):
+            continue
+        if meta not in metas:
+            metas.append(meta)
+    return metas
+
+
+def launch(
+    kernel,
+    family: str,
+    grid: Callable[[dict], tuple],
+    fixed: dict,
+    args: tuple,
+    consts: dict,
+    *,
+    dtype: torch.dtype,
+    rows: int,
+    density_hint: float | None,
+    fixed_keys: tuple = (),
+    limits: dict | None = None,
+) -> None:
+    """Launch ``kernel(*args, **consts)`` with the meta-parameters ``fixed`` (block sizes,
+    ``num_warps``, ``num_stages``), or through its autotuner (see the module docstring). ``rows``
+    (the batch dimension) and ``dtype`` only name the tuner; the tuner's key is every integer
+    argument."""
+    if not autotune_enabled():
+        meta = dict(fixed)
+        warps, stages = meta.pop("num_warps"), meta.pop("num_stages")
+        kernel[grid(fixed)](*args, **consts, **meta, num_warps=warps, num_stages=stages)
+        return
+    import triton
+
+    metas = candidate_metas(family, fixed, limits, fixed_keys)
+    ident = (kernel.fn.__name__ if hasattr(kernel, "fn") else id(kernel), family, density_bucket(density_hint),
+             str(dtype), tuple(tuple(sorted(m.items())) for m in metas))
+    tuner = _tuners.get(ident)
+    if tuner is None:
+        configs = []
+        for meta in metas:
+            meta = dict(meta)
+            warps, stages = meta.pop("num_warps"), meta.pop("num_stages")
+            configs.append(triton.Config(meta, num_warps=warps, num_stages=stages))
+        key = [name for name, value in zip(kernel.arg_names, args, strict=False)
+               if isinstance(value, int) and not isinstance(value, bool)]
+        tuner = _tuners[ident] = triton.autotune(configs=configs, key=key)(kernel)
+    tuner[grid](*args, **consts)

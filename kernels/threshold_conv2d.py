@@ -2,23 +2,35 @@
 
 Notation: input ``X [B, C, H, W]``, weight ``W [F, C, KH, KW]`` (F filters), thresholds
 ``tau [F]``, ``perm [F]`` / ``count [1]`` from :mod:`.threshold_mask` (active filters first,
-sorted), output ``Y [B, F, Ho, Wo]``. Every tensor may have any strides (NCHW and channels-last
-both run without a copy). Output pixels are flattened as ``p = b * Ho * Wo + oh * Wo + ow``;
-``P = B * Ho * Wo`` of them.
+sorted), output ``Y [B, F, Ho, Wo]``. Output pixels are flattened as
+``p = b * Ho * Wo + oh * Wo + ow``; ``P = B * Ho * Wo`` of them.
 
 The convolution is the GEMM ``Y[p, f] = sum_{r, s, c} Xcol[p, (r, s, c)] W[f, c, r, s]`` whose
-``Xcol`` (im2col) tiles are gathered on the fly from ``X``; its columns are positions in ``perm``,
-so only active filters are loaded and multiplied (``groups == 1``).
+``Xcol`` (im2col) tiles are gathered on the fly from ``X``; its columns are positions in
+``perm``, so only active filters are loaded and multiplied (``groups == 1``).
 
-Forward:  an upper-bound grid over pixel tiles x ``perm`` tiles; tiles past ``count`` skip the
-          reduction and write bias (or 0) for the pruned output channels.
-Backward: ``dY`` columns of the needed filters are gathered into ``dyt [F, P]``
-          (:func:`._gather_grad_columns_kernel`);
-          ``dX`` is the transposed convolution over the active filters only, split into the
-          ``stride_h * stride_w`` phases of the input pixels so that no lane computes a product
-          that the stride makes zero;
-          ``G = dL/dW_hat`` is a GEMM over the pixels, split along them for parallelism, with
-          per-tile partial sums of ``r_i = sum G_i W_i``; the Linear finish kernel then writes
+Layouts. The kernels read ``X`` channels-last (``[B, H, W, C]`` in memory): a row of an
+im2col tile is then a contiguous run of channels. An NCHW input is converted once per launcher
+call (``x.contiguous(memory_format=torch.channels_last)``, one read and one write of ``X``);
+channels-last inputs (``model.to(memory_format=torch.channels_last)``) are read in place. The
+outputs (``Y``, ``dX``) keep the layout ``F.conv2d`` would give: channels-last when the input or
+the weight is, NCHW otherwise. A weight that is not channels-last has its active filters copied
+to a contiguous ``[count, KH * KW * C]`` buffer (see :func:`.threshold_linear.compact_weight_rows`;
+the copy is the layout conversion, and only active filters move); a channels-last weight is
+gathered inside the tile loads. ``KH``, ``KW`` are compile-time constants, per-pixel offsets are
+computed once per program, and offsets are int32 wherever the launcher proves they fit.
+
+Forward:  an upper-bound grid over pixel tiles x ``perm`` blocks; as for Linear, the block that
+          straddles ``count`` runs the narrowest tile class that covers its active filters, and
+          blocks past ``count`` only write bias (or 0) for the pruned output channels.
+Backward: ``dY``'s active columns are compacted into ``dyc [P, >= count]``;
+          ``dX`` is the transposed convolution over the active filters only (full ``BLOCK_P``
+          steps, then ``TAIL_P``-wide steps), split into the ``stride_h * stride_w`` phases of
+          the input pixels so that no lane computes a product that the stride makes zero; each
+          phase loops only over the kernel positions that reach it;
+          ``G^T = Xcol^T dY`` (``[channels, filters]`` tiles per kernel position, filters as the
+          N dimension again) is a GEMM over the pixels, split along them for parallelism, with
+          per-tile partial sums of ``r_i = sum G_i W_i``; the finish kernel then writes
           ``dtau = -r`` and ``dW = m G + sign(W) r / (C KH KW)``.
 The backward modes are those of :mod:`.threshold_linear`; ``sample`` draws its strided sample
 from the output pixels.
@@ -26,6 +38,7 @@ from the output pixels.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -34,17 +47,28 @@ import triton.language as tl
 
 from .._conv import ConvGeometry
 from .._rowmask import RowMask, sample_rows
-from ._config import GemmConfig, dot_precision, gemm_config, interpreter_enabled
+from ._config import (
+    MIN_UNITS,
+    GemmConfig,
+    aligned,
+    dot_precision,
+    gemm_config,
+    gpu_tiles,
+    interpreter_enabled,
+    launch,
+    tail_widths,
+    use_compact_weight,
+)
 from .threshold_linear import (
     BACKWARD_MODES,
     _grouped_tile,
-    _mma,
-    _mode_reduction_bounds,
-    _perm_tile,
+    check_density_hint,
     check_row_mask_operands,
+    compact_grad_columns,
+    compact_weight_rows,
     finish_threshold_gradients,
-    gather_grad_columns,
 )
+from .threshold_mask import fits_int32
 
 
 @triton.jit
@@ -56,97 +80,203 @@ def _pixel_coords(offs, plane, width):
     return b, row, hw - row * width
 
 
+# ----------------------------------------------------------------------------- forward
+
+
 @triton.jit
-def _im2col_tile(
-    x_ptr, b, oh, ow, pix_ok, offs_c, c_ok, r, s, H, W,
-    stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, sxb, sxc, sxh, sxw,
+def _conv_fwd_tile(
+    x_ptr, w_ptr, b_ptr, y_ptr, perm_ptr, p0, count, F, C, H, W,
+    pix, ih0, iw0, m_ok, out, dil_h, dil_w,
+    sxc, sxh, sxw, swf, swc, swh, sww, syf,
+    HAS_BIAS: tl.constexpr, COMPACT_W: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    WIDE: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+    WIDTH: tl.constexpr,
 ):
-    # [pixels, channels] tile of Xcol at kernel position (r, s); zero padding is a masked load.
-    ih = oh * stride_h - pad_h + r * dil_h
-    iw = ow * stride_w - pad_w + s * dil_w
-    ok = pix_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-    ptrs = x_ptr + b[:, None] * sxb + ih[:, None] * sxh + iw[:, None] * sxw + offs_c[None, :] * sxc
-    return tl.load(ptrs, mask=ok[:, None] & c_ok[None, :], other=0.0)
+    # Output channels perm[p0 : p0 + WIDTH] of a pixel tile: pix, ih0, iw0 are the pixels' offset
+    # in X and top-left input row / column (computed once), out their offset in Y.
+    offs_p = p0 + tl.arange(0, WIDTH)
+    p_ok = offs_p < F
+    active = offs_p < count
+    rows = tl.load(perm_ptr + offs_p, mask=p_ok, other=0)
+    if WIDE:
+        rows = rows.to(tl.int64)
+    if COMPACT_W:
+        w_rows = offs_p  # row p of the compacted weight is W[perm[p]]
+        if WIDE:
+            w_rows = w_rows.to(tl.int64)
+    else:
+        w_rows = rows
+    offs_c = tl.arange(0, BLOCK_K)
+    if WIDE:
+        offs_c = offs_c.to(tl.int64)
+    a_ptrs = x_ptr + pix[:, None] + offs_c[None, :] * sxc
+    # Gather of the active filters fused into the tile load ([BLOCK_K, WIDTH]).
+    w_ptrs = w_ptr + w_rows[None, :] * swf + offs_c[:, None] * swc
+    num_cb = tl.cdiv(C, BLOCK_K)
+    acc = tl.zeros([BLOCK_M, WIDTH], dtype=tl.float32)
+    # One flat loop over (kernel position, channel block), so the pipeliner prefetches across
+    # kernel positions too. (No jit-function calls inside loops: the interpreter pays for each.)
+    for t in range(0, KH * KW * num_cb):
+        rs = t // num_cb
+        c0 = (t - rs * num_cb) * BLOCK_K
+        r = rs // KW
+        s = rs - r * KW
+        dh = r * dil_h
+        dw = s * dil_w
+        ih = ih0 + dh
+        iw = iw0 + dw
+        ok = m_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+        c_ok = offs_c < C - c0
+        if WIDE:
+            dh = dh.to(tl.int64)
+            dw = dw.to(tl.int64)
+            c0 = c0.to(tl.int64)
+            r = r.to(tl.int64)
+            s = s.to(tl.int64)
+        a = tl.load(a_ptrs + (dh * sxh + dw * sxw + c0 * sxc), mask=ok[:, None] & c_ok[None, :], other=0.0)
+        b = tl.load(w_ptrs + (r * swh + s * sww + c0 * swc), mask=c_ok[:, None] & active[None, :], other=0.0)
+        if UPCAST:  # the interpreter: bf16 tl.dot is unreliable there
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + rows, mask=p_ok, other=0.0).to(tl.float32)[None, :]
+    tl.store(y_ptr + out[:, None] + rows[None, :] * syf, acc.to(y_ptr.dtype.element_ty),
+             mask=m_ok[:, None] & p_ok[None, :])
+
+
+@triton.jit
+def _conv_fill_pruned(
+    b_ptr, y_ptr, perm_ptr, lo, hi, F, m_ok, out, syf,
+    HAS_BIAS: tl.constexpr, WIDE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK: tl.constexpr,
+):
+    # Output channels perm[p] of pruned positions lo <= p < min(hi, F): the bias (or 0).
+    offs_p = lo + tl.arange(0, BLOCK)
+    p_ok = offs_p < tl.minimum(hi, F)
+    rows = tl.load(perm_ptr + offs_p, mask=p_ok, other=0)
+    if WIDE:
+        rows = rows.to(tl.int64)
+    val = tl.zeros([BLOCK_M, BLOCK], dtype=tl.float32)
+    if HAS_BIAS:
+        val += tl.load(b_ptr + rows, mask=p_ok, other=0.0).to(tl.float32)[None, :]
+    tl.store(y_ptr + out[:, None] + rows[None, :] * syf, val.to(y_ptr.dtype.element_ty),
+             mask=m_ok[:, None] & p_ok[None, :])
 
 
 @triton.jit
 def _threshold_conv2d_fwd_kernel(
-    x_ptr,  # [B, C, H, W]
-    w_ptr,  # [F, C, KH, KW]
+    x_ptr,  # [B, C, H, W], channels-last in memory (sxc == 1 on the launcher's path)
+    w_ptr,  # [F, C, KH, KW], or [>= count, KH * KW * C] compacted (COMPACT_W)
     b_ptr,  # [F] (only with HAS_BIAS), contiguous
     perm_ptr,  # [F] int32
     count_ptr,  # [1] int32
-    y_ptr,  # [B, F, Ho, Wo] out
+    y_ptr,  # [B, F, Ho, Wo] out, any strides
     P,  # B * Ho * Wo
     F,
-    C, H, W, Ho, Wo, KH, KW,
+    C, H, W, Ho, Wo,
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
     sxb, sxc, sxh, sxw,
     swf, swc, swh, sww,
     syb, syf, syh, syw,
     HAS_BIAS: tl.constexpr,
+    COMPACT_W: tl.constexpr,
     UPCAST: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    WIDE: tl.constexpr,
+    KH: tl.constexpr,
+    KW: tl.constexpr,
     BLOCK_M: tl.constexpr,  # output pixels
     BLOCK_N: tl.constexpr,  # filters (positions in perm)
     BLOCK_K: tl.constexpr,  # input channels
     GROUP_M: tl.constexpr,
+    TAIL1: tl.constexpr,  # narrower tiles for the block that straddles count
+    TAIL2: tl.constexpr,
+    TAIL3: tl.constexpr,
 ):
     pid = tl.program_id(0)
     pid_m, pid_p = _grouped_tile(pid, tl.cdiv(P, BLOCK_M), tl.cdiv(F, BLOCK_N), GROUP_M)
     count = tl.load(count_ptr)
-    offs_p, p_ok, rows, active = _perm_tile(perm_ptr, pid_p, F, count, BLOCK_N)
-    offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    if WIDE:
+        offs_m = offs_m.to(tl.int64)
     m_ok = offs_m < P
     b, oh, ow = _pixel_coords(offs_m, Ho * Wo, Wo)
+    ih0 = oh * stride_h - pad_h
+    iw0 = ow * stride_w - pad_w
+    pix = b * sxb + ih0 * sxh + iw0 * sxw
+    out = b * syb + oh * syh + ow * syw
+    p0 = pid_p * BLOCK_N
+    rem = count - p0
+    if rem > TAIL1:
+        _conv_fwd_tile(x_ptr, w_ptr, b_ptr, y_ptr, perm_ptr, p0, count, F, C, H, W, pix, ih0, iw0, m_ok, out, dil_h,
+                       dil_w, sxc, sxh, sxw, swf, swc, swh, sww, syf, HAS_BIAS, COMPACT_W, UPCAST, DOT_PRECISION,
+                       WIDE, KH, KW, BLOCK_M, BLOCK_K, BLOCK_N)
+    elif rem > TAIL2:
+        _conv_fwd_tile(x_ptr, w_ptr, b_ptr, y_ptr, perm_ptr, p0, count, F, C, H, W, pix, ih0, iw0, m_ok, out, dil_h,
+                       dil_w, sxc, sxh, sxw, swf, swc, swh, sww, syf, HAS_BIAS, COMPACT_W, UPCAST, DOT_PRECISION,
+                       WIDE, KH, KW, BLOCK_M, BLOCK_K, TAIL1)
+        _conv_fill_pruned(b_ptr, y_ptr, perm_ptr, p0 + TAIL1, p0 + BLOCK_N, F, m_ok, out, syf, HAS_BIAS, WIDE,
+                          BLOCK_M, BLOCK_N)
+    elif rem > TAIL3:
+        _conv_fwd_tile(x_ptr, w_ptr, b_ptr, y_ptr, perm_ptr, p0, count, F, C, H, W, pix, ih0, iw0, m_ok, out, dil_h,
+                       dil_w, sxc, sxh, sxw, swf, swc, swh, sww, syf, HAS_BIAS, COMPACT_W, UPCAST, DOT_PRECISION,
+                       WIDE, KH, KW, BLOCK_M, BLOCK_K, TAIL2)
+        _conv_fill_pruned(b_ptr, y_ptr, perm_ptr, p0 + TAIL2, p0 + BLOCK_N, F, m_ok, out, syf, HAS_BIAS, WIDE,
+                          BLOCK_M, BLOCK_N)
+    elif rem > 0:
+        _conv_fwd_tile(x_ptr, w_ptr, b_ptr, y_ptr, perm_ptr, p0, count, F, C, H, W, pix, ih0, iw0, m_ok, out, dil_h,
+                       dil_w, sxc, sxh, sxw, swf, swc, swh, sww, syf, HAS_BIAS, COMPACT_W, UPCAST, DOT_PRECISION,
+                       WIDE, KH, KW, BLOCK_M, BLOCK_K, TAIL3)
+        _conv_fill_pruned(b_ptr, y_ptr, perm_ptr, p0 + TAIL3, p0 + BLOCK_N, F, m_ok, out, syf, HAS_BIAS, WIDE,
+                          BLOCK_M, BLOCK_N)
+    else:
+        _conv_fill_pruned(b_ptr, y_ptr, perm_ptr, p0, p0 + BLOCK_N, F, m_ok, out, syf, HAS_BIAS, WIDE, BLOCK_M,
+                          BLOCK_N)
 
-    # One flat loop over (kernel position, channel block), so the pipeliner prefetches across
-    # kernel positions too. Tiles made only of pruned filters run it zero times.
-    num_cb = tl.cdiv(C, BLOCK_K)
-    t_end = tl.where(pid_p * BLOCK_N < count, KH * KW * num_cb, 0)
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for t in range(0, t_end):
-        rs = t // num_cb
-        c0 = (t - rs * num_cb) * BLOCK_K
-        r = rs // KW
-        s = rs - r * KW
-        offs_c = (c0 + tl.arange(0, BLOCK_K)).to(tl.int64)  # c * stride_c can pass 2^31 (NCHW)
-        c_ok = offs_c < C
-        a = _im2col_tile(x_ptr, b, oh, ow, m_ok, offs_c, c_ok, r, s, H, W, stride_h, stride_w, pad_h, pad_w,
-                         dil_h, dil_w, sxb, sxc, sxh, sxw)
-        # Gather of the active filters fused into the tile load ([BLOCK_K, BLOCK_N]).
-        wt = tl.load(
-            w_ptr + rows[None, :] * swf + offs_c[:, None] * swc + r * swh + s * sww,
-            mask=active[None, :] & c_ok[:, None],
-            other=0.0,
-        )
-        acc = _mma(acc, a, wt, UPCAST, DOT_PRECISION)
 
-    if HAS_BIAS:
-        acc += tl.load(b_ptr + rows, mask=p_ok, other=0.0).to(tl.float32)[None, :]
-    out = y_ptr + b[:, None] * syb + oh[:, None] * syh + ow[:, None] * syw + rows[None, :] * syf
-    tl.store(out, acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & p_ok[None, :])
+# ----------------------------------------------------------------------------- dX
+
+
+@triton.jit
+def _phase_taps(phase, pad, dil, stride, K: tl.constexpr):
+    # The kernel positions r that reach input pixels of this phase along one axis:
+    # (phase + pad - r * dil) % stride == 0. They form r0, r0 + step, ... (step = stride /
+    # gcd(stride, dil)); returns (r0, how many). The lift keeps the numerator non-negative.
+    lift = (K - 1) * dil * stride
+    first = phase * 0 + K
+    n = phase * 0
+    for r in tl.static_range(K):
+        reach = (phase + pad - r * dil + lift) % stride == 0
+        first = tl.where(reach & (first == K), r, first)
+        n += reach.to(tl.int32)
+    return first, n
 
 
 @triton.jit
 def _threshold_conv2d_bwd_dx_kernel(
-    dyt_ptr,  # [F, P] compacted dY (positions < count are filled)
-    w_ptr,  # [F, C, KH, KW]
+    dyc_ptr,  # [P, >= count] compacted dY (row = output pixel, unit column stride)
+    w_ptr,  # [F, C, KH, KW], or [>= count, KH * KW * C] compacted (COMPACT_W)
     perm_ptr,  # [F] int32
     count_ptr,  # [1] int32
-    dx_ptr,  # [B, C, H, W] out
+    dx_ptr,  # [B, C, H, W] out, any strides
     PQ,  # B * Hq * Wq: input pixels of one phase (upper bound)
-    P,  # B * Ho * Wo
     C, H, W, Ho, Wo,
     Hq, Wq,  # cdiv(H, stride_h), cdiv(W, stride_w)
-    KH, KW, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
+    stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
+    step_r, step_s,  # stride / gcd(stride, dilation) per axis: kernel positions between two taps of a phase
+    stride_cm,
     swf, swc, swh, sww,
     sdb, sdc, sdh, sdw,
+    COMPACT_W: tl.constexpr,
     UPCAST: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    WIDE: tl.constexpr,
+    KH: tl.constexpr,
+    KW: tl.constexpr,
     BLOCK_M: tl.constexpr,  # input pixels of the phase
     BLOCK_C: tl.constexpr,  # input channels
-    BLOCK_P: tl.constexpr,  # reduction over active filters
+    BLOCK_P: tl.constexpr,  # reduction step over active filters
+    TAIL_P: tl.constexpr,  # reduction step for the count % BLOCK_P filters left over
     GROUP_M: tl.constexpr,
 ):
     # dX[b, c, ih, iw] = sum over active f and (r, s) with ih = oh * stride_h - pad_h + r * dil_h
@@ -159,70 +289,94 @@ def _threshold_conv2d_bwd_dx_kernel(
     pw = phase - ph * stride_w
     pid_m, pid_c = _grouped_tile(pid, tl.cdiv(PQ, BLOCK_M), tl.cdiv(C, BLOCK_C), GROUP_M)
     count = tl.load(count_ptr)
-    offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    if WIDE:
+        offs_m = offs_m.to(tl.int64)
     b, i, j = _pixel_coords(offs_m, Hq * Wq, Wq)
     ih = ph + i * stride_h
     iw = pw + j * stride_w
     pix_ok = (offs_m < PQ) & (ih < H) & (iw < W)
-    offs_c = (pid_c * BLOCK_C + tl.arange(0, BLOCK_C)).to(tl.int64)
+    offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    if WIDE:
+        offs_c = offs_c.to(tl.int64)
     c_ok = offs_c < C
-    # Offsets that make the numerators below non-negative (integer division then truncates
-    # and rounds down alike, in the compiler and in the interpreter).
+    r0, n_r = _phase_taps(ph, pad_h, dil_h, stride_h, KH)
+    s0, n_s = _phase_taps(pw, pad_w, dil_w, stride_w, KW)
+    n_taps = n_r * n_s
+    # Output pixel of tap (r, s): (i + dh, j + dw) with dh = (ph + pad_h - r dil_h) / stride_h.
     lift_h = (KH - 1) * dil_h
     lift_w = (KW - 1) * dil_w
+    base = b * Ho * Wo + i * Wo + j
+    a_rows = dyc_ptr + base[:, None] * stride_cm
+    w_cols = w_ptr + offs_c[None, :] * swc
     acc = tl.zeros([BLOCK_M, BLOCK_C], dtype=tl.float32)
-    for rs in range(0, KH * KW):
-        r = rs // KW
-        s = rs - r * KW
-        num_h = ph + pad_h - r * dil_h + lift_h * stride_h
-        num_w = pw + pad_w - s * dil_w + lift_w * stride_w
-        reaches = (num_h % stride_h == 0) & (num_w % stride_w == 0)
-        oh = num_h // stride_h - lift_h + i
-        ow = num_w // stride_w - lift_w + j
-        ok = pix_ok & (oh >= 0) & (oh < Ho) & (ow >= 0) & (ow < Wo)
-        pix = b * Ho * Wo + oh * Wo + ow
-        p_end = tl.where(reaches, count, 0)
-        for p0 in range(0, p_end, BLOCK_P):
-            offs_p = p0 + tl.arange(0, BLOCK_P)
-            p_ok = offs_p < count
-            rows = tl.load(perm_ptr + offs_p, mask=p_ok, other=0).to(tl.int64)
-            a = tl.load(
-                dyt_ptr + offs_p.to(tl.int64)[None, :] * P + pix[:, None],
-                mask=ok[:, None] & p_ok[None, :],
-                other=0.0,
-            )
-            wt = tl.load(
-                w_ptr + rows[:, None] * swf + offs_c[None, :] * swc + r * swh + s * sww,
-                mask=p_ok[:, None] & c_ok[None, :],
-                other=0.0,
-            )
-            acc = _mma(acc, a, wt, UPCAST, DOT_PRECISION)
-    out = dx_ptr + b[:, None] * sdb + ih[:, None] * sdh + iw[:, None] * sdw + offs_c[None, :] * sdc
+
+    # Full BLOCK_P steps over perm[:full] for every tap, then TAIL_P steps over the rest: one
+    # flat loop each, so that the pipeliner prefetches across taps.
+    full = count - count % BLOCK_P
+    n_full = full // BLOCK_P
+    offs_q = tl.arange(0, BLOCK_P)
+    for t in range(0, n_taps * n_full):
+        tap = t // n_full
+        p0 = (t - tap * n_full) * BLOCK_P
+        kr = tap // n_s
+        r = r0 + kr * step_r
+        s = s0 + (tap - kr * n_s) * step_s
+        dh = (ph + pad_h - r * dil_h + lift_h * stride_h) // stride_h - lift_h
+        dw = (pw + pad_w - s * dil_w + lift_w * stride_w) // stride_w - lift_w
+        ok = pix_ok & (i + dh >= 0) & (i + dh < Ho) & (j + dw >= 0) & (j + dw < Wo)
+        if COMPACT_W:
+            w_rows = p0 + offs_q
+        else:
+            w_rows = tl.load(perm_ptr + p0 + offs_q)
+        shift = dh * Wo + dw
+        if WIDE:
+            w_rows = w_rows.to(tl.int64)
+            shift = shift.to(tl.int64)
+            r = r.to(tl.int64)
+            s = s.to(tl.int64)
+        a = tl.load(a_rows + (shift * stride_cm + p0) + offs_q[None, :], mask=ok[:, None], other=0.0)
+        wt = tl.load(w_cols + (w_rows[:, None] * swf + (r * swh + s * sww)), mask=c_ok[None, :], other=0.0)
+        if UPCAST:
+            a = a.to(tl.float32)
+            wt = wt.to(tl.float32)
+        acc = tl.dot(a, wt, acc, input_precision=DOT_PRECISION)
+
+    n_tail = tl.cdiv(count - full, TAIL_P)
+    offs_t = tl.arange(0, TAIL_P)
+    for t in range(0, n_taps * n_tail):
+        tap = t // n_tail
+        p0 = full + (t - tap * n_tail) * TAIL_P
+        kr = tap // n_s
+        r = r0 + kr * step_r
+        s = s0 + (tap - kr * n_s) * step_s
+        dh = (ph + pad_h - r * dil_h + lift_h * stride_h) // stride_h - lift_h
+        dw = (pw + pad_w - s * dil_w + lift_w * stride_w) // stride_w - lift_w
+        ok = pix_ok & (i + dh >= 0) & (i + dh < Ho) & (j + dw >= 0) & (j + dw < Wo)
+        p_ok = p0 + offs_t < count
+        if COMPACT_W:
+            w_rows = p0 + offs_t
+        else:
+            w_rows = tl.load(perm_ptr + p0 + offs_t, mask=p_ok, other=0)
+        shift = dh * Wo + dw
+        if WIDE:
+            w_rows = w_rows.to(tl.int64)
+            shift = shift.to(tl.int64)
+            r = r.to(tl.int64)
+            s = s.to(tl.int64)
+        a = tl.load(a_rows + (shift * stride_cm + p0) + offs_t[None, :], mask=ok[:, None] & p_ok[None, :],
+                    other=0.0)
+        wt = tl.load(w_cols + (w_rows[:, None] * swf + (r * swh + s * sww)), mask=p_ok[:, None] & c_ok[None, :],
+                     other=0.0)
+        if UPCAST:
+            a = a.to(tl.float32)
+            wt = wt.to(tl.float32)
+        acc = tl.dot(a, wt, acc, input_precision=DOT_PRECISION)
+    out = dx_ptr + (b * sdb + ih * sdh + iw * sdw)[:, None] + offs_c[None, :] * sdc
     tl.store(out, acc.to(dx_ptr.dtype.element_ty), mask=pix_ok[:, None] & c_ok[None, :])
 
 
-@triton.jit
-def _dyt_xcol_product(
-    acc, dyt_ptr, x_ptr, offs_p, p_ok, offs_c, c_ok, r, s, j_lo, j_hi, m_step, P, Ho, Wo, H, W,
-    stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, sxb, sxc, sxh, sxw,
-    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
-):
-    # acc += dyt[offs_p, pix] @ Xcol[pix, (r, s, offs_c)] over the pixels pix = j * m_step,
-    # j in [j_lo, j_hi).
-    for j0 in range(j_lo, j_hi, BLOCK_M):
-        offs_j = j0 + tl.arange(0, BLOCK_M)
-        j_ok = offs_j < j_hi
-        pix = offs_j.to(tl.int64) * m_step
-        a = tl.load(
-            dyt_ptr + offs_p.to(tl.int64)[:, None] * P + pix[None, :],
-            mask=p_ok[:, None] & j_ok[None, :],
-            other=0.0,
-        )
-        b, oh, ow = _pixel_coords(pix, Ho * Wo, Wo)
-        xt = _im2col_tile(x_ptr, b, oh, ow, j_ok, offs_c, c_ok, r, s, H, W, stride_h, stride_w, pad_h, pad_w,
-                          dil_h, dil_w, sxb, sxc, sxh, sxw)
-        acc = _mma(acc, a, xt, UPCAST, DOT_PRECISION)
-    return acc
+# ----------------------------------------------------------------------------- dW
 
 
 @triton.jit
@@ -234,74 +388,203 @@ def _split_range(end, split, SPLIT, BLOCK: tl.constexpr):
 
 
 @triton.jit
+def _conv_dw_tile(
+    x_ptr, dyc_ptr, dy_ptr, w_ptr, perm_ptr, g_ptr, rpart_ptr,
+    p0, p_end, count, kb, split, num_kb, r, s, rs, offs_c, c_ok, F, H, W, Ho, Wo,
+    m_end, m_step, r_scale, SPLIT,
+    stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
+    sxb, sxc, sxh, sxw, stride_cm, sdyb, sdyf, sdyh, sdyw, swf, swc, swh, sww,
+    stride_gs, stride_gn, stride_gc, stride_grs,
+    SOURCE: tl.constexpr,  # dY columns from: 0 dyc (active positions), 1 dY itself (pruned), 2 both
+    STORE_G: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, WIDE: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_M: tl.constexpr, WIDTH: tl.constexpr,
+):
+    # G^T[(r, s, c), p] = sum_pix Xcol[pix, (r, s, c)] dY[pix, perm[p]] for positions
+    # p0 <= p < min(p0 + WIDTH, p_end) and this program's share of the pixels pix = j * m_step,
+    # j < m_end; then the partial r and (active positions) G.
+    offs_p = p0 + tl.arange(0, WIDTH)
+    p_ok = offs_p < p_end
+    rows = tl.load(perm_ptr + offs_p, mask=p_ok, other=0)
+    if WIDE:
+        rows = rows.to(tl.int64)
+    in_dyc = p_ok & (offs_p < count)
+    in_dy = p_ok & (offs_p >= count)
+    j_lo, j_hi = _split_range(m_end, split, SPLIT, BLOCK_M)
+    acc = tl.zeros([BLOCK_C, WIDTH], dtype=tl.float32)
+    offs_j = tl.arange(0, BLOCK_M)
+    dh = r * dil_h - pad_h
+    dw = s * dil_w - pad_w
+    for j0 in range(j_lo, j_hi, BLOCK_M):
+        jj = j0 + offs_j
+        j_ok = jj < j_hi
+        if WIDE:
+            jj = jj.to(tl.int64)
+        pix = jj * m_step
+        b = pix // (Ho * Wo)
+        hw = pix - b * (Ho * Wo)
+        oh = hw // Wo
+        ow = hw - oh * Wo
+        ih = oh * stride_h + dh
+        iw = ow * stride_w + dw
+        ok = j_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+        xt = tl.load(x_ptr + (b * sxb + ih * sxh + iw * sxw)[:, None] + offs_c[None, :] * sxc,
+                     mask=ok[:, None] & c_ok[None, :], other=0.0)
+        if SOURCE == 0:
+            # Unmasked along p (vector loads; dyc's rows are padded to whole blocks), then the
+            # columns past count, which hold no data, are zeroed.
+            g = tl.load(dyc_ptr + pix[:, None] * stride_cm + offs_p[None, :], mask=j_ok[:, None], other=0.0)
+            g = tl.where(in_dyc[None, :], g, 0.0)
+        elif SOURCE == 1:
+            g = tl.load(dy_ptr + (b * sdyb + oh * sdyh + ow * sdyw)[:, None] + rows[None, :] * sdyf,
+                        mask=j_ok[:, None] & in_dy[None, :], other=0.0)
+        else:
+            g = tl.load(dyc_ptr + pix[:, None] * stride_cm + offs_p[None, :],
+                        mask=j_ok[:, None] & in_dyc[None, :], other=0.0)
+            g += tl.load(dy_ptr + (b * sdyb + oh * sdyh + ow * sdyw)[:, None] + rows[None, :] * sdyf,
+                         mask=j_ok[:, None] & in_dy[None, :], other=0.0)
+        if UPCAST:
+            xt = xt.to(tl.float32)
+            g = g.to(tl.float32)
+        acc = tl.dot(tl.trans(xt), g, acc, input_precision=DOT_PRECISION)
+    wt = tl.load(w_ptr + rows[None, :] * swf + offs_c[:, None] * swc + (r * swh + s * sww),
+                 mask=c_ok[:, None] & p_ok[None, :], other=0.0).to(tl.float32)
+    rsum = tl.sum(acc * wt, axis=0) * r_scale
+    tl.store(rpart_ptr + (split * num_kb + kb) * F + rows, rsum, mask=p_ok)
+    if STORE_G:
+        # Only active rows: the finish pass never reads G of a pruned filter.
+        g_ptrs = g_ptr + split * stride_gs + rows[None, :] * stride_gn + offs_c[:, None] * stride_gc + rs * stride_grs
+        tl.store(g_ptrs, acc.to(g_ptr.dtype.element_ty), mask=c_ok[:, None] & in_dyc[None, :])
+
+
+@triton.jit
+def _conv_dw_tiles(
+    x_ptr, dyc_ptr, dy_ptr, w_ptr, perm_ptr, g_ptr, rpart_ptr,
+    p0, p_end, count, kb, split, num_kb, r, s, rs, offs_c, c_ok, F, H, W, Ho, Wo, m_end, m_step, r_scale, SPLIT,
+    stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
+    sxb, sxc, sxh, sxw, stride_cm, sdyb, sdyf, sdyh, sdyw, swf, swc, swh, sww,
+    stride_gs, stride_gn, stride_gc, stride_grs,
+    SOURCE: tl.constexpr, STORE_G: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    WIDE: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr,
+    TAIL1: tl.constexpr, TAIL2: tl.constexpr, TAIL3: tl.constexpr,
+):
+    # The block of positions [p0, p_end) at the narrowest tile class that covers it.
+    rem = p_end - p0
+    if rem > TAIL1:
+        _conv_dw_tile(x_ptr, dyc_ptr, dy_ptr, w_ptr, perm_ptr, g_ptr, rpart_ptr, p0, p_end, count, kb, split, num_kb,
+                      r, s, rs, offs_c, c_ok, F, H, W, Ho, Wo, m_end, m_step, r_scale, SPLIT, stride_h, stride_w,
+                      pad_h, pad_w, dil_h, dil_w, sxb, sxc, sxh, sxw, stride_cm, sdyb, sdyf, sdyh, sdyw, swf, swc,
+                      swh, sww, stride_gs, stride_gn, stride_gc, stride_grs, SOURCE, STORE_G, UPCAST,
+                      DOT_PRECISION, WIDE, BLOCK_C, BLOCK_M, BLOCK_P)
+    elif rem > TAIL2:
+        _conv_dw_tile(x_ptr, dyc_ptr, dy_ptr, w_ptr, perm_ptr, g_ptr, rpart_ptr, p0, p_end, count, kb, split, num_kb,
+                      r, s, rs, offs_c, c_ok, F, H, W, Ho, Wo, m_end, m_step, r_scale, SPLIT, stride_h, stride_w,
+                      pad_h, pad_w, dil_h, dil_w, sxb, sxc, sxh, sxw, stride_cm, sdyb, sdyf, sdyh, sdyw, swf, swc,
+                      swh, sww, stride_gs, stride_gn, stride_gc, stride_grs, SOURCE, STORE_G, UPCAST,
+                      DOT_PRECISION, WIDE, BLOCK_C, BLOCK_M, TAIL1)
+    elif rem > TAIL3:
+        _conv_dw_tile(x_ptr, dyc_ptr, dy_ptr, w_ptr, perm_ptr, g_ptr, rpart_ptr, p0, p_end, count, kb, split, num_kb,
+                      r, s, rs, offs_c, c_ok, F, H, W, Ho, Wo, m_end, m_step, r_scale, SPLIT, stride_h, stride_w,
+                      pad_h, pad_w, dil_h, dil_w, sxb, sxc, sxh, sxw, stride_cm, sdyb, sdyf, sdyh, sdyw, swf, swc,
+                      swh, sww, stride_gs, stride_gn, stride_gc, stride_grs, SOURCE, STORE_G, UPCAST,
+                      DOT_PRECISION, WIDE, BLOCK_C, BLOCK_M, TAIL2)
+    else:
+        _conv_dw_tile(x_ptr, dyc_ptr, dy_ptr, w_ptr, perm_ptr, g_ptr, rpart_ptr, p0, p_end, count, kb, split, num_kb,
+                      r, s, rs, offs_c, c_ok, F, H, W, Ho, Wo, m_end, m_step, r_scale, SPLIT, stride_h, stride_w,
+                      pad_h, pad_w, dil_h, dil_w, sxb, sxc, sxh, sxw, stride_cm, sdyb, sdyf, sdyh, sdyw, swf, swc,
+                      swh, sww, stride_gs, stride_gn, stride_gc, stride_grs, SOURCE, STORE_G, UPCAST,
+                      DOT_PRECISION, WIDE, BLOCK_C, BLOCK_M, TAIL3)
+
+
+@triton.jit
 def _threshold_conv2d_bwd_dw_kernel(
-    dyt_ptr,  # [F, P] compacted dY
-    x_ptr,  # [B, C, H, W]
+    x_ptr,  # [B, C, H, W], channels-last in memory on the launcher's path
+    dyc_ptr,  # [P, >= count] compacted dY
+    dy_ptr,  # [B, F, Ho, Wo] dY itself (pruned positions in exact / sample modes)
     w_ptr,  # [F, C, KH, KW]
     perm_ptr,  # [F] int32
     count_ptr,  # [1] int32
-    g_ptr,  # [SPLIT, F, C, KH, KW] fp32 out (or dW itself when SPLIT == 1 and fp32): m * G
-    rpart_ptr,  # [SPLIT, KH * KW * cdiv(C, BLOCK_C), F] fp32 out: partial sums of r
+    g_ptr,  # [SPLIT, F, C, KH * KW] out (active rows): m * G, fp32 workspace or dW itself
+    rpart_ptr,  # [SPLIT * num_kb, F] fp32 out: partial sums of r
     P,
     F,
-    C, H, W, Ho, Wo, KH, KW,
+    C, H, W, Ho, Wo,
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
     sxb, sxc, sxh, sxw,
+    stride_cm,
+    sdyb, sdyf, sdyh, sdyw,
     swf, swc, swh, sww,
+    stride_gs, stride_gn, stride_gc, stride_grs,  # g: split, filter, channel, kernel position
     sample_count,
     sample_step,
     SPLIT,  # the pixel reduction is split into SPLIT programs along grid axis 2
     MODE: tl.constexpr,
     UPCAST: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
-    BLOCK_P: tl.constexpr,  # filters (positions in perm)
-    BLOCK_C: tl.constexpr,  # input channels
+    WIDE: tl.constexpr,
+    KH: tl.constexpr,
+    KW: tl.constexpr,
+    BLOCK_C: tl.constexpr,  # input channels (the GEMM's M)
+    BLOCK_P: tl.constexpr,  # filters: positions in perm (N)
     BLOCK_M: tl.constexpr,  # reduction over pixels
+    TAIL1: tl.constexpr,
+    TAIL2: tl.constexpr,
+    TAIL3: tl.constexpr,
 ):
-    pid_p = tl.program_id(0)
-    pid_k = tl.program_id(1)  # (kernel position, channel block)
+    # Grid: (position blocks, (kernel position, channel block), pixel splits); position blocks
+    # as in the Linear dW kernel (exact: all of perm; skip: active; sample: active from 0 and
+    # pruned from count, one more block).
+    t = tl.program_id(0)
+    kb = tl.program_id(1)
     split = tl.program_id(2)
     num_cb = tl.cdiv(C, BLOCK_C)
-    rs = pid_k // num_cb
+    num_kb = KH * KW * num_cb
+    rs = kb // num_cb
+    offs_c = (kb - rs * num_cb) * BLOCK_C + tl.arange(0, BLOCK_C)
+    if WIDE:
+        offs_c = offs_c.to(tl.int64)
+    rs = rs
+    if WIDE:
+        rs = rs.to(tl.int64)
     r = rs // KW
     s = rs - r * KW
+    split = split
+    if WIDE:
+        split = split.to(tl.int64)
     count = tl.load(count_ptr)
-    offs_p, p_ok, rows, active = _perm_tile(perm_ptr, pid_p, F, count, BLOCK_P)
-    offs_c = ((pid_k - rs * num_cb) * BLOCK_C + tl.arange(0, BLOCK_C)).to(tl.int64)
     c_ok = offs_c < C
-    has_active = pid_p * BLOCK_P < count
-    has_pruned = ((pid_p + 1) * BLOCK_P > count) & (count < F)
-
-    m_end, m_step, a_rows = _mode_reduction_bounds(has_active, count, P, F, sample_count, sample_step, MODE)
-    j_lo, j_hi = _split_range(m_end, split, SPLIT, BLOCK_M)
-    acc = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float32)
-    acc = _dyt_xcol_product(acc, dyt_ptr, x_ptr, offs_p, offs_p < a_rows, offs_c, c_ok, r, s, j_lo, j_hi, m_step,
-                            P, Ho, Wo, H, W, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, sxb, sxc, sxh, sxw,
-                            UPCAST, DOT_PRECISION, BLOCK_M)
-
-    w_rows = F
-    if MODE == 1:
-        w_rows = tl.where(has_active, F, 0)
-    w_ok = (offs_p < w_rows)[:, None] & c_ok[None, :]
-    wt = tl.load(w_ptr + rows[:, None] * swf + offs_c[None, :] * swc + r * swh + s * sww, mask=w_ok, other=0.0)
-    wt = wt.to(tl.float32)
-    rsum = tl.sum(acc * wt, axis=1)
-    if MODE == 2:
-        # As in the Linear kernel: pruned rows of the tile straddling `count` are re-estimated
-        # from the sample, so the result does not depend on the tiling.
-        s_lo, s_hi = _split_range(tl.where(has_active & has_pruned, sample_count, 0), split, SPLIT, BLOCK_M)
-        acc_s = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float32)
-        acc_s = _dyt_xcol_product(acc_s, dyt_ptr, x_ptr, offs_p, p_ok & (offs_p >= count), offs_c, c_ok, r, s,
-                                  s_lo, s_hi, sample_step, P, Ho, Wo, H, W, stride_h, stride_w, pad_h, pad_w,
-                                  dil_h, dil_w, sxb, sxc, sxh, sxw, UPCAST, DOT_PRECISION, BLOCK_M)
-        r_sampled = tl.where(has_active, tl.sum(acc_s * wt, axis=1), rsum) * (P / sample_count)
-        rsum = tl.where(active, rsum, r_sampled)
-    num_kb = KH * KW * num_cb
-    tl.store(rpart_ptr + (split * num_kb + pid_k) * F + rows, rsum, mask=p_ok)
-    g = tl.where(active[:, None], acc, 0.0)
-    fan_in = C * KH * KW
-    g_off = split.to(tl.int64) * F * fan_in + rows[:, None] * fan_in + offs_c[None, :] * (KH * KW) + rs
-    tl.store(g_ptr + g_off, g.to(g_ptr.dtype.element_ty), mask=p_ok[:, None] & c_ok[None, :])
+    if MODE == 0:
+        p0 = t * BLOCK_P
+        if p0 + BLOCK_P <= count:
+            _conv_dw_tile(x_ptr, dyc_ptr, dy_ptr, w_ptr, perm_ptr, g_ptr, rpart_ptr, p0, F, count, kb, split, num_kb,
+                          r, s, rs, offs_c, c_ok, F, H, W, Ho, Wo, P, 1, 1.0, SPLIT, stride_h, stride_w, pad_h, pad_w,
+                          dil_h, dil_w, sxb, sxc, sxh, sxw, stride_cm, sdyb, sdyf, sdyh, sdyw, swf, swc, swh, sww,
+                          stride_gs, stride_gn, stride_gc, stride_grs, 0, True, UPCAST, DOT_PRECISION, WIDE, BLOCK_C,
+                          BLOCK_M, BLOCK_P)
+        else:
+            _conv_dw_tile(x_ptr, dyc_ptr, dy_ptr, w_ptr, perm_ptr, g_ptr, rpart_ptr, p0, F, count, kb, split, num_kb,
+                          r, s, rs, offs_c, c_ok, F, H, W, Ho, Wo, P, 1, 1.0, SPLIT, stride_h, stride_w, pad_h, pad_w,
+                          dil_h, dil_w, sxb, sxc, sxh, sxw, stride_cm, sdyb, sdyf, sdyh, sdyw, swf, swc, swh, sww,
+                          stride_gs, stride_gn, stride_gc, stride_grs, 2, True, UPCAST, DOT_PRECISION, WIDE, BLOCK_C,
+                          BLOCK_M, BLOCK_P)
+    else:
+        n_active = tl.cdiv(count, BLOCK_P)
+        if t < n_active:
+            # Active positions over all the pixels; G stored.
+            _conv_dw_tiles(x_ptr, dyc_ptr, dy_ptr, w_ptr, perm_ptr, g_ptr, rpart_ptr, t * BLOCK_P, count, count, kb,
+                           split, num_kb, r, s, rs, offs_c, c_ok, F, H, W, Ho, Wo, P, 1, 1.0, SPLIT, stride_h,
+                           stride_w, pad_h, pad_w, dil_h, dil_w, sxb, sxc, sxh, sxw, stride_cm, sdyb, sdyf, sdyh,
+                           sdyw, swf, swc, swh, sww, stride_gs, stride_gn, stride_gc, stride_grs, 0, True, UPCAST,
+                           DOT_PRECISION, WIDE, BLOCK_C, BLOCK_M, BLOCK_P, TAIL1, TAIL2, TAIL3)
+        elif MODE == 2:
+            # Pruned positions over the strided sample of the pixels; r only.
+            p0 = count + (t - n_active) * BLOCK_P
+            if p0 < F:
+                _conv_dw_tiles(x_ptr, dyc_ptr, dy_ptr, w_ptr, perm_ptr, g_ptr, rpart_ptr, p0, F, count, kb, split,
+                               num_kb, r, s, rs, offs_c, c_ok, F, H, W, Ho, Wo, sample_count, sample_step,
+                               P / sample_count, SPLIT, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, sxb, sxc,
+                               sxh, sxw, stride_cm, sdyb, sdyf, sdyh, sdyw, swf, swc, swh, sww, stride_gs, stride_gn,
+                               stride_gc, stride_grs, 1, False, UPCAST, DOT_PRECISION, WIDE, BLOCK_C, BLOCK_M,
+                               BLOCK_P, TAIL1, TAIL2, TAIL3)
 
 
 # ----------------------------------------------------------------------------- launchers
@@ -324,17 +607,18 @@ def _check_operands(x: torch.Tensor, weight: torch.Tensor, row_mask: RowMask, ge
         raise ValueError(f"input of spatial size {tuple(x.shape[2:])} is too small for this convolution")
 
 
+def _is_channels_last(t: torch.Tensor) -> bool:
+    return t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
+
+
 def _memory_format(x: torch.Tensor, weight: torch.Tensor) -> torch.memory_format:
     """The layout PyTorch's convolution gives its output: channels-last when the input or the
     weight is channels-last."""
-    for t in (x, weight):
-        if t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous():
-            return torch.channels_last
-    return torch.contiguous_format
+    return torch.channels_last if _is_channels_last(x) or _is_channels_last(weight) else torch.contiguous_format
 
 
 def _pow2_block(n: int, cap: int, floor: int = 16) -> int:
-    """A power-of-two tile covering ``n`` (at least ``floor``, ``tl.dot``'s minimum; at most ``cap``)."""
+    """A power-of-two tile covering ``n`` (at least ``floor``; at most ``cap``)."""
     return max(floor, min(cap, triton.next_power_of_2(n)))
 
 
@@ -342,28 +626,42 @@ def _pow2_block(n: int, cap: int, floor: int = 16) -> int:
 class ConvTiles:
     """Tile sizes of the three convolution GEMMs for one layer."""
 
-    fwd_filters: int  # forward: output pixels x filters x channels
+    fwd_pixels: int  # forward: output pixels x filters x channels
+    fwd_filters: int
     fwd_channels: int
-    dx_channels: int  # dX: input pixels x channels, reduction over filters
+    dx_pixels: int  # dX: input pixels x channels, reduction over filters
+    dx_channels: int
     dx_filters: int
-    dw_filters: int  # dW: filters x channels, reduction over pixels
-    dw_channels: int
+    dx_tail: int
+    dw_channels: int  # dW^T: channels x filters, reduction over pixels
+    dw_filters: int
     dw_pixels: int
 
 
-def conv_tiles(cfg: GemmConfig, filters: int, chans: int) -> ConvTiles:
-    """Tiles for a layer of ``filters`` x ``chans``. The filter tiles of the forward and dW
-    GEMMs cover at most half of the filters, so that a layer at density 0.5 has whole tiles of
-    pruned filters to skip (one tile of all the filters would always hold an active one); the
-    channel tiles shrink to the channel count (the stem's 3 channels take a 16-wide tile)."""
-    filter_tile = _pow2_block(filters // 2, cfg.block_n)
+def conv_tiles(cfg: GemmConfig, filters: int, chans: int, geometry: ConvGeometry | None = None) -> ConvTiles:
+    """Tiles for a layer of ``filters`` x ``chans``. A filter block covers the layer up to the
+    configured width (one block for a 64-filter layer); the work still follows the density
+    because the block that straddles the active count runs the narrowest tile class that covers
+    it (``tail_widths``), down to ``MIN_UNITS`` filters. Channel tiles shrink to the channel
+    count (the 3-channel stem takes a 16-wide tile, ``tl.dot``'s smallest reduction).
+
+    The forward of a strided or 1x1 convolution takes at most half the filter width: with 128
+    filters it spills registers (offline sm_90 compile: strides that are not the constant 1
+    keep more per-pixel state live)."""
+    filter_tile = _pow2_block(filters, cfg.block_n, MIN_UNITS)
+    fwd_filters = filter_tile
+    if geometry is not None and (geometry.stride != (1, 1) or geometry.kernel == (1, 1)):
+        fwd_filters = _pow2_block(filters, max(cfg.block_n // 2, MIN_UNITS), MIN_UNITS)
     return ConvTiles(
-        fwd_filters=filter_tile,
+        fwd_pixels=cfg.block_m,
+        fwd_filters=fwd_filters,
         fwd_channels=_pow2_block(chans, cfg.block_k),
+        dx_pixels=cfg.block_m,
         dx_channels=_pow2_block(chans, cfg.block_n),
         dx_filters=cfg.block_k,
+        dx_tail=16,
+        dw_channels=_pow2_block(chans, cfg.block_n),
         dw_filters=filter_tile,
-        dw_channels=_pow2_block(chans, cfg.block_k),
         dw_pixels=cfg.block_k,
     )
 
@@ -376,14 +674,35 @@ def _geometry_args(geometry: ConvGeometry) -> tuple[int, ...]:
     return sh, sw, ph, pw, dh, dw
 
 
+def _weight_operand(weight: torch.Tensor, row_mask: RowMask, compact: bool) -> tuple[torch.Tensor, tuple]:
+    """The weight the GEMMs read and its (filter, channel, r, s) strides: the compacted active
+    filters in (r, s, c) order, or the weight itself."""
+    filters, chans, kh, kw = weight.shape
+    if not compact:
+        return weight, weight.stride()
+    wc = compact_weight_rows(weight, row_mask, chans * kh * kw, chans,
+                             (weight.stride(1), weight.stride(2), weight.stride(3)), kw)
+    return wc, (wc.stride(0), 1, kw * chans, chans)
+
+
 def threshold_conv2d_fwd(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, row_mask: RowMask, geometry: ConvGeometry
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    row_mask: RowMask,
+    geometry: ConvGeometry,
+    *,
+    density_hint: float | None = None,
+    compact_weight: bool | None = None,
 ) -> torch.Tensor:
     """``Y [B, F, Ho, Wo]`` for ``x [B, C, H, W]``, ``weight [F, C, KH, KW]``, ``bias [F] | None``.
 
-    Any strides; the output is channels-last when ``x`` or ``weight`` is, as with ``F.conv2d``.
+    Any strides (see the module docstring for the layouts); the output is channels-last when
+    ``x`` or ``weight`` is, as with ``F.conv2d``. ``density_hint`` and ``compact_weight`` as for
+    :func:`.threshold_linear.threshold_linear_fwd`.
     """
     _check_operands(x, weight, row_mask, geometry)
+    check_density_hint(density_hint)
     batch, chans, height, width = x.shape
     filters, _, kh, kw = weight.shape
     ho, wo = geometry.output_size(height, width)
@@ -394,22 +713,32 @@ def threshold_conv2d_fwd(
         return y
     if bias is not None:
         bias = bias.contiguous()
-    cfg = gemm_config(x.dtype)
-    tiles = conv_tiles(cfg, filters, chans)
-    grid = (triton.cdiv(pixels, cfg.block_m) * triton.cdiv(filters, tiles.fwd_filters),)
-    _threshold_conv2d_fwd_kernel[grid](
-        x, weight, bias if bias is not None else weight, row_mask.perm, row_mask.count, y,
-        pixels, filters, chans, height, width, ho, wo, kh, kw, *_geometry_args(geometry),
-        *x.stride(), *weight.stride(), *y.stride(),
-        HAS_BIAS=bias is not None,
-        UPCAST=interpreter_enabled(),
-        DOT_PRECISION=dot_precision("conv"),
-        BLOCK_M=cfg.block_m,
-        BLOCK_N=tiles.fwd_filters,
-        BLOCK_K=tiles.fwd_channels,
-        GROUP_M=cfg.group_m,
-        num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages,
+    x_cl = x.contiguous(memory_format=torch.channels_last)
+    compact = use_compact_weight(compact_weight, "conv", weight)
+    w_op, w_strides = _weight_operand(weight, row_mask, compact)
+    cfg = gemm_config(x.dtype, "conv")
+    tiles = conv_tiles(cfg, filters, chans, geometry)
+    channel_tile = tiles.fwd_channels
+    if gpu_tiles() and not aligned(x_cl, w_op, sizes=(chans,)):
+        # Unvectorised im2col loads (a channel count that is not a multiple of 16): 16-channel
+        # steps keep the kernel within its registers (no spills).
+        channel_tile = 16
+    fixed = {"BLOCK_M": tiles.fwd_pixels, "BLOCK_N": tiles.fwd_filters, "BLOCK_K": channel_tile,
+             "GROUP_M": cfg.group_m, **tail_widths(tiles.fwd_filters), "num_warps": cfg.num_warps,
+             "num_stages": cfg.num_stages}
+    launch(
+        _threshold_conv2d_fwd_kernel,
+        "conv_fwd",
+        lambda meta: (triton.cdiv(pixels, meta["BLOCK_M"]) * triton.cdiv(filters, meta["BLOCK_N"]),),
+        fixed,
+        (x_cl, w_op, bias if bias is not None else weight, row_mask.perm, row_mask.count, y, pixels, filters, chans,
+         height, width, ho, wo, *_geometry_args(geometry), *x_cl.stride(), *w_strides, *y.stride()),
+        dict(HAS_BIAS=bias is not None, COMPACT_W=compact, UPCAST=interpreter_enabled(),
+             DOT_PRECISION=dot_precision("conv", x.dtype), WIDE=not fits_int32(x_cl, w_op, y), KH=kh, KW=kw),
+        dtype=x.dtype,
+        rows=pixels,
+        density_hint=density_hint,
+        fixed_keys=("BLOCK_N", "BLOCK_K"),
     )
     return y
 
@@ -422,7 +751,7 @@ _DW_MIN_PIXELS_PER_SPLIT = 1024
 
 def _dw_split(tiles: int, pixels: int, block_m: int) -> int:
     by_work = triton.cdiv(pixels, max(_DW_MIN_PIXELS_PER_SPLIT, block_m))
-    return max(1, min(by_work, triton.cdiv(_DW_TARGET_PROGRAMS, tiles)))
+    return max(1, min(by_work, triton.cdiv(_DW_TARGET_PROGRAMS, tiles), _MAX_GRID_YZ))
 
 
 def threshold_conv2d_bwd(
@@ -437,11 +766,16 @@ def threshold_conv2d_bwd(
     need_dx: bool = True,
     threshold_dtype: torch.dtype = torch.float32,
     split: int | None = None,
+    density_hint: float | None = None,
+    compact_weight: bool | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
     """Gradients ``(dX | None, dW, dtau)`` of the threshold Conv2d (bias gradient left to the
     caller). ``split``: how many programs share the pixel reduction of the weight gradient
-    (default: chosen from the shape; the result does not depend on it beyond fp32 rounding)."""
+    (default: chosen from the shape; the result does not depend on it beyond fp32 rounding).
+    ``dW`` has the weight's layout (channels-last or contiguous); ``dX`` the output layout of
+    :func:`threshold_conv2d_fwd`."""
     _check_operands(x, weight, row_mask, geometry)
+    check_density_hint(density_hint)
     if mode not in BACKWARD_MODES:
         raise ValueError(f"backward mode must be one of {sorted(BACKWARD_MODES)}, got {mode!r}")
     batch, chans, height, width = x.shape
@@ -453,8 +787,10 @@ def threshold_conv2d_bwd(
         raise ValueError(f"split must be an integer in [1, {_MAX_GRID_YZ}], got {split!r}")
     device = x.device
     fan_in = chans * kh * kw
+    w_cl = _is_channels_last(weight)
     dx = torch.empty_like(x, memory_format=_memory_format(x, weight)) if need_dx else None
-    dw = torch.empty(weight.shape, device=device, dtype=weight.dtype)
+    dw = torch.empty(weight.shape, device=device, dtype=weight.dtype,
+                     memory_format=torch.channels_last if w_cl else torch.contiguous_format)
     dtau = torch.empty(filters, device=device, dtype=threshold_dtype)
     pixels = batch * ho * wo
     if pixels == 0:
@@ -465,67 +801,81 @@ def threshold_conv2d_bwd(
         return dx, dw, dtau
 
     grad_y = grad_y.to(x.dtype)
-    cfg = gemm_config(x.dtype)
-    tiles = conv_tiles(cfg, filters, chans)
+    x_cl = x.contiguous(memory_format=torch.channels_last)
+    cfg = gemm_config(x.dtype, "conv")
+    tiles = conv_tiles(cfg, filters, chans, geometry)
     sh, sw = geometry.stride
     num_kb = kh * kw * triton.cdiv(chans, tiles.dw_channels)
     if num_kb > _MAX_GRID_YZ or sh * sw > _MAX_GRID_YZ:
         raise ValueError(
             f"convolution too large for the kernels' launch grid: kernel {kh}x{kw}, {chans} channels, stride {sh}x{sw}"
         )
-    upcast = interpreter_enabled()
-    precision = dot_precision("conv")
+    consts = dict(UPCAST=interpreter_enabled(), DOT_PRECISION=dot_precision("conv", x.dtype), KH=kh, KW=kw)
     mode_id = BACKWARD_MODES[mode]
     geo = _geometry_args(geometry)
 
-    # dyt[q, p] = dY[b, perm[q], oh, ow] for the flattened pixel p = (b, oh, ow).
-    dyt = gather_grad_columns(
-        grad_y, row_mask, pixels, filters, (ho * wo, wo), (grad_y.stride(0), grad_y.stride(2), grad_y.stride(3)),
-        grad_y.stride(1), all_rows=mode_id != 1,
-    )
+    # dyc[q, p] = dY[b, perm[p], oh, ow] for the flattened pixel q = (b, oh, ow), p < count.
+    dyc = compact_grad_columns(grad_y, row_mask, pixels, filters, (ho * wo, wo),
+                               (grad_y.stride(0), grad_y.stride(2), grad_y.stride(3)), grad_y.stride(1))
 
     if need_dx:
+        compact = use_compact_weight(compact_weight, "conv", weight)
+        w_op, w_strides = _weight_operand(weight, row_mask, compact)
         hq, wq = triton.cdiv(height, sh), triton.cdiv(width, sw)
         phase_pixels = batch * hq * wq
-        grid = (triton.cdiv(phase_pixels, cfg.block_m) * triton.cdiv(chans, tiles.dx_channels), sh * sw)
-        _threshold_conv2d_bwd_dx_kernel[grid](
-            dyt, weight, row_mask.perm, row_mask.count, dx,
-            phase_pixels, pixels, chans, height, width, ho, wo, hq, wq, kh, kw, *geo,
-            *weight.stride(), *dx.stride(),
-            UPCAST=upcast,
-            DOT_PRECISION=precision,
-            BLOCK_M=cfg.block_m,
-            BLOCK_C=tiles.dx_channels,
-            BLOCK_P=tiles.dx_filters,
-            GROUP_M=cfg.group_m,
-            num_warps=cfg.num_warps,
-            num_stages=cfg.num_stages,
+        (_, _, _, _, dil_h, dil_w) = geo
+        steps = (sh // math.gcd(sh, dil_h), sw // math.gcd(sw, dil_w))
+        fixed = {"BLOCK_M": tiles.dx_pixels, "BLOCK_C": tiles.dx_channels, "BLOCK_P": tiles.dx_filters,
+                 "GROUP_M": cfg.group_m, "num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
+        launch(
+            _threshold_conv2d_bwd_dx_kernel,
+            "conv_dx",
+            lambda meta: (triton.cdiv(phase_pixels, meta["BLOCK_M"]) * triton.cdiv(chans, meta["BLOCK_C"]), sh * sw),
+            fixed,
+            (dyc, w_op, row_mask.perm, row_mask.count, dx, phase_pixels, chans, height, width, ho, wo, hq, wq, *geo,
+             *steps, dyc.stride(0), *w_strides, *dx.stride()),
+            dict(COMPACT_W=compact, TAIL_P=tiles.dx_tail, WIDE=not fits_int32(dyc, w_op, dx), **consts),
+            dtype=x.dtype,
+            rows=pixels,
+            density_hint=density_hint,
+            fixed_keys=("BLOCK_C",),
         )
 
-    n_tiles = triton.cdiv(filters, tiles.dw_filters) * num_kb
-    n_split = split if split is not None else _dw_split(n_tiles, pixels, tiles.dw_pixels)
+    n_blocks = triton.cdiv(filters, tiles.dw_filters) + (1 if mode_id == 2 else 0)
+    n_split = split if split is not None else _dw_split(n_blocks * num_kb, pixels, tiles.dw_pixels)
     # m*G: accumulated straight into dW for fp32 without a split, else into an fp32 workspace
-    # (one slice per split) that the finish pass sums in a fixed order and rounds once.
+    # (one slice per split) that the finish pass sums in a fixed order and rounds once. Its
+    # columns follow dW's memory order: (r, s, c) channels-last, (c, r, s) otherwise.
     in_place = weight.dtype == torch.float32 and n_split == 1
-    g = dw if in_place else torch.empty((n_split, filters, fan_in), device=device, dtype=torch.float32)
+    dw2d = dw.permute(0, 2, 3, 1).reshape(filters, fan_in) if w_cl else dw.view(filters, fan_in)
+    if in_place:
+        g = dw2d.unsqueeze(0)
+    else:
+        g = torch.empty((n_split, filters, fan_in), device=device, dtype=torch.float32)
+    g_strides = (g.stride(0), g.stride(1), 1, chans) if w_cl else (g.stride(0), g.stride(1), kh * kw, 1)
     rpart = torch.empty((n_split * num_kb, filters), device=device, dtype=torch.float32)
     s_count, s_step = sample_rows(pixels, sample_fraction)
-    _threshold_conv2d_bwd_dw_kernel[(triton.cdiv(filters, tiles.dw_filters), num_kb, n_split)](
-        dyt, x, weight, row_mask.perm, row_mask.count, g, rpart,
-        pixels, filters, chans, height, width, ho, wo, kh, kw, *geo,
-        *x.stride(), *weight.stride(),
-        s_count, s_step, n_split,
-        MODE=mode_id,
-        UPCAST=upcast,
-        DOT_PRECISION=precision,
-        BLOCK_P=tiles.dw_filters,
-        BLOCK_C=tiles.dw_channels,
-        BLOCK_M=tiles.dw_pixels,
-        num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages,
+    fixed = {"BLOCK_C": tiles.dw_channels, "BLOCK_P": tiles.dw_filters, "BLOCK_M": tiles.dw_pixels,
+             **tail_widths(tiles.dw_filters), "num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
+    launch(
+        _threshold_conv2d_bwd_dw_kernel,
+        f"conv_dw{mode_id}",
+        lambda meta: (n_blocks, num_kb, n_split),
+        fixed,
+        (x_cl, dyc, grad_y, weight, row_mask.perm, row_mask.count, g, rpart, pixels, filters, chans, height, width,
+         ho, wo, *geo, *x_cl.stride(), dyc.stride(0), *grad_y.stride(), *weight.stride(), *g_strides, s_count,
+         s_step, n_split),
+        dict(MODE=mode_id, WIDE=not fits_int32(x_cl, dyc, grad_y, weight, g), **consts),
+        dtype=x.dtype,
+        rows=pixels,
+        density_hint=density_hint,
+        # The grid and rpart are sized by these: not tuned.
+        fixed_keys=("BLOCK_C", "BLOCK_P"),
     )
-    # The finish pass reads W in the (c, r, s) order of the workspace.
-    w2d = weight.reshape(filters, fan_in) if weight.is_contiguous() else weight.contiguous().view(filters, fan_in)
-    finish_threshold_gradients(rpart, w2d, row_mask, g, dw.view(filters, fan_in), dtau, split=n_split,
-                               mode_id=mode_id, in_place=in_place)
+    # The finish pass reads W in dW's memory order.
+    if w_cl:
+        w2d = weight.permute(0, 2, 3, 1).reshape(filters, fan_in)
+    else:
+        w2d = weight.reshape(filters, fan_in) if weight.is_contiguous() else weight.contiguous().view(filters, fan_in)
+    finish_threshold_gradients(rpart, w2d, row_mask, g, dw2d, dtau, mode_id=mode_id)
     return dx, dw, dtau

@@ -12,13 +12,32 @@ Every grid is an upper bound computed from host-side shapes; programs read ``cou
 device and either exit early, shrink their loops to zero trips, or write the pruned outputs.
 Nothing here synchronises with the host.
 
+How the work follows the density (``tests/work_count.py`` measures it):
+
+* The pruned dimension (rows of ``W``) is never the tensor-core M dimension. In the forward and
+  the weight gradient it is N: a program owns ``BLOCK_N`` positions of ``perm``, and the one
+  program whose block straddles ``count`` computes only the narrowest power-of-two tile (at
+  least ``MIN_UNITS``) that covers its active positions, then writes the pruned outputs. In
+  ``dX`` it is the reduction dimension: full ``BLOCK_P`` steps over ``perm[:count]``, then
+  ``TAIL_P``-wide steps for the remainder.
+* ``dY``'s active columns are compacted once, into ``dyc [M, >= count]`` (column ``p`` holds
+  ``dY[:, perm[p]]``; row-major, so both backward GEMMs read contiguous runs along ``p``). Only
+  the active columns are copied, in every mode.
+* The weight gradient is computed transposed, ``G^T = X^T dY`` (``[K, N]`` tiles), so that the
+  units are again the N dimension.
+
 Backward modes for the threshold gradient of pruned rows (``r_i`` of a pruned row needs that
 row's dense work, ``dY[:, i] . (X W_i)``):
 
-* ``exact``  (0): computed for every row; equals the reference.
+* ``exact``  (0): computed for every row; equals the reference. Tiles cover all of ``perm``;
+  pruned positions read their ``dY`` columns in place (a gather): the documented dense part.
 * ``skip``   (1): pruned rows get no data-path gradient: ``dtau_i = 0`` and ``dW_i = 0``.
 * ``sample`` (2): ``r_i`` of pruned rows estimated from ``SAMPLE_COUNT`` batch rows
   ``0, step, 2*step, ...`` scaled by ``M / SAMPLE_COUNT``; ``dW_i = sign(W_i) * r_i / K``.
+  Active and pruned positions run in separate tiles (one accumulator each).
+
+With ``compact_weight``, the active rows of ``W`` are first copied to a contiguous ``Wc [count, K]``
+(:func:`compact_weight_rows`) and the GEMMs read ``Wc`` without the gather.
 """
 
 from __future__ import annotations
@@ -28,9 +47,23 @@ import triton
 import triton.language as tl
 
 from .._rowmask import RowMask, sample_rows
-from ._config import SUPPORTED_DTYPES, dot_precision, gemm_config, interpreter_enabled
+from ._config import (
+    SUPPORTED_DTYPES,
+    aligned,
+    dot_precision,
+    gemm_config,
+    gpu_tiles,
+    interpreter_enabled,
+    launch,
+    tail_widths,
+    use_compact_weight,
+)
+from .threshold_mask import fits_int32
 
 BACKWARD_MODES = {"exact": 0, "skip": 1, "sample": 2}
+
+# Row padding of the compacted dY (units): at least the widest block of positions a GEMM reads.
+DYC_PAD = 128
 
 
 @triton.jit
@@ -46,31 +79,77 @@ def _grouped_tile(pid, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
     return pid_m, pid_n
 
 
-@triton.jit
-def _mma(acc, a, b, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    # acc += a @ b on tensor cores. UPCAST (the interpreter): in fp32, because bf16 tl.dot is
-    # unreliable there.
-    if UPCAST:
-        a = a.to(tl.float32)
-        b = b.to(tl.float32)
-    return tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+# ----------------------------------------------------------------------------- forward
 
 
 @triton.jit
-def _perm_tile(perm_ptr, pid_p, N, count, BLOCK: tl.constexpr):
-    # A tile of positions in `perm`: (positions, in range, the unit (row / filter) at each
-    # position as int64, active). Position p < count holds an active unit.
-    offs_p = pid_p * BLOCK + tl.arange(0, BLOCK)
+def _linear_fwd_tile(
+    x_ptr, w_ptr, b_ptr, y_ptr, perm_ptr, p0, count, offs_m, m_ok, N, K,
+    stride_xm, stride_xk, stride_wn, stride_wk, stride_ym, stride_yn,
+    HAS_BIAS: tl.constexpr, COMPACT_W: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    WIDE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, WIDTH: tl.constexpr,
+):
+    # Y[:, perm[p0 : p0 + WIDTH]]: active positions computed, pruned ones get the bias (or 0).
+    offs_p = p0 + tl.arange(0, WIDTH)
     p_ok = offs_p < N
-    rows = tl.load(perm_ptr + offs_p, mask=p_ok, other=0).to(tl.int64)
-    return offs_p, p_ok, rows, offs_p < count
+    active = offs_p < count
+    rows = tl.load(perm_ptr + offs_p, mask=p_ok, other=0)
+    if WIDE:
+        rows = rows.to(tl.int64)
+    if COMPACT_W:
+        w_rows = offs_p  # row p of the compacted weight is W[perm[p]]
+        if WIDE:
+            w_rows = w_rows.to(tl.int64)
+    else:
+        w_rows = rows
+    offs_k = tl.arange(0, BLOCK_K)
+    if WIDE:
+        offs_k = offs_k.to(tl.int64)
+    x_ptrs = x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk
+    # Gather of the active weight rows fused into the tile load ([BLOCK_K, WIDTH]).
+    w_ptrs = w_ptr + w_rows[None, :] * stride_wn + offs_k[:, None] * stride_wk
+    acc = tl.zeros([BLOCK_M, WIDTH], dtype=tl.float32)
+    # (No jit-function calls inside loops: the interpreter pays for each.)
+    k_end = K
+    if WIDE:  # an int64 bound makes the loop variable int64
+        k_end = tl.cast(K, tl.int64)
+    for k0 in range(0, k_end, BLOCK_K):
+        k_ok = offs_k < K - k0
+        a = tl.load(x_ptrs + k0 * stride_xk, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        b = tl.load(w_ptrs + k0 * stride_wk, mask=k_ok[:, None] & active[None, :], other=0.0)
+        if UPCAST:  # the interpreter: bf16 tl.dot is unreliable there
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + rows, mask=p_ok, other=0.0).to(tl.float32)[None, :]
+    y_ptrs = y_ptr + offs_m[:, None] * stride_ym + rows[None, :] * stride_yn
+    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & p_ok[None, :])
+
+
+@triton.jit
+def _linear_fill_pruned(
+    b_ptr, y_ptr, perm_ptr, lo, hi, N, offs_m, m_ok, stride_ym, stride_yn,
+    HAS_BIAS: tl.constexpr, WIDE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK: tl.constexpr,
+):
+    # Y[:, perm[p]] = bias (or 0) for the pruned positions lo <= p < min(hi, N), hi - lo <= BLOCK.
+    offs_p = lo + tl.arange(0, BLOCK)
+    p_ok = offs_p < tl.minimum(hi, N)
+    rows = tl.load(perm_ptr + offs_p, mask=p_ok, other=0)
+    if WIDE:
+        rows = rows.to(tl.int64)
+    val = tl.zeros([BLOCK_M, BLOCK], dtype=tl.float32)
+    if HAS_BIAS:
+        val += tl.load(b_ptr + rows, mask=p_ok, other=0.0).to(tl.float32)[None, :]
+    y_ptrs = y_ptr + offs_m[:, None] * stride_ym + rows[None, :] * stride_yn
+    tl.store(y_ptrs, val.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & p_ok[None, :])
 
 
 @triton.jit
 def _threshold_linear_fwd_kernel(
     x_ptr,  # [M, K]
-    w_ptr,  # [N, K]
-    b_ptr,  # [N] (only with HAS_BIAS)
+    w_ptr,  # [N, K], or [>= count, K] compacted (COMPACT_W)
+    b_ptr,  # [N] (only with HAS_BIAS), contiguous
     perm_ptr,  # [N] int32: active rows ascending, then pruned rows
     count_ptr,  # [1] int32: active rows
     y_ptr,  # [M, N] out
@@ -84,56 +163,65 @@ def _threshold_linear_fwd_kernel(
     stride_ym,
     stride_yn,
     HAS_BIAS: tl.constexpr,
+    COMPACT_W: tl.constexpr,
     UPCAST: tl.constexpr,  # compute the dot in fp32 (interpreter: bf16 tl.dot is unreliable there)
     DOT_PRECISION: tl.constexpr,
+    WIDE: tl.constexpr,  # int64 element offsets
     BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
+    BLOCK_N: tl.constexpr,  # positions of perm per program
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
+    TAIL1: tl.constexpr,  # narrower tiles for the block that straddles count: TAIL1 >= TAIL2 >= TAIL3
+    TAIL2: tl.constexpr,
+    TAIL3: tl.constexpr,
 ):
     pid = tl.program_id(0)
     pid_m, pid_p = _grouped_tile(pid, tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
     count = tl.load(count_ptr)
-
-    # Tile columns are positions in `perm`.
-    offs_p, p_ok, rows, active = _perm_tile(perm_ptr, pid_p, N, count, BLOCK_N)
-    offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    if WIDE:
+        offs_m = offs_m.to(tl.int64)
     m_ok = offs_m < M
+    p0 = pid_p * BLOCK_N
+    rem = count - p0  # active positions from p0 on
+    # The tile width is the narrowest class that covers the block's active positions; the
+    # rest of the block is pruned and only gets its bias (or zeros) written.
+    if rem > TAIL1:
+        _linear_fwd_tile(x_ptr, w_ptr, b_ptr, y_ptr, perm_ptr, p0, count, offs_m, m_ok, N, K, stride_xm, stride_xk,
+                         stride_wn, stride_wk, stride_ym, stride_yn, HAS_BIAS, COMPACT_W, UPCAST, DOT_PRECISION,
+                         WIDE, BLOCK_M, BLOCK_K, BLOCK_N)
+    elif rem > TAIL2:
+        _linear_fwd_tile(x_ptr, w_ptr, b_ptr, y_ptr, perm_ptr, p0, count, offs_m, m_ok, N, K, stride_xm, stride_xk,
+                         stride_wn, stride_wk, stride_ym, stride_yn, HAS_BIAS, COMPACT_W, UPCAST, DOT_PRECISION,
+                         WIDE, BLOCK_M, BLOCK_K, TAIL1)
+        _linear_fill_pruned(b_ptr, y_ptr, perm_ptr, p0 + TAIL1, p0 + BLOCK_N, N, offs_m, m_ok, stride_ym, stride_yn,
+                            HAS_BIAS, WIDE, BLOCK_M, BLOCK_N)
+    elif rem > TAIL3:
+        _linear_fwd_tile(x_ptr, w_ptr, b_ptr, y_ptr, perm_ptr, p0, count, offs_m, m_ok, N, K, stride_xm, stride_xk,
+                         stride_wn, stride_wk, stride_ym, stride_yn, HAS_BIAS, COMPACT_W, UPCAST, DOT_PRECISION,
+                         WIDE, BLOCK_M, BLOCK_K, TAIL2)
+        _linear_fill_pruned(b_ptr, y_ptr, perm_ptr, p0 + TAIL2, p0 + BLOCK_N, N, offs_m, m_ok, stride_ym, stride_yn,
+                            HAS_BIAS, WIDE, BLOCK_M, BLOCK_N)
+    elif rem > 0:
+        _linear_fwd_tile(x_ptr, w_ptr, b_ptr, y_ptr, perm_ptr, p0, count, offs_m, m_ok, N, K, stride_xm, stride_xk,
+                         stride_wn, stride_wk, stride_ym, stride_yn, HAS_BIAS, COMPACT_W, UPCAST, DOT_PRECISION,
+                         WIDE, BLOCK_M, BLOCK_K, TAIL3)
+        _linear_fill_pruned(b_ptr, y_ptr, perm_ptr, p0 + TAIL3, p0 + BLOCK_N, N, offs_m, m_ok, stride_ym, stride_yn,
+                            HAS_BIAS, WIDE, BLOCK_M, BLOCK_N)
+    else:
+        _linear_fill_pruned(b_ptr, y_ptr, perm_ptr, p0, p0 + BLOCK_N, N, offs_m, m_ok, stride_ym, stride_yn,
+                            HAS_BIAS, WIDE, BLOCK_M, BLOCK_N)
 
-    # Tiles made only of pruned rows run the K loop zero times and only write bias / zeros.
-    k_end = tl.where(pid_p * BLOCK_N < count, K, 0)
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for k0 in range(0, k_end, BLOCK_K):
-        offs_k = (k0 + tl.arange(0, BLOCK_K)).to(tl.int64)
-        k_ok = offs_k < K
-        a = tl.load(
-            x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
-            mask=m_ok[:, None] & k_ok[None, :],
-            other=0.0,
-        )
-        # Gather of the active weight rows fused into the tile load ([BLOCK_K, BLOCK_N]).
-        b = tl.load(
-            w_ptr + rows[None, :] * stride_wn + offs_k[:, None] * stride_wk,
-            mask=active[None, :] & k_ok[:, None],
-            other=0.0,
-        )
-        acc = _mma(acc, a, b, UPCAST, DOT_PRECISION)
 
-    if HAS_BIAS:
-        acc += tl.load(b_ptr + rows, mask=p_ok, other=0.0).to(tl.float32)[None, :]
-    tl.store(
-        y_ptr + offs_m[:, None] * stride_ym + rows[None, :] * stride_yn,
-        acc.to(y_ptr.dtype.element_ty),
-        mask=m_ok[:, None] & p_ok[None, :],
-    )
+# ----------------------------------------------------------------------------- compactions
 
 
 @triton.jit
-def _gather_grad_columns_kernel(
+def _compact_grad_kernel(
     dy_ptr,  # output gradient: [M, N] (Linear) or [B, N, Ho, Wo] (Conv2d), any strides
     perm_ptr,  # [N] int32
     count_ptr,  # [1] int32
-    dyt_ptr,  # [N, M] out: dyt[p, m] = dY[m, perm[p]] for positions p < limit
+    dyc_ptr,  # [M, >= count] out, row stride stride_cm, unit column stride: dyc[m, p] = dY[m, perm[p]]
     M,
     N,
     PLANE,  # a batch row m is the pixel (m // PLANE, (m % PLANE) // WIDTH, m % WIDTH); 1, 1 for Linear
@@ -142,79 +230,160 @@ def _gather_grad_columns_kernel(
     stride_dyh,
     stride_dyw,
     stride_dyn,
-    ALL_ROWS: tl.constexpr,  # gather every position (exact / sample modes) or only active ones
-    BLOCK_P: tl.constexpr,
+    stride_cm,
+    UNIT_MAJOR: tl.constexpr,  # dY's units are its contiguous dimension (Linear, channels-last)
+    WIDE: tl.constexpr,
     BLOCK_M: tl.constexpr,
+    BLOCK_P: tl.constexpr,
 ):
-    # Compacts (and transposes) the columns of dY that the backward GEMMs read, so both GEMMs
-    # load contiguous runs along M instead of scattered columns.
+    # Copies the active columns of dY (positions p < count of perm), so that the backward GEMMs
+    # read contiguous rows. Units-major gradients are read along the units; NCHW gradients are
+    # read along the pixels and transposed in registers, so both sides stay coalesced.
     # M tiles on grid axis 0, whose limit is 2^31 - 1 (axis 1 stops at 65535).
     pid_m = tl.program_id(0)
     pid_p = tl.program_id(1)
-    if ALL_ROWS:
-        limit = N
-    else:
-        limit = tl.load(count_ptr)
-    if pid_p * BLOCK_P >= limit:
+    count = tl.load(count_ptr)
+    if pid_p * BLOCK_P >= count:
         return
     offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
-    p_ok = offs_p < limit
-    rows = tl.load(perm_ptr + offs_p, mask=p_ok, other=0).to(tl.int64)
-    offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    p_ok = offs_p < count
+    rows = tl.load(perm_ptr + offs_p, mask=p_ok, other=0)
+    if WIDE:
+        rows = rows.to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    if WIDE:
+        offs_m = offs_m.to(tl.int64)
+    m_ok = offs_m < M
     b = offs_m // PLANE
     hw = offs_m - b * PLANE
     h = hw // WIDTH
     src = b * stride_dyb + h * stride_dyh + (hw - h * WIDTH) * stride_dyw
-    ok = p_ok[:, None] & (offs_m[None, :] < M)
-    tile = tl.load(dy_ptr + src[None, :] + rows[:, None] * stride_dyn, mask=ok, other=0.0)
-    tl.store(dyt_ptr + offs_p.to(tl.int64)[:, None] * M + offs_m[None, :], tile, mask=ok)
+    dst = dyc_ptr + offs_m[:, None] * stride_cm + offs_p[None, :]
+    if UNIT_MAJOR:
+        tile = tl.load(dy_ptr + src[:, None] + rows[None, :] * stride_dyn, mask=m_ok[:, None] & p_ok[None, :])
+        tl.store(dst, tile, mask=m_ok[:, None] & p_ok[None, :])
+    else:
+        tile = tl.load(dy_ptr + src[None, :] + rows[:, None] * stride_dyn, mask=p_ok[:, None] & m_ok[None, :])
+        tl.store(dst, tl.trans(tile), mask=m_ok[:, None] & p_ok[None, :])
+
+
+@triton.jit
+def _compact_weight_kernel(
+    w_ptr,  # [N, ...] weight: element (row, j) at row * stride_wn + (j % INNER) * stride_wi + ...
+    perm_ptr,  # [N] int32
+    count_ptr,  # [1] int32
+    wc_ptr,  # [>= count, K] out, contiguous rows: wc[p, j] = W[perm[p], j]
+    K,
+    INNER,  # j = (r * KW + s) * INNER + c for a convolution (INNER = channels); K for Linear
+    stride_wn,
+    stride_wi,  # stride of the inner index c
+    stride_wh,  # strides of r and s (0 for Linear)
+    stride_ww,
+    stride_cn,
+    KW: tl.constexpr,
+    WIDE: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    # Copies the active rows of W, in the GEMMs' K order, into a contiguous buffer.
+    pid_p = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    count = tl.load(count_ptr)
+    if pid_p * BLOCK_P >= count:
+        return
+    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    p_ok = offs_p < count
+    rows = tl.load(perm_ptr + offs_p, mask=p_ok, other=0)
+    if WIDE:
+        rows = rows.to(tl.int64)
+    offs_j = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    if WIDE:
+        offs_j = offs_j.to(tl.int64)
+    rs = offs_j // INNER
+    c = offs_j - rs * INNER
+    r = rs // KW
+    src = rows[:, None] * stride_wn + (c * stride_wi + r * stride_wh + (rs - r * KW) * stride_ww)[None, :]
+    ok = p_ok[:, None] & (offs_j < K)[None, :]
+    tile = tl.load(w_ptr + src, mask=ok)
+    if WIDE:
+        offs_p = offs_p.to(tl.int64)
+    tl.store(wc_ptr + offs_p[:, None] * stride_cn + offs_j[None, :], tile, mask=ok)
+
+
+# ----------------------------------------------------------------------------- dX
 
 
 @triton.jit
 def _threshold_linear_bwd_dx_kernel(
-    dyt_ptr,  # [N, M] compacted, transposed dY (positions < count are filled)
-    w_ptr,  # [N, K]
+    dyc_ptr,  # [M, >= count] compacted dY (unit column stride)
+    w_ptr,  # [N, K], or [>= count, K] compacted (COMPACT_W)
     perm_ptr,  # [N] int32
     count_ptr,  # [1] int32
     dx_ptr,  # [M, K] out
     M,
     N,
     K,
+    stride_cm,
     stride_wn,
     stride_wk,
     stride_dxm,
     stride_dxk,
+    COMPACT_W: tl.constexpr,
     UPCAST: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    WIDE: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_K: tl.constexpr,
-    BLOCK_P: tl.constexpr,
+    BLOCK_P: tl.constexpr,  # reduction step over active positions
+    TAIL_P: tl.constexpr,  # reduction step for the count % BLOCK_P positions left over
     GROUP_M: tl.constexpr,
 ):
     # dX = dY[:, act] @ W[act]: the reduction runs over the active positions only.
     pid = tl.program_id(0)
     pid_m, pid_k = _grouped_tile(pid, tl.cdiv(M, BLOCK_M), tl.cdiv(K, BLOCK_K), GROUP_M)
     count = tl.load(count_ptr)
-    offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
-    offs_k = (pid_k * BLOCK_K + tl.arange(0, BLOCK_K)).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    if WIDE:
+        offs_m = offs_m.to(tl.int64)
+    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    if WIDE:
+        offs_k = offs_k.to(tl.int64)
     m_ok = offs_m < M
     k_ok = offs_k < K
     acc = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32)
-    for p0 in range(0, count, BLOCK_P):
-        offs_p = p0 + tl.arange(0, BLOCK_P)
-        p_ok = offs_p < count
-        rows = tl.load(perm_ptr + offs_p, mask=p_ok, other=0).to(tl.int64)
-        a = tl.load(
-            dyt_ptr + offs_p.to(tl.int64)[None, :] * M + offs_m[:, None],
-            mask=p_ok[None, :] & m_ok[:, None],
-            other=0.0,
-        )
-        b = tl.load(
-            w_ptr + rows[:, None] * stride_wn + offs_k[None, :] * stride_wk,
-            mask=p_ok[:, None] & k_ok[None, :],
-            other=0.0,
-        )
-        acc = _mma(acc, a, b, UPCAST, DOT_PRECISION)
+    full = count - count % BLOCK_P
+    offs_j = tl.arange(0, BLOCK_P)
+    a_ptrs = dyc_ptr + offs_m[:, None] * stride_cm + offs_j[None, :]
+    for p0 in range(0, full, BLOCK_P):
+        if COMPACT_W:
+            w_rows = p0 + offs_j
+        else:
+            w_rows = tl.load(perm_ptr + p0 + offs_j)
+        if WIDE:
+            w_rows = w_rows.to(tl.int64)
+        a = tl.load(a_ptrs + p0, mask=m_ok[:, None], other=0.0)
+        b = tl.load(w_ptr + w_rows[:, None] * stride_wn + offs_k[None, :] * stride_wk, mask=k_ok[None, :], other=0.0)
+        if UPCAST:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+    offs_t = tl.arange(0, TAIL_P)
+    t_ptrs = dyc_ptr + offs_m[:, None] * stride_cm + offs_t[None, :]
+    for p0 in range(full, count, TAIL_P):
+        p_ok = p0 + offs_t < count
+        if COMPACT_W:
+            w_rows = p0 + offs_t
+        else:
+            w_rows = tl.load(perm_ptr + p0 + offs_t, mask=p_ok, other=0)
+        if WIDE:
+            w_rows = w_rows.to(tl.int64)
+        a = tl.load(t_ptrs + p0, mask=m_ok[:, None] & p_ok[None, :], other=0.0)
+        b = tl.load(w_ptr + w_rows[:, None] * stride_wn + offs_k[None, :] * stride_wk,
+                    mask=p_ok[:, None] & k_ok[None, :], other=0.0)
+        if UPCAST:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
     tl.store(
         dx_ptr + offs_m[:, None] * stride_dxm + offs_k[None, :] * stride_dxk,
         acc.to(dx_ptr.dtype.element_ty),
@@ -222,129 +391,182 @@ def _threshold_linear_bwd_dx_kernel(
     )
 
 
+# ----------------------------------------------------------------------------- dW
+
+
 @triton.jit
-def _dyt_x_product(
-    acc,
-    dyt_ptr,
-    x_ptr,
-    offs_p,
-    p_ok,
-    offs_k,
-    k_ok,
-    M,
-    m_end,
-    m_step,
-    stride_xm,
-    stride_xk,
-    UPCAST: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr,
+def _linear_dw_tile(
+    x_ptr, dyc_ptr, dy_ptr, w_ptr, perm_ptr, g_ptr, rpart_ptr,
+    p0, p_end, count, pid_k, offs_k, k_ok, M, N, m_end, m_step, r_scale,
+    stride_xm, stride_xk, stride_cm, stride_dym, stride_dyn, stride_wn, stride_wk, stride_gn, stride_gk,
+    SOURCE: tl.constexpr,  # dY columns from: 0 dyc (active positions), 1 dY itself (pruned), 2 both
+    STORE_G: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, WIDE: tl.constexpr,
+    BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr, WIDTH: tl.constexpr,
 ):
-    # acc += dyt[offs_p, rows_m] @ x[rows_m, offs_k] over the batch rows m = j * m_step, j < m_end.
+    # G^T[k, p] = sum_m X[m, k] dY[m, perm[p]] for positions p0 <= p < min(p0 + WIDTH, p_end),
+    # over the batch rows m = j * m_step, j < m_end; then r_p = sum_k G^T[k, p] W[perm[p], k]
+    # (times r_scale) into rpart[pid_k], and G (active rows) into g.
+    offs_p = p0 + tl.arange(0, WIDTH)
+    p_ok = offs_p < p_end
+    rows = tl.load(perm_ptr + offs_p, mask=p_ok, other=0)
+    if WIDE:
+        rows = rows.to(tl.int64)
+    in_dyc = p_ok & (offs_p < count)
+    in_dy = p_ok & (offs_p >= count)
+    acc = tl.zeros([BLOCK_K, WIDTH], dtype=tl.float32)
+    offs_j = tl.arange(0, BLOCK_M)
     for j0 in range(0, m_end, BLOCK_M):
-        offs_j = j0 + tl.arange(0, BLOCK_M)
-        j_ok = offs_j < m_end
-        offs_m = offs_j.to(tl.int64) * m_step
-        a = tl.load(
-            dyt_ptr + offs_p.to(tl.int64)[:, None] * M + offs_m[None, :],
-            mask=p_ok[:, None] & j_ok[None, :],
-            other=0.0,
-        )
-        b = tl.load(
-            x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
-            mask=j_ok[:, None] & k_ok[None, :],
-            other=0.0,
-        )
-        acc = _mma(acc, a, b, UPCAST, DOT_PRECISION)
-    return acc
+        j_ok = offs_j < m_end - j0
+        offs_m = j0 + offs_j
+        if WIDE:
+            offs_m = offs_m.to(tl.int64)
+        offs_m = offs_m * m_step
+        xt = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
+                     mask=j_ok[:, None] & k_ok[None, :], other=0.0)
+        if SOURCE == 0:
+            # Loaded without a mask along p (a mask that varies along the contiguous dimension
+            # would prevent vector loads; dyc's rows are padded to whole blocks), then the
+            # columns past count, which hold no data, are zeroed.
+            b = tl.load(dyc_ptr + offs_m[:, None] * stride_cm + offs_p[None, :], mask=j_ok[:, None], other=0.0)
+            b = tl.where(in_dyc[None, :], b, 0.0)
+        elif SOURCE == 1:
+            b = tl.load(dy_ptr + offs_m[:, None] * stride_dym + rows[None, :] * stride_dyn,
+                        mask=j_ok[:, None] & in_dy[None, :], other=0.0)
+        else:
+            b = tl.load(dyc_ptr + offs_m[:, None] * stride_cm + offs_p[None, :],
+                        mask=j_ok[:, None] & in_dyc[None, :], other=0.0)
+            b += tl.load(dy_ptr + offs_m[:, None] * stride_dym + rows[None, :] * stride_dyn,
+                         mask=j_ok[:, None] & in_dy[None, :], other=0.0)
+        if UPCAST:
+            xt = xt.to(tl.float32)
+            b = b.to(tl.float32)
+        acc = tl.dot(tl.trans(xt), b, acc, input_precision=DOT_PRECISION)
+    w = tl.load(w_ptr + rows[None, :] * stride_wn + offs_k[:, None] * stride_wk,
+                mask=k_ok[:, None] & p_ok[None, :], other=0.0).to(tl.float32)
+    r = tl.sum(acc * w, axis=0) * r_scale
+    tl.store(rpart_ptr + pid_k * N + rows, r, mask=p_ok)
+    if STORE_G:
+        # Only active rows: the finish pass never reads G of a pruned row.
+        tl.store(g_ptr + rows[None, :] * stride_gn + offs_k[:, None] * stride_gk, acc.to(g_ptr.dtype.element_ty),
+                 mask=k_ok[:, None] & in_dyc[None, :])
 
 
 @triton.jit
-def _mode_reduction_bounds(has_active, count, M, N, sample_count, sample_step, MODE: tl.constexpr):
-    # The batch rows m = j * m_step, j < m_end, that a dW tile reduces over: all of them for a
-    # tile holding an active row; for an all-pruned tile, all (exact), none (skip) or the strided
-    # sample (sample). a_rows: positions of dyt that hold data (skip gathered only active ones).
-    m_step = 1
-    m_end = M
-    a_rows = N
-    if MODE == 1:
-        m_end = tl.where(has_active, M, 0)
-        a_rows = count
-    if MODE == 2:
-        m_end = tl.where(has_active, M, sample_count)
-        m_step = tl.where(has_active, 1, sample_step)
-    return m_end, m_step, a_rows
+def _linear_dw_tiles(
+    x_ptr, dyc_ptr, dy_ptr, w_ptr, perm_ptr, g_ptr, rpart_ptr,
+    p0, p_end, count, pid_k, offs_k, k_ok, M, N, m_end, m_step, r_scale,
+    stride_xm, stride_xk, stride_cm, stride_dym, stride_dyn, stride_wn, stride_wk, stride_gn, stride_gk,
+    SOURCE: tl.constexpr, STORE_G: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    WIDE: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr,
+    TAIL1: tl.constexpr, TAIL2: tl.constexpr, TAIL3: tl.constexpr,
+):
+    # The block of positions [p0, p_end) at the narrowest tile class that covers it.
+    rem = p_end - p0
+    if rem > TAIL1:
+        _linear_dw_tile(x_ptr, dyc_ptr, dy_ptr, w_ptr, perm_ptr, g_ptr, rpart_ptr, p0, p_end, count, pid_k, offs_k,
+                        k_ok, M, N, m_end, m_step, r_scale, stride_xm, stride_xk, stride_cm, stride_dym, stride_dyn,
+                        stride_wn, stride_wk, stride_gn, stride_gk, SOURCE, STORE_G, UPCAST, DOT_PRECISION, WIDE,
+                        BLOCK_K, BLOCK_M, BLOCK_P)
+    elif rem > TAIL2:
+        _linear_dw_tile(x_ptr, dyc_ptr, dy_ptr, w_ptr, perm_ptr, g_ptr, rpart_ptr, p0, p_end, count, pid_k, offs_k,
+                        k_ok, M, N, m_end, m_step, r_scale, stride_xm, stride_xk, stride_cm, stride_dym, stride_dyn,
+                        stride_wn, stride_wk, stride_gn, stride_gk, SOURCE, STORE_G, UPCAST, DOT_PRECISION, WIDE,
+                        BLOCK_K, BLOCK_M, TAIL1)
+    elif rem > TAIL3:
+        _linear_dw_tile(x_ptr, dyc_ptr, dy_ptr, w_ptr, perm_ptr, g_ptr, rpart_ptr, p0, p_end, count, pid_k, offs_k,
+                        k_ok, M, N, m_end, m_step, r_scale, stride_xm, stride_xk, stride_cm, stride_dym, stride_dyn,
+                        stride_wn, stride_wk, stride_gn, stride_gk, SOURCE, STORE_G, UPCAST, DOT_PRECISION, WIDE,
+                        BLOCK_K, BLOCK_M, TAIL2)
+    else:
+        _linear_dw_tile(x_ptr, dyc_ptr, dy_ptr, w_ptr, perm_ptr, g_ptr, rpart_ptr, p0, p_end, count, pid_k, offs_k,
+                        k_ok, M, N, m_end, m_step, r_scale, stride_xm, stride_xk, stride_cm, stride_dym, stride_dyn,
+                        stride_wn, stride_wk, stride_gn, stride_gk, SOURCE, STORE_G, UPCAST, DOT_PRECISION, WIDE,
+                        BLOCK_K, BLOCK_M, TAIL3)
 
 
 @triton.jit
 def _threshold_linear_bwd_dw_kernel(
-    dyt_ptr,  # [N, M] compacted, transposed dY
     x_ptr,  # [M, K]
+    dyc_ptr,  # [M, >= count] compacted dY
+    dy_ptr,  # [M, N] dY itself (pruned positions in exact / sample modes)
     w_ptr,  # [N, K]
     perm_ptr,  # [N] int32
     count_ptr,  # [1] int32
-    g_ptr,  # [N, K] out, contiguous: m * G (the finish kernel adds the sign term)
+    g_ptr,  # [N, K] out (active rows): m * G, fp32 workspace or dW itself (fp32)
     rpart_ptr,  # [cdiv(K, BLOCK_K), N] fp32 out: per-K-tile partial sums of r
     M,
     N,
     K,
     stride_xm,
     stride_xk,
+    stride_cm,
+    stride_dym,
+    stride_dyn,
     stride_wn,
     stride_wk,
+    stride_gn,
+    stride_gk,
     sample_count,  # MODE 2: batch rows used to estimate r of pruned rows
     sample_step,  # MODE 2: stride between those batch rows
     MODE: tl.constexpr,  # 0 exact, 1 skip, 2 sample
     UPCAST: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
-    BLOCK_P: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    BLOCK_M: tl.constexpr,
+    WIDE: tl.constexpr,
+    BLOCK_K: tl.constexpr,  # input features (the GEMM's M)
+    BLOCK_P: tl.constexpr,  # positions of perm (N)
+    BLOCK_M: tl.constexpr,  # reduction over batch rows
+    TAIL1: tl.constexpr,
+    TAIL2: tl.constexpr,
+    TAIL3: tl.constexpr,
 ):
-    pid_p = tl.program_id(0)
-    pid_k = tl.program_id(1)
+    # Grid: (K tiles, position blocks). exact: cdiv(N, BLOCK_P) blocks over all of perm. skip: the
+    # same grid, blocks past count exit. sample: one more block, so that the active blocks
+    # (from 0) and the pruned blocks (from count) each start at their own boundary.
+    pid_k = tl.program_id(0)
+    t = tl.program_id(1)
     count = tl.load(count_ptr)
-    offs_p, p_ok, rows, active = _perm_tile(perm_ptr, pid_p, N, count, BLOCK_P)
-    offs_k = (pid_k * BLOCK_K + tl.arange(0, BLOCK_K)).to(tl.int64)
+    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    if WIDE:
+        offs_k = offs_k.to(tl.int64)
     k_ok = offs_k < K
-    has_active = pid_p * BLOCK_P < count
-    has_pruned = ((pid_p + 1) * BLOCK_P > count) & (count < N)
-
-    m_end, m_step, a_rows = _mode_reduction_bounds(has_active, count, M, N, sample_count, sample_step, MODE)
-    acc = tl.zeros([BLOCK_P, BLOCK_K], dtype=tl.float32)
-    acc = _dyt_x_product(acc, dyt_ptr, x_ptr, offs_p, offs_p < a_rows, offs_k, k_ok, M, m_end, m_step, stride_xm,
-                         stride_xk, UPCAST, DOT_PRECISION, BLOCK_M)
-
-    # W is read only where r is needed (not for the all-pruned tiles of skip mode).
-    w_rows = N
-    if MODE == 1:
-        w_rows = tl.where(has_active, N, 0)
-    w_ok = (offs_p < w_rows)[:, None] & k_ok[None, :]
-    w = tl.load(w_ptr + rows[:, None] * stride_wn + offs_k[None, :] * stride_wk, mask=w_ok, other=0.0).to(tl.float32)
-    # Skip mode: pruned positions loaded dY as 0 above, so their r is exactly 0 here.
-    r = tl.sum(acc * w, axis=1)
-    if MODE == 2:
-        # The one tile that straddles `count` reduced its pruned rows over the whole batch;
-        # re-estimate them from the sample so the result does not depend on the tiling.
-        s_end = tl.where(has_active & has_pruned, sample_count, 0)
-        acc_s = tl.zeros([BLOCK_P, BLOCK_K], dtype=tl.float32)
-        acc_s = _dyt_x_product(acc_s, dyt_ptr, x_ptr, offs_p, p_ok & (offs_p >= count), offs_k, k_ok, M, s_end,
-                               sample_step, stride_xm, stride_xk, UPCAST, DOT_PRECISION, BLOCK_M)
-        r_sampled = tl.where(has_active, tl.sum(acc_s * w, axis=1), r) * (M / sample_count)
-        r = tl.where(active, r, r_sampled)
-    tl.store(rpart_ptr + pid_k * N + rows, r, mask=p_ok)
-    g = tl.where(active[:, None], acc, 0.0)
-    g_ok = p_ok[:, None] & k_ok[None, :]
-    tl.store(g_ptr + rows[:, None] * K + offs_k[None, :], g.to(g_ptr.dtype.element_ty), mask=g_ok)
+    if MODE == 0:
+        p0 = t * BLOCK_P
+        if p0 + BLOCK_P <= count:
+            _linear_dw_tile(x_ptr, dyc_ptr, dy_ptr, w_ptr, perm_ptr, g_ptr, rpart_ptr, p0, N, count, pid_k, offs_k,
+                            k_ok, M, N, M, 1, 1.0, stride_xm, stride_xk, stride_cm, stride_dym, stride_dyn, stride_wn,
+                            stride_wk, stride_gn, stride_gk, 0, True, UPCAST, DOT_PRECISION, WIDE, BLOCK_K, BLOCK_M,
+                            BLOCK_P)
+        else:
+            _linear_dw_tile(x_ptr, dyc_ptr, dy_ptr, w_ptr, perm_ptr, g_ptr, rpart_ptr, p0, N, count, pid_k, offs_k,
+                            k_ok, M, N, M, 1, 1.0, stride_xm, stride_xk, stride_cm, stride_dym, stride_dyn, stride_wn,
+                            stride_wk, stride_gn, stride_gk, 2, True, UPCAST, DOT_PRECISION, WIDE, BLOCK_K, BLOCK_M,
+                            BLOCK_P)
+    else:
+        n_active = tl.cdiv(count, BLOCK_P)
+        if t < n_active:
+            # Active positions over the whole batch; G stored.
+            _linear_dw_tiles(x_ptr, dyc_ptr, dy_ptr, w_ptr, perm_ptr, g_ptr, rpart_ptr, t * BLOCK_P, count, count,
+                             pid_k, offs_k, k_ok, M, N, M, 1, 1.0, stride_xm, stride_xk, stride_cm, stride_dym,
+                             stride_dyn, stride_wn, stride_wk, stride_gn, stride_gk, 0, True, UPCAST, DOT_PRECISION,
+                             WIDE, BLOCK_K, BLOCK_M, BLOCK_P, TAIL1, TAIL2, TAIL3)
+        elif MODE == 2:
+            # Pruned positions over the strided sample of the batch rows; r only.
+            p0 = count + (t - n_active) * BLOCK_P
+            if p0 < N:
+                _linear_dw_tiles(x_ptr, dyc_ptr, dy_ptr, w_ptr, perm_ptr, g_ptr, rpart_ptr, p0, N, count, pid_k,
+                                 offs_k, k_ok, M, N, sample_count, sample_step, M / sample_count, stride_xm,
+                                 stride_xk, stride_cm, stride_dym, stride_dyn, stride_wn, stride_wk, stride_gn,
+                                 stride_gk, 1, False, UPCAST, DOT_PRECISION, WIDE, BLOCK_K, BLOCK_M, BLOCK_P, TAIL1,
+                                 TAIL2, TAIL3)
 
 
 @triton.jit
-def _threshold_linear_bwd_finish_kernel(
+def _threshold_bwd_finish_kernel(
     rpart_ptr,  # [NUM_KB, N] fp32 partial sums of r
     w_ptr,  # [N, K]
     perm_ptr,  # [N] int32
     count_ptr,  # [1] int32
-    g_ptr,  # [SPLIT, N, K] m * G from the dW kernel(s): fp32 workspace, or dw itself (IN_PLACE)
+    g_ptr,  # [SPLIT, N, K] m * G of the active rows: fp32 workspace, or dw itself (IN_PLACE)
     dw_ptr,  # [N, K] out: m * G + sign(W) * r / K, rounded once to the weight dtype
     dtau_ptr,  # [N] out: -r
     N,
@@ -353,49 +575,56 @@ def _threshold_linear_bwd_finish_kernel(
     SPLIT,  # slices of g to sum (1 when IN_PLACE)
     stride_wn,
     stride_wk,
+    stride_gs,
+    stride_gn,
+    stride_gk,
     stride_dwn,
     stride_dwk,
     MODE: tl.constexpr,
-    IN_PLACE: tl.constexpr,  # g_ptr is dw_ptr
+    WIDE: tl.constexpr,
     BLOCK_P: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
+    # Reads G of active rows only and W only where the sign term is needed; writes every row of
+    # dW (pruned rows: sign(W) r / K, or 0 in skip mode, which reads nothing for them).
     pid = tl.program_id(0)
     offs_p = pid * BLOCK_P + tl.arange(0, BLOCK_P)
     p_ok = offs_p < N
-    rows = tl.load(perm_ptr + offs_p, mask=p_ok, other=0).to(tl.int64)
+    count = tl.load(count_ptr)
+    active = p_ok & (offs_p < count)
+    rows = tl.load(perm_ptr + offs_p, mask=p_ok, other=0)
+    if WIDE:
+        rows = rows.to(tl.int64)
+    if MODE == 1:
+        need_r = active
+    else:
+        need_r = p_ok
     # Fixed summation order over the K tiles: deterministic.
     r = tl.zeros([BLOCK_P], dtype=tl.float32)
     for kb in range(0, NUM_KB):
-        r += tl.load(rpart_ptr + kb * N + rows, mask=p_ok, other=0.0)
+        r += tl.load(rpart_ptr + kb * N + rows, mask=need_r, other=0.0)
     tl.store(dtau_ptr + rows, (-r).to(dtau_ptr.dtype.element_ty), mask=p_ok)
 
-    # In skip mode an all-pruned tile has r = 0 and G = 0: nothing to read. In place, dW is
-    # already 0 there and the tile is done; otherwise the loop only writes zeros.
-    k_end = K
-    load_rows = N
-    if MODE == 1:
-        tile_active = pid * BLOCK_P < tl.load(count_ptr)
-        load_rows = tl.where(tile_active, N, 0)
-        if IN_PLACE:
-            k_end = tl.where(tile_active, K, 0)
     coef = (r / K)[:, None]
-    for k0 in range(0, k_end, BLOCK_K):
-        offs_k = (k0 + tl.arange(0, BLOCK_K)).to(tl.int64)
-        ok = p_ok[:, None] & (offs_k[None, :] < K)
-        load_ok = ok & (offs_p < load_rows)[:, None]
-        w = tl.load(w_ptr + rows[:, None] * stride_wn + offs_k[None, :] * stride_wk, mask=load_ok, other=0.0)
+    offs_kb = tl.arange(0, BLOCK_K)
+    if WIDE:
+        offs_kb = offs_kb.to(tl.int64)
+    n_split = SPLIT
+    if WIDE:
+        n_split = tl.cast(SPLIT, tl.int64)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + offs_kb
+        k_ok = offs_k < K
+        w = tl.load(w_ptr + rows[:, None] * stride_wn + offs_k[None, :] * stride_wk,
+                    mask=need_r[:, None] & k_ok[None, :], other=0.0)
         w = w.to(tl.float32)  # (the interpreter compares raw bf16 incorrectly)
         g = tl.zeros([BLOCK_P, BLOCK_K], dtype=tl.float32)
-        for sl in range(0, SPLIT):  # fixed order: deterministic
-            g_off = (sl * N + rows[:, None]) * K + offs_k[None, :]
-            g += tl.load(g_ptr + g_off, mask=load_ok, other=0.0).to(tl.float32)
+        for sl in range(0, n_split):  # fixed order: deterministic
+            g += tl.load(g_ptr + sl * stride_gs + rows[:, None] * stride_gn + offs_k[None, :] * stride_gk,
+                         mask=active[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
         sign = tl.where(w > 0, 1.0, tl.where(w < 0, -1.0, 0.0))
-        tl.store(
-            dw_ptr + rows[:, None] * stride_dwn + offs_k[None, :] * stride_dwk,
-            (g + sign * coef).to(dw_ptr.dtype.element_ty),
-            mask=ok,
-        )
+        tl.store(dw_ptr + rows[:, None] * stride_dwn + offs_k[None, :] * stride_dwk,
+                 (g + sign * coef).to(dw_ptr.dtype.element_ty), mask=p_ok[:, None] & k_ok[None, :])
 
 
 # ----------------------------------------------------------------------------- launchers
@@ -415,6 +644,18 @@ def check_row_mask_operands(x: torch.Tensor, weight: torch.Tensor, row_mask: Row
         raise ValueError(f"row mask is for {row_mask.perm.shape[0]} {unit} but weight has {weight.shape[0]}")
 
 
+def check_density_hint(density_hint: float | None) -> None:
+    if density_hint is not None and (isinstance(density_hint, bool) or not isinstance(density_hint, (int, float))
+                                     or not 0.0 <= float(density_hint) <= 1.0):
+        raise ValueError(f"density_hint must be None or a number in [0, 1], got {density_hint!r}")
+
+
+def _rows_contiguous(t: torch.Tensor) -> torch.Tensor:
+    """``t [R, K]`` with unit stride along K (copied if not): the GEMMs load runs along K, and a
+    strided K would turn every vector load into single-element loads."""
+    return t if t.stride(1) == 1 or t.shape[1] == 1 else t.contiguous()
+
+
 def _check_operands(x2d: torch.Tensor, weight: torch.Tensor, row_mask: RowMask) -> None:
     if x2d.dim() != 2 or weight.dim() != 2:
         raise ValueError(f"expected x [M, K] and weight [N, K], got {tuple(x2d.shape)} and {tuple(weight.shape)}")
@@ -431,17 +672,15 @@ def finish_threshold_gradients(
     dw2d: torch.Tensor,
     dtau: torch.Tensor,
     *,
-    split: int,
     mode_id: int,
-    in_place: bool,
 ) -> None:
     """Second pass of every weight gradient: ``dtau = -r`` from the partial sums ``rpart``
-    (summed over its rows in a fixed order) and ``dW = m G + sign(W) r / K`` from the ``split``
-    slices of ``g`` (``g`` is ``dw2d`` itself when ``in_place``). ``w2d`` and ``dw2d`` are
-    ``[N, K]`` views in the workspace's K order."""
+    (summed over its rows in a fixed order) and ``dW = m G + sign(W) r / K`` from the slices
+    of ``g [SPLIT, N, K]`` (a view of ``dw2d`` itself when it holds G in place). ``w2d`` and
+    ``dw2d`` are ``[N, K]`` views in the workspace's K order."""
     n_rows, fan_in = w2d.shape
     block_p = 32
-    _threshold_linear_bwd_finish_kernel[(triton.cdiv(n_rows, block_p),)](
+    _threshold_bwd_finish_kernel[(triton.cdiv(n_rows, block_p),)](
         rpart,
         w2d,
         row_mask.perm,
@@ -452,20 +691,24 @@ def finish_threshold_gradients(
         n_rows,
         fan_in,
         rpart.shape[0],
-        split,
+        g.shape[0],
         w2d.stride(0),
         w2d.stride(1),
+        g.stride(0),
+        g.stride(1),
+        g.stride(2),
         dw2d.stride(0),
         dw2d.stride(1),
         MODE=mode_id,
-        IN_PLACE=in_place,
+        WIDE=not fits_int32(w2d, g, dw2d),
         BLOCK_P=block_p,
-        BLOCK_K=64 if interpreter_enabled() else 128,
+        # Ragged K (unvectorised loads): a narrower tile stays within the registers.
+        BLOCK_K=128 if gpu_tiles() and aligned(w2d, g, dw2d, sizes=(fan_in,)) else 64,
         num_warps=4,
     )
 
 
-def gather_grad_columns(
+def compact_grad_columns(
     grad: torch.Tensor,
     row_mask: RowMask,
     rows: int,
@@ -473,42 +716,88 @@ def gather_grad_columns(
     pixel_shape: tuple[int, int],
     pixel_strides: tuple[int, int, int],
     unit_stride: int,
-    *,
-    all_rows: bool,
 ) -> torch.Tensor:
-    """``dyt [units, rows]``: column ``perm[p]`` of the output gradient in row ``p`` (every
-    position with ``all_rows``, else the first ``count``; the rest is left unwritten).
+    """``dyc [rows, >= units]``: column ``p`` holds column ``perm[p]`` of the output gradient for
+    the active positions ``p < count`` (the rest is left unwritten); unit column stride.
 
     A batch row ``m`` is the pixel ``(m // plane, (m % plane) // width, m % width)`` with
     ``pixel_shape = (plane, width)`` and ``pixel_strides`` the strides of those three indices
     (``(1, 1)`` and ``(stride_m, 0, 0)`` for a 2-D gradient); ``unit_stride`` is the stride of
-    the unit (column / channel) index.
+    the unit (column / channel) index. Rows are padded to whole blocks of ``DYC_PAD`` units, so
+    that every row starts aligned and a block of positions can be loaded without a mask.
     """
-    cfg = gemm_config(grad.dtype)
-    dyt = torch.empty((units, rows), device=grad.device, dtype=grad.dtype)
-    _gather_grad_columns_kernel[(triton.cdiv(rows, cfg.block_m), triton.cdiv(units, cfg.block_n))](
+    padded = triton.cdiv(units, DYC_PAD) * DYC_PAD
+    dyc = torch.empty((rows, padded), device=grad.device, dtype=grad.dtype)
+    unit_major = unit_stride == 1
+    block_m, block_p = (64, 64) if gpu_tiles() else (32, 32)
+    _compact_grad_kernel[(triton.cdiv(rows, block_m), triton.cdiv(units, block_p))](
         grad,
         row_mask.perm,
         row_mask.count,
-        dyt,
+        dyc,
         rows,
         units,
         *pixel_shape,
         *pixel_strides,
         unit_stride,
-        ALL_ROWS=all_rows,
-        BLOCK_P=cfg.block_n,
-        BLOCK_M=cfg.block_m,
+        dyc.stride(0),
+        UNIT_MAJOR=unit_major,
+        WIDE=not fits_int32(grad, dyc),
+        BLOCK_M=block_m,
+        BLOCK_P=block_p,
         num_warps=4,
     )
-    return dyt
+    return dyc
+
+
+def compact_weight_rows(
+    weight: torch.Tensor, row_mask: RowMask, fan_in: int, inner: int, inner_strides: tuple[int, int, int], kw: int
+) -> torch.Tensor:
+    """``Wc [N, >= fan_in]`` whose rows ``p < count`` hold ``W[perm[p]]`` in the GEMMs' K order
+    (rows past ``count`` are left unwritten). Column ``j = (r * kw + s) * inner + c`` reads the
+    weight at ``c * s_c + r * s_r + s * s_s`` with ``inner_strides = (s_c, s_r, s_s)``; a Linear
+    weight is ``inner = fan_in``, ``inner_strides = (stride_k, 0, 0)``, ``kw = 1``."""
+    n_rows = weight.shape[0]
+    padded = triton.cdiv(fan_in, 16) * 16
+    wc = torch.empty((n_rows, padded), device=weight.device, dtype=weight.dtype)
+    block_p, block_k = (32, 128) if gpu_tiles() else (16, 32)
+    _compact_weight_kernel[(triton.cdiv(n_rows, block_p), triton.cdiv(fan_in, block_k))](
+        weight,
+        row_mask.perm,
+        row_mask.count,
+        wc,
+        fan_in,
+        inner,
+        weight.stride(0),
+        *inner_strides,
+        wc.stride(0),
+        KW=kw,
+        WIDE=not fits_int32(weight, wc),
+        BLOCK_P=block_p,
+        BLOCK_K=block_k,
+        num_warps=4,
+    )
+    return wc
 
 
 def threshold_linear_fwd(
-    x2d: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, row_mask: RowMask
+    x2d: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    row_mask: RowMask,
+    *,
+    density_hint: float | None = None,
+    compact_weight: bool | None = None,
 ) -> torch.Tensor:
-    """``Y [M, N]`` for ``x2d [M, K]``, ``weight [N, K]``, ``bias [N] | None``; any strides."""
+    """``Y [M, N]`` for ``x2d [M, K]``, ``weight [N, K]``, ``bias [N] | None``; any strides.
+
+    ``density_hint``: the density the caller expects (e.g. the previous step's), known on the
+    host without a synchronisation; it only selects the autotuning bucket. ``compact_weight``:
+    copy the active rows of ``weight`` to a contiguous buffer first (default: see
+    :func:`spafl.kernels._config.use_compact_weight`).
+    """
     _check_operands(x2d, weight, row_mask)
+    check_density_hint(density_hint)
     m_rows, fan_in = x2d.shape
     n_rows = weight.shape[0]
     y = torch.empty((m_rows, n_rows), device=x2d.device, dtype=x2d.dtype)
@@ -516,33 +805,31 @@ def threshold_linear_fwd(
         return y
     if bias is not None:
         bias = bias.contiguous()  # the kernel indexes the bias with stride 1
+    x2d, weight = _rows_contiguous(x2d), _rows_contiguous(weight)
+    w_op = weight
+    compact = use_compact_weight(compact_weight, "linear", weight)
+    if compact:
+        w_op = compact_weight_rows(weight, row_mask, fan_in, fan_in, (weight.stride(1), 0, 0), 1)
     cfg = gemm_config(x2d.dtype)
-    grid = (triton.cdiv(m_rows, cfg.block_m) * triton.cdiv(n_rows, cfg.block_n),)
-    _threshold_linear_fwd_kernel[grid](
-        x2d,
-        weight,
-        bias if bias is not None else weight,
-        row_mask.perm,
-        row_mask.count,
-        y,
-        m_rows,
-        n_rows,
-        fan_in,
-        x2d.stride(0),
-        x2d.stride(1),
-        weight.stride(0),
-        weight.stride(1),
-        y.stride(0),
-        y.stride(1),
-        HAS_BIAS=bias is not None,
-        UPCAST=interpreter_enabled(),
-        DOT_PRECISION=dot_precision(),
-        BLOCK_M=cfg.block_m,
-        BLOCK_N=cfg.block_n,
-        BLOCK_K=cfg.block_k,
-        GROUP_M=cfg.group_m,
-        num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages,
+    block_n, block_k = cfg.block_n, cfg.block_k
+    if gpu_tiles() and not aligned(x2d, w_op, y, sizes=(fan_in,)):
+        # Unvectorised loads: half the tile keeps the kernel within its registers (no spills).
+        block_n, block_k = block_n // 2, min(block_k, 32)
+    fixed = {"BLOCK_M": cfg.block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "GROUP_M": cfg.group_m,
+             **tail_widths(block_n), "num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
+    launch(
+        _threshold_linear_fwd_kernel,
+        "linear_fwd",
+        lambda meta: (triton.cdiv(m_rows, meta["BLOCK_M"]) * triton.cdiv(n_rows, meta["BLOCK_N"]),),
+        fixed,
+        (x2d, w_op, bias if bias is not None else weight, row_mask.perm, row_mask.count, y, m_rows, n_rows, fan_in,
+         x2d.stride(0), x2d.stride(1), w_op.stride(0), w_op.stride(1), y.stride(0), y.stride(1)),
+        dict(HAS_BIAS=bias is not None, COMPACT_W=compact, UPCAST=interpreter_enabled(),
+             DOT_PRECISION=dot_precision("matmul", x2d.dtype), WIDE=not fits_int32(x2d, w_op, y)),
+        dtype=x2d.dtype,
+        rows=m_rows,
+        density_hint=density_hint,
+        limits={"BLOCK_M": triton.next_power_of_2(m_rows), "BLOCK_N": triton.next_power_of_2(n_rows)},
     )
     return y
 
@@ -557,13 +844,17 @@ def threshold_linear_bwd(
     sample_fraction: float = 0.125,
     need_dx: bool = True,
     threshold_dtype: torch.dtype = torch.float32,
+    density_hint: float | None = None,
+    compact_weight: bool | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
     """Gradients ``(dX [M, K] | None, dW [N, K], dtau [N])`` of the threshold Linear.
 
     ``grad_y [M, N]`` may have any strides. The bias gradient (``grad_y.sum(0)``) is left to
-    the caller. See the module docstring for the meaning of ``mode``.
+    the caller. See the module docstring for the meaning of ``mode``, and
+    :func:`threshold_linear_fwd` for ``density_hint`` and ``compact_weight``.
     """
     _check_operands(x2d, weight, row_mask)
+    check_density_hint(density_hint)
     if mode not in BACKWARD_MODES:
         raise ValueError(f"backward mode must be one of {sorted(BACKWARD_MODES)}, got {mode!r}")
     if grad_y.shape != (x2d.shape[0], weight.shape[0]):
@@ -580,73 +871,59 @@ def threshold_linear_bwd(
         return dx, dw, dtau
 
     grad_y = grad_y.to(x2d.dtype)
+    x2d, weight = _rows_contiguous(x2d), _rows_contiguous(weight)
     cfg = gemm_config(x2d.dtype)
-    upcast = interpreter_enabled()
-    precision = dot_precision()
+    consts = dict(UPCAST=interpreter_enabled(), DOT_PRECISION=dot_precision("matmul", x2d.dtype))
     mode_id = BACKWARD_MODES[mode]
 
-    dyt = gather_grad_columns(grad_y, row_mask, m_rows, n_rows, (1, 1), (grad_y.stride(0), 0, 0), grad_y.stride(1),
-                              all_rows=mode_id != 1)
+    dyc = compact_grad_columns(grad_y, row_mask, m_rows, n_rows, (1, 1), (grad_y.stride(0), 0, 0), grad_y.stride(1))
 
     if need_dx:
-        grid = (triton.cdiv(m_rows, cfg.block_m) * triton.cdiv(fan_in, cfg.block_k * 2),)
-        _threshold_linear_bwd_dx_kernel[grid](
-            dyt,
-            weight,
-            row_mask.perm,
-            row_mask.count,
-            dx,
-            m_rows,
-            n_rows,
-            fan_in,
-            weight.stride(0),
-            weight.stride(1),
-            dx.stride(0),
-            dx.stride(1),
-            UPCAST=upcast,
-            DOT_PRECISION=precision,
-            BLOCK_M=cfg.block_m,
-            BLOCK_K=cfg.block_k * 2,
-            BLOCK_P=cfg.block_k,
-            GROUP_M=cfg.group_m,
-            num_warps=cfg.num_warps,
-            num_stages=cfg.num_stages,
+        compact = use_compact_weight(compact_weight, "linear", weight)
+        w_op = compact_weight_rows(weight, row_mask, fan_in, fan_in, (weight.stride(1), 0, 0), 1) if compact else weight
+        fixed = {"BLOCK_M": cfg.block_m, "BLOCK_K": cfg.block_k * 2, "BLOCK_P": cfg.block_k, "GROUP_M": cfg.group_m,
+                 "num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
+        launch(
+            _threshold_linear_bwd_dx_kernel,
+            "linear_dx",
+            lambda meta: (triton.cdiv(m_rows, meta["BLOCK_M"]) * triton.cdiv(fan_in, meta["BLOCK_K"]),),
+            fixed,
+            (dyc, w_op, row_mask.perm, row_mask.count, dx, m_rows, n_rows, fan_in, dyc.stride(0), w_op.stride(0),
+             w_op.stride(1), dx.stride(0), dx.stride(1)),
+            dict(COMPACT_W=compact, TAIL_P=16, WIDE=not fits_int32(dyc, w_op, dx), **consts),
+            dtype=x2d.dtype,
+            rows=m_rows,
+            density_hint=density_hint,
+            limits={"BLOCK_M": triton.next_power_of_2(m_rows)},
         )
 
     # dW = m*G + sign(W) r / K is finished in a second pass (r needs every K tile of G). For
     # 16-bit weights G goes through an fp32 workspace so that dW is rounded once, like the
-    # reference; fp32 weights finish in place.
+    # reference; fp32 weights hold G in place.
     in_place = weight.dtype == torch.float32
     g = dw if in_place else torch.empty((n_rows, fan_in), device=device, dtype=torch.float32)
     s_count, s_step = sample_rows(m_rows, sample_fraction)
-    block_k = cfg.block_k * 2
-    num_kb = triton.cdiv(fan_in, block_k)
+    # Unvectorised loads of X (ragged K): a narrower feature tile keeps it within its registers.
+    feature_tile = cfg.block_k * 2 if not gpu_tiles() or aligned(x2d, weight, sizes=(fan_in,)) else cfg.block_k
+    fixed = {"BLOCK_K": feature_tile, "BLOCK_P": cfg.block_n, "BLOCK_M": cfg.block_k, **tail_widths(cfg.block_n),
+             "num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
+    # rpart has one row per K tile: the K tile is fixed here (not tuned), the other sizes are.
+    num_kb = triton.cdiv(fan_in, fixed["BLOCK_K"])
     rpart = torch.empty((num_kb, n_rows), device=device, dtype=torch.float32)
-    _threshold_linear_bwd_dw_kernel[(triton.cdiv(n_rows, cfg.block_n), num_kb)](
-        dyt,
-        x2d,
-        weight,
-        row_mask.perm,
-        row_mask.count,
-        g,
-        rpart,
-        m_rows,
-        n_rows,
-        fan_in,
-        x2d.stride(0),
-        x2d.stride(1),
-        weight.stride(0),
-        weight.stride(1),
-        s_count,
-        s_step,
-        MODE=mode_id,
-        UPCAST=upcast,
-        DOT_PRECISION=precision,
-        BLOCK_P=cfg.block_n,
-        BLOCK_K=block_k,
-        BLOCK_M=cfg.block_k,
-        num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages,
+    launch(
+        _threshold_linear_bwd_dw_kernel,
+        f"linear_dw{mode_id}",
+        lambda meta: (num_kb, triton.cdiv(n_rows, meta["BLOCK_P"]) + (1 if mode_id == 2 else 0)),
+        fixed,
+        (x2d, dyc, grad_y, weight, row_mask.perm, row_mask.count, g, rpart, m_rows, n_rows, fan_in, x2d.stride(0),
+         x2d.stride(1), dyc.stride(0), grad_y.stride(0), grad_y.stride(1), weight.stride(0), weight.stride(1),
+         g.stride(0), g.stride(1), s_count, s_step),
+        dict(MODE=mode_id, WIDE=not fits_int32(x2d, dyc, grad_y, weight, g), **consts),
+        dtype=x2d.dtype,
+        rows=m_rows,
+        density_hint=density_hint,
+        fixed_keys=("BLOCK_K",),
+        limits={"BLOCK_P": triton.next_power_of_2(n_rows)},
     )
-    finish_threshold_gradients(rpart, weight, row_mask, g, dw, dtau, split=1, mode_id=mode_id, in_place=in_place)
+    finish_threshold_gradients(rpart, weight, row_mask, g.unsqueeze(0), dw, dtau, mode_id=mode_id)
     return dx, dw, dtau

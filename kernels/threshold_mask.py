@@ -1,7 +1,7 @@
-"""Fused row-score / threshold / compaction kernels.
+"""Fused row-score / threshold / compaction kernel.
 
 For a weight viewed as ``[N, K]`` (Linear ``[out, in]``, Conv2d ``[out, in/groups*kh*kw]``) and
-thresholds ``tau [N]``, two launches produce, entirely on the device:
+thresholds ``tau [N]``, one launch produces, entirely on the device:
 
 * ``score[i] = mean_j |W[i, j]|`` (fp32 accumulation) and ``mask[i] = score[i] > tau[i]``;
 * ``perm [N]`` (int32): the active rows in ascending order, followed by the pruned rows in
@@ -9,11 +9,13 @@ thresholds ``tau [N]``, two launches produce, entirely on the device:
 
 ``perm[:count]`` is the sorted compact list the GEMM kernels gather through; keeping the pruned
 rows after it lets one upper-bound grid cover every output column without knowing ``count``
-on the host. No atomics are used, so the result is identical from run to run.
+on the host. No atomics decide the order, so the result is identical from run to run.
 
-The first launch is the only one that reads ``W`` (one pass). The second is a single program
-that reads ``N`` mask bytes twice: cheap next to the pass over ``W``, and it is where the
-collapse guard lives, because it is the first place the whole layer's density is known.
+The programs of the launch each score a block of rows (the only pass over ``W``). The last
+program to finish (a ticket counter, incremented once per program) then builds ``perm`` and
+``count`` from all the masks, and runs the collapse guard, the first place where the whole
+layer's density is known. That program also resets the ticket to 0, so the counter (one per
+device and stream, kept between calls) is ready for the next launch without a memset.
 """
 
 from __future__ import annotations
@@ -23,59 +25,23 @@ import triton
 import triton.language as tl
 
 from .._rowmask import RowMask
-from ._config import interpreter_enabled
+from ._config import gpu_tiles
 
 
 @triton.jit
-def _row_score_mask_kernel(
-    w_ptr,  # [N, K] weight rows, any strides
-    tau_ptr,  # [N] thresholds, any float dtype
-    score_ptr,  # [N] fp32 out: mean |w| of each row
-    mask_ptr,  # [N] int8 out (a bool tensor viewed as int8): score > tau
-    N,
-    K,
-    stride_wn,
-    stride_wk,
-    BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
+def _compact_rows(
+    score_ptr, mask_ptr, perm_ptr, count_ptr, collapsed_ptr, N, collapse_density,
+    HAS_GUARD: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    pid = tl.program_id(0).to(tl.int64)
-    rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_ok = rows < N
-    acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        cols = (k0 + tl.arange(0, BLOCK_K)).to(tl.int64)  # int64: cols * stride may pass 2^31
-        w = tl.load(
-            w_ptr + rows[:, None] * stride_wn + cols[None, :] * stride_wk,
-            mask=row_ok[:, None] & (cols[None, :] < K),
-            other=0.0,
-        )
-        acc += tl.abs(w.to(tl.float32))
-    score = tl.sum(acc, axis=1) / K
-    tau = tl.load(tau_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
-    tl.store(score_ptr + rows, score, mask=row_ok)
-    # Strict comparison, as the spec's `s - tau > 0`.
-    tl.store(mask_ptr + rows, (score > tau).to(tl.int8), mask=row_ok)
-
-
-@triton.jit
-def _compact_rows_kernel(
-    score_ptr,  # [N] fp32 row scores
-    mask_ptr,  # [N] int8 in/out: rewritten when the collapse guard fires
-    perm_ptr,  # [N] int32 out: active rows ascending, then pruned rows ascending
-    count_ptr,  # [1] int32 out: number of active rows
-    collapsed_ptr,  # [1] int8 out: 1 when the collapse guard fired (only with HAS_GUARD)
-    N,
-    collapse_density,  # guard fires when active rows <= collapse_density * N
-    HAS_GUARD: tl.constexpr,
-    BLOCK: tl.constexpr,
-):
-    # Single program: a deterministic prefix sum over the mask without inter-program sync.
+    # One program: a deterministic prefix sum over the mask without inter-program sync. The
+    # loads bypass L1 (".cg"): the masks were written by other programs of the same launch.
     total = tl.sum(tl.zeros([BLOCK], dtype=tl.int32), axis=0)
     for n0 in range(0, N, BLOCK):
         offs = n0 + tl.arange(0, BLOCK)
-        total += tl.sum(tl.load(mask_ptr + offs, mask=offs < N, other=0).to(tl.int32), axis=0)
+        m = tl.load(mask_ptr + offs, mask=offs < N, other=0, cache_modifier=".cg")
+        total += tl.sum(m.to(tl.int32), axis=0)
 
+    collapsed = total < 0  # False, as a tensor (for the loop below when HAS_GUARD is off)
     if HAS_GUARD:
         # Collapse guard: the caller resets tau to 0 when this fires; the mask it implies,
         # score > 0, is rebuilt here from the stored scores instead of re-reading W.
@@ -85,7 +51,7 @@ def _compact_rows_kernel(
             total = tl.sum(tl.zeros([BLOCK], dtype=tl.int32), axis=0)
             for n0 in range(0, N, BLOCK):
                 offs = n0 + tl.arange(0, BLOCK)
-                s = tl.load(score_ptr + offs, mask=offs < N, other=0.0)
+                s = tl.load(score_ptr + offs, mask=offs < N, other=0.0, cache_modifier=".cg")
                 m = (s > 0.0).to(tl.int8)
                 tl.store(mask_ptr + offs, m, mask=offs < N)
                 total += tl.sum(m.to(tl.int32), axis=0)
@@ -94,11 +60,11 @@ def _compact_rows_kernel(
     for n0 in range(0, N, BLOCK):
         offs = n0 + tl.arange(0, BLOCK)
         valid = offs < N
-        m = tl.load(mask_ptr + offs, mask=valid, other=0).to(tl.int32)
+        m = tl.load(mask_ptr + offs, mask=valid, other=0, cache_modifier=".cg").to(tl.int32)
         if HAS_GUARD:
-            # Recompute the reset mask rather than read back what other threads of this
-            # program just stored (that read-after-write would need a barrier).
-            s = tl.load(score_ptr + offs, mask=valid, other=0.0)
+            s = tl.load(score_ptr + offs, mask=valid, other=0.0, cache_modifier=".cg")
+            # Recomputed rather than read back: the reset mask was just stored by other
+            # threads of this program (that read-after-write would need a barrier).
             m = tl.where(collapsed, (s > 0.0).to(tl.int32), m)
         active_incl = tl.cumsum(m, axis=0)
         # Rows before `offs` in the whole layer that are pruned: n0 - active_before, plus
@@ -110,9 +76,84 @@ def _compact_rows_kernel(
     tl.store(count_ptr, total)
 
 
+@triton.jit
+def _row_mask_kernel(
+    w_ptr,  # [N, K] weight rows, any strides
+    tau_ptr,  # [N] thresholds, any float dtype
+    score_ptr,  # [N] fp32 out: mean |w| of each row
+    mask_ptr,  # [N] int8 out (a bool tensor viewed as int8): score > tau
+    perm_ptr,  # [N] int32 out: active rows ascending, then pruned rows ascending
+    count_ptr,  # [1] int32 out: number of active rows
+    collapsed_ptr,  # [1] int8 out: 1 when the collapse guard fired (only with HAS_GUARD)
+    ticket_ptr,  # [1] int32: 0 on entry, reset to 0 by the last program
+    N,
+    K,
+    stride_wn,
+    stride_wk,
+    collapse_density,  # guard fires when active rows <= collapse_density * N
+    HAS_GUARD: tl.constexpr,
+    WIDE: tl.constexpr,  # int64 offsets into W
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    COMPACT_BLOCK: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < N
+    offs_k = tl.arange(0, BLOCK_K)
+    if WIDE:
+        w_ptrs = w_ptr + rows.to(tl.int64)[:, None] * stride_wn + offs_k.to(tl.int64)[None, :] * stride_wk
+    else:
+        w_ptrs = w_ptr + rows[:, None] * stride_wn + offs_k[None, :] * stride_wk
+    acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        if WIDE:
+            k_off = k0.to(tl.int64) * stride_wk
+        else:
+            k_off = k0 * stride_wk
+        w = tl.load(w_ptrs + k_off, mask=row_ok[:, None] & (offs_k[None, :] < K - k0), other=0.0)
+        acc += tl.abs(w.to(tl.float32))
+    score = tl.sum(acc, axis=1) / K
+    tau = tl.load(tau_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
+    tl.store(score_ptr + rows, score, mask=row_ok)
+    # Strict comparison, as the spec's `s - tau > 0`.
+    tl.store(mask_ptr + rows, (score > tau).to(tl.int8), mask=row_ok)
+
+    # Every thread's stores above happen before this program's ticket (release); the program
+    # that draws the last ticket sees all of them (acquire) and compacts.
+    tl.debug_barrier()
+    ticket = tl.atomic_add(ticket_ptr, 1, sem="acq_rel")
+    if ticket == tl.num_programs(0) - 1:
+        _compact_rows(score_ptr, mask_ptr, perm_ptr, count_ptr, collapsed_ptr, N, collapse_density, HAS_GUARD,
+                      COMPACT_BLOCK)
+        tl.atomic_xchg(ticket_ptr, 0, sem="relaxed")
+
+
 _SCORE_BLOCK_N = 32
 _SCORE_BLOCK_K = 128
 _COMPACT_BLOCK = 1024
+_INT32_MAX = 2**31 - 1
+_tickets: dict[tuple, torch.Tensor] = {}
+
+
+def ticket_counter(device: torch.device) -> torch.Tensor:
+    """The zeroed int32 counter of the fused launches on ``device``'s current stream (one per
+    stream, so that launches on different streams never share one)."""
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    key = (device.type, device.index, stream)
+    counter = _tickets.get(key)
+    if counter is None:
+        counter = _tickets[key] = torch.zeros(1, device=device, dtype=torch.int32)
+    return counter
+
+
+def fits_int32(*tensors: torch.Tensor, margin: int = 1024) -> bool:
+    """Whether every element offset a kernel can form for these tensors (a tile of up to
+    ``margin`` rows or columns past an edge included) fits in int32."""
+    for t in tensors:
+        if sum((size + margin) * abs(stride) for size, stride in zip(t.shape, t.stride(), strict=True)) > _INT32_MAX:
+            return False
+    return True
 
 
 def threshold_row_mask(
@@ -125,7 +166,7 @@ def threshold_row_mask(
 
     With ``collapse_density`` set, a layer whose density is ``<= collapse_density`` gets the mask
     of ``tau = 0`` instead, and ``RowMask.collapsed`` says so; the caller owns the thresholds and
-    resets them (the kernels never write their inputs). No host synchronisation.
+    resets them (the kernels never write their inputs). One launch, no host synchronisation.
     """
     if weight2d.dim() != 2:
         raise ValueError(f"threshold_row_mask expects a 2-D weight view, got shape {tuple(weight2d.shape)}")
@@ -146,30 +187,26 @@ def threshold_row_mask(
     collapsed = torch.zeros(1, device=device, dtype=torch.int8) if has_guard else None
 
     block_k = min(_SCORE_BLOCK_K, triton.next_power_of_2(fan_in))
-    _row_score_mask_kernel[(triton.cdiv(n_rows, _SCORE_BLOCK_N),)](
+    compact_block = min(_COMPACT_BLOCK, triton.next_power_of_2(n_rows)) if gpu_tiles() else 64
+    _row_mask_kernel[(triton.cdiv(n_rows, _SCORE_BLOCK_N),)](
         weight2d,
         threshold,
-        score,
-        mask.view(torch.int8),
-        n_rows,
-        fan_in,
-        weight2d.stride(0),
-        weight2d.stride(1),
-        BLOCK_N=_SCORE_BLOCK_N,
-        BLOCK_K=block_k,
-        num_warps=4,
-    )
-    block = min(_COMPACT_BLOCK, triton.next_power_of_2(n_rows)) if not interpreter_enabled() else 64
-    _compact_rows_kernel[(1,)](
         score,
         mask.view(torch.int8),
         perm,
         count,
         collapsed if has_guard else count,
+        ticket_counter(device),
         n_rows,
+        fan_in,
+        weight2d.stride(0),
+        weight2d.stride(1),
         float(collapse_density) if has_guard else 0.0,
         HAS_GUARD=has_guard,
-        BLOCK=block,
+        WIDE=not fits_int32(weight2d),
+        BLOCK_N=_SCORE_BLOCK_N,
+        BLOCK_K=block_k,
+        COMPACT_BLOCK=max(compact_block, 16),
         num_warps=4,
     )
     return RowMask(mask, perm, count, score, collapsed.view(torch.bool) if has_guard else None)

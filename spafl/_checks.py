@@ -1,13 +1,14 @@
 """Input validation shared by the functional API and the layers.
 
 Every check here reads only tensor metadata (shape, dtype, device) except the finiteness
-check of the thresholds, which needs the values: on CPU it is free and on by default, on CUDA
-it costs a device synchronisation, so there it runs only when asked for (``check_finite=True``).
+check of the thresholds and of the weights' row scores, which needs the values: on CPU it is
+free and on by default, on CUDA it costs a device synchronisation, so there it runs only when
+asked for (``check_finite=True``).
 """
 
 from __future__ import annotations
 
-import functools
+import importlib.util
 import math
 import os
 
@@ -19,13 +20,13 @@ BACKWARD_MODES = ("exact", "skip", "sample")
 TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-@functools.lru_cache(maxsize=1)
+# Whether Triton is installed, decided once at import without importing it (slow). A constant
+# rather than a cached function: torch.compile reads a global, where it warns about caches.
+_TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
+
+
 def triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    return _TRITON_INSTALLED
 
 
 def interpreter_enabled() -> bool:
@@ -63,21 +64,45 @@ def _tensor(name: str, value) -> torch.Tensor:
     return value
 
 
+def resolve_check_finite(check_finite: bool | None, device: torch.device) -> bool:
+    """``check_finite`` of the layers and the functional API: None means on for CPU tensors (the
+    check is free there) and off elsewhere (on CUDA it synchronises with the host)."""
+    if check_finite is not None and not isinstance(check_finite, bool):
+        raise TypeError(f"check_finite must be None or a bool, got {check_finite!r}")
+    return device.type == "cpu" if check_finite is None else check_finite
+
+
 def check_threshold_values(threshold: torch.Tensor, check_finite: bool | None) -> None:
     """Reject NaN / inf thresholds (see the module docstring for when this runs)."""
-    if check_finite is None:
-        check_finite = threshold.device.type == "cpu"
-    if not check_finite:
+    if resolve_check_finite(check_finite, threshold.device):
+        check_finite_values(threshold)
+
+
+def check_finite_values(threshold: torch.Tensor, score: torch.Tensor | None = None) -> None:
+    """Reject NaN / inf thresholds and, given the row scores (``mean |w|`` per unit), units whose
+    weights hold a NaN or an inf (their score is not finite). Meta tensors have no values to check."""
+    if threshold.device.type == "meta":
         return
-    threshold = threshold.detach()
-    # One reduction in the common case: a finite sum means finite values (the elementwise test
-    # below runs only when the sum is not finite, which overflow alone can also cause).
-    if math.isfinite(float(threshold.sum(dtype=torch.float64))):
+    # One synchronisation in the common case: a finite sum means finite values (the elementwise
+    # tests below run only when the sum is not finite, which overflow alone can also cause).
+    total = threshold.detach().sum(dtype=torch.float64)
+    if score is not None:
+        total = total + score.sum(dtype=torch.float64)
+    if math.isfinite(float(total)):
         return
-    finite = torch.isfinite(threshold)
-    if not bool(finite.all()):
-        bad = (~finite).nonzero().flatten()[:8].tolist()
+    bad = _non_finite_units(threshold.detach())
+    if bad:
         raise ValueError(f"threshold has non-finite values (NaN or inf) at units {bad}")
+    bad = _non_finite_units(score) if score is not None else []
+    if bad:
+        raise ValueError(
+            f"weight has non-finite values (NaN or inf) in units {bad}; with check_finite=False a unit whose "
+            "weights hold a NaN counts as pruned (its output is its bias) and one holding an inf stays active"
+        )
+
+
+def _non_finite_units(t: torch.Tensor) -> list[int]:
+    return (~torch.isfinite(t)).nonzero().flatten()[:8].tolist()
 
 
 def check_weight_and_threshold(

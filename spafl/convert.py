@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import warnings
 from collections.abc import Callable, Iterator
 
@@ -24,51 +25,87 @@ THRESHOLD_LAYER_TYPES: tuple[type[nn.Module], ...] = (ThresholdLinear, Threshold
 def sparsify(
     model: nn.Module,
     *,
-    exclude: Callable[[str, nn.Module], bool] | tuple[str, ...] = (),
+    exclude: Callable[[str, nn.Module], bool] | tuple[str, ...] | str = (),
     skip_zero_inputs: bool = True,
     **layer_kwargs,
 ) -> nn.Module:
     """Replace, in place, every ``nn.Linear`` and ``nn.Conv2d`` of ``model`` by a threshold layer
-    with the same weights (thresholds at 0, so the model computes the same function), and return
-    ``model``. Only modules of exactly these types are converted (see ``CONVERTERS``).
+    that computes the same function (thresholds at 0), and return ``model``.
+
+    * Only modules of exactly these types are converted (see ``CONVERTERS``). Subclasses (e.g.
+      ``nn.MultiheadAttention``'s ``out_proj``, which its owner reads without calling it;
+      parametrized layers), other convolutions (``Conv1d``, ``Conv3d``, transposed) and
+      ``nn.Bilinear`` stay dense, with a warning that names them (none for excluded modules).
+    * The threshold layers take the dense layers' weight and bias Parameter objects themselves
+      (:meth:`ThresholdLinear.from_dense` with ``copy=False``): an optimizer built before this
+      call keeps updating them, and weights tied between modules stay tied. The new thresholds
+      are in no such optimizer: when one exists, a warning says so (build the optimizer after
+      ``sparsify``, or add them with ``optimizer.add_param_group({"params": [m.threshold for m
+      in spafl.threshold_layers(model)]})``).
+    * A module used at several places (a shared layer) is converted once and the same threshold
+      layer is put at every place. Its hooks (forward, pre-forward, backward, state-dict) move
+      to the threshold layer, and the handles that registered them still remove them.
+    * A layer whose weight is computed by a hook rather than held as a Parameter (the old
+      ``torch.nn.utils.weight_norm``, ``torch.nn.utils.prune``) is refused with an error: exclude
+      it or remove the reparametrisation first.
+    * Nothing changes when an error is raised.
 
     Args:
-        exclude: qualified module names to keep dense (e.g. ``("fc",)``), or a predicate
-            ``(name, module) -> bool`` returning True for modules to keep dense.
+        exclude: qualified module names to keep dense, each with everything inside it (e.g.
+            ``("fc",)``, or one name as a string), or a predicate ``(name, module) -> bool``
+            returning True for the modules to keep dense (asked for each name of a shared module;
+            the answers must agree).
         skip_zero_inputs: set each threshold layer's ``skip_zero_inputs`` flag by
             :func:`mark_zero_input_layers` (on where the model provably feeds it a ReLU chain;
             a model that ``torch.fx`` cannot trace gets no flags, with a warning). False: no flags.
-        **layer_kwargs: passed to the threshold layers (``backend``, ``backward_mode``,
+        **layer_kwargs: the threshold layers' options (``backend``, ``backward_mode``,
             ``sample_fraction``, ``collapse_density``, ``collapse_timing``, ``collapse_in_eval``,
-            ``check_finite``).
+            ``check_finite``), validated before anything changes.
     """
     if not isinstance(skip_zero_inputs, bool):
         raise TypeError(f"skip_zero_inputs must be a bool, got {skip_zero_inputs!r}")
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"sparsify expects an nn.Module, got {type(model).__name__}")
-    if callable(exclude):
-        skip = exclude
-    else:
-        names = set(exclude)
-        unknown = names - {name for name, _ in model.named_modules()}
-        if unknown:
-            raise ValueError(f"sparsify: exclude names modules that do not exist: {sorted(unknown)}")
-
-        def skip(name, _module):
-            return name in names
-
-    # Collect first, then swap: replacing while iterating named_modules would revisit.
-    targets = [
-        (name, module)
-        for name, module in model.named_modules()
-        if type(module) in CONVERTERS and name and not skip(name, module)
-    ]
+    _check_module("sparsify", model)
+    _check_layer_kwargs(layer_kwargs)
+    skip = _exclusion(model, exclude)
     if type(model) in CONVERTERS and not skip("", model):
         raise TypeError(
             "sparsify converts the layers inside a model; call ThresholdLinear.from_dense or "
             "ThresholdConv2d.from_dense on a single layer"
         )
-    _replace(model, targets, lambda module: CONVERTERS[type(module)].from_dense(module, **layer_kwargs))
+    targets, left_dense = [], []
+    for module, names in _places(model):
+        excluded = [skip(name, module) for name in names]
+        if all(excluded):
+            continue
+        if any(excluded):
+            raise ValueError(
+                f"sparsify: the module at {names} is one module used at {len(names)} places, excluded at "
+                f"{[n for n, e in zip(names, excluded, strict=True) if e]} only; exclude it at all of them or none"
+            )
+        if type(module) in CONVERTERS:
+            _check_convertible(names[0], module)
+            targets.append((module, names))
+        elif isinstance(module, _DENSE_LOOKALIKES):
+            left_dense.append(f"{names[0]} ({type(module).__name__})")
+    # Every threshold layer is built before the first swap: an error leaves the model unchanged.
+    new = [CONVERTERS[type(module)].from_dense(module, copy=False, **layer_kwargs) for module, _ in targets]
+    _swap(model, targets, new)
+    if left_dense:
+        warnings.warn(
+            f"sparsify left these layers dense: {', '.join(left_dense)}. It converts modules of exactly the types "
+            "nn.Linear and nn.Conv2d: a subclass may be used without its forward (nn.MultiheadAttention reads "
+            "out_proj.weight directly), parametrized layers compute their weight, and other convolutions are not "
+            "supported. Pass exclude= to keep them dense without this warning",
+            stacklevel=2,
+        )
+    stale = _optimizers_holding([p for module in new for p in (module.weight, module.bias) if p is not None])
+    if stale:
+        warnings.warn(
+            f"sparsify: {', '.join(stale)} built before this call updates the converted layers' weights but not "
+            "their new thresholds; add them: optimizer.add_param_group({'params': [m.threshold for m in "
+            "spafl.threshold_layers(model)]}) (or build the optimizer after sparsify)",
+            stacklevel=2,
+        )
     if skip_zero_inputs:
         mark_zero_input_layers(model)
     return model
@@ -78,32 +115,171 @@ def densify(model: nn.Module) -> nn.Module:
     """The inverse of :func:`sparsify`: replace, in place, every threshold layer of ``model`` by
     the plain ``nn.Linear`` / ``nn.Conv2d`` computing the same function (pruned units' weights
     zeroed, thresholds dropped), and return ``model``. Use it to export a trained model, or to
-    build the dense counterpart of a SpaFL architecture."""
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"densify expects an nn.Module, got {type(model).__name__}")
+    build the dense counterpart of a SpaFL architecture; :func:`dense_state_dict` gives the
+    plain model's state dict without changing ``model``.
+
+    A threshold layer used at several places becomes one dense layer used at all of them, with
+    its hooks. The dense weights are new Parameters (each with its own pruned rows zeroed): an
+    optimizer holding the threshold layers' ones does not train them, and weights that threshold
+    layers shared become separate copies (with a warning)."""
+    _check_module("densify", model)
     if isinstance(model, THRESHOLD_LAYER_TYPES):
         raise TypeError("densify converts the layers inside a model; call .to_dense() on a single layer")
-    _replace(model, list(threshold_layers(model)), lambda module: module.to_dense())
+    targets = [(m, names) for m, names in _places(model) if isinstance(m, THRESHOLD_LAYER_TYPES)]
+    tied = ", ".join(str(group) for group in _shared_weights(targets))
+    new = [module.to_dense() for module, _ in targets]
+    _swap(model, targets, new)
+    if tied:
+        warnings.warn(f"densify: threshold layers {tied} shared one weight; each dense layer has its own copy now "
+                      "(with its own pruned rows zeroed)", stacklevel=2)
     return model
 
 
-def _replace(model: nn.Module, targets: list[tuple[str, nn.Module]], make: Callable[[nn.Module], nn.Module]) -> None:
-    for name, module in targets:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, make(module))
+def dense_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The state dict of the plain model that :func:`densify` would make of ``model``, without
+    changing ``model``: what loads into the model as it was before :func:`sparsify` (each threshold
+    layer's weight with its pruned units zeroed, its thresholds and guard buffers left out).
+    ``model.state_dict()`` of a sparsified model does not load there (its extra keys are
+    ``threshold``, ``collapse_resets`` and ``previous_density`` of each threshold layer)."""
+    _check_module("dense_state_dict", model)
+    state = model.state_dict()
+    places = _places(model, with_root=True)
+    for layer, names in places:
+        if not isinstance(layer, THRESHOLD_LAYER_TYPES):
+            continue
+        dense = layer.to_dense().state_dict()
+        for name in names:
+            prefix = f"{name}." if name else ""
+            for key in ("threshold", "collapse_resets", "previous_density"):
+                state.pop(prefix + key, None)
+            state.update({prefix + key: value for key, value in dense.items()})
+    return state
 
 
-def threshold_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
-    """``(name, layer)`` for every threshold layer in ``model``, in module order."""
-    for name, module in model.named_modules():
-        if isinstance(module, THRESHOLD_LAYER_TYPES):
-            yield name, module
+# Modules that look like layers sparsify could convert but does not (it warns about them).
+_DENSE_LOOKALIKES = (nn.Linear, nn.Bilinear, nn.modules.conv._ConvNd)
+
+# nn.Module's hook tables: sparsify / densify move these very dicts to the replacing module, so that
+# the hooks keep running and the handles the user holds (which refer to the dicts) still remove them.
+_HOOK_TABLES = (
+    "_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_forward_pre_hooks",
+    "_forward_pre_hooks_with_kwargs", "_backward_hooks", "_backward_pre_hooks", "_state_dict_hooks",
+    "_state_dict_pre_hooks", "_load_state_dict_pre_hooks", "_load_state_dict_post_hooks",
+)
+
+
+def _check_layer_kwargs(layer_kwargs: dict) -> None:
+    """Fail on options the threshold layers reject before the model changes."""
+    taken = sorted(set(layer_kwargs) & {"device", "dtype", "bias", "copy"})
+    if taken:
+        raise TypeError(f"sparsify takes {taken} from each dense layer; they are not layer options here")
+    ThresholdLinear(1, 1, device="meta", **layer_kwargs)
+
+
+def _exclusion(model: nn.Module, exclude) -> Callable[[str, nn.Module], bool]:
+    if callable(exclude):
+        return exclude
+    names = {exclude} if isinstance(exclude, str) else exclude
+    if not isinstance(names, (tuple, list, set, frozenset)) or not all(isinstance(n, str) for n in names):
+        raise TypeError(
+            f"exclude must be module names (strings) or a predicate (name, module) -> bool, got {exclude!r}"
+        )
+    names = set(names)
+    unknown = names - {name for name, _ in model.named_modules(remove_duplicate=False)}
+    if unknown:
+        raise ValueError(f"sparsify: exclude names modules that do not exist: {sorted(unknown)}")
+
+    def skip(name: str, _module: nn.Module) -> bool:
+        return any(name == n or name.startswith(n + ".") for n in names if n) or "" in names
+
+    return skip
+
+
+def _places(model: nn.Module, with_root: bool = False) -> list[tuple[nn.Module, list[str]]]:
+    """Every submodule of ``model`` (and ``model`` itself, named ``""``, with ``with_root``) with
+    all the qualified names it is reachable under, in module order."""
+    places: dict[int, tuple[nn.Module, list[str]]] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        if name or with_root:
+            places.setdefault(id(module), (module, []))[1].append(name)
+    return list(places.values())
+
+
+def _check_convertible(name: str, module: nn.Module) -> None:
+    for attr in ("weight", "bias"):
+        value = getattr(module, attr)
+        if value is not None and not isinstance(value, nn.Parameter):
+            raise ValueError(
+                f"sparsify: the {attr} of {name!r} is not a Parameter but computed from others by a hook (the old "
+                "torch.nn.utils.weight_norm, torch.nn.utils.prune, ...); remove that first, or exclude the module"
+            )
+
+
+def _optimizers_holding(params: list[torch.Tensor]) -> list[str]:
+    """The optimizers alive in this process that hold any of ``params`` (named by type). One pass
+    over the objects the garbage collector tracks (about 0.2 s per million objects): the price of
+    a warning that fires only when an optimizer really misses the new thresholds. Types are
+    compared with ``type()``: ``isinstance`` would read ``__class__`` of lazy proxy objects."""
+    ids = {id(p) for p in params}
+    types = _subclasses(torch.optim.Optimizer)
+    found = []
+    for obj in gc.get_objects():
+        if type(obj) in types and any(id(p) in ids for group in obj.param_groups for p in group["params"]):
+            found.append(f"an optimizer ({type(obj).__name__})")
+    return found
+
+
+def _subclasses(cls: type) -> set[type]:
+    out = {cls}
+    for sub in cls.__subclasses__():
+        out |= _subclasses(sub)
+    return out
+
+
+def _shared_weights(targets: list[tuple[nn.Module, list[str]]]) -> list[list[str]]:
+    """The names of the layers of ``targets`` that share a weight Parameter, grouped."""
+    by_weight: dict[int, list[str]] = {}
+    for module, names in targets:
+        by_weight.setdefault(id(module.weight), []).append(names[0])
+    return [group for group in by_weight.values() if len(group) > 1]
+
+
+def _swap(model: nn.Module, targets: list[tuple[nn.Module, list[str]]], new: list[nn.Module]) -> None:
+    """Put ``new[i]`` at every place of ``targets[i]``'s module, with that module's hooks."""
+    for (old, names), module in zip(targets, new, strict=True):
+        for table in _HOOK_TABLES:
+            hooks = getattr(old, table)
+            hooks.update(getattr(module, table))
+            setattr(module, table, hooks)
+        module._is_full_backward_hook = old._is_full_backward_hook
+        for name in names:
+            parent_name, _, child = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            setattr(parent, child, module)
+
+
+def named_threshold_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """``(name, layer)`` for every threshold layer in ``model``, in module order, each layer once
+    (under its first name, as ``named_modules`` does)."""
+    _check_module("named_threshold_layers", model)
+    return ((name, m) for name, m in model.named_modules() if isinstance(m, THRESHOLD_LAYER_TYPES))
+
+
+def threshold_layers(model: nn.Module) -> Iterator[nn.Module]:
+    """Every threshold layer in ``model``, in module order, each once (like ``modules()``; see
+    :func:`named_threshold_layers` for the names)."""
+    _check_module("threshold_layers", model)
+    return (m for m in model.modules() if isinstance(m, THRESHOLD_LAYER_TYPES))
+
+
+def _check_module(op: str, model) -> None:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"{op} expects an nn.Module, got {type(model).__name__}")
 
 
 def threshold_penalty(model: nn.Module) -> torch.Tensor:
     """SpaFL's sparsity regulariser ``sum_layers sum_i exp(-tau_i)`` (multiply by lambda_t)."""
-    terms = [torch.exp(-layer.threshold).sum() for _, layer in threshold_layers(model)]
+    terms = [torch.exp(-layer.threshold).sum() for layer in threshold_layers(model)]
     if not terms:
         raise ValueError("model has no threshold layers")
     return torch.stack(terms).sum()
@@ -117,7 +293,7 @@ def model_density(model: nn.Module) -> dict:
     """
     layers = {}
     active = total = 0
-    for name, layer in threshold_layers(model):
+    for name, layer in named_threshold_layers(model):
         mask = layer.mask
         per_unit = layer.weight[0].numel()
         layers[name] = float(mask.float().mean())
@@ -266,7 +442,7 @@ def find_zero_input_layers(model: nn.Module) -> list[str]:
             source = node.args[0] if node.args else node.kwargs.get("x", node.kwargs.get("input"))
             ok = isinstance(source, torch.fx.Node) and _fed_by_relu(source, modules)
             verdicts[node.target] = verdicts.get(node.target, True) and ok
-    return [name for name, _ in threshold_layers(model) if verdicts.get(name, False)]
+    return [name for name, _ in named_threshold_layers(model) if verdicts.get(name, False)]
 
 
 def mark_zero_input_layers(model: nn.Module, *, warn: bool = True) -> list[str]:
@@ -278,7 +454,7 @@ def mark_zero_input_layers(model: nn.Module, *, warn: bool = True) -> list[str]:
     :mod:`spafl.layers` holds. So does a container without a ``forward`` (``nn.ModuleDict``),
     silently: there is no computation to read.
     """
-    layers = list(threshold_layers(model))
+    layers = list(named_threshold_layers(model))
     if type(model).forward is nn.Module.forward:
         for _, layer in layers:
             layer.skip_zero_inputs = False

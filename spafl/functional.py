@@ -12,11 +12,12 @@ from torch.autograd.function import once_differentiable
 from . import compact, reference
 from ._checks import (
     check_collapse_timing,
+    check_finite_values,
     check_layer_inputs,
     check_options,
-    check_threshold_values,
     check_weight_and_threshold,
     resolve_backend,
+    resolve_check_finite,
 )
 from ._conv import ConvGeometry, conv_geometry
 from ._rowmask import RowMask
@@ -43,12 +44,15 @@ def threshold_row_mask(
     computed on the tensors' device without a host synchronisation. With ``collapse_density``,
     a layer at or below that density gets the mask of ``tau = 0`` and ``RowMask.collapsed`` is
     set; this function does not modify ``threshold`` (the layers do, see ``collapse_density``).
-    ``check_finite`` as for :func:`threshold_linear`.
+    ``check_finite`` as for :func:`threshold_linear` (NaN / inf thresholds and weights).
     """
     check_options(backend, "exact", 1.0, collapse_density)
     check_weight_and_threshold(weight, threshold, op="threshold_row_mask")
-    check_threshold_values(threshold, check_finite)
-    return _row_mask(weight, threshold, resolve_backend(backend, weight), collapse_density)
+    check = resolve_check_finite(check_finite, threshold.device)
+    row_mask = _row_mask(weight, threshold, resolve_backend(backend, weight), collapse_density)
+    if check:
+        check_finite_values(threshold, row_mask.score)
+    return row_mask
 
 
 def _row_mask(
@@ -85,6 +89,7 @@ def _guarded_row_mask(
     collapse_timing: str,
     counter: torch.Tensor | None,
     previous_density: torch.Tensor | None,
+    check_finite: bool = False,
 ) -> RowMask:
     """The forward's row mask, after the collapse guard (if one is asked for) has run.
 
@@ -94,11 +99,14 @@ def _guarded_row_mask(
     is built, and the mask comes from the reset thresholds. Either way ``previous_density``
     (when given) then holds this forward's density. Device-side, without a host
     synchronisation, except for CPU tensors on the plain-PyTorch backends, where the host
-    decides (:func:`_guarded_row_mask_on_host`, same results).
+    decides (:func:`_guarded_row_mask_on_host`, same results). ``check_finite``: reject NaN /
+    inf thresholds and weights first (nothing is modified then).
     """
     if mask_backend != "triton" and not with_perm and weight.device.type == "cpu":
         return _guarded_row_mask_on_host(weight, threshold, collapse_density, collapse_timing, counter,
-                                         previous_density)
+                                         previous_density, check_finite)
+    if check_finite:  # a pass over the weight of its own: only where the check was asked for
+        check_finite_values(threshold, reference.row_scores(weight))
     if collapse_density is None:
         return _row_mask(weight, threshold, mask_backend, None, with_perm)
     if collapse_timing == "previous":
@@ -114,13 +122,16 @@ def _guarded_row_mask(
     return row_mask
 
 
-def _guarded_row_mask_on_host(weight, threshold, collapse_density, collapse_timing, counter, previous_density):
+def _guarded_row_mask_on_host(weight, threshold, collapse_density, collapse_timing, counter, previous_density,
+                              check_finite):
     """:func:`_guarded_row_mask` for CPU tensors, deciding on the host (a synchronisation is free
     there) so that a forward where the guard does not fire pays no device-side no-op writes. The
     comparisons are the device path's, in its dtypes. ``RowMask.perm``, ``count`` and
     ``collapsed`` stay None."""
     with torch.no_grad():
         score = reference.row_scores(weight)
+        if check_finite:
+            check_finite_values(threshold, score)
         mask = score > threshold.detach().to(score.dtype)
         if collapse_density is None:
             return RowMask(mask, None, None, score, None)
@@ -143,6 +154,16 @@ def _guarded_row_mask_on_host(weight, threshold, collapse_density, collapse_timi
     return RowMask(mask, None, None, score, None)
 
 
+def _traced_row_mask(weight, threshold, mask_backend, with_perm, collapse_density, collapse_timing, counter,
+                     previous_density, check_finite):
+    """``(mask, perm, count)`` of :func:`_guarded_row_mask` while ``torch.compile`` traces: the
+    ``spafl::row_mask`` operator (:mod:`spafl._ops`), which runs the guard and the finiteness check
+    inside, where their host decisions break no graph."""
+    with torch.no_grad():  # the guard writes into the thresholds, a leaf that requires grad
+        return torch.ops.spafl.row_mask(weight, threshold, counter, previous_density, mask_backend, with_perm,
+                                        collapse_density, collapse_timing, check_finite)
+
+
 def _float32(value: float) -> float:
     return struct.unpack("f", struct.pack("f", value))[0]
 
@@ -160,6 +181,12 @@ def _cast_gradients(grads, need_dx: bool, weight_dtype: torch.dtype, threshold_d
         compact._cast(dtau, threshold_dtype),
         compact._cast(db, weight_dtype),
     )
+
+
+def _backward_mode(mode: str, rows: int) -> str:
+    """The backward mode to run for a batch of ``rows`` rows (Linear) or samples (Conv2d): an
+    empty batch has no rows to sample, and there ``"sample"`` is ``"exact"`` (every ``r`` is 0)."""
+    return "exact" if mode == "sample" and rows == 0 else mode
 
 
 class _Options(NamedTuple):
@@ -184,7 +211,7 @@ class _Reference:
     @staticmethod
     def linear_backward(grad_y2d, x2d, weight, row_mask, state, options, need_dx, has_bias):
         grads = reference.threshold_linear_backward(
-            grad_y2d, x2d, weight, row_mask.mask.to(weight.dtype), row_mask.mask, has_bias=has_bias,
+            grad_y2d, x2d, weight, row_mask.mask, row_mask.mask, has_bias=has_bias,
             mode=options.backward_mode, sample_fraction=options.sample_fraction,
         )
         return _cast_gradients(grads, need_dx, weight.dtype, options.threshold_dtype)
@@ -196,7 +223,7 @@ class _Reference:
     @staticmethod
     def conv2d_backward(grad_y, x, weight, row_mask, geometry, state, options, need_dx, has_bias):
         grads = reference.threshold_conv2d_backward(
-            grad_y, x, weight, row_mask.mask.to(weight.dtype), row_mask.mask, geometry, has_bias=has_bias,
+            grad_y, x, weight, row_mask.mask, row_mask.mask, geometry, has_bias=has_bias,
             need_dx=need_dx, mode=options.backward_mode, sample_fraction=options.sample_fraction,
         )
         return _cast_gradients(grads, need_dx, weight.dtype, options.threshold_dtype)
@@ -488,15 +515,22 @@ def threshold_linear(
     _validate_guard(collapse_density, collapse_timing, collapse_counter, previous_density, threshold,
                     "threshold_linear")
     _check_flag("skip_zero_inputs", skip_zero_inputs)
-    check_threshold_values(threshold, check_finite)
+    check = resolve_check_finite(check_finite, threshold.device)
     # The mask comes from the master weight, before any autocast cast, so that it agrees with
     # `layer.mask`, `density` and `to_dense()`; the GEMMs run on the (possibly cast) operands.
     x_op, w_op, b_op = _autocast(x, weight, bias)
     resolved = resolve_backend(backend, w_op)
-    row_mask = _guarded_row_mask(weight, threshold, resolve_backend(backend, weight),
-                                 IMPLEMENTATIONS[resolved].with_perm, collapse_density, collapse_timing,
-                                 collapse_counter, previous_density)
-    options = _Options(backward_mode, float(sample_fraction), skip_zero_inputs, threshold.dtype)
+    mode = _backward_mode(backward_mode, x.numel() // x.shape[-1])
+    guard = (resolve_backend(backend, weight), IMPLEMENTATIONS[resolved].with_perm, collapse_density, collapse_timing,
+             collapse_counter, previous_density, check)
+    if torch.compiler.is_compiling():
+        mask, perm, count = _traced_row_mask(weight, threshold, *guard)
+        n_out, fan_in = weight.shape
+        y = torch.ops.spafl.threshold_linear(x_op.reshape(-1, fan_in), w_op, threshold, b_op, mask, perm, count,
+                                             resolved, mode, float(sample_fraction), skip_zero_inputs)
+        return y.reshape(*x.shape[:-1], n_out)
+    row_mask = _guarded_row_mask(weight, threshold, *guard)
+    options = _Options(mode, float(sample_fraction), skip_zero_inputs, threshold.dtype)
     if not _needs_graph(x_op, w_op, threshold, b_op):
         return _linear_forward(x_op, w_op, b_op, row_mask, resolved, options)[0]
     return ThresholdLinearFunction.apply(x_op, w_op, threshold, b_op, row_mask, resolved, options)
@@ -569,7 +603,7 @@ def threshold_conv2d(
     _validate_guard(collapse_density, collapse_timing, collapse_counter, previous_density, threshold,
                     "threshold_conv2d")
     _check_flag("skip_zero_inputs", skip_zero_inputs)
-    check_threshold_values(threshold, check_finite)
+    check = resolve_check_finite(check_finite, threshold.device)
     unbatched = x.dim() == 3
     if unbatched:
         x = x.unsqueeze(0)
@@ -582,10 +616,19 @@ def threshold_conv2d(
                 "run on backend='compact' or 'reference' ('auto' picks the reference on CUDA)"
             )
         resolved = "reference"
-    row_mask = _guarded_row_mask(weight, threshold, resolve_backend(backend, weight),
-                                 IMPLEMENTATIONS[resolved].with_perm, collapse_density, collapse_timing,
-                                 collapse_counter, previous_density)
-    options = _Options(backward_mode, float(sample_fraction), skip_zero_inputs, threshold.dtype)
+    mode = _backward_mode(backward_mode, x.shape[0])
+    guard = (resolve_backend(backend, weight), IMPLEMENTATIONS[resolved].with_perm, collapse_density, collapse_timing,
+             collapse_counter, previous_density, check)
+    if torch.compiler.is_compiling():
+        mask, perm, count = _traced_row_mask(weight, threshold, *guard)
+        y = torch.ops.spafl.threshold_conv2d(
+            x_op, w_op, threshold, b_op, mask, perm, count, list(geometry.stride), list(geometry.pad_begin),
+            list(geometry.pad_end), list(geometry.dilation), groups, resolved, mode, float(sample_fraction),
+            skip_zero_inputs,
+        )
+        return y.squeeze(0) if unbatched else y
+    row_mask = _guarded_row_mask(weight, threshold, *guard)
+    options = _Options(mode, float(sample_fraction), skip_zero_inputs, threshold.dtype)
     if _needs_graph(x_op, w_op, threshold, b_op):
         y = ThresholdConv2dFunction.apply(x_op, w_op, threshold, b_op, row_mask, geometry, resolved, options)
     else:

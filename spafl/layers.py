@@ -37,9 +37,27 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._checks import check_collapse_timing, check_options, check_positive_int, check_threshold_values
+from ._checks import (
+    check_collapse_timing,
+    check_options,
+    check_positive_int,
+    check_threshold_values,
+    resolve_check_finite,
+)
 from ._conv import conv_geometry
 from .functional import threshold_conv2d, threshold_linear, threshold_row_mask
+
+
+def _guard_buffers(device) -> dict[str, torch.Tensor]:
+    """The fresh collapse-guard buffers of a threshold layer on ``device``."""
+    return {
+        # Number of times the collapse guard reset this layer's thresholds; a buffer so that it
+        # lives on the device (incremented without a host sync) and is saved with checkpoints.
+        "collapse_resets": torch.zeros((), dtype=torch.long, device=device),
+        # Density of the last forward in which the guard ran (1 before any): what
+        # collapse_timing="previous" tests, like the authors' `self.ratio`. Saved with checkpoints.
+        "previous_density": torch.ones((), dtype=torch.float32, device=device),
+    }
 
 
 class _ThresholdMixin:
@@ -59,6 +77,7 @@ class _ThresholdMixin:
         for name, flag in (("collapse_in_eval", collapse_in_eval), ("skip_zero_inputs", skip_zero_inputs)):
             if not isinstance(flag, bool):
                 raise TypeError(f"{name} must be a bool, got {flag!r}")
+        resolve_check_finite(check_finite, torch.device("cpu"))  # validates it
         self.backend = backend
         self.backward_mode = backward_mode
         self.sample_fraction = float(sample_fraction)
@@ -67,12 +86,8 @@ class _ThresholdMixin:
         self.collapse_in_eval = collapse_in_eval
         self.skip_zero_inputs = skip_zero_inputs
         self.check_finite = check_finite
-        # Number of times the collapse guard reset this layer's thresholds; a buffer so that it
-        # lives on the device (incremented without a host sync) and is saved with checkpoints.
-        self.register_buffer("collapse_resets", torch.zeros((), dtype=torch.long, device=device))
-        # Density of the last forward in which the guard ran (1 before any): what
-        # collapse_timing="previous" tests, like the authors' `self.ratio`. Saved with checkpoints.
-        self.register_buffer("previous_density", torch.ones((), dtype=torch.float32, device=device))
+        for name, value in _guard_buffers(device).items():
+            self.register_buffer(name, value)
 
     def _layer_options(self) -> dict:
         guard = self.collapse_density if self.training or self.collapse_in_eval else None
@@ -106,6 +121,38 @@ class _ThresholdMixin:
         else:
             self.register_parameter("bias", None)
 
+    @classmethod
+    def _from_dense(cls, dense: nn.Module, copy: bool, args: tuple, kwargs: dict):
+        """``from_dense``: ``cls(*args, **kwargs)`` with ``dense``'s weight and bias (copied, or
+        ``dense``'s Parameter objects themselves with ``copy=False``)."""
+        if not isinstance(copy, bool):
+            raise TypeError(f"copy must be a bool, got {copy!r}")
+        if isinstance(dense, nn.modules.lazy.LazyModuleMixin) and dense.has_uninitialized_params():
+            raise ValueError(f"from_dense: the {type(dense).__name__} is not initialised yet; run a forward first")
+        for name in ("device", "dtype"):
+            if name in kwargs:
+                raise TypeError(f"from_dense takes the {name} of the dense layer's weight; got {name}={kwargs[name]!r}")
+        factory = {"device": dense.weight.device, "dtype": dense.weight.dtype}
+        if copy:
+            return cls(*args, **kwargs, **factory)._copy_from(dense)
+        for name in ("weight", "bias"):
+            value = getattr(dense, name)
+            if value is not None and not isinstance(value, nn.Parameter):
+                raise ValueError(
+                    f"from_dense(copy=False) takes the dense layer's Parameters, but its {name} is a "
+                    f"{type(value).__name__} computed from others (by weight normalisation or torch.nn.utils.prune?); "
+                    "remove that first, or copy"
+                )
+        # Built on the meta device: the weight and bias are replaced by dense's, the thresholds
+        # and buffers made on its device (no allocation and no random draws for the initialisation).
+        layer = cls(*args, **kwargs, device="meta", dtype=factory["dtype"])
+        layer.weight = dense.weight
+        layer.bias = dense.bias
+        layer.threshold = nn.Parameter(torch.zeros(layer.weight.shape[0], **factory))
+        for name, value in _guard_buffers(factory["device"]).items():
+            setattr(layer, name, value)
+        return layer.train(dense.training)
+
     def _copy_from(self, dense: nn.Module):
         """Copy ``dense``'s weight and bias (values, memory format, requires_grad, train mode)."""
         with torch.no_grad():
@@ -127,11 +174,27 @@ class _ThresholdMixin:
     @property
     def density(self) -> float:
         """Fraction of active output units (synchronises with the device)."""
+        if self.weight.device.type == "meta":
+            raise ValueError("density needs the weights' values, and this layer is on the meta device")
         return float(self.mask.float().mean())
 
+    def _finish_dense(self, dense: nn.Module) -> nn.Module:
+        """``to_dense``'s layer takes this one's train mode and ``requires_grad`` flags."""
+        dense.weight.requires_grad_(self.weight.requires_grad)
+        if self.bias is not None:
+            dense.bias.requires_grad_(self.bias.requires_grad)
+        return dense.train(self.training)
+
     def _flags_repr(self) -> str:
-        flags = [f"collapse_timing={self.collapse_timing!r}"] if self.collapse_timing != "current" else []
+        """The options that differ from the defaults (the sample fraction in ``sample`` mode)."""
+        flags = [f"sample_fraction={self.sample_fraction}"] if self.backward_mode == "sample" else []
+        if self.collapse_density != 0.01:
+            flags.append(f"collapse_density={self.collapse_density}")
+        if self.collapse_timing != "current":
+            flags.append(f"collapse_timing={self.collapse_timing!r}")
         flags += [name + "=True" for name in ("collapse_in_eval", "skip_zero_inputs") if getattr(self, name)]
+        if self.check_finite is not None:
+            flags.append(f"check_finite={self.check_finite}")
         return "".join(", " + f for f in flags)
 
     def _density_repr(self) -> str:
@@ -214,22 +277,21 @@ class ThresholdLinear(_ThresholdMixin, nn.Module):
         return threshold_linear(x, self.weight, self.threshold, self.bias, **self._layer_options())
 
     @classmethod
-    def from_dense(cls, linear: nn.Linear, **kwargs) -> ThresholdLinear:
-        """A threshold layer with a copy of ``linear``'s weight and bias (thresholds at 0)."""
+    def from_dense(cls, linear: nn.Linear, *, copy: bool = True, **kwargs) -> ThresholdLinear:
+        """A threshold layer computing what ``linear`` computes (thresholds at 0), with the
+        layer options ``kwargs``. ``copy=True``: with a copy of its weight and bias.
+        ``copy=False``: with its weight and bias Parameter objects themselves (shared, as
+        :func:`spafl.sparsify` does: an optimizer holding them keeps training them, and weights
+        tied to other modules stay tied). Device, dtype, memory format, ``requires_grad`` and
+        train mode are ``linear``'s."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"from_dense expects an nn.Linear, got {type(linear).__name__}")
-        layer = cls(
-            linear.in_features,
-            linear.out_features,
-            bias=linear.bias is not None,
-            device=linear.weight.device,
-            dtype=linear.weight.dtype,
-            **kwargs,
-        )
-        return layer._copy_from(linear)
+        args = (linear.in_features, linear.out_features, linear.bias is not None)
+        return cls._from_dense(linear, copy, args, kwargs)
 
     def to_dense(self) -> nn.Linear:
-        """A plain ``nn.Linear`` computing the same function: pruned rows of the weight zeroed."""
+        """A plain ``nn.Linear`` computing the same function: pruned rows of the weight zeroed
+        (also rows holding a NaN, which count as pruned when ``check_finite`` lets them through)."""
         check_threshold_values(self.threshold, True)
         dense = nn.Linear(
             self.in_features,
@@ -239,11 +301,10 @@ class ThresholdLinear(_ThresholdMixin, nn.Module):
             dtype=self.weight.dtype,
         )
         with torch.no_grad():
-            dense.weight.copy_(self.weight * self.mask.to(self.weight.dtype)[:, None])
+            dense.weight.copy_(self.weight.masked_fill(~self.mask[:, None], 0))
             if self.bias is not None:
                 dense.bias.copy_(self.bias)
-        dense.train(self.training)
-        return dense
+        return self._finish_dense(dense)
 
     def extra_repr(self) -> str:
         return (
@@ -345,29 +406,19 @@ class ThresholdConv2d(_ThresholdMixin, nn.Module):
         )
 
     @classmethod
-    def from_dense(cls, conv: nn.Conv2d, **kwargs) -> ThresholdConv2d:
-        """A threshold layer with a copy of ``conv``'s weight and bias (thresholds at 0); the
-        weight keeps its memory format (e.g. channels-last)."""
+    def from_dense(cls, conv: nn.Conv2d, *, copy: bool = True, **kwargs) -> ThresholdConv2d:
+        """A threshold layer computing what ``conv`` computes (thresholds at 0), with the layer
+        options ``kwargs``; ``copy`` as for :meth:`ThresholdLinear.from_dense`. The weight keeps
+        its memory format (e.g. channels-last)."""
         if not isinstance(conv, nn.Conv2d):
             raise TypeError(f"from_dense expects an nn.Conv2d, got {type(conv).__name__}")
-        layer = cls(
-            conv.in_channels,
-            conv.out_channels,
-            conv.kernel_size,
-            stride=conv.stride,
-            padding=conv.padding,
-            dilation=conv.dilation,
-            groups=conv.groups,
-            bias=conv.bias is not None,
-            padding_mode=conv.padding_mode,
-            device=conv.weight.device,
-            dtype=conv.weight.dtype,
-            **kwargs,
-        )
-        return layer._copy_from(conv)
+        args = (conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
+                conv.groups, conv.bias is not None, conv.padding_mode)
+        return cls._from_dense(conv, copy, args, kwargs)
 
     def to_dense(self) -> nn.Conv2d:
-        """A plain ``nn.Conv2d`` computing the same function: pruned filters zeroed."""
+        """A plain ``nn.Conv2d`` computing the same function: pruned filters zeroed (also filters
+        holding a NaN, which count as pruned when ``check_finite`` lets them through)."""
         check_threshold_values(self.threshold, True)
         dense = nn.Conv2d(
             self.in_channels,
@@ -383,11 +434,12 @@ class ThresholdConv2d(_ThresholdMixin, nn.Module):
             dtype=self.weight.dtype,
         )
         with torch.no_grad():
-            dense.weight.data = self.weight * self.mask.to(self.weight.dtype)[:, None, None, None]
+            # (empty_like keeps the weight's memory format, which masked_fill may not)
+            masked = self.weight.masked_fill(~self.mask[:, None, None, None], 0)
+            dense.weight.data = torch.empty_like(self.weight).copy_(masked)
             if self.bias is not None:
                 dense.bias.copy_(self.bias)
-        dense.train(self.training)
-        return dense
+        return self._finish_dense(dense)
 
     def extra_repr(self) -> str:
         parts = [f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}"]

@@ -5,7 +5,9 @@ This is the oracle: what the Triton kernels and the compacting CPU backend
 follows ``spafl-algorithm.md`` section 1 literally:
 
 * row score ``s_i = mean_j |W_ij|`` over all fan-in elements, mask ``m_i = s_i > tau_i``;
-* forward with ``W_hat = W * m``;
+* forward with ``W_hat = W * m``, written as a select (``W`` where ``m``, else 0), so that a
+  pruned row contributes exactly nothing even when it holds a NaN (whose score is NaN, never
+  above the threshold: such a unit is pruned), as on the backends that skip pruned rows;
 * straight-through backward: ``G = dL/dW_hat``, ``r_i = sum_j G_ij W_ij``,
   ``dL/dtau_i = -r_i``, ``dL/dW_ij = m_i G_ij + sign(W_ij) r_i / fan_in``.
 
@@ -111,12 +113,23 @@ def row_mask(
     return RowMask(mask, perm, count, score, collapsed)
 
 
+def masked_weight(weight: torch.Tensor, multiplier: torch.Tensor) -> torch.Tensor:
+    """``W_hat = W * m`` for ``weight [out, ...]`` and ``multiplier [out]`` (the bool or 0/1 mask;
+    the gradcheck stand-in passes a smooth one), with the rows where ``m == 0`` exactly 0 even
+    when they hold NaN or inf. Keeps the weight's memory format."""
+    view = (-1,) + (1,) * (weight.dim() - 1)
+    if multiplier.dtype == torch.bool:
+        return weight.masked_fill(~multiplier.view(view), 0)
+    m = multiplier.to(weight.dtype).view(view)
+    return (weight * m).masked_fill(m == 0, 0)
+
+
 def threshold_linear_forward(
     x: torch.Tensor, weight: torch.Tensor, mask: torch.Tensor, bias: torch.Tensor | None = None
 ) -> torch.Tensor:
     """``F.linear(x, W * m[:, None], b)``; x ``[..., in]`` -> ``[..., out]``."""
     compute = _compute_dtype(x.dtype)
-    w_hat = weight.to(compute) * mask.to(compute)[:, None]
+    w_hat = masked_weight(weight.to(compute), mask)
     y = F.linear(x.to(compute), w_hat, None if bias is None else bias.to(compute))
     return y.to(x.dtype)
 
@@ -135,7 +148,7 @@ def threshold_gradients(
 
     ``grad_w_hat`` and ``weight`` are ``[out, fan_in...]`` (any trailing shape: Linear and
     Conv2d share this), ``multiplier [out]`` is the factor the forward applied to each row
-    (the 0/1 mask; the gradcheck stand-in passes a smooth one), ``mask [out]`` bool.
+    (the mask, bool or 0/1; the gradcheck stand-in passes a smooth one), ``mask [out]`` bool.
     ``mode``: ``exact`` uses ``r`` of every row; ``skip`` sets ``r = 0`` on pruned rows;
     ``sample`` takes pruned rows' ``r`` from ``sampled_grad_w_hat * sample_scale``.
     """
@@ -174,7 +187,7 @@ def threshold_linear_backward(
     dy = grad_out.reshape(-1, n_out).to(compute)
     x2 = x.reshape(-1, fan_in).to(compute)
     w = weight.to(compute)
-    dx = (dy @ (w * multiplier.to(compute)[:, None])).reshape(x.shape)
+    dx = (dy @ masked_weight(w, multiplier)).reshape(x.shape)
     grad_w_hat = dy.t() @ x2
     sampled, scale = None, 1.0
     if mode == "sample":
@@ -229,7 +242,7 @@ def threshold_conv2d_forward(
 ) -> torch.Tensor:
     """``F.conv2d(x, W * m[:, None, None, None], b, ...)`` for ``x [B, C, H, W]``."""
     compute = _compute_dtype(x.dtype)
-    w_hat = weight.to(compute) * mask.to(compute)[:, None, None, None]
+    w_hat = masked_weight(weight.to(compute), mask)
     y = _conv2d(x.to(compute), w_hat, None if bias is None else bias.to(compute), geometry)
     return y.to(x.dtype)
 
@@ -265,7 +278,7 @@ def threshold_conv2d_backward(
     compute = _compute_dtype(x.dtype)
     dy = grad_out.to(compute)
     xc = x.detach().to(compute)
-    w_hat = weight.detach().to(compute) * multiplier.detach().to(compute)[:, None, None, None]
+    w_hat = masked_weight(weight.detach().to(compute), multiplier.detach())
     dx, grad_w_hat = _conv2d_backward(dy, xc, w_hat, geometry, need_dx)
     sampled, scale = None, 1.0
     if mode == "sample":

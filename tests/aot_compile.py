@@ -1,239 +1,329 @@
-"""Compile every Triton kernel configuration ahead of time for a CUDA target, without a GPU.
+"""Compile the kernels exactly as the launchers launch them, ahead of time for sm_90, without a GPU.
 
-Run as a script (the pytest test ``test_kernels_compile.py`` runs it in a subprocess, because
-``TRITON_INTERPRET=1`` replaces the kernels with interpreted functions at import time). It
-builds the same specialisations the launchers use (dtype, constexpr flags, block sizes) and
-asks Triton to lower them to a cubin for sm_90, so a kernel that only breaks in the compiler
-(types of loop-carried values, layouts, unsupported ops) fails on a CPU machine too.
+Run as a script (``test_kernels_compile.py`` runs it in a subprocess, because
+``TRITON_INTERPRET=1`` replaces the kernels with interpreted functions at import time).
 
-Usage: python tests/aot_compile.py [--arch 90]
+Each case calls the public launchers on CPU tensors of a realistic shape with Triton's launch
+replaced by a recorder (``JITFunction.run``), under the fixed GPU configurations. Every recorded
+launch is then specialised the way Triton's launcher specialises it (an integer equal to 1
+becomes a constant, integers and pointers divisible by 16 carry ``tt.divisibility = 16``:
+``native_specialize_impl``, Triton's own rule) and compiled for ``cuda:90`` with the ptxas that
+Triton ships. Aligned cases (sizes that are multiples of 16: the benchmarks' shapes) get the
+vectorised, ``cp.async``-pipelined code; ragged cases (odd sizes) show what the GPU runs when no
+divisibility is known.
+
+For each compile the report gives shared memory, registers and stack frame (``cuobjdump
+-res-usage``), local-memory instructions (LDL/STL: spill traffic), ``wgmma`` and ``cp.async``
+counts (PTX), and for the innermost loop that holds matrix instructions (SASS): its instruction
+count, how many are matrix instructions (HGMMA, HMMA, or FFMA for IEEE fp32), local-memory
+accesses and ``LDGSTS`` (cp.async). ``--check`` fails on any spill (a local-memory load or store)
+in the GEMM kernels (``MAIN_KERNELS``).
+
+Usage: python tests/aot_compile.py [--arch 90] [-k SUBSTRING] [--check] [--json FILE] [--markdown]
 """
 
 from __future__ import annotations
 
 import argparse
-import itertools
+import contextlib
+import json
+import math
 import os
+import re
+import subprocess
 import sys
+import tempfile
+from dataclasses import asdict, dataclass
 
 os.environ.pop("TRITON_INTERPRET", None)
+os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton 3.9 warns when unset; 1 is its default
 
 import torch  # noqa: E402
 import triton  # noqa: E402
-from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.backends.compiler import BaseBackend, GPUTarget  # noqa: E402
+from triton.runtime.jit import JITFunction, native_specialize_impl  # noqa: E402
 
+from spafl import kernels  # noqa: E402
+from spafl._conv import conv_geometry  # noqa: E402
 from spafl.kernels import _config  # noqa: E402
-from spafl.kernels import threshold_conv2d as tconv  # noqa: E402
-from spafl.kernels import threshold_linear as tlin  # noqa: E402
-from spafl.kernels import threshold_mask as tmask  # noqa: E402
 
-PTR = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16"}
-
-
-# Inner (contiguous) strides: Triton's launcher specialises an integer argument equal to 1 as a
-# constant, so for contiguous tensors these become 1 at compile time.
-# The convolutions' aligned case is the channels-last one (activations and weights).
-INNER_STRIDES = {"stride_xk", "stride_wk", "stride_yn", "stride_dyn", "stride_dxk", "stride_dwk",
-                 "sxc", "swc", "syf", "sdc"}
-# Integer arguments that are not sizes or strides: never assumed divisible by 16.
-# For the convolutions the aligned case is channels-last with channel counts that are multiples
-# of 16 (every ResNet layer but the first): the strides between pixels are multiples of 16 then,
-# the spatial sizes and the kernel geometry need not be.
-NOT_ALIGNED = {"sample_count", "sample_step", "NUM_KB", "SPLIT", "PLANE", "WIDTH", "H", "W", "Ho", "Wo",
-               "Hq", "Wq", "KH", "KW", "stride_h", "stride_w", "pad_h", "pad_w", "dil_h", "dil_w",
-               "stride_dyh", "stride_dyw"}
+# Kernels whose main loop is a GEMM: the compile test fails on any spill in them.
+MAIN_KERNELS = ("_threshold_linear_fwd_kernel", "_threshold_linear_bwd_dx_kernel", "_threshold_linear_bwd_dw_kernel",
+                "_threshold_conv2d_fwd_kernel", "_threshold_conv2d_bwd_dx_kernel", "_threshold_conv2d_bwd_dw_kernel")
 
 
-def _compile(fn, signature: dict, constexprs: dict, arch: int, num_warps: int, num_stages: int = 3,
-             aligned: bool = False):
-    """Compile one specialisation. ``aligned=False`` is the generic one (any strides, any
-    alignment); ``aligned=True`` is what the launcher produces for contiguous tensors with
-    16-byte aligned data and sizes that are multiples of 16: inner strides become the constant
-    1 and the other pointer / integer arguments carry ``tt.divisibility = 16``."""
-    sig = dict(signature)
-    constexprs = dict(constexprs)
-    attrs = {}
-    if aligned:
-        for name, ty in signature.items():
-            if name in INNER_STRIDES:
-                constexprs[name] = 1
-            elif ty.startswith("*") or (ty == "i32" and name not in NOT_ALIGNED):
-                attrs[(fn.arg_names.index(name),)] = [["tt.divisibility", 16]]
-    for name in constexprs:
-        sig[name] = "constexpr"
-    src = triton.compiler.ASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=attrs)
-    options = {"num_warps": num_warps, "num_stages": num_stages}
-    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
+@dataclass
+class Launch:
+    kernel: JITFunction
+    args: tuple
+    kwargs: dict
 
 
-def cases():
-    """Yield (name, thunk) pairs, one per kernel specialisation the launchers can produce."""
-    for dtype in (torch.float32, torch.float16, torch.bfloat16):
-        p = PTR[dtype]
-        yield f"row_score_mask[{p}]", lambda p=p: (
-            tmask._row_score_mask_kernel,
-            {"w_ptr": p, "tau_ptr": p, "score_ptr": "*fp32", "mask_ptr": "*i8", "N": "i32", "K": "i32",
-             "stride_wn": "i32", "stride_wk": "i32"},
-            {"BLOCK_N": tmask._SCORE_BLOCK_N, "BLOCK_K": tmask._SCORE_BLOCK_K},
-            4,
-        )
-    for guard in (False, True):
-        yield f"compact_rows[guard={guard}]", lambda guard=guard: (
-            tmask._compact_rows_kernel,
-            {"score_ptr": "*fp32", "mask_ptr": "*i8", "perm_ptr": "*i32", "count_ptr": "*i32",
-             "collapsed_ptr": "*i8", "N": "i32", "collapse_density": "fp32"},
-            {"HAS_GUARD": guard, "BLOCK": tmask._COMPACT_BLOCK},
-            4,
-        )
-    for dtype, has_bias in itertools.product((torch.float32, torch.float16, torch.bfloat16), (False, True)):
-        p = PTR[dtype]
-        cfg = _config._GPU_GEMM_FP32 if dtype == torch.float32 else _config._GPU_GEMM_16BIT
-        prec = "tf32" if dtype == torch.float32 else "ieee"
-        yield f"linear_fwd[{p},bias={has_bias}]", lambda p=p, cfg=cfg, has_bias=has_bias, prec=prec: (
-            tlin._threshold_linear_fwd_kernel,
-            {"x_ptr": p, "w_ptr": p, "b_ptr": p, "perm_ptr": "*i32", "count_ptr": "*i32", "y_ptr": p,
-             "M": "i32", "N": "i32", "K": "i32", "stride_xm": "i32", "stride_xk": "i32", "stride_wn": "i32",
-             "stride_wk": "i32", "stride_ym": "i32", "stride_yn": "i32"},
-            {"HAS_BIAS": has_bias, "UPCAST": False, "DOT_PRECISION": prec, "BLOCK_M": cfg.block_m,
-             "BLOCK_N": cfg.block_n, "BLOCK_K": cfg.block_k, "GROUP_M": cfg.group_m},
-            cfg.num_warps,
-        )
-    for dtype in (torch.float32, torch.bfloat16):
-        p = PTR[dtype]
-        cfg = _config._GPU_GEMM_FP32 if dtype == torch.float32 else _config._GPU_GEMM_16BIT
-        prec = "tf32" if dtype == torch.float32 else "ieee"
-        for all_rows in (False, True):
-            yield f"gather_grad_columns[{p},all={all_rows}]", lambda p=p, cfg=cfg, all_rows=all_rows: (
-                tlin._gather_grad_columns_kernel,
-                {"dy_ptr": p, "perm_ptr": "*i32", "count_ptr": "*i32", "dyt_ptr": p, "M": "i32", "N": "i32",
-                 "PLANE": "i32", "WIDTH": "i32", "stride_dyb": "i32", "stride_dyh": "i32", "stride_dyw": "i32",
-                 "stride_dyn": "i32"},
-                {"ALL_ROWS": all_rows, "BLOCK_P": cfg.block_n, "BLOCK_M": cfg.block_m},
-                4,
-            )
-        yield f"linear_bwd_dx[{p}]", lambda p=p, cfg=cfg, prec=prec: (
-            tlin._threshold_linear_bwd_dx_kernel,
-            {"dyt_ptr": p, "w_ptr": p, "perm_ptr": "*i32", "count_ptr": "*i32", "dx_ptr": p, "M": "i32",
-             "N": "i32", "K": "i32", "stride_wn": "i32", "stride_wk": "i32", "stride_dxm": "i32",
-             "stride_dxk": "i32"},
-            {"UPCAST": False, "DOT_PRECISION": prec, "BLOCK_M": cfg.block_m, "BLOCK_K": cfg.block_k * 2,
-             "BLOCK_P": cfg.block_k, "GROUP_M": cfg.group_m},
-            cfg.num_warps,
-        )
-        for mode in (0, 1, 2):
-            yield f"linear_bwd_dw[{p},mode={mode}]", lambda p=p, cfg=cfg, prec=prec, mode=mode: (
-                tlin._threshold_linear_bwd_dw_kernel,
-                {"dyt_ptr": p, "x_ptr": p, "w_ptr": p, "perm_ptr": "*i32", "count_ptr": "*i32", "g_ptr": "*fp32",
-                 "rpart_ptr": "*fp32", "M": "i32", "N": "i32", "K": "i32", "stride_xm": "i32",
-                 "stride_xk": "i32", "stride_wn": "i32", "stride_wk": "i32", "sample_count": "i32",
-                 "sample_step": "i32"},
-                {"MODE": mode, "UPCAST": False, "DOT_PRECISION": prec, "BLOCK_P": cfg.block_n,
-                 "BLOCK_K": cfg.block_k * 2, "BLOCK_M": cfg.block_k},
-                cfg.num_warps,
-            )
-            yield f"linear_bwd_finish[{p},mode={mode}]", lambda p=p, mode=mode, dtype=dtype: (
-                tlin._threshold_linear_bwd_finish_kernel,
-                {"rpart_ptr": "*fp32", "w_ptr": p, "perm_ptr": "*i32", "count_ptr": "*i32", "g_ptr": "*fp32",
-                 "dw_ptr": p, "dtau_ptr": p, "N": "i32", "K": "i32", "NUM_KB": "i32", "SPLIT": "i32",
-                 "stride_wn": "i32",
-                 "stride_wk": "i32", "stride_dwn": "i32", "stride_dwk": "i32"},
-                {"MODE": mode, "IN_PLACE": dtype == torch.float32, "BLOCK_P": 32, "BLOCK_K": 128},
-                4,
-            )
+@contextlib.contextmanager
+def recording():
+    """Within this block, kernel launches are recorded instead of run."""
+    launches: list[Launch] = []
+    run = JITFunction.run
+
+    def record(self, *args, grid, warmup, **kwargs):
+        launches.append(Launch(self, args, kwargs))
+
+    JITFunction.run = record
+    try:
+        with _config.fixed_configs():
+            yield launches
+    finally:
+        JITFunction.run = run
 
 
-def _conv_geometry_sig() -> dict:
-    names = ["C", "H", "W", "Ho", "Wo"]
-    return {n: "i32" for n in names}
+def specialise(launch: Launch) -> tuple[dict, dict, dict, dict]:
+    """``(signature, constexprs, attrs, options)`` of a recorded launch, specialised by Triton's
+    own rule (``native_specialize_impl``: integers equal to 1 become constants; integers and
+    data pointers divisible by 16 carry ``tt.divisibility = 16``)."""
+    fn = launch.kernel
+    kwargs = dict(launch.kwargs)
+    options = {"num_warps": kwargs.pop("num_warps", 4), "num_stages": kwargs.pop("num_stages", 3)}
+    values = dict(zip(fn.arg_names, launch.args, strict=False))
+    values.update(kwargs)
+    signature, constexprs, attrs = {}, {}, {}
+    for index, param in enumerate(fn.params):
+        value = values[param.name]
+        if param.is_constexpr:
+            signature[param.name] = "constexpr"
+            constexprs[param.name] = value
+            continue
+        ty, key = native_specialize_impl(BaseBackend, value, False, not param.do_not_specialize,
+                                         not param.do_not_specialize_on_alignment)
+        if ty == "constexpr":
+            signature[param.name] = "constexpr"
+            constexprs[param.name] = value
+            continue
+        signature[param.name] = ty
+        if isinstance(key, str) and key:
+            attrs[(index,)] = BaseBackend.parse_attr(key)
+    return signature, constexprs, attrs, options
 
 
-def _strides(prefix: str, dims: str) -> dict:
-    return {f"{prefix}{d}": "i32" for d in dims}
+# ----------------------------------------------------------------------------- cases
 
 
-_CONV_SHAPE = ("KH", "KW", "stride_h", "stride_w", "pad_h", "pad_w", "dil_h", "dil_w")
+def _row_mask(w: torch.Tensor):
+    from spafl import threshold_for_density
+
+    return kernels.threshold_row_mask(w.reshape(w.shape[0], -1), threshold_for_density(w.float(), 0.5).to(w.dtype))
 
 
-# Geometry arguments that Triton's launcher specialises to the constant 1 for a 1x1 / stride-1
-# / undilated convolution (it does so for every integer argument equal to 1).
-_UNIT_GEOMETRY = {"KH": 1, "KW": 1, "stride_h": 1, "stride_w": 1, "dil_h": 1, "dil_w": 1}
+def linear_case(dtype: torch.dtype, m: int, n: int, k: int, modes=("exact", "skip", "sample"), bias=True):
+    def run():
+        x, w = torch.randn(m, k, dtype=dtype), torch.randn(n, k, dtype=dtype)
+        dy = torch.randn(m, n, dtype=dtype)
+        rm = _row_mask(w)
+        kernels.threshold_linear_fwd(x, w, torch.randn(n, dtype=dtype) if bias else None, rm)
+        for i, mode in enumerate(modes):
+            kernels.threshold_linear_bwd(dy, x, w, rm, mode=mode, need_dx=i == 0)
+    return run
 
 
-def conv_cases():
-    shape = {n: "i32" for n in _CONV_SHAPE}
-    dtypes = (torch.float32, torch.float16, torch.bfloat16)
-    # (dtype, filter tile, unit geometry): every dtype at the 64-filter tile of a 128-filter
-    # layer; bf16 also at 128 (layers of 256 filters and more), at 32 and with unit geometry.
-    fwd = [(d, 64, False) for d in dtypes] + [(torch.bfloat16, 128, False), (torch.bfloat16, 32, False),
-                                              (torch.bfloat16, 64, True)]
-    for (dtype, tile, unit), has_bias in itertools.product(fwd, (False, True)):
-        p = PTR[dtype]
-        cfg = _config._GPU_GEMM_FP32 if dtype == torch.float32 else _config._GPU_GEMM_16BIT
-        prec = "tf32" if dtype == torch.float32 else "ieee"
-        geo = _UNIT_GEOMETRY if unit else {}
-        yield f"conv_fwd[{p},n={tile},unit={unit},bias={has_bias}]", (
-            lambda p=p, cfg=cfg, has_bias=has_bias, prec=prec, tile=tile, geo=geo: (
-                tconv._threshold_conv2d_fwd_kernel,
-                {"x_ptr": p, "w_ptr": p, "b_ptr": p, "perm_ptr": "*i32", "count_ptr": "*i32", "y_ptr": p,
-                 "P": "i32", "F": "i32", **_conv_geometry_sig(), **shape, **_strides("sx", "bchw"),
-                 **_strides("sw", "fchw"), **_strides("sy", "bfhw")},
-                {"HAS_BIAS": has_bias, "UPCAST": False, "DOT_PRECISION": prec, "BLOCK_M": cfg.block_m,
-                 "BLOCK_N": tile, "BLOCK_K": cfg.block_k, "GROUP_M": cfg.group_m, **geo},
-                cfg.num_warps,
-            )
-        )
-    for dtype, unit in [(d, False) for d in dtypes] + [(torch.bfloat16, True)]:
-        p = PTR[dtype]
-        cfg = _config._GPU_GEMM_FP32 if dtype == torch.float32 else _config._GPU_GEMM_16BIT
-        prec = "tf32" if dtype == torch.float32 else "ieee"
-        geo = _UNIT_GEOMETRY if unit else {}
-        yield f"conv_bwd_dx[{p},unit={unit}]", lambda p=p, cfg=cfg, prec=prec, geo=geo: (
-            tconv._threshold_conv2d_bwd_dx_kernel,
-            {"dyt_ptr": p, "w_ptr": p, "perm_ptr": "*i32", "count_ptr": "*i32", "dx_ptr": p, "PQ": "i32",
-             "P": "i32", **_conv_geometry_sig(), "Hq": "i32", "Wq": "i32", **shape, **_strides("sw", "fchw"),
-             **_strides("sd", "bchw")},
-            {"UPCAST": False, "DOT_PRECISION": prec, "BLOCK_M": cfg.block_m, "BLOCK_C": cfg.block_n,
-             "BLOCK_P": cfg.block_k, "GROUP_M": cfg.group_m, **geo},
-            cfg.num_warps,
-        )
-        tiles = (64, 128) if dtype == torch.bfloat16 and not unit else (64,)
-        for mode, tile in itertools.product((0, 1, 2), tiles):
-            yield f"conv_bwd_dw[{p},p={tile},unit={unit},mode={mode}]", (
-                lambda p=p, cfg=cfg, prec=prec, mode=mode, tile=tile, geo=geo: (
-                    tconv._threshold_conv2d_bwd_dw_kernel,
-                    {"dyt_ptr": p, "x_ptr": p, "w_ptr": p, "perm_ptr": "*i32", "count_ptr": "*i32",
-                     "g_ptr": "*fp32", "rpart_ptr": "*fp32", "P": "i32", "F": "i32", **_conv_geometry_sig(),
-                     **shape, **_strides("sx", "bchw"), **_strides("sw", "fchw"), "sample_count": "i32",
-                     "sample_step": "i32", "SPLIT": "i32"},
-                    {"MODE": mode, "UPCAST": False, "DOT_PRECISION": prec, "BLOCK_P": tile,
-                     "BLOCK_C": cfg.block_k, "BLOCK_M": cfg.block_k, **geo},
-                    cfg.num_warps,
-                )
-            )
+def conv_case(dtype: torch.dtype, batch: int, cin: int, cout: int, size: int, kernel: int, stride: int, padding: int,
+              *, channels_last: bool, modes=("exact", "skip", "sample")):
+    def run():
+        geo = conv_geometry(kernel, stride, padding)
+        fmt = torch.channels_last if channels_last else torch.contiguous_format
+        x = torch.randn(batch, cin, size, size, dtype=dtype).contiguous(memory_format=fmt)
+        w = torch.randn(cout, cin, kernel, kernel, dtype=dtype).contiguous(memory_format=fmt)
+        ho, wo = geo.output_size(size, size)
+        dy = torch.randn(batch, cout, ho, wo, dtype=dtype).contiguous(memory_format=fmt)
+        rm = _row_mask(w)
+        kernels.threshold_conv2d_fwd(x, w, None, rm, geo)
+        for i, mode in enumerate(modes):
+            kernels.threshold_conv2d_bwd(dy, x, w, rm, geo, mode=mode, need_dx=i == 0)
+    return run
+
+
+@contextlib.contextmanager
+def tf32(enabled: bool):
+    old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = enabled
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
+
+
+BF16, FP16, FP32 = torch.bfloat16, torch.float16, torch.float32
+
+# (name, case, fp32 precision). The aligned shapes are the benchmarks' (contiguous, multiples of
+# 16; the ResNet convolutions channels-last, as benchmarks/kernels.py feeds them, and NCHW, as the
+# federated models do); the ragged ones have odd sizes, so no divisibility is known.
+CASES = [
+    ("linear-bf16", linear_case(BF16, 256, 512, 1024), None),
+    ("linear-bf16-ragged", linear_case(BF16, 1000, 1531, 769), None),
+    ("linear-fp16", linear_case(FP16, 256, 512, 1024, modes=("skip",)), None),
+    ("linear-fp32-tf32", linear_case(FP32, 256, 512, 1024, modes=("skip",)), True),
+    ("linear-fp32-ieee", linear_case(FP32, 256, 512, 1024, modes=("skip",)), False),
+    ("conv3x3-bf16-cl", conv_case(BF16, 8, 64, 128, 16, 3, 1, 1, channels_last=True), None),
+    ("conv3x3s2-bf16-nchw", conv_case(BF16, 8, 64, 128, 16, 3, 2, 1, channels_last=False, modes=("skip",)), None),
+    ("conv1x1s2-bf16-cl", conv_case(BF16, 8, 64, 128, 16, 1, 2, 0, channels_last=True, modes=("skip",)), None),
+    ("conv5x5-bf16-ragged", conv_case(BF16, 5, 37, 51, 19, 5, 1, 2, channels_last=False), None),
+    ("conv3x3-fp16-cl", conv_case(FP16, 8, 64, 128, 16, 3, 1, 1, channels_last=True, modes=("skip",)), None),
+    ("conv3x3-fp32-tf32", conv_case(FP32, 8, 64, 128, 16, 3, 1, 1, channels_last=True, modes=("skip",)), True),
+    ("conv3x3-fp32-ieee", conv_case(FP32, 8, 64, 128, 16, 3, 1, 1, channels_last=True, modes=("skip",)), False),
+]
+
+
+# ----------------------------------------------------------------------------- reports
+
+
+@dataclass
+class Report:
+    name: str
+    kernel: str
+    shared: int
+    warps: int
+    registers: int
+    stack: int  # bytes of stack frame per thread: spilled registers live there
+    local_instructions: int  # LDL / STL anywhere in the kernel: spill traffic
+    wgmma: int
+    cp_async: int
+    loop_instructions: int  # innermost loop holding matrix instructions (the widest, if several)
+    loop_mma: int
+    loop_local: int  # LDL / STL in that loop
+    loop_ldgsts: int
+
+    @property
+    def spills(self) -> bool:
+        # Spilled registers are stored and reloaded through local memory (STL / LDL). A stack
+        # frame without them holds a call's return state, not a spill.
+        return self.local_instructions > 0
+
+    def line(self) -> str:
+        return (f"ok   {self.name}: shared={self.shared} B, warps={self.warps}, regs={self.registers}, "
+                f"stack={self.stack} B, local={self.local_instructions}, wgmma={self.wgmma}, cp.async={self.cp_async}, "
+                f"loop={self.loop_instructions} instr (mma={self.loop_mma}, local={self.loop_local}, "
+                f"ldgsts={self.loop_ldgsts})")
+
+
+_MMA = re.compile(r"\b(HGMMA|HMMA|FFMA)\b")
+
+
+def main_loop(sass: str) -> tuple[int, int, int, int]:
+    """(instructions, matrix instructions, LDL/STL, LDGSTS) of the innermost loop that holds
+    matrix instructions, choosing the one with the most multiply-adds per iteration (the widest
+    tile class of a kernel that has several). A loop is the span between a label and a later branch
+    back to it. (Triton's SASS listing: ``LABEL:`` lines and ``control<TAB>INSTRUCTION;`` lines.)"""
+    instrs, labels = [], {}
+    for line in sass.splitlines():
+        label = re.match(r"^(\w+):\s*$", line)
+        if label:
+            labels[label.group(1)] = len(instrs)
+            continue
+        code = re.match(r"^[^\t]*\t(.*);", line)
+        if code:
+            instrs.append(code.group(1))
+    loops = []
+    for end, text in enumerate(instrs):
+        target = re.search(r"\bBRA\s+(\w+)$", text)
+        if target and labels.get(target.group(1), end + 1) <= end:
+            body = instrs[labels[target.group(1)]:end + 1]
+            mma = [i for i in body if _MMA.search(i)]
+            if mma:
+                # Multiply-adds per iteration: HGMMA names its shape (e.g. HGMMA.64x128x16).
+                work = sum(math.prod(map(int, shape.groups())) if (shape := re.search(r"(\d+)x(\d+)x(\d+)", i))
+                           else 1 for i in mma)
+                loops.append((work, -len(body), len(body), len(mma),
+                              sum(bool(re.search(r"\b(LDL|STL)\b", i)) for i in body),
+                              sum("LDGSTS" in i for i in body)))
+    if not loops:
+        return 0, 0, 0, 0
+    return max(loops)[2:]
+
+
+def _resources(cubin: bytes) -> dict:
+    """``{"REG": .., "STACK": .., "LOCAL": ..}`` of a cubin (``cuobjdump -res-usage``; works on
+    cached compiles too, unlike the ptxas log)."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
+        f.write(cubin)
+    try:
+        text = subprocess.run([triton.knobs.nvidia.cuobjdump.path, "-res-usage", f.name], capture_output=True,
+                              text=True, check=True).stdout
+    finally:
+        os.unlink(f.name)
+    return {key: int(value) for key, value in re.findall(r"\b(REG|STACK|LOCAL):(\d+)", text)}
+
+
+def compile_launch(name: str, launch: Launch, arch: int) -> Report:
+    signature, constexprs, attrs, options = specialise(launch)
+    src = triton.compiler.ASTSource(fn=launch.kernel, signature=signature, constexprs=constexprs, attrs=attrs)
+    compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
+    ptx, sass = compiled.asm["ptx"], compiled.asm["sass"]
+    res = _resources(compiled.asm["cubin"])
+    loop = main_loop(sass)
+    return Report(
+        name=name, kernel=launch.kernel.__name__, shared=compiled.metadata.shared,
+        warps=compiled.metadata.num_warps, registers=res.get("REG", 0), stack=res.get("STACK", 0),
+        local_instructions=len(re.findall(r"\b(?:LDL|STL)\b", sass)), wgmma=ptx.count("wgmma.mma_async"),
+        cp_async=ptx.count("cp.async.cg") + ptx.count("cp.async.ca"),
+        loop_instructions=loop[0], loop_mma=loop[1], loop_local=loop[2], loop_ldgsts=loop[3],
+    )
+
+
+def _label(launch: Launch) -> str:
+    short = launch.kernel.__name__.removeprefix("_threshold_").removeprefix("_").removesuffix("_kernel")
+    flags = [f"{k}={v}" for k, v in launch.kwargs.items()
+             if k in ("MODE", "COMPACT_W", "HAS_BIAS", "KH", "BLOCK_N", "BLOCK_P", "BLOCK_C", "DOT_PRECISION")]
+    return f"{short}[{','.join(flags)}]"
+
+
+def collect(filter_text: str = "") -> list[tuple[str, Launch]]:
+    """Every distinct specialised launch of the cases, named ``case:kernel[flags]``."""
+    out, seen = [], set()
+    for case, run, precision in CASES:
+        with recording() as launches, (tf32(precision) if precision is not None else contextlib.nullcontext()):
+            run()
+        for launch in launches:
+            name = f"{case}:{_label(launch)}"
+            sig, consts, attrs, opts = specialise(launch)
+            key = (launch.kernel.__name__, tuple(sorted(sig.items())), repr(sorted(consts.items())),
+                   repr(sorted(attrs.items())), tuple(sorted(opts.items())))
+            if key in seen or filter_text not in name:
+                continue
+            seen.add(key)
+            out.append((name, launch))
+    return out
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", type=int, default=90)
-    parser.add_argument("-k", default="", help="only cases whose name contains this")
+    parser.add_argument("-k", default="", help="only compiles whose name contains this")
+    parser.add_argument("--json", default=None, help="also write the reports to this file")
+    parser.add_argument("--check", action="store_true", help="fail on spills in the GEMM kernels")
+    parser.add_argument("--markdown", action="store_true", help="end with a table of the GEMM kernels")
     args = parser.parse_args(argv)
-    failures = 0
-    for name, make in itertools.chain(cases(), conv_cases()):
-        if args.k not in name:
+    failures, reports = 0, []
+    for name, launch in collect(args.k):
+        try:
+            report = compile_launch(name, launch, args.arch)
+        except Exception as exc:  # report every failure, not just the first
+            failures += 1
+            print(f"FAIL {name}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}", flush=True)
             continue
-        fn, sig, consts, warps = make()
-        for aligned in (False, True):
-            label = f"{name}{'[aligned]' if aligned else ''}"
-            try:
-                compiled = _compile(fn, sig, consts, args.arch, warps, aligned=aligned)
-                meta, ptx = compiled.metadata, compiled.asm["ptx"]
-                n_async = ptx.count("cp.async.cg") + ptx.count("cp.async.ca")
-                print(f"ok   {label}: shared={meta.shared} B, warps={meta.num_warps}, "
-                      f"wgmma={ptx.count('wgmma.mma_async')}, cp.async={n_async}")
-            except Exception as exc:  # report every failure, not just the first
-                failures += 1
-                print(f"FAIL {label}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
-    print(f"{failures} failed")
+        reports.append(report)
+        if args.check and report.kernel in MAIN_KERNELS and report.spills:
+            failures += 1
+            print(f"FAIL {name}: spills ({report.local_instructions} LDL/STL, stack {report.stack} B)", flush=True)
+        print(report.line(), flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump([asdict(r) for r in reports], f, indent=1)
+    if args.markdown:
+        print("\n| launch | regs | stack B | LDL/STL | wgmma | cp.async | loop instr | loop mma | loop LDGSTS |")
+        print("|---|---|---|---|---|---|---|---|---|")
+        for r in reports:
+            if r.kernel in MAIN_KERNELS:
+                print(f"| `{r.name}` | {r.registers} | {r.stack} | {r.local_instructions} | {r.wgmma} | "
+                      f"{r.cp_async} | {r.loop_instructions} | {r.loop_mma} | {r.loop_ldgsts} |")
+    print(f"{len(reports)} compiled, {failures} failed")
     return 1 if failures else 0
 
 

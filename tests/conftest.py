@@ -75,3 +75,20 @@ def poisoned_allocations(monkeypatch):
 
     monkeypatch.setattr(torch, "empty", lambda *a, **k: poison(empty(*a, **k)))
     monkeypatch.setattr(torch, "empty_like", lambda *a, **k: poison(empty_like(*a, **k)))
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Without a CUDA device, leave the ``gpu`` tests out of the run (deselected, counted in the
+    summary line) rather than printing hundreds of skips; ``-m gpu`` still lists them."""
+    if HAS_CUDA or config.getoption("markexpr"):
+        return
+    gpu = [item for item in items if item.get_closest_marker("gpu")]
+    if gpu:
+        config.hook.pytest_deselected(items=gpu)
+        items[:] = [item for item in items if not item.get_closest_marker("gpu")]
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    if HAS_CUDA:
+        return f"spafl: CUDA device {torch.cuda.get_device_name()}: the GPU tests run"
+    return "spafl: no CUDA device: the GPU tests (marker gpu) are deselected; the kernels run in Triton's interpreter"

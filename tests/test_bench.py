@@ -18,7 +18,7 @@ import _common  # noqa: E402
 import e2e  # noqa: E402
 
 import kernels  # noqa: E402
-from spafl import threshold_layers  # noqa: E402
+from spafl import named_threshold_layers  # noqa: E402
 from spafl._checks import resolve_backend  # noqa: E402
 from spafl.federated.models import build_model  # noqa: E402
 
@@ -302,7 +302,7 @@ def test_rows_are_printed_as_they_are_produced():
 def test_e2e_sets_every_layer_to_the_density(density):
     model = build_model("lenet5", 10)
     e2e.set_density(model, density)
-    for _, layer in threshold_layers(model):
+    for _, layer in named_threshold_layers(model):
         assert int(layer.mask.sum()) == round(density * layer.weight.shape[0])
 
 
@@ -310,7 +310,7 @@ def test_e2e_sets_a_profile_layer_by_layer():
     model = build_model("lenet5", 10)
     profile = e2e.PROFILES["late-spafl"]["lenet5"]
     e2e.set_density(model, profile)
-    for name, layer in threshold_layers(model):
+    for name, layer in named_threshold_layers(model):
         assert int(layer.mask.sum()) == round(profile[name] * layer.weight.shape[0])
     with pytest.raises(ValueError, match="threshold layers"):
         e2e.set_density(model, {"conv1": 0.5})
@@ -347,8 +347,8 @@ def test_e2e_round_table_keeps_the_set_densities(tmp_path, capsys):
     rows = read_csv(out)
     assert [r["provider"] for r in rows] == ["masked", "spafl"]
     model = build_model("digits-cnn", 10)
-    want = sum(round(0.5 * layer.weight.shape[0]) / layer.weight.shape[0] for _, layer in threshold_layers(model))
-    want /= len(list(threshold_layers(model)))
+    want = sum(round(0.5 * layer.weight.shape[0]) / layer.weight.shape[0] for _, layer in named_threshold_layers(model))
+    want /= len(list(named_threshold_layers(model)))
     for r in rows:
         assert float(r["density"]) == pytest.approx(want, abs=1e-6)  # the tiny learning rate kept the masks
         assert r["profile"] == "uniform" and r["layer_densities"] == "all=0.5" and float(r["ms"]) > 0

@@ -6,7 +6,15 @@ import torch.nn.functional as F
 
 import spafl
 from conftest import TOLERANCES, assert_close
-from spafl import ThresholdConv2d, ThresholdLinear, compact, threshold_conv2d, threshold_for_density, threshold_linear
+from spafl import (
+    ThresholdConv2d,
+    ThresholdLinear,
+    chain,
+    compact,
+    threshold_conv2d,
+    threshold_for_density,
+    threshold_linear,
+)
 from spafl._checks import resolve_backend
 
 pytestmark = pytest.mark.filterwarnings("ignore:Using padding='same'")
@@ -446,7 +454,7 @@ def test_tolerance_table_covers_the_compute_dtypes():
 
 
 def _set_densities(model, densities):
-    for (_, layer), density in zip(spafl.threshold_layers(model), densities, strict=True):
+    for (_, layer), density in zip(spafl.named_threshold_layers(model), densities, strict=True):
         with torch.no_grad():
             layer.threshold.copy_(threshold_for_density(layer.weight, density))
 
@@ -481,7 +489,7 @@ def test_lenet5_with_input_skipping_equals_the_reference_model(mode, products):
     ref.load_state_dict(fast.state_dict())
     for model in (fast, ref):
         _set_densities(model, (0.6, 0.3, 0.05, 1.0))
-    assert [n for n, layer in spafl.threshold_layers(fast) if layer.skip_zero_inputs] == ["conv2", "fc3", "fc4"]
+    assert [n for n, layer in spafl.named_threshold_layers(fast) if layer.skip_zero_inputs] == ["conv2", "fc3", "fc4"]
     _assert_models_agree(fast, ref, torch.randn(6, 1, 28, 28))
     conv2_input = [shapes[0] for op, shapes in products if op == "_conv2d" and shapes[1][1:] != (1, 5, 5)]
     assert conv2_input[0][1] == 12  # the 12 channels of conv1's 12 active filters, of 20
@@ -631,7 +639,7 @@ def test_sparsify_sets_flags_and_can_leave_them_off():
                                    torch.nn.Conv2d(4, 4, 3), torch.nn.ReLU(), torch.nn.Flatten(),
                                    torch.nn.Linear(4 * 3 * 3, 3))
 
-    flags = lambda m: [n for n, layer in spafl.threshold_layers(m) if layer.skip_zero_inputs]  # noqa: E731
+    flags = lambda m: [n for n, layer in spafl.named_threshold_layers(m) if layer.skip_zero_inputs]  # noqa: E731
     assert flags(spafl.sparsify(net())) == ["3", "6"]
     assert flags(spafl.sparsify(net(), skip_zero_inputs=False)) == []
     with pytest.raises(TypeError, match="skip_zero_inputs must be a bool"):
@@ -651,7 +659,7 @@ class _Untraceable(torch.nn.Module):
 def test_untraceable_model_gets_no_flags_and_a_warning():
     with pytest.warns(UserWarning, match="could not trace _Untraceable"):
         model = spafl.sparsify(_Untraceable())
-    assert not any(layer.skip_zero_inputs for _, layer in spafl.threshold_layers(model))
+    assert not any(layer.skip_zero_inputs for _, layer in spafl.named_threshold_layers(model))
     with pytest.raises(TypeError, match="nn.Module"):
         spafl.find_zero_input_layers("model")
 
@@ -661,7 +669,7 @@ def test_federated_models_get_their_flags_from_the_detector():
 
     def flags(name, **kwargs):
         model = build_model(name, 10, **kwargs)
-        return [n for n, layer in spafl.threshold_layers(model) if layer.skip_zero_inputs]
+        return [n for n, layer in spafl.named_threshold_layers(model) if layer.skip_zero_inputs]
 
     assert flags("lenet5") == flags("digits-cnn") == ["conv2", "fc3", "fc4"]
     assert flags("vit") == []  # LayerNorm, GELU and attention outputs feed its linears
@@ -698,3 +706,226 @@ def test_inference_skips_the_autograd_function():
     assert y.grad_fn is None
     torch.testing.assert_close(y, layer(x).detach())
     assert layer(x).grad_fn is not None
+
+
+# ----------------------------------------------------------------------------- compact chains
+
+
+def _chain_pair(name, mode, densities, skip_zero_inputs=True, **kwargs):
+    """The federated model ``name`` on the compacting backend (which takes its chain unless
+    ``skip_zero_inputs`` is off) and the same weights on the reference backend without input
+    skipping (the layers one by one)."""
+    from spafl.federated.models import build_model
+
+    torch.manual_seed(0)
+    fast = build_model(name, 10, backend="compact", backward_mode=mode, skip_zero_inputs=skip_zero_inputs, **kwargs)
+    ref = build_model(name, 10, backend="reference", backward_mode=mode, skip_zero_inputs=False, **kwargs)
+    ref.load_state_dict(fast.state_dict())
+    for model in (fast, ref):
+        _set_densities(model, densities)
+    return fast, ref
+
+
+@pytest.fixture
+def chain_calls(monkeypatch):
+    """The layers that ran through ``chain.layer``, by class name."""
+    seen = []
+    original = chain.layer
+    monkeypatch.setattr(chain, "layer", lambda module, *a, **k: seen.append(type(module).__name__)
+                        or original(module, *a, **k))
+    return seen
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize(
+    "name, shape, densities",
+    [
+        ("lenet5", (6, 1, 28, 28), (0.6, 0.3, 0.05, 1.0)),
+        ("lenet5", (3, 1, 28, 28), (1.0, 1.0, 1.0, 1.0)),
+        ("lenet5", (3, 1, 28, 28), (0.0, 0.5, 0.3, 1.0)),  # nothing passes conv1
+        ("lenet5", (3, 1, 28, 28), (0.6, 0.0, 0.3, 0.4)),  # nor conv2
+        ("lenet5", (3, 1, 28, 28), (0.6, 0.5, 0.3, 0.0)),  # the classifier is pruned
+        ("digits-cnn", (7, 1, 8, 8), (0.5, 0.25, 0.3, 0.6)),
+    ],
+    ids=str,
+)
+def test_federated_models_take_the_chain_and_equal_the_reference(name, shape, densities, mode, chain_calls):
+    fast, ref = _chain_pair(name, mode, densities, collapse_density=None)
+    _assert_models_agree(fast, ref, torch.randn(shape))
+    assert chain_calls == ["ThresholdConv2d", "ThresholdConv2d", "ThresholdLinear", "ThresholdLinear"]
+
+
+@pytest.mark.parametrize("timing", ["current", "previous"])
+def test_chain_runs_the_collapse_guard_as_the_layers_do(timing, chain_calls):
+    # fc3 at 5% is under the guard's 10%: it resets fc3's thresholds (at once, or a forward later).
+    fast, ref = _chain_pair("lenet5", "exact", (0.6, 0.3, 0.05, 1.0), collapse_density=0.1, collapse_timing=timing)
+    plain, _ = _chain_pair("lenet5", "exact", (0.6, 0.3, 0.05, 1.0), collapse_density=0.1, collapse_timing=timing,
+                           skip_zero_inputs=False)  # compact backend, layers one by one
+    x = torch.randn(4, 1, 28, 28)
+    for _ in range(2):
+        _assert_models_agree(fast, ref, x)
+        plain(x)
+    assert len(chain_calls) == 8
+    for key, value in ref.state_dict().items():
+        assert torch.equal(fast.state_dict()[key], value), key
+        assert torch.equal(plain.state_dict()[key], value), key
+    assert int(fast.fc3.collapse_resets) == 1 and (fast.fc3.threshold == 0).all()
+
+
+def test_chain_in_inference_matches_and_records_no_graph(chain_calls):
+    fast, ref = _chain_pair("lenet5", "exact", (0.6, 0.3, 0.05, 1.0))
+    x = torch.randn(5, 1, 28, 28)
+    with torch.no_grad():
+        y = fast(x)
+    assert y.grad_fn is None and y.is_contiguous()
+    assert_close(y, ref(x), torch.float32, "output")
+    fast.eval()
+    assert_close(fast(x), ref.eval()(x), torch.float32, "output in eval mode")
+    assert len(chain_calls) == 8
+
+
+def test_chain_writes_every_output_element(poisoned_allocations, chain_calls):
+    fast, ref = _chain_pair("lenet5", "exact", (0.6, 0.3, 0.05, 1.0))
+    _assert_models_agree(fast, ref, torch.randn(3, 1, 28, 28))
+    assert len(chain_calls) == 4
+
+
+def test_chain_steps_aside_where_it_would_change_behaviour(chain_calls):
+    from spafl.federated.models import LeNet5
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 1, 28, 28)
+    model = LeNet5()
+    hooked = []
+    handle = model.conv2.register_forward_hook(lambda module, args, out: hooked.append(out.shape))
+    model(x)
+    assert hooked == [(2, 50, 8, 8)] and chain_calls == []  # the hook sees conv2's whole output
+    handle.remove()
+    model.fc3.bias = torch.nn.Parameter(torch.zeros(500))  # a producer's pruned units would output the bias
+    model(x)
+    assert chain_calls == []
+    for kwargs in ({"skip_zero_inputs": False}, {"backend": "reference"}):
+        LeNet5(**kwargs)(x)
+        assert chain_calls == []
+    fresh = LeNet5()
+    layers = (fresh.conv1, fresh.conv2, fresh.fc3, fresh.fc4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not chain.applies(x, *layers)
+    assert chain.applies(x, *layers) and not chain.applies(x.double(), *layers)
+    with pytest.raises(ValueError, match="x has shape"):  # the layer's own error, not the chain's
+        LeNet5()(torch.randn(2, 3, 28, 28))
+    assert not chain.applies(torch.zeros(0, 1, 28, 28), model.conv1)
+    LeNet5()(x)
+    assert len(chain_calls) == 4
+
+
+def test_chain_ops_match_the_dense_activation():
+    g = torch.Generator().manual_seed(0)
+    index = torch.tensor([1, 4, 5])
+    c = chain.Compact(torch.randn(2, 3, 6, 6, generator=g), index, 7)
+    dense = chain.to_dense(c)
+    assert dense.shape == (2, 7, 6, 6) and torch.equal(dense[:, index], c.values)
+    assert dense[:, [0, 2, 3, 6]].abs().sum() == 0
+    pooled = chain.relu(chain.max_pool2d(c, 2))
+    assert pooled.rectified and not c.rectified
+    assert torch.equal(chain.to_dense(pooled), F.relu(F.max_pool2d(dense, 2)))
+    flat = chain.flatten(pooled)
+    assert flat.size == 7 * 9 and flat.rectified
+    assert torch.equal(chain.to_dense(flat), F.relu(F.max_pool2d(dense, 2)).flatten(1))
+    every = chain.Compact(c.values, None, 3)
+    assert chain.to_dense(every) is c.values and chain.flatten(every).index is None
+    # No unit stored: pooling keeps the (empty) values in the graph, so gradients still arrive.
+    values = torch.zeros(2, 0, 6, 6, requires_grad=True)
+    empty = chain.max_pool2d(chain.Compact(values, index[:0], 7), 2)
+    assert empty.values.shape == (2, 0, 3, 3) and empty.values.grad_fn is not None
+
+
+class _ChainNet(torch.nn.Module):
+    """A grouped producer, a Linear chain and a convolution ending a chain (its whole output)."""
+
+    def __init__(self, backend, mode):
+        super().__init__()
+        kw = {"backend": backend, "backward_mode": mode, "collapse_density": None}
+        self.conv1 = ThresholdConv2d(4, 6, 3, groups=2, bias=False, **kw)
+        self.conv2 = ThresholdConv2d(6, 5, 3, padding=1, padding_mode="reflect", bias=True, **kw)
+        self.fc1 = ThresholdLinear(9, 12, bias=False, **kw)
+        self.fc2 = ThresholdLinear(12, 4, **kw)
+
+    def forward(self, x, v, use_chain):
+        if not use_chain:
+            return self.conv2(F.relu(self.conv1(x))), self.fc2(F.relu(self.fc1(v)))
+        h = chain.relu(chain.layer(self.conv1, x))
+        a = chain.layer(self.conv2, h, compact_output=False)
+        b = chain.layer(self.fc2, chain.relu(chain.layer(self.fc1, v)), compact_output=False)
+        return a, b
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_chain_layer_equals_the_layers_called_one_by_one(mode):
+    torch.manual_seed(0)
+    fast, ref = _ChainNet("compact", mode), _ChainNet("reference", mode)
+    ref.load_state_dict(fast.state_dict())
+    _set_densities(fast, (0.5, 0.6, 0.4, 0.75))
+    _set_densities(ref, (0.5, 0.6, 0.4, 0.75))
+    g = torch.Generator().manual_seed(1)
+    x, v = torch.randn(3, 4, 7, 6, generator=g), torch.randn(5, 9, generator=g)
+    results = []
+    for model, use_chain in ((fast, True), (ref, False)):
+        xi, vi = x.clone().requires_grad_(), v.clone().requires_grad_()
+        a, b = model(xi, vi, use_chain)
+        (a * torch.randn(a.shape, generator=torch.Generator().manual_seed(2))).sum().backward()
+        (b * torch.randn(b.shape, generator=torch.Generator().manual_seed(3))).sum().backward()
+        results.append([a, b, xi.grad, vi.grad] + [p.grad for p in model.parameters()])
+        model.zero_grad()
+    assert results[0][0].is_contiguous()  # a chain's channels-last layout stays inside it
+    names = ["conv2 out", "fc2 out", "dx", "dv"] + [n for n, _ in fast.named_parameters()]
+    for name, a, e in zip(names, results[0], results[1], strict=True):
+        assert_close(a, e, torch.float32, name)
+
+
+def test_chain_layer_rejects_misuse():
+    torch.manual_seed(0)
+    conv = ThresholdConv2d(3, 4, 3, bias=False)
+    _set_densities(conv, (0.5,))
+    fc = ThresholdLinear(4 * 4 * 4, 5)
+    x = torch.randn(2, 3, 6, 6)
+    out = chain.layer(conv, x)
+    assert isinstance(out, chain.Compact) and out.values.shape == (2, 2, 4, 4) and out.size == 4
+    with pytest.raises(ValueError, match="must pass chain.relu"):
+        chain.layer(fc, chain.flatten(out), compact_output=False)
+    with pytest.raises(ValueError, match="compact_output needs a layer without bias"):
+        chain.layer(fc, chain.flatten(chain.relu(out)))
+    with pytest.raises(TypeError, match="ThresholdLinear or ThresholdConv2d"):
+        chain.layer(torch.nn.Linear(3, 3), x)
+    with pytest.raises(TypeError, match="tensor or a Compact"):
+        chain.layer(conv, x.numpy())
+    with pytest.raises(ValueError, match=r"takes \[B, 64\] inputs"):
+        chain.layer(fc, chain.relu(out), compact_output=False)
+    with pytest.raises(ValueError, match="compacting backend"):
+        chain.layer(ThresholdConv2d(3, 4, 3, bias=False, backend="reference"), x)
+    with pytest.raises(ValueError, match="groups == 1"):
+        chain.layer(ThresholdConv2d(4, 4, 3, groups=2, bias=False), chain.relu(out))
+    with pytest.raises(TypeError, match="float64"):
+        chain.layer(conv, x.double())
+    with pytest.raises(ValueError, match="too small"):
+        chain.layer(conv, torch.randn(2, 3, 2, 2))
+    with torch.autocast("cpu", dtype=torch.bfloat16), pytest.raises(ValueError, match="autocast"):
+        chain.layer(conv, x)
+    with pytest.raises(ValueError, match="non-finite"):
+        with torch.no_grad():
+            conv.threshold[0] = float("nan")
+        chain.layer(conv, x)
+
+
+@pytest.mark.parametrize("density", [0.5, 1.0])
+def test_conv_output_layout_follows_f_conv2d_for_one_channel_inputs(density):
+    # A one-channel tensor is contiguous in both formats; PyTorch tells them apart by the strides.
+    x = torch.randn(2, 1, 7, 7)
+    x_cl = x.as_strided(x.shape, (49, 1, 7, 1))
+    w = torch.randn(6, 1, 3, 3)
+    tau = threshold_for_density(w, density)
+    for inp in (x, x_cl):
+        y = threshold_conv2d(inp, w, tau)
+        expected = F.conv2d(inp, w)
+        assert y.stride() == expected.stride()
+        assert_close(y, threshold_conv2d(inp, w, tau, backend="reference"), torch.float32, "y")

@@ -521,3 +521,30 @@ def test_checkpoints_load_with_weights_only_and_old_ones_are_refused(tmp_path):
         Simulator.resume(tmp_path / "v1.pt", dataset=synthetic(n_train=200, n_test=50))
     with pytest.raises(FileNotFoundError):
         read_checkpoint(tmp_path / "missing.pt")
+
+
+def test_accuracy_band_stays_in_range_and_ticks_are_integers(tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    from spafl.federated import plots
+
+    run(small_config(rounds=3), synthetic(n_train=200, n_test=50), out_dir=tmp_path)
+    meta = json.loads((tmp_path / "history.json").read_text())
+    for row in meta["history"]:  # a spread wider than the range: the band must stay inside it
+        row["acc_mean"], row["acc_std"] = 20.0, 30.0
+    (tmp_path / "history.json").write_text(json.dumps(meta))
+    figures = {}
+
+    def keep(fig, path):
+        figures[path.name] = fig
+        return path
+
+    monkeypatch.setattr(plots, "_save", keep)
+    plots.plot_run(tmp_path)
+    ax = figures["accuracy.png"].axes[0]
+    assert ax.get_ylim() == (0.0, 100.0)
+    band = ax.collections[0].get_paths()[0].vertices[:, 1]
+    assert band.min() == 0.0 and band.max() == 50.0
+    for ax in figures["masks.png"].axes:
+        ax.figure.canvas.draw()
+        assert all(float(t).is_integer() for t in ax.get_yticks()), ax.get_yticks()
+        assert all(float(t).is_integer() for t in ax.get_xticks()), ax.get_xticks()

@@ -578,9 +578,9 @@ def test_client_round_takes_global_thresholds_and_applies_the_update_before_trai
 
 
 def spafl_layers(model):
-    from spafl import threshold_layers
+    from spafl import named_threshold_layers
 
-    return threshold_layers(model)
+    return named_threshold_layers(model)
 
 
 def test_any_model_through_sparsify_and_models_without_threshold_layers():

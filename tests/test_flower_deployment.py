@@ -184,7 +184,7 @@ def test_secure_deployment_tls_node_auth_and_superlink_restart(tmp_path):
         done = procs.run(f'flwr run . secure --stream --run-config "{run_config} rounds=3"', 900)
         assert done.returncode == 0 and "continuing the run" in done.stdout, done.stdout[-3000:]
         rows = _rows(out)
-        assert [int(r["round"]) for r in rows] == [0, 1, 2] and all(r["participants"] == "2" for r in rows)
+        assert [int(r["round"]) for r in rows] == [1, 2, 3] and all(r["participants"] == "2" for r in rows)
         for p in range(2):
             assert torch.load(state / f"partition-{p:05d}.pt", weights_only=True)["round"] == 2
     finally:

@@ -1,9 +1,13 @@
 """CUDA-only checks: native kernels at larger shapes, bf16, TF32, and the CUDA-side options.
 
 Skipped without a CUDA device (the same kernels run in the interpreter in the other tests).
+The kernels run with their fixed launch configurations (autotuning has its own test).
+``SPAFL_GPU_QUICK=1`` keeps one or two shapes per kernel and dtype (benchmarks/run_gpu.sh runs
+that subset in a short GPU slot: every distinct shape is a compile of every kernel).
 """
 
 import copy
+import os
 
 import pytest
 import torch
@@ -30,10 +34,25 @@ from spafl.kernels import (
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")]
 
+QUICK = os.environ.get("SPAFL_GPU_QUICK") == "1"
+DTYPES = [torch.float32, torch.bfloat16] if QUICK else [torch.float32, torch.float16, torch.bfloat16]
+DENSITIES = [0.0, 0.1, 1.0] if QUICK else [0.0, 0.1, 0.5, 1.0]
 
-@pytest.mark.parametrize("shape", [(1000, 1531, 769), (4096, 1024, 2048), (1, 4096, 4096)], ids=str)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("density", [0.0, 0.1, 0.5, 1.0])
+
+@pytest.fixture(autouse=True)
+def _fixed_configs():
+    from spafl.kernels import _config
+
+    with _config.fixed_configs():
+        yield
+
+
+LINEAR_CASES = [(shape, dtype) for shape in [(1000, 1531, 769), (4096, 1024, 2048), (1, 4096, 4096)]
+                for dtype in DTYPES if not QUICK or (shape[0] == 1000 or dtype == torch.bfloat16) and shape[0] > 1]
+
+
+@pytest.mark.parametrize("shape, dtype", LINEAR_CASES, ids=str)
+@pytest.mark.parametrize("density", DENSITIES)
 @pytest.mark.parametrize("mode", ["exact", "skip", "sample"])
 def test_large_shapes_match_reference(shape, dtype, density, mode):
     m, n, k = shape
@@ -99,16 +118,21 @@ def test_auto_backend_uses_triton_on_cuda_and_layer_trains():
 
 
 def test_strided_operands_past_int32_offsets():
-    # A weight view whose element offsets pass 2^31 (stride 32769 along K): the kernels must
-    # compute addresses in int64.
-    storage = torch.randn(32769 * 65535 + 2, device="cuda", dtype=torch.float16)  # 4.3 GB
-    w = storage.as_strided((2, 65536), (1, 32769))
+    # Weight rows 2^31 + 16 elements apart (a view of a 4.3 GB buffer): element offsets pass
+    # 2^31, so the launchers must pick the kernels' int64 offsets.
+    storage = torch.randn(2**31 + 16 + 65536, device="cuda", dtype=torch.float16)
+    w = storage.as_strided((2, 65536), (2**31 + 16, 1))
     tau = torch.zeros(2, device="cuda", dtype=torch.float16)
     rm = threshold_row_mask(w, tau)
     assert torch.equal(rm.mask, reference.row_mask(w, tau).mask)
     x = torch.randn(3, 65536, device="cuda", dtype=torch.float16)
     assert_close(threshold_linear_fwd(x, w, None, rm), reference.threshold_linear_forward(x, w, rm.mask),
                  torch.float16, "y")
+    dy = torch.randn(3, 2, device="cuda", dtype=torch.float16)
+    dx, dw, dtau = threshold_linear_bwd(dy, x, w, rm, mode="exact")
+    rdx, rdw, rdtau, _ = reference.threshold_linear_backward(dy, x, w, rm.mask.half(), rm.mask, has_bias=False)
+    for name, got, want in (("dx", dx, rdx), ("dW", dw, rdw), ("dtau", dtau, rdtau)):
+        assert_close(got, want, torch.float16, name)
 
 
 LAYERS = {
@@ -151,11 +175,16 @@ CONV_SHAPES = {
 }
 
 
-@pytest.mark.parametrize("name", list(CONV_SHAPES))
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("density", [0.0, 0.1, 0.5, 1.0])
+# The quick subset: these (shape, channels-last) pairs at bf16, the first also at fp32.
+QUICK_CONV = [("resnet-64x64-32px", True), ("resnet-64x128-stride2", False), ("ragged-5x5", False),
+              ("stem-7x7", False)]
+CONV_CASES = [(name, cl, dtype) for name in CONV_SHAPES for cl in (False, True) for dtype in DTYPES
+              if not QUICK or (name, cl) in QUICK_CONV and (dtype == torch.bfloat16 or (name, cl) == QUICK_CONV[0])]
+
+
+@pytest.mark.parametrize("name, channels_last, dtype", CONV_CASES, ids=str)
+@pytest.mark.parametrize("density", DENSITIES)
 @pytest.mark.parametrize("mode", ["exact", "skip", "sample"])
-@pytest.mark.parametrize("channels_last", [False, True])
 def test_conv_shapes_match_reference(name, dtype, density, mode, channels_last):
     b, cin, cout, size, k, stride, pad = CONV_SHAPES[name]
     geo = conv_geometry(k, stride, pad)
@@ -207,7 +236,7 @@ def test_torchvision_resnet18_trains_on_the_triton_path():
         if hasattr(layer, "backend"):
             layer.backend = "reference"
     with torch.no_grad():
-        for (_, a), (_, b) in zip(spafl.threshold_layers(model), spafl.threshold_layers(reference_model),
+        for (_, a), (_, b) in zip(spafl.named_threshold_layers(model), spafl.named_threshold_layers(reference_model),
                                   strict=True):
             a.threshold.copy_(threshold_for_density(a.weight, 0.5))
             b.threshold.copy_(a.threshold)
@@ -220,16 +249,15 @@ def test_torchvision_resnet18_trains_on_the_triton_path():
         outs.append(y)
     # Twenty layers with batch norm between them: summation-order differences grow with depth.
     assert_close(outs[0], outs[1], torch.float16, "logits")
-    for (name, a), (_, b) in zip(spafl.threshold_layers(model), spafl.threshold_layers(reference_model),
+    for (name, a), (_, b) in zip(spafl.named_threshold_layers(model), spafl.named_threshold_layers(reference_model),
                                  strict=True):
         assert_close(a.threshold.grad, b.threshold.grad, torch.bfloat16, f"{name} dtau")
 
 
-@pytest.mark.parametrize(
-    "kernel, stride, padding, dilation",
-    [(3, 1, 2, 2), (2, 1, "same", 1), (5, 3, 2, 1), ((3, 1), (2, 1), (1, 0), 1), (3, 1, "valid", (2, 3))],
-    ids=str,
-)
+GEOMETRIES = [(3, 1, 2, 2), (5, 3, 2, 1), (2, 1, "same", 1), ((3, 1), (2, 1), (1, 0), 1), (3, 1, "valid", (2, 3))]
+
+
+@pytest.mark.parametrize("kernel, stride, padding, dilation", GEOMETRIES[:2] if QUICK else GEOMETRIES, ids=str)
 @pytest.mark.parametrize("mode", ["exact", "skip", "sample"])
 def test_conv_geometries_and_strided_views_match_reference(kernel, stride, padding, dilation, mode):
     geo = conv_geometry(kernel, stride, padding, dilation)
@@ -249,14 +277,60 @@ def test_conv_geometries_and_strided_views_match_reference(kernel, stride, paddi
 
 
 def test_conv_offsets_past_int32():
-    # One NCHW image of 33 x 8192 x 8192 half elements (4.4 GB): channel offsets c * H * W pass
-    # 2^31, so the kernels must compute addresses in int64.
-    x = torch.empty(1, 33, 8192, 8192, device="cuda", dtype=torch.float16)
-    x.fill_(1.0)
-    x[0, :, 0, 0] = torch.arange(33, device="cuda", dtype=torch.float16)
-    w = torch.ones(4, 33, 1, 1, device="cuda", dtype=torch.float16)
+    # A channels-last image of 16 x 16384 x 8200 half elements (4.3 GB): pixel offsets pass
+    # 2^31, so the launchers must pick the kernels' int64 offsets.
+    x = torch.zeros(1, 16, 16384, 8200, device="cuda", dtype=torch.float16).to(memory_format=torch.channels_last)
+    x[0, :, -1, -1] = torch.arange(16, device="cuda", dtype=torch.float16)
+    x[0, :, 0, 0] = 1.0
+    w = torch.ones(4, 16, 3, 3, device="cuda", dtype=torch.float16).to(memory_format=torch.channels_last)
     tau = torch.zeros(4, device="cuda", dtype=torch.float16)
     rm = threshold_row_mask(w.reshape(4, -1), tau)
-    geo = conv_geometry(1)
-    y = threshold_conv2d_fwd(x[..., :1, :1], w, None, rm, geo)
-    assert y.flatten().tolist() == [float(sum(range(33)))] * 4
+    y = threshold_conv2d_fwd(x, w, None, rm, conv_geometry(3, 1, 1))
+    assert y[0, :, -1, -1].tolist() == [120.0] * 4 and y[0, :, -2, -2].tolist() == [120.0] * 4
+    assert y[0, :, 0, 0].tolist() == [16.0] * 4 and y[0, :, 2, 2].tolist() == [0.0] * 4
+
+
+def test_fused_row_mask_is_identical_from_launch_to_launch():
+    # One launch scores the rows and the last program to finish compacts them (a ticket
+    # counter): many programs, repeated launches, always the reference's sorted list.
+    w = torch.randn(100_003, 64, device="cuda")
+    tau = threshold_for_density(w, 0.3)
+    ref = reference.row_mask(w, tau)
+    for _ in range(20):
+        rm = threshold_row_mask(w, tau)
+        assert torch.equal(rm.perm, ref.perm) and torch.equal(rm.count, ref.count)
+
+
+@pytest.mark.parametrize("compact_weight", [False, True])
+def test_autotuned_launches_match_reference(compact_weight):
+    # Autotuning (its candidates compile and run, the grid follows each one) and both weight
+    # paths, with a density hint.
+    from spafl.kernels import _config
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(512, 768, generator=g).cuda().bfloat16()
+    w = (torch.randn(640, 768, generator=g) / 28).cuda().bfloat16()
+    dy = torch.randn(512, 640, generator=g).cuda().bfloat16()
+    tau = threshold_for_density(w, 0.3)
+    with _config.autotuning(True):
+        rm = threshold_row_mask(w, tau)
+        y = threshold_linear_fwd(x, w, None, rm, density_hint=0.3, compact_weight=compact_weight)
+        dx, dw, dtau = threshold_linear_bwd(dy, x, w, rm, mode="skip", density_hint=0.3, compact_weight=compact_weight)
+        xc = torch.randn(16, 64, 16, 16, generator=g).cuda().bfloat16().to(memory_format=torch.channels_last)
+        wc = (torch.randn(96, 64, 3, 3, generator=g) / 24).cuda().bfloat16()
+        dyc = torch.randn(16, 96, 16, 16, generator=g).cuda().bfloat16()
+        tauc = threshold_for_density(wc, 0.3)
+        rmc = threshold_row_mask(wc.reshape(96, -1), tauc)
+        geo = conv_geometry(3, 1, 1)
+        yc = threshold_conv2d_fwd(xc, wc, None, rmc, geo, density_hint=0.3, compact_weight=compact_weight)
+        gc = threshold_conv2d_bwd(dyc, xc, wc, rmc, geo, mode="skip", density_hint=0.3, compact_weight=compact_weight)
+    assert _config._tuners, "no autotuner ran"
+    assert_close(y, reference.threshold_linear_forward(x, w, rm.mask), torch.bfloat16, "y")
+    want = reference.threshold_linear_backward(dy, x, w, rm.mask.bfloat16(), rm.mask, has_bias=False, mode="skip")
+    for name, got, exp in zip(("dx", "dW", "dtau"), (dx, dw, dtau), want[:3], strict=True):
+        assert_close(got, exp, torch.bfloat16, name)
+    assert_close(yc, reference.threshold_conv2d_forward(xc, wc, rmc.mask, None, geo), torch.bfloat16, "conv y")
+    wantc = reference.threshold_conv2d_backward(dyc, xc, wc, rmc.mask.bfloat16(), rmc.mask, geo, has_bias=False,
+                                                mode="skip")
+    for name, got, exp in zip(("dx", "dW", "dtau"), gc, wantc[:3], strict=True):
+        assert_close(got, exp, torch.bfloat16, f"conv {name}")

@@ -1,10 +1,14 @@
-"""Every kernel specialisation the launchers use compiles for Hopper (sm_90), even on a CPU box.
+"""Every launch the launchers make compiles for Hopper (sm_90), without spills, even on a CPU box.
 
 The interpreter executes kernels with NumPy and accepts programs that the real compiler
-rejects (loop-carried type changes, layouts); Triton can lower to a cubin offline with the
-ptxas it ships, so this catches those failures without a GPU.
+rejects (loop-carried type changes, layouts) or compiles badly (register spills); Triton can
+lower to a cubin offline with the ptxas it ships, so this catches those without a GPU.
+tests/aot_compile.py records the launches of realistic aligned and ragged cases (bf16, fp16,
+fp32 with and without TF32; Linear and Conv2d, NCHW and channels-last, every backward mode) and
+compiles each one as Triton's launcher would specialise it.
 """
 
+import json
 import os
 import subprocess
 import sys
@@ -23,32 +27,56 @@ def _nvidia_backend_available() -> bool:
 
 pytestmark = pytest.mark.skipif(not _nvidia_backend_available(), reason="Triton's NVIDIA backend is not installed")
 
+MAIN_KERNELS = ("_threshold_linear_fwd_kernel", "_threshold_linear_bwd_dx_kernel", "_threshold_linear_bwd_dw_kernel",
+                "_threshold_conv2d_fwd_kernel", "_threshold_conv2d_bwd_dx_kernel", "_threshold_conv2d_bwd_dw_kernel")
+
 
 @pytest.fixture(scope="module")
-def aot_report() -> subprocess.CompletedProcess:
-    # One compile of every case (both specialisations), shared by the tests below. A subprocess,
-    # because TRITON_INTERPRET=1 (set by conftest) turns the kernels into interpreted functions.
+def aot(tmp_path_factory):
+    # One compile of every launch, shared by the tests below. A subprocess, because
+    # TRITON_INTERPRET=1 (set by conftest) turns the kernels into interpreted functions.
+    out = tmp_path_factory.mktemp("aot") / "reports.json"
     script = Path(__file__).with_name("aot_compile.py")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    return subprocess.run([sys.executable, str(script), "--arch", "90"], capture_output=True, text=True, env=env,
-                          timeout=900)
+    proc = subprocess.run([sys.executable, str(script), "--arch", "90", "--check", "--json", str(out)],
+                          capture_output=True, text=True, env=env, timeout=2400)
+    reports = json.loads(out.read_text()) if out.exists() else []
+    return proc, {r["name"]: r for r in reports}
 
 
-def test_all_kernels_compile_for_sm90(aot_report):
-    report = aot_report.stdout + aot_report.stderr
-    assert aot_report.returncode == 0, report
-    assert "0 failed" in aot_report.stdout and aot_report.stdout.count("ok ") >= 120, report
+def _main(reports: dict, prefixes: tuple[str, ...]) -> list[dict]:
+    return [r for name, r in reports.items() if name.startswith(prefixes) and r["kernel"] in MAIN_KERNELS]
 
 
-def test_aligned_16bit_gemms_use_wgmma_and_a_cp_async_pipeline(aot_report):
-    # A structural guard, not a timing: aligned bf16 inputs (contiguous; for the convolutions,
-    # channels-last with channel counts that are multiples of 16) must keep the Hopper
-    # tensor-core instructions and the software pipeline (see benchmarks/NOTES.md).
-    lines = {line.split(":")[0][5:]: line for line in aot_report.stdout.splitlines() if line.startswith("ok ")}
-    for name in ("linear_fwd[*bf16,bias=True][aligned]", "linear_bwd_dx[*bf16][aligned]",
-                 "linear_bwd_dw[*bf16,mode=0][aligned]", "conv_fwd[*bf16,n=64,unit=False,bias=True][aligned]",
-                 "conv_fwd[*bf16,n=128,unit=False,bias=True][aligned]", "conv_bwd_dx[*bf16,unit=False][aligned]",
-                 "conv_bwd_dw[*bf16,p=64,unit=False,mode=0][aligned]"):
-        assert name in lines, aot_report.stdout + aot_report.stderr
-        fields = dict(part.strip().split("=") for part in lines[name].split(":", 1)[1].split(","))
-        assert int(fields["wgmma"]) > 0 and int(fields["cp.async"]) > 0, lines[name]
+def test_every_launch_compiles_for_sm90_without_spills(aot):
+    proc, reports = aot
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0 and " 0 failed" in proc.stdout, log
+    main = _main(reports, ("",))
+    # Each GEMM kernel in several specialisations: dtypes, modes, layouts, aligned and ragged.
+    assert {r["kernel"] for r in main} == set(MAIN_KERNELS) and len(main) >= 30, log
+    spilled = [r["name"] for r in main if r["local_instructions"]]
+    assert not spilled, f"register spills in {spilled}\n{log}"
+
+
+def test_aligned_16bit_gemms_use_wgmma_and_a_cp_async_pipeline(aot):
+    # A structural guard, not a timing: aligned 16-bit operands (contiguous; for the convolutions
+    # channels-last, or NCHW converted by the launcher) must keep the Hopper tensor-core
+    # instructions and a software pipeline fed by cp.async in the main loop (benchmarks/NOTES.md).
+    _, reports = aot
+    main = _main(reports, ("linear-bf16:", "linear-fp16:", "conv3x3-bf16-cl:", "conv3x3-fp16-cl:",
+                           "conv3x3s2-bf16-nchw:", "conv1x1s2-bf16-cl:"))
+    assert len(main) >= 12
+    for r in main:
+        assert r["wgmma"] > 0 and r["cp_async"] > 0 and r["loop_ldgsts"] > 0, r
+
+
+def test_fp32_compiles_with_and_without_tf32(aot):
+    # TF32 (torch's allow_tf32 settings on) runs on the tensor cores; IEEE fp32 (the default for
+    # matmuls) cannot, and its main loop is FFMA.
+    _, reports = aot
+    tf32 = _main(reports, ("linear-fp32-tf32:", "conv3x3-fp32-tf32:"))
+    ieee = _main(reports, ("linear-fp32-ieee:", "conv3x3-fp32-ieee:"))
+    assert len(tf32) == len(ieee) >= 6
+    assert all(r["wgmma"] > 0 for r in tf32), tf32
+    assert all(r["wgmma"] == 0 and r["loop_mma"] > 0 for r in ieee), ieee

@@ -50,17 +50,17 @@ def _inputs(geometry, dtype, density, device, seed=0, bias=True, channels_last=F
     return geo, x, wt, bias_t, dy, tau
 
 
-def _check_all(geo, x, w, b, dy, tau, mode, dtype, sample_fraction=0.3, split=None):
+def _check_all(geo, x, w, b, dy, tau, mode, dtype, sample_fraction=0.3, split=None, **options):
     rm = threshold_row_mask(w.reshape(w.shape[0], -1), tau)
     ref = reference.row_mask(w, tau)
     assert torch.equal(rm.mask.cpu(), ref.mask.cpu()) and torch.equal(rm.perm.cpu(), ref.perm.cpu())
 
-    y = threshold_conv2d_fwd(x, w, b, rm, geo)
+    y = threshold_conv2d_fwd(x, w, b, rm, geo, **options)
     assert y.dtype == x.dtype
     assert_close(y, reference.threshold_conv2d_forward(x, w, ref.mask, b, geo), dtype, "y")
 
     dx, dw, dtau = threshold_conv2d_bwd(dy, x, w, rm, geo, mode=mode, sample_fraction=sample_fraction,
-                                        threshold_dtype=tau.dtype, split=split)
+                                        threshold_dtype=tau.dtype, split=split, **options)
     rdx, rdw, rdtau, _ = reference.threshold_conv2d_backward(
         dy, x, w, ref.mask.to(w.dtype), ref.mask, geo, has_bias=False, mode=mode, sample_fraction=sample_fraction
     )
@@ -114,6 +114,22 @@ def test_strided_views_and_channels_last_weights(device):
     assert y.is_contiguous(memory_format=torch.channels_last) and dx.is_contiguous(memory_format=torch.channels_last)
 
 
+@pytest.mark.parametrize("compact_weight", [False, True])
+@pytest.mark.parametrize("weight_layout", ["nchw", "channels_last"])
+def test_both_weight_paths_and_layouts(compact_weight, weight_layout, device):
+    # The active filters gathered inside the tile loads, or compacted first; from an NCHW or a
+    # channels-last weight (NCHW with the gather reads channels kh*kw apart).
+    geo, x, w, b, dy, tau = _inputs(GEOMETRIES["3x3-stride2"], torch.float32, 0.4, device)
+    if weight_layout == "channels_last":
+        w = w.to(memory_format=torch.channels_last)
+    for mode in MODES:
+        _, _, _, dw, _ = _check_all(geo, x, w, b, dy, tau, mode, torch.float32, compact_weight=compact_weight,
+                                    density_hint=0.4)
+        # dW in the weight's layout.
+        assert dw.is_contiguous(memory_format=torch.channels_last if weight_layout == "channels_last"
+                                else torch.contiguous_format)
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_pruned_channels_are_exactly_the_bias(dtype, device):
     geo, x, w, b, _, tau = _inputs(GEOMETRIES["3x3-pad1"], dtype, 0.3, device)
@@ -136,18 +152,27 @@ def test_every_output_element_is_written(dtype, device, poisoned_allocations):
                 assert torch.isfinite(t).all()
 
 
-def test_tiles_leave_whole_tiles_of_pruned_filters_to_skip():
-    # On the GPU tiles, a 64-filter layer must not be one filter tile: at density 0.5 the
-    # forward and the skip-mode dW would then compute every filter.
+def test_filter_tiles_and_their_tail_classes():
+    # On the GPU tiles, a filter block covers the layer up to 128 filters, and the block that
+    # straddles the active count runs the narrowest power-of-two class that covers its active
+    # filters, down to MIN_UNITS (the harness in test_work_count.py measures the work).
     from spafl.kernels import _config
     from spafl.kernels.threshold_conv2d import conv_tiles
 
     for cfg in (_config._GPU_GEMM_16BIT, _config._GPU_GEMM_FP32):
-        for filters in (64, 128, 512):
-            t = conv_tiles(cfg, filters, 64)
-            assert 2 * t.fwd_filters <= filters and 2 * t.dw_filters <= filters
+        assert [conv_tiles(cfg, f, 64).fwd_filters for f in (6, 20, 50, 64, 128, 512)] == [8, 32, 64, 64, 128, 128]
         stem = conv_tiles(cfg, 64, 3)
-        assert stem.fwd_channels == stem.dw_channels == 16
+        assert stem.fwd_channels == 16 and stem.dw_channels == 16
+    for block in (8, 16, 32, 64, 128, 256):
+        for active in range(0, 3 * block + 1):
+            full, rem = divmod(active, block)
+            width = _config.covered_units(active, block) - full * block
+            if rem == 0:
+                assert width == 0
+            else:
+                assert width >= rem and width in (block, *_config.tail_widths(block).values())
+                narrowest = _config.tail_widths(block)["TAIL3"]
+                assert width == max(narrowest, 1 << (rem - 1).bit_length()), (block, active)
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -193,3 +218,7 @@ def test_launchers_reject_bad_operands(device):
             threshold_conv2d_bwd(dy, x, w, rm, geo, split=split)
     with pytest.raises(ValueError, match="no compact index list"):
         threshold_conv2d_fwd(x, w, b, reference.row_mask(w, tau, with_perm=False), geo)
+    with pytest.raises(ValueError, match="density_hint"):
+        threshold_conv2d_fwd(x, w, b, rm, geo, density_hint=2.0)
+    with pytest.raises(ValueError, match="density_hint"):
+        threshold_conv2d_bwd(dy, x, w, rm, geo, density_hint=-1.0)

@@ -29,7 +29,7 @@ def _inputs(m, n, k, dtype, density, device, seed=0, bias=True):
     return x, w, b, dy, tau
 
 
-def _check_all(x, w, b, dy, tau, mode, dtype, sample_fraction=0.3):
+def _check_all(x, w, b, dy, tau, mode, dtype, sample_fraction=0.3, **options):
     rm = threshold_row_mask(w, tau)
     ref = reference.row_mask(w, tau)
     assert torch.equal(rm.mask.cpu(), ref.mask.cpu()), "mask differs from the reference"
@@ -37,12 +37,12 @@ def _check_all(x, w, b, dy, tau, mode, dtype, sample_fraction=0.3):
     assert torch.equal(rm.count.cpu(), ref.count.cpu())
     assert_close(rm.score, ref.score, torch.float32, "row scores")
 
-    y = threshold_linear_fwd(x, w, b, rm)
+    y = threshold_linear_fwd(x, w, b, rm, **options)
     assert y.dtype == x.dtype
     assert_close(y, reference.threshold_linear_forward(x, w, ref.mask, b), dtype, "y")
 
     dx, dw, dtau = threshold_linear_bwd(dy, x, w, rm, mode=mode, sample_fraction=sample_fraction,
-                                        threshold_dtype=tau.dtype)
+                                        threshold_dtype=tau.dtype, **options)
     rdx, rdw, rdtau, _ = reference.threshold_linear_backward(
         dy, x, w, ref.mask.to(w.dtype), ref.mask, has_bias=False, mode=mode, sample_fraction=sample_fraction
     )
@@ -65,6 +65,68 @@ def test_kernels_match_reference_fp32(shape, density, mode, device):
 @pytest.mark.parametrize("mode", MODES)
 def test_kernels_match_reference_half(dtype, density, mode, device):
     _check_all(*_inputs(37, 53, 41, dtype, density, device), mode, dtype)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("density", [0.0, 0.3, 1.0])
+def test_compacted_weight_path(mode, density, device):
+    # The active rows copied to a contiguous buffer first, then GEMMs without the gather.
+    _check_all(*_inputs(33, 97, 65, torch.float32, density, device), mode, torch.float32, compact_weight=True,
+               density_hint=density)
+
+
+def test_compact_weight_policy_from_the_environment(monkeypatch, device):
+    from spafl.kernels import _config
+
+    w = torch.randn(6, 4)
+    monkeypatch.setenv("SPAFL_COMPACT_WEIGHT", "always")
+    assert _config.use_compact_weight(None, "linear", w) and not _config.use_compact_weight(False, "linear", w)
+    monkeypatch.setenv("SPAFL_COMPACT_WEIGHT", "never")
+    assert not _config.use_compact_weight(None, "conv", w.view(6, 4, 1, 1).expand(6, 4, 3, 3))
+    monkeypatch.setenv("SPAFL_COMPACT_WEIGHT", "auto")
+    assert not _config.use_compact_weight(None, "linear", w)
+    assert _config.use_compact_weight(None, "conv", torch.randn(6, 4, 3, 3))  # NCHW: compacted
+    assert not _config.use_compact_weight(None, "conv", torch.randn(6, 4, 3, 3).to(memory_format=torch.channels_last))
+    monkeypatch.setenv("SPAFL_COMPACT_WEIGHT", "sometimes")
+    with pytest.raises(ValueError, match="SPAFL_COMPACT_WEIGHT"):
+        _config.use_compact_weight(None, "linear", w)
+    x, w, b, dy, tau = _inputs(5, 6, 7, torch.float32, 0.5, device)
+    with pytest.raises(ValueError, match="SPAFL_COMPACT_WEIGHT"):
+        threshold_linear_fwd(x, w, b, threshold_row_mask(w, tau))
+
+
+def test_autotune_settings(monkeypatch):
+    from spafl.kernels import _config
+
+    assert not _config.autotune_enabled()  # the interpreter never autotunes
+    assert _config.density_bucket(None) == "unknown"
+    assert [_config.density_bucket(d) for d in (0.0, 0.1, 0.125, 0.2, 0.5, 0.7, 1.0)] == [
+        "<=0.125", "<=0.125", "<=0.125", "<=0.25", "<=0.5", "<=1.0", "<=1.0"]
+    # Candidates: the fixed configuration first; tail classes follow the block; limits and
+    # fixed keys respected.
+    fixed = {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8, **_config.tail_widths(128),
+             "num_warps": 8, "num_stages": 3}
+    metas = _config.candidate_metas("linear_fwd", fixed)
+    assert metas[0] == fixed and len(metas) == len({tuple(sorted(m.items())) for m in metas}) > 1
+    wide = next(m for m in metas if m["BLOCK_N"] == 256)
+    assert (wide["TAIL1"], wide["TAIL2"], wide["TAIL3"]) == (128, 64, 32)
+    assert all(m["BLOCK_N"] <= 128 for m in _config.candidate_metas("linear_fwd", fixed, {"BLOCK_N": 16}))
+    assert all(m["BLOCK_M"] == 128 for m in _config.candidate_metas("linear_fwd", fixed, fixed_keys=("BLOCK_M",)))
+    monkeypatch.setattr(_config, "interpreter_enabled", lambda: False)
+    monkeypatch.delenv("SPAFL_AUTOTUNE", raising=False)
+    assert not _config.autotune_enabled()  # opt-in
+    monkeypatch.setenv("SPAFL_AUTOTUNE", "0")
+    assert not _config.autotune_enabled()
+    monkeypatch.setenv("SPAFL_AUTOTUNE", "1")
+    assert _config.autotune_enabled()
+    with _config.fixed_configs():
+        assert not _config.autotune_enabled()
+    monkeypatch.setenv("SPAFL_AUTOTUNE", "0")
+    with _config.autotuning(True):
+        assert _config.autotune_enabled()
+    monkeypatch.setenv("SPAFL_AUTOTUNE", "yes")
+    with pytest.raises(ValueError, match="SPAFL_AUTOTUNE"):
+        _config.autotune_enabled()
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -186,3 +248,8 @@ def test_launchers_reject_bad_operands(device):
         threshold_row_mask(w, tau[:3])
     with pytest.raises(ValueError, match="no compact index list"):
         threshold_linear_fwd(x, w, b, reference.row_mask(w, tau, with_perm=False))
+    for hint in (-0.1, 1.5, "0.5", True):
+        with pytest.raises(ValueError, match="density_hint"):
+            threshold_linear_fwd(x, w, b, rm, density_hint=hint)
+        with pytest.raises(ValueError, match="density_hint"):
+            threshold_linear_bwd(dy, x, w, rm, density_hint=hint)

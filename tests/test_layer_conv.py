@@ -201,11 +201,11 @@ def _check_sparsified(model, x):
     convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
     assert not convs, f"left dense: {convs[:2]}"
     torch.testing.assert_close(model(x), y0)
-    names = [n for n, _ in spafl.threshold_layers(model)]
+    names = [n for n, _ in spafl.named_threshold_layers(model)]
     assert names and "fc" not in names
     model.train()
     model(x).sum().backward()
-    assert all(layer.threshold.grad is not None for _, layer in spafl.threshold_layers(model))
+    assert all(layer.threshold.grad is not None for _, layer in spafl.named_threshold_layers(model))
     return names
 
 

@@ -148,14 +148,15 @@ def test_sparsify_swaps_linear_layers_keeping_weights():
     assert type(model[2][1]) is nn.Linear
     assert model[0].backward_mode == "skip"
     torch.testing.assert_close(model(x), y0)
-    assert [n for n, _ in spafl.threshold_layers(model)] == ["0", "2.0"]
+    assert [n for n, _ in spafl.named_threshold_layers(model)] == ["0", "2.0"]
     d = spafl.model_density(model)
     assert d == {"mean": 1.0, "weighted": 1.0, "layers": {"0": 1.0, "2.0": 1.0}}
 
 
 def test_sparsify_leaves_attention_projections_alone_and_accepts_a_predicate():
     model = nn.ModuleDict({"attn": nn.MultiheadAttention(8, 2), "head": nn.Linear(8, 2), "keep": nn.Linear(8, 2)})
-    sparsify(model, exclude=lambda name, m: name == "keep")
+    with pytest.warns(UserWarning, match=r"left these layers dense: attn.out_proj \(NonDynamicallyQuantizableLinear\)"):
+        sparsify(model, exclude=lambda name, m: name == "keep")
     assert type(model["attn"].out_proj) is not ThresholdLinear  # MHA reads out_proj.weight directly
     assert isinstance(model["head"], ThresholdLinear) and type(model["keep"]) is nn.Linear
 

@@ -229,7 +229,7 @@ def test_our_side_runs_spafl_train_with_the_extra_arguments(tmp_path):
                      "--poll-s", "0.2"]) == 0
     with out.open(newline="") as f:
         rows = list(csv.DictReader(f))
-    assert [(r["side"], r["round"]) for r in rows] == [("tiny", "0")]
+    assert [(r["side"], r["round"]) for r in rows] == [("tiny", "1")]
     history = sbs.read_history(work / "ours-tiny" / "history.csv")
     assert float(rows[0]["seconds"]) == history[0]["seconds"] > 0 and 0 <= float(rows[0]["acc"]) <= 100
     assert tiny in rows[0]["command"] and "--preset fmnist-lenet5" in rows[0]["command"]

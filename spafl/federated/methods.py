@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..convert import densify, threshold_layers
+from ..convert import densify, named_threshold_layers
 from . import protocol
 from .config import FedConfig
 from .data import ClientData
@@ -272,12 +272,12 @@ class SpaFL(Method):
     name = "spafl"
 
     def prepare_model(self, model: nn.Module) -> nn.Module:
-        if not any(True for _ in threshold_layers(model)):
+        if not any(True for _ in named_threshold_layers(model)):
             raise ValueError("the model has no threshold layers (build it from spafl layers or call spafl.sparsify)")
         return model
 
     def prunable(self, model: nn.Module) -> list[tuple[str, nn.Module]]:
-        return list(threshold_layers(model))
+        return list(named_threshold_layers(model))
 
     def init_server(self, model: nn.Module) -> protocol.ServerState:
         state = protocol.init_server(model)

@@ -45,10 +45,12 @@ def plot_run(run: str | Path, rounds_shown: int = 3) -> list[Path]:
     mean = np.array([row["acc_mean"] for row in rows])
     std = np.array([row["acc_std"] for row in rows])
     ax.plot(r, mean, label="mean over clients")
-    ax.fill_between(r, mean - std, mean + std, alpha=0.2, label="+- std")
+    # accuracy lives in [0, 100]: a std band around a mean near either end would leave it
+    ax.fill_between(r, np.clip(mean - std, 0, 100), np.clip(mean + std, 0, 100), alpha=0.2,
+                    label="+- std (clipped to 0-100)")
     ax.plot(r, [row["acc_weighted"] for row in rows], label="sample-weighted", lw=1)
     ax.plot(r, [row["acc_p10"] for row in rows], label="10th percentile", lw=1, ls="--")
-    ax.set(xlabel="round", ylabel="personalised test accuracy (%)", title=title)
+    ax.set(xlabel="round", ylabel="personalised test accuracy (%)", ylim=(0, 100), title=title)
     _round_axis(ax)
     ax.grid(alpha=0.3)
     ax.legend()
@@ -75,6 +77,8 @@ def plot_run(run: str | Path, rounds_shown: int = 3) -> list[Path]:
         for ax, i in zip(axes[0], picks, strict=True):
             ax.imshow(masks[i], aspect="auto", cmap="Greys", vmin=0, vmax=1, interpolation="nearest")
             ax.set(title=f"round {rounds[i]}", xlabel=f"unit of {data['layer']}", ylabel="client")
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            ax.yaxis.set_major_locator(MaxNLocator(integer=True))
         fig.suptitle(f"{title}: active (black) units of {data['layer']} per client")
         out.append(_save(fig, run / "masks.png"))
 

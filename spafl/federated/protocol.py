@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..convert import threshold_layers, threshold_penalty
+from ..convert import named_threshold_layers, threshold_penalty
 from ..layers import ThresholdConv2d
 from .config import FedConfig
 from .data import ClientData, crop_flip
@@ -120,7 +120,7 @@ class ServerState:
 
 def model_thresholds(model: nn.Module) -> Tensors:
     """``{layer name: tau}`` for every threshold layer, detached float32 copies on the host."""
-    out = {name: layer.threshold.detach().float().cpu().clone() for name, layer in threshold_layers(model)}
+    out = {name: layer.threshold.detach().float().cpu().clone() for name, layer in named_threshold_layers(model)}
     if not out:
         raise ValueError("the model has no threshold layers (build it from spafl layers or call spafl.sparsify)")
     return out
@@ -614,7 +614,7 @@ def penalty_coefficient(config: FedConfig, round_index: int) -> float:
 def threshold_guided_update(model: nn.Module, delta: Mapping[str, torch.Tensor]) -> None:
     """``W_i <- W_i - delta_i * sign(sum_j W_ij) / c`` for every unit, with ``c`` = kh*kw for
     a conv and fan-in for a linear layer (the reference code's constants)."""
-    for name, layer in threshold_layers(model):
+    for name, layer in named_threshold_layers(model):
         d = delta[name].to(device=layer.weight.device, dtype=layer.weight.dtype)
         w = layer.weight
         c = w[0, 0].numel() if isinstance(layer, ThresholdConv2d) else w.shape[1]
@@ -645,7 +645,7 @@ class ClientReport:
 
 def set_thresholds(model: nn.Module, tau: Mapping[str, torch.Tensor]) -> None:
     with torch.no_grad():
-        for name, layer in threshold_layers(model):
+        for name, layer in named_threshold_layers(model):
             layer.threshold.copy_(tau[name])
 
 
@@ -783,7 +783,7 @@ def layer_macs(model: nn.Module, image_shape: tuple[int, ...], device: torch.dev
     linear layer (rows per sample: 1 for the paper's CNNs, the token count for the ViT)."""
     macs: dict[str, int] = {}
     hooks = []
-    for name, layer in (threshold_layers(model) if layers is None else layers):
+    for name, layer in (named_threshold_layers(model) if layers is None else layers):
         def hook(module, _inputs, output, name=name):
             per_out = module.weight[0].numel()  # in/groups * kh * kw, or in
             macs[name] = int(output[0].numel()) * per_out  # output[0]: one sample
@@ -808,7 +808,7 @@ def comm_bits_paper(num_thresholds: int, clients_per_round: int) -> int:
 
 def densities(model: nn.Module) -> dict[str, torch.Tensor]:
     """``{layer: bool mask [out]}`` of the current weights and thresholds (on the device)."""
-    return {name: layer.mask for name, layer in threshold_layers(model)}
+    return {name: layer.mask for name, layer in named_threshold_layers(model)}
 
 
 def training_flops(config: FedConfig, num_train: int, masks: Mapping[str, torch.Tensor], macs: Mapping[str, int],
@@ -843,7 +843,7 @@ def client_round(model: nn.Module, state: Mapping[str, torch.Tensor], message: M
     loss = local_train(model, data, config, round_index, generators, optimizer=optimizer)
     masks = densities(model)
     n_thresholds = sum(v.numel() for v in tau.values())
-    n_weights = sum(layer.weight.numel() for _, layer in threshold_layers(model))
+    n_weights = sum(layer.weight.numel() for _, layer in named_threshold_layers(model))
     flops = training_flops(config, data.num_train, masks, macs, n_thresholds, n_weights)
     new_state = client_state(model, optimizer, config)
     report = ClientReport(model_thresholds(model), data.num_train, float(loss), flops)
@@ -885,7 +885,7 @@ def evaluate(model: nn.Module, state: Mapping[str, torch.Tensor] | None, data: C
         y = data.test_y[i : i + batch_size]
         correct += (logits.argmax(1) == y).sum()
         loss += F.cross_entropy(logits.float(), y, reduction="sum")
-    layers = list(threshold_layers(model)) if layers is None else layers
+    layers = list(named_threshold_layers(model)) if layers is None else layers
     per_layer_t, active, total = layer_densities(layers)
     mask = None
     if mask_layer is not None:

@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from .._env import environment
-from ..convert import threshold_layers
+from ..convert import named_threshold_layers
 from . import runfolder
 from .config import FedConfig, config_mismatch
 from .data import ImageDataset, client_data, load_dataset, split_digest, split_for_run
@@ -134,7 +134,7 @@ class Simulator:
             if self.mask_layer not in self.layer_names:
                 raise ValueError(f"mask_layer {self.mask_layer!r} is not a threshold layer; layers: {self.layer_names}")
         self.macs = layer_macs(self.model, self.image_shape, self.device, layers=self.prunable)
-        self.num_thresholds = sum(layer.threshold.numel() for _, layer in threshold_layers(self.model))
+        self.num_thresholds = sum(layer.threshold.numel() for _, layer in named_threshold_layers(self.model))
         self.num_weights = sum(layer.weight.numel() for _, layer in self.prunable)
         # Every client of a personalised method starts from the same initial model (one shared
         # dict: a client's round never mutates the state it is given, it returns a new one);
