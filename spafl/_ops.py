@@ -217,12 +217,14 @@ def _compact_conv2d_state(x: Tensor, weight: Tensor, mask: Tensor, geometry: Con
     if units is None and channels is None:
         return compact._ConvState(None, None, None, None, None)
     x_in = compact._gather_channels(xc, channels)
+    stored = None if x_in is xc else x_in
     if units is not None and not units.numel():
-        return compact._ConvState(units, channels, x_in, None, None)
+        return compact._ConvState(units, channels, stored, None, None)
     plan = compact._conv_plan(w, units, channels, geometry.groups)
     x_plan = x_in if plan.channels is channels else compact._gather_channels(xc, plan.channels)
-    return compact._ConvState(units, channels, None if channels is None else x_in, plan,
-                              None if x_plan is x_in else x_plan)
+    if plan.weight is not w and compact._channels_last(x_plan) and not compact._channels_last(plan.weight):
+        plan = plan._replace(weight=plan.weight.contiguous(memory_format=torch.channels_last))
+    return compact._ConvState(units, channels, stored, plan, None if x_plan is x_in else x_plan)
 
 
 @torch.library.custom_op("spafl::threshold_conv2d", mutates_args=())
