@@ -1,4 +1,4 @@
-"""Command line: ``spafl train``, ``spafl presets``, ``spafl plot``, ``spafl demo`` (also ``python -m spafl ...``).
+"""spafl's command line: federated runs (train, compare), presets, plots and a demo (also ``python -m spafl``).
 
 Every command that trains picks its threads itself (:class:`spafl._threads.ThreadPolicy`): one
 torch intra-op thread unless ``--threads`` or ``OMP_NUM_THREADS`` says otherwise, and for the
@@ -74,10 +74,13 @@ def _demo(args: argparse.Namespace, policy) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
     from .federated.cli import add_federated_commands, add_thread_flags
 
-    parser = argparse.ArgumentParser(prog="spafl", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = argparse.ArgumentParser(prog="spafl", description="SpaFL's command line: federated runs (train, compare), "
+                                     "presets, plots and a demo; also python -m spafl.")
+    parser.add_argument("--version", action="version", version=f"spafl {__version__} (torch {torch.__version__})")
+    sub = parser.add_subparsers(dest="command", required=True, title="commands", metavar="COMMAND")
     demo = sub.add_parser("demo", help="train a threshold MLP on the embedded digits data set")
     demo.add_argument("--epochs", type=int, default=40)
     demo.add_argument("--hidden", type=int, default=256)

@@ -523,9 +523,11 @@ def test_cli_train_resume_and_refusal(tmp_path, capsys):
     assert main(["train", "--out", str(out), "--resume", "--rounds", "3", "--no-progress", "--no-plot"]) == 0
     history = json.loads((out / "history.json").read_text())["history"]
     assert [r["round"] for r in history] == [1, 2, 3]  # rounds count from 1
-    with pytest.raises(SystemExit):
-        main(args)  # the folder holds a run: refuse to overwrite it
-    assert "already holds a run" in capsys.readouterr().err
+    assert main(args) == 0  # the same command again: the finished run is reported, not trained or replaced
+    assert "already holds this run, finished (3 rounds, more than the 2 asked for)" in capsys.readouterr().out
+    assert len(json.loads((out / "history.json").read_text())["history"]) == 3
+    assert main([*args, "--alpha", "0.9"]) == 2  # other settings: refused, the folder kept
+    assert "holds a run with other settings" in capsys.readouterr().err
     assert main(["train", "--out", str(out), "--resume", "--lr", "0.5", "--no-progress", "--no-plot"]) == 2
     assert "different configuration" in capsys.readouterr().err
     assert main(["train", "--lr", "-1", "--no-progress"]) == 2

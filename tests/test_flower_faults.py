@@ -234,7 +234,14 @@ def test_malformed_uplinks_are_rejected_and_the_run_goes_on(setup, caplog):
 
     config, data, app = setup
     first = protocol.sample_clients(config.seed, 0, 4, 2)
-    head = json.dumps({"fc3": ["f32", [1 << 40], "index", 0, "u64"]}).encode()
+    # every threshold layer of the model, fc3 declared as 2**40 values in a few bytes
+    from spafl.convert import threshold_layers
+    from spafl.federated.models import build_model
+
+    layers = threshold_layers(build_model(config.model, 10))
+    header = {name: ["f32", [layer.threshold.numel()]] for name, layer in layers}
+    header["fc3"] = ["f32", [1 << 40], "index", 0, "u64"]
+    head = json.dumps(header).encode()
     bomb = pack(len(head).to_bytes(4, "little") + head)
     garbage = ArrayRecord({"x": Array(np.zeros(3, dtype=np.float32))})
 
@@ -251,7 +258,8 @@ def test_malformed_uplinks_are_rejected_and_the_run_goes_on(setup, caplog):
     strategy = _run(config.replace(rounds=2), data, Hostile(_nodes(app, range(4))), caplog)
     row = strategy.history[0]
     assert row["participants"] == 0 and row["rejected"] == 2
-    assert any("more than the 268435456 allowed" in e for e in row["errors"])
+    # decoded against the round's layout: refused from its header, before anything is allocated
+    assert any("fc3: payload declares f32 [1099511627776], expected f32" in e for e in row["errors"])
     assert any("unreadable uplink" in e for e in row["errors"])
     assert len(strategy.history) == 2
 

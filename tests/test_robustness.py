@@ -278,8 +278,11 @@ def test_sample_counts_are_validated():
         method.check_sample_count(1439)
 
 
-def test_fedavg_sets_aside_an_update_with_an_impossible_sample_count():
-    """The reproduction: one client reports -1e6 samples; FedAvg used to weight by it."""
+@pytest.mark.parametrize("lie", ["negative", "above its own"])
+def test_fedavg_rejects_an_update_with_an_impossible_sample_count(lie):
+    """The reproduction: one client reports -1e6 samples; FedAvg used to weight by it. The
+    round loop now checks the count against what the server knows the client holds, before the
+    update is encoded; the aggregate's own check sets such an update aside too."""
     cfg = small_config(method="fedavg", num_clients=6, clients_per_round=3, rounds=1)
     victim = protocol.sample_clients(cfg.seed, 0, cfg.num_clients, cfg.clients_per_round)[1]
     uploads = {}
@@ -289,16 +292,26 @@ def test_fedavg_sets_aside_an_update_with_an_impossible_sample_count():
         cid = args[6]
         uploads[cid] = (report.update, report.num_samples)
         if cid == victim:
-            report.num_samples = -1e6
+            report.num_samples = -1e6 if lie == "negative" else report.num_samples + 1
         return new_state, report
 
     sim = Simulator(cfg, client_fn=liar)
-    with pytest.warns(AggregateWarning, match=r"update 1 set aside: sample count must be an integer, got float"):
-        sim.run_round()
+    match = ("sample count must be an integer, got float" if lie == "negative"
+             else "sample count .* is more than the .* training samples")
+    with pytest.warns(FederatedWarning, match=f"round 1: client {victim} update rejected: {match}"):
+        row = sim.run_round()
+    assert (row["rejected"], row["participants"], row["round_failed"]) == (1, 2, 0)
     honest = [uploads[c] for c in uploads if c != victim]
     expected = weighted_mean([u for u, _ in honest], [n for _, n in honest])
     for name, value in sim.server.params.items():
         torch.testing.assert_close(value, expected[name])
+    # the server knows each client's count: the bound is the largest client's, not the dataset's
+    assert sim.method.sample_bound == max(c.num_train for c in sim.clients) < 1438
+    # aggregate itself (another engine's call) sets the update aside
+    method, server = sim.method, sim.server
+    with pytest.warns(AggregateWarning, match=r"round 2: update 1 set aside: sample count must be an integer"):
+        new = method.aggregate(server, [u for u, _ in uploads.values()], [10, -1e6, 10][:len(uploads)])
+    assert method.refused is None and new.round == server.round + 1
 
 
 # --- the reproductions, through the simulator -------------------------------------------------
@@ -414,6 +427,116 @@ def test_updates_of_another_type_are_rejected_before_encoding():
     method.check_payload(dict(server.thresholds), server)
     with pytest.raises(UpdateRejected, match="fc3: dtype torch.float64"):
         method.check_payload({**server.thresholds, "fc3": server.thresholds["fc3"].double()}, server)
+
+
+@pytest.mark.parametrize("method", ["spafl", "fedavg"])
+def test_updates_of_another_type_are_rejected_by_the_round_loop(method):
+    """The reproduction: a float64 tensor, a list, a meta tensor or None as a client's update
+    aborted the whole simulation (TypeError from encode, outside the per-client handling). Now
+    that client is rejected, the others are aggregated and the run goes on."""
+    cfg = small_config(method=method, num_clients=6, clients_per_round=3, rounds=2)
+    cohort = protocol.sample_clients(cfg.seed, 0, cfg.num_clients, cfg.clients_per_round)
+    forged = {
+        cohort[0]: lambda u: {k: v.double() for k, v in u.items()},
+        cohort[1]: lambda u: list(u.values()),
+        cohort[2]: lambda u: {k: torch.empty_like(v, device="meta") for k, v in u.items()},
+    }
+    sent = {}
+
+    def client(model, state, message, data, config, t, cid, macs):
+        new_state, report = make_method(config).client_round(model, state, message, data, config, t, cid, macs)
+        sent[(t, cid)] = report.update
+        if t == 0:
+            report.update = forged[cid](report.update)
+        elif cid == protocol.sample_clients(cfg.seed, 1, cfg.num_clients, cfg.clients_per_round)[0]:
+            report.update = None
+        return new_state, report
+
+    sim = Simulator(cfg, client_fn=client)
+    before = {k: v.clone() for k, v in sim.method.expected_update(sim.server).items()}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        first = sim.run_round()
+        for name, value in sim.method.expected_update(sim.server).items():  # untouched by round 1
+            assert torch.equal(value, before[name])
+        second = sim.run_round()
+    messages = [str(w.message) for w in caught if issubclass(w.category, FederatedWarning)]
+    assert (first["rejected"], first["participants"], first["round_failed"]) == (3, 0, 1)
+    assert (second["rejected"], second["participants"], second["round_failed"]) == (1, 2, 0)
+    for cid, match in zip(cohort, ["dtype torch.float64, expected torch.float32", "mapping of tensors, got list",
+                                   "a meta tensor"], strict=True):
+        assert any(f"round 1: client {cid} update rejected: " in m and match in m for m in messages), messages
+    assert any("round 1 aggregated nothing: 3 sampled, 0 dropped, 3 rejected" in m for m in messages)
+    assert any("round 2: client" in m and "mapping of tensors, got NoneType" in m for m in messages)
+    # round 2 aggregated the two honest updates only
+    honest = protocol.sample_clients(cfg.seed, 1, 6, 3)[1:]
+    weights = None if method == "spafl" else [sim.clients[c].num_train for c in honest]
+    expected = protocol.aggregate_tensors([sent[(1, c)] for c in honest], list(before), "mean", weights=weights)
+    for name, value in sim.method.expected_update(sim.server).items():
+        torch.testing.assert_close(value, expected[name])
+
+
+def test_a_round_that_aggregates_nothing_is_reported_and_a_stall_stops_the_run(tmp_path):
+    """Every client dropped in every round used to run to the end and exit 0: now each such
+    round is warned about and marked (``round_failed``), and ``max_failed_rounds`` in a row stop
+    the run with :class:`FederationStalled` after saving what was run."""
+    from spafl.federated.server import FederationStalled
+
+    def failing(model, state, message, data, config, t, cid, macs):
+        if t >= 1:
+            raise RuntimeError("device lost")
+        return protocol.client_round(model, state, message, data, config, t, cid, macs)
+
+    cfg = small_config(num_clients=6, clients_per_round=3, rounds=8, max_failed_rounds=3)
+    sim = Simulator(cfg, client_fn=failing, out_dir=tmp_path)
+    with warnings.catch_warnings(record=True) as caught, pytest.raises(
+            FederationStalled, match=r"3 rounds in a row aggregated nothing \(rounds 2 to 4, max_failed_rounds = 3\); "
+                                     r"round 2: client \d failed: RuntimeError: device lost"):
+        warnings.simplefilter("always")
+        sim.run()
+    assert [r["round_failed"] for r in sim.history] == [0, 1, 1, 1]
+    assert sum("aggregated nothing" in str(w.message) for w in caught) == 3
+    saved = json.loads((tmp_path / "history.json").read_text())["history"]
+    assert [r["round_failed"] for r in saved] == [0, 1, 1, 1]  # what ran is saved (checkpoint_every 0)
+    # the count comes back from the history: a resumed run stops after the next failed round
+    resumed = Simulator.resume(tmp_path, client_fn=failing)
+    with warnings.catch_warnings(), pytest.raises(FederationStalled, match="4 rounds in a row"):
+        warnings.simplefilter("ignore")
+        resumed.run()
+    # max_failed_rounds 0: never stop
+    sim = Simulator(cfg.replace(rounds=4, max_failed_rounds=0), client_fn=failing)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert [r["round_failed"] for r in sim.run()] == [0, 1, 1, 1]
+
+
+def test_an_overflowing_aggregate_is_refused_and_reported():
+    """Without the update bounds two clients at 3.4e38 pass the checks and their mean
+    overflows: the aggregate is refused, the global state kept, the round marked."""
+    two = protocol.sample_clients(0, 0, 6, 3)[:2]
+
+    def attack(update, cid, t):
+        return {k: torch.full_like(v, 3.4e38) for k, v in update.items()} if t == 0 and cid in two else update
+
+    sim, history, messages = _attack_run(attack, rounds=2, update_bounds=False)
+    assert (history[0]["participants"], history[0]["aggregate_refused"], history[0]["round_failed"]) == (3, 1, 1)
+    assert (history[1]["aggregate_refused"], history[1]["round_failed"]) == (0, 0)
+    assert any(m.startswith("round 1: aggregate refused:") and "non-finite" in m for m in messages), messages
+    assert any("round 1 aggregated nothing" in m and "aggregate refused" in m for m in messages)
+    assert all(torch.isfinite(v).all() for v in sim.server.thresholds.values())
+
+
+def test_a_malformed_report_drops_its_client():
+    def client(model, state, message, data, config, t, cid, macs):
+        new_state, report = protocol.client_round(model, state, message, data, config, t, cid, macs)
+        if cid == protocol.sample_clients(0, 0, 6, 3)[0]:
+            report.flops = "many"
+        return new_state, report
+
+    sim = Simulator(small_config(num_clients=6, clients_per_round=3, rounds=1), client_fn=client)
+    with pytest.warns(FederatedWarning, match="failed: ValueError: malformed report: flops must be a number"):
+        row = sim.run()[0]
+    assert (row["dropped"], row["participants"]) == (1, 2) and np.isfinite(row["flops_total"])
 
 
 def test_encode_names_the_tensor_it_cannot_encode():

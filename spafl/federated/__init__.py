@@ -8,6 +8,7 @@ and the methods it is compared with.
     protocol                               the round as plain functions (client and server side)
     methods                                SpaFL, FedAvg, local-only, SparsyFed and Top-K behind one interface
     powerprop                              SparsyFed's Powerpropagation layers, activation pruning, Top-K
+    runfolder                              a run folder's files: checkpoints (kept, checked, fallback), --overwrite
     compare                                several methods x seeds, and the Table-2-style summary
     data                                   dataset readers, the Dirichlet split, device tensors
     models                                 LeNet-5, Conv4, ViT, ResNet-18 and the digits CNN
@@ -15,7 +16,7 @@ and the methods it is compared with.
 """
 
 from .._threads import ThreadPolicy
-from . import compare, data, methods, models, powerprop, protocol, server
+from . import compare, data, methods, models, powerprop, protocol, runfolder, server
 from .config import DEFAULT_PRESET, PRESETS, FedConfig, build_config, load_config_file
 from .simulator import FederatedWarning, Simulator
 
@@ -34,5 +35,6 @@ __all__ = [
     "models",
     "powerprop",
     "protocol",
+    "runfolder",
     "server",
 ]

@@ -17,7 +17,16 @@ import warnings
 from pathlib import Path
 
 from .._threads import ThreadPolicy
-from .config import DEFAULT_PRESET, METHODS, PRESETS, FedConfig, build_config, load_config_file
+from .config import (
+    DEFAULT_PRESET,
+    METHODS,
+    PRESETS,
+    RESUMABLE_CHANGES,
+    FedConfig,
+    build_config,
+    config_mismatch,
+    load_config_file,
+)
 
 _HELP = {
     "method": "spafl, fedavg (dense), local (no communication), sparsyfed, or topk (SparsyFed's ablation)",
@@ -41,7 +50,25 @@ _HELP = {
     "collapse_timing": "collapse guard on the density of this forward (current) or the previous one (previous)",
     "collapse_in_eval": "run the collapse guard in evaluation too (a reset persists in the client)",
     "rng": "keyed (draws keyed by seed, round, client) or global (the reference code's sequential draws)",
+    "aggregator": "mean (the method's own), median or trimmed-mean (coordinate-wise, unweighted: robust to a "
+                  "minority of hostile clients)",
+    "trim_fraction": "trimmed-mean: the fraction of values dropped at each end of every coordinate",
+    "update_bounds": "reject updates that no legitimate client's local SGD can reach from the global state",
+    "grad_bound": "the gradient bound the update bounds assume without --clip ('none': 1000)",
+    "max_failed_rounds": "stop with an error after this many rounds in a row that aggregate nothing (0: never)",
+    "seed": "the run's seed (split, sampling, initial model, batches)",
+    "rounds": "rounds to run (with --resume: the new total)",
 }
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows an option's default where it has one (not ``None``, ``False`` of a switch, or a
+    value its help already states)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default is None or action.default is False or "default" in (action.help or ""):
+            return action.help or ""
+        return super()._get_help_string(action)
 
 
 def _optional(kind):
@@ -54,14 +81,19 @@ def _optional(kind):
 
 def _add_config_flags(parser: argparse.ArgumentParser) -> None:
     hints = typing.get_type_hints(FedConfig)
-    group = parser.add_argument_group("run settings (override the preset and the config file)")
+    group = parser.add_argument_group(
+        "run settings", f"Override the preset and the config file. The defaults shown are the {DEFAULT_PRESET} "
+        "preset's; another --preset or --config changes them (spafl presets lists them).")
+    shown = build_config(DEFAULT_PRESET).to_dict()
     for f in dataclasses.fields(FedConfig):
         flag = "--" + f.name.replace("_", "-")
         hint = hints[f.name]
         args = typing.get_args(hint)
         optional = isinstance(hint, types.UnionType) and type(None) in args
         base = next(a for a in args if a is not type(None)) if optional else hint
-        help_text = _HELP.get(f.name, "") + f" (default {f.default!r})"
+        value = shown[f.name]
+        value = "none" if value is None else str(value).lower() if isinstance(value, bool) else value
+        help_text = (_HELP.get(f.name, "") + f" (default: {value})").strip()
         if base is bool:
             group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
         elif f.name == "method":
@@ -96,15 +128,24 @@ def thread_policy(args: argparse.Namespace, parser: argparse.ArgumentParser, con
 
 
 def add_federated_commands(sub) -> None:
-    train = sub.add_parser("train", help="run federated SpaFL (default: the embedded digits preset)",
-                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    train = sub.add_parser("train", help="run federated SpaFL or a baseline (default: the embedded digits preset)",
+                           description="Run federated SpaFL or a baseline. Running the same command again "
+                                       "continues an unfinished run or prints a finished one's summary.",
+                           formatter_class=_HelpFormatter)
     train.add_argument("--preset", choices=sorted(PRESETS), default=None,
                        help=f"start from a preset (default {DEFAULT_PRESET}, or the config file's)")
     train.add_argument("--config", type=Path, default=None, help="a JSON or TOML file of settings")
-    train.add_argument("--out", type=Path, default=None, help="run folder (default runs/<preset>-seed<seed>)")
-    train.add_argument("--resume", action="store_true", help="continue the run saved in --out")
-    train.add_argument("--overwrite", action="store_true", help="replace a run already saved in --out")
-    train.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
+    train.add_argument("--out", type=Path, default=None,
+                       help="run folder (default runs/<preset>[-<method>]-seed<seed>); a run with the same settings "
+                            "there is continued, or reported when finished")
+    train.add_argument("--resume", action="store_true",
+                       help="continue the run in the folder with its own settings (flags may change --rounds, "
+                            "--checkpoint-every, --device, --data-root, --eval-batch-size, --max-failed-rounds)")
+    train.add_argument("--overwrite", action="store_true",
+                       help="replace the run in the folder: its files are removed (nothing else) once the new run "
+                            "is ready to start")
+    train.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
+                       help="draw a progress line on stderr")
     train.add_argument("--plot", action=argparse.BooleanOptionalAction, default=True,
                        help="draw the plots at the end (needs matplotlib)")
     add_thread_flags(train)
@@ -112,14 +153,15 @@ def add_federated_commands(sub) -> None:
     train.set_defaults(func=_train)
 
     compare = sub.add_parser("compare", help="run several methods with several seeds and tabulate them",
-                             formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                             formatter_class=_HelpFormatter)
     compare.add_argument("--preset", choices=sorted(PRESETS), default=None,
                          help=f"start from a preset (default {DEFAULT_PRESET}, or the config file's)")
     compare.add_argument("--config", type=Path, default=None, help="a JSON or TOML file of settings")
     compare.add_argument("--methods", type=_csv(str), default=list(METHODS), help="comma-separated methods")
     compare.add_argument("--seeds", type=_csv(int), default=[0, 1, 2], help="comma-separated seeds")
     compare.add_argument("--out", type=Path, default=None, help="folder (default runs/compare-<preset>)")
-    compare.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
+    compare.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
+                         help="draw a progress line on stderr")
     add_thread_flags(compare)
     _add_config_flags(compare)
     compare.set_defaults(func=_compare)
@@ -127,8 +169,8 @@ def add_federated_commands(sub) -> None:
     presets = sub.add_parser("presets", help="list the presets and their settings")
     presets.set_defaults(func=_presets)
 
-    plot = sub.add_parser("plot", help="draw the plots of a run folder")
-    plot.add_argument("run", type=Path)
+    plot = sub.add_parser("plot", help="redraw the plots of a run folder or of a spafl compare folder")
+    plot.add_argument("run", type=Path, help="a run folder (history.json) or a comparison folder (comparison.csv)")
     plot.set_defaults(func=_plot)
 
 
@@ -164,13 +206,17 @@ def _compare(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     out = args.out or Path("runs") / f"compare-{preset or 'custom'}"
     print(f"spafl compare: {', '.join(args.methods)} x seeds {args.seeds} on {config.dataset} / {config.model}, "
           f"{config.rounds} rounds, into {out}; threads: {policy.describe()}")
+    from .server import FederationStalled
+
     try:
         with policy.applied():
             runs = run_comparison(config, args.methods, args.seeds, out, progress=args.progress, command=command,
                                   workers=policy.workers)
     except (ValueError, FileNotFoundError) as e:
+        return _fail("compare", e)
+    except (FederationStalled, OSError) as e:
         print(f"spafl compare: {e}", file=sys.stderr)
-        return 2
+        return 1
     from .compare import aggregate_runs, table_markdown
 
     print(table_markdown(aggregate_runs(runs)), end="")
@@ -182,57 +228,171 @@ def _overrides(args: argparse.Namespace) -> dict:
     return {f.name: getattr(args, f.name) for f in dataclasses.fields(FedConfig) if getattr(args, f.name) is not None}
 
 
-def _train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    from .simulator import Simulator, read_checkpoint
+def _default_out(preset: str | None, config: FedConfig) -> Path:
+    """``runs/<preset>[-<method>]-seed<seed>``: where ``spafl train`` writes without ``--out``."""
+    tag = "" if config.method == "spafl" else f"-{config.method}"
+    return Path("runs") / f"{preset or 'custom'}{tag}-seed{config.seed}"
 
+
+@dataclasses.dataclass
+class _Plan:
+    """What ``spafl train`` does: run ``config`` into ``out``, continuing ``found`` (None: a
+    new run), or only report a finished run (``finished``)."""
+
+    config: FedConfig
+    out: Path
+    found: object = None  # runfolder.Resumable
+    meta: dict | None = None
+    finished: bool = False
+
+
+def _plan_train(args: argparse.Namespace, overrides: dict) -> _Plan:
+    """Decide what ``spafl train`` does with the folder it writes to (raises ``ValueError`` or
+    ``FileNotFoundError`` with the message for the user; changes nothing):
+
+    - ``--resume``: continue the run in ``--out`` (default: the default preset's folder for
+      ``--method`` and ``--seed``), with its own settings; flags may change ``rounds`` and the
+      other resumable settings only.
+    - no run in the folder, or ``--overwrite``: a new run.
+    - a run with the same settings (but the resumable ones): continue it, or, when it has done
+      ``rounds`` rounds, report it (``finished``).
+    - a run with other settings: refuse, naming the differences and the ways out."""
+    from . import runfolder
+
+    if args.resume:
+        defaults = build_config(DEFAULT_PRESET, None, {k: v for k, v in overrides.items() if k in ("method", "seed")})
+        out = args.out or _default_out(DEFAULT_PRESET, defaults)
+        if not runfolder.holds_run(out):
+            raise FileNotFoundError(f"--resume: no run in {out}"
+                                    + ("" if args.out else " (the default folder; name the run's folder with --out)"))
+        found = runfolder.open_checkpoint(out)
+        saved = found.ckpt["config"]
+        try:
+            config = FedConfig(**{**saved, **overrides}).validate()
+        except TypeError as e:
+            raise runfolder.RunFolderError(f"{found.file} holds settings this spafl does not know: {e}") from e
+        problems = config_mismatch(saved, config)
+        if problems:
+            raise ValueError(f"--resume: {out} holds a run of a different configuration; only "
+                             f"{', '.join(sorted(RESUMABLE_CHANGES))} may change:\n  " + "\n  ".join(problems))
+        return _Plan(config, out, found, found.meta, finished=found.rounds_done >= config.rounds)
+
+    config, preset = _base_config(args)
+    out = args.out or _default_out(preset, config)
+    if args.overwrite or not runfolder.holds_run(out):
+        return _Plan(config, out)
+    ways_out = "pass --overwrite to replace it, or --out to write this run elsewhere"
+    try:
+        found = runfolder.open_checkpoint(out)
+    except FileNotFoundError:  # a history without a checkpoint
+        found = None
+    except runfolder.RunFolderError as e:
+        raise runfolder.RunFolderError(f"{e}; {ways_out}") from e
+    meta = found.meta if found is not None else runfolder.read_history(out)
+    saved = found.ckpt["config"] if found is not None else meta["config"]
+    differences = runfolder.settings_differences(saved, config.to_dict())
+    if differences:
+        raise runfolder.RunFolderError(f"{out} holds a run with other settings (the run's vs now: "
+                                       f"{', '.join(differences)}); {ways_out}")
+    if found is None:
+        if len(meta["history"]) >= config.rounds:
+            return _Plan(config, out, None, meta, finished=True)
+        raise runfolder.RunFolderError(f"{out} holds this run's history ({len(meta['history'])} rounds) but no "
+                                       f"checkpoint to continue it from; {ways_out}")
+    return _Plan(config, out, found, meta, finished=found.rounds_done >= config.rounds)
+
+
+def _train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from . import runfolder
+    from .server import FederationStalled
+    from .simulator import Simulator
+
+    if args.resume and (args.preset or args.config):
+        parser.error("--resume takes the run's settings from its checkpoint; drop --preset/--config")
+    if args.resume and args.overwrite:
+        parser.error("--resume continues the folder's run and --overwrite replaces it: pass one of them")
     overrides = _overrides(args)
     command = "spafl " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     try:
-        if args.resume:
-            if args.out is None:
-                parser.error("--resume needs --out (the run folder)")
-            if args.preset or args.config:
-                parser.error("--resume takes the run's settings from its checkpoint; drop --preset/--config")
-            ckpt = args.out / "checkpoint.pt"
-            if not ckpt.is_file():
-                parser.error(f"--resume: no checkpoint in {args.out}")
-            saved = read_checkpoint(ckpt)["config"]
-            config = FedConfig(**{**saved, **overrides}).validate()
-        else:
-            config, preset = _base_config(args)
-            tag = "" if config.method == "spafl" else f"-{config.method}"
-            out = args.out or Path("runs") / f"{preset or 'custom'}{tag}-seed{config.seed}"
-            if (out / "checkpoint.pt").exists() and not args.overwrite:
-                parser.error(f"{out} already holds a run; pass --resume to continue it or --overwrite to replace it")
-            args.out = out
+        plan = _plan_train(args, overrides)
     except (ValueError, FileNotFoundError) as e:
-        print(f"spafl train: {e}", file=sys.stderr)
-        return 2
+        return _fail("train", e)
+    config, out, found = plan.config, plan.out, plan.found
+    notes = found.notes if found is not None else []
+    for note in notes:
+        print(f"spafl train: {note}", file=sys.stderr)
+    if plan.finished:
+        return _report_finished(plan, command)
+
     policy = thread_policy(args, parser, config)
     with policy.applied():
         try:
-            if args.resume:
-                sim = Simulator.resume(ckpt, config, progress=args.progress, command=command, workers=policy.workers)
-                print(f"resuming {args.out}: {sim.round} of {config.rounds} rounds done")
+            kwargs = dict(out_dir=out, progress=args.progress, command=command, workers=policy.workers)
+            if found is not None:
+                sim = Simulator.from_checkpoint(found.ckpt, config, source=found.file, **kwargs)
             else:
-                sim = Simulator(config, out_dir=args.out, progress=args.progress, command=command,
-                                workers=policy.workers)
+                sim = Simulator(config, **kwargs)
+            stale = runfolder.prepare(out)  # writable, before any training and before removing anything
+            removed, kept = runfolder.clear_run(out) if args.overwrite else ([], [])
         except (ValueError, FileNotFoundError) as e:
-            print(f"spafl train: {e}", file=sys.stderr)
-            return 2
+            return _fail("train", e)
+        if stale:
+            print(f"removed {len(stale)} temporary file(s) that interrupted writes left in {out}")
+        if removed:
+            print(f"--overwrite: removed the previous run's {len(removed)} file(s) from {out}"
+                  + (f"; kept what is not a run's: {', '.join(p.name for p in kept)}" if kept else ""))
         cfg = sim.config
+        if found is not None:
+            print(f"continuing the run in {out}: {sim.round} of {cfg.rounds} rounds done")
         size = f"{sim.num_thresholds} thresholds" if cfg.method == "spafl" else f"{sim.num_weights} prunable weights"
         print(f"spafl train: {cfg.method}, {cfg.dataset} / {cfg.model}, {cfg.num_clients} clients, "
-              f"{cfg.clients_per_round} per round, rounds 1 to {cfg.rounds}, alpha {cfg.alpha}, device {sim.device}, "
-              f"{size}, run folder {args.out}")
+              f"{cfg.clients_per_round} per round, rounds {sim.round + 1} to {cfg.rounds}, alpha {cfg.alpha}, "
+              f"device {sim.device}, {size}, run folder {out}")
         print(f"threads: {policy.describe()}")
-        with warnings.catch_warnings(), sim:
-            warnings.simplefilter("always")
-            sim.run()
+        try:
+            with warnings.catch_warnings(), sim:
+                warnings.simplefilter("always")
+                sim.run()
+        except FederationStalled as e:
+            print(f"spafl train: stopped after round {sim.round} of {cfg.rounds}: {e}; the rounds run are saved in "
+                  f"{out}", file=sys.stderr)
+            return 1
+        except OSError as e:
+            print(f"spafl train: writing to {out} failed after round {sim.round}: {e}; the last checkpoint written "
+                  "before it is kept", file=sys.stderr)
+            return 1
     _print_summary(sim.summary())
     if args.plot:
-        _draw(args.out)
+        _draw(out)
     return 0
+
+
+def _report_finished(plan: _Plan, command: str) -> int:
+    """A run that has done its rounds: say so and print its summary (from its history, or from
+    its checkpoint when the history lags behind it, which is then rewritten)."""
+    from .simulator import Simulator
+
+    done = plan.found.rounds_done if plan.found is not None else len(plan.meta["history"])
+    asked = f", more than the {plan.config.rounds} asked for" if done > plan.config.rounds else ""
+    print(f"{plan.out} already holds this run, finished ({done} rounds{asked}); its summary follows. Pass --rounds to "
+          "extend it, --overwrite to run it again, or --out for another folder.")
+    summary = plan.meta.get("summary") if plan.meta is not None else None
+    if plan.found is not None and (plan.meta is None or len(plan.meta["history"]) != done):
+        try:
+            sim = Simulator.from_checkpoint(plan.found.ckpt, plan.config, source=plan.found.file, out_dir=plan.out,
+                                            command=command)
+            sim.write_history()
+        except (ValueError, FileNotFoundError, OSError) as e:
+            return _fail("train", e)
+        summary = sim.summary()
+    _print_summary(summary or {})
+    return 0
+
+
+def _fail(command: str, error: BaseException) -> int:
+    """Print ``spafl <command>: <error>`` on stderr; the exit status 2."""
+    print(f"spafl {command}: {error}", file=sys.stderr)
+    return 2
 
 
 def _print_summary(s: dict) -> None:
@@ -271,7 +431,24 @@ def _presets(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
 
 def _plot(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    if not (args.run / "history.json").is_file():
-        parser.error(f"{args.run} has no history.json")
-    _draw(args.run)
+    """Redraw a run folder's plots, or a comparison folder's (``spafl compare``)."""
+    if (args.run / "history.json").is_file():
+        _draw(args.run)
+        return 0
+    if not (args.run / "comparison.csv").is_file():
+        parser.error(f"{args.run} holds neither a run (history.json) nor a comparison (comparison.csv)")
+    try:
+        from .plots import plot_comparison
+    except ImportError:
+        print("spafl plot: needs matplotlib (pip install matplotlib)", file=sys.stderr)
+        return 2
+    from .compare import load_comparison
+
+    try:
+        runs = load_comparison(args.run)
+    except (ValueError, FileNotFoundError, OSError) as e:
+        print(f"spafl plot: {e}", file=sys.stderr)
+        return 2
+    for path in plot_comparison(args.run, runs):
+        print(f"wrote {path}")
     return 0

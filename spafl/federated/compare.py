@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from .config import METHODS, FedConfig
+from .runfolder import CHECKPOINT, PREVIOUS
 from .server import _atomic_write
 from .simulator import Simulator
 
@@ -49,9 +50,8 @@ def run_comparison(config: FedConfig, methods: Iterable[str], seeds: Iterable[in
                .validate() for s in seeds for m in methods]  # every method's first seed first
     for cfg in configs:
         folder = run_folder(out, cfg.method, cfg.seed)
-        ckpt = folder / "checkpoint.pt"
-        if ckpt.is_file():
-            sim = Simulator.resume(ckpt, cfg, progress=progress, command=command, workers=workers)
+        if (folder / CHECKPOINT).is_file() or (folder / PREVIOUS).is_file():
+            sim = Simulator.resume(folder, cfg, log=log, progress=progress, command=command, workers=workers)
             state = "done" if sim.round >= cfg.rounds else f"resuming after round {sim.round}"
         else:
             sim = Simulator(cfg, out_dir=folder, progress=progress, command=command, workers=workers)
@@ -75,6 +75,27 @@ def load_run(folder: Path) -> dict:
     summary["history"] = meta["history"]
     summary["folder"] = str(folder)
     return summary
+
+
+def load_comparison(out: str | Path) -> list[dict]:
+    """The runs of a comparison folder (:func:`load_run` each), in the order its
+    ``comparison.csv`` lists them; ``ValueError`` / ``FileNotFoundError`` naming the file."""
+    out = Path(out)
+    table = out / "comparison.csv"
+    try:
+        with table.open(newline="", encoding="utf-8") as f:
+            entries = [(row["method"], int(row["seed"])) for row in csv.DictReader(f)]
+    except (KeyError, TypeError, ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"{table} is not a comparison table ({type(e).__name__}: {e})") from e
+    if not entries:
+        raise ValueError(f"{table} lists no runs")
+    runs = []
+    for method, seed in entries:
+        folder = run_folder(out, method, seed)
+        if not (folder / "history.json").is_file():
+            raise FileNotFoundError(f"{folder} has no history.json ({table} lists {method} seed {seed})")
+        runs.append(load_run(folder))
+    return runs
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -193,8 +194,8 @@ class FedConfig:
              f"sample_fraction must be in (0, 1], got {self.sample_fraction!r}")
         need(isinstance(self.seed, int) and not isinstance(self.seed, bool) and self.seed >= 0,
              f"seed must be a non-negative integer, got {self.seed!r}")
-        need(isinstance(self.device, str) and (self.device == "auto" or self.device.split(":")[0] in ("cpu", "cuda")),
-             f"device must be auto, cpu or cuda[:i], got {self.device!r}")
+        need(isinstance(self.device, str) and _DEVICE.fullmatch(self.device) is not None,
+             f"device must be auto, cpu, cuda or cuda:<index>, got {self.device!r}")
         need(self.aggregator in AGGREGATORS, f"aggregator must be one of {AGGREGATORS}, got {self.aggregator!r}")
         need(_is_real(self.trim_fraction) and 0 <= self.trim_fraction < 0.5,
              f"trim_fraction must be in [0, 0.5), got {self.trim_fraction!r}")
@@ -210,9 +211,15 @@ class FedConfig:
         need(isinstance(self.max_failed_rounds, int) and not isinstance(self.max_failed_rounds, bool)
              and self.max_failed_rounds >= 0,
              f"max_failed_rounds must be a non-negative integer (0: never stop), got {self.max_failed_rounds!r}")
+        if len(errors) == 1:
+            raise ValueError(f"invalid configuration: {errors[0]}")
         if errors:
             raise ValueError("invalid configuration:\n  - " + "\n  - ".join(errors))
         return self
+
+
+# What ``device`` may name: torch's own spellings of the host and of a CUDA device.
+_DEVICE = re.compile(r"auto|cpu(:0)?|cuda(:\d+)?")
 
 
 def _is_real(value: Any) -> bool:

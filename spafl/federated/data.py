@@ -220,6 +220,13 @@ def _digits() -> ImageDataset:
 
 _READERS = {"fmnist": read_fashion_mnist, "cifar10": read_cifar10, "cifar100": read_cifar100}
 _TORCHVISION = {"fmnist": "FashionMNIST", "cifar10": "CIFAR10", "cifar100": "CIFAR100"}
+# Where the files come from (the sources torchvision downloads) and where the readers look.
+_SOURCES = {"fmnist": "the four {train,t10k}-{images-idx3,labels-idx1}-ubyte.gz files of "
+                      "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",
+            "cifar10": "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz (unpacked)",
+            "cifar100": "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz (unpacked)"}
+_LAYOUTS = {"fmnist": "FashionMNIST/raw/<file>.gz", "cifar10": "cifar-10-batches-py/{data_batch_1..5,test_batch}",
+            "cifar100": "cifar-100-python/{train,test}"}
 
 
 def load_dataset(name: str, root: str | Path | None = None, download: bool = False) -> ImageDataset:
@@ -234,8 +241,10 @@ def load_dataset(name: str, root: str | Path | None = None, download: bool = Fal
         try:
             import torchvision.datasets as tvd
         except Exception as e:  # not installed, or a build that does not import (CPU torch)
-            raise RuntimeError(f"download=True needs an importable torchvision ({e}); place the files under "
-                               f"{root} in torchvision's layout instead") from e
+            reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            raise ValueError(f"download needs torchvision, which does not import here ({reason}); install it "
+                             f"(pip install torchvision) or fetch {_SOURCES[name]} yourself and place the files "
+                             f"under {root} as {_LAYOUTS[name]}, then run without download") from e
         for train in (True, False):
             getattr(tvd, _TORCHVISION[name])(str(root), train=train, download=True)
     return _READERS[name](root)

@@ -37,7 +37,7 @@ from . import protocol
 from .config import FedConfig
 from .data import ClientData
 from .powerprop import POWERPROP_TYPES, begin_round, global_topk_, powerprop_layers, to_powerprop, topk_keep
-from .protocol import ClientReport, Tensors, UpdateRejected, derived_seed
+from .protocol import ClientReport, FederatedWarning, Tensors, UpdateRejected, derived_seed
 
 _WEIGHT_LAYERS = (nn.Linear, nn.Conv2d)
 
@@ -68,7 +68,7 @@ def weighted_mean(updates: list[Mapping[str, torch.Tensor]], weights: list[float
     return protocol.aggregate_tensors(updates, list(updates[0]), "mean", weights=weights)
 
 
-class AggregateWarning(UserWarning):
+class AggregateWarning(FederatedWarning):
     """The server set aside part of a round's input (an update with an impossible sample count)
     or refused its aggregate (kept the global state); the run goes on."""
 
@@ -195,7 +195,7 @@ class Method:
             try:
                 kept_weights.append(self.check_sample_count(weight))
             except UpdateRejected as e:
-                warnings.warn(f"round {server.round}: update {i} set aside: {e}", AggregateWarning, stacklevel=2)
+                warnings.warn(f"round {server.round + 1}: update {i} set aside: {e}", AggregateWarning, stacklevel=2)
                 continue
             kept_updates.append(update)
         if not kept_updates:
@@ -206,7 +206,7 @@ class Method:
                                      self.update_bounds(server, max(kept_weights)))
         except UpdateRejected as e:
             self.refused = str(e)
-            warnings.warn(f"round {server.round}: {e}; the global state is kept", AggregateWarning, stacklevel=2)
+            warnings.warn(f"round {server.round + 1}: {e}; the global state is kept", AggregateWarning, stacklevel=2)
             return self._unchanged(server)
         return new
 

@@ -40,6 +40,11 @@ class UpdateRejected(ValueError):
     """A client's update failed the server's checks; the global state was not touched."""
 
 
+class FederatedWarning(UserWarning):
+    """A client was dropped from a round or its update was rejected, or the server set aside
+    part of a round's input or refused its aggregate (the run goes on)."""
+
+
 # --- keyed randomness ---------------------------------------------------------------------
 
 _STREAMS = {"sample": 1, "train": 2, "init": 3}

@@ -24,9 +24,10 @@ from torch import nn
 
 from .config import FedConfig
 from .data import ImageDataset, client_data
-from .methods import Method
+from .methods import AggregateWarning, Method
 from .models import build_model
 from .protocol import (
+    FederatedWarning,
     UpdateRejected,
     decode,
     derived_seed,
@@ -42,16 +43,23 @@ TIMING_FIELDS = ("wall_s", "train_s", "eval_s")
 HISTORY_FORMAT = 2
 
 
-class FederatedWarning(UserWarning):
-    """A client was dropped from a round or its update was rejected (the run goes on)."""
-
-
 def resolve_device(name: str) -> torch.device:
+    """The device ``config.device`` names (``auto``: CUDA when available); ``ValueError``
+    naming the value when torch does not know it or this machine does not have it."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r} requested but CUDA is not available")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"device {name!r} is not a device (auto, cpu, cuda or cuda:<index>)") from e
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"device {name!r}: the simulator runs on cpu or cuda")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {name!r} requested but CUDA is not available")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"device {name!r} requested but this machine has {torch.cuda.device_count()} CUDA "
+                             "device(s)")
     return device
 
 
@@ -134,7 +142,7 @@ class RoundTally:
 
     ``drop`` a client that failed, ``trained`` one that finished (its report), ``receive``
     its uplink bytes (decoded and validated here: a bad update is rejected, not aggregated),
-    or ``reject`` an uplink that could not be read at all."""
+    or ``reject`` an uplink that could not be read at all; then :func:`aggregate_round`."""
 
     def __init__(self, method: Method, server, cohort: list[int] | None = None):
         self.method, self.server = method, server
@@ -147,6 +155,7 @@ class RoundTally:
         self.train_losses: list[float] = []
         self.dropped = self.rejected = self.bytes_up = self.nnz_up = 0
         self.flops = 0.0
+        self.refused: str | None = None  # why the round's aggregate was refused (None: it was not)
 
     def drop(self, cid: int, reason: str) -> None:
         self.dropped += 1
@@ -161,22 +170,43 @@ class RoundTally:
         self.rejected += 1
         self.errors.append(f"client {cid} update rejected: {reason}")
 
-    def receive(self, cid: int, report, up: bytes) -> None:
+    def receive(self, cid: int, report, up: bytes, num_samples: int) -> None:
+        """Decode client ``cid``'s uplink ``up`` against the round's layout and validate it
+        (:meth:`Method.validate_update`, with the client's validated training-sample count
+        ``num_samples``, which also weighs it in the aggregate); reject it if it fails."""
         self.bytes_up += len(up)
         try:
-            update = decode(up)
-            self.method.validate_update(update, self.server)
+            update = decode(up, expected=self.method.expected_update(self.server))
+            self.method.validate_update(update, self.server, num_samples)
         except (UpdateRejected, TypeError, ValueError) as e:
             self.reject(cid, str(e))
             return
         self.accepted.append(update)
-        self.weights.append(report.num_samples)
+        self.weights.append(num_samples)
         self.reports.append(report)
         self.nnz_up += sum(int(torch.count_nonzero(v)) for v in update.values())
 
+    @property
+    def failed(self) -> bool:
+        """The round aggregated nothing: no update accepted, or the aggregate refused (for a
+        method that does not communicate: no client trained)."""
+        if self.method.communicates:
+            return not self.accepted or self.refused is not None
+        return not self.trained_ids
+
+    def outcome(self, round_number: int) -> str:
+        """One line on a failed round (its number counting from 1)."""
+        sampled = len(self.cohort) if self.cohort is not None else self.method.config.clients_per_round
+        return (f"round {round_number} aggregated nothing: {sampled} sampled, {self.dropped} dropped, "
+                f"{self.rejected} rejected" + (f"; {self.refused}" if self.refused else ""))
+
     def warn(self, round_index: int) -> None:
+        """Every error of the round (``round_index`` counts from 0; the text from 1, as the
+        history) and, when the round aggregated nothing, a line saying so."""
         for text in self.errors:
-            warnings.warn(f"round {round_index}: {text}", FederatedWarning, stacklevel=3)
+            warnings.warn(f"round {round_index + 1}: {text}", FederatedWarning, stacklevel=3)
+        if self.failed:
+            warnings.warn(self.outcome(round_index + 1), FederatedWarning, stacklevel=3)
 
     def columns(self, config: FedConfig, t: int, message: dict[str, torch.Tensor], down_bytes: int, totals: dict,
                 client_flops: np.ndarray, timings: dict, extra: dict) -> dict:
@@ -193,6 +223,8 @@ class RoundTally:
             "participants": len(self.accepted),
             "dropped": self.dropped,
             "rejected": self.rejected,
+            "aggregate_refused": int(self.refused is not None),
+            "round_failed": int(self.failed),
             "train_loss": float(np.mean(self.train_losses)) if self.train_losses else float("nan"),
             "lr": learning_rate(config, t),
             "lambda": penalty_coefficient(config, t) if method.name == "spafl" else 0.0,
@@ -209,6 +241,56 @@ class RoundTally:
             **extra,
             "errors": self.errors,
         }
+
+
+def aggregate_round(method: Method, server, tally: RoundTally):
+    """``method.aggregate`` of the round's accepted updates: the next global state. What the
+    method sets aside or refuses (an :class:`AggregateWarning` each) goes into the tally's
+    errors instead (warned with the others by :meth:`RoundTally.warn`, and in the history), a
+    refusal also into ``tally.refused`` (the ``aggregate_refused`` column)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", AggregateWarning)
+        new = method.aggregate(server, tally.accepted, tally.weights)
+    for w in caught:
+        if issubclass(w.category, AggregateWarning):  # "round N: ..." (RoundTally.warn adds the round)
+            text = str(w.message)
+            tally.errors.append(text.split(": ", 1)[1] if text.startswith("round ") and ": " in text else text)
+        else:  # not ours: pass it on
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    tally.refused = method.refused
+    return new
+
+
+class FederationStalled(RuntimeError):
+    """``max_failed_rounds`` rounds in a row aggregated nothing: the run stopped."""
+
+
+class FailedRounds:
+    """Counts the rounds in a row that aggregated nothing (:attr:`RoundTally.failed`) and
+    stops the run (:class:`FederationStalled`) after ``limit`` of them (0: never). The count
+    is taken from the history's ``round_failed`` column, so it survives a restart."""
+
+    def __init__(self, limit: int, history: list[dict] | None = None):
+        self.limit = limit
+        self.streak: list[dict] = []
+        for row in history or []:
+            self.streak = [*self.streak, row] if row.get("round_failed") else []
+
+    def update(self, row: dict, config: FedConfig) -> None:
+        """Count the round whose history row is ``row``; raise :class:`FederationStalled` when
+        the streak reaches the limit."""
+        self.streak = [*self.streak, row] if row.get("round_failed") else []
+        if not self.limit or len(self.streak) < self.limit:
+            return
+        first = next((e for r in self.streak for e in r.get("errors", ())), "no error reported")
+        first_round, last_round = self.streak[0]["round"], self.streak[-1]["round"]
+        hint = ""
+        if "non-finite" in first or "nan" in first.lower().split():
+            hint = (f"; non-finite values: local training diverged (lr {config.lr:g}, clip {config.clip}); "
+                    "lower --lr or set --clip")
+        raise FederationStalled(
+            f"{len(self.streak)} rounds in a row aggregated nothing (rounds {first_round} to {last_round}, "
+            f"max_failed_rounds = {self.limit}); round {first_round}: {first}{hint}")
 
 
 def write_history(out: Path, meta: dict, history: list[dict], layer_names: list[str],
@@ -332,17 +414,41 @@ class ClientRecord:
             self.rows[k] = list(array)
 
 
-def _atomic_write(path: Path, write: Callable) -> None:
-    """``write(file)`` into a temporary file beside ``path``, fsync it, rename it over ``path``:
-    a crash leaves either the old file or the new one, never a partial one."""
+def _atomic_write(path: Path, write: Callable, keep_previous: Path | None = None) -> None:
+    """``write(file)`` into a temporary file beside ``path``, fsync it, rename it over ``path``
+    and fsync the folder: a crash leaves either the old file or the new one, never a partial
+    one. With ``keep_previous``, the file being replaced stays there under that name (a hard
+    link made before the rename, or the old file renamed where links are not supported)."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
+        if keep_previous is not None and path.is_file():
+            keep_previous.unlink(missing_ok=True)
+            try:
+                os.link(path, keep_previous)  # path stays in place: there is a checkpoint at every moment
+            except OSError:
+                os.replace(path, keep_previous)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+    _fsync_dir(path.parent)  # make the rename durable
+
+
+def _fsync_dir(folder: Path) -> None:
+    """fsync a folder, so that a rename or removal in it survives a crash (where the
+    platform allows it)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

@@ -17,10 +17,11 @@ results are applied in the cohort's order, so the history is the same for any wo
 from __future__ import annotations
 
 import copy
-import pickle
+import math
 import queue
 import sys
 import time
+import uuid
 import weakref
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -32,12 +33,15 @@ from torch import nn
 
 from .._env import environment
 from ..convert import named_threshold_layers
+from . import runfolder
 from .config import FedConfig, config_mismatch
 from .data import ImageDataset, client_data, load_dataset, split_digest, split_for_run
 from .methods import make_method
 from .protocol import (
     MOMENTUM_PREFIX,
+    ClientReport,
     SequentialStreams,
+    UpdateRejected,
     decode,
     encode,
     evaluate,
@@ -46,13 +50,16 @@ from .protocol import (
     momentum_entries,
     sample_clients,
 )
+from .runfolder import read_checkpoint  # noqa: F401 (importable from here too)
 from .server import (  # noqa: F401 (TIMING_FIELDS, FederatedWarning: importable from here too)
     CHECKPOINT_VERSION,
     TIMING_FIELDS,
     ClientRecord,
+    FailedRounds,
     FederatedWarning,
+    FederationStalled,
     RoundTally,
-    _atomic_write,
+    aggregate_round,
     check_dataset,
     client_metrics,
     initial_model,
@@ -91,6 +98,9 @@ class Simulator:
                  client_fn: Callable | None = None, progress: bool = False, command: str | None = None,
                  workers: int = 1):
         self.config = config.validate()
+        # Drawn once when the run starts, kept in its checkpoints and history: what tells this
+        # run's files from another's when a folder is resumed.
+        self.run_id = uuid.uuid4().hex
         self.method = make_method(self.config)
         self.device = resolve_device(config.device)
         self.workers = check_workers(workers, self.device)
@@ -107,6 +117,9 @@ class Simulator:
                                             config.seed)
         self.split_digest = split_digest(train_idx, test_idx)
         self.clients = client_data(dataset, train_idx, test_idx, config.normalize, config.augment, self.device)
+        # What the server knows of its clients bounds the sample counts they may report (and
+        # the local steps an update may have taken), not the named dataset's size.
+        self.method.sample_bound = max(c.num_train for c in self.clients)
         # The whole test set, for the global model of the non-personalised methods.
         self.global_test = None if self.method.personalised else whole_test_set(dataset, config, self.device)
 
@@ -268,9 +281,13 @@ class Simulator:
         return any(density <= limit for density in cached["layers"].values())
 
     def _client_job(self, slot: tuple, job: tuple) -> tuple:
-        """One client's round on a working model: ``(cid, new state, report, uplink bytes,
-        error)``; a client that fails (or whose uplink cannot be encoded) returns its error."""
-        cid, t, down, seeds = job
+        """One client's round on a working model: ``(cid, outcome, new state, report, uplink
+        bytes, sample count, error)``. ``outcome`` is ``"ok"``; ``"dropped"`` when the client
+        failed or its report is malformed; ``"refused"`` when its sample count is impossible
+        (as the Flower server, before the client counts as trained); ``"rejected"`` when its
+        update is not this round's uplink in form (:meth:`Method.check_payload`: another type,
+        dtype, shape...), checked before it is encoded."""
+        cid, t, down, seeds, server = job
         model, _ = slot
         method, cfg = self.method, self.config
         try:
@@ -280,10 +297,21 @@ class Simulator:
             kwargs = {"train_seeds": seeds} if seeds is not None else {}
             new_state, report = self.client_fn(model, self.client_states[cid], received, self.clients[cid], cfg, t,
                                                cid, self.macs, **kwargs)
-            up = encode(report.update, sparse=method.sparse_wire) if method.communicates else None
+            check_report(report)
         except Exception as e:  # the client failed mid-round: drop it from this round
-            return cid, None, None, None, f"{type(e).__name__}: {e}"
-        return cid, new_state, report, up, None
+            return cid, "dropped", None, None, None, None, f"{type(e).__name__}: {e}"
+        if not method.communicates:
+            return cid, "ok", new_state, report, None, None, None
+        try:
+            n = method.check_sample_count(report.num_samples, known=self.clients[cid].num_train)
+        except UpdateRejected as e:
+            return cid, "refused", None, None, None, None, str(e)
+        try:
+            method.check_payload(report.update, server)
+            up = encode(report.update, sparse=method.sparse_wire)
+        except (UpdateRejected, TypeError, ValueError) as e:
+            return cid, "rejected", new_state, report, None, None, str(e)
+        return cid, "ok", new_state, report, up, n, None
 
     def run_round(self) -> dict:
         """Run the next round and return its history row."""
@@ -297,12 +325,16 @@ class Simulator:
             seeds = [None] * len(cohort)
         message = method.broadcast(self.server) if method.communicates else {}
         down = encode(message, sparse=method.sparse_wire) if method.communicates else b""
-        results = self._parallel(self._client_job, [(cid, t, down, s) for cid, s in zip(cohort, seeds, strict=True)])
+        jobs = [(cid, t, down, s, self.server) for cid, s in zip(cohort, seeds, strict=True)]
+        results = self._parallel(self._client_job, jobs)
         tally = RoundTally(method, self.server, cohort)
         train_losses = {}
-        for cid, new_state, report, up, error in results:  # in cohort order, whatever finished first
-            if error is not None:
+        for cid, outcome, new_state, report, up, n, error in results:  # in cohort order, whatever finished first
+            if outcome == "dropped":
                 tally.drop(cid, error)
+                continue
+            if outcome == "refused":
+                tally.reject(cid, error)
                 continue
             # The client's own state is its business; the server only sees the uplink.
             if new_state is not None:
@@ -310,10 +342,12 @@ class Simulator:
             self.client_flops[cid] += report.flops
             train_losses[cid] = report.train_loss
             tally.trained(cid, report)
-            if method.communicates:
-                tally.receive(cid, report, up)
+            if outcome == "rejected":
+                tally.reject(cid, error)
+            elif method.communicates:
+                tally.receive(cid, report, up, n)
         before = self.server
-        self.server = method.aggregate(self.server, tally.accepted, tally.weights)
+        self.server = aggregate_round(method, self.server, tally)
         extra = method.round_metrics(before, self.server, tally.reports)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
@@ -338,22 +372,43 @@ class Simulator:
 
     def run(self, rounds: int | None = None) -> list[dict]:
         """Run until ``rounds`` (default ``config.rounds``) rounds are done, checkpointing every
-        ``config.checkpoint_every`` rounds and at the end; write the history; return it."""
+        ``config.checkpoint_every`` rounds and at the end; write the history; return it.
+
+        A round that aggregates nothing (every sampled client dropped or rejected, or the
+        aggregate refused) is warned about and marked in the history (``round_failed``); after
+        ``config.max_failed_rounds`` of them in a row the run is saved and stops with
+        :class:`FederationStalled`."""
         target = self.config.rounds if rounds is None else rounds
+        if self.out_dir is not None and self.round < target:  # before any training
+            runfolder.prepare(self.out_dir)
         bar = _Progress(target, self.round) if self.progress else None
-        while self.round < target:
-            row = self.run_round()
+        failures = FailedRounds(self.config.max_failed_rounds, self.history)
+        try:
+            while self.round < target:
+                row = self.run_round()
+                if bar is not None:
+                    bar.update(row)
+                every = self.config.checkpoint_every
+                saved = False
+                if self.out_dir is not None and ((every and self.round % every == 0) or self.round == target):
+                    self._save()
+                    saved = True
+                try:
+                    failures.update(row, self.config)
+                except FederationStalled:
+                    if self.out_dir is not None and not saved:
+                        self._save()
+                    raise
+        finally:
             if bar is not None:
-                bar.update(row)
-            every = self.config.checkpoint_every
-            if self.out_dir is not None and ((every and self.round % every == 0) or self.round == target):
-                self.save_checkpoint()
-                self.write_history()
-        if bar is not None:
-            bar.close()
+                bar.close()
         if self.out_dir is not None and not self.history:
             self.write_history()
         return self.history
+
+    def _save(self) -> None:
+        self.save_checkpoint()
+        self.write_history()
 
     def summary(self) -> dict:
         """The run's final and best numbers (``best_round`` counts from 1, as the history)."""
@@ -389,7 +444,7 @@ class Simulator:
         columns, global threshold statistics as ``tau:<layer>:<stat>``), ``history.json``
         (rows, summary, config, environment), ``masks.npz``, ``clients.npz``."""
         meta = {"config": self.config.to_dict(), "environment": environment(self.device), "command": self.command,
-                "split_digest": self.split_digest, "num_thresholds": self.num_thresholds,
+                "run_id": self.run_id, "split_digest": self.split_digest, "num_thresholds": self.num_thresholds,
                 "num_weights": self.num_weights, "layers": self.layer_names, "macs_per_sample": self.macs,
                 "mask_layer": self.mask_layer, "summary": self.summary()}
         write_history(self.out_dir, meta, self.history, self.layer_names, self.mask_history, self.mask_layer,
@@ -400,6 +455,8 @@ class Simulator:
         ``torch.load(weights_only=True)``)."""
         return {
             "version": CHECKPOINT_VERSION,
+            "engine": "simulator",
+            "run_id": self.run_id,
             "config": self.config.to_dict(),
             "dataset": self.dataset_name,
             "split_digest": self.split_digest,
@@ -423,6 +480,8 @@ class Simulator:
             raise ValueError("the checkpoint was written by a different configuration:\n  " + "\n  ".join(problems))
         if ckpt["split_digest"] != self.split_digest:
             raise ValueError("the data split differs from the checkpoint's (different dataset files?)")
+        if ckpt.get("run_id"):  # checkpoints written before run ids keep the one drawn here
+            self.run_id = str(ckpt["run_id"])
         self.server = type(self.server).from_state_dict(ckpt["server"])
         self.global_eval = ckpt.get("global_eval")
         self.client_states = [None if s is None else {k: v.to(self.device) for k, v in s.items()}
@@ -439,46 +498,63 @@ class Simulator:
 
     def save_checkpoint(self, path: str | Path | None = None) -> Path:
         """Write the whole run to ``path`` (default ``<out_dir>/checkpoint.pt``) atomically: a
-        temporary file in the same folder, fsync'd, then renamed over the old checkpoint."""
-        path = Path(path) if path is not None else self.out_dir / "checkpoint.pt"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        state = self.state_dict()
-        _atomic_write(path, lambda f: torch.save(state, f))
-        return path
+        temporary file in the same folder, fsync'd, then renamed over the old checkpoint, which
+        stays as ``checkpoint.prev.pt`` (:func:`runfolder.save_checkpoint`)."""
+        path = Path(path) if path is not None else self.out_dir / runfolder.CHECKPOINT
+        return runfolder.save_checkpoint(path, self.state_dict())
 
     @classmethod
-    def resume(cls, path: str | Path, config: FedConfig | None = None, **kwargs) -> Simulator:
-        """Rebuild a run from a checkpoint (``path``: the file or its folder). ``config`` may
-        change only ``rounds``, ``checkpoint_every``, ``data_root``, ``download``, ``device``
-        and ``eval_batch_size``; by default the checkpoint's own configuration is used.
-        ``kwargs`` go to the constructor (``dataset``, ``workers``...)."""
+    def resume(cls, path: str | Path, config: FedConfig | None = None, *, log: Callable[[str], None] | None = None,
+               **kwargs) -> Simulator:
+        """Rebuild a run from a checkpoint. ``path`` is the run folder (its ``checkpoint.pt``,
+        or the previous one, ``checkpoint.prev.pt``, when that is missing or unreadable) or a
+        checkpoint file. The checkpoint must belong to the run whose history is in the folder
+        the run continues in (``out_dir``, default the checkpoint's), else
+        :class:`runfolder.RunFolderError` and nothing is changed
+        (:func:`runfolder.open_checkpoint`). What the user should know (a fallback) goes to
+        ``log``, else is warned (:class:`runfolder.CheckpointWarning`).
+
+        ``config`` may change only ``rounds``, ``checkpoint_every``, ``data_root``,
+        ``download``, ``device``, ``eval_batch_size`` and ``max_failed_rounds``; by default the
+        checkpoint's own configuration is used. ``kwargs`` go to the constructor (``dataset``,
+        ``workers``...)."""
         path = Path(path)
-        file = path / "checkpoint.pt" if path.is_dir() else path
-        ckpt = read_checkpoint(file)
+        kwargs.setdefault("out_dir", path if path.is_dir() else path.parent)
+        found = runfolder.open_checkpoint(path, kwargs["out_dir"])
+        runfolder.warn_notes(found.notes, log)
+        return cls.from_checkpoint(found.ckpt, config, source=found.file, **kwargs)
+
+    @classmethod
+    def from_checkpoint(cls, ckpt: dict, config: FedConfig | None = None, *, source: str | Path = "the checkpoint",
+                        **kwargs) -> Simulator:
+        """A simulator continuing the run in ``ckpt`` (as :func:`runfolder.read_checkpoint`
+        returns it, read from ``source``); see :meth:`resume`."""
         if config is None:
-            config = FedConfig(**ckpt["config"])
-        kwargs.setdefault("out_dir", file.parent)
+            try:
+                config = FedConfig(**ckpt["config"]).validate()
+            except (TypeError, ValueError) as e:
+                raise runfolder.RunFolderError(f"{source} holds settings this spafl cannot run: {e}") from e
         sim = cls(config, **kwargs)
-        sim.load_state_dict(ckpt)
+        try:
+            sim.load_state_dict(ckpt)
+        except (KeyError, TypeError, AttributeError, IndexError, RuntimeError) as e:
+            raise runfolder.RunFolderError(f"{source} is a malformed checkpoint ({type(e).__name__}: {e})") from e
         return sim
 
 
-def read_checkpoint(file: str | Path) -> dict:
-    """A simulator checkpoint, read with ``torch.load(weights_only=True)`` (tensors, plain
-    containers and numbers only: a checkpoint cannot run code)."""
-    file = Path(file)
-    if not file.is_file():
-        raise FileNotFoundError(f"no checkpoint at {file}")
-    try:
-        ckpt = torch.load(file, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError) as e:
-        raise ValueError(f"{file} is not a checkpoint this spafl can read (version {CHECKPOINT_VERSION}; "
-                         f"checkpoints of older versions hold objects it no longer loads): {e}") from e
-    if not isinstance(ckpt, dict) or "config" not in ckpt:
-        raise ValueError(f"{file} is not a simulator checkpoint")
-    if ckpt.get("version") != CHECKPOINT_VERSION:
-        raise ValueError(f"{file}: checkpoint version {ckpt.get('version')!r}; this spafl reads {CHECKPOINT_VERSION}")
-    return ckpt
+def check_report(report: object) -> None:
+    """Raise ``ValueError`` unless ``report`` is a :class:`protocol.ClientReport` whose numbers
+    the history can take: FLOPs a finite non-negative number, the training loss a number (NaN
+    allowed: a client whose loss diverged still reports). Its update and sample count are the
+    server's checks (:meth:`Method.check_payload`, :meth:`Method.check_sample_count`)."""
+    if not isinstance(report, ClientReport):
+        raise ValueError(f"a client returns (state, ClientReport), got a {type(report).__name__} as its report")
+    for name in ("flops", "train_loss"):
+        value = getattr(report, name)
+        if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+            raise ValueError(f"malformed report: {name} must be a number, got {type(value).__name__}")
+    if not (math.isfinite(report.flops) and report.flops >= 0):
+        raise ValueError(f"malformed report: flops must be finite and non-negative, got {report.flops!r}")
 
 
 def check_workers(workers: int, device: torch.device) -> int:

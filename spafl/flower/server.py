@@ -42,13 +42,15 @@ from flwr.serverapp.strategy import Strategy
 from .._env import environment
 from ..federated.config import FedConfig, config_mismatch, dataset_classes
 from ..federated.data import ImageDataset, load_dataset
-from ..federated.methods import AggregateWarning, make_method
+from ..federated.methods import make_method
 from ..federated.protocol import UpdateRejected, encode, evaluate, payload_header, sample_clients
 from ..federated.server import (
     CHECKPOINT_VERSION,
+    FailedRounds,
     FederatedWarning,
     RoundTally,
     _atomic_write,
+    aggregate_round,
     client_metrics,
     initial_model,
     resolve_device,
@@ -136,7 +138,7 @@ class MethodStrategy(Strategy):
         # a node claiming a partition that another node serves is asked again once that one is gone
         self.excluded: dict[int, tuple[str, int | None]] = {}
         self._discovered = False  # the first discovery (which waits node_wait) is done
-        self.failed_rounds = 0  # rounds in a row that aggregated nothing
+        self.failures = FailedRounds(self.config.max_failed_rounds)  # rounds in a row that aggregated nothing
         self.wire_log: list[dict] = []  # one entry per message sent or received (in memory)
         self._wire_start = 0
         self._round: dict = {}
@@ -339,7 +341,7 @@ class MethodStrategy(Strategy):
                 tally.drop(p, f"malformed reply: {e}")
                 continue
             try:
-                method.check_sample_count(report.num_samples)
+                n = method.check_sample_count(report.num_samples)
             except UpdateRejected as e:
                 tally.reject(p, str(e))
                 continue
@@ -353,13 +355,9 @@ class MethodStrategy(Strategy):
                 except (KeyError, ValueError) as e:
                     tally.reject(p, f"unreadable uplink: {e}")
                     continue
-                tally.receive(p, report, up)
+                tally.receive(p, report, up, n)
         before = self.server
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always", AggregateWarning)
-            self.server = method.aggregate(self.server, tally.accepted, tally.weights)
-        for w in caught:
-            tally.errors.append(str(w.message))
+        self.server = aggregate_round(method, self.server, tally)
         state["tally"] = tally
         state["extra"] = method.round_metrics(before, self.server, tally.reports)
         state["train_s"] = time.perf_counter() - state["start"]
@@ -482,19 +480,12 @@ class MethodStrategy(Strategy):
     def _check_progress(self, row: dict) -> None:
         """Count the rounds in a row that aggregated nothing (every sampled client dropped or
         rejected, or the aggregate refused; for local-only: no client trained); stop the run
-        with an error after ``config.max_failed_rounds`` of them."""
+        with :class:`~spafl.federated.server.FederationStalled` after
+        ``config.max_failed_rounds`` of them (:class:`~spafl.federated.server.FailedRounds`)."""
         tally = self._round["tally"]
-        failed = (not tally.accepted or self.method.refused is not None) if self.method.communicates \
-            else not tally.trained_ids
-        self.failed_rounds = self.failed_rounds + 1 if failed else 0
-        if failed:
-            log.warning("round %d aggregated nothing (%d sampled: %d dropped, %d rejected)%s", row["round"] + 1,
-                        self.config.clients_per_round, row["dropped"], row["rejected"],
-                        f"; aggregate refused: {self.method.refused}" if self.method.refused else "")
-        limit = self.config.max_failed_rounds
-        if limit and self.failed_rounds >= limit:
-            raise RuntimeError(f"{self.failed_rounds} rounds in a row aggregated nothing (last errors: "
-                               f"{'; '.join(row['errors'][-3:])}); stopping the run (max_failed_rounds = {limit})")
+        if tally.failed:
+            log.warning(tally.outcome(row["round"]))
+        self.failures.update(row, self.config)
 
     # --- files ----------------------------------------------------------------------------
 
@@ -541,6 +532,7 @@ class MethodStrategy(Strategy):
         self.client_flops = torch.as_tensor(ckpt["client_flops"], dtype=torch.float64).numpy().copy()
         self.history = ckpt["history"]
         self.totals = dict(ckpt["totals"])
+        self.failures = FailedRounds(self.config.max_failed_rounds, self.history)
         log.info("continuing the run in %s from round %d", path.parent if hasattr(path, "parent") else path,
                  self.round)
 

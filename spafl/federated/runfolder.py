@@ -1,0 +1,326 @@
+"""A run folder: the files a run writes there, the checks before it writes, its two newest
+checkpoints, and what ``--overwrite`` removes.
+
+=====================================  ======================================================
+``history.json``, ``history.csv``,     the history (:func:`.server.write_history`); the JSON
+``masks.npz``, ``clients.npz``         also holds the settings, the split's digest and the run id
+``checkpoint.pt``                      the newest checkpoint
+``checkpoint.prev.pt``                 the one before it, kept until the newest is durable
+``accuracy.png`` ... ``thresholds.png``  the plots (:data:`PLOT_FILES`)
+``.<file>-<random>.tmp``               a write in progress (left only by a killed process)
+=====================================  ======================================================
+
+Every file is written atomically (a temporary file, fsync'd, renamed over the old one, the
+folder fsync'd). A checkpoint is read with ``torch.load(weights_only=True)``: a crafted file
+cannot run code. A run is identified by the run id it draws when it starts (in the checkpoint
+and in ``history.json``), its settings and its data split: a checkpoint that is not the
+folder's own run is refused before anything in the folder changes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import pickletools
+import tempfile
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .config import RESUMABLE_CHANGES, FedConfig
+from .server import CHECKPOINT_VERSION, _atomic_write, _fsync_dir
+
+CHECKPOINT = "checkpoint.pt"
+PREVIOUS = "checkpoint.prev.pt"
+HISTORY_FILES = ("history.json", "history.csv", "masks.npz", "clients.npz")
+PLOT_FILES = ("accuracy.png", "density.png", "masks.png", "clients.png", "thresholds.png")
+RUN_FILES = (*HISTORY_FILES, CHECKPOINT, PREVIOUS, *PLOT_FILES)
+_PROBE = ".write-check"  # the writability probe's prefix
+
+
+class RunFolderError(ValueError):
+    """A run folder cannot be used as asked (not writable, another run's checkpoint, nothing
+    readable to resume from); nothing in it was changed."""
+
+
+def previous_path(path: Path) -> Path:
+    """Where the checkpoint before ``path`` is kept: ``checkpoint.pt`` -> ``checkpoint.prev.pt``."""
+    return path.with_name(f"{path.stem}.prev{path.suffix}")
+
+
+def is_temporary(name: str) -> bool:
+    """A file an atomic write (or the writability probe) of a run leaves when it is killed."""
+    return name.endswith(".tmp") and (name.startswith(_PROBE) or any(name.startswith(f".{f}-") for f in RUN_FILES))
+
+
+def holds_run(folder: str | Path) -> bool:
+    """Whether ``folder`` holds a run: a history or a checkpoint."""
+    folder = Path(folder)
+    return any((folder / name).is_file() for name in ("history.json", CHECKPOINT, PREVIOUS))
+
+
+def remove_stale_temporaries(folder: str | Path) -> list[Path]:
+    """Remove the temporary files killed writes left in ``folder``; return them."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    stale = sorted(p for p in folder.iterdir() if is_temporary(p.name) and p.is_file())
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return stale
+
+
+def check_writable(folder: str | Path) -> None:
+    """Create ``folder`` if needed and write, fsync and remove a probe file there; raise
+    :class:`RunFolderError` naming the folder when that fails (before any training)."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise RunFolderError(f"the run folder {folder} is a file, not a folder; nothing was trained")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=f"{_PROBE}-", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(b"spafl")
+                f.flush()
+                os.fsync(f.fileno())
+        finally:
+            os.unlink(probe)
+    except OSError as e:
+        raise RunFolderError(f"the run folder {folder} is not writable ({e.strerror or e}); nothing was "
+                             "trained") from e
+
+
+def prepare(folder: str | Path) -> list[Path]:
+    """Before a run writes to ``folder``: check it is writable, remove stale temporary files
+    (returned)."""
+    check_writable(folder)
+    return remove_stale_temporaries(folder)
+
+
+def clear_run(folder: str | Path) -> tuple[list[Path], list[Path]]:
+    """Remove every file of a run from ``folder`` (:data:`RUN_FILES` and temporaries), nothing
+    else; return ``(removed, kept)``, ``kept`` being what else the folder holds."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return [], []
+    removed, kept = [], []
+    for p in sorted(folder.iterdir()):
+        if p.is_file() and (p.name in RUN_FILES or is_temporary(p.name)):
+            p.unlink()
+            removed.append(p)
+        else:
+            kept.append(p)
+    _fsync_dir(folder)
+    return removed, kept
+
+
+def save_checkpoint(path: Path, state: dict) -> Path:
+    """``torch.save(state)`` to ``path`` atomically, keeping the checkpoint it replaces as
+    :func:`previous_path` until the new one is written, fsync'd and renamed into place."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _atomic_write(path, lambda f: torch.save(state, f), keep_previous=previous_path(path))
+    return path
+
+
+# --- reading ---------------------------------------------------------------------------------
+
+
+def _load_error(file: Path, e: BaseException) -> str:
+    """Why ``torch.load`` refused ``file``, in a line."""
+    text = str(e)
+    first = text.strip().splitlines()[0][:200] if text.strip() else ""
+    if file.stat().st_size == 0:
+        return "the file is empty"
+    if isinstance(e, pickle.UnpicklingError):
+        # A pickle that names a callable (GLOBAL / STACK_GLOBAL) is refused by name; any other
+        # refusal (an opcode the restricted unpickler does not know) is a damaged or foreign file.
+        lines = [ln.strip() for ln in text.splitlines() if "GLOBAL" in ln]
+        if lines:
+            return f"it names code to run, refused without running it ({lines[0][:200]})"
+        called = _pickle_calls(file)
+        if called:
+            return f"it names code to run, refused without running it (a pickle that calls {called})"
+        if "Unsupported operand" not in text:
+            return f"refused by torch.load(weights_only=True) ({first})"
+    return f"not a complete checkpoint archive: truncated, damaged or another format ({type(e).__name__}: {first})"
+
+
+def _pickle_calls(file: Path, limit: int = 1 << 20) -> str | None:
+    """The first callable a plain pickle in ``file`` imports and calls (``"module.name"``), or
+    None: its opcodes are read with :func:`pickletools.genops`, which runs nothing. Only for
+    the message: ``torch.load(weights_only=True)`` has refused the file already (it stops at
+    the first opcode it does not support, before naming anything)."""
+    try:
+        with file.open("rb") as f:
+            data = f.read(limit)
+    except OSError:
+        return None
+    strings, imported = [], None
+    try:
+        for op, arg, _ in pickletools.genops(data):
+            if op.name in ("SHORT_BINUNICODE", "BINUNICODE", "UNICODE", "BINUNICODE8"):
+                strings.append(str(arg))
+            elif op.name == "GLOBAL":
+                imported = str(arg).replace(" ", ".")
+            elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
+                imported = f"{strings[-2]}.{strings[-1]}"
+            elif op.name in ("REDUCE", "INST", "OBJ", "NEWOBJ", "NEWOBJ_EX") and imported:
+                return imported[:200]
+    except Exception:  # noqa: BLE001 (not a pickle, or a damaged one: nothing to name)
+        return None
+    return None
+
+
+def read_checkpoint(file: str | Path) -> dict:
+    """A simulator checkpoint, read with ``torch.load(weights_only=True)`` (tensors, plain
+    containers and numbers only: a checkpoint cannot run code). ``FileNotFoundError`` when
+    absent, :class:`RunFolderError` naming the file when it is unreadable, crafted, not a
+    simulator checkpoint or of another version."""
+    file = Path(file)
+    if not file.is_file():
+        raise FileNotFoundError(f"no checkpoint at {file}")
+    try:
+        with warnings.catch_warnings():  # torch's note on the pickle protocol of a foreign file
+            warnings.simplefilter("ignore", UserWarning)
+            ckpt = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 (a hostile file can make torch.load raise anything)
+        raise RunFolderError(f"{file} is not a checkpoint this spafl can read: {_load_error(file, e)} (version "
+                             f"{CHECKPOINT_VERSION} checkpoints hold tensors and plain containers only)") from e
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("config"), dict):
+        raise RunFolderError(f"{file} is not a simulator checkpoint")
+    if ckpt.get("version") != CHECKPOINT_VERSION:
+        raise RunFolderError(f"{file}: checkpoint version {ckpt.get('version')!r}; this spafl reads "
+                             f"{CHECKPOINT_VERSION}")
+    if ckpt.get("engine", "simulator") != "simulator":
+        raise RunFolderError(f"{file} was written by spafl's Flower server; continue that run with flwr run")
+    return ckpt
+
+
+def read_history(folder: str | Path) -> dict | None:
+    """``folder/history.json`` (None when absent); :class:`RunFolderError` naming it when it
+    cannot be read."""
+    file = Path(folder) / "history.json"
+    if not file.is_file():
+        return None
+    try:
+        meta = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise RunFolderError(f"{file} is not readable ({type(e).__name__}: {e}); move it away to use this "
+                             "folder") from e
+    if not isinstance(meta, dict) or not isinstance(meta.get("config"), dict) \
+            or not isinstance(meta.get("history"), list):
+        raise RunFolderError(f"{file} is not a run's history (no config and rows)")
+    return meta
+
+
+def settings_differences(a: dict, b: dict, ignore=RESUMABLE_CHANGES) -> list[str]:
+    """``"name: x vs y"`` for every setting (but ``ignore``) two runs' configs differ in; a
+    setting one of them lacks counts as its default."""
+    defaults = FedConfig().to_dict()
+    a, b = {**defaults, **a}, {**defaults, **b}
+    return [f"{k} {a.get(k)!r} vs {b.get(k)!r}" for k in sorted(set(a) | set(b))
+            if k not in ignore and a.get(k) != b.get(k)]
+
+
+def identity_problems(ckpt: dict, meta: dict) -> list[str]:
+    """How checkpoint ``ckpt`` differs from the run whose history is ``meta`` (empty: the same
+    run): its run id, settings (but the resumable ones), data split, engine, and the rounds the
+    two have in common (their numbers and cohorts)."""
+    problems = []
+    if meta.get("engine", "simulator") != "simulator":
+        problems.append(f"the history was written by spafl's {meta.get('engine')} server")
+    ours, theirs = ckpt.get("run_id"), meta.get("run_id")
+    if ours and theirs and ours != theirs:
+        problems.append(f"run id {ours} vs the history's {theirs}")
+    differences = settings_differences(ckpt["config"], meta["config"])
+    if differences:
+        problems.append("settings differ (checkpoint vs history): " + ", ".join(differences))
+    if meta.get("split_digest") and ckpt.get("split_digest") != meta["split_digest"]:
+        problems.append("the data split differs")
+    rows = ckpt.get("history")
+    for mine, row in zip(rows if isinstance(rows, list) else [], meta["history"], strict=False):
+        key = lambda r: (r.get("round"), r.get("sampled")) if isinstance(r, dict) else r  # noqa: E731
+        if key(mine) != key(row):
+            problems.append(f"the rounds they share differ (checkpoint {key(mine)!r} vs history {key(row)!r})")
+            break
+    return problems
+
+
+@dataclass
+class Resumable:
+    """What a run folder can be continued from: the checkpoint (``ckpt``, read from ``file``),
+    the folder's history (``meta``, None without one) and ``notes`` for the user (an unreadable
+    newest checkpoint, the fallback taken)."""
+
+    ckpt: dict
+    file: Path
+    meta: dict | None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def rounds_done(self) -> int:
+        return len(self.ckpt.get("history", []))
+
+
+def open_checkpoint(path: str | Path, history_folder: str | Path | None = None) -> Resumable:
+    """The checkpoint to resume from and the run it must continue.
+
+    ``path`` is a checkpoint file (read as it is) or a run folder: then its ``checkpoint.pt``,
+    or, when that is missing or unreadable (empty, truncated, not an archive, crafted), the
+    previous one, ``checkpoint.prev.pt``, with a note saying so and from which round. The
+    checkpoint must be the run of ``history_folder``'s ``history.json`` (default: the
+    checkpoint's folder), :func:`identity_problems`; otherwise :class:`RunFolderError` (no
+    fallback to another file: it is not this run's) and nothing is changed."""
+    path = Path(path)
+    folder = path if path.is_dir() else path.parent
+    history_folder = Path(history_folder) if history_folder is not None else folder
+    meta = read_history(history_folder)
+    candidates = [folder / CHECKPOINT, folder / PREVIOUS] if path.is_dir() else [path]
+    notes, errors = [], []
+    for file in candidates:
+        if not file.is_file():
+            if path.is_dir() and file.name == CHECKPOINT and (folder / PREVIOUS).is_file():
+                notes.append(f"{file} is missing")
+            continue
+        try:
+            ckpt = read_checkpoint(file)
+        except RunFolderError as e:
+            if not path.is_dir():
+                raise
+            errors.append(str(e))
+            notes.append(str(e))
+            continue
+        if meta is not None:
+            problems = identity_problems(ckpt, meta)
+            if problems:
+                raise RunFolderError(f"{file} is not the checkpoint of the run in {history_folder / 'history.json'}: "
+                                     f"{'; '.join(problems)}. Nothing was changed; move one of them away, or "
+                                     "continue the checkpoint in another folder")
+        if file.name == PREVIOUS and path.is_dir():
+            done = len(ckpt.get("history", []))
+            ahead = len(meta["history"]) - done if meta is not None else 0
+            notes.append(f"resuming from the previous checkpoint {file} (after round {done})"
+                         + (f"; rounds {done + 1} to {done + ahead} of the history will be run again"
+                            if ahead > 0 else ""))
+        return Resumable(ckpt, file, meta, notes)
+    if errors:
+        raise RunFolderError(f"no readable checkpoint in {folder}: " + "; ".join(errors))
+    raise FileNotFoundError(f"no checkpoint in {folder}" if path.is_dir() else f"no checkpoint at {path}")
+
+
+def warn_notes(notes: list[str], log: Callable[[str], None] | None = None) -> None:
+    """Pass ``notes`` to ``log``, or warn them (:class:`CheckpointWarning`)."""
+    for note in notes:
+        if log is not None:
+            log(note)
+        else:
+            warnings.warn(note, CheckpointWarning, stacklevel=3)
+
+
+class CheckpointWarning(UserWarning):
+    """The newest checkpoint could not be used and an older one was (the run goes on)."""
