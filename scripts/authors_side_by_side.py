@@ -87,12 +87,13 @@ LOG_LINE = re.compile(r"round: (?P<round>\d+), avg_acc: (?P<acc>[^,\s]+), avg_de
 
 
 def parse_authors_log(lines) -> list[dict]:
-    """``[{round, seconds, acc, density}]`` from the authors' log lines (other lines ignored)."""
+    """``[{round, seconds, acc, density}]`` from the authors' log lines (other lines ignored).
+    Their log counts rounds from 0; ``round`` counts from 1, as ``spafl train``'s history."""
     rows = []
     for line in lines:
         m = LOG_LINE.search(line)
         if m:
-            rows.append({"round": int(m["round"]), "seconds": float(m["seconds"]), "acc": float(m["acc"]),
+            rows.append({"round": int(m["round"]) + 1, "seconds": float(m["seconds"]), "acc": float(m["acc"]),
                          "density": float(m["density"])})
     return rows
 

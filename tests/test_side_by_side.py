@@ -73,8 +73,9 @@ def test_the_log_parser_reads_the_authors_round_lines():
         "round: 2, avg_acc: 18.0",  # a line cut while being written: not a round yet
     ]
     rows = sbs.parse_authors_log(lines)
-    assert [(r["round"], r["seconds"], r["density"]) for r in rows] == [(0, 67.79, 0.987), (1, 100.45, 0.952),
-                                                                         (12, 3.0, 0.5)]
+    # numbered from 1, as our history
+    assert [(r["round"], r["seconds"], r["density"]) for r in rows] == [(1, 67.79, 0.987), (2, 100.45, 0.952),
+                                                                         (13, 3.0, 0.5)]
     assert rows[0]["acc"] == 14.293 and np.isnan(rows[2]["acc"])
 
 
@@ -188,7 +189,7 @@ def test_a_run_against_a_stand_in_writes_rows_and_summary(tmp_path, capsys):
         rows = list(csv.DictReader(f))
     assert list(rows[0]) == list(sbs.COLUMNS)
     assert [(r["side"], r["round"], float(r["seconds"]), float(r["acc"])) for r in rows] == [
-        ("authors", str(t), 7.0 + t, 10.0 + t) for t in range(3)]  # 7 = the shim's dataset length
+        ("authors", str(t + 1), 7.0 + t, 10.0 + t) for t in range(3)]  # 7 = the shim's dataset length
     assert all(r["threads"] == "1" and len(r["authors_commit"]) == 40 and "train.py" in r["command"] for r in rows)
     text = summary.read_text()
     assert "| authors | 3 | 8.00" in text and "(extrapolated)" in text
