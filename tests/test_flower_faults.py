@@ -235,10 +235,10 @@ def test_malformed_uplinks_are_rejected_and_the_run_goes_on(setup, caplog):
     config, data, app = setup
     first = protocol.sample_clients(config.seed, 0, 4, 2)
     # every threshold layer of the model, fc3 declared as 2**40 values in a few bytes
-    from spafl.convert import threshold_layers
+    from spafl.convert import named_threshold_layers
     from spafl.federated.models import build_model
 
-    layers = threshold_layers(build_model(config.model, 10))
+    layers = named_threshold_layers(build_model(config.model, 10))
     header = {name: ["f32", [layer.threshold.numel()]] for name, layer in layers}
     header["fc3"] = ["f32", [1 << 40], "index", 0, "u64"]
     head = json.dumps(header).encode()
