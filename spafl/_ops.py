@@ -164,23 +164,31 @@ def _(grad_y, x, weight, mask, perm, count, backend, backward_mode, sample_fract
     )
 
 
-def _linear_setup_context(ctx, inputs, output):
+def _setup_context(ctx, inputs, output):
+    """Both operators' autograd context: the tensors the backward operator reads, and the
+    options after them (the threshold's dtype appended: the gradient of tau is in it)."""
     x, weight, threshold, bias, mask, perm, count, *options = inputs
     ctx.save_for_backward(x, weight, mask, perm, count)
     ctx.options = (*options, threshold.dtype)
     ctx.has_bias = bias is not None
+    ctx.num_inputs = len(inputs)
 
 
-def _linear_backward(ctx, grad_y):
-    x, weight, mask, perm, count = ctx.saved_tensors
-    need_dx = ctx.needs_input_grad[0]
-    dx, dw, dtau, db = torch.ops.spafl.threshold_linear_backward(
-        grad_y, x, weight, mask, perm, count, *ctx.options, need_dx, ctx.has_bias
-    )
-    return dx if need_dx else None, dw, dtau, db if ctx.has_bias else None, None, None, None, None, None, None, None
+def _backward_through(backward_op):
+    """The autograd backward of a forward operator whose gradients ``backward_op`` computes:
+    gradients of x, weight, threshold and bias, None for every other input."""
+
+    def backward(ctx, grad_y):
+        x, weight, mask, perm, count = ctx.saved_tensors
+        need_dx = ctx.needs_input_grad[0]
+        dx, dw, dtau, db = backward_op(grad_y, x, weight, mask, perm, count, *ctx.options, need_dx, ctx.has_bias)
+        return (dx if need_dx else None, dw, dtau, db if ctx.has_bias else None) + (None,) * (ctx.num_inputs - 4)
+
+    return backward
 
 
-threshold_linear.register_autograd(_linear_backward, setup_context=_linear_setup_context)
+threshold_linear.register_autograd(_backward_through(torch.ops.spafl.threshold_linear_backward),
+                                   setup_context=_setup_context)
 
 
 # ----------------------------------------------------------------------------- Conv2d
@@ -318,20 +326,5 @@ def _(grad_y, x, weight, mask, perm, count, stride, pad_begin, pad_end, dilation
     )
 
 
-def _conv2d_setup_context(ctx, inputs, output):
-    x, weight, threshold, bias, mask, perm, count, *options = inputs
-    ctx.save_for_backward(x, weight, mask, perm, count)
-    ctx.options = (*options, threshold.dtype)
-    ctx.has_bias = bias is not None
-
-
-def _conv2d_backward(ctx, grad_y):
-    x, weight, mask, perm, count = ctx.saved_tensors
-    need_dx = ctx.needs_input_grad[0]
-    dx, dw, dtau, db = torch.ops.spafl.threshold_conv2d_backward(
-        grad_y, x, weight, mask, perm, count, *ctx.options, need_dx, ctx.has_bias
-    )
-    return (dx if need_dx else None, dw, dtau, db if ctx.has_bias else None) + (None,) * 12
-
-
-threshold_conv2d.register_autograd(_conv2d_backward, setup_context=_conv2d_setup_context)
+threshold_conv2d.register_autograd(_backward_through(torch.ops.spafl.threshold_conv2d_backward),
+                                   setup_context=_setup_context)
