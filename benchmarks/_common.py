@@ -244,8 +244,9 @@ class CsvSink:
             with self.path.open(newline="") as f:
                 header = next(csv.reader(f), [])
             if tuple(header) != self.columns:
-                raise ValueError(f"{self.path} has another header than the rows to append; missing "
-                                 f"{sorted(set(self.columns) - set(header))}, extra {sorted(set(header) - set(self.columns))}"
+                missing, extra = sorted(set(self.columns) - set(header)), sorted(set(header) - set(self.columns))
+                raise ValueError(f"{self.path} has another header than the rows to append; missing {missing}, extra "
+                                 f"{extra}"
                                  "; write a fresh file (without --append) or choose another path")
             return
         with self.path.open("w", newline="") as f:

@@ -196,7 +196,8 @@ def round_dataset(preset: str, data_root: str | None, synthetic_size: int) -> tu
         return load_dataset(name, data_root), name
     except (FileNotFoundError, ValueError):
         shape, classes = SYNTHETIC[name]
-        return _synthetic(shape, synthetic_size, synthetic_size // 5, classes), f"synthetic {synthetic_size} train images"
+        data = _synthetic(shape, synthetic_size, synthetic_size // 5, classes)
+        return data, f"synthetic {synthetic_size} train images"
 
 
 def round_spec(text: str, model: str) -> float | dict[str, float] | None:
@@ -243,7 +244,8 @@ def round_rows(preset: str, dataset: ImageDataset, data: str, profile: str, dens
     backends = {"masked": "reference", "spafl": _backend(sims["spafl"].model)}
     timings = {p: Timing(tuple(samples[p])) for p in names}
     meta = {"table": "round", "case": preset, "shape": f"{config.num_clients} clients, {config.clients_per_round} "
-            f"per round", "data": data, "dtype": "float32", "profile": profile, "layer_densities": text, "op": "fl-round"}
+            "per round", "data": data, "dtype": "float32", "profile": profile, "layer_densities": text,
+            "op": "fl-round"}
     for row in _rows(timings, tolerance, meta, backends):
         yield {**row, "density": measured[row["provider"]]}
 

@@ -108,7 +108,8 @@ def plot_speedups(rows: list[dict], out: Path, title: str) -> list[Path]:
                             [max(0.0, b - a) for a, b in zip(y, hi, strict=True)]]
                     ax.errorbar(x, y, yerr=yerr, fmt="none", ecolor=color, elinewidth=0.8, capsize=2)
                 for p, xv, yv in zip(points, x, y, strict=True):
-                    ax.plot([xv], [yv], marker="o", ms=4, color=color, mfc="white" if _noisy(p, "speedup_vs_dense") else color)
+                    face = "white" if _noisy(p, "speedup_vs_dense") else color
+                    ax.plot([xv], [yv], marker="o", ms=4, color=color, mfc=face)
             ax.axhline(1.0, color="grey", lw=0.8, ls="--")
             ax.set_xscale("log")
             ax.xaxis.set_major_locator(FixedLocator(densities))
@@ -154,8 +155,9 @@ def plot_bars(rows: list[dict], out: Path, title: str) -> list[Path]:
         for i, r in enumerate(group):
             s = _f(r, "speedup_vs_masked")
             if not math.isnan(s) and r["provider"] != "masked":
-                ax.annotate(f"{s:.2f}x vs masked{'?' if _noisy(r, 'speedup_vs_masked') else ''}", (i, y[i] + hi[i]), ha="center",
-                            va="bottom", fontsize=7, xytext=(0, 3), textcoords="offset points")
+                mark = "?" if _noisy(r, "speedup_vs_masked") else ""
+                ax.annotate(f"{s:.2f}x vs masked{mark}", (i, y[i] + hi[i]), ha="center", va="bottom", fontsize=7,
+                            xytext=(0, 3), textcoords="offset points")
         ax.set_xticks(range(len(group)))
         ax.set_xticklabels(names, fontsize=7, rotation=15)
         what = "one federated round" if table == "round" else "one training step"

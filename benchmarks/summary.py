@@ -90,7 +90,7 @@ def e2e_tables(rows: list[dict]) -> str:
         for r in steps:
             cells[(r["case"], r.get("layer_densities") or f"all={float(r['density']):g}")][r["provider"]] = r
         for (case, densities), c in cells.items():
-            ms = lambda p: f"{float(c[p]['ms']):.3g}" if p in c else "-"  # noqa: E731
+            ms = lambda p, c=c: f"{float(c[p]['ms']):.3g}" if p in c else "-"  # noqa: E731
             ours = c.get("spafl")
             out.append(f"| {case} | {densities} | {ms('dense')} | {ms('masked')} | {ms('spafl')} | "
                        f"{ours.get('backend', '') if ours else '-'} | "

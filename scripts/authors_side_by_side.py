@@ -142,9 +142,9 @@ def _git(args: list[str], check: bool = True) -> str:
 
 
 def authors_command(data_root: Path, rounds: int, seed: int, work: Path) -> list[str]:
-    return [sys.executable, "train.py", "--data_root", str(data_root), "--comm_rounds", str(rounds), "--seed", str(seed),
-            *AUTHORS_SETTINGS, "--log_root", str(work / "log"), "--model_root", str(work / "checkpoint"),
-            "--affix", AUTHORS_AFFIX]
+    return [sys.executable, "train.py", "--data_root", str(data_root), "--comm_rounds", str(rounds),
+            "--seed", str(seed), *AUTHORS_SETTINGS, "--log_root", str(work / "log"),
+            "--model_root", str(work / "checkpoint"), "--affix", AUTHORS_AFFIX]
 
 
 # --- our code -------------------------------------------------------------------------------
@@ -245,7 +245,7 @@ def summarize(sides: dict[str, list[dict]], threads: int, env: dict, commands: d
         return "No rounds were recorded.\n"
     common = set.intersection(*({r["round"] for r in rows} for rows in sides.values()))
     same = {k: [r for r in rows if r["round"] in common] for k, rows in sides.items()}
-    out = [f"# Per-round time: the SpaFL authors' code and spafl, Fashion-MNIST LeNet-5\n",
+    out = ["# Per-round time: the SpaFL authors' code and spafl, Fashion-MNIST LeNet-5\n",
            f"Machine: {env['device']}; torch {env['torch']}, Python {env['python']}, spafl {env['spafl']}; "
            f"{threads} thread{'s' if threads != 1 else ''} (OMP_NUM_THREADS) per side, one process per side, "
            f"the sides run one after the other. {len(common)} rounds common to every side. Commands:\n"]
@@ -389,7 +389,7 @@ def main(argv=None) -> int:
                 print(f"# {label}: {shown}", flush=True)
                 start = time.perf_counter()
 
-                def on_row(row, label=label, shown=shown):
+                def on_row(row, label=label, shown=shown, commit=commit):
                     sink.write({**row, **base, "side": label, "timestamp": timestamp(),
                                 "authors_commit": commit if label == "authors" else "", "command": shown})
                     print(f"{label:<16} round {row['round']:>4}  {row['seconds']:8.2f} s  acc {row['acc']:6.2f}%  "

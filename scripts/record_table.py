@@ -70,7 +70,8 @@ def markdown(rows: list[dict], paper: dict) -> str:
     col = {k: [r[k] for r in rows] for k in COLUMNS if k != "folder"}
     lines += ["", f"Over {len(rows)} runs (mean +- std over seeds):", "",
               "| | paper (Table 2) | spafl |", "|---|---|---|",
-              f"| accuracy, final round (%) | {paper['acc']:.2f} +- {paper['acc_std']:.2f} | {_pm(col['final_acc'], '.2f')} |",
+              f"| accuracy, final round (%) | {paper['acc']:.2f} +- {paper['acc_std']:.2f} | "
+              f"{_pm(col['final_acc'], '.2f')} |",
               f"| accuracy, mean of the last 10 rounds (%) | | {_pm(col['last10_acc'], '.2f')} |",
               f"| best accuracy (%) | | {_pm(col['best_acc'], '.2f')} |",
               f"| density, layer mean | | {_pm(col['density'], '.3f')} |",

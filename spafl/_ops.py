@@ -85,15 +85,9 @@ def _(weight, threshold, counter, previous_density, backend, with_perm, collapse
 
 def _compact_linear_state(x: Tensor, weight: Tensor, mask: Tensor, skip_zero_inputs: bool) -> compact._LinearState:
     """The state :func:`spafl.compact.linear_forward` hands to its backward, rebuilt from the
-    forward's inputs without the forward's product (so ``Z`` is None and the backward takes
-    ``r`` from ``G``; equal results)."""
+    forward's inputs without the forward's product (:func:`spafl.compact.linear_state`)."""
     compute = compact._compute_dtype(x.dtype)
-    xc, w = compact._cast(x, compute), compact._cast(weight, compute)
-    units = compact.active_units(mask)
-    cols = compact._nonzero_along(xc, 1) if skip_zero_inputs else None
-    w_in = compact._take(w, units, cols)
-    x_in = None if cols is None else xc.index_select(1, cols)
-    return compact._LinearState(units, cols, x_in, None if w_in is w else w_in, None, False, False)
+    return compact.linear_state(compact._cast(x, compute), compact._cast(weight, compute), mask, skip_zero_inputs)
 
 
 @torch.library.custom_op("spafl::threshold_linear", mutates_args=())
@@ -215,24 +209,10 @@ def _in_format(t: Tensor, memory_format: torch.memory_format) -> Tensor:
 def _compact_conv2d_state(x: Tensor, weight: Tensor, mask: Tensor, geometry: ConvGeometry,
                           skip_zero_inputs: bool) -> compact._ConvState:
     """The state :func:`spafl.compact.conv2d_forward` hands to its backward, rebuilt from the
-    forward's inputs without the forward's convolution (the same steps, in the same order)."""
+    forward's inputs without the forward's convolution (:func:`spafl.compact.conv2d_state`)."""
     compute = compact._compute_dtype(x.dtype)
-    xc, w = compact._cast(x, compute), compact._cast(weight, compute)
-    units = compact.active_units(mask)
-    channels = compact._nonzero_along(xc, 1) if skip_zero_inputs and geometry.groups == 1 else None
-    if channels is not None and not channels.numel():
-        units = mask.new_zeros(0, dtype=torch.long)
-    if units is None and channels is None:
-        return compact._ConvState(None, None, None, None, None)
-    x_in = compact._gather_channels(xc, channels)
-    stored = None if x_in is xc else x_in
-    if units is not None and not units.numel():
-        return compact._ConvState(units, channels, stored, None, None)
-    plan = compact._conv_plan(w, units, channels, geometry.groups)
-    x_plan = x_in if plan.channels is channels else compact._gather_channels(xc, plan.channels)
-    if plan.weight is not w and compact._channels_last(x_plan) and not compact._channels_last(plan.weight):
-        plan = plan._replace(weight=plan.weight.contiguous(memory_format=torch.channels_last))
-    return compact._ConvState(units, channels, stored, plan, None if x_plan is x_in else x_plan)
+    return compact.conv2d_state(compact._cast(x, compute), compact._cast(weight, compute), mask, geometry,
+                                skip_zero_inputs)
 
 
 @torch.library.custom_op("spafl::threshold_conv2d", mutates_args=())

@@ -238,6 +238,31 @@ class _LinearState(NamedTuple):
     compact_output: bool
 
 
+def linear_state(
+    xc: torch.Tensor,
+    w: torch.Tensor,
+    mask: torch.Tensor,
+    skip_zero_inputs: bool = False,
+    *,
+    x_index: torch.Tensor | None = None,
+    compact_output: bool = False,
+) -> _LinearState:
+    """What :func:`linear_forward` decides before its product, for ``xc`` and ``w`` already in
+    the compute dtype: the active units, the input features multiplied and the gathered
+    operands (``z`` None). The compiled operators (:mod:`spafl._ops`) rebuild the backward's
+    state with it: without ``z`` the backward takes ``r`` from ``G``, with equal results."""
+    units = active_units(mask)
+    if x_index is not None:
+        cols, x_in = x_index, xc
+    else:
+        cols = _nonzero_along(xc, 1) if skip_zero_inputs else None
+        x_in = xc if cols is None else xc.index_select(1, cols)
+    w_in = _take(w, units, cols)
+    # The gathered operands go to the backward with the index lists: no second gather there.
+    return _LinearState(units, cols, None if x_in is xc else x_in, None if w_in is w else w_in, None,
+                        x_index is not None, compact_output)
+
+
 def linear_forward(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -262,17 +287,11 @@ def linear_forward(
         raise ValueError("compact_output needs a layer without bias: pruned units must output 0")
     compute = _compute_dtype(x.dtype)
     xc, w, b = _cast(x, compute), _cast(weight, compute), _cast(bias, compute)
-    units = active_units(mask)
-    if x_index is not None:
-        cols, x_in = x_index, xc
-    else:
-        cols = _nonzero_along(xc, 1) if skip_zero_inputs else None
-        x_in = xc if cols is None else xc.index_select(1, cols)
-    w_in = _take(w, units, cols)
+    state = linear_state(xc, w, mask, skip_zero_inputs, x_index=x_index, compact_output=compact_output)
+    units = state.units
+    x_in = xc if state.x_in is None else state.x_in
+    w_in = w if state.w_in is None else state.w_in
     keep_z = x_in.shape[0] < x_in.shape[1]
-    # The gathered operands go to the backward with the index lists: no second gather there.
-    state = _LinearState(units, cols, None if x_in is xc else x_in, None if w_in is w else w_in, None,
-                         x_index is not None, compact_output)
     if units is None and not keep_z:  # density 1: the dense op itself
         return _cast(_linear(x_in, w_in, b), x.dtype), state
     z = _linear(x_in, w_in)
@@ -487,6 +506,44 @@ class _ConvState(NamedTuple):
     compact_output: bool = False
 
 
+def conv2d_state(
+    xc: torch.Tensor,
+    w: torch.Tensor,
+    mask: torch.Tensor,
+    geometry: ConvGeometry,
+    skip_zero_inputs: bool = False,
+    *,
+    x_index: torch.Tensor | None = None,
+    compact_output: bool = False,
+) -> _ConvState:
+    """What :func:`conv2d_forward` decides before its convolution, for ``xc`` and ``w`` already
+    in the compute dtype: the active filters (none when every input channel is 0), the input
+    channels multiplied and the compact convolution's plan (None when the dense convolution
+    runs or nothing is active). The compiled operators (:mod:`spafl._ops`) rebuild the
+    backward's state with it."""
+    units = active_units(mask)
+    if x_index is not None:
+        channels = x_index
+    else:
+        channels = _nonzero_along(xc, 1) if skip_zero_inputs and geometry.groups == 1 else None
+    if channels is not None and not channels.numel():  # every input channel is 0: so is every product
+        units = mask.new_zeros(0, dtype=torch.long)
+    compact_input = x_index is not None
+    if units is None and channels is None:
+        return _ConvState(None, None, None, None, None, compact_input, compact_output)
+    x_in = xc if compact_input else _gather_channels(xc, channels)
+    state = _ConvState(units, channels, None if x_in is xc else x_in, None, None, compact_input, compact_output)
+    if units is not None and not units.numel():
+        return state
+    plan = _conv_plan(w, units, channels, geometry.groups)
+    x_plan = x_in if plan.channels is channels else _gather_channels(xc, plan.channels)
+    if plan.weight is not w and _channels_last(x_plan) and not _channels_last(plan.weight):
+        # The gathered weight in the input's layout: oneDNN would reorder it in every call
+        # (measured 1.07x on the forward and backward of LeNet-5's compact conv2).
+        plan = plan._replace(weight=plan.weight.contiguous(memory_format=torch.channels_last))
+    return state._replace(plan=plan, x_plan=None if x_plan is x_in else x_plan)
+
+
 def conv2d_forward(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -512,35 +569,21 @@ def conv2d_forward(
         raise ValueError(f"a compact input needs groups == 1, got groups={geometry.groups}")
     compute = _compute_dtype(x.dtype)
     xc, w, b = _cast(x, compute), _cast(weight, compute), _cast(bias, compute)
-    units = active_units(mask)
-    if x_index is not None:
-        channels = x_index
-    else:
-        channels = _nonzero_along(xc, 1) if skip_zero_inputs and geometry.groups == 1 else None
-    n_active = w.shape[0] if units is None else units.numel()  # the rows of a compact output
-    if channels is not None and not channels.numel():  # every input channel is 0: so is every product
-        units = mask.new_zeros(0, dtype=torch.long)
-    if units is None and channels is None:
+    state = conv2d_state(xc, w, mask, geometry, skip_zero_inputs, x_index=x_index, compact_output=compact_output)
+    units, plan = state.units, state.plan
+    if units is None and state.channels is None:
         y = _plan_conv(xc, _ConvPlan(w, geometry.groups, None, None), geometry, b)
-        return _cast(y, x.dtype), _ConvState(None, None, None, None, None, False, compact_output)
+        return _cast(y, x.dtype), state
     fmt = _conv_format(x, weight)
-    x_in = xc if x_index is not None else _gather_channels(xc, channels)
-    state = _ConvState(units, channels, None if x_in is xc else x_in, None, None, x_index is not None,
-                       compact_output)
-    if units is not None and not units.numel():
+    if plan is None:  # no filter active, or every input channel 0: so is every product
         out_h, out_w = geometry.output_size(x.shape[2], x.shape[3])
-        if compact_output:
-            return x.new_zeros((x.shape[0], n_active, out_h, out_w)), state
+        if compact_output:  # the rows of a compact output: the mask's active filters
+            return x.new_zeros((x.shape[0], int(mask.count_nonzero()), out_h, out_w)), state
         y_active = xc.new_empty((x.shape[0], 0, out_h, out_w))
         y = _scatter_units(y_active, units, b, (x.shape[0], w.shape[0], out_h, out_w), 1, fmt)
         return _cast(y, x.dtype), state
-    plan = _conv_plan(w, units, channels, geometry.groups)
-    x_plan = x_in if plan.channels is channels else _gather_channels(xc, plan.channels)
-    if plan.weight is not w and _channels_last(x_plan) and not _channels_last(plan.weight):
-        # The gathered weight in the input's layout: oneDNN would reorder it in every call
-        # (measured 1.07x on the forward and backward of LeNet-5's compact conv2).
-        plan = plan._replace(weight=plan.weight.contiguous(memory_format=torch.channels_last))
-    state = state._replace(plan=plan, x_plan=None if x_plan is x_in else x_plan)
+    x_in = xc if state.x_in is None else state.x_in
+    x_plan = x_in if state.x_plan is None else state.x_plan
     if units is None:
         return _cast(_as_format(_plan_conv(x_plan, plan, geometry, b), fmt), x.dtype), state
     y_active = _plan_conv(x_plan, plan, geometry)

@@ -465,7 +465,12 @@ def test_a_reset_during_evaluation_persists_and_matches_evaluating_every_client(
             before = sim.client_states[victim]
             calls = []
             real = sim._evaluate_on
-            monkeypatch.setattr(sim, "_evaluate_on", lambda slot, i, server: calls.append(i) or real(slot, i, server))
+
+            def counted(slot, i, server, calls=calls, real=real):
+                calls.append(i)
+                return real(slot, i, server)
+
+            monkeypatch.setattr(sim, "_evaluate_on", counted)
             sim.run_round()
             sim.run_round()
         evaluated.append(calls)

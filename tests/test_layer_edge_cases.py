@@ -125,7 +125,7 @@ def test_meta_tensors_work_as_for_the_dense_layers(kind):
     dense = nn.Linear(13, 7, device="meta") if kind == "linear" else nn.Conv2d(3, 7, 3, padding=1, device="meta")
     assert "density=?" in repr(layer)
     with pytest.raises(ValueError, match="density needs the weights' values, and this layer is on the meta device"):
-        layer.density
+        _ = layer.density
     for train in (True, False):
         layer.train(train)
         y = layer(x)
