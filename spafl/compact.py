@@ -377,7 +377,7 @@ def _live_pruned(dy: torch.Tensor, mask: torch.Tensor):
     pruned = (_nonzero_slices(dy, 1) & ~mask).nonzero().squeeze(1)
     if not pruned.numel():
         return None, None
-    return pruned, dy.index_select(1, pruned)
+    return pruned, _select_channels(dy, pruned)
 
 
 def _pruned_r_linear(dy, x_in, w, mask, cols, mode: str, sample_fraction: float):
@@ -487,11 +487,24 @@ def _pad_explicitly(x: torch.Tensor, geometry: ConvGeometry, always: bool = Fals
 def _plan_conv(x_in: torch.Tensor, plan: _ConvPlan, geometry: ConvGeometry, bias=None) -> torch.Tensor:
     xp, padding = _pad_explicitly(x_in, geometry)
     y = _conv2d(xp, plan.weight, bias, geometry.stride, padding, geometry.dilation, plan.groups)
-    return y if plan.slots is None else y.index_select(1, plan.slots)
+    return y if plan.slots is None else _select_channels(y, plan.slots)
+
+
+def _select_channels(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``t.index_select(1, index)`` for ``t [B, C, ...]``, in ``t``'s layout. A channels-last
+    tensor is gathered through its ``[B * H * W, C]`` view: ``index_select`` along dim 1 of a
+    channels-last tensor first copies the whole tensor to NCHW (measured 7x slower for
+    ``[64, 50, 8, 8]``, 5 channels kept) and returns NCHW, which the next convolution then
+    reorders back."""
+    if t.dim() != 4 or not _channels_last(t) or not t.is_contiguous(memory_format=torch.channels_last):
+        return t.index_select(1, index)
+    batch, chans, height, width = t.shape
+    picked = t.permute(0, 2, 3, 1).reshape(-1, chans).index_select(1, index)
+    return picked.view(batch, height, width, index.numel()).permute(0, 3, 1, 2)
 
 
 def _gather_channels(x: torch.Tensor, channels: torch.Tensor | None) -> torch.Tensor:
-    return x if channels is None else x.index_select(1, channels)
+    return x if channels is None else _select_channels(x, channels)
 
 
 class _ConvState(NamedTuple):
@@ -668,7 +681,7 @@ def _gather_grad(dy: torch.Tensor, units: torch.Tensor, plan: _ConvPlan, x_plan:
     ``[A, B, Ho, Wo]`` tensor) when the weight gradient will take the single-input-channel route
     of :func:`_conv2d_backward`, which reads ``dy`` transposed: one copy instead of two."""
     if need_dx or not _single_channel_route(x_plan, plan.weight.shape[2:], dy.shape[2:], plan.groups):
-        return dy.index_select(1, units)
+        return _select_channels(dy, units)
     return dy.transpose(0, 1).index_select(0, units).transpose(0, 1)
 
 

@@ -170,6 +170,44 @@ def test_conv2d_channels_last_in_and_out(layout, density):
 
 
 @pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("conv, chans, filters", CONVS, ids=str)
+def test_conv2d_channels_last_every_option_and_mode(conv, chans, filters, mode):
+    # Channels-last operands take their own gathers of channels (compact._select_channels):
+    # the active filters' output gradient, the pruned filters' in exact mode, the kept input
+    # channels and the padded groups' slots.
+    kernel = 2 if conv.get("padding") == "same" and "dilation" not in conv else 3
+    x, w, b = _conv_problem(conv, chans, filters, kernel=kernel, batch=3)
+    x, w = x.to(memory_format=torch.channels_last), w.to(memory_format=torch.channels_last)
+
+    def fn(x, w, tau, b, backend):
+        return threshold_conv2d(x, w, tau, b, backend=backend, backward_mode=mode, sample_fraction=0.2, **conv)
+
+    for density in (0.3, 0.6):
+        _assert_same(fn, x, [w, threshold_for_density(w, density), b], torch.float32)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_conv2d_channels_last_skipping_zero_input_channels(mode):
+    x, w, _ = _conv_problem({"padding": 1}, 6, 10, bias=False, batch=3)
+    x[:, [1, 4]] = 0
+    x = x.to(memory_format=torch.channels_last)
+
+    def fn(x, w, tau, backend):
+        return F.relu(threshold_conv2d(x, w, tau, padding=1, backend=backend, backward_mode=mode,
+                                       skip_zero_inputs=True))
+
+    params = [w, threshold_for_density(w, 0.4)]
+    y_ref, (dx_ref, *g_ref) = _grads(fn, x, params, "reference")
+    y, (dx, *g) = _grads(fn, x, params, "compact")
+    assert_close(y, y_ref, torch.float32, "y")
+    for name, a, e in zip(("dW", "dtau"), g, g_ref, strict=True):
+        assert_close(a, e, torch.float32, name)
+    kept = [0, 2, 3, 5]  # the dropped channels' input gradient is 0 by the rule (spafl.layers)
+    assert_close(dx[:, kept], dx_ref[:, kept], torch.float32, "dx")
+    assert (dx[:, [1, 4]] == 0).all() and dx.is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("mode", MODES)
 def test_conv2d_unbatched_pointwise_and_no_input_gradient(mode):
     x, w, b = _conv_problem({}, 7, 13, kernel=1, batch=3)
 
