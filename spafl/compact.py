@@ -40,7 +40,7 @@ import torch.nn.functional as F
 
 from ._conv import ConvGeometry
 from ._rowmask import sample_rows
-from .reference import ROW_BLOCK, _compute_dtype, row_blocks, scratch
+from .reference import ROW_BLOCK, SMALL_TEMPORARY, _compute_dtype, row_blocks, scratch
 
 # ----------------------------------------------------------------------------- dense products
 
@@ -145,9 +145,7 @@ def _one_block(n_rows: int, row_len: int, device: torch.device) -> bool:
     return device.type != "cpu" or n_rows * row_len <= ROW_BLOCK
 
 
-# Temporaries up to this many elements (256 KB of fp32) come from the allocator: small blocks
-# that glibc keeps, so no page faults to avoid, and no workspace bookkeeping to pay for.
-_SMALL = 1 << 16
+_SMALL = SMALL_TEMPORARY  # see spafl.reference
 
 
 def _row_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -41,6 +41,13 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
 ROW_BLOCK = 1 << 20
 
 
+# Temporaries up to this many elements (256 KB of fp32) come from the allocator: small blocks
+# that glibc keeps, so no page faults to avoid, and no workspace bookkeeping to pay for (the
+# block loop and its workspace cost ~75 us a call on the CPU, five times the pass itself for
+# LeNet-5's conv1).
+SMALL_TEMPORARY = 1 << 16
+
+
 def row_blocks(n_rows: int, row_len: int, device: torch.device) -> list[slice] | None:
     """Slices of rows for a row-wise pass on the CPU: blocks of at most ``ROW_BLOCK`` elements
     (a row longer than that is a block of its own), whose temporaries go to :func:`scratch`.
@@ -73,9 +80,9 @@ def row_scores(weight: torch.Tensor) -> torch.Tensor:
     may split a long row's sum differently, as it does between thread counts)."""
     w = weight.detach().reshape(weight.shape[0], -1)
     compute = _compute_dtype(weight.dtype)
-    blocks = row_blocks(w.shape[0], w.shape[1], w.device)
-    if blocks is None:
+    if w.device.type != "cpu" or w.numel() <= SMALL_TEMPORARY:
         return w.abs().to(compute).mean(dim=1)
+    blocks = row_blocks(w.shape[0], w.shape[1], w.device)
     out = torch.empty(w.shape[0], dtype=compute, device=w.device)
     for rows in blocks:
         w_rows = w[rows]
