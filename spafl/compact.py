@@ -145,15 +145,12 @@ def _one_block(n_rows: int, row_len: int, device: torch.device) -> bool:
     return device.type != "cpu" or n_rows * row_len <= ROW_BLOCK
 
 
-_SMALL = SMALL_TEMPORARY  # see spafl.reference
-
-
 def _row_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``sum_j a_ij b_ij`` of two ``[n, ...]`` tensors of one layout: ``[n]`` (row blocks: see
     ``row_blocks``)."""
     n = a.shape[0]
     k = a.numel() // n if n else 0
-    if a.device.type != "cpu" or n * k <= _SMALL:
+    if a.device.type != "cpu" or n * k <= SMALL_TEMPORARY:
         return (a * b).sum(dim=tuple(range(1, a.dim())))
     a2, b2 = a.flatten(1), b.flatten(1)
     if _one_block(n, k, a.device):
@@ -494,8 +491,8 @@ def _select_channels(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     channels-last tensor first copies the whole tensor to NCHW (measured 7x slower for
     ``[64, 50, 8, 8]``, 5 channels kept) and returns NCHW, which the next convolution then
     reorders back."""
-    if t.dim() != 4 or not _channels_last(t) or not t.is_contiguous(memory_format=torch.channels_last):
-        return t.index_select(1, index)
+    if t.dim() != 4 or t.is_contiguous() or not t.is_contiguous(memory_format=torch.channels_last):
+        return t.index_select(1, index)  # (a tensor contiguous in both layouts gathers as fast either way)
     batch, chans, height, width = t.shape
     picked = t.permute(0, 2, 3, 1).reshape(-1, chans).index_select(1, index)
     return picked.view(batch, height, width, index.numel()).permute(0, 3, 1, 2)

@@ -175,8 +175,7 @@ def test_conv2d_channels_last_every_option_and_mode(conv, chans, filters, mode):
     # Channels-last operands take their own gathers of channels (compact._select_channels):
     # the active filters' output gradient, the pruned filters' in exact mode, the kept input
     # channels and the padded groups' slots.
-    kernel = 2 if conv.get("padding") == "same" and "dilation" not in conv else 3
-    x, w, b = _conv_problem(conv, chans, filters, kernel=kernel, batch=3)
+    x, w, b = _conv_problem(conv, chans, filters, batch=3)
     x, w = x.to(memory_format=torch.channels_last), w.to(memory_format=torch.channels_last)
 
     def fn(x, w, tau, b, backend):
