@@ -15,6 +15,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 
 import _common  # noqa: E402
+import cpu_costs  # noqa: E402
 import e2e  # noqa: E402
 
 import kernels  # noqa: E402
@@ -210,6 +211,22 @@ def test_kernels_script_writes_the_csv_schema_and_plots(tmp_path):
 
     text = summary.kernel_tables(summary.read(out))
     assert "spafl-exact (" + ours + ")" in text and "masked (reference)" in text
+
+
+def test_cpu_costs_script_times_every_group_against_its_first_side(tmp_path):
+    out = tmp_path / "c.csv"
+    assert cpu_costs.main(["--reps", "3", "--min-sample-ms", "0", "--csv", str(out)]) == 0
+    rows = read_csv(out)
+    assert list(rows[0]) == list(cpu_costs.COLUMNS)
+    sides = {g: [r["side"] for r in rows if r["group"] == g] for g in cpu_costs.GROUPS}
+    assert sides == {"fc3-floor": ["dense", "smaller", "spafl-skip", "row-scores", "grad-fill"],
+                     "cl-gather": ["index_select", "_select_channels"], "elementwise": ["add", "ge", "where"]}
+    for r in rows:
+        assert float(r["ms"]) > 0 and r["threads"] == "1" and r["device"].startswith("cpu")
+        if r["side"] in ("dense", "index_select", "add"):
+            assert float(r["ratio_vs_first"]) == 1.0
+    with pytest.raises(SystemExit):
+        cpu_costs.main(["--groups", "nothing"])
 
 
 def test_the_cpu_suite_holds_the_targets_shapes():

@@ -206,6 +206,16 @@ def test_conv2d_channels_last_skipping_zero_input_channels(mode):
     assert (dx[:, [1, 4]] == 0).all() and dx.is_contiguous(memory_format=torch.channels_last)
 
 
+def test_select_channels_is_index_select_in_the_input_layout():
+    t = torch.randn(3, 7, 4, 5)
+    index = torch.tensor([0, 2, 6])
+    for x in (t, t.contiguous(memory_format=torch.channels_last), t[:, :, :, :1].contiguous(), t.flatten(2)):
+        got = compact._select_channels(x, index)
+        assert torch.equal(got, x.index_select(1, index))
+        if x.dim() == 4 and not x.is_contiguous():
+            assert got.is_contiguous(memory_format=torch.channels_last)
+
+
 @pytest.mark.parametrize("mode", MODES)
 def test_conv2d_unbatched_pointwise_and_no_input_gradient(mode):
     x, w, b = _conv_problem({}, 7, 13, kernel=1, batch=3)
