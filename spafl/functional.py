@@ -132,7 +132,8 @@ def _guarded_row_mask_on_host(weight, threshold, collapse_density, collapse_timi
         score = reference.row_scores(weight)
         if check_finite:
             check_finite_values(threshold, score)
-        mask = score > threshold.detach().to(score.dtype)
+        tau = threshold.detach()
+        mask = score > (tau if tau.dtype == score.dtype else tau.to(score.dtype))
         if collapse_density is None:
             return RowMask(mask, None, None, score, None)
         n = mask.numel()

@@ -81,7 +81,9 @@ def row_scores(weight: torch.Tensor) -> torch.Tensor:
     w = weight.detach().reshape(weight.shape[0], -1)
     compute = _compute_dtype(weight.dtype)
     if w.device.type != "cpu" or w.numel() <= SMALL_TEMPORARY:
-        return w.abs().to(compute).mean(dim=1)
+        magnitude = w.abs()
+        # (a no-op .to() still costs a dispatcher round trip, on a path that runs every forward)
+        return (magnitude if magnitude.dtype == compute else magnitude.to(compute)).mean(dim=1)
     blocks = row_blocks(w.shape[0], w.shape[1], w.device)
     out = torch.empty(w.shape[0], dtype=compute, device=w.device)
     for rows in blocks:
