@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import math
 import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -300,10 +301,20 @@ def group_rows(case, dtype_name: str, density: float, active: int, op: str, timi
     return rows
 
 
+def progress_line(done: int, total: int, elapsed: float, label: str) -> str:
+    """``[done/total] label: elapsed, ETA`` (the ETA assumes the comparisons left cost the mean of
+    those done: cases differ in size, so it is a rough guide that firms up as the run goes)."""
+    eta = elapsed / done * (total - done) if done else float("nan")
+    return f"[{done}/{total}] {label}: {elapsed:.0f} s elapsed, about {eta:.0f} s left"
+
+
 def measure(cases, dtypes, densities, ops, providers, device, reps: int, min_sample_ms: float, tolerance: float,
-            base: dict) -> Iterator[dict]:
+            base: dict, progress=None) -> Iterator[dict]:
     """Every row, as soon as its comparison is measured: per case, dtype, density and op, the
-    ``providers`` interleaved. ``base`` holds the columns common to every row."""
+    ``providers`` interleaved. ``base`` holds the columns common to every row. ``progress``
+    (a file, e.g. stderr) gets one line per comparison with the count done and an ETA, so a
+    long suite is never silent on one case."""
+    total, done, start = len(cases) * len(dtypes) * len(densities) * len(ops), 0, time.perf_counter()
     for case in cases:
         for dtype_name in dtypes:
             bench = Bench(case, DTYPES[dtype_name], device)
@@ -313,6 +324,11 @@ def measure(cases, dtypes, densities, ops, providers, device, reps: int, min_sam
                     fns = {name: runner(bench, *table[name][:3], op) for name in providers if name in table}
                     timings = interleaved(fns, device, reps, min_sample_ms)
                     backends = {name: table[name][3] for name in fns}
+                    done += 1
+                    if progress is not None:
+                        label = f"{case.name} {dtype_name} density {density:g} {op}"
+                        print(progress_line(done, total, time.perf_counter() - start, label), file=progress,
+                              flush=True)
                     for row in group_rows(case, dtype_name, density, bench.active, op, timings, backends, tolerance):
                         yield {"timestamp": timestamp(), **base, **row}
 
@@ -331,7 +347,8 @@ def show_row(r: dict) -> None:
 def build_parser(cuda: bool):
     p = parser_for(__doc__)
     p.add_argument("--suite", choices=sorted(SUITES), default="all" if cuda else "cpu",
-                   help="the cases to run: smoke (two tiny cases), cpu (the CPU targets' shapes and the federated "
+                   help="the cases to run: smoke (two tiny cases: checks the setup in well under a minute; its ratios "
+                        "mean little), cpu (the CPU targets' shapes and the federated "
                         "layers), federated, large, resnet18, all (federated + large + resnet18)")
     p.add_argument("--cases", nargs="+", default=None, metavar="NAME", help="only these cases of the suite")
     p.add_argument("--dtypes", nargs="+", choices=DTYPES, default=list(DTYPES) if cuda else ["float32"],
@@ -342,6 +359,8 @@ def build_parser(cuda: bool):
     p.add_argument("--ops", nargs="+", choices=OPS, default=list(OPS), help="what is timed")
     p.add_argument("--providers", nargs="+", choices=PROVIDERS, default=list(PROVIDERS),
                    help="implementations to compare (dense is the baseline of every ratio and must stay)")
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress line (comparisons done, elapsed, ETA) on stderr after each comparison")
     add_run_args(p, default_reps=50 if cuda else 15, default_min_sample_ms=1.0 if cuda else 2.0)
     return p
 
@@ -368,7 +387,7 @@ def main(argv=None) -> int:
     torch.backends.cudnn.benchmark = True
     sink, base = start(p, args, device, __file__, argv, COLUMNS, TABLE_HEADER)
     rows = measure(cases, args.dtypes, args.densities, args.ops, args.providers, device, args.reps,
-                   args.min_sample_ms, args.tolerance, base)
+                   args.min_sample_ms, args.tolerance, base, progress=None if args.no_progress else sys.stderr)
     return report(rows, sink, show_row)
 
 

@@ -69,15 +69,23 @@ def kernel_tables(rows: list[dict], providers=("masked", "gather", "smaller", "s
 
 
 def target_table(rows: list[dict]) -> str:
+    """The targets this CSV measured, against what they want; a one-line note instead when it
+    measured none of them (a CPU run, or another dtype): a table of "not measured" says nothing."""
     out = ["| target | density | wanted | measured | case |", "|---|---|---|---|---|"]
     for layer, op, provider, prefix, wanted in TARGETS:
         for density, minimum in wanted.items():
             hits = [r for r in rows if r["layer"] == layer and r["op"] == op and r["provider"] == provider
                     and r["case"].startswith(prefix) and float(r["density"]) == density and r["dtype"] == "bfloat16"]
-            measured = ", ".join(_cell(r) for r in hits) or "not measured"
-            cases = ", ".join(sorted({r["case"] for r in hits})) or "-"
-            out.append(f"| {layer} {op} ({provider}) | {density:g} | >= {minimum}x | {measured} | {cases} |")
-    return "\n".join(out)
+            if hits:
+                cases = ", ".join(sorted({r["case"] for r in hits}))
+                out.append(f"| {layer} {op} ({provider}) | {density:g} | >= {minimum}x | "
+                           f"{', '.join(_cell(r) for r in hits)} | {cases} |")
+    if len(out) > 2:
+        return "\n".join(out)
+    devices = ", ".join(sorted({r.get("device", "?") for r in rows})) or "no rows"
+    dtypes = ", ".join(sorted({r["dtype"] for r in rows}))
+    return (f"None of these targets is in this CSV ({devices}; {dtypes}): they are measured by "
+            "`--suite all` (or large, resnet18) in bfloat16 on a GPU. The tables below are what it measured.")
 
 
 def e2e_tables(rows: list[dict]) -> str:
@@ -119,6 +127,8 @@ def main(argv=None) -> int:
         print(target_table(kernels) + "\n")
         print("## Kernels\n")
         print(kernel_tables(kernels))
+    if not kernels and not e2e:
+        p.error("give --kernels and/or --e2e, CSVs written by benchmarks/kernels.py and e2e.py")
     if e2e:
         print("## End to end\n")
         print(e2e_tables(e2e))

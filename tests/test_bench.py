@@ -424,3 +424,39 @@ def test_help_is_complete(script, capsys, monkeypatch):
         assert action.help, f"{action.option_strings} has no help"
         assert all(flag in text for flag in action.option_strings)
         assert " ".join(action.help.split()).split("%(")[0] in text
+
+
+# --- progress and the summary's opening ----------------------------------------------------------
+
+
+def test_kernels_prints_progress_with_an_eta(tmp_path, capsys):
+    quick = ["--suite", "smoke", "--densities", "0.5", "1.0", "--ops", "fwd", "bwd", "--providers", "dense",
+             "spafl-exact", "--reps", "1", "--min-sample-ms", "0"]
+    assert kernels.main([*quick, "--csv", str(tmp_path / "k.csv")]) == 0
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("[")]
+    # 2 cases x 2 densities x 2 ops: one line per comparison, counted to the total, with an ETA
+    assert [line.split("]")[0] for line in lines] == [f"[{k}/8" for k in range(1, 9)]
+    assert lines[0].startswith("[1/8] smoke-linear float32 density 0.5 fwd: ") and "s left" in lines[0]
+    assert lines[-1].endswith("about 0 s left")
+    assert kernels.main([*quick, "--csv", str(tmp_path / "k2.csv"), "--no-progress"]) == 0
+    assert "[1/8]" not in capsys.readouterr().err
+
+
+def test_progress_line_eta():
+    assert kernels.progress_line(1, 4, 10.0, "x") == "[1/4] x: 10 s elapsed, about 30 s left"
+    assert kernels.progress_line(4, 4, 12.0, "x") == "[4/4] x: 12 s elapsed, about 0 s left"
+
+
+def test_summary_does_not_open_with_unmeasured_targets(tmp_path):
+    import summary
+
+    rows = [{"layer": "linear", "op": "fwd", "provider": "spafl-exact", "case": "large-8192x4096", "density": "0.5",
+             "dtype": "bfloat16", "device": "NVIDIA H100", "speedup_vs_dense": "2.5",
+             "speedup_vs_dense_noisy": "False"}]
+    table = summary.target_table(rows)
+    # only the measured target has a row, with its ratio; no "not measured" filler
+    assert table.count("\n") == 2 and "| linear fwd (spafl-exact) | 0.5 | >= 1.8x | 2.50x | large-8192x4096 |" in table
+    cpu = [{**rows[0], "dtype": "float32", "device": "cpu (x86_64, 2 cores)"}]
+    note = summary.target_table(cpu)
+    assert "not measured" not in note and "|" not in note
+    assert "cpu (x86_64, 2 cores); float32" in note and "bfloat16 on a GPU" in note
