@@ -42,10 +42,10 @@ def _env(tmp_path: Path) -> dict:
 
 
 def readme_deployment() -> tuple[list[str], str]:
-    """The commands of the README's "### Deployment" block (continuation lines joined) and the
+    """The commands of docs/flower.md's "## Deployment" block (continuation lines joined) and the
     SuperLink connection its comments give for ``$FLWR_HOME/config.toml``."""
-    text = (ROOT / "README.md").read_text()
-    section = text[text.index("### Deployment"):]
+    text = (ROOT / "docs" / "flower.md").read_text()
+    section = text[text.index("## Deployment"):]
     block = re.search(r"```bash\n(.*?)```", section, re.S).group(1)
     commands, toml, current = [], [], ""
     for line in block.splitlines():
