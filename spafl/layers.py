@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import _threads
 from ._checks import (
     check_collapse_timing,
     check_options,
@@ -274,6 +275,8 @@ class ThresholdLinear(_ThresholdMixin, nn.Module):
         nn.init.zeros_(self.threshold)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.compiler.is_compiling() and self.training and not _threads._warned:
+            _threads.warn_once_about_threads(x.device)
         return threshold_linear(x, self.weight, self.threshold, self.bias, **self._layer_options())
 
     @classmethod
@@ -396,6 +399,8 @@ class ThresholdConv2d(_ThresholdMixin, nn.Module):
         nn.init.zeros_(self.threshold)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.compiler.is_compiling() and self.training and not _threads._warned:
+            _threads.warn_once_about_threads(x.device)
         padding = self.padding
         if self.padding_mode != "zeros":
             x = F.pad(x, self._explicit_padding, mode=self.padding_mode)

@@ -18,15 +18,30 @@ from pathlib import Path
 
 from .._threads import ThreadPolicy
 from .config import (
+    AGGREGATORS,
+    BACKENDS,
+    COLLAPSE_TIMINGS,
+    DATASETS,
     DEFAULT_PRESET,
     METHODS,
+    MODELS,
+    NORMALIZATIONS,
+    OPTIMIZER_LIFETIMES,
+    PENALTY_SCHEDULES,
     PRESETS,
     RESUMABLE_CHANGES,
+    RNG_MODES,
     FedConfig,
     build_config,
     config_mismatch,
     load_config_file,
 )
+
+# The settings that take one of a few words: --help lists them and argparse refuses others.
+_CHOICES = {"method": METHODS, "dataset": DATASETS, "model": MODELS, "backend": BACKENDS,
+            "backward_mode": ("exact", "skip", "sample"), "normalize": NORMALIZATIONS,
+            "penalty_schedule": PENALTY_SCHEDULES, "optimizer_lifetime": OPTIMIZER_LIFETIMES,
+            "collapse_timing": COLLAPSE_TIMINGS, "rng": RNG_MODES, "aggregator": AGGREGATORS}
 
 _HELP = {
     "method": "spafl, fedavg (dense), local (no communication), sparsyfed, or topk (SparsyFed's ablation)",
@@ -34,7 +49,15 @@ _HELP = {
     "beta": "SparsyFed's Powerpropagation exponent",
     "spectral_exponent": "SparsyFed's hyperparameter-free variant: beta per layer from the spectral norm",
     "lr_final": "decay the learning rate exponentially from --lr to this over the run ('none': lr * lr_decay**t)",
-    "dataset": "digits (embedded), fmnist, cifar10 or cifar100",
+    "dataset": "digits is embedded; the others are read from --data-root",
+    "model": "the network: digits-cnn (8x8 digits), lenet5 (Fashion-MNIST), conv4, vit, resnet18 (CIFAR)",
+    "backend": "threshold layers' backend: auto (compact on CPU, triton on CUDA), compact, reference (masked "
+               "dense), triton",
+    "backward_mode": "what pruned units get in backward: exact (the spec's gradient), skip (nothing), sample "
+                     "(estimated from --sample-fraction of the batch)",
+    "sample_fraction": "backward-mode sample: the fraction of batch rows the estimate uses",
+    "penalty_scheduler": "the sigmoid schedule's time scale: lambda_t = th_coeff * sigmoid(10 t / "
+                         "penalty_scheduler - 5)",
     "data_root": "folder holding the dataset in torchvision's layout (e.g. ../shared/data)",
     "download": "let torchvision download the dataset (needs torchvision)",
     "normalize": "standard (per-channel mean/std) or raw (0..255 floats, the reference FMNIST input)",
@@ -44,7 +67,7 @@ _HELP = {
     "penalty_schedule": "sigmoid (FMNIST reference) or constant (CIFAR reference)",
     "clip": "gradient-norm clipping ('none': off)", "collapse_density": "collapse guard ('none': off)",
     "checkpoint_every": "rounds between checkpoints (0: only at the end)",
-    "mask_layer": "threshold layer whose masks are recorded for the mask plot (default: the first)",
+    "mask_layer": "threshold layer whose masks are recorded for the mask plot ('none': the model's first)",
     "device": "auto, cpu or cuda[:i]",
     "optimizer_lifetime": "per-round (a fresh SGD optimiser every round) or per-run (one per client, momentum kept)",
     "collapse_timing": "collapse guard on the density of this forward (current) or the previous one (previous)",
@@ -96,8 +119,8 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
         help_text = (_HELP.get(f.name, "") + f" (default: {value})").strip()
         if base is bool:
             group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
-        elif f.name == "method":
-            group.add_argument(flag, choices=METHODS, default=None, help=help_text)
+        elif f.name in _CHOICES:
+            group.add_argument(flag, choices=_CHOICES[f.name], default=None, help=help_text)
         else:
             kind = _optional(base) if optional else base
             group.add_argument(flag, type=kind, default=None, dest=f.name, help=help_text,
@@ -212,6 +235,10 @@ def _compare(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         with policy.applied():
             runs = run_comparison(config, args.methods, args.seeds, out, progress=args.progress, command=command,
                                   workers=policy.workers)
+    except KeyboardInterrupt:
+        print(f"spafl compare: interrupted; the finished runs and the others' last checkpoints are kept in {out}; run "
+              f"the same command again to continue: {command}", file=sys.stderr)
+        return 130
     except (ValueError, FileNotFoundError) as e:
         return _fail("compare", e)
     except (FederationStalled, OSError) as e:
@@ -349,10 +376,15 @@ def _train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
               f"{cfg.clients_per_round} per round, rounds {sim.round + 1} to {cfg.rounds}, alpha {cfg.alpha}, "
               f"device {sim.device}, {size}, run folder {out}")
         print(f"threads: {policy.describe()}")
+        print(f"disk: {disk_estimate(sim.model, cfg)}")
         try:
             with warnings.catch_warnings(), sim:
                 warnings.simplefilter("always")
                 sim.run()
+        except KeyboardInterrupt:
+            print(f"spafl train: interrupted in round {sim.round + 1} of {cfg.rounds}; {_kept(out)}; run the same "
+                  f"command again to continue: {command}", file=sys.stderr)
+            return 130
         except FederationStalled as e:
             print(f"spafl train: stopped after round {sim.round} of {cfg.rounds}: {e}; the rounds run are saved in "
                   f"{out}", file=sys.stderr)
@@ -387,6 +419,34 @@ def _report_finished(plan: _Plan, command: str) -> int:
         summary = sim.summary()
     _print_summary(summary or {})
     return 0
+
+
+def disk_estimate(model, config: FedConfig) -> str:
+    """What a run's checkpoints take, from the model before any training: every client's model
+    state (weights, buffers, thresholds) and, with a per-run optimiser, its momentum, stored
+    once the client has trained; an upper bound (clients not yet trained take less)."""
+    state = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    momentum = (sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+                if config.optimizer_lifetime == "per-run" else 0)
+    per_client = state + momentum
+    what = "weights, buffers and momentum" if momentum else "weights and buffers"
+    return (f"each checkpoint up to {_megabytes(config.num_clients * per_client)} ({config.num_clients} clients x "
+            f"{_megabytes(per_client)} of {what}, once trained); two are kept (checkpoint.pt, checkpoint.prev.pt)")
+
+
+def _megabytes(n: int) -> str:
+    return f"{n / 1e6:.3g} MB"
+
+
+def _kept(out: Path) -> str:
+    """Where an interrupted run stands: the round of the last checkpoint in ``out``."""
+    from . import runfolder
+
+    try:
+        done = runfolder.open_checkpoint(out).rounds_done
+    except (FileNotFoundError, ValueError, OSError):
+        return f"no checkpoint in {out} yet"
+    return f"{out} holds its checkpoint after round {done}"
 
 
 def _fail(command: str, error: BaseException) -> int:

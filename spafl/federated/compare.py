@@ -12,6 +12,7 @@ import csv
 import io
 import json
 import math
+import time
 import warnings
 from collections.abc import Iterable
 from pathlib import Path
@@ -26,8 +27,12 @@ from .simulator import Simulator
 METHOD_LABELS = {"spafl": "SpaFL", "fedavg": "FedAvg (dense)", "local": "Local only", "sparsyfed": "SparsyFed",
                  "topk": "Top-K"}
 RUN_COLUMNS = ("method", "seed", "rounds", "final_acc", "final_acc_std", "best_acc", "final_acc_global",
-               "final_density_weighted", "final_global_sparsity", "comm_gbit_paper", "bytes_exchanged",
+               "final_density", "final_density_weighted", "final_global_sparsity", "comm_gbit_paper", "bytes_exchanged",
                "flops_per_client", "wall_s", "mean_round_s")
+
+
+# The methods that prune whole units (neurons, filters): the dense ones keep all of theirs.
+UNIT_PRUNING = ("spafl", "fedavg", "local")
 
 
 def run_folder(out: Path, method: str, seed: int) -> Path:
@@ -48,7 +53,8 @@ def run_comparison(config: FedConfig, methods: Iterable[str], seeds: Iterable[in
         raise ValueError("give at least one seed")
     configs = [config.replace(method=m, seed=s, spectral_exponent=config.spectral_exponent and m == "sparsyfed")
                .validate() for s in seeds for m in methods]  # every method's first seed first
-    for cfg in configs:
+    eta = _Eta(len(configs) * config.rounds)
+    for k, cfg in enumerate(configs, 1):
         folder = run_folder(out, cfg.method, cfg.seed)
         if (folder / CHECKPOINT).is_file() or (folder / PREVIOUS).is_file():
             sim = Simulator.resume(folder, cfg, log=log, progress=progress, command=command, workers=workers)
@@ -56,13 +62,42 @@ def run_comparison(config: FedConfig, methods: Iterable[str], seeds: Iterable[in
         else:
             sim = Simulator(cfg, out_dir=folder, progress=progress, command=command, workers=workers)
             state = "starting"
-        log(f"{cfg.method} seed {cfg.seed}: {state} ({cfg.rounds} rounds) in {folder}")
+        eta.skip(min(sim.round, cfg.rounds))  # rounds a previous invocation ran cost nothing now
+        log(f"[run {k}/{len(configs)}] {cfg.method} seed {cfg.seed}: {state} ({cfg.rounds} rounds) in {folder}; "
+            f"{eta.describe()}")
         with warnings.catch_warnings(), sim:
             warnings.simplefilter("always")
+            before = sim.round
             sim.run()
+            eta.ran(max(0, sim.round - before))
+    log(f"[run {len(configs)}/{len(configs)}] all done; {eta.describe()}")
     runs = [load_run(run_folder(out, c.method, c.seed)) for c in configs]
     write_table(out, runs)
     return runs
+
+
+class _Eta:
+    """The comparison's overall progress: rounds done of ``total``, and the time left at the
+    mean round time measured so far in this invocation (runs differ in cost per round, the
+    dense methods' more, so it firms up as the comparison goes)."""
+
+    def __init__(self, total: int):
+        self.total, self.done, self.run, self.start = total, 0, 0, time.perf_counter()
+
+    def skip(self, rounds: int) -> None:
+        self.done += rounds
+
+    def ran(self, rounds: int) -> None:
+        self.done += rounds
+        self.run += rounds
+
+    def describe(self) -> str:
+        elapsed = time.perf_counter() - self.start
+        left = self.total - self.done
+        text = f"{self.done} of {self.total} rounds done overall, {elapsed:.0f} s elapsed"
+        if left and self.run:
+            text += f", about {elapsed / self.run * left:.0f} s left"
+        return text
 
 
 def load_run(folder: Path) -> dict:
@@ -118,7 +153,9 @@ def aggregate_runs(runs: list[dict]) -> list[dict]:
             "rounds": min(r["rounds"] for r in group),
             "acc": acc, "acc_std": acc_std,
             "acc_global": glob, "acc_global_std": glob_std,
-            "density_weighted": _mean_std([r["final_density_weighted"] for r in group])[0],
+            "active_units": _mean_std([r["final_density"] for r in group])[0]
+            if method in UNIT_PRUNING else float("nan"),
+            "nonzero_weights": _mean_std([r["final_density_weighted"] for r in group])[0],
             "comm_gbit": _mean_std([r["comm_gbit_paper"] for r in group])[0],
             "megabytes": _mean_std([r["bytes_exchanged"] / 1e6 for r in group])[0],
             "flops": _mean_std([r["flops_per_client"] for r in group])[0],
@@ -132,16 +169,30 @@ def _fmt(x: float, spec: str) -> str:
     return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
 
 
+def _mean_sd(mean: float, sd: float, n: int) -> str:
+    """``63.77 +- 3.35`` over ``n`` >= 2 seeds; ``63.77 (n=1)``: one seed has no spread to show."""
+    if math.isnan(mean):
+        return "-"
+    return f"{mean:.2f} (n=1)" if n == 1 else f"{mean:.2f} +- {sd:.2f}"
+
+
 def table_markdown(rows: list[dict]) -> str:
-    lines = ["| method | seeds | rounds | accuracy (%) | global-model accuracy (%) | density | comm (Gbit) "
-             "| serialised (MB) | FLOPs per client | wall (s) | s / round |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    """Accuracy as mean +- standard deviation over the seeds (the seeds column is n). Two
+    sparsity columns, because the methods prune different things: ``active units`` is the
+    fraction of neurons and filters active (mean over layers), what SpaFL prunes (1 for the
+    dense methods; none for SparsyFed and Top-K, which prune single weights); ``non-zero
+    weights`` is the fraction of the prunable weights the model computes with (SpaFL: those of
+    its active units; SparsyFed and Top-K: the weights their Top-K keeps)."""
+    lines = ["| method | seeds | rounds | accuracy (%) | global-model accuracy (%) | active units | non-zero weights "
+             "| comm (Gbit) | serialised (MB) | FLOPs per client | wall (s) | s / round |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        glob = "-" if math.isnan(r["acc_global"]) else f"{r['acc_global']:.2f} +- {r['acc_global_std']:.2f}"
         lines.append(
             f"| {METHOD_LABELS.get(r['method'], r['method'])} | {r['seeds']} | {r['rounds']} "
-            f"| {_fmt(r['acc'], '.2f')} +- {_fmt(r['acc_std'], '.2f')} | {glob} "
-            f"| {_fmt(r['density_weighted'], '.3f')} | {_fmt(r['comm_gbit'], '.4g')} | {_fmt(r['megabytes'], '.4g')} "
+            f"| {_mean_sd(r['acc'], r['acc_std'], r['seeds'])} "
+            f"| {_mean_sd(r['acc_global'], r['acc_global_std'], r['seeds'])} "
+            f"| {_fmt(r['active_units'], '.3f')} | {_fmt(r['nonzero_weights'], '.3f')} "
+            f"| {_fmt(r['comm_gbit'], '.4g')} | {_fmt(r['megabytes'], '.4g')} "
             f"| {_fmt(r['flops'], '.3g')} | {_fmt(r['wall_s'], '.1f')} | {_fmt(r['round_s'], '.2f')} |")
     return "\n".join(lines) + "\n"
 

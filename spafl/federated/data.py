@@ -18,6 +18,7 @@ import hashlib
 import io
 import math
 import pickle
+import shutil
 import struct
 import zlib
 from dataclasses import dataclass
@@ -238,16 +239,54 @@ def load_dataset(name: str, root: str | Path | None = None, download: bool = Fal
     if root is None:
         raise ValueError(f"dataset {name!r} needs data_root (the folder torchvision would be given)")
     if download:
-        try:
-            import torchvision.datasets as tvd
-        except Exception as e:  # not installed, or a build that does not import (CPU torch)
-            reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-            raise ValueError(f"download needs torchvision, which does not import here ({reason}); install it "
-                             f"(pip install torchvision) or fetch {_SOURCES[name]} yourself and place the files "
-                             f"under {root} as {_LAYOUTS[name]}, then run without download") from e
+        _download(name, Path(root))
+    return _READERS[name](root)
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return f"{type(error).__name__}: {text.splitlines()[0]}" if text else type(error).__name__
+
+
+def _download(name: str, root: Path) -> None:
+    """Fetch ``name`` into ``root`` with torchvision. On failure (torchvision missing, no
+    network, a refused or broken download) raise one ``ValueError`` naming the cause and the
+    files to fetch by hand, after removing everything the attempt created: the folders it made
+    (``root`` itself included) and the files it left, partial archives among them. What was
+    there before is not touched."""
+    by_hand = (f"fetch {_SOURCES[name]} yourself and place the files under {root} as {_LAYOUTS[name]}, then run "
+               "without download")
+    try:
+        import torchvision.datasets as tvd
+    except Exception as e:  # not installed, or a build that does not import
+        raise ValueError(f"download needs torchvision, which does not import here ({_first_line(e)}); install the "
+                         f"release that matches your torch (docs/getting-started.md: for torch 2.13, pip install "
+                         f"torchvision==0.28.0) or {by_hand}") from None
+    top = root.absolute()  # the highest folder the download would create (torchvision makes parents too)
+    while not top.parent.exists():
+        top = top.parent
+    existed = root.exists()
+    before = set(root.rglob("*")) if existed else set()
+    try:
         for train in (True, False):
             getattr(tvd, _TORCHVISION[name])(str(root), train=train, download=True)
-    return _READERS[name](root)
+    except (Exception, KeyboardInterrupt) as e:
+        _remove_new(root if existed else top, existed, before)
+        if isinstance(e, KeyboardInterrupt):
+            raise
+        raise ValueError(f"could not download {name} into {root} ({_first_line(e)}); {by_hand}") from None
+
+
+def _remove_new(root: Path, existed: bool, before: set[Path]) -> None:
+    """Remove what a failed download created under ``root`` (all of ``root`` when it did not exist)."""
+    if not existed:
+        shutil.rmtree(root, ignore_errors=True)
+        return
+    for path in sorted(set(root.rglob("*")) - before, key=lambda p: len(p.parts), reverse=True):
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
 
 
 # --- the non-IID split --------------------------------------------------------------------
