@@ -17,7 +17,10 @@ from pathlib import Path
 import pytest
 from packaging.requirements import Requirement
 
-tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+try:
+    import tomllib  # Python 3.11+
+except ModuleNotFoundError:  # 3.10: the extras' tests have nothing to read; the others run
+    tomllib = None
 
 ROOT = Path(__file__).parents[1]
 README = ROOT / "README.md"
@@ -66,6 +69,8 @@ def test_python_blocks_run(page, tmp_path, monkeypatch):
 
 
 def _extras() -> dict[str, list[str]]:
+    if tomllib is None:
+        return {}
     return tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
 
 
@@ -101,7 +106,7 @@ def _check_command(words: list[str], page: Path) -> None:
                 parser.parse_args(words[2:])
             except SystemExit as e:
                 raise AssertionError(f"{where}: does not parse ({e})") from None
-    elif words[0] == "pip" and words[1] == "install":
+    elif words[0] == "pip" and words[1] == "install" and tomllib is not None:
         for word in words[2:]:
             m = re.fullmatch(r"\.\[(.*)\]", word)
             for extra in m.group(1).split(",") if m else []:
