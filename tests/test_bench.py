@@ -460,3 +460,12 @@ def test_summary_does_not_open_with_unmeasured_targets(tmp_path):
     note = summary.target_table(cpu)
     assert "not measured" not in note and "|" not in note
     assert "cpu (x86_64, 2 cores); float32" in note and "bfloat16 on a GPU" in note
+
+
+def test_the_cpu_suite_starts_with_its_quick_cases():
+    """The default suite without CUDA prints rows at once: the 4096x4096 Linear, minutes per
+    density on a CPU, comes last."""
+    cases = kernels.SUITES["cpu"]
+    flops = [c.flops() for c in cases]
+    assert cases[-1].name == "linear-4096x4096-b256" and flops[-1] == max(flops)
+    assert cases[0].name.startswith("lenet5-")
