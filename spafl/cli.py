@@ -111,8 +111,12 @@ def main(argv: list[str] | None = None) -> int:
     from .federated.cli import thread_policy
 
     policy = thread_policy(args, parser)
-    with policy.applied():
-        return args.func(args, policy)
+    try:
+        with policy.applied():
+            return args.func(args, policy)
+    except KeyboardInterrupt:  # nothing to resume: the demo keeps no state
+        print("spafl demo: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

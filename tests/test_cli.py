@@ -314,3 +314,14 @@ def test_compare_reports_overall_progress_with_an_eta(tmp_path):
     log.clear()
     run_comparison(config.replace(rounds=3), ["spafl", "local"], [0], tmp_path, log=log.append)
     assert "2 of 6 rounds done overall" in [x for x in log if x.startswith("[run 1/2]")][0]  # done before: counted
+
+
+def test_ctrl_c_in_the_demo_is_one_line(monkeypatch, capsys):
+    import spafl.cli
+
+    def interrupted(args, policy):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(spafl.cli, "_demo", interrupted)
+    assert main(["demo", "--epochs", "1"]) == 130
+    assert capsys.readouterr().err == "spafl demo: interrupted\n"
