@@ -17,7 +17,7 @@ flwr = pytest.importorskip("flwr", reason='Flower is not installed (pip install 
 from flwr.app import Context, Error, Message, RecordDict  # noqa: E402
 from flwr.supercore.task_identity import TaskIdentity  # noqa: E402
 
-from spafl.federated import Simulator, protocol  # noqa: E402
+from spafl.federated import Simulator, keys  # noqa: E402
 from spafl.flower.client import client_app  # noqa: E402
 from spafl.flower.server import MethodStrategy  # noqa: E402
 from spafl.flower.wire import METRICS, config_from_run_config  # noqa: E402
@@ -133,7 +133,7 @@ def test_a_lost_node_costs_no_wait_unless_sampled(setup, caplog):
     """Before: a killed SuperNode stalled the next round for the whole node wait (300 s)."""
     config, data, app = setup
     config = config.replace(rounds=5)
-    later = [protocol.sample_clients(config.seed, t, 4, 2) for t in range(1, 5)]
+    later = [keys.sample_clients(config.seed, t, 4, 2) for t in range(1, 5)]
     lost = next(p for p in range(4) if any(p in s for s in later) and not all(p in s for s in later))
 
     def on_list(grid):  # the node of partition `lost` dies after the first round
@@ -180,7 +180,7 @@ def test_a_reply_for_another_partition_or_an_impossible_count_is_refused(setup, 
                         m["partition-id"] = 3 - first[1] if 3 - first[1] not in first else 0
             return replies
 
-    first = protocol.sample_clients(config.seed, 0, 4, 2)
+    first = keys.sample_clients(config.seed, 0, 4, 2)
     strategy = _run(config.replace(rounds=1), data, Liar(_nodes(app, range(4))), caplog)
     errors = strategy.history[0]["errors"]
     assert strategy.history[0]["participants"] == 0
@@ -233,7 +233,7 @@ def test_malformed_uplinks_are_rejected_and_the_run_goes_on(setup, caplog):
     from spafl.flower.wire import ARRAYS, pack
 
     config, data, app = setup
-    first = protocol.sample_clients(config.seed, 0, 4, 2)
+    first = keys.sample_clients(config.seed, 0, 4, 2)
     # every threshold layer of the model, fc3 declared as 2**40 values in a few bytes
     from spafl.convert import named_threshold_layers
     from spafl.federated.models import build_model
@@ -268,7 +268,7 @@ def test_reports_that_would_break_the_history_are_refused(setup, caplog):
     """Numbers the server would write into the history: an infinite FLOP count, an accuracy of
     1e9, an evaluation without one of the layers (used to raise KeyError in the metrics)."""
     config, data, app = setup
-    first = protocol.sample_clients(config.seed, 0, 4, 2)
+    first = keys.sample_clients(config.seed, 0, 4, 2)
 
     class Liar(FakeGrid):
         def send_and_receive(self, messages, *, timeout=None):

@@ -18,9 +18,9 @@ from test_federated import small_config, synthetic
 
 from spafl.cli import main
 from spafl.federated import FedConfig, FederatedWarning, Simulator, runfolder
+from spafl.federated.build import resolve_device
 from spafl.federated.config import PRESETS
 from spafl.federated.runfolder import CheckpointWarning, RunFolderError
-from spafl.federated.server import resolve_device
 
 TINY = ["--num-clients", "6", "--clients-per-round", "3", "--local-epochs", "1", "--no-progress", "--no-plot",
         "--device", "cpu", "--workers", "1"]

@@ -65,7 +65,7 @@ class FedConfig:
     density of the layer's previous forward, as the reference layers) and ``collapse_in_eval``
     (the guard also runs in evaluation, and a reset there persists in the client's state);
     ``rng``: ``"keyed"`` (every draw keyed by ``(seed, round, client)``) or ``"global"`` (the
-    reference code's sequential draws, :class:`spafl.federated.protocol.SequentialStreams`).
+    reference code's sequential draws, :class:`spafl.federated.keys.SequentialStreams`).
     """
 
     method: str = "spafl"
@@ -115,13 +115,13 @@ class FedConfig:
     eval_batch_size: int = 1024
     checkpoint_every: int = 10
     mask_layer: str | None = None
-    # server-side defences against hostile or broken clients (protocol.validate_update,
-    # protocol.aggregate_tensors, methods.Method.aggregate): ``aggregator`` "mean" (the method's
+    # server-side defences against hostile or broken clients (rules.validate_update,
+    # rules.aggregate_tensors, methods.Method.aggregate): ``aggregator`` "mean" (the method's
     # own: uniform for SpaFL, sample-weighted for the others), or the coordinate-wise "median"
     # or "trimmed-mean" (dropping floor(trim_fraction * updates) values at each end), both
     # unweighted; ``update_bounds`` rejects updates no legitimate client's local SGD can reach,
     # with every gradient coordinate bounded by ``clip`` when clipping is on, else by
-    # ``grad_bound`` (None: protocol.DEFAULT_GRAD_BOUND); a run stops with an error after
+    # ``grad_bound`` (None: rules.DEFAULT_GRAD_BOUND); a run stops with an error after
     # ``max_failed_rounds`` rounds in a row that aggregate nothing (0: never).
     aggregator: str = "mean"
     trim_fraction: float = 0.2

@@ -2,7 +2,7 @@
 checkpoints, and what ``--overwrite`` removes.
 
 =====================================  ======================================================
-``history.json``, ``history.csv``,     the history (:func:`.server.write_history`); the JSON
+``history.json``, ``history.csv``,     the history (:func:`write_history`); the JSON
 ``masks.npz``, ``clients.npz``         also holds the settings, the split's digest and the run id
 ``checkpoint.pt``                      the newest checkpoint
 ``checkpoint.prev.pt``                 the one before it, kept until the newest is durable
@@ -19,6 +19,8 @@ folder's own run is refused before anything in the folder changes.
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import os
 import pickle
@@ -29,10 +31,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from .config import RESUMABLE_CHANGES, FedConfig
-from .server import CHECKPOINT_VERSION, _atomic_write, _fsync_dir
+from .history import TAU_STATS, ClientRecord
 
 CHECKPOINT = "checkpoint.pt"
 PREVIOUS = "checkpoint.prev.pt"
@@ -40,6 +43,87 @@ HISTORY_FILES = ("history.json", "history.csv", "masks.npz", "clients.npz")
 PLOT_FILES = ("accuracy.png", "density.png", "masks.png", "clients.png", "thresholds.png")
 RUN_FILES = (*HISTORY_FILES, CHECKPOINT, PREVIOUS, *PLOT_FILES)
 _PROBE = ".write-check"  # the writability probe's prefix
+
+CHECKPOINT_VERSION = 2
+
+
+# history.json's layout: 2 numbers rounds from 1 (the first round is round 1), 1 (no field) from 0.
+HISTORY_FORMAT = 2
+
+
+def write_history(out: Path, meta: dict, history: list[dict], layer_names: list[str],
+                  mask_history: list[np.ndarray] | None = None, mask_layer: str | None = None,
+                  clients: ClientRecord | None = None) -> None:
+    """``history.csv`` (one row per round; per-layer densities as ``density:<layer>`` columns,
+    the global thresholds' statistics as ``tau:<layer>:<mean|std|min|max>``), ``history.json``
+    (``meta`` plus the rows, the thresholds' statistics as ``tau: {layer: {stat: value}}``),
+    ``masks.npz`` (when there are masks) and ``clients.npz`` (with ``clients``: every client's
+    numbers every round, :class:`ClientRecord`), each written atomically."""
+    out.mkdir(parents=True, exist_ok=True)
+    body = {**meta, "history_format": HISTORY_FORMAT, "history": history}
+    atomic_write(out / "history.json", lambda f: f.write(json.dumps(body, indent=1).encode()))
+    columns = [k for k in history[0] if k not in ("layers", "errors", "tau")] if history else []
+    columns += [f"density:{name}" for name in layer_names]
+    tau_layers = list(history[0].get("tau", {})) if history else []
+    columns += [f"tau:{name}:{stat}" for name in tau_layers for stat in TAU_STATS]
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
+    writer.writeheader()
+    for row in history:
+        flat = {k: row[k] for k in columns if k in row}
+        flat.update({f"density:{k}": v for k, v in row["layers"].items()})
+        flat.update({f"tau:{k}:{stat}": v[stat] for k, v in row.get("tau", {}).items() for stat in TAU_STATS})
+        writer.writerow(flat)
+    atomic_write(out / "history.csv", lambda f: f.write(buffer.getvalue().encode()))
+    if mask_history:
+        masks = np.stack(mask_history)
+        rounds = np.array([r["round"] for r in history])
+        atomic_write(out / "masks.npz", lambda f: np.savez_compressed(f, masks=masks, rounds=rounds, layer=mask_layer))
+    if clients is not None and len(clients):
+        arrays = clients.arrays()
+        atomic_write(out / "clients.npz", lambda f: np.savez_compressed(f, **arrays))
+
+
+def atomic_write(path: Path, write: Callable, keep_previous: Path | None = None) -> None:
+    """``write(file)`` into a temporary file beside ``path``, fsync it, rename it over ``path``
+    and fsync the folder: a crash leaves either the old file or the new one, never a partial
+    one. With ``keep_previous``, the file being replaced stays there under that name (a hard
+    link made before the rename, or the old file renamed where links are not supported)."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        if keep_previous is not None and path.is_file():
+            keep_previous.unlink(missing_ok=True)
+            try:
+                os.link(path, keep_previous)  # path stays in place: there is a checkpoint at every moment
+            except OSError:
+                os.replace(path, keep_previous)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    fsync_dir(path.parent)  # make the rename durable
+
+
+def fsync_dir(folder: Path) -> None:
+    """fsync a folder, so that a rename or removal in it survives a crash (where the
+    platform allows it)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 
 
 class RunFolderError(ValueError):
@@ -115,7 +199,7 @@ def clear_run(folder: str | Path) -> tuple[list[Path], list[Path]]:
             removed.append(p)
         else:
             kept.append(p)
-    _fsync_dir(folder)
+    fsync_dir(folder)
     return removed, kept
 
 
@@ -123,7 +207,7 @@ def save_checkpoint(path: Path, state: dict) -> Path:
     """``torch.save(state)`` to ``path`` atomically, keeping the checkpoint it replaces as
     :func:`previous_path` until the new one is written, fsync'd and renamed into place."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write(path, lambda f: torch.save(state, f), keep_previous=previous_path(path))
+    atomic_write(path, lambda f: torch.save(state, f), keep_previous=previous_path(path))
     return path
 
 

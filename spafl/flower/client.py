@@ -12,7 +12,7 @@ Messages (see :mod:`.wire`):
 ``query``     the partition id, the digest of the client's settings and, for a personalised
               method, its evaluation (the server's first view of every client)
 ``train``     the round's downlink in, :meth:`Method.client_round` (for SpaFL
-              :func:`spafl.federated.protocol.client_round`), the uplink out; a personalised
+              :func:`spafl.federated.methods.spafl.client_round`), the uplink out; a personalised
               client also reports the evaluation of its new model
 ``evaluate``  the global model in (global methods), its evaluation on the local test split out
 """
@@ -25,11 +25,14 @@ import torch
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from ..federated import runfolder
+from ..federated.accounting import layer_macs
+from ..federated.build import check_dataset, initial_model, resolve_device
 from ..federated.config import FedConfig, config_mismatch
 from ..federated.data import ImageDataset, client_data, load_dataset, split_for_run
 from ..federated.methods import GlobalState, make_method
-from ..federated.protocol import decode, encode, evaluate, layer_macs
-from ..federated.server import _atomic_write, check_dataset, initial_model, resolve_device
+from ..federated.training import evaluate
+from ..federated.wire import decode, encode
 from .wire import (
     ARRAYS,
     CONFIG,
@@ -96,7 +99,7 @@ class ClientStore:
         cpu = lambda s: None if s is None else {k: v.detach().cpu() for k, v in s.items()}  # noqa: E731
         record = {"config": self.config.to_dict(), "round": round_index, "state": cpu(after), "before": cpu(before)}
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        _atomic_write(self.path, lambda f: torch.save(record, f))
+        runfolder.atomic_write(self.path, lambda f: torch.save(record, f))
 
 
 _DATA: dict[tuple, list] = {}  # the split data of a run, per process (a process may serve many partitions)

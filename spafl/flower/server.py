@@ -40,24 +40,17 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import Strategy
 
 from .._env import environment
+from ..federated import runfolder
+from ..federated.build import initial_model, resolve_device, whole_test_set
 from ..federated.config import FedConfig, config_mismatch, dataset_classes
 from ..federated.data import ImageDataset, load_dataset
+from ..federated.engine import ClientResult, Round, RoundEngine
+from ..federated.keys import sample_clients
 from ..federated.methods import make_method
-from ..federated.protocol import UpdateRejected, encode, evaluate, payload_header, sample_clients
-from ..federated.server import (
-    CHECKPOINT_VERSION,
-    FailedRounds,
-    FederatedWarning,
-    RoundTally,
-    _atomic_write,
-    aggregate_round,
-    client_metrics,
-    initial_model,
-    resolve_device,
-    round_diagnostics,
-    whole_test_set,
-    write_history,
-)
+from ..federated.rules import FederatedWarning, UpdateRejected
+from ..federated.runfolder import CHECKPOINT_VERSION
+from ..federated.training import evaluate
+from ..federated.wire import payload_header
 from .client import check_flower_settings
 from .wire import (
     ARRAYS,
@@ -121,13 +114,10 @@ class MethodStrategy(Strategy):
         self.num_weights = sum(layer.weight.numel() for _, layer in self.prunable)
         self.num_thresholds = sum(layer.threshold.numel() for _, layer in self.prunable
                                   if hasattr(layer, "threshold"))
-        self.server = self.method.init_server(self.model)
-        n = config.num_clients
-        self.eval_cache: list[dict | None] = [None] * n
+        # The round, its global state, totals and history (the same engine drives the simulator).
+        self.engine = RoundEngine(self.config, self.method, self.method.init_server(self.model), self.layer_names)
+        self.eval_cache: list[dict | None] = [None] * config.num_clients
         self.global_eval: dict | None = None
-        self.client_flops = np.zeros(n)
-        self.history: list[dict] = []
-        self.totals = {"comm_bits_paper": 0.0, "bytes": 0, "wall_s": 0.0}
         self.global_test = None
         if server_eval and not self.method.personalised:
             if dataset is None:
@@ -138,17 +128,33 @@ class MethodStrategy(Strategy):
         # a node claiming a partition that another node serves is asked again once that one is gone
         self.excluded: dict[int, tuple[str, int | None]] = {}
         self._discovered = False  # the first discovery (which waits node_wait) is done
-        self.failures = FailedRounds(self.config.max_failed_rounds)  # rounds in a row that aggregated nothing
         self.wire_log: list[dict] = []  # one entry per message sent or received (in memory)
         self._wire_start = 0
-        self._round: dict = {}
-        self._cached_downlink: tuple | None = None
+        self._round: Round | None = None
+        self._partitions: dict[int, Message] = {}  # the round's train messages, by partition
         if self.out_dir is not None and (self.out_dir / "checkpoint.pt").is_file():
             self.load_checkpoint(self.out_dir / "checkpoint.pt")
 
     @property
     def round(self) -> int:
-        return self.server.round
+        return self.engine.round
+
+    @property
+    def server(self):
+        """The global state (the method's)."""
+        return self.engine.server
+
+    @property
+    def history(self) -> list[dict]:
+        return self.engine.history
+
+    @property
+    def totals(self) -> dict:
+        return self.engine.totals
+
+    @property
+    def client_flops(self) -> np.ndarray:
+        return self.engine.client_flops
 
     def summary(self) -> None:
         cfg = self.config
@@ -278,91 +284,74 @@ class MethodStrategy(Strategy):
         elif evaluation is not None and self.eval_cache[p] is None:
             self.eval_cache[p] = evaluation
 
-    def _downlink(self) -> tuple[dict, bytes | None]:
-        """The method's message from the current global state and its encoding, computed once per
-        global state (the next round's downlink, the value ``aggregate_train`` returns and the
-        evaluation payload of a global model are the same bytes)."""
-        if self._cached_downlink is None or self._cached_downlink[0] is not self.server:
-            method = self.method
-            message = method.broadcast(self.server) if method.communicates else {}
-            down = encode(message, sparse=method.sparse_wire) if method.communicates else None
-            self._cached_downlink = (self.server, message, down)
-        return self._cached_downlink[1], self._cached_downlink[2]
-
     # --- Flower's strategy interface ----------------------------------------------------
 
     def configure_train(self, server_round: int, arrays: ArrayRecord | None, config: ConfigRecord | None,
                         grid: Grid) -> Iterable[Message]:
         """The train messages of round ``server_round`` (1-based, Flower's count) to the nodes of
         the sampled partitions."""
-        cfg, t = self.config, server_round - 1
+        t = server_round - 1
         if t != self.round:
             raise ValueError(f"the strategy is at round {self.round + 1}, asked to configure round {server_round}")
-        sampled = sample_clients(cfg.seed, t, cfg.num_clients, cfg.clients_per_round)
-        message, down = self._downlink()
-        self._round = {"start": time.perf_counter(), "sampled": sampled, "message": message,
-                       "down": down, "partitions": {}}
+        self._round = rnd = self.engine.begin()
+        self._partitions = {}
         out = []
-        for p in sampled:
+        for p in rnd.cohort:
             if p in self.nodes:
-                msg = self._message(self.nodes[p], MessageType.TRAIN, down, t)
-                self._round["partitions"][p] = msg
+                msg = self._message(self.nodes[p], MessageType.TRAIN, rnd.down, t)
+                self._partitions[p] = msg
                 out.append(msg)
         return out
 
+    def _result(self, p: int, reply: Message | None) -> ClientResult:
+        """Partition ``p``'s reply as the round's tally takes it (its evaluation, for a
+        personalised method, into the evaluation cache)."""
+        if p not in self._partitions:
+            return ClientResult(p, "dropped", error="no SuperNode serves this partition")
+        if reply is None:
+            return ClientResult(p, "dropped", error="no reply in time")
+        if reply.has_error():
+            return ClientResult(p, "dropped", error=reply.error.reason)
+        method = self.method
+        metrics = reply.content.metric_records.get(METRICS, {})
+        try:
+            if metrics.get("partition-id") != p:
+                raise ValueError(f"it answers for partition {metrics.get('partition-id')!r}")
+            report = metrics_report(metrics, {})
+            evaluation = metrics_evaluation(metrics, self.layer_names)
+            if method.personalised and evaluation is None:
+                raise ValueError("the reply carries no evaluation")
+        except (KeyError, TypeError, ValueError) as e:
+            return ClientResult(p, "dropped", error=f"malformed reply: {e}")
+        try:
+            n = method.check_sample_count(report.num_samples)
+        except UpdateRejected as e:
+            return ClientResult(p, "refused", error=str(e))
+        if method.personalised:
+            self.eval_cache[p] = evaluation
+        if not method.communicates:
+            return ClientResult(p, "ok", report)
+        try:
+            up = unpack(reply.content.array_records[ARRAYS])
+        except (KeyError, ValueError) as e:
+            return ClientResult(p, "rejected", report, error=f"unreadable uplink: {e}")
+        return ClientResult(p, "ok", report, up, n)
+
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None,
                                                                                        MetricRecord | None]:
-        """Decode, validate and aggregate the uplinks in the cohort's order (as the simulator);
-        return the next downlink and the round's training metrics."""
-        state, method = self._round, self.method
+        """Decode, validate and aggregate the uplinks in the cohort's order (the round engine's
+        tally, as the simulator's); return the next downlink and the round's training metrics."""
+        rnd = self._round
         by_node = {r.metadata.src_node_id: r for r in replies}
-        tally = RoundTally(method, self.server)
-        for p in state["sampled"]:
-            msg = state["partitions"].get(p)
-            reply = by_node.get(msg.metadata.dst_node_id) if msg is not None else None
-            if msg is None:
-                tally.drop(p, "no SuperNode serves this partition")
-                continue
-            if reply is None:
-                tally.drop(p, "no reply in time")
-                continue
-            if reply.has_error():
-                tally.drop(p, reply.error.reason)
-                continue
-            metrics = reply.content.metric_records.get(METRICS, {})
-            try:
-                if metrics.get("partition-id") != p:
-                    raise ValueError(f"it answers for partition {metrics.get('partition-id')!r}")
-                report = metrics_report(metrics, {})
-                evaluation = metrics_evaluation(metrics, self.layer_names)
-                if method.personalised and evaluation is None:
-                    raise ValueError("the reply carries no evaluation")
-            except (KeyError, TypeError, ValueError) as e:
-                tally.drop(p, f"malformed reply: {e}")
-                continue
-            try:
-                n = method.check_sample_count(report.num_samples)
-            except UpdateRejected as e:
-                tally.reject(p, str(e))
-                continue
-            self.client_flops[p] += report.flops
-            tally.trained(p, report)
-            if method.personalised:
-                self.eval_cache[p] = evaluation
-            if method.communicates:
-                try:
-                    up = unpack(reply.content.array_records[ARRAYS])
-                except (KeyError, ValueError) as e:
-                    tally.reject(p, f"unreadable uplink: {e}")
-                    continue
-                tally.receive(p, report, up, n)
-        before = self.server
-        self.server = aggregate_round(method, self.server, tally)
-        state["tally"] = tally
-        state["extra"] = method.round_metrics(before, self.server, tally.reports)
-        state["train_s"] = time.perf_counter() - state["start"]
+        results = []
+        for p in rnd.cohort:
+            msg = self._partitions.get(p)
+            results.append(self._result(p, by_node.get(msg.metadata.dst_node_id) if msg is not None else None))
+        self.engine.collect(rnd, results)
+        self.engine.aggregate(rnd)
+        tally = rnd.tally
         train_loss = float(np.mean(tally.train_losses)) if tally.train_losses else float("nan")
-        _, down = self._downlink()
+        _, down = self.engine.downlink()
         metrics = MetricRecord({"train-loss": train_loss, "participants": len(tally.accepted)})
         return (pack(down) if down is not None else None), metrics
 
@@ -372,14 +361,14 @@ class MethodStrategy(Strategy):
         uplink: nothing to send)."""
         if self.method.personalised:
             return []
-        _, payload = self._downlink()
+        _, payload = self.engine.downlink()
         return [self._message(node, MessageType.EVALUATE, payload, server_round - 1) for node in self.nodes.values()]
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         """Update the evaluation cache, evaluate the global model on the whole test set, write
         the round's history row; return the client-averaged metrics."""
-        state, method = self._round, self.method
-        tally = state["tally"]
+        rnd, method = self._round, self.method
+        tally = rnd.tally
         start = time.perf_counter()
         node_partition = {node: p for p, node in self.nodes.items()}
         for reply in replies:
@@ -405,19 +394,8 @@ class MethodStrategy(Strategy):
             self.global_eval = evaluate(self.model, None, self.global_test, self.config.eval_batch_size, None,
                                         self.prunable)
         eval_s = time.perf_counter() - start
-        tally.warn(self.round - 1)
-        t = server_round - 1
-        timings = {"train_s": state["train_s"], "eval_s": eval_s, "wall_s": time.perf_counter() - state["start"]}
-        with warnings.catch_warnings():  # no partition evaluated yet: the columns are NaN
-            warnings.simplefilter("ignore", RuntimeWarning)
-            row = client_metrics(t, [e for e in self.eval_cache if e is not None], self.layer_names,
-                                 self.global_eval)
-        row["unevaluated"] = len(missing)
-        row.update(tally.columns(self.config, t, state["message"], len(state["down"] or b""), self.totals,
-                                 self.client_flops, timings, state["extra"]))
-        row.update(round_diagnostics(self.server, self.history, row, self.config.num_clients))
-        row.update(self._wire_columns(t))
-        self.history.append(row)
+        row = self.engine.finish(rnd, [e for e in self.eval_cache if e is not None], self.global_eval, eval_s,
+                                 first={"unevaluated": len(missing)}, last=self._wire_columns(rnd.index))
         return MetricRecord({"acc-mean": row["acc_mean"], "density": row["density"]})
 
     def _wire_columns(self, t: int) -> dict:
@@ -480,12 +458,12 @@ class MethodStrategy(Strategy):
     def _check_progress(self, row: dict) -> None:
         """Count the rounds in a row that aggregated nothing (every sampled client dropped or
         rejected, or the aggregate refused; for local-only: no client trained); stop the run
-        with :class:`~spafl.federated.server.FederationStalled` after
-        ``config.max_failed_rounds`` of them (:class:`~spafl.federated.server.FailedRounds`)."""
-        tally = self._round["tally"]
+        with :class:`~spafl.federated.engine.FederationStalled` after
+        ``config.max_failed_rounds`` of them (:class:`~spafl.federated.engine.FailedRounds`)."""
+        tally = self._round.tally
         if tally.failed:
             log.warning(tally.outcome(row["round"]))
-        self.failures.update(row, self.config)
+        self.engine.check_progress(row)
 
     # --- files ----------------------------------------------------------------------------
 
@@ -499,19 +477,17 @@ class MethodStrategy(Strategy):
         meta = {"engine": "flower", "config": self.config.to_dict(), "environment": environment(self.device),
                 "command": self.command, "settings_digest": self.digest, "num_thresholds": self.num_thresholds,
                 "num_weights": self.num_weights, "layers": self.layer_names, "summary": self.summary_dict()}
-        write_history(self.out_dir, meta, self.history, self.layer_names)
+        runfolder.write_history(self.out_dir, meta, self.history, self.layer_names)
 
     def state_dict(self) -> dict:
         return {"version": CHECKPOINT_VERSION, "engine": "flower", "config": self.config.to_dict(),
-                "server": self.server.state_dict(), "eval_cache": self.eval_cache, "global_eval": self.global_eval,
-                "client_flops": torch.from_numpy(self.client_flops.copy()), "history": self.history,
-                "totals": dict(self.totals)}
+                **self.engine.state_dict(), "eval_cache": self.eval_cache, "global_eval": self.global_eval}
 
     def save_checkpoint(self, path: str | Path | None = None) -> Path:
         path = Path(path) if path is not None else self.out_dir / "checkpoint.pt"
         path.parent.mkdir(parents=True, exist_ok=True)
         state = self.state_dict()
-        _atomic_write(path, lambda f: torch.save(state, f))
+        runfolder.atomic_write(path, lambda f: torch.save(state, f))
         return path
 
     def load_checkpoint(self, path: str | Path) -> None:
@@ -526,13 +502,9 @@ class MethodStrategy(Strategy):
         problems = config_mismatch(ckpt["config"], self.config)
         if problems:
             raise ValueError(f"{path} was written by a run with other settings:\n  " + "\n  ".join(problems))
-        self.server = type(self.server).from_state_dict(ckpt["server"])
+        self.engine.load_state_dict(ckpt)
         self.eval_cache = ckpt["eval_cache"]
         self.global_eval = ckpt["global_eval"]
-        self.client_flops = torch.as_tensor(ckpt["client_flops"], dtype=torch.float64).numpy().copy()
-        self.history = ckpt["history"]
-        self.totals = dict(ckpt["totals"])
-        self.failures = FailedRounds(self.config.max_failed_rounds, self.history)
         log.info("continuing the run in %s from round %d", path.parent if hasattr(path, "parent") else path,
                  self.round)
 
