@@ -192,8 +192,9 @@ class FedConfig:
              f"backward_mode must be exact, skip or sample, got {self.backward_mode!r}")
         need(_is_real(self.sample_fraction) and 0 < self.sample_fraction <= 1,
              f"sample_fraction must be in (0, 1], got {self.sample_fraction!r}")
-        need(isinstance(self.seed, int) and not isinstance(self.seed, bool) and self.seed >= 0,
-             f"seed must be a non-negative integer, got {self.seed!r}")
+        # one 32-bit word: the keyed streams' keys are collision-free only then (keys.py)
+        need(isinstance(self.seed, int) and not isinstance(self.seed, bool) and 0 <= self.seed < 2**32,
+             f"seed must be an integer in [0, 2**32), got {self.seed!r}")
         need(isinstance(self.device, str) and _DEVICE.fullmatch(self.device) is not None,
              f"device must be auto, cpu, cuda or cuda:<index>, got {self.device!r}")
         need(self.aggregator in AGGREGATORS, f"aggregator must be one of {AGGREGATORS}, got {self.aggregator!r}")
