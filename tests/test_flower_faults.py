@@ -218,9 +218,52 @@ def test_a_crafted_server_checkpoint_runs_no_code(setup, tmp_path, caplog):
     assert resumed.round == 1 and resumed.history == strategy.history
     marker = tmp_path / "pwned"
     torch.save({"version": 1, "engine": "flower", "payload": _Payload(marker)}, out / "checkpoint.pt")
-    with pytest.raises(ValueError, match="not a readable checkpoint of spafl's Flower server.*Unpickl"):
+    with pytest.raises(ValueError, match="checkpoint.pt is not a checkpoint this spafl can read: it names code to run"):
         MethodStrategy(config, dataset=data, out_dir=out)
     assert not marker.exists()
+
+
+def test_the_server_falls_back_to_its_previous_checkpoint_and_checks_the_run(setup, tmp_path, caplog):
+    """The Flower server's files go through the run folder: a truncated newest checkpoint
+    falls back to the previous one (logged); another run's checkpoint is refused by its run id."""
+    import shutil
+
+    config, data, app = setup
+    out = tmp_path / "out"
+    strategy = _run(config.replace(rounds=2), data, FakeGrid(_nodes(app, range(4))), caplog, out_dir=out)
+    assert (out / "checkpoint.prev.pt").is_file()
+    good = (out / "checkpoint.pt").read_bytes()
+    (out / "checkpoint.pt").write_bytes(good[: len(good) // 2])
+    with caplog.at_level(logging.WARNING, logger="flwr"):
+        resumed = MethodStrategy(config, dataset=data, out_dir=out)
+    assert resumed.round == 1 and resumed.run_id == strategy.run_id
+    assert resumed.history == strategy.history[:1]
+    assert "resuming from the previous checkpoint" in caplog.text and "checkpoint.pt" in caplog.text
+    other = tmp_path / "other"
+    _run(config.replace(rounds=1), data, FakeGrid(_nodes(client_app(config, tmp_path / "s2", data), range(4))),
+         caplog, out_dir=other)
+    shutil.copy(other / "checkpoint.pt", out / "checkpoint.pt")  # the same settings, another run
+    with pytest.raises(ValueError, match="run id"):
+        MethodStrategy(config, dataset=data, out_dir=out)
+
+
+def test_a_damaged_client_state_file_falls_back_to_the_previous_one(setup, tmp_path, caplog):
+    from spafl.flower.client import ClientStore
+
+    config, _, _ = setup
+    store = ClientStore(tmp_path / "partition-00001.pt", config)
+    state = {"w": torch.ones(3)}
+    store.save(0, None, state)
+    store.save(2, state, {"w": torch.full((3,), 2.0)})
+    assert store.load()["round"] == 2
+    (tmp_path / "partition-00001.pt").write_bytes(b"\x00" * 10)
+    with caplog.at_level(logging.WARNING, logger="flwr"):
+        saved = store.load()
+    assert saved["round"] == 0 and torch.equal(saved["state"]["w"], torch.ones(3))
+    assert "partition-00001.pt is not a client state file this spafl can read" in caplog.text
+    (tmp_path / "partition-00001.prev.pt").write_bytes(b"junk")
+    with pytest.raises(ValueError, match="partition-00001.prev.pt is not a client state file"):
+        store.load()
 
 
 def test_malformed_uplinks_are_rejected_and_the_run_goes_on(setup, caplog):

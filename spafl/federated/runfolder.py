@@ -260,28 +260,40 @@ def _pickle_calls(file: Path, limit: int = 1 << 20) -> str | None:
     return None
 
 
-def read_checkpoint(file: str | Path) -> dict:
-    """A simulator checkpoint, read with ``torch.load(weights_only=True)`` (tensors, plain
-    containers and numbers only: a checkpoint cannot run code). ``FileNotFoundError`` when
-    absent, :class:`RunFolderError` naming the file when it is unreadable, crafted, not a
-    simulator checkpoint or of another version."""
+def load_file(file: str | Path, what: str = "checkpoint") -> object:
+    """``torch.load(file, weights_only=True)`` (tensors, plain containers and numbers only: a
+    file cannot run code here); :class:`RunFolderError` naming the file and why it could not be
+    read (empty, truncated, another format, code in it)."""
     file = Path(file)
-    if not file.is_file():
-        raise FileNotFoundError(f"no checkpoint at {file}")
     try:
         with warnings.catch_warnings():  # torch's note on the pickle protocol of a foreign file
             warnings.simplefilter("ignore", UserWarning)
-            ckpt = torch.load(file, map_location="cpu", weights_only=True)
+            return torch.load(file, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 (a hostile file can make torch.load raise anything)
-        raise RunFolderError(f"{file} is not a checkpoint this spafl can read: {_load_error(file, e)} (version "
-                             f"{CHECKPOINT_VERSION} checkpoints hold tensors and plain containers only)") from e
+        raise RunFolderError(f"{file} is not a {what} this spafl can read: {_load_error(file, e)} (version "
+                             f"{CHECKPOINT_VERSION} files hold tensors and plain containers only)") from e
+
+
+ENGINES = {"simulator": "the simulator (spafl train)", "flower": "spafl's Flower server (flwr run)"}
+
+
+def read_checkpoint(file: str | Path, engine: str = "simulator") -> dict:
+    """A checkpoint of ``engine`` (``"simulator"`` or ``"flower"``), read with
+    :func:`load_file`. ``FileNotFoundError`` when absent, :class:`RunFolderError` naming the
+    file when it is unreadable, crafted, another engine's or of another version."""
+    file = Path(file)
+    if not file.is_file():
+        raise FileNotFoundError(f"no checkpoint at {file}")
+    ckpt = load_file(file)
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("config"), dict):
-        raise RunFolderError(f"{file} is not a simulator checkpoint")
+        raise RunFolderError(f"{file} is not a {engine} checkpoint")
     if ckpt.get("version") != CHECKPOINT_VERSION:
         raise RunFolderError(f"{file}: checkpoint version {ckpt.get('version')!r}; this spafl reads "
                              f"{CHECKPOINT_VERSION}")
-    if ckpt.get("engine", "simulator") != "simulator":
-        raise RunFolderError(f"{file} was written by spafl's Flower server; continue that run with flwr run")
+    written_by = ckpt.get("engine", "simulator")
+    if written_by != engine:
+        raise RunFolderError(f"{file} was written by {ENGINES.get(written_by, written_by)}; continue that run "
+                             "there")
     return ckpt
 
 
@@ -311,12 +323,12 @@ def settings_differences(a: dict, b: dict, ignore=RESUMABLE_CHANGES) -> list[str
             if k not in ignore and a.get(k) != b.get(k)]
 
 
-def identity_problems(ckpt: dict, meta: dict) -> list[str]:
+def identity_problems(ckpt: dict, meta: dict, engine: str = "simulator") -> list[str]:
     """How checkpoint ``ckpt`` differs from the run whose history is ``meta`` (empty: the same
     run): its run id, settings (but the resumable ones), data split, engine, and the rounds the
     two have in common (their numbers and cohorts)."""
     problems = []
-    if meta.get("engine", "simulator") != "simulator":
+    if meta.get("engine", "simulator") != engine:
         problems.append(f"the history was written by spafl's {meta.get('engine')} server")
     ours, theirs = ckpt.get("run_id"), meta.get("run_id")
     if ours and theirs and ours != theirs:
@@ -351,7 +363,8 @@ class Resumable:
         return len(self.ckpt.get("history", []))
 
 
-def open_checkpoint(path: str | Path, history_folder: str | Path | None = None) -> Resumable:
+def open_checkpoint(path: str | Path, history_folder: str | Path | None = None,
+                    engine: str = "simulator") -> Resumable:
     """The checkpoint to resume from and the run it must continue.
 
     ``path`` is a checkpoint file (read as it is) or a run folder: then its ``checkpoint.pt``,
@@ -372,7 +385,7 @@ def open_checkpoint(path: str | Path, history_folder: str | Path | None = None) 
                 notes.append(f"{file} is missing")
             continue
         try:
-            ckpt = read_checkpoint(file)
+            ckpt = read_checkpoint(file, engine)
         except RunFolderError as e:
             if not path.is_dir():
                 raise
@@ -380,7 +393,7 @@ def open_checkpoint(path: str | Path, history_folder: str | Path | None = None) 
             notes.append(str(e))
             continue
         if meta is not None:
-            problems = identity_problems(ckpt, meta)
+            problems = identity_problems(ckpt, meta, engine)
             if problems:
                 raise RunFolderError(f"{file} is not the checkpoint of the run in {history_folder / 'history.json'}: "
                                      f"{'; '.join(problems)}. Nothing was changed; move one of them away, or "
@@ -404,6 +417,33 @@ def warn_notes(notes: list[str], log: Callable[[str], None] | None = None) -> No
             log(note)
         else:
             warnings.warn(note, CheckpointWarning, stacklevel=3)
+
+
+def read_client_state(file: str | Path) -> tuple[dict | None, list[str]]:
+    """A Flower client's state file (``partition-<p>.pt``, :func:`save_checkpoint` keeps the one
+    before it beside it) and notes for the user: the newest file, or, when it is unreadable, the
+    previous one (with a note naming both). ``(None, [])`` when neither exists;
+    :class:`RunFolderError` naming the files when neither can be read."""
+    file = Path(file)
+    errors, notes = [], []
+    for candidate in (file, previous_path(file)):
+        if not candidate.is_file():
+            continue
+        try:
+            record = load_file(candidate, "client state file")
+            if not isinstance(record, dict) or not isinstance(record.get("config"), dict) \
+                    or not isinstance(record.get("round"), int):
+                raise RunFolderError(f"{candidate} is not a client state file of spafl's Flower client")
+        except RunFolderError as e:
+            errors.append(str(e))
+            continue
+        if candidate != file:
+            notes.append(f"{'; '.join(errors) or f'{file} is missing'}; using the previous state {candidate} "
+                         f"(after round {record['round'] + 1})")
+        return record, notes
+    if errors:
+        raise RunFolderError("; ".join(errors) + "; move the file away to start this client again")
+    return None, []
 
 
 class CheckpointWarning(UserWarning):

@@ -20,7 +20,9 @@ bytes measured on the Flower messages: ``wire_payload_down`` / ``wire_payload_up
 payloads, equal to the simulator's ``bytes_down`` / ``bytes_up``), ``wire_message_down`` /
 ``wire_message_up`` (whole messages as Flower serialises them, headers and metrics included)
 and ``wire_eval`` (evaluation messages, which the papers' accounting leaves out). The server
-checkpoints every round (atomically) into ``out_dir`` and continues from there when restarted;
+checkpoints every round into ``out_dir`` through :mod:`spafl.federated.runfolder` (atomically,
+the previous checkpoint kept, the run id checked against the folder's history) and continues
+from there when restarted;
 clients replay a round from the state they had before it (:class:`.client.ClientStore`).
 """
 
@@ -29,12 +31,12 @@ from __future__ import annotations
 import logging
 import math
 import time
+import uuid
 import warnings
 from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
-import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import Strategy
@@ -132,8 +134,11 @@ class MethodStrategy(Strategy):
         self._wire_start = 0
         self._round: Round | None = None
         self._partitions: dict[int, Message] = {}  # the round's train messages, by partition
-        if self.out_dir is not None and (self.out_dir / "checkpoint.pt").is_file():
-            self.load_checkpoint(self.out_dir / "checkpoint.pt")
+        # Drawn when the run starts, kept in its checkpoints and history (tells this run's files
+        # from another's when the server restarts on a folder).
+        self.run_id = uuid.uuid4().hex
+        if self.out_dir is not None and runfolder.holds_run(self.out_dir):
+            self.resume_from(self.out_dir)
 
     @property
     def round(self) -> int:
@@ -432,6 +437,8 @@ class MethodStrategy(Strategy):
         if timeout is not None:
             self.round_timeout = timeout or None
         self.summary()
+        if self.out_dir is not None and self.round < target:  # writable, no stale temporaries
+            runfolder.prepare(self.out_dir)
         while self.round < target:
             t = self.round
             self.discover(grid, sample_clients(self.config.seed, t, self.config.num_clients,
@@ -474,39 +481,54 @@ class MethodStrategy(Strategy):
                 "bytes_exchanged": last.get("bytes_total"), "num_thresholds": self.num_thresholds}
 
     def write_history(self) -> None:
-        meta = {"engine": "flower", "config": self.config.to_dict(), "environment": environment(self.device),
+        meta = {"engine": "flower", "run_id": self.run_id, "config": self.config.to_dict(),
+                "environment": environment(self.device),
                 "command": self.command, "settings_digest": self.digest, "num_thresholds": self.num_thresholds,
                 "num_weights": self.num_weights, "layers": self.layer_names, "summary": self.summary_dict()}
         runfolder.write_history(self.out_dir, meta, self.history, self.layer_names)
 
     def state_dict(self) -> dict:
-        return {"version": CHECKPOINT_VERSION, "engine": "flower", "config": self.config.to_dict(),
-                **self.engine.state_dict(), "eval_cache": self.eval_cache, "global_eval": self.global_eval}
+        return {"version": CHECKPOINT_VERSION, "engine": "flower", "run_id": self.run_id,
+                "config": self.config.to_dict(), **self.engine.state_dict(), "eval_cache": self.eval_cache,
+                "global_eval": self.global_eval}
 
     def save_checkpoint(self, path: str | Path | None = None) -> Path:
-        path = Path(path) if path is not None else self.out_dir / "checkpoint.pt"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        state = self.state_dict()
-        runfolder.atomic_write(path, lambda f: torch.save(state, f))
-        return path
+        """The server's state to ``path`` (default ``<out_dir>/checkpoint.pt``), atomically, the
+        checkpoint before it kept as ``checkpoint.prev.pt`` (:func:`runfolder.save_checkpoint`)."""
+        path = Path(path) if path is not None else self.out_dir / runfolder.CHECKPOINT
+        return runfolder.save_checkpoint(path, self.state_dict())
 
-    def load_checkpoint(self, path: str | Path) -> None:
-        # weights_only: tensors and plain containers only; a crafted file cannot run code here
+    def resume_from(self, folder: str | Path) -> None:
+        """Continue the run in ``folder``: its checkpoint, or the previous one when that is
+        missing or unreadable (logged), which must be the run of the folder's history (run id,
+        settings, the rounds both hold: :func:`runfolder.open_checkpoint`); else
+        :class:`runfolder.RunFolderError` naming the file, and nothing is changed."""
         try:
-            ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:  # pickle.UnpicklingError for a forbidden global, RuntimeError for a bad archive
-            raise ValueError(f"{path} is not a readable checkpoint of spafl's Flower server "
-                             f"({type(e).__name__}: {str(e).splitlines()[0][:300]})") from e
-        if not isinstance(ckpt, dict) or ckpt.get("version") != CHECKPOINT_VERSION or ckpt.get("engine") != "flower":
-            raise ValueError(f"{path} is not a checkpoint of spafl's Flower server (version {CHECKPOINT_VERSION})")
+            found = runfolder.open_checkpoint(folder, engine="flower")
+        except FileNotFoundError:
+            return  # a history without a checkpoint: nothing to continue (the history is rewritten)
+        for note in found.notes:
+            log.warning(note)
+        self.load_checkpoint(found.ckpt, source=found.file)
+
+    def load_checkpoint(self, ckpt: dict | str | Path, source: str | Path | None = None) -> None:
+        """Load a checkpoint (a dict as :func:`runfolder.read_checkpoint` gives it, or a file read
+        with it); its settings must be this run's."""
+        if not isinstance(ckpt, dict):
+            source = Path(ckpt)
+            ckpt = runfolder.read_checkpoint(source, engine="flower")
         problems = config_mismatch(ckpt["config"], self.config)
         if problems:
-            raise ValueError(f"{path} was written by a run with other settings:\n  " + "\n  ".join(problems))
-        self.engine.load_state_dict(ckpt)
-        self.eval_cache = ckpt["eval_cache"]
-        self.global_eval = ckpt["global_eval"]
-        log.info("continuing the run in %s from round %d", path.parent if hasattr(path, "parent") else path,
-                 self.round)
+            raise ValueError(f"{source} was written by a run with other settings:\n  " + "\n  ".join(problems))
+        try:
+            self.engine.load_state_dict(ckpt)
+            self.eval_cache = ckpt["eval_cache"]
+            self.global_eval = ckpt["global_eval"]
+        except (KeyError, TypeError, AttributeError, IndexError, RuntimeError) as e:
+            raise runfolder.RunFolderError(f"{source} is a malformed checkpoint ({type(e).__name__}: {e})") from e
+        if ckpt.get("run_id"):
+            self.run_id = str(ckpt["run_id"])
+        log.info("continuing the run in %s from round %d", Path(source).parent if source else "?", self.round)
 
 
 def server_app(config: FedConfig | None = None, out_dir: str | Path | None = None, *, server_eval: bool = True,
