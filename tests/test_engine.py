@@ -555,3 +555,44 @@ def test_accuracy_band_stays_in_range_and_ticks_are_integers(tmp_path, monkeypat
         ax.figure.canvas.draw()
         assert all(float(t).is_integer() for t in ax.get_yticks()), ax.get_yticks()
         assert all(float(t).is_integer() for t in ax.get_xticks()), ax.get_xticks()
+
+
+def test_a_model_of_ones_own_runs_with_the_default_preset():
+    """The default preset names mask_layer fc3 (a layer of its digits CNN); a model built by
+    model_fn need not have it: the masks of its first threshold layer are recorded, with a
+    warning saying how to choose. A built-in model with a wrong mask_layer is still an error."""
+    from torch import nn
+
+    import spafl
+    from spafl.federated import DEFAULT_PRESET, build_config
+
+    def my_model():
+        return spafl.sparsify(nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 10)))
+
+    config = build_config(DEFAULT_PRESET, None, {"rounds": 1, "device": "cpu"})
+    assert config.mask_layer == "fc3"
+    with pytest.warns(FederatedWarning, match=r"mask_layer 'fc3' is not a threshold layer.*recording the masks of '0'"):
+        sim = Simulator(config, model_fn=my_model)
+    assert sim.mask_layer == "0"
+    row = sim.run()[0]
+    assert row["participants"] == config.clients_per_round
+    assert sim.mask_history[0].shape == (config.num_clients, 4)
+
+
+def test_clients_that_never_trained_are_stored_once_in_a_checkpoint(tmp_path):
+    cfg = small_config(num_clients=8, clients_per_round=2, rounds=1, checkpoint_every=1)
+    data = synthetic(n_train=300, n_test=60)
+    sim = Simulator(cfg, dataset=data, out_dir=tmp_path)
+    sim.run()
+    ckpt = read_checkpoint(tmp_path / "checkpoint.pt")
+    trained = {int(c) for c in sim.history[0]["sampled"].split()}
+    assert ckpt["untrained"] == [i for i in range(8) if i not in trained]
+    assert all((s is None) == (i not in trained) for i, s in enumerate(ckpt["client_states"]))
+    assert set(ckpt["initial_state"]) == set(sim.model.state_dict())
+    resumed = Simulator.resume(tmp_path, cfg.replace(rounds=3), dataset=data)
+    assert all(resumed.client_states[i] is resumed._initial_state for i in ckpt["untrained"])
+    resumed.run()
+    straight = Simulator(cfg.replace(rounds=3), dataset=data)
+    straight.run()
+    assert [{k: v for k, v in r.items() if k not in ("wall_s", "train_s", "eval_s")} for r in resumed.history] == \
+        [{k: v for k, v in r.items() if k not in ("wall_s", "train_s", "eval_s")} for r in straight.history]

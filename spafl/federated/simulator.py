@@ -21,6 +21,7 @@ import queue
 import sys
 import time
 import uuid
+import warnings
 import weakref
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -40,6 +41,7 @@ from .data import ImageDataset, client_data, load_dataset, split_digest, split_f
 from .engine import ClientResult, FederationStalled, RoundEngine, run_client
 from .history import ClientRecord
 from .methods import make_method
+from .rules import FederatedWarning
 from .runfolder import CHECKPOINT_VERSION
 from .training import MOMENTUM_PREFIX, evaluate, model_entries, momentum_entries
 
@@ -106,7 +108,15 @@ class Simulator:
         if self.method.name == "spafl":
             self.mask_layer = config.mask_layer or self.layer_names[0]
             if self.mask_layer not in self.layer_names:
-                raise ValueError(f"mask_layer {self.mask_layer!r} is not a threshold layer; layers: {self.layer_names}")
+                if model_fn is None:
+                    raise ValueError(f"mask_layer {self.mask_layer!r} is not a threshold layer; layers: "
+                                     f"{self.layer_names}")
+                # A preset names a layer of its own model (digits-cnn: fc3); a model of the user's
+                # need not have it. The mask only feeds masks.npz and the mask plot.
+                warnings.warn(f"mask_layer {self.mask_layer!r} is not a threshold layer of the model model_fn built; "
+                              f"recording the masks of {self.layer_names[0]!r} instead (set mask_layer to one of "
+                              f"{self.layer_names})", FederatedWarning, stacklevel=2)
+                self.mask_layer = self.layer_names[0]
         self.macs = layer_macs(self.model, self.image_shape, self.device, layers=self.prunable)
         self.num_thresholds = sum(layer.threshold.numel() for _, layer in named_threshold_layers(self.model))
         self.num_weights = sum(layer.weight.numel() for _, layer in self.prunable)
@@ -390,11 +400,20 @@ class Simulator:
             "split_digest": self.split_digest,
             **self.engine.state_dict(),  # server, client_flops, history, totals, streams
             "global_eval": self.global_eval,
-            "client_states": self.client_states,
+            # A client that never trained holds the initial state: stored once, not once per client.
+            **self._client_states_dict(),
             "eval_cache": self.eval_cache,
             "mask_history": [torch.from_numpy(m) for m in self.mask_history],
             "clients": self.client_record.state_dict(),
         }
+
+    def _client_states_dict(self) -> dict:
+        """``client_states`` with None for every client still at the initial state (listed in
+        ``untrained``; the state itself is ``initial_state``, once)."""
+        initial = self._initial_state
+        untrained = [i for i, s in enumerate(self.client_states) if s is initial]
+        return {"client_states": [None if s is initial else s for s in self.client_states],
+                "untrained": untrained, "initial_state": initial if untrained else None}
 
     def load_state_dict(self, ckpt: dict) -> None:
         if ckpt.get("version") != CHECKPOINT_VERSION:
@@ -408,8 +427,12 @@ class Simulator:
             self.run_id = str(ckpt["run_id"])
         self.engine.load_state_dict(ckpt)
         self.global_eval = ckpt.get("global_eval")
-        self.client_states = [None if s is None else {k: v.to(self.device) for k, v in s.items()}
-                              for s in ckpt["client_states"]]
+        untrained = set(ckpt.get("untrained") or ())
+        if untrained:
+            self._initial_state = {k: v.to(self.device) for k, v in ckpt["initial_state"].items()}
+        self.client_states = [self._initial_state if i in untrained else
+                              None if s is None else {k: v.to(self.device) for k, v in s.items()}
+                              for i, s in enumerate(ckpt["client_states"])]
         self.eval_cache = ckpt["eval_cache"]
         self.mask_history = [np.asarray(m.numpy() if isinstance(m, torch.Tensor) else m, dtype=np.uint8)
                              for m in ckpt["mask_history"]]
