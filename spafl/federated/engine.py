@@ -17,6 +17,7 @@ reaches both transports through :meth:`RoundEngine.collect` / :meth:`RoundEngine
 
 from __future__ import annotations
 
+import math
 import time
 import warnings
 from collections.abc import Callable, Mapping
@@ -235,8 +236,6 @@ def check_report(report: object) -> None:
     history can take: FLOPs a finite non-negative number, the training loss a number (NaN
     allowed: a client whose loss diverged still reports). Its update and sample count are the
     server's checks (:meth:`Method.check_payload`, :meth:`Method.check_sample_count`)."""
-    import math
-
     if not isinstance(report, ClientReport):
         raise ValueError(f"a client returns (state, ClientReport), got a {type(report).__name__} as its report")
     for name in ("flops", "train_loss"):

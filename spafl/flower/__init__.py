@@ -7,7 +7,9 @@ simulation engine or to real devices without changing what is computed.
                                 the same apps for an explicit :class:`FedConfig`
     MethodStrategy              a Flower strategy over one of spafl's methods: SpaFL (uniform
                                 mean of thresholds, global threshold change kept for the
-                                weight update), FedAvg, local-only, SparsyFed, Top-K
+                                weight update), FedAvg, local-only, SparsyFed, Top-K; the
+                                round is the simulator's (spafl.federated.engine), only the
+                                transport differs (nodes.py: messages and node discovery)
     simulate                    a run on Flower's simulation engine from Python
     config_from_run_config      a FedConfig from Flower's run config
 
