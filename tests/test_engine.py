@@ -18,7 +18,7 @@ from spafl.federated import FederatedWarning, Simulator, build, keys, training
 from spafl.federated.methods import spafl as spafl_method
 from spafl.federated.models import build_model
 from spafl.federated.runfolder import read_checkpoint
-from spafl.federated.simulator import check_workers
+from spafl.federated.workers import check_workers
 
 
 def run(cfg, data, workers=1, **kwargs):

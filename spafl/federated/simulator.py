@@ -16,15 +16,11 @@ results are applied in the cohort's order, so the history is the same for any wo
 
 from __future__ import annotations
 
-import copy
-import queue
 import sys
 import time
 import uuid
 import warnings
-import weakref
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -44,6 +40,7 @@ from .methods import make_method
 from .rules import FederatedWarning
 from .runfolder import CHECKPOINT_VERSION
 from .training import MOMENTUM_PREFIX, evaluate, model_entries, momentum_entries
+from .workers import Workers, check_workers
 
 
 class Simulator:
@@ -135,45 +132,18 @@ class Simulator:
         self.mask_history: list[np.ndarray] = []
         self.client_record = ClientRecord(config.num_clients)
         # Working models: slot 0 is self.model; the other workers' copies are made on first use.
-        self._slots: list[tuple[nn.Module, list]] = [(self.model, self.prunable)]
-        self._free: queue.SimpleQueue | None = None
-        self._pool: ThreadPoolExecutor | None = None
+        self._workers = Workers(self.model, self.method.prunable, self.workers)
         self._refresh(range(config.num_clients))
 
     # --- workers ----------------------------------------------------------------------
 
     def _parallel(self, fn: Callable, items: Sequence) -> list:
-        """``[fn(slot, item) for item in items]``, spread over the workers (each call gets a
-        working model of its own, ``slot = (model, prunable layers)``); results in the order
-        of ``items``."""
-        if self.workers == 1 or len(items) <= 1:
-            return [fn(self._slots[0], item) for item in items]
-        if self._pool is None:
-            for _ in range(self.workers - 1):
-                model = copy.deepcopy(self.model)
-                self._slots.append((model, self.method.prunable(model)))
-            self._free = queue.SimpleQueue()
-            for slot in self._slots:
-                self._free.put(slot)
-            self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="spafl-client")
-            weakref.finalize(self, self._pool.shutdown, wait=False)
-        free = self._free
-
-        def task(item):
-            slot = free.get()
-            try:
-                return fn(slot, item)
-            finally:
-                free.put(slot)
-
-        return list(self._pool.map(task, items))
+        """``[fn(slot, item) for item in items]`` over the workers (:meth:`Workers.map`)."""
+        return self._workers.map(fn, items)
 
     def close(self) -> None:
         """Stop the worker threads (a later round starts them again)."""
-        if self._pool is not None:
-            self._pool.shutdown(wait=True)
-            self._pool, self._free = None, None
-            del self._slots[1:]
+        self._workers.close()
 
     def __enter__(self) -> Simulator:
         return self
@@ -482,18 +452,6 @@ class Simulator:
         except (KeyError, TypeError, AttributeError, IndexError, RuntimeError) as e:
             raise runfolder.RunFolderError(f"{source} is a malformed checkpoint ({type(e).__name__}: {e})") from e
         return sim
-
-
-def check_workers(workers: int, device: torch.device) -> int:
-    """``workers`` if the run can use that many: a positive integer, and 1 on CUDA (the clients
-    of one device run one after another: concurrent clients would queue on the same stream and
-    the threads would only add host synchronisation)."""
-    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
-        raise ValueError(f"workers must be a positive integer, got {workers!r}")
-    if workers > 1 and device.type != "cpu":
-        raise ValueError(f"workers={workers}: clients run in parallel threads on the CPU only; on {device.type} "
-                         "they run one after another (use workers=1)")
-    return workers
 
 
 class _Progress:
