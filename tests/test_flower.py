@@ -338,7 +338,9 @@ def test_loopback_deployment(tmp_path):
 
     rows = list(csv.DictReader((out / "history.csv").open()))
     assert len(rows) == 2
-    assert sorted(p.name for p in (out / "state").iterdir()) == ["partition-00000.pt", "partition-00001.pt"]
+    # each client's state file and the one before it (kept by the run folder's atomic write)
+    assert sorted(p.name for p in (out / "state").iterdir()) == sorted(
+        f"partition-0000{p}{suffix}.pt" for p in (0, 1) for suffix in ("", ".prev"))
     for p in range(2):
         assert torch.load(out / "state" / f"partition-{p:05d}.pt", weights_only=True)["round"] == 1
     # both clients train every round; their uplinks hold the thresholds only
