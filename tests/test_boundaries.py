@@ -128,3 +128,15 @@ def test_a_round_number_counts_from_one_and_the_cohort_is_the_keyed_sample():
     rows = sim.run()
     assert [r["round"] for r in rows] == [1, 2]
     assert [r["sampled"] for r in rows] == [" ".join(map(str, sample_clients(cfg.seed, t, 6, 3))) for t in range(2)]
+
+
+def test_robust_aggregators_drop_exactly_floor_trim_times_n_and_take_the_middle():
+    updates = [{"w": torch.tensor([v])} for v in (1.0, 2.0, 3.0, 10.0, 100.0)]
+    trimmed = lambda f: float(rules.aggregate_tensors(updates, ["w"], "trimmed-mean", f)["w"])  # noqa: E731
+    assert trimmed(0.3) == pytest.approx(5.0)  # floor(1.5) = 1 value dropped at each end: (2 + 3 + 10) / 3
+    assert trimmed(0.4) == pytest.approx(3.0)  # floor(2.0) = 2
+    assert trimmed(0.19) == pytest.approx(23.2)  # floor(0.95) = 0: the mean
+    assert float(rules.aggregate_tensors(updates, ["w"], "median")["w"]) == 3.0
+    assert float(rules.aggregate_tensors(updates[:4], ["w"], "median")["w"]) == 2.5  # the two middle values
+    weighted = rules.aggregate_tensors(updates[:2], ["w"], "mean", weights=[3, 1])["w"]
+    assert float(weighted) == pytest.approx(1.25)
