@@ -18,7 +18,7 @@ import torch
 
 from spafl._env import environment
 from spafl.federated import Simulator, build_config
-from spafl.federated.server import TIMING_FIELDS
+from spafl.federated.history import TIMING_FIELDS
 from spafl.flower import simulate
 
 COLUMNS = ("round", "acc_mean", "density", "bytes_down", "bytes_up", "comm_bits_paper", "wire_payload_down",

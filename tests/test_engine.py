@@ -14,9 +14,11 @@ import pytest
 import torch
 from test_federated import small_config, strip_timing, synthetic
 
-from spafl.federated import FederatedWarning, Simulator, protocol, server
+from spafl.federated import FederatedWarning, Simulator, build, keys, training
+from spafl.federated.methods import spafl as spafl_method
 from spafl.federated.models import build_model
-from spafl.federated.simulator import check_workers, read_checkpoint
+from spafl.federated.runfolder import read_checkpoint
+from spafl.federated.workers import check_workers
 
 
 def run(cfg, data, workers=1, **kwargs):
@@ -45,7 +47,7 @@ def test_two_workers_give_the_same_history_and_run_in_threads():
 
     def spy(*args, **kwargs):
         threads.add(threading.current_thread().name)
-        return protocol.client_round(*args, **kwargs)
+        return spafl_method.client_round(*args, **kwargs)
 
     one, two = run(cfg, data, 1), run(cfg, data, 2, client_fn=spy)
     assert strip_timing(two.history) == strip_timing(one.history)
@@ -60,14 +62,14 @@ def test_results_are_applied_in_cohort_order_whatever_finishes_first():
     finished = []
 
     def slow_first(model, state, message, data_, config, t, cid, macs):
-        if cid == protocol.sample_clients(config.seed, t, config.num_clients, config.clients_per_round)[0]:
+        if cid == keys.sample_clients(config.seed, t, config.num_clients, config.clients_per_round)[0]:
             time.sleep(0.3)  # the cohort's first client finishes last
-        result = protocol.client_round(model, state, message, data_, config, t, cid, macs)
+        result = spafl_method.client_round(model, state, message, data_, config, t, cid, macs)
         finished.append(cid)
         return result
 
     parallel = run(cfg, data, 2, client_fn=slow_first)
-    first = protocol.sample_clients(cfg.seed, 0, cfg.num_clients, cfg.clients_per_round)
+    first = keys.sample_clients(cfg.seed, 0, cfg.num_clients, cfg.clients_per_round)
     assert finished[:4] != first  # completion order differs from the cohort's...
     assert strip_timing(parallel.history) == strip_timing(run(cfg, data, 1).history)  # ...the history does not
 
@@ -75,12 +77,12 @@ def test_results_are_applied_in_cohort_order_whatever_finishes_first():
 def test_a_failing_client_is_dropped_with_any_worker_count():
     data = synthetic(n_train=300, n_test=100)
     cfg = small_config(rounds=2, clients_per_round=4)
-    victim = protocol.sample_clients(cfg.seed, 0, cfg.num_clients, cfg.clients_per_round)[1]
+    victim = keys.sample_clients(cfg.seed, 0, cfg.num_clients, cfg.clients_per_round)[1]
 
     def flaky(model, state, message, data_, config, t, cid, macs):
         if cid == victim and t == 0:
             raise RuntimeError("out of memory on the device")
-        return protocol.client_round(model, state, message, data_, config, t, cid, macs)
+        return spafl_method.client_round(model, state, message, data_, config, t, cid, macs)
 
     one, two = run(cfg, data, 1, client_fn=flaky), run(cfg, data, 2, client_fn=flaky)
     assert one.history[0]["dropped"] == 1 and "out of memory" in one.history[0]["errors"][0]
@@ -136,15 +138,15 @@ def _two_rounds_by_hand(cfg, data, initial, messages, per_run: bool):
     model.load_state_dict(initial)
     opt = None
     for t, message in enumerate(messages):
-        protocol.set_thresholds(model, {k[4:]: v for k, v in message.items() if k.startswith("tau/")})
-        protocol.threshold_guided_update(model, {k[6:]: v for k, v in message.items() if k.startswith("delta/")})
-        lr = protocol.learning_rate(cfg, t)
+        spafl_method.set_thresholds(model, {k[4:]: v for k, v in message.items() if k.startswith("tau/")})
+        spafl_method.threshold_guided_update(model, {k[6:]: v for k, v in message.items() if k.startswith("delta/")})
+        lr = training.learning_rate(cfg, t)
         if opt is None or not per_run:
             opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
         for group in opt.param_groups:
             group["lr"] = lr
-        g = torch.Generator().manual_seed(protocol.derived_seed(cfg.seed, "train", t, 0))
-        protocol.local_train(model, data, cfg, t, g, optimizer=opt)
+        g = torch.Generator().manual_seed(keys.derived_seed(cfg.seed, "train", t, 0))
+        training.local_train(model, data, cfg, t, g, optimizer=opt)
     return model.state_dict(), opt
 
 
@@ -161,9 +163,9 @@ def test_optimizer_lifetime_matches_a_hand_run(lifetime):
                 for _ in range(2)]
     state = initial
     for t, message in enumerate(messages):
-        state, _ = protocol.client_round(sim.model, state, message, client, cfg, t, 0, sim.macs)
+        state, _ = spafl_method.client_round(sim.model, state, message, client, cfg, t, 0, sim.macs)
     expected, opt = _two_rounds_by_hand(cfg, client, initial, messages, per_run=lifetime == "per-run")
-    momentum = protocol.momentum_entries(state)
+    momentum = training.momentum_entries(state)
     if lifetime == "per-run":
         params = dict(sim.model.named_parameters())
         assert set(momentum) == set(params)
@@ -172,7 +174,7 @@ def test_optimizer_lifetime_matches_a_hand_run(lifetime):
             assert torch.equal(buffer, opt.state[named[name]]["momentum_buffer"]), name
     else:
         assert momentum == {}
-    model_state = protocol.model_entries(state)
+    model_state = training.model_entries(state)
     assert model_state.keys() == expected.keys()
     for k, v in expected.items():
         assert torch.equal(model_state[k], v), k
@@ -187,7 +189,7 @@ def test_per_run_momentum_is_checkpointed_and_resumed_exactly(tmp_path):
     full = run(cfg, data)
     trained = {int(c) for r in full.history for c in r["sampled"].split()}
     for cid, state in enumerate(full.client_states):
-        assert bool(protocol.momentum_entries(state)) == (cid in trained)
+        assert bool(training.momentum_entries(state)) == (cid in trained)
     part = Simulator(cfg, dataset=data, out_dir=tmp_path)
     part.run(2)
     saved = torch.load(tmp_path / "checkpoint.pt", weights_only=True)  # plain tensors only
@@ -213,9 +215,9 @@ def test_momentum_buffers_are_checked():
     model = build_model("digits-cnn", 10)
     cfg = small_config()
     with pytest.raises(ValueError, match="parameters the model does not have"):
-        protocol.sgd(model, cfg, 0, {"fc9.weight": torch.zeros(3)})
+        training.sgd(model, cfg, 0, {"fc9.weight": torch.zeros(3)})
     with pytest.raises(ValueError, match="momentum buffer of fc4.threshold: shape"):
-        protocol.sgd(model, cfg, 0, {"fc4.threshold": torch.zeros(3)})
+        training.sgd(model, cfg, 0, {"fc4.threshold": torch.zeros(3)})
     with pytest.raises(ValueError, match="optimizer_lifetime"):
         small_config(optimizer_lifetime="forever")
 
@@ -254,7 +256,7 @@ def test_global_rng_draws_like_the_reference_code():
 
     def spy(*args, train_seeds=None):
         seen.append((args[6], train_seeds))
-        return protocol.client_round(*args, train_seeds=train_seeds)
+        return spafl_method.client_round(*args, train_seeds=train_seeds)
 
     sim = run(cfg, data, client_fn=spy)
     np.random.seed(cfg.seed)  # the reference server: np.random.choice(N, K, replace=False) every round
@@ -284,10 +286,10 @@ def test_global_rng_is_the_same_with_workers_and_resumes_exactly(tmp_path):
 
 
 def test_sequential_streams_state_round_trip():
-    a = protocol.SequentialStreams(3)
+    a = keys.SequentialStreams(3)
     a.sample(10, 4)
     a.epoch_seeds(2)
-    b = protocol.SequentialStreams(99)
+    b = keys.SequentialStreams(99)
     b.load_state_dict(torch.load(_saved(a.state_dict()), weights_only=True))
     assert a.sample(10, 4) == b.sample(10, 4) and a.epoch_seeds(3) == b.epoch_seeds(3)
 
@@ -315,7 +317,7 @@ def test_threshold_statistics_and_never_sampled_in_the_history(tmp_path):
     sim.write_history()
     seen = set()
     for t, (row, tau) in enumerate(zip(sim.history, thresholds, strict=True)):
-        seen |= set(protocol.sample_clients(cfg.seed, t, cfg.num_clients, cfg.clients_per_round))
+        seen |= set(keys.sample_clients(cfg.seed, t, cfg.num_clients, cfg.clients_per_round))
         assert row["never_sampled"] == cfg.num_clients - len(seen)
         assert set(row["tau"]) == set(sim.layer_names)
         for name, values in tau.items():
@@ -357,7 +359,7 @@ def test_clients_file_holds_every_client_every_round_and_survives_resume(tmp_pat
     for t, evals in enumerate(evaluations):
         assert np.array_equal(files["acc"][t], np.array([e["acc"] for e in evals], dtype=np.float32))
         assert np.array_equal(files["density"][t], np.array([e["density"] for e in evals], dtype=np.float32))
-        cohort = protocol.sample_clients(cfg.seed, t, n, cfg.clients_per_round)
+        cohort = keys.sample_clients(cfg.seed, t, n, cfg.clients_per_round)
         assert np.flatnonzero(files["sampled"][t]).tolist() == cohort
         trained = np.isfinite(files["train_loss"][t])
         assert np.flatnonzero(trained).tolist() == cohort
@@ -409,16 +411,16 @@ def test_collapse_settings_reach_the_layers(monkeypatch):
         seen.append(kwargs)
         return build_model(name, classes)
 
-    monkeypatch.setattr(server, "build_model", capture)
+    monkeypatch.setattr(build, "build_model", capture)
     method = Simulator(small_config(rounds=1), dataset=synthetic(n_train=200, n_test=50)).method
-    server.initial_model(small_config(), method, 10, torch.device("cpu"))
-    server.initial_model(small_config(collapse_timing="previous", collapse_in_eval=True), method, 10,
+    build.initial_model(small_config(), method, 10, torch.device("cpu"))
+    build.initial_model(small_config(collapse_timing="previous", collapse_in_eval=True), method, 10,
                          torch.device("cpu"))
     assert seen[-2]["collapse_timing"] == "current" and seen[-2]["collapse_in_eval"] is False
     assert seen[-1]["collapse_timing"] == "previous" and seen[-1]["collapse_in_eval"] is True
     assert seen[-1]["collapse_density"] == 0.01
     monkeypatch.undo()
-    model = server.initial_model(small_config(collapse_timing="previous", collapse_in_eval=True), method, 10,
+    model = build.initial_model(small_config(collapse_timing="previous", collapse_in_eval=True), method, 10,
                                  torch.device("cpu"))
     layers = [m for m in model.modules() if hasattr(m, "threshold")]
     assert len(layers) == 4
@@ -450,7 +452,7 @@ def test_a_reset_during_evaluation_persists_and_matches_evaluating_every_client(
     data = synthetic(n_train=300, n_test=100)
     cfg = small_config(rounds=3, clients_per_round=2, collapse_in_eval=True, collapse_timing=timing,
                        optimizer_lifetime="per-run")
-    sampled = [set(protocol.sample_clients(cfg.seed, t, cfg.num_clients, cfg.clients_per_round)) for t in (1, 2)]
+    sampled = [set(keys.sample_clients(cfg.seed, t, cfg.num_clients, cfg.clients_per_round)) for t in (1, 2)]
     victim = next(i for i in range(cfg.num_clients) if i not in sampled[0] | sampled[1])
     sims, evaluated = [], []
     for every_client in (False, True):
@@ -553,3 +555,44 @@ def test_accuracy_band_stays_in_range_and_ticks_are_integers(tmp_path, monkeypat
         ax.figure.canvas.draw()
         assert all(float(t).is_integer() for t in ax.get_yticks()), ax.get_yticks()
         assert all(float(t).is_integer() for t in ax.get_xticks()), ax.get_xticks()
+
+
+def test_a_model_of_ones_own_runs_with_the_default_preset():
+    """The default preset names mask_layer fc3 (a layer of its digits CNN); a model built by
+    model_fn need not have it: the masks of its first threshold layer are recorded, with a
+    warning saying how to choose. A built-in model with a wrong mask_layer is still an error."""
+    from torch import nn
+
+    import spafl
+    from spafl.federated import DEFAULT_PRESET, build_config
+
+    def my_model():
+        return spafl.sparsify(nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 10)))
+
+    config = build_config(DEFAULT_PRESET, None, {"rounds": 1, "device": "cpu"})
+    assert config.mask_layer == "fc3"
+    with pytest.warns(FederatedWarning, match=r"mask_layer 'fc3' is not a threshold layer.*recording the masks of '0'"):
+        sim = Simulator(config, model_fn=my_model)
+    assert sim.mask_layer == "0"
+    row = sim.run()[0]
+    assert row["participants"] == config.clients_per_round
+    assert sim.mask_history[0].shape == (config.num_clients, 4)
+
+
+def test_clients_that_never_trained_are_stored_once_in_a_checkpoint(tmp_path):
+    cfg = small_config(num_clients=8, clients_per_round=2, rounds=1, checkpoint_every=1)
+    data = synthetic(n_train=300, n_test=60)
+    sim = Simulator(cfg, dataset=data, out_dir=tmp_path)
+    sim.run()
+    ckpt = read_checkpoint(tmp_path / "checkpoint.pt")
+    trained = {int(c) for c in sim.history[0]["sampled"].split()}
+    assert ckpt["untrained"] == [i for i in range(8) if i not in trained]
+    assert all((s is None) == (i not in trained) for i, s in enumerate(ckpt["client_states"]))
+    assert set(ckpt["initial_state"]) == set(sim.model.state_dict())
+    resumed = Simulator.resume(tmp_path, cfg.replace(rounds=3), dataset=data)
+    assert all(resumed.client_states[i] is resumed._initial_state for i in ckpt["untrained"])
+    resumed.run()
+    straight = Simulator(cfg.replace(rounds=3), dataset=data)
+    straight.run()
+    assert [{k: v for k, v in r.items() if k not in ("wall_s", "train_s", "eval_s")} for r in resumed.history] == \
+        [{k: v for k, v in r.items() if k not in ("wall_s", "train_s", "eval_s")} for r in straight.history]

@@ -13,7 +13,18 @@ import pytest
 import torch
 
 from spafl import ThresholdConv2d, ThresholdLinear
-from spafl.federated import FedConfig, FederatedWarning, Simulator, build_config, load_config_file, protocol
+from spafl.federated import (
+    FedConfig,
+    FederatedWarning,
+    Simulator,
+    accounting,
+    build_config,
+    keys,
+    load_config_file,
+    rules,
+    training,
+    wire,
+)
 from spafl.federated.config import PRESETS
 from spafl.federated.data import (
     ImageDataset,
@@ -25,8 +36,9 @@ from spafl.federated.data import (
     read_fashion_mnist,
     split_for_run,
 )
+from spafl.federated.history import TIMING_FIELDS
+from spafl.federated.methods import spafl as spafl_method
 from spafl.federated.models import build_model
-from spafl.federated.server import TIMING_FIELDS
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -60,16 +72,16 @@ def strip_timing(history):
 
 def test_lenet5_thresholds_and_paper_communication():
     model = build_model("lenet5", 10)
-    tau = protocol.model_thresholds(model)
+    tau = spafl_method.model_thresholds(model)
     assert {k: v.numel() for k, v in tau.items()} == {"conv1": 20, "conv2": 50, "fc3": 500, "fc4": 10}
     t = sum(v.numel() for v in tau.values())
     assert t == 580
     # spafl-algorithm.md section 5: 500 rounds, K = 10 -> 0.1856 Gbit.
-    assert 500 * protocol.comm_bits_paper(t, 10) == 185_600_000
+    assert 500 * accounting.comm_bits_paper(t, 10) == 185_600_000
 
 
 def test_lenet5_macs_per_sample():
-    macs = protocol.layer_macs(build_model("lenet5", 10), (1, 28, 28), torch.device("cpu"))
+    macs = accounting.layer_macs(build_model("lenet5", 10), (1, 28, 28), torch.device("cpu"))
     assert macs == {"conv1": 20 * 1 * 25 * 24 * 24, "conv2": 50 * 20 * 25 * 8 * 8, "fc3": 800 * 500, "fc4": 500 * 10}
 
 
@@ -77,10 +89,10 @@ def test_training_flops_formula():
     cfg = small_config(local_epochs=3, batch_size=10, drop_last=False)
     masks = {"a": torch.tensor([True, False, True, True]), "b": torch.tensor([True, False])}
     macs = {"a": 1000, "b": 50}
-    flops = protocol.training_flops(cfg, num_train=25, masks=masks, macs=macs, num_thresholds=6, num_weights=400)
+    flops = accounting.training_flops(cfg, num_train=25, masks=masks, macs=macs, num_thresholds=6, num_weights=400)
     forward = 3 * 25 * (0.75 * 1000 + 0.5 * 50)
     assert flops == pytest.approx(3 * forward + 6 * 3 + 400)  # ceil(25 / 10) = 3 batches
-    assert protocol.training_flops(cfg.replace(drop_last=True), 25, masks, macs, 6, 400) == pytest.approx(
+    assert accounting.training_flops(cfg.replace(drop_last=True), 25, masks, macs, 6, 400) == pytest.approx(
         3 * forward + 6 * 2 + 400)
 
 
@@ -92,13 +104,13 @@ def test_simulator_accounting_lenet5_round():
     row = sim.run()[0]
     assert sim.num_thresholds == 580
     assert row["comm_bits_paper"] == 2 * 10 * 580 * 32
-    payload_up = len(protocol.encode(protocol.model_thresholds(sim.model)))
+    payload_up = len(wire.encode(spafl_method.model_thresholds(sim.model)))
     assert row["bytes_up"] == 10 * payload_up
     assert 580 * 4 < payload_up < 580 * 4 + 256  # the thresholds and a small header, nothing else
     # Downlink: thresholds and the global change (th_update on): twice the floats.
     assert 2 * 580 * 4 < row["bytes_down"] / 10 < 2 * 580 * 4 + 512
     expected = sum(
-        protocol.training_flops(cfg, c.num_train, protocol.densities(_load(sim, i)), sim.macs, 580, sim.num_weights)
+        accounting.training_flops(cfg, c.num_train, accounting.densities(_load(sim, i)), sim.macs, 580, sim.num_weights)
         for i, c in enumerate(sim.clients)
     ) / 10
     assert row["flops_total"] == pytest.approx(expected)
@@ -242,22 +254,22 @@ def test_crop_flip_matches_explicit_windows():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.int64])
 def test_wire_format_round_trip(dtype):
     msg = {"a": torch.randn(5, 3).to(dtype), "b/c": torch.arange(4).to(dtype), "s": torch.tensor(2).to(dtype)}
-    payload = protocol.encode(msg)
-    back = protocol.decode(payload)
+    payload = wire.encode(msg)
+    back = wire.decode(payload)
     assert list(back) == list(msg)
     for k in msg:
         assert back[k].dtype == dtype and torch.equal(back[k], msg[k])
     with pytest.raises(ValueError, match="truncated"):
-        protocol.decode(payload[:-1])
+        wire.decode(payload[:-1])
     with pytest.raises(ValueError, match="trailing"):
-        protocol.decode(payload + b"\0")
+        wire.decode(payload + b"\0")
     with pytest.raises(ValueError, match="header"):
-        protocol.decode(b"\x05\0\0\0{{{{{")
+        wire.decode(b"\x05\0\0\0{{{{{")
 
 
 def test_validate_update():
     expected = {"l1": torch.zeros(4), "l2": torch.zeros(2)}
-    protocol.validate_update({"l1": torch.ones(4), "l2": torch.ones(2)}, expected)
+    rules.validate_update({"l1": torch.ones(4), "l2": torch.ones(2)}, expected)
     bad = [
         ({"l1": torch.ones(4)}, "missing"),
         ({"l1": torch.ones(4), "l2": torch.ones(2), "x": torch.ones(1)}, "unexpected"),
@@ -268,18 +280,18 @@ def test_validate_update():
         ([1, 2], "mapping"),
     ]
     for update, match in bad:
-        with pytest.raises(protocol.UpdateRejected, match=match):
-            protocol.validate_update(update, expected)
+        with pytest.raises(rules.UpdateRejected, match=match):
+            rules.validate_update(update, expected)
 
 
 def test_aggregate_mean_and_delta():
-    state = protocol.ServerState({"l": torch.tensor([0.0, 1.0])}, {"l": torch.zeros(2)}, round=4)
+    state = spafl_method.ServerState({"l": torch.tensor([0.0, 1.0])}, {"l": torch.zeros(2)}, round=4)
     ups = [{"l": torch.tensor([1.0, 1.0])}, {"l": torch.tensor([3.0, 0.0])}]
-    new = protocol.aggregate(state, ups)
+    new = spafl_method.aggregate(state, ups)
     assert torch.equal(new.thresholds["l"], torch.tensor([2.0, 0.5]))
     assert torch.equal(new.delta["l"], torch.tensor([2.0, -0.5]))
     assert new.round == 5
-    same = protocol.aggregate(new, [])
+    same = spafl_method.aggregate(new, [])
     assert torch.equal(same.thresholds["l"], new.thresholds["l"]) and not same.delta["l"].any()
 
 
@@ -289,7 +301,7 @@ def test_threshold_guided_update_by_hand():
     conv, lin = model[0], model[2]
     w_conv, w_lin = conv.weight.detach().clone(), lin.weight.detach().clone()
     delta = {"0": torch.tensor([0.6, -1.2, 0.0]), "2": torch.tensor([0.8, 0.4])}
-    protocol.threshold_guided_update(model, delta)
+    spafl_method.threshold_guided_update(model, delta)
     for w0, layer, c, d in ((w_conv, conv, 6, delta["0"]), (w_lin, lin, 4, delta["2"])):
         for i in range(w0.shape[0]):
             s = 1.0 if w0[i].sum() > 0 else -1.0
@@ -298,18 +310,18 @@ def test_threshold_guided_update_by_hand():
 
 def test_penalty_schedules():
     cfg = small_config(th_coeff=0.01, penalty_schedule="sigmoid", penalty_scheduler=4.0)
-    assert protocol.penalty_coefficient(cfg, 0) == pytest.approx(0.01 / (1 + np.exp(5)))
-    assert protocol.penalty_coefficient(cfg, 2) == pytest.approx(0.005)
-    assert protocol.penalty_coefficient(cfg.replace(penalty_schedule="constant"), 0) == 0.01
+    assert training.penalty_coefficient(cfg, 0) == pytest.approx(0.01 / (1 + np.exp(5)))
+    assert training.penalty_coefficient(cfg, 2) == pytest.approx(0.005)
+    assert training.penalty_coefficient(cfg.replace(penalty_schedule="constant"), 0) == 0.01
 
 
 def test_sampling_is_uniform_keyed_and_without_replacement():
-    picks = [protocol.sample_clients(7, t, 20, 5) for t in range(2000)]
+    picks = [keys.sample_clients(7, t, 20, 5) for t in range(2000)]
     assert all(len(set(p)) == 5 for p in picks)
     counts = np.bincount(np.concatenate(picks), minlength=20)
     assert counts.min() > 400 and counts.max() < 600  # expected 500 each
-    assert protocol.sample_clients(7, 3, 20, 5) == picks[3]
-    assert protocol.sample_clients(8, 3, 20, 5) != picks[3] or protocol.sample_clients(8, 4, 20, 5) != picks[4]
+    assert keys.sample_clients(7, 3, 20, 5) == picks[3]
+    assert keys.sample_clients(8, 3, 20, 5) != picks[3] or keys.sample_clients(8, 4, 20, 5) != picks[4]
 
 
 # --- models ---------------------------------------------------------------------------
@@ -327,7 +339,7 @@ def test_models(name, shape, classes, thresholds):
     model = build_model(name, classes)
     out = model(torch.randn(2, *shape))
     assert out.shape == (2, classes)
-    assert sum(v.numel() for v in protocol.model_thresholds(model).values()) == thresholds
+    assert sum(v.numel() for v in spafl_method.model_thresholds(model).values()) == thresholds
     out.sum().backward()
     assert all(layer.threshold.grad is not None for _, layer in spafl_layers(model))
 
@@ -342,7 +354,7 @@ def test_end_to_end_learns_and_exchanges_only_thresholds():
 
     def spy(model, state, message, *args):
         seen.append(sorted(message))
-        return protocol.client_round(model, state, message, *args)
+        return spafl_method.client_round(model, state, message, *args)
 
     sim = Simulator(cfg, dataset=data, client_fn=spy)
     initial = sim.client_states[0]
@@ -397,10 +409,10 @@ def test_bad_update_is_rejected_without_touching_global_state():
     data = synthetic(n_train=300, n_test=100)
     cfg = small_config(rounds=1, clients_per_round=4)
     reports = {}
-    victim = protocol.sample_clients(cfg.seed, 0, cfg.num_clients, cfg.clients_per_round)[1]
+    victim = keys.sample_clients(cfg.seed, 0, cfg.num_clients, cfg.clients_per_round)[1]
 
     def malicious(model, state, message, data_, config, round_index, cid, macs):
-        new_state, report = protocol.client_round(model, state, message, data_, config, round_index, cid, macs)
+        new_state, report = spafl_method.client_round(model, state, message, data_, config, round_index, cid, macs)
         reports[cid] = report.thresholds
         if cid == victim:
             report.thresholds = {k: torch.full_like(v, float("nan")) for k, v in report.thresholds.items()}
@@ -421,7 +433,7 @@ def test_wrong_shape_update_and_all_rejected_keeps_thresholds():
     cfg = small_config(rounds=1)
 
     def broken(model, state, message, *args):
-        new_state, report = protocol.client_round(model, state, message, *args)
+        new_state, report = spafl_method.client_round(model, state, message, *args)
         report.thresholds = {k: v[:-1] for k, v in report.thresholds.items()}
         return new_state, report
 
@@ -436,12 +448,12 @@ def test_wrong_shape_update_and_all_rejected_keeps_thresholds():
 def test_failing_client_is_dropped_and_the_run_goes_on():
     data = synthetic(n_train=300, n_test=100)
     cfg = small_config(rounds=2)
-    victim = protocol.sample_clients(cfg.seed, 0, cfg.num_clients, cfg.clients_per_round)[0]
+    victim = keys.sample_clients(cfg.seed, 0, cfg.num_clients, cfg.clients_per_round)[0]
 
     def flaky(model, state, message, data_, config, round_index, cid, macs):
         if cid == victim and round_index == 0:
             raise RuntimeError("out of memory on the device")
-        return protocol.client_round(model, state, message, data_, config, round_index, cid, macs)
+        return spafl_method.client_round(model, state, message, data_, config, round_index, cid, macs)
 
     sim = Simulator(cfg, dataset=data, client_fn=flaky)
     before = sim.client_states[victim]
@@ -561,18 +573,18 @@ def test_client_round_takes_global_thresholds_and_applies_the_update_before_trai
         seen["w"] = {name: layer.weight.detach().clone() for name, layer in spafl_layers(model)}
         return torch.zeros(())
 
-    monkeypatch.setattr(protocol, "local_train", record)
-    new_state, report = protocol.client_round(sim.model, state, message, sim.clients[0], sim.config, 3, 0, sim.macs)
+    monkeypatch.setattr(spafl_method, "local_train", record)
+    new_state, report = spafl_method.client_round(sim.model, state, message, sim.clients[0], sim.config, 3, 0, sim.macs)
     expected_model = build_model("digits-cnn", 10)
     expected_model.load_state_dict(state)
-    protocol.threshold_guided_update(expected_model, delta)
+    spafl_method.threshold_guided_update(expected_model, delta)
     for name, layer in spafl_layers(expected_model):
         assert torch.equal(seen["tau"][name], tau[name])
         assert torch.equal(seen["w"][name], layer.weight.detach())
         assert torch.equal(report.thresholds[name], tau[name])
     assert all(torch.equal(state[k], sim.client_states[0][k]) for k in state)  # the input state is untouched
     assert not torch.equal(new_state["conv1.weight"], state["conv1.weight"])
-    protocol.client_round(sim.model, state, message, sim.clients[0], sim.config.replace(th_update=False), 3, 0,
+    spafl_method.client_round(sim.model, state, message, sim.clients[0], sim.config.replace(th_update=False), 3, 0,
                           sim.macs)
     assert torch.equal(seen["w"]["conv1"], state["conv1.weight"])
 

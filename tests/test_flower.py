@@ -11,8 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from spafl.federated import FedConfig, Simulator, protocol
-from spafl.federated.protocol import encode, sample_clients
+from spafl.federated import FedConfig, Simulator, accounting
+from spafl.federated.keys import sample_clients
+from spafl.federated.methods import spafl as spafl_method
+from spafl.federated.wire import encode
 from tests.test_federated import small_config, strip_timing, synthetic
 
 flwr = pytest.importorskip("flwr", reason='Flower is not installed (pip install -e ".[flower]")')
@@ -71,8 +73,8 @@ def test_only_thresholds_cross_the_wire(spafl_run):
     config, _, _, strategy, sim = spafl_run
     layers = {name: layer.threshold.numel() for name, layer in sim.prunable}
     t = sum(layers.values())
-    uplink = len(encode(protocol.model_thresholds(sim.model)))
-    downlink = len(encode(protocol.broadcast(sim.server, config.th_update)))
+    uplink = len(encode(spafl_method.model_thresholds(sim.model)))
+    downlink = len(encode(spafl_method.broadcast(sim.server, config.th_update)))
     assert uplink < 150 + 4 * t and downlink < 300 + 8 * t  # a header, then 4 bytes a value
     train = [e for e in strategy.wire_log if e["kind"] == "train"]
     assert len(train) == 2 * config.rounds * config.clients_per_round
@@ -94,7 +96,7 @@ def test_only_thresholds_cross_the_wire(spafl_run):
         k = config.clients_per_round
         assert row["wire_payload_up"] == ref["bytes_up"] == k * uplink
         assert row["wire_payload_down"] == ref["bytes_down"] == k * downlink
-        assert row["comm_bits_paper"] == protocol.comm_bits_paper(t, k) == 2 * k * t * 32
+        assert row["comm_bits_paper"] == accounting.comm_bits_paper(t, k) == 2 * k * t * 32
         assert row["wire_eval"] == 0  # personalised clients report their evaluation with the uplink
 
 
@@ -336,13 +338,15 @@ def test_loopback_deployment(tmp_path):
 
     rows = list(csv.DictReader((out / "history.csv").open()))
     assert len(rows) == 2
-    assert sorted(p.name for p in (out / "state").iterdir()) == ["partition-00000.pt", "partition-00001.pt"]
+    # each client's state file and the one before it (kept by the run folder's atomic write)
+    assert sorted(p.name for p in (out / "state").iterdir()) == sorted(
+        f"partition-0000{p}{suffix}.pt" for p in (0, 1) for suffix in ("", ".prev"))
     for p in range(2):
         assert torch.load(out / "state" / f"partition-{p:05d}.pt", weights_only=True)["round"] == 1
     # both clients train every round; their uplinks hold the thresholds only
     from spafl.federated.models import build_model
 
-    uplink = len(encode(protocol.model_thresholds(build_model("digits-cnn", 10))))
+    uplink = len(encode(spafl_method.model_thresholds(build_model("digits-cnn", 10))))
     for row in rows:
         assert int(row["wire_payload_up"]) == int(row["bytes_up"]) == 2 * uplink
         assert row["sampled"] == "0 1" and int(row["participants"]) == 2

@@ -122,7 +122,9 @@ def test_readme_deployment_runs_as_written(tmp_path):
         assert re.search(r"node \d+ excluded from sampling: claims partition 0, which node \d+ serves", log)
         for row in _rows(out)[:2]:
             assert row["sampled"] == "0 1" and row["participants"] == "2" and row["dropped"] == "0"
-        assert sorted(p.name for p in var.glob("partition-*.pt")) == ["partition-00000.pt", "partition-00001.pt"]
+        # each client's state file and the one before it (kept by the run folder's atomic write)
+        assert sorted(p.name for p in var.glob("partition-*.pt")) == sorted(
+            f"partition-0000{p}{suffix}.pt" for p in (0, 1) for suffix in ("", ".prev"))
         assert (var / "superlink.db").is_file()
     finally:
         procs.close()

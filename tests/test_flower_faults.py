@@ -17,7 +17,7 @@ flwr = pytest.importorskip("flwr", reason='Flower is not installed (pip install 
 from flwr.app import Context, Error, Message, RecordDict  # noqa: E402
 from flwr.supercore.task_identity import TaskIdentity  # noqa: E402
 
-from spafl.federated import Simulator, protocol  # noqa: E402
+from spafl.federated import Simulator, keys  # noqa: E402
 from spafl.flower.client import client_app  # noqa: E402
 from spafl.flower.server import MethodStrategy  # noqa: E402
 from spafl.flower.wire import METRICS, config_from_run_config  # noqa: E402
@@ -133,7 +133,7 @@ def test_a_lost_node_costs_no_wait_unless_sampled(setup, caplog):
     """Before: a killed SuperNode stalled the next round for the whole node wait (300 s)."""
     config, data, app = setup
     config = config.replace(rounds=5)
-    later = [protocol.sample_clients(config.seed, t, 4, 2) for t in range(1, 5)]
+    later = [keys.sample_clients(config.seed, t, 4, 2) for t in range(1, 5)]
     lost = next(p for p in range(4) if any(p in s for s in later) and not all(p in s for s in later))
 
     def on_list(grid):  # the node of partition `lost` dies after the first round
@@ -180,7 +180,7 @@ def test_a_reply_for_another_partition_or_an_impossible_count_is_refused(setup, 
                         m["partition-id"] = 3 - first[1] if 3 - first[1] not in first else 0
             return replies
 
-    first = protocol.sample_clients(config.seed, 0, 4, 2)
+    first = keys.sample_clients(config.seed, 0, 4, 2)
     strategy = _run(config.replace(rounds=1), data, Liar(_nodes(app, range(4))), caplog)
     errors = strategy.history[0]["errors"]
     assert strategy.history[0]["participants"] == 0
@@ -218,9 +218,52 @@ def test_a_crafted_server_checkpoint_runs_no_code(setup, tmp_path, caplog):
     assert resumed.round == 1 and resumed.history == strategy.history
     marker = tmp_path / "pwned"
     torch.save({"version": 1, "engine": "flower", "payload": _Payload(marker)}, out / "checkpoint.pt")
-    with pytest.raises(ValueError, match="not a readable checkpoint of spafl's Flower server.*Unpickl"):
+    with pytest.raises(ValueError, match="checkpoint.pt is not a checkpoint this spafl can read: it names code to run"):
         MethodStrategy(config, dataset=data, out_dir=out)
     assert not marker.exists()
+
+
+def test_the_server_falls_back_to_its_previous_checkpoint_and_checks_the_run(setup, tmp_path, caplog):
+    """The Flower server's files go through the run folder: a truncated newest checkpoint
+    falls back to the previous one (logged); another run's checkpoint is refused by its run id."""
+    import shutil
+
+    config, data, app = setup
+    out = tmp_path / "out"
+    strategy = _run(config.replace(rounds=2), data, FakeGrid(_nodes(app, range(4))), caplog, out_dir=out)
+    assert (out / "checkpoint.prev.pt").is_file()
+    good = (out / "checkpoint.pt").read_bytes()
+    (out / "checkpoint.pt").write_bytes(good[: len(good) // 2])
+    with caplog.at_level(logging.WARNING, logger="flwr"):
+        resumed = MethodStrategy(config, dataset=data, out_dir=out)
+    assert resumed.round == 1 and resumed.run_id == strategy.run_id
+    assert resumed.history == strategy.history[:1]
+    assert "resuming from the previous checkpoint" in caplog.text and "checkpoint.pt" in caplog.text
+    other = tmp_path / "other"
+    _run(config.replace(rounds=1), data, FakeGrid(_nodes(client_app(config, tmp_path / "s2", data), range(4))),
+         caplog, out_dir=other)
+    shutil.copy(other / "checkpoint.pt", out / "checkpoint.pt")  # the same settings, another run
+    with pytest.raises(ValueError, match="run id"):
+        MethodStrategy(config, dataset=data, out_dir=out)
+
+
+def test_a_damaged_client_state_file_falls_back_to_the_previous_one(setup, tmp_path, caplog):
+    from spafl.flower.client import ClientStore
+
+    config, _, _ = setup
+    store = ClientStore(tmp_path / "partition-00001.pt", config)
+    state = {"w": torch.ones(3)}
+    store.save(0, None, state)
+    store.save(2, state, {"w": torch.full((3,), 2.0)})
+    assert store.load()["round"] == 2
+    (tmp_path / "partition-00001.pt").write_bytes(b"\x00" * 10)
+    with caplog.at_level(logging.WARNING, logger="flwr"):
+        saved = store.load()
+    assert saved["round"] == 0 and torch.equal(saved["state"]["w"], torch.ones(3))
+    assert "partition-00001.pt is not a client state file this spafl can read" in caplog.text
+    (tmp_path / "partition-00001.prev.pt").write_bytes(b"junk")
+    with pytest.raises(ValueError, match="partition-00001.prev.pt is not a client state file"):
+        store.load()
 
 
 def test_malformed_uplinks_are_rejected_and_the_run_goes_on(setup, caplog):
@@ -233,7 +276,7 @@ def test_malformed_uplinks_are_rejected_and_the_run_goes_on(setup, caplog):
     from spafl.flower.wire import ARRAYS, pack
 
     config, data, app = setup
-    first = protocol.sample_clients(config.seed, 0, 4, 2)
+    first = keys.sample_clients(config.seed, 0, 4, 2)
     # every threshold layer of the model, fc3 declared as 2**40 values in a few bytes
     from spafl.convert import named_threshold_layers
     from spafl.federated.models import build_model
@@ -268,7 +311,7 @@ def test_reports_that_would_break_the_history_are_refused(setup, caplog):
     """Numbers the server would write into the history: an infinite FLOP count, an accuracy of
     1e9, an evaluation without one of the layers (used to raise KeyError in the metrics)."""
     config, data, app = setup
-    first = protocol.sample_clients(config.seed, 0, 4, 2)
+    first = keys.sample_clients(config.seed, 0, 4, 2)
 
     class Liar(FakeGrid):
         def send_and_receive(self, messages, *, timeout=None):

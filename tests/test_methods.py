@@ -12,7 +12,8 @@ from test_federated import small_config, strip_timing, synthetic
 from torch import nn
 
 from spafl import ThresholdConv2d, ThresholdLinear, densify, sparsify, threshold_for_density
-from spafl.federated import Simulator, protocol
+from spafl.federated import Simulator, keys, training
+from spafl.federated.accounting import payload_bits
 from spafl.federated.compare import load_run, run_comparison
 from spafl.federated.methods import GlobalState, make_method, weighted_mean
 from spafl.federated.powerprop import (
@@ -24,7 +25,7 @@ from spafl.federated.powerprop import (
     to_powerprop,
     topk_keep,
 )
-from spafl.federated.protocol import decode, encode, payload_bits, sparse_layout
+from spafl.federated.wire import decode, encode, sparse_layout
 
 # --- the sparse wire format -----------------------------------------------------------------
 
@@ -235,9 +236,9 @@ def test_fedavg_round_exchanges_the_whole_model_and_averages_by_sample_count():
     # personalised accuracy is the global model on each client's split, plus the whole test set
     sim.method.load(sim.model, sim.server, None)
     for i, client in enumerate(sim.clients):
-        assert sim.eval_cache[i]["acc"] == protocol.evaluate(sim.model, None, client, 64, None, sim.prunable)["acc"]
+        assert sim.eval_cache[i]["acc"] == training.evaluate(sim.model, None, client, 64, None, sim.prunable)["acc"]
     sim.method.load(sim.model, sim.server, None)
-    assert row["acc_global"] == protocol.evaluate(sim.model, None, sim.global_test, 64, None, sim.prunable)["acc"]
+    assert row["acc_global"] == training.evaluate(sim.model, None, sim.global_test, 64, None, sim.prunable)["acc"]
     assert sim.global_test.num_test == sum(c.num_test for c in sim.clients)
     assert sim.summary()["final_acc_global"] == row["acc_global"]
 
@@ -352,7 +353,7 @@ def test_spectral_variant_sets_beta_per_layer_from_the_latent_weights():
 
 
 def _gen(sim, i):
-    seed = protocol.derived_seed(sim.config.seed, "init", 2)
+    seed = keys.derived_seed(sim.config.seed, "spectral")
     return torch.Generator().manual_seed(int(np.random.SeedSequence([seed, i]).generate_state(1)[0]))
 
 
@@ -381,10 +382,10 @@ def test_method_config_errors():
 
 def test_exponential_learning_rate_schedule():
     cfg = small_config(lr=0.5, lr_final=0.01, rounds=10)
-    assert protocol.learning_rate(cfg, 0) == pytest.approx(0.5)
-    assert protocol.learning_rate(cfg, 10) == pytest.approx(0.01)
-    assert protocol.learning_rate(cfg, 5) == pytest.approx(math.sqrt(0.5 * 0.01))
-    assert protocol.learning_rate(cfg.replace(lr_final=None, lr_decay=0.9), 2) == pytest.approx(0.5 * 0.81)
+    assert training.learning_rate(cfg, 0) == pytest.approx(0.5)
+    assert training.learning_rate(cfg, 10) == pytest.approx(0.01)
+    assert training.learning_rate(cfg, 5) == pytest.approx(math.sqrt(0.5 * 0.01))
+    assert training.learning_rate(cfg.replace(lr_final=None, lr_decay=0.9), 2) == pytest.approx(0.5 * 0.81)
 
 
 def test_models_of_every_method_build_from_the_same_architecture():

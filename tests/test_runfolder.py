@@ -18,9 +18,9 @@ from test_federated import small_config, synthetic
 
 from spafl.cli import main
 from spafl.federated import FedConfig, FederatedWarning, Simulator, runfolder
+from spafl.federated.build import resolve_device
 from spafl.federated.config import PRESETS
 from spafl.federated.runfolder import CheckpointWarning, RunFolderError
-from spafl.federated.server import resolve_device
 
 TINY = ["--num-clients", "6", "--clients-per-round", "3", "--local-epochs", "1", "--no-progress", "--no-plot",
         "--device", "cpu", "--workers", "1"]
@@ -424,3 +424,30 @@ def test_checkpoint_notes_go_to_the_log_or_are_warned():
         warnings.simplefilter("always")
         runfolder.warn_notes(["c"])
     assert [str(w.message) for w in caught] == ["c"] and caught[0].category is CheckpointWarning
+
+
+def test_every_run_folder_records_where_its_history_came_from(tmp_path):
+    """Provenance: the package version, the commit and dirty flag when run from a checkout,
+    torch / Triton / NumPy versions, the CPU model and the thread count."""
+    import platform
+
+    import numpy as np
+
+    import spafl
+
+    sim = Simulator(small_config(rounds=1), dataset=synthetic(n_train=200, n_test=40), out_dir=tmp_path)
+    sim.run()
+    env = json.loads((tmp_path / "history.json").read_text())["environment"]
+    assert env["spafl"] == spafl.__version__ and env["torch"] == torch.__version__
+    assert env["numpy"] == np.__version__ and env["python"] == platform.python_version()
+    assert env["threads"] == torch.get_num_threads() and env["cpu"]
+    assert "triton" in env
+    root = Path(spafl.__file__).resolve().parent.parent
+    if (root / ".git").exists() and shutil.which("git"):
+        head = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
+                              check=True).stdout.strip()
+        dirty = bool(subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                                    capture_output=True, text=True, check=True).stdout.strip())
+        assert env["git_commit"] == head and env["git_dirty"] is dirty
+    else:
+        assert env["git_commit"] == "" and env["git_dirty"] is None

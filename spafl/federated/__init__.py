@@ -4,11 +4,18 @@ and the methods it is compared with.
     FedConfig, PRESETS, build_config       a run's configuration and the paper's presets
     Simulator                              the in-process loop (checkpoint, resume, history, parallel clients)
     ThreadPolicy                           workers x intra-op threads for a run (what ``spafl train`` picks)
-    server                                 what every engine shares: the round's tally, history files, initial model
-    protocol                               the round as plain functions (client and server side)
-    methods                                SpaFL, FedAvg, local-only, SparsyFed and Top-K behind one interface
+    engine                                 the round, once for every transport (cohort, tally, aggregate, history row)
+    methods                                SpaFL, FedAvg, local-only, SparsyFed and Top-K, a module each
+    rules                                  what the server accepts and how it aggregates (every method, transport)
+    training                               a client's local SGD, state, report and evaluation
+    keys                                   keyed randomness (collision-free stream keys)
+    wire                                   the payload encoding (what a transport carries)
+    accounting                             FLOPs and communication as the papers count them
+    build                                  device, dataset checks, initial model (the same in every process)
+    history                                a round's history row and every client's numbers
     powerprop                              SparsyFed's Powerpropagation layers, activation pruning, Top-K
-    runfolder                              a run folder's files: checkpoints (kept, checked, fallback), --overwrite
+    runfolder                              the only reader and writer of run files: history, checkpoints
+                                           (kept, checked, fallback), Flower's server and client files
     compare                                several methods x seeds, and the Table-2-style summary
     data                                   dataset readers, the Dirichlet split, device tensors
     models                                 LeNet-5, Conv4, ViT, ResNet-18 and the digits CNN
@@ -16,9 +23,25 @@ and the methods it is compared with.
 """
 
 from .._threads import ThreadPolicy
-from . import compare, data, methods, models, powerprop, protocol, runfolder, server
+from . import (
+    accounting,
+    build,
+    compare,
+    data,
+    engine,
+    history,
+    keys,
+    methods,
+    models,
+    powerprop,
+    rules,
+    runfolder,
+    training,
+    wire,
+)
 from .config import DEFAULT_PRESET, PRESETS, FedConfig, build_config, load_config_file
-from .simulator import FederatedWarning, Simulator
+from .rules import FederatedWarning
+from .simulator import Simulator
 
 __all__ = [
     "DEFAULT_PRESET",
@@ -28,13 +51,19 @@ __all__ = [
     "Simulator",
     "ThreadPolicy",
     "build_config",
+    "accounting",
+    "build",
     "compare",
     "data",
+    "engine",
+    "history",
+    "keys",
     "load_config_file",
     "methods",
     "models",
     "powerprop",
-    "protocol",
+    "rules",
     "runfolder",
-    "server",
+    "training",
+    "wire",
 ]

@@ -229,7 +229,7 @@ def _compare(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     out = args.out or Path("runs") / f"compare-{preset or 'custom'}"
     print(f"spafl compare: {', '.join(args.methods)} x seeds {args.seeds} on {config.dataset} / {config.model}, "
           f"{config.rounds} rounds, into {out}; threads: {policy.describe()}")
-    from .server import FederationStalled
+    from .engine import FederationStalled
 
     try:
         with policy.applied():
@@ -331,7 +331,7 @@ def _plan_train(args: argparse.Namespace, overrides: dict) -> _Plan:
 
 def _train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from . import runfolder
-    from .server import FederationStalled
+    from .engine import FederationStalled
     from .simulator import Simulator
 
     if args.resume and (args.preset or args.config):

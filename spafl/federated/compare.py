@@ -21,7 +21,7 @@ import numpy as np
 
 from .config import METHODS, FedConfig
 from .runfolder import CHECKPOINT, PREVIOUS
-from .server import _atomic_write
+from .runfolder import atomic_write as _atomic_write
 from .simulator import Simulator
 
 METHOD_LABELS = {"spafl": "SpaFL", "fedavg": "FedAvg (dense)", "local": "Local only", "sparsyfed": "SparsyFed",

@@ -65,7 +65,7 @@ class FedConfig:
     density of the layer's previous forward, as the reference layers) and ``collapse_in_eval``
     (the guard also runs in evaluation, and a reset there persists in the client's state);
     ``rng``: ``"keyed"`` (every draw keyed by ``(seed, round, client)``) or ``"global"`` (the
-    reference code's sequential draws, :class:`spafl.federated.protocol.SequentialStreams`).
+    reference code's sequential draws, :class:`spafl.federated.keys.SequentialStreams`).
     """
 
     method: str = "spafl"
@@ -115,13 +115,13 @@ class FedConfig:
     eval_batch_size: int = 1024
     checkpoint_every: int = 10
     mask_layer: str | None = None
-    # server-side defences against hostile or broken clients (protocol.validate_update,
-    # protocol.aggregate_tensors, methods.Method.aggregate): ``aggregator`` "mean" (the method's
+    # server-side defences against hostile or broken clients (rules.validate_update,
+    # rules.aggregate_tensors, methods.Method.aggregate): ``aggregator`` "mean" (the method's
     # own: uniform for SpaFL, sample-weighted for the others), or the coordinate-wise "median"
     # or "trimmed-mean" (dropping floor(trim_fraction * updates) values at each end), both
     # unweighted; ``update_bounds`` rejects updates no legitimate client's local SGD can reach,
     # with every gradient coordinate bounded by ``clip`` when clipping is on, else by
-    # ``grad_bound`` (None: protocol.DEFAULT_GRAD_BOUND); a run stops with an error after
+    # ``grad_bound`` (None: rules.DEFAULT_GRAD_BOUND); a run stops with an error after
     # ``max_failed_rounds`` rounds in a row that aggregate nothing (0: never).
     aggregator: str = "mean"
     trim_fraction: float = 0.2
@@ -192,8 +192,9 @@ class FedConfig:
              f"backward_mode must be exact, skip or sample, got {self.backward_mode!r}")
         need(_is_real(self.sample_fraction) and 0 < self.sample_fraction <= 1,
              f"sample_fraction must be in (0, 1], got {self.sample_fraction!r}")
-        need(isinstance(self.seed, int) and not isinstance(self.seed, bool) and self.seed >= 0,
-             f"seed must be a non-negative integer, got {self.seed!r}")
+        # one 32-bit word: the keyed streams' keys are collision-free only then (keys.py)
+        need(isinstance(self.seed, int) and not isinstance(self.seed, bool) and 0 <= self.seed < 2**32,
+             f"seed must be an integer in [0, 2**32), got {self.seed!r}")
         need(isinstance(self.device, str) and _DEVICE.fullmatch(self.device) is not None,
              f"device must be auto, cpu, cuda or cuda:<index>, got {self.device!r}")
         need(self.aggregator in AGGREGATORS, f"aggregator must be one of {AGGREGATORS}, got {self.aggregator!r}")

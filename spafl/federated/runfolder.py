@@ -2,7 +2,7 @@
 checkpoints, and what ``--overwrite`` removes.
 
 =====================================  ======================================================
-``history.json``, ``history.csv``,     the history (:func:`.server.write_history`); the JSON
+``history.json``, ``history.csv``,     the history (:func:`write_history`); the JSON
 ``masks.npz``, ``clients.npz``         also holds the settings, the split's digest and the run id
 ``checkpoint.pt``                      the newest checkpoint
 ``checkpoint.prev.pt``                 the one before it, kept until the newest is durable
@@ -19,6 +19,8 @@ folder's own run is refused before anything in the folder changes.
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import os
 import pickle
@@ -29,10 +31,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from .config import RESUMABLE_CHANGES, FedConfig
-from .server import CHECKPOINT_VERSION, _atomic_write, _fsync_dir
+from .history import TAU_STATS, ClientRecord
 
 CHECKPOINT = "checkpoint.pt"
 PREVIOUS = "checkpoint.prev.pt"
@@ -40,6 +43,87 @@ HISTORY_FILES = ("history.json", "history.csv", "masks.npz", "clients.npz")
 PLOT_FILES = ("accuracy.png", "density.png", "masks.png", "clients.png", "thresholds.png")
 RUN_FILES = (*HISTORY_FILES, CHECKPOINT, PREVIOUS, *PLOT_FILES)
 _PROBE = ".write-check"  # the writability probe's prefix
+
+CHECKPOINT_VERSION = 2
+
+
+# history.json's layout: 2 numbers rounds from 1 (the first round is round 1), 1 (no field) from 0.
+HISTORY_FORMAT = 2
+
+
+def write_history(out: Path, meta: dict, history: list[dict], layer_names: list[str],
+                  mask_history: list[np.ndarray] | None = None, mask_layer: str | None = None,
+                  clients: ClientRecord | None = None) -> None:
+    """``history.csv`` (one row per round; per-layer densities as ``density:<layer>`` columns,
+    the global thresholds' statistics as ``tau:<layer>:<mean|std|min|max>``), ``history.json``
+    (``meta`` plus the rows, the thresholds' statistics as ``tau: {layer: {stat: value}}``),
+    ``masks.npz`` (when there are masks) and ``clients.npz`` (with ``clients``: every client's
+    numbers every round, :class:`ClientRecord`), each written atomically."""
+    out.mkdir(parents=True, exist_ok=True)
+    body = {**meta, "history_format": HISTORY_FORMAT, "history": history}
+    atomic_write(out / "history.json", lambda f: f.write(json.dumps(body, indent=1).encode()))
+    columns = [k for k in history[0] if k not in ("layers", "errors", "tau")] if history else []
+    columns += [f"density:{name}" for name in layer_names]
+    tau_layers = list(history[0].get("tau", {})) if history else []
+    columns += [f"tau:{name}:{stat}" for name in tau_layers for stat in TAU_STATS]
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
+    writer.writeheader()
+    for row in history:
+        flat = {k: row[k] for k in columns if k in row}
+        flat.update({f"density:{k}": v for k, v in row["layers"].items()})
+        flat.update({f"tau:{k}:{stat}": v[stat] for k, v in row.get("tau", {}).items() for stat in TAU_STATS})
+        writer.writerow(flat)
+    atomic_write(out / "history.csv", lambda f: f.write(buffer.getvalue().encode()))
+    if mask_history:
+        masks = np.stack(mask_history)
+        rounds = np.array([r["round"] for r in history])
+        atomic_write(out / "masks.npz", lambda f: np.savez_compressed(f, masks=masks, rounds=rounds, layer=mask_layer))
+    if clients is not None and len(clients):
+        arrays = clients.arrays()
+        atomic_write(out / "clients.npz", lambda f: np.savez_compressed(f, **arrays))
+
+
+def atomic_write(path: Path, write: Callable, keep_previous: Path | None = None) -> None:
+    """``write(file)`` into a temporary file beside ``path``, fsync it, rename it over ``path``
+    and fsync the folder: a crash leaves either the old file or the new one, never a partial
+    one. With ``keep_previous``, the file being replaced stays there under that name (a hard
+    link made before the rename, or the old file renamed where links are not supported)."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        if keep_previous is not None and path.is_file():
+            keep_previous.unlink(missing_ok=True)
+            try:
+                os.link(path, keep_previous)  # path stays in place: there is a checkpoint at every moment
+            except OSError:
+                os.replace(path, keep_previous)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    fsync_dir(path.parent)  # make the rename durable
+
+
+def fsync_dir(folder: Path) -> None:
+    """fsync a folder, so that a rename or removal in it survives a crash (where the
+    platform allows it)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 
 
 class RunFolderError(ValueError):
@@ -115,7 +199,7 @@ def clear_run(folder: str | Path) -> tuple[list[Path], list[Path]]:
             removed.append(p)
         else:
             kept.append(p)
-    _fsync_dir(folder)
+    fsync_dir(folder)
     return removed, kept
 
 
@@ -123,7 +207,7 @@ def save_checkpoint(path: Path, state: dict) -> Path:
     """``torch.save(state)`` to ``path`` atomically, keeping the checkpoint it replaces as
     :func:`previous_path` until the new one is written, fsync'd and renamed into place."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write(path, lambda f: torch.save(state, f), keep_previous=previous_path(path))
+    atomic_write(path, lambda f: torch.save(state, f), keep_previous=previous_path(path))
     return path
 
 
@@ -176,28 +260,40 @@ def _pickle_calls(file: Path, limit: int = 1 << 20) -> str | None:
     return None
 
 
-def read_checkpoint(file: str | Path) -> dict:
-    """A simulator checkpoint, read with ``torch.load(weights_only=True)`` (tensors, plain
-    containers and numbers only: a checkpoint cannot run code). ``FileNotFoundError`` when
-    absent, :class:`RunFolderError` naming the file when it is unreadable, crafted, not a
-    simulator checkpoint or of another version."""
+def load_file(file: str | Path, what: str = "checkpoint") -> object:
+    """``torch.load(file, weights_only=True)`` (tensors, plain containers and numbers only: a
+    file cannot run code here); :class:`RunFolderError` naming the file and why it could not be
+    read (empty, truncated, another format, code in it)."""
     file = Path(file)
-    if not file.is_file():
-        raise FileNotFoundError(f"no checkpoint at {file}")
     try:
         with warnings.catch_warnings():  # torch's note on the pickle protocol of a foreign file
             warnings.simplefilter("ignore", UserWarning)
-            ckpt = torch.load(file, map_location="cpu", weights_only=True)
+            return torch.load(file, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 (a hostile file can make torch.load raise anything)
-        raise RunFolderError(f"{file} is not a checkpoint this spafl can read: {_load_error(file, e)} (version "
-                             f"{CHECKPOINT_VERSION} checkpoints hold tensors and plain containers only)") from e
+        raise RunFolderError(f"{file} is not a {what} this spafl can read: {_load_error(file, e)} (version "
+                             f"{CHECKPOINT_VERSION} files hold tensors and plain containers only)") from e
+
+
+ENGINES = {"simulator": "the simulator (spafl train)", "flower": "spafl's Flower server (flwr run)"}
+
+
+def read_checkpoint(file: str | Path, engine: str = "simulator") -> dict:
+    """A checkpoint of ``engine`` (``"simulator"`` or ``"flower"``), read with
+    :func:`load_file`. ``FileNotFoundError`` when absent, :class:`RunFolderError` naming the
+    file when it is unreadable, crafted, another engine's or of another version."""
+    file = Path(file)
+    if not file.is_file():
+        raise FileNotFoundError(f"no checkpoint at {file}")
+    ckpt = load_file(file)
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("config"), dict):
-        raise RunFolderError(f"{file} is not a simulator checkpoint")
+        raise RunFolderError(f"{file} is not a {engine} checkpoint")
     if ckpt.get("version") != CHECKPOINT_VERSION:
         raise RunFolderError(f"{file}: checkpoint version {ckpt.get('version')!r}; this spafl reads "
                              f"{CHECKPOINT_VERSION}")
-    if ckpt.get("engine", "simulator") != "simulator":
-        raise RunFolderError(f"{file} was written by spafl's Flower server; continue that run with flwr run")
+    written_by = ckpt.get("engine", "simulator")
+    if written_by != engine:
+        raise RunFolderError(f"{file} was written by {ENGINES.get(written_by, written_by)}; continue that run "
+                             "there")
     return ckpt
 
 
@@ -227,12 +323,12 @@ def settings_differences(a: dict, b: dict, ignore=RESUMABLE_CHANGES) -> list[str
             if k not in ignore and a.get(k) != b.get(k)]
 
 
-def identity_problems(ckpt: dict, meta: dict) -> list[str]:
+def identity_problems(ckpt: dict, meta: dict, engine: str = "simulator") -> list[str]:
     """How checkpoint ``ckpt`` differs from the run whose history is ``meta`` (empty: the same
     run): its run id, settings (but the resumable ones), data split, engine, and the rounds the
     two have in common (their numbers and cohorts)."""
     problems = []
-    if meta.get("engine", "simulator") != "simulator":
+    if meta.get("engine", "simulator") != engine:
         problems.append(f"the history was written by spafl's {meta.get('engine')} server")
     ours, theirs = ckpt.get("run_id"), meta.get("run_id")
     if ours and theirs and ours != theirs:
@@ -267,7 +363,8 @@ class Resumable:
         return len(self.ckpt.get("history", []))
 
 
-def open_checkpoint(path: str | Path, history_folder: str | Path | None = None) -> Resumable:
+def open_checkpoint(path: str | Path, history_folder: str | Path | None = None,
+                    engine: str = "simulator") -> Resumable:
     """The checkpoint to resume from and the run it must continue.
 
     ``path`` is a checkpoint file (read as it is) or a run folder: then its ``checkpoint.pt``,
@@ -288,7 +385,7 @@ def open_checkpoint(path: str | Path, history_folder: str | Path | None = None) 
                 notes.append(f"{file} is missing")
             continue
         try:
-            ckpt = read_checkpoint(file)
+            ckpt = read_checkpoint(file, engine)
         except RunFolderError as e:
             if not path.is_dir():
                 raise
@@ -296,7 +393,7 @@ def open_checkpoint(path: str | Path, history_folder: str | Path | None = None) 
             notes.append(str(e))
             continue
         if meta is not None:
-            problems = identity_problems(ckpt, meta)
+            problems = identity_problems(ckpt, meta, engine)
             if problems:
                 raise RunFolderError(f"{file} is not the checkpoint of the run in {history_folder / 'history.json'}: "
                                      f"{'; '.join(problems)}. Nothing was changed; move one of them away, or "
@@ -320,6 +417,33 @@ def warn_notes(notes: list[str], log: Callable[[str], None] | None = None) -> No
             log(note)
         else:
             warnings.warn(note, CheckpointWarning, stacklevel=3)
+
+
+def read_client_state(file: str | Path) -> tuple[dict | None, list[str]]:
+    """A Flower client's state file (``partition-<p>.pt``, :func:`save_checkpoint` keeps the one
+    before it beside it) and notes for the user: the newest file, or, when it is unreadable, the
+    previous one (with a note naming both). ``(None, [])`` when neither exists;
+    :class:`RunFolderError` naming the files when neither can be read."""
+    file = Path(file)
+    errors, notes = [], []
+    for candidate in (file, previous_path(file)):
+        if not candidate.is_file():
+            continue
+        try:
+            record = load_file(candidate, "client state file")
+            if not isinstance(record, dict) or not isinstance(record.get("config"), dict) \
+                    or not isinstance(record.get("round"), int):
+                raise RunFolderError(f"{candidate} is not a client state file of spafl's Flower client")
+        except RunFolderError as e:
+            errors.append(str(e))
+            continue
+        if candidate != file:
+            notes.append(f"{'; '.join(errors) or f'{file} is missing'}; using the previous state {candidate} "
+                         f"(after round {record['round'] + 1})")
+        return record, notes
+    if errors:
+        raise RunFolderError("; ".join(errors) + "; move the file away to start this client again")
+    return None, []
 
 
 class CheckpointWarning(UserWarning):

@@ -1,5 +1,5 @@
 """The in-process federated loop: N clients on one device, driving a method's functions
-(:mod:`.methods`: SpaFL through :mod:`.protocol`, or a baseline).
+(:mod:`.methods`: SpaFL or a baseline) through the round engine (:mod:`.engine`).
 
 Only the sampled clients change in a round, so only they are re-evaluated; the others' cached
 results stand (evaluation is deterministic), and every round still reports all N clients.
@@ -16,15 +16,11 @@ results are applied in the cohort's order, so the history is the same for any wo
 
 from __future__ import annotations
 
-import copy
-import math
-import queue
 import sys
 import time
 import uuid
-import weakref
+import warnings
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -34,40 +30,17 @@ from torch import nn
 from .._env import environment
 from ..convert import named_threshold_layers
 from . import runfolder
+from .accounting import layer_macs
+from .build import check_dataset, initial_model, resolve_device, whole_test_set
 from .config import FedConfig, config_mismatch
 from .data import ImageDataset, client_data, load_dataset, split_digest, split_for_run
+from .engine import ClientResult, FederationStalled, RoundEngine, run_client
+from .history import ClientRecord
 from .methods import make_method
-from .protocol import (
-    MOMENTUM_PREFIX,
-    ClientReport,
-    SequentialStreams,
-    UpdateRejected,
-    decode,
-    encode,
-    evaluate,
-    layer_macs,
-    model_entries,
-    momentum_entries,
-    sample_clients,
-)
-from .runfolder import read_checkpoint  # noqa: F401 (importable from here too)
-from .server import (  # noqa: F401 (TIMING_FIELDS, FederatedWarning: importable from here too)
-    CHECKPOINT_VERSION,
-    TIMING_FIELDS,
-    ClientRecord,
-    FailedRounds,
-    FederatedWarning,
-    FederationStalled,
-    RoundTally,
-    aggregate_round,
-    check_dataset,
-    client_metrics,
-    initial_model,
-    resolve_device,
-    round_diagnostics,
-    whole_test_set,
-    write_history,
-)
+from .rules import FederatedWarning
+from .runfolder import CHECKPOINT_VERSION
+from .training import MOMENTUM_PREFIX, evaluate, model_entries, momentum_entries
+from .workers import Workers, check_workers
 
 
 class Simulator:
@@ -81,7 +54,7 @@ class Simulator:
             it (:func:`spafl.densify`, Powerpropagation). Called once, after seeding.
         out_dir: where the history, checkpoints and plots go (None: nowhere).
         client_fn: the client's round (default: the method's ``client_round``, for SpaFL
-            :func:`protocol.client_round`); a different function can inject faults or run the
+            :func:`methods.spafl.client_round`); a different function can inject faults or run the
             client elsewhere. With ``workers > 1`` it is called from several threads at once
             (on different models). With ``rng="global"`` it also receives ``train_seeds=``.
         progress: draw a progress line on stderr.
@@ -132,7 +105,15 @@ class Simulator:
         if self.method.name == "spafl":
             self.mask_layer = config.mask_layer or self.layer_names[0]
             if self.mask_layer not in self.layer_names:
-                raise ValueError(f"mask_layer {self.mask_layer!r} is not a threshold layer; layers: {self.layer_names}")
+                if model_fn is None:
+                    raise ValueError(f"mask_layer {self.mask_layer!r} is not a threshold layer; layers: "
+                                     f"{self.layer_names}")
+                # A preset names a layer of its own model (digits-cnn: fc3); a model of the user's
+                # need not have it. The mask only feeds masks.npz and the mask plot.
+                warnings.warn(f"mask_layer {self.mask_layer!r} is not a threshold layer of the model model_fn built; "
+                              f"recording the masks of {self.layer_names[0]!r} instead (set mask_layer to one of "
+                              f"{self.layer_names})", FederatedWarning, stacklevel=2)
+                self.mask_layer = self.layer_names[0]
         self.macs = layer_macs(self.model, self.image_shape, self.device, layers=self.prunable)
         self.num_thresholds = sum(layer.threshold.numel() for _, layer in named_threshold_layers(self.model))
         self.num_weights = sum(layer.weight.numel() for _, layer in self.prunable)
@@ -144,55 +125,25 @@ class Simulator:
         self._initial_state = initial
         self.client_states: list[dict[str, torch.Tensor] | None] = (
             [initial] * config.num_clients if self.method.personalised else [None] * config.num_clients)
-        self.server = self.method.init_server(self.model)
-        self.streams = SequentialStreams(config.seed) if config.rng == "global" else None
-        self.client_flops = np.zeros(config.num_clients)
+        # The round, its global state, totals and history (the same engine drives Flower's server).
+        self.engine = RoundEngine(self.config, self.method, self.method.init_server(self.model), self.layer_names)
         self.eval_cache: list[dict | None] = [None] * config.num_clients
         self.global_eval: dict | None = None
-        self.history: list[dict] = []
         self.mask_history: list[np.ndarray] = []
         self.client_record = ClientRecord(config.num_clients)
-        self.totals = {"comm_bits_paper": 0.0, "bytes": 0, "wall_s": 0.0}
         # Working models: slot 0 is self.model; the other workers' copies are made on first use.
-        self._slots: list[tuple[nn.Module, list]] = [(self.model, self.prunable)]
-        self._free: queue.SimpleQueue | None = None
-        self._pool: ThreadPoolExecutor | None = None
+        self._workers = Workers(self.model, self.method.prunable, self.workers)
         self._refresh(range(config.num_clients))
 
     # --- workers ----------------------------------------------------------------------
 
     def _parallel(self, fn: Callable, items: Sequence) -> list:
-        """``[fn(slot, item) for item in items]``, spread over the workers (each call gets a
-        working model of its own, ``slot = (model, prunable layers)``); results in the order
-        of ``items``."""
-        if self.workers == 1 or len(items) <= 1:
-            return [fn(self._slots[0], item) for item in items]
-        if self._pool is None:
-            for _ in range(self.workers - 1):
-                model = copy.deepcopy(self.model)
-                self._slots.append((model, self.method.prunable(model)))
-            self._free = queue.SimpleQueue()
-            for slot in self._slots:
-                self._free.put(slot)
-            self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="spafl-client")
-            weakref.finalize(self, self._pool.shutdown, wait=False)
-        free = self._free
-
-        def task(item):
-            slot = free.get()
-            try:
-                return fn(slot, item)
-            finally:
-                free.put(slot)
-
-        return list(self._pool.map(task, items))
+        """``[fn(slot, item) for item in items]`` over the workers (:meth:`Workers.map`)."""
+        return self._workers.map(fn, items)
 
     def close(self) -> None:
         """Stop the worker threads (a later round starts them again)."""
-        if self._pool is not None:
-            self._pool.shutdown(wait=True)
-            self._pool, self._free = None, None
-            del self._slots[1:]
+        self._workers.close()
 
     def __enter__(self) -> Simulator:
         return self
@@ -205,7 +156,24 @@ class Simulator:
     @property
     def round(self) -> int:
         """Rounds done (the next round's index, counting from 0)."""
-        return self.server.round
+        return self.engine.round
+
+    @property
+    def server(self):
+        """The global state (the method's: SpaFL's thresholds, a global model's tensors)."""
+        return self.engine.server
+
+    @property
+    def history(self) -> list[dict]:
+        return self.engine.history
+
+    @property
+    def totals(self) -> dict:
+        return self.engine.totals
+
+    @property
+    def client_flops(self) -> np.ndarray:
+        return self.engine.client_flops
 
     def _evaluate_on(self, slot: tuple, i: int, server) -> tuple[dict, dict | None]:
         """Client ``i``'s evaluation on a working model; with ``collapse_in_eval`` (personalised
@@ -281,92 +249,33 @@ class Simulator:
         return any(density <= limit for density in cached["layers"].values())
 
     def _client_job(self, slot: tuple, job: tuple) -> tuple:
-        """One client's round on a working model: ``(cid, outcome, new state, report, uplink
-        bytes, sample count, error)``. ``outcome`` is ``"ok"``; ``"dropped"`` when the client
-        failed or its report is malformed; ``"refused"`` when its sample count is impossible
-        (as the Flower server, before the client counts as trained); ``"rejected"`` when its
-        update is not this round's uplink in form (:meth:`Method.check_payload`: another type,
-        dtype, shape...), checked before it is encoded."""
-        cid, t, down, seeds, server = job
-        model, _ = slot
-        method, cfg = self.method, self.config
-        try:
-            received = decode(down) if method.communicates else {}
-            if not method.personalised:  # nothing of a previous client's round stays in the working model
-                model.load_state_dict(self._initial_state)
-            kwargs = {"train_seeds": seeds} if seeds is not None else {}
-            new_state, report = self.client_fn(model, self.client_states[cid], received, self.clients[cid], cfg, t,
-                                               cid, self.macs, **kwargs)
-            check_report(report)
-        except Exception as e:  # the client failed mid-round: drop it from this round
-            return cid, "dropped", None, None, None, None, f"{type(e).__name__}: {e}"
-        if not method.communicates:
-            return cid, "ok", new_state, report, None, None, None
-        try:
-            n = method.check_sample_count(report.num_samples, known=self.clients[cid].num_train)
-        except UpdateRejected as e:
-            return cid, "refused", None, None, None, None, str(e)
-        try:
-            method.check_payload(report.update, server)
-            up = encode(report.update, sparse=method.sparse_wire)
-        except (UpdateRejected, TypeError, ValueError) as e:
-            return cid, "rejected", new_state, report, None, None, str(e)
-        return cid, "ok", new_state, report, up, n, None
+        """One client's round on a working model (:func:`engine.run_client`)."""
+        rnd, cid, seeds = job
+        reset = None if self.method.personalised else self._initial_state
+        return run_client(self.method, self.client_fn, slot[0], self.client_states[cid], rnd, cid, seeds,
+                          self.clients[cid], self.config, self.macs, rnd.tally.server, reset)
 
     def run_round(self) -> dict:
         """Run the next round and return its history row."""
-        cfg, t, method = self.config, self.round, self.method
-        start = time.perf_counter()
-        if self.streams is not None:  # every draw in cohort order, before any client trains
-            cohort = self.streams.sample(cfg.num_clients, cfg.clients_per_round)
-            seeds = [self.streams.epoch_seeds(cfg.local_epochs) for _ in cohort]
-        else:
-            cohort = sample_clients(cfg.seed, t, cfg.num_clients, cfg.clients_per_round)
-            seeds = [None] * len(cohort)
-        message = method.broadcast(self.server) if method.communicates else {}
-        down = encode(message, sparse=method.sparse_wire) if method.communicates else b""
-        jobs = [(cid, t, down, s, self.server) for cid, s in zip(cohort, seeds, strict=True)]
-        results = self._parallel(self._client_job, jobs)
-        tally = RoundTally(method, self.server, cohort)
-        train_losses = {}
-        for cid, outcome, new_state, report, up, n, error in results:  # in cohort order, whatever finished first
-            if outcome == "dropped":
-                tally.drop(cid, error)
-                continue
-            if outcome == "refused":
-                tally.reject(cid, error)
-                continue
+        engine = self.engine
+        rnd = engine.begin()
+        outcomes = self._parallel(self._client_job, list(zip([rnd] * len(rnd.cohort), rnd.cohort, rnd.seeds,
+                                                              strict=True)))
+        results: list[ClientResult] = []
+        for new_state, result in outcomes:
             # The client's own state is its business; the server only sees the uplink.
-            if new_state is not None:
-                self.client_states[cid] = new_state
-            self.client_flops[cid] += report.flops
-            train_losses[cid] = report.train_loss
-            tally.trained(cid, report)
-            if outcome == "rejected":
-                tally.reject(cid, error)
-            elif method.communicates:
-                tally.receive(cid, report, up, n)
-        before = self.server
-        self.server = aggregate_round(method, self.server, tally)
-        extra = method.round_metrics(before, self.server, tally.reports)
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        train_s = time.perf_counter() - start
-        eval_s = self._refresh(tally.trained_ids)
-        tally.warn(t)
-        wall = time.perf_counter() - start
-        row = self._metrics(t)
-        row.update(tally.columns(cfg, t, message, len(down), self.totals, self.client_flops,
-                                 {"train_s": train_s, "eval_s": eval_s, "wall_s": wall}, extra))
-        row.update(round_diagnostics(self.server, self.history, row, cfg.num_clients))
-        self.history.append(row)
-        self.client_record.append(row["round"], self.eval_cache, cohort, train_losses)
+            if result.outcome in ("ok", "rejected") and new_state is not None:
+                self.client_states[result.cid] = new_state
+            results.append(result)
+        engine.collect(rnd, results)
+        sync = (lambda: torch.cuda.synchronize(self.device)) if self.device.type == "cuda" else None
+        engine.aggregate(rnd, sync)
+        eval_s = self._refresh(rnd.tally.trained_ids)
+        row = engine.finish(rnd, self.eval_cache, self.global_eval, eval_s)
+        self.client_record.append(row["round"], self.eval_cache, rnd.cohort, rnd.train_losses)
         if self.mask_layer is not None:
             self.mask_history.append(np.stack([c["mask"].numpy() for c in self.eval_cache]).astype(np.uint8))
         return row
-
-    def _metrics(self, t: int) -> dict:
-        return client_metrics(t, self.eval_cache, self.layer_names, self.global_eval)
 
     # --- the whole run ----------------------------------------------------------------
 
@@ -382,7 +291,6 @@ class Simulator:
         if self.out_dir is not None and self.round < target:  # before any training
             runfolder.prepare(self.out_dir)
         bar = _Progress(target, self.round) if self.progress else None
-        failures = FailedRounds(self.config.max_failed_rounds, self.history)
         try:
             while self.round < target:
                 row = self.run_round()
@@ -394,7 +302,7 @@ class Simulator:
                     self._save()
                     saved = True
                 try:
-                    failures.update(row, self.config)
+                    self.engine.check_progress(row)
                 except FederationStalled:
                     if self.out_dir is not None and not saved:
                         self._save()
@@ -447,8 +355,8 @@ class Simulator:
                 "run_id": self.run_id, "split_digest": self.split_digest, "num_thresholds": self.num_thresholds,
                 "num_weights": self.num_weights, "layers": self.layer_names, "macs_per_sample": self.macs,
                 "mask_layer": self.mask_layer, "summary": self.summary()}
-        write_history(self.out_dir, meta, self.history, self.layer_names, self.mask_history, self.mask_layer,
-                      self.client_record)
+        runfolder.write_history(self.out_dir, meta, self.history, self.layer_names, self.mask_history, self.mask_layer,
+                                self.client_record)
 
     def state_dict(self) -> dict:
         """The whole run as plain containers of tensors and numbers (loads with
@@ -460,17 +368,22 @@ class Simulator:
             "config": self.config.to_dict(),
             "dataset": self.dataset_name,
             "split_digest": self.split_digest,
-            "server": self.server.state_dict(),
+            **self.engine.state_dict(),  # server, client_flops, history, totals, streams
             "global_eval": self.global_eval,
-            "client_states": self.client_states,
-            "client_flops": torch.from_numpy(self.client_flops.copy()),
+            # A client that never trained holds the initial state: stored once, not once per client.
+            **self._client_states_dict(),
             "eval_cache": self.eval_cache,
-            "history": self.history,
             "mask_history": [torch.from_numpy(m) for m in self.mask_history],
             "clients": self.client_record.state_dict(),
-            "streams": self.streams.state_dict() if self.streams is not None else None,
-            "totals": dict(self.totals),
         }
+
+    def _client_states_dict(self) -> dict:
+        """``client_states`` with None for every client still at the initial state (listed in
+        ``untrained``; the state itself is ``initial_state``, once)."""
+        initial = self._initial_state
+        untrained = [i for i, s in enumerate(self.client_states) if s is initial]
+        return {"client_states": [None if s is initial else s for s in self.client_states],
+                "untrained": untrained, "initial_state": initial if untrained else None}
 
     def load_state_dict(self, ckpt: dict) -> None:
         if ckpt.get("version") != CHECKPOINT_VERSION:
@@ -482,19 +395,18 @@ class Simulator:
             raise ValueError("the data split differs from the checkpoint's (different dataset files?)")
         if ckpt.get("run_id"):  # checkpoints written before run ids keep the one drawn here
             self.run_id = str(ckpt["run_id"])
-        self.server = type(self.server).from_state_dict(ckpt["server"])
+        self.engine.load_state_dict(ckpt)
         self.global_eval = ckpt.get("global_eval")
-        self.client_states = [None if s is None else {k: v.to(self.device) for k, v in s.items()}
-                              for s in ckpt["client_states"]]
-        self.client_flops = torch.as_tensor(ckpt["client_flops"], dtype=torch.float64).numpy().copy()
+        untrained = set(ckpt.get("untrained") or ())
+        if untrained:
+            self._initial_state = {k: v.to(self.device) for k, v in ckpt["initial_state"].items()}
+        self.client_states = [self._initial_state if i in untrained else
+                              None if s is None else {k: v.to(self.device) for k, v in s.items()}
+                              for i, s in enumerate(ckpt["client_states"])]
         self.eval_cache = ckpt["eval_cache"]
-        self.history = ckpt["history"]
         self.mask_history = [np.asarray(m.numpy() if isinstance(m, torch.Tensor) else m, dtype=np.uint8)
                              for m in ckpt["mask_history"]]
         self.client_record.load_state_dict(ckpt["clients"])
-        if self.streams is not None:
-            self.streams.load_state_dict(ckpt["streams"])
-        self.totals = dict(ckpt["totals"])
 
     def save_checkpoint(self, path: str | Path | None = None) -> Path:
         """Write the whole run to ``path`` (default ``<out_dir>/checkpoint.pt``) atomically: a
@@ -540,33 +452,6 @@ class Simulator:
         except (KeyError, TypeError, AttributeError, IndexError, RuntimeError) as e:
             raise runfolder.RunFolderError(f"{source} is a malformed checkpoint ({type(e).__name__}: {e})") from e
         return sim
-
-
-def check_report(report: object) -> None:
-    """Raise ``ValueError`` unless ``report`` is a :class:`protocol.ClientReport` whose numbers
-    the history can take: FLOPs a finite non-negative number, the training loss a number (NaN
-    allowed: a client whose loss diverged still reports). Its update and sample count are the
-    server's checks (:meth:`Method.check_payload`, :meth:`Method.check_sample_count`)."""
-    if not isinstance(report, ClientReport):
-        raise ValueError(f"a client returns (state, ClientReport), got a {type(report).__name__} as its report")
-    for name in ("flops", "train_loss"):
-        value = getattr(report, name)
-        if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
-            raise ValueError(f"malformed report: {name} must be a number, got {type(value).__name__}")
-    if not (math.isfinite(report.flops) and report.flops >= 0):
-        raise ValueError(f"malformed report: flops must be finite and non-negative, got {report.flops!r}")
-
-
-def check_workers(workers: int, device: torch.device) -> int:
-    """``workers`` if the run can use that many: a positive integer, and 1 on CUDA (the clients
-    of one device run one after another: concurrent clients would queue on the same stream and
-    the threads would only add host synchronisation)."""
-    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
-        raise ValueError(f"workers must be a positive integer, got {workers!r}")
-    if workers > 1 and device.type != "cpu":
-        raise ValueError(f"workers={workers}: clients run in parallel threads on the CPU only; on {device.type} "
-                         "they run one after another (use workers=1)")
-    return workers
 
 
 class _Progress:

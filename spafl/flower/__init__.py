@@ -7,12 +7,14 @@ simulation engine or to real devices without changing what is computed.
                                 the same apps for an explicit :class:`FedConfig`
     MethodStrategy              a Flower strategy over one of spafl's methods: SpaFL (uniform
                                 mean of thresholds, global threshold change kept for the
-                                weight update), FedAvg, local-only, SparsyFed, Top-K
+                                weight update), FedAvg, local-only, SparsyFed, Top-K; the
+                                round is the simulator's (spafl.federated.engine), only the
+                                transport differs (nodes.py: messages and node discovery)
     simulate                    a run on Flower's simulation engine from Python
     config_from_run_config      a FedConfig from Flower's run config
 
 What crosses the wire is the simulator's message, in the same encoding
-(:func:`spafl.federated.protocol.encode`), as one byte array: for SpaFL the thresholds (and
+(:func:`spafl.federated.wire.encode`), as one byte array: for SpaFL the thresholds (and
 the global threshold change on the downlink), nothing else. Each client keeps its model
 (weights and batch-norm state) in a file per partition, so a restarted SuperNode resumes where
 it stopped. The cohort of a round is the simulator's seeded sample of partition ids, mapped to

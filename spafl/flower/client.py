@@ -4,32 +4,37 @@ A SuperNode serves the partition named by its node config (``partition-id``,
 ``num-partitions``; Flower's simulation engine sets both). The partition is the simulator's
 seeded Dirichlet split of the dataset, so partition ``p`` holds exactly the data of the
 simulator's client ``p``. The client's model (weights, batch-norm state) is kept in
-``<state-dir>/partition-<p>.pt`` between rounds, written atomically: Flower's in-memory context
-does not survive a restart, the file does.
+``<state-dir>/partition-<p>.pt`` between rounds, written and read by the run folder module
+(atomically, the previous file kept, ``torch.load(weights_only=True)``): Flower's in-memory
+context does not survive a restart, the file does.
 
 Messages (see :mod:`.wire`):
 
 ``query``     the partition id, the digest of the client's settings and, for a personalised
               method, its evaluation (the server's first view of every client)
 ``train``     the round's downlink in, :meth:`Method.client_round` (for SpaFL
-              :func:`spafl.federated.protocol.client_round`), the uplink out; a personalised
+              :func:`spafl.federated.methods.spafl.client_round`), the uplink out; a personalised
               client also reports the evaluation of its new model
 ``evaluate``  the global model in (global methods), its evaluation on the local test split out
 """
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import torch
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from ..federated import runfolder
+from ..federated.accounting import layer_macs
+from ..federated.build import check_dataset, initial_model, resolve_device
 from ..federated.config import FedConfig, config_mismatch
 from ..federated.data import ImageDataset, client_data, load_dataset, split_for_run
 from ..federated.methods import GlobalState, make_method
-from ..federated.protocol import decode, encode, evaluate, layer_macs
-from ..federated.server import _atomic_write, check_dataset, initial_model, resolve_device
+from ..federated.training import evaluate
+from ..federated.wire import decode, encode
 from .wire import (
     ARRAYS,
     CONFIG,
@@ -41,6 +46,8 @@ from .wire import (
     report_metrics,
     unpack,
 )
+
+log = logging.getLogger("flwr").getChild("spafl")
 
 
 def check_flower_settings(config: FedConfig) -> None:
@@ -66,9 +73,14 @@ class ClientStore:
         self.path, self.config = Path(path), config
 
     def load(self) -> dict | None:
-        if not self.path.is_file():
+        """The saved record (None: this client has not trained yet); the previous file when the
+        newest is unreadable (:func:`runfolder.read_client_state`, logged);
+        :class:`runfolder.RunFolderError` naming the file when neither can be read."""
+        saved, notes = runfolder.read_client_state(self.path)
+        for note in notes:
+            log.warning(note)
+        if saved is None:
             return None
-        saved = torch.load(self.path, map_location="cpu", weights_only=True)
         problems = config_mismatch(saved["config"], self.config)
         if problems:
             raise ValueError(f"{self.path} was written by a run with other settings ({'; '.join(problems)}); "
@@ -95,8 +107,7 @@ class ClientStore:
     def save(self, round_index: int, before: dict | None, after: dict | None) -> None:
         cpu = lambda s: None if s is None else {k: v.detach().cpu() for k, v in s.items()}  # noqa: E731
         record = {"config": self.config.to_dict(), "round": round_index, "state": cpu(after), "before": cpu(before)}
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        _atomic_write(self.path, lambda f: torch.save(record, f))
+        runfolder.save_checkpoint(self.path, record)  # atomic; the previous file kept beside it
 
 
 _DATA: dict[tuple, list] = {}  # the split data of a run, per process (a process may serve many partitions)

@@ -20,52 +20,44 @@ bytes measured on the Flower messages: ``wire_payload_down`` / ``wire_payload_up
 payloads, equal to the simulator's ``bytes_down`` / ``bytes_up``), ``wire_message_down`` /
 ``wire_message_up`` (whole messages as Flower serialises them, headers and metrics included)
 and ``wire_eval`` (evaluation messages, which the papers' accounting leaves out). The server
-checkpoints every round (atomically) into ``out_dir`` and continues from there when restarted;
+checkpoints every round into ``out_dir`` through :mod:`spafl.federated.runfolder` (atomically,
+the previous checkpoint kept, the run id checked against the folder's history) and continues
+from there when restarted;
 clients replay a round from the state they had before it (:class:`.client.ClientStore`).
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import time
+import uuid
 import warnings
 from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
-import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import Strategy
 
 from .._env import environment
+from ..federated import runfolder
+from ..federated.build import initial_model, resolve_device, whole_test_set
 from ..federated.config import FedConfig, config_mismatch, dataset_classes
 from ..federated.data import ImageDataset, load_dataset
+from ..federated.engine import ClientResult, Round, RoundEngine
+from ..federated.keys import sample_clients
 from ..federated.methods import make_method
-from ..federated.protocol import UpdateRejected, encode, evaluate, payload_header, sample_clients
-from ..federated.server import (
-    CHECKPOINT_VERSION,
-    FailedRounds,
-    FederatedWarning,
-    RoundTally,
-    _atomic_write,
-    aggregate_round,
-    client_metrics,
-    initial_model,
-    resolve_device,
-    round_diagnostics,
-    whole_test_set,
-    write_history,
-)
+from ..federated.rules import FederatedWarning, UpdateRejected
+from ..federated.runfolder import CHECKPOINT_VERSION
+from ..federated.training import evaluate
 from .client import check_flower_settings
+from .nodes import NodeExchange
 from .wire import (
     ARRAYS,
-    CONFIG,
     METRICS,
     config_digest,
     config_from_run_config,
-    message_size,
     metrics_evaluation,
     metrics_report,
     pack,
@@ -76,7 +68,7 @@ from .wire import (
 log = logging.getLogger("flwr").getChild("spafl")
 
 
-class MethodStrategy(Strategy):
+class MethodStrategy(NodeExchange, Strategy):
     """A Flower strategy running one of spafl's methods (``config.method``) exactly as the
     simulator does. ``start(grid)`` runs the whole federation; the four ``configure_*`` /
     ``aggregate_*`` methods are Flower's strategy interface for a caller that drives the rounds
@@ -121,13 +113,10 @@ class MethodStrategy(Strategy):
         self.num_weights = sum(layer.weight.numel() for _, layer in self.prunable)
         self.num_thresholds = sum(layer.threshold.numel() for _, layer in self.prunable
                                   if hasattr(layer, "threshold"))
-        self.server = self.method.init_server(self.model)
-        n = config.num_clients
-        self.eval_cache: list[dict | None] = [None] * n
+        # The round, its global state, totals and history (the same engine drives the simulator).
+        self.engine = RoundEngine(self.config, self.method, self.method.init_server(self.model), self.layer_names)
+        self.eval_cache: list[dict | None] = [None] * config.num_clients
         self.global_eval: dict | None = None
-        self.client_flops = np.zeros(n)
-        self.history: list[dict] = []
-        self.totals = {"comm_bits_paper": 0.0, "bytes": 0, "wall_s": 0.0}
         self.global_test = None
         if server_eval and not self.method.personalised:
             if dataset is None:
@@ -138,156 +127,41 @@ class MethodStrategy(Strategy):
         # a node claiming a partition that another node serves is asked again once that one is gone
         self.excluded: dict[int, tuple[str, int | None]] = {}
         self._discovered = False  # the first discovery (which waits node_wait) is done
-        self.failures = FailedRounds(self.config.max_failed_rounds)  # rounds in a row that aggregated nothing
         self.wire_log: list[dict] = []  # one entry per message sent or received (in memory)
         self._wire_start = 0
-        self._round: dict = {}
-        self._cached_downlink: tuple | None = None
-        if self.out_dir is not None and (self.out_dir / "checkpoint.pt").is_file():
-            self.load_checkpoint(self.out_dir / "checkpoint.pt")
+        self._round: Round | None = None
+        self._partitions: dict[int, Message] = {}  # the round's train messages, by partition
+        # Drawn when the run starts, kept in its checkpoints and history (tells this run's files
+        # from another's when the server restarts on a folder).
+        self.run_id = uuid.uuid4().hex
+        if self.out_dir is not None and runfolder.holds_run(self.out_dir):
+            self.resume_from(self.out_dir)
 
     @property
     def round(self) -> int:
-        return self.server.round
+        return self.engine.round
+
+    @property
+    def server(self):
+        """The global state (the method's)."""
+        return self.engine.server
+
+    @property
+    def history(self) -> list[dict]:
+        return self.engine.history
+
+    @property
+    def totals(self) -> dict:
+        return self.engine.totals
+
+    @property
+    def client_flops(self) -> np.ndarray:
+        return self.engine.client_flops
 
     def summary(self) -> None:
         cfg = self.config
         log.info("spafl %s: %d partitions, %d per round, %d rounds, settings %s, at round %d", self.method.name,
                  cfg.num_clients, cfg.clients_per_round, cfg.rounds, self.digest, self.round)
-
-    # --- messages -----------------------------------------------------------------------
-
-    def _message(self, node: int, kind: str, payload: bytes | None, round_index: int) -> Message:
-        content = RecordDict({CONFIG: ConfigRecord({"round": round_index, "digest": self.digest})})
-        if payload is not None:
-            content[ARRAYS] = pack(payload)
-        return Message(content, dst_node_id=node, message_type=kind)
-
-    def _log(self, kind: str, direction: str, partition: int | None, msg: Message, round_index: int) -> None:
-        content = msg.content if not msg.has_error() else RecordDict()
-        records = {name: sorted(rec.keys()) for name, rec in content.items()}
-        tensors, payload = {}, 0
-        if ARRAYS in content.array_records:  # names and sizes from the header (the tally decodes uplinks)
-            try:
-                raw = unpack(content.array_records[ARRAYS])
-                payload = len(raw)
-                header, _ = payload_header(raw)
-                tensors = {k: math.prod(v[1]) for k, v in header.items()}
-            except (ValueError, TypeError, IndexError, KeyError):  # a malformed uplink: the tally rejects it
-                tensors = {"<malformed>": 0}
-        self.wire_log.append({"round": round_index, "kind": kind, "direction": direction, "partition": partition,
-                 "payload_bytes": payload, "message_bytes": message_size(msg), "records": records,
-                 "tensors": tensors})
-
-    def _exchange(self, grid: Grid, kind: str, messages: list[Message], round_index: int,
-                  timeout: float | None) -> list[Message]:
-        """Send ``messages`` and return the replies that came back in time, logging every message
-        both ways (partition ids where known)."""
-        partition = {node: p for p, node in self.nodes.items()}
-        for msg in messages:
-            self._log(kind, "down", partition.get(msg.metadata.dst_node_id), msg, round_index)
-        replies = list(grid.send_and_receive(messages, timeout=timeout)) if messages else []
-        for reply in replies:
-            p = partition.get(reply.metadata.src_node_id)
-            if p is None and not reply.has_error() and METRICS in reply.content.metric_records:
-                p = reply.content.metric_records[METRICS].get("partition-id")
-            self._log(kind, "up", None if p is None else int(p), reply, round_index)
-        return replies
-
-    # --- nodes --------------------------------------------------------------------------
-
-    def discover(self, grid: Grid, needed: Iterable[int] | None = None) -> None:
-        """Learn which node serves which partition: query every connected node not yet known.
-        A node that cannot serve this run (its query fails or times out, it runs other
-        settings, it claims a partition outside the run, or one that another connected node
-        already serves) is excluded from sampling with a warning; the run goes on without it.
-
-        The first discovery waits up to ``node_wait`` seconds for all ``num_clients``
-        partitions; later ones wait up to ``rejoin_wait`` only while a partition in ``needed``
-        (the round's cohort) has no node. A personalised method's clients answer with their
-        evaluation, the first entry of the evaluation cache."""
-        n = self.config.num_clients
-        first = not self._discovered
-        wanted = set(range(n)) if first or needed is None else set(needed)
-        wait = self.node_wait if first else self.rejoin_wait
-        deadline = time.monotonic() + wait
-        while True:
-            connected = set(grid.get_node_ids())
-            gone = {p for p, node in self.nodes.items() if node not in connected}
-            for p in sorted(gone):
-                log.warning("the SuperNode of partition %d (node %d) is gone", p, self.nodes[p])
-            self.nodes = {p: node for p, node in self.nodes.items() if node in connected}
-            self.excluded = {node: e for node, e in self.excluded.items() if node in connected}
-            served = set(self.nodes.values())
-            # a node excluded as a duplicate is asked again once its partition is free
-            retry = {node for node, (_, p) in self.excluded.items() if p is not None and p not in self.nodes}
-            new = sorted((connected - served - set(self.excluded)) | retry)
-            if new:
-                messages = [self._message(node, MessageType.QUERY, None, self.round) for node in new]
-                timeout = max(deadline - time.monotonic(), 10.0)
-                replies = self._exchange(grid, MessageType.QUERY, messages, self.round, timeout)
-                answered = set()
-                for reply in replies:
-                    answered.add(reply.metadata.src_node_id)
-                    self._register(reply)
-                for node in sorted(set(new) - answered):  # asked again at the next pass
-                    log.warning("node %d did not answer the query within %.0f s", node, timeout)
-            if wanted <= set(self.nodes) or time.monotonic() > deadline:
-                break
-            time.sleep(0.5)
-        self._discovered = True
-        missing = sorted(wanted - set(self.nodes))
-        if missing:
-            log.warning("no SuperNode serves partition(s) %s%s after %.0f s; they are dropped when sampled",
-                        missing[:10], " ..." if len(missing) > 10 else "", wait)
-
-    def _exclude(self, node: int, reason: str, partition: int | None) -> None:
-        if self.excluded.get(node, ("",))[0] != reason:
-            log.warning("node %d excluded from sampling: %s", node, reason)
-        self.excluded[node] = (reason, partition)
-
-    def _register(self, reply: Message) -> None:
-        """Record the partition a query's reply claims, or exclude its node (see :meth:`discover`)."""
-        node = reply.metadata.src_node_id
-        if reply.has_error():
-            self._exclude(node, f"cannot serve this run: {reply.error.reason}", None)
-            return
-        try:
-            digest = reply.content.config_records[CONFIG]["digest"]
-            metrics = reply.content.metric_records[METRICS]
-            p = metrics["partition-id"]
-            evaluation = metrics_evaluation(metrics, self.layer_names)
-        except (KeyError, TypeError, ValueError) as e:
-            self._exclude(node, f"malformed reply to the query ({type(e).__name__}: {e})", None)
-            return
-        if digest != self.digest:
-            self._exclude(node, f"runs settings {digest}, the server {self.digest}: every SuperNode must run the "
-                          "same run config", None)
-            return
-        if isinstance(p, bool) or not isinstance(p, int) or not 0 <= p < self.config.num_clients:
-            self._exclude(node, f"serves partition {p!r}, outside 0..{self.config.num_clients - 1}", None)
-            return
-        holder = self.nodes.get(p)
-        if holder is not None and holder != node:
-            self._exclude(node, f"claims partition {p}, which node {holder} serves", p)
-            return
-        self.excluded.pop(node, None)
-        self.nodes[p] = node
-        if self.method.personalised and evaluation is None:
-            log.warning("node %d (partition %d) sent no evaluation with its query", node, p)
-        elif evaluation is not None and self.eval_cache[p] is None:
-            self.eval_cache[p] = evaluation
-
-    def _downlink(self) -> tuple[dict, bytes | None]:
-        """The method's message from the current global state and its encoding, computed once per
-        global state (the next round's downlink, the value ``aggregate_train`` returns and the
-        evaluation payload of a global model are the same bytes)."""
-        if self._cached_downlink is None or self._cached_downlink[0] is not self.server:
-            method = self.method
-            message = method.broadcast(self.server) if method.communicates else {}
-            down = encode(message, sparse=method.sparse_wire) if method.communicates else None
-            self._cached_downlink = (self.server, message, down)
-        return self._cached_downlink[1], self._cached_downlink[2]
 
     # --- Flower's strategy interface ----------------------------------------------------
 
@@ -295,74 +169,68 @@ class MethodStrategy(Strategy):
                         grid: Grid) -> Iterable[Message]:
         """The train messages of round ``server_round`` (1-based, Flower's count) to the nodes of
         the sampled partitions."""
-        cfg, t = self.config, server_round - 1
+        t = server_round - 1
         if t != self.round:
             raise ValueError(f"the strategy is at round {self.round + 1}, asked to configure round {server_round}")
-        sampled = sample_clients(cfg.seed, t, cfg.num_clients, cfg.clients_per_round)
-        message, down = self._downlink()
-        self._round = {"start": time.perf_counter(), "sampled": sampled, "message": message,
-                       "down": down, "partitions": {}}
+        self._round = rnd = self.engine.begin()
+        self._partitions = {}
         out = []
-        for p in sampled:
+        for p in rnd.cohort:
             if p in self.nodes:
-                msg = self._message(self.nodes[p], MessageType.TRAIN, down, t)
-                self._round["partitions"][p] = msg
+                msg = self._message(self.nodes[p], MessageType.TRAIN, rnd.down, t)
+                self._partitions[p] = msg
                 out.append(msg)
         return out
 
+    def _result(self, p: int, reply: Message | None) -> ClientResult:
+        """Partition ``p``'s reply as the round's tally takes it (its evaluation, for a
+        personalised method, into the evaluation cache)."""
+        if p not in self._partitions:
+            return ClientResult(p, "dropped", error="no SuperNode serves this partition")
+        if reply is None:
+            return ClientResult(p, "dropped", error="no reply in time")
+        if reply.has_error():
+            return ClientResult(p, "dropped", error=reply.error.reason)
+        method = self.method
+        metrics = reply.content.metric_records.get(METRICS, {})
+        try:
+            if metrics.get("partition-id") != p:
+                raise ValueError(f"it answers for partition {metrics.get('partition-id')!r}")
+            report = metrics_report(metrics, {})
+            evaluation = metrics_evaluation(metrics, self.layer_names)
+            if method.personalised and evaluation is None:
+                raise ValueError("the reply carries no evaluation")
+        except (KeyError, TypeError, ValueError) as e:
+            return ClientResult(p, "dropped", error=f"malformed reply: {e}")
+        try:
+            n = method.check_sample_count(report.num_samples)
+        except UpdateRejected as e:
+            return ClientResult(p, "refused", error=str(e))
+        if method.personalised:
+            self.eval_cache[p] = evaluation
+        if not method.communicates:
+            return ClientResult(p, "ok", report)
+        try:
+            up = unpack(reply.content.array_records[ARRAYS])
+        except (KeyError, ValueError) as e:
+            return ClientResult(p, "rejected", report, error=f"unreadable uplink: {e}")
+        return ClientResult(p, "ok", report, up, n)
+
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None,
                                                                                        MetricRecord | None]:
-        """Decode, validate and aggregate the uplinks in the cohort's order (as the simulator);
-        return the next downlink and the round's training metrics."""
-        state, method = self._round, self.method
+        """Decode, validate and aggregate the uplinks in the cohort's order (the round engine's
+        tally, as the simulator's); return the next downlink and the round's training metrics."""
+        rnd = self._round
         by_node = {r.metadata.src_node_id: r for r in replies}
-        tally = RoundTally(method, self.server)
-        for p in state["sampled"]:
-            msg = state["partitions"].get(p)
-            reply = by_node.get(msg.metadata.dst_node_id) if msg is not None else None
-            if msg is None:
-                tally.drop(p, "no SuperNode serves this partition")
-                continue
-            if reply is None:
-                tally.drop(p, "no reply in time")
-                continue
-            if reply.has_error():
-                tally.drop(p, reply.error.reason)
-                continue
-            metrics = reply.content.metric_records.get(METRICS, {})
-            try:
-                if metrics.get("partition-id") != p:
-                    raise ValueError(f"it answers for partition {metrics.get('partition-id')!r}")
-                report = metrics_report(metrics, {})
-                evaluation = metrics_evaluation(metrics, self.layer_names)
-                if method.personalised and evaluation is None:
-                    raise ValueError("the reply carries no evaluation")
-            except (KeyError, TypeError, ValueError) as e:
-                tally.drop(p, f"malformed reply: {e}")
-                continue
-            try:
-                n = method.check_sample_count(report.num_samples)
-            except UpdateRejected as e:
-                tally.reject(p, str(e))
-                continue
-            self.client_flops[p] += report.flops
-            tally.trained(p, report)
-            if method.personalised:
-                self.eval_cache[p] = evaluation
-            if method.communicates:
-                try:
-                    up = unpack(reply.content.array_records[ARRAYS])
-                except (KeyError, ValueError) as e:
-                    tally.reject(p, f"unreadable uplink: {e}")
-                    continue
-                tally.receive(p, report, up, n)
-        before = self.server
-        self.server = aggregate_round(method, self.server, tally)
-        state["tally"] = tally
-        state["extra"] = method.round_metrics(before, self.server, tally.reports)
-        state["train_s"] = time.perf_counter() - state["start"]
+        results = []
+        for p in rnd.cohort:
+            msg = self._partitions.get(p)
+            results.append(self._result(p, by_node.get(msg.metadata.dst_node_id) if msg is not None else None))
+        self.engine.collect(rnd, results)
+        self.engine.aggregate(rnd)
+        tally = rnd.tally
         train_loss = float(np.mean(tally.train_losses)) if tally.train_losses else float("nan")
-        _, down = self._downlink()
+        _, down = self.engine.downlink()
         metrics = MetricRecord({"train-loss": train_loss, "participants": len(tally.accepted)})
         return (pack(down) if down is not None else None), metrics
 
@@ -372,14 +240,14 @@ class MethodStrategy(Strategy):
         uplink: nothing to send)."""
         if self.method.personalised:
             return []
-        _, payload = self._downlink()
+        _, payload = self.engine.downlink()
         return [self._message(node, MessageType.EVALUATE, payload, server_round - 1) for node in self.nodes.values()]
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         """Update the evaluation cache, evaluate the global model on the whole test set, write
         the round's history row; return the client-averaged metrics."""
-        state, method = self._round, self.method
-        tally = state["tally"]
+        rnd, method = self._round, self.method
+        tally = rnd.tally
         start = time.perf_counter()
         node_partition = {node: p for p, node in self.nodes.items()}
         for reply in replies:
@@ -405,19 +273,8 @@ class MethodStrategy(Strategy):
             self.global_eval = evaluate(self.model, None, self.global_test, self.config.eval_batch_size, None,
                                         self.prunable)
         eval_s = time.perf_counter() - start
-        tally.warn(self.round - 1)
-        t = server_round - 1
-        timings = {"train_s": state["train_s"], "eval_s": eval_s, "wall_s": time.perf_counter() - state["start"]}
-        with warnings.catch_warnings():  # no partition evaluated yet: the columns are NaN
-            warnings.simplefilter("ignore", RuntimeWarning)
-            row = client_metrics(t, [e for e in self.eval_cache if e is not None], self.layer_names,
-                                 self.global_eval)
-        row["unevaluated"] = len(missing)
-        row.update(tally.columns(self.config, t, state["message"], len(state["down"] or b""), self.totals,
-                                 self.client_flops, timings, state["extra"]))
-        row.update(round_diagnostics(self.server, self.history, row, self.config.num_clients))
-        row.update(self._wire_columns(t))
-        self.history.append(row)
+        row = self.engine.finish(rnd, [e for e in self.eval_cache if e is not None], self.global_eval, eval_s,
+                                 first={"unevaluated": len(missing)}, last=self._wire_columns(rnd.index))
         return MetricRecord({"acc-mean": row["acc_mean"], "density": row["density"]})
 
     def _wire_columns(self, t: int) -> dict:
@@ -454,6 +311,8 @@ class MethodStrategy(Strategy):
         if timeout is not None:
             self.round_timeout = timeout or None
         self.summary()
+        if self.out_dir is not None and self.round < target:  # writable, no stale temporaries
+            runfolder.prepare(self.out_dir)
         while self.round < target:
             t = self.round
             self.discover(grid, sample_clients(self.config.seed, t, self.config.num_clients,
@@ -480,12 +339,12 @@ class MethodStrategy(Strategy):
     def _check_progress(self, row: dict) -> None:
         """Count the rounds in a row that aggregated nothing (every sampled client dropped or
         rejected, or the aggregate refused; for local-only: no client trained); stop the run
-        with :class:`~spafl.federated.server.FederationStalled` after
-        ``config.max_failed_rounds`` of them (:class:`~spafl.federated.server.FailedRounds`)."""
-        tally = self._round["tally"]
+        with :class:`~spafl.federated.engine.FederationStalled` after
+        ``config.max_failed_rounds`` of them (:class:`~spafl.federated.engine.FailedRounds`)."""
+        tally = self._round.tally
         if tally.failed:
             log.warning(tally.outcome(row["round"]))
-        self.failures.update(row, self.config)
+        self.engine.check_progress(row)
 
     # --- files ----------------------------------------------------------------------------
 
@@ -496,45 +355,54 @@ class MethodStrategy(Strategy):
                 "bytes_exchanged": last.get("bytes_total"), "num_thresholds": self.num_thresholds}
 
     def write_history(self) -> None:
-        meta = {"engine": "flower", "config": self.config.to_dict(), "environment": environment(self.device),
+        meta = {"engine": "flower", "run_id": self.run_id, "config": self.config.to_dict(),
+                "environment": environment(self.device),
                 "command": self.command, "settings_digest": self.digest, "num_thresholds": self.num_thresholds,
                 "num_weights": self.num_weights, "layers": self.layer_names, "summary": self.summary_dict()}
-        write_history(self.out_dir, meta, self.history, self.layer_names)
+        runfolder.write_history(self.out_dir, meta, self.history, self.layer_names)
 
     def state_dict(self) -> dict:
-        return {"version": CHECKPOINT_VERSION, "engine": "flower", "config": self.config.to_dict(),
-                "server": self.server.state_dict(), "eval_cache": self.eval_cache, "global_eval": self.global_eval,
-                "client_flops": torch.from_numpy(self.client_flops.copy()), "history": self.history,
-                "totals": dict(self.totals)}
+        return {"version": CHECKPOINT_VERSION, "engine": "flower", "run_id": self.run_id,
+                "config": self.config.to_dict(), **self.engine.state_dict(), "eval_cache": self.eval_cache,
+                "global_eval": self.global_eval}
 
     def save_checkpoint(self, path: str | Path | None = None) -> Path:
-        path = Path(path) if path is not None else self.out_dir / "checkpoint.pt"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        state = self.state_dict()
-        _atomic_write(path, lambda f: torch.save(state, f))
-        return path
+        """The server's state to ``path`` (default ``<out_dir>/checkpoint.pt``), atomically, the
+        checkpoint before it kept as ``checkpoint.prev.pt`` (:func:`runfolder.save_checkpoint`)."""
+        path = Path(path) if path is not None else self.out_dir / runfolder.CHECKPOINT
+        return runfolder.save_checkpoint(path, self.state_dict())
 
-    def load_checkpoint(self, path: str | Path) -> None:
-        # weights_only: tensors and plain containers only; a crafted file cannot run code here
+    def resume_from(self, folder: str | Path) -> None:
+        """Continue the run in ``folder``: its checkpoint, or the previous one when that is
+        missing or unreadable (logged), which must be the run of the folder's history (run id,
+        settings, the rounds both hold: :func:`runfolder.open_checkpoint`); else
+        :class:`runfolder.RunFolderError` naming the file, and nothing is changed."""
         try:
-            ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:  # pickle.UnpicklingError for a forbidden global, RuntimeError for a bad archive
-            raise ValueError(f"{path} is not a readable checkpoint of spafl's Flower server "
-                             f"({type(e).__name__}: {str(e).splitlines()[0][:300]})") from e
-        if not isinstance(ckpt, dict) or ckpt.get("version") != CHECKPOINT_VERSION or ckpt.get("engine") != "flower":
-            raise ValueError(f"{path} is not a checkpoint of spafl's Flower server (version {CHECKPOINT_VERSION})")
+            found = runfolder.open_checkpoint(folder, engine="flower")
+        except FileNotFoundError:
+            return  # a history without a checkpoint: nothing to continue (the history is rewritten)
+        for note in found.notes:
+            log.warning(note)
+        self.load_checkpoint(found.ckpt, source=found.file)
+
+    def load_checkpoint(self, ckpt: dict | str | Path, source: str | Path | None = None) -> None:
+        """Load a checkpoint (a dict as :func:`runfolder.read_checkpoint` gives it, or a file read
+        with it); its settings must be this run's."""
+        if not isinstance(ckpt, dict):
+            source = Path(ckpt)
+            ckpt = runfolder.read_checkpoint(source, engine="flower")
         problems = config_mismatch(ckpt["config"], self.config)
         if problems:
-            raise ValueError(f"{path} was written by a run with other settings:\n  " + "\n  ".join(problems))
-        self.server = type(self.server).from_state_dict(ckpt["server"])
-        self.eval_cache = ckpt["eval_cache"]
-        self.global_eval = ckpt["global_eval"]
-        self.client_flops = torch.as_tensor(ckpt["client_flops"], dtype=torch.float64).numpy().copy()
-        self.history = ckpt["history"]
-        self.totals = dict(ckpt["totals"])
-        self.failures = FailedRounds(self.config.max_failed_rounds, self.history)
-        log.info("continuing the run in %s from round %d", path.parent if hasattr(path, "parent") else path,
-                 self.round)
+            raise ValueError(f"{source} was written by a run with other settings:\n  " + "\n  ".join(problems))
+        try:
+            self.engine.load_state_dict(ckpt)
+            self.eval_cache = ckpt["eval_cache"]
+            self.global_eval = ckpt["global_eval"]
+        except (KeyError, TypeError, AttributeError, IndexError, RuntimeError) as e:
+            raise runfolder.RunFolderError(f"{source} is a malformed checkpoint ({type(e).__name__}: {e})") from e
+        if ckpt.get("run_id"):
+            self.run_id = str(ckpt["run_id"])
+        log.info("continuing the run in %s from round %d", Path(source).parent if source else "?", self.round)
 
 
 def server_app(config: FedConfig | None = None, out_dir: str | Path | None = None, *, server_eval: bool = True,

@@ -3,7 +3,7 @@
 A message's content is a ``RecordDict`` with up to three records:
 
 ``arrays``   an ``ArrayRecord`` with one ``Array`` named ``payload``: the simulator's encoded
-             message (:func:`spafl.federated.protocol.encode`) as raw bytes (dtype ``uint8``,
+             message (:func:`spafl.federated.wire.encode`) as raw bytes (dtype ``uint8``,
              ``stype`` :data:`STYPE`), so its size is exactly the simulator's ``bytes_down`` /
              ``bytes_up`` share. Absent when the method sends nothing (local-only).
 ``config``   (server to client) the round index and a digest of the run's settings.
@@ -23,7 +23,7 @@ from flwr.app import Array, ArrayRecord, Message
 from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 
 from ..federated.config import RESUMABLE_CHANGES, FedConfig, build_config
-from ..federated.protocol import ClientReport
+from ..federated.training import ClientReport
 
 STYPE = "spafl.protocol"
 ARRAYS, CONFIG, METRICS = "arrays", "config", "metrics"
@@ -164,7 +164,7 @@ def metrics_report(metrics: Mapping[str, Any], update: dict) -> ClientReport:
 
 
 def evaluation_metrics(result: Mapping[str, Any]) -> dict[str, int | float]:
-    """An evaluation (:func:`spafl.federated.protocol.evaluate`, plus ``collapse_resets``) as
+    """An evaluation (:func:`spafl.federated.training.evaluate`, plus ``collapse_resets``) as
     scalars; the unit mask stays on the client."""
     out: dict[str, int | float] = {"eval.acc": float(result["acc"]), "eval.loss": float(result["loss"]),
                                    "eval.num-test": int(result["num_test"]), "eval.density": float(result["density"]),

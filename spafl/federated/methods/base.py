@@ -1,0 +1,252 @@
+"""The interface every federated method implements, and the parts the methods share.
+
+A method is a set of functions over plain tensors, driven by the round (:mod:`..engine`) the
+same way whatever the transport: ``prepare_model``, ``init_server``, ``broadcast``,
+``client_round`` (the client's side), ``expected_update`` / ``update_bounds`` /
+``validate_update`` (what the server accepts, with :mod:`..rules`), ``aggregate``, and
+``load`` (the model a client is evaluated with). The base class is a FedAvg-style method over
+the model's floating-point state; each method's module overrides what differs.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ...convert import densify
+from .. import accounting, keys, rules, training
+from ..config import FedConfig
+from ..data import ClientData
+from ..rules import AggregateWarning, UpdateRejected
+from ..training import ClientReport
+
+Tensors = dict[str, torch.Tensor]
+
+_WEIGHT_LAYERS = (nn.Linear, nn.Conv2d)
+
+
+@dataclass
+class GlobalState:
+    """A global model's exchanged tensors (float32, on the host) and the round count."""
+
+    params: Tensors
+    round: int = 0
+
+    def state_dict(self) -> dict:
+        return {"params": self.params, "round": self.round}
+
+    @classmethod
+    def from_state_dict(cls, d: Mapping) -> GlobalState:
+        return cls(dict(d["params"]), int(d["round"]))
+
+
+def exchanged(state: Mapping[str, torch.Tensor]) -> Tensors:
+    """The floating-point entries of a state dict (weights, biases, batch-norm parameters and
+    running statistics) as float32 host copies; integer counters stay local."""
+    return {k: v.detach().float().cpu().clone() for k, v in state.items() if v.is_floating_point()}
+
+
+def weighted_mean(updates: list[Mapping[str, torch.Tensor]], weights: list[float]) -> Tensors:
+    """``sum_k n_k x_k / sum_k n_k`` for every tensor name."""
+    return rules.aggregate_tensors(updates, list(updates[0]), "mean", weights=weights)
+
+
+# Training-set sizes of the named datasets: the most samples any client of a run can hold,
+# so the most a reported sample count may say when the server knows nothing finer.
+TRAIN_SIZES = {"digits": 1438, "fmnist": 60000, "cifar10": 50000, "cifar100": 50000}
+
+
+def _load_exchanged(model: nn.Module, message: Mapping[str, torch.Tensor]) -> None:
+    state = model.state_dict()
+    unknown = sorted(set(message) - set(state))
+    if unknown:
+        raise KeyError(f"the message holds tensors the model does not have: {unknown[:5]}")
+    with torch.no_grad():
+        for k, v in message.items():
+            state[k].copy_(v)
+
+
+class Method:
+    """The interface, with the parts the methods share (see the module docstring)."""
+
+    name = ""
+    personalised = True  # each client keeps, and is evaluated with, its own model
+    communicates = True
+    sparse_wire = False  # messages are sent in the sparse encoding (wire.encode(sparse=True))
+
+    def __init__(self, config: FedConfig):
+        self.config = config
+        # The most training samples a client can hold (caps reported sample counts and the
+        # local steps the update bounds allow); a server that knows its data sets it.
+        self.sample_bound: int | None = TRAIN_SIZES.get(config.dataset)
+        # Names of the exchanged tensors that SGD trains (the rest are buffers, such as batch
+        # norm's running statistics); set by init_server from the model.
+        self.trained: frozenset[str] | None = None
+        self.refused: str | None = None  # why the last aggregate was refused (None: accepted)
+
+    # model
+    def prepare_model(self, model: nn.Module) -> nn.Module:
+        """The method's model from the (seeded, freshly built) SpaFL architecture."""
+        return densify(model)
+
+    def prunable(self, model: nn.Module) -> list[tuple[str, nn.Module]]:
+        """Layers whose density is reported and whose multiply-adds are counted."""
+        return [(n, m) for n, m in model.named_modules() if isinstance(m, _WEIGHT_LAYERS)]
+
+    # server
+    def init_server(self, model: nn.Module) -> GlobalState:
+        self.trained = frozenset(name for name, _ in model.named_parameters())
+        return GlobalState(exchanged(model.state_dict()) if self.communicates else {})
+
+    def broadcast(self, server) -> Tensors:
+        return dict(server.params)
+
+    def expected_update(self, server) -> Tensors:
+        """The tensors an uplink must hold (names, shapes, dtypes), at their global values."""
+        return server.params if self.communicates else {}
+
+    def check_payload(self, update: object, server) -> None:
+        """Raise :class:`UpdateRejected` unless ``update`` is this round's uplink in form (a
+        mapping of the expected names to dense tensors of the expected shapes and dtypes);
+        cheap, and safe on any object: the round loop runs it before encoding an update."""
+        rules.check_payload(update, self.expected_update(server))
+
+    def check_sample_count(self, num_samples: object, known: int | None = None) -> int:
+        """A client's reported sample count, validated (:func:`rules.check_sample_count`)
+        against ``known`` (what the server knows the client holds) or the method's
+        ``sample_bound``."""
+        return rules.check_sample_count(num_samples, known if known is not None else self.sample_bound)
+
+    def update_bounds(self, server, num_samples: int | None = None) -> dict[str, rules.UpdateBounds] | None:
+        """The values a legitimate client's update can hold (None: ``update_bounds`` off): each
+        weight SGD trains within :func:`rules.sgd_reach` of its global value, under the
+        gradient bound :func:`rules.gradient_bound`; a buffer (batch norm's running
+        statistics) anything finite, a running variance non-negative. ``num_samples`` (the
+        client's count; default the ``sample_bound``) sets the local steps."""
+        if not self.config.update_bounds:
+            return None
+        n = num_samples if num_samples is not None else self.sample_bound
+        g = rules.gradient_bound(self.config)
+        zero_ok = self.sparse_wire  # a post-training Top-K may zero any weight
+        lr = training.learning_rate(self.config, server.round)
+        out = {}
+        for name, value in self.expected_update(server).items():
+            if name.endswith("running_var"):
+                out[name] = rules.UpdateBounds(floor=0.0, rule="a variance is not negative")
+            elif (self.trained is None or name in self.trained) and n is not None:
+                steps = rules.local_steps(self.config, n)
+                rule = (f"{steps} SGD steps at lr {lr:.3g}, momentum {self.config.momentum}, |gradient| <= {g:g}"
+                        f"{' (clip)' if self.config.clip is not None else ''}")
+                out[name] = rules.UpdateBounds(rules.sgd_reach(self.config, server.round, n, value, g),
+                                                  zero_ok=zero_ok, rule=rule)
+        return out
+
+    def validate_update(self, update: Mapping[str, torch.Tensor], server, num_samples: int | None = None) -> None:
+        """Raise :class:`UpdateRejected` unless ``update`` is an uplink a legitimate client could
+        have sent this round (:func:`rules.validate_update` with :meth:`update_bounds`)."""
+        rules.validate_update(update, self.expected_update(server), self.update_bounds(server, num_samples))
+
+    def _combine(self, server, updates: list[Tensors], weights: list[float]):
+        """The aggregate of validated updates (the method's own mean, or the configured robust
+        aggregator)."""
+        cfg = self.config
+        names = list(self.expected_update(server))
+        robust = cfg.aggregator != "mean"
+        params = rules.aggregate_tensors(updates, names, cfg.aggregator, cfg.trim_fraction,
+                                            None if robust else weights)
+        return GlobalState(params, server.round + 1)
+
+    def _unchanged(self, server):
+        return GlobalState(dict(server.params), server.round + 1)
+
+    def aggregate(self, server, updates: list[Tensors], weights: list[float]):
+        """The next global state from the round's accepted ``updates`` and their clients'
+        sample counts ``weights``. An update whose count is not a positive integer (above the
+        ``sample_bound``) is set aside; the aggregate is checked (:func:`rules.check_aggregate`)
+        and, if it fails, refused: the global state is kept and :attr:`refused` says why (both
+        with an :class:`AggregateWarning`)."""
+        self.refused = None
+        if not self.communicates:
+            return self._unchanged(server)
+        kept_updates, kept_weights = [], []
+        for i, (update, weight) in enumerate(zip(updates, weights, strict=True)):
+            try:
+                kept_weights.append(self.check_sample_count(weight))
+            except UpdateRejected as e:
+                warnings.warn(f"round {server.round + 1}: update {i} set aside: {e}", AggregateWarning, stacklevel=2)
+                continue
+            kept_updates.append(update)
+        if not kept_updates:
+            return self._unchanged(server)
+        new = self._combine(server, kept_updates, kept_weights)
+        try:
+            rules.check_aggregate(self.expected_update(server), self.expected_update(new),
+                                     self.update_bounds(server, max(kept_weights)))
+        except UpdateRejected as e:
+            self.refused = str(e)
+            warnings.warn(f"round {server.round + 1}: {e}; the global state is kept", AggregateWarning, stacklevel=2)
+            return self._unchanged(server)
+        return new
+
+    def paper_bits(self, message: Tensors, uploads: list[Tensors], clients: int) -> int:
+        """Bits of one round by the papers' accounting: the payload of the downlink to each of
+        the ``clients`` sampled plus each uplink received (32 bits a float32 value, plus the
+        positions of a sparse one)."""
+        if not self.communicates:
+            return 0
+        return clients * accounting.payload_bits(message, self.sparse_wire) + sum(
+            accounting.payload_bits(u, self.sparse_wire) for u in uploads)
+
+    def round_metrics(self, before, after, reports: list[ClientReport]) -> dict:
+        return {}
+
+    # client
+    def load(self, model: nn.Module, server, client_state: Mapping[str, torch.Tensor] | None) -> None:
+        """Load the model a client is evaluated with."""
+        if self.personalised:
+            training.load_client_state(model, client_state)
+        else:
+            _load_exchanged(model, server.params)
+
+    def receive(self, model: nn.Module, state, message: Mapping[str, torch.Tensor]) -> None:
+        if self.personalised:
+            training.load_client_state(model, state)
+        else:
+            _load_exchanged(model, message)
+
+    def before_training(self, model: nn.Module, round_index: int) -> dict:
+        return {}
+
+    def after_training(self, model: nn.Module, before: dict) -> dict:
+        return {}
+
+    def client_round(self, model: nn.Module, state: Mapping[str, torch.Tensor] | None,
+                     message: Mapping[str, torch.Tensor], data: ClientData, config: FedConfig, round_index: int,
+                     client_id: int, macs: Mapping[str, int], *,
+                     train_seeds: list[int] | None = None) -> tuple[Tensors | None, ClientReport]:
+        """Receive, train with plain cross-entropy, post-process; return ``(the client's new
+        state, report)``. A global method's client keeps no model: its state is None, or with
+        ``optimizer_lifetime="per-run"`` its optimiser's momentum buffers alone."""
+        self.receive(model, state, message)
+        before = self.before_training(model, round_index)
+        generators = keys.train_generators(config, round_index, client_id, data.train_x.device, train_seeds)
+        kept = training.momentum_entries(state) if config.optimizer_lifetime == "per-run" else None
+        optimizer = training.sgd(model, config, round_index, kept)
+        loss = training.local_train(model, data, config, round_index, generators, penalty=False, optimizer=optimizer)
+        layers = dict(self.prunable(model))
+        density = {k: (layers[k].weight != 0) for k in macs}
+        flops = accounting.training_flops(config, data.num_train, density, macs, 0, 0)
+        stats = self.after_training(model, before)
+        if self.personalised:
+            new_state = training.client_state(model, optimizer, config)
+        else:  # the client of a global method keeps its optimiser's momentum at most
+            per_run = config.optimizer_lifetime == "per-run"
+            new_state = (training.optimizer_momentum(model, optimizer) or None) if per_run else None
+        update = exchanged(model.state_dict()) if self.communicates else {}
+        return new_state, ClientReport(update, data.num_train, float(loss), flops, stats)
+
+

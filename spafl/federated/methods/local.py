@@ -1,0 +1,13 @@
+"""Local-only training: each client trains its own dense model on its own data; nothing is
+sent, nothing is aggregated (the baseline that shows what federation adds)."""
+
+from __future__ import annotations
+
+from .base import Method
+
+
+class LocalOnly(Method):
+    name = "local"
+    communicates = False
+
+

@@ -1,0 +1,90 @@
+"""SparsyFed (Powerpropagation latent weights, activation pruning, one global Top-K of the
+trained latent weights at ``sparsity``, sample-weighted FedAvg of the latent weights, messages
+in a sparse encoding) and its Top-K ablation (``beta = 1``, no activation pruning)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ...convert import densify
+from ..config import FedConfig
+from ..keys import derived_seed
+from ..powerprop import POWERPROP_TYPES, begin_round, global_topk_, powerprop_layers, to_powerprop, topk_keep
+from ..rules import UpdateRejected
+from .base import Method
+
+
+class SparsyFed(Method):
+    """SparsyFed (``beta``/``spectral_exponent``, activation pruning) or, with ``plain_topk``,
+    its Top-K ablation (beta 1, no activation pruning)."""
+
+    name = "sparsyfed"
+    personalised = False
+    sparse_wire = True
+
+    def __init__(self, config: FedConfig, plain_topk: bool = False):
+        super().__init__(config)
+        self.plain_topk = plain_topk
+        if plain_topk:
+            self.name = "topk"
+        self.beta = 1.0 if plain_topk else config.beta
+        self.spectral = config.spectral_exponent and not plain_topk
+        self.activation_pruning = not plain_topk
+
+    def prepare_model(self, model: nn.Module) -> nn.Module:
+        generator = torch.Generator().manual_seed(derived_seed(self.config.seed, "powerprop-init"))
+        model = to_powerprop(densify(model), beta=self.beta, activation_pruning=self.activation_pruning,
+                             generator=generator)
+        if not any(True for _ in powerprop_layers(model)):
+            raise ValueError("the model has no nn.Linear or nn.Conv2d layer to prune")
+        self._weights = self.weight_names(model)
+        self._keep = topk_keep(sum(model.get_parameter(k).numel() for k in self._weights), self.config.sparsity)
+        return model
+
+    def prunable(self, model: nn.Module) -> list[tuple[str, nn.Module]]:
+        return [(n, m) for n, m in model.named_modules() if isinstance(m, POWERPROP_TYPES)]
+
+    def weight_names(self, model: nn.Module) -> list[str]:
+        return [f"{n}.weight" for n, _ in self.prunable(model)]
+
+    def validate_update(self, update, server, num_samples=None) -> None:
+        super().validate_update(update, server, num_samples)
+        nnz = sum(int(torch.count_nonzero(update[k])) for k in self._weights)
+        if nnz > self._keep:
+            raise UpdateRejected(f"{nnz} non-zero weights, above the Top-K target of {self._keep}")
+
+    def _spectral_seed(self) -> int | None:
+        return derived_seed(self.config.seed, "spectral") if self.spectral else None
+
+    def load(self, model, server, client_state) -> None:
+        super().load(model, server, client_state)
+        begin_round(model, self._spectral_seed())
+
+    def before_training(self, model: nn.Module, round_index: int) -> dict:
+        sparsity = begin_round(model, self._spectral_seed())
+        zeros = {n: layer.weight == 0 for n, layer in self.prunable(model)}
+        return {"zeros": zeros, "received_sparsity": sparsity}
+
+    def after_training(self, model: nn.Module, before: dict) -> dict:
+        layers = self.prunable(model)
+        regrown = torch.stack([(before["zeros"][n] & (layer.weight != 0)).sum() for n, layer in layers]).sum()
+        zeros = torch.stack([z.sum() for z in before["zeros"].values()]).sum()
+        kept = global_topk_([layer.weight for _, layer in layers], self.config.sparsity)
+        regrown, zeros = int(regrown), int(zeros)
+        return {"regrown": regrown, "received_zeros": zeros, "regrowth": regrown / zeros if zeros else 0.0,
+                "kept": kept, "betas": {n: layer.beta for n, layer in layers}}
+
+    def round_metrics(self, before, after, reports) -> dict:
+        old = torch.cat([before.params[k].reshape(-1) != 0 for k in self._weights])
+        new = torch.cat([after.params[k].reshape(-1) != 0 for k in self._weights])
+        union = int((old | new).sum())
+        regrowth = [r.stats["regrowth"] for r in reports if "regrowth" in r.stats]
+        return {
+            "global_sparsity": 1.0 - float(new.float().mean()),
+            "mask_iou": int((old & new).sum()) / union if union else 1.0,
+            "regrowth": sum(regrowth) / len(regrowth) if regrowth else float("nan"),
+            "regrown": sum(r.stats.get("regrown", 0) for r in reports),
+        }
+
+
