@@ -25,10 +25,13 @@ uses :func:`stubbed_launches` and :func:`host_time_us` from it.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import platform
+import statistics
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -74,16 +77,54 @@ def stubbed_launches() -> Iterator[LaunchCount]:
         interpreter.InterpretedFunction.run = original
 
 
-def host_time_us(fn: Callable[[], object], *, reps: int = 15, min_sample_ms: float = 20.0,
-                 warmup: int = 5) -> tuple[float, float, float]:
-    """``(median, p20, p80)`` microseconds per call of ``fn`` on the host clock: ``reps``
-    samples of back-to-back calls lasting about ``min_sample_ms`` each, after ``warmup`` calls.
-    (For the kernels to cost nothing, call it inside :func:`stubbed_launches`.)"""
-    import torch
-    from _common import interleaved
+CLOCKS = {"thread": time.thread_time, "wall": time.perf_counter}
 
-    timing = interleaved({"fn": fn}, torch.device("cpu"), reps, min_sample_ms, warmup=warmup)["fn"]
-    return timing.median * 1e3, timing.p20 * 1e3, timing.p80 * 1e3
+
+def interleaved_us(fns: dict[str, Callable[[], object]], *, reps: int = 15, min_sample_ms: float = 20.0,
+                   warmup: int = 5, clock: str = "thread") -> dict[str, list[float]]:
+    """Microseconds per call of every callable of ``fns``: ``reps`` samples each, taken in
+    repetitions that run every side once, in an order that rotates (the policy of
+    ``benchmarks/_common.py``). A sample is ``inner`` back-to-back calls lasting about
+    ``min_sample_ms``. ``clock="thread"`` counts the CPU time of this thread only: on a shared
+    machine the time spent waiting for a core stays out of it (``"wall"``: the wall clock)."""
+    now = CLOCKS[clock]
+    names = list(fns)
+    inner = {}
+    for name in names:
+        fn = fns[name]
+        for _ in range(warmup):
+            fn()
+        t0 = time.perf_counter()
+        fn()
+        one = time.perf_counter() - t0
+        inner[name] = max(1, min(100_000, math.ceil(min_sample_ms * 1e-3 / max(one, 1e-7))))
+    samples = {name: [0.0] * reps for name in names}
+    for r in range(reps):
+        for j in range(len(names)):
+            name = names[(r + j) % len(names)]
+            fn, n = fns[name], inner[name]
+            t0 = now()
+            for _ in range(n):
+                fn()
+            samples[name][r] = (now() - t0) * 1e6 / n
+    return samples
+
+
+def host_time_us(fn: Callable[[], object], *, reps: int = 15, min_sample_ms: float = 20.0,
+                 warmup: int = 5, clock: str = "thread") -> tuple[float, float, float]:
+    """``(median, p20, p80)`` microseconds per call of ``fn`` (see :func:`interleaved_us`).
+    For the kernels to cost nothing, call it inside :func:`stubbed_launches`."""
+    return quantiles(interleaved_us({"fn": fn}, reps=reps, min_sample_ms=min_sample_ms, warmup=warmup,
+                                    clock=clock)["fn"])
+
+
+def quantiles(samples) -> tuple[float, float, float]:
+    """``(median, p20, p80)`` of ``samples``."""
+    samples = list(samples)
+    if len(samples) == 1:
+        return samples[0], samples[0], samples[0]
+    deciles = statistics.quantiles(samples, n=10, method="inclusive")
+    return statistics.median(samples), deciles[1], deciles[7]
 
 
 # ----------------------------------------------------------------------------- the two targets
@@ -178,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
         os.execve(sys.executable, [sys.executable, __file__, *(sys.argv[1:] if argv is None else argv)], env)
     sys.path.insert(0, str(HERE))
     import torch
-    from _common import command_line, environment, interleaved, parser_for, ratio, timestamp
+    from _common import command_line, environment, parser_for, timestamp
 
     p = parser_for(__doc__)
     p.add_argument("--label", required=True, help="names the output files: <out>/<label>.csv and .md")
@@ -187,6 +228,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--min-sample-ms", type=float, default=30.0, help="length of one sample")
     p.add_argument("--triton-batch", type=int, default=128, help="rows of the Triton layer's input")
     p.add_argument("--cpu-batch", type=int, default=8, help="rows of the CPU layer's input")
+    p.add_argument("--clock", choices=tuple(CLOCKS), default="thread",
+                   help="thread: this thread's CPU time (robust on a shared machine); wall: the wall clock")
     args = p.parse_args(argv)
     out = Path(args.out)
     paths = [out / f"{args.label}.csv", out / f"{args.label}.md"]
@@ -194,8 +237,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"{', '.join(str(q) for q in paths if q.exists())} exists; choose another --label")
     out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(1)
-    cpu = torch.device("cpu")
-    env = environment(cpu)
+    env = environment(torch.device("cpu"))
     command = command_line(__file__, argv)
     commit = _commit()
 
@@ -203,43 +245,34 @@ def main(argv: list[str] | None = None) -> int:
     # One interleaved run of every side: the CPU sides do not launch kernels, and nn.Linear's
     # forward, timed beside the others, is the yardstick that carries the targets across machines.
     with stubbed_launches():
-        tri = cpu_t = interleaved({**sides, **_cpu_sides(args.cpu_batch)}, cpu, args.reps, args.min_sample_ms,
-                                  warmup=5)
+        t = interleaved_us({**sides, **_cpu_sides(args.cpu_batch)}, reps=args.reps,
+                           min_sample_ms=args.min_sample_ms, clock=args.clock)
 
-    us = lambda t: t * 1e3  # noqa: E731
-    launch_us = us(tri["trivial_launch"].median)
     rows = []
-    for name in ("triton_fwd", "triton_fwd_bwd"):
-        t = tri[name]
-        # Per repetition: the call less its launches priced at that repetition's trivial launch.
-        own = [us(a) - launches[name] * us(b) for a, b in zip(t.samples, tri["trivial_launch"].samples, strict=True)]
-        from _common import _quantiles
 
-        med, lo, hi = _quantiles(own)
-        units = _quantiles(o / us(b) for o, b in zip(own, cpu_t["linear_fwd"].samples, strict=True))
-        rows.append({"case": name, "median_us": us(t.median), "p20_us": us(t.p20), "p80_us": us(t.p80),
-                     "launches": launches[name], "own_us": med, "own_p20_us": lo, "own_p80_us": hi,
-                     "own_in_linear_fwd": units[0], "own_in_linear_fwd_p20": units[1],
-                     "own_in_linear_fwd_p80": units[2],
-                     "vs_linear": "", "vs_linear_p20": "", "vs_linear_p80": ""})
-    rows.append({"case": "trivial_launch", "median_us": launch_us, "p20_us": us(tri["trivial_launch"].p20),
-                 "p80_us": us(tri["trivial_launch"].p80), "launches": 1, "own_us": "", "own_p20_us": "",
-                 "own_p80_us": "", "own_in_linear_fwd": "", "own_in_linear_fwd_p20": "",
-                 "own_in_linear_fwd_p80": "", "vs_linear": "", "vs_linear_p20": "", "vs_linear_p80": ""})
+    def row(case, samples, launches="", own=None, units=None, vs=None):
+        q = quantiles(samples)
+        out = {"case": case, "median_us": q[0], "p20_us": q[1], "p80_us": q[2], "launches": launches}
+        for prefix, values in (("own_us", own), ("own_in_linear_fwd", units), ("vs_linear", vs)):
+            q = quantiles(values) if values is not None else ("", "", "")
+            out.update({prefix: q[0], f"{prefix}_p20": q[1], f"{prefix}_p80": q[2]})
+        rows.append(out)
+
+    trivial, linear_fwd = t["trivial_launch"], t["linear_fwd"]
+    for name in ("triton_fwd", "triton_fwd_bwd"):
+        # Per repetition: the call less its launches priced at that repetition's trivial launch.
+        own = [a - launches[name] * b for a, b in zip(t[name], trivial, strict=True)]
+        row(name, t[name], launches[name], own, [o / b for o, b in zip(own, linear_fwd, strict=True)])
+    row("trivial_launch", trivial, 1)
     for name in ("fwd", "fwd_bwd"):
-        mine, base = cpu_t[f"spafl_{name}"], cpu_t[f"linear_{name}"]
-        r = ratio(mine, base)  # times slower than nn.Linear
-        for side, t in (("spafl", mine), ("linear", base)):
-            rows.append({"case": f"cpu_{side}_{name}", "median_us": us(t.median), "p20_us": us(t.p20),
-                         "p80_us": us(t.p80), "launches": "", "own_us": "", "own_p20_us": "", "own_p80_us": "",
-                         "own_in_linear_fwd": "", "own_in_linear_fwd_p20": "", "own_in_linear_fwd_p80": "",
-                         "vs_linear": r.value if side == "spafl" else "",
-                         "vs_linear_p20": r.p20 if side == "spafl" else "",
-                         "vs_linear_p80": r.p80 if side == "spafl" else ""})
+        mine, base = t[f"spafl_{name}"], t[f"linear_{name}"]
+        row(f"cpu_spafl_{name}", mine, vs=[a / b for a, b in zip(mine, base, strict=True)])
+        row(f"cpu_linear_{name}", base)
 
     meta = {"label": args.label, "commit": commit, "timestamp": timestamp(), "machine": env["device"],
             "platform": platform.platform(), "torch": env["torch"], "triton": env["triton"],
-            "python": env["python"], "threads": 1, "reps": args.reps, "command": command}
+            "python": env["python"], "threads": 1, "reps": args.reps, "clock": args.clock,
+            "load_average": " ".join(f"{v:.1f}" for v in os.getloadavg()), "command": command}
     columns = list(rows[0]) + list(meta)
     import csv
 
@@ -251,12 +284,14 @@ def main(argv: list[str] | None = None) -> int:
     lines = [f"# Host time: {args.label}", "",
              f"`{command}` at commit {commit}, {meta['timestamp']}; {env['device']} ({meta['platform']}), "
              f"torch {env['torch']}, triton {env['triton']}, Python {env['python']}; one thread, {args.reps} "
-             "interleaved repetitions, medians (p20-p80). Shared machine: absolute times are indicative.", "",
+             f"interleaved repetitions, medians (p20-p80), clock: {args.clock}; load average "
+             f"{meta['load_average']} (shared machine: absolute times are indicative; the ratios are paired per "
+             "repetition).", "",
              "| case | median us (p20-p80) | launches | spafl's own us (p20-p80) | own / nn.Linear fwd "
              "| x nn.Linear (p20-p80) |",
              "|---|---|---|---|---|---|"]
     for row in rows:
-        own = f"{row['own_us']:.1f} ({row['own_p20_us']:.1f}-{row['own_p80_us']:.1f})" if row["own_us"] != "" else ""
+        own = f"{row['own_us']:.1f} ({row['own_us_p20']:.1f}-{row['own_us_p80']:.1f})" if row["own_us"] != "" else ""
         vs = (f"{row['vs_linear']:.2f}x ({row['vs_linear_p20']:.2f}-{row['vs_linear_p80']:.2f})"
               if row["vs_linear"] != "" else "")
         units = (f"{row['own_in_linear_fwd']:.1f} ({row['own_in_linear_fwd_p20']:.1f}-"
