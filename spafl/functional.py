@@ -31,12 +31,17 @@ from ._conv import ConvGeometry, conv_geometry
 from ._options import ThresholdOptions, options_of
 from ._rowmask import RowMask
 
+_KERNELS = None
+
 
 def _kernels():
     # Imported on first use so that the reference path works where Triton is not installed.
-    from . import kernels
+    global _KERNELS
+    if _KERNELS is None:
+        from . import kernels
 
-    return kernels
+        _KERNELS = kernels
+    return _KERNELS
 
 
 def threshold_row_mask(
@@ -71,10 +76,12 @@ def _check_finite(options: ThresholdOptions, threshold: torch.Tensor) -> bool:
 
 
 def _row_mask(weight, threshold, mask_backend: str, collapse_density: float | None, with_perm: bool = True) -> RowMask:
-    w2d = weight.detach().reshape(weight.shape[0], -1)
+    w2d = weight.detach()
+    if w2d.dim() != 2:
+        w2d = w2d.reshape(w2d.shape[0], -1)
+    if mask_backend == "triton":
+        return _kernels().threshold_row_mask(w2d, threshold.detach(), collapse_density=collapse_density)
     with torch.no_grad():
-        if mask_backend == "triton":
-            return _kernels().threshold_row_mask(w2d, threshold.detach(), collapse_density=collapse_density)
         return reference.row_mask(w2d, threshold, collapse_density=collapse_density, with_perm=with_perm)
 
 
@@ -120,7 +127,7 @@ def _guarded_row_mask(
             row_mask = _row_mask(weight, threshold, mask_backend, density, with_perm)
             _reset(threshold, row_mask.collapsed, counter)
         if previous_density is not None:
-            previous_density.copy_(row_mask.count.reshape(()) / row_mask.mask.numel())
+            previous_density.copy_(row_mask.count.reshape(()) / row_mask.mask.shape[0])
     return row_mask
 
 
@@ -168,7 +175,7 @@ def _reset(threshold: torch.Tensor, collapsed: torch.Tensor, counter: torch.Tens
     ``collapsed`` (no host synchronisation)."""
     threshold.masked_fill_(collapsed, 0.0)
     if counter is not None:
-        counter.add_(collapsed.reshape(()).to(counter.dtype))
+        counter.add_(collapsed.reshape(()))
 
 
 def _float32(value: float) -> float:
