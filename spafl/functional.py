@@ -76,11 +76,12 @@ def _check_finite(options: ThresholdOptions, threshold: torch.Tensor) -> bool:
 
 
 def _row_mask(weight, threshold, mask_backend: str, collapse_density: float | None, with_perm: bool = True) -> RowMask:
+    if mask_backend == "triton":  # (a launch records no graph: no detach needed)
+        w2d = weight if weight.dim() == 2 else weight.reshape(weight.shape[0], -1)
+        return _kernels().threshold_row_mask(w2d, threshold, collapse_density=collapse_density)
     w2d = weight.detach()
     if w2d.dim() != 2:
         w2d = w2d.reshape(w2d.shape[0], -1)
-    if mask_backend == "triton":
-        return _kernels().threshold_row_mask(w2d, threshold.detach(), collapse_density=collapse_density)
     with torch.no_grad():
         return reference.row_mask(w2d, threshold, collapse_density=collapse_density, with_perm=with_perm)
 
@@ -127,7 +128,7 @@ def _guarded_row_mask(
             row_mask = _row_mask(weight, threshold, mask_backend, density, with_perm)
             _reset(threshold, row_mask.collapsed, counter)
         if previous_density is not None:
-            previous_density.copy_(row_mask.count.reshape(()) / row_mask.mask.shape[0])
+            previous_density.copy_(row_mask.count.reshape(()) / row_mask.mask.shape[0])  # (fp32, as the host)
     return row_mask
 
 
