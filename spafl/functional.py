@@ -365,7 +365,7 @@ def _bare(row_mask: RowMask) -> RowMask:
 class ThresholdLinearFunction(torch.autograd.Function):
     """``y = x @ (W * m)^T + b`` with the straight-through threshold gradient.
 
-    Inputs: ``x [M, in]`` (2-D), ``weight [out, in]``, ``threshold [out]``, ``bias [out] | None``,
+    Inputs: ``x [..., in]``, ``weight [out, in]``, ``threshold [out]``, ``bias [out] | None``,
     the :class:`RowMask` of :func:`threshold_row_mask`, the backend (a key of
     ``IMPLEMENTATIONS``, or an implementation object) and the :class:`ThresholdOptions`.
     """
