@@ -141,10 +141,15 @@ def _host_row_mask(weight, threshold, want_units: bool, density, timing, counter
     holds the active rows for the compacting backend (``want_units``)."""
     score = reference.row_scores(weight)
     tau = threshold.detach()
-    diff = score - (tau if tau.dtype == score.dtype else tau.to(score.dtype))
-    if check_finite and not math.isfinite(float(diff.sum())):
-        check_finite_values(tau, score)  # names the culprits (or finds an overflow of the sum only)
-    mask = diff > 0
+    if tau.dtype != score.dtype:
+        tau = tau.to(score.dtype)
+    if check_finite:
+        diff = score - tau
+        if not math.isfinite(float(diff.sum())):
+            check_finite_values(threshold.detach(), score)  # names the culprits (or finds an overflowed sum)
+        mask = diff > 0
+    else:
+        mask = score > tau
     units = active = None
     n = mask.shape[0]
     if want_units or (density is not None and timing == "current"):

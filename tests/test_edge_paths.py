@@ -138,8 +138,9 @@ def test_a_threshold_equal_to_the_score_prunes_and_the_next_float_below_keeps(dt
     assert threshold_row_mask(w, tau).mask.tolist() == want
     x = torch.randn(3, 9, dtype=dtype)
     for backend in ("reference", "compact"):
-        y = threshold_linear(x, w, tau, backend=backend)
-        assert (y[:, [0, 2, 3, 5]] == 0).all() and (y[:, [1, 4]] != 0).all(), backend
+        for check in (True, False):  # (the host mask compares in two ways, with and without the check)
+            y = threshold_linear(x, w, tau, backend=backend, check_finite=check)
+            assert (y[:, [0, 2, 3, 5]] == 0).all() and (y[:, [1, 4]] != 0).all(), (backend, check)
     from spafl import ThresholdLinear
 
     layer = ThresholdLinear(9, 6, bias=False, dtype=dtype, collapse_density=None)
