@@ -305,3 +305,51 @@ def launch(
                if isinstance(value, int) and not isinstance(value, bool)]
         tuner = _tuners[ident] = triton.autotune(configs=configs, key=key)(kernel)
     tuner[grid](*args, **consts)
+
+
+# ----------------------------------------------------------------------------- per-shape plans
+
+
+def cdiv(a: int, b: int) -> int:
+    """``ceil(a / b)`` for the host side of the launchers (``triton.cdiv`` is a constexpr
+    function in Triton 3.9, several microseconds a call)."""
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    """The smallest power of 2 ``>= n`` (1 for ``n <= 1``), on the host."""
+    return 1 if n <= 1 else 1 << (n - 1).bit_length()
+
+
+def launch_settings() -> tuple:
+    """What a launcher's plan depends on besides the operands: the interpreter, the tiles, the
+    autotuning switch, the weight-path policy and PyTorch's TF32 settings. Part of every plan's
+    key, so that changing one of them (in a test, or ``torch.backends``) takes effect at once."""
+    return (interpreter_enabled(), _production_tiles_forced, _autotune_override,
+            os.environ.get("SPAFL_AUTOTUNE", "0"), os.environ.get("SPAFL_COMPACT_WEIGHT", "auto"),
+            torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+
+
+_PLANS: dict[tuple, object] = {}
+
+
+def cached_plan(key: tuple, build: Callable[[], object]):
+    """The launch plan of ``key`` (a launcher's name, the operands' shapes, strides, dtypes and
+    alignment, its flags and :func:`launch_settings`): built by ``build`` at the first call of a
+    shape and reused after, so that a call spends no time on what depends only on these."""
+    found = _PLANS.get(key)
+    if found is None:
+        if len(_PLANS) >= 4096:  # (a caller cycling through many shapes must not grow it forever)
+            _PLANS.clear()
+        found = _PLANS[key] = build()
+    return found
+
+
+def aligned16(t: torch.Tensor) -> bool:
+    """Whether ``t``'s data pointer is 16-byte aligned (part of a plan's key: see :func:`aligned`)."""
+    return t.data_ptr() % 16 == 0
+
+
+def run(kernel, grid: tuple, args: tuple, kwargs: dict) -> None:
+    """``kernel[grid](*args, **kwargs)``: a planned launch with the fixed configuration."""
+    kernel[grid](*args, **kwargs)

@@ -51,11 +51,13 @@ from ._config import (
     MIN_UNITS,
     GemmConfig,
     aligned,
+    cdiv,
     dot_precision,
     gemm_config,
     gpu_tiles,
     interpreter_enabled,
     launch,
+    next_power_of_2,
     tail_widths,
     use_compact_weight,
 )
@@ -619,7 +621,7 @@ def _memory_format(x: torch.Tensor, weight: torch.Tensor) -> torch.memory_format
 
 def _pow2_block(n: int, cap: int, floor: int = 16) -> int:
     """A power-of-two tile covering ``n`` (at least ``floor``; at most ``cap``)."""
-    return max(floor, min(cap, triton.next_power_of_2(n)))
+    return max(floor, min(cap, next_power_of_2(n)))
 
 
 @dataclass(frozen=True)
@@ -729,7 +731,7 @@ def threshold_conv2d_fwd(
     launch(
         _threshold_conv2d_fwd_kernel,
         "conv_fwd",
-        lambda meta: (triton.cdiv(pixels, meta["BLOCK_M"]) * triton.cdiv(filters, meta["BLOCK_N"]),),
+        lambda meta: (cdiv(pixels, meta["BLOCK_M"]) * cdiv(filters, meta["BLOCK_N"]),),
         fixed,
         (x_cl, w_op, bias if bias is not None else weight, row_mask.perm, row_mask.count, y, pixels, filters, chans,
          height, width, ho, wo, *_geometry_args(geometry), *x_cl.stride(), *w_strides, *y.stride()),
@@ -750,8 +752,8 @@ _DW_MIN_PIXELS_PER_SPLIT = 1024
 
 
 def _dw_split(tiles: int, pixels: int, block_m: int) -> int:
-    by_work = triton.cdiv(pixels, max(_DW_MIN_PIXELS_PER_SPLIT, block_m))
-    return max(1, min(by_work, triton.cdiv(_DW_TARGET_PROGRAMS, tiles), _MAX_GRID_YZ))
+    by_work = cdiv(pixels, max(_DW_MIN_PIXELS_PER_SPLIT, block_m))
+    return max(1, min(by_work, cdiv(_DW_TARGET_PROGRAMS, tiles), _MAX_GRID_YZ))
 
 
 def threshold_conv2d_bwd(
@@ -805,7 +807,7 @@ def threshold_conv2d_bwd(
     cfg = gemm_config(x.dtype, "conv")
     tiles = conv_tiles(cfg, filters, chans, geometry)
     sh, sw = geometry.stride
-    num_kb = kh * kw * triton.cdiv(chans, tiles.dw_channels)
+    num_kb = kh * kw * cdiv(chans, tiles.dw_channels)
     if num_kb > _MAX_GRID_YZ or sh * sw > _MAX_GRID_YZ:
         raise ValueError(
             f"convolution too large for the kernels' launch grid: kernel {kh}x{kw}, {chans} channels, stride {sh}x{sw}"
@@ -821,7 +823,7 @@ def threshold_conv2d_bwd(
     if need_dx:
         compact = use_compact_weight(compact_weight, "conv", weight)
         w_op, w_strides = _weight_operand(weight, row_mask, compact)
-        hq, wq = triton.cdiv(height, sh), triton.cdiv(width, sw)
+        hq, wq = cdiv(height, sh), cdiv(width, sw)
         phase_pixels = batch * hq * wq
         (_, _, _, _, dil_h, dil_w) = geo
         steps = (sh // math.gcd(sh, dil_h), sw // math.gcd(sw, dil_w))
@@ -830,7 +832,7 @@ def threshold_conv2d_bwd(
         launch(
             _threshold_conv2d_bwd_dx_kernel,
             "conv_dx",
-            lambda meta: (triton.cdiv(phase_pixels, meta["BLOCK_M"]) * triton.cdiv(chans, meta["BLOCK_C"]), sh * sw),
+            lambda meta: (cdiv(phase_pixels, meta["BLOCK_M"]) * cdiv(chans, meta["BLOCK_C"]), sh * sw),
             fixed,
             (dyc, w_op, row_mask.perm, row_mask.count, dx, phase_pixels, chans, height, width, ho, wo, hq, wq, *geo,
              *steps, dyc.stride(0), *w_strides, *dx.stride()),
@@ -841,7 +843,7 @@ def threshold_conv2d_bwd(
             fixed_keys=("BLOCK_C",),
         )
 
-    n_blocks = triton.cdiv(filters, tiles.dw_filters) + (1 if mode_id == 2 else 0)
+    n_blocks = cdiv(filters, tiles.dw_filters) + (1 if mode_id == 2 else 0)
     n_split = split if split is not None else _dw_split(n_blocks * num_kb, pixels, tiles.dw_pixels)
     # m*G: accumulated straight into dW for fp32 without a split, else into an fp32 workspace
     # (one slice per split) that the finish pass sums in a fixed order and rounds once. Its

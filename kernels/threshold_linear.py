@@ -42,6 +42,8 @@ With ``compact_weight``, the active rows of ``W`` are first copied to a contiguo
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
@@ -49,12 +51,17 @@ import triton.language as tl
 from .._rowmask import RowMask, sample_rows
 from ._config import (
     SUPPORTED_DTYPES,
-    aligned,
+    aligned16,
+    autotune_enabled,
+    cached_plan,
+    cdiv,
     dot_precision,
     gemm_config,
     gpu_tiles,
     interpreter_enabled,
     launch,
+    launch_settings,
+    next_power_of_2,
     tail_widths,
     use_compact_weight,
 )
@@ -664,6 +671,49 @@ def _check_operands(x2d: torch.Tensor, weight: torch.Tensor, row_mask: RowMask) 
     check_row_mask_operands(x2d, weight, row_mask)
 
 
+def _meta(shape, stride=None) -> torch.Tensor:
+    """A stand-in of a tensor the launcher will allocate (a plan reads only its layout)."""
+    if stride is None:
+        return torch.empty(shape, device="meta")
+    return torch.empty_strided(shape, stride, device="meta")
+
+
+def _layout_aligned(pointers_aligned: bool, *tensors: torch.Tensor, sizes: tuple[int, ...] = ()) -> bool:
+    """:func:`spafl.kernels._config.aligned` from the data pointers' alignment (known to the
+    caller) and the layouts (also of meta stand-ins)."""
+    return (pointers_aligned and all(st % 16 == 0 for t in tensors for st in t.stride() if st != 1)
+            and all(n % 16 == 0 for n in sizes))
+
+
+class _Launch(NamedTuple):
+    """A planned launch: the grid and the keyword arguments (constexprs, tiles, warps, stages);
+    ``fixed`` / ``consts`` / ``limits`` / ``family`` for the autotuner's path."""
+
+    grid: tuple
+    kwargs: dict
+    family: str = ""
+    fixed: dict | None = None
+    consts: dict | None = None
+    limits: dict | None = None
+    grid_fn: object = None
+    fixed_keys: tuple = ()
+
+
+def _go(kernel, plan: _Launch, args: tuple, dtype, rows: int, density_hint) -> None:
+    if plan.fixed is None or not autotune_enabled():
+        kernel[plan.grid](*args, **plan.kwargs)
+        return
+    launch(kernel, plan.family, plan.grid_fn, plan.fixed, args, plan.consts, dtype=dtype, rows=rows,
+           density_hint=density_hint, fixed_keys=plan.fixed_keys, limits=plan.limits)
+
+
+def _planned(family: str, grid_fn, fixed: dict, consts: dict, *, limits=None, fixed_keys=()) -> _Launch:
+    meta = dict(fixed)
+    warps, stages = meta.pop("num_warps"), meta.pop("num_stages")
+    return _Launch(grid_fn(fixed), {**consts, **meta, "num_warps": warps, "num_stages": stages}, family, fixed,
+                   consts, limits, grid_fn, fixed_keys)
+
+
 def finish_threshold_gradients(
     rpart: torch.Tensor,
     w2d: torch.Tensor,
@@ -679,33 +729,23 @@ def finish_threshold_gradients(
     of ``g [SPLIT, N, K]`` (a view of ``dw2d`` itself when it holds G in place). ``w2d`` and
     ``dw2d`` are ``[N, K]`` views in the workspace's K order."""
     n_rows, fan_in = w2d.shape
-    block_p = 32
-    _threshold_bwd_finish_kernel[(triton.cdiv(n_rows, block_p),)](
-        rpart,
-        w2d,
-        row_mask.perm,
-        row_mask.count,
-        g,
-        dw2d,
-        dtau,
-        n_rows,
-        fan_in,
-        rpart.shape[0],
-        g.shape[0],
-        w2d.stride(0),
-        w2d.stride(1),
-        g.stride(0),
-        g.stride(1),
-        g.stride(2),
-        dw2d.stride(0),
-        dw2d.stride(1),
-        MODE=mode_id,
-        WIDE=not fits_int32(w2d, g, dw2d),
-        BLOCK_P=block_p,
-        # Ragged K (unvectorised loads): a narrower tile stays within the registers.
-        BLOCK_K=128 if gpu_tiles() and aligned(w2d, g, dw2d, sizes=(fan_in,)) else 64,
-        num_warps=4,
+    key = ("finish", w2d.shape, w2d.stride(), g.shape, g.stride(), dw2d.stride(), mode_id,
+           aligned16(w2d) and aligned16(g) and aligned16(dw2d), launch_settings())
+    plan = cached_plan(key, lambda: _finish_plan(w2d, g, dw2d, mode_id, key[-2]))
+    _threshold_bwd_finish_kernel[plan.grid](
+        rpart, w2d, row_mask.perm, row_mask.count, g, dw2d, dtau, n_rows, fan_in, rpart.shape[0], g.shape[0],
+        w2d.stride(0), w2d.stride(1), g.stride(0), g.stride(1), g.stride(2), dw2d.stride(0), dw2d.stride(1),
+        **plan.kwargs,
     )
+
+
+def _finish_plan(w2d, g, dw2d, mode_id: int, pointers_aligned: bool) -> _Launch:
+    n_rows, fan_in = w2d.shape
+    block_p = 32
+    # Ragged K (unvectorised loads): a narrower tile stays within the registers.
+    wide_k = gpu_tiles() and _layout_aligned(pointers_aligned, w2d, g, dw2d, sizes=(fan_in,))
+    return _Launch((cdiv(n_rows, block_p),), {"MODE": mode_id, "WIDE": not fits_int32(w2d, g, dw2d),
+                                              "BLOCK_P": block_p, "BLOCK_K": 128 if wide_k else 64, "num_warps": 4})
 
 
 def compact_grad_columns(
@@ -726,28 +766,21 @@ def compact_grad_columns(
     the unit (column / channel) index. Rows are padded to whole blocks of ``DYC_PAD`` units, so
     that every row starts aligned and a block of positions can be loaded without a mask.
     """
-    padded = triton.cdiv(units, DYC_PAD) * DYC_PAD
+    key = ("dyc", grad.shape, grad.stride(), rows, units, unit_stride, launch_settings())
+    padded, plan = cached_plan(key, lambda: _dyc_plan(grad, rows, units, unit_stride))
     dyc = torch.empty((rows, padded), device=grad.device, dtype=grad.dtype)
-    unit_major = unit_stride == 1
-    block_m, block_p = (64, 64) if gpu_tiles() else (32, 32)
-    _compact_grad_kernel[(triton.cdiv(rows, block_m), triton.cdiv(units, block_p))](
-        grad,
-        row_mask.perm,
-        row_mask.count,
-        dyc,
-        rows,
-        units,
-        *pixel_shape,
-        *pixel_strides,
-        unit_stride,
-        dyc.stride(0),
-        UNIT_MAJOR=unit_major,
-        WIDE=not fits_int32(grad, dyc),
-        BLOCK_M=block_m,
-        BLOCK_P=block_p,
-        num_warps=4,
-    )
+    _compact_grad_kernel[plan.grid](grad, row_mask.perm, row_mask.count, dyc, rows, units, *pixel_shape,
+                                    *pixel_strides, unit_stride, dyc.stride(0), **plan.kwargs)
     return dyc
+
+
+def _dyc_plan(grad, rows: int, units: int, unit_stride: int):
+    padded = cdiv(units, DYC_PAD) * DYC_PAD
+    block_m, block_p = (64, 64) if gpu_tiles() else (32, 32)
+    wide = not fits_int32(grad, _meta((rows, padded)))
+    return padded, _Launch((cdiv(rows, block_m), cdiv(units, block_p)),
+                           {"UNIT_MAJOR": unit_stride == 1, "WIDE": wide, "BLOCK_M": block_m, "BLOCK_P": block_p,
+                            "num_warps": 4})
 
 
 def compact_weight_rows(
@@ -758,26 +791,20 @@ def compact_weight_rows(
     weight at ``c * s_c + r * s_r + s * s_s`` with ``inner_strides = (s_c, s_r, s_s)``; a Linear
     weight is ``inner = fan_in``, ``inner_strides = (stride_k, 0, 0)``, ``kw = 1``."""
     n_rows = weight.shape[0]
-    padded = triton.cdiv(fan_in, 16) * 16
+    key = ("wc", weight.shape, weight.stride(), fan_in, kw, launch_settings())
+    padded, plan = cached_plan(key, lambda: _wc_plan(weight, n_rows, fan_in, kw))
     wc = torch.empty((n_rows, padded), device=weight.device, dtype=weight.dtype)
-    block_p, block_k = (32, 128) if gpu_tiles() else (16, 32)
-    _compact_weight_kernel[(triton.cdiv(n_rows, block_p), triton.cdiv(fan_in, block_k))](
-        weight,
-        row_mask.perm,
-        row_mask.count,
-        wc,
-        fan_in,
-        inner,
-        weight.stride(0),
-        *inner_strides,
-        wc.stride(0),
-        KW=kw,
-        WIDE=not fits_int32(weight, wc),
-        BLOCK_P=block_p,
-        BLOCK_K=block_k,
-        num_warps=4,
-    )
+    _compact_weight_kernel[plan.grid](weight, row_mask.perm, row_mask.count, wc, fan_in, inner, weight.stride(0),
+                                      *inner_strides, wc.stride(0), **plan.kwargs)
     return wc
+
+
+def _wc_plan(weight, n_rows: int, fan_in: int, kw: int):
+    padded = cdiv(fan_in, 16) * 16
+    block_p, block_k = (32, 128) if gpu_tiles() else (16, 32)
+    wide = not fits_int32(weight, _meta((n_rows, padded)))
+    return padded, _Launch((cdiv(n_rows, block_p), cdiv(fan_in, block_k)),
+                           {"KW": kw, "WIDE": wide, "BLOCK_P": block_p, "BLOCK_K": block_k, "num_warps": 4})
 
 
 def threshold_linear_fwd(
@@ -794,7 +821,8 @@ def threshold_linear_fwd(
     ``density_hint``: the density the caller expects (e.g. the previous step's), known on the
     host without a synchronisation; it only selects the autotuning bucket. ``compact_weight``:
     copy the active rows of ``weight`` to a contiguous buffer first (default: see
-    :func:`spafl.kernels._config.use_compact_weight`).
+    :func:`spafl.kernels._config.use_compact_weight`). What depends only on the shapes, strides,
+    dtypes and settings (tiles, grid, constexprs) is planned once per shape.
     """
     _check_operands(x2d, weight, row_mask)
     check_density_hint(density_hint)
@@ -803,35 +831,40 @@ def threshold_linear_fwd(
     y = torch.empty((m_rows, n_rows), device=x2d.device, dtype=x2d.dtype)
     if m_rows == 0:
         return y
-    if bias is not None:
+    if bias is not None and bias.stride(0) != 1:
         bias = bias.contiguous()  # the kernel indexes the bias with stride 1
     x2d, weight = _rows_contiguous(x2d), _rows_contiguous(weight)
-    w_op = weight
+    key = ("linear_fwd", x2d.shape, x2d.stride(), weight.shape, weight.stride(), x2d.dtype, bias is not None,
+           compact_weight, aligned16(x2d), aligned16(weight), launch_settings())
+    compact, plan = cached_plan(key, lambda: _linear_fwd_plan(x2d, weight, bias is not None, compact_weight,
+                                                              key[-3], key[-2]))
+    w_op = compact_weight_rows(weight, row_mask, fan_in, fan_in, (weight.stride(1), 0, 0), 1) if compact else weight
+    _go(_threshold_linear_fwd_kernel, plan,
+        (x2d, w_op, bias if bias is not None else weight, row_mask.perm, row_mask.count, y, m_rows, n_rows, fan_in,
+         x2d.stride(0), x2d.stride(1), w_op.stride(0), w_op.stride(1), y.stride(0), y.stride(1)),
+        x2d.dtype, m_rows, density_hint)
+    return y
+
+
+def _linear_fwd_plan(x2d, weight, has_bias: bool, compact_weight, x_aligned: bool, w_aligned: bool):
+    m_rows, fan_in = x2d.shape
+    n_rows = weight.shape[0]
     compact = use_compact_weight(compact_weight, "linear", weight)
-    if compact:
-        w_op = compact_weight_rows(weight, row_mask, fan_in, fan_in, (weight.stride(1), 0, 0), 1)
+    w_op = _meta((n_rows, cdiv(fan_in, 16) * 16)) if compact else weight
+    y = _meta((m_rows, n_rows))
     cfg = gemm_config(x2d.dtype)
     block_n, block_k = cfg.block_n, cfg.block_k
-    if gpu_tiles() and not aligned(x2d, w_op, y, sizes=(fan_in,)):
+    # (a compact weight is a fresh allocation: aligned)
+    if gpu_tiles() and not _layout_aligned(x_aligned and (w_aligned or compact), x2d, w_op, y, sizes=(fan_in,)):
         # Unvectorised loads: half the tile keeps the kernel within its registers (no spills).
         block_n, block_k = block_n // 2, min(block_k, 32)
     fixed = {"BLOCK_M": cfg.block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "GROUP_M": cfg.group_m,
              **tail_widths(block_n), "num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
-    launch(
-        _threshold_linear_fwd_kernel,
-        "linear_fwd",
-        lambda meta: (triton.cdiv(m_rows, meta["BLOCK_M"]) * triton.cdiv(n_rows, meta["BLOCK_N"]),),
-        fixed,
-        (x2d, w_op, bias if bias is not None else weight, row_mask.perm, row_mask.count, y, m_rows, n_rows, fan_in,
-         x2d.stride(0), x2d.stride(1), w_op.stride(0), w_op.stride(1), y.stride(0), y.stride(1)),
-        dict(HAS_BIAS=bias is not None, COMPACT_W=compact, UPCAST=interpreter_enabled(),
-             DOT_PRECISION=dot_precision("matmul", x2d.dtype), WIDE=not fits_int32(x2d, w_op, y)),
-        dtype=x2d.dtype,
-        rows=m_rows,
-        density_hint=density_hint,
-        limits={"BLOCK_M": triton.next_power_of_2(m_rows), "BLOCK_N": triton.next_power_of_2(n_rows)},
-    )
-    return y
+    consts = dict(HAS_BIAS=has_bias, COMPACT_W=compact, UPCAST=interpreter_enabled(),
+                  DOT_PRECISION=dot_precision("matmul", x2d.dtype), WIDE=not fits_int32(x2d, w_op, y))
+    return compact, _planned(
+        "linear_fwd", lambda meta: (cdiv(m_rows, meta["BLOCK_M"]) * cdiv(n_rows, meta["BLOCK_N"]),), fixed, consts,
+        limits={"BLOCK_M": next_power_of_2(m_rows), "BLOCK_N": next_power_of_2(n_rows)})
 
 
 def threshold_linear_bwd(
@@ -851,7 +884,7 @@ def threshold_linear_bwd(
 
     ``grad_y [M, N]`` may have any strides. The bias gradient (``grad_y.sum(0)``) is left to
     the caller. See the module docstring for the meaning of ``mode``, and
-    :func:`threshold_linear_fwd` for ``density_hint`` and ``compact_weight``.
+    :func:`threshold_linear_fwd` for ``density_hint``, ``compact_weight`` and the plans.
     """
     _check_operands(x2d, weight, row_mask)
     check_density_hint(density_hint)
@@ -870,60 +903,74 @@ def threshold_linear_bwd(
         dtau.zero_()
         return dx, dw, dtau
 
-    grad_y = grad_y.to(x2d.dtype)
+    if grad_y.dtype != x2d.dtype:
+        grad_y = grad_y.to(x2d.dtype)
     x2d, weight = _rows_contiguous(x2d), _rows_contiguous(weight)
-    cfg = gemm_config(x2d.dtype)
-    consts = dict(UPCAST=interpreter_enabled(), DOT_PRECISION=dot_precision("matmul", x2d.dtype))
-    mode_id = BACKWARD_MODES[mode]
-
+    key = ("linear_bwd", x2d.shape, x2d.stride(), weight.shape, weight.stride(), grad_y.stride(), x2d.dtype, mode,
+           sample_fraction, need_dx, compact_weight, aligned16(x2d) and aligned16(weight), launch_settings())
+    plan = cached_plan(key, lambda: _linear_bwd_plan(x2d, weight, grad_y, mode, sample_fraction, need_dx,
+                                                     compact_weight, key[-2]))
     dyc = compact_grad_columns(grad_y, row_mask, m_rows, n_rows, (1, 1), (grad_y.stride(0), 0, 0), grad_y.stride(1))
-
     if need_dx:
-        compact = use_compact_weight(compact_weight, "linear", weight)
-        w_op = compact_weight_rows(weight, row_mask, fan_in, fan_in, (weight.stride(1), 0, 0), 1) if compact else weight
-        fixed = {"BLOCK_M": cfg.block_m, "BLOCK_K": cfg.block_k * 2, "BLOCK_P": cfg.block_k, "GROUP_M": cfg.group_m,
-                 "num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
-        launch(
-            _threshold_linear_bwd_dx_kernel,
-            "linear_dx",
-            lambda meta: (triton.cdiv(m_rows, meta["BLOCK_M"]) * triton.cdiv(fan_in, meta["BLOCK_K"]),),
-            fixed,
+        w_op = (compact_weight_rows(weight, row_mask, fan_in, fan_in, (weight.stride(1), 0, 0), 1)
+                if plan.compact else weight)
+        _go(_threshold_linear_bwd_dx_kernel, plan.dx,
             (dyc, w_op, row_mask.perm, row_mask.count, dx, m_rows, n_rows, fan_in, dyc.stride(0), w_op.stride(0),
-             w_op.stride(1), dx.stride(0), dx.stride(1)),
-            dict(COMPACT_W=compact, TAIL_P=16, WIDE=not fits_int32(dyc, w_op, dx), **consts),
-            dtype=x2d.dtype,
-            rows=m_rows,
-            density_hint=density_hint,
-            limits={"BLOCK_M": triton.next_power_of_2(m_rows)},
-        )
-
+             w_op.stride(1), dx.stride(0), dx.stride(1)), x2d.dtype, m_rows, density_hint)
     # dW = m*G + sign(W) r / K is finished in a second pass (r needs every K tile of G). For
     # 16-bit weights G goes through an fp32 workspace so that dW is rounded once, like the
     # reference; fp32 weights hold G in place.
-    in_place = weight.dtype == torch.float32
-    g = dw if in_place else torch.empty((n_rows, fan_in), device=device, dtype=torch.float32)
-    s_count, s_step = sample_rows(m_rows, sample_fraction)
-    # Unvectorised loads of X (ragged K): a narrower feature tile keeps it within its registers.
-    feature_tile = cfg.block_k * 2 if not gpu_tiles() or aligned(x2d, weight, sizes=(fan_in,)) else cfg.block_k
-    fixed = {"BLOCK_K": feature_tile, "BLOCK_P": cfg.block_n, "BLOCK_M": cfg.block_k, **tail_widths(cfg.block_n),
-             "num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
+    g = dw if plan.in_place else torch.empty((n_rows, fan_in), device=device, dtype=torch.float32)
     # rpart has one row per K tile: the K tile is fixed here (not tuned), the other sizes are.
-    num_kb = triton.cdiv(fan_in, fixed["BLOCK_K"])
-    rpart = torch.empty((num_kb, n_rows), device=device, dtype=torch.float32)
-    launch(
-        _threshold_linear_bwd_dw_kernel,
-        f"linear_dw{mode_id}",
-        lambda meta: (num_kb, triton.cdiv(n_rows, meta["BLOCK_P"]) + (1 if mode_id == 2 else 0)),
-        fixed,
+    rpart = torch.empty((plan.num_kb, n_rows), device=device, dtype=torch.float32)
+    _go(_threshold_linear_bwd_dw_kernel, plan.dw,
         (x2d, dyc, grad_y, weight, row_mask.perm, row_mask.count, g, rpart, m_rows, n_rows, fan_in, x2d.stride(0),
          x2d.stride(1), dyc.stride(0), grad_y.stride(0), grad_y.stride(1), weight.stride(0), weight.stride(1),
-         g.stride(0), g.stride(1), s_count, s_step),
-        dict(MODE=mode_id, WIDE=not fits_int32(x2d, dyc, grad_y, weight, g), **consts),
-        dtype=x2d.dtype,
-        rows=m_rows,
-        density_hint=density_hint,
-        fixed_keys=("BLOCK_K",),
-        limits={"BLOCK_P": triton.next_power_of_2(n_rows)},
-    )
-    finish_threshold_gradients(rpart, weight, row_mask, g.unsqueeze(0), dw, dtau, mode_id=mode_id)
+         g.stride(0), g.stride(1), plan.s_count, plan.s_step), x2d.dtype, m_rows, density_hint)
+    finish_threshold_gradients(rpart, weight, row_mask, g.unsqueeze(0), dw, dtau, mode_id=plan.mode_id)
     return dx, dw, dtau
+
+
+class _BwdPlan(NamedTuple):
+    compact: bool
+    dx: _Launch | None
+    in_place: bool
+    num_kb: int
+    dw: _Launch
+    s_count: int
+    s_step: int
+    mode_id: int
+
+
+def _linear_bwd_plan(x2d, weight, grad_y, mode: str, sample_fraction: float, need_dx: bool, compact_weight,
+                     pointers_aligned: bool) -> _BwdPlan:
+    m_rows, fan_in = x2d.shape
+    n_rows = weight.shape[0]
+    cfg = gemm_config(x2d.dtype)
+    consts = dict(UPCAST=interpreter_enabled(), DOT_PRECISION=dot_precision("matmul", x2d.dtype))
+    mode_id = BACKWARD_MODES[mode]
+    dyc = _meta((m_rows, cdiv(n_rows, DYC_PAD) * DYC_PAD))
+    compact, dx_plan = False, None
+    if need_dx:
+        compact = use_compact_weight(compact_weight, "linear", weight)
+        w_op = _meta((n_rows, cdiv(fan_in, 16) * 16)) if compact else weight
+        fixed = {"BLOCK_M": cfg.block_m, "BLOCK_K": cfg.block_k * 2, "BLOCK_P": cfg.block_k, "GROUP_M": cfg.group_m,
+                 "num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
+        dx_plan = _planned(
+            "linear_dx", lambda meta: (cdiv(m_rows, meta["BLOCK_M"]) * cdiv(fan_in, meta["BLOCK_K"]),), fixed,
+            dict(COMPACT_W=compact, TAIL_P=16, WIDE=not fits_int32(dyc, w_op, _meta((m_rows, fan_in))), **consts),
+            limits={"BLOCK_M": next_power_of_2(m_rows)})
+    in_place = weight.dtype == torch.float32
+    g = _meta((n_rows, fan_in))
+    s_count, s_step = sample_rows(m_rows, sample_fraction)
+    # Unvectorised loads of X (ragged K): a narrower feature tile keeps it within its registers.
+    vector_k = not gpu_tiles() or _layout_aligned(pointers_aligned, x2d, weight, sizes=(fan_in,))
+    feature_tile = cfg.block_k * 2 if vector_k else cfg.block_k
+    fixed = {"BLOCK_K": feature_tile, "BLOCK_P": cfg.block_n, "BLOCK_M": cfg.block_k, **tail_widths(cfg.block_n),
+             "num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
+    num_kb = cdiv(fan_in, fixed["BLOCK_K"])
+    dw_plan = _planned(
+        f"linear_dw{mode_id}", lambda meta: (num_kb, cdiv(n_rows, meta["BLOCK_P"]) + (1 if mode_id == 2 else 0)),
+        fixed, dict(MODE=mode_id, WIDE=not fits_int32(x2d, dyc, grad_y, weight, g), **consts),
+        limits={"BLOCK_P": next_power_of_2(n_rows)}, fixed_keys=("BLOCK_K",))
+    return _BwdPlan(compact, dx_plan, in_place, num_kb, dw_plan, s_count, s_step, mode_id)

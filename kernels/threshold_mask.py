@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 
 from .._rowmask import RowMask
-from ._config import gpu_tiles
+from ._config import cached_plan, cdiv, gpu_tiles, launch_settings, next_power_of_2
 
 
 @triton.jit
@@ -178,7 +178,8 @@ def threshold_row_mask(
     if n_rows == 0 or fan_in == 0:
         raise ValueError(f"weight must have at least one row and one column, got {tuple(weight2d.shape)}")
     device = weight2d.device
-    threshold = threshold.contiguous()
+    if threshold.stride(0) != 1:
+        threshold = threshold.contiguous()
     score = torch.empty(n_rows, device=device, dtype=torch.float32)
     mask = torch.empty(n_rows, device=device, dtype=torch.bool)
     perm = torch.empty(n_rows, device=device, dtype=torch.int32)
@@ -186,9 +187,9 @@ def threshold_row_mask(
     has_guard = collapse_density is not None
     collapsed = torch.zeros(1, device=device, dtype=torch.int8) if has_guard else None
 
-    block_k = min(_SCORE_BLOCK_K, triton.next_power_of_2(fan_in))
-    compact_block = min(_COMPACT_BLOCK, triton.next_power_of_2(n_rows)) if gpu_tiles() else 64
-    _row_mask_kernel[(triton.cdiv(n_rows, _SCORE_BLOCK_N),)](
+    key = ("row_mask", weight2d.shape, weight2d.stride(), has_guard, launch_settings())
+    grid, kwargs = cached_plan(key, lambda: _row_mask_plan(weight2d, has_guard))
+    _row_mask_kernel[grid](
         weight2d,
         threshold,
         score,
@@ -202,6 +203,17 @@ def threshold_row_mask(
         weight2d.stride(0),
         weight2d.stride(1),
         float(collapse_density) if has_guard else 0.0,
+        **kwargs,
+    )
+    return RowMask(mask, perm, count, score, collapsed.view(torch.bool) if has_guard else None)
+
+
+def _row_mask_plan(weight2d: torch.Tensor, has_guard: bool) -> tuple[tuple, dict]:
+    """The grid and the launch settings of :func:`threshold_row_mask` for this weight's layout."""
+    n_rows, fan_in = weight2d.shape
+    block_k = min(_SCORE_BLOCK_K, next_power_of_2(fan_in))
+    compact_block = min(_COMPACT_BLOCK, next_power_of_2(n_rows)) if gpu_tiles() else 64
+    return (cdiv(n_rows, _SCORE_BLOCK_N),), dict(
         HAS_GUARD=has_guard,
         WIDE=not fits_int32(weight2d),
         BLOCK_N=_SCORE_BLOCK_N,
@@ -209,4 +221,3 @@ def threshold_row_mask(
         COMPACT_BLOCK=max(compact_block, 16),
         num_warps=4,
     )
-    return RowMask(mask, perm, count, score, collapsed.view(torch.bool) if has_guard else None)

@@ -11,12 +11,10 @@ from __future__ import annotations
 import importlib.util
 import math
 import os
+from typing import NamedTuple
 
 import torch
 
-BACKENDS = ("auto", "compact", "reference", "triton")
-COLLAPSE_TIMINGS = ("current", "previous")
-BACKWARD_MODES = ("exact", "skip", "sample")
 TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -34,24 +32,6 @@ def interpreter_enabled() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def check_options(backend: str, backward_mode: str, sample_fraction: float, collapse_density: float | None) -> None:
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if backward_mode not in BACKWARD_MODES:
-        raise ValueError(f"backward_mode must be one of {BACKWARD_MODES}, got {backward_mode!r}")
-    if not isinstance(sample_fraction, (int, float)) or not 0.0 < float(sample_fraction) <= 1.0:
-        raise ValueError(f"sample_fraction must be in (0, 1], got {sample_fraction!r}")
-    if collapse_density is not None and (
-        not isinstance(collapse_density, (int, float)) or not 0.0 <= float(collapse_density) < 1.0
-    ):
-        raise ValueError(f"collapse_density must be None or in [0, 1), got {collapse_density!r}")
-
-
-def check_collapse_timing(collapse_timing: str) -> None:
-    if collapse_timing not in COLLAPSE_TIMINGS:
-        raise ValueError(f"collapse_timing must be one of {COLLAPSE_TIMINGS}, got {collapse_timing!r}")
-
-
 def check_positive_int(name: str, value) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
@@ -62,6 +42,28 @@ def _tensor(name: str, value) -> torch.Tensor:
     if not isinstance(value, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
     return value
+
+
+def _well_formed(x, weight, threshold, bias, weight_dim: int, x_min_dim: int) -> bool:
+    """The common case of :func:`check_layer_inputs` in a few comparisons; False sends the call
+    through the checks that name what is wrong."""
+    if type(x) is not torch.Tensor or type(weight) is not torch.nn.Parameter and type(weight) is not torch.Tensor:
+        return False
+    dtype, device, n_out = weight.dtype, weight.device, weight.shape[0]
+    return (
+        isinstance(threshold, torch.Tensor)
+        and x.dtype == dtype
+        and dtype.is_floating_point
+        and weight.dim() == weight_dim
+        and x.dim() >= x_min_dim
+        and threshold.shape == (n_out,)
+        and threshold.dtype.is_floating_point
+        and weight.numel() > 0
+        and x.device == device
+        and threshold.device == device
+        and (bias is None or (isinstance(bias, torch.Tensor) and bias.dtype == dtype and bias.shape == (n_out,)
+                              and bias.device == device))
+    )
 
 
 def resolve_check_finite(check_finite: bool | None, device: torch.device) -> bool:
@@ -142,6 +144,8 @@ def check_layer_inputs(
 ) -> None:
     """Shape / dtype / device checks common to the threshold layers (the caller checks that the
     feature dimension of ``x`` matches the weight, which differs between Linear and Conv2d)."""
+    if _well_formed(x, weight, threshold, bias, weight_dim, x_min_dim):
+        return
     _tensor("x", x)
     check_weight_and_threshold(weight, threshold, op=op, weight_dim=weight_dim)
     n_out = weight.shape[0]
@@ -167,29 +171,75 @@ def check_layer_inputs(
         raise ValueError(f"{op}: all tensors must be on the same device, got {where}")
 
 
+class Route(NamedTuple):
+    """Where a call runs: the backend of the row mask (from the master weight), the backend of
+    the products (from the operands, which autocast may have cast) and whether the products need
+    the mask's compact index list."""
+
+    mask: str
+    compute: str
+    with_perm: bool
+
+
+def route(backend: str, weight: torch.Tensor, op_dtype: torch.dtype | None = None, groups: int = 1) -> Route:
+    """The one dispatch point of the threshold ops: the :class:`Route` of a call whose options
+    name ``backend``, for the master ``weight`` and operands of ``op_dtype`` (default: the
+    weight's). Decided once per (backend, device type, dtypes, groups, interpreter) and cached;
+    errors (a backend that cannot run there) are raised every time."""
+    op_dtype = weight.dtype if op_dtype is None else op_dtype
+    key = (backend, weight.device.type, weight.dtype, op_dtype, groups, interpreter_enabled())
+    found = _ROUTES.get(key)
+    if found is None:
+        found = _ROUTES[key] = _route(*key)
+    return found
+
+
+# (a dict rather than functools.lru_cache: dynamo traces through it without a warning)
+_ROUTES: dict[tuple, Route] = {}
+
+
+def _route(backend: str, device_type: str, dtype: torch.dtype, op_dtype: torch.dtype, groups: int,
+           interpreter: bool) -> Route:
+    compute = _resolve(backend, device_type, op_dtype, interpreter)
+    if compute == "triton" and groups != 1:
+        if backend == "triton":
+            raise ValueError(
+                f"backend='triton' supports groups=1, got groups={groups}; grouped and depthwise convolutions "
+                "run on backend='compact' or 'reference' ('auto' picks the reference on CUDA)"
+            )
+        compute = "reference"
+    mask = compute if dtype == op_dtype else _resolve(backend, device_type, dtype, interpreter)
+    return Route(mask, compute, compute == "triton")
+
+
 def resolve_backend(backend: str, weight: torch.Tensor) -> str:
+    """The backend that runs ``backend`` for ``weight`` (see :func:`route`)."""
+    return route(backend, weight).compute
+
+
+def _resolve(backend: str, device_type: str, dtype: torch.dtype, interpreter: bool) -> str:
     """Pick the implementation. ``auto``: Triton for CUDA tensors it supports (fp32 / fp16 /
     bf16, Triton installed), the compacting plain-PyTorch path for CPU tensors, the reference
     otherwise (it never synchronises with the device). ``compact`` and ``reference`` run on any
     device; ``triton`` insists (and explains why it cannot run)."""
     if backend in ("reference", "compact"):
         return backend
-    on_cuda = weight.device.type == "cuda"
+    on_cuda = device_type == "cuda"
     if backend == "auto":
-        if weight.device.type == "cpu":
+        if device_type == "cpu":
             return "compact"
-        ok = on_cuda and weight.dtype in TRITON_DTYPES and triton_available()
+        ok = on_cuda and dtype in TRITON_DTYPES and triton_available()
         return "triton" if ok else "reference"
     if not triton_available():
         raise RuntimeError("backend='triton' needs the triton package (pip install 'spafl[triton]')")
-    if not on_cuda and not interpreter_enabled():
+    if not on_cuda and not interpreter:
         raise ValueError(
-            f"backend='triton' runs on CUDA tensors, got tensors on {weight.device}; use backend='auto' or "
+            f"backend='triton' runs on CUDA tensors, got tensors on {device_type}; use backend='auto' or "
             "'compact' on CPU (or set TRITON_INTERPRET=1 before importing spafl to run the kernels in "
             "Triton's interpreter, for testing)"
         )
-    if weight.dtype not in TRITON_DTYPES:
+    if dtype not in TRITON_DTYPES:
         raise TypeError(
-            f"backend='triton' supports {TRITON_DTYPES}, got {weight.dtype}; use backend='compact' or 'reference'"
+            f"backend='triton' supports {TRITON_DTYPES}, got {dtype}; use backend='compact' or 'reference'"
         )
     return "triton"

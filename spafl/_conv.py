@@ -75,3 +75,21 @@ def conv_geometry(kernel, stride=1, padding=0, dilation=1, groups=1) -> ConvGeom
     else:
         begin = end = spec = _pair("padding", padding, minimum=0)
     return ConvGeometry(kernel, stride, spec, dilation, groups, begin, end)
+
+
+_GEOMETRIES: dict[tuple, ConvGeometry] = {}
+
+
+def cached_geometry(kernel, stride=1, padding=0, dilation=1, groups=1) -> ConvGeometry:
+    """:func:`conv_geometry`, built once per distinct set of options (a layer's options rarely
+    change; its forward asks for them every call). The types are part of the key: ``1``,
+    ``1.0`` and ``True`` hash alike and validate differently."""
+    args = (kernel, stride, padding, dilation, groups)
+    try:
+        key = (args, tuple(map(type, args)))
+        found = _GEOMETRIES.get(key)
+    except TypeError:  # unhashable options (a list): validated without the cache
+        return conv_geometry(*args)
+    if found is None:
+        found = _GEOMETRIES[key] = conv_geometry(*args)
+    return found

@@ -30,8 +30,9 @@ import torch
 
 from . import compact
 from ._conv import ConvGeometry
+from ._options import from_key
 from ._rowmask import RowMask
-from .functional import IMPLEMENTATIONS, _guarded_row_mask, _operands_already_cast, _Options, _pointwise_as_linear
+from .functional import IMPLEMENTATIONS, _guarded_row_mask, _operands_already_cast, _pointwise_as_linear
 
 Tensor = torch.Tensor
 
@@ -56,23 +57,21 @@ def row_mask(
     previous_density: Optional[Tensor],  # noqa: UP045
     backend: str,
     with_perm: bool,
-    collapse_density: Optional[float],  # noqa: UP045
-    collapse_timing: str,
+    options: str,
     check_finite: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """``(mask [N] bool, perm [N] int32 | [0], count [1] int32 | [0])`` of ``weight [N, ...]``
-    after the collapse guard, as the eager forward computes them (``perm`` / ``count`` only with
-    ``with_perm``)."""
-    rm = _guarded_row_mask(weight, threshold, backend, with_perm, collapse_density, collapse_timing, counter,
-                           previous_density, check_finite)
+    after the collapse guard of ``options`` (a ``ThresholdOptions.key``), as the eager forward
+    computes them (``perm`` / ``count`` only with ``with_perm``)."""
+    rm = _guarded_row_mask(weight, threshold, backend, with_perm, from_key(options), counter, previous_density,
+                           check_finite)
     perm = rm.perm if with_perm else _no_list(weight)
     count = rm.count.reshape(1) if with_perm else _no_list(weight)
     return rm.mask, perm, count
 
 
 @row_mask.register_fake
-def _(weight, threshold, counter, previous_density, backend, with_perm, collapse_density, collapse_timing,
-      check_finite):
+def _(weight, threshold, counter, previous_density, backend, with_perm, options, check_finite):
     n = weight.shape[0]
     mask = weight.new_empty(n, dtype=torch.bool)
     if not with_perm:
@@ -100,20 +99,18 @@ def threshold_linear(
     perm: Tensor,
     count: Tensor,
     backend: str,
-    backward_mode: str,
-    sample_fraction: float,
-    skip_zero_inputs: bool,
+    options: str,
 ) -> Tensor:
-    """``y [M, N]`` for ``x [M, K]``, ``weight [N, K]``: the eager forward of ``backend``
-    (``threshold`` is here for its gradient only)."""
-    options = _Options(backward_mode, sample_fraction, skip_zero_inputs, threshold.dtype)
+    """``y [M, N]`` for ``x [M, K]``, ``weight [N, K]``: the eager forward of ``backend`` with
+    ``options`` (a ``ThresholdOptions.key``; ``threshold`` is here for its gradient only)."""
     with _operands_already_cast(x.device.type):
-        y, _ = IMPLEMENTATIONS[backend].linear_forward(x, weight, bias, _row_mask_of(mask, perm, count), options)
+        y, _ = IMPLEMENTATIONS[backend].linear_forward(x, weight, bias, _row_mask_of(mask, perm, count),
+                                                       from_key(options))
     return y.contiguous()
 
 
 @threshold_linear.register_fake
-def _(x, weight, threshold, bias, mask, perm, count, backend, backward_mode, sample_fraction, skip_zero_inputs):
+def _(x, weight, threshold, bias, mask, perm, count, backend, options):
     return x.new_empty((x.shape[0], weight.shape[0]))
 
 
@@ -126,18 +123,16 @@ def threshold_linear_backward(
     perm: Tensor,
     count: Tensor,
     backend: str,
-    backward_mode: str,
-    sample_fraction: float,
-    skip_zero_inputs: bool,
+    options: str,
     threshold_dtype: torch.dtype,
     need_dx: bool,
     has_bias: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """``(dx [M, K] | [0], dW [N, K], dtau [N], db [N] | [0])``: the eager backward of ``backend``."""
-    options = _Options(backward_mode, sample_fraction, skip_zero_inputs, threshold_dtype)
-    state = _compact_linear_state(x, weight, mask, skip_zero_inputs) if backend == "compact" else None
+    opts = from_key(options)
+    state = _compact_linear_state(x, weight, mask, opts.skip_zero_inputs) if backend == "compact" else None
     dx, dw, dtau, db = IMPLEMENTATIONS[backend].linear_backward(
-        grad_y, x, weight, _row_mask_of(mask, perm, count), state, options, need_dx, has_bias
+        grad_y, x, weight, _row_mask_of(mask, perm, count), state, opts, need_dx, has_bias, threshold_dtype
     )
     return (
         dx.contiguous() if need_dx else x.new_empty(0),
@@ -148,8 +143,7 @@ def threshold_linear_backward(
 
 
 @threshold_linear_backward.register_fake
-def _(grad_y, x, weight, mask, perm, count, backend, backward_mode, sample_fraction, skip_zero_inputs,
-      threshold_dtype, need_dx, has_bias):
+def _(grad_y, x, weight, mask, perm, count, backend, options, threshold_dtype, need_dx, has_bias):
     return (
         x.new_empty(x.shape) if need_dx else x.new_empty(0),
         weight.new_empty(weight.shape),
@@ -230,23 +224,19 @@ def threshold_conv2d(
     dilation: list[int],
     groups: int,
     backend: str,
-    backward_mode: str,
-    sample_fraction: float,
-    skip_zero_inputs: bool,
+    options: str,
 ) -> Tensor:
     """``y [B, F, Ho, Wo]`` for ``x [B, C, H, W]``, ``weight [F, C / groups, KH, KW]``: the eager
     forward of ``backend``."""
     geometry = _geometry(weight, stride, pad_begin, pad_end, dilation, groups)
-    options = _Options(backward_mode, sample_fraction, skip_zero_inputs, threshold.dtype)
     with _operands_already_cast(x.device.type):
         y, _ = IMPLEMENTATIONS[backend].conv2d_forward(x, weight, bias, _row_mask_of(mask, perm, count), geometry,
-                                                       options)
+                                                       from_key(options))
     return _in_format(y, _conv_format(x, weight))
 
 
 @threshold_conv2d.register_fake
-def _(x, weight, threshold, bias, mask, perm, count, stride, pad_begin, pad_end, dilation, groups, backend,
-      backward_mode, sample_fraction, skip_zero_inputs):
+def _(x, weight, threshold, bias, mask, perm, count, stride, pad_begin, pad_end, dilation, groups, backend, options):
     geometry = _geometry(weight, stride, pad_begin, pad_end, dilation, groups)
     out_h, out_w = geometry.output_size(x.shape[2], x.shape[3])
     return torch.empty((x.shape[0], weight.shape[0], out_h, out_w), dtype=x.dtype, device=x.device,
@@ -267,24 +257,22 @@ def threshold_conv2d_backward(
     dilation: list[int],
     groups: int,
     backend: str,
-    backward_mode: str,
-    sample_fraction: float,
-    skip_zero_inputs: bool,
+    options: str,
     threshold_dtype: torch.dtype,
     need_dx: bool,
     has_bias: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """``(dx | [0], dW, dtau [F], db [F] | [0])``: the eager backward of ``backend``."""
     geometry = _geometry(weight, stride, pad_begin, pad_end, dilation, groups)
-    options = _Options(backward_mode, sample_fraction, skip_zero_inputs, threshold_dtype)
+    opts = from_key(options)
     if backend == "compact":
-        state = _compact_conv2d_state(x, weight, mask, geometry, skip_zero_inputs)
+        state = _compact_conv2d_state(x, weight, mask, geometry, opts.skip_zero_inputs)
     elif backend == "triton":
         state = _pointwise_as_linear(x, geometry)  # the route the forward took
     else:
         state = None
     dx, dw, dtau, db = IMPLEMENTATIONS[backend].conv2d_backward(
-        grad_y, x, weight, _row_mask_of(mask, perm, count), geometry, state, options, need_dx, has_bias
+        grad_y, x, weight, _row_mask_of(mask, perm, count), geometry, state, opts, need_dx, has_bias, threshold_dtype
     )
     return (
         _in_format(dx, _conv_format(x, weight)) if need_dx else x.new_empty(0),
@@ -295,8 +283,8 @@ def threshold_conv2d_backward(
 
 
 @threshold_conv2d_backward.register_fake
-def _(grad_y, x, weight, mask, perm, count, stride, pad_begin, pad_end, dilation, groups, backend, backward_mode,
-      sample_fraction, skip_zero_inputs, threshold_dtype, need_dx, has_bias):
+def _(grad_y, x, weight, mask, perm, count, stride, pad_begin, pad_end, dilation, groups, backend, options,
+      threshold_dtype, need_dx, has_bias):
     return (
         torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=_conv_format(x, weight))
         if need_dx else x.new_empty(0),

@@ -17,6 +17,9 @@ class RowMask(NamedTuple):
     count:     int32 [1]  number of active rows (``perm[:count]`` is the compact list)
     score:     fp32  [N]  mean |w| of each row (fp64 for fp64 weights on the reference path)
     collapsed: bool  [1]  whether the collapse guard fired (None when no guard was asked for)
+    units:     int64 [A]  the active rows ascending, where the host built the mask for the
+                          compacting backend (:mod:`spafl.compact` then needs no second
+                          ``nonzero``); None otherwise, and when every row is active
     """
 
     mask: torch.Tensor
@@ -24,6 +27,7 @@ class RowMask(NamedTuple):
     count: torch.Tensor
     score: torch.Tensor
     collapsed: torch.Tensor | None = None
+    units: torch.Tensor | None = None
 
 
 def sample_rows(m_rows: int, sample_fraction: float) -> tuple[int, int]:

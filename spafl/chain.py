@@ -28,20 +28,26 @@ when :func:`applies` allows it; any model can do the same::
 
 from __future__ import annotations
 
-import functools
 import math
 from typing import NamedTuple
 
 import torch
 import torch.fx
 import torch.nn.functional as F
-from torch.autograd.function import once_differentiable
 from torch.nn.modules import module as _module
 
 from . import compact
-from ._checks import check_threshold_values, resolve_backend
-from ._conv import ConvGeometry, conv_geometry
-from .functional import _autocast_enabled, _cast_gradients, _guarded_row_mask
+from ._checks import check_finite_values, route
+from ._conv import cached_geometry
+from .functional import (
+    ThresholdConv2dFunction,
+    ThresholdLinearFunction,
+    _autocast_enabled,
+    _check_finite,
+    _Compact,
+    _guarded_row_mask,
+    _run,
+)
 from .layers import ThresholdConv2d, ThresholdLinear
 
 
@@ -112,56 +118,6 @@ def to_dense(c: Compact) -> torch.Tensor:
 # ----------------------------------------------------------------------------- threshold layers
 
 
-class _Call(NamedTuple):
-    """What the chain's autograd Function needs besides the tensors."""
-
-    geometry: ConvGeometry | None  # None: a Linear
-    x_index: torch.Tensor | None
-    compact_output: bool
-    backward_mode: str
-    sample_fraction: float
-    threshold_dtype: torch.dtype
-
-
-def _forward(x, weight, bias, mask, call: _Call):
-    if call.geometry is None:
-        return compact.linear_forward(x, weight, bias, mask, x_index=call.x_index, compact_output=call.compact_output)
-    return compact.conv2d_forward(x, weight, bias, mask, call.geometry, x_index=call.x_index,
-                                  compact_output=call.compact_output)
-
-
-class ThresholdChainFunction(torch.autograd.Function):
-    """One threshold layer of a compact chain: ``x`` is the layer's input (compact when
-    ``call.x_index`` is set), the output holds the active units only when
-    ``call.compact_output`` is set. Gradients as :class:`spafl.ThresholdLinearFunction` /
-    :class:`spafl.ThresholdConv2dFunction`, pruned units of a compact output getting 0."""
-
-    @staticmethod
-    def forward(ctx, x, weight, threshold, bias, mask, call):
-        y, state = _forward(x, weight, bias, mask, call)
-        ctx.save_for_backward(x, weight, mask)
-        ctx.state, ctx.call, ctx.has_bias = state, call, bias is not None
-        return y
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_y):
-        x, weight, mask = ctx.saved_tensors
-        call, need_dx = ctx.call, ctx.needs_input_grad[0]
-        kwargs = {"has_bias": ctx.has_bias, "need_dx": need_dx, "mode": call.backward_mode,
-                  "sample_fraction": call.sample_fraction}
-        if call.geometry is None:
-            grads = compact.linear_backward(grad_y, x, weight, mask, ctx.state, **kwargs)
-        else:
-            grads = compact.conv2d_backward(grad_y, x, weight, mask, call.geometry, ctx.state, **kwargs)
-        return (*_cast_gradients(grads, need_dx, weight.dtype, call.threshold_dtype), None, None)
-
-
-# The layers' options are validated at construction: a chain only needs their geometry, the
-# same each step (building it costs more than a small layer's arithmetic).
-_geometry = functools.lru_cache(maxsize=256)(conv_geometry)
-
-
 def _layer_type_ok(module) -> bool:
     # Exactly the library's layers: a subclass may compute something else in its forward.
     return type(module) in (ThresholdLinear, ThresholdConv2d)
@@ -183,9 +139,11 @@ def layer(module: ThresholdLinear | ThresholdConv2d, x: torch.Tensor | Compact, 
     weight, threshold, bias = module.weight, module.threshold, module.bias
     conv = isinstance(module, ThresholdConv2d)
     name = type(module).__name__
-    if resolve_backend(module.backend, weight) != "compact":
-        raise ValueError(f"a chain runs on the compacting backend; this {name} resolves backend={module.backend!r} "
-                         f"to {resolve_backend(module.backend, weight)!r} for {weight.device} {weight.dtype}")
+    options = module.forward_options
+    where = route(options.backend, weight).compute
+    if where != "compact":
+        raise ValueError(f"a chain runs on the compacting backend; this {name} resolves backend={options.backend!r} "
+                         f"to {where!r} for {weight.device} {weight.dtype}")
     if _autocast_enabled(weight.device.type):
         raise ValueError("a chain does not run under torch.autocast; call the layers instead")
     if compact_output and bias is not None:
@@ -219,31 +177,31 @@ def layer(module: ThresholdLinear | ThresholdConv2d, x: torch.Tensor | Compact, 
         if module.padding_mode != "zeros":
             values = F.pad(values, module._explicit_padding, mode=module.padding_mode)
             padding = 0
-        geometry = _geometry(module.kernel_size, module.stride, padding, module.dilation, module.groups)
+        geometry = cached_geometry(module.kernel_size, module.stride, padding, module.dilation, module.groups)
         out_h, out_w = geometry.output_size(values.shape[2], values.shape[3])
         if out_h < 1 or out_w < 1:
             raise ValueError(f"{name}: input of spatial size {tuple(values.shape[2:])} is too small for kernel "
                              f"{geometry.kernel}")
         if compact_output and not compact._channels_last(values):
             values = _as_channels_last(values)
-    options = module._layer_options()
-    check_threshold_values(threshold, options["check_finite"])
-    row_mask = _guarded_row_mask(weight, threshold, "compact", False, options["collapse_density"],
-                                 options["collapse_timing"], options["collapse_counter"], options["previous_density"])
-    call = _Call(geometry, x_index, compact_output, options["backward_mode"], options["sample_fraction"],
-                 threshold.dtype)
-    mask = row_mask.mask
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (values, weight, threshold, bias)):
-        y = ThresholdChainFunction.apply(values, weight, threshold, bias, mask, call)
+    tau = threshold.detach()
+    if _check_finite(options, threshold):
+        check_finite_values(tau)  # (the weights' scores are checked when the layer is called by itself)
+    row_mask = _guarded_row_mask(weight, threshold, "compact", False, options, module.collapse_resets,
+                                 module.previous_density)
+    impl = _Compact(x_index, compact_output)
+    if conv:
+        y = _run(ThresholdConv2dFunction, values, weight, threshold, bias, row_mask, geometry, impl, options)
     else:
-        y = _forward(values, weight, bias, mask, call)[0]
+        y = _run(ThresholdLinearFunction, values, weight, threshold, bias, row_mask, impl, options)
+    mask = row_mask.mask
     if not compact_output:
         # Channels-last values are the chain's own layout: a whole output leaves it in the
         # layout F.conv2d gives for a contiguous input (channels-last only for such a weight).
         if conv and x_index is not None and not compact._channels_last(weight):
             y = y.contiguous()
         return y
-    return Compact(y, compact.active_units(mask), weight.shape[0])
+    return Compact(y, compact.active_units(mask, row_mask.units), weight.shape[0])
 
 
 def _as_channels_last(t: torch.Tensor) -> torch.Tensor:
@@ -286,7 +244,7 @@ def applies(x, *layers) -> bool:
     if any(not m.skip_zero_inputs for m in layers[1:]) or any(m.bias is not None for m in layers[:-1]):
         return False
     weight = first.weight
-    if any(resolve_backend(m.backend, m.weight) != "compact" for m in layers) or _autocast_enabled(weight.device.type):
+    if any(route(m.backend, m.weight).compute != "compact" for m in layers) or _autocast_enabled(weight.device.type):
         return False
     if x.dtype != weight.dtype or x.device != weight.device:
         return False

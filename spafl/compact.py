@@ -98,11 +98,13 @@ def _single_channel_route(x: torch.Tensor, kernel, out_size, groups: int) -> boo
 # ----------------------------------------------------------------------------- index lists
 
 
-def active_units(mask: torch.Tensor) -> torch.Tensor | None:
+def active_units(mask: torch.Tensor, units: torch.Tensor | None = None) -> torch.Tensor | None:
     """Ascending int64 indices of the active units of ``mask [N]``; None when all are active.
-    Synchronises with the device."""
-    units = mask.nonzero().squeeze(1)
-    return None if units.numel() == mask.numel() else units
+    ``units``: those indices where the caller has them already (``RowMask.units``); otherwise a
+    ``nonzero``, which synchronises with the device."""
+    if units is None:
+        units = mask.nonzero().squeeze(1)
+    return None if units.shape[0] == mask.shape[0] else units
 
 
 def _nonzero_slices(t: torch.Tensor, dim: int) -> torch.Tensor:
@@ -241,12 +243,14 @@ def linear_state(
     *,
     x_index: torch.Tensor | None = None,
     compact_output: bool = False,
+    units: torch.Tensor | None = None,
 ) -> _LinearState:
     """What :func:`linear_forward` decides before its product, for ``xc`` and ``w`` already in
     the compute dtype: the active units, the input features multiplied and the gathered
     operands (``z`` None). The compiled operators (:mod:`spafl._ops`) rebuild the backward's
-    state with it: without ``z`` the backward takes ``r`` from ``G``, with equal results."""
-    units = active_units(mask)
+    state with it: without ``z`` the backward takes ``r`` from ``G``, with equal results.
+    ``units``: the active units where the caller has them (see :func:`active_units`)."""
+    units = active_units(mask, units)
     if x_index is not None:
         cols, x_in = x_index, xc
     else:
@@ -267,6 +271,7 @@ def linear_forward(
     *,
     x_index: torch.Tensor | None = None,
     compact_output: bool = False,
+    units: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, _LinearState]:
     """``x [M, K]``, ``weight [N, K]``, ``mask [N]`` -> ``(y [M, N] in x's dtype, state)``;
     ``state`` goes to :func:`linear_backward`: the active units and the kept input features
@@ -282,7 +287,7 @@ def linear_forward(
         raise ValueError("compact_output needs a layer without bias: pruned units must output 0")
     compute = _compute_dtype(x.dtype)
     xc, w, b = _cast(x, compute), _cast(weight, compute), _cast(bias, compute)
-    state = linear_state(xc, w, mask, skip_zero_inputs, x_index=x_index, compact_output=compact_output)
+    state = linear_state(xc, w, mask, skip_zero_inputs, x_index=x_index, compact_output=compact_output, units=units)
     units = state.units
     x_in = xc if state.x_in is None else state.x_in
     w_in = w if state.w_in is None else state.w_in
@@ -523,13 +528,15 @@ def conv2d_state(
     *,
     x_index: torch.Tensor | None = None,
     compact_output: bool = False,
+    units: torch.Tensor | None = None,
 ) -> _ConvState:
     """What :func:`conv2d_forward` decides before its convolution, for ``xc`` and ``w`` already
     in the compute dtype: the active filters (none when every input channel is 0), the input
     channels multiplied and the compact convolution's plan (None when the dense convolution
     runs or nothing is active). The compiled operators (:mod:`spafl._ops`) rebuild the
-    backward's state with it."""
-    units = active_units(mask)
+    backward's state with it. ``units``: the active filters where the caller has them (see
+    :func:`active_units`)."""
+    units = active_units(mask, units)
     if x_index is not None:
         channels = x_index
     else:
@@ -562,6 +569,7 @@ def conv2d_forward(
     *,
     x_index: torch.Tensor | None = None,
     compact_output: bool = False,
+    units: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, _ConvState]:
     """``x [B, C, H, W]``, ``weight [F, C / groups, kh, kw]``, ``mask [F]`` ->
     ``(y [B, F, Ho, Wo] in x's dtype, state for conv2d_backward)``.
@@ -577,7 +585,8 @@ def conv2d_forward(
         raise ValueError(f"a compact input needs groups == 1, got groups={geometry.groups}")
     compute = _compute_dtype(x.dtype)
     xc, w, b = _cast(x, compute), _cast(weight, compute), _cast(bias, compute)
-    state = conv2d_state(xc, w, mask, geometry, skip_zero_inputs, x_index=x_index, compact_output=compact_output)
+    state = conv2d_state(xc, w, mask, geometry, skip_zero_inputs, x_index=x_index, compact_output=compact_output,
+                         units=units)
     units, plan = state.units, state.plan
     if units is None and state.channels is None:
         y = _plan_conv(xc, _ConvPlan(w, geometry.groups, None, None), geometry, b)

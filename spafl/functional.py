@@ -1,33 +1,47 @@
-"""Autograd functions and the functional API of the threshold layers."""
+"""Autograd functions and the functional API of the threshold layers.
+
+One path per op: :func:`linear_call` / :func:`conv2d_call` take the tensors, the layer's
+:class:`~spafl._options.ThresholdOptions` and the guard's buffers; the layers call them directly,
+the functional API after building the options from its keyword arguments. The route (which
+backend computes the mask and the products) comes from :func:`spafl._checks.route`, the one
+dispatch point; the forward and the backward of each backend are the methods of its entry in
+``IMPLEMENTATIONS``, run by the autograd Functions here in eager mode, by the ``torch.library``
+operators of :mod:`spafl._ops` under ``torch.compile``, and by the compact chains of
+:mod:`spafl.chain` (which pass an implementation object of their own).
+"""
 
 from __future__ import annotations
 
 import contextlib
+import math
 import struct
-from typing import NamedTuple
 
 import torch
 from torch.autograd.function import once_differentiable
 
 from . import compact, reference
 from ._checks import (
-    check_collapse_timing,
+    Route,
     check_finite_values,
     check_layer_inputs,
-    check_options,
     check_weight_and_threshold,
-    resolve_backend,
-    resolve_check_finite,
+    route,
 )
 from ._conv import ConvGeometry, conv_geometry
+from ._options import ThresholdOptions, options_of
 from ._rowmask import RowMask
+
+_KERNELS = None
 
 
 def _kernels():
     # Imported on first use so that the reference path works where Triton is not installed.
-    from . import kernels
+    global _KERNELS
+    if _KERNELS is None:
+        from . import kernels
 
-    return kernels
+        _KERNELS = kernels
+    return _KERNELS
 
 
 def threshold_row_mask(
@@ -46,38 +60,30 @@ def threshold_row_mask(
     set; this function does not modify ``threshold`` (the layers do, see ``collapse_density``).
     ``check_finite`` as for :func:`threshold_linear` (NaN / inf thresholds and weights).
     """
-    check_options(backend, "exact", 1.0, collapse_density)
+    options = options_of(backend, "exact", 1.0, collapse_density, "current", False, check_finite)
     check_weight_and_threshold(weight, threshold, op="threshold_row_mask")
-    check = resolve_check_finite(check_finite, threshold.device)
-    row_mask = _row_mask(weight, threshold, resolve_backend(backend, weight), collapse_density)
-    if check:
+    row_mask = _row_mask(weight, threshold, route(backend, weight).mask, collapse_density)
+    if _check_finite(options, threshold):
         check_finite_values(threshold, row_mask.score)
     return row_mask
 
 
-def _row_mask(
-    weight, threshold, resolved_backend: str, collapse_density: float | None, with_perm: bool = True
-) -> RowMask:
-    w2d = weight.detach().reshape(weight.shape[0], -1)
+def _check_finite(options: ThresholdOptions, threshold: torch.Tensor) -> bool:
+    """``options.check_finite`` resolved: None means on for CPU tensors (the check is free there)
+    and off elsewhere (on CUDA it synchronises with the host)."""
+    check = options.check_finite
+    return threshold.device.type == "cpu" if check is None else check
+
+
+def _row_mask(weight, threshold, mask_backend: str, collapse_density: float | None, with_perm: bool = True) -> RowMask:
+    if mask_backend == "triton":  # (a launch records no graph: no detach needed)
+        w2d = weight if weight.dim() == 2 else weight.reshape(weight.shape[0], -1)
+        return _kernels().threshold_row_mask(w2d, threshold, collapse_density=collapse_density)
+    w2d = weight.detach()
+    if w2d.dim() != 2:
+        w2d = w2d.reshape(w2d.shape[0], -1)
     with torch.no_grad():
-        if resolved_backend == "triton":
-            return _kernels().threshold_row_mask(w2d, threshold.detach(), collapse_density=collapse_density)
         return reference.row_mask(w2d, threshold, collapse_density=collapse_density, with_perm=with_perm)
-
-
-def apply_collapse_guard(
-    threshold: torch.Tensor, row_mask: RowMask, counter: torch.Tensor | None = None
-) -> None:
-    """Reset ``threshold`` to 0 where ``row_mask.collapsed`` says the guard fired and count it.
-
-    Device-side ``masked_fill_`` / ``add_``: no host synchronisation.
-    """
-    if row_mask.collapsed is None:
-        return
-    with torch.no_grad():
-        threshold.masked_fill_(row_mask.collapsed, 0.0)
-        if counter is not None:
-            counter.add_(row_mask.collapsed.reshape(()).to(counter.dtype))
 
 
 def _guarded_row_mask(
@@ -85,84 +91,97 @@ def _guarded_row_mask(
     threshold: torch.Tensor,
     mask_backend: str,
     with_perm: bool,
-    collapse_density: float | None,
-    collapse_timing: str,
+    options: ThresholdOptions,
     counter: torch.Tensor | None,
     previous_density: torch.Tensor | None,
     check_finite: bool = False,
 ) -> RowMask:
-    """The forward's row mask, after the collapse guard (if one is asked for) has run.
+    """The forward's row mask, after the collapse guard of ``options`` (if any) has run: the one
+    guard of every path (eager, the ``spafl::row_mask`` operator, the chains).
 
     ``"current"``: the guard tests this mask's density, and the mask of ``tau = 0`` is used
     when it fires. ``"previous"``: it tests ``previous_density`` (the density of the last
     guarded forward, as the SpaFL authors' layers test ``self.ratio``), resets before the mask
     is built, and the mask comes from the reset thresholds. Either way ``previous_density``
-    (when given) then holds this forward's density. Device-side, without a host
-    synchronisation, except for CPU tensors on the plain-PyTorch backends, where the host
-    decides (:func:`_guarded_row_mask_on_host`, same results). ``check_finite``: reject NaN /
+    (when given) then holds this forward's density. When it fires, ``threshold`` is reset to 0
+    in place and ``counter`` incremented. Device-side, without a host synchronisation, except
+    for CPU tensors on the plain-PyTorch backends, where the host decides (same results, and a
+    forward where the guard does not fire pays no no-op writes). ``check_finite``: reject NaN /
     inf thresholds and weights first (nothing is modified then).
     """
-    if mask_backend != "triton" and not with_perm and weight.device.type == "cpu":
-        return _guarded_row_mask_on_host(weight, threshold, collapse_density, collapse_timing, counter,
-                                         previous_density, check_finite)
+    density = options.collapse_density
+    on_host = mask_backend != "triton" and not with_perm and weight.device.type == "cpu"
+    if on_host:
+        return _host_row_mask(weight, threshold, mask_backend == "compact", density, options.collapse_timing,
+                              counter, previous_density, check_finite)
     if check_finite:  # a pass over the weight of its own: only where the check was asked for
         check_finite_values(threshold, reference.row_scores(weight))
-    if collapse_density is None:
+    if density is None:
         return _row_mask(weight, threshold, mask_backend, None, with_perm)
-    if collapse_timing == "previous":
-        collapsed = (previous_density <= collapse_density).reshape(1)
-        apply_collapse_guard(threshold, RowMask(None, None, None, None, collapsed), counter)
-        row_mask = _row_mask(weight, threshold, mask_backend, None, with_perm)._replace(collapsed=collapsed)
-    else:
-        row_mask = _row_mask(weight, threshold, mask_backend, collapse_density, with_perm)
-        apply_collapse_guard(threshold, row_mask, counter)
-    if previous_density is not None:
-        with torch.no_grad():
-            previous_density.copy_(row_mask.count.reshape(()) / row_mask.mask.numel())
+    previous = options.collapse_timing == "previous"
+    with torch.no_grad():
+        if previous:
+            collapsed = (previous_density <= density).reshape(1)
+            _reset(threshold, collapsed, counter)
+            row_mask = _row_mask(weight, threshold, mask_backend, None, with_perm)._replace(collapsed=collapsed)
+        else:
+            row_mask = _row_mask(weight, threshold, mask_backend, density, with_perm)
+            _reset(threshold, row_mask.collapsed, counter)
+        if previous_density is not None:
+            previous_density.copy_(row_mask.count.reshape(()) / row_mask.mask.shape[0])  # (fp32, as the host)
     return row_mask
 
 
-def _guarded_row_mask_on_host(weight, threshold, collapse_density, collapse_timing, counter, previous_density,
-                              check_finite):
-    """:func:`_guarded_row_mask` for CPU tensors, deciding on the host (a synchronisation is free
-    there) so that a forward where the guard does not fire pays no device-side no-op writes. The
-    comparisons are the device path's, in its dtypes. ``RowMask.perm``, ``count`` and
-    ``collapsed`` stay None."""
-    with torch.no_grad():
-        score = reference.row_scores(weight)
-        if check_finite:
-            check_finite_values(threshold, score)
-        tau = threshold.detach()
-        mask = score > (tau if tau.dtype == score.dtype else tau.to(score.dtype))
-        if collapse_density is None:
-            return RowMask(mask, None, None, score, None)
-        n = mask.numel()
-        active = None
-        if collapse_timing == "previous":
-            fired = bool(previous_density <= collapse_density)
+def _host_row_mask(weight, threshold, want_units: bool, density, timing, counter, previous_density, check_finite):
+    """:func:`_guarded_row_mask` for CPU tensors on the plain-PyTorch backends, deciding on the
+    host (a synchronisation is free there) with as few operations as a small layer allows: the
+    comparisons are the device path's, in its dtypes (``s > tau`` as ``s - tau > 0``, the same
+    for IEEE floats, whose difference is 0 only when they are equal; one finite sum of it tells
+    that both are finite). ``RowMask.perm``, ``count`` and ``collapsed`` stay None; ``units``
+    holds the active rows for the compacting backend (``want_units``)."""
+    score = reference.row_scores(weight)
+    tau = threshold.detach()
+    if tau.dtype != score.dtype:
+        tau = tau.to(score.dtype)
+    if check_finite:
+        diff = score - tau
+        if not math.isfinite(float(diff.sum())):
+            check_finite_values(threshold.detach(), score)  # names the culprits (or finds an overflowed sum)
+        mask = diff > 0
+    else:
+        mask = score > tau
+    units = active = None
+    n = mask.shape[0]
+    if want_units or (density is not None and timing == "current"):
+        units = mask.nonzero().squeeze(1)
+        active = units.shape[0]
+    if density is not None:
+        if timing == "previous":
+            fired = bool(previous_density <= density)
         else:
-            active = int(mask.sum())
-            fired = active <= _float32(collapse_density * n)  # the device path compares in fp32
+            fired = active <= _float32(density * n)  # the device path compares in fp32
         if fired:
-            threshold.zero_()
+            with torch.no_grad():
+                threshold.zero_()
             if counter is not None:
                 counter.add_(1)
             mask = score > 0
-            active = None
+            units = mask.nonzero().squeeze(1)
+            active = units.shape[0]
         if previous_density is not None:
-            active = int(mask.sum()) if active is None else active
+            if active is None:
+                units = mask.nonzero().squeeze(1)
+                active = units.shape[0]
             previous_density.fill_(active / n)  # = the device path's fp32 count / n, rounded once
-    return RowMask(mask, None, None, score, None)
+    return RowMask(mask, None, None, score, None, units if want_units else None)
 
 
-def _traced_row_mask(weight, threshold, mask_backend, with_perm, collapse_density, collapse_timing, counter,
-                     previous_density, check_finite):
-    """``(mask, perm, count)`` of :func:`_guarded_row_mask` while ``torch.compile`` traces: the
-    ``spafl::row_mask`` operator (:mod:`spafl._ops`), which runs the guard and the finiteness check
-    inside, where their host decisions break no graph."""
-    with torch.no_grad():  # the guard writes into the thresholds, a leaf that requires grad
-        return torch.ops.spafl.row_mask(weight, threshold, counter, previous_density, mask_backend, with_perm,
-                                        collapse_density, collapse_timing, check_finite)
+def _reset(threshold: torch.Tensor, collapsed: torch.Tensor, counter: torch.Tensor | None) -> None:
+    """The guard's reset on the device: ``threshold`` to 0 and ``counter`` + 1 where
+    ``collapsed`` (no host synchronisation)."""
+    threshold.masked_fill_(collapsed, 0.0)
+    if counter is not None:
+        counter.add_(collapsed.reshape(()))
 
 
 def _float32(value: float) -> float:
@@ -184,81 +203,75 @@ def _cast_gradients(grads, need_dx: bool, weight_dtype: torch.dtype, threshold_d
     )
 
 
-def _backward_mode(mode: str, rows: int) -> str:
+def _mode(options: ThresholdOptions, rows: int) -> str:
     """The backward mode to run for a batch of ``rows`` rows (Linear) or samples (Conv2d): an
     empty batch has no rows to sample, and there ``"sample"`` is ``"exact"`` (every ``r`` is 0)."""
+    mode = options.backward_mode
     return "exact" if mode == "sample" and rows == 0 else mode
-
-
-class _Options(NamedTuple):
-    """What the autograd Functions pass to an implementation besides the tensors."""
-
-    backward_mode: str
-    sample_fraction: float
-    skip_zero_inputs: bool
-    threshold_dtype: torch.dtype
 
 
 class _Reference:
     """Masked dense (``W * m``, then the dense op): the oracle of the tests and the benchmarks'
     ``masked`` baseline. Ignores ``skip_zero_inputs``."""
 
-    with_perm = False
-
     @staticmethod
     def linear_forward(x2d, weight, bias, row_mask, options):
         return reference.threshold_linear_forward(x2d, weight, row_mask.mask, bias), None
 
     @staticmethod
-    def linear_backward(grad_y2d, x2d, weight, row_mask, state, options, need_dx, has_bias):
+    def linear_backward(grad_y2d, x2d, weight, row_mask, state, options, need_dx, has_bias, threshold_dtype):
         grads = reference.threshold_linear_backward(
             grad_y2d, x2d, weight, row_mask.mask, row_mask.mask, has_bias=has_bias,
-            mode=options.backward_mode, sample_fraction=options.sample_fraction,
+            mode=_mode(options, x2d.shape[0]), sample_fraction=options.sample_fraction,
         )
-        return _cast_gradients(grads, need_dx, weight.dtype, options.threshold_dtype)
+        return _cast_gradients(grads, need_dx, weight.dtype, threshold_dtype)
 
     @staticmethod
     def conv2d_forward(x, weight, bias, row_mask, geometry, options):
         return reference.threshold_conv2d_forward(x, weight, row_mask.mask, bias, geometry), None
 
     @staticmethod
-    def conv2d_backward(grad_y, x, weight, row_mask, geometry, state, options, need_dx, has_bias):
+    def conv2d_backward(grad_y, x, weight, row_mask, geometry, state, options, need_dx, has_bias, threshold_dtype):
         grads = reference.threshold_conv2d_backward(
             grad_y, x, weight, row_mask.mask, row_mask.mask, geometry, has_bias=has_bias,
-            need_dx=need_dx, mode=options.backward_mode, sample_fraction=options.sample_fraction,
+            need_dx=need_dx, mode=_mode(options, x.shape[0]), sample_fraction=options.sample_fraction,
         )
-        return _cast_gradients(grads, need_dx, weight.dtype, options.threshold_dtype)
+        return _cast_gradients(grads, need_dx, weight.dtype, threshold_dtype)
 
 
 class _Compact:
     """Gathers the active units (and, with ``skip_zero_inputs``, the nonzero inputs): see
-    :mod:`spafl.compact`."""
+    :mod:`spafl.compact`. A chain (:mod:`spafl.chain`) runs an instance with its compact input's
+    index list and whether its output stays compact; the layers run the class itself."""
 
-    with_perm = False
+    x_index = None
+    compact_output = False
 
-    @staticmethod
-    def linear_forward(x2d, weight, bias, row_mask, options):
-        return compact.linear_forward(x2d, weight, bias, row_mask.mask, options.skip_zero_inputs)
+    def __init__(self, x_index: torch.Tensor | None = None, compact_output: bool = False):
+        self.x_index, self.compact_output = x_index, compact_output
 
-    @staticmethod
-    def linear_backward(grad_y2d, x2d, weight, row_mask, state, options, need_dx, has_bias):
+    def linear_forward(self, x2d, weight, bias, row_mask, options):
+        return compact.linear_forward(x2d, weight, bias, row_mask.mask, options.skip_zero_inputs,
+                                      x_index=self.x_index, compact_output=self.compact_output, units=row_mask.units)
+
+    def linear_backward(self, grad_y2d, x2d, weight, row_mask, state, options, need_dx, has_bias, threshold_dtype):
         grads = compact.linear_backward(
             grad_y2d, x2d, weight, row_mask.mask, state, has_bias=has_bias, need_dx=need_dx,
-            mode=options.backward_mode, sample_fraction=options.sample_fraction,
+            mode=_mode(options, x2d.shape[0]), sample_fraction=options.sample_fraction,
         )
-        return _cast_gradients(grads, need_dx, weight.dtype, options.threshold_dtype)
+        return _cast_gradients(grads, need_dx, weight.dtype, threshold_dtype)
 
-    @staticmethod
-    def conv2d_forward(x, weight, bias, row_mask, geometry, options):
-        return compact.conv2d_forward(x, weight, bias, row_mask.mask, geometry, options.skip_zero_inputs)
+    def conv2d_forward(self, x, weight, bias, row_mask, geometry, options):
+        return compact.conv2d_forward(x, weight, bias, row_mask.mask, geometry, options.skip_zero_inputs,
+                                      x_index=self.x_index, compact_output=self.compact_output, units=row_mask.units)
 
-    @staticmethod
-    def conv2d_backward(grad_y, x, weight, row_mask, geometry, state, options, need_dx, has_bias):
+    def conv2d_backward(self, grad_y, x, weight, row_mask, geometry, state, options, need_dx, has_bias,
+                        threshold_dtype):
         grads = compact.conv2d_backward(
             grad_y, x, weight, row_mask.mask, geometry, state, has_bias=has_bias, need_dx=need_dx,
-            mode=options.backward_mode, sample_fraction=options.sample_fraction,
+            mode=_mode(options, x.shape[0]), sample_fraction=options.sample_fraction,
         )
-        return _cast_gradients(grads, need_dx, weight.dtype, options.threshold_dtype)
+        return _cast_gradients(grads, need_dx, weight.dtype, threshold_dtype)
 
 
 def _pointwise_as_linear(x: torch.Tensor, geometry: ConvGeometry) -> bool:
@@ -271,17 +284,15 @@ class _Triton:
     """The Triton kernels (``spafl.kernels``): device-side compaction, no host synchronisation.
     Ignores ``skip_zero_inputs``."""
 
-    with_perm = True
-
     @staticmethod
     def linear_forward(x2d, weight, bias, row_mask, options):
         return _kernels().threshold_linear_fwd(x2d, weight, bias, row_mask), None
 
     @staticmethod
-    def linear_backward(grad_y2d, x2d, weight, row_mask, state, options, need_dx, has_bias):
+    def linear_backward(grad_y2d, x2d, weight, row_mask, state, options, need_dx, has_bias, threshold_dtype):
         dx, dw, dtau = _kernels().threshold_linear_bwd(
-            grad_y2d, x2d, weight, row_mask, mode=options.backward_mode, sample_fraction=options.sample_fraction,
-            need_dx=need_dx, threshold_dtype=options.threshold_dtype,
+            grad_y2d, x2d, weight, row_mask, mode=_mode(options, x2d.shape[0]),
+            sample_fraction=options.sample_fraction, need_dx=need_dx, threshold_dtype=threshold_dtype,
         )
         db = grad_y2d.sum(dim=0, dtype=torch.float32).to(weight.dtype) if has_bias else None
         return dx, dw, dtau, db
@@ -297,9 +308,10 @@ class _Triton:
         return y2d.view(batch, height, width, filters).permute(0, 3, 1, 2), True
 
     @staticmethod
-    def conv2d_backward(grad_y, x, weight, row_mask, geometry, as_linear, options, need_dx, has_bias):
-        kwargs = {"mode": options.backward_mode, "sample_fraction": options.sample_fraction, "need_dx": need_dx,
-                  "threshold_dtype": options.threshold_dtype}
+    def conv2d_backward(grad_y, x, weight, row_mask, geometry, as_linear, options, need_dx, has_bias,
+                        threshold_dtype):
+        kwargs = {"mode": _mode(options, x.shape[0]), "sample_fraction": options.sample_fraction,
+                  "need_dx": need_dx, "threshold_dtype": threshold_dtype}
         if as_linear:
             batch, chans, height, width = x.shape
             filters = weight.shape[0]
@@ -333,26 +345,13 @@ def _autocast_enabled(device_type: str) -> bool:
     return torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
 
 
-# The one place where a resolved backend name becomes code.
-IMPLEMENTATIONS = {"reference": _Reference, "compact": _Compact, "triton": _Triton}
+# The registry: where a resolved backend name (``Route.compute``) becomes code.
+IMPLEMENTATIONS = {"reference": _Reference, "compact": _Compact(), "triton": _Triton}
 
 
-def _linear_forward(x, weight, bias, row_mask, backend, options):
-    """``(y [..., out], x2d, the RowMask the backward gets, the backend's state)``."""
-    n_out, fan_in = weight.shape
-    x2d = x.reshape(-1, fan_in)
-    row_mask = RowMask(row_mask.mask, row_mask.perm, row_mask.count, None)
-    with _operands_already_cast(x.device.type):
-        y, state = IMPLEMENTATIONS[backend].linear_forward(x2d, weight, bias, row_mask, options)
-    return y.reshape(*x.shape[:-1], n_out), x2d, row_mask, state
-
-
-def _conv2d_forward(x, weight, bias, row_mask, geometry, backend, options):
-    """``(y, the RowMask the backward gets, the backend's state)``."""
-    row_mask = RowMask(row_mask.mask, row_mask.perm, row_mask.count, None)
-    with _operands_already_cast(x.device.type):
-        y, state = IMPLEMENTATIONS[backend].conv2d_forward(x, weight, bias, row_mask, geometry, options)
-    return y, row_mask, state
+def _impl(backend):
+    # A name of the registry, or an implementation object (a chain's compact one).
+    return IMPLEMENTATIONS[backend] if isinstance(backend, str) else backend
 
 
 def _needs_graph(*tensors) -> bool:
@@ -361,33 +360,45 @@ def _needs_graph(*tensors) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
+def _bare(row_mask: RowMask) -> RowMask:
+    # What the products and the backward read (the scores and the guard's flag stay behind).
+    if row_mask.score is None and row_mask.collapsed is None:
+        return row_mask
+    return RowMask(row_mask.mask, row_mask.perm, row_mask.count, None, None, row_mask.units)
+
+
 class ThresholdLinearFunction(torch.autograd.Function):
     """``y = x @ (W * m)^T + b`` with the straight-through threshold gradient.
 
     Inputs: ``x [..., in]``, ``weight [out, in]``, ``threshold [out]``, ``bias [out] | None``,
-    the :class:`RowMask` of :func:`threshold_row_mask`, the resolved backend (a key of
-    ``IMPLEMENTATIONS``) and the options (``_Options``).
+    the :class:`RowMask` of :func:`threshold_row_mask`, the backend (a key of
+    ``IMPLEMENTATIONS``, or an implementation object) and the :class:`ThresholdOptions`.
     """
 
     @staticmethod
     def forward(ctx, x, weight, threshold, bias, row_mask, backend, options):
-        y, x2d, row_mask, state = _linear_forward(x, weight, bias, row_mask, backend, options)
-        ctx.save_for_backward(x2d, weight, row_mask.mask, row_mask.perm, row_mask.count)
-        ctx.impl, ctx.state, ctx.options = IMPLEMENTATIONS[backend], state, options
-        ctx.x_shape = x.shape
-        ctx.has_bias = bias is not None
-        return y
+        row_mask = _bare(row_mask)
+        impl = _impl(backend)
+        x_shape = x.shape
+        if x.dim() != 2:
+            x = x.reshape(-1, weight.shape[1])
+        y, state = impl.linear_forward(x, weight, bias, row_mask, options)
+        ctx.save_for_backward(x, weight, *row_mask[:3])
+        ctx.impl, ctx.state, ctx.options, ctx.tau_dtype = impl, state, options, threshold.dtype
+        ctx.has_bias, ctx.x_shape = bias is not None, x_shape
+        return y if len(x_shape) == 2 else y.reshape(*x_shape[:-1], weight.shape[0])
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_y):
-        x2d, weight, mask, perm, count = ctx.saved_tensors
-        grad_y2d = grad_y.reshape(-1, weight.shape[0])
+        x, weight, mask, perm, count = ctx.saved_tensors
+        if grad_y.dim() != 2:
+            grad_y = grad_y.reshape(-1, weight.shape[0])
         dx, dw, dtau, db = ctx.impl.linear_backward(
-            grad_y2d, x2d, weight, RowMask(mask, perm, count, None), ctx.state, ctx.options,
-            ctx.needs_input_grad[0], ctx.has_bias,
+            grad_y, x, weight, RowMask(mask, perm, count, None), ctx.state, ctx.options,
+            ctx.needs_input_grad[0], ctx.has_bias, ctx.tau_dtype,
         )
-        if dx is not None:
+        if dx is not None and len(ctx.x_shape) != 2:
             dx = dx.reshape(ctx.x_shape)
         return dx, dw, dtau, db, None, None, None
 
@@ -398,15 +409,17 @@ class ThresholdConv2dFunction(torch.autograd.Function):
 
     Inputs: ``x [B, C, H, W]``, ``weight [F, C / groups, KH, KW]``, ``threshold [F]``,
     ``bias [F] | None``, the :class:`RowMask` of :func:`threshold_row_mask`, a
-    ``ConvGeometry``, the resolved backend (``"triton"`` takes ``groups == 1`` only) and the
-    options (``_Options``).
+    ``ConvGeometry``, the backend (``"triton"`` takes ``groups == 1`` only) and the
+    :class:`ThresholdOptions`.
     """
 
     @staticmethod
     def forward(ctx, x, weight, threshold, bias, row_mask, geometry, backend, options):
-        y, row_mask, state = _conv2d_forward(x, weight, bias, row_mask, geometry, backend, options)
-        ctx.save_for_backward(x, weight, row_mask.mask, row_mask.perm, row_mask.count)
-        ctx.impl, ctx.state, ctx.options = IMPLEMENTATIONS[backend], state, options
+        row_mask = _bare(row_mask)
+        impl = _impl(backend)
+        y, state = impl.conv2d_forward(x, weight, bias, row_mask, geometry, options)
+        ctx.save_for_backward(x, weight, *row_mask[:3])
+        ctx.impl, ctx.state, ctx.options, ctx.tau_dtype = impl, state, options, threshold.dtype
         ctx.geometry = geometry
         ctx.has_bias = bias is not None
         return y
@@ -417,7 +430,7 @@ class ThresholdConv2dFunction(torch.autograd.Function):
         x, weight, mask, perm, count = ctx.saved_tensors
         dx, dw, dtau, db = ctx.impl.conv2d_backward(
             grad_y, x, weight, RowMask(mask, perm, count, None), ctx.geometry, ctx.state, ctx.options,
-            ctx.needs_input_grad[0], ctx.has_bias,
+            ctx.needs_input_grad[0], ctx.has_bias, ctx.tau_dtype,
         )
         return dx, dw, dtau, db, None, None, None, None
 
@@ -433,10 +446,8 @@ def _autocast(x, weight, bias):
     return cast(x), cast(weight), cast(bias)
 
 
-def _validate_guard(
-    collapse_density, collapse_timing: str, collapse_counter, previous_density, threshold: torch.Tensor, op: str
-) -> None:
-    check_collapse_timing(collapse_timing)
+def _validate_guard(options: ThresholdOptions, collapse_counter, previous_density, threshold: torch.Tensor,
+                    op: str) -> None:
     for name, t in (("collapse_counter", collapse_counter), ("previous_density", previous_density)):
         if t is None:
             continue
@@ -446,16 +457,57 @@ def _validate_guard(
             raise ValueError(f"{op}: {name} is on {t.device} but threshold is on {threshold.device}")
     if previous_density is not None and not previous_density.is_floating_point():
         raise TypeError(f"{op}: previous_density must be a floating-point tensor, got {previous_density.dtype}")
-    if collapse_timing == "previous" and collapse_density is not None and previous_density is None:
+    if options.collapse_timing == "previous" and options.collapse_density is not None and previous_density is None:
         raise ValueError(
             f"{op}: collapse_timing='previous' needs previous_density, the tensor that carries the density "
             "from one forward to the next (the layers keep it as a buffer)"
         )
 
 
-def _check_flag(name: str, value) -> None:
-    if not isinstance(value, bool):
-        raise TypeError(f"{name} must be a bool, got {value!r}")
+def _run(fn, x, weight, threshold, bias, row_mask, *args):
+    """The autograd Function ``fn`` when autograd records the call, else its forward alone."""
+    if _needs_graph(x, weight, threshold, bias):
+        return fn.apply(x, weight, threshold, bias, row_mask, *args)
+    impl = _impl(args[-2])
+    forward = impl.linear_forward if fn is ThresholdLinearFunction else impl.conv2d_forward
+    return forward(x, weight, bias, _bare(row_mask), *args[:-2], args[-1])[0]
+
+
+def linear_call(x, weight, threshold, bias, options: ThresholdOptions, counter=None, previous_density=None):
+    """:func:`threshold_linear` with its options already built (what the layers call): checks
+    the tensors, runs the guard and the forward of the routed backend."""
+    check_layer_inputs(x, weight, threshold, bias, op="threshold_linear", weight_dim=2, x_min_dim=1)
+    n_out, fan_in = weight.shape
+    if x.shape[-1] != fan_in:
+        raise ValueError(
+            f"threshold_linear: x has shape {tuple(x.shape)} with {x.shape[-1]} features in its last "
+            f"dimension, but weight {tuple(weight.shape)} expects {fan_in}"
+        )
+    # The mask comes from the master weight, before any autocast cast, so that it agrees with
+    # `layer.mask`, `density` and `to_dense()`; the GEMMs run on the (possibly cast) operands.
+    x_op, w_op, b_op = _autocast(x, weight, bias)
+    where = route(options.backend, weight, w_op.dtype)
+    check = _check_finite(options, threshold)
+    x2d = x_op if x_op.dim() == 2 else x_op.reshape(-1, fan_in)
+    if torch.compiler.is_compiling():
+        mask, perm, count = _traced_row_mask(weight, threshold, where, options, counter, previous_density, check)
+        y = torch.ops.spafl.threshold_linear(x2d, w_op, threshold, b_op, mask, perm, count, where.compute,
+                                             options.key)
+    else:
+        row_mask = _guarded_row_mask(weight, threshold, where.mask, where.with_perm, options, counter,
+                                     previous_density, check)
+        with _operands_already_cast(x.device.type):
+            y = _run(ThresholdLinearFunction, x2d, w_op, threshold, b_op, row_mask, where.compute, options)
+    return y if x.dim() == 2 else y.reshape(*x.shape[:-1], n_out)
+
+
+def _traced_row_mask(weight, threshold, where: Route, options, counter, previous_density, check):
+    """``(mask, perm, count)`` of :func:`_guarded_row_mask` while ``torch.compile`` traces: the
+    ``spafl::row_mask`` operator (:mod:`spafl._ops`), which runs the guard and the finiteness check
+    inside, where their host decisions break no graph."""
+    with torch.no_grad():  # the guard writes into the thresholds, a leaf that requires grad
+        return torch.ops.spafl.row_mask(weight, threshold, counter, previous_density, where.mask, where.with_perm,
+                                        options.key, check)
 
 
 def threshold_linear(
@@ -506,35 +558,10 @@ def threshold_linear(
         check_finite: reject NaN / inf thresholds. Default: on for CPU tensors, off for CUDA
             tensors (the check would synchronise with the host every call).
     """
-    check_options(backend, backward_mode, sample_fraction, collapse_density)
-    check_layer_inputs(x, weight, threshold, bias, op="threshold_linear", weight_dim=2, x_min_dim=1)
-    if x.shape[-1] != weight.shape[1]:
-        raise ValueError(
-            f"threshold_linear: x has shape {tuple(x.shape)} with {x.shape[-1]} features in its last "
-            f"dimension, but weight {tuple(weight.shape)} expects {weight.shape[1]}"
-        )
-    _validate_guard(collapse_density, collapse_timing, collapse_counter, previous_density, threshold,
-                    "threshold_linear")
-    _check_flag("skip_zero_inputs", skip_zero_inputs)
-    check = resolve_check_finite(check_finite, threshold.device)
-    # The mask comes from the master weight, before any autocast cast, so that it agrees with
-    # `layer.mask`, `density` and `to_dense()`; the GEMMs run on the (possibly cast) operands.
-    x_op, w_op, b_op = _autocast(x, weight, bias)
-    resolved = resolve_backend(backend, w_op)
-    mode = _backward_mode(backward_mode, x.numel() // x.shape[-1])
-    guard = (resolve_backend(backend, weight), IMPLEMENTATIONS[resolved].with_perm, collapse_density, collapse_timing,
-             collapse_counter, previous_density, check)
-    if torch.compiler.is_compiling():
-        mask, perm, count = _traced_row_mask(weight, threshold, *guard)
-        n_out, fan_in = weight.shape
-        y = torch.ops.spafl.threshold_linear(x_op.reshape(-1, fan_in), w_op, threshold, b_op, mask, perm, count,
-                                             resolved, mode, float(sample_fraction), skip_zero_inputs)
-        return y.reshape(*x.shape[:-1], n_out)
-    row_mask = _guarded_row_mask(weight, threshold, *guard)
-    options = _Options(mode, float(sample_fraction), skip_zero_inputs, threshold.dtype)
-    if not _needs_graph(x_op, w_op, threshold, b_op):
-        return _linear_forward(x_op, w_op, b_op, row_mask, resolved, options)[0]
-    return ThresholdLinearFunction.apply(x_op, w_op, threshold, b_op, row_mask, resolved, options)
+    options = options_of(backend, backward_mode, sample_fraction, collapse_density, collapse_timing,
+                         skip_zero_inputs, check_finite)
+    _validate_guard(options, collapse_counter, previous_density, threshold, "threshold_linear")
+    return linear_call(x, weight, threshold, bias, options, collapse_counter, previous_density)
 
 
 def threshold_conv2d(
@@ -582,12 +609,30 @@ def threshold_conv2d(
     ``triton``, 1x1 convolutions without stride or padding on a channels-last input run through
     the Linear kernels.
     """
-    check_options(backend, backward_mode, sample_fraction, collapse_density)
+    options = options_of(backend, backward_mode, sample_fraction, collapse_density, collapse_timing,
+                         skip_zero_inputs, check_finite)
+    geometry = conv_geometry(_kernel_of(weight), stride, padding, dilation, groups)
+    _validate_guard(options, collapse_counter, previous_density, threshold, "threshold_conv2d")
+    return conv2d_call(x, weight, threshold, bias, geometry, options, collapse_counter, previous_density)
+
+
+def _kernel_of(weight):
+    # (the weight's own checks, with their messages, come in conv2d_call)
+    return tuple(weight.shape[2:]) if isinstance(weight, torch.Tensor) and weight.dim() == 4 else (1, 1)
+
+
+def conv2d_call(x, weight, threshold, bias, geometry: ConvGeometry, options: ThresholdOptions, counter=None,
+                previous_density=None):
+    """:func:`threshold_conv2d` with its geometry and options already built (what the layers
+    call): checks the tensors, runs the guard and the forward of the routed backend."""
     check_layer_inputs(x, weight, threshold, bias, op="threshold_conv2d", weight_dim=4, x_min_dim=3)
     if x.dim() not in (3, 4):
         raise ValueError(f"threshold_conv2d: x must be [B, C, H, W] or [C, H, W], got shape {tuple(x.shape)}")
-    geometry = conv_geometry(tuple(weight.shape[2:]), stride, padding, dilation, groups)
+    groups = geometry.groups
     filters, chans_per_group = weight.shape[:2]
+    if tuple(weight.shape[2:]) != geometry.kernel:
+        geometry = conv_geometry(tuple(weight.shape[2:]), geometry.stride, geometry.padding, geometry.dilation,
+                                 groups)
     if filters % groups:
         raise ValueError(f"threshold_conv2d: {filters} filters (out_channels) are not divisible by groups={groups}")
     if x.shape[-3] != chans_per_group * groups:
@@ -601,37 +646,21 @@ def threshold_conv2d(
             f"threshold_conv2d: input of spatial size {tuple(x.shape[-2:])} is too small for kernel "
             f"{geometry.kernel} with dilation {geometry.dilation} and padding {geometry.padding}"
         )
-    _validate_guard(collapse_density, collapse_timing, collapse_counter, previous_density, threshold,
-                    "threshold_conv2d")
-    _check_flag("skip_zero_inputs", skip_zero_inputs)
-    check = resolve_check_finite(check_finite, threshold.device)
     unbatched = x.dim() == 3
     if unbatched:
         x = x.unsqueeze(0)
     x_op, w_op, b_op = _autocast(x, weight, bias)
-    resolved = resolve_backend(backend, w_op)
-    if resolved == "triton" and groups != 1:
-        if backend == "triton":
-            raise ValueError(
-                f"backend='triton' supports groups=1, got groups={groups}; grouped and depthwise convolutions "
-                "run on backend='compact' or 'reference' ('auto' picks the reference on CUDA)"
-            )
-        resolved = "reference"
-    mode = _backward_mode(backward_mode, x.shape[0])
-    guard = (resolve_backend(backend, weight), IMPLEMENTATIONS[resolved].with_perm, collapse_density, collapse_timing,
-             collapse_counter, previous_density, check)
+    where = route(options.backend, weight, w_op.dtype, groups)
+    check = _check_finite(options, threshold)
     if torch.compiler.is_compiling():
-        mask, perm, count = _traced_row_mask(weight, threshold, *guard)
+        mask, perm, count = _traced_row_mask(weight, threshold, where, options, counter, previous_density, check)
         y = torch.ops.spafl.threshold_conv2d(
             x_op, w_op, threshold, b_op, mask, perm, count, list(geometry.stride), list(geometry.pad_begin),
-            list(geometry.pad_end), list(geometry.dilation), groups, resolved, mode, float(sample_fraction),
-            skip_zero_inputs,
+            list(geometry.pad_end), list(geometry.dilation), groups, where.compute, options.key,
         )
-        return y.squeeze(0) if unbatched else y
-    row_mask = _guarded_row_mask(weight, threshold, *guard)
-    options = _Options(mode, float(sample_fraction), skip_zero_inputs, threshold.dtype)
-    if _needs_graph(x_op, w_op, threshold, b_op):
-        y = ThresholdConv2dFunction.apply(x_op, w_op, threshold, b_op, row_mask, geometry, resolved, options)
     else:
-        y = _conv2d_forward(x_op, w_op, b_op, row_mask, geometry, resolved, options)[0]
+        row_mask = _guarded_row_mask(weight, threshold, where.mask, where.with_perm, options, counter,
+                                     previous_density, check)
+        with _operands_already_cast(x.device.type):
+            y = _run(ThresholdConv2dFunction, x_op, w_op, threshold, b_op, row_mask, geometry, where.compute, options)
     return y.squeeze(0) if unbatched else y

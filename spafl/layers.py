@@ -38,15 +38,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import _threads
-from ._checks import (
-    check_collapse_timing,
-    check_options,
-    check_positive_int,
-    check_threshold_values,
-    resolve_check_finite,
-)
-from ._conv import conv_geometry
-from .functional import threshold_conv2d, threshold_linear, threshold_row_mask
+from ._checks import check_positive_int, check_threshold_values
+from ._conv import cached_geometry, conv_geometry
+from ._options import ThresholdOptions
+from .functional import conv2d_call, linear_call, threshold_row_mask
 
 
 def _guard_buffers(device) -> dict[str, torch.Tensor]:
@@ -73,36 +68,46 @@ class _ThresholdMixin:
 
     def _init_threshold_state(self, backend, backward_mode, sample_fraction, collapse_density, collapse_timing,
                               collapse_in_eval, skip_zero_inputs, check_finite, device):
-        check_options(backend, backward_mode, sample_fraction, collapse_density)
-        check_collapse_timing(collapse_timing)
-        for name, flag in (("collapse_in_eval", collapse_in_eval), ("skip_zero_inputs", skip_zero_inputs)):
-            if not isinstance(flag, bool):
-                raise TypeError(f"{name} must be a bool, got {flag!r}")
-        resolve_check_finite(check_finite, torch.device("cpu"))  # validates it
-        self.backend = backend
-        self.backward_mode = backward_mode
-        self.sample_fraction = float(sample_fraction)
-        self.collapse_density = collapse_density
-        self.collapse_timing = collapse_timing
-        self.collapse_in_eval = collapse_in_eval
-        self.skip_zero_inputs = skip_zero_inputs
-        self.check_finite = check_finite
+        if not isinstance(collapse_in_eval, bool):
+            raise TypeError(f"collapse_in_eval must be a bool, got {collapse_in_eval!r}")
+        self._set_options(ThresholdOptions(backend, backward_mode, sample_fraction, collapse_density, collapse_timing,
+                                           skip_zero_inputs, check_finite), collapse_in_eval)
         for name, value in _guard_buffers(device).items():
             self.register_buffer(name, value)
 
-    def _layer_options(self) -> dict:
-        guard = self.collapse_density if self.training or self.collapse_in_eval else None
-        return {
-            "backend": self.backend,
-            "backward_mode": self.backward_mode,
-            "sample_fraction": self.sample_fraction,
-            "collapse_density": guard,
-            "collapse_counter": self.collapse_resets,
-            "collapse_timing": self.collapse_timing,
-            "previous_density": self.previous_density,
-            "skip_zero_inputs": self.skip_zero_inputs,
-            "check_finite": self.check_finite,
-        }
+    def _set_options(self, options: ThresholdOptions, collapse_in_eval: bool) -> None:
+        # The options of a training-mode and of an eval-mode forward, built once here.
+        if not isinstance(options, ThresholdOptions):
+            raise TypeError(f"options must be a spafl ThresholdOptions, got {type(options).__name__}")
+        self.__dict__["_options"] = options
+        self.__dict__["_collapse_in_eval"] = collapse_in_eval
+        self.__dict__["_eval_options"] = options if collapse_in_eval else options.without_guard()
+
+    @property
+    def options(self) -> ThresholdOptions:
+        """The layer's settings (frozen; assigning a setting of the layer, e.g.
+        ``layer.backward_mode = "skip"``, or a whole new value here, replaces it)."""
+        return self._options
+
+    @options.setter
+    def options(self, value: ThresholdOptions) -> None:
+        self._set_options(value, self._collapse_in_eval)
+
+    @property
+    def collapse_in_eval(self) -> bool:
+        return self._collapse_in_eval
+
+    @collapse_in_eval.setter
+    def collapse_in_eval(self, value: bool) -> None:
+        if not isinstance(value, bool):
+            raise TypeError(f"collapse_in_eval must be a bool, got {value!r}")
+        self._set_options(self._options, value)
+
+    @property
+    def forward_options(self) -> ThresholdOptions:
+        """The options of the next forward: :attr:`options`, without the guard in eval mode
+        unless ``collapse_in_eval``."""
+        return self._options if self.training else self._eval_options
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
@@ -205,6 +210,17 @@ class _ThresholdMixin:
             return "density=?"
 
 
+# Each setting of ThresholdOptions reads and writes through the layer's options object (a
+# write builds and validates new options), so that a layer's settings are attributes as on
+# nn.Linear and one value for the code that runs them.
+for _name in ThresholdOptions.__dataclass_fields__:
+    setattr(_ThresholdMixin, _name, property(
+        lambda self, _n=_name: getattr(self._options, _n),
+        lambda self, value, _n=_name: self._set_options(self._options.replace(**{_n: value}), self._collapse_in_eval),
+        doc=f"``options.{_name}`` (assigning it replaces the options)."))
+del _name
+
+
 class ThresholdLinear(_ThresholdMixin, nn.Module):
     """``nn.Linear`` with a trainable threshold per output neuron (SpaFL).
 
@@ -275,9 +291,10 @@ class ThresholdLinear(_ThresholdMixin, nn.Module):
         nn.init.zeros_(self.threshold)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not torch.compiler.is_compiling() and self.training and not _threads._warned:
+        if not _threads._warned and self.training and not torch.compiler.is_compiling():
             _threads.warn_once_about_threads(x.device)
-        return threshold_linear(x, self.weight, self.threshold, self.bias, **self._layer_options())
+        return linear_call(x, self.weight, self.threshold, self.bias, self.forward_options, self.collapse_resets,
+                           self.previous_density)
 
     @classmethod
     def from_dense(cls, linear: nn.Linear, *, copy: bool = True, **kwargs) -> ThresholdLinear:
@@ -399,16 +416,16 @@ class ThresholdConv2d(_ThresholdMixin, nn.Module):
         nn.init.zeros_(self.threshold)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not torch.compiler.is_compiling() and self.training and not _threads._warned:
+        if not _threads._warned and self.training and not torch.compiler.is_compiling():
             _threads.warn_once_about_threads(x.device)
         padding = self.padding
         if self.padding_mode != "zeros":
             x = F.pad(x, self._explicit_padding, mode=self.padding_mode)
             padding = 0
-        return threshold_conv2d(
-            x, self.weight, self.threshold, self.bias, self.stride, padding, self.dilation, self.groups,
-            **self._layer_options(),
-        )
+        # (cached: the settings are attributes a caller may change, as on nn.Conv2d)
+        geometry = cached_geometry(self.kernel_size, self.stride, padding, self.dilation, self.groups)
+        return conv2d_call(x, self.weight, self.threshold, self.bias, geometry, self.forward_options,
+                           self.collapse_resets, self.previous_density)
 
     @classmethod
     def from_dense(cls, conv: nn.Conv2d, *, copy: bool = True, **kwargs) -> ThresholdConv2d:

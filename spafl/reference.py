@@ -78,7 +78,9 @@ def row_scores(weight: torch.Tensor) -> torch.Tensor:
     """Mean |w| of every output unit: ``[out]`` (fp32, or fp64 for fp64 weights). With one
     intra-op thread a row's mean is bit-identical in blocks and at once (with several, PyTorch
     may split a long row's sum differently, as it does between thread counts)."""
-    w = weight.detach().reshape(weight.shape[0], -1)
+    w = weight.detach()
+    if w.dim() != 2:
+        w = w.reshape(w.shape[0], -1)
     compute = _compute_dtype(weight.dtype)
     if w.device.type != "cpu" or w.numel() <= SMALL_TEMPORARY:
         magnitude = w.abs()

@@ -12,6 +12,7 @@ from torch._dynamo.utils import counters
 import spafl
 from conftest import assert_close
 from spafl import _ops
+from spafl._options import ThresholdOptions
 from spafl.federated.models import LeNet5
 
 
@@ -148,13 +149,18 @@ def test_a_non_finite_threshold_or_weight_fails_inside_the_compiled_graph():
 # ----------------------------------------------------------------------------- the operators
 
 
+def _key(mode="exact", skip=False):
+    # The options the operators take, as the string they carry.
+    return ThresholdOptions(backward_mode=mode, sample_fraction=0.5, skip_zero_inputs=skip).key
+
+
 def _linear_args(backend, bias, skip, with_perm=False):
     torch.manual_seed(0)
     x = torch.relu(torch.randn(6, 9))
     x[:, 2] = 0  # a dropped feature with skip_zero_inputs
     w, tau = torch.randn(7, 9), torch.zeros(7)
     tau.copy_(spafl.threshold_for_density(w, 4 / 7))
-    mask, perm, count = torch.ops.spafl.row_mask(w, tau.clone(), None, None, backend, with_perm, None, "current", True)
+    mask, perm, count = torch.ops.spafl.row_mask(w, tau.clone(), None, None, backend, with_perm, _key(), True)
     b = torch.randn(7) if bias else None
     return x, w, tau, b, mask, perm, count
 
@@ -165,12 +171,12 @@ def _linear_args(backend, bias, skip, with_perm=False):
 def test_opcheck_linear(backend, bias, mode):
     x, w, tau, b, mask, perm, count = _linear_args(backend, bias, True)
     args = (x.requires_grad_(), w.requires_grad_(), tau.requires_grad_(),
-            b.requires_grad_() if bias else None, mask, perm, count, backend, mode, 0.5, True)
+            b.requires_grad_() if bias else None, mask, perm, count, backend, _key(mode, True))
     torch.library.opcheck(torch.ops.spafl.threshold_linear.default, args)
     grad = torch.randn(6, 7)
     for need_dx in (True, False):
         torch.library.opcheck(torch.ops.spafl.threshold_linear_backward.default,
-                              (grad, x.detach(), w.detach(), mask, perm, count, backend, mode, 0.5, True,
+                              (grad, x.detach(), w.detach(), mask, perm, count, backend, _key(mode, True),
                                torch.float32, need_dx, bias))
 
 
@@ -184,16 +190,16 @@ def test_opcheck_conv2d(backend, layout, groups):
     x[:, 1] = 0
     w = torch.randn(6, 4 // groups, 3, 3).to(memory_format=fmt)
     tau = spafl.threshold_for_density(w, 0.5)
-    mask, perm, count = torch.ops.spafl.row_mask(w, tau.clone(), None, None, backend, False, None, "current", True)
+    mask, perm, count = torch.ops.spafl.row_mask(w, tau.clone(), None, None, backend, False, _key(), True)
     geometry = ([2, 1], [1, 0], [1, 1], [1, 2], groups)  # stride, pad_begin, pad_end, dilation, groups
     args = (x.clone().requires_grad_(), w.clone().requires_grad_(), tau.clone().requires_grad_(),
-            torch.randn(6, requires_grad=True), mask, perm, count, *geometry, backend, "exact", 0.5, True)
+            torch.randn(6, requires_grad=True), mask, perm, count, *geometry, backend, _key("exact", True))
     torch.library.opcheck(torch.ops.spafl.threshold_conv2d.default, args)
     y = torch.ops.spafl.threshold_conv2d(*args)
     assert y.is_contiguous(memory_format=fmt)
     for need_dx in (True, False):
         torch.library.opcheck(torch.ops.spafl.threshold_conv2d_backward.default,
-                              (torch.randn_like(y), x, w, mask, perm, count, *geometry, backend, "sample", 0.5, True,
+                              (torch.randn_like(y), x, w, mask, perm, count, *geometry, backend, _key("sample", True),
                                torch.float32, need_dx, True))
 
 
@@ -203,7 +209,7 @@ def test_opcheck_row_mask(timing):
     w = torch.randn(50, 8)
     for tau_value, previous in ((0.01, 1.0), (100.0, 0.0)):  # healthy; collapsed (the guard fires)
         args = (w, torch.full((50,), tau_value), torch.zeros((), dtype=torch.long), torch.tensor(previous),
-                "reference", False, 0.01, timing, True)
+                "reference", False, ThresholdOptions(collapse_density=0.01, collapse_timing=timing).key, True)
         torch.library.opcheck(torch.ops.spafl.row_mask.default, args)
         mask, perm, count = torch.ops.spafl.row_mask(*args)
         assert mask.all() and perm.numel() == count.numel() == 0
@@ -214,11 +220,11 @@ def test_opcheck_row_mask(timing):
 def test_opcheck_triton_operators(device):
     x, w, tau, b, mask, perm, count = _linear_args("triton", True, False, with_perm=True)
     x, w, tau, b = (t.to(device) for t in (x, w, tau, b))
-    mask, perm, count = torch.ops.spafl.row_mask(w, tau.clone(), None, None, "triton", True, None, "current", False)
+    mask, perm, count = torch.ops.spafl.row_mask(w, tau.clone(), None, None, "triton", True, _key(), False)
     assert perm.shape == (7,) and count.shape == (1,) and int(count) == 4
     torch.library.opcheck(torch.ops.spafl.threshold_linear.default,
                           (x.requires_grad_(), w.requires_grad_(), tau.requires_grad_(), b.requires_grad_(), mask,
-                           perm, count, "triton", "exact", 0.5, False),
+                           perm, count, "triton", _key()),
                           test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
 
 

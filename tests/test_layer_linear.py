@@ -345,6 +345,7 @@ def test_previous_timing_on_cuda_does_not_synchronise(kind):
 def test_host_and_device_guard_paths_agree(timing):
     # On CPU the guard decides on the host; the device-side path (no synchronisation) is what
     # CUDA runs. Same masks, thresholds, counters and stored densities, edge cases included.
+    from spafl._options import ThresholdOptions
     from spafl.functional import _guarded_row_mask
 
     torch.manual_seed(0)
@@ -356,7 +357,8 @@ def test_host_and_device_guard_paths_agree(timing):
                 tau = threshold_for_density(w, density)
                 counter = torch.zeros((), dtype=torch.long)
                 stored = torch.tensor(previous)
-                rm = _guarded_row_mask(w, tau, "reference", with_perm, 0.01, timing, counter, stored)
+                options = ThresholdOptions(collapse_density=0.01, collapse_timing=timing)
+                rm = _guarded_row_mask(w, tau, "reference", with_perm, options, counter, stored)
                 results.append((rm.mask, tau, counter, stored))
             for a, b in zip(*results, strict=True):
                 assert torch.equal(a, b), (density, previous)

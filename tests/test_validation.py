@@ -105,3 +105,31 @@ def test_row_mask_rejects_bad_input():
     with pytest.raises(ValueError, match="collapse_density"):
         threshold_row_mask(W, TAU, collapse_density=2.0)
     assert threshold_row_mask(torch.randn(4, 2, 3, 3), TAU).mask.shape == (4,)  # conv-shaped weights
+
+
+def test_layer_options_are_one_frozen_value_validated_when_set():
+    import copy
+    import dataclasses
+    import pickle
+
+    from spafl._options import ThresholdOptions, from_key
+
+    layer = ThresholdLinear(3, 4, backward_mode="sample", sample_fraction=0.5)
+    options = layer.options
+    assert isinstance(options, ThresholdOptions) and options.sample_fraction == 0.5 and options.collapse_density == 0.01
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        options.backward_mode = "skip"
+    assert from_key(options.key) == options and hash(from_key(options.key)) == hash(options)
+    layer.backward_mode = "skip"  # a setting of the layer replaces its options
+    assert layer.options == options.replace(backward_mode="skip") and layer.backward_mode == "skip"
+    with pytest.raises(ValueError, match="backward_mode"):
+        layer.backward_mode = "none"
+    assert layer.backward_mode == "skip"  # unchanged by the refused assignment
+    with pytest.raises(TypeError, match="skip_zero_inputs must be a bool"):
+        layer.skip_zero_inputs = 1
+    layer.eval()
+    assert layer.forward_options.collapse_density is None  # no guard in eval mode by default
+    layer.collapse_in_eval = True
+    assert layer.forward_options.collapse_density == 0.01
+    for clone in (copy.deepcopy(layer), pickle.loads(pickle.dumps(layer))):
+        assert clone.options == layer.options and clone.forward_options == layer.forward_options
