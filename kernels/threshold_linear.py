@@ -103,18 +103,19 @@ def _linear_fwd_tile(
     else:
         w_rows = rows
     offs_k = tl.arange(0, BLOCK_K)
-    if WIDE:
-        offs_k = offs_k.to(tl.int64)
-    x_ptrs = x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk
+    # int64 only where offsets are formed, once: the loop's masks stay 32-bit (64-bit ones
+    # spill the widest tiles).
+    offs_kp = offs_k.to(tl.int64) if WIDE else offs_k
+    x_ptrs = x_ptr + offs_m[:, None] * stride_xm + offs_kp[None, :] * stride_xk
     # Gather of the active weight rows fused into the tile load ([BLOCK_K, WIDTH]).
-    w_ptrs = w_ptr + w_rows[None, :] * stride_wn + offs_k[:, None] * stride_wk
+    w_ptrs = w_ptr + w_rows[None, :] * stride_wn + offs_kp[:, None] * stride_wk
     acc = tl.zeros([BLOCK_M, WIDTH], dtype=tl.float32)
     # (No jit-function calls inside loops: the interpreter pays for each.)
     k_end = K
     if WIDE:  # an int64 bound makes the loop variable int64
         k_end = tl.cast(K, tl.int64)
     for k0 in range(0, k_end, BLOCK_K):
-        k_ok = offs_k < K - k0
+        k_ok = offs_k < (K - k0).to(tl.int32)
         a = tl.load(x_ptrs + k0 * stride_xk, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
         b = tl.load(w_ptrs + k0 * stride_wk, mask=k_ok[:, None] & active[None, :], other=0.0)
         if UPCAST:  # the interpreter: bf16 tl.dot is unreliable there
