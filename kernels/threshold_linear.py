@@ -904,9 +904,12 @@ def threshold_linear_bwd(
     in_place = weight.dtype == torch.float32
     g = dw if in_place else torch.empty((n_rows, fan_in), device=device, dtype=torch.float32)
     s_count, s_step = sample_rows(m_rows, sample_fraction)
-    # Unvectorised loads of X (ragged K): a narrower feature tile keeps it within its registers.
-    feature_tile = cfg.block_k * 2 if not gpu_tiles() or aligned(x2d, weight, sizes=(fan_in,)) else cfg.block_k
-    fixed = {"BLOCK_K": feature_tile, "BLOCK_P": cfg.block_n, "BLOCK_M": cfg.block_k, **tail_widths(cfg.block_n),
+    # Unvectorised loads of X (ragged K): narrower feature and unit tiles keep it within its
+    # registers (Triton 3.6 spills the full unit tile there: offline sm_90 compile).
+    ragged = gpu_tiles() and not aligned(x2d, weight, sizes=(fan_in,))
+    feature_tile = cfg.block_k if ragged else cfg.block_k * 2
+    unit_tile = cfg.block_n // 2 if ragged else cfg.block_n
+    fixed = {"BLOCK_K": feature_tile, "BLOCK_P": unit_tile, "BLOCK_M": cfg.block_k, **tail_widths(unit_tile),
              "num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
     # rpart has one row per K tile: the K tile is fixed here (not tuned), the other sizes are.
     num_kb = triton.cdiv(fan_in, fixed["BLOCK_K"])
