@@ -21,7 +21,7 @@ sys.exit(3)
 """
 
 
-def _run(out: Path, *extra: str, env: dict | None = None, timeout: float = 900) -> subprocess.CompletedProcess:
+def _run(out: Path, *extra: str, env: dict | None = None, timeout: float = 1800) -> subprocess.CompletedProcess:
     full_env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "PYTHONPATH")}
     full_env.update(env or {})
     return subprocess.run(["bash", str(SCRIPT), *extra, str(out)], capture_output=True, text=True, env=full_env,
