@@ -162,8 +162,10 @@ SUITES = {
         LinearCase("vit-mlp-fc1-b16", 16 * 65, 256, 128),
         ConvCase("resnet18-spafl-128-b64", 64, 128, 128, 8, 3, 1, 1),
     ],
+    # The 4096x4096 Linear also at 512 and 128 rows: the batches the cost model prices.
     "large": [LinearCase("large-8192x4096x4096", 8192, 4096, 4096), LinearCase("large-4096x4096x1024", 4096, 4096,
-                                                                                1024)],
+                                                                                1024),
+              LinearCase("large-512x4096x4096", 512, 4096, 4096), LinearCase("large-128x4096x4096", 128, 4096, 4096)],
     "resnet18": _resnet18(64) + _resnet18(256),
 }
 # The CPU targets' shapes (a 4096x4096 Linear at batch 256, the LeNet-5 layers), then the

@@ -174,33 +174,24 @@ def use_compact_weight(flag: bool | None, kind: str, weight: torch.Tensor) -> bo
 # ----------------------------------------------------------------------------- autotuning
 
 # Candidates per kernel family: overrides of the fixed configuration (which is always tried).
-# Few on purpose: every candidate is a compile on the GPU's first call of each shape.
+# Few on purpose: every candidate is a compile on the GPU's first call of each shape. A deeper
+# pipeline, and half the rows on half the warps. None gives a thread a larger output tile than
+# the fixed configuration: 4 warps on the full tile, or a 256-wide tile on 8, spill on the
+# ragged (unvectorised) and IEEE fp32 configurations (offline sm_90 compile of every candidate,
+# tests/aot_compile.py).
 CANDIDATES: dict[str, list[dict]] = {
-    "linear_fwd": [
-        {"num_warps": 4, "num_stages": 4},
-        {"BLOCK_N": 256, "num_warps": 8, "num_stages": 3},
-        {"BLOCK_M": 64, "num_warps": 4, "num_stages": 4},
-    ],
-    "linear_dx": [
-        {"num_warps": 4, "num_stages": 4},
-        {"BLOCK_M": 64, "num_warps": 4, "num_stages": 4},
-    ],
-    "linear_dw": [
-        {"num_warps": 4, "num_stages": 4},
-        {"BLOCK_P": 64, "num_warps": 4, "num_stages": 4},
-    ],
-    "conv_fwd": [
-        {"num_warps": 4, "num_stages": 4},
-        {"BLOCK_M": 64, "num_warps": 4, "num_stages": 4},
-    ],
-    "conv_dx": [
-        {"num_warps": 4, "num_stages": 4},
-        {"BLOCK_M": 64, "num_warps": 4, "num_stages": 4},
-    ],
-    "conv_dw": [
-        {"num_warps": 4, "num_stages": 4},
-    ],
+    "linear_fwd": [{"num_stages": 4}, {"BLOCK_M": 64, "num_warps": 4, "num_stages": 4}],
+    "linear_dx": [{"num_stages": 4}, {"BLOCK_M": 64, "num_warps": 4, "num_stages": 4}],
+    "linear_dw": [{"num_stages": 4}, {"BLOCK_P": 64, "num_warps": 4, "num_stages": 4}],
+    "conv_fwd": [{"num_stages": 4}, {"BLOCK_M": 64, "num_warps": 4, "num_stages": 4}],
+    "conv_dx": [{"num_stages": 4}, {"BLOCK_M": 64, "num_warps": 4, "num_stages": 4}],
+    "conv_dw": [{"num_stages": 4}],
 }
+
+# The int64-offset variants (``WIDE``: tensors past 2^31 elements) of these families run with
+# this block halved: 64-bit offsets and bounds take registers, and the fixed tiles spill then
+# (offline sm_90 compile). They never autotune: a compile per candidate for a rare shape.
+WIDE_HALVED = {"linear_fwd": "BLOCK_M", "linear_dx": "BLOCK_M", "conv_fwd": "BLOCK_M", "conv_dx": "BLOCK_M"}
 
 # Meta-parameters whose tail classes follow them.
 _TAILED = ("BLOCK_N", "BLOCK_P")
@@ -224,6 +215,36 @@ def autotuning(enabled: bool) -> Iterator[None]:
 def fixed_configs() -> contextlib.AbstractContextManager:
     """Within this block the GPU launches use the fixed configurations (no autotuning)."""
     return autotuning(False)
+
+
+_every_candidate = False
+
+
+@contextlib.contextmanager
+def every_candidate() -> Iterator[None]:
+    """Within this block each tuned launch is issued once per candidate configuration of its
+    autotuner (:func:`candidate_metas`), one after the other, with no tuner: what the offline
+    compile check (``tests/aot_compile.py``) records to compile every configuration the GPU's
+    autotuner may pick. The kernels run several times, so only for recorded launches."""
+    global _every_candidate
+    previous, _every_candidate = _every_candidate, True
+    try:
+        yield
+    finally:
+        _every_candidate = previous
+
+
+def every_candidate_enabled() -> bool:
+    """Whether launches are being recorded once per candidate (:func:`every_candidate`)."""
+    return _every_candidate
+
+
+def wide_config(family: str, fixed: dict, consts: dict) -> dict:
+    """``fixed`` with the block of :data:`WIDE_HALVED` halved for an int64-offset variant
+    (``consts["WIDE"]``), else ``fixed`` itself."""
+    if consts.get("WIDE") and (halved := WIDE_HALVED.get(family)) and fixed[halved] > 16:
+        return {**fixed, halved: fixed[halved] // 2}
+    return fixed
 
 
 def autotune_enabled() -> bool:
@@ -283,11 +304,15 @@ def launch(
     """Launch ``kernel(*args, **consts)`` with the meta-parameters ``fixed`` (block sizes,
     ``num_warps``, ``num_stages``), or through its autotuner (see the module docstring). ``rows``
     (the batch dimension) and ``dtype`` only name the tuner; the tuner's key is every integer
-    argument."""
-    if not autotune_enabled():
-        meta = dict(fixed)
-        warps, stages = meta.pop("num_warps"), meta.pop("num_stages")
-        kernel[grid(fixed)](*args, **consts, **meta, num_warps=warps, num_stages=stages)
+    argument. The int64-offset variants (``consts["WIDE"]``) take the fixed configuration with
+    the block of :data:`WIDE_HALVED` halved, never a tuner."""
+    wide = bool(consts.get("WIDE"))
+    fixed = wide_config(family, fixed, consts)
+    if wide or _every_candidate or not autotune_enabled():
+        for chosen in candidate_metas(family, fixed, limits, fixed_keys) if _every_candidate and not wide else [fixed]:
+            meta = dict(chosen)
+            warps, stages = meta.pop("num_warps"), meta.pop("num_stages")
+            kernel[grid(chosen)](*args, **consts, **meta, num_warps=warps, num_stages=stages)
         return
     import triton
 

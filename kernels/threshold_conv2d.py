@@ -109,11 +109,11 @@ def _conv_fwd_tile(
     else:
         w_rows = rows
     offs_c = tl.arange(0, BLOCK_K)
-    if WIDE:
-        offs_c = offs_c.to(tl.int64)
-    a_ptrs = x_ptr + pix[:, None] + offs_c[None, :] * sxc
+    # int64 only where offsets are formed, once: the loop's masks stay 32-bit.
+    offs_cp = offs_c.to(tl.int64) if WIDE else offs_c
+    a_ptrs = x_ptr + pix[:, None] + offs_cp[None, :] * sxc
     # Gather of the active filters fused into the tile load ([BLOCK_K, WIDTH]).
-    w_ptrs = w_ptr + w_rows[None, :] * swf + offs_c[:, None] * swc
+    w_ptrs = w_ptr + w_rows[None, :] * swf + offs_cp[:, None] * swc
     num_cb = tl.cdiv(C, BLOCK_K)
     acc = tl.zeros([BLOCK_M, WIDTH], dtype=tl.float32)
     # One flat loop over (kernel position, channel block), so the pipeliner prefetches across
@@ -203,10 +203,19 @@ def _threshold_conv2d_fwd_kernel(
         offs_m = offs_m.to(tl.int64)
     m_ok = offs_m < P
     b, oh, ow = _pixel_coords(offs_m, Ho * Wo, Wo)
+    if WIDE:
+        # Image, row and column fit int32 (the element offsets do not): 32-bit coordinates
+        # keep the main loop's bounds checks in 32-bit registers (64-bit ones spill).
+        b, oh, ow = b.to(tl.int32), oh.to(tl.int32), ow.to(tl.int32)
     ih0 = oh * stride_h - pad_h
     iw0 = ow * stride_w - pad_w
-    pix = b * sxb + ih0 * sxh + iw0 * sxw
-    out = b * syb + oh * syh + ow * syw
+    if WIDE:
+        b64 = b.to(tl.int64)
+        pix = b64 * sxb + ih0.to(tl.int64) * sxh + iw0.to(tl.int64) * sxw
+        out = b64 * syb + oh.to(tl.int64) * syh + ow.to(tl.int64) * syw
+    else:
+        pix = b * sxb + ih0 * sxh + iw0 * sxw
+        out = b * syb + oh * syh + ow * syw
     p0 = pid_p * BLOCK_N
     rem = count - p0
     if rem > TAIL1:

@@ -56,6 +56,7 @@ from ._config import (
     cached_plan,
     cdiv,
     dot_precision,
+    every_candidate_enabled,
     gemm_config,
     gpu_tiles,
     interpreter_enabled,
@@ -64,6 +65,7 @@ from ._config import (
     next_power_of_2,
     tail_widths,
     use_compact_weight,
+    wide_config,
 )
 from .threshold_mask import fits_int32
 
@@ -110,18 +112,19 @@ def _linear_fwd_tile(
     else:
         w_rows = rows
     offs_k = tl.arange(0, BLOCK_K)
-    if WIDE:
-        offs_k = offs_k.to(tl.int64)
-    x_ptrs = x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk
+    # int64 only where offsets are formed, once: the loop's masks stay 32-bit (64-bit ones
+    # spill the widest tiles).
+    offs_kp = offs_k.to(tl.int64) if WIDE else offs_k
+    x_ptrs = x_ptr + offs_m[:, None] * stride_xm + offs_kp[None, :] * stride_xk
     # Gather of the active weight rows fused into the tile load ([BLOCK_K, WIDTH]).
-    w_ptrs = w_ptr + w_rows[None, :] * stride_wn + offs_k[:, None] * stride_wk
+    w_ptrs = w_ptr + w_rows[None, :] * stride_wn + offs_kp[:, None] * stride_wk
     acc = tl.zeros([BLOCK_M, WIDTH], dtype=tl.float32)
     # (No jit-function calls inside loops: the interpreter pays for each.)
     k_end = K
     if WIDE:  # an int64 bound makes the loop variable int64
         k_end = tl.cast(K, tl.int64)
     for k0 in range(0, k_end, BLOCK_K):
-        k_ok = offs_k < K - k0
+        k_ok = offs_k < (K - k0).to(tl.int32)
         a = tl.load(x_ptrs + k0 * stride_xk, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
         b = tl.load(w_ptrs + k0 * stride_wk, mask=k_ok[:, None] & active[None, :], other=0.0)
         if UPCAST:  # the interpreter: bf16 tl.dot is unreliable there
@@ -700,7 +703,9 @@ class _Launch(NamedTuple):
 
 
 def _go(kernel, plan: _Launch, args: tuple, dtype, rows: int, density_hint) -> None:
-    if plan.fixed is None or not autotune_enabled():
+    # The planned launch unless a tuner may choose: autotuning on, or every candidate recorded
+    # for the offline compile check. The int64 variants never tune (their plan is final).
+    if plan.fixed is None or plan.consts.get("WIDE") or not (autotune_enabled() or every_candidate_enabled()):
         kernel[plan.grid](*args, **plan.kwargs)
         return
     launch(kernel, plan.family, plan.grid_fn, plan.fixed, args, plan.consts, dtype=dtype, rows=rows,
@@ -708,6 +713,7 @@ def _go(kernel, plan: _Launch, args: tuple, dtype, rows: int, density_hint) -> N
 
 
 def _planned(family: str, grid_fn, fixed: dict, consts: dict, *, limits=None, fixed_keys=()) -> _Launch:
+    fixed = wide_config(family, fixed, consts)
     meta = dict(fixed)
     warps, stages = meta.pop("num_warps"), meta.pop("num_stages")
     return _Launch(grid_fn(fixed), {**consts, **meta, "num_warps": warps, "num_stages": stages}, family, fixed,
@@ -963,10 +969,12 @@ def _linear_bwd_plan(x2d, weight, grad_y, mode: str, sample_fraction: float, nee
     in_place = weight.dtype == torch.float32
     g = _meta((n_rows, fan_in))
     s_count, s_step = sample_rows(m_rows, sample_fraction)
-    # Unvectorised loads of X (ragged K): a narrower feature tile keeps it within its registers.
+    # Unvectorised loads of X (ragged K): narrower feature and unit tiles keep it within its
+    # registers (Triton 3.6 spills the full unit tile there: offline sm_90 compile).
     vector_k = not gpu_tiles() or _layout_aligned(pointers_aligned, x2d, weight, sizes=(fan_in,))
     feature_tile = cfg.block_k * 2 if vector_k else cfg.block_k
-    fixed = {"BLOCK_K": feature_tile, "BLOCK_P": cfg.block_n, "BLOCK_M": cfg.block_k, **tail_widths(cfg.block_n),
+    unit_tile = cfg.block_n if vector_k else cfg.block_n // 2
+    fixed = {"BLOCK_K": feature_tile, "BLOCK_P": unit_tile, "BLOCK_M": cfg.block_k, **tail_widths(unit_tile),
              "num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
     num_kb = cdiv(fan_in, fixed["BLOCK_K"])
     dw_plan = _planned(

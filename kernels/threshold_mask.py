@@ -108,7 +108,7 @@ def _row_mask_kernel(
     acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         if WIDE:
-            k_off = k0.to(tl.int64) * stride_wk
+            k_off = tl.cast(k0, tl.int64) * stride_wk  # (a Python int in the interpreter)
         else:
             k_off = k0 * stride_wk
         w = tl.load(w_ptrs + k_off, mask=row_ok[:, None] & (offs_k[None, :] < K - k0), other=0.0)

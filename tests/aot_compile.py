@@ -141,6 +141,24 @@ def conv_case(dtype: torch.dtype, batch: int, cin: int, cout: int, size: int, ke
 
 
 @contextlib.contextmanager
+def wide_offsets():
+    """Within this block every launcher takes its int64-offset variant (``WIDE=True``), as for
+    tensors past 2^31 elements, without allocating them: ``fits_int32`` answers ``False``."""
+    import importlib
+
+    modules = [importlib.import_module(f"spafl.kernels.{name}")
+               for name in ("threshold_linear", "threshold_conv2d", "threshold_mask")]
+    saved = [m.fits_int32 for m in modules]
+    for m in modules:
+        m.fits_int32 = lambda *tensors, margin=1024: False
+    try:
+        yield
+    finally:
+        for m, fn in zip(modules, saved, strict=True):
+            m.fits_int32 = fn
+
+
+@contextlib.contextmanager
 def tf32(enabled: bool):
     old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = enabled
@@ -152,22 +170,50 @@ def tf32(enabled: bool):
 
 BF16, FP16, FP32 = torch.bfloat16, torch.float16, torch.float32
 
-# (name, case, fp32 precision). The aligned shapes are the benchmarks' (contiguous, multiples of
-# 16; the ResNet convolutions channels-last, as benchmarks/kernels.py feeds them, and NCHW, as the
-# federated models do); the ragged ones have odd sizes, so no divisibility is known.
+# (name, case, fp32 precision, variants). The aligned shapes are the benchmarks' (contiguous,
+# multiples of 16; the ResNet convolutions channels-last, as benchmarks/kernels.py feeds them, and
+# NCHW, as the federated models do); the ragged ones have odd sizes, so no divisibility is known.
+# Variants: "wide" compiles the int64-offset kernels (tensors past 2^31 elements: the same shapes
+# with ``fits_int32`` answering no), "tuned" every candidate configuration of the autotuner
+# (``SPAFL_AUTOTUNE=1``) instead of the fixed one.
 CASES = [
-    ("linear-bf16", linear_case(BF16, 256, 512, 1024), None),
-    ("linear-bf16-ragged", linear_case(BF16, 1000, 1531, 769), None),
-    ("linear-fp16", linear_case(FP16, 256, 512, 1024, modes=("skip",)), None),
-    ("linear-fp32-tf32", linear_case(FP32, 256, 512, 1024, modes=("skip",)), True),
-    ("linear-fp32-ieee", linear_case(FP32, 256, 512, 1024, modes=("skip",)), False),
-    ("conv3x3-bf16-cl", conv_case(BF16, 8, 64, 128, 16, 3, 1, 1, channels_last=True), None),
-    ("conv3x3s2-bf16-nchw", conv_case(BF16, 8, 64, 128, 16, 3, 2, 1, channels_last=False, modes=("skip",)), None),
-    ("conv1x1s2-bf16-cl", conv_case(BF16, 8, 64, 128, 16, 1, 2, 0, channels_last=True, modes=("skip",)), None),
-    ("conv5x5-bf16-ragged", conv_case(BF16, 5, 37, 51, 19, 5, 1, 2, channels_last=False), None),
-    ("conv3x3-fp16-cl", conv_case(FP16, 8, 64, 128, 16, 3, 1, 1, channels_last=True, modes=("skip",)), None),
-    ("conv3x3-fp32-tf32", conv_case(FP32, 8, 64, 128, 16, 3, 1, 1, channels_last=True, modes=("skip",)), True),
-    ("conv3x3-fp32-ieee", conv_case(FP32, 8, 64, 128, 16, 3, 1, 1, channels_last=True, modes=("skip",)), False),
+    ("linear-bf16", linear_case(BF16, 256, 512, 1024), None, ()),
+    ("linear-bf16-ragged", linear_case(BF16, 1000, 1531, 769), None, ()),
+    ("linear-fp16", linear_case(FP16, 256, 512, 1024, modes=("skip",)), None, ()),
+    ("linear-fp32-tf32", linear_case(FP32, 256, 512, 1024, modes=("skip",)), True, ()),
+    ("linear-fp32-ieee", linear_case(FP32, 256, 512, 1024, modes=("skip",)), False, ()),
+    ("conv3x3-bf16-cl", conv_case(BF16, 8, 64, 128, 16, 3, 1, 1, channels_last=True), None, ()),
+    ("conv3x3s2-bf16-nchw", conv_case(BF16, 8, 64, 128, 16, 3, 2, 1, channels_last=False, modes=("skip",)), None, ()),
+    ("conv1x1s2-bf16-cl", conv_case(BF16, 8, 64, 128, 16, 1, 2, 0, channels_last=True, modes=("skip",)), None, ()),
+    ("conv5x5-bf16-ragged", conv_case(BF16, 5, 37, 51, 19, 5, 1, 2, channels_last=False), None, ()),
+    ("conv3x3-fp16-cl", conv_case(FP16, 8, 64, 128, 16, 3, 1, 1, channels_last=True, modes=("skip",)), None, ()),
+    ("conv3x3-fp32-tf32", conv_case(FP32, 8, 64, 128, 16, 3, 1, 1, channels_last=True, modes=("skip",)), True, ()),
+    ("conv3x3-fp32-ieee", conv_case(FP32, 8, 64, 128, 16, 3, 1, 1, channels_last=True, modes=("skip",)), False, ()),
+    # int64 offsets: every kernel, aligned and ragged, 16-bit and fp32.
+    ("linear-bf16-wide", linear_case(BF16, 256, 512, 1024), None, ("wide",)),
+    ("linear-bf16-ragged-wide", linear_case(BF16, 1000, 1531, 769, modes=("skip",)), None, ("wide",)),
+    ("linear-fp32-tf32-wide", linear_case(FP32, 256, 512, 1024, modes=("skip",)), True, ("wide",)),
+    ("linear-fp32-ieee-wide", linear_case(FP32, 256, 512, 1024, modes=("skip",)), False, ("wide",)),
+    ("conv3x3-bf16-cl-wide", conv_case(BF16, 8, 64, 128, 16, 3, 1, 1, channels_last=True), None, ("wide",)),
+    ("conv5x5-bf16-ragged-wide", conv_case(BF16, 5, 37, 51, 19, 5, 1, 2, channels_last=False, modes=("skip",)),
+     None, ("wide",)),
+    ("conv3x3-fp32-tf32-wide", conv_case(FP32, 8, 64, 128, 16, 3, 1, 1, channels_last=True, modes=("skip",)), True,
+     ("wide",)),
+    ("conv3x3-fp32-ieee-wide", conv_case(FP32, 8, 64, 128, 16, 3, 1, 1, channels_last=True, modes=("skip",)), False,
+     ("wide",)),
+    # Every autotune candidate, over each fixed configuration it overrides (16-bit, TF32, IEEE
+    # fp32; aligned and ragged). Shapes large enough that no candidate is dropped by the limits.
+    ("linear-bf16-tuned", linear_case(BF16, 256, 512, 1024), None, ("tuned",)),
+    ("linear-bf16-ragged-tuned", linear_case(BF16, 1000, 1531, 769, modes=("skip",)), None, ("tuned",)),
+    ("linear-fp32-tf32-tuned", linear_case(FP32, 256, 512, 1024, modes=("skip",)), True, ("tuned",)),
+    ("linear-fp32-ieee-tuned", linear_case(FP32, 256, 512, 1024, modes=("skip",)), False, ("tuned",)),
+    ("conv3x3-bf16-cl-tuned", conv_case(BF16, 8, 64, 128, 16, 3, 1, 1, channels_last=True), None, ("tuned",)),
+    ("conv5x5-bf16-ragged-tuned", conv_case(BF16, 5, 37, 51, 19, 5, 1, 2, channels_last=False, modes=("skip",)),
+     None, ("tuned",)),
+    ("conv3x3-fp32-tf32-tuned", conv_case(FP32, 8, 64, 128, 16, 3, 1, 1, channels_last=True, modes=("skip",)), True,
+     ("tuned",)),
+    ("conv3x3-fp32-ieee-tuned", conv_case(FP32, 8, 64, 128, 16, 3, 1, 1, channels_last=True, modes=("skip",)), False,
+     ("tuned",)),
 ]
 
 
@@ -270,15 +316,23 @@ def compile_launch(name: str, launch: Launch, arch: int) -> Report:
 def _label(launch: Launch) -> str:
     short = launch.kernel.__name__.removeprefix("_threshold_").removeprefix("_").removesuffix("_kernel")
     flags = [f"{k}={v}" for k, v in launch.kwargs.items()
-             if k in ("MODE", "COMPACT_W", "HAS_BIAS", "KH", "BLOCK_N", "BLOCK_P", "BLOCK_C", "DOT_PRECISION")]
+             if k in ("MODE", "COMPACT_W", "HAS_BIAS", "KH", "BLOCK_M", "BLOCK_N", "BLOCK_P", "BLOCK_C",
+                      "DOT_PRECISION", "WIDE", "num_warps", "num_stages")]
     return f"{short}[{','.join(flags)}]"
 
 
 def collect(filter_text: str = "") -> list[tuple[str, Launch]]:
     """Every distinct specialised launch of the cases, named ``case:kernel[flags]``."""
     out, seen = [], set()
-    for case, run, precision in CASES:
-        with recording() as launches, (tf32(precision) if precision is not None else contextlib.nullcontext()):
+    for case, run, precision, variants in CASES:
+        with contextlib.ExitStack() as stack:
+            launches = stack.enter_context(recording())
+            if precision is not None:
+                stack.enter_context(tf32(precision))
+            if "wide" in variants:
+                stack.enter_context(wide_offsets())
+            if "tuned" in variants:
+                stack.enter_context(_config.every_candidate())
             run()
         for launch in launches:
             name = f"{case}:{_label(launch)}"
@@ -292,6 +346,33 @@ def collect(filter_text: str = "") -> list[tuple[str, Launch]]:
     return out
 
 
+# The launches to compile; module-level so that forked workers find them without pickling.
+_COLLECTED: list[tuple[str, Launch]] = []
+
+
+def _compile_one(job: tuple[int, int]) -> tuple[str, Report | str]:
+    index, arch = job
+    name, launch = _COLLECTED[index]
+    try:
+        return name, compile_launch(name, launch, arch)
+    except Exception as exc:
+        return name, f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+
+
+def _compile_all(arch: int, jobs: int):
+    """``(name, Report | error message)`` of every collected launch, in order. Compiles are
+    single-threaded (MLIR passes, then ptxas), so ``jobs`` forked workers use that many cores;
+    each keeps Triton's on-disk cache, so a rerun compiles nothing."""
+    work = [(i, arch) for i in range(len(_COLLECTED))]
+    if jobs == 1 or len(work) < 2:
+        yield from map(_compile_one, work)
+        return
+    import multiprocessing
+
+    with multiprocessing.get_context("fork").Pool(jobs) as pool:
+        yield from pool.imap(_compile_one, work)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", type=int, default=90)
@@ -299,20 +380,25 @@ def main(argv=None) -> int:
     parser.add_argument("--json", default=None, help="also write the reports to this file")
     parser.add_argument("--check", action="store_true", help="fail on spills in the GEMM kernels")
     parser.add_argument("--markdown", action="store_true", help="end with a table of the GEMM kernels")
+    parser.add_argument("--jobs", type=int, default=min(os.cpu_count() or 1, 4),
+                        help="compiles in parallel (one single-threaded process each; default: the cores, at most 4)")
     args = parser.parse_args(argv)
+    if args.jobs < 1:
+        parser.error(f"--jobs must be at least 1, got {args.jobs}")
     failures, reports = 0, []
-    for name, launch in collect(args.k):
-        try:
-            report = compile_launch(name, launch, args.arch)
-        except Exception as exc:  # report every failure, not just the first
+    _COLLECTED[:] = collect(args.k)
+    for name, result in _compile_all(args.arch, args.jobs):
+        if isinstance(result, str):  # report every failure, not just the first
             failures += 1
-            print(f"FAIL {name}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}", flush=True)
+            print(f"FAIL {name}: {result}", flush=True)
             continue
+        report = result
         reports.append(report)
         if args.check and report.kernel in MAIN_KERNELS and report.spills:
             failures += 1
             print(f"FAIL {name}: spills ({report.local_instructions} LDL/STL, stack {report.stack} B)", flush=True)
-        print(report.line(), flush=True)
+        else:
+            print(report.line(), flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump([asdict(r) for r in reports], f, indent=1)

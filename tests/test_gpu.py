@@ -334,3 +334,48 @@ def test_autotuned_launches_match_reference(compact_weight):
                                                 mode="skip")
     for name, got, exp in zip(("dx", "dW", "dtau"), gc, wantc[:3], strict=True):
         assert_close(got, exp, torch.bfloat16, f"conv {name}")
+
+
+def test_warmup_compiles_exactly_what_the_run_launches():
+    # benchmarks/warmup.py compiles with compile-only launches (Triton's own warmup path), so
+    # that the timed runs compile nothing: the real launches after it must find every kernel in
+    # Triton's cache (no new entry) and still match the reference.
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    from warmup import compile_only
+
+    from spafl.kernels import threshold_linear as tl_mod
+    from spafl.kernels import threshold_mask
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(256, 384, generator=g).cuda().bfloat16()
+    w = (torch.randn(320, 384, generator=g) / 20).cuda().bfloat16()
+    dy = torch.randn(256, 320, generator=g).cuda().bfloat16()
+    tau = threshold_for_density(w, 0.4)
+
+    def step():
+        rm = threshold_row_mask(w, tau)
+        return rm, threshold_linear_fwd(x, w, None, rm), threshold_linear_bwd(dy, x, w, rm, mode="skip")
+
+    kernels = [threshold_mask._row_mask_kernel, tl_mod._threshold_linear_fwd_kernel, tl_mod._compact_grad_kernel,
+               tl_mod._threshold_linear_bwd_dx_kernel, tl_mod._threshold_linear_bwd_dw_kernel,
+               tl_mod._threshold_bwd_finish_kernel]
+    device = torch.cuda.current_device()
+
+    def cached():
+        return [len(k.device_caches[device][0]) for k in kernels]
+
+    with compile_only(4) as seen:
+        step()
+    assert seen["launches"] >= len(kernels)
+    after_warmup = cached()
+    assert all(n >= 1 for n in after_warmup), after_warmup
+    rm, y, (dx, dw, dtau) = step()
+    torch.cuda.synchronize()
+    assert cached() == after_warmup, "the real launches compiled again"
+    assert_close(y, reference.threshold_linear_forward(x, w, rm.mask), torch.bfloat16, "y")
+    want = reference.threshold_linear_backward(dy, x, w, rm.mask.bfloat16(), rm.mask, has_bias=False, mode="skip")
+    for name, got, exp in zip(("dx", "dW", "dtau"), (dx, dw, dtau), want[:3], strict=True):
+        assert_close(got, exp, torch.bfloat16, name)
