@@ -128,7 +128,7 @@ def price(launch: Launch, spec: DeviceSpec) -> Cost:
     memory = launch.bytes / (spec.memory_bytes_per_s * spec.memory_efficiency)
     compute = 0.0
     if launch.macs:
-        rate = 2 * spec.peak(launch.precision) * spec.compute_efficiency  # flop/s of the whole machine
+        rate = spec.peak(launch.precision) * spec.compute_efficiency  # flop/s of the whole machine
         if launch.source == "triton":
             compute = math.ceil(launch.mac_programs / spec.sms) * launch.max_program_macs * 2 / (rate / spec.sms)
         else:
@@ -620,7 +620,7 @@ LAYER_COLUMNS = ("device", "layer", "case", "shape", "dtype", "density", "active
                  "host_us", "counted")
 LAUNCH_COLUMNS = ("device", "case", "density", "provider", "op", "index", "phase", "source", "name", "precision",
                   "programs", "waves", "mac_programs", "macs", "max_program_macs", "read_bytes", "write_bytes",
-                  "compute_us", "memory_us", "model_us")
+                  "launches", "compute_us", "memory_us", "model_us")
 
 
 def summarise(launches: list[Launch], spec: DeviceSpec) -> dict:
@@ -638,7 +638,7 @@ def launch_rows(launches: list[Launch], spec: DeviceSpec, base: dict) -> list[di
         rows.append({**base, "index": i, "phase": la.phase, "source": la.source, "name": la.name,
                      "precision": la.precision, "programs": la.programs, "waves": c.waves,
                      "mac_programs": la.mac_programs, "macs": la.macs, "max_program_macs": la.max_program_macs,
-                     "read_bytes": la.read_bytes, "write_bytes": la.write_bytes, "compute_us": c.compute_s * 1e6,
+                     "read_bytes": la.read_bytes, "write_bytes": la.write_bytes, "launches": la.launches, "compute_us": c.compute_s * 1e6,
                      "memory_us": c.memory_s * 1e6, "model_us": c.seconds * 1e6})
     return rows
 
