@@ -41,7 +41,7 @@ import math  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 from collections.abc import Callable, Iterable  # noqa: E402
-from dataclasses import dataclass, field, fields, replace  # noqa: E402
+from dataclasses import dataclass, replace  # noqa: E402
 from fractions import Fraction  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -294,9 +294,9 @@ class Recorder:
         self._program_macs = 0
 
     def __enter__(self) -> Recorder:
-        from triton.runtime import interpreter as interp
-
         import dataclasses
+
+        from triton.runtime import interpreter as interp
 
         rec = self
         builder = interp.interpreter_builder
@@ -478,17 +478,23 @@ def layer_launches(case, dtype: torch.dtype, density: float, modes: Iterable[str
     active = int(threshold_row_mask(w.detach(), tau.detach(), check_finite=False).mask.sum())
     out = {}
     for provider, mode in [("dense", None), *[(f"spafl-{m}", m) for m in modes]]:
-        fn = _layer_fn(case, x0, w, tau, b, mode)
         params = tuple(p for p in (w, tau if mode else None, b) if p is not None)
-        with torch.no_grad():
-            fwd, _ = record(lambda: fn(x0), "fwd")
-        x = x0.detach().requires_grad_()
-        fwd_graph, y = record(lambda: fn(x), "fwd")
-        bwd, _ = record(lambda: torch.autograd.grad(y, (x, *params), dy), "bwd")
+        fwd, fwd_graph, bwd = _op_launches(_layer_fn(case, x0, w, tau, b, mode), x0, dy, params)
         out[(provider, "fwd")] = fwd
         out[(provider, "bwd")] = bwd
         out[(provider, "fwd+bwd")] = fwd_graph + bwd
     return active, out
+
+
+def _op_launches(fn, x0: torch.Tensor, dy: torch.Tensor, params: tuple) -> tuple[list, list, list]:
+    """Launches of ``fn``'s forward without a graph, its forward recording the graph, and the
+    backward of that graph."""
+    with torch.no_grad():
+        fwd, _ = record(lambda: fn(x0), "fwd")
+    x = x0.detach().requires_grad_()
+    fwd_graph, y = record(lambda: fn(x), "fwd")
+    bwd, _ = record(lambda: torch.autograd.grad(y, (x, *params), dy), "bwd")
+    return fwd, fwd_graph, bwd
 
 
 def probe_plan(case) -> tuple[list[int], list[int]] | None:
@@ -638,8 +644,8 @@ def launch_rows(launches: list[Launch], spec: DeviceSpec, base: dict) -> list[di
         rows.append({**base, "index": i, "phase": la.phase, "source": la.source, "name": la.name,
                      "precision": la.precision, "programs": la.programs, "waves": c.waves,
                      "mac_programs": la.mac_programs, "macs": la.macs, "max_program_macs": la.max_program_macs,
-                     "read_bytes": la.read_bytes, "write_bytes": la.write_bytes, "launches": la.launches, "compute_us": c.compute_s * 1e6,
-                     "memory_us": c.memory_s * 1e6, "model_us": c.seconds * 1e6})
+                     "read_bytes": la.read_bytes, "write_bytes": la.write_bytes, "launches": la.launches,
+                     "compute_us": c.compute_s * 1e6, "memory_us": c.memory_s * 1e6, "model_us": c.seconds * 1e6})
     return rows
 
 
@@ -699,10 +705,9 @@ def run_layers(args) -> int:
                     base = {"device": d, "layer": case.layer, "case": case.name, "shape": case.shape,
                             "dtype": args.dtype, "density": density, "active": active, "provider": provider,
                             "op": op}
+                    host_us = "" if host is None else _host(host, case, args.dtype, density, provider, op)
                     rows[d].append({**base, **s, "dense_model_us": dense, "vs_dense": dense / s["model_us"],
-                                    "host_us": "" if host is None else _host(host, case, args.dtype, density,
-                                                                             provider, op),
-                                    "counted": how})
+                                    "host_us": host_us, "counted": how})
                     launches[d] += launch_rows(lst, spec, base)
         print(f"# {case.name}: {time.perf_counter() - t0:.0f} s of interpreter", file=sys.stderr, flush=True)
         for d in args.devices:
