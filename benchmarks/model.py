@@ -856,6 +856,37 @@ def run_pair(args) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------- re-pricing
+
+
+def launches_from_csv(path: Path) -> list[tuple[dict, Launch]]:
+    """``[(row, Launch)]`` of a per-launch CSV written by ``layers`` or ``steps``."""
+    with Path(path).open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    missing = [c for c in ("phase", "source", "name", "precision", *INT_FIELDS) if rows and c not in rows[0]]
+    if missing:
+        raise ValueError(f"{path} is not a per-launch CSV of benchmarks/model.py: no columns {missing}")
+    return [(r, Launch(r["phase"], r["source"], r["name"], r["precision"], **{f: int(r[f]) for f in INT_FIELDS}))
+            for r in rows]
+
+
+def run_reprice(args) -> int:
+    """Every (case, density, provider, op) of per-launch CSVs priced on a calibrated spec."""
+    spec = replace(DEVICES[args.device], **{k: v for k, v in (("compute_efficiency", args.compute_efficiency),
+                                                             ("memory_efficiency", args.memory_efficiency),
+                                                             ("launch_s", args.launch_us and args.launch_us * 1e-6))
+                                            if v is not None})
+    totals: dict = {}
+    for path in args.launches:
+        for row, la in launches_from_csv(path):
+            key = (row["case"], row["density"], row["provider"], row["op"])
+            totals[key] = totals.get(key, 0.0) + price(la, spec).seconds * 1e6
+    rows = [{"case": k[0], "density": k[1], "provider": k[2], "op": k[3], "model_us": v} for k, v in totals.items()]
+    print(f"# {spec}")
+    print(markdown(rows, ("case", "density", "provider", "op", "model_us")))
+    return 0
+
+
 # ----------------------------------------------------------------------------- main
 
 
@@ -887,13 +918,19 @@ def main(argv=None) -> int:
     pr.add_argument("--device", choices=sorted(DEVICES), required=True)
     pr.add_argument("--out", required=True)
     pr.add_argument("--force", action="store_true", help="replace --out if it exists")
+    rp = sub.add_parser("reprice", help="re-price per-launch CSVs on a calibrated device (no interpreter)")
+    rp.add_argument("launches", nargs="+", help="per-launch CSVs (*-launches.csv)")
+    rp.add_argument("--device", choices=sorted(DEVICES), default="h100")
+    rp.add_argument("--compute-efficiency", type=float, default=None)
+    rp.add_argument("--memory-efficiency", type=float, default=None)
+    rp.add_argument("--launch-us", type=float, default=None)
     args = p.parse_args(argv)
     from spafl._checks import interpreter_enabled
 
     if not interpreter_enabled():
         p.error("the model counts launches in Triton's interpreter: unset TRITON_INTERPRET=0")
     torch.set_num_threads(1)
-    return {"layers": run_layers, "steps": run_steps, "pair": run_pair}[args.cmd](args)
+    return {"layers": run_layers, "steps": run_steps, "pair": run_pair, "reprice": run_reprice}[args.cmd](args)
 
 
 if __name__ == "__main__":

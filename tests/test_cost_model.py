@@ -197,3 +197,16 @@ def test_pair_writes_the_model_beside_each_measured_row(tmp_path, capsys):
     assert model.main(["pair", "--measured", str(tmp_path / "none.csv"), "--device", "h100",
                        "--out", str(tmp_path / "p2.csv")]) == 0
     assert "does not exist" in capsys.readouterr().out
+
+
+def test_per_launch_csv_round_trips_for_repricing(tmp_path, capsys):
+    launches = [model.Launch("fwd", "triton", "k", "bf16", programs=133, mac_programs=133, macs=133 * 10**6,
+                             max_program_macs=10**6, read_bytes=64, write_bytes=32),
+                model.Launch("step", "torch", "_foreach_add_", read_bytes=320, write_bytes=160, launches=2)]
+    base = {"device": "h100", "case": "c", "density": 1.0, "provider": "spafl-skip", "op": "fwd"}
+    path = tmp_path / "c-launches.csv"
+    model.write_csv(path, model.launch_rows(launches, H100, base), model.LAUNCH_COLUMNS)
+    assert [la for _, la in model.launches_from_csv(path)] == launches
+    assert model.main(["reprice", str(path), "--launch-us", "5"]) == 0
+    slow = model.replace(H100, launch_s=5e-6)
+    assert f"{model.total_seconds(launches, slow) * 1e6:.3g}" in capsys.readouterr().out
