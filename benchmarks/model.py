@@ -234,12 +234,16 @@ class Recorder:
         name = func.name().replace("aten::", "")
         ins = _tensors(list(args) + list(kwargs.values()))
         outs = _tensors(out)
-        if func in _WRITE_ONLY:
-            reads, writes = ins[1:], ins[:1]
-        elif name.endswith("_"):  # in place: reads its inputs, writes the first
-            reads, writes = ins, ins[:1]
-        else:
-            reads, writes = ins, outs
+        if not ins and not outs:  # no device data (profiler markers and the like)
+            return
+        # Written: the arguments the schema marks as mutated (in-place and out= variants), and
+        # the outputs; the same tensor once.
+        mutated = [t for a, v in zip(func._schema.arguments, args, strict=False)
+                   if a.alias_info is not None and a.alias_info.is_write for t in _tensors(v)]
+        mutated += [t for a in func._schema.arguments if a.name in kwargs and a.alias_info is not None
+                    and a.alias_info.is_write for t in _tensors(kwargs[a.name])]
+        writes = list({(t.data_ptr(), t.shape, t.stride()): t for t in mutated + outs}.values())
+        reads = ins[1:] if func in _WRITE_ONLY else ins
         rb = sum(tensor_bytes(t) for t in reads)
         wb = sum(tensor_bytes(t) for t in writes)
         if name.startswith("_foreach_"):

@@ -210,3 +210,16 @@ def test_per_launch_csv_round_trips_for_repricing(tmp_path, capsys):
     assert model.main(["reprice", str(path), "--launch-us", "5"]) == 0
     slow = model.replace(H100, launch_s=5e-6)
     assert f"{model.total_seconds(launches, slow) * 1e6:.3g}" in capsys.readouterr().out
+
+
+def test_the_sgd_step_is_multi_tensor_launches():
+    params = [torch.randn(1000, requires_grad=True) for _ in range(3)]
+    opt = torch.optim.SGD(params, lr=0.1, momentum=0.9, foreach=True)
+    for p in params:
+        p.grad = torch.ones_like(p)
+    opt.step()  # momentum buffers exist from here on: the steady state
+    launches, _ = model.record(opt.step, "step")
+    assert launches and all(la.name.startswith("_foreach_") and la.launches == 1 for la in launches)
+    # p += -lr * buf: reads three parameters and three buffers, writes the parameters (4000 B each)
+    update = launches[-1]
+    assert (update.read_bytes, update.write_bytes) == (6 * 4000, 3 * 4000)
