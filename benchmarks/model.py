@@ -891,6 +891,36 @@ def run_reprice(args) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------- summary
+
+
+def run_summary(args) -> int:
+    """One table of every layer CSV in a folder: fwd+bwd (or ``--op``) per case and density,
+    ours against dense, on one device."""
+    folder = Path(args.folder)
+    paths = sorted(p for p in folder.glob(f"*-{args.device}.csv") if not p.name.startswith("step-"))
+    if not paths:
+        print(f"summary: no layer CSVs for {args.device} in {folder}")
+        return 2
+    rows = []
+    for path in paths:
+        with path.open(newline="") as f:
+            got = [r for r in csv.DictReader(f) if r["op"] == args.op]
+        for density in dict.fromkeys(r["density"] for r in got):
+            at = {r["provider"]: r for r in got if r["density"] == density}
+            dense = float(at["dense"]["model_us"])
+            row = {"case": at["dense"]["case"], "shape": at["dense"]["shape"], "density": density,
+                   "active": at["dense"]["active"], "dense_us": dense}
+            for mode in MODES:
+                r = at.get(f"spafl-{mode}")
+                row[f"{mode}_us"] = float(r["model_us"]) if r else ""
+                row[f"{mode}_vs_dense"] = f"{dense / float(r['model_us']):.2f}x" if r else ""
+            rows.append(row)
+    print(markdown(rows, ("case", "shape", "density", "active", "dense_us", "skip_us", "skip_vs_dense", "exact_us",
+                          "exact_vs_dense")))
+    return 0
+
+
 # ----------------------------------------------------------------------------- main
 
 
@@ -928,13 +958,18 @@ def main(argv=None) -> int:
     rp.add_argument("--compute-efficiency", type=float, default=None)
     rp.add_argument("--memory-efficiency", type=float, default=None)
     rp.add_argument("--launch-us", type=float, default=None)
+    sm = sub.add_parser("summary", help="one table of the layer CSVs in a folder")
+    sm.add_argument("folder")
+    sm.add_argument("--device", choices=sorted(DEVICES), default="h100")
+    sm.add_argument("--op", choices=OPS, default="fwd+bwd")
     args = p.parse_args(argv)
     from spafl._checks import interpreter_enabled
 
     if not interpreter_enabled():
         p.error("the model counts launches in Triton's interpreter: unset TRITON_INTERPRET=0")
     torch.set_num_threads(1)
-    return {"layers": run_layers, "steps": run_steps, "pair": run_pair, "reprice": run_reprice}[args.cmd](args)
+    return {"layers": run_layers, "steps": run_steps, "pair": run_pair, "reprice": run_reprice,
+            "summary": run_summary}[args.cmd](args)
 
 
 if __name__ == "__main__":
