@@ -182,7 +182,8 @@ aten = torch.ops.aten
 _NO_LAUNCH = {aten.empty.memory_format, aten.empty_strided.default, aten.empty_like.default, aten.new_empty.default,
               aten.new_empty_strided.default, aten.lift_fresh.default, aten.set_.source_Storage_storage_offset,
               aten.set_.source_Storage, aten._local_scalar_dense.default, aten.detach.default,
-              aten.resize_.default, aten._has_compatible_shallow_copy_type.default}
+              aten.resize_.default, aten._has_compatible_shallow_copy_type.default,
+              aten._unsafe_view.default}  # a view the schema does not annotate (reshape's result)
 # In-place ops that overwrite their first argument without reading it.
 _WRITE_ONLY = {aten.zero_.default, aten.fill_.Scalar, aten.fill_.Tensor, aten.copy_.default, aten.normal_.default,
                aten.uniform_.default, aten.random_.default, aten.bernoulli_.float}
@@ -891,6 +892,49 @@ def run_reprice(args) -> int:
     return 0
 
 
+def run_retable(args) -> int:
+    """Rebuild the tables of a folder from its per-launch CSVs with the current rules for what
+    launches (rows of ops that no longer count are dropped) and the current specs: the counts
+    need no new interpreter run."""
+    folder = Path(args.folder)
+    drop = {f.name().replace("aten::", "").split(".")[0] for f in _NO_LAUNCH}
+    done = 0
+    for path in sorted(folder.glob("*-launches.csv")):
+        table = path.with_name(path.name.replace("-launches.csv", ".csv"))
+        if not table.is_file():
+            continue
+        step = path.name.startswith("step-")
+        pairs = [(r, la) for r, la in launches_from_csv(path) if la.name.split(".")[0] not in drop]
+        spec = DEVICES[pairs[0][0]["device"]] if pairs else None
+        groups: dict = {}
+        for r, la in pairs:
+            groups.setdefault((r["density"], r["provider"], r["op"]), []).append(la)
+        with table.open(newline="") as f:
+            rows = list(csv.DictReader(f))
+        for row in rows:
+            key_op = row["phase"] if step else row["op"]
+            ops = ("fwd", "bwd", "step") if key_op == "total" else (key_op,)
+            mine = [la for op in ops for la in groups.get((row["density"], row["provider"], op), [])]
+            dense = [la for op in ops for la in groups.get((row["density"], "dense", op), [])]
+            s = summarise(mine, spec)
+            row.update(s, dense_model_us=total_seconds(dense, spec) * 1e6)
+            row["vs_dense"] = row["dense_model_us"] / s["model_us"]
+        write_csv(table, rows, STEP_COLUMNS if step else LAYER_COLUMNS)
+        md = table.with_suffix(".md")
+        if md.is_file():
+            title = md.read_text().split("\n")[0]
+            cols = (("density", "provider", "phase", "launches", "triton_launches", "torch_launches", "macs", "bytes",
+                     "model_us", "dense_model_us", "vs_dense") if step else
+                    ("density", "active", "provider", "op", "launches", "macs", "bytes", "model_us", "dense_model_us",
+                     "vs_dense", "host_us"))
+            md.write_text(f"{title}\n\n{markdown(rows, cols)}\n")
+        write_csv(path, [{**r, **launch_rows([la], spec, {})[0], "index": r["index"]} for r, la in pairs],
+                  LAUNCH_COLUMNS)
+        done += 1
+    print(f"retable: {done} tables rebuilt in {folder}")
+    return 0
+
+
 # ----------------------------------------------------------------------------- summary
 
 
@@ -958,6 +1002,8 @@ def main(argv=None) -> int:
     rp.add_argument("--compute-efficiency", type=float, default=None)
     rp.add_argument("--memory-efficiency", type=float, default=None)
     rp.add_argument("--launch-us", type=float, default=None)
+    rt = sub.add_parser("retable", help="rebuild a folder's tables from its per-launch CSVs (no interpreter)")
+    rt.add_argument("folder")
     sm = sub.add_parser("summary", help="one table of the layer CSVs in a folder")
     sm.add_argument("folder")
     sm.add_argument("--device", choices=sorted(DEVICES), default="h100")
@@ -969,7 +1015,7 @@ def main(argv=None) -> int:
         p.error("the model counts launches in Triton's interpreter: unset TRITON_INTERPRET=0")
     torch.set_num_threads(1)
     return {"layers": run_layers, "steps": run_steps, "pair": run_pair, "reprice": run_reprice,
-            "summary": run_summary}[args.cmd](args)
+            "retable": run_retable, "summary": run_summary}[args.cmd](args)
 
 
 if __name__ == "__main__":

@@ -223,3 +223,22 @@ def test_the_sgd_step_is_multi_tensor_launches():
     # p += -lr * buf: reads three parameters and three buffers, writes the parameters (4000 B each)
     update = launches[-1]
     assert (update.read_bytes, update.write_bytes) == (6 * 4000, 3 * 4000)
+
+
+def test_retable_drops_ops_that_launch_nothing(tmp_path):
+    gemm = model.Launch("fwd", "torch", "mm", "bf16", macs=10**9, read_bytes=2**20, write_bytes=2**20)
+    view = model.Launch("fwd", "torch", "_unsafe_view", read_bytes=64, write_bytes=64)  # a view, not a copy
+    base = {"device": "h100", "case": "c", "density": 1.0, "op": "fwd"}
+    rows = (model.launch_rows([gemm], H100, {**base, "provider": "dense"})
+            + model.launch_rows([gemm, view], H100, {**base, "provider": "spafl-skip"}))
+    model.write_csv(tmp_path / "c-h100-launches.csv", rows, model.LAUNCH_COLUMNS)
+    table = [{**base, "layer": "linear", "shape": "s", "dtype": "bfloat16", "active": 1, "provider": p,
+              "launches": 0, "triton_launches": 0, "torch_launches": 0, "macs": 0, "bytes": 0, "model_us": 1.0,
+              "dense_model_us": 1.0, "vs_dense": 1.0, "host_us": "", "counted": "executed"}
+             for p in ("dense", "spafl-skip")]
+    model.write_csv(tmp_path / "c-h100.csv", table, model.LAYER_COLUMNS)
+    assert model.main(["retable", str(tmp_path)]) == 0
+    with (tmp_path / "c-h100.csv").open() as f:
+        dense, ours = list(csv.DictReader(f))
+    assert ours["launches"] == "1" and float(ours["model_us"]) == pytest.approx(model.price(gemm, H100).seconds * 1e6)
+    assert float(ours["vs_dense"]) == pytest.approx(1.0) and dense["macs"] == str(10**9)
