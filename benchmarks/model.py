@@ -805,6 +805,20 @@ def _case_of(row: dict):
     return None
 
 
+def _model_tables(folder: Path, device: str) -> dict:
+    """``{(case, dtype, density, provider, op): model_us}`` of the layer tables in ``folder``
+    (the committed ones price a measured row without the interpreter)."""
+    out = {}
+    for path in folder.glob(f"*-{device}.csv"):
+        if path.name.startswith("step-"):
+            continue
+        with path.open(newline="") as f:
+            for r in csv.DictReader(f):
+                if "op" in r and "model_us" in r:
+                    out[(r["case"], r["dtype"], float(r["density"]), r["provider"], r["op"])] = float(r["model_us"])
+    return out
+
+
 def run_pair(args) -> int:
     path = Path(args.measured)
     if not path.is_file():
@@ -817,6 +831,8 @@ def run_pair(args) -> int:
     spec = DEVICES[args.device]
     with path.open(newline="") as f:
         measured = list(csv.DictReader(f))
+    tables = _model_tables(Path(args.tables), args.device) if args.tables else {}
+    start = time.perf_counter()
     cache: dict = {}
     pairs = []
     for row in measured:
@@ -833,6 +849,10 @@ def run_pair(args) -> int:
             note = f"provider {provider} is not modelled"
         elif row.get("dtype") not in bench_kernels.DTYPES or not math.isfinite(density):
             note = f"dtype {row.get('dtype')!r} / density {row.get('density')!r} not modelled"
+        elif (case.name, row["dtype"], density, provider, op) in tables:
+            model_ms = tables[(case.name, row["dtype"], density, provider, op)] / 1e3
+        elif time.perf_counter() - start > args.budget_s and (case.name, row["dtype"], density) not in cache:
+            note = f"not modelled: the {args.budget_s:g} s interpreter budget is spent"
         else:
             key = (case.name, row["dtype"], density)
             try:
@@ -996,6 +1016,10 @@ def main(argv=None) -> int:
     pr.add_argument("--device", choices=sorted(DEVICES), required=True)
     pr.add_argument("--out", required=True)
     pr.add_argument("--force", action="store_true", help="replace --out if it exists")
+    pr.add_argument("--tables", default=str(Path(__file__).resolve().parent / "results" / "model"),
+                    help="model tables to read before counting ('' for none)")
+    pr.add_argument("--budget-s", type=float, default=120.0,
+                    help="interpreter seconds for cases the tables lack; later ones get a line and no model")
     rp = sub.add_parser("reprice", help="re-price per-launch CSVs on a calibrated device (no interpreter)")
     rp.add_argument("launches", nargs="+", help="per-launch CSVs (*-launches.csv)")
     rp.add_argument("--device", choices=sorted(DEVICES), default="h100")

@@ -242,3 +242,22 @@ def test_retable_drops_ops_that_launch_nothing(tmp_path):
         dense, ours = list(csv.DictReader(f))
     assert ours["launches"] == "1" and float(ours["model_us"]) == pytest.approx(model.price(gemm, H100).seconds * 1e6)
     assert float(ours["vs_dense"]) == pytest.approx(1.0) and dense["macs"] == str(10**9)
+
+
+def test_pair_reads_committed_tables_and_keeps_to_its_budget(tmp_path, capsys):
+    tables = tmp_path / "tables"
+    tables.mkdir()
+    row = {"device": "h100", "layer": "conv2d", "case": "smoke-conv", "shape": "s", "dtype": "bfloat16",
+           "density": 0.5, "active": 6, "provider": "spafl-skip", "op": "fwd", "model_us": 12.5}
+    model.write_csv(tables / "smoke-conv-bfloat16-h100.csv", [row], model.LAYER_COLUMNS)
+    measured = tmp_path / "kernels.csv"
+    rows = [{**row, "ms": "0.025"}, {**row, "case": "smoke-linear", "layer": "linear", "ms": "0.01"}]
+    model.write_csv(measured, rows, list(rows[0]))
+    out = tmp_path / "pairs.csv"
+    assert model.main(["pair", "--measured", str(measured), "--device", "h100", "--out", str(out),
+                       "--tables", str(tables), "--budget-s", "0"]) == 0
+    with out.open() as f:
+        from_table, over_budget = list(csv.DictReader(f))
+    assert float(from_table["model_ms"]) == pytest.approx(0.0125) and float(from_table["measured_over_model"]) == 2
+    assert over_budget["model_ms"] == "" and "budget" in over_budget["note"]
+    assert "smoke-linear" in capsys.readouterr().out
