@@ -1,0 +1,263 @@
+"""The launch cost model (benchmarks/model.py) on cases whose answer is known by hand."""
+
+import csv
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from spafl._checks import interpreter_enabled
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import model  # noqa: E402
+
+pytestmark = [pytest.mark.interpreter,
+              pytest.mark.skipif(not interpreter_enabled(), reason="the model counts in Triton's interpreter")]
+
+H100 = model.DEVICES["h100"]
+US = 1e-6
+
+
+@triton.jit
+def _gemm_tile_kernel(a_ptr, b_ptr, out_ptr, n_active, BLOCK: tl.constexpr):
+    # One BLOCK^3 tile per program; programs at or past n_active exit before any work.
+    pid = tl.program_id(0)
+    if pid >= n_active:
+        return
+    offs = tl.arange(0, BLOCK)
+    a = tl.load(a_ptr + offs[:, None] * BLOCK + offs[None, :])
+    b = tl.load(b_ptr + offs[:, None] * BLOCK + offs[None, :])
+    tl.store(out_ptr + pid * BLOCK * BLOCK + offs[:, None] * BLOCK + offs[None, :], tl.dot(a, b))
+
+
+@triton.jit
+def _gather_kernel(src_ptr, idx_ptr, out_ptr):
+    i = tl.program_id(0)
+    tl.store(out_ptr + i, tl.load(src_ptr + tl.load(idx_ptr + i)))
+
+
+def _one(fn):
+    rec = model.Recorder()
+    with rec:
+        fn()
+    return rec.launches
+
+
+def test_a_single_gemm_launch_by_hand():
+    a, b = torch.randn(16, 16), torch.randn(16, 16)
+    out = torch.zeros(4, 16, 16)
+    (la,) = _one(lambda: _gemm_tile_kernel[(4,)](a, b, out, 4, BLOCK=16))
+    assert (la.source, la.programs, la.mac_programs) == ("triton", 4, 4)
+    assert la.macs == 4 * 16**3 and la.max_program_macs == 16**3
+    # a and b (1 KiB each) read by every program but counted once; 4 KiB stored.
+    assert (la.read_bytes, la.write_bytes) == (2 * 1024, 4 * 1024)
+    torch.testing.assert_close(out[3], a @ b)
+    cost = model.price(la, H100)
+    # fp32 operands: IEEE fp32 or TF32, as torch.backends.cuda.matmul.allow_tf32 says
+    assert la.precision == ("tf32" if torch.backends.cuda.matmul.allow_tf32 else "fp32")
+    peak = {"tf32": 494.7e12, "fp32": 66.9e12}[la.precision]
+    compute = 1 * 16**3 * 2 / (peak * 0.75 / 132)  # one wave of the largest program
+    memory = 6 * 1024 / (3.35e12 * 0.85)
+    assert cost.waves == 1
+    assert cost.compute_s == pytest.approx(compute) and cost.memory_s == pytest.approx(memory)
+    assert cost.seconds == pytest.approx(2 * US + max(compute, memory))
+
+
+def test_programs_that_exit_early_issue_no_macs():
+    a, b = torch.randn(16, 16), torch.randn(16, 16)
+    out = torch.zeros(4, 16, 16)
+    (la,) = _one(lambda: _gemm_tile_kernel[(4,)](a, b, out, 1, BLOCK=16))
+    assert (la.programs, la.mac_programs, la.macs, la.max_program_macs) == (4, 1, 16**3, 16**3)
+    assert la.write_bytes == 1024 and not out[1:].any()
+    (none,) = _one(lambda: _gemm_tile_kernel[(4,)](a, b, out, 0, BLOCK=16))
+    assert (none.programs, none.macs, none.read_bytes) == (4, 0, 0)
+    assert model.price(none, H100).seconds == pytest.approx(2 * US)
+
+
+def test_bytes_are_counted_in_whole_sectors():
+    src = torch.arange(64, dtype=torch.float32)
+    out = torch.zeros(2)
+    # Two fp32 elements 4 bytes apart share a sector; 32 bytes apart they do not. (The storage
+    # of src starts sector-aligned: PyTorch's CPU allocator aligns to 64 bytes.)
+    assert src.data_ptr() % 32 == 0
+    for idx, sectors in (([0, 1], 1), ([0, 8], 2), ([7, 8], 2)):
+        (la,) = _one(lambda idx=idx: _gather_kernel[(2,)](src, torch.tensor(idx, dtype=torch.int32), out))
+        # the index tensor (8 bytes) is one sector more; the two stores to out share one
+        assert la.read_bytes == 32 * (sectors + 1) and la.write_bytes == 32
+    assert model.tensor_bytes(torch.zeros(1, dtype=torch.bfloat16)) == 32
+    assert model.tensor_bytes(torch.zeros(17, dtype=torch.bfloat16)) == 64
+    assert model.tensor_bytes(torch.zeros(16, dtype=torch.bfloat16)) == 32
+    assert model.tensor_bytes(torch.zeros(1, 8).expand(1000, 8)) == 32  # broadcast rows count once
+
+
+def test_waves_at_132_and_133_programs():
+    la = model.Launch("fwd", "triton", "k", "bf16", programs=132, mac_programs=132, macs=132 * 10**6,
+                      max_program_macs=10**6)
+    one = model.price(la, H100)
+    two = model.price(model.replace(la, programs=133, mac_programs=133, macs=133 * 10**6), H100)
+    assert (one.waves, two.waves) == (1, 2)
+    assert two.compute_s == pytest.approx(2 * one.compute_s)
+    assert one.compute_s == pytest.approx(10**6 * 2 * 132 / (989.4e12 * 0.75))
+    # the same work on H200: same compute, faster memory
+    assert model.price(la, model.DEVICES["h200"]).compute_s == pytest.approx(one.compute_s)
+
+
+def test_the_dense_baseline_is_one_gemm_per_pass():
+    m, n, k = 128, 256, 512
+    x = torch.randn(m, k, dtype=torch.bfloat16, requires_grad=True)
+    w = torch.randn(n, k, dtype=torch.bfloat16, requires_grad=True)
+    fwd, y = model.record(lambda: F.linear(x, w), "fwd")
+    bwd, _ = model.record(lambda: torch.autograd.grad(y, (x, w), torch.ones_like(y)), "bwd")
+    gemms = [la for la in fwd + bwd if la.macs]
+    assert [la.macs for la in gemms] == [m * n * k] * 3
+    (f,) = fwd
+    assert (f.read_bytes, f.write_bytes) == (2 * (m * k + n * k), 2 * m * n)
+    expect = 2 * US + max(2 * m * n * k / (989.4e12 * 0.75), 2 * (m * k + n * k + m * n) / (3.35e12 * 0.85))
+    assert model.price(f, H100).seconds == pytest.approx(expect)
+
+
+def test_density_follows_the_active_rows():
+    from spafl.kernels._config import covered_units
+
+    case = model.bench_kernels.LinearCase("t", 128, 256, 128, bias=False)
+    counts = {}
+    for density in (1.0, 0.1):
+        active, out = model.layer_launches(case, torch.bfloat16, density, ["skip"])
+        assert active == round(density * 256)
+        (fwd,) = [la for la in out[("spafl-skip", "fwd")] if la.name == "_threshold_linear_fwd_kernel"]
+        counts[density] = fwd.macs
+        # the forward issues the active rows rounded up to the tile class that covers them
+        assert fwd.macs == 128 * 128 * covered_units(active, 128)
+    assert counts[0.1] == 128 * 128 * 32 and counts[1.0] == 128 * 128 * 256  # 26 active: a 32-wide tile
+
+
+def test_interpreter_macs_agree_with_the_analytic_count():
+    # Every dimension a multiple of every tile: at density 1 the three GEMMs issue the dense MACs.
+    case = model.bench_kernels.LinearCase("t", 128, 128, 128, bias=False)
+    _, out = model.layer_launches(case, torch.bfloat16, 1.0, ["skip", "exact"])
+    dense = 128**3
+    for provider in ("dense", "spafl-skip", "spafl-exact"):
+        assert sum(la.macs for la in out[(provider, "fwd")]) == dense
+        assert sum(la.macs for la in out[(provider, "fwd+bwd")]) == 3 * dense
+    names = [la.name for la in out[("spafl-skip", "fwd+bwd")] if la.source == "triton"]
+    assert names[:2] == ["_row_mask_kernel", "_threshold_linear_fwd_kernel"]
+
+
+def test_the_probe_shortcut_equals_full_execution():
+    # A ragged unit count (tail tiles), scattered active rows, both backward modes.
+    case = model.bench_kernels.LinearCase("t", 384, 72, 384)
+    assert model.probe_plan(case) == ([128, 256], [128, 256])
+    _, full = model.layer_launches(case, torch.bfloat16, 0.1, ["skip", "exact"])
+    _, short, how = model.case_launches(case, torch.bfloat16, 0.1, ["skip", "exact"])
+    assert how.startswith("extrapolated")
+    assert short == full
+
+
+def test_bilinear_refuses_what_is_not_bilinear():
+    base = model.Launch("fwd", "torch", "k")
+    probes = {(1, 1): [model.replace(base, macs=9)], (2, 1): [model.replace(base, macs=1)],
+              (1, 2): [model.replace(base, macs=9)], (2, 2): [model.replace(base, macs=1)]}
+    assert model.bilinear(probes, (1, 5))[0].macs == 9
+    with pytest.raises(ValueError, match="not bilinear"):  # a count that would turn negative
+        model.bilinear(probes, (3, 3))
+    probes[(2, 2)] = [model.replace(base, name="other")]
+    with pytest.raises(ValueError, match="different kernels"):
+        model.bilinear(probes, (3, 3))
+
+
+def test_pair_writes_the_model_beside_each_measured_row(tmp_path, capsys):
+    measured = tmp_path / "kernels.csv"
+    rows = [{"case": "smoke-linear", "layer": "linear", "shape": "M=33 N=48 K=40", "dtype": "float32",
+             "density": "0.5", "active": "24", "provider": "spafl-skip", "op": "fwd", "ms": "0.01",
+             "device": "NVIDIA H100"},
+            {"case": "no-such-case", "layer": "linear", "shape": "M=1 N=1 K=1", "dtype": "float32",
+             "density": "1.0", "active": "1", "provider": "dense", "op": "fwd", "ms": "0.01", "device": "x"}]
+    with measured.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    out = tmp_path / "pairs.csv"
+    assert model.main(["pair", "--measured", str(measured), "--device", "h100", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "no-such-case" in printed and "unknown case" in printed
+    with out.open() as f:
+        pairs = list(csv.DictReader(f))
+    assert len(pairs) == 2
+    modelled = float(pairs[0]["model_ms"])
+    assert math.isfinite(modelled) and modelled > 0.002  # more than one launch's 2 us
+    assert float(pairs[0]["measured_over_model"]) == pytest.approx(0.01 / modelled)
+    assert pairs[1]["model_ms"] == "" and pairs[1]["note"] == "unknown case"
+    # an existing output is not overwritten without --force; a missing input is one line, exit 0
+    assert model.main(["pair", "--measured", str(measured), "--device", "h100", "--out", str(out)]) == 2
+    assert model.main(["pair", "--measured", str(tmp_path / "none.csv"), "--device", "h100",
+                       "--out", str(tmp_path / "p2.csv")]) == 0
+    assert "does not exist" in capsys.readouterr().out
+
+
+def test_per_launch_csv_round_trips_for_repricing(tmp_path, capsys):
+    launches = [model.Launch("fwd", "triton", "k", "bf16", programs=133, mac_programs=133, macs=133 * 10**6,
+                             max_program_macs=10**6, read_bytes=64, write_bytes=32),
+                model.Launch("step", "torch", "_foreach_add_", read_bytes=320, write_bytes=160, launches=2)]
+    base = {"device": "h100", "case": "c", "density": 1.0, "provider": "spafl-skip", "op": "fwd"}
+    path = tmp_path / "c-launches.csv"
+    model.write_csv(path, model.launch_rows(launches, H100, base), model.LAUNCH_COLUMNS)
+    assert [la for _, la in model.launches_from_csv(path)] == launches
+    assert model.main(["reprice", str(path), "--launch-us", "5"]) == 0
+    slow = model.replace(H100, launch_s=5e-6)
+    assert f"{model.total_seconds(launches, slow) * 1e6:.3g}" in capsys.readouterr().out
+
+
+def test_the_sgd_step_is_multi_tensor_launches():
+    params = [torch.randn(1000, requires_grad=True) for _ in range(3)]
+    opt = torch.optim.SGD(params, lr=0.1, momentum=0.9, foreach=True)
+    for p in params:
+        p.grad = torch.ones_like(p)
+    opt.step()  # momentum buffers exist from here on: the steady state
+    launches, _ = model.record(opt.step, "step")
+    assert launches and all(la.name.startswith("_foreach_") and la.launches == 1 for la in launches)
+    # p += -lr * buf: reads three parameters and three buffers, writes the parameters (4000 B each)
+    update = launches[-1]
+    assert (update.read_bytes, update.write_bytes) == (6 * 4000, 3 * 4000)
+
+
+def test_retable_drops_ops_that_launch_nothing(tmp_path):
+    gemm = model.Launch("fwd", "torch", "mm", "bf16", macs=10**9, read_bytes=2**20, write_bytes=2**20)
+    view = model.Launch("fwd", "torch", "_unsafe_view", read_bytes=64, write_bytes=64)  # a view, not a copy
+    base = {"device": "h100", "case": "c", "density": 1.0, "op": "fwd"}
+    rows = (model.launch_rows([gemm], H100, {**base, "provider": "dense"})
+            + model.launch_rows([gemm, view], H100, {**base, "provider": "spafl-skip"}))
+    model.write_csv(tmp_path / "c-h100-launches.csv", rows, model.LAUNCH_COLUMNS)
+    table = [{**base, "layer": "linear", "shape": "s", "dtype": "bfloat16", "active": 1, "provider": p,
+              "launches": 0, "triton_launches": 0, "torch_launches": 0, "macs": 0, "bytes": 0, "model_us": 1.0,
+              "dense_model_us": 1.0, "vs_dense": 1.0, "host_us": "", "counted": "executed"}
+             for p in ("dense", "spafl-skip")]
+    model.write_csv(tmp_path / "c-h100.csv", table, model.LAYER_COLUMNS)
+    assert model.main(["retable", str(tmp_path)]) == 0
+    with (tmp_path / "c-h100.csv").open() as f:
+        dense, ours = list(csv.DictReader(f))
+    assert ours["launches"] == "1" and float(ours["model_us"]) == pytest.approx(model.price(gemm, H100).seconds * 1e6)
+    assert float(ours["vs_dense"]) == pytest.approx(1.0) and dense["macs"] == str(10**9)
+
+
+def test_pair_reads_committed_tables_and_keeps_to_its_budget(tmp_path, capsys):
+    tables = tmp_path / "tables"
+    tables.mkdir()
+    row = {"device": "h100", "layer": "conv2d", "case": "smoke-conv", "shape": "s", "dtype": "bfloat16",
+           "density": 0.5, "active": 6, "provider": "spafl-skip", "op": "fwd", "model_us": 12.5}
+    model.write_csv(tables / "smoke-conv-bfloat16-h100.csv", [row], model.LAYER_COLUMNS)
+    measured = tmp_path / "kernels.csv"
+    rows = [{**row, "ms": "0.025"}, {**row, "case": "smoke-linear", "layer": "linear", "ms": "0.01"}]
+    model.write_csv(measured, rows, list(rows[0]))
+    out = tmp_path / "pairs.csv"
+    assert model.main(["pair", "--measured", str(measured), "--device", "h100", "--out", str(out),
+                       "--tables", str(tables), "--budget-s", "0"]) == 0
+    with out.open() as f:
+        from_table, over_budget = list(csv.DictReader(f))
+    assert float(from_table["model_ms"]) == pytest.approx(0.0125) and float(from_table["measured_over_model"]) == 2
+    assert over_budget["model_ms"] == "" and "budget" in over_budget["note"]
+    assert "smoke-linear" in capsys.readouterr().out
