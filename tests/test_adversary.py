@@ -130,8 +130,9 @@ class Adversary:
                 for name, g in ref.items():
                     g64 = g.double()
                     norms = sorted(float((u[name].double() - g64).norm()) for u in good)
-                    # the lower median once the adversaries sit at the top
-                    limit = (factor or 1e6) * norms[(n - 1) // 2] if len(norms) > (n - 1) // 2 else 0.0
+                    # the lower median once the adversaries sit at the top (the largest honest
+                    # norm when they are half the cohort or more)
+                    limit = (factor or 1e6) * norms[min((n - 1) // 2, len(norms) - 1)] if norms else 0.0
                     mean = torch.stack([u[name].double() - g64 for u in good]).mean(0)
                     d = -mean if float(mean.norm()) > 0 else torch.ones_like(g64)
                     for i in bad:
