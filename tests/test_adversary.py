@@ -123,6 +123,9 @@ class Adversary:
                 bad = [i for i, u in enumerate(updates)
                        if any(all(torch.equal(u[k], s[k]) for k in u) for s in self.sent)]
                 good = [u for i, u in enumerate(updates) if i not in bad]
+                if not good:  # only the adversaries' updates were accepted: nothing to aim against
+                    self.sent.clear()
+                    return clip(server, updates)
                 ref = sim.method.expected_update(server)
                 n, factor = len(updates), sim.config.cohort_clip
                 forged = {i: {} for i in bad}
