@@ -20,6 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from test_adversary import ATTACKS, accuracy, attacked_run  # noqa: E402
 
 from spafl.federated import build_config  # noqa: E402
+from spafl.federated.engine import FederationStalled  # noqa: E402
 
 
 def main() -> None:
@@ -47,7 +48,11 @@ def main() -> None:
         print(f"{method} honest: acc {base:.2f}, clip events {clipped} over {args.rounds} rounds "
               f"({time.perf_counter() - start:.0f} s)", flush=True)
         for attack in args.attacks.split(","):
-            history, messages = attacked_run(config, attack, bad)
+            try:
+                history, messages = attacked_run(config, attack, bad)
+            except FederationStalled as e:  # every client's training diverged: the run stopped
+                print(f"{method} {attack} bad={bad}: the run stopped: {e}", flush=True)
+                continue
             acc = accuracy(history)
             clipped = sum(" update clipped: " in m for m in messages)
             rejected = sum(" update rejected: " in m for m in messages)
