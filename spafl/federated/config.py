@@ -122,12 +122,15 @@ class FedConfig:
     # unweighted; ``update_bounds`` rejects updates no legitimate client's local SGD can reach,
     # with every gradient coordinate bounded by ``clip`` when clipping is on, else by
     # ``grad_bound`` (None: rules.DEFAULT_GRAD_BOUND); a run stops with an error after
-    # ``max_failed_rounds`` rounds in a row that aggregate nothing (0: never).
+    # ``max_failed_rounds`` rounds in a row that aggregate nothing (0: never); ``cohort_clip``:
+    # each accepted update's deviation from the global state is clipped, per tensor, to this
+    # many times the round's median deviation norm (rules.clip_to_cohort; None: off).
     aggregator: str = "mean"
     trim_fraction: float = 0.2
     update_bounds: bool = True
     grad_bound: float | None = None
     max_failed_rounds: int = 3
+    cohort_clip: float | None = 20.0
 
     def replace(self, **changes: Any) -> FedConfig:
         return dataclasses.replace(self, **changes)
@@ -209,6 +212,8 @@ class FedConfig:
         need(isinstance(self.update_bounds, bool), f"update_bounds must be true or false, got {self.update_bounds!r}")
         need(self.grad_bound is None or (_is_real(self.grad_bound) and self.grad_bound > 0),
              f"grad_bound must be None or a positive finite number, got {self.grad_bound!r}")
+        need(self.cohort_clip is None or (_is_real(self.cohort_clip) and self.cohort_clip >= 1),
+             f"cohort_clip must be None (off) or a finite number >= 1, got {self.cohort_clip!r}")
         need(isinstance(self.max_failed_rounds, int) and not isinstance(self.max_failed_rounds, bool)
              and self.max_failed_rounds >= 0,
              f"max_failed_rounds must be a non-negative integer (0: never stop), got {self.max_failed_rounds!r}")

@@ -50,6 +50,8 @@ class RoundTally:
         self.method, self.server = method, server
         self.cohort = cohort  # the round's sampled clients in the order drawn (None: the keyed sample)
         self.accepted: list[dict[str, torch.Tensor]] = []
+        self.accepted_ids: list[int] = []  # the client of each accepted update
+        self.clipped = 0  # accepted updates the server clipped to the cohort (rules.clip_to_cohort)
         self.weights: list[int] = []
         self.reports: list = []
         self.errors: list[str] = []
@@ -84,6 +86,7 @@ class RoundTally:
             self.reject(cid, str(e))
             return
         self.accepted.append(update)
+        self.accepted_ids.append(cid)
         self.weights.append(num_samples)
         self.reports.append(report)
         self.nnz_up += sum(int(torch.count_nonzero(v)) for v in update.values())
@@ -146,13 +149,22 @@ class RoundTally:
 
 
 def aggregate_round(method: Method, server, tally: RoundTally):
-    """``method.aggregate`` of the round's accepted updates: the next global state. What the
-    method sets aside or refuses (an :class:`AggregateWarning` each) goes into the tally's
-    errors instead (warned with the others by :meth:`RoundTally.warn`, and in the history), a
-    refusal also into ``tally.refused`` (the ``aggregate_refused`` column)."""
+    """``method.aggregate`` of the round's accepted updates, each first clipped to the cohort
+    (:meth:`Method.clip_updates`): the next global state. Each clipped update is a line in the
+    tally's errors naming its client, tensor, norm and limit (warned with the others by
+    :meth:`RoundTally.warn`, and in the history). What the method sets aside or refuses (an
+    :class:`AggregateWarning` each) goes into the errors too, a refusal also into
+    ``tally.refused`` (the ``aggregate_refused`` column)."""
+    updates, clipped = method.clip_updates(server, tally.accepted)
+    for event in clipped:
+        tally.errors.append(
+            f"client {tally.accepted_ids[event.index]} update clipped: {event.name} moved {event.norm:.4g} from the "
+            f"global value (Euclidean norm), more than {method.config.cohort_clip:g} x the cohort's median "
+            f"{event.median:.4g}; scaled to {event.limit:.4g}")
+    tally.clipped = len({event.index for event in clipped})
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", AggregateWarning)
-        new = method.aggregate(server, tally.accepted, tally.weights)
+        new = method.aggregate(server, updates, tally.weights)
     for w in caught:
         if issubclass(w.category, AggregateWarning):  # "round N: ..." (RoundTally.warn adds the round)
             text = str(w.message)

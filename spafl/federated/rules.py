@@ -268,3 +268,52 @@ def check_aggregate(before: Mapping[str, torch.Tensor], after: Mapping[str, torc
         raise UpdateRejected(f"aggregate refused: {e}") from e
 
 
+
+
+@dataclass(frozen=True)
+class Clipped:
+    """One update's tensor that :func:`clip_to_cohort` scaled back: the update's index in the
+    list, the tensor's name, its deviation's norm and the limit it was scaled to."""
+
+    index: int
+    name: str
+    norm: float
+    limit: float
+    median: float
+
+
+def clip_to_cohort(reference: Mapping[str, torch.Tensor], updates: list[Mapping[str, torch.Tensor]],
+                   factor: float | None) -> tuple[list[Mapping[str, torch.Tensor]], list[Clipped]]:
+    """Each update's deviation from the global state ``reference``, per tensor, clipped in
+    Euclidean norm to ``factor`` times the cohort's median deviation norm for that tensor
+    (the lower median: the ``ceil(n/2)``-th smallest, so that fewer than half the updates,
+    however large, cannot raise it). A clipped tensor becomes ``g + (u - g) * limit / norm``,
+    the same direction at the limit's length.
+
+    One client's influence on a mean is then at most ``factor`` times what a typical honest
+    client moves each tensor, whatever it sends (a payload far inside the update bounds
+    included), while honest clients, whose deviations are of one size, are left alone.
+    Returns ``(updates, clipped)``: the list itself, untouched, when nothing is clipped (the
+    aggregate is then computed exactly as without the rule), else a new list in which only the
+    clipped updates are new mappings. ``factor`` None: nothing is clipped."""
+    if factor is None or not updates:
+        return updates, []
+    n = len(updates)
+    events: list[Clipped] = []
+    scaled: dict[int, dict[str, torch.Tensor]] = {}
+    for name, ref in reference.items():
+        g = ref.double()
+        norms = [float(torch.linalg.vector_norm(u[name].double() - g)) for u in updates]
+        median = sorted(norms)[(n - 1) // 2]
+        limit = factor * median
+        for i, norm in enumerate(norms):
+            if norm > limit:
+                # limit 0 (the median client left the tensor as it was): only the global value
+                # stays within it
+                scale = limit / norm if math.isfinite(norm) else 0.0
+                value = (g + (updates[i][name].double() - g) * scale).to(updates[i][name].dtype)
+                scaled.setdefault(i, dict(updates[i]))[name] = value
+                events.append(Clipped(i, name, norm, limit, median))
+    if not events:
+        return updates, []
+    return [scaled.get(i, u) for i, u in enumerate(updates)], events

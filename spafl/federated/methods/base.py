@@ -150,6 +150,12 @@ class Method:
         have sent this round (:func:`rules.validate_update` with :meth:`update_bounds`)."""
         rules.validate_update(update, self.expected_update(server), self.update_bounds(server, num_samples))
 
+    def clip_updates(self, server, updates: list[Tensors]) -> tuple[list[Tensors], list[rules.Clipped]]:
+        """The round's accepted updates with each tensor's deviation from the global state
+        clipped to ``cohort_clip`` times the cohort's median (:func:`rules.clip_to_cohort`),
+        and what was clipped. The round applies it before :meth:`aggregate`."""
+        return rules.clip_to_cohort(self.expected_update(server), updates, self.config.cohort_clip)
+
     def _combine(self, server, updates: list[Tensors], weights: list[float]):
         """The aggregate of validated updates (the method's own mean, or the configured robust
         aggregator)."""
