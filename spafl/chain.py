@@ -189,7 +189,7 @@ def layer(module: ThresholdLinear | ThresholdConv2d, x: torch.Tensor | Compact, 
         check_finite_values(tau)  # (the weights' scores are checked when the layer is called by itself)
     row_mask = _guarded_row_mask(weight, threshold, "compact", False, options, module.collapse_resets,
                                  module.previous_density)
-    impl = _Compact(x_index, compact_output)
+    impl = _Compact(x_index, compact_output, in_chain=True)
     if conv:
         y = _run(ThresholdConv2dFunction, values, weight, threshold, bias, row_mask, geometry, impl, options)
     else:

@@ -246,12 +246,18 @@ class _Compact:
 
     x_index = None
     compact_output = False
+    in_chain = False
 
-    def __init__(self, x_index: torch.Tensor | None = None, compact_output: bool = False):
-        self.x_index, self.compact_output = x_index, compact_output
+    def __init__(self, x_index: torch.Tensor | None = None, compact_output: bool = False, in_chain: bool = False):
+        # A chain's layer takes its input's index list as it comes: the chain decides what it
+        # carries (a whole input is multiplied whole, as the chain has always done).
+        self.x_index, self.compact_output, self.in_chain = x_index, compact_output, in_chain
+
+    def _skip(self, options) -> bool:
+        return options.skip_zero_inputs and not self.in_chain
 
     def linear_forward(self, x2d, weight, bias, row_mask, options):
-        return compact.linear_forward(x2d, weight, bias, row_mask.mask, options.skip_zero_inputs,
+        return compact.linear_forward(x2d, weight, bias, row_mask.mask, self._skip(options),
                                       x_index=self.x_index, compact_output=self.compact_output, units=row_mask.units)
 
     def linear_backward(self, grad_y2d, x2d, weight, row_mask, state, options, need_dx, has_bias, threshold_dtype):
@@ -262,7 +268,7 @@ class _Compact:
         return _cast_gradients(grads, need_dx, weight.dtype, threshold_dtype)
 
     def conv2d_forward(self, x, weight, bias, row_mask, geometry, options):
-        return compact.conv2d_forward(x, weight, bias, row_mask.mask, geometry, options.skip_zero_inputs,
+        return compact.conv2d_forward(x, weight, bias, row_mask.mask, geometry, self._skip(options),
                                       x_index=self.x_index, compact_output=self.compact_output, units=row_mask.units)
 
     def conv2d_backward(self, grad_y, x, weight, row_mask, geometry, state, options, need_dx, has_bias,
