@@ -26,7 +26,19 @@ from .datasets import load_digits
 
 
 def _demo(args: argparse.Namespace, policy) -> int:
+    from ._checks import interpreter_enabled, triton_available
+
     device = torch.device(args.device)
+    if args.backend == "triton":  # refused here in a line, not by the first layer in a traceback
+        if not triton_available():
+            print("spafl demo: --backend triton needs the triton package (pip install 'spafl[triton]')",
+                  file=sys.stderr)
+            return 2
+        if device.type != "cuda" and not interpreter_enabled():
+            print(f"spafl demo: --backend triton needs a CUDA device (got {device}); use --backend auto or compact "
+                  "on CPU, or set TRITON_INTERPRET=1 to run the kernels in Triton's interpreter (slow, for testing)",
+                  file=sys.stderr)
+            return 2
     torch.manual_seed(args.seed)
     images, labels = load_digits()
     g = torch.Generator().manual_seed(args.seed)

@@ -333,3 +333,27 @@ def test_reports_that_would_break_the_history_are_refused(setup, caplog):
     assert any(f"client {first[1]} failed: malformed reply: " in e and "expected ['conv1', 'conv2', 'fc3', 'fc4']"
                in e for e in errors)
     assert all(0 <= e["acc"] <= 100 for e in strategy.eval_cache)
+
+
+def test_a_client_that_never_replies_does_not_hang_the_federation(setup, caplog):
+    """Flower's own default (no round timeout) let one silent ClientApp hang the run: the
+    strategy waits a finite time by default, and names the node that did not reply."""
+    config, data, app = setup
+    silent = 101
+    timeouts = []
+
+    class Silent(FakeGrid):
+        def send_and_receive(self, messages, *, timeout=None):
+            if messages and messages[0].metadata.message_type == "train":
+                timeouts.append(timeout)
+            kept = [m for m in messages if not (m.metadata.dst_node_id == silent
+                                                and m.metadata.message_type != "query")]
+            return super().send_and_receive(kept, timeout=timeout)
+
+    strategy = _run(config, data, Silent(_nodes(app, range(4))), caplog)
+    assert timeouts and all(t == 600.0 for t in timeouts)  # the documented default, finite
+    assert len(strategy.history) == config.rounds
+    sampled = [p for t in range(config.rounds) for p in keys.sample_clients(config.seed, t, 4, 2)]
+    assert 1 in sampled  # partition 1 (node 101) is sampled at least once in this run
+    warned = [r.getMessage() for r in caplog.records if "did not reply" in r.getMessage()]
+    assert warned and all("node 101 (partition 1)" in w and "within 600 s" in w for w in warned)

@@ -96,6 +96,13 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
+def _folder(text: str) -> Path:
+    """A folder argument: an empty one (``--out ''``) would mean the current folder."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("an empty folder name; name a folder (e.g. runs/my-run)")
+    return Path(text)
+
+
 def _optional(kind):
     def parse(text: str):
         return None if text.lower() in ("none", "null", "off") else kind(text)
@@ -160,7 +167,7 @@ def add_federated_commands(sub) -> None:
     train.add_argument("--preset", choices=sorted(PRESETS), default=None,
                        help=f"start from a preset (default {DEFAULT_PRESET}, or the config file's)")
     train.add_argument("--config", type=Path, default=None, help="a JSON or TOML file of settings")
-    train.add_argument("--out", type=Path, default=None,
+    train.add_argument("--out", type=_folder, default=None,
                        help="run folder (default runs/<preset>[-<method>]-seed<seed>); a run with the same settings "
                             "there is continued, or reported when finished")
     train.add_argument("--resume", action="store_true",
@@ -184,7 +191,7 @@ def add_federated_commands(sub) -> None:
     compare.add_argument("--config", type=Path, default=None, help="a JSON or TOML file of settings")
     compare.add_argument("--methods", type=_csv(str), default=list(METHODS), help="comma-separated methods")
     compare.add_argument("--seeds", type=_csv(int), default=[0, 1, 2], help="comma-separated seeds")
-    compare.add_argument("--out", type=Path, default=None, help="folder (default runs/compare-<preset>)")
+    compare.add_argument("--out", type=_folder, default=None, help="folder (default runs/compare-<preset>)")
     compare.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
                          help="draw a progress line on stderr")
     add_thread_flags(compare)
@@ -204,6 +211,9 @@ def _csv(kind):
         items = [kind(x) for x in text.split(",") if x.strip()]
         if not items:
             raise argparse.ArgumentTypeError("expected a comma-separated list")
+        twice = sorted({str(x) for x in items if items.count(x) > 1})
+        if twice:  # a run counted twice would weigh twice in the mean and shrink the spread
+            raise argparse.ArgumentTypeError(f"{', '.join(twice)} given more than once")
         return items
 
     parse.__name__ = f"list of {kind.__name__}"
@@ -291,7 +301,7 @@ def _plan_train(args: argparse.Namespace, overrides: dict) -> _Plan:
     if args.resume:
         defaults = build_config(DEFAULT_PRESET, None, {k: v for k, v in overrides.items() if k in ("method", "seed")})
         out = args.out or _default_out(DEFAULT_PRESET, defaults)
-        if not runfolder.holds_run(out):
+        if not runfolder.holds_run(out, own=False):
             raise FileNotFoundError(f"--resume: no run in {out}"
                                     + ("" if args.out else " (the default folder; name the run's folder with --out)"))
         found = runfolder.open_checkpoint(out)
@@ -359,6 +369,8 @@ def _train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             kwargs = dict(out_dir=out, progress=args.progress, command=command, workers=policy.workers)
             if found is not None:
                 sim = Simulator.from_checkpoint(found.ckpt, config, source=found.file, **kwargs)
+                if found.file.parent == Path(out):
+                    runfolder.adopt(found)  # checked as the folder's run (or named so by --resume)
             else:
                 sim = Simulator(config, **kwargs)
             stale = runfolder.prepare(out)  # writable, before any training and before removing anything
@@ -397,7 +409,11 @@ def _train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             return 1
     _print_summary(sim.summary())
     if args.plot:
-        _draw(out)
+        try:
+            _draw(out)
+        except (ValueError, OSError) as e:  # the run is saved; only its plots failed
+            print(f"spafl train: the run is saved in {out}, but its plots were not drawn: {e}", file=sys.stderr)
+            return 1
     return 0
 
 
@@ -495,7 +511,11 @@ def _presets(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 def _plot(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     """Redraw a run folder's plots, or a comparison folder's (``spafl compare``)."""
     if (args.run / "history.json").is_file():
-        _draw(args.run)
+        try:
+            _draw(args.run)
+        except (ValueError, OSError) as e:  # a damaged or foreign run file, named; a failed write, named
+            print(f"spafl plot: {e}", file=sys.stderr)
+            return 2
         return 0
     if not (args.run / "comparison.csv").is_file():
         parser.error(f"{args.run} holds neither a run (history.json) nor a comparison (comparison.csv)")

@@ -51,6 +51,9 @@ def run_comparison(config: FedConfig, methods: Iterable[str], seeds: Iterable[in
         raise ValueError(f"unknown or no methods {unknown}; methods: {METHODS}")
     if not seeds:
         raise ValueError("give at least one seed")
+    twice = sorted({str(x) for x in [*methods, *seeds] if [*methods, *seeds].count(x) > 1})
+    if twice:  # one run counted twice: its mean weighted twice, a spread of "+- 0.00" from one run
+        raise ValueError(f"methods and seeds must each be given once: {', '.join(twice)} given more than once")
     configs = [config.replace(method=m, seed=s, spectral_exponent=config.spectral_exponent and m == "sparsyfed")
                .validate() for s in seeds for m in methods]  # every method's first seed first
     eta = _Eta(len(configs) * config.rounds)

@@ -66,22 +66,12 @@ _STATS = {
 _IDX_UBYTE = 0x08
 
 
-def _read_idx(path: Path, magic: int) -> np.ndarray:
-    """The uint8 array of an IDX file (``.gz`` or plain) whose magic must be ``magic``.
+_IDX_MAX_BYTES = 1 << 31  # Fashion-MNIST's largest file is 47 MB
 
-    Every problem raises ``ValueError`` naming the file: a truncated or corrupt gzip stream
-    (gzip checks its CRC and length), a header shorter than its dimension count, another magic,
-    or a body whose size is not the product of the dimensions."""
-    try:
-        if path.suffix == ".gz":
-            with gzip.open(path, "rb") as f:
-                data = f.read()
-        else:
-            data = path.read_bytes()
-    except (OSError, EOFError, zlib.error) as e:  # gzip.BadGzipFile is an OSError
-        raise ValueError(f"{path}: not a readable {'gzip ' if path.suffix == '.gz' else ''}file "
-                         f"({type(e).__name__}: {e}); delete it and fetch it again") from e
-    ndim = magic & 0xFF
+
+def _idx_dims(path: Path, data: bytes, magic: int, ndim: int) -> tuple[int, ...]:
+    """The dimension sizes of an IDX header ``data``; ``ValueError`` naming ``path`` when it is
+    short, of another magic, or negative."""
     if len(data) < 4:
         raise ValueError(f"{path}: {len(data)} bytes, too short for an IDX header (a 4-byte magic)")
     (found,) = struct.unpack(">i", data[:4])
@@ -94,8 +84,34 @@ def _read_idx(path: Path, magic: int) -> np.ndarray:
     dims = struct.unpack(f">{ndim}i", data[4 : 4 + 4 * ndim])
     if any(d < 0 for d in dims):
         raise ValueError(f"{path}: IDX header has negative dimension sizes {dims}")
-    expected = math.prod(dims)
-    body = len(data) - 4 - 4 * ndim
+    return dims
+
+
+def _read_idx(path: Path, magic: int) -> np.ndarray:
+    """The uint8 array of an IDX file (``.gz`` or plain) whose magic must be ``magic``.
+
+    Every problem raises ``ValueError`` naming the file: a truncated or corrupt gzip stream
+    (gzip checks its CRC and length), a header shorter than its dimension count, another magic,
+    or a body whose size is not the product of the dimensions."""
+    ndim = magic & 0xFF
+    head = 4 + 4 * ndim
+    try:
+        # Read the header, then no more than the body it declares (and one byte to tell a longer
+        # file): a small gzip that inflates without end (a gzip bomb) stops there.
+        with (gzip.open(path, "rb") if path.suffix == ".gz" else path.open("rb")) as f:
+            data = f.read(head)
+            dims = _idx_dims(path, data, magic, ndim)
+            expected = math.prod(dims)
+            if expected > _IDX_MAX_BYTES:
+                raise ValueError(f"{path}: header declares {dims} ({expected} bytes), more than the "
+                                 f"{_IDX_MAX_BYTES} bytes this reader accepts")
+            data += f.read(expected + 1)
+    except (OSError, EOFError, zlib.error) as e:  # gzip.BadGzipFile is an OSError
+        raise ValueError(f"{path}: not a readable {'gzip ' if path.suffix == '.gz' else ''}file "
+                         f"({type(e).__name__}: {e}); delete it and fetch it again") from e
+    body = len(data) - head
+    if body > expected:
+        raise ValueError(f"{path}: header says {dims} ({expected} bytes) but the file holds more after it")
     if body != expected:
         raise ValueError(f"{path}: header says {dims} ({expected} bytes) but the file holds {body} bytes after it")
     return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims)
@@ -201,6 +217,10 @@ def read_cifar100(root: str | Path) -> ImageDataset:
 
 
 def _checked(name: str, parts: dict, num_classes: int) -> ImageDataset:
+    shapes = {split: tuple(x.shape[1:]) for split, (x, _y) in parts.items()}
+    if shapes["test"] != shapes["train"]:
+        raise ValueError(f"{name}: the test split's images are {shapes['test']} but the train split's "
+                         f"{shapes['train']}; a damaged file header?")
     for split, (_x, y) in parts.items():
         if len(y) and (int(y.min()) < 0 or int(y.max()) >= num_classes):
             raise ValueError(f"{name} {split}: labels outside [0, {num_classes})")

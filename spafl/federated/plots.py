@@ -5,7 +5,8 @@ the history."""
 
 from __future__ import annotations
 
-import json
+import contextlib
+import zipfile
 from pathlib import Path
 
 import matplotlib
@@ -28,12 +29,39 @@ def history_rounds(meta: dict) -> np.ndarray:
     return rounds if meta.get("history_format", 1) >= 2 else rounds + 1
 
 
+class PlotInputError(ValueError):
+    """A run file the plots read is damaged or not a run's (the message names it)."""
+
+
+@contextlib.contextmanager
+def _reading(file: Path):
+    """Turn what a damaged ``file`` makes NumPy or the plotting code raise into one
+    :class:`PlotInputError` naming it."""
+    try:
+        yield
+    except (KeyError, TypeError, IndexError, ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
+        if isinstance(e, PlotInputError):
+            raise
+        raise PlotInputError(f"cannot plot {file}: it is damaged or not a run's file ({type(e).__name__}: "
+                             f"{str(e)[:200]})") from e
+
+
 def plot_run(run: str | Path, rounds_shown: int = 3) -> list[Path]:
     """Write ``accuracy.png``, ``density.png``, and when their data exist ``masks.png``
     (``masks.npz``), ``clients.png`` (``clients.npz``) and ``thresholds.png`` (the history's
     ``tau`` statistics) into ``run``; return their paths."""
+    from . import runfolder
+
     run = Path(run)
-    meta = json.loads((run / "history.json").read_text())
+    meta = runfolder.read_history(run)  # RunFolderError naming the file when damaged
+    if meta is None:
+        raise FileNotFoundError(f"no history.json in {run}")
+    runfolder.check_foreign(run)  # a plot of the user's own of the same name is not overwritten
+    with _reading(run / "history.json"):
+        return _plot_run(run, meta, rounds_shown)
+
+
+def _plot_run(run: Path, meta: dict, rounds_shown: int) -> list[Path]:
     rows = meta["history"]
     if not rows:
         return []
@@ -68,22 +96,10 @@ def plot_run(run: str | Path, rounds_shown: int = 3) -> list[Path]:
     out.append(_save(fig, run / "density.png"))
 
     if (run / "masks.npz").is_file():
-        data = np.load(run / "masks.npz")
-        masks, rounds = data["masks"], data["rounds"]
-        if meta.get("history_format", 1) < 2:
-            rounds = rounds + 1
-        picks = sorted({int(i) for i in np.linspace(0, len(rounds) - 1, rounds_shown)})
-        fig, axes = plt.subplots(1, len(picks), figsize=(4 * len(picks), 3.6), squeeze=False)
-        for ax, i in zip(axes[0], picks, strict=True):
-            ax.imshow(masks[i], aspect="auto", cmap="Greys", vmin=0, vmax=1, interpolation="nearest")
-            ax.set(title=f"round {rounds[i]}", xlabel=f"unit of {data['layer']}", ylabel="client")
-            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-            ax.yaxis.set_major_locator(MaxNLocator(integer=True))
-        fig.suptitle(f"{title}: active (black) units of {data['layer']} per client")
-        out.append(_save(fig, run / "masks.png"))
-
+        with _reading(run / "masks.npz"):
+            out.append(_masks_plot(run, meta, title, rounds_shown))
     if (run / "clients.npz").is_file():
-        with np.load(run / "clients.npz") as data:
+        with _reading(run / "clients.npz"), np.load(run / "clients.npz") as data:
             classes = dataset_classes(meta["config"]["dataset"])
             fig = client_accuracy_figure(data["rounds"], data["acc"], title, stuck_below=2 * 100.0 / classes)
         out.append(_save(fig, run / "clients.png"))
@@ -91,6 +107,22 @@ def plot_run(run: str | Path, rounds_shown: int = 3) -> list[Path]:
     if rows[0].get("tau"):
         out.append(_save(threshold_figure(r, rows, title), run / "thresholds.png"))
     return out
+
+
+def _masks_plot(run: Path, meta: dict, title: str, rounds_shown: int) -> Path:
+    with np.load(run / "masks.npz") as data:
+        masks, rounds, layer = data["masks"], data["rounds"], str(data["layer"])
+        if meta.get("history_format", 1) < 2:
+            rounds = rounds + 1
+        picks = sorted({int(i) for i in np.linspace(0, len(rounds) - 1, rounds_shown)})
+        fig, axes = plt.subplots(1, len(picks), figsize=(4 * len(picks), 3.6), squeeze=False)
+        for ax, i in zip(axes[0], picks, strict=True):
+            ax.imshow(masks[i], aspect="auto", cmap="Greys", vmin=0, vmax=1, interpolation="nearest")
+            ax.set(title=f"round {rounds[i]}", xlabel=f"unit of {layer}", ylabel="client")
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+        fig.suptitle(f"{title}: active (black) units of {layer} per client")
+    return _save(fig, run / "masks.png")
 
 
 def client_percentiles(acc: np.ndarray) -> dict[int, np.ndarray]:
@@ -151,9 +183,13 @@ def _round_axis(ax) -> None:
 
 
 def _save(fig, path: Path) -> Path:
+    from .runfolder import atomic_write
+
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    try:  # atomic: a failed write leaves the previous plot, and the run folder records the file
+        atomic_write(path, lambda f: fig.savefig(f, dpi=120, format="png"))
+    finally:
+        plt.close(fig)
     return path
 
 

@@ -8,7 +8,14 @@ checkpoints, and what ``--overwrite`` removes.
 ``checkpoint.prev.pt``                 the one before it, kept until the newest is durable
 ``accuracy.png`` ... ``thresholds.png``  the plots (:data:`PLOT_FILES`)
 ``.<file>-<random>.tmp``               a write in progress (left only by a killed process)
+``.spafl-run.json``                    the manifest: the files above that this project wrote
+                                       here (:func:`own_files`)
 =====================================  ======================================================
+
+A run writes a file only where the folder holds no file of that name that this project did not
+write (:func:`foreign_files`, checked by :func:`prepare`); ``--overwrite`` removes only the files
+the manifest lists (:func:`clear_run`). A failed write (a full disk, no permission) is an
+:class:`OSError` naming the file, and the file it would have replaced is intact.
 
 Every file is written atomically (a temporary file, fsync'd, renamed over the old one, the
 folder fsync'd). A checkpoint is read with ``torch.load(weights_only=True)``: a crafted file
@@ -42,6 +49,7 @@ PREVIOUS = "checkpoint.prev.pt"
 HISTORY_FILES = ("history.json", "history.csv", "masks.npz", "clients.npz")
 PLOT_FILES = ("accuracy.png", "density.png", "masks.png", "clients.png", "thresholds.png")
 RUN_FILES = (*HISTORY_FILES, CHECKPOINT, PREVIOUS, *PLOT_FILES)
+MANIFEST = ".spafl-run.json"
 _PROBE = ".write-check"  # the writability probe's prefix
 
 CHECKPOINT_VERSION = 2
@@ -89,8 +97,11 @@ def atomic_write(path: Path, write: Callable, keep_previous: Path | None = None)
     and fsync the folder: a crash leaves either the old file or the new one, never a partial
     one. With ``keep_previous``, the file being replaced stays there under that name (a hard
     link made before the rename, or the old file renamed where links are not supported)."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-", suffix=".tmp")
+    if path.name in RUN_FILES:  # listed before it exists: a crash leaves no unlisted file of ours
+        _record(path.parent, [path.name] + ([keep_previous.name] if keep_previous is not None else []))
+    tmp = None
     try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-", suffix=".tmp")
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
@@ -102,11 +113,68 @@ def atomic_write(path: Path, write: Callable, keep_previous: Path | None = None)
             except OSError:
                 os.replace(path, keep_previous)
         os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
+    except BaseException as e:
+        if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
+        failure = _write_failure(path, e)
+        if failure is not None:
+            raise failure from e
         raise
     fsync_dir(path.parent)  # make the rename durable
+
+
+def _write_failure(path: Path, e: BaseException) -> OSError | None:
+    """A failed write of ``path`` as one :class:`OSError` naming it (None: not a write failure).
+    ``torch.save`` reports a full disk as a ``RuntimeError`` of its archive writer."""
+    if isinstance(e, OSError):
+        reason = e.strerror or str(e)
+        return OSError(e.errno, f"cannot write {path}: {reason}; the file it would replace is intact")
+    if isinstance(e, RuntimeError) and "write" in str(e).lower():
+        first = str(e).strip().splitlines()[0][:200]
+        return OSError(None, f"cannot write {path}: {first} (a full disk or a file size limit?); the file it "
+                       "would replace is intact")
+    return None
+
+
+def own_files(folder: str | Path) -> set[str]:
+    """The names of the run files this project wrote in ``folder``: those its manifest lists. A
+    folder written before the manifest existed counts as this project's when its
+    ``history.json`` is a run's history with a run id: then the history and checkpoint files
+    (not the plots, which carry no mark: continuing the run adopts them, :func:`adopt`)."""
+    folder = Path(folder)
+    try:
+        listed = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
+        if isinstance(listed, dict) and isinstance(listed.get("files"), list):
+            return {n for n in listed["files"] if isinstance(n, str) and n in RUN_FILES}
+    except (OSError, UnicodeDecodeError, ValueError):
+        pass
+    try:
+        meta = read_history(folder)
+    except RunFolderError:
+        return set()
+    if meta is not None and isinstance(meta.get("run_id"), str):
+        return {n for n in (*HISTORY_FILES, CHECKPOINT, PREVIOUS) if (folder / n).is_file()}
+    return set()
+
+
+def foreign_files(folder: str | Path) -> list[Path]:
+    """The files of ``folder`` named like a run's files that this project did not write there
+    (not in its manifest): a run would overwrite them."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    ours = own_files(folder)
+    return [folder / n for n in RUN_FILES if n not in ours and (folder / n).exists()]
+
+
+def _record(folder: Path, names: list[str]) -> None:
+    """Add ``names`` to ``folder``'s manifest (written atomically)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    ours = own_files(folder)
+    if set(names) <= ours and (folder / MANIFEST).is_file():
+        return
+    body = json.dumps({"written_by": "spafl", "files": sorted(ours | set(names))}, indent=1).encode()
+    atomic_write(folder / MANIFEST, lambda f: f.write(body))
 
 
 def fsync_dir(folder: Path) -> None:
@@ -141,10 +209,23 @@ def is_temporary(name: str) -> bool:
     return name.endswith(".tmp") and (name.startswith(_PROBE) or any(name.startswith(f".{f}-") for f in RUN_FILES))
 
 
-def holds_run(folder: str | Path) -> bool:
-    """Whether ``folder`` holds a run: a history or a checkpoint."""
+def holds_run(folder: str | Path, own: bool = True) -> bool:
+    """Whether ``folder`` holds a run: a history or a checkpoint (that this project wrote
+    there, with ``own``)."""
     folder = Path(folder)
-    return any((folder / name).is_file() for name in ("history.json", CHECKPOINT, PREVIOUS))
+    ours = own_files(folder) if own and folder.is_dir() else set(RUN_FILES)
+    return any(name in ours and (folder / name).is_file() for name in ("history.json", CHECKPOINT, PREVIOUS))
+
+
+def adopt(found: Resumable) -> None:
+    """Record in the manifest of its folder the files of a run that is being continued there
+    (``--resume`` names them the run's; :func:`open_checkpoint` checked the checkpoint against
+    the history): its checkpoint files and, when it has one, its history files."""
+    folder = found.file.parent
+    names = [n for n in (CHECKPOINT, PREVIOUS) if (folder / n).is_file()]
+    if found.meta is not None:
+        names += [n for n in (*HISTORY_FILES, *PLOT_FILES) if (folder / n).is_file()]
+    _record(folder, names)
 
 
 def remove_stale_temporaries(folder: str | Path) -> list[Path]:
@@ -179,26 +260,45 @@ def check_writable(folder: str | Path) -> None:
                              "trained") from e
 
 
+def check_foreign(folder: str | Path) -> None:
+    """:class:`RunFolderError` naming the files of ``folder`` a run would overwrite that this
+    project did not write (:func:`foreign_files`)."""
+    foreign = foreign_files(folder)
+    if foreign:
+        names = ", ".join(p.name for p in foreign)
+        raise RunFolderError(f"{Path(folder)} holds {names}, not written by a spafl run there (no record of "
+                             f"it in {MANIFEST}); a run would overwrite it. Nothing was changed: move it away, "
+                             "or choose another folder with --out")
+
+
 def prepare(folder: str | Path) -> list[Path]:
-    """Before a run writes to ``folder``: check it is writable, remove stale temporary files
-    (returned)."""
+    """Before a run writes to ``folder``: refuse a folder holding files of a run's names that
+    this project did not write (:func:`check_foreign`), check it is writable, remove stale
+    temporary files (returned)."""
+    check_foreign(folder)
     check_writable(folder)
     return remove_stale_temporaries(folder)
 
 
 def clear_run(folder: str | Path) -> tuple[list[Path], list[Path]]:
-    """Remove every file of a run from ``folder`` (:data:`RUN_FILES` and temporaries), nothing
-    else; return ``(removed, kept)``, ``kept`` being what else the folder holds."""
+    """Remove the files of a run this project wrote in ``folder`` (those its manifest lists,
+    :func:`own_files`, the temporaries of its writes, then the manifest), nothing else; return
+    ``(removed, kept)``, ``kept`` being what else the folder holds (a file named like a run's
+    file that the manifest does not list is kept)."""
     folder = Path(folder)
     if not folder.is_dir():
         return [], []
+    ours = own_files(folder)
     removed, kept = [], []
     for p in sorted(folder.iterdir()):
-        if p.is_file() and (p.name in RUN_FILES or is_temporary(p.name)):
+        if p.name == MANIFEST:
+            continue
+        if p.is_file() and (p.name in ours or is_temporary(p.name)):
             p.unlink()
             removed.append(p)
         else:
             kept.append(p)
+    (folder / MANIFEST).unlink(missing_ok=True)
     fsync_dir(folder)
     return removed, kept
 
@@ -294,6 +394,15 @@ def read_checkpoint(file: str | Path, engine: str = "simulator") -> dict:
     if written_by != engine:
         raise RunFolderError(f"{file} was written by {ENGINES.get(written_by, written_by)}; continue that run "
                              "there")
+    rows, server = ckpt.get("history"), ckpt.get("server")
+    done = server.get("round") if isinstance(server, dict) else None
+    if not isinstance(rows, list) or isinstance(done, bool) or not isinstance(done, int):
+        raise RunFolderError(f"{file} is not a {engine} checkpoint (no history rows or server round)")
+    numbers = [r.get("round") if isinstance(r, dict) else None for r in rows]
+    if numbers != list(range(1, done + 1)):
+        raise RunFolderError(f"{file} is inconsistent: its server is after round {done} but its history holds "
+                             f"{len(rows)} row(s) (rounds {numbers[:5]}{' ...' if len(rows) > 5 else ''}); "
+                             "refused, so that no round of the history is lost")
     return ckpt
 
 

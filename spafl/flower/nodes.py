@@ -57,6 +57,12 @@ class NodeExchange:
         for msg in messages:
             self._log(kind, "down", partition.get(msg.metadata.dst_node_id), msg, round_index)
         replies = list(grid.send_and_receive(messages, timeout=timeout)) if messages else []
+        if kind != MessageType.QUERY and timeout is not None:  # the query names its own (discover)
+            silent = {m.metadata.dst_node_id for m in messages} - {r.metadata.src_node_id for r in replies}
+            for node in sorted(silent):
+                log.warning("round %d: node %d (partition %s) did not reply to the %s message within %.0f s; the "
+                            "round goes on without it", round_index + 1, node, partition.get(node, "?"), kind,
+                            timeout)
         for reply in replies:
             p = partition.get(reply.metadata.src_node_id)
             if p is None and not reply.has_error() and METRICS in reply.content.metric_records:

@@ -81,7 +81,7 @@ class MethodStrategy(NodeExchange, Strategy):
         server_eval: a global method's model is also evaluated on the whole test set here
             (needs the dataset on the server).
         round_timeout: seconds to wait for a round's replies (0: no limit); a client that does
-            not reply in time is dropped from the round.
+            not reply in time is dropped from the round, named in a warning.
         node_wait: seconds to wait, at the start, for the SuperNodes of all ``num_clients``
             partitions (the run then starts with those that came, and warns).
         rejoin_wait: seconds a later round waits for the node of a sampled partition that has
@@ -92,7 +92,7 @@ class MethodStrategy(NodeExchange, Strategy):
     """
 
     def __init__(self, config: FedConfig, *, out_dir: str | Path | None = None, server_eval: bool = True,
-                 round_timeout: float = 0.0, node_wait: float = 300.0, rejoin_wait: float = 30.0,
+                 round_timeout: float = 600.0, node_wait: float = 300.0, rejoin_wait: float = 30.0,
                  command: str | None = None, dataset: ImageDataset | None = None):
         self.config = config.validate()
         check_flower_settings(self.config)
@@ -406,7 +406,7 @@ class MethodStrategy(NodeExchange, Strategy):
 
 
 def server_app(config: FedConfig | None = None, out_dir: str | Path | None = None, *, server_eval: bool = True,
-               round_timeout: float = 0.0, node_wait: float = 300.0, rejoin_wait: float = 30.0,
+               round_timeout: float = 600.0, node_wait: float = 300.0, rejoin_wait: float = 30.0,
                dataset: ImageDataset | None = None, on_start=None) -> ServerApp:
     """A ``ServerApp`` running :class:`MethodStrategy` for ``config``; with ``config`` None
     (what ``flwr run`` loads), the settings come from Flower's run config. ``on_start(strategy)``

@@ -34,7 +34,10 @@ APP_OPTIONS = {
     "state-dir": "flower-state",  # where each client persists its model (one file per partition)
     "out-dir": "runs/flower",  # the server's history and checkpoint ("" for none)
     "server-eval": True,  # global methods: evaluate the global model on the whole test set at the server
-    "round-timeout": 0.0,  # seconds to wait for a round's replies (0: no limit)
+    # Seconds to wait for a round's replies; a node that does not reply in time is dropped from
+    # the round (named in a warning). Finite by default: one ClientApp that never replies must not
+    # hang the federation; 600 s is far above a CPU round of the presets. 0: no limit.
+    "round-timeout": 600.0,
     "node-wait": 300.0,  # seconds to wait at the start for every partition's SuperNode to connect
     "rejoin-wait": 30.0,  # seconds a later round waits for a sampled partition's lost SuperNode
 }
