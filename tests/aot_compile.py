@@ -146,16 +146,22 @@ def wide_offsets():
     tensors past 2^31 elements, without allocating them: ``fits_int32`` answers ``False``."""
     import importlib
 
+    from spafl.kernels import _config
+
     modules = [importlib.import_module(f"spafl.kernels.{name}")
                for name in ("threshold_linear", "threshold_conv2d", "threshold_mask")]
     saved = [m.fits_int32 for m in modules]
     for m in modules:
         m.fits_int32 = lambda *tensors, margin=1024: False
+    # The launchers keep a plan per shape, made with the answer fits_int32 gave then: plans
+    # made outside this block must not serve inside it, nor the other way round.
+    _config._PLANS.clear()
     try:
         yield
     finally:
         for m, fn in zip(modules, saved, strict=True):
             m.fits_int32 = fn
+        _config._PLANS.clear()
 
 
 @contextlib.contextmanager
