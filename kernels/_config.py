@@ -24,6 +24,7 @@ block that straddles the active count runs the narrowest tile class that covers 
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -268,6 +269,11 @@ def density_bucket(hint: float | None) -> str:
     return f"<={next(b for b in DENSITY_BUCKETS if hint <= b)}"
 
 
+def _per_warp_tile(meta: dict) -> float:
+    """The elements of a configuration's blocks per warp: what a thread holds grows with it."""
+    return math.prod(v for k, v in meta.items() if k.startswith("BLOCK_")) / meta["num_warps"]
+
+
 def candidate_metas(family: str, fixed: dict, limits: dict | None = None, fixed_keys: tuple = ()) -> list[dict]:
     """The fixed configuration, then each candidate of ``family`` applied over it, without
     duplicates, without overrides of ``fixed_keys``, and without blocks above ``limits``
@@ -281,6 +287,11 @@ def candidate_metas(family: str, fixed: dict, limits: dict | None = None, fixed_
             if key in override:
                 meta.update(tail_widths(meta[key]))
         if limits and any(meta[k] > v and meta[k] > fixed[k] for k, v in limits.items()):
+            continue
+        if _per_warp_tile(meta) > _per_warp_tile(fixed):
+            # Fewer warps on a block that did not shrink as much: a larger tile per thread,
+            # which spills where the fixed one fits (e.g. the IEEE fp32 dW, whose fixed unit
+            # block is already the candidate's).
             continue
         if meta not in metas:
             metas.append(meta)

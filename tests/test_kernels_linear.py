@@ -108,9 +108,13 @@ def test_autotune_settings(monkeypatch):
              "num_warps": 8, "num_stages": 3}
     metas = _config.candidate_metas("linear_fwd", fixed)
     assert metas[0] == fixed and len(metas) == len({tuple(sorted(m.items())) for m in metas}) > 1
-    # (A widening candidate, to check that the tail classes follow it and that limits drop it.)
-    monkeypatch.setitem(_config.CANDIDATES, "linear_fwd", [*_config.CANDIDATES["linear_fwd"], {"BLOCK_N": 256}])
-    wide = next(m for m in _config.candidate_metas("linear_fwd", fixed) if m["BLOCK_N"] == 256)
+    # (A widening candidate, to check that the tail classes follow it and that limits drop it;
+    # one that only widens gives each warp a larger tile than the fixed one and is dropped.)
+    monkeypatch.setitem(_config.CANDIDATES, "linear_fwd",
+                        [*_config.CANDIDATES["linear_fwd"], {"BLOCK_N": 256, "BLOCK_M": 64}, {"BLOCK_N": 256}])
+    widened = [m for m in _config.candidate_metas("linear_fwd", fixed) if m["BLOCK_N"] == 256]
+    assert [m["BLOCK_M"] for m in widened] == [64]
+    wide = widened[0]
     assert (wide["TAIL1"], wide["TAIL2"], wide["TAIL3"]) == (128, 64, 32)
     assert all(m["BLOCK_N"] <= 128 for m in _config.candidate_metas("linear_fwd", fixed, {"BLOCK_N": 16}))
     assert all(m["BLOCK_M"] == 128 for m in _config.candidate_metas("linear_fwd", fixed, fixed_keys=("BLOCK_M",)))
