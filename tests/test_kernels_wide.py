@@ -23,17 +23,26 @@ pytestmark = pytest.mark.interpreter
 def wide(monkeypatch):
     """Every launch takes its int64 variant; returns the GEMM launches' ``(family, WIDE, meta)``."""
     launches = []
-    real_launch = _config.launch
+    real_launch, real_go = _config.launch, threshold_linear._go
 
     def recording_launch(kernel, family, grid, fixed, args, consts, **kwargs):
         launches.append((family, consts.get("WIDE"), dict(fixed)))
         return real_launch(kernel, family, grid, fixed, args, consts, **kwargs)
 
+    def recording_go(kernel, plan, *args):
+        # The Linear launchers run planned launches (the plan already holds the WIDE choice).
+        launches.append((plan.family, plan.consts.get("WIDE"), dict(plan.fixed)))
+        return real_go(kernel, plan, *args)
+
     for module in (threshold_linear, threshold_conv2d, threshold_mask):
         monkeypatch.setattr(module, "fits_int32", lambda *tensors, margin=1024: False)
-    for module in (threshold_linear, threshold_conv2d):
-        monkeypatch.setattr(module, "launch", recording_launch)
-    return launches
+    monkeypatch.setattr(threshold_conv2d, "launch", recording_launch)
+    monkeypatch.setattr(threshold_linear, "_go", recording_go)
+    # Plans are kept per shape with the fits_int32 answer of their first call: none made
+    # outside this test may serve it, nor its plans serve later tests.
+    _config._PLANS.clear()
+    yield launches
+    _config._PLANS.clear()
 
 
 @pytest.mark.parametrize("mode", ["exact", "skip", "sample"])
