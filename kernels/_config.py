@@ -190,9 +190,13 @@ CANDIDATES: dict[str, list[dict]] = {
 }
 
 # The int64-offset variants (``WIDE``: tensors past 2^31 elements) of these families run with
-# this block halved: 64-bit offsets and bounds take registers, and the fixed tiles spill then
-# (offline sm_90 compile). They never autotune: a compile per candidate for a rare shape.
-WIDE_HALVED = {"linear_fwd": "BLOCK_M", "linear_dx": "BLOCK_M", "conv_fwd": "BLOCK_M", "conv_dx": "BLOCK_M"}
+# these blocks halved: 64-bit offsets and bounds take registers, and the fixed tiles spill then
+# (offline sm_90 compile; Triton 3.6 also spilled the IEEE fp32 Linear dX with its row block
+# halved alone, and the IEEE fp32 conv dW). They never autotune: a compile per candidate for a
+# rare shape. (No block that sizes a grid outside the launch: conv dW's pixel block is its
+# reduction.)
+WIDE_HALVED = {"linear_fwd": ("BLOCK_M",), "linear_dx": ("BLOCK_M", "BLOCK_K"), "conv_fwd": ("BLOCK_M",),
+               "conv_dx": ("BLOCK_M",), "conv_dw": ("BLOCK_M",)}
 
 # Meta-parameters whose tail classes follow them.
 _TAILED = ("BLOCK_N", "BLOCK_P")
@@ -241,11 +245,12 @@ def every_candidate_enabled() -> bool:
 
 
 def wide_config(family: str, fixed: dict, consts: dict) -> dict:
-    """``fixed`` with the block of :data:`WIDE_HALVED` halved for an int64-offset variant
+    """``fixed`` with the blocks of :data:`WIDE_HALVED` halved for an int64-offset variant
     (``consts["WIDE"]``), else ``fixed`` itself."""
-    if consts.get("WIDE") and (halved := WIDE_HALVED.get(family)) and fixed[halved] > 16:
-        return {**fixed, halved: fixed[halved] // 2}
-    return fixed
+    if not consts.get("WIDE"):
+        return fixed
+    halved = {k: fixed[k] // 2 for k in WIDE_HALVED.get(family.rstrip("0123456789"), ()) if fixed[k] > 16}
+    return {**fixed, **halved} if halved else fixed
 
 
 def autotune_enabled() -> bool:
@@ -316,7 +321,7 @@ def launch(
     ``num_warps``, ``num_stages``), or through its autotuner (see the module docstring). ``rows``
     (the batch dimension) and ``dtype`` only name the tuner; the tuner's key is every integer
     argument. The int64-offset variants (``consts["WIDE"]``) take the fixed configuration with
-    the block of :data:`WIDE_HALVED` halved, never a tuner."""
+    the blocks of :data:`WIDE_HALVED` halved, never a tuner."""
     wide = bool(consts.get("WIDE"))
     fixed = wide_config(family, fixed, consts)
     if wide or _every_candidate or not autotune_enabled():
