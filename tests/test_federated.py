@@ -496,6 +496,10 @@ def test_config_validation_lists_every_problem():
         assert fragment in text
     with pytest.raises(ValueError, match="takes .* inputs but dataset"):
         FedConfig(dataset="digits", model="lenet5").validate()
+    for clip in (0.5, float("nan"), float("inf"), "20", True):
+        with pytest.raises(ValueError, match="cohort_clip must be None"):
+            FedConfig(cohort_clip=clip).validate()
+    assert FedConfig(cohort_clip=None).validate().cohort_clip is None
     with pytest.raises(ValueError, match="unknown setting"):
         build_config("digits-cnn", overrides={"learning_rate": 0.1})
     with pytest.raises(ValueError, match="unknown preset"):
