@@ -27,6 +27,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from spafl._env import cpu_model
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 GOLDEN = ROOT / "tests" / "golden" / "histories.json"
@@ -48,16 +50,6 @@ def data_root() -> Path | None:
         if c and (Path(c) / "FashionMNIST" / "raw").is_dir():
             return Path(c)
     return None
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def machine() -> dict:

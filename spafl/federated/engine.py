@@ -403,3 +403,32 @@ class RoundEngine:
         if self.streams is not None:
             self.streams.load_state_dict(ckpt["streams"])
         self.failures = FailedRounds(self.config.max_failed_rounds, self.history)
+
+
+class EngineView:
+    """What a transport (the simulator, the Flower strategy) shows of its :class:`RoundEngine`
+    (``self.engine``): rounds done, the global state, the history and the running totals."""
+
+    engine: RoundEngine
+
+    @property
+    def round(self) -> int:
+        """Rounds done (the next round's index, counting from 0)."""
+        return self.engine.round
+
+    @property
+    def server(self):
+        """The global state (the method's: SpaFL's thresholds, a global model's tensors)."""
+        return self.engine.server
+
+    @property
+    def history(self) -> list[dict]:
+        return self.engine.history
+
+    @property
+    def totals(self) -> dict:
+        return self.engine.totals
+
+    @property
+    def client_flops(self) -> np.ndarray:
+        return self.engine.client_flops

@@ -34,7 +34,7 @@ from .accounting import layer_macs
 from .build import check_dataset, initial_model, resolve_device, whole_test_set
 from .config import FedConfig, config_mismatch
 from .data import ImageDataset, client_data, load_dataset, split_digest, split_for_run
-from .engine import ClientResult, FederationStalled, RoundEngine, run_client
+from .engine import ClientResult, EngineView, FederationStalled, RoundEngine, run_client
 from .history import ClientRecord
 from .methods import make_method
 from .rules import FederatedWarning
@@ -43,7 +43,7 @@ from .training import MOMENTUM_PREFIX, evaluate, model_entries, momentum_entries
 from .workers import Workers, check_workers
 
 
-class Simulator:
+class Simulator(EngineView):
     """``config.method`` (SpaFL by default) over ``config.num_clients`` in-process clients.
 
     Args:
@@ -152,28 +152,6 @@ class Simulator:
         self.close()
 
     # --- one round --------------------------------------------------------------------
-
-    @property
-    def round(self) -> int:
-        """Rounds done (the next round's index, counting from 0)."""
-        return self.engine.round
-
-    @property
-    def server(self):
-        """The global state (the method's: SpaFL's thresholds, a global model's tensors)."""
-        return self.engine.server
-
-    @property
-    def history(self) -> list[dict]:
-        return self.engine.history
-
-    @property
-    def totals(self) -> dict:
-        return self.engine.totals
-
-    @property
-    def client_flops(self) -> np.ndarray:
-        return self.engine.client_flops
 
     def _evaluate_on(self, slot: tuple, i: int, server) -> tuple[dict, dict | None]:
         """Client ``i``'s evaluation on a working model; with ``collapse_in_eval`` (personalised

@@ -45,7 +45,7 @@ from ..federated import runfolder
 from ..federated.build import initial_model, resolve_device, whole_test_set
 from ..federated.config import FedConfig, config_mismatch, dataset_classes
 from ..federated.data import ImageDataset, load_dataset
-from ..federated.engine import ClientResult, Round, RoundEngine
+from ..federated.engine import ClientResult, EngineView, Round, RoundEngine
 from ..federated.keys import sample_clients
 from ..federated.methods import make_method
 from ..federated.rules import FederatedWarning, UpdateRejected
@@ -68,7 +68,7 @@ from .wire import (
 log = logging.getLogger("flwr").getChild("spafl")
 
 
-class MethodStrategy(NodeExchange, Strategy):
+class MethodStrategy(EngineView, NodeExchange, Strategy):
     """A Flower strategy running one of spafl's methods (``config.method``) exactly as the
     simulator does. ``start(grid)`` runs the whole federation; the four ``configure_*`` /
     ``aggregate_*`` methods are Flower's strategy interface for a caller that drives the rounds
@@ -136,27 +136,6 @@ class MethodStrategy(NodeExchange, Strategy):
         self.run_id = uuid.uuid4().hex
         if self.out_dir is not None and runfolder.holds_run(self.out_dir):
             self.resume_from(self.out_dir)
-
-    @property
-    def round(self) -> int:
-        return self.engine.round
-
-    @property
-    def server(self):
-        """The global state (the method's)."""
-        return self.engine.server
-
-    @property
-    def history(self) -> list[dict]:
-        return self.engine.history
-
-    @property
-    def totals(self) -> dict:
-        return self.engine.totals
-
-    @property
-    def client_flops(self) -> np.ndarray:
-        return self.engine.client_flops
 
     def summary(self) -> None:
         cfg = self.config
