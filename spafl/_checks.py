@@ -186,8 +186,11 @@ def route(backend: str, weight: torch.Tensor, op_dtype: torch.dtype | None = Non
     name ``backend``, for the master ``weight`` and operands of ``op_dtype`` (default: the
     weight's). Decided once per (backend, device type, dtypes, groups, interpreter) and cached;
     errors (a backend that cannot run there) are raised every time."""
-    op_dtype = weight.dtype if op_dtype is None else op_dtype
-    key = (backend, weight.device.type, weight.dtype, op_dtype, groups, interpreter_enabled())
+    dtype = weight.dtype
+    op_dtype = dtype if op_dtype is None else op_dtype
+    # (the interpreter matters to backend="triton" alone; reading the environment costs more
+    # than the rest of this function)
+    key = (backend, weight.device.type, dtype, op_dtype, groups, backend == "triton" and interpreter_enabled())
     found = _ROUTES.get(key)
     if found is None:
         found = _ROUTES[key] = _route(*key)

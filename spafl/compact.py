@@ -250,16 +250,21 @@ def linear_state(
     operands (``z`` None). The compiled operators (:mod:`spafl._ops`) rebuild the backward's
     state with it: without ``z`` the backward takes ``r`` from ``G``, with equal results.
     ``units``: the active units where the caller has them (see :func:`active_units`)."""
+    units, cols, x_in, w_in = _linear_operands(xc, w, mask, skip_zero_inputs, x_index, units)
+    # The gathered operands go to the backward with the index lists: no second gather there.
+    return _LinearState(units, cols, None if x_in is xc else x_in, None if w_in is w else w_in, None,
+                        x_index is not None, compact_output)
+
+
+def _linear_operands(xc, w, mask, skip_zero_inputs, x_index, units):
+    """``(units, cols, x_in, w_in)`` of :func:`linear_state`: the operands gathered for the product."""
     units = active_units(mask, units)
     if x_index is not None:
         cols, x_in = x_index, xc
     else:
         cols = _nonzero_along(xc, 1) if skip_zero_inputs else None
         x_in = xc if cols is None else xc.index_select(1, cols)
-    w_in = _take(w, units, cols)
-    # The gathered operands go to the backward with the index lists: no second gather there.
-    return _LinearState(units, cols, None if x_in is xc else x_in, None if w_in is w else w_in, None,
-                        x_index is not None, compact_output)
+    return units, cols, x_in, _take(w, units, cols)
 
 
 def linear_forward(
@@ -285,23 +290,30 @@ def linear_forward(
     ``N`` when every unit is active), and the backward takes the gradient of that ``y``."""
     if compact_output and bias is not None:
         raise ValueError("compact_output needs a layer without bias: pruned units must output 0")
-    compute = _compute_dtype(x.dtype)
-    xc, w, b = _cast(x, compute), _cast(weight, compute), _cast(bias, compute)
-    state = linear_state(xc, w, mask, skip_zero_inputs, x_index=x_index, compact_output=compact_output, units=units)
-    units = state.units
-    x_in = xc if state.x_in is None else state.x_in
-    w_in = w if state.w_in is None else state.w_in
-    keep_z = x_in.shape[0] < x_in.shape[1]
-    if units is None and not keep_z:  # density 1: the dense op itself
-        return _cast(_linear(x_in, w_in, b), x.dtype), state
-    z = _linear(x_in, w_in)
-    if units is not None and not compact_output:
-        y = _scatter_units(z, units, b, (x.shape[0], w.shape[0]), 1)
-    elif b is not None:
-        y = z + b
+    dtype = x.dtype
+    compute = _compute_dtype(dtype)
+    if dtype == compute and weight.dtype == compute and (bias is None or bias.dtype == compute):
+        xc, w, b = x, weight, bias
     else:
-        y = z.clone() if keep_z else z  # a kept z stays private to the backward
-    return _cast(y, x.dtype), state._replace(z=z if keep_z else None)
+        xc, w, b = _cast(x, compute), _cast(weight, compute), _cast(bias, compute)
+    units, cols, x_in, w_in = _linear_operands(xc, w, mask, skip_zero_inputs, x_index, units)
+    keep_z = x_in.shape[0] < x_in.shape[1]
+    z = None
+    if units is None and not keep_z:  # density 1: the dense op itself
+        y = _linear(x_in, w_in, b)
+    else:
+        z = _linear(x_in, w_in)
+        if units is not None and not compact_output:
+            y = _scatter_units(z, units, b, (x.shape[0], w.shape[0]), 1)
+        elif b is not None:
+            y = z + b
+        else:
+            y = z.clone() if keep_z else z  # a kept z stays private to the backward
+        if not keep_z:
+            z = None
+    state = _LinearState(units, cols, None if x_in is xc else x_in, None if w_in is w else w_in, z,
+                         x_index is not None, compact_output)
+    return (y if y.dtype == dtype else y.to(dtype)), state
 
 
 def linear_backward(

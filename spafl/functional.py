@@ -137,43 +137,39 @@ def _host_row_mask(weight, threshold, want_units: bool, density, timing, counter
     host (a synchronisation is free there) with as few operations as a small layer allows: the
     comparisons are the device path's, in its dtypes (``s > tau`` as ``s - tau > 0``, the same
     for IEEE floats, whose difference is 0 only when they are equal; one finite sum of it tells
-    that both are finite). ``RowMask.perm``, ``count`` and ``collapsed`` stay None; ``units``
-    holds the active rows for the compacting backend (``want_units``)."""
+    that both are finite). ``RowMask.perm``, ``count``, ``score`` and ``collapsed`` stay None
+    (nothing downstream reads them); ``units`` holds the active rows for the compacting backend
+    (``want_units``)."""
     score = reference.row_scores(weight)
     tau = threshold.detach()
     if tau.dtype != score.dtype:
         tau = tau.to(score.dtype)
     if check_finite:
         diff = score - tau
-        if not math.isfinite(float(diff.sum())):
+        if not math.isfinite(diff.sum().item()):
             check_finite_values(threshold.detach(), score)  # names the culprits (or finds an overflowed sum)
         mask = diff > 0
     else:
         mask = score > tau
-    units = active = None
-    n = mask.shape[0]
-    if want_units or (density is not None and timing == "current"):
-        units = mask.nonzero().squeeze(1)
-        active = units.shape[0]
+    units = None
+    if want_units or density is not None:
+        units = mask.nonzero().view(-1)
     if density is not None:
+        n = mask.shape[0]
         if timing == "previous":
             fired = bool(previous_density <= density)
         else:
-            fired = active <= _float32(density * n)  # the device path compares in fp32
+            fired = units.shape[0] <= _float32(density * n)  # the device path compares in fp32
         if fired:
             with torch.no_grad():
                 threshold.zero_()
             if counter is not None:
                 counter.add_(1)
             mask = score > 0
-            units = mask.nonzero().squeeze(1)
-            active = units.shape[0]
+            units = mask.nonzero().view(-1)
         if previous_density is not None:
-            if active is None:
-                units = mask.nonzero().squeeze(1)
-                active = units.shape[0]
-            previous_density.fill_(active / n)  # = the device path's fp32 count / n, rounded once
-    return RowMask(mask, None, None, score, None, units if want_units else None)
+            previous_density.fill_(units.shape[0] / n)  # = the device path's fp32 count / n, rounded once
+    return RowMask(mask, None, None, None, None, units if want_units else None)
 
 
 def _reset(threshold: torch.Tensor, collapsed: torch.Tensor, counter: torch.Tensor | None) -> None:
@@ -185,7 +181,15 @@ def _reset(threshold: torch.Tensor, collapsed: torch.Tensor, counter: torch.Tens
 
 
 def _float32(value: float) -> float:
-    return struct.unpack("f", struct.pack("f", value))[0]
+    found = _FLOAT32.get(value)
+    if found is None:
+        if len(_FLOAT32) > 1024:  # (a caller sweeping densities should not grow it forever)
+            _FLOAT32.clear()
+        found = _FLOAT32[value] = struct.unpack("f", struct.pack("f", value))[0]
+    return found
+
+
+_FLOAT32: dict[float, float] = {}
 
 
 # ----------------------------------------------------------------------------- implementations
@@ -347,8 +351,16 @@ def _operands_already_cast(device_type: str):
 
 
 def _autocast_enabled(device_type: str) -> bool:
-    # Devices without autocast (e.g. "meta", for shape-only runs) raise in is_autocast_enabled.
-    return torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
+    # Devices without autocast (e.g. "meta", for shape-only runs) raise in is_autocast_enabled;
+    # whether a device type has autocast is asked once (a Python call every forward otherwise).
+    available = _AUTOCAST_AVAILABLE.get(device_type)
+    if available is None:
+        available = _AUTOCAST_AVAILABLE[device_type] = torch.amp.is_autocast_available(device_type)
+    return available and torch.is_autocast_enabled(device_type)
+
+
+# (a dict rather than functools.lru_cache: dynamo traces through it without a warning)
+_AUTOCAST_AVAILABLE: dict[str, bool] = {}
 
 
 # The registry: where a resolved backend name (``Route.compute``) becomes code.
@@ -360,10 +372,11 @@ def _impl(backend):
     return IMPLEMENTATIONS[backend] if isinstance(backend, str) else backend
 
 
-def _needs_graph(*tensors) -> bool:
+def _needs_graph(x, weight, threshold, bias) -> bool:
     """Whether autograd must record the call: without it (inference, ``no_grad``) the forward
     runs without the autograd Function and its saved state."""
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    return torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or threshold.requires_grad
+                                        or (bias is not None and bias.requires_grad))
 
 
 def _bare(row_mask: RowMask) -> RowMask:
@@ -441,13 +454,17 @@ class ThresholdConv2dFunction(torch.autograd.Function):
         return dx, dw, dtau, db, None, None, None, None
 
 
+_unwrap_if_dead = torch._C._functorch.unwrap_if_dead
+
+# The autograd Functions' C++ apply (what ``Function.apply`` ends in), bound once.
+_C_APPLY = {fn: super(torch.autograd.Function, fn).apply for fn in (ThresholdLinearFunction, ThresholdConv2dFunction)}
+
+
 def _autocast(x, weight, bias):
-    """Under ``torch.autocast``, run in the autocast dtype like ``F.linear`` does; thresholds and
-    the master weights stay in their own dtype (gradients flow back through the casts)."""
-    device_type = x.device.type
-    if not _autocast_enabled(device_type):
-        return x, weight, bias
-    dtype = torch.get_autocast_dtype(device_type)
+    """Under ``torch.autocast`` (the caller has checked that it is on), run in the autocast dtype
+    like ``F.linear`` does; thresholds and the master weights stay in their own dtype (gradients
+    flow back through the casts)."""
+    dtype = torch.get_autocast_dtype(x.device.type)
     cast = (lambda t: t if t is None or t.dtype == dtype else t.to(dtype))  # noqa: E731
     return cast(x), cast(weight), cast(bias)
 
@@ -473,7 +490,12 @@ def _validate_guard(options: ThresholdOptions, collapse_counter, previous_densit
 def _run(fn, x, weight, threshold, bias, row_mask, *args):
     """The autograd Function ``fn`` when autograd records the call, else its forward alone."""
     if _needs_graph(x, weight, threshold, bias):
-        return fn.apply(x, weight, threshold, bias, row_mask, *args)
+        if torch._C._are_functorch_transforms_active():
+            return fn.apply(x, weight, threshold, bias, row_mask, *args)
+        # Function.apply less its Python wrapper (a third of the call on a small layer): without
+        # functorch transforms the wrapper only unwraps dead functorch wrappers, done here.
+        return _C_APPLY[fn](_unwrap_if_dead(x), _unwrap_if_dead(weight), _unwrap_if_dead(threshold),
+                            None if bias is None else _unwrap_if_dead(bias), row_mask, *args)
     impl = _impl(args[-2])
     forward = impl.linear_forward if fn is ThresholdLinearFunction else impl.conv2d_forward
     return forward(x, weight, bias, _bare(row_mask), *args[:-2], args[-1])[0]
@@ -491,7 +513,8 @@ def linear_call(x, weight, threshold, bias, options: ThresholdOptions, counter=N
         )
     # The mask comes from the master weight, before any autocast cast, so that it agrees with
     # `layer.mask`, `density` and `to_dense()`; the GEMMs run on the (possibly cast) operands.
-    x_op, w_op, b_op = _autocast(x, weight, bias)
+    autocast = _autocast_enabled(x.device.type)
+    x_op, w_op, b_op = _autocast(x, weight, bias) if autocast else (x, weight, bias)
     where = route(options.backend, weight, w_op.dtype)
     check = _check_finite(options, threshold)
     x2d = x_op if x_op.dim() == 2 else x_op.reshape(-1, fan_in)
@@ -502,7 +525,10 @@ def linear_call(x, weight, threshold, bias, options: ThresholdOptions, counter=N
     else:
         row_mask = _guarded_row_mask(weight, threshold, where.mask, where.with_perm, options, counter,
                                      previous_density, check)
-        with _operands_already_cast(x.device.type):
+        if autocast:
+            with torch.autocast(x.device.type, enabled=False):
+                y = _run(ThresholdLinearFunction, x2d, w_op, threshold, b_op, row_mask, where.compute, options)
+        else:
             y = _run(ThresholdLinearFunction, x2d, w_op, threshold, b_op, row_mask, where.compute, options)
     return y if x.dim() == 2 else y.reshape(*x.shape[:-1], n_out)
 
@@ -655,7 +681,8 @@ def conv2d_call(x, weight, threshold, bias, geometry: ConvGeometry, options: Thr
     unbatched = x.dim() == 3
     if unbatched:
         x = x.unsqueeze(0)
-    x_op, w_op, b_op = _autocast(x, weight, bias)
+    autocast = _autocast_enabled(x.device.type)
+    x_op, w_op, b_op = _autocast(x, weight, bias) if autocast else (x, weight, bias)
     where = route(options.backend, weight, w_op.dtype, groups)
     check = _check_finite(options, threshold)
     if torch.compiler.is_compiling():
@@ -667,6 +694,10 @@ def conv2d_call(x, weight, threshold, bias, geometry: ConvGeometry, options: Thr
     else:
         row_mask = _guarded_row_mask(weight, threshold, where.mask, where.with_perm, options, counter,
                                      previous_density, check)
-        with _operands_already_cast(x.device.type):
+        if autocast:
+            with torch.autocast(x.device.type, enabled=False):
+                y = _run(ThresholdConv2dFunction, x_op, w_op, threshold, b_op, row_mask, geometry, where.compute,
+                         options)
+        else:
             y = _run(ThresholdConv2dFunction, x_op, w_op, threshold, b_op, row_mask, geometry, where.compute, options)
     return y.squeeze(0) if unbatched else y
