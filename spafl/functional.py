@@ -15,8 +15,10 @@ from __future__ import annotations
 import contextlib
 import math
 import struct
+import warnings
 
 import torch
+import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from . import compact, reference
@@ -175,7 +177,8 @@ def _host_row_mask(weight, threshold, want_units: bool, density, timing, counter
 def _reset(threshold: torch.Tensor, collapsed: torch.Tensor, counter: torch.Tensor | None) -> None:
     """The guard's reset on the device: ``threshold`` to 0 and ``counter`` + 1 where
     ``collapsed`` (no host synchronisation)."""
-    threshold.masked_fill_(collapsed, 0.0)
+    # (through a detached alias: a torch.jit trace replays the write without the caller's no_grad)
+    threshold.detach().masked_fill_(collapsed, 0.0)
     if counter is not None:
         counter.add_(collapsed.reshape(()))
 
@@ -386,6 +389,13 @@ def _bare(row_mask: RowMask) -> RowMask:
     return RowMask(row_mask.mask, row_mask.perm, row_mask.count, None, None, row_mask.units)
 
 
+def _own(y: torch.Tensor) -> torch.Tensor:
+    """A Function's output that is not a view: autograd forbids in-place changes to a view made
+    inside a custom Function (``nn.ReLU(inplace=True)`` after the layer would fail), and the
+    Triton 1x1 convolution's output is a permuted view of the GEMM's. The same memory."""
+    return y.detach() if y._is_view() else y
+
+
 class ThresholdLinearFunction(torch.autograd.Function):
     """``y = x @ (W * m)^T + b`` with the straight-through threshold gradient.
 
@@ -405,7 +415,7 @@ class ThresholdLinearFunction(torch.autograd.Function):
         ctx.save_for_backward(x, weight, *row_mask[:3])
         ctx.impl, ctx.state, ctx.options, ctx.tau_dtype = impl, state, options, threshold.dtype
         ctx.has_bias, ctx.x_shape = bias is not None, x_shape
-        return y if len(x_shape) == 2 else y.reshape(*x_shape[:-1], weight.shape[0])
+        return _own(y if len(x_shape) == 2 else y.reshape(*x_shape[:-1], weight.shape[0]))
 
     @staticmethod
     @once_differentiable
@@ -441,7 +451,7 @@ class ThresholdConv2dFunction(torch.autograd.Function):
         ctx.impl, ctx.state, ctx.options, ctx.tau_dtype = impl, state, options, threshold.dtype
         ctx.geometry = geometry
         ctx.has_bias = bias is not None
-        return y
+        return _own(y)
 
     @staticmethod
     @once_differentiable
@@ -504,6 +514,23 @@ def _run(fn, x, weight, threshold, bias, row_mask, *args):
 def linear_call(x, weight, threshold, bias, options: ThresholdOptions, counter=None, previous_density=None):
     """:func:`threshold_linear` with its options already built (what the layers call): checks
     the tensors, runs the guard and the forward of the routed backend."""
+    if torch.jit.is_tracing():
+        with _shape_checks_in_trace():
+            return _linear_call(x, weight, threshold, bias, options, counter, previous_density)
+    return _linear_call(x, weight, threshold, bias, options, counter, previous_density)
+
+
+@contextlib.contextmanager
+def _shape_checks_in_trace():
+    """While ``torch.jit.trace`` records a call: silence its warnings about the Python decisions
+    left, which read shapes only (the traced forward, :func:`_jit_traced`, has no other)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Converting a tensor to a Python",
+                                category=torch.jit.TracerWarning)
+        yield
+
+
+def _linear_call(x, weight, threshold, bias, options: ThresholdOptions, counter, previous_density):
     check_layer_inputs(x, weight, threshold, bias, op="threshold_linear", weight_dim=2, x_min_dim=1)
     n_out, fan_in = weight.shape
     if x.shape[-1] != fan_in:
@@ -518,7 +545,9 @@ def linear_call(x, weight, threshold, bias, options: ThresholdOptions, counter=N
     where = route(options.backend, weight, w_op.dtype)
     check = _check_finite(options, threshold)
     x2d = x_op if x_op.dim() == 2 else x_op.reshape(-1, fan_in)
-    if torch.compiler.is_compiling():
+    if torch.jit.is_tracing():
+        y = _jit_traced(x2d, w_op, weight, threshold, b_op, options, counter, previous_density, F.linear)
+    elif torch.compiler.is_compiling():
         mask, perm, count = _traced_row_mask(weight, threshold, where, options, counter, previous_density, check)
         y = torch.ops.spafl.threshold_linear(x2d, w_op, threshold, b_op, mask, perm, count, where.compute,
                                              options.key)
@@ -531,6 +560,25 @@ def linear_call(x, weight, threshold, bias, options: ThresholdOptions, counter=N
         else:
             y = _run(ThresholdLinearFunction, x2d, w_op, threshold, b_op, row_mask, where.compute, options)
     return y if x.dim() == 2 else y.reshape(*x.shape[:-1], n_out)
+
+
+def _jit_traced(x, w_op, weight, threshold, bias, options: ThresholdOptions, counter, previous_density, product):
+    """The forward as ``torch.jit.trace`` records it: tensor operations only, so that the trace
+    recomputes the mask (and runs the collapse guard, device-side) from the weights at every
+    call instead of freezing one call's decisions, and a traced model saves and loads without
+    Python. The masked dense product (the reference), with ``W_hat`` built so that autograd
+    gives the straight-through gradients of ``"exact"`` mode whatever ``backward_mode`` says;
+    no finiteness check (it is a host decision, which a trace cannot hold)."""
+    mask = _guarded_row_mask(weight, threshold, "reference", True, options.replace(check_finite=False), counter,
+                             previous_density).mask
+    compute = reference._compute_dtype(x.dtype)
+    w = w_op.to(compute)
+    # m carries the gradient of s - tau (s: the row's mean |w|) and is 0 in value: then
+    # dW = m G + sign(W) r / fan_in and dtau = -r with r = sum_j G_ij W_ij, as the spec says.
+    d = w.abs().flatten(1).mean(1) - threshold.to(compute)
+    through = w * (d - d.detach()).view((-1,) + (1,) * (w.dim() - 1))
+    y = product(x.to(compute), reference.masked_weight(w, mask) + through, None if bias is None else bias.to(compute))
+    return y.to(x.dtype)
 
 
 def _traced_row_mask(weight, threshold, where: Route, options, counter, previous_density, check):
@@ -657,6 +705,14 @@ def conv2d_call(x, weight, threshold, bias, geometry: ConvGeometry, options: Thr
                 previous_density=None):
     """:func:`threshold_conv2d` with its geometry and options already built (what the layers
     call): checks the tensors, runs the guard and the forward of the routed backend."""
+    if torch.jit.is_tracing():
+        with _shape_checks_in_trace():
+            return _conv2d_call(x, weight, threshold, bias, geometry, options, counter, previous_density)
+    return _conv2d_call(x, weight, threshold, bias, geometry, options, counter, previous_density)
+
+
+def _conv2d_call(x, weight, threshold, bias, geometry: ConvGeometry, options: ThresholdOptions, counter,
+                 previous_density):
     check_layer_inputs(x, weight, threshold, bias, op="threshold_conv2d", weight_dim=4, x_min_dim=3)
     if x.dim() not in (3, 4):
         raise ValueError(f"threshold_conv2d: x must be [B, C, H, W] or [C, H, W], got shape {tuple(x.shape)}")
@@ -685,7 +741,10 @@ def conv2d_call(x, weight, threshold, bias, geometry: ConvGeometry, options: Thr
     x_op, w_op, b_op = _autocast(x, weight, bias) if autocast else (x, weight, bias)
     where = route(options.backend, weight, w_op.dtype, groups)
     check = _check_finite(options, threshold)
-    if torch.compiler.is_compiling():
+    if torch.jit.is_tracing():
+        y = _jit_traced(x_op, w_op, weight, threshold, b_op, options, counter, previous_density,
+                        lambda x, w, b: reference._conv2d(x, w, b, geometry))
+    elif torch.compiler.is_compiling():
         mask, perm, count = _traced_row_mask(weight, threshold, where, options, counter, previous_density, check)
         y = torch.ops.spafl.threshold_conv2d(
             x_op, w_op, threshold, b_op, mask, perm, count, list(geometry.stride), list(geometry.pad_begin),

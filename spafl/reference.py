@@ -138,11 +138,21 @@ def masked_weight(weight: torch.Tensor, multiplier: torch.Tensor) -> torch.Tenso
 def threshold_linear_forward(
     x: torch.Tensor, weight: torch.Tensor, mask: torch.Tensor, bias: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """``F.linear(x, W * m[:, None], b)``; x ``[..., in]`` -> ``[..., out]``."""
+    """``F.linear(x, W * m[:, None], b)``; x ``[..., in]`` -> ``[..., out]``. A pruned unit
+    outputs its bias (or 0) whatever the input holds: ``0 * inf`` would make it NaN in the
+    product, where the backends that skip the unit give the bias."""
     compute = _compute_dtype(x.dtype)
     w_hat = masked_weight(weight.to(compute), mask)
-    y = F.linear(x.to(compute), w_hat, None if bias is None else bias.to(compute))
-    return y.to(x.dtype)
+    b = None if bias is None else bias.to(compute)
+    y = F.linear(x.to(compute), w_hat, b)
+    return _pruned_to_bias(y, mask, b, 1).to(x.dtype)
+
+
+def _pruned_to_bias(y: torch.Tensor, mask: torch.Tensor, bias: torch.Tensor | None, trailing: int) -> torch.Tensor:
+    """``y`` with the pruned units' outputs (``mask [out]`` along the dimension followed by
+    ``trailing - 1`` others) set to their bias or 0, without a host synchronisation."""
+    view = (-1,) + (1,) * (trailing - 1)
+    return torch.where(mask.view(view), y, 0.0 if bias is None else bias.view(view))
 
 
 def threshold_gradients(
@@ -254,8 +264,10 @@ def threshold_conv2d_forward(
     """``F.conv2d(x, W * m[:, None, None, None], b, ...)`` for ``x [B, C, H, W]``."""
     compute = _compute_dtype(x.dtype)
     w_hat = masked_weight(weight.to(compute), mask)
-    y = _conv2d(x.to(compute), w_hat, None if bias is None else bias.to(compute), geometry)
-    return y.to(x.dtype)
+    b = None if bias is None else bias.to(compute)
+    y = _conv2d(x.to(compute), w_hat, b, geometry)
+    # (pruned filters output their bias whatever the input holds, as in threshold_linear_forward)
+    return _pruned_to_bias(y, mask, b, 3).to(x.dtype)
 
 
 def _sampled_pixels(grad_out: torch.Tensor, sample_fraction: float) -> tuple[torch.Tensor, float]:
