@@ -18,6 +18,7 @@ The Triton kernels are ``spafl.kernels`` (imported lazily; needs Triton).
 from . import (
     _ops,  # noqa: F401  (registers the torch.library operators that torch.compile traces)
     compact,
+    compact_conv,
     reference,
 )
 from ._rowmask import RowMask
@@ -51,6 +52,7 @@ __all__ = [
     "ThresholdLinear",
     "ThresholdLinearFunction",
     "compact",
+    "compact_conv",
     "dense_state_dict",
     "densify",
     "find_zero_input_layers",

@@ -28,11 +28,12 @@ from typing import Optional
 
 import torch
 
-from . import compact
+from . import compact, compact_conv
 from ._conv import ConvGeometry
+from ._functions import IMPLEMENTATIONS, _operands_already_cast, _pointwise_as_linear
+from ._guard import _guarded_row_mask
 from ._options import from_key
 from ._rowmask import RowMask
-from .functional import IMPLEMENTATIONS, _guarded_row_mask, _operands_already_cast, _pointwise_as_linear
 
 Tensor = torch.Tensor
 
@@ -193,7 +194,7 @@ def _geometry(weight: Tensor, stride, pad_begin, pad_end, dilation, groups: int)
 def _conv_format(x: Tensor, weight: Tensor) -> torch.memory_format:
     """The layout of a convolution's output and input gradient: channels-last when the input or
     the weight is (the rule of the compacting backend and of the Triton kernels)."""
-    return compact._conv_format(x, weight)
+    return compact_conv._conv_format(x, weight)
 
 
 def _in_format(t: Tensor, memory_format: torch.memory_format) -> Tensor:
@@ -201,11 +202,11 @@ def _in_format(t: Tensor, memory_format: torch.memory_format) -> Tensor:
 
 
 def _compact_conv2d_state(x: Tensor, weight: Tensor, mask: Tensor, geometry: ConvGeometry,
-                          skip_zero_inputs: bool) -> compact._ConvState:
-    """The state :func:`spafl.compact.conv2d_forward` hands to its backward, rebuilt from the
-    forward's inputs without the forward's convolution (:func:`spafl.compact.conv2d_state`)."""
+                          skip_zero_inputs: bool) -> compact_conv._ConvState:
+    """The state :func:`spafl.compact_conv.conv2d_forward` hands to its backward, rebuilt from the
+    forward's inputs without the forward's convolution (:func:`spafl.compact_conv.conv2d_state`)."""
     compute = compact._compute_dtype(x.dtype)
-    return compact.conv2d_state(compact._cast(x, compute), compact._cast(weight, compute), mask, geometry,
+    return compact_conv.conv2d_state(compact._cast(x, compute), compact._cast(weight, compute), mask, geometry,
                                 skip_zero_inputs)
 
 

@@ -39,15 +39,8 @@ from torch.nn.modules import module as _module
 from . import compact
 from ._checks import check_finite_values, route
 from ._conv import cached_geometry
-from .functional import (
-    ThresholdConv2dFunction,
-    ThresholdLinearFunction,
-    _autocast_enabled,
-    _check_finite,
-    _Compact,
-    _guarded_row_mask,
-    _run,
-)
+from ._functions import ThresholdConv2dFunction, ThresholdLinearFunction, _autocast_enabled, _Compact, _run
+from ._guard import _check_finite, _guarded_row_mask
 from .layers import ThresholdConv2d, ThresholdLinear
 
 

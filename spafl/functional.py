@@ -1,27 +1,25 @@
-"""Autograd functions and the functional API of the threshold layers.
+"""The functional API of the threshold layers and the one path of each op.
 
-One path per op: :func:`linear_call` / :func:`conv2d_call` take the tensors, the layer's
+:func:`linear_call` / :func:`conv2d_call` take the tensors, the layer's
 :class:`~spafl._options.ThresholdOptions` and the guard's buffers; the layers call them directly,
 the functional API after building the options from its keyword arguments. The route (which
 backend computes the mask and the products) comes from :func:`spafl._checks.route`, the one
-dispatch point; the forward and the backward of each backend are the methods of its entry in
-``IMPLEMENTATIONS``, run by the autograd Functions here in eager mode, by the ``torch.library``
-operators of :mod:`spafl._ops` under ``torch.compile``, and by the compact chains of
-:mod:`spafl.chain` (which pass an implementation object of their own).
+dispatch point; the row mask and the collapse guard from :mod:`spafl._guard`; the forward and
+the backward of each backend are the methods of its entry in
+:data:`spafl._functions.IMPLEMENTATIONS`, run by the autograd Functions there in eager mode and
+by the ``torch.library`` operators of :mod:`spafl._ops` under ``torch.compile``;
+``torch.jit.trace`` records a tensor-only forward (:func:`_jit_traced`).
 """
 
 from __future__ import annotations
 
 import contextlib
-import math
-import struct
 import warnings
 
 import torch
 import torch.nn.functional as F
-from torch.autograd.function import once_differentiable
 
-from . import compact, reference
+from . import reference
 from ._checks import (
     Route,
     check_finite_values,
@@ -30,20 +28,10 @@ from ._checks import (
     route,
 )
 from ._conv import ConvGeometry, conv_geometry
+from ._functions import ThresholdConv2dFunction, ThresholdLinearFunction, _autocast_enabled, _run
+from ._guard import _check_finite, _guarded_row_mask, _row_mask
 from ._options import ThresholdOptions, options_of
 from ._rowmask import RowMask
-
-_KERNELS = None
-
-
-def _kernels():
-    # Imported on first use so that the reference path works where Triton is not installed.
-    global _KERNELS
-    if _KERNELS is None:
-        from . import kernels
-
-        _KERNELS = kernels
-    return _KERNELS
 
 
 def threshold_row_mask(
@@ -70,404 +58,7 @@ def threshold_row_mask(
     return row_mask
 
 
-def _check_finite(options: ThresholdOptions, threshold: torch.Tensor) -> bool:
-    """``options.check_finite`` resolved: None means on for CPU tensors (the check is free there)
-    and off elsewhere (on CUDA it synchronises with the host)."""
-    check = options.check_finite
-    return threshold.device.type == "cpu" if check is None else check
-
-
-def _row_mask(weight, threshold, mask_backend: str, collapse_density: float | None, with_perm: bool = True) -> RowMask:
-    if mask_backend == "triton":  # (a launch records no graph: no detach needed)
-        w2d = weight if weight.dim() == 2 else weight.reshape(weight.shape[0], -1)
-        return _kernels().threshold_row_mask(w2d, threshold, collapse_density=collapse_density)
-    w2d = weight.detach()
-    if w2d.dim() != 2:
-        w2d = w2d.reshape(w2d.shape[0], -1)
-    with torch.no_grad():
-        return reference.row_mask(w2d, threshold, collapse_density=collapse_density, with_perm=with_perm)
-
-
-def _guarded_row_mask(
-    weight: torch.Tensor,
-    threshold: torch.Tensor,
-    mask_backend: str,
-    with_perm: bool,
-    options: ThresholdOptions,
-    counter: torch.Tensor | None,
-    previous_density: torch.Tensor | None,
-    check_finite: bool = False,
-) -> RowMask:
-    """The forward's row mask, after the collapse guard of ``options`` (if any) has run: the one
-    guard of every path (eager, the ``spafl::row_mask`` operator, the chains).
-
-    ``"current"``: the guard tests this mask's density, and the mask of ``tau = 0`` is used
-    when it fires. ``"previous"``: it tests ``previous_density`` (the density of the last
-    guarded forward, as the SpaFL authors' layers test ``self.ratio``), resets before the mask
-    is built, and the mask comes from the reset thresholds. Either way ``previous_density``
-    (when given) then holds this forward's density. When it fires, ``threshold`` is reset to 0
-    in place and ``counter`` incremented. Device-side, without a host synchronisation, except
-    for CPU tensors on the plain-PyTorch backends, where the host decides (same results, and a
-    forward where the guard does not fire pays no no-op writes). ``check_finite``: reject NaN /
-    inf thresholds and weights first (nothing is modified then).
-    """
-    density = options.collapse_density
-    on_host = mask_backend != "triton" and not with_perm and weight.device.type == "cpu"
-    if on_host:
-        return _host_row_mask(weight, threshold, mask_backend == "compact", density, options.collapse_timing,
-                              counter, previous_density, check_finite)
-    if check_finite:  # a pass over the weight of its own: only where the check was asked for
-        check_finite_values(threshold, reference.row_scores(weight))
-    if density is None:
-        return _row_mask(weight, threshold, mask_backend, None, with_perm)
-    previous = options.collapse_timing == "previous"
-    with torch.no_grad():
-        if previous:
-            collapsed = (previous_density <= density).reshape(1)
-            _reset(threshold, collapsed, counter)
-            row_mask = _row_mask(weight, threshold, mask_backend, None, with_perm)._replace(collapsed=collapsed)
-        else:
-            row_mask = _row_mask(weight, threshold, mask_backend, density, with_perm)
-            _reset(threshold, row_mask.collapsed, counter)
-        if previous_density is not None:
-            previous_density.copy_(row_mask.count.reshape(()) / row_mask.mask.shape[0])  # (fp32, as the host)
-    return row_mask
-
-
-def _host_row_mask(weight, threshold, want_units: bool, density, timing, counter, previous_density, check_finite):
-    """:func:`_guarded_row_mask` for CPU tensors on the plain-PyTorch backends, deciding on the
-    host (a synchronisation is free there) with as few operations as a small layer allows: the
-    comparisons are the device path's, in its dtypes (``s > tau`` as ``s - tau > 0``, the same
-    for IEEE floats, whose difference is 0 only when they are equal; one finite sum of it tells
-    that both are finite). ``RowMask.perm``, ``count``, ``score`` and ``collapsed`` stay None
-    (nothing downstream reads them); ``units`` holds the active rows for the compacting backend
-    (``want_units``)."""
-    score = reference.row_scores(weight)
-    tau = threshold.detach()
-    if tau.dtype != score.dtype:
-        tau = tau.to(score.dtype)
-    if check_finite:
-        diff = score - tau
-        if not math.isfinite(diff.sum().item()):
-            check_finite_values(threshold.detach(), score)  # names the culprits (or finds an overflowed sum)
-        mask = diff > 0
-    else:
-        mask = score > tau
-    units = None
-    if want_units or density is not None:
-        units = mask.nonzero().view(-1)
-    if density is not None:
-        n = mask.shape[0]
-        if timing == "previous":
-            fired = bool(previous_density <= density)
-        else:
-            fired = units.shape[0] <= _float32(density * n)  # the device path compares in fp32
-        if fired:
-            with torch.no_grad():
-                threshold.zero_()
-            if counter is not None:
-                counter.add_(1)
-            mask = score > 0
-            units = mask.nonzero().view(-1)
-        if previous_density is not None:
-            previous_density.fill_(units.shape[0] / n)  # = the device path's fp32 count / n, rounded once
-    return RowMask(mask, None, None, None, None, units if want_units else None)
-
-
-def _reset(threshold: torch.Tensor, collapsed: torch.Tensor, counter: torch.Tensor | None) -> None:
-    """The guard's reset on the device: ``threshold`` to 0 and ``counter`` + 1 where
-    ``collapsed`` (no host synchronisation)."""
-    # (through a detached alias: a torch.jit trace replays the write without the caller's no_grad)
-    threshold.detach().masked_fill_(collapsed, 0.0)
-    if counter is not None:
-        counter.add_(collapsed.reshape(()))
-
-
-def _float32(value: float) -> float:
-    found = _FLOAT32.get(value)
-    if found is None:
-        if len(_FLOAT32) > 1024:  # (a caller sweeping densities should not grow it forever)
-            _FLOAT32.clear()
-        found = _FLOAT32[value] = struct.unpack("f", struct.pack("f", value))[0]
-    return found
-
-
-_FLOAT32: dict[float, float] = {}
-
-
 # ----------------------------------------------------------------------------- implementations
-
-
-def _cast_gradients(grads, need_dx: bool, weight_dtype: torch.dtype, threshold_dtype: torch.dtype):
-    """The compute-dtype ``(dx, dw, dtau, db)`` of the plain-PyTorch backends in the dtypes of
-    the inputs."""
-    dx, dw, dtau, db = grads
-    return (
-        compact._cast(dx, weight_dtype) if need_dx else None,
-        compact._cast(dw, weight_dtype),
-        compact._cast(dtau, threshold_dtype),
-        compact._cast(db, weight_dtype),
-    )
-
-
-def _mode(options: ThresholdOptions, rows: int) -> str:
-    """The backward mode to run for a batch of ``rows`` rows (Linear) or samples (Conv2d): an
-    empty batch has no rows to sample, and there ``"sample"`` is ``"exact"`` (every ``r`` is 0)."""
-    mode = options.backward_mode
-    return "exact" if mode == "sample" and rows == 0 else mode
-
-
-class _Reference:
-    """Masked dense (``W * m``, then the dense op): the oracle of the tests and the benchmarks'
-    ``masked`` baseline. Ignores ``skip_zero_inputs``."""
-
-    @staticmethod
-    def linear_forward(x2d, weight, bias, row_mask, options):
-        return reference.threshold_linear_forward(x2d, weight, row_mask.mask, bias), None
-
-    @staticmethod
-    def linear_backward(grad_y2d, x2d, weight, row_mask, state, options, need_dx, has_bias, threshold_dtype):
-        grads = reference.threshold_linear_backward(
-            grad_y2d, x2d, weight, row_mask.mask, row_mask.mask, has_bias=has_bias,
-            mode=_mode(options, x2d.shape[0]), sample_fraction=options.sample_fraction,
-        )
-        return _cast_gradients(grads, need_dx, weight.dtype, threshold_dtype)
-
-    @staticmethod
-    def conv2d_forward(x, weight, bias, row_mask, geometry, options):
-        return reference.threshold_conv2d_forward(x, weight, row_mask.mask, bias, geometry), None
-
-    @staticmethod
-    def conv2d_backward(grad_y, x, weight, row_mask, geometry, state, options, need_dx, has_bias, threshold_dtype):
-        grads = reference.threshold_conv2d_backward(
-            grad_y, x, weight, row_mask.mask, row_mask.mask, geometry, has_bias=has_bias,
-            need_dx=need_dx, mode=_mode(options, x.shape[0]), sample_fraction=options.sample_fraction,
-        )
-        return _cast_gradients(grads, need_dx, weight.dtype, threshold_dtype)
-
-
-class _Compact:
-    """Gathers the active units (and, with ``skip_zero_inputs``, the nonzero inputs): see
-    :mod:`spafl.compact`. A chain (:mod:`spafl.chain`) runs an instance with its compact input's
-    index list and whether its output stays compact; the layers run the class itself."""
-
-    x_index = None
-    compact_output = False
-    in_chain = False
-
-    def __init__(self, x_index: torch.Tensor | None = None, compact_output: bool = False, in_chain: bool = False):
-        # A chain's layer takes its input's index list as it comes: the chain decides what it
-        # carries (a whole input is multiplied whole, as the chain has always done).
-        self.x_index, self.compact_output, self.in_chain = x_index, compact_output, in_chain
-
-    def _skip(self, options) -> bool:
-        return options.skip_zero_inputs and not self.in_chain
-
-    def linear_forward(self, x2d, weight, bias, row_mask, options):
-        return compact.linear_forward(x2d, weight, bias, row_mask.mask, self._skip(options),
-                                      x_index=self.x_index, compact_output=self.compact_output, units=row_mask.units)
-
-    def linear_backward(self, grad_y2d, x2d, weight, row_mask, state, options, need_dx, has_bias, threshold_dtype):
-        grads = compact.linear_backward(
-            grad_y2d, x2d, weight, row_mask.mask, state, has_bias=has_bias, need_dx=need_dx,
-            mode=_mode(options, x2d.shape[0]), sample_fraction=options.sample_fraction,
-        )
-        return _cast_gradients(grads, need_dx, weight.dtype, threshold_dtype)
-
-    def conv2d_forward(self, x, weight, bias, row_mask, geometry, options):
-        return compact.conv2d_forward(x, weight, bias, row_mask.mask, geometry, self._skip(options),
-                                      x_index=self.x_index, compact_output=self.compact_output, units=row_mask.units)
-
-    def conv2d_backward(self, grad_y, x, weight, row_mask, geometry, state, options, need_dx, has_bias,
-                        threshold_dtype):
-        grads = compact.conv2d_backward(
-            grad_y, x, weight, row_mask.mask, geometry, state, has_bias=has_bias, need_dx=need_dx,
-            mode=_mode(options, x.shape[0]), sample_fraction=options.sample_fraction,
-        )
-        return _cast_gradients(grads, need_dx, weight.dtype, threshold_dtype)
-
-
-def _pointwise_as_linear(x: torch.Tensor, geometry: ConvGeometry) -> bool:
-    """A 1x1 convolution on a channels-last input is a GEMM on a view of it: the Linear kernels
-    run it with no copy."""
-    return geometry.is_pointwise and x.permute(0, 2, 3, 1).is_contiguous()
-
-
-class _Triton:
-    """The Triton kernels (``spafl.kernels``): device-side compaction, no host synchronisation.
-    Ignores ``skip_zero_inputs``."""
-
-    @staticmethod
-    def linear_forward(x2d, weight, bias, row_mask, options):
-        return _kernels().threshold_linear_fwd(x2d, weight, bias, row_mask), None
-
-    @staticmethod
-    def linear_backward(grad_y2d, x2d, weight, row_mask, state, options, need_dx, has_bias, threshold_dtype):
-        dx, dw, dtau = _kernels().threshold_linear_bwd(
-            grad_y2d, x2d, weight, row_mask, mode=_mode(options, x2d.shape[0]),
-            sample_fraction=options.sample_fraction, need_dx=need_dx, threshold_dtype=threshold_dtype,
-        )
-        db = grad_y2d.sum(dim=0, dtype=torch.float32).to(weight.dtype) if has_bias else None
-        return dx, dw, dtau, db
-
-    @staticmethod
-    def conv2d_forward(x, weight, bias, row_mask, geometry, options):
-        if not _pointwise_as_linear(x, geometry):
-            return _kernels().threshold_conv2d_fwd(x, weight, bias, row_mask, geometry), False
-        batch, chans, height, width = x.shape
-        filters = weight.shape[0]
-        x2d = x.permute(0, 2, 3, 1).reshape(-1, chans)
-        y2d = _kernels().threshold_linear_fwd(x2d, weight.reshape(filters, chans), bias, row_mask)
-        return y2d.view(batch, height, width, filters).permute(0, 3, 1, 2), True
-
-    @staticmethod
-    def conv2d_backward(grad_y, x, weight, row_mask, geometry, as_linear, options, need_dx, has_bias,
-                        threshold_dtype):
-        kwargs = {"mode": _mode(options, x.shape[0]), "sample_fraction": options.sample_fraction,
-                  "need_dx": need_dx, "threshold_dtype": threshold_dtype}
-        if as_linear:
-            batch, chans, height, width = x.shape
-            filters = weight.shape[0]
-            dx, dw, dtau = _kernels().threshold_linear_bwd(
-                grad_y.permute(0, 2, 3, 1).reshape(-1, filters),
-                x.permute(0, 2, 3, 1).reshape(-1, chans),
-                weight.reshape(filters, chans),
-                row_mask,
-                **kwargs,
-            )
-            dw = dw.view(weight.shape)
-            if dx is not None:
-                dx = dx.view(batch, height, width, chans).permute(0, 3, 1, 2)
-        else:
-            dx, dw, dtau = _kernels().threshold_conv2d_bwd(grad_y, x, weight, row_mask, geometry, **kwargs)
-        db = grad_y.sum(dim=(0, 2, 3), dtype=torch.float32).to(weight.dtype) if has_bias else None
-        return dx, dw, dtau, db
-
-
-def _operands_already_cast(device_type: str):
-    """Autocast off inside the forward: :func:`_autocast` has cast the operands already, and the
-    plain-PyTorch backends compute in fp32 (fp64) and round once, like the backward (which
-    autocast does not reach)."""
-    if _autocast_enabled(device_type):
-        return torch.autocast(device_type, enabled=False)
-    return contextlib.nullcontext()
-
-
-def _autocast_enabled(device_type: str) -> bool:
-    # Devices without autocast (e.g. "meta", for shape-only runs) raise in is_autocast_enabled;
-    # whether a device type has autocast is asked once (a Python call every forward otherwise).
-    available = _AUTOCAST_AVAILABLE.get(device_type)
-    if available is None:
-        available = _AUTOCAST_AVAILABLE[device_type] = torch.amp.is_autocast_available(device_type)
-    return available and torch.is_autocast_enabled(device_type)
-
-
-# (a dict rather than functools.lru_cache: dynamo traces through it without a warning)
-_AUTOCAST_AVAILABLE: dict[str, bool] = {}
-
-
-# The registry: where a resolved backend name (``Route.compute``) becomes code.
-IMPLEMENTATIONS = {"reference": _Reference, "compact": _Compact(), "triton": _Triton}
-
-
-def _impl(backend):
-    # A name of the registry, or an implementation object (a chain's compact one).
-    return IMPLEMENTATIONS[backend] if isinstance(backend, str) else backend
-
-
-def _needs_graph(x, weight, threshold, bias) -> bool:
-    """Whether autograd must record the call: without it (inference, ``no_grad``) the forward
-    runs without the autograd Function and its saved state."""
-    return torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or threshold.requires_grad
-                                        or (bias is not None and bias.requires_grad))
-
-
-def _bare(row_mask: RowMask) -> RowMask:
-    # What the products and the backward read (the scores and the guard's flag stay behind).
-    if row_mask.score is None and row_mask.collapsed is None:
-        return row_mask
-    return RowMask(row_mask.mask, row_mask.perm, row_mask.count, None, None, row_mask.units)
-
-
-def _own(y: torch.Tensor) -> torch.Tensor:
-    """A Function's output that is not a view: autograd forbids in-place changes to a view made
-    inside a custom Function (``nn.ReLU(inplace=True)`` after the layer would fail), and the
-    Triton 1x1 convolution's output is a permuted view of the GEMM's. The same memory."""
-    return y.detach() if y._is_view() else y
-
-
-class ThresholdLinearFunction(torch.autograd.Function):
-    """``y = x @ (W * m)^T + b`` with the straight-through threshold gradient.
-
-    Inputs: ``x [..., in]``, ``weight [out, in]``, ``threshold [out]``, ``bias [out] | None``,
-    the :class:`RowMask` of :func:`threshold_row_mask`, the backend (a key of
-    ``IMPLEMENTATIONS``, or an implementation object) and the :class:`ThresholdOptions`.
-    """
-
-    @staticmethod
-    def forward(ctx, x, weight, threshold, bias, row_mask, backend, options):
-        row_mask = _bare(row_mask)
-        impl = _impl(backend)
-        x_shape = x.shape
-        if x.dim() != 2:
-            x = x.reshape(-1, weight.shape[1])
-        y, state = impl.linear_forward(x, weight, bias, row_mask, options)
-        ctx.save_for_backward(x, weight, *row_mask[:3])
-        ctx.impl, ctx.state, ctx.options, ctx.tau_dtype = impl, state, options, threshold.dtype
-        ctx.has_bias, ctx.x_shape = bias is not None, x_shape
-        return _own(y if len(x_shape) == 2 else y.reshape(*x_shape[:-1], weight.shape[0]))
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_y):
-        x, weight, mask, perm, count = ctx.saved_tensors
-        if grad_y.dim() != 2:
-            grad_y = grad_y.reshape(-1, weight.shape[0])
-        dx, dw, dtau, db = ctx.impl.linear_backward(
-            grad_y, x, weight, RowMask(mask, perm, count, None), ctx.state, ctx.options,
-            ctx.needs_input_grad[0], ctx.has_bias, ctx.tau_dtype,
-        )
-        if dx is not None and len(ctx.x_shape) != 2:
-            dx = dx.reshape(ctx.x_shape)
-        return dx, dw, dtau, db, None, None, None
-
-
-class ThresholdConv2dFunction(torch.autograd.Function):
-    """``y = conv2d(x, W * m[:, None, None, None], b)`` with the straight-through threshold
-    gradient.
-
-    Inputs: ``x [B, C, H, W]``, ``weight [F, C / groups, KH, KW]``, ``threshold [F]``,
-    ``bias [F] | None``, the :class:`RowMask` of :func:`threshold_row_mask`, a
-    ``ConvGeometry``, the backend (``"triton"`` takes ``groups == 1`` only) and the
-    :class:`ThresholdOptions`.
-    """
-
-    @staticmethod
-    def forward(ctx, x, weight, threshold, bias, row_mask, geometry, backend, options):
-        row_mask = _bare(row_mask)
-        impl = _impl(backend)
-        y, state = impl.conv2d_forward(x, weight, bias, row_mask, geometry, options)
-        ctx.save_for_backward(x, weight, *row_mask[:3])
-        ctx.impl, ctx.state, ctx.options, ctx.tau_dtype = impl, state, options, threshold.dtype
-        ctx.geometry = geometry
-        ctx.has_bias = bias is not None
-        return _own(y)
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_y):
-        x, weight, mask, perm, count = ctx.saved_tensors
-        dx, dw, dtau, db = ctx.impl.conv2d_backward(
-            grad_y, x, weight, RowMask(mask, perm, count, None), ctx.geometry, ctx.state, ctx.options,
-            ctx.needs_input_grad[0], ctx.has_bias, ctx.tau_dtype,
-        )
-        return dx, dw, dtau, db, None, None, None, None
-
-
-_unwrap_if_dead = torch._C._functorch.unwrap_if_dead
-
-# The autograd Functions' C++ apply (what ``Function.apply`` ends in), bound once.
-_C_APPLY = {fn: super(torch.autograd.Function, fn).apply for fn in (ThresholdLinearFunction, ThresholdConv2dFunction)}
 
 
 def _autocast(x, weight, bias):
@@ -495,20 +86,6 @@ def _validate_guard(options: ThresholdOptions, collapse_counter, previous_densit
             f"{op}: collapse_timing='previous' needs previous_density, the tensor that carries the density "
             "from one forward to the next (the layers keep it as a buffer)"
         )
-
-
-def _run(fn, x, weight, threshold, bias, row_mask, *args):
-    """The autograd Function ``fn`` when autograd records the call, else its forward alone."""
-    if _needs_graph(x, weight, threshold, bias):
-        if torch._C._are_functorch_transforms_active():
-            return fn.apply(x, weight, threshold, bias, row_mask, *args)
-        # Function.apply less its Python wrapper (a third of the call on a small layer): without
-        # functorch transforms the wrapper only unwraps dead functorch wrappers, done here.
-        return _C_APPLY[fn](_unwrap_if_dead(x), _unwrap_if_dead(weight), _unwrap_if_dead(threshold),
-                            None if bias is None else _unwrap_if_dead(bias), row_mask, *args)
-    impl = _impl(args[-2])
-    forward = impl.linear_forward if fn is ThresholdLinearFunction else impl.conv2d_forward
-    return forward(x, weight, bias, _bare(row_mask), *args[:-2], args[-1])[0]
 
 
 def linear_call(x, weight, threshold, bias, options: ThresholdOptions, counter=None, previous_density=None):

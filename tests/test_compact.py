@@ -11,6 +11,7 @@ from spafl import (
     ThresholdLinear,
     chain,
     compact,
+    compact_conv,
     threshold_conv2d,
     threshold_for_density,
     threshold_linear,
@@ -271,9 +272,10 @@ def test_auto_is_compact_on_cpu_and_the_layer_runs_it(monkeypatch):
     assert resolve_backend("compact", torch.zeros(1, device="meta")) == "compact"
     assert resolve_backend("auto", torch.zeros(1, device="meta")) == "reference"  # never a host sync
     calls = []
-    for name in ("linear_forward", "linear_backward", "conv2d_forward", "conv2d_backward"):
-        original = getattr(compact, name)
-        monkeypatch.setattr(compact, name, lambda *a, _f=original, _n=name, **k: calls.append(_n) or _f(*a, **k))
+    for module, name in ((compact, "linear_forward"), (compact, "linear_backward"), (compact_conv, "conv2d_forward"),
+                         (compact_conv, "conv2d_backward")):
+        original = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *a, _f=original, _n=name, **k: calls.append(_n) or _f(*a, **k))
     ThresholdLinear(4, 3)(torch.randn(2, 4)).sum().backward()
     ThresholdConv2d(2, 3, 3)(torch.randn(1, 2, 5, 5)).sum().backward()
     assert calls == ["linear_forward", "linear_backward", "conv2d_forward", "conv2d_backward"]
@@ -357,17 +359,18 @@ def products(monkeypatch):
     """Record every dense product the compact backend runs: ``(op, operand shapes)``."""
     seen = []
 
-    def spy(name):
-        original = getattr(compact, name)
+    def spy(module, name):
+        original = getattr(module, name)
 
         def wrapped(*args, **kwargs):
             seen.append((name, tuple(tuple(a.shape) for a in args[:2])))
             return original(*args, **kwargs)
 
-        monkeypatch.setattr(compact, name, wrapped)
+        monkeypatch.setattr(module, name, wrapped)
 
-    for name in ("_linear", "_mm", "_conv2d", "_conv2d_backward"):
-        spy(name)
+    for module, name in ((compact, "_linear"), (compact, "_mm"), (compact_conv, "_conv2d"),
+                         (compact_conv, "_conv2d_backward")):
+        spy(module, name)
     return seen
 
 
@@ -738,7 +741,7 @@ def test_single_input_channel_weight_gradient_route(geometry):
     dy = torch.randn(F.conv2d(x, w, None, stride, padding, dilation).shape, generator=g, dtype=torch.float64)
     want = torch.ops.aten.convolution_backward(dy, x, w, None, stride, padding, dilation, False, (0, 0), 1,
                                                (True, True, False))
-    dx, dw = compact._conv2d_backward(dy, x, w, stride, padding, dilation, 1, True)
+    dx, dw = compact_conv._conv2d_backward(dy, x, w, stride, padding, dilation, 1, True)
     torch.testing.assert_close(dw, want[1])
     torch.testing.assert_close(dx, want[0])
 

@@ -230,7 +230,7 @@ def test_opcheck_triton_operators(device):
 
 def test_compact_backward_state_rebuilt_as_the_forward_builds_it():
     # The operators' compact backward rebuilds the forward's index lists; they must be the same.
-    from spafl import compact
+    from spafl import compact, compact_conv
     from spafl._conv import conv_geometry
 
     torch.manual_seed(0)
@@ -250,7 +250,7 @@ def test_compact_backward_state_rebuilt_as_the_forward_builds_it():
             geometry = conv_geometry((3, 3), 1, 1, 1, groups)
             for density in (1.0, 0.5, 0.0):
                 m = spafl.threshold_row_mask(wc, spafl.threshold_for_density(wc, density)).mask
-                _, state = compact.conv2d_forward(xc, wc, None, m, geometry, skip)
+                _, state = compact_conv.conv2d_forward(xc, wc, None, m, geometry, skip)
                 rebuilt = _ops._compact_conv2d_state(xc, wc, m, geometry, skip)
                 _assert_same_state(state, rebuilt)
 
