@@ -213,6 +213,21 @@ def _bare(row_mask: RowMask) -> RowMask:
     return RowMask(row_mask.mask, row_mask.perm, row_mask.count, None, None, row_mask.units)
 
 
+def _once_differentiable(backward):
+    """``torch.autograd.function.once_differentiable`` without its cost in an ordinary backward:
+    there grad mode is off already (its ``no_grad`` block changes nothing); a backward that
+    records a graph (``create_graph=True``) goes through it, which refuses a second
+    differentiation."""
+    checked = once_differentiable(backward)
+
+    def run(ctx, *grads):
+        if torch.is_grad_enabled():
+            return checked(ctx, *grads)
+        return backward(ctx, *grads)
+
+    return run
+
+
 def _own(y: torch.Tensor) -> torch.Tensor:
     """A Function's output that is not a view: autograd forbids in-place changes to a view made
     inside a custom Function (``nn.ReLU(inplace=True)`` after the layer would fail), and the
@@ -242,7 +257,7 @@ class ThresholdLinearFunction(torch.autograd.Function):
         return _own(y if len(x_shape) == 2 else y.reshape(*x_shape[:-1], weight.shape[0]))
 
     @staticmethod
-    @once_differentiable
+    @_once_differentiable
     def backward(ctx, grad_y):
         x, weight, mask, perm, count = ctx.saved_tensors
         if grad_y.dim() != 2:
@@ -278,7 +293,7 @@ class ThresholdConv2dFunction(torch.autograd.Function):
         return _own(y)
 
     @staticmethod
-    @once_differentiable
+    @_once_differentiable
     def backward(ctx, grad_y):
         x, weight, mask, perm, count = ctx.saved_tensors
         dx, dw, dtau, db = ctx.impl.conv2d_backward(

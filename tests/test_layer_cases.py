@@ -123,3 +123,20 @@ def test_inf_input_reaching_a_pruned_unit_gives_its_bias_on_every_backend(backen
         (-1,) + (1,) * (pruned.dim() - 1)).expand_as(pruned)
     assert torch.equal(pruned, expected)
     assert not torch.isfinite(y.transpose(0, 1)[mask]).all()  # the active units do see the inf
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+def test_a_second_differentiation_is_refused_and_the_first_is_unchanged_by_create_graph(kind):
+    # The backward is differentiable once: with create_graph=True the first gradients are the
+    # usual ones, and differentiating them again raises instead of giving a wrong answer.
+    torch.manual_seed(0)
+    if kind == "linear":
+        layer, x = _pruned(ThresholdLinear(6, 5), 0.6), torch.randn(4, 6, requires_grad=True)
+    else:
+        layer, x = _pruned(ThresholdConv2d(2, 5, 3), 0.6), torch.randn(2, 2, 5, 5, requires_grad=True)
+    plain = torch.autograd.grad(layer(x).square().sum(), [x, layer.weight, layer.threshold])
+    graphed = torch.autograd.grad(layer(x).square().sum(), [x, layer.weight, layer.threshold], create_graph=True)
+    for a, b in zip(graphed, plain, strict=True):
+        assert torch.equal(a.detach(), b)
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        graphed[0].sum().backward()
