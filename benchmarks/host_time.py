@@ -141,11 +141,13 @@ def _noop_kernel():
     return _trivial_kernel
 
 
-def _triton_sides(batch: int) -> tuple[dict, dict]:
-    """The stubbed Triton sides and, per side, the launches one call makes."""
+def _triton_sides(batch: int, spafl=None) -> tuple[dict, dict]:
+    """The stubbed Triton sides and, per side, the launches one call makes (of the package
+    ``spafl``: this tree's by default, or a baseline's, see :func:`import_baseline`)."""
     import torch
 
-    import spafl
+    if spafl is None:
+        import spafl
 
     torch.manual_seed(0)
     layer = spafl.ThresholdLinear(256, 256, backend="triton", backward_mode="skip", check_finite=False,
@@ -175,11 +177,12 @@ def _triton_sides(batch: int) -> tuple[dict, dict]:
     return sides, launches
 
 
-def _cpu_sides(batch: int) -> dict:
+def _cpu_sides(batch: int, spafl=None) -> dict:
     import torch
     from torch import nn
 
-    import spafl
+    if spafl is None:
+        import spafl
 
     torch.manual_seed(0)
     layer = spafl.ThresholdLinear(64, 10)
@@ -199,6 +202,27 @@ def _cpu_sides(batch: int) -> dict:
 
     return {"spafl_fwd": lambda: layer(x), "linear_fwd": lambda: dense(x),
             "spafl_fwd_bwd": fwd_bwd_of(layer), "linear_fwd_bwd": fwd_bwd_of(dense)}
+
+
+def import_baseline(tree: str):
+    """The package of another checkout, importable beside this tree's: ``tree`` holds its
+    ``spafl/`` and ``kernels/`` folders (e.g. ``git archive <commit> spafl kernels | tar -x -C
+    tree``); they are copied into a temporary folder as the package ``spafl_base`` (with
+    ``kernels`` inside it, as the installed package has it) and imported. The package must use
+    relative imports only, as spafl does."""
+    import importlib
+    import shutil
+    import tempfile
+
+    root = Path(tree)
+    for name in ("spafl", "kernels"):
+        if not (root / name / "__init__.py").is_file():
+            raise SystemExit(f"--baseline {tree}: no {name}/__init__.py there")
+    where = Path(tempfile.mkdtemp(prefix="spafl-baseline-"))
+    shutil.copytree(root / "spafl", where / "spafl_base", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(root / "kernels", where / "spafl_base" / "kernels", ignore=shutil.ignore_patterns("__pycache__"))
+    sys.path.insert(0, str(where))
+    return importlib.import_module("spafl_base")
 
 
 def _commit() -> str:
@@ -230,6 +254,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cpu-batch", type=int, default=8, help="rows of the CPU layer's input")
     p.add_argument("--clock", choices=tuple(CLOCKS), default="thread",
                    help="thread: this thread's CPU time (robust on a shared machine); wall: the wall clock")
+    p.add_argument("--baseline", metavar="TREE",
+                   help="also time the package of another checkout (TREE holds its spafl/ and kernels/), "
+                        "interleaved with this tree's, and give each side's ratio to its baseline side")
     args = p.parse_args(argv)
     out = Path(args.out)
     paths = [out / f"{args.label}.csv", out / f"{args.label}.md"]
@@ -242,37 +269,63 @@ def main(argv: list[str] | None = None) -> int:
     commit = _commit()
 
     sides, launches = _triton_sides(args.triton_batch)
+    cpu = _cpu_sides(args.cpu_batch)
+    base_names = {}
+    if args.baseline:
+        base = import_baseline(args.baseline)
+        base_sides, base_launches = _triton_sides(args.triton_batch, base)
+        base_cpu = _cpu_sides(args.cpu_batch, base)
+        for name in ("triton_fwd", "triton_fwd_bwd"):
+            sides[f"base_{name}"], launches[f"base_{name}"] = base_sides[name], base_launches[name]
+            base_names[name] = f"base_{name}"
+        for name in ("spafl_fwd", "spafl_fwd_bwd"):
+            cpu[f"base_{name}"] = base_cpu[name]
+            base_names[f"cpu_{name}"] = f"base_{name}"
     # One interleaved run of every side: the CPU sides do not launch kernels, and nn.Linear's
     # forward, timed beside the others, is the yardstick that carries the targets across machines.
     with stubbed_launches():
-        t = interleaved_us({**sides, **_cpu_sides(args.cpu_batch)}, reps=args.reps,
-                           min_sample_ms=args.min_sample_ms, clock=args.clock)
+        t = interleaved_us({**sides, **cpu}, reps=args.reps, min_sample_ms=args.min_sample_ms, clock=args.clock)
 
     rows = []
 
-    def row(case, samples, launches="", own=None, units=None, vs=None):
+    def row(case, samples, launches="", own=None, units=None, vs=None, baseline=None):
         q = quantiles(samples)
         out = {"case": case, "median_us": q[0], "p20_us": q[1], "p80_us": q[2], "launches": launches}
-        for prefix, values in (("own_us", own), ("own_in_linear_fwd", units), ("vs_linear", vs)):
+        for prefix, values in (("own_us", own), ("own_in_linear_fwd", units), ("vs_linear", vs),
+                               ("vs_baseline", baseline)):
             q = quantiles(values) if values is not None else ("", "", "")
             out.update({prefix: q[0], f"{prefix}_p20": q[1], f"{prefix}_p80": q[2]})
         rows.append(out)
 
     trivial, linear_fwd = t["trivial_launch"], t["linear_fwd"]
-    for name in ("triton_fwd", "triton_fwd_bwd"):
+
+    def own_of(name):
         # Per repetition: the call less its launches priced at that repetition's trivial launch.
-        own = [a - launches[name] * b for a, b in zip(t[name], trivial, strict=True)]
-        row(name, t[name], launches[name], own, [o / b for o, b in zip(own, linear_fwd, strict=True)])
+        return [a - launches[name] * b for a, b in zip(t[name], trivial, strict=True)]
+
+    def paired(a, b):
+        return [x / y for x, y in zip(a, b, strict=True)]
+
+    triton_names = ["triton_fwd", "triton_fwd_bwd"] + [base_names[n] for n in ("triton_fwd", "triton_fwd_bwd")
+                                                        if n in base_names]
+    for name in triton_names:
+        own = own_of(name)
+        vs_base = paired(own, own_of(base_names[name])) if name in base_names else None
+        row(name, t[name], launches[name], own, paired(own, linear_fwd), baseline=vs_base)
     row("trivial_launch", trivial, 1)
     for name in ("fwd", "fwd_bwd"):
-        mine, base = t[f"spafl_{name}"], t[f"linear_{name}"]
-        row(f"cpu_spafl_{name}", mine, vs=[a / b for a, b in zip(mine, base, strict=True)])
-        row(f"cpu_linear_{name}", base)
+        linear = t[f"linear_{name}"]
+        for side in [f"spafl_{name}"] + ([f"base_spafl_{name}"] if base_names else []):
+            case = f"cpu_{side}"
+            vs_base = paired(t[side], t[base_names[case]]) if case in base_names else None
+            row(case, t[side], vs=paired(t[side], linear), baseline=vs_base)
+        row(f"cpu_linear_{name}", linear)
 
     meta = {"label": args.label, "commit": commit, "timestamp": timestamp(), "machine": env["device"],
             "platform": platform.platform(), "torch": env["torch"], "triton": env["triton"],
             "python": env["python"], "threads": 1, "reps": args.reps, "clock": args.clock,
-            "load_average": " ".join(f"{v:.1f}" for v in os.getloadavg()), "command": command}
+            "load_average": " ".join(f"{v:.1f}" for v in os.getloadavg()), "command": command,
+            "baseline": args.baseline or ""}
     columns = list(rows[0]) + list(meta)
     import csv
 
@@ -288,16 +341,22 @@ def main(argv: list[str] | None = None) -> int:
              f"{meta['load_average']} (shared machine: absolute times are indicative; the ratios are paired per "
              "repetition).", "",
              "| case | median us (p20-p80) | launches | spafl's own us (p20-p80) | own / nn.Linear fwd "
-             "| x nn.Linear (p20-p80) |",
-             "|---|---|---|---|---|---|"]
+             "| x nn.Linear (p20-p80) | x baseline (p20-p80) |",
+             "|---|---|---|---|---|---|---|"]
+    if args.baseline:
+        lines[4:4] = [f"`base_*` rows: the package of `{args.baseline}`, timed interleaved with this tree's; "
+                      "the last column pairs each side with its baseline side per repetition (spafl's own time "
+                      "for the Triton rows, the call for the CPU rows).", ""]
     for row in rows:
         own = f"{row['own_us']:.1f} ({row['own_us_p20']:.1f}-{row['own_us_p80']:.1f})" if row["own_us"] != "" else ""
         vs = (f"{row['vs_linear']:.2f}x ({row['vs_linear_p20']:.2f}-{row['vs_linear_p80']:.2f})"
               if row["vs_linear"] != "" else "")
         units = (f"{row['own_in_linear_fwd']:.1f} ({row['own_in_linear_fwd_p20']:.1f}-"
                  f"{row['own_in_linear_fwd_p80']:.1f})" if row["own_us"] != "" else "")
+        vb = (f"{row['vs_baseline']:.2f}x ({row['vs_baseline_p20']:.2f}-{row['vs_baseline_p80']:.2f})"
+              if row["vs_baseline"] != "" else "")
         lines.append(f"| {row['case']} | {row['median_us']:.1f} ({row['p20_us']:.1f}-{row['p80_us']:.1f}) | "
-                     f"{row['launches']} | {own} | {units} | {vs} |")
+                     f"{row['launches']} | {own} | {units} | {vs} | {vb} |")
     lines += ["", "Targets (issue 24): own <= 25 us forward, <= 60 us forward+backward; CPU forward <= 4x, "
               "forward+backward <= 2x nn.Linear. The issue's machine ran nn.Linear(64, 10)'s forward at batch 8 "
               "in 6.6 us: there the host-time targets are 3.8 and 9.1 nn.Linear forwards (column 5), the "
