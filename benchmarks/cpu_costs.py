@@ -15,6 +15,13 @@ cl-gather      5 of the 50 channels of a channels-last ``[64, 50, 8, 8]`` tensor
                ``index_select`` along dim 1 against ``spafl.compact._select_channels``.
 elementwise    110,592 fp32 values: ``add``, ``ge`` (a bool result), ``where`` (a bool condition):
                the cost of bool tensors in elementwise work on this build.
+call-floor     ``ThresholdLinear(64, 10)``'s training-mode forward at batch 8 (the host-time
+               benchmark's CPU case, default options): ``nn.Linear``, the ``layer``, ``floor``
+               (the operations such a forward needs, back to back in one bare function: row
+               scores, the finiteness check, mask, active units, the stored density, an autograd
+               Function around ``F.linear`` and the bias add), and the layer's two halves:
+               ``guard`` (its row mask after the collapse guard), ``function`` (its autograd
+               Function on a prebuilt mask) and ``guard+function`` (the two in a row).
 """
 
 from __future__ import annotations
@@ -73,7 +80,57 @@ def _elementwise() -> dict[str, Callable[[], object]]:
     return {"add": lambda: a + b, "ge": lambda: a >= b, "where": lambda: torch.where(cond, a, b)}
 
 
-GROUPS = {"fc3-floor": _fc3_floor, "cl-gather": _cl_gather, "elementwise": _elementwise}
+def _call_floor() -> dict[str, Callable[[], object]]:
+    import math
+
+    import torch.nn.functional as F
+
+    import spafl
+    from spafl import _functions, _guard
+
+    torch.manual_seed(0)
+    layer, dense = spafl.ThresholdLinear(64, 10), torch.nn.Linear(64, 10)
+    x = torch.randn(8, 64, requires_grad=True)
+    w, tau, b = layer.weight, layer.threshold, layer.bias
+    options, counter, stored = layer.forward_options, layer.collapse_resets, layer.previous_density
+
+    class Bare(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x, w, tau, b, mask):
+            z = F.linear(x, w)
+            ctx.save_for_backward(x, w, mask)
+            ctx.z = z
+            return z + b
+
+        @staticmethod
+        def backward(ctx, grad):
+            return None, None, None, None, None
+
+    apply = super(torch.autograd.Function, Bare).apply
+
+    def floor():
+        score = w.detach().abs().mean(dim=1)
+        diff = score - tau.detach()
+        if not math.isfinite(diff.sum().item()):
+            raise ValueError("not finite")
+        mask = diff > 0
+        units = mask.nonzero().view(-1)
+        stored.fill_(units.shape[0] / mask.shape[0])
+        return apply(x, w, tau, b, mask)
+
+    def guard():
+        return _guard._guarded_row_mask(w, tau, "compact", False, options, counter, stored, True)
+
+    row_mask = guard()
+
+    def function(mask=row_mask):
+        return _functions._run(_functions.ThresholdLinearFunction, x, w, tau, b, mask, "compact", options)
+
+    return {"nn.Linear": lambda: dense(x), "layer": lambda: layer(x), "floor": floor, "guard": guard,
+            "function": function, "guard+function": lambda: function(guard())}
+
+
+GROUPS = {"fc3-floor": _fc3_floor, "cl-gather": _cl_gather, "elementwise": _elementwise, "call-floor": _call_floor}
 
 
 def measure(groups, reps: int, min_sample_ms: float, tolerance: float, base: dict) -> Iterator[dict]:
