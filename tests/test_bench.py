@@ -220,10 +220,11 @@ def test_cpu_costs_script_times_every_group_against_its_first_side(tmp_path):
     assert list(rows[0]) == list(cpu_costs.COLUMNS)
     sides = {g: [r["side"] for r in rows if r["group"] == g] for g in cpu_costs.GROUPS}
     assert sides == {"fc3-floor": ["dense", "smaller", "spafl-skip", "row-scores", "grad-fill"],
-                     "cl-gather": ["index_select", "_select_channels"], "elementwise": ["add", "ge", "where"]}
+                     "cl-gather": ["index_select", "_select_channels"], "elementwise": ["add", "ge", "where"],
+                     "call-floor": ["nn.Linear", "layer", "floor", "guard", "function", "guard+function"]}
     for r in rows:
         assert float(r["ms"]) > 0 and r["threads"] == "1" and r["device"].startswith("cpu")
-        if r["side"] in ("dense", "index_select", "add"):
+        if r["side"] in ("dense", "index_select", "add", "nn.Linear"):
             assert float(r["ratio_vs_first"]) == 1.0
     with pytest.raises(SystemExit):
         cpu_costs.main(["--groups", "nothing"])
