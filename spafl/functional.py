@@ -150,8 +150,8 @@ def _jit_traced(x, w_op, weight, threshold, bias, options: ThresholdOptions, cou
                              previous_density).mask
     compute = reference._compute_dtype(x.dtype)
     w = w_op.to(compute)
-    # m carries the gradient of s - tau (s: the row's mean |w|) and is 0 in value: then
-    # dW = m G + sign(W) r / fan_in and dtau = -r with r = sum_j G_ij W_ij, as the spec says.
+    # d - d.detach() is 0 in value and carries the gradient of d = s - tau (s: the row's mean
+    # |w|): then dW = m G + sign(W) r / fan_in and dtau = -r with r = sum_j G_ij W_ij (the spec).
     d = w.abs().flatten(1).mean(1) - threshold.to(compute)
     through = w * (d - d.detach()).view((-1,) + (1,) * (w.dim() - 1))
     y = product(x.to(compute), reference.masked_weight(w, mask) + through, None if bias is None else bias.to(compute))
