@@ -95,6 +95,7 @@ def _guarded_row_mask(
     counter: torch.Tensor | None,
     previous_density: torch.Tensor | None,
     check_finite: bool = False,
+    precomputed: tuple[str, RowMask] | None = None,
 ) -> RowMask:
     """The forward's row mask, after the collapse guard of ``options`` (if any) has run: the one
     guard of every path (eager, the ``spafl::row_mask`` operator, the chains).
@@ -108,14 +109,31 @@ def _guarded_row_mask(
     for CPU tensors on the plain-PyTorch backends, where the host decides (same results, and a
     forward where the guard does not fire pays no no-op writes). ``check_finite``: reject NaN /
     inf thresholds and weights first (nothing is modified then).
+
+    ``precomputed``: ``(mask backend, RowMask)`` that a fused optimizer step (:mod:`spafl.optim`)
+    built from these very weights and thresholds with this guard density; the caller has checked
+    that they are unchanged since. On the host path only its scores are read; elsewhere it is the
+    mask (the guard's "current" test included) when it comes from this mask backend.
     """
     density = options.collapse_density
     on_host = mask_backend != "triton" and not with_perm and weight.device.type == "cpu"
     if on_host:
         return _host_row_mask(weight, threshold, mask_backend == "compact", density, options.collapse_timing,
-                              counter, previous_density, check_finite)
+                              counter, previous_density, check_finite,
+                              None if precomputed is None else precomputed[1].score)
+    reuse = (precomputed is not None and precomputed[0] == mask_backend
+             and (not with_perm or precomputed[1].perm is not None)
+             and (density is None or options.collapse_timing == "current"))
     if check_finite:  # a pass over the weight of its own: only where the check was asked for
-        check_finite_values(threshold, reference.row_scores(weight))
+        check_finite_values(threshold, precomputed[1].score if reuse else reference.row_scores(weight))
+    if reuse:
+        row_mask = precomputed[1]
+        if density is not None:
+            with torch.no_grad():
+                _reset(threshold, row_mask.collapsed, counter)
+                if previous_density is not None:
+                    previous_density.copy_(row_mask.count.reshape(()) / row_mask.mask.shape[0])
+        return row_mask
     if density is None:
         return _row_mask(weight, threshold, mask_backend, None, with_perm)
     previous = options.collapse_timing == "previous"
@@ -132,14 +150,17 @@ def _guarded_row_mask(
     return row_mask
 
 
-def _host_row_mask(weight, threshold, want_units: bool, density, timing, counter, previous_density, check_finite):
+def _host_row_mask(weight, threshold, want_units: bool, density, timing, counter, previous_density, check_finite,
+                   score=None):
     """:func:`_guarded_row_mask` for CPU tensors on the plain-PyTorch backends, deciding on the
     host (a synchronisation is free there) with as few operations as a small layer allows: the
     comparisons are the device path's, in its dtypes (``s > tau`` as ``s - tau > 0``, the same
     for IEEE floats, whose difference is 0 only when they are equal; one finite sum of it tells
     that both are finite). ``RowMask.perm``, ``count`` and ``collapsed`` stay None; ``units``
-    holds the active rows for the compacting backend (``want_units``)."""
-    score = reference.row_scores(weight)
+    holds the active rows for the compacting backend (``want_units``). ``score``: the row
+    scores of ``weight`` when already known (a fused optimizer step computed them)."""
+    if score is None:
+        score = reference.row_scores(weight)
     tau = threshold.detach()
     if tau.dtype != score.dtype:
         tau = tau.to(score.dtype)
@@ -479,9 +500,11 @@ def _run(fn, x, weight, threshold, bias, row_mask, *args):
     return forward(x, weight, bias, _bare(row_mask), *args[:-2], args[-1])[0]
 
 
-def linear_call(x, weight, threshold, bias, options: ThresholdOptions, counter=None, previous_density=None):
+def linear_call(x, weight, threshold, bias, options: ThresholdOptions, counter=None, previous_density=None,
+                precomputed=None):
     """:func:`threshold_linear` with its options already built (what the layers call): checks
-    the tensors, runs the guard and the forward of the routed backend."""
+    the tensors, runs the guard and the forward of the routed backend. ``precomputed``: see
+    :func:`_guarded_row_mask` (eager mode only)."""
     check_layer_inputs(x, weight, threshold, bias, op="threshold_linear", weight_dim=2, x_min_dim=1)
     n_out, fan_in = weight.shape
     if x.shape[-1] != fan_in:
@@ -501,7 +524,7 @@ def linear_call(x, weight, threshold, bias, options: ThresholdOptions, counter=N
                                              options.key)
     else:
         row_mask = _guarded_row_mask(weight, threshold, where.mask, where.with_perm, options, counter,
-                                     previous_density, check)
+                                     previous_density, check, precomputed)
         with _operands_already_cast(x.device.type):
             y = _run(ThresholdLinearFunction, x2d, w_op, threshold, b_op, row_mask, where.compute, options)
     return y if x.dim() == 2 else y.reshape(*x.shape[:-1], n_out)
@@ -628,9 +651,10 @@ def _kernel_of(weight):
 
 
 def conv2d_call(x, weight, threshold, bias, geometry: ConvGeometry, options: ThresholdOptions, counter=None,
-                previous_density=None):
+                previous_density=None, precomputed=None):
     """:func:`threshold_conv2d` with its geometry and options already built (what the layers
-    call): checks the tensors, runs the guard and the forward of the routed backend."""
+    call): checks the tensors, runs the guard and the forward of the routed backend.
+    ``precomputed``: see :func:`_guarded_row_mask` (eager mode only)."""
     check_layer_inputs(x, weight, threshold, bias, op="threshold_conv2d", weight_dim=4, x_min_dim=3)
     if x.dim() not in (3, 4):
         raise ValueError(f"threshold_conv2d: x must be [B, C, H, W] or [C, H, W], got shape {tuple(x.shape)}")
@@ -666,7 +690,7 @@ def conv2d_call(x, weight, threshold, bias, geometry: ConvGeometry, options: Thr
         )
     else:
         row_mask = _guarded_row_mask(weight, threshold, where.mask, where.with_perm, options, counter,
-                                     previous_density, check)
+                                     previous_density, check, precomputed)
         with _operands_already_cast(x.device.type):
             y = _run(ThresholdConv2dFunction, x_op, w_op, threshold, b_op, row_mask, geometry, where.compute, options)
     return y.squeeze(0) if unbatched else y
