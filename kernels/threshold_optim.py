@@ -153,9 +153,11 @@ def _fused_step_kernel(
         tl.atomic_xchg(ticket_ptr, 0, sem="relaxed")
 
 
-# The row-mask kernel's score tiles: the same tiles sum |W| in the same order, so that the
-# scores (and masks) equal the ones the forward would have computed.
-_SCORE_BLOCK_N = 32
+# The row-mask kernel's score columns (BLOCK_K): each row sums |W| in the same order, so that the
+# scores (and masks) equal the ones the forward would have computed. Half its rows per program:
+# the update holds four operands per element, and 32 rows spill registers in the 16-bit Adam
+# and Nesterov variants on ragged K (offline sm_90 compile: up to 341 local-memory instructions).
+_SCORE_BLOCK_N = 16
 _SCORE_BLOCK_K = 128
 _COMPACT_BLOCK = 1024
 
