@@ -60,6 +60,7 @@ def _fused_step_kernel(
     perm_ptr,  # [N] int32 out
     count_ptr,  # [1] int32 out
     collapsed_ptr,  # [1] int8 out (HAS_GUARD)
+    previous_ptr,  # [1] float: the layer's previous_density (GUARD_PREVIOUS)
     ticket_ptr,  # [1] int32, 0 on entry and on exit
     N,
     K,
@@ -77,6 +78,7 @@ def _fused_step_kernel(
     FIRST: tl.constexpr,  # SGD: the momentum buffer starts as the gradient
     NESTEROV: tl.constexpr,
     HAS_GUARD: tl.constexpr,
+    GUARD_PREVIOUS: tl.constexpr,  # the guard tests previous_ptr, not this mask's density
     ROUND: tl.constexpr,
     WIDE: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -149,15 +151,16 @@ def _fused_step_kernel(
     ticket = tl.atomic_add(ticket_ptr, 1, sem="acq_rel")
     if ticket == tl.num_programs(0) - 1:
         _compact_rows(score_ptr, mask_ptr, perm_ptr, count_ptr, collapsed_ptr, N, collapse_density, HAS_GUARD,
-                      COMPACT_BLOCK)
+                      COMPACT_BLOCK, previous_ptr, GUARD_PREVIOUS)
         tl.atomic_xchg(ticket_ptr, 0, sem="relaxed")
 
 
 # The row-mask kernel's score columns (BLOCK_K): each row sums |W| in the same order, so that the
-# scores (and masks) equal the ones the forward would have computed. Half its rows per program:
-# the update holds four operands per element, and 32 rows spill registers in the 16-bit Adam
-# and Nesterov variants on ragged K (offline sm_90 compile: up to 341 local-memory instructions).
-_SCORE_BLOCK_N = 16
+# scores (and masks) equal the ones the forward would have computed. A quarter of its rows per
+# program: the update holds four operands per element; 32 rows spilled registers in the 16-bit
+# Adam and Nesterov variants on ragged K (offline sm_90 compile, Triton 3.9: up to 341
+# local-memory instructions), 16 in fp32 SGD's first step under Triton 3.6 (2).
+_SCORE_BLOCK_N = 8
 _SCORE_BLOCK_K = 128
 _COMPACT_BLOCK = 1024
 
@@ -180,6 +183,7 @@ def fused_step(
     eps: float = 1e-8,
     step: int = 1,
     collapse_density: float | None = None,
+    previous_density: torch.Tensor | None = None,
 ) -> RowMask:
     """One optimizer step of ``weight2d [N, K]`` (contiguous, updated in place) from ``grad2d``,
     and the row mask of the updated weight against ``threshold [N]``: what
@@ -187,7 +191,9 @@ def fused_step(
     guard. ``kind``: ``"sgd"`` (``state1``: the momentum buffer when ``momentum``; ``first``:
     it is initialised with the gradient, as torch.optim does at its first step), ``"adam"`` or
     ``"adamw"`` (``state1`` / ``state2``: ``exp_avg`` / ``exp_avg_sq``; ``step``: the step
-    count after this step). State buffers are contiguous, of the weight's shape and dtype."""
+    count after this step). State buffers are contiguous, of the weight's shape and dtype.
+    ``previous_density`` (one element): the guard of ``collapse_timing="previous"``, which
+    tests it instead of the new mask's density (and then masks ``score > 0``, as after the reset)."""
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {sorted(KINDS)}, got {kind!r}")
     if weight2d.dim() != 2 or not weight2d.is_contiguous():
@@ -218,6 +224,10 @@ def fused_step(
     count = torch.empty(1, device=device, dtype=torch.int32)
     has_guard = collapse_density is not None
     collapsed = torch.zeros(1, device=device, dtype=torch.int8) if has_guard else None
+    guard_previous = has_guard and previous_density is not None
+    if guard_previous and (previous_density.numel() != 1 or previous_density.device != device):
+        raise ValueError(f"previous_density must be one element on {device}, got {tuple(previous_density.shape)} on "
+                         f"{previous_density.device}")
     adam = kind != "sgd"
     if adam:
         beta1, beta2 = betas
@@ -227,25 +237,27 @@ def fused_step(
     else:
         s_a, s_b, step_size, bc2_sqrt = momentum, dampening, 0.0, 1.0
     key = ("fused_step", weight2d.shape, weight2d.dtype, kind, weight_decay != 0.0, momentum != 0.0, first, nesterov,
-           has_guard, launch_settings())
+           has_guard, guard_previous, launch_settings())
     grid, kwargs = cached_plan(key, lambda: _plan(weight2d, kind, weight_decay != 0.0, momentum != 0.0, first,
-                                                  nesterov, has_guard))
+                                                  nesterov, has_guard, guard_previous))
     _fused_step_kernel[grid](
         weight2d, grad2d, state1 if state1 is not None else weight2d, state2 if state2 is not None else weight2d,
         threshold, score, mask.view(torch.int8), perm, count, collapsed if has_guard else count,
-        ticket_counter(device), n_rows, fan_in, float(lr), float(weight_decay), float(s_a), float(s_b),
-        float(step_size), float(bc2_sqrt), float(eps), float(collapse_density) if has_guard else 0.0, **kwargs,
+        previous_density if guard_previous else score, ticket_counter(device), n_rows, fan_in, float(lr),
+        float(weight_decay), float(s_a), float(s_b), float(step_size), float(bc2_sqrt), float(eps),
+        float(collapse_density) if has_guard else 0.0, **kwargs,
     )
     return RowMask(mask, perm, count, score, collapsed.view(torch.bool) if has_guard else None)
 
 
 def _plan(weight2d: torch.Tensor, kind: str, decay: bool, has_momentum: bool, first: bool, nesterov: bool,
-          has_guard: bool) -> tuple[tuple, dict]:
+          has_guard: bool, guard_previous: bool) -> tuple[tuple, dict]:
     n_rows, fan_in = weight2d.shape
     compact_block = min(_COMPACT_BLOCK, next_power_of_2(n_rows)) if gpu_tiles() else 64
     return (cdiv(n_rows, _SCORE_BLOCK_N),), dict(
         KIND=KINDS[kind], HAS_DECAY=decay, HAS_MOMENTUM=has_momentum, FIRST=first, NESTEROV=nesterov,
-        HAS_GUARD=has_guard, ROUND=weight2d.dtype != torch.float32, WIDE=not fits_int32(weight2d),
+        HAS_GUARD=has_guard, GUARD_PREVIOUS=guard_previous, ROUND=weight2d.dtype != torch.float32,
+        WIDE=not fits_int32(weight2d),
         BLOCK_N=_SCORE_BLOCK_N, BLOCK_K=min(_SCORE_BLOCK_K, next_power_of_2(fan_in)),
         COMPACT_BLOCK=max(compact_block, 16), num_warps=4,
     )

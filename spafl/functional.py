@@ -121,9 +121,10 @@ def _guarded_row_mask(
         return _host_row_mask(weight, threshold, mask_backend == "compact", density, options.collapse_timing,
                               counter, previous_density, check_finite,
                               None if precomputed is None else precomputed[1].score)
+    # (with a guard, the kept mask must carry its decision: the fused step makes it for either timing)
     reuse = (precomputed is not None and precomputed[0] == mask_backend
              and (not with_perm or precomputed[1].perm is not None)
-             and (density is None or options.collapse_timing == "current"))
+             and (density is None or precomputed[1].collapsed is not None))
     if check_finite:  # a pass over the weight of its own: only where the check was asked for
         check_finite_values(threshold, precomputed[1].score if reuse else reference.row_scores(weight))
     if reuse:

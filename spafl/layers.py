@@ -126,22 +126,27 @@ class _ThresholdMixin:
         """Keep ``row_mask`` (computed by ``mask_backend`` from the current weight and thresholds,
         with the training options' guard density) for the next forward, which uses it while the
         weight and the thresholds stay as they are now (their version counters and storage)."""
-        self.__dict__["_next_mask"] = (self._mask_key(self._options.collapse_density), (mask_backend, row_mask))
+        self.__dict__["_next_mask"] = (self._mask_key(self._options), (mask_backend, row_mask))
 
     def forget_next_mask(self) -> None:
         """Drop the kept mask: the next forward scores the weight itself."""
         self.__dict__.pop("_next_mask", None)
 
-    def _mask_key(self, density) -> tuple:
+    def _mask_key(self, options: ThresholdOptions) -> tuple:
         w, tau = self.weight, self.threshold
-        return (id(w), w._version, w.data_ptr(), id(tau), tau._version, tau.data_ptr(), density)
+        key = (id(w), w._version, w.data_ptr(), id(tau), tau._version, tau.data_ptr(), options.collapse_density)
+        if options.collapse_density is not None and options.collapse_timing == "previous":
+            # (that guard tests the density stored by the last guarded forward)
+            prev = self.previous_density
+            key += (id(prev), prev._version, prev.data_ptr())
+        return key
 
     def _kept_mask(self, options: ThresholdOptions):
         """The kept ``(mask backend, RowMask)`` if still current for a forward with ``options``."""
         kept = self.__dict__.get("_next_mask")
         if kept is None:
             return None
-        if kept[0] != self._mask_key(options.collapse_density):
+        if kept[0] != self._mask_key(options):
             del self.__dict__["_next_mask"]
             return None
         return kept[1]

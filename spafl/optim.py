@@ -90,8 +90,6 @@ class FusedStep:
         options = layer.options
         if not layer.training or route(options.backend, p, None, getattr(layer, "groups", 1)).mask != "triton":
             return False
-        if options.collapse_density is not None and options.collapse_timing != "current":
-            return False
         grad = p.grad
         if grad.is_sparse or grad.dtype != p.dtype or not p.is_contiguous() or not grad.is_contiguous():
             return False
@@ -132,6 +130,14 @@ def _prepare_plain(layer) -> None:
     layer.keep_next_mask(where.mask, _row_mask(weight, threshold, where.mask, density, where.with_perm))
 
 
+def _guard(layer) -> dict:
+    """The fused kernel's guard arguments for the layer's training forward."""
+    options = layer.options
+    previous = options.collapse_density is not None and options.collapse_timing == "previous"
+    return {"collapse_density": options.collapse_density,
+            "previous_density": layer.previous_density if previous else None}
+
+
 def _as2d(t: torch.Tensor) -> torch.Tensor:
     return t.view(t.shape[0], -1)
 
@@ -153,7 +159,7 @@ class SGD(FusedStep, torch.optim.SGD):
             _as2d(p), _as2d(p.grad), layer.threshold.detach(), kind="sgd", lr=float(group["lr"]),
             weight_decay=group["weight_decay"], state1=None if buf is None else _as2d(buf), momentum=momentum,
             dampening=group["dampening"], nesterov=group["nesterov"], first=first,
-            collapse_density=layer.options.collapse_density,
+            **_guard(layer),
         )
         if first:
             state["momentum_buffer"] = buf
@@ -186,7 +192,7 @@ class _AdamFused(FusedStep):
             _as2d(p), _as2d(p.grad), layer.threshold.detach(), kind=kind, lr=float(group["lr"]),
             weight_decay=group["weight_decay"], state1=_as2d(state["exp_avg"]), state2=_as2d(state["exp_avg_sq"]),
             betas=(float(beta1), float(beta2)), eps=group["eps"], step=step,
-            collapse_density=layer.options.collapse_density,
+            **_guard(layer),
         )
 
 

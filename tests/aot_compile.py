@@ -157,6 +157,9 @@ def optim_case(dtype: torch.dtype, n: int, k: int):
         for kind in ("adam", "adamw"):
             fused_step(w, g, tau, kind=kind, lr=1e-3, weight_decay=1e-2, state1=s1, state2=s2, step=3,
                        collapse_density=0.01)
+        # collapse_timing="previous": the guard reads the layer's stored density
+        fused_step(w, g, tau, kind="sgd", lr=0.1, state1=s1, momentum=0.9, collapse_density=0.01,
+                   previous_density=torch.ones(()))
     return run
 
 
@@ -347,8 +350,8 @@ def _label(launch: Launch) -> str:
     short = launch.kernel.__name__.removeprefix("_threshold_").removeprefix("_").removesuffix("_kernel")
     flags = [f"{k}={v}" for k, v in launch.kwargs.items()
              if k in ("MODE", "COMPACT_W", "HAS_BIAS", "KH", "BLOCK_M", "BLOCK_N", "BLOCK_P", "BLOCK_C",
-                      "DOT_PRECISION", "WIDE", "KIND", "FIRST", "HAS_MOMENTUM", "NESTEROV", "HAS_GUARD", "num_warps",
-                      "num_stages")]
+                      "DOT_PRECISION", "WIDE", "KIND", "FIRST", "HAS_MOMENTUM", "NESTEROV", "HAS_GUARD",
+                      "GUARD_PREVIOUS", "num_warps", "num_stages")]
     return f"{short}[{','.join(flags)}]"
 
 
