@@ -238,6 +238,9 @@ def test_fused_kernel_matches_torch_optim(dtype, name, fused, plain, kw):
             rm = fused_step(w2, g, tau, kind=name, lr=kw["lr"], weight_decay=kw["weight_decay"], state1=s1,
                             state2=s2, eps=1e-3, step=step)
         torch.testing.assert_close(w2.float(), p.detach().float(), rtol=ulp, atol=ulp)
+        if fused is so.SGD and dtype == torch.float32 and not torch.cuda.is_available():
+            # torch's CPU add(alpha=) is a fused multiply-add, and so is the kernel's: same bits
+            assert torch.equal(w2, p.detach()) and torch.equal(s1, opt.state[p]["momentum_buffer"])
         # The mask, scores and active list are those of the row-mask kernel on the updated weight.
         from spafl.kernels import threshold_row_mask
 
