@@ -146,10 +146,16 @@ class _ThresholdMixin:
         kept = self.__dict__.get("_next_mask")
         if kept is None:
             return None
-        if kept[0] != self._mask_key(options):
-            del self.__dict__["_next_mask"]
+        # (kept on a mismatch: an eval-mode forward, whose options differ, leaves it current)
+        return kept[1] if kept[0] == self._mask_key(options) else None
+
+    def _eager_kept_mask(self, options: ThresholdOptions):
+        """A forward's registration with the fused optimizers and its kept mask (none while
+        ``torch.compile`` traces: the compiled graph builds its own mask)."""
+        if torch.compiler.is_compiling():
             return None
-        return kept[1]
+        self._register_owner()
+        return self._kept_mask(options)
 
     def _register_owner(self) -> None:
         # (a forward registers the layer, so that a fused optimizer finds it from its weight)
@@ -350,10 +356,9 @@ class ThresholdLinear(_ThresholdMixin, nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not _threads._warned and self.training and not torch.compiler.is_compiling():
             _threads.warn_once_about_threads(x.device)
-        self._register_owner()
         options = self.forward_options
         return linear_call(x, self.weight, self.threshold, self.bias, options, self.collapse_resets,
-                           self.previous_density, self._kept_mask(options))
+                           self.previous_density, self._eager_kept_mask(options))
 
     @classmethod
     def from_dense(cls, linear: nn.Linear, *, copy: bool = True, **kwargs) -> ThresholdLinear:
@@ -483,10 +488,9 @@ class ThresholdConv2d(_ThresholdMixin, nn.Module):
             padding = 0
         # (cached: the settings are attributes a caller may change, as on nn.Conv2d)
         geometry = cached_geometry(self.kernel_size, self.stride, padding, self.dilation, self.groups)
-        self._register_owner()
         options = self.forward_options
         return conv2d_call(x, self.weight, self.threshold, self.bias, geometry, options,
-                           self.collapse_resets, self.previous_density, self._kept_mask(options))
+                           self.collapse_resets, self.previous_density, self._eager_kept_mask(options))
 
     @classmethod
     def from_dense(cls, conv: nn.Conv2d, *, copy: bool = True, **kwargs) -> ThresholdConv2d:

@@ -139,8 +139,8 @@ def test_edits_invalidate_the_kept_mask(edit):
     expected = reference.threshold_linear_forward(x, layer.weight, reference.row_mask(layer.weight,
                                                                                        layer.threshold).mask,
                                                   layer.bias)
+    assert layer._kept_mask(layer.forward_options) is None
     torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-6)
-    assert "_next_mask" not in layer.__dict__
 
 
 def test_threshold_gradient_and_plain_torch_optim_unchanged():
@@ -327,3 +327,25 @@ def test_triton_collapse_guard_in_the_fused_step(timing):
     torch.testing.assert_close(a.weight, b.weight, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(a.threshold, b.threshold, rtol=1e-5, atol=1e-6)
     assert torch.equal(a.mask, b.mask)
+
+
+def test_eval_forward_and_copies_leave_the_kept_mask_current(monkeypatch):
+    torch.manual_seed(0)
+    layer = _layer("linear")
+    opt = so.SGD(layer.parameters(), lr=0.05)
+    gen = torch.Generator().manual_seed(8)
+    _train_step(layer, opt, _input("linear", gen))
+    x = _input("linear", gen)
+    clone = copy.deepcopy(layer)  # a copy's tensors are new: it scores its weight itself
+    assert clone._kept_mask(clone.forward_options) is None
+    torch.testing.assert_close(clone(x), layer(x))
+    scored = []
+    real_scores = reference.row_scores
+    monkeypatch.setattr(reference, "row_scores", lambda w: scored.append(w) or real_scores(w))
+    layer.eval()
+    with torch.no_grad():
+        layer(x)  # (no guard in eval mode: another key, the layer scores itself)
+    assert len(scored) == 1
+    layer.train()
+    layer(x)
+    assert len(scored) == 1  # the training forward still takes the step's scores
