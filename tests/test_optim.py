@@ -203,6 +203,13 @@ triton_only = pytest.mark.skipif(not interpreter_enabled() and not torch.cuda.is
                                  reason="needs TRITON_INTERPRET=1 or CUDA")
 
 
+def _exact_fma() -> bool:
+    # Triton 3.9's interpreter gives tl.fma torch's CPU bits here; 3.6's does not (measured).
+    import triton
+
+    return tuple(int(v) for v in triton.__version__.split(".")[:2]) >= (3, 9)
+
+
 def _device():
     return "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -238,7 +245,7 @@ def test_fused_kernel_matches_torch_optim(dtype, name, fused, plain, kw):
             rm = fused_step(w2, g, tau, kind=name, lr=kw["lr"], weight_decay=kw["weight_decay"], state1=s1,
                             state2=s2, eps=1e-3, step=step)
         torch.testing.assert_close(w2.float(), p.detach().float(), rtol=ulp, atol=ulp)
-        if fused is so.SGD and dtype == torch.float32 and not torch.cuda.is_available():
+        if fused is so.SGD and dtype == torch.float32 and not torch.cuda.is_available() and _exact_fma():
             # torch's CPU add(alpha=) is a fused multiply-add, and so is the kernel's: same bits
             assert torch.equal(w2, p.detach()) and torch.equal(s1, opt.state[p]["momentum_buffer"])
         # The mask, scores and active list are those of the row-mask kernel on the updated weight.
