@@ -31,7 +31,7 @@ from ._config import cached_plan, cdiv, gpu_tiles, launch_settings, next_power_o
 @triton.jit
 def _compact_rows(
     score_ptr, mask_ptr, perm_ptr, count_ptr, collapsed_ptr, N, collapse_density,
-    HAS_GUARD: tl.constexpr, BLOCK: tl.constexpr,
+    HAS_GUARD: tl.constexpr, BLOCK: tl.constexpr, previous_ptr=None, GUARD_PREVIOUS: tl.constexpr = False,
 ):
     # One program: a deterministic prefix sum over the mask without inter-program sync. The
     # loads bypass L1 (".cg"): the masks were written by other programs of the same launch.
@@ -45,7 +45,11 @@ def _compact_rows(
     if HAS_GUARD:
         # Collapse guard: the caller resets tau to 0 when this fires; the mask it implies,
         # score > 0, is rebuilt here from the stored scores instead of re-reading W.
-        collapsed = total.to(tl.float32) <= collapse_density * N
+        if GUARD_PREVIOUS:
+            # collapse_timing="previous": the density stored by the last guarded forward
+            collapsed = tl.load(previous_ptr).to(tl.float32) <= collapse_density
+        else:
+            collapsed = total.to(tl.float32) <= collapse_density * N
         tl.store(collapsed_ptr, collapsed.to(tl.int8))
         if collapsed:
             total = tl.sum(tl.zeros([BLOCK], dtype=tl.int32), axis=0)

@@ -55,6 +55,7 @@ def _guarded_row_mask(
     counter: torch.Tensor | None,
     previous_density: torch.Tensor | None,
     check_finite: bool = False,
+    precomputed: tuple[str, RowMask] | None = None,
 ) -> RowMask:
     """The forward's row mask, after the collapse guard of ``options`` (if any) has run: the one
     guard of every path (eager, the ``spafl::row_mask`` operator, the chains).
@@ -68,14 +69,30 @@ def _guarded_row_mask(
     for CPU tensors on the plain-PyTorch backends, where the host decides (same results, and a
     forward where the guard does not fire pays no no-op writes). ``check_finite``: reject NaN /
     inf thresholds and weights first (nothing is modified then).
+
+    ``precomputed``: ``(mask backend, RowMask)`` that a fused optimizer step (:mod:`spafl.optim`)
+    built from these very weights and thresholds with this guard density; the caller has checked
+    that they are unchanged since. On the host path only its scores are read; elsewhere it is the
+    mask (the guard's "current" test included) when it comes from this mask backend.
     """
     density = options.collapse_density
     on_host = mask_backend != "triton" and not with_perm and weight.device.type == "cpu"
     if on_host:
         return _host_row_mask(weight, threshold, mask_backend == "compact", density, options.collapse_timing,
-                              counter, previous_density, check_finite)
+                              counter, previous_density, check_finite,
+                              None if precomputed is None else precomputed[1].score)
+    # (with a guard, the kept mask must carry its decision: the fused step makes it for either timing)
+    reuse = (precomputed is not None and precomputed[0] == mask_backend
+             and (not with_perm or precomputed[1].perm is not None)
+             and (density is None or precomputed[1].collapsed is not None))
     if check_finite:  # a pass over the weight of its own: only where the check was asked for
-        check_finite_values(threshold, reference.row_scores(weight))
+        check_finite_values(threshold, precomputed[1].score if reuse else reference.row_scores(weight))
+    if reuse:
+        row_mask = precomputed[1]
+        if density is not None:
+            _reset(threshold, row_mask.collapsed, counter)
+            _store_density(previous_density, row_mask)
+        return row_mask
     if density is None:
         return _row_mask(weight, threshold, mask_backend, None, with_perm)
     previous = options.collapse_timing == "previous"
@@ -88,24 +105,33 @@ def _guarded_row_mask(
     else:
         row_mask = _row_mask(weight, threshold, mask_backend, density, with_perm)
         _reset(threshold, row_mask.collapsed, counter)
-    if previous_density is not None:
-        n = row_mask.mask.shape[0]
-        if previous_density.dtype == torch.float32:  # the fp32 quotient written in place: one operation
-            torch.div(row_mask.count, n, out=previous_density.view(1))
-        else:
-            previous_density.copy_(row_mask.count.reshape(()) / n)  # (fp32, as the host)
+    _store_density(previous_density, row_mask)
     return row_mask
 
 
-def _host_row_mask(weight, threshold, want_units: bool, density, timing, counter, previous_density, check_finite):
+def _store_density(previous_density: torch.Tensor | None, row_mask: RowMask) -> None:
+    """This forward's density into ``previous_density`` (when kept), on the device."""
+    if previous_density is None:
+        return
+    n = row_mask.mask.shape[0]
+    if previous_density.dtype == torch.float32:  # the fp32 quotient written in place: one operation
+        torch.div(row_mask.count, n, out=previous_density.view(1))
+    else:
+        previous_density.copy_(row_mask.count.reshape(()) / n)  # (fp32, as the host)
+
+
+def _host_row_mask(weight, threshold, want_units: bool, density, timing, counter, previous_density, check_finite,
+                   score=None):
     """:func:`_guarded_row_mask` for CPU tensors on the plain-PyTorch backends, deciding on the
     host (a synchronisation is free there) with as few operations as a small layer allows: the
     comparisons are the device path's, in its dtypes (``s > tau`` as ``s - tau > 0``, the same
     for IEEE floats, whose difference is 0 only when they are equal; one finite sum of it tells
     that both are finite). ``RowMask.perm``, ``count``, ``score`` and ``collapsed`` stay None
     (nothing downstream reads them); ``units`` holds the active rows for the compacting backend
-    (``want_units``)."""
-    score = reference.row_scores(weight)
+    (``want_units``). ``score``: the row scores of ``weight`` when already known (a fused
+    optimizer step computed them)."""
+    if score is None:
+        score = reference.row_scores(weight)
     tau = threshold.detach()
     if tau.dtype != score.dtype:
         tau = tau.to(score.dtype)

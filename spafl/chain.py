@@ -180,8 +180,9 @@ def layer(module: ThresholdLinear | ThresholdConv2d, x: torch.Tensor | Compact, 
     tau = threshold.detach()
     if _check_finite(options, threshold):
         check_finite_values(tau)  # (the weights' scores are checked when the layer is called by itself)
+    module._register_owner()  # (a fused optimizer's step scores the weight for the next call)
     row_mask = _guarded_row_mask(weight, threshold, "compact", False, options, module.collapse_resets,
-                                 module.previous_density)
+                                 module.previous_density, precomputed=module._kept_mask(options))
     impl = _Compact(x_index, compact_output, in_chain=True)
     if conv:
         y = _run(ThresholdConv2dFunction, values, weight, threshold, bias, row_mask, geometry, impl, options)

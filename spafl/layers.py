@@ -32,16 +32,29 @@ see :class:`ThresholdLinear`.
 from __future__ import annotations
 
 import math
+import weakref
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.weak import WeakIdKeyDictionary
 
 from . import _threads
 from ._checks import check_positive_int, check_threshold_values
 from ._conv import cached_geometry, conv_geometry
 from ._options import ThresholdOptions
 from .functional import conv2d_call, linear_call, threshold_row_mask
+
+# weight Parameter -> weakref of the threshold layer that last ran a forward with it: how a fused
+# optimizer (spafl.optim), which only sees parameters, finds the layer whose next mask it builds.
+# (keyed by identity: tensors compare elementwise)
+_WEIGHT_OWNERS = WeakIdKeyDictionary()
+
+
+def weight_owner(weight: torch.Tensor):
+    """The threshold layer whose forward last ran with ``weight`` (None if none is alive)."""
+    ref = _WEIGHT_OWNERS.get(weight)
+    return None if ref is None else ref()
 
 
 def _guard_buffers(device) -> dict[str, torch.Tensor]:
@@ -108,6 +121,62 @@ class _ThresholdMixin:
         """The options of the next forward: :attr:`options`, without the guard in eval mode
         unless ``collapse_in_eval``."""
         return self._options if self.training else self._eval_options
+
+    def keep_next_mask(self, mask_backend: str, row_mask) -> None:
+        """Keep ``row_mask`` (computed by ``mask_backend`` from the current weight and thresholds,
+        with the training options' guard density) for the next forward, which uses it while the
+        weight and the thresholds stay as they are now (their version counters and storage)."""
+        self.__dict__["_next_mask"] = (self._mask_key(self._options), (mask_backend, row_mask))
+
+    def forget_next_mask(self) -> None:
+        """Drop the kept mask: the next forward scores the weight itself."""
+        self.__dict__.pop("_next_mask", None)
+
+    def _mask_key(self, options: ThresholdOptions) -> tuple:
+        w, tau = self.weight, self.threshold
+        key = (id(w), w._version, w.data_ptr(), id(tau), tau._version, tau.data_ptr(), options.collapse_density)
+        if options.collapse_density is not None and options.collapse_timing == "previous":
+            # (that guard tests the density stored by the last guarded forward)
+            prev = self.previous_density
+            key += (id(prev), prev._version, prev.data_ptr())
+        return key
+
+    def _kept_mask(self, options: ThresholdOptions):
+        """The kept ``(mask backend, RowMask)`` if still current for a forward with ``options``."""
+        kept = self.__dict__.get("_next_mask")
+        if kept is None:
+            return None
+        # (kept on a mismatch: an eval-mode forward, whose options differ, leaves it current)
+        return kept[1] if kept[0] == self._mask_key(options) else None
+
+    def _eager_kept_mask(self, options: ThresholdOptions):
+        """A forward's registration with the fused optimizers and its kept mask (none while
+        ``torch.compile`` traces: the compiled graph builds its own mask)."""
+        if torch.compiler.is_compiling():
+            return None
+        self._register_owner()
+        return self._kept_mask(options)
+
+    def _register_owner(self) -> None:
+        # (a forward registers the layer, so that a fused optimizer finds it from its weight; the
+        # weak reference to the weight registered last spares the dictionary's lookup, which costs
+        # microseconds a call)
+        weight = self.weight
+        registered = self.__dict__.get("_registered_weight")
+        if registered is not None and registered() is weight:
+            return
+        ref = _WEIGHT_OWNERS.get(weight)
+        if ref is None or ref() is not self:
+            _WEIGHT_OWNERS[weight] = weakref.ref(self)
+        self.__dict__["_registered_weight"] = weakref.ref(weight)
+
+    def __getstate__(self):
+        # (a kept mask is a cache tied to this process's tensors, and a weak reference cannot be
+        # pickled: neither is saved)
+        state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__.copy()
+        if "_next_mask" in state or "_registered_weight" in state:
+            state = {k: v for k, v in state.items() if k not in ("_next_mask", "_registered_weight")}
+        return state
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
@@ -293,8 +362,9 @@ class ThresholdLinear(_ThresholdMixin, nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not _threads._warned and self.training and not torch.compiler.is_compiling():
             _threads.warn_once_about_threads(x.device)
-        return linear_call(x, self.weight, self.threshold, self.bias, self.forward_options, self.collapse_resets,
-                           self.previous_density)
+        options = self.forward_options
+        return linear_call(x, self.weight, self.threshold, self.bias, options, self.collapse_resets,
+                           self.previous_density, self._eager_kept_mask(options))
 
     @classmethod
     def from_dense(cls, linear: nn.Linear, *, copy: bool = True, **kwargs) -> ThresholdLinear:
@@ -424,8 +494,9 @@ class ThresholdConv2d(_ThresholdMixin, nn.Module):
             padding = 0
         # (cached: the settings are attributes a caller may change, as on nn.Conv2d)
         geometry = cached_geometry(self.kernel_size, self.stride, padding, self.dilation, self.groups)
-        return conv2d_call(x, self.weight, self.threshold, self.bias, geometry, self.forward_options,
-                           self.collapse_resets, self.previous_density)
+        options = self.forward_options
+        return conv2d_call(x, self.weight, self.threshold, self.bias, geometry, options,
+                           self.collapse_resets, self.previous_density, self._eager_kept_mask(options))
 
     @classmethod
     def from_dense(cls, conv: nn.Conv2d, *, copy: bool = True, **kwargs) -> ThresholdConv2d:

@@ -51,6 +51,9 @@ from spafl.kernels import _config  # noqa: E402
 MAIN_KERNELS = ("_threshold_linear_fwd_kernel", "_threshold_linear_bwd_dx_kernel", "_threshold_linear_bwd_dw_kernel",
                 "_threshold_conv2d_fwd_kernel", "_threshold_conv2d_bwd_dx_kernel", "_threshold_conv2d_bwd_dw_kernel")
 
+# Kernels that must compile without local-memory spills (--check).
+SPILL_CHECKED = (*MAIN_KERNELS, "_fused_step_kernel")
+
 
 @dataclass
 class Launch:
@@ -140,6 +143,26 @@ def conv_case(dtype: torch.dtype, batch: int, cin: int, cout: int, size: int, ke
     return run
 
 
+def optim_case(dtype: torch.dtype, n: int, k: int):
+    """The fused optimizer step (kernels/threshold_optim.py): every update kind, guard on and off."""
+    def run():
+        from spafl.kernels.threshold_optim import fused_step
+
+        w, g, tau = torch.randn(n, k, dtype=dtype), torch.randn(n, k, dtype=dtype), torch.zeros(n)
+        s1, s2 = torch.zeros_like(w), torch.zeros_like(w)
+        fused_step(w, g, tau, kind="sgd", lr=0.1)
+        fused_step(w, g, tau, kind="sgd", lr=0.1, weight_decay=1e-4, state1=s1, momentum=0.9, nesterov=True,
+                   collapse_density=0.01)
+        fused_step(w, g, tau, kind="sgd", lr=0.1, state1=s1, momentum=0.9, first=True)
+        for kind in ("adam", "adamw"):
+            fused_step(w, g, tau, kind=kind, lr=1e-3, weight_decay=1e-2, state1=s1, state2=s2, step=3,
+                       collapse_density=0.01)
+        # collapse_timing="previous": the guard reads the layer's stored density
+        fused_step(w, g, tau, kind="sgd", lr=0.1, state1=s1, momentum=0.9, collapse_density=0.01,
+                   previous_density=torch.ones(()))
+    return run
+
+
 @contextlib.contextmanager
 def wide_offsets():
     """Within this block every launcher takes its int64-offset variant (``WIDE=True``), as for
@@ -149,7 +172,7 @@ def wide_offsets():
     from spafl.kernels import _config
 
     modules = [importlib.import_module(f"spafl.kernels.{name}")
-               for name in ("threshold_linear", "threshold_conv2d", "threshold_mask")]
+               for name in ("threshold_linear", "threshold_conv2d", "threshold_mask", "threshold_optim")]
     saved = [m.fits_int32 for m in modules]
     for m in modules:
         m.fits_int32 = lambda *tensors, margin=1024: False
@@ -183,6 +206,10 @@ BF16, FP16, FP32 = torch.bfloat16, torch.float16, torch.float32
 # with ``fits_int32`` answering no), "tuned" every candidate configuration of the autotuner
 # (``SPAFL_AUTOTUNE=1``) instead of the fixed one.
 CASES = [
+    ("optim-fp32", optim_case(FP32, 512, 1024), None, ()),
+    ("optim-bf16-ragged", optim_case(BF16, 1531, 769), None, ()),
+    ("optim-fp16", optim_case(FP16, 512, 1024), None, ()),
+    ("optim-bf16-wide", optim_case(BF16, 512, 1024), None, ("wide",)),
     ("linear-bf16", linear_case(BF16, 256, 512, 1024), None, ()),
     ("linear-bf16-ragged", linear_case(BF16, 1000, 1531, 769), None, ()),
     ("linear-fp16", linear_case(FP16, 256, 512, 1024, modes=("skip",)), None, ()),
@@ -323,7 +350,8 @@ def _label(launch: Launch) -> str:
     short = launch.kernel.__name__.removeprefix("_threshold_").removeprefix("_").removesuffix("_kernel")
     flags = [f"{k}={v}" for k, v in launch.kwargs.items()
              if k in ("MODE", "COMPACT_W", "HAS_BIAS", "KH", "BLOCK_M", "BLOCK_N", "BLOCK_P", "BLOCK_C",
-                      "DOT_PRECISION", "WIDE", "num_warps", "num_stages")]
+                      "DOT_PRECISION", "WIDE", "KIND", "FIRST", "HAS_MOMENTUM", "NESTEROV", "HAS_GUARD",
+                      "GUARD_PREVIOUS", "num_warps", "num_stages")]
     return f"{short}[{','.join(flags)}]"
 
 
@@ -400,7 +428,7 @@ def main(argv=None) -> int:
             continue
         report = result
         reports.append(report)
-        if args.check and report.kernel in MAIN_KERNELS and report.spills:
+        if args.check and report.kernel in SPILL_CHECKED and report.spills:
             failures += 1
             print(f"FAIL {name}: spills ({report.local_instructions} LDL/STL, stack {report.stack} B)", flush=True)
         else:

@@ -50,13 +50,13 @@ def _model(kind, **layer_kwargs):
     return model, x
 
 
-def _train_both(model, x, steps=3, backend="aot_eager", **compile_kwargs):
+def _train_both(model, x, steps=3, backend="aot_eager", optimizer=torch.optim.SGD, **compile_kwargs):
     """Train an eager copy and the compiled model side by side; compare outputs, the input's and
     every parameter's gradient, and the parameters and buffers after each step."""
     eager = copy.deepcopy(model)
     compiled = torch.compile(model, fullgraph=True, backend=backend, **compile_kwargs)
     runs = [(eager, eager), (model, compiled)]
-    optimizers = [torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9) for m, _ in runs]
+    optimizers = [optimizer(m.parameters(), lr=0.05, momentum=0.9) for m, _ in runs]
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         for step in range(steps):
@@ -94,6 +94,18 @@ def test_compiled_model_trains_like_eager(kind, mode, skip_zero_inputs):
     assert any(flagged) == skip_zero_inputs
     _train_both(model, x)  # buffers compared there too
     assert list(spafl.threshold_layers(model))[-1].collapse_resets.item() == 1  # the guard ran inside the graph
+
+
+@pytest.mark.parametrize("timing", ["current", "previous"])
+def test_fused_optimizer_eager_and_compiled(timing):
+    # spafl.optim.SGD: the eager layers take the step's masks, the compiled graph builds its own
+    # (no graph break); both train alike, the collapse guard included.
+    import spafl.optim
+
+    model, x = _model("lenet5", backward_mode="skip", collapse_timing=timing)
+    eager, _ = _train_both(model, x, optimizer=spafl.optim.SGD)
+    assert all("_next_mask" in layer.__dict__ for layer in spafl.threshold_layers(eager))
+    assert list(spafl.threshold_layers(model))[-1].collapse_resets.item() >= 1
 
 
 def test_compiled_model_with_the_previous_guard_timing_and_new_batch_sizes():

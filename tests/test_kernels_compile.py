@@ -95,3 +95,13 @@ def test_int64_variants_and_every_autotune_candidate_compile(aot):
     assert {r["kernel"] for r in tuned if "num_stages=4" in r["name"]} == set(MAIN_KERNELS)
     assert {r["kernel"] for r in tuned if "num_warps=4" in r["name"]} == set(MAIN_KERNELS) - {
         "_threshold_conv2d_bwd_dw_kernel"}
+
+
+def test_fused_optimizer_step_compiles_without_spills(aot):
+    # kernels/threshold_optim.py: SGD (momentum, Nesterov, first step), Adam and AdamW, guard on
+    # and off, 16-bit and fp32, aligned and ragged, int32 and int64 offsets.
+    proc, reports = aot
+    fused = [r for r in reports.values() if r["kernel"] == "_fused_step_kernel"]
+    assert len(fused) >= 16, proc.stdout + proc.stderr
+    assert any("WIDE=True" in r["name"] for r in fused)
+    assert not [r["name"] for r in fused if r["local_instructions"]]

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..convert import named_threshold_layers, threshold_penalty
+from ..optim import SGD
 from .config import FedConfig
 from .data import ClientData, crop_flip
 
@@ -84,9 +85,11 @@ def sgd(model: nn.Module, config: FedConfig, round_index: int,
     """The round's SGD optimiser at :func:`learning_rate`, with ``momentum`` (``{parameter
     name: buffer}`` saved after the client's previous round, see :func:`client_state`) loaded
     into it: an optimiser kept for the client's whole life, whose learning rate follows the
-    schedule, steps exactly as this one does."""
-    opt = torch.optim.SGD(model.parameters(), lr=learning_rate(config, round_index), momentum=config.momentum,
-                          weight_decay=config.weight_decay)
+    schedule, steps exactly as this one does. It is :class:`spafl.optim.SGD`: ``torch.optim``'s
+    arithmetic, and the threshold layers' next row masks built in the step (one pass over each
+    weight per step on CUDA; on the CPU the same scores, computed in the step instead of the forward)."""
+    opt = SGD(model.parameters(), lr=learning_rate(config, round_index), momentum=config.momentum,
+              weight_decay=config.weight_decay)
     if momentum:
         params = dict(model.named_parameters())
         unknown = sorted(set(momentum) - set(params))

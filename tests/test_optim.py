@@ -1,0 +1,358 @@
+"""The fused optimizers (spafl.optim): torch.optim's updates, and the next forward's row mask.
+
+CPU path: bit-identical to torch.optim driving the same layer, and within fp32 rounding of
+torch.optim driving the reference layer. Triton path (the interpreter, small odd shapes): the
+fused kernel against torch.optim for fp32 / bf16 / fp16, all-pruned and all-active layers.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import spafl.optim as so
+from spafl import ThresholdConv2d, ThresholdLinear, reference
+from spafl._checks import interpreter_enabled
+
+OPTIMIZERS = [
+    ("sgd", so.SGD, torch.optim.SGD, dict(lr=0.05, momentum=0.9, weight_decay=1e-3)),
+    ("nesterov", so.SGD, torch.optim.SGD, dict(lr=0.05, momentum=0.9, weight_decay=1e-3, nesterov=True)),
+    ("dampened", so.SGD, torch.optim.SGD, dict(lr=0.05, momentum=0.8, dampening=0.3)),
+    ("plain-sgd", so.SGD, torch.optim.SGD, dict(lr=0.1)),
+    ("adam", so.Adam, torch.optim.Adam, dict(lr=1e-2, weight_decay=1e-3)),
+    ("adamw", so.AdamW, torch.optim.AdamW, dict(lr=1e-2, weight_decay=1e-2)),
+]
+
+
+def _layer(kind: str, **kw):
+    if kind == "linear":
+        layer = ThresholdLinear(23, 37, **kw)
+    else:
+        layer = ThresholdConv2d(5, 19, 3, padding=1, **kw)
+    with torch.no_grad():
+        # Thresholds around the scores: a part of the units pruned, and moving as training goes.
+        layer.threshold.copy_(reference.row_scores(layer.weight).to(layer.threshold.dtype)
+                              * torch.linspace(0.6, 1.3, layer.threshold.shape[0]))
+    return layer
+
+
+def _input(kind: str, gen, dtype=torch.float32):
+    shape = (9, 23) if kind == "linear" else (3, 5, 7, 6)
+    return torch.randn(shape, generator=gen).to(dtype)
+
+
+def _train_step(layer, opt, x):
+    opt.zero_grad()
+    y = layer(x).float()
+    # The penalty of SpaFL's objective: every threshold gets a gradient, pruned units' too.
+    loss = y.square().mean() + 1e-2 * torch.exp(-layer.threshold.float()).sum()
+    loss.backward()
+    opt.step()
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+@pytest.mark.parametrize("mode", ["exact", "skip"])
+@pytest.mark.parametrize("name,fused,plain,kw", OPTIMIZERS, ids=[o[0] for o in OPTIMIZERS])
+def test_cpu_matches_torch_optim(kind, mode, name, fused, plain, kw, monkeypatch):
+    torch.manual_seed(0)
+    a = _layer(kind, backward_mode=mode)
+    b = copy.deepcopy(a)
+    ref = copy.deepcopy(a)
+    ref.backend = "reference"
+    oa, ob, oref = fused(a.parameters(), **kw), plain(b.parameters(), **kw), plain(ref.parameters(), **kw)
+    gen = torch.Generator().manual_seed(1)
+    scored = []
+    real_scores = reference.row_scores
+    monkeypatch.setattr(reference, "row_scores", lambda w: scored.append(w) or real_scores(w))
+    densities = set()
+    for i in range(25):
+        x = _input(kind, gen)
+        scored.clear()
+        _train_step(a, oa, x)
+        # After the first step, the forward takes the step's scores: one scoring pass a step.
+        assert len(scored) == (2 if i == 0 else 1), (i, len(scored))
+        scored.clear()
+        _train_step(b, ob, x)
+        assert len(scored) >= 1  # (plain torch.optim: the layer scores rows itself)
+        _train_step(ref, oref, x)
+        densities.add(round(a.density, 4))
+    # Same arithmetic as torch.optim on the same backend: bit-identical.
+    for pa, pb in zip(a.parameters(), b.parameters(), strict=True):
+        assert torch.equal(pa, pb)
+    for pa, pb in zip(oa.state.values(), ob.state.values(), strict=True):
+        for key in pa:
+            assert torch.equal(torch.as_tensor(pa[key]), torch.as_tensor(pb[key])), key
+    # Against the reference layer: within fp32 rounding (the compact backend sums differently).
+    torch.testing.assert_close(a.weight, ref.weight, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(a.threshold, ref.threshold, rtol=1e-4, atol=1e-5)
+    assert torch.equal(a.mask, ref.mask)
+    assert len(densities) > 1 or 0 < min(densities) < 1, densities  # units were pruned on the way
+
+
+def test_state_dict_round_trip_with_torch_optim():
+    torch.manual_seed(0)
+    layer = _layer("linear")
+    twin = copy.deepcopy(layer)
+    opt = so.SGD(layer.parameters(), lr=0.05, momentum=0.9)
+    gen = torch.Generator().manual_seed(3)
+    for _ in range(3):
+        _train_step(layer, opt, _input("linear", gen))
+    # The state loads into torch.optim.SGD and back (same keys), and training continues the same.
+    plain = torch.optim.SGD(twin.parameters(), lr=0.05, momentum=0.9)
+    twin.load_state_dict(layer.state_dict())
+    # (deep copies: load_state_dict keeps the given buffers, which two optimizers would then share)
+    plain.load_state_dict(copy.deepcopy(opt.state_dict()))
+    again = so.SGD(layer.parameters(), lr=0.05, momentum=0.9)
+    again.load_state_dict(copy.deepcopy(plain.state_dict()))
+    for _ in range(3):
+        x = _input("linear", gen)
+        _train_step(layer, again, x)
+        _train_step(twin, plain, x)
+    assert torch.equal(layer.weight, twin.weight)
+    assert torch.equal(layer.threshold, twin.threshold)
+
+
+@pytest.mark.parametrize("edit", ["copy_weight", "load_state_dict", "edit_threshold", "mul_weight", "replace"])
+def test_edits_invalidate_the_kept_mask(edit):
+    torch.manual_seed(0)
+    layer = _layer("linear", collapse_density=None)
+    opt = so.SGD(layer.parameters(), lr=0.05)
+    gen = torch.Generator().manual_seed(2)
+    _train_step(layer, opt, _input("linear", gen))
+    assert "_next_mask" in layer.__dict__
+    with torch.no_grad():
+        if edit == "copy_weight":
+            layer.weight.copy_(torch.randn_like(layer.weight))
+        elif edit == "load_state_dict":
+            state = {k: v.clone() for k, v in layer.state_dict().items()}
+            state["weight"] = torch.randn_like(layer.weight)
+            layer.load_state_dict(state)
+        elif edit == "edit_threshold":
+            layer.threshold[::2] += 0.05
+        elif edit == "mul_weight":
+            layer.weight[::3] *= 0.1
+        else:
+            layer.weight = torch.nn.Parameter(torch.randn_like(layer.weight))
+    x = _input("linear", gen)
+    expected = reference.threshold_linear_forward(x, layer.weight, reference.row_mask(layer.weight,
+                                                                                       layer.threshold).mask,
+                                                  layer.bias)
+    assert layer._kept_mask(layer.forward_options) is None
+    torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_threshold_gradient_and_plain_torch_optim_unchanged():
+    torch.manual_seed(0)
+    layer = _layer("linear", backward_mode="exact", collapse_density=None)
+    opt = so.SGD(layer.parameters(), lr=0.05)
+    gen = torch.Generator().manual_seed(4)
+    _train_step(layer, opt, _input("linear", gen))
+    x = _input("linear", gen)
+    twin = copy.deepcopy(layer)
+    twin.forget_next_mask()
+    for m in (layer, twin):
+        m.zero_grad()
+        m(x).square().sum().backward()
+    assert layer.threshold.grad is not None and layer.threshold.grad.abs().sum() > 0
+    for pa, pb in zip(layer.parameters(), twin.parameters(), strict=True):
+        assert torch.equal(pa.grad, pb.grad)
+
+
+def test_collapse_guard_with_kept_mask():
+    # The guard fires in the forward that uses the step's mask: thresholds reset, counter up.
+    torch.manual_seed(0)
+    layer = _layer("linear", collapse_density=0.5)
+    twin = copy.deepcopy(layer)
+    oa, ob = so.SGD(layer.parameters(), lr=0.05), torch.optim.SGD(twin.parameters(), lr=0.05)
+    gen = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for m in (layer, twin):
+            m.threshold.fill_(0.0)
+    for step in range(4):
+        x = _input("linear", gen)
+        _train_step(layer, oa, x)
+        _train_step(twin, ob, x)
+        with torch.no_grad():  # push most units under their thresholds for the next forward
+            for m in (layer, twin):
+                if step == 1:
+                    m.threshold.add_(1.0)
+    assert int(layer.collapse_resets) == int(twin.collapse_resets) >= 1
+    assert torch.equal(layer.weight, twin.weight)
+    assert torch.equal(layer.threshold, twin.threshold)
+
+
+def test_unsupported_groups_fall_back_to_torch_optim():
+    torch.manual_seed(0)
+    layer = _layer("linear")
+    twin = copy.deepcopy(layer)
+    kw = dict(lr=1e-2, amsgrad=True)
+    oa, ob = so.Adam(layer.parameters(), **kw), torch.optim.Adam(twin.parameters(), **kw)
+    gen = torch.Generator().manual_seed(6)
+    for _ in range(4):
+        x = _input("linear", gen)
+        _train_step(layer, oa, x)
+        _train_step(twin, ob, x)
+    assert torch.equal(layer.weight, twin.weight)
+
+
+# ----------------------------------------------------------------------------- Triton path
+
+triton_only = pytest.mark.skipif(not interpreter_enabled() and not torch.cuda.is_available(),
+                                 reason="needs TRITON_INTERPRET=1 or CUDA")
+
+
+def _exact_fma() -> bool:
+    # Triton 3.9's interpreter gives tl.fma torch's CPU bits here; 3.6's does not (measured).
+    import triton
+
+    return tuple(int(v) for v in triton.__version__.split(".")[:2]) >= (3, 9)
+
+
+def _device():
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@triton_only
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("name,fused,plain,kw", [OPTIMIZERS[1], OPTIMIZERS[2], OPTIMIZERS[4], OPTIMIZERS[5]],
+                         ids=["nesterov", "dampened", "adam", "adamw"])
+def test_fused_kernel_matches_torch_optim(dtype, name, fused, plain, kw):
+    from spafl.kernels.threshold_optim import fused_step
+
+    torch.manual_seed(0)
+    dev = _device()
+    n, k = 37, 45
+    w = (torch.randn(n, k) * 0.1).to(dev, dtype)
+    tau = torch.full((n,), 0.08, device=dev)
+    p = w.clone().requires_grad_()
+    opt = plain([p], **kw, **({"eps": 1e-3} if name.startswith("adam") else {}))
+    w2 = w.clone()
+    s1 = torch.zeros_like(w)
+    s2 = torch.zeros_like(w)
+    ulp = {torch.float32: 1e-6, torch.bfloat16: 1e-2, torch.float16: 1e-3}[dtype]
+    for step in range(1, 4):
+        g = (torch.randn(n, k) * 0.1).to(dev, dtype)
+        g[::4] = 0  # rows with no gradient still move (momentum, decay)
+        p.grad = g.clone()
+        opt.step()
+        if fused is so.SGD:
+            rm = fused_step(w2, g, tau, kind="sgd", lr=kw["lr"], weight_decay=kw.get("weight_decay", 0.0), state1=s1,
+                            momentum=kw["momentum"], dampening=kw.get("dampening", 0.0),
+                            nesterov=kw.get("nesterov", False), first=step == 1)
+        else:
+            rm = fused_step(w2, g, tau, kind=name, lr=kw["lr"], weight_decay=kw["weight_decay"], state1=s1,
+                            state2=s2, eps=1e-3, step=step)
+        torch.testing.assert_close(w2.float(), p.detach().float(), rtol=ulp, atol=ulp)
+        if fused is so.SGD and dtype == torch.float32 and not torch.cuda.is_available() and _exact_fma():
+            # torch's CPU add(alpha=) is a fused multiply-add, and so is the kernel's: same bits
+            assert torch.equal(w2, p.detach()) and torch.equal(s1, opt.state[p]["momentum_buffer"])
+        # The mask, scores and active list are those of the row-mask kernel on the updated weight.
+        from spafl.kernels import threshold_row_mask
+
+        expected = threshold_row_mask(w2, tau)
+        assert torch.equal(rm.score, expected.score)
+        assert torch.equal(rm.mask, expected.mask)
+        assert torch.equal(rm.perm, expected.perm) and torch.equal(rm.count, expected.count)
+
+
+@triton_only
+@pytest.mark.parametrize("level", ["all-pruned", "all-active"])
+def test_fused_kernel_extremes_and_guard(level):
+    from spafl.kernels import threshold_row_mask
+    from spafl.kernels.threshold_optim import fused_step
+
+    torch.manual_seed(0)
+    dev = _device()
+    w = torch.randn(70, 33, device=dev)
+    g = torch.randn(70, 33, device=dev)
+    tau = torch.full((70,), 10.0 if level == "all-pruned" else -1.0, device=dev)
+    for guard in (None, 0.05):
+        w2 = w.clone()
+        rm = fused_step(w2, g, tau, kind="sgd", lr=0.1, collapse_density=guard)
+        expected = threshold_row_mask(w2, tau, collapse_density=guard)
+        for a, b in zip(rm, expected, strict=True):
+            assert (a is None and b is None) or torch.equal(a, b)
+        torch.testing.assert_close(w2, w - 0.1 * g)
+        if level == "all-active" or guard is None:
+            assert int(rm.count) == (70 if level == "all-active" else 0)
+        else:
+            assert bool(rm.collapsed) and int(rm.count) == 70
+
+
+@triton_only
+@pytest.mark.parametrize("kind,mode,which", [
+    ("linear", "exact", 1), ("linear", "skip", 1), ("linear", "exact", 4), ("linear", "skip", 4),
+    ("conv", "exact", 1), ("conv", "skip", 4),  # (the interpreter's convolutions are slow: two of four)
+], ids=lambda v: OPTIMIZERS[v][0] if isinstance(v, int) else v)
+def test_triton_training_loop(kind, mode, which):
+    name, fused, plain, kw = OPTIMIZERS[which]
+    torch.manual_seed(0)
+    a = _layer(kind, backend="triton", backward_mode=mode, device=_device())
+    b = copy.deepcopy(a)
+    ref = copy.deepcopy(a)
+    ref.backend = "reference"
+    oa, ob, oref = fused(a.parameters(), **kw), plain(b.parameters(), **kw), plain(ref.parameters(), **kw)
+    gen = torch.Generator().manual_seed(1)
+    steps = 6 if kind == "linear" else 4
+    for _ in range(steps):
+        x = _input(kind, gen).to(_device())
+        if kind == "conv":
+            x = x[:2]
+        for layer, opt in ((a, oa), (b, ob), (ref, oref)):
+            _train_step(layer, opt, x)
+    assert oa.fused_launches == steps
+    for other in (b, ref):
+        torch.testing.assert_close(a.weight, other.weight, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(a.threshold, other.threshold, rtol=1e-4, atol=1e-5)
+        assert torch.equal(a.mask, other.mask)
+
+
+@triton_only
+@pytest.mark.parametrize("timing", ["current", "previous"])
+def test_triton_collapse_guard_in_the_fused_step(timing):
+    # The fused kernel makes the guard's decision for the next forward (either timing); that
+    # forward resets the thresholds and stores its density as the row-mask kernel's path does.
+    torch.manual_seed(0)
+    a = _layer("linear", backend="triton", collapse_density=0.3, collapse_timing=timing, device=_device())
+    b = copy.deepcopy(a)
+    oa, ob = so.SGD(a.parameters(), lr=0.05, momentum=0.9), torch.optim.SGD(b.parameters(), lr=0.05, momentum=0.9)
+    gen = torch.Generator().manual_seed(7)
+    for step in range(5):
+        x = _input("linear", gen).to(_device())
+        for layer, opt in ((a, oa), (b, ob)):
+            _train_step(layer, opt, x)
+            if step == 1:
+                with torch.no_grad():  # most units under their thresholds: the guard must fire
+                    layer.threshold.add_(1.0)
+                if layer is a:  # (an in-place edit: the kept mask is dropped, as the next forward shows)
+                    assert a._kept_mask(a.forward_options) is None
+    assert oa.fused_launches == 5
+    assert int(a.collapse_resets) == int(b.collapse_resets) >= 1
+    assert torch.equal(a.previous_density, b.previous_density)
+    torch.testing.assert_close(a.weight, b.weight, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(a.threshold, b.threshold, rtol=1e-5, atol=1e-6)
+    assert torch.equal(a.mask, b.mask)
+
+
+def test_eval_forward_and_copies_leave_the_kept_mask_current(monkeypatch):
+    torch.manual_seed(0)
+    layer = _layer("linear")
+    opt = so.SGD(layer.parameters(), lr=0.05)
+    gen = torch.Generator().manual_seed(8)
+    _train_step(layer, opt, _input("linear", gen))
+    x = _input("linear", gen)
+    clone = copy.deepcopy(layer)  # a copy's tensors are new: it scores its weight itself
+    assert clone._kept_mask(clone.forward_options) is None
+    torch.testing.assert_close(clone(x), layer(x))
+    scored = []
+    real_scores = reference.row_scores
+    monkeypatch.setattr(reference, "row_scores", lambda w: scored.append(w) or real_scores(w))
+    layer.eval()
+    with torch.no_grad():
+        layer(x)  # (no guard in eval mode: another key, the layer scores itself)
+    assert len(scored) == 1
+    layer.train()
+    layer(x)
+    assert len(scored) == 1  # the training forward still takes the step's scores
