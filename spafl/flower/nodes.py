@@ -63,6 +63,8 @@ class NodeExchange:
                 log.warning("round %d: node %d (partition %s) did not reply to the %s message within %.0f s; the "
                             "round goes on without it", round_index + 1, node, partition.get(node, "?"), kind,
                             timeout)
+                self._exclude_silent(node, partition.get(node), f"did not reply to the {kind} message of round "
+                                     f"{round_index + 1} within {timeout:.0f} s")
         for reply in replies:
             p = partition.get(reply.metadata.src_node_id)
             if p is None and not reply.has_error() and METRICS in reply.content.metric_records:
@@ -121,6 +123,15 @@ class NodeExchange:
         if self.excluded.get(node, ("",))[0] != reason:
             log.warning("node %d excluded from sampling: %s", node, reason)
         self.excluded[node] = (reason, partition)
+
+    def _exclude_silent(self, node: int, partition: int | None, reason: str) -> None:
+        """Exclude a node that let a round's message time out, for the rest of the run: sampled
+        again, it would cost every later round that samples it the whole round timeout. Its
+        partition is free for another node (a SuperNode restarted for it has a new node id and
+        is queried as any new node)."""
+        if partition is not None and self.nodes.get(partition) == node:
+            del self.nodes[partition]
+        self._exclude(node, reason, None)
 
     def _register(self, reply: Message) -> None:
         """Record the partition a query's reply claims, or exclude its node (see :meth:`discover`)."""
