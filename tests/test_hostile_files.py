@@ -218,7 +218,7 @@ def test_a_gzip_bomb_stops_at_the_size_its_header_declares(tmp_path):
     import gzip
     import struct
 
-    from spafl.federated.data import read_fashion_mnist
+    from spafl.federated.datafiles import read_fashion_mnist
 
     raw, _ = _fmnist_files(tmp_path)
     header = struct.pack(">i", 2051) + struct.pack(">3i", 7, 28, 28)
@@ -237,7 +237,7 @@ def test_a_gzip_bomb_stops_at_the_size_its_header_declares(tmp_path):
 def test_a_bad_test_split_header_is_named_not_a_model_traceback(tmp_path):
     import numpy as np
 
-    from spafl.federated.data import read_fashion_mnist
+    from spafl.federated.datafiles import read_fashion_mnist
 
     rng = np.random.default_rng(1)
     images = rng.integers(0, 256, (3, 28, 28))

@@ -17,7 +17,8 @@ and the methods it is compared with.
     runfolder                              the only reader and writer of run files: history, checkpoints
                                            (kept, checked, fallback), Flower's server and client files
     compare                                several methods x seeds, and the Table-2-style summary
-    data                                   dataset readers, the Dirichlet split, device tensors
+    data                                   a dataset in memory, the Dirichlet split, device tensors
+    datafiles                              dataset readers (Fashion-MNIST, CIFAR, digits), --download
     models                                 LeNet-5, Conv4, ViT, ResNet-18 and the digits CNN
     plots                                  accuracy / density curves and mask maps (matplotlib)
 """
@@ -28,6 +29,7 @@ from . import (
     build,
     compare,
     data,
+    datafiles,
     engine,
     history,
     keys,
@@ -55,6 +57,7 @@ __all__ = [
     "build",
     "compare",
     "data",
+    "datafiles",
     "engine",
     "history",
     "keys",
