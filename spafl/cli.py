@@ -87,7 +87,8 @@ def _demo(args: argparse.Namespace, policy) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
-    from .federated.cli import add_federated_commands, add_thread_flags
+    from .federated.cli import add_federated_commands
+    from .federated.flags import add_thread_flags
 
     parser = argparse.ArgumentParser(prog="spafl", description="SpaFL's command line: federated runs (train, compare), "
                                      "presets, plots and a demo; also python -m spafl.")
@@ -120,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--{name.replace('_', '-')} must be positive")
     if args.lr <= 0 or args.th_coeff < 0:
         parser.error("--lr must be positive and --th-coeff non-negative")
-    from .federated.cli import thread_policy
+    from .federated.flags import thread_policy
 
     policy = thread_policy(args, parser)
     try:

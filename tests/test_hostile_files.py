@@ -9,6 +9,7 @@ import resource
 import signal
 import subprocess
 import sys
+import tempfile
 
 import pytest
 import torch
@@ -145,7 +146,7 @@ def test_atomic_write_permission_error_names_the_file(tmp_path, monkeypatch):
     def denied(*a, **k):
         raise PermissionError(13, "Permission denied")
 
-    monkeypatch.setattr(runfolder.tempfile, "mkstemp", denied)
+    monkeypatch.setattr(tempfile, "mkstemp", denied)
     with pytest.raises(OSError, match=f"cannot write {target}: Permission denied"):
         runfolder.atomic_write(target, lambda f: f.write(b"new"))
     assert target.read_text() == "old"

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import math
 import warnings
 from collections.abc import Iterable
@@ -18,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from . import runfolder
 from .config import METHODS, FedConfig
 from .progress import OverallEta
 from .runfolder import CHECKPOINT, PREVIOUS
@@ -80,12 +80,21 @@ def run_comparison(config: FedConfig, methods: Iterable[str], seeds: Iterable[in
 
 
 def load_run(folder: Path) -> dict:
-    meta = json.loads((Path(folder) / "history.json").read_text())
-    summary = dict(meta["summary"])
-    summary.setdefault("method", meta["config"].get("method", "spafl"))
-    summary["seed"] = meta["config"]["seed"]
+    """A finished run's summary, settings and history, from its ``history.json``
+    (:func:`runfolder.read_history`); ``FileNotFoundError`` or :class:`runfolder.RunFolderError`
+    naming the file."""
+    file = Path(folder) / "history.json"
+    meta = runfolder.read_history(folder)
+    if meta is None:
+        raise FileNotFoundError(f"no history.json in {folder}")
+    try:
+        summary = dict(meta["summary"])
+        summary.setdefault("method", meta["config"].get("method", "spafl"))
+        summary["seed"] = meta["config"]["seed"]
+    except (KeyError, TypeError, ValueError) as e:
+        raise runfolder.RunFolderError(f"{file} is not a finished run's history (no {e})") from e
     summary["config"] = meta["config"]
-    summary["environment"] = meta["environment"]
+    summary["environment"] = meta.get("environment", {})
     summary["history"] = meta["history"]
     summary["folder"] = str(folder)
     return summary
