@@ -59,12 +59,14 @@ class NodeExchange:
         replies = list(grid.send_and_receive(messages, timeout=timeout)) if messages else []
         if kind != MessageType.QUERY and timeout is not None:  # the query names its own (discover)
             silent = {m.metadata.dst_node_id for m in messages} - {r.metadata.src_node_id for r in replies}
+            connected = set(grid.get_node_ids()) if silent else set()
             for node in sorted(silent):
                 log.warning("round %d: node %d (partition %s) did not reply to the %s message within %.0f s; the "
                             "round goes on without it", round_index + 1, node, partition.get(node, "?"), kind,
                             timeout)
-                self._exclude_silent(node, partition.get(node), f"did not reply to the {kind} message of round "
-                                     f"{round_index + 1} within {timeout:.0f} s")
+                if node in connected:  # a node that left is reported gone by the next discovery
+                    self._exclude_silent(node, partition.get(node), f"did not reply to the {kind} message of "
+                                         f"round {round_index + 1} within {timeout:.0f} s")
         for reply in replies:
             p = partition.get(reply.metadata.src_node_id)
             if p is None and not reply.has_error() and METRICS in reply.content.metric_records:
