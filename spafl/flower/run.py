@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -41,6 +42,16 @@ def local_ports() -> tuple[str, str]:
 
 def flwr_home() -> Path:
     return Path(os.environ["FLWR_HOME"]) if os.environ.get("FLWR_HOME") else Path.home() / ".flwr"
+
+
+def flower_env() -> dict:
+    """The environment for Flower's commands: Flower's quiet switches (unless set), and, when
+    ``flwr`` is not on PATH (an environment used without activating it), this interpreter's
+    scripts folder first on PATH (the SuperLink starts the simulation's commands by name too)."""
+    env = {**QUIET_ENV, **os.environ}
+    if shutil.which("flwr", path=env.get("PATH")) is None:
+        env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    return env
 
 
 def superlink_answers(port: str, timeout: float = 0.5) -> bool:
@@ -73,7 +84,7 @@ class LocalSuperLink:
     def start(self, timeout: float = STARTUP_TIMEOUT_S) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
         try:
-            self.process = subprocess.Popen(self.command, env={**os.environ, **QUIET_ENV},
+            self.process = subprocess.Popen(self.command, env=flower_env(),
                                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                             start_new_session=True)
         except OSError as e:
@@ -135,7 +146,7 @@ def flower_run(flwr_args: list[str], log=print) -> int:
     if "--stream" not in flwr_args:  # without it flwr run returns at once, and the run would be stopped
         flwr_args = [*flwr_args, "--stream"]
     port, control_port = local_ports()
-    env = {**os.environ, **QUIET_ENV}
+    env = flower_env()
     link = None
     if superlink_answers(port):
         log(f"spafl flower run: a SuperLink already answers on 127.0.0.1:{port}; not started here, so it is used and "
@@ -148,8 +159,12 @@ def flower_run(flwr_args: list[str], log=print) -> int:
             log(f"spafl flower run: {e}")
             return 1
     try:
-        process = subprocess.Popen(["flwr", "run", *flwr_args], env=env, stdout=subprocess.PIPE,
-                                   stderr=subprocess.STDOUT, text=True, bufsize=1)
+        try:
+            process = subprocess.Popen(["flwr", "run", *flwr_args], env=env, stdout=subprocess.PIPE,
+                                       stderr=subprocess.STDOUT, text=True, bufsize=1)
+        except OSError as e:
+            log(f'spafl flower run: cannot start flwr ({e}); is Flower installed (pip install -e ".[flower]")?')
+            return 1
         run_id = None
         for line in process.stdout:  # passed on as it comes, the run id noted
             sys.stdout.write(line)
