@@ -68,7 +68,8 @@ from _common import (
 
 from spafl import densify, named_threshold_layers, threshold_for_density, threshold_penalty
 from spafl.federated import Simulator, build_config
-from spafl.federated.data import ImageDataset, load_dataset
+from spafl.federated.data import ImageDataset
+from spafl.federated.datafiles import load_dataset
 from spafl.federated.models import build_model
 
 MODELS = {"lenet5": ((1, 28, 28), 64), "conv4": ((3, 32, 32), 16), "resnet18": ((3, 32, 32), 64),

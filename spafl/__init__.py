@@ -25,8 +25,6 @@ from ._rowmask import RowMask
 from .convert import (
     dense_state_dict,
     densify,
-    find_zero_input_layers,
-    mark_zero_input_layers,
     model_density,
     named_threshold_layers,
     sparsify,
@@ -42,6 +40,7 @@ from .functional import (
     threshold_row_mask,
 )
 from .layers import ThresholdConv2d, ThresholdLinear
+from .zero_inputs import find_zero_input_layers, mark_zero_input_layers
 
 __version__ = "0.1.0"
 

@@ -87,7 +87,8 @@ def _demo(args: argparse.Namespace, policy) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
-    from .federated.cli import add_federated_commands, add_thread_flags
+    from .federated.cli import add_federated_commands
+    from .federated.flags import add_thread_flags
 
     parser = argparse.ArgumentParser(prog="spafl", description="SpaFL's command line: federated runs (train, compare), "
                                      "presets, plots and a demo; also python -m spafl.")
@@ -107,10 +108,30 @@ def build_parser() -> argparse.ArgumentParser:
     add_thread_flags(demo, workers=False)
     demo.set_defaults(func=_demo)
     add_federated_commands(sub)
+    flower = sub.add_parser("flower", help="run the Flower app on a local SuperLink that is stopped afterwards",
+                            description="spafl's Flower commands (need the flower extra).")
+    flower_sub = flower.add_subparsers(dest="flower_command", required=True, metavar="COMMAND")
+    flower_run = flower_sub.add_parser(
+        "run", help="flwr run on Flower's local simulation SuperLink, started here and stopped when the run ends",
+        description="Start Flower's local simulation SuperLink (as flwr run would), run `flwr run ARGS --stream`, "
+                    "then stop the SuperLink. A SuperLink already running there is used and left running. Exits 1 "
+                    "when the SuperLink records the run as failed. Example: spafl flower run . --federation-config "
+                    "\"num-supernodes=20\" --run-config \"rounds=10\"")
+    flower_run.add_argument("flwr_args", nargs=argparse.REMAINDER, metavar="ARGS",
+                            help="flwr run's arguments: the app folder (.), then its options")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:2] == ["flower", "run"] and not {"-h", "--help"} & set(argv[2:3]):
+        # flwr run's own options pass through untouched (argparse would take them for spafl's)
+        try:
+            from .flower.run import flower_run
+        except ImportError as e:
+            print(f"spafl flower run: {e}", file=sys.stderr)
+            return 2
+        return flower_run(argv[2:])
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command != "demo":
@@ -120,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--{name.replace('_', '-')} must be positive")
     if args.lr <= 0 or args.th_coeff < 0:
         parser.error("--lr must be positive and --th-coeff non-negative")
-    from .federated.cli import thread_policy
+    from .federated.flags import thread_policy
 
     policy = thread_policy(args, parser)
     try:

@@ -260,7 +260,7 @@ def test_ctrl_c_ends_in_one_line_saying_how_to_continue(tmp_path):
 
 def test_run_header_states_the_disk_use_and_it_bounds_the_checkpoint(tmp_path, capsys):
     from spafl.federated import Simulator, build_config
-    from spafl.federated.cli import disk_estimate
+    from spafl.federated.train_command import disk_estimate
 
     args = ["train", "--rounds", "2", "--num-clients", "4", "--clients-per-round", "4", "--local-epochs", "1",
             "--optimizer-lifetime", "per-run", "--no-progress", "--no-plot", "--out", str(tmp_path / "run")]

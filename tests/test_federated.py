@@ -26,16 +26,8 @@ from spafl.federated import (
     wire,
 )
 from spafl.federated.config import PRESETS
-from spafl.federated.data import (
-    ImageDataset,
-    crop_flip,
-    dirichlet_split,
-    load_dataset,
-    read_cifar10,
-    read_cifar100,
-    read_fashion_mnist,
-    split_for_run,
-)
+from spafl.federated.data import ImageDataset, crop_flip, dirichlet_split, split_for_run
+from spafl.federated.datafiles import load_dataset, read_cifar10, read_cifar100, read_fashion_mnist
 from spafl.federated.history import TIMING_FIELDS
 from spafl.federated.methods import spafl as spafl_method
 from spafl.federated.models import build_model

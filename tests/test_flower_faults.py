@@ -356,4 +356,46 @@ def test_a_client_that_never_replies_does_not_hang_the_federation(setup, caplog)
     sampled = [p for t in range(config.rounds) for p in keys.sample_clients(config.seed, t, 4, 2)]
     assert 1 in sampled  # partition 1 (node 101) is sampled at least once in this run
     warned = [r.getMessage() for r in caplog.records if "did not reply" in r.getMessage()]
-    assert warned and all("node 101 (partition 1)" in w and "within 600 s" in w for w in warned)
+    assert warned and all("node 101" in w and "within 600 s" in w for w in warned)
+    assert "node 101 (partition 1) did not reply to the train message within 600 s" in warned[0]
+
+
+def test_a_node_that_timed_out_is_excluded_from_later_rounds(setup, caplog):
+    """Before: a node that let a round time out was sampled again, and every later round that
+    sampled it waited the whole round timeout for it. Now it is excluded for the rest of the
+    run; a SuperNode restarted for its partition (a new node id) takes the partition over."""
+    config, data, app = setup
+    config = config.replace(rounds=6)
+    cohorts = [keys.sample_clients(config.seed, t, 4, 2) for t in range(config.rounds)]
+    first = next(t for t, c in enumerate(cohorts) if 1 in c)
+    again = [t for t, c in enumerate(cohorts) if 1 in c and t > first]
+    assert again, "partition 1 must be sampled twice for this test: pick another seed"
+    sent = []
+
+    class Stalls(FakeGrid):
+        def send_and_receive(self, messages, *, timeout=None):
+            sent.extend((m.metadata.message_type, m.metadata.dst_node_id) for m in messages)
+            kept = [m for m in messages if not (m.metadata.dst_node_id == 101
+                                                and m.metadata.message_type == "train")]
+            return super().send_and_receive(kept, timeout=timeout)
+
+    restart_at = again[-1]  # a new SuperNode for partition 1 joins before the last round that samples it
+
+    def on_list(grid):
+        if len(strategy.history) == restart_at and 501 not in grid.nodes:
+            grid.nodes[501] = (app, {"partition-id": 1, "num-partitions": 4})
+
+    strategy = MethodStrategy(config, dataset=data, node_wait=1.0, rejoin_wait=1.0)
+    with caplog.at_level(logging.WARNING, logger="flwr"):
+        strategy.start(Stalls(_nodes(app, range(4)), on_list=on_list))
+    assert len(strategy.history) == config.rounds
+    assert sent.count(("train", 101)) == 1  # the round it stalled, never again
+    assert 101 in strategy.excluded and "did not reply to the train message of round" in strategy.excluded[101][0]
+    assert f"node 101 excluded from sampling: did not reply to the train message of round {first + 1} " \
+        "within 600 s" in caplog.text
+    assert strategy.history[first]["dropped"] >= 1
+    for t in again:
+        if t < restart_at:  # no node serves partition 1: dropped without asking node 101
+            assert strategy.history[t]["participants"] == 1
+    assert strategy.nodes[1] == 501 and ("train", 501) in sent
+    assert strategy.history[restart_at]["participants"] == 2

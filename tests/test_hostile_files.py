@@ -9,6 +9,7 @@ import resource
 import signal
 import subprocess
 import sys
+import tempfile
 
 import pytest
 import torch
@@ -145,7 +146,7 @@ def test_atomic_write_permission_error_names_the_file(tmp_path, monkeypatch):
     def denied(*a, **k):
         raise PermissionError(13, "Permission denied")
 
-    monkeypatch.setattr(runfolder.tempfile, "mkstemp", denied)
+    monkeypatch.setattr(tempfile, "mkstemp", denied)
     with pytest.raises(OSError, match=f"cannot write {target}: Permission denied"):
         runfolder.atomic_write(target, lambda f: f.write(b"new"))
     assert target.read_text() == "old"
@@ -218,7 +219,7 @@ def test_a_gzip_bomb_stops_at_the_size_its_header_declares(tmp_path):
     import gzip
     import struct
 
-    from spafl.federated.data import read_fashion_mnist
+    from spafl.federated.datafiles import read_fashion_mnist
 
     raw, _ = _fmnist_files(tmp_path)
     header = struct.pack(">i", 2051) + struct.pack(">3i", 7, 28, 28)
@@ -237,7 +238,7 @@ def test_a_gzip_bomb_stops_at_the_size_its_header_declares(tmp_path):
 def test_a_bad_test_split_header_is_named_not_a_model_traceback(tmp_path):
     import numpy as np
 
-    from spafl.federated.data import read_fashion_mnist
+    from spafl.federated.datafiles import read_fashion_mnist
 
     rng = np.random.default_rng(1)
     images = rng.integers(0, 256, (3, 28, 28))

@@ -16,7 +16,8 @@ import torch
 from test_federated import small_config, synthetic
 
 from spafl.federated import FedConfig, FederatedWarning, Simulator, accounting, keys, rules, wire
-from spafl.federated.data import client_data, read_cifar10, read_fashion_mnist, split_for_run
+from spafl.federated.data import client_data, split_for_run
+from spafl.federated.datafiles import read_cifar10, read_fashion_mnist
 from spafl.federated.methods import make_method, weighted_mean
 from spafl.federated.methods import spafl as spafl_method
 from spafl.federated.models import build_model

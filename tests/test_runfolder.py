@@ -9,6 +9,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -264,14 +265,14 @@ def _read_only(folder: Path, monkeypatch) -> None:
     """Make ``folder`` refuse new files: its mode, and (for root, whom the mode does not stop)
     the file creation the write check makes there."""
     folder.chmod(0o555)
-    real = runfolder.tempfile.mkstemp
+    real = tempfile.mkstemp
 
     def refuse(*args, dir=None, **kwargs):
         if dir is not None and Path(dir) == folder:
             raise PermissionError(13, "Permission denied", str(folder))
         return real(*args, dir=dir, **kwargs)
 
-    monkeypatch.setattr(runfolder.tempfile, "mkstemp", refuse)
+    monkeypatch.setattr(tempfile, "mkstemp", refuse)
 
 
 def test_a_read_only_run_folder_fails_before_any_training(tmp_path, monkeypatch, capsys):
@@ -395,6 +396,10 @@ def test_plot_redraws_a_comparison_folder(tmp_path, capsys):
     shutil.rmtree(out / "local-seed0")
     assert main(["plot", str(out)]) == 2
     assert "local-seed0 has no history.json" in capsys.readouterr().err
+    history = out / "spafl-seed0" / "history.json"  # before: a JSONDecodeError naming no file
+    history.write_bytes(history.read_bytes()[:100])
+    assert main(["plot", str(out)]) == 2
+    assert f"{history} is not readable" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["plot", str(tmp_path)])
     assert "neither a run (history.json) nor a comparison (comparison.csv)" in capsys.readouterr().err

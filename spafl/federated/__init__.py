@@ -12,14 +12,17 @@ and the methods it is compared with.
     wire                                   the payload encoding (what a transport carries)
     accounting                             FLOPs and communication as the papers count them
     build                                  device, dataset checks, initial model (the same in every process)
-    history                                a round's history row and every client's numbers
+    history                                a round's history row, every client's numbers, a run's summary
     powerprop                              SparsyFed's Powerpropagation layers, activation pruning, Top-K
     runfolder                              the only reader and writer of run files: history, checkpoints
                                            (kept, checked, fallback), Flower's server and client files
     compare                                several methods x seeds, and the Table-2-style summary
-    data                                   dataset readers, the Dirichlet split, device tensors
+    data                                   a dataset in memory, the Dirichlet split, device tensors
+    datafiles                              dataset readers (Fashion-MNIST, CIFAR, digits), --download
     models                                 LeNet-5, Conv4, ViT, ResNet-18 and the digits CNN
     plots                                  accuracy / density curves and mask maps (matplotlib)
+    progress                               a run's progress line, a comparison's time left
+    cli, flags, train_command              ``spafl train / compare / presets / plot``
 """
 
 from .._threads import ThreadPolicy
@@ -28,6 +31,7 @@ from . import (
     build,
     compare,
     data,
+    datafiles,
     engine,
     history,
     keys,
@@ -55,6 +59,7 @@ __all__ = [
     "build",
     "compare",
     "data",
+    "datafiles",
     "engine",
     "history",
     "keys",

@@ -10,16 +10,16 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import math
-import time
 import warnings
 from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
 
+from . import runfolder
 from .config import METHODS, FedConfig
+from .progress import OverallEta
 from .runfolder import CHECKPOINT, PREVIOUS
 from .runfolder import atomic_write as _atomic_write
 from .simulator import Simulator
@@ -56,7 +56,7 @@ def run_comparison(config: FedConfig, methods: Iterable[str], seeds: Iterable[in
         raise ValueError(f"methods and seeds must each be given once: {', '.join(twice)} given more than once")
     configs = [config.replace(method=m, seed=s, spectral_exponent=config.spectral_exponent and m == "sparsyfed")
                .validate() for s in seeds for m in methods]  # every method's first seed first
-    eta = _Eta(len(configs) * config.rounds)
+    eta = OverallEta(len(configs) * config.rounds)
     for k, cfg in enumerate(configs, 1):
         folder = run_folder(out, cfg.method, cfg.seed)
         if (folder / CHECKPOINT).is_file() or (folder / PREVIOUS).is_file():
@@ -79,37 +79,22 @@ def run_comparison(config: FedConfig, methods: Iterable[str], seeds: Iterable[in
     return runs
 
 
-class _Eta:
-    """The comparison's overall progress: rounds done of ``total``, and the time left at the
-    mean round time measured so far in this invocation (runs differ in cost per round, the
-    dense methods' more, so it firms up as the comparison goes)."""
-
-    def __init__(self, total: int):
-        self.total, self.done, self.run, self.start = total, 0, 0, time.perf_counter()
-
-    def skip(self, rounds: int) -> None:
-        self.done += rounds
-
-    def ran(self, rounds: int) -> None:
-        self.done += rounds
-        self.run += rounds
-
-    def describe(self) -> str:
-        elapsed = time.perf_counter() - self.start
-        left = self.total - self.done
-        text = f"{self.done} of {self.total} rounds done overall, {elapsed:.0f} s elapsed"
-        if left and self.run:
-            text += f", about {elapsed / self.run * left:.0f} s left"
-        return text
-
-
 def load_run(folder: Path) -> dict:
-    meta = json.loads((Path(folder) / "history.json").read_text())
-    summary = dict(meta["summary"])
-    summary.setdefault("method", meta["config"].get("method", "spafl"))
-    summary["seed"] = meta["config"]["seed"]
+    """A finished run's summary, settings and history, from its ``history.json``
+    (:func:`runfolder.read_history`); ``FileNotFoundError`` or :class:`runfolder.RunFolderError`
+    naming the file."""
+    file = Path(folder) / "history.json"
+    meta = runfolder.read_history(folder)
+    if meta is None:
+        raise FileNotFoundError(f"no history.json in {folder}")
+    try:
+        summary = dict(meta["summary"])
+        summary.setdefault("method", meta["config"].get("method", "spafl"))
+        summary["seed"] = meta["config"]["seed"]
+    except (KeyError, TypeError, ValueError) as e:
+        raise runfolder.RunFolderError(f"{file} is not a finished run's history (no {e})") from e
     summary["config"] = meta["config"]
-    summary["environment"] = meta["environment"]
+    summary["environment"] = meta.get("environment", {})
     summary["history"] = meta["history"]
     summary["folder"] = str(folder)
     return summary

@@ -69,6 +69,36 @@ def round_diagnostics(server, history: list[dict], row: dict, num_clients: int) 
     return out
 
 
+def summarise(history: list[dict], method: str, wall_s: float, num_thresholds: int) -> dict:
+    """A run's final and best numbers from its history rows (``best_round`` counts from 1, as the
+    history; the best round is the first with the highest mean accuracy); ``{"rounds": 0}``
+    before any round."""
+    if not history:
+        return {"rounds": 0}
+    best = max(history, key=lambda r: (r["acc_mean"], -r["round"]))
+    last = history[-1]
+    return {
+        "method": method,
+        "rounds": len(history),
+        "final_acc": last["acc_mean"],
+        "final_acc_global": last.get("acc_global", float("nan")),
+        "final_acc_std": last["acc_std"],
+        "final_density": last["density"],
+        "final_density_weighted": last["density_weighted"],
+        "best_acc": best["acc_mean"],
+        "best_round": best["round"],
+        "density_at_best": best["density"],
+        "comm_gbit_paper": last["comm_gbit_paper_total"],
+        "bytes_exchanged": last["bytes_total"],
+        "flops_per_client": last["flops_total"],
+        "final_global_sparsity": last.get("global_sparsity", float("nan")),
+        "never_sampled": last["never_sampled"],
+        "wall_s": wall_s,
+        "mean_round_s": wall_s / len(history),
+        "num_thresholds": num_thresholds,
+    }
+
+
 class ClientRecord:
     """Every client's numbers every round, as arrays ``[rounds, num_clients]`` (``clients.npz``):
     ``acc`` and ``loss`` (its latest evaluation: test accuracy in %, mean test loss; NaN without

@@ -27,8 +27,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import chain
-from ..convert import mark_zero_input_layers
 from ..layers import ThresholdConv2d, ThresholdLinear
+from ..zero_inputs import mark_zero_input_layers
 
 
 def _input_skipping(model: nn.Module, enabled: bool) -> None:

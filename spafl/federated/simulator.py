@@ -16,7 +16,6 @@ results are applied in the cohort's order, so the history is the same for any wo
 
 from __future__ import annotations
 
-import sys
 import time
 import uuid
 import warnings
@@ -33,10 +32,12 @@ from . import runfolder
 from .accounting import layer_macs
 from .build import check_dataset, initial_model, resolve_device, whole_test_set
 from .config import FedConfig, config_mismatch
-from .data import ImageDataset, client_data, load_dataset, split_digest, split_for_run
+from .data import ImageDataset, client_data, split_digest, split_for_run
+from .datafiles import load_dataset
 from .engine import ClientResult, EngineView, FederationStalled, RoundEngine, run_client
-from .history import ClientRecord
+from .history import ClientRecord, summarise
 from .methods import make_method
+from .progress import ProgressLine
 from .rules import FederatedWarning
 from .runfolder import CHECKPOINT_VERSION
 from .training import MOMENTUM_PREFIX, evaluate, model_entries, momentum_entries
@@ -268,7 +269,7 @@ class Simulator(EngineView):
         target = self.config.rounds if rounds is None else rounds
         if self.out_dir is not None and self.round < target:  # before any training
             runfolder.prepare(self.out_dir)
-        bar = _Progress(target, self.round) if self.progress else None
+        bar = ProgressLine(target, self.round) if self.progress else None
         try:
             while self.round < target:
                 row = self.run_round()
@@ -297,31 +298,8 @@ class Simulator(EngineView):
         self.write_history()
 
     def summary(self) -> dict:
-        """The run's final and best numbers (``best_round`` counts from 1, as the history)."""
-        if not self.history:
-            return {"rounds": 0}
-        best = max(self.history, key=lambda r: (r["acc_mean"], -r["round"]))
-        last = self.history[-1]
-        return {
-            "method": self.method.name,
-            "rounds": len(self.history),
-            "final_acc": last["acc_mean"],
-            "final_acc_global": last.get("acc_global", float("nan")),
-            "final_acc_std": last["acc_std"],
-            "final_density": last["density"],
-            "final_density_weighted": last["density_weighted"],
-            "best_acc": best["acc_mean"],
-            "best_round": best["round"],
-            "density_at_best": best["density"],
-            "comm_gbit_paper": last["comm_gbit_paper_total"],
-            "bytes_exchanged": last["bytes_total"],
-            "flops_per_client": last["flops_total"],
-            "final_global_sparsity": last.get("global_sparsity", float("nan")),
-            "never_sampled": last["never_sampled"],
-            "wall_s": self.totals["wall_s"],
-            "mean_round_s": self.totals["wall_s"] / len(self.history),
-            "num_thresholds": self.num_thresholds,
-        }
+        """The run's final and best numbers (:func:`.history.summarise`)."""
+        return summarise(self.history, self.method.name, self.totals["wall_s"], self.num_thresholds)
 
     # --- files ------------------------------------------------------------------------
 
@@ -430,30 +408,3 @@ class Simulator(EngineView):
         except (KeyError, TypeError, AttributeError, IndexError, RuntimeError) as e:
             raise runfolder.RunFolderError(f"{source} is a malformed checkpoint ({type(e).__name__}: {e})") from e
         return sim
-
-
-class _Progress:
-    """A one-line progress bar on stderr (a line per ~5% when stderr is not a terminal)."""
-
-    def __init__(self, total: int, done: int):
-        self.total, self.start_done = total, done
-        self.start = time.perf_counter()
-        self.tty = sys.stderr.isatty()
-        self.step = max(1, total // 20)
-
-    def update(self, row: dict) -> None:
-        done = row["round"]  # the round's number, counting from 1: the rounds done
-        elapsed = time.perf_counter() - self.start
-        rate = elapsed / max(done - self.start_done, 1)
-        filled = int(30 * done / self.total)
-        line = (f"[{'#' * filled}{'.' * (30 - filled)}] round {done}/{self.total}  acc {row['acc_mean']:.2f}%  "
-                f"density {row['density']:.3f}  {rate:.2f} s/round  eta {rate * (self.total - done):.0f} s")
-        if self.tty:
-            sys.stderr.write("\r" + line)
-            sys.stderr.flush()
-        elif done % self.step == 0 or done == self.total:
-            sys.stderr.write(line + "\n")
-
-    def close(self) -> None:
-        if self.tty:
-            sys.stderr.write("\n")

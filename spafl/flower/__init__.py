@@ -12,6 +12,8 @@ simulation engine or to real devices without changing what is computed.
                                 transport differs (nodes.py: messages and node discovery)
     simulate                    a run on Flower's simulation engine from Python
     config_from_run_config      a FedConfig from Flower's run config
+    run.flower_run              ``spafl flower run``: ``flwr run`` on a local SuperLink that is
+                                stopped afterwards
 
 What crosses the wire is the simulator's message, in the same encoding
 (:func:`spafl.federated.wire.encode`), as one byte array: for SpaFL the thresholds (and

@@ -31,7 +31,8 @@ from ..federated import runfolder
 from ..federated.accounting import layer_macs
 from ..federated.build import check_dataset, initial_model, resolve_device
 from ..federated.config import FedConfig, config_mismatch
-from ..federated.data import ImageDataset, client_data, load_dataset, split_for_run
+from ..federated.data import ImageDataset, client_data, split_for_run
+from ..federated.datafiles import load_dataset
 from ..federated.methods import GlobalState, make_method
 from ..federated.training import evaluate
 from ..federated.wire import decode, encode

@@ -59,10 +59,14 @@ class NodeExchange:
         replies = list(grid.send_and_receive(messages, timeout=timeout)) if messages else []
         if kind != MessageType.QUERY and timeout is not None:  # the query names its own (discover)
             silent = {m.metadata.dst_node_id for m in messages} - {r.metadata.src_node_id for r in replies}
+            connected = set(grid.get_node_ids()) if silent else set()
             for node in sorted(silent):
                 log.warning("round %d: node %d (partition %s) did not reply to the %s message within %.0f s; the "
                             "round goes on without it", round_index + 1, node, partition.get(node, "?"), kind,
                             timeout)
+                if node in connected:  # a node that left is reported gone by the next discovery
+                    self._exclude_silent(node, partition.get(node), f"did not reply to the {kind} message of "
+                                         f"round {round_index + 1} within {timeout:.0f} s")
         for reply in replies:
             p = partition.get(reply.metadata.src_node_id)
             if p is None and not reply.has_error() and METRICS in reply.content.metric_records:
@@ -121,6 +125,15 @@ class NodeExchange:
         if self.excluded.get(node, ("",))[0] != reason:
             log.warning("node %d excluded from sampling: %s", node, reason)
         self.excluded[node] = (reason, partition)
+
+    def _exclude_silent(self, node: int, partition: int | None, reason: str) -> None:
+        """Exclude a node that let a round's message time out, for the rest of the run: sampled
+        again, it would cost every later round that samples it the whole round timeout. Its
+        partition is free for another node (a SuperNode restarted for it has a new node id and
+        is queried as any new node)."""
+        if partition is not None and self.nodes.get(partition) == node:
+            del self.nodes[partition]
+        self._exclude(node, reason, None)
 
     def _register(self, reply: Message) -> None:
         """Record the partition a query's reply claims, or exclude its node (see :meth:`discover`)."""

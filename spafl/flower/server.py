@@ -44,7 +44,8 @@ from .._env import environment
 from ..federated import runfolder
 from ..federated.build import initial_model, resolve_device, whole_test_set
 from ..federated.config import FedConfig, config_mismatch, dataset_classes
-from ..federated.data import ImageDataset, load_dataset
+from ..federated.data import ImageDataset
+from ..federated.datafiles import load_dataset
 from ..federated.engine import ClientResult, EngineView, Round, RoundEngine
 from ..federated.keys import sample_clients
 from ..federated.methods import make_method

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from spafl.federated.data import read_fashion_mnist
+from spafl.federated.datafiles import read_fashion_mnist
 
 
 class FashionMNIST:
