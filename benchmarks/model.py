@@ -1016,7 +1016,7 @@ def main(argv=None) -> int:
     sm = sub.add_parser("summary", help="one table of the layer CSVs in a folder")
     sm.add_argument("folder")
     sm.add_argument("--device", choices=sorted(DEVICES), default="h100")
-    sm.add_argument("--op", choices=OPS, default="fwd+bwd")
+    sm.add_argument("--op", choices=(*OPS, "opt", "steady-fwd+bwd", "step"), default="fwd+bwd")
     args = p.parse_args(argv)
     from spafl._checks import interpreter_enabled
 

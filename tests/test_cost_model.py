@@ -391,3 +391,20 @@ def test_host_us_times_our_call_with_the_launches_stubbed():
     assert isinstance(us, float) and us > 0
     assert model.host_us(case, torch.bfloat16, 0.5, "dense", "fwd") == ""
     assert model.host_us(case, torch.bfloat16, 0.5, "spafl-skip", "step") == ""
+
+
+def test_a_convolution_layer_step_by_hand():
+    case = model.bench_kernels.ConvCase("t", 2, 8, 12, 9, 3, 1, 1)
+    dense = model_steps.layer_step_launches(case, torch.float32, 1.0, None, "torch-sgd")
+    assert [la.name for la in dense["fwd"]] == ["convolution"]
+    assert [la.name for la in dense["bwd"]] == ["convolution_backward.dgrad", "convolution_backward.wgrad",
+                                                "convolution_backward.bias"]
+    w, b = 4 * 12 * 8 * 9, model.tensor_bytes(torch.zeros(12))
+    assert [(la.read_bytes, la.write_bytes) for la in dense["step"]] == [(w + b, w + b), (2 * (w + b), w + b),
+                                                                         (2 * (w + b), w + b)]
+    ours = model_steps.layer_step_launches(case, torch.float32, 0.5, "skip", "torch-sgd")
+    assert [la.name for la in ours["fwd"] if la.source == "triton"] == ["_row_mask_kernel",
+                                                                        "_threshold_conv2d_fwd_kernel"]
+    # weight, thresholds and bias, each once per list
+    tau = model.tensor_bytes(torch.zeros(12))
+    assert ours["step"][0].write_bytes == w + tau + b
