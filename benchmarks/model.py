@@ -720,14 +720,25 @@ def run_steps(args) -> int:
         out.mkdir(parents=True, exist_ok=True)
     dtype = bench_kernels.DTYPES[args.dtype]
     dense_opt = ms.DENSE_OPTIMIZER[args.optimizer]
+    plans = []
     for name in args.models:
-        batch = FedConfig(**preset(ms.STEP_PRESETS[name])).batch_size
+        real = FedConfig(**preset(ms.STEP_PRESETS[name])).batch_size
+        batch = args.batch or real
+        stem = f"step-{name}{'' if batch == real else f'-b{batch}'}-{args.dtype}-{args.optimizer}"
+        paths = [out / f"{stem}-{d}{ext}" for d in args.devices for ext in (".csv", "-launches.csv", ".md")] if out \
+            else []
+        for path in paths:
+            if path.exists() and not args.force:
+                print(f"steps: {path} exists; pass --force to replace it", file=sys.stderr)
+                return 2
+        plans.append((name, real, batch, stem))
+    for name, real, batch, stem in plans:
         rows = {d: [] for d in args.devices}
         launches = {d: [] for d in args.devices}
         t0 = time.perf_counter()
         for density in args.densities:
-            ours = ms.step_launches(name, density, dtype, optimizer=args.optimizer)
-            dense = ms.step_launches(name, density, dtype, dense=True, optimizer=dense_opt)
+            ours = ms.step_launches(name, density, dtype, batch=batch, optimizer=args.optimizer)
+            dense = ms.step_launches(name, density, dtype, dense=True, batch=batch, optimizer=dense_opt)
             for d in args.devices:
                 spec = DEVICES[d]
                 for provider, opt_name, res in (("spafl", args.optimizer, ours), ("dense", dense_opt, dense)):
@@ -742,23 +753,25 @@ def run_steps(args) -> int:
                         if phase != "total":
                             launches[d] += launch_rows(lst, spec, {"device": d, "case": name, "density": density,
                                                                    "provider": provider, "op": phase})
-        print(f"# {name}: {time.perf_counter() - t0:.0f} s of interpreter", file=sys.stderr, flush=True)
-        for d in args.devices:
-            table = markdown(rows[d], ("density", "provider", "optimizer", "phase", "launches", "triton_launches",
-                                       "torch_launches", "macs", "bytes", "model_us", "dense_model_us", "vs_dense"))
-            title = f"## {name} training step, batch {batch}, {args.dtype}, {args.optimizer}, {DEVICES[d].name}"
-            print(f"\n{title}\n\n{table}", flush=True)
-            if args.breakdown:
-                print("\n" + markdown(launches[d], LAUNCH_COLUMNS[3:]), flush=True)
-            if out:
-                stem = f"step-{name}-{args.dtype}-{args.optimizer}-{d}"
-                for path in (out / f"{stem}.csv", out / f"{stem}-launches.csv", out / f"{stem}.md"):
-                    if path.exists() and not args.force:
-                        print(f"steps: {path} exists; pass --force to replace it", file=sys.stderr)
-                        return 2
-                write_csv(out / f"{stem}.csv", rows[d], STEP_COLUMNS)
-                write_csv(out / f"{stem}-launches.csv", launches[d], LAUNCH_COLUMNS)
-                (out / f"{stem}.md").write_text(f"{title}\n\n{table}\n")
+            print(f"# {name} at density {density:g}: {time.perf_counter() - t0:.0f} s of interpreter so far",
+                  file=sys.stderr, flush=True)
+            # Written after every density: a long run keeps what it has counted.
+            last = density == args.densities[-1]
+            for d in args.devices:
+                table = markdown(rows[d], ("density", "provider", "optimizer", "phase", "launches", "triton_launches",
+                                           "torch_launches", "macs", "bytes", "model_us", "dense_model_us",
+                                           "vs_dense"))
+                note = "" if batch == real else f" (not the preset's batch {real})"
+                title = f"## {name} training step, batch {batch}{note}, {args.dtype}, {args.optimizer}, " \
+                        f"{DEVICES[d].name}"
+                if last:
+                    print(f"\n{title}\n\n{table}", flush=True)
+                    if args.breakdown:
+                        print("\n" + markdown(launches[d], LAUNCH_COLUMNS[3:]), flush=True)
+                if out:
+                    write_csv(out / f"{stem}-{d}.csv", rows[d], STEP_COLUMNS)
+                    write_csv(out / f"{stem}-{d}-launches.csv", launches[d], LAUNCH_COLUMNS)
+                    (out / f"{stem}-{d}.md").write_text(f"{title}\n\n{table}\n")
     return 0
 
 
@@ -971,7 +984,15 @@ def _densities(text: str) -> tuple[float, ...]:
     return values
 
 
+def _positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"batch must be a positive integer, got {text!r}")
+    return int(text)
+
+
 def main(argv=None) -> int:
+    import model_steps
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
     common = argparse.ArgumentParser(add_help=False)
@@ -990,11 +1011,13 @@ def main(argv=None) -> int:
                           "whole; none: no step rows")
     lay.add_argument("--host", action="store_true", help="fill host_us (host time with the launches stubbed)")
     st = sub.add_parser("steps", parents=[common], help="training steps of the federated models")
-    st.add_argument("--models", nargs="+", choices=("lenet5", "conv4", "resnet18"),
+    st.add_argument("--models", nargs="+", choices=sorted(model_steps.STEP_PRESETS),
                     default=["lenet5", "conv4", "resnet18"])
     st.add_argument("--optimizer", choices=("torch-sgd", "torch-adam", "spafl-sgd", "spafl-adam"), default="torch-sgd",
                     help="the spafl network's optimizer (the dense one steps with the torch.optim of the same rule)")
     st.add_argument("--force", action="store_true", help="replace existing tables")
+    st.add_argument("--batch", type=_positive_int, default=None,
+                    help="batch size (default: the preset's; another one is named in the file names and titles)")
     st.add_argument("--dtype", choices=sorted(bench_kernels.DTYPES), default="float32")
     pr = sub.add_parser("pair", help="the model beside every measured row of benchmarks/kernels.py")
     pr.add_argument("--measured", required=True)

@@ -408,3 +408,39 @@ def test_a_convolution_layer_step_by_hand():
     # weight, thresholds and bias, each once per list
     tau = model.tensor_bytes(torch.zeros(12))
     assert ours["step"][0].write_bytes == w + tau + b
+
+
+def test_a_model_step_command_by_hand(tmp_path, capsys, monkeypatch):
+    # The quick start's digits-cnn (LeNet-5's structure on 8x8 images) stands in for LeNet-5:
+    # the same code path at a size the interpreter runs in seconds. SGD with momentum, no clipping.
+    monkeypatch.setitem(model_steps.STEP_PRESETS, "digits-cnn", "digits-cnn")
+    argv = ["steps", "--models", "digits-cnn", "--batch", "4", "--densities", "1,0.5", "--devices", "h100",
+            "--out", str(tmp_path)]
+    assert model.main(argv) == 0
+    stem = tmp_path / "step-digits-cnn-b4-float32-torch-sgd-h100"
+    with stem.with_suffix(".csv").open() as f:
+        rows = {(r["density"], r["provider"], r["phase"]): r for r in csv.DictReader(f)}
+    assert "not the preset's batch 16" in stem.with_suffix(".md").read_text()
+    with (tmp_path / "step-digits-cnn-b4-float32-torch-sgd-h100-launches.csv").open() as f:
+        launches = list(csv.DictReader(f))
+    # steady-state SGD: buf *= m, buf += g, p -= lr buf, one launch each over every parameter
+    weights = [(16, 1, 3, 3), (32, 16, 3, 3), (64, 128), (10, 64)]
+    w_bytes = sum(model.tensor_bytes(torch.zeros(s)) for s in weights)
+    tau_bytes = sum(model.tensor_bytes(torch.zeros(s[0])) for s in weights)
+    for density in ("1.0", "0.5"):
+        for provider, params in (("spafl", w_bytes + tau_bytes), ("dense", w_bytes)):
+            step = [r for r in launches if r["provider"] == provider and r["op"] == "step" and r["density"] == density]
+            assert [r["name"].split(".")[0] for r in step] == ["_foreach_mul_", "_foreach_add_", "_foreach_add_"]
+            assert int(step[0]["write_bytes"]) == params and int(step[2]["read_bytes"]) == 2 * params
+            assert rows[(density, provider, "step")]["launches"] == "3"
+        assert int(rows[(density, "spafl", "fwd")]["triton_launches"]) > 0
+        assert rows[(density, "dense", "fwd")]["triton_launches"] == "0"
+        total = rows[(density, "spafl", "total")]
+        assert float(total["model_us"]) == pytest.approx(sum(float(rows[(density, "spafl", p)]["model_us"])
+                                                             for p in ("fwd", "bwd", "step")))
+    # half the units: fewer multiply-adds in our step, the dense one unchanged
+    assert int(rows[("0.5", "spafl", "total")]["macs"]) < int(rows[("1.0", "spafl", "total")]["macs"])
+    assert rows[("0.5", "dense", "total")]["macs"] == rows[("1.0", "dense", "total")]["macs"]
+    # the tables are not replaced without --force
+    assert model.main(argv) == 2
+    assert "exists" in capsys.readouterr().err
