@@ -35,7 +35,6 @@ import os
 os.environ.setdefault("TRITON_INTERPRET", "1")  # before any kernel module is imported
 
 import argparse  # noqa: E402
-import copy  # noqa: E402
 import csv  # noqa: E402
 import math  # noqa: E402
 import sys  # noqa: E402
@@ -218,6 +217,7 @@ class Recorder:
         self.launches: list[Launch] = []
         self.phase = ""
         self.syncs = 0  # host reads of device values (.item()): no launch, but a stall on a GPU
+        self._host: set[int] = set()  # data pointers of tensors that live on the host on CUDA
         self._in_kernel = False
         self._current: Launch | None = None
         self._program_macs = 0
@@ -226,15 +226,29 @@ class Recorder:
         self._restore: list[Callable[[], None]] = []
         self._mode: _DispatchRecorder | None = None
 
+    def host_tensors(self, tensors: Iterable[torch.Tensor]) -> None:
+        """Mark tensors that a CUDA run keeps on the host (``torch.optim``'s step counters): ops
+        on them and 0-dim values launch nothing, and reading them is no synchronisation."""
+        self._host.update(t.data_ptr() for t in tensors)
+
+    def _on_host(self, tensors: list[torch.Tensor]) -> bool:
+        if not self._host:
+            return False
+        ptrs = [t.data_ptr() for t in tensors]
+        return any(p in self._host for p in ptrs) and all(
+            p in self._host or t.dim() == 0 for p, t in zip(ptrs, tensors, strict=True))
+
     # --- PyTorch ops
     def _torch_op(self, func, args, kwargs, out) -> None:
+        name = func.name().replace("aten::", "")
+        ins = _tensors(list(args) + list(kwargs.values()))
+        outs = _tensors(out)
+        if self._on_host(ins + outs):
+            return
         if func in _NO_LAUNCH or _is_view(func):
             if func is aten._local_scalar_dense.default:
                 self.syncs += 1
             return
-        name = func.name().replace("aten::", "")
-        ins = _tensors(list(args) + list(kwargs.values()))
-        outs = _tensors(out)
         if not ins and not outs:  # no device data (profiler markers and the like)
             return
         # Written: the arguments the schema marks as mutated (in-place and out= variants), and
@@ -535,93 +549,43 @@ def case_launches(case, dtype, density, modes, shortcut: bool = True) -> tuple[i
     return actives.pop(), out, f"extrapolated from rows {ms2} x features {ks2}"
 
 
-# ----------------------------------------------------------------------------- training steps
-
-STEP_PRESETS = {"lenet5": "fmnist-lenet5", "conv4": "cifar10-conv4", "resnet18": "cifar100-resnet18"}
-
-
-def _clip_like_cuda(params: list[torch.Tensor], max_norm: float) -> None:
-    """``nn.utils.clip_grad_norm_`` as it runs on CUDA tensors (the foreach path; on CPU
-    tensors PyTorch loops over the parameters instead)."""
-    grads = [p.grad for p in params if p.grad is not None]
-    norms = torch._foreach_norm(grads, 2.0)
-    total = torch.linalg.vector_norm(torch.stack(norms), 2.0)
-    coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
-    torch._foreach_mul_(grads, coef)
-
-
-def step_launches(model_name: str, density: float, dtype: torch.dtype = torch.float32,
-                  dense: bool = False, batch: int | None = None) -> dict[str, list[Launch]]:
-    """``{phase: [Launch]}`` of one local training step of a federated model at its preset's
-    batch size, every threshold layer at ``density``: ``fwd`` (model and loss, with the
-    threshold penalty), ``bwd``, ``step`` (``zero_grad``, gradient clipping where the preset
-    clips, SGD with momentum as on CUDA: the multi-tensor path). ``dense``: the same model with
-    plain ``nn.Conv2d`` / ``nn.Linear`` layers (``spafl.densify``)."""
-    import spafl
-    from spafl.federated import protocol
-    from spafl.federated.config import FedConfig, dataset_classes, model_input_shape, preset
-    from spafl.federated.models import build_model
-
-    config = FedConfig(**preset(STEP_PRESETS[model_name]))
-    _warm_state()
-    torch.manual_seed(0)
-    model = build_model(model_name, dataset_classes(config.dataset), backend="triton",
-                        backward_mode=config.backward_mode, collapse_density=config.collapse_density,
-                        collapse_timing=config.collapse_timing, check_finite=False)
-    for layer in spafl.threshold_layers(model):
-        with torch.no_grad():
-            layer.threshold.copy_(spafl.threshold_for_density(layer.weight.detach().float(), density))
-    if dense:
-        model = spafl.densify(copy.deepcopy(model))
-    model = model.to(dtype)
-    model.train()
-    b = batch or config.batch_size
-    x = torch.randn(b, *model_input_shape(model_name), dtype=dtype)
-    y = torch.randint(0, dataset_classes(config.dataset), (b,))
-    lam = protocol.penalty_coefficient(config, 0) or config.th_coeff
-    opt = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
-                          weight_decay=config.weight_decay, foreach=True)
-    params = [p for p in model.parameters()]
-
-    def forward():
-        loss = F.cross_entropy(model(x), y)
-        return loss + lam * spafl.threshold_penalty(model) if not dense else loss
-
-    def step():
-        opt.zero_grad(set_to_none=True)
-        return None
-
-    # One step first, outside the record, so that the momentum buffers exist (a steady-state step).
-    forward().backward()
-    opt.step()
-    opt.zero_grad(set_to_none=True)
-    out = {}
-    rec = Recorder()
-    with rec:
-        out["fwd"], objective = record(forward, "fwd", rec)
-        out["bwd"], _ = record(objective.backward, "bwd", rec)
-
-        def update():
-            if config.clip is not None:
-                _clip_like_cuda(params, config.clip)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-
-        out["step"], _ = record(update, "step", rec)
-    return out
-
-
 # ----------------------------------------------------------------------------- host time
 
 
-def host_time_column() -> Callable | None:
-    """The host-time measurement of ``benchmarks/host_time.py`` where that module exists
-    (``None`` otherwise: the column stays empty)."""
-    try:
-        import host_time  # noqa: F401
-    except ImportError:
-        return None
-    return getattr(host_time, "host_time", None)
+def host_us(case, dtype: torch.dtype, density: float, provider: str, op: str, **timing) -> float | str:
+    """Median host microseconds of one call of our layer (``provider`` ``spafl-<mode>``, op
+    ``fwd`` without a graph or ``fwd+bwd``) with the device's work left out:
+    ``benchmarks/host_time.py`` measures (``stubbed_launches``, ``host_time_us``; ``timing`` goes
+    to the latter); this adapts a case to it. The layer runs on the Triton path at the GPU's
+    tiles with every grid's execution stubbed: what is timed is spafl's Python, PyTorch's
+    dispatch and allocations and Triton's launch bookkeeping; the PyTorch ops between the kernels
+    still run on the CPU, so a large layer's figure includes their CPU time. "" for the dense
+    provider (its host time is PyTorch's dispatch, which nothing here can time without running
+    its arithmetic on the CPU) and for other ops."""
+    import host_time
+
+    from spafl.kernels import _config
+
+    mode = provider.removeprefix("spafl-")
+    if op not in ("fwd", "fwd+bwd") or mode not in MODES:
+        return ""
+    _warm_state()
+    bench = bench_kernels.Bench(case, dtype, torch.device("cpu"), sets=1)
+    x0, dy, w, b = bench.xs[0], bench.dys[0], bench.weight, bench.bias
+    tau = unit_thresholds(case.rows, density, w.dtype).requires_grad_()
+    fn = _layer_fn(case, x0, w, tau, b, mode)
+    params = tuple(t for t in (w, tau, b) if t is not None)
+
+    def call():
+        if op == "fwd":
+            with torch.no_grad():
+                return fn(x0)
+        x = x0.detach().requires_grad_()
+        return torch.autograd.grad(fn(x), (x, *params), dy)
+
+    with _config.production_tiles(), host_time.stubbed_launches():
+        median, _, _ = host_time.host_time_us(call, **timing)
+    return median
 
 
 # ----------------------------------------------------------------------------- output
@@ -693,7 +657,6 @@ def run_layers(args) -> int:
     out = Path(args.out) if args.out else None
     if out:
         out.mkdir(parents=True, exist_ok=True)
-    host = host_time_column()
     specs = [DEVICES[d] for d in args.devices]
     for case in cases:
         t0 = time.perf_counter()
@@ -701,8 +664,15 @@ def run_layers(args) -> int:
         launches = {d: [] for d in args.devices}
         for density in args.densities:
             # Counted once, priced on every device.
-            active, res, how = case_launches(case, bench_kernels.DTYPES[args.dtype], density, args.modes,
-                                             not args.no_shortcut)
+            dtype = bench_kernels.DTYPES[args.dtype]
+            active, res, how = case_launches(case, dtype, density, args.modes, not args.no_shortcut)
+            if args.step_optimizers and how == "executed":
+                import model_steps
+
+                res.update(model_steps.layer_step_rows(case, dtype, density, args.modes, args.step_optimizers))
+            host = {}
+            if args.host:
+                host = {key: _host(case, dtype, density, *key) for key in res if key[1] in ("fwd", "fwd+bwd")}
             for d, spec in zip(args.devices, specs, strict=True):
                 for (provider, op), lst in res.items():
                     s = summarise(lst, spec)
@@ -710,9 +680,8 @@ def run_layers(args) -> int:
                     base = {"device": d, "layer": case.layer, "case": case.name, "shape": case.shape,
                             "dtype": args.dtype, "density": density, "active": active, "provider": provider,
                             "op": op}
-                    host_us = "" if host is None else _host(host, case, args.dtype, density, provider, op)
                     rows[d].append({**base, **s, "dense_model_us": dense, "vs_dense": dense / s["model_us"],
-                                    "host_us": host_us, "counted": how})
+                                    "host_us": host.get((provider, op), ""), "counted": how})
                     launches[d] += launch_rows(lst, spec, base)
         print(f"# {case.name}: {time.perf_counter() - t0:.0f} s of interpreter", file=sys.stderr, flush=True)
         for d in args.devices:
@@ -730,39 +699,53 @@ def run_layers(args) -> int:
     return 0
 
 
-def _host(host, case, dtype, density, provider, op):
+def _host(case, dtype, density, provider, op):
     try:
-        return host(case, dtype, density, provider, op)
+        return host_us(case, dtype, density, provider, op)
     except Exception as e:  # optional column: an error leaves a note, not a crash
-        return f"error: {type(e).__name__}"
+        return f"error: {type(e).__name__}: {e}"
 
 
-STEP_COLUMNS = ("device", "model", "batch", "dtype", "density", "provider", "phase", "launches", "triton_launches",
-                "torch_launches", "macs", "bytes", "model_us", "dense_model_us", "vs_dense")
+STEP_COLUMNS = ("device", "model", "batch", "dtype", "density", "provider", "optimizer", "phase", "launches",
+                "triton_launches", "torch_launches", "macs", "bytes", "model_us", "dense_model_us", "vs_dense")
 
 
 def run_steps(args) -> int:
+    import model_steps as ms
+
+    from spafl.federated.config import FedConfig, preset
+
     out = Path(args.out) if args.out else None
     if out:
         out.mkdir(parents=True, exist_ok=True)
-    from spafl.federated.config import FedConfig, preset
-
+    dtype = bench_kernels.DTYPES[args.dtype]
+    dense_opt = ms.DENSE_OPTIMIZER[args.optimizer]
+    plans = []
     for name in args.models:
-        batch = FedConfig(**preset(STEP_PRESETS[name])).batch_size
+        real = FedConfig(**preset(ms.STEP_PRESETS[name])).batch_size
+        batch = args.batch or real
+        stem = f"step-{name}{'' if batch == real else f'-b{batch}'}-{args.dtype}-{args.optimizer}"
+        paths = [out / f"{stem}-{d}{ext}" for d in args.devices for ext in (".csv", "-launches.csv", ".md")] if out \
+            else []
+        for path in paths:
+            if path.exists() and not args.force:
+                print(f"steps: {path} exists; pass --force to replace it", file=sys.stderr)
+                return 2
+        plans.append((name, real, batch, stem))
+    for name, real, batch, stem in plans:
         rows = {d: [] for d in args.devices}
         launches = {d: [] for d in args.devices}
         t0 = time.perf_counter()
         for density in args.densities:
-            dtype = bench_kernels.DTYPES[args.dtype]
-            ours = step_launches(name, density, dtype)
-            dense = step_launches(name, density, dtype, dense=True)
+            ours = ms.step_launches(name, density, dtype, batch=batch, optimizer=args.optimizer)
+            dense = ms.step_launches(name, density, dtype, dense=True, batch=batch, optimizer=dense_opt)
             for d in args.devices:
                 spec = DEVICES[d]
-                for provider, res in (("spafl", ours), ("dense", dense)):
+                for provider, opt_name, res in (("spafl", args.optimizer, ours), ("dense", dense_opt, dense)):
                     res = {**res, "total": res["fwd"] + res["bwd"] + res["step"]}
                     for phase, lst in res.items():
                         base = {"device": d, "model": name, "batch": batch, "dtype": args.dtype, "density": density,
-                                "provider": provider, "phase": phase}
+                                "provider": provider, "optimizer": opt_name, "phase": phase}
                         s = summarise(lst, spec)
                         dense_us = total_seconds(dense[phase] if phase != "total" else
                                                  dense["fwd"] + dense["bwd"] + dense["step"], spec) * 1e6
@@ -770,19 +753,25 @@ def run_steps(args) -> int:
                         if phase != "total":
                             launches[d] += launch_rows(lst, spec, {"device": d, "case": name, "density": density,
                                                                    "provider": provider, "op": phase})
-        print(f"# {name}: {time.perf_counter() - t0:.0f} s of interpreter", file=sys.stderr, flush=True)
-        for d in args.devices:
-            table = markdown(rows[d], ("density", "provider", "phase", "launches", "triton_launches", "torch_launches",
-                                       "macs", "bytes", "model_us", "dense_model_us", "vs_dense"))
-            title = f"## {name} training step, batch {batch}, {args.dtype}, {DEVICES[d].name}"
-            print(f"\n{title}\n\n{table}", flush=True)
-            if args.breakdown:
-                print("\n" + markdown(launches[d], LAUNCH_COLUMNS[3:]), flush=True)
-            if out:
-                stem = f"step-{name}-{args.dtype}-{d}"
-                write_csv(out / f"{stem}.csv", rows[d], STEP_COLUMNS)
-                write_csv(out / f"{stem}-launches.csv", launches[d], LAUNCH_COLUMNS)
-                (out / f"{stem}.md").write_text(f"{title}\n\n{table}\n")
+            print(f"# {name} at density {density:g}: {time.perf_counter() - t0:.0f} s of interpreter so far",
+                  file=sys.stderr, flush=True)
+            # Written after every density: a long run keeps what it has counted.
+            last = density == args.densities[-1]
+            for d in args.devices:
+                table = markdown(rows[d], ("density", "provider", "optimizer", "phase", "launches", "triton_launches",
+                                           "torch_launches", "macs", "bytes", "model_us", "dense_model_us",
+                                           "vs_dense"))
+                note = "" if batch == real else f" (not the preset's batch {real})"
+                title = f"## {name} training step, batch {batch}{note}, {args.dtype}, {args.optimizer}, " \
+                        f"{DEVICES[d].name}"
+                if last:
+                    print(f"\n{title}\n\n{table}", flush=True)
+                    if args.breakdown:
+                        print("\n" + markdown(launches[d], LAUNCH_COLUMNS[3:]), flush=True)
+                if out:
+                    write_csv(out / f"{stem}-{d}.csv", rows[d], STEP_COLUMNS)
+                    write_csv(out / f"{stem}-{d}-launches.csv", launches[d], LAUNCH_COLUMNS)
+                    (out / f"{stem}-{d}.md").write_text(f"{title}\n\n{table}\n")
     return 0
 
 
@@ -995,7 +984,15 @@ def _densities(text: str) -> tuple[float, ...]:
     return values
 
 
+def _positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"batch must be a positive integer, got {text!r}")
+    return int(text)
+
+
 def main(argv=None) -> int:
+    import model_steps
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
     common = argparse.ArgumentParser(add_help=False)
@@ -1008,8 +1005,19 @@ def main(argv=None) -> int:
     lay.add_argument("--dtype", choices=sorted(bench_kernels.DTYPES), default="bfloat16")
     lay.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     lay.add_argument("--no-shortcut", action="store_true", help="execute every case whole (slow)")
+    lay.add_argument("--step-optimizers", nargs="*", default=["torch-sgd"],
+                     choices=("torch-sgd", "torch-adam", "spafl-sgd", "spafl-adam"),
+                     help="optimizers of the training-step rows (ops opt, steady-fwd+bwd, step) of cases counted "
+                          "whole; none: no step rows")
+    lay.add_argument("--host", action="store_true", help="fill host_us (host time with the launches stubbed)")
     st = sub.add_parser("steps", parents=[common], help="training steps of the federated models")
-    st.add_argument("--models", nargs="+", choices=sorted(STEP_PRESETS), default=list(STEP_PRESETS))
+    st.add_argument("--models", nargs="+", choices=sorted(model_steps.STEP_PRESETS),
+                    default=["lenet5", "conv4", "resnet18"])
+    st.add_argument("--optimizer", choices=("torch-sgd", "torch-adam", "spafl-sgd", "spafl-adam"), default="torch-sgd",
+                    help="the spafl network's optimizer (the dense one steps with the torch.optim of the same rule)")
+    st.add_argument("--force", action="store_true", help="replace existing tables")
+    st.add_argument("--batch", type=_positive_int, default=None,
+                    help="batch size (default: the preset's; another one is named in the file names and titles)")
     st.add_argument("--dtype", choices=sorted(bench_kernels.DTYPES), default="float32")
     pr = sub.add_parser("pair", help="the model beside every measured row of benchmarks/kernels.py")
     pr.add_argument("--measured", required=True)
@@ -1031,7 +1039,7 @@ def main(argv=None) -> int:
     sm = sub.add_parser("summary", help="one table of the layer CSVs in a folder")
     sm.add_argument("folder")
     sm.add_argument("--device", choices=sorted(DEVICES), default="h100")
-    sm.add_argument("--op", choices=OPS, default="fwd+bwd")
+    sm.add_argument("--op", choices=(*OPS, "opt", "steady-fwd+bwd", "step"), default="fwd+bwd")
     args = p.parse_args(argv)
     from spafl._checks import interpreter_enabled
 
@@ -1043,4 +1051,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    sys.modules.setdefault("model", sys.modules["__main__"])  # model_steps imports this module as ``model``
     sys.exit(main())

@@ -261,3 +261,186 @@ def test_pair_reads_committed_tables_and_keeps_to_its_budget(tmp_path, capsys):
     assert float(from_table["model_ms"]) == pytest.approx(0.0125) and float(from_table["measured_over_model"]) == 2
     assert over_budget["model_ms"] == "" and "budget" in over_budget["note"]
     assert "smoke-linear" in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------- training steps
+
+import model_steps  # noqa: E402  (benchmarks/model_steps.py)
+
+
+def _fp32_params(*numels):
+    params = [torch.randn(n, requires_grad=True) for n in numels]
+    for p in params:
+        p.grad = torch.ones_like(p)
+    return params
+
+
+def test_the_adam_step_is_seven_multi_tensor_launches_and_its_step_counters_stay_on_the_host():
+    params = _fp32_params(1000, 1000, 1000)
+    opt = model_steps.torch_adam(params, model_steps.Hyper(lr=1e-3))
+    opt.step()  # the moments exist from here on
+    rec = model.Recorder()
+    rec.host_tensors(model_steps.host_state(opt))
+    assert len(model_steps.host_state(opt)) == 3
+    with rec:
+        launches, _ = model.record(opt.step, "step", rec)
+    # torch.optim's _multi_tensor_adam: m.lerp_(g), v.mul_(b2), v.addcmul_(g, g), sqrt(v), /= bias
+    # correction, += eps, p.addcdiv_(m, denom); the step counters (CPU tensors on CUDA) and their
+    # .item() neither launch nor synchronise.
+    assert [la.name.split(".")[0] for la in launches] == [
+        "_foreach_lerp_", "_foreach_mul_", "_foreach_addcmul_", "_foreach_sqrt", "_foreach_div_", "_foreach_add_",
+        "_foreach_addcdiv_"]
+    assert all(la.launches == 1 for la in launches) and rec.syncs == 0
+    lerp, addcdiv = launches[0], launches[-1]
+    assert (lerp.read_bytes, lerp.write_bytes) == (6 * 4000, 3 * 4000)  # m and g read, m written
+    assert (addcdiv.read_bytes, addcdiv.write_bytes) == (9 * 4000, 3 * 4000)  # p, m, denom read; p written
+
+
+def test_without_host_state_the_adam_step_counters_would_count():
+    params = _fp32_params(1000)
+    opt = model_steps.torch_adam(params, model_steps.Hyper(lr=1e-3))
+    opt.step()
+    rec = model.Recorder()
+    with rec:
+        launches, _ = model.record(opt.step, "step", rec)
+    assert len(launches) == 8 and rec.syncs > 0  # the counter's increment and its .item()
+
+
+def test_multi_tensor_launches_split_at_the_tensor_and_chunk_limits():
+    # One tensor list (zero_ style) holds 110 tensors per launch; SGD's update (two lists) 64.
+    params = _fp32_params(*([8] * 65))
+    opt = torch.optim.SGD(params, lr=0.1, foreach=True)  # no momentum: one _foreach_add_ of two lists
+    launches, _ = model.record(opt.step, "step")
+    (update,) = launches
+    assert update.launches == 2
+    # 320 chunks of 65536 elements per launch: a tensor of 321 chunks needs two
+    big = _fp32_params(65536 * 320 + 1)
+    launches, _ = model.record(torch.optim.SGD(big, lr=0.1, foreach=True).step, "step")
+    assert launches[0].launches == 2
+
+
+def _linear_case(bias=True):
+    return model.bench_kernels.LinearCase("t", 33, 48, 40, bias=bias)
+
+
+def test_a_dense_layer_step_by_hand():
+    m, n, k = 33, 48, 40
+    out = model_steps.layer_step_launches(_linear_case(), torch.bfloat16, 1.0, None, "torch-sgd")
+    assert [la.name for la in out["fwd"]] == ["addmm"]
+    assert [la.macs for la in out["bwd"] if la.macs] == [m * n * k] * 2  # dX and dW
+    # SGD with momentum in steady state: buf *= momentum, buf += g, p -= lr * buf over W and b
+    names = [la.name.split(".")[0] for la in out["step"]]
+    assert names == ["_foreach_mul_", "_foreach_add_", "_foreach_add_"]
+    w, b = 2 * n * k, 96  # bf16 bytes: 3840 and 96, whole sectors both
+    assert (out["step"][0].read_bytes, out["step"][0].write_bytes) == (w + b, w + b)
+    assert (out["step"][2].read_bytes, out["step"][2].write_bytes) == (2 * (w + b), w + b)
+
+
+def test_a_layer_step_follows_an_optimizer_step_and_plain_torch_optim_scores_rows_itself():
+    out = model_steps.layer_step_launches(_linear_case(bias=False), torch.bfloat16, 0.5, "skip", "torch-sgd")
+    fwd = [la.name for la in out["fwd"] if la.source == "triton"]
+    assert fwd == ["_row_mask_kernel", "_threshold_linear_fwd_kernel"]
+    # the optimizer steps the weight and the thresholds: two tensors per list
+    assert [la.name.split(".")[0] for la in out["step"]] == ["_foreach_mul_", "_foreach_add_", "_foreach_add_"]
+    w = 2 * 48 * 40
+    tau = model.tensor_bytes(torch.zeros(48, dtype=torch.bfloat16))
+    assert out["step"][0].write_bytes == w + tau
+
+
+def test_layer_step_rows_pair_every_provider_with_the_dense_layer():
+    rows = model_steps.layer_step_rows(_linear_case(), torch.bfloat16, 0.1, ["skip"], ["torch-sgd"])
+    assert set(rows) == {(p, op) for p in ("dense", "spafl-skip") for op in model_steps.STEP_OPS}
+    for p in ("dense", "spafl-skip"):
+        assert rows[(p, "step")] == rows[(p, "steady-fwd+bwd")] + rows[(p, "opt")]
+    with pytest.raises(ValueError, match="do not share"):
+        model_steps.layer_step_rows(_linear_case(), torch.bfloat16, 0.1, ["skip"], ["torch-sgd", "torch-adam"])
+
+
+def test_the_fused_optimizer_hook():
+    try:
+        from spafl import optim  # noqa: F401
+    except ImportError:
+        with pytest.raises(RuntimeError, match="spafl.optim"):
+            model_steps.layer_step_launches(_linear_case(bias=False), torch.bfloat16, 0.5, "skip", "spafl-sgd")
+        return
+    out = model_steps.layer_step_launches(_linear_case(bias=False), torch.bfloat16, 0.5, "skip", "spafl-sgd")
+    # the fused step builds the next forward's row mask: the forward does not score W again
+    assert any(la.source == "triton" for la in out["step"])
+    assert "_row_mask_kernel" not in [la.name for la in out["fwd"]]
+
+
+def test_unknown_optimizer_is_refused_by_name():
+    with pytest.raises(ValueError, match="optimizer must be one of"):
+        model_steps.optimizer_factory("lion")
+
+
+def test_a_custom_factory_prices_its_own_step():
+    calls = []
+
+    def factory(params, hyper):
+        calls.append(len(params))
+        return torch.optim.SGD(params, lr=hyper.lr, foreach=True)  # no momentum: one launch
+
+    out = model_steps.layer_step_launches(_linear_case(), torch.bfloat16, 1.0, None, factory)
+    assert calls == [2] and [la.name.split(".")[0] for la in out["step"]] == ["_foreach_add_"]
+
+
+def test_host_us_times_our_call_with_the_launches_stubbed():
+    case = _linear_case()
+    us = model.host_us(case, torch.bfloat16, 0.5, "spafl-skip", "fwd", reps=3, min_sample_ms=1)
+    assert isinstance(us, float) and us > 0
+    assert model.host_us(case, torch.bfloat16, 0.5, "dense", "fwd") == ""
+    assert model.host_us(case, torch.bfloat16, 0.5, "spafl-skip", "step") == ""
+
+
+def test_a_convolution_layer_step_by_hand():
+    case = model.bench_kernels.ConvCase("t", 2, 8, 12, 9, 3, 1, 1)
+    dense = model_steps.layer_step_launches(case, torch.float32, 1.0, None, "torch-sgd")
+    assert [la.name for la in dense["fwd"]] == ["convolution"]
+    assert [la.name for la in dense["bwd"]] == ["convolution_backward.dgrad", "convolution_backward.wgrad",
+                                                "convolution_backward.bias"]
+    w, b = 4 * 12 * 8 * 9, model.tensor_bytes(torch.zeros(12))
+    assert [(la.read_bytes, la.write_bytes) for la in dense["step"]] == [(w + b, w + b), (2 * (w + b), w + b),
+                                                                         (2 * (w + b), w + b)]
+    ours = model_steps.layer_step_launches(case, torch.float32, 0.5, "skip", "torch-sgd")
+    assert [la.name for la in ours["fwd"] if la.source == "triton"] == ["_row_mask_kernel",
+                                                                        "_threshold_conv2d_fwd_kernel"]
+    # weight, thresholds and bias, each once per list
+    tau = model.tensor_bytes(torch.zeros(12))
+    assert ours["step"][0].write_bytes == w + tau + b
+
+
+def test_a_model_step_command_by_hand(tmp_path, capsys, monkeypatch):
+    # The quick start's digits-cnn (LeNet-5's structure on 8x8 images) stands in for LeNet-5:
+    # the same code path at a size the interpreter runs in seconds. SGD with momentum, no clipping.
+    monkeypatch.setitem(model_steps.STEP_PRESETS, "digits-cnn", "digits-cnn")
+    argv = ["steps", "--models", "digits-cnn", "--batch", "4", "--densities", "1,0.5", "--devices", "h100",
+            "--out", str(tmp_path)]
+    assert model.main(argv) == 0
+    stem = tmp_path / "step-digits-cnn-b4-float32-torch-sgd-h100"
+    with stem.with_suffix(".csv").open() as f:
+        rows = {(r["density"], r["provider"], r["phase"]): r for r in csv.DictReader(f)}
+    assert "not the preset's batch 16" in stem.with_suffix(".md").read_text()
+    with (tmp_path / "step-digits-cnn-b4-float32-torch-sgd-h100-launches.csv").open() as f:
+        launches = list(csv.DictReader(f))
+    # steady-state SGD: buf *= m, buf += g, p -= lr buf, one launch each over every parameter
+    weights = [(16, 1, 3, 3), (32, 16, 3, 3), (64, 128), (10, 64)]
+    w_bytes = sum(model.tensor_bytes(torch.zeros(s)) for s in weights)
+    tau_bytes = sum(model.tensor_bytes(torch.zeros(s[0])) for s in weights)
+    for density in ("1.0", "0.5"):
+        for provider, params in (("spafl", w_bytes + tau_bytes), ("dense", w_bytes)):
+            step = [r for r in launches if r["provider"] == provider and r["op"] == "step" and r["density"] == density]
+            assert [r["name"].split(".")[0] for r in step] == ["_foreach_mul_", "_foreach_add_", "_foreach_add_"]
+            assert int(step[0]["write_bytes"]) == params and int(step[2]["read_bytes"]) == 2 * params
+            assert rows[(density, provider, "step")]["launches"] == "3"
+        assert int(rows[(density, "spafl", "fwd")]["triton_launches"]) > 0
+        assert rows[(density, "dense", "fwd")]["triton_launches"] == "0"
+        total = rows[(density, "spafl", "total")]
+        assert float(total["model_us"]) == pytest.approx(sum(float(rows[(density, "spafl", p)]["model_us"])
+                                                             for p in ("fwd", "bwd", "step")))
+    # half the units: fewer multiply-adds in our step, the dense one unchanged
+    assert int(rows[("0.5", "spafl", "total")]["macs"]) < int(rows[("1.0", "spafl", "total")]["macs"])
+    assert rows[("0.5", "dense", "total")]["macs"] == rows[("1.0", "dense", "total")]["macs"]
+    # the tables are not replaced without --force
+    assert model.main(argv) == 2
+    assert "exists" in capsys.readouterr().err
