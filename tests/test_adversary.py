@@ -114,7 +114,8 @@ def _largest_unclipped(method, g, others, index, direction, bound):
     def accepted(scale):
         ups = [{"t": u} for u in others]
         ups.insert(index, {"t": candidate(scale)})
-        _, events = rules.clip_to_cohort({"t": g}, ups, method.config.cohort_clip, method.against_limit())
+        _, events = rules.clip_to_cohort({"t": g}, ups, method.config.cohort_clip, method.against_limit(),
+                                         method.shift_limit())
         return not any(e.index == index for e in events)
 
     largest_other = max((float((u.double() - g64).norm()) for u in others), default=0.0)
@@ -235,8 +236,8 @@ def small(method, **changes):
 
 
 def undefended(config):
-    """``config`` without the clip to the cohort (neither limit)."""
-    return config.replace(cohort_clip=None, cohort_against=math.inf)
+    """``config`` without the clip to the cohort (none of its limits)."""
+    return config.replace(cohort_clip=None, cohort_against=math.inf, cohort_shift=math.inf)
 
 
 _HONEST: dict = {}
@@ -325,8 +326,8 @@ def test_robust_aggregators_hold_their_documented_colluders(method, aggregator, 
     assert largest(LAST["state"]) <= 2 * honest_largest, (largest(LAST["state"]), honest_largest)
     print(f"{method} {aggregator} {TOLERANCE[aggregator]} colluders {attack}: accuracy {accuracy(history):.2f}, "
           f"honest {base:.2f}")
-    if method != "sparsyfed":  # the same colluders against the mean: far outside the honest range
-        attacked_run(config.replace(aggregator="mean"), "max-shift", bad=range(TOLERANCE[aggregator]))
+    if method != "sparsyfed":  # the same colluders against the undefended mean: far outside the honest range
+        attacked_run(undefended(config.replace(aggregator="mean")), "max-shift", bad=range(TOLERANCE[aggregator]))
         assert largest(LAST["state"]) > 2 * honest_largest
 
 
@@ -446,5 +447,21 @@ def test_each_method_has_its_limit_against_the_cohort():
 
     limits = {m: make_method(build_config("digits-cnn", None, {"method": m})).against_limit() for m in METHODS}
     assert limits == {"spafl": 4.0, "fedavg": 1.0, "sparsyfed": 1.25}
+    shifts = {m: make_method(build_config("digits-cnn", None, {"method": m})).shift_limit() for m in METHODS}
+    assert shifts == {"spafl": 8.0, "fedavg": 4.0, "sparsyfed": 4.0}
     assert make_method(build_config("digits-cnn", None, {"cohort_against": 3.0})).against_limit() == 3.0
     assert make_method(build_config("digits-cnn", None, {"cohort_against": math.inf})).against_limit() is None
+
+
+def test_the_shift_of_a_whole_tensor_by_hand():
+    g = {"a": torch.zeros(4)}
+    ups = [{"a": torch.tensor(v)} for v in ([1.0, -1.0, 0.0, 0.0], [0.0, 0.0, 1.0, -1.0], [1.0, 0.0, -1.0, 0.0])]
+    raise_all = {"a": torch.full((4,), 1.0)}  # norm 2, every value up: a shift of 2 (along ones / 2)
+    # median norm sqrt(2); the honest shifts are 0; limit 1 x sqrt(2): the shift is cut to sqrt(2)
+    out, events = rules.clip_to_cohort(g, [*ups, raise_all], 20.0, None, 1.0)
+    assert [(e.index, e.kind) for e in events] == [(3, "shift")]
+    assert events[0].norm == pytest.approx(2.0) and events[0].limit == pytest.approx(math.sqrt(2))
+    torch.testing.assert_close(out[3]["a"], torch.full((4,), math.sqrt(2) / 2))
+    assert "shifted as a whole +2 from the cohort's median shift" in events[0].describe(3, 1.0)
+    # the same update with the shift allowed: untouched
+    assert rules.clip_to_cohort(g, [*ups, raise_all], 20.0, None, 2.0)[1] == []

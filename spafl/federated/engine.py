@@ -158,7 +158,8 @@ def aggregate_round(method: Method, server, tally: RoundTally):
     updates, clipped = method.clip_updates(server, tally.accepted)
     cfg = method.config
     for event in clipped:
-        factor = method.against_limit() if event.kind == "against" else cfg.cohort_clip
+        factor = {"against": method.against_limit, "shift": method.shift_limit}.get(
+            event.kind, lambda: cfg.cohort_clip)()
         tally.errors.append(event.describe(tally.accepted_ids[event.index], factor))
     tally.clipped = len({event.index for event in clipped})
     with warnings.catch_warnings(record=True) as caught:

@@ -286,6 +286,10 @@ class Clipped:
 
     def describe(self, client: object, factor: float | None) -> str:
         """The history's line for this event (``client``: the client's id)."""
+        if self.kind == "shift":
+            return (f"client {client} update clipped: {self.name} shifted as a whole {self.norm:+.4g} from the "
+                    f"cohort's median shift, more than {factor:g} x the cohort's median deviation {self.median:.4g}; "
+                    f"cut to {math.copysign(self.limit, self.norm):+.4g}")
         if self.kind == "against":
             return (f"client {client} update clipped: {self.name} moved {self.norm:.4g} against the cohort's median "
                     f"direction, more than {factor:g} x the cohort's median deviation {self.median:.4g}; "
@@ -296,7 +300,7 @@ class Clipped:
 
 
 def clip_to_cohort(reference: Mapping[str, torch.Tensor], updates: list[Mapping[str, torch.Tensor]],
-                   factor: float | None, against: float | None = None
+                   factor: float | None, against: float | None = None, shift: float | None = None
                    ) -> tuple[list[Mapping[str, torch.Tensor]], list[Clipped]]:
     """Each update's deviation from the global state ``reference``, per tensor, brought within
     two limits, both multiples of the cohort's median deviation norm ``m`` for that tensor (the
@@ -309,16 +313,19 @@ def clip_to_cohort(reference: Mapping[str, torch.Tensor], updates: list[Mapping[
        coordinate-wise median of the (norm-clipped) deviations (no minority moves it outside
        the others' range) and ``a = -<d, c> / |c|``, a deviation with ``a > against * m``
        loses the excess along ``c``: ``d + (a - against * m) c / |c|`` (which only shortens it).
+    3. its shift of the whole tensor (the component along the all-ones direction: every
+       value up, or every value down) within ``shift * m`` of the cohort's median shift.
 
     The norm limit bounds what one client adds to a mean in any direction; the second bounds,
     much more tightly, how far it can pull the mean back against where the cohort is going,
-    which an adversary would otherwise do every round. Honest clients far from the others
+    which an adversary would otherwise do every round; the third, how far it can move a whole
+    tensor one way (SpaFL: raise every threshold of a layer, pruning its units). Honest clients far from the others
     move mostly across the cohort's direction, not against it (the measurements are in
     docs/security.md), so both limits leave them alone. Returns ``(updates, clipped)``: the
     list itself, untouched, when nothing is clipped (the aggregate is then computed exactly as
     without the rule), else a new list in which only the clipped updates are new mappings.
     ``factor`` / ``against`` None: that limit is off."""
-    if (factor is None and against is None) or not updates:
+    if (factor is None and against is None and shift is None) or not updates:
         return updates, []
     n = len(updates)
     events: list[Clipped] = []
@@ -350,6 +357,17 @@ def clip_to_cohort(reference: Mapping[str, torch.Tensor], updates: list[Mapping[
                         devs[i] = d + (back - limit) * unit
                         changed.add(i)
                         events.append(Clipped(i, name, back, limit, median, "against"))
+        if shift is not None and n > 1 and median > 0:
+            unit = torch.full_like(g, 1.0 / math.sqrt(g.numel()))
+            moves = [float((d * unit).sum()) for d in devs]
+            centre = sorted(moves)[(n - 1) // 2]
+            limit = shift * median
+            for i, move in enumerate(moves):
+                if abs(move - centre) > limit:
+                    target = centre + math.copysign(limit, move - centre)
+                    devs[i] = devs[i] + (target - move) * unit
+                    changed.add(i)
+                    events.append(Clipped(i, name, move - centre, limit, median, "shift"))
         for i in changed:
             value = (g + devs[i]).to(updates[i][name].dtype)
             scaled.setdefault(i, dict(updates[i]))[name] = value

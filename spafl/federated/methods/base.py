@@ -82,6 +82,10 @@ class Method:
     # accuracy; honest clients of these methods pulled back at most 0.96 median deviations in
     # the measured runs (docs/security.md).
     cohort_against: float = 1.0
+    # The default limit on shifting a whole tensor one way (config.cohort_shift None), in
+    # cohort median deviations from the cohort's median shift: honest FedAvg clients went to
+    # 2.9 (docs/security.md).
+    cohort_shift: float = 4.0
 
     def __init__(self, config: FedConfig):
         self.config = config
@@ -192,7 +196,14 @@ class Method:
         clipped to ``cohort_clip`` times the cohort's median (:func:`rules.clip_to_cohort`),
         and what was clipped. The round applies it before :meth:`aggregate`."""
         return rules.clip_to_cohort(self.expected_update(server), updates, self.config.cohort_clip,
-                                    self.against_limit())
+                                    self.against_limit(), self.shift_limit())
+
+    def shift_limit(self) -> float | None:
+        """The limit on a client's shift of a whole tensor away from the cohort's median shift,
+        in cohort median deviations (:func:`rules.clip_to_cohort`): the configured
+        ``cohort_shift``, else the method's :attr:`cohort_shift`; None when off (inf)."""
+        value = self.config.cohort_shift if self.config.cohort_shift is not None else self.cohort_shift
+        return None if value == float("inf") else value
 
     def against_limit(self) -> float | None:
         """The limit on the component of a client's deviation against the cohort's median
