@@ -150,8 +150,9 @@ class RoundTally:
 
 def aggregate_round(method: Method, server, tally: RoundTally):
     """``method.aggregate`` of the round's accepted updates, each first clipped to the cohort
-    (:meth:`Method.clip_updates`): the next global state. Each clipped update is a line in the
-    tally's errors naming its client, tensor, norm and limit (warned with the others by
+    (:meth:`Method.clip_updates`: norm, pull against the cohort, shift of a whole tensor): the
+    next global state. Each clipped tensor is a line in the tally's errors naming its client,
+    tensor, what was measured and the limit (warned with the others by
     :meth:`RoundTally.warn`, and in the history). What the method sets aside or refuses (an
     :class:`AggregateWarning` each) goes into the errors too, a refusal also into
     ``tally.refused`` (the ``aggregate_refused`` column)."""
