@@ -268,6 +268,8 @@ def test_one_extreme_in_bounds_client_is_clipped_and_the_global_state_stays_boun
     history, messages = attacked_run(config, attack, bad=[0])
     clipped = [m for m in messages if "client 0 update clipped" in m]
     assert len({m.split(":")[0] for m in clipped}) == len(history), messages  # every round, client 0
+    for row in history:  # and written to the history, round by round
+        assert any(e.startswith("client 0 update clipped: ") for e in row["errors"]), row["errors"]
     assert not any("update clipped" in m and "client 0" not in m for m in messages)
     defended = largest(LAST["state"])
     assert defended < 100, defended
