@@ -1,10 +1,12 @@
 """Full-size adversary check: 20 rounds of the ``digits-cnn`` preset with 10 clients a round,
 each method's default settings, one adversarial client in every round (the first of its cohort; every attack
-of tests/test_adversary.py), and the accuracy it costs against the honest run with the same
+of tests/test_adversary.py, the adaptive ones ``just-under*`` sending the largest update the
+server's rule leaves alone), and the accuracy it costs against the honest run with the same
 seed; also how often the cohort clip fired on the honest run.
 
     OMP_NUM_THREADS=1 python benchmarks/adversary.py [--methods spafl,fedavg,sparsyfed]
         [--attacks max-shift,...] [--rounds 20] [--cohort-clip X] [--bad 0]
+        [--cohort-against X] [--cohort-shift X]
 """
 
 from __future__ import annotations
@@ -31,6 +33,8 @@ def main() -> None:
     p.add_argument("--bad", default="first",
                    help="comma-separated adversarial client ids, or 'first': the first client of every cohort")
     p.add_argument("--cohort-clip", default="default", help="a number, 'none', or 'default'")
+    p.add_argument("--cohort-against", default="default", help="a number, 'inf' (off), or 'default' (the method's)")
+    p.add_argument("--cohort-shift", default="default", help="a number, 'inf' (off), or 'default' (the method's)")
     p.add_argument("--aggregator", default="mean")
     args = p.parse_args()
     torch.set_num_threads(1)
@@ -40,6 +44,9 @@ def main() -> None:
                      "aggregator": args.aggregator, "checkpoint_every": 0}
         if args.cohort_clip != "default":
             overrides["cohort_clip"] = None if args.cohort_clip == "none" else float(args.cohort_clip)
+        for name in ("cohort_against", "cohort_shift"):
+            if getattr(args, name) != "default":
+                overrides[name] = float(getattr(args, name))
         config = build_config("digits-cnn", None, overrides)
         start = time.perf_counter()
         history, messages = attacked_run(config)

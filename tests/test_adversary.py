@@ -25,7 +25,7 @@ from torch import nn
 
 from spafl.federated import FederatedWarning, Simulator, build_config, keys, rules
 
-ATTACKS = ("max-shift", "sign-flip", "floor", "one-unit", "just-under")
+ATTACKS = ("max-shift", "sign-flip", "floor", "one-unit", "just-under", "just-under-up", "just-under-flip")
 
 # --- the attacks ------------------------------------------------------------------------------
 
@@ -89,12 +89,52 @@ def craft(attack, method, server, honest_update, n):
     return out
 
 
+ADAPTIVE = {
+    # the direction each adaptive attack pushes every tensor, scaled to just under the rule
+    "just-under": "against the honest clients' mean deviation",
+    "just-under-up": "every value up (SpaFL: every threshold raised, pruning units)",
+    "just-under-flip": "its own honest deviation, negated",
+}
+
+
+def _largest_unclipped(method, g, others, index, direction, bound):
+    """The largest multiple ``s`` of ``direction`` for which ``g + s * direction`` (pulled inside
+    the update bound ``bound``), put at ``index`` among the ``others`` (every other update of
+    the round, adversarial ones included), is left alone by the server's rule
+    (:func:`rules.clip_to_cohort` with the run's ``cohort_clip`` and the method's limit against the cohort):
+    a bisection on ``s``, so that the attacker needs no formula for the rule."""
+    g64 = g.double()
+    length = float(direction.norm())
+    if length == 0:
+        return g.clone()
+
+    def candidate(scale):
+        return _in_bounds(g64 + direction * scale, g, bound)
+
+    def accepted(scale):
+        ups = [{"t": u} for u in others]
+        ups.insert(index, {"t": candidate(scale)})
+        _, events = rules.clip_to_cohort({"t": g}, ups, method.config.cohort_clip, method.against_limit(),
+                                         method.shift_limit())
+        return not any(e.index == index for e in events)
+
+    largest_other = max((float((u.double() - g64).norm()) for u in others), default=0.0)
+    hi = (method.config.cohort_clip or 1e6) * max(largest_other, 1e-12) / length * 1.01
+    lo = 0.0
+    if accepted(hi):
+        return candidate(hi)
+    for _ in range(40):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if accepted(mid) else (lo, mid)
+    return candidate(lo)
+
+
 class Adversary:
     """Client ids ``bad`` (``"first"``: the first client of every round's cohort) send
-    ``attack``'s update every round; with ``attack="just-under"`` the server's clip sees, for
-    each of them, the largest deviation it lets through unscaled (0.999 of the limit, pulled
-    inside the update bounds) in the direction opposite to the honest clients' mean, per
-    tensor."""
+    ``attack``'s update every round. The adaptive attacks (:data:`ADAPTIVE`) see every update
+    of the round and the server's rule; each adversarial client sends, per tensor, the largest
+    deviation the rule leaves untouched in the attack's direction (found by bisection, inside
+    the update bounds), so that nothing is reported."""
 
     def __init__(self, sim, bad, attack):
         self.sim, self.attack = sim, attack
@@ -109,13 +149,13 @@ class Adversary:
         def client_fn(model, state, message, data, config, t, cid, macs, **kw):
             new_state, report = honest_fn(model, state, message, data, config, t, cid, macs, **kw)
             if cid in self.bad(t):
-                if attack != "just-under":
+                if attack not in ADAPTIVE:
                     report.update = craft(attack, sim.method, sim.engine.server, report.update, report.num_samples)
                 self.sent.append(report.update)
             return new_state, report
 
         sim.client_fn = client_fn
-        if attack == "just-under":
+        if attack in ADAPTIVE:
             clip = sim.method.clip_updates
 
             def adaptive(server, updates):
@@ -123,31 +163,31 @@ class Adversary:
                 bad = [i for i, u in enumerate(updates)
                        if any(all(torch.equal(u[k], s[k]) for k in u) for s in self.sent)]
                 good = [u for i, u in enumerate(updates) if i not in bad]
-                if not good:  # only the adversaries' updates were accepted: nothing to aim against
-                    self.sent.clear()
-                    return clip(server, updates)
-                ref = sim.method.expected_update(server)
-                n, factor = len(updates), sim.config.cohort_clip
-                forged = {i: {} for i in bad}
-                bounds = _bounds(sim.method, server, sim.method.sample_bound)
-                for name, g in ref.items():
-                    g64 = g.double()
-                    norms = sorted(float((u[name].double() - g64).norm()) for u in good)
-                    # the lower median once the adversaries sit at the top (the largest honest
-                    # norm when they are half the cohort or more)
-                    limit = (factor or 1e6) * norms[min((n - 1) // 2, len(norms) - 1)] if norms else 0.0
-                    mean = torch.stack([u[name].double() - g64 for u in good]).mean(0)
-                    d = -mean if float(mean.norm()) > 0 else torch.ones_like(g64)
-                    for i in bad:
-                        di = d * (updates[i][name] != 0) if sim.method.sparse_wire else d  # within its Top-K
-                        di = di / di.norm() if float(di.norm()) > 0 else di
-                        forged[i][name] = _in_bounds(g64 + di * 0.999 * limit, g, bounds.get(name))
-                        if sim.method.sparse_wire:
-                            forged[i][name] = torch.where(updates[i][name] != 0, forged[i][name], 0.0)
-                for i in bad:
-                    sim.method.validate_update(forged[i], server)  # it is an accepted update
-                    updates[i] = forged[i]
                 self.sent.clear()
+                if not good:  # only the adversaries' updates were accepted: nothing to aim against
+                    return clip(server, updates)
+                method = sim.method
+                ref = method.expected_update(server)
+                bounds = _bounds(method, server, method.sample_bound)
+                for i in bad:
+                    forged = {}
+                    for name, g in ref.items():
+                        g64 = g.double()
+                        own = updates[i][name].double() - g64
+                        if attack == "just-under":
+                            d = -torch.stack([u[name].double() - g64 for u in good]).mean(0)
+                        elif attack == "just-under-up":
+                            d = torch.ones_like(g64)
+                        else:
+                            d = -own
+                        if method.sparse_wire:  # within its own Top-K
+                            d = d * (updates[i][name] != 0)
+                        others = [u[name] for j, u in enumerate(updates) if j != i]
+                        forged[name] = _largest_unclipped(method, g, others, i, d, bounds.get(name))
+                        if method.sparse_wire:
+                            forged[name] = torch.where(updates[i][name] != 0, forged[name], 0.0)
+                    method.validate_update(forged, server)  # it is an accepted update
+                    updates[i] = forged
                 return clip(server, updates)
 
             sim.method.clip_updates = adaptive
@@ -195,6 +235,11 @@ def small(method, **changes):
     return build_config("digits-cnn", None, base)
 
 
+def undefended(config):
+    """``config`` without the clip to the cohort (none of its limits)."""
+    return config.replace(cohort_clip=None, cohort_against=math.inf, cohort_shift=math.inf)
+
+
 _HONEST: dict = {}
 
 
@@ -223,12 +268,14 @@ def test_one_extreme_in_bounds_client_is_clipped_and_the_global_state_stays_boun
     history, messages = attacked_run(config, attack, bad=[0])
     clipped = [m for m in messages if "client 0 update clipped" in m]
     assert len({m.split(":")[0] for m in clipped}) == len(history), messages  # every round, client 0
+    for row in history:  # and written to the history, round by round
+        assert any(e.startswith("client 0 update clipped: ") for e in row["errors"]), row["errors"]
     assert not any("update clipped" in m and "client 0" not in m for m in messages)
     defended = largest(LAST["state"])
     assert defended < 100, defended
     print(f"{method} {attack}: accuracy {accuracy(history):.2f}, honest {base:.2f}")
     if attack == "max-shift":  # the same client without the clip: the global state is thrown far off
-        attacked_run(config.replace(cohort_clip=None), attack, bad=[0])
+        attacked_run(undefended(config), attack, bad=[0])
         assert largest(LAST["state"]) > 5 * defended, (largest(LAST["state"]), defended)
 
 
@@ -256,8 +303,8 @@ def test_fedavg_batch_norm_buffers_at_1e30_and_3e38_are_clipped():
     assert any("client 0 update clipped: net.1.running_var" in m for m in messages)
     assert largest(LAST["state"]) < 100, largest(LAST["state"])
     print(f"fedavg+bn: accuracy {accuracy(history):.2f}, honest {base:.2f}")
-    undefended, _ = attacked_run(config.replace(cohort_clip=None), "max-shift", bad=[0], model_fn=DigitsBN)
-    assert accuracy(undefended) < base - 20 and largest(LAST["state"]) > 1e29, (accuracy(undefended), base)
+    without, _ = attacked_run(undefended(config), "max-shift", bad=[0], model_fn=DigitsBN)
+    assert accuracy(without) < base - 20 and largest(LAST["state"]) > 1e29, (accuracy(without), base)
 
 
 # The robust aggregators' documented tolerance: the coordinate-wise median holds up to 4
@@ -281,19 +328,35 @@ def test_robust_aggregators_hold_their_documented_colluders(method, aggregator, 
     assert largest(LAST["state"]) <= 2 * honest_largest, (largest(LAST["state"]), honest_largest)
     print(f"{method} {aggregator} {TOLERANCE[aggregator]} colluders {attack}: accuracy {accuracy(history):.2f}, "
           f"honest {base:.2f}")
-    if method != "sparsyfed":  # the same colluders against the mean: far outside the honest range
-        attacked_run(config.replace(aggregator="mean"), "max-shift", bad=range(TOLERANCE[aggregator]))
+    if method != "sparsyfed":  # the same colluders against the undefended mean: far outside the honest range
+        attacked_run(undefended(config.replace(aggregator="mean")), "max-shift", bad=range(TOLERANCE[aggregator]))
         assert largest(LAST["state"]) > 2 * honest_largest
 
 
-def test_the_adaptive_client_is_not_reported_and_the_mean_is_its_weakness():
-    """The adaptive client stays just under the clip: the server reports nothing, and the mean
-    moves by up to ``cohort_clip / 10`` median deviations a round; the median does not."""
-    config = small("fedavg")
+# What one adaptive client that pulls against the cohort (``just-under``) costs after the
+# CI-sized runs' 2 rounds, at most, with each method's defaults (measured: docs/security.md);
+# early in training every round counts, so the 20-round figures of benchmarks/adversary.py
+# are smaller.
+JUST_UNDER_CI = {"spafl": 3.0, "fedavg": 25.0, "sparsyfed": 6.0}
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_the_adaptive_client_is_not_reported_and_its_pull_is_cut(method):
+    """The client that knows every honest update and the rule sends, per tensor, the longest
+    pull against the honest clients' mean that the rule leaves alone: it is never reported,
+    its cost stays within the documented tolerance, and for the global methods, without the
+    limit against the cohort (the norm clip alone) the same client costs far more."""
+    config = small(method)
+    base = honest(config)
     history, messages = attacked_run(config, "just-under", bad=[0])
-    assert not any("update clipped" in m for m in messages), messages
-    robust, _ = attacked_run(config.replace(aggregator="median"), "just-under", bad=[0])
-    assert accuracy(robust) > accuracy(history) + 5, (accuracy(robust), accuracy(history))
+    assert not any("client 0 update clipped" in m for m in messages), messages
+    loss = base - accuracy(history)
+    norm_only, _ = attacked_run(config.replace(cohort_against=math.inf), "just-under", bad=[0])
+    print(f"{method} just-under: accuracy {accuracy(history):.2f} (norm clip only {accuracy(norm_only):.2f}), "
+          f"honest {base:.2f}")
+    assert loss <= JUST_UNDER_CI[method], (accuracy(history), base)
+    if method != "spafl":  # pulling SpaFL's thresholds back costs it little either way (docs/security.md)
+        assert accuracy(norm_only) < accuracy(history) - 5, (accuracy(norm_only), accuracy(history))
 
 
 def test_clip_to_cohort_by_hand():
@@ -309,3 +372,98 @@ def test_clip_to_cohort_by_hand():
     torch.testing.assert_close(out[3]["b"], torch.ones(2))  # the median client left b as it was
     assert all(out[i] is ups[i] for i in range(3))
     assert rules.clip_to_cohort(g, ups, None) == (ups, [])
+
+
+@pytest.mark.parametrize("method", ["spafl", "fedavg"])
+def test_absurd_metadata_is_bounded_or_refused_and_reported(method):
+    """A client that reports 1e29 FLOPs is counted at the most its round can cost (every layer
+    dense), and one that claims 10^9 training samples is refused; both are in the history."""
+    config = small(method, rounds=1)
+    liar, greedy = keys.sample_clients(config.seed, 0, config.num_clients, config.clients_per_round)[:2]
+
+    def run(lie):
+        sim = Simulator(config)
+        honest_fn = sim.client_fn
+
+        def client_fn(model, state, message, data, cfg, t, cid, macs, **kw):
+            new_state, report = honest_fn(model, state, message, data, cfg, t, cid, macs, **kw)
+            if lie and cid == liar:
+                report.flops = 1e29
+            if lie and cid == greedy:
+                report.num_samples = 10**9
+            return new_state, report
+
+        sim.client_fn = client_fn
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                row = sim.run()[0]
+            bound = sim.method.flops_bound(sim.clients[liar].num_train)
+            per_client = sim.client_flops.copy()
+        finally:
+            sim.close()
+        return row, [str(w.message) for w in caught if issubclass(w.category, FederatedWarning)], bound, per_client
+
+    honest_row, honest_messages, bound, honest_flops = run(False)
+    assert honest_row["errors"] == [] and honest_messages == []
+    row, messages, _, flops = run(True)
+    flops_line = f"client {liar} reported 1e+29 FLOPs, more than the {bound:.4g} a round"
+    assert any(flops_line in e for e in row["errors"]), row["errors"]
+    assert any(flops_line in m for m in messages), messages
+    assert any(f"client {greedy} update rejected: sample count 1000000000 is more than" in e for e in row["errors"])
+    assert row["participants"] == honest_row["participants"] - 1
+    # the liar counted at the bound (a dense round of its samples: a few times its honest
+    # count), the refused client not at all, the others as in the honest run
+    assert flops[liar] == bound and honest_flops[liar] < bound < 10 * honest_flops[liar]
+    assert flops[greedy] == 0
+    others = [c for c in range(config.num_clients) if c not in (liar, greedy)]
+    assert (flops[others] == honest_flops[others]).all()
+
+
+def test_the_pull_against_the_cohort_by_hand():
+    g = {"a": torch.zeros(2)}
+    ups = [{"a": torch.tensor(v)} for v in ([1.0, 0.0], [1.0, 0.1], [1.0, -0.1])]
+    assert rules.clip_to_cohort(g, ups, None, 1.0) == (ups, [])  # nobody pulls back
+    out, events = rules.clip_to_cohort(g, [*ups, {"a": torch.tensor([-3.0, 0.0])}], 20.0, 1.0)
+    # norms 1, 1.005, 1.005, 3: lower median 1.005; the coordinate-wise median of the
+    # deviations is (1, 0): the attacker pulls back 3, cut to 1 x 1.005
+    median = math.hypot(1.0, 0.1)
+    assert [(e.index, e.name, e.kind) for e in events] == [(3, "a", "against")]
+    assert events[0].norm == pytest.approx(3.0) and events[0].limit == pytest.approx(median)
+    torch.testing.assert_close(out[3]["a"], torch.tensor([-median, 0.0]))
+    assert all(out[i] is ups[i] for i in range(3))
+    # a pull across the cohort's direction is the norm clip's business only
+    across = {"a": torch.tensor([0.0, 3.0])}
+    assert rules.clip_to_cohort(g, [*ups, across], 20.0, 1.0)[1] == []
+    assert "against the cohort's median direction, more than 1 x" in events[0].describe(7, 1.0)
+
+
+@pytest.mark.parametrize("value", [0, -1.0, float("nan"), "2", True])
+def test_cohort_against_refuses_bad_values_by_name(value):
+    with pytest.raises(ValueError, match="cohort_against must be None"):
+        build_config("digits-cnn", None, {"cohort_against": value})
+
+
+def test_each_method_has_its_limit_against_the_cohort():
+    from spafl.federated.methods import make_method
+
+    limits = {m: make_method(build_config("digits-cnn", None, {"method": m})).against_limit() for m in METHODS}
+    assert limits == {"spafl": 4.0, "fedavg": 1.0, "sparsyfed": 1.25}
+    shifts = {m: make_method(build_config("digits-cnn", None, {"method": m})).shift_limit() for m in METHODS}
+    assert shifts == {"spafl": 8.0, "fedavg": 4.0, "sparsyfed": 4.0}
+    assert make_method(build_config("digits-cnn", None, {"cohort_against": 3.0})).against_limit() == 3.0
+    assert make_method(build_config("digits-cnn", None, {"cohort_against": math.inf})).against_limit() is None
+
+
+def test_the_shift_of_a_whole_tensor_by_hand():
+    g = {"a": torch.zeros(4)}
+    ups = [{"a": torch.tensor(v)} for v in ([1.0, -1.0, 0.0, 0.0], [0.0, 0.0, 1.0, -1.0], [1.0, 0.0, -1.0, 0.0])]
+    raise_all = {"a": torch.full((4,), 1.0)}  # norm 2, every value up: a shift of 2 (along ones / 2)
+    # median norm sqrt(2); the honest shifts are 0; limit 1 x sqrt(2): the shift is cut to sqrt(2)
+    out, events = rules.clip_to_cohort(g, [*ups, raise_all], 20.0, None, 1.0)
+    assert [(e.index, e.kind) for e in events] == [(3, "shift")]
+    assert events[0].norm == pytest.approx(2.0) and events[0].limit == pytest.approx(math.sqrt(2))
+    torch.testing.assert_close(out[3]["a"], torch.full((4,), math.sqrt(2) / 2))
+    assert "shifted as a whole +2 from the cohort's median shift" in events[0].describe(3, 1.0)
+    # the same update with the shift allowed: untouched
+    assert rules.clip_to_cohort(g, [*ups, raise_all], 20.0, None, 2.0)[1] == []

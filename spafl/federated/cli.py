@@ -85,6 +85,12 @@ _HELP = {
     "trim_fraction": "trimmed-mean: the fraction of values dropped at each end of every coordinate",
     "cohort_clip": "scale each accepted update's deviation from the global state back to this many times "
                    "the round's median deviation, per exchanged tensor (none: off; docs/security.md)",
+    "cohort_against": "cut each accepted update's component against the cohort's median direction to this many "
+                      "times the round's median deviation, per exchanged tensor (none: the method's default; inf: off; "
+                      "docs/security.md)",
+    "cohort_shift": "keep each accepted update's shift of a whole tensor (every value one way) within this many "
+                    "times the round's median deviation of the cohort's median shift (none: the method's default; "
+                    "inf: off; docs/security.md)",
     "update_bounds": "reject updates that no legitimate client's local SGD can reach from the global state",
     "grad_bound": "the gradient bound the update bounds assume without --clip ('none': 1000)",
     "max_failed_rounds": "stop with an error after this many rounds in a row that aggregate nothing (0: never)",

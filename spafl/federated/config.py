@@ -124,13 +124,20 @@ class FedConfig:
     # ``grad_bound`` (None: rules.DEFAULT_GRAD_BOUND); a run stops with an error after
     # ``max_failed_rounds`` rounds in a row that aggregate nothing (0: never); ``cohort_clip``:
     # each accepted update's deviation from the global state is clipped, per tensor, to this
-    # many times the round's median deviation norm (rules.clip_to_cohort; None: off).
+    # many times the round's median deviation norm (rules.clip_to_cohort; None: off);
+    # ``cohort_against``: the component of that deviation against the cohort's median direction
+    # is cut to this many times the same median (None: the method's default,
+    # ``Method.cohort_against``; inf: off); ``cohort_shift``: a client's shift of a whole tensor
+    # (every value one way) is kept within this many times that median of the cohort's median
+    # shift (None: ``Method.cohort_shift``; inf: off).
     aggregator: str = "mean"
     trim_fraction: float = 0.2
     update_bounds: bool = True
     grad_bound: float | None = None
     max_failed_rounds: int = 3
     cohort_clip: float | None = 20.0
+    cohort_against: float | None = None
+    cohort_shift: float | None = None
 
     def replace(self, **changes: Any) -> FedConfig:
         return dataclasses.replace(self, **changes)
@@ -214,6 +221,15 @@ class FedConfig:
              f"grad_bound must be None or a positive finite number, got {self.grad_bound!r}")
         need(self.cohort_clip is None or (_is_real(self.cohort_clip) and self.cohort_clip >= 1),
              f"cohort_clip must be None (off) or a finite number >= 1, got {self.cohort_clip!r}")
+        need(self.cohort_against is None or (isinstance(self.cohort_against, (int, float))
+                                             and not isinstance(self.cohort_against, bool)
+                                             and self.cohort_against > 0),
+             f"cohort_against must be None (the method's default), a positive number or inf (off), "
+             f"got {self.cohort_against!r}")
+        need(self.cohort_shift is None or (isinstance(self.cohort_shift, (int, float))
+                                           and not isinstance(self.cohort_shift, bool) and self.cohort_shift > 0),
+             f"cohort_shift must be None (the method's default), a positive number or inf (off), "
+             f"got {self.cohort_shift!r}")
         need(isinstance(self.max_failed_rounds, int) and not isinstance(self.max_failed_rounds, bool)
              and self.max_failed_rounds >= 0,
              f"max_failed_rounds must be a non-negative integer (0: never stop), got {self.max_failed_rounds!r}")

@@ -21,7 +21,7 @@ import math
 import time
 import warnings
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -150,17 +150,18 @@ class RoundTally:
 
 def aggregate_round(method: Method, server, tally: RoundTally):
     """``method.aggregate`` of the round's accepted updates, each first clipped to the cohort
-    (:meth:`Method.clip_updates`): the next global state. Each clipped update is a line in the
-    tally's errors naming its client, tensor, norm and limit (warned with the others by
+    (:meth:`Method.clip_updates`: norm, pull against the cohort, shift of a whole tensor): the
+    next global state. Each clipped tensor is a line in the tally's errors naming its client,
+    tensor, what was measured and the limit (warned with the others by
     :meth:`RoundTally.warn`, and in the history). What the method sets aside or refuses (an
     :class:`AggregateWarning` each) goes into the errors too, a refusal also into
     ``tally.refused`` (the ``aggregate_refused`` column)."""
     updates, clipped = method.clip_updates(server, tally.accepted)
+    cfg = method.config
     for event in clipped:
-        tally.errors.append(
-            f"client {tally.accepted_ids[event.index]} update clipped: {event.name} moved {event.norm:.4g} from the "
-            f"global value (Euclidean norm), more than {method.config.cohort_clip:g} x the cohort's median "
-            f"{event.median:.4g}; scaled to {event.limit:.4g}")
+        factor = {"against": method.against_limit, "shift": method.shift_limit}.get(
+            event.kind, lambda: cfg.cohort_clip)()
+        tally.errors.append(event.describe(tally.accepted_ids[event.index], factor))
     tally.clipped = len({event.index for event in clipped})
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", AggregateWarning)
@@ -343,13 +344,27 @@ class RoundEngine:
             if r.outcome == "refused":
                 tally.reject(r.cid, r.error)
                 continue
-            self.client_flops[r.cid] += r.report.flops
-            rnd.train_losses[r.cid] = r.report.train_loss
-            tally.trained(r.cid, r.report)
+            report = self._bounded_flops(r, tally)
+            self.client_flops[r.cid] += report.flops
+            rnd.train_losses[r.cid] = report.train_loss
+            tally.trained(r.cid, report)
             if r.outcome == "rejected":
                 tally.reject(r.cid, r.error)
             elif method.communicates:
                 tally.receive(r.cid, r.report, r.up, r.num_samples)
+
+    def _bounded_flops(self, r: ClientResult, tally: RoundTally) -> ClientReport:
+        """``r``'s report, its FLOPs no more than the most a legitimate round of a client with
+        its sample count can cost (:meth:`Method.flops_bound`): a larger claim would swamp the
+        run's totals, so it is counted at the bound and reported in the round's errors."""
+        report = r.report
+        limit = self.method.flops_bound(r.num_samples)
+        if limit is None or report.flops <= limit:
+            return report
+        samples = r.num_samples if r.num_samples is not None else f"at most {self.method.sample_bound}"
+        tally.errors.append(f"client {r.cid} reported {report.flops:.4g} FLOPs, more than the {limit:.4g} a round "
+                            f"of its {samples} samples can cost at full density; counted as {limit:.4g}")
+        return replace(report, flops=limit)
 
     def aggregate(self, rnd: Round, sync: Callable[[], None] | None = None) -> None:
         """The next global state from the round's accepted updates (:func:`aggregate_round`) and

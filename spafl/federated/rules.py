@@ -273,47 +273,104 @@ def check_aggregate(before: Mapping[str, torch.Tensor], after: Mapping[str, torc
 @dataclass(frozen=True)
 class Clipped:
     """One update's tensor that :func:`clip_to_cohort` scaled back: the update's index in the
-    list, the tensor's name, its deviation's norm and the limit it was scaled to."""
+    list, the tensor's name, what was measured (``norm``: the deviation's Euclidean norm;
+    ``kind="against"``: its component against the cohort's median direction), the limit it
+    was brought to, and the cohort's lower median deviation norm the limit is a multiple of."""
 
     index: int
     name: str
     norm: float
     limit: float
     median: float
+    kind: str = "norm"
+
+    def describe(self, client: object, factor: float | None) -> str:
+        """The history's line for this event (``client``: the client's id)."""
+        if self.kind == "shift":
+            return (f"client {client} update clipped: {self.name} shifted as a whole {self.norm:+.4g} from the "
+                    f"cohort's median shift, more than {factor:g} x the cohort's median deviation {self.median:.4g}; "
+                    f"cut to {math.copysign(self.limit, self.norm):+.4g}")
+        if self.kind == "against":
+            return (f"client {client} update clipped: {self.name} moved {self.norm:.4g} against the cohort's median "
+                    f"direction, more than {factor:g} x the cohort's median deviation {self.median:.4g}; "
+                    f"that component cut to {self.limit:.4g}")
+        return (f"client {client} update clipped: {self.name} moved {self.norm:.4g} from the global value "
+                f"(Euclidean norm), more than {factor:g} x the cohort's median {self.median:.4g}; "
+                f"scaled to {self.limit:.4g}")
 
 
 def clip_to_cohort(reference: Mapping[str, torch.Tensor], updates: list[Mapping[str, torch.Tensor]],
-                   factor: float | None) -> tuple[list[Mapping[str, torch.Tensor]], list[Clipped]]:
-    """Each update's deviation from the global state ``reference``, per tensor, clipped in
-    Euclidean norm to ``factor`` times the cohort's median deviation norm for that tensor
-    (the lower median: the ``ceil(n/2)``-th smallest, so that fewer than half the updates,
-    however large, cannot raise it). A clipped tensor becomes ``g + (u - g) * limit / norm``,
-    the same direction at the limit's length.
+                   factor: float | None, against: float | None = None, shift: float | None = None
+                   ) -> tuple[list[Mapping[str, torch.Tensor]], list[Clipped]]:
+    """Each update's deviation from the global state ``reference``, per tensor, brought within
+    two limits, both multiples of the cohort's median deviation norm ``m`` for that tensor (the
+    lower median: the ``ceil(n/2)``-th smallest, so that fewer than half the updates, however
+    large, cannot raise it):
 
-    One client's influence on a mean is then at most ``factor`` times what a typical honest
-    client moves each tensor, whatever it sends (a payload far inside the update bounds
-    included), while honest clients, whose deviations are of one size, are left alone.
-    Returns ``(updates, clipped)``: the list itself, untouched, when nothing is clipped (the
-    aggregate is then computed exactly as without the rule), else a new list in which only the
-    clipped updates are new mappings. ``factor`` None: nothing is clipped."""
-    if factor is None or not updates:
+    1. its Euclidean norm at most ``factor * m``: a longer deviation ``d`` becomes
+       ``d * factor * m / |d|`` (same direction);
+    2. its component against the cohort's direction at most ``against * m``: with ``c`` the
+       coordinate-wise median of the (norm-clipped) deviations (no minority moves it outside
+       the others' range) and ``a = -<d, c> / |c|``, a deviation with ``a > against * m``
+       loses the excess along ``c``: ``d + (a - against * m) c / |c|`` (which only shortens it).
+    3. its shift of the whole tensor (the component along the all-ones direction: every
+       value up, or every value down) within ``shift * m`` of the cohort's median shift.
+
+    The norm limit bounds what one client adds to a mean in any direction; the second bounds,
+    much more tightly, how far it can pull the mean back against where the cohort is going,
+    which an adversary would otherwise do every round; the third, how far it can move a whole
+    tensor one way (SpaFL: raise every threshold of a layer, pruning its units). Honest clients far from the others
+    move mostly across the cohort's direction, not against it (the measurements are in
+    docs/security.md), so both limits leave them alone. Returns ``(updates, clipped)``: the
+    list itself, untouched, when nothing is clipped (the aggregate is then computed exactly as
+    without the rule), else a new list in which only the clipped updates are new mappings.
+    ``factor`` / ``against`` None: that limit is off."""
+    if (factor is None and against is None and shift is None) or not updates:
         return updates, []
     n = len(updates)
     events: list[Clipped] = []
     scaled: dict[int, dict[str, torch.Tensor]] = {}
     for name, ref in reference.items():
         g = ref.double()
-        norms = [float(torch.linalg.vector_norm(u[name].double() - g)) for u in updates]
+        devs = [u[name].double() - g for u in updates]
+        norms = [float(torch.linalg.vector_norm(d)) for d in devs]
         median = sorted(norms)[(n - 1) // 2]
-        limit = factor * median
-        for i, norm in enumerate(norms):
-            if norm > limit:
-                # limit 0 (the median client left the tensor as it was): only the global value
-                # stays within it
-                scale = limit / norm if math.isfinite(norm) else 0.0
-                value = (g + (updates[i][name].double() - g) * scale).to(updates[i][name].dtype)
-                scaled.setdefault(i, dict(updates[i]))[name] = value
-                events.append(Clipped(i, name, norm, limit, median))
+        changed: set[int] = set()
+        if factor is not None:
+            limit = factor * median
+            for i, norm in enumerate(norms):
+                if norm > limit:
+                    # limit 0 (the median client left the tensor as it was): only the global
+                    # value stays within it
+                    devs[i] = devs[i] * (limit / norm if math.isfinite(norm) else 0.0)
+                    changed.add(i)
+                    events.append(Clipped(i, name, norm, limit, median))
+        if against is not None and n > 1 and median > 0:
+            centre = torch.stack(devs).median(0).values
+            length = float(torch.linalg.vector_norm(centre))
+            if length > 0:
+                unit = centre / length
+                limit = against * median
+                for i, d in enumerate(devs):
+                    back = -float((d * unit).sum())
+                    if back > limit:
+                        devs[i] = d + (back - limit) * unit
+                        changed.add(i)
+                        events.append(Clipped(i, name, back, limit, median, "against"))
+        if shift is not None and n > 1 and median > 0:
+            unit = torch.full_like(g, 1.0 / math.sqrt(g.numel()))
+            moves = [float((d * unit).sum()) for d in devs]
+            centre = sorted(moves)[(n - 1) // 2]
+            limit = shift * median
+            for i, move in enumerate(moves):
+                if abs(move - centre) > limit:
+                    target = centre + math.copysign(limit, move - centre)
+                    devs[i] = devs[i] + (target - move) * unit
+                    changed.add(i)
+                    events.append(Clipped(i, name, move - centre, limit, median, "shift"))
+        for i in changed:
+            value = (g + devs[i]).to(updates[i][name].dtype)
+            scaled.setdefault(i, dict(updates[i]))[name] = value
     if not events:
         return updates, []
     return [scaled.get(i, u) for i, u in enumerate(updates)], events

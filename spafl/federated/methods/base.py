@@ -19,7 +19,7 @@ from torch import nn
 
 from ...convert import densify
 from .. import accounting, keys, rules, training
-from ..config import FedConfig
+from ..config import _DATASET_SHAPES, FedConfig
 from ..data import ClientData
 from ..rules import AggregateWarning, UpdateRejected
 from ..training import ClientReport
@@ -77,6 +77,15 @@ class Method:
     personalised = True  # each client keeps, and is evaluated with, its own model
     communicates = True
     sparse_wire = False  # messages are sent in the sparse encoding (wire.encode(sparse=True))
+    # The default limit on pulling against the cohort (config.cohort_against None), in cohort
+    # median deviations. An adversary's pull against the cohort is what costs a global model
+    # accuracy; honest clients of these methods pulled back at most 0.96 median deviations in
+    # the measured runs (docs/security.md).
+    cohort_against: float = 1.0
+    # The default limit on shifting a whole tensor one way (config.cohort_shift None), in
+    # cohort median deviations from the cohort's median shift: honest FedAvg clients went to
+    # 2.9 (docs/security.md).
+    cohort_shift: float = 4.0
 
     def __init__(self, config: FedConfig):
         self.config = config
@@ -87,6 +96,8 @@ class Method:
         # norm's running statistics); set by init_server from the model.
         self.trained: frozenset[str] | None = None
         self.refused: str | None = None  # why the last aggregate was refused (None: accepted)
+        # (multiply-adds of one sample at full density, parameter count): set by note_costs
+        self._costs: tuple[int, int] | None = None
 
     # model
     def prepare_model(self, model: nn.Module) -> nn.Module:
@@ -100,7 +111,37 @@ class Method:
     # server
     def init_server(self, model: nn.Module) -> GlobalState:
         self.trained = frozenset(name for name, _ in model.named_parameters())
+        self.note_costs(model)
         return GlobalState(exchanged(model.state_dict()) if self.communicates else {})
+
+    def note_costs(self, model: nn.Module) -> None:
+        """Record what the most expensive legitimate client round costs on ``model`` (the
+        multiply-adds of one sample at full density, the parameter count), for
+        :meth:`flops_bound`. Left unset when the model does not take the dataset's named image
+        shape (a custom model or dataset): reported FLOPs are then only checked to be finite."""
+        self._costs = None
+        shape = _DATASET_SHAPES.get(self.config.dataset)
+        if shape is None:
+            return
+        try:
+            device = next(model.parameters()).device
+            macs = accounting.layer_macs(model, shape, device, layers=self.prunable(model))
+        except (RuntimeError, StopIteration, ValueError):
+            return
+        self._costs = (sum(macs.values()), sum(p.numel() for p in model.parameters()))
+
+    def flops_bound(self, num_samples: int | None) -> float | None:
+        """The most FLOPs a legitimate client holding ``num_samples`` training samples (None:
+        the ``sample_bound``) can report for a round: every layer at full density, every
+        parameter counted as a threshold and a weight (:func:`accounting.training_flops`'s
+        terms, each at its largest). None when unknown."""
+        n = num_samples if num_samples is not None else self.sample_bound
+        if self._costs is None or n is None:
+            return None
+        macs, params = self._costs
+        cfg = self.config
+        return (3.0 * cfg.local_epochs * n * macs + params * training.num_batches(n, cfg.batch_size, cfg.drop_last)
+                + params)
 
     def broadcast(self, server) -> Tensors:
         return dict(server.params)
@@ -154,7 +195,22 @@ class Method:
         """The round's accepted updates with each tensor's deviation from the global state
         clipped to ``cohort_clip`` times the cohort's median (:func:`rules.clip_to_cohort`),
         and what was clipped. The round applies it before :meth:`aggregate`."""
-        return rules.clip_to_cohort(self.expected_update(server), updates, self.config.cohort_clip)
+        return rules.clip_to_cohort(self.expected_update(server), updates, self.config.cohort_clip,
+                                    self.against_limit(), self.shift_limit())
+
+    def shift_limit(self) -> float | None:
+        """The limit on a client's shift of a whole tensor away from the cohort's median shift,
+        in cohort median deviations (:func:`rules.clip_to_cohort`): the configured
+        ``cohort_shift``, else the method's :attr:`cohort_shift`; None when off (inf)."""
+        value = self.config.cohort_shift if self.config.cohort_shift is not None else self.cohort_shift
+        return None if value == float("inf") else value
+
+    def against_limit(self) -> float | None:
+        """The limit on the component of a client's deviation against the cohort's median
+        direction, in cohort median deviations (:func:`rules.clip_to_cohort`): the configured
+        ``cohort_against``, else the method's :attr:`cohort_against`; None when off (inf)."""
+        value = self.config.cohort_against if self.config.cohort_against is not None else self.cohort_against
+        return None if value == float("inf") else value
 
     def _combine(self, server, updates: list[Tensors], weights: list[float]):
         """The aggregate of validated updates (the method's own mean, or the configured robust

@@ -22,6 +22,8 @@ class SparsyFed(Method):
     name = "sparsyfed"
     personalised = False
     sparse_wire = True
+    # honest SparsyFed clients pulled back up to 1.04 median deviations in the measured runs
+    cohort_against = 1.25
 
     def __init__(self, config: FedConfig, plain_topk: bool = False):
         super().__init__(config)
