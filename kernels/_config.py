@@ -143,6 +143,14 @@ def covered_units(active: int, block: int) -> int:
     return full * block + width
 
 
+def sample_block(sample_count: int, block: int) -> int:
+    """Reduction step of the sample mode's pruned tiles: the sample rounded up to a power of two,
+    at least 16 (the smallest reduction of ``tl.dot``) and at most ``block`` (the step over the
+    whole batch). A sample of 8 rows then issues a 16-row step, not a whole ``block``: at a
+    batch of 64 the pruned rows' estimate costs a quarter of their exact gradient, not all of it."""
+    return min(block, max(16, next_power_of_2(sample_count)))
+
+
 # ----------------------------------------------------------------------------- weight path
 
 

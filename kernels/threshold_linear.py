@@ -63,6 +63,7 @@ from ._config import (
     launch,
     launch_settings,
     next_power_of_2,
+    sample_block,
     tail_widths,
     use_compact_weight,
     wide_config,
@@ -525,6 +526,7 @@ def _threshold_linear_bwd_dw_kernel(
     BLOCK_K: tl.constexpr,  # input features (the GEMM's M)
     BLOCK_P: tl.constexpr,  # positions of perm (N)
     BLOCK_M: tl.constexpr,  # reduction over batch rows
+    SAMPLE_M: tl.constexpr,  # MODE 2: reduction step over the sampled rows (<= BLOCK_M, sized to the sample)
     TAIL1: tl.constexpr,
     TAIL2: tl.constexpr,
     TAIL3: tl.constexpr,
@@ -566,7 +568,7 @@ def _threshold_linear_bwd_dw_kernel(
                 _linear_dw_tiles(x_ptr, dyc_ptr, dy_ptr, w_ptr, perm_ptr, g_ptr, rpart_ptr, p0, N, count, pid_k,
                                  offs_k, k_ok, M, N, sample_count, sample_step, M / sample_count, stride_xm,
                                  stride_xk, stride_cm, stride_dym, stride_dyn, stride_wn, stride_wk, stride_gn,
-                                 stride_gk, 1, False, UPCAST, DOT_PRECISION, WIDE, BLOCK_K, BLOCK_M, BLOCK_P, TAIL1,
+                                 stride_gk, 1, False, UPCAST, DOT_PRECISION, WIDE, BLOCK_K, SAMPLE_M, BLOCK_P, TAIL1,
                                  TAIL2, TAIL3)
 
 
@@ -977,8 +979,10 @@ def _linear_bwd_plan(x2d, weight, grad_y, mode: str, sample_fraction: float, nee
     fixed = {"BLOCK_K": feature_tile, "BLOCK_P": unit_tile, "BLOCK_M": cfg.block_k, **tail_widths(unit_tile),
              "num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
     num_kb = cdiv(fan_in, fixed["BLOCK_K"])
+    # (one compiled variant for the modes that do not sample)
+    sample_m = sample_block(s_count, fixed["BLOCK_M"]) if mode_id == 2 else fixed["BLOCK_M"]
     dw_plan = _planned(
         f"linear_dw{mode_id}", lambda meta: (num_kb, cdiv(n_rows, meta["BLOCK_P"]) + (1 if mode_id == 2 else 0)),
-        fixed, dict(MODE=mode_id, WIDE=not fits_int32(x2d, dyc, grad_y, weight, g), **consts),
+        fixed, dict(MODE=mode_id, SAMPLE_M=sample_m, WIDE=not fits_int32(x2d, dyc, grad_y, weight, g), **consts),
         limits={"BLOCK_P": next_power_of_2(n_rows)}, fixed_keys=("BLOCK_K",))
     return _BwdPlan(compact, dx_plan, in_place, num_kb, dw_plan, s_count, s_step, mode_id)
