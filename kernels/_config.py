@@ -276,6 +276,11 @@ CANDIDATES: dict[str, list[dict]] = {
     "conv_dw": [{"num_stages": 4}],
 }
 
+# Candidates that spill in one precision only (offline sm_90 compile), dropped there: the
+# persistent IEEE fp32 Linear forward with a 4-stage pipeline (19 local-memory instructions;
+# 3 stages, the fixed configuration, and the half-row candidate do not spill).
+PRECISION_EXCLUDED: dict[tuple[str, str], list[dict]] = {("linear_fwd", "ieee"): [{"num_stages": 4}]}
+
 # The int64-offset variants (``WIDE``: tensors past 2^31 elements) of these families run with
 # these blocks halved: 64-bit offsets and bounds take registers, and the fixed tiles spill then
 # (offline sm_90 compile; Triton 3.6 also spilled the IEEE fp32 Linear dX with its row block
@@ -411,15 +416,18 @@ def launch(
     the blocks of :data:`WIDE_HALVED` halved, never a tuner."""
     wide = bool(consts.get("WIDE"))
     fixed = wide_config(family, fixed, consts)
+    precision = consts.get("DOT_PRECISION") if dtype == torch.float32 else None
+    excluded = [{**fixed, **o} for o in PRECISION_EXCLUDED.get((family.rstrip("0123456789"), precision), [])]
     if wide or _every_candidate or not autotune_enabled():
-        for chosen in candidate_metas(family, fixed, limits, fixed_keys) if _every_candidate and not wide else [fixed]:
+        for chosen in ([m for m in candidate_metas(family, fixed, limits, fixed_keys) if m not in excluded]
+                       if _every_candidate and not wide else [fixed]):
             meta = dict(chosen)
             warps, stages = meta.pop("num_warps"), meta.pop("num_stages")
             kernel[grid(chosen)](*args, **consts, **meta, num_warps=warps, num_stages=stages)
         return
     import triton
 
-    metas = candidate_metas(family, fixed, limits, fixed_keys)
+    metas = [m for m in candidate_metas(family, fixed, limits, fixed_keys) if m not in excluded]
     ident = (kernel.fn.__name__ if hasattr(kernel, "fn") else id(kernel), family, density_bucket(density_hint),
              str(dtype), tuple(tuple(sorted(m.items())) for m in metas))
     tuner = _tuners.get(ident)
