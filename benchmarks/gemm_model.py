@@ -7,7 +7,8 @@ a Linear case, at its full size, in Triton's interpreter at the GPU's tiles, and
 with ``model.price``: the forward kernel from one forward call, dX and dW from one backward call
 per mode. The other launches of a layer call are those of ``benchmarks/results/model``.
 
-    python benchmarks/gemm_model.py --case linear-4096x4096-b512 --densities 0.1 --modes skip exact
+    python benchmarks/gemm_model.py --case linear-4096x4096-b512 --densities 0.1 --csv OUT/gemm.csv
+    python benchmarks/gemm_model.py --csv OUT/gemm.csv --compare benchmarks/results/model   # before / after
 
 No GPU ran anything: every figure is a model.
 """
@@ -47,6 +48,35 @@ def gemm_launches(case, dtype: torch.dtype, density: float, modes) -> tuple[int,
     return int(rm.count), {k: [la for la in v if la.name in GEMMS] for k, v in out.items()}
 
 
+def compare(gemm_csv: Path, tables: Path, device: str) -> str:
+    """Before / after per case, density and mode: the GEMM launches' modelled time (forward,
+    dX, dW) against the dense GEMMs', and the whole forward+backward with the other launches
+    taken from the per-launch CSVs of ``tables`` (the committed ``benchmarks/results/model``)."""
+    new = list(csv.DictReader(gemm_csv.open()))
+    out = []
+    for case in dict.fromkeys(r["case"] for r in new):
+        old = list(csv.DictReader((tables / f"{case}-bfloat16-{device}-launches.csv").open()))
+        for density in dict.fromkeys(r["density"] for r in new if r["case"] == case):
+            mine = [r for r in new if r["case"] == case and r["density"] == density]
+            fwd = sum(float(r["model_us"]) for r in mine if r["mode"] == "-")
+            rows = [r for r in old if float(r["density"]) == float(density) and r["op"] == "fwd+bwd"]
+            dense = [r for r in rows if r["provider"] == "dense"]
+            dense_gemm = sum(float(r["model_us"]) for r in dense if r["name"] in ("addmm", "mm"))
+            dense_all = sum(float(r["model_us"]) for r in dense)
+            for mode in dict.fromkeys(r["mode"] for r in mine if r["mode"] != "-"):
+                after = fwd + sum(float(r["model_us"]) for r in mine if r["mode"] == mode)
+                layer = [r for r in rows if r["provider"] == f"spafl-{mode}"]
+                before = sum(float(r["model_us"]) for r in layer if r["name"] in GEMMS)
+                whole = sum(float(r["model_us"]) for r in layer)
+                out.append(dict(case=case, density=density, mode=mode, dense_gemm_us=dense_gemm, gemm_before_us=before,
+                                gemm_after_us=after, gemm_vs_dense_before=dense_gemm / before,
+                                gemm_vs_dense_after=dense_gemm / after, dense_layer_us=dense_all,
+                                layer_before_us=whole, layer_after_us=whole - before + after,
+                                layer_vs_dense_before=dense_all / whole,
+                                layer_vs_dense_after=dense_all / (whole - before + after)))
+    return model.markdown(out, list(out[0]) if out else [])
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--case", required=True, help="a Linear case of benchmarks/model.py")
@@ -54,7 +84,12 @@ def main(argv=None) -> int:
     parser.add_argument("--modes", nargs="+", default=["skip", "exact"])
     parser.add_argument("--device", default="h100", choices=sorted(model.DEVICES))
     parser.add_argument("--csv", type=Path, help="append the rows to this CSV")
+    parser.add_argument("--compare", type=Path, metavar="TABLES",
+                        help="only print the before / after table of --csv against these per-launch tables")
     args = parser.parse_args(argv)
+    if args.compare:
+        print(compare(args.csv, args.compare, args.device))
+        return 0
     torch.set_num_threads(1)
     case = next(c for c in model.LAYER_CASES if c.name == args.case)
     spec = model.DEVICES[args.device]
