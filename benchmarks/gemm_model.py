@@ -79,7 +79,7 @@ def compare(gemm_csv: Path, tables: Path, device: str) -> str:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--case", required=True, help="a Linear case of benchmarks/model.py")
+    parser.add_argument("--case", help="a Linear case of benchmarks/model.py (required unless --compare)")
     parser.add_argument("--densities", default="1,0.1")
     parser.add_argument("--modes", nargs="+", default=["skip", "exact"])
     parser.add_argument("--device", default="h100", choices=sorted(model.DEVICES))
@@ -90,6 +90,8 @@ def main(argv=None) -> int:
     if args.compare:
         print(compare(args.csv, args.compare, args.device))
         return 0
+    if not args.case:
+        parser.error("--case is required")
     torch.set_num_threads(1)
     case = next(c for c in model.LAYER_CASES if c.name == args.case)
     spec = model.DEVICES[args.device]
