@@ -143,6 +143,93 @@ def covered_units(active: int, block: int) -> int:
     return full * block + width
 
 
+def sample_block(sample_count: int, block: int) -> int:
+    """Reduction step of the sample mode's pruned tiles: the sample rounded up to a power of two,
+    at least 16 (the smallest reduction of ``tl.dot``) and at most ``block`` (the step over the
+    whole batch). A sample of 8 rows then issues a 16-row step, not a whole ``block``: at a
+    batch of 64 the pruned rows' estimate costs a quarter of their exact gradient, not all of it."""
+    return min(block, max(16, next_power_of_2(sample_count)))
+
+
+# ----------------------------------------------------------------------------- persistent grids
+
+# The split of a GEMM's reduction is chosen by the project's cost model (benchmarks/model.py,
+# docs/cost-model.md) on an H100 SXM: a program's multiply-adds run at one SM's share of 75% of
+# the dense peak, bytes at 85% of 3.35 TB/s. What matters is their ratio: how many bytes of HBM
+# traffic take as long as one multiply-add of one program.
+_H100_SMS = 132
+_H100_PEAK = {"bf16": 989.4e12, "fp16": 989.4e12, "tf32": 494.7e12, "ieee": 66.9e12}
+_H100_BYTES_PER_S = 0.85 * 3.35e12
+# The interpreter's tests run the tiny shapes on this many programs, so that splits, the
+# persistent loops and their tickets run there too.
+_INTERPRETER_PROGRAMS = 8
+
+
+def bytes_per_mac(dtype: torch.dtype, op: str = "matmul") -> float:
+    """HBM bytes that take as long as one multiply-add of one program (see above)."""
+    precision = dot_precision(op, dtype) if dtype == torch.float32 else "bf16"
+    return 2 * _H100_SMS / (0.75 * _H100_PEAK[precision]) * _H100_BYTES_PER_S
+
+
+_sm_counts: dict = {}
+
+
+def grid_programs(device: torch.device) -> int:
+    """Programs of a persistent launch: one per SM of a CUDA device; the H100's 132 for any
+    other device with the GPU's tiles (:func:`production_tiles`, the offline compile's
+    recordings); a few for the interpreter's tests."""
+    if not gpu_tiles():
+        return _INTERPRETER_PROGRAMS
+    if device.type != "cuda":
+        return _H100_SMS
+    key = (device.type, device.index)
+    if key not in _sm_counts:
+        _sm_counts[key] = torch.cuda.get_device_properties(device).multi_processor_count
+    return _sm_counts[key]
+
+
+_forced_split: int | None = None
+
+
+@contextlib.contextmanager
+def forced_split(n: int | None) -> Iterator[None]:
+    """Within this block the split GEMMs split every reduction ``n`` ways (as far as the
+    blocks and programs allow) instead of the cost model's choice; ``None`` restores it. For
+    the tests: every split count runs on small shapes."""
+    global _forced_split
+    previous, _forced_split = _forced_split, n
+    try:
+        yield
+    finally:
+        _forced_split = previous
+
+
+def best_split(tiles: int, blocks: int, block_macs: int, base_bytes: int, slot_bytes: int, programs: int,
+               mac_bytes: float) -> int:
+    """Into how many parts to split the reduction of ``tiles`` output tiles, each ``blocks``
+    reduction blocks of ``block_macs`` multiply-adds, on ``programs`` persistent programs: the
+    split the cost model prices fastest. Compute: the waves of units times one unit's
+    multiply-adds; bytes: ``base_bytes`` (operands and output) plus, when split, every unit's
+    fp32 partial tile (``slot_bytes``) written and read once. Ties go to the smaller split.
+    :func:`forced_split` overrides the choice."""
+    if tiles <= 0 or blocks <= 1:
+        return 1
+    most = max(1, min(blocks, programs // tiles))
+    if _forced_split is not None:
+        return max(1, min(_forced_split, most))
+    best, best_cost = 1, None
+    for split in range(1, most + 1):
+        chunk = cdiv(blocks, split)
+        if cdiv(blocks, chunk) != split:
+            continue  # the kernels use cdiv(blocks, chunk) parts: the same as a smaller split
+        compute = cdiv(tiles * split, programs) * chunk * block_macs * mac_bytes
+        traffic = base_bytes + (2 * tiles * split * slot_bytes if split > 1 else 0)
+        cost = max(compute, traffic)
+        if best_cost is None or cost < best_cost:
+            best, best_cost = split, cost
+    return best
+
+
 # ----------------------------------------------------------------------------- weight path
 
 
@@ -188,6 +275,11 @@ CANDIDATES: dict[str, list[dict]] = {
     "conv_dx": [{"num_stages": 4}, {"BLOCK_M": 64, "num_warps": 4, "num_stages": 4}],
     "conv_dw": [{"num_stages": 4}],
 }
+
+# Candidates that spill in one precision only (offline sm_90 compile), dropped there: the
+# persistent IEEE fp32 Linear forward with a 4-stage pipeline (19 local-memory instructions;
+# 3 stages, the fixed configuration, and the half-row candidate do not spill).
+PRECISION_EXCLUDED: dict[tuple[str, str], list[dict]] = {("linear_fwd", "ieee"): [{"num_stages": 4}]}
 
 # The int64-offset variants (``WIDE``: tensors past 2^31 elements) of these families run with
 # these blocks halved: 64-bit offsets and bounds take registers, and the fixed tiles spill then
@@ -324,15 +416,18 @@ def launch(
     the blocks of :data:`WIDE_HALVED` halved, never a tuner."""
     wide = bool(consts.get("WIDE"))
     fixed = wide_config(family, fixed, consts)
+    precision = consts.get("DOT_PRECISION") if dtype == torch.float32 else None
+    excluded = [{**fixed, **o} for o in PRECISION_EXCLUDED.get((family.rstrip("0123456789"), precision), [])]
     if wide or _every_candidate or not autotune_enabled():
-        for chosen in candidate_metas(family, fixed, limits, fixed_keys) if _every_candidate and not wide else [fixed]:
+        for chosen in ([m for m in candidate_metas(family, fixed, limits, fixed_keys) if m not in excluded]
+                       if _every_candidate and not wide else [fixed]):
             meta = dict(chosen)
             warps, stages = meta.pop("num_warps"), meta.pop("num_stages")
             kernel[grid(chosen)](*args, **consts, **meta, num_warps=warps, num_stages=stages)
         return
     import triton
 
-    metas = candidate_metas(family, fixed, limits, fixed_keys)
+    metas = [m for m in candidate_metas(family, fixed, limits, fixed_keys) if m not in excluded]
     ident = (kernel.fn.__name__ if hasattr(kernel, "fn") else id(kernel), family, density_bucket(density_hint),
              str(dtype), tuple(tuple(sorted(m.items())) for m in metas))
     tuner = _tuners.get(ident)
@@ -366,7 +461,7 @@ def launch_settings() -> tuple:
     """What a launcher's plan depends on besides the operands: the interpreter, the tiles, the
     autotuning switch, the weight-path policy and PyTorch's TF32 settings. Part of every plan's
     key, so that changing one of them (in a test, or ``torch.backends``) takes effect at once."""
-    return (interpreter_enabled(), _production_tiles_forced, _autotune_override,
+    return (interpreter_enabled(), _production_tiles_forced, _autotune_override, _forced_split,
             os.environ.get("SPAFL_AUTOTUNE", "0"), os.environ.get("SPAFL_COMPACT_WEIGHT", "auto"),
             torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
 

@@ -58,6 +58,7 @@ from ._config import (
     interpreter_enabled,
     launch,
     next_power_of_2,
+    sample_block,
     tail_widths,
     use_compact_weight,
 )
@@ -537,6 +538,7 @@ def _threshold_conv2d_bwd_dw_kernel(
     BLOCK_C: tl.constexpr,  # input channels (the GEMM's M)
     BLOCK_P: tl.constexpr,  # filters: positions in perm (N)
     BLOCK_M: tl.constexpr,  # reduction over pixels
+    SAMPLE_M: tl.constexpr,  # MODE 2: reduction step over the sampled pixels (<= BLOCK_M, sized to the sample)
     TAIL1: tl.constexpr,
     TAIL2: tl.constexpr,
     TAIL3: tl.constexpr,
@@ -594,7 +596,7 @@ def _threshold_conv2d_bwd_dw_kernel(
                                num_kb, r, s, rs, offs_c, c_ok, F, H, W, Ho, Wo, sample_count, sample_step,
                                P / sample_count, SPLIT, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, sxb, sxc,
                                sxh, sxw, stride_cm, sdyb, sdyf, sdyh, sdyw, swf, swc, swh, sww, stride_gs, stride_gn,
-                               stride_gc, stride_grs, 1, False, UPCAST, DOT_PRECISION, WIDE, BLOCK_C, BLOCK_M,
+                               stride_gc, stride_grs, 1, False, UPCAST, DOT_PRECISION, WIDE, BLOCK_C, SAMPLE_M,
                                BLOCK_P, TAIL1, TAIL2, TAIL3)
 
 
@@ -866,6 +868,11 @@ def threshold_conv2d_bwd(
     g_strides = (g.stride(0), g.stride(1), 1, chans) if w_cl else (g.stride(0), g.stride(1), kh * kw, 1)
     rpart = torch.empty((n_split * num_kb, filters), device=device, dtype=torch.float32)
     s_count, s_step = sample_rows(pixels, sample_fraction)
+    wide = not fits_int32(x_cl, dyc, grad_y, weight, g)
+    # The sampled step never exceeds the pixel block, halved in the int64 variant as by
+    # wide_config; one compiled variant for the modes that do not sample.
+    pixel_block = tiles.dw_pixels // 2 if wide and tiles.dw_pixels > 16 else tiles.dw_pixels
+    sample_m = sample_block(s_count, pixel_block) if mode_id == 2 else pixel_block
     fixed = {"BLOCK_C": tiles.dw_channels, "BLOCK_P": tiles.dw_filters, "BLOCK_M": tiles.dw_pixels,
              **tail_widths(tiles.dw_filters), "num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
     launch(
@@ -876,7 +883,7 @@ def threshold_conv2d_bwd(
         (x_cl, dyc, grad_y, weight, row_mask.perm, row_mask.count, g, rpart, pixels, filters, chans, height, width,
          ho, wo, *geo, *x_cl.stride(), dyc.stride(0), *grad_y.stride(), *weight.stride(), *g_strides, s_count,
          s_step, n_split),
-        dict(MODE=mode_id, WIDE=not fits_int32(x_cl, dyc, grad_y, weight, g), **consts),
+        dict(MODE=mode_id, WIDE=wide, SAMPLE_M=sample_m, **consts),
         dtype=x.dtype,
         rows=pixels,
         density_hint=density_hint,

@@ -53,16 +53,20 @@ from ._config import (
     SUPPORTED_DTYPES,
     aligned16,
     autotune_enabled,
+    best_split,
+    bytes_per_mac,
     cached_plan,
     cdiv,
     dot_precision,
     every_candidate_enabled,
     gemm_config,
     gpu_tiles,
+    grid_programs,
     interpreter_enabled,
     launch,
     launch_settings,
     next_power_of_2,
+    sample_block,
     tail_widths,
     use_compact_weight,
     wide_config,
@@ -88,17 +92,55 @@ def _grouped_tile(pid, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
     return pid_m, pid_n
 
 
+# ----------------------------------------------------------------------------- split reductions
+
+
+@triton.jit
+def _split_fixup(acc, ws_ptr, lock_ptr, tile, split, n_split, BLOCK_M: tl.constexpr, SLOT: tl.constexpr,
+                 WIDTH: tl.constexpr):
+    # One split of a tile's reduction: store the partial ``acc [BLOCK_M, WIDTH]`` to its slot of
+    # the fp32 workspace (slot ``tile * n_split + split``, SLOT elements apart), take a ticket,
+    # and in the program that draws the last ticket sum every split's partial in split order
+    # (the same order whoever is last: deterministic) and reset the ticket. Returns the sum and
+    # whether this program holds it.
+    row_offs = tl.arange(0, BLOCK_M)[:, None] * WIDTH
+    col_offs = tl.arange(0, WIDTH)[None, :]
+    tl.store(ws_ptr + (tile * n_split + split) * SLOT + row_offs + col_offs, acc)
+    # Every thread's stores happen before the ticket (release); the last program sees them all
+    # (acquire), as in the row-mask kernel's handoff.
+    tl.debug_barrier()
+    ticket = tl.atomic_add(lock_ptr + tile, 1, sem="acq_rel")
+    last = ticket == n_split - 1
+    # (The partial is dead once stored: one accumulator's registers, not two.)
+    acc = tl.zeros([BLOCK_M, WIDTH], dtype=tl.float32)
+    if last:
+        for s in range(0, n_split):
+            acc += tl.load(ws_ptr + (tile * n_split + s) * SLOT + row_offs + col_offs)
+        tl.atomic_xchg(lock_ptr + tile, 0, sem="relaxed")
+    return acc, last
+
+
+@triton.jit
+def _split_count(split_ptr, index, tiles, num_programs):
+    # The split the launcher's table gives for `index` (blocks of active units), never more
+    # units than programs when it splits (the workspace and tickets have one slot per program).
+    n_split = tl.load(split_ptr + index)
+    return tl.maximum(tl.minimum(n_split, num_programs // tl.maximum(tiles, 1)), 1)
+
+
 # ----------------------------------------------------------------------------- forward
 
 
 @triton.jit
-def _linear_fwd_tile(
-    x_ptr, w_ptr, b_ptr, y_ptr, perm_ptr, p0, count, offs_m, m_ok, N, K,
-    stride_xm, stride_xk, stride_wn, stride_wk, stride_ym, stride_yn,
+def _linear_fwd_unit(
+    x_ptr, w_ptr, b_ptr, y_ptr, perm_ptr, ws_ptr, lock_ptr, p0, count, offs_m, m_ok, N, K, k_lo, k_hi,
+    tile, split, n_split, stride_xm, stride_xk, stride_wn, stride_wk, stride_ym, stride_yn,
     HAS_BIAS: tl.constexpr, COMPACT_W: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    WIDE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, WIDTH: tl.constexpr,
+    WIDE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, SLOT: tl.constexpr, WIDTH: tl.constexpr,
 ):
-    # Y[:, perm[p0 : p0 + WIDTH]]: active positions computed, pruned ones get the bias (or 0).
+    # Y[:, perm[p0 : p0 + WIDTH]] over the features [k_lo, k_hi): active positions computed,
+    # pruned ones get the bias (or 0). With n_split > 1 the program that finishes the tile's
+    # last split writes it.
     offs_p = p0 + tl.arange(0, WIDTH)
     p_ok = offs_p < N
     active = offs_p < count
@@ -120,10 +162,10 @@ def _linear_fwd_tile(
     w_ptrs = w_ptr + w_rows[None, :] * stride_wn + offs_kp[:, None] * stride_wk
     acc = tl.zeros([BLOCK_M, WIDTH], dtype=tl.float32)
     # (No jit-function calls inside loops: the interpreter pays for each.)
-    k_end = K
-    if WIDE:  # an int64 bound makes the loop variable int64
-        k_end = tl.cast(K, tl.int64)
-    for k0 in range(0, k_end, BLOCK_K):
+    if WIDE:  # int64 bounds make the loop variable int64
+        k_lo = tl.cast(k_lo, tl.int64)
+        k_hi = tl.cast(k_hi, tl.int64)
+    for k0 in range(k_lo, k_hi, BLOCK_K):
         k_ok = offs_k < (K - k0).to(tl.int32)
         a = tl.load(x_ptrs + k0 * stride_xk, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
         b = tl.load(w_ptrs + k0 * stride_wk, mask=k_ok[:, None] & active[None, :], other=0.0)
@@ -131,10 +173,14 @@ def _linear_fwd_tile(
             a = a.to(tl.float32)
             b = b.to(tl.float32)
         acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
-    if HAS_BIAS:
-        acc += tl.load(b_ptr + rows, mask=p_ok, other=0.0).to(tl.float32)[None, :]
-    y_ptrs = y_ptr + offs_m[:, None] * stride_ym + rows[None, :] * stride_yn
-    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & p_ok[None, :])
+    last = n_split == 1
+    if n_split > 1:
+        acc, last = _split_fixup(acc, ws_ptr, lock_ptr, tile, split, n_split, BLOCK_M, SLOT, WIDTH)
+    if last:
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + rows, mask=p_ok, other=0.0).to(tl.float32)[None, :]
+        y_ptrs = y_ptr + offs_m[:, None] * stride_ym + rows[None, :] * stride_yn
+        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & p_ok[None, :])
 
 
 @triton.jit
@@ -156,12 +202,21 @@ def _linear_fill_pruned(
 
 
 @triton.jit
+def _tile_width(rem, BLOCK: tl.constexpr, TAIL1: tl.constexpr, TAIL2: tl.constexpr, TAIL3: tl.constexpr):
+    # The narrowest tile class that covers `rem` active positions of a block.
+    return tl.where(rem > TAIL1, BLOCK, tl.where(rem > TAIL2, TAIL1, tl.where(rem > TAIL3, TAIL2, TAIL3)))
+
+
+@triton.jit
 def _threshold_linear_fwd_kernel(
     x_ptr,  # [M, K]
     w_ptr,  # [N, K], or [>= count, K] compacted (COMPACT_W)
     b_ptr,  # [N] (only with HAS_BIAS), contiguous
     perm_ptr,  # [N] int32: active rows ascending, then pruned rows
     count_ptr,  # [1] int32: active rows
+    split_ptr,  # [cdiv(N, BLOCK_N) + 1] int32: splits of K for each number of active blocks
+    ws_ptr,  # [programs * BLOCK_M * BLOCK_N] fp32 scratch: partial tiles of split reductions
+    lock_ptr,  # [>= programs] int32, zero: tickets of split tiles (reset by their last program)
     y_ptr,  # [M, N] out
     M,
     N,
@@ -185,41 +240,66 @@ def _threshold_linear_fwd_kernel(
     TAIL2: tl.constexpr,
     TAIL3: tl.constexpr,
 ):
+    # Persistent: a fixed number of programs (at most one per SM) share the work that the
+    # device-side count defines. Work units are (output tile, split of K): the tiles cover the
+    # active blocks of perm; the split of K comes from the launcher's table for this number of
+    # active blocks, so that a few active blocks still occupy every program. Then the programs
+    # share the pruned outputs (bias or 0).
     pid = tl.program_id(0)
-    pid_m, pid_p = _grouped_tile(pid, tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
+    num_programs = tl.num_programs(0)
     count = tl.load(count_ptr)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    if WIDE:
-        offs_m = offs_m.to(tl.int64)
-    m_ok = offs_m < M
-    p0 = pid_p * BLOCK_N
-    rem = count - p0  # active positions from p0 on
-    # The tile width is the narrowest class that covers the block's active positions; the
-    # rest of the block is pruned and only gets its bias (or zeros) written.
-    if rem > TAIL1:
-        _linear_fwd_tile(x_ptr, w_ptr, b_ptr, y_ptr, perm_ptr, p0, count, offs_m, m_ok, N, K, stride_xm, stride_xk,
-                         stride_wn, stride_wk, stride_ym, stride_yn, HAS_BIAS, COMPACT_W, UPCAST, DOT_PRECISION,
-                         WIDE, BLOCK_M, BLOCK_K, BLOCK_N)
-    elif rem > TAIL2:
-        _linear_fwd_tile(x_ptr, w_ptr, b_ptr, y_ptr, perm_ptr, p0, count, offs_m, m_ok, N, K, stride_xm, stride_xk,
-                         stride_wn, stride_wk, stride_ym, stride_yn, HAS_BIAS, COMPACT_W, UPCAST, DOT_PRECISION,
-                         WIDE, BLOCK_M, BLOCK_K, TAIL1)
-        _linear_fill_pruned(b_ptr, y_ptr, perm_ptr, p0 + TAIL1, p0 + BLOCK_N, N, offs_m, m_ok, stride_ym, stride_yn,
-                            HAS_BIAS, WIDE, BLOCK_M, BLOCK_N)
-    elif rem > TAIL3:
-        _linear_fwd_tile(x_ptr, w_ptr, b_ptr, y_ptr, perm_ptr, p0, count, offs_m, m_ok, N, K, stride_xm, stride_xk,
-                         stride_wn, stride_wk, stride_ym, stride_yn, HAS_BIAS, COMPACT_W, UPCAST, DOT_PRECISION,
-                         WIDE, BLOCK_M, BLOCK_K, TAIL2)
-        _linear_fill_pruned(b_ptr, y_ptr, perm_ptr, p0 + TAIL2, p0 + BLOCK_N, N, offs_m, m_ok, stride_ym, stride_yn,
-                            HAS_BIAS, WIDE, BLOCK_M, BLOCK_N)
-    elif rem > 0:
-        _linear_fwd_tile(x_ptr, w_ptr, b_ptr, y_ptr, perm_ptr, p0, count, offs_m, m_ok, N, K, stride_xm, stride_xk,
-                         stride_wn, stride_wk, stride_ym, stride_yn, HAS_BIAS, COMPACT_W, UPCAST, DOT_PRECISION,
-                         WIDE, BLOCK_M, BLOCK_K, TAIL3)
-        _linear_fill_pruned(b_ptr, y_ptr, perm_ptr, p0 + TAIL3, p0 + BLOCK_N, N, offs_m, m_ok, stride_ym, stride_yn,
-                            HAS_BIAS, WIDE, BLOCK_M, BLOCK_N)
-    else:
-        _linear_fill_pruned(b_ptr, y_ptr, perm_ptr, p0, p0 + BLOCK_N, N, offs_m, m_ok, stride_ym, stride_yn,
+    tiles_m = tl.cdiv(M, BLOCK_M)
+    n_active = tl.cdiv(count, BLOCK_N)
+    tiles = tiles_m * n_active
+    n_split = _split_count(split_ptr, n_active, tiles, num_programs)
+    k_blocks = tl.cdiv(K, BLOCK_K)
+    chunk = tl.maximum(tl.cdiv(k_blocks, n_split), 1)
+    n_split = tl.maximum(tl.cdiv(k_blocks, chunk), 1)  # no empty split
+    for u in range(pid, tiles * n_split, num_programs):
+        tile = u // n_split
+        split = u - tile * n_split
+        pid_m, pid_p = _grouped_tile(tile, tiles_m, n_active, GROUP_M)
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        if WIDE:
+            offs_m = offs_m.to(tl.int64)
+        m_ok = offs_m < M
+        p0 = pid_p * BLOCK_N
+        k_lo = split * chunk * BLOCK_K
+        k_hi = tl.minimum(k_lo + chunk * BLOCK_K, K)
+        rem = count - p0
+        if rem > TAIL1:
+            _linear_fwd_unit(x_ptr, w_ptr, b_ptr, y_ptr, perm_ptr, ws_ptr, lock_ptr, p0, count, offs_m, m_ok, N, K,
+                             k_lo, k_hi, tile, split, n_split, stride_xm, stride_xk, stride_wn, stride_wk, stride_ym,
+                             stride_yn, HAS_BIAS, COMPACT_W, UPCAST, DOT_PRECISION, WIDE, BLOCK_M, BLOCK_K,
+                             BLOCK_M * BLOCK_N, BLOCK_N)
+        elif rem > TAIL2:
+            _linear_fwd_unit(x_ptr, w_ptr, b_ptr, y_ptr, perm_ptr, ws_ptr, lock_ptr, p0, count, offs_m, m_ok, N, K,
+                             k_lo, k_hi, tile, split, n_split, stride_xm, stride_xk, stride_wn, stride_wk, stride_ym,
+                             stride_yn, HAS_BIAS, COMPACT_W, UPCAST, DOT_PRECISION, WIDE, BLOCK_M, BLOCK_K,
+                             BLOCK_M * BLOCK_N, TAIL1)
+        elif rem > TAIL3:
+            _linear_fwd_unit(x_ptr, w_ptr, b_ptr, y_ptr, perm_ptr, ws_ptr, lock_ptr, p0, count, offs_m, m_ok, N, K,
+                             k_lo, k_hi, tile, split, n_split, stride_xm, stride_xk, stride_wn, stride_wk, stride_ym,
+                             stride_yn, HAS_BIAS, COMPACT_W, UPCAST, DOT_PRECISION, WIDE, BLOCK_M, BLOCK_K,
+                             BLOCK_M * BLOCK_N, TAIL2)
+        else:
+            _linear_fwd_unit(x_ptr, w_ptr, b_ptr, y_ptr, perm_ptr, ws_ptr, lock_ptr, p0, count, offs_m, m_ok, N, K,
+                             k_lo, k_hi, tile, split, n_split, stride_xm, stride_xk, stride_wn, stride_wk, stride_ym,
+                             stride_yn, HAS_BIAS, COMPACT_W, UPCAST, DOT_PRECISION, WIDE, BLOCK_M, BLOCK_K,
+                             BLOCK_M * BLOCK_N, TAIL3)
+    # Pruned outputs: the blocks from the one that straddles count to the end, past the tile
+    # class that the straddling block computed.
+    first = count // BLOCK_N
+    n_fill = tl.cdiv(N, BLOCK_N) - first
+    for f in range(pid, tiles_m * n_fill, num_programs):
+        fm = f // n_fill
+        p0 = (first + f - fm * n_fill) * BLOCK_N
+        offs_m = fm * BLOCK_M + tl.arange(0, BLOCK_M)
+        if WIDE:
+            offs_m = offs_m.to(tl.int64)
+        rem = count - p0
+        lo = p0 + tl.where(rem > 0, _tile_width(rem, BLOCK_N, TAIL1, TAIL2, TAIL3), 0)
+        _linear_fill_pruned(b_ptr, y_ptr, perm_ptr, lo, p0 + BLOCK_N, N, offs_m, offs_m < M, stride_ym, stride_yn,
                             HAS_BIAS, WIDE, BLOCK_M, BLOCK_N)
 
 
@@ -324,11 +404,65 @@ def _compact_weight_kernel(
 
 
 @triton.jit
+def _linear_dx_unit(
+    dyc_ptr, w_ptr, perm_ptr, dx_ptr, ws_ptr, lock_ptr, offs_m, m_ok, offs_k, k_ok, p_lo, p_hi, tile, split, n_split,
+    stride_cm, stride_wn, stride_wk, stride_dxm, stride_dxk,
+    COMPACT_W: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, WIDE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr, TAIL_P: tl.constexpr,
+):
+    # dX tile over the active positions [p_lo, p_hi): full BLOCK_P steps, then TAIL_P steps for
+    # the remainder; with n_split > 1 the program that finishes the tile's last split writes it.
+    acc = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32)
+    full = p_hi - (p_hi - p_lo) % BLOCK_P
+    offs_j = tl.arange(0, BLOCK_P)
+    a_ptrs = dyc_ptr + offs_m[:, None] * stride_cm + offs_j[None, :]
+    for p0 in range(p_lo, full, BLOCK_P):
+        if COMPACT_W:
+            w_rows = p0 + offs_j
+        else:
+            w_rows = tl.load(perm_ptr + p0 + offs_j)
+        if WIDE:
+            w_rows = w_rows.to(tl.int64)
+        a = tl.load(a_ptrs + p0, mask=m_ok[:, None], other=0.0)
+        b = tl.load(w_ptr + w_rows[:, None] * stride_wn + offs_k[None, :] * stride_wk, mask=k_ok[None, :], other=0.0)
+        if UPCAST:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+    offs_t = tl.arange(0, TAIL_P)
+    t_ptrs = dyc_ptr + offs_m[:, None] * stride_cm + offs_t[None, :]
+    for p0 in range(full, p_hi, TAIL_P):
+        p_ok = p0 + offs_t < p_hi
+        if COMPACT_W:
+            w_rows = p0 + offs_t
+        else:
+            w_rows = tl.load(perm_ptr + p0 + offs_t, mask=p_ok, other=0)
+        if WIDE:
+            w_rows = w_rows.to(tl.int64)
+        a = tl.load(t_ptrs + p0, mask=m_ok[:, None] & p_ok[None, :], other=0.0)
+        b = tl.load(w_ptr + w_rows[:, None] * stride_wn + offs_k[None, :] * stride_wk,
+                    mask=p_ok[:, None] & k_ok[None, :], other=0.0)
+        if UPCAST:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+    last = n_split == 1
+    if n_split > 1:
+        acc, last = _split_fixup(acc, ws_ptr, lock_ptr, tile, split, n_split, BLOCK_M, BLOCK_M * BLOCK_K, BLOCK_K)
+    if last:
+        tl.store(dx_ptr + offs_m[:, None] * stride_dxm + offs_k[None, :] * stride_dxk,
+                 acc.to(dx_ptr.dtype.element_ty), mask=m_ok[:, None] & k_ok[None, :])
+
+
+@triton.jit
 def _threshold_linear_bwd_dx_kernel(
     dyc_ptr,  # [M, >= count] compacted dY (unit column stride)
     w_ptr,  # [N, K], or [>= count, K] compacted (COMPACT_W)
     perm_ptr,  # [N] int32
     count_ptr,  # [1] int32
+    split_ptr,  # [cdiv(N, BLOCK_P) + 1] int32: splits of the reduction for each number of active blocks
+    ws_ptr,  # [programs * BLOCK_M * BLOCK_K] fp32 scratch: partial tiles of split reductions
+    lock_ptr,  # [>= programs] int32, zero: tickets of split tiles (reset by their last program)
     dx_ptr,  # [M, K] out
     M,
     N,
@@ -348,57 +482,33 @@ def _threshold_linear_bwd_dx_kernel(
     TAIL_P: tl.constexpr,  # reduction step for the count % BLOCK_P positions left over
     GROUP_M: tl.constexpr,
 ):
-    # dX = dY[:, act] @ W[act]: the reduction runs over the active positions only.
+    # dX = dY[:, act] @ W[act]: the reduction runs over the active positions only. Persistent,
+    # as the forward: work units are (dX tile, split of the active positions), the split from the
+    # launcher's table for this number of active blocks (many active units over few tiles).
     pid = tl.program_id(0)
-    pid_m, pid_k = _grouped_tile(pid, tl.cdiv(M, BLOCK_M), tl.cdiv(K, BLOCK_K), GROUP_M)
+    num_programs = tl.num_programs(0)
     count = tl.load(count_ptr)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    if WIDE:
-        offs_m = offs_m.to(tl.int64)
-    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
-    if WIDE:
-        offs_k = offs_k.to(tl.int64)
-    m_ok = offs_m < M
-    k_ok = offs_k < K
-    acc = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32)
-    full = count - count % BLOCK_P
-    offs_j = tl.arange(0, BLOCK_P)
-    a_ptrs = dyc_ptr + offs_m[:, None] * stride_cm + offs_j[None, :]
-    for p0 in range(0, full, BLOCK_P):
-        if COMPACT_W:
-            w_rows = p0 + offs_j
-        else:
-            w_rows = tl.load(perm_ptr + p0 + offs_j)
+    tiles_m = tl.cdiv(M, BLOCK_M)
+    tiles_k = tl.cdiv(K, BLOCK_K)
+    tiles = tiles_m * tiles_k
+    p_blocks = tl.cdiv(count, BLOCK_P)
+    n_split = _split_count(split_ptr, p_blocks, tiles, num_programs)
+    chunk = tl.maximum(tl.cdiv(p_blocks, n_split), 1)
+    n_split = tl.maximum(tl.cdiv(p_blocks, chunk), 1)  # no empty split; one unit per tile at count 0
+    for u in range(pid, tiles * n_split, num_programs):
+        tile = u // n_split
+        split = u - tile * n_split
+        pid_m, pid_k = _grouped_tile(tile, tiles_m, tiles_k, GROUP_M)
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
         if WIDE:
-            w_rows = w_rows.to(tl.int64)
-        a = tl.load(a_ptrs + p0, mask=m_ok[:, None], other=0.0)
-        b = tl.load(w_ptr + w_rows[:, None] * stride_wn + offs_k[None, :] * stride_wk, mask=k_ok[None, :], other=0.0)
-        if UPCAST:
-            a = a.to(tl.float32)
-            b = b.to(tl.float32)
-        acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
-    offs_t = tl.arange(0, TAIL_P)
-    t_ptrs = dyc_ptr + offs_m[:, None] * stride_cm + offs_t[None, :]
-    for p0 in range(full, count, TAIL_P):
-        p_ok = p0 + offs_t < count
-        if COMPACT_W:
-            w_rows = p0 + offs_t
-        else:
-            w_rows = tl.load(perm_ptr + p0 + offs_t, mask=p_ok, other=0)
-        if WIDE:
-            w_rows = w_rows.to(tl.int64)
-        a = tl.load(t_ptrs + p0, mask=m_ok[:, None] & p_ok[None, :], other=0.0)
-        b = tl.load(w_ptr + w_rows[:, None] * stride_wn + offs_k[None, :] * stride_wk,
-                    mask=p_ok[:, None] & k_ok[None, :], other=0.0)
-        if UPCAST:
-            a = a.to(tl.float32)
-            b = b.to(tl.float32)
-        acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
-    tl.store(
-        dx_ptr + offs_m[:, None] * stride_dxm + offs_k[None, :] * stride_dxk,
-        acc.to(dx_ptr.dtype.element_ty),
-        mask=m_ok[:, None] & k_ok[None, :],
-    )
+            offs_m = offs_m.to(tl.int64)
+            offs_k = offs_k.to(tl.int64)
+        p_lo = split * chunk * BLOCK_P
+        _linear_dx_unit(dyc_ptr, w_ptr, perm_ptr, dx_ptr, ws_ptr, lock_ptr, offs_m, offs_m < M, offs_k, offs_k < K,
+                        p_lo, tl.minimum(p_lo + chunk * BLOCK_P, count), tile, split, n_split, stride_cm, stride_wn,
+                        stride_wk, stride_dxm, stride_dxk, COMPACT_W, UPCAST, DOT_PRECISION, WIDE, BLOCK_M, BLOCK_K,
+                        BLOCK_P, TAIL_P)
 
 
 # ----------------------------------------------------------------------------- dW
@@ -525,6 +635,7 @@ def _threshold_linear_bwd_dw_kernel(
     BLOCK_K: tl.constexpr,  # input features (the GEMM's M)
     BLOCK_P: tl.constexpr,  # positions of perm (N)
     BLOCK_M: tl.constexpr,  # reduction over batch rows
+    SAMPLE_M: tl.constexpr,  # MODE 2: reduction step over the sampled rows (<= BLOCK_M, sized to the sample)
     TAIL1: tl.constexpr,
     TAIL2: tl.constexpr,
     TAIL3: tl.constexpr,
@@ -566,7 +677,7 @@ def _threshold_linear_bwd_dw_kernel(
                 _linear_dw_tiles(x_ptr, dyc_ptr, dy_ptr, w_ptr, perm_ptr, g_ptr, rpart_ptr, p0, N, count, pid_k,
                                  offs_k, k_ok, M, N, sample_count, sample_step, M / sample_count, stride_xm,
                                  stride_xk, stride_cm, stride_dym, stride_dyn, stride_wn, stride_wk, stride_gn,
-                                 stride_gk, 1, False, UPCAST, DOT_PRECISION, WIDE, BLOCK_K, BLOCK_M, BLOCK_P, TAIL1,
+                                 stride_gk, 1, False, UPCAST, DOT_PRECISION, WIDE, BLOCK_K, SAMPLE_M, BLOCK_P, TAIL1,
                                  TAIL2, TAIL3)
 
 
@@ -842,14 +953,61 @@ def threshold_linear_fwd(
     x2d, weight = _rows_contiguous(x2d), _rows_contiguous(weight)
     key = ("linear_fwd", x2d.shape, x2d.stride(), weight.shape, weight.stride(), x2d.dtype, bias is not None,
            compact_weight, aligned16(x2d), aligned16(weight), launch_settings())
-    compact, plan = cached_plan(key, lambda: _linear_fwd_plan(x2d, weight, bias is not None, compact_weight,
-                                                              key[-3], key[-2]))
+    compact, plan, split = cached_plan(key, lambda: _linear_fwd_plan(x2d, weight, bias is not None, compact_weight,
+                                                                     key[-3], key[-2]))
     w_op = compact_weight_rows(weight, row_mask, fan_in, fan_in, (weight.stride(1), 0, 0), 1) if compact else weight
     _go(_threshold_linear_fwd_kernel, plan,
-        (x2d, w_op, bias if bias is not None else weight, row_mask.perm, row_mask.count, y, m_rows, n_rows, fan_in,
-         x2d.stride(0), x2d.stride(1), w_op.stride(0), w_op.stride(1), y.stride(0), y.stride(1)),
+        (x2d, w_op, bias if bias is not None else weight, row_mask.perm, row_mask.count, *split.operands(x2d.device),
+         y, m_rows, n_rows, fan_in, x2d.stride(0), x2d.stride(1), w_op.stride(0), w_op.stride(1), y.stride(0),
+         y.stride(1)),
         x2d.dtype, m_rows, density_hint)
     return y
+
+
+class _Split(NamedTuple):
+    """A persistent GEMM's split reduction: ``table[i]`` is the split for ``i`` active blocks,
+    ``programs`` the grid, ``slot`` the elements of one partial tile in the workspace."""
+
+    table: tuple[int, ...]
+    programs: int
+    slot: int
+
+    def operands(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(table, workspace, tickets)`` on ``device``: the table uploaded once per device,
+        a workspace of one slot per program, and zeroed tickets shared by the launches of the
+        current stream (each split tile's last program resets its own)."""
+        found = _split_tables.get((self.table, device))
+        if found is None:
+            found = _split_tables[(self.table, device)] = torch.tensor(self.table, dtype=torch.int32, device=device)
+        # An unsplit launch never touches the workspace: one element stands in for it.
+        ws = torch.empty(self.programs * self.slot if max(self.table) > 1 else 1, device=device, dtype=torch.float32)
+        return found, ws, split_tickets(device, self.programs)
+
+
+_split_tables: dict = {}
+_split_tickets: dict = {}
+
+
+def split_tickets(device: torch.device, n: int) -> torch.Tensor:
+    """At least ``n`` zeroed int32 tickets for the split tiles of the launches on ``device``'s
+    current stream (one set per stream, so that concurrent launches never share one)."""
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    key = (device.type, device.index, stream)
+    found = _split_tickets.get(key)
+    if found is None or found.numel() < n:
+        found = _split_tickets[key] = torch.zeros(max(n, 256), device=device, dtype=torch.int32)
+    return found
+
+
+def _split_plan(tiles_of, blocks_of, n_index: int, block_macs: int, bytes_of, slot: int, units_floor: int,
+                device_programs: int, mac_bytes: float) -> _Split:
+    """The split of each of ``n_index + 1`` device-side states (active blocks ``i``), the
+    programs a persistent launch needs (at most ``device_programs``; at least ``units_floor``
+    for the work that is not split, e.g. filling pruned outputs) and the slot size."""
+    table = tuple(best_split(tiles_of(i), blocks_of(i), block_macs, bytes_of(i), slot * 4, device_programs, mac_bytes)
+                  for i in range(n_index + 1))
+    units = max([units_floor] + [tiles_of(i) * table[i] for i in range(n_index + 1)])
+    return _Split(table, max(1, min(device_programs, units)), slot)
 
 
 def _linear_fwd_plan(x2d, weight, has_bias: bool, compact_weight, x_aligned: bool, w_aligned: bool):
@@ -868,9 +1026,17 @@ def _linear_fwd_plan(x2d, weight, has_bias: bool, compact_weight, x_aligned: boo
              **tail_widths(block_n), "num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
     consts = dict(HAS_BIAS=has_bias, COMPACT_W=compact, UPCAST=interpreter_enabled(),
                   DOT_PRECISION=dot_precision("matmul", x2d.dtype), WIDE=not fits_int32(x2d, w_op, y))
-    return compact, _planned(
-        "linear_fwd", lambda meta: (cdiv(m_rows, meta["BLOCK_M"]) * cdiv(n_rows, meta["BLOCK_N"]),), fixed, consts,
-        limits={"BLOCK_M": next_power_of_2(m_rows), "BLOCK_N": next_power_of_2(n_rows)})
+    # The table and the programs follow the blocks the launch runs (halved for int64 offsets);
+    # an autotuned configuration's smaller blocks are clamped by the kernel to the programs.
+    blocks = wide_config("linear_fwd", fixed, consts)
+    bm, bn, bk = blocks["BLOCK_M"], blocks["BLOCK_N"], blocks["BLOCK_K"]
+    tiles_m, esize = cdiv(m_rows, bm), x2d.element_size()
+    split = _split_plan(
+        lambda i: tiles_m * i, lambda i: cdiv(fan_in, bk), cdiv(n_rows, bn), bm * bn * bk,
+        lambda i: esize * (m_rows * fan_in + min(i * bn, n_rows) * fan_in + m_rows * n_rows), bm * bn,
+        tiles_m * cdiv(n_rows, bn), grid_programs(x2d.device), bytes_per_mac(x2d.dtype))
+    return compact, _planned("linear_fwd", lambda meta: (split.programs,), fixed, consts,
+                             limits={"BLOCK_M": next_power_of_2(m_rows), "BLOCK_N": next_power_of_2(n_rows)}), split
 
 
 def threshold_linear_bwd(
@@ -921,8 +1087,9 @@ def threshold_linear_bwd(
         w_op = (compact_weight_rows(weight, row_mask, fan_in, fan_in, (weight.stride(1), 0, 0), 1)
                 if plan.compact else weight)
         _go(_threshold_linear_bwd_dx_kernel, plan.dx,
-            (dyc, w_op, row_mask.perm, row_mask.count, dx, m_rows, n_rows, fan_in, dyc.stride(0), w_op.stride(0),
-             w_op.stride(1), dx.stride(0), dx.stride(1)), x2d.dtype, m_rows, density_hint)
+            (dyc, w_op, row_mask.perm, row_mask.count, *plan.dx_split.operands(device), dx, m_rows, n_rows, fan_in,
+             dyc.stride(0), w_op.stride(0), w_op.stride(1), dx.stride(0), dx.stride(1)),
+            x2d.dtype, m_rows, density_hint)
     # dW = m*G + sign(W) r / K is finished in a second pass (r needs every K tile of G). For
     # 16-bit weights G goes through an fp32 workspace so that dW is rounded once, like the
     # reference; fp32 weights hold G in place.
@@ -940,6 +1107,7 @@ def threshold_linear_bwd(
 class _BwdPlan(NamedTuple):
     compact: bool
     dx: _Launch | None
+    dx_split: _Split | None
     in_place: bool
     num_kb: int
     dw: _Launch
@@ -956,16 +1124,24 @@ def _linear_bwd_plan(x2d, weight, grad_y, mode: str, sample_fraction: float, nee
     consts = dict(UPCAST=interpreter_enabled(), DOT_PRECISION=dot_precision("matmul", x2d.dtype))
     mode_id = BACKWARD_MODES[mode]
     dyc = _meta((m_rows, cdiv(n_rows, DYC_PAD) * DYC_PAD))
-    compact, dx_plan = False, None
+    compact, dx_plan, dx_split = False, None, None
     if need_dx:
         compact = use_compact_weight(compact_weight, "linear", weight)
         w_op = _meta((n_rows, cdiv(fan_in, 16) * 16)) if compact else weight
         fixed = {"BLOCK_M": cfg.block_m, "BLOCK_K": cfg.block_k * 2, "BLOCK_P": cfg.block_k, "GROUP_M": cfg.group_m,
                  "num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
-        dx_plan = _planned(
-            "linear_dx", lambda meta: (cdiv(m_rows, meta["BLOCK_M"]) * cdiv(fan_in, meta["BLOCK_K"]),), fixed,
-            dict(COMPACT_W=compact, TAIL_P=16, WIDE=not fits_int32(dyc, w_op, _meta((m_rows, fan_in))), **consts),
-            limits={"BLOCK_M": next_power_of_2(m_rows)})
+        dx_consts = dict(COMPACT_W=compact, TAIL_P=16, WIDE=not fits_int32(dyc, w_op, _meta((m_rows, fan_in))),
+                         **consts)
+        blocks = wide_config("linear_dx", fixed, dx_consts)
+        bm, bk, bp = blocks["BLOCK_M"], blocks["BLOCK_K"], blocks["BLOCK_P"]
+        tiles, esize = cdiv(m_rows, bm) * cdiv(fan_in, bk), x2d.element_size()
+        # The reduction runs over the active positions: its blocks are the table's index.
+        dx_split = _split_plan(
+            lambda i: tiles, lambda i: i, cdiv(n_rows, bp), bm * bk * bp,
+            lambda i: esize * (min(i * bp, n_rows) * (m_rows + fan_in) + m_rows * fan_in), bm * bk, tiles,
+            grid_programs(x2d.device), bytes_per_mac(x2d.dtype))
+        dx_plan = _planned("linear_dx", lambda meta: (dx_split.programs,), fixed, dx_consts,
+                           limits={"BLOCK_M": next_power_of_2(m_rows)})
     in_place = weight.dtype == torch.float32
     g = _meta((n_rows, fan_in))
     s_count, s_step = sample_rows(m_rows, sample_fraction)
@@ -977,8 +1153,10 @@ def _linear_bwd_plan(x2d, weight, grad_y, mode: str, sample_fraction: float, nee
     fixed = {"BLOCK_K": feature_tile, "BLOCK_P": unit_tile, "BLOCK_M": cfg.block_k, **tail_widths(unit_tile),
              "num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
     num_kb = cdiv(fan_in, fixed["BLOCK_K"])
+    # (one compiled variant for the modes that do not sample)
+    sample_m = sample_block(s_count, fixed["BLOCK_M"]) if mode_id == 2 else fixed["BLOCK_M"]
     dw_plan = _planned(
         f"linear_dw{mode_id}", lambda meta: (num_kb, cdiv(n_rows, meta["BLOCK_P"]) + (1 if mode_id == 2 else 0)),
-        fixed, dict(MODE=mode_id, WIDE=not fits_int32(x2d, dyc, grad_y, weight, g), **consts),
+        fixed, dict(MODE=mode_id, SAMPLE_M=sample_m, WIDE=not fits_int32(x2d, dyc, grad_y, weight, g), **consts),
         limits={"BLOCK_P": next_power_of_2(n_rows)}, fixed_keys=("BLOCK_K",))
-    return _BwdPlan(compact, dx_plan, in_place, num_kb, dw_plan, s_count, s_step, mode_id)
+    return _BwdPlan(compact, dx_plan, dx_split, in_place, num_kb, dw_plan, s_count, s_step, mode_id)

@@ -259,3 +259,66 @@ def test_launchers_reject_bad_operands(device):
             threshold_linear_fwd(x, w, b, rm, density_hint=hint)
         with pytest.raises(ValueError, match="density_hint"):
             threshold_linear_bwd(dy, x, w, rm, density_hint=hint)
+
+
+# ----------------------------------------------------------------------------- split reductions
+
+# (rows, units, features): one row tile. The first splits dX's active positions over its two
+# feature tiles (and the forward's four K blocks at density 1); the second splits the forward's
+# ten K blocks over the one or two active blocks of density 0.1 and 0.5.
+SPLIT_SHAPES = [(20, 150, 100), (45, 61, 300)]
+
+
+@pytest.mark.parametrize("shape", SPLIT_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("split", [2, 3, 5])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("density", [0.0, 0.1, 0.5, 1.0])
+def test_split_reductions_match_reference(shape, split, dtype, density, device):
+    from spafl.kernels import _config
+    from spafl.kernels import threshold_linear as tl_mod
+
+    inputs = _inputs(*shape, dtype, density, device)
+    with _config.forced_split(split):
+        rm, y, dx, *_ = _check_all(*inputs, "skip", dtype)
+        # Partials are summed in split order whichever program finishes last: bitwise repeatable.
+        assert torch.equal(threshold_linear_fwd(inputs[0], inputs[1], inputs[2], rm), y)
+        assert torch.equal(threshold_linear_bwd(inputs[3], *inputs[:2], rm, mode="skip")[0], dx)
+    # Every split tile's last program reset its ticket.
+    assert not tl_mod.split_tickets(torch.device(device), 1).any()
+
+
+def test_split_plans_split_where_the_shape_allows(device):
+    # The tests above run split reductions only if the plans do split these shapes.
+    from spafl.kernels import _config
+    from spafl.kernels import threshold_linear as tl_mod
+
+    m, n, k = SPLIT_SHAPES[1]
+    x, w, b, dy, tau = _inputs(m, n, k, torch.float32, 0.1, device)
+    with _config.forced_split(5):
+        _, plan, split = tl_mod._linear_fwd_plan(x, w, True, None, True, True)
+        bwd = tl_mod._linear_bwd_plan(*_inputs(*SPLIT_SHAPES[0], torch.float32, 1.0, device)[:2],
+                                      dy.new_empty(20, 150), "skip", 0.125, True, None, True)
+    # One / two active blocks of 32 over two row tiles: 2 / 4 tiles over 8 programs.
+    assert split.table[1] == 4 and split.table[2] == 2
+    assert max(bwd.dx_split.table) == 4  # two dX tiles over 8 programs
+
+
+def test_best_split_is_the_cost_models_choice():
+    from spafl.kernels._config import best_split, forced_split
+
+    # One tile, 64 blocks of 1000 MACs, no operand bytes, 1000-byte partials, a byte per MAC:
+    # split s costs max(ceil(64 / s) * 1000, 2 * s * 1000); s = 6 (11 blocks each) is cheapest.
+    assert best_split(1, 64, 1000, 0, 1000, 132, 1.0) == 6
+    # Memory-bound (the operands dwarf the compute): no split.
+    assert best_split(1, 64, 1000, 10**9, 1000, 132, 1.0) == 1
+    # A tile per program already, or nothing to split: no split.
+    assert best_split(132, 64, 10**6, 0, 1, 132, 1.0) == 1
+    assert best_split(1, 1, 10**6, 0, 1, 132, 1.0) == 1
+    assert best_split(0, 64, 10**6, 0, 1, 132, 1.0) == 1
+    # Never more units than programs, never more parts than blocks.
+    assert best_split(40, 64, 10**6, 0, 1, 132, 1.0) == 3
+    assert best_split(1, 5, 10**6, 0, 1, 132, 1.0) == 5
+    with forced_split(100):
+        assert best_split(40, 64, 1, 10**9, 10**9, 132, 1.0) == 3
+    with forced_split(2):
+        assert best_split(1, 64, 1000, 0, 1000, 132, 1.0) == 2

@@ -277,6 +277,20 @@ class HarnessSize:
     pixels: int = 8  # Conv2d: output height = width (at most)
 
 
+# The batch each model trains at (the presets of spafl.federated.config; the benchmark's
+# ResNet-18 at the benchmark's batch, the large Linear at 512 rows) and the rows a Linear sees
+# per sample (the ViT's 64 patches and class token).
+REAL_BATCH = {"lenet5": (64, 1), "conv4": (16, 1), "resnet18": (64, 1), "resnet18-bench": (32, 1), "vit": (16, 65),
+              "large": (512, 1)}
+
+
+def real_size(layer) -> HarnessSize:
+    """The model's own batch (Linear: rows; Conv2d: images at the model's output size); input
+    channels and features stay shrunk (the fractions do not depend on them)."""
+    batch, tokens = REAL_BATCH[layer.name.split(".")[0]]
+    return HarnessSize(rows=batch * tokens, images=batch, pixels=1 << 30)
+
+
 def _inputs(layer, dtype: torch.dtype, density: float, size: HarnessSize, seed: int = 0):
     """Inputs in the layouts the federated models use (contiguous, NCHW), and thresholds that
     leave exactly ``round(density * units)`` units active."""
@@ -435,9 +449,36 @@ def expected_fractions(r: LayerWork, density: float) -> dict:
         else:
             reduction = r.size.rows if isinstance(r.layer, LinearLayer) else _pixels(r)
             sampled = sample_rows(reduction, 0.125)[0]
-            rho = -(-sampled // bm) / -(-reduction // bm)
+            splits = _dw_splits(r, meta, reduction, mode)
+            # Pruned tiles step over the sample in SAMPLE_M rows, active ones over the batch in BLOCK_M.
+            rho = _split_cover(sampled, splits, meta["SAMPLE_M"]) / _split_cover(reduction, splits, bm)
             out[("dw", mode)] = (covered_units(a, bp) + covered_units(units - a, bp) * rho) / dense
     return out
+
+
+def _split_cover(end: int, splits: int, block: int) -> int:
+    """Reduction rows issued over ``range(end)`` split as the conv dW kernel's ``_split_range``
+    does (``splits`` chunks rounded up to whole blocks, each chunk's tiles ``block`` rows)."""
+    per_split = -(-end // splits)
+    chunk = -(-per_split // block) * block
+    total = 0
+    for i in range(splits):
+        lo = min(i * chunk, end)
+        total += -(-(min(lo + chunk, end) - lo) // block) * block
+    return total
+
+
+def _dw_splits(r: LayerWork, meta: dict, reduction: int, mode: str) -> int:
+    """How many programs share the dW reduction (the conv launcher's choice; 1 for Linear)."""
+    if isinstance(r.layer, LinearLayer):
+        return 1
+    from spafl.kernels._config import cdiv
+    from spafl.kernels.threshold_conv2d import _dw_split
+
+    chans = min(r.layer.cin, r.size.channels)
+    num_kb = r.layer.kernel**2 * cdiv(chans, meta["BLOCK_C"])
+    n_blocks = cdiv(r.layer.units, meta["BLOCK_P"]) + (1 if mode == "sample" else 0)
+    return _dw_split(n_blocks * num_kb, reduction, meta["BLOCK_M"])
 
 
 def _pixels(r: LayerWork) -> int:
@@ -469,7 +510,8 @@ def check(r: LayerWork, modes=MODES) -> list[str]:
     * bytes: the operands indexed by the pruned dimension (weight rows, compacted dY columns,
       the G workspace) move bytes in exact proportion to the active units (or to the tiles
       that cover them); the dense outputs (Y, dX, dW) are written whole at every density; the
-      row mask is one launch that reads W once.
+      row mask is one launch that reads W once;
+    * sample mode never issues more tensor-core work than exact mode, at any density.
     """
     from spafl.kernels._config import covered_units
 
@@ -510,6 +552,10 @@ def check(r: LayerWork, modes=MODES) -> list[str]:
             why = _proportional(r, density, op, mode, arg, ratio, stored)
             if why:
                 bad.append(why)
+        if ("dw", "sample") in r.work and ("dw", "exact") in r.work:
+            sampled, exact = r.work[("dw", "sample")][density].macs, r.work[("dw", "exact")][density].macs
+            if sampled > exact:
+                bad.append(f"{r.layer.name} dw[sample] d={density}: {sampled} MACs, more than exact mode's {exact}")
         mask = r.work[("mask", "")][density]
         if mask.launches != 1 or mask.arg_bytes("w_ptr") != r.work[("mask", "")][1.0].arg_bytes("w_ptr"):
             bad.append(f"{r.layer.name} mask d={density}: {mask.launches} launches, W read {mask.arg_bytes('w_ptr')} B")
@@ -545,6 +591,28 @@ def table(results: list[LayerWork], metric: str = "macs", markdown: bool = False
     return "\n".join("  ".join(c.ljust(wd) for c, wd in zip(row, widths, strict=True)) for row in [head, *rows])
 
 
+def sample_table(results: list[LayerWork], markdown: bool = False, grouped: bool = False) -> str:
+    """Sample mode's weight-gradient work over exact mode's, per layer and density."""
+    head = ["layer", "rows", "units", *[f"d={d:g}" for d in DENSITIES]]
+    rows = []
+    for r in results:
+        if ("dw", "sample") not in r.work or ("dw", "exact") not in r.work:
+            continue
+        reduction = r.size.rows if isinstance(r.layer, LinearLayer) else _pixels(r)
+        cells = [f"{r.work[('dw', 'sample')][d].macs / r.work[('dw', 'exact')][d].macs:.3f}" for d in DENSITIES]
+        rows.append([r.layer.name, str(reduction), str(r.layer.units), *cells])
+    if grouped:
+        merged: dict = {}
+        for row in rows:
+            merged.setdefault(tuple(row[1:]), []).append(row[0])
+        rows = [[", ".join(names), *key] for key, names in merged.items()]
+    if markdown:
+        return "\n".join(["| " + " | ".join(head) + " |", "|" + "---|" * len(head),
+                          *["| " + " | ".join(row) + " |" for row in rows]])
+    widths = [max(len(row[i]) for row in [head, *rows]) for i in range(len(head))]
+    return "\n".join("  ".join(c.ljust(wd) for c, wd in zip(row, widths, strict=True)) for row in [head, *rows])
+
+
 def _op_order(key) -> tuple:
     op, mode = key
     return OPS.index(op), MODES.index(mode) if mode in MODES else -1
@@ -556,18 +624,23 @@ def main(argv=None) -> int:
     parser.add_argument("--metric", choices=["macs", "load_bytes", "store_bytes"], default="macs")
     parser.add_argument("--markdown", action="store_true")
     parser.add_argument("--grouped", action="store_true", help="one row for layers with identical rows")
+    parser.add_argument("--batch", choices=["harness", "real"], default="harness",
+                        help="harness: 256 Linear rows, 4 images at <= 8x8 output pixels; real: each model's batch")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     results, violations = [], []
     t0 = time.perf_counter()
     for layer in LAYERS:
         if args.k in layer.name:
-            results.append(measure(layer))
+            results.append(measure(layer, size=real_size(layer) if args.batch == "real" else None))
             violations += check(results[-1])
             print(f"# {layer.name}: {results[-1].seconds:.1f} s", file=sys.stderr)
     for metric in ("macs", "load_bytes") if args.metric == "macs" else (args.metric,):
         print(f"\n## {metric}: issued at density d / issued at density 1\n")
         print(table(results, metric, args.markdown, args.grouped))
+    if args.metric == "macs":
+        print("\n## dw[sample] MACs / dw[exact] MACs at the same density\n")
+        print(sample_table(results, args.markdown, args.grouped))
     print("\n".join(["", *violations, f"{len(violations)} violations"]))
     print(f"\n# {len(results)} layers in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
     return 1 if violations else 0
