@@ -284,10 +284,11 @@ PRECISION_EXCLUDED: dict[tuple[str, str], list[dict]] = {("linear_fwd", "ieee"):
 # The int64-offset variants (``WIDE``: tensors past 2^31 elements) of these families run with
 # these blocks halved: 64-bit offsets and bounds take registers, and the fixed tiles spill then
 # (offline sm_90 compile; Triton 3.6 also spilled the IEEE fp32 Linear dX with its row block
-# halved alone, and the IEEE fp32 conv dW). They never autotune: a compile per candidate for a
+# halved alone, the persistent IEEE fp32 Linear forward likewise (22 local-memory
+# instructions), and the IEEE fp32 conv dW). They never autotune: a compile per candidate for a
 # rare shape. (No block that sizes a grid outside the launch: conv dW's pixel block is its
 # reduction.)
-WIDE_HALVED = {"linear_fwd": ("BLOCK_M",), "linear_dx": ("BLOCK_M", "BLOCK_K"), "conv_fwd": ("BLOCK_M",),
+WIDE_HALVED = {"linear_fwd": ("BLOCK_M", "BLOCK_N"), "linear_dx": ("BLOCK_M", "BLOCK_K"), "conv_fwd": ("BLOCK_M",),
                "conv_dx": ("BLOCK_M",), "conv_dw": ("BLOCK_M",)}
 
 # Meta-parameters whose tail classes follow them.
@@ -342,6 +343,9 @@ def wide_config(family: str, fixed: dict, consts: dict) -> dict:
     if not consts.get("WIDE"):
         return fixed
     halved = {k: fixed[k] // 2 for k in WIDE_HALVED.get(family.rstrip("0123456789"), ()) if fixed[k] > 16}
+    for key in _TAILED:  # the tile classes follow their block
+        if key in halved and "TAIL1" in fixed:
+            halved.update(tail_widths(halved[key]))
     return {**fixed, **halved} if halved else fixed
 
 

@@ -1022,8 +1022,12 @@ def _linear_fwd_plan(x2d, weight, has_bias: bool, compact_weight, x_aligned: boo
     if gpu_tiles() and not _layout_aligned(x_aligned and (w_aligned or compact), x2d, w_op, y, sizes=(fan_in,)):
         # Unvectorised loads: half the tile keeps the kernel within its registers (no spills).
         block_n, block_k = block_n // 2, min(block_k, 32)
+    # 16-bit: a 4-stage pipeline. With 3 stages the persistent forward's 128 x 128 tile spills
+    # one register under Triton 3.6 (255 in use); with 4 it fits under 3.6 and 3.9 (offline
+    # sm_90 compile, tests/aot_compile.py), and shared memory holds it (128 KiB of 227).
+    stages = 4 if gpu_tiles() and x2d.dtype != torch.float32 else cfg.num_stages
     fixed = {"BLOCK_M": cfg.block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "GROUP_M": cfg.group_m,
-             **tail_widths(block_n), "num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
+             **tail_widths(block_n), "num_warps": cfg.num_warps, "num_stages": stages}
     consts = dict(HAS_BIAS=has_bias, COMPACT_W=compact, UPCAST=interpreter_enabled(),
                   DOT_PRECISION=dot_precision("matmul", x2d.dtype), WIDE=not fits_int32(x2d, w_op, y))
     # The table and the programs follow the blocks the launch runs (halved for int64 offsets);
