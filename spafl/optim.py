@@ -30,6 +30,7 @@ import torch
 
 from . import reference
 from ._checks import route
+from ._functions import _GRAD_SINKS, grad_sink
 from ._rowmask import RowMask
 from .layers import weight_owner
 
@@ -44,16 +45,94 @@ class FusedStep:
     _kind = "sgd"
     fused_launches = 0
 
+    def __init__(self, params, *args, compact_grads: bool = False, **kwargs):
+        if not isinstance(compact_grads, bool):
+            raise TypeError(f"compact_grads must be a bool, got {compact_grads!r}")
+        # (set first: torch.optim's constructor registers the groups through add_param_group)
+        self.__dict__["_compact_grads"] = compact_grads
+        super().__init__(params, *args, **kwargs)
+
+    @property
+    def compact_grads(self) -> bool:
+        """Whether the compact backward hands this optimizer's threshold weights their gradient as
+        rows (see :mod:`spafl.optim`, "Compact gradients")."""
+        return self.__dict__.get("_compact_grads", False)
+
+    def add_param_group(self, param_group) -> None:
+        super().add_param_group(param_group)
+        if self.compact_grads:
+            for p in self.param_groups[-1]["params"]:
+                grad_sink(p)
+
+    def _sinks(self):
+        for group in self.param_groups:
+            for p in group["params"]:
+                sink = _GRAD_SINKS.get(p)
+                if sink is not None:
+                    yield group, p, sink
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        super().zero_grad(set_to_none)
+        for _, _, sink in self._sinks():
+            sink.grad = None
+
+    def full_grads(self) -> None:
+        """Write every pending compact gradient into its weight's ``.grad`` (for code that reads
+        gradients before the step: ``clip_grad_norm_``, hooks, logging). The step then takes the
+        full gradients."""
+        for _, _, sink in self._sinks():
+            sink.materialize()
+
     @torch.no_grad()
     def step(self, closure=None):
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        rows = self._rows_to_step() if _GRAD_SINKS else []
+        try:
+            return self._step(loss, rows)
+        finally:
+            for group, p, sub, _ in rows:
+                group["params"].pop()
+                self.state.pop(sub, None)
+                p.grad = None
+
+    def _rows_to_step(self) -> list:
+        """The pending compact gradients, set up for ``torch.optim``'s step: the weight gets a
+        broadcast zero gradient (no memory: the update every row gets), and its gradient's rows
+        join its group as a parameter of their own, with their rows of the state (see the module
+        docstring)."""
+        rows = []
+        for group, p, sink in list(self._sinks()):
+            grad = sink.take()
+            if grad is None:
+                continue
+            if p.grad is not None:  # (set by hand after the backward: add to it)
+                p.grad += grad.dense()
+                continue
+            if self._zero_gradient_moves(group):
+                p.grad = torch.zeros((), dtype=p.dtype, device=p.device).expand(p.shape)
+            sub = p.detach().index_select(0, grad.rows)
+            sub.grad = grad.values.to(p.dtype)
+            state = self.state.get(p)
+            if state:
+                self.state[sub] = {k: _rows_of(v, p, grad.rows) for k, v in state.items()}
+            group["params"].append(sub)
+            rows.append((group, p, sub, grad.rows))
+        return rows
+
+    def _zero_gradient_moves(self, group) -> bool:
+        """False where a zero gradient leaves a parameter and its state bit for bit as they are
+        (then the rows alone are stepped)."""
+        return True
+
+    def _step(self, loss, rows):
+        compact = {id(p) for _, p, _, _ in rows}
         fused, plain = [], []
         for group in self.param_groups:
             for p in group["params"]:
-                if p.grad is None:
+                if p.grad is None and id(p) not in compact:
                     continue
                 layer = weight_owner(p)
                 if layer is None:
@@ -71,6 +150,15 @@ class FusedStep:
             row_mask = self._fused_update(group, p, layer)
             layer.keep_next_mask("triton", row_mask)
             self.fused_launches += 1
+        for _, p, sub, index in rows:
+            p.index_copy_(0, index, sub)
+            state, sub_state = self.state.get(p), self.state.get(sub)
+            if sub_state:
+                if not state:  # (the zero gradient made none: SGD without momentum)
+                    state = self.state[p]
+                for key, value in sub_state.items():
+                    if key in state and _rows_of(state[key], p, None) is not None:
+                        state[key].index_copy_(0, index, value)
         for _, _, layer in plain:
             _prepare_plain(layer)
         return loss
@@ -104,6 +192,16 @@ class FusedStep:
 
     def _fused_update(self, group, p, layer):
         raise NotImplementedError
+
+
+def _rows_of(value, p, index):
+    """``value[index]`` for a state tensor shaped like ``p`` (a copy of any other tensor, the same
+    object otherwise); with ``index`` None, whether ``value`` is such a tensor (None if not)."""
+    if not isinstance(value, torch.Tensor):
+        return value if index is not None else None
+    if value.shape == p.shape and value.dim() > 0:
+        return value if index is None else value.index_select(0, index)
+    return value.clone() if index is not None else None
 
 
 def _kernels():
@@ -145,6 +243,11 @@ def _as2d(t: torch.Tensor) -> torch.Tensor:
 class SGD(FusedStep, torch.optim.SGD):
     """``torch.optim.SGD`` that also builds the threshold layers' next row masks (see
     :mod:`spafl.optim`)."""
+
+    def _zero_gradient_moves(self, group) -> bool:
+        # p - lr * 0 is p for every p (-0.0 included); with maximize the gradient is -0.0, and
+        # -0.0 + 0.0 would turn into 0.0
+        return group["momentum"] != 0 or group["weight_decay"] != 0 or group.get("maximize", False)
 
     def _fused_update(self, group, p, layer):
         state = self.state[p]
