@@ -356,3 +356,166 @@ def test_eval_forward_and_copies_leave_the_kept_mask_current(monkeypatch):
     layer.train()
     layer(x)
     assert len(scored) == 1  # the training forward still takes the step's scores
+
+
+# ----------------------------------------------------------------------------- compact gradients (CPU)
+
+
+def _pending(layer):
+    """The layer's weight gradient left as rows by the backward (None if none is pending)."""
+    from spafl._functions import _GRAD_SINKS
+
+    sink = _GRAD_SINKS.get(layer.weight)
+    return None if sink is None else sink.grad
+
+
+def _backward(layer, x):
+    y = layer(x).float()
+    (y.square().mean() + 1e-2 * torch.exp(-layer.threshold.float()).sum()).backward()
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+@pytest.mark.parametrize("mode", ["exact", "skip", "sample"])
+@pytest.mark.parametrize("name,fused,plain,kw", OPTIMIZERS, ids=[o[0] for o in OPTIMIZERS])
+def test_compact_grads_match_torch_optim(kind, mode, name, fused, plain, kw):
+    torch.manual_seed(0)
+    a = _layer(kind, backward_mode=mode)
+    b = copy.deepcopy(a)
+    oa, ob = fused(a.parameters(), compact_grads=True, **kw), plain(b.parameters(), **kw)
+    gen = torch.Generator().manual_seed(1)
+    compact_steps = 0
+    for _ in range(25):
+        x = _input(kind, gen)
+        oa.zero_grad()
+        _backward(a, x)
+        pending = _pending(a)
+        if pending is not None:
+            compact_steps += 1
+            assert a.weight.grad is None
+            mask = a.mask
+            active = mask.nonzero().squeeze(1)
+            # The active rows' dW, and in exact mode the pruned rows owed a sign term: never the
+            # pruned rows of skip mode.
+            assert set(active.tolist()) <= set(pending.rows.tolist())
+            if mode == "skip":
+                assert pending.rows.numel() == active.numel()
+        ob.zero_grad()
+        _backward(b, x)
+        assert torch.equal(a.threshold.grad, b.threshold.grad)
+        if pending is not None:
+            assert torch.equal(pending.dense(), b.weight.grad)
+        oa.step()
+        ob.step()
+        assert a.weight.grad is None or pending is None
+    assert compact_steps >= 5, compact_steps  # (steps with every unit active take full gradients)
+    for pa, pb in zip(a.parameters(), b.parameters(), strict=True):
+        assert torch.equal(pa, pb)
+    for pa, pb in zip(oa.state.values(), ob.state.values(), strict=True):
+        assert pa.keys() == pb.keys()
+        for key in pa:
+            assert torch.equal(torch.as_tensor(pa[key]), torch.as_tensor(pb[key])), key
+    assert torch.equal(a.mask, b.mask)
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+@pytest.mark.parametrize("level", ["all-pruned", "all-active"])
+def test_compact_grads_extremes(kind, level):
+    torch.manual_seed(0)
+    a = _layer(kind, backward_mode="exact", collapse_density=None)
+    with torch.no_grad():
+        a.threshold.fill_(1e3 if level == "all-pruned" else -1.0)
+    b = copy.deepcopy(a)
+    kw = dict(lr=0.05, momentum=0.9, weight_decay=1e-3)
+    oa, ob = so.SGD(a.parameters(), compact_grads=True, **kw), torch.optim.SGD(b.parameters(), **kw)
+    gen = torch.Generator().manual_seed(2)
+    for _ in range(4):
+        x = _input(kind, gen)
+        oa.zero_grad()
+        _backward(a, x)
+        pending = _pending(a)
+        if level == "all-active":  # nothing to skip: the full gradient, as without the opt-in
+            assert pending is None and a.weight.grad is not None
+        else:
+            assert a.weight.grad is None and pending is not None and pending.rows.numel() <= a.weight.shape[0]
+        ob.zero_grad()
+        _backward(b, x)
+        oa.step()
+        ob.step()
+    assert torch.equal(a.weight, b.weight)
+    assert torch.equal(oa.state[a.weight]["momentum_buffer"], ob.state[b.weight]["momentum_buffer"])
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+def test_compact_grads_accumulation_second_forward_zero_grad_clipping(kind):
+    """Two backwards before a step (the second moves the first into ``.grad`` and adds its full
+    gradient), a forward whose graph is dropped, ``zero_grad`` dropping pending rows, and clipping
+    after ``full_grads()``: the same as torch.optim with full gradients."""
+    torch.manual_seed(0)
+    a = _layer(kind, backward_mode="exact")
+    b = copy.deepcopy(a)
+    kw = dict(lr=1e-3, weight_decay=1e-3)
+    oa, ob = so.Adam(a.parameters(), compact_grads=True, **kw), torch.optim.Adam(b.parameters(), **kw)
+    gen = torch.Generator().manual_seed(4)
+    seen = 0
+    for step in range(6):
+        x1, x2 = _input(kind, gen), _input(kind, gen)
+        for layer, opt, compact in ((a, oa, True), (b, ob, False)):
+            # rows left pending by a backward, then dropped by zero_grad
+            _backward(layer, x2)
+            opt.zero_grad()
+            assert _pending(layer) is None
+            layer(x1)  # a second forward, its graph never used
+            _backward(layer, x1)
+            if compact and layer.density < 1:
+                assert layer.weight.grad is None and _pending(layer) is not None
+                seen += 1
+            if step % 2:  # accumulation
+                _backward(layer, x2)
+                assert _pending(layer) is None and layer.weight.grad is not None
+            if step >= 3:  # clipping reads every gradient: full_grads first
+                if compact:
+                    opt.full_grads()
+                    assert layer.weight.grad is not None
+                torch.nn.utils.clip_grad_norm_(layer.parameters(), 0.05)
+            opt.step()
+    assert seen >= 4, seen  # (a step with every unit active takes full gradients)
+    for pa, pb in zip(a.parameters(), b.parameters(), strict=True):
+        assert torch.equal(pa, pb)
+    # The state dict moves to torch.optim and back, and training goes on the same.
+    back = so.Adam(a.parameters(), compact_grads=True, **kw)
+    back.load_state_dict(copy.deepcopy(ob.state_dict()))
+    plain = torch.optim.Adam(b.parameters(), **kw)
+    plain.load_state_dict(copy.deepcopy(oa.state_dict()))
+    for _ in range(3):
+        x = _input(kind, gen)
+        _train_step(a, back, x)
+        _train_step(b, plain, x)
+    assert torch.equal(a.weight, b.weight)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_compact_grads_16bit_weights_take_full_gradients(dtype):
+    torch.manual_seed(0)
+    a = _layer("linear", dtype=dtype)
+    b = copy.deepcopy(a)
+    oa, ob = so.SGD(a.parameters(), lr=0.05, momentum=0.9, compact_grads=True), torch.optim.SGD(
+        b.parameters(), lr=0.05, momentum=0.9)
+    gen = torch.Generator().manual_seed(5)
+    for _ in range(3):
+        x = _input("linear", gen, dtype)
+        oa.zero_grad()
+        _backward(a, x)
+        assert _pending(a) is None and a.weight.grad is not None
+        oa.step()
+        _train_step(b, ob, x)
+    assert torch.equal(a.weight, b.weight)
+
+
+def test_compact_grads_off_by_default_and_checked():
+    layer = _layer("linear")
+    opt = so.SGD(layer.parameters(), lr=0.1)
+    assert not opt.compact_grads
+    _backward(layer, torch.randn(4, 23))
+    assert layer.weight.grad is not None and _pending(layer) is None
+    with pytest.raises(TypeError, match="compact_grads must be a bool"):
+        so.SGD(layer.parameters(), lr=0.1, compact_grads=1)
