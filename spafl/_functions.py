@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import weakref
+from typing import NamedTuple
 
 import torch
 from torch.autograd.function import once_differentiable
@@ -133,11 +134,15 @@ class _Triton:
         return _kernels().threshold_linear_fwd(x2d, weight, bias, row_mask), None
 
     @staticmethod
-    def linear_backward(grad_y2d, x2d, weight, row_mask, state, options, need_dx, has_bias, threshold_dtype):
+    def linear_backward(grad_y2d, x2d, weight, row_mask, state, options, need_dx, has_bias, threshold_dtype,
+                        rows_only=False):
+        r = torch.empty(weight.shape[0], dtype=torch.float32, device=weight.device) if rows_only else None
         dx, dw, dtau = _kernels().threshold_linear_bwd(
             grad_y2d, x2d, weight, row_mask, mode=_mode(options, x2d.shape[0]),
-            sample_fraction=options.sample_fraction, need_dx=need_dx, threshold_dtype=threshold_dtype,
+            sample_fraction=options.sample_fraction, need_dx=need_dx, threshold_dtype=threshold_dtype, r_out=r,
         )
+        if rows_only:
+            dw = MaskedGrad(dw, row_mask.mask, r, weight)
         db = grad_y2d.sum(dim=0, dtype=torch.float32).to(weight.dtype) if has_bias else None
         return dx, dw, dtau, db
 
@@ -212,6 +217,26 @@ _GRAD_SINKS = WeakIdKeyDictionary()
 _ROWS_DTYPES = (torch.float32, torch.float64)
 
 
+class MaskedGrad(NamedTuple):
+    """A weight's gradient from the Triton backward's ``rows_only`` pass: ``dw`` holds the rows
+    where ``mask`` is set (the others are unwritten), and every other row ``i`` is
+    ``sign(W_i) r_i / fan_in`` (``r`` fp32; 0 in skip mode), which the fused step forms as it
+    reads ``W``."""
+
+    dw: torch.Tensor
+    mask: torch.Tensor
+    r: torch.Tensor
+    weight: torch.Tensor
+
+    def dense(self) -> torch.Tensor:
+        """The full gradient (the backward's without the opt-in; from the weight as it is now)."""
+        w = self.weight.detach()
+        w2 = w.reshape(w.shape[0], -1)
+        owed = torch.sign(w2.float()) * (self.r / w2.shape[1])[:, None]
+        owed = (torch.zeros((), dtype=torch.float32, device=w.device) + owed).to(w.dtype)
+        return torch.where(self.mask.view(-1, 1), self.dw.reshape(w2.shape), owed).view(w.shape)
+
+
 class GradSink:
     """Where the compact backend's backward leaves a weight's gradient as rows
     (:class:`spafl.compact.CompactGrad`) instead of writing ``weight.grad``, for the fused
@@ -238,7 +263,7 @@ class GradSink:
         else:
             param.grad += dense
 
-    def accepts(self) -> bool:
+    def accepts(self, any_dtype: bool = False) -> bool:
         """Whether this backward may leave its ``dW`` here as rows. A gradient already pending
         (a second backward before the step: accumulation) is moved into ``param.grad`` first, and
         this backward then writes its full ``dW`` too, which autograd adds to it."""
@@ -247,7 +272,7 @@ class GradSink:
             return False
         if self.grad is not None:
             self.materialize()
-        return param.grad is None and param.dtype in _ROWS_DTYPES
+        return param.grad is None and (any_dtype or param.dtype in _ROWS_DTYPES)
 
 
 def grad_sink(weight: torch.Tensor) -> GradSink:
@@ -258,23 +283,24 @@ def grad_sink(weight: torch.Tensor) -> GradSink:
     return sink
 
 
-def _sink_for(impl, weight: torch.Tensor):
-    # Only the layers' own compact backend writes rows (a chain's compact instance, the reference
-    # and the Triton kernels write full gradients).
-    if not _GRAD_SINKS or impl is not IMPLEMENTATIONS["compact"]:
+def _sink_for(impl, weight: torch.Tensor, linear: bool):
+    # Only the layers' own compact backend and the Triton Linear write rows (a chain's compact
+    # instance, the reference and the Triton convolutions write full gradients).
+    if not _GRAD_SINKS or not (impl is IMPLEMENTATIONS["compact"] or (linear and impl is _Triton)):
         return None
     return _GRAD_SINKS.get(weight)
 
 
 def _hand_rows(ctx):
-    """Whether this backward leaves ``dW`` in the sink (see :class:`GradSink`)."""
+    """Whether this backward leaves ``dW`` in the sink (see :class:`GradSink`). The Triton rows
+    are any dtype: the fused kernel forms the pruned rows' gradient with the backward's rounding."""
     sink = ctx.sink
-    return sink is not None and ctx.needs_input_grad[1] and sink.accepts()
+    return sink is not None and ctx.needs_input_grad[1] and sink.accepts(ctx.impl is _Triton)
 
 
 def _keep_rows(ctx, dw):
     """``dw`` for autograd: None when it came as rows (then kept in the sink)."""
-    if isinstance(dw, compact.CompactGrad):
+    if isinstance(dw, (compact.CompactGrad, MaskedGrad)):
         ctx.sink.grad = dw
         return None
     return dw
@@ -339,7 +365,7 @@ class ThresholdLinearFunction(torch.autograd.Function):
         y, state = impl.linear_forward(x, weight, bias, row_mask, options)
         ctx.save_for_backward(x, weight, *row_mask[:3])
         ctx.impl, ctx.state, ctx.options, ctx.tau_dtype = impl, state, options, threshold.dtype
-        ctx.sink = _sink_for(impl, weight)
+        ctx.sink = _sink_for(impl, weight, True)
         ctx.has_bias, ctx.x_shape = bias is not None, x_shape
         return _own(y if len(x_shape) == 2 else y.reshape(*x_shape[:-1], weight.shape[0]))
 
@@ -377,7 +403,7 @@ class ThresholdConv2dFunction(torch.autograd.Function):
         y, state = impl.conv2d_forward(x, weight, bias, row_mask, geometry, options)
         ctx.save_for_backward(x, weight, *row_mask[:3])
         ctx.impl, ctx.state, ctx.options, ctx.tau_dtype = impl, state, options, threshold.dtype
-        ctx.sink = _sink_for(impl, weight)
+        ctx.sink = _sink_for(impl, weight, False)
         ctx.geometry = geometry
         ctx.has_bias = bias is not None
         return _own(y)

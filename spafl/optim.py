@@ -38,7 +38,7 @@ import torch
 
 from . import reference
 from ._checks import route
-from ._functions import _GRAD_SINKS, grad_sink
+from ._functions import _GRAD_SINKS, MaskedGrad, grad_sink
 from ._rowmask import RowMask
 from .layers import weight_owner
 
@@ -97,10 +97,12 @@ class FusedStep:
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self.__dict__["_masked"] = {}
         rows = self._rows_to_step() if _GRAD_SINKS else []
         try:
             return self._step(loss, rows)
         finally:
+            self._masked.clear()
             for group, p, sub, _ in rows:
                 group["params"].pop()
                 self.state.pop(sub, None)
@@ -118,6 +120,13 @@ class FusedStep:
                 continue
             if p.grad is not None:  # (set by hand after the backward: add to it)
                 p.grad += grad.dense()
+                continue
+            if isinstance(grad, MaskedGrad):
+                layer = weight_owner(p)
+                if layer is not None and self._fusable(group, p, layer, grad.dw):
+                    self._masked[id(p)] = grad  # the fused kernel takes the rows
+                else:
+                    p.grad = grad.dense()
                 continue
             if self._zero_gradient_moves(group):
                 p.grad = torch.zeros((), dtype=p.dtype, device=p.device).expand(p.shape)
@@ -137,15 +146,20 @@ class FusedStep:
 
     def _step(self, loss, rows):
         compact = {id(p) for _, p, _, _ in rows}
+        masked = self._masked
         fused, plain = [], []
         for group in self.param_groups:
             for p in group["params"]:
+                if id(p) in masked:
+                    fused.append((group, p, weight_owner(p)))
+                    continue
                 if p.grad is None and id(p) not in compact:
                     continue
                 layer = weight_owner(p)
                 if layer is None:
                     continue
-                (fused if self._fusable(group, p, layer) else plain).append((group, p, layer))
+                (fused if p.grad is not None and self._fusable(group, p, layer, p.grad)
+                 else plain).append((group, p, layer))
         held = [(p, p.grad) for _, p, _ in fused]
         for p, _ in held:
             p.grad = None  # torch.optim skips them; the fused kernel updates them below
@@ -155,7 +169,11 @@ class FusedStep:
             for p, grad in held:
                 p.grad = grad
         for group, p, layer in fused:
-            row_mask = self._fused_update(group, p, layer)
+            grad = masked.get(id(p))
+            if grad is None:
+                row_mask = self._fused_update(group, p, layer, p.grad, None)
+            else:
+                row_mask = self._fused_update(group, p, layer, grad.dw, (grad.mask, grad.r))
             layer.keep_next_mask("triton", row_mask)
             self.fused_launches += 1
         for _, p, sub, index in rows:
@@ -182,11 +200,10 @@ class FusedStep:
 
     # --- the fused path
 
-    def _fusable(self, group, p, layer) -> bool:
+    def _fusable(self, group, p, layer, grad) -> bool:
         options = layer.options
         if not layer.training or route(options.backend, p, None, getattr(layer, "groups", 1)).mask != "triton":
             return False
-        grad = p.grad
         if grad.is_sparse or grad.dtype != p.dtype or not p.is_contiguous() or not grad.is_contiguous():
             return False
         if group.get("maximize") or group.get("differentiable") or group.get("fused") or group.get("capturable"):
@@ -198,7 +215,7 @@ class FusedStep:
     def _group_fusable(self, group, p) -> bool:
         return True
 
-    def _fused_update(self, group, p, layer):
+    def _fused_update(self, group, p, layer, grad, grad_rows):
         raise NotImplementedError
 
 
@@ -257,7 +274,7 @@ class SGD(FusedStep, torch.optim.SGD):
         # -0.0 + 0.0 would turn into 0.0
         return group["momentum"] != 0 or group["weight_decay"] != 0 or group.get("maximize", False)
 
-    def _fused_update(self, group, p, layer):
+    def _fused_update(self, group, p, layer, grad, grad_rows):
         state = self.state[p]
         momentum = group["momentum"]
         buf = state.get("momentum_buffer") if momentum != 0 else None
@@ -267,9 +284,9 @@ class SGD(FusedStep, torch.optim.SGD):
         elif buf is not None and not buf.is_contiguous():
             buf = state["momentum_buffer"] = buf.contiguous()
         row_mask = _kernels().fused_step(
-            _as2d(p), _as2d(p.grad), layer.threshold.detach(), kind="sgd", lr=float(group["lr"]),
+            _as2d(p), _as2d(grad), layer.threshold.detach(), kind="sgd", lr=float(group["lr"]),
             weight_decay=group["weight_decay"], state1=None if buf is None else _as2d(buf), momentum=momentum,
-            dampening=group["dampening"], nesterov=group["nesterov"], first=first,
+            dampening=group["dampening"], nesterov=group["nesterov"], first=first, grad_rows=grad_rows,
             **_guard(layer),
         )
         if first:
@@ -285,7 +302,7 @@ class _AdamFused(FusedStep):
         # (torch's AdamW is Adam with decoupled_weight_decay=True in its groups; older ones have no flag)
         return group.get("decoupled_weight_decay", self._kind == "adamw")
 
-    def _fused_update(self, group, p, layer):
+    def _fused_update(self, group, p, layer, grad, grad_rows):
         state = self.state[p]
         if len(state) == 0:
             # torch.optim's initial state (step on the host, as it keeps it without capturable)
@@ -300,9 +317,9 @@ class _AdamFused(FusedStep):
         beta1, beta2 = group["betas"]
         kind = "adamw" if self._decoupled(group) else "adam"
         return _kernels().fused_step(
-            _as2d(p), _as2d(p.grad), layer.threshold.detach(), kind=kind, lr=float(group["lr"]),
+            _as2d(p), _as2d(grad), layer.threshold.detach(), kind=kind, lr=float(group["lr"]),
             weight_decay=group["weight_decay"], state1=_as2d(state["exp_avg"]), state2=_as2d(state["exp_avg_sq"]),
-            betas=(float(beta1), float(beta2)), eps=group["eps"], step=step,
+            betas=(float(beta1), float(beta2)), eps=group["eps"], step=step, grad_rows=grad_rows,
             **_guard(layer),
         )
 
