@@ -23,13 +23,16 @@ after those. A layer driven by plain ``torch.optim`` never holds a mask and runs
 The thresholds are updated before the weights' masks are built, when they are in the same
 optimizer; a threshold stepped elsewhere later invalidates the mask (its version moves).
 
-Compact gradients (``compact_grads=True``, off by default): the CPU compact backward leaves the
-threshold weights' gradient as rows (active rows, and pruned rows owed a straight-through term)
-and ``weight.grad`` None; the step applies ``torch.optim``'s update to every row from them (a
-broadcast zero gradient for the weight, the rows as a parameter of their own), bit-identical for
-fp32 / fp64 weights. Gradient accumulation falls back to full gradients by itself; code that
-reads gradients before the step (clipping) calls :meth:`FusedStep.full_grads` first; gradients
-are cleared with the optimizer's ``zero_grad``. See docs/optim.md.
+Compact gradients (``compact_grads=True``, off by default): the backward leaves the threshold
+weights' gradient as rows and ``weight.grad`` None. On the CPU (compact backend: active rows, and
+pruned rows owed a straight-through term) the step applies ``torch.optim``'s update to every row
+from them (a broadcast zero gradient for the weight, the rows as a parameter of their own),
+bit-identical for fp32 / fp64 weights (16-bit weights take full gradients). On the Triton path
+(Linear) the backward writes the active rows of ``dW`` and ``r``, and the fused kernel forms the
+pruned rows' ``sign(W) r / K`` as it reads ``W``. Gradient accumulation falls back to full
+gradients by itself; code that reads gradients before the step (clipping) calls
+:meth:`FusedStep.full_grads` first; gradients are cleared with the optimizer's ``zero_grad``.
+See docs/optim.md.
 """
 
 from __future__ import annotations
