@@ -158,9 +158,10 @@ class _Triton:
 
     @staticmethod
     def conv2d_backward(grad_y, x, weight, row_mask, geometry, as_linear, options, need_dx, has_bias,
-                        threshold_dtype):
+                        threshold_dtype, rows_only=False):
+        r = torch.empty(weight.shape[0], dtype=torch.float32, device=weight.device) if rows_only else None
         kwargs = {"mode": _mode(options, x.shape[0]), "sample_fraction": options.sample_fraction,
-                  "need_dx": need_dx, "threshold_dtype": threshold_dtype}
+                  "need_dx": need_dx, "threshold_dtype": threshold_dtype, "r_out": r}
         if as_linear:
             batch, chans, height, width = x.shape
             filters = weight.shape[0]
@@ -176,6 +177,8 @@ class _Triton:
                 dx = dx.view(batch, height, width, chans).permute(0, 3, 1, 2)
         else:
             dx, dw, dtau = _kernels().threshold_conv2d_bwd(grad_y, x, weight, row_mask, geometry, **kwargs)
+        if rows_only:
+            dw = MaskedGrad(dw, row_mask.mask, r, weight)
         db = grad_y.sum(dim=(0, 2, 3), dtype=torch.float32).to(weight.dtype) if has_bias else None
         return dx, dw, dtau, db
 
@@ -283,10 +286,10 @@ def grad_sink(weight: torch.Tensor) -> GradSink:
     return sink
 
 
-def _sink_for(impl, weight: torch.Tensor, linear: bool):
-    # Only the layers' own compact backend and the Triton Linear write rows (a chain's compact
-    # instance, the reference and the Triton convolutions write full gradients).
-    if not _GRAD_SINKS or not (impl is IMPLEMENTATIONS["compact"] or (linear and impl is _Triton)):
+def _sink_for(impl, weight: torch.Tensor):
+    # Only the layers' own compact backend and the Triton kernels write rows (a chain's compact
+    # instance and the reference write full gradients).
+    if not _GRAD_SINKS or not (impl is IMPLEMENTATIONS["compact"] or impl is _Triton):
         return None
     return _GRAD_SINKS.get(weight)
 
@@ -365,7 +368,7 @@ class ThresholdLinearFunction(torch.autograd.Function):
         y, state = impl.linear_forward(x, weight, bias, row_mask, options)
         ctx.save_for_backward(x, weight, *row_mask[:3])
         ctx.impl, ctx.state, ctx.options, ctx.tau_dtype = impl, state, options, threshold.dtype
-        ctx.sink = _sink_for(impl, weight, True)
+        ctx.sink = _sink_for(impl, weight)
         ctx.has_bias, ctx.x_shape = bias is not None, x_shape
         return _own(y if len(x_shape) == 2 else y.reshape(*x_shape[:-1], weight.shape[0]))
 
@@ -403,7 +406,7 @@ class ThresholdConv2dFunction(torch.autograd.Function):
         y, state = impl.conv2d_forward(x, weight, bias, row_mask, geometry, options)
         ctx.save_for_backward(x, weight, *row_mask[:3])
         ctx.impl, ctx.state, ctx.options, ctx.tau_dtype = impl, state, options, threshold.dtype
-        ctx.sink = _sink_for(impl, weight, False)
+        ctx.sink = _sink_for(impl, weight)
         ctx.geometry = geometry
         ctx.has_bias = bias is not None
         return _own(y)

@@ -652,3 +652,36 @@ def test_triton_compact_steady_state_touches_active_rows_only():
             loaded, stored = work.by_arg.get(arg, (0, 0))
             assert loaded <= rows_bytes and stored <= rows_bytes, (name, arg, loaded, stored, rows_bytes)
     assert wc.kernels["_threshold_bwd_finish_kernel"].by_arg["g_ptr"][1] == rows_bytes  # dW: active rows
+
+
+@triton_only
+@pytest.mark.parametrize("dtype,mode", [(torch.float32, "exact"), (torch.bfloat16, "skip"), (torch.float16, "exact")])
+@pytest.mark.parametrize("pointwise", [False, True], ids=["3x3", "1x1-channels-last"])
+def test_triton_compact_grads_conv(dtype, mode, pointwise):
+    """Conv2d on the Triton path (and a 1x1 convolution on a channels-last input, which runs the
+    Linear kernels): the same bits as the fused step from the full gradient."""
+    torch.manual_seed(0)
+    size = 1 if pointwise else 3
+    a = ThresholdConv2d(5, 19, size, padding=size // 2, backend="triton", backward_mode=mode, dtype=dtype,
+                        device=_device())
+    with torch.no_grad():
+        a.threshold.copy_(reference.row_scores(a.weight).float() * torch.linspace(0.6, 1.3, 19))
+    b = copy.deepcopy(a)
+    kw = dict(lr=0.05, momentum=0.9, weight_decay=1e-3)
+    oa, ob = so.SGD(a.parameters(), compact_grads=True, **kw), so.SGD(b.parameters(), **kw)
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(3):
+        x = _input("conv", gen, dtype)[:2].to(_device())
+        if pointwise:
+            x = x.contiguous(memory_format=torch.channels_last)
+        oa.zero_grad()
+        _backward(a, x)
+        assert a.weight.grad is None and _pending(a) is not None
+        ob.zero_grad()
+        _backward(b, x)
+        oa.step()
+        ob.step()
+    assert oa.fused_launches == ob.fused_launches == 3
+    assert torch.equal(a.weight, b.weight)
+    assert torch.equal(oa.state[a.weight]["momentum_buffer"], ob.state[b.weight]["momentum_buffer"])
+    assert torch.equal(a.mask, b.mask)
