@@ -28,7 +28,7 @@ weights' gradient as rows and ``weight.grad`` None. On the CPU (compact backend:
 pruned rows owed a straight-through term) the step applies ``torch.optim``'s update to every row
 from them (a broadcast zero gradient for the weight, the rows as a parameter of their own),
 bit-identical for fp32 / fp64 weights (16-bit weights take full gradients). On the Triton path
-(Linear) the backward writes the active rows of ``dW`` and ``r``, and the fused kernel forms the
+(Linear, Conv2d) the backward writes the active rows of ``dW`` and ``r``, and the fused kernel forms the
 pruned rows' ``sign(W) r / K`` as it reads ``W``. Gradient accumulation falls back to full
 gradients by itself; code that reads gradients before the step (clipping) calls
 :meth:`FusedStep.full_grads` first; gradients are cleared with the optimizer's ``zero_grad``.
