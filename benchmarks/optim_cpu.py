@@ -13,7 +13,8 @@ percentile spread):
 
 On the CPU the fused optimizer moves the row-score pass from the forward into the step (its
 arithmetic is torch.optim's, for bit-identical histories): the whole step costs the same work,
-the forward + backward less.
+the forward + backward less. ``compact`` is ``spafl.optim.SGD(compact_grads=True)``: the
+backward hands the step its active rows' gradient instead of a full ``dW``.
 
     OMP_NUM_THREADS=1 python benchmarks/optim_cpu.py --reps 15
 """
@@ -34,6 +35,11 @@ import spafl
 import spafl.optim as so
 from spafl import threshold_for_density
 from spafl.federated.models import LeNet5
+
+# (name, class, extra constructor arguments): "compact" hands the step the backward's active rows
+# (compact_grads=True) instead of a full weight gradient
+OPTIMIZERS = [("torch.optim", torch.optim.SGD, {}), ("spafl.optim", so.SGD, {}),
+              ("compact", so.SGD, {"compact_grads": True})]
 
 
 def _set_density(model: nn.Module, density: float) -> None:
@@ -106,25 +112,25 @@ def main(argv=None) -> int:
     kw = dict(lr=0.01, momentum=0.9, weight_decay=5e-4)
     x, y = torch.randn(64, 1, 28, 28), torch.randint(0, 10, (64,))
     nets = {}
-    for name, opt_cls in (("torch.optim", torch.optim.SGD), ("spafl.optim", so.SGD)):
+    for name, opt_cls, extra in OPTIMIZERS:
         net = LeNet5(num_classes=10, backward_mode="skip")
         _set_density(net, args.density)
-        nets[name] = _step(net, opt_cls(net.parameters(), **kw), x, y)
+        nets[name] = _step(net, opt_cls(net.parameters(), **kw, **extra), x, y)
     plain = _plain_lenet()
     nets["plain"] = _step(plain, torch.optim.SGD(plain.parameters(), **kw), x, y)
     lenet = _interleaved(nets, args.reps)
     print("lenet5 step, batch 64:")
     for k, v in lenet.items():
         print(f"  {k:<12} {_summary(v)}")
-    for k in ("torch.optim", "spafl.optim"):
+    for k, _, _ in OPTIMIZERS:
         print(f"  plain / {k}: {statistics.median(lenet['plain']) / statistics.median(lenet[k]):.3f}x")
 
     xl, dyl = torch.randn(256, 4096), torch.randn(256, 4096)
     fns = {}
-    for name, opt_cls in (("torch.optim", torch.optim.SGD), ("spafl.optim", so.SGD)):
+    for name, opt_cls, extra in OPTIMIZERS:
         layer = spafl.ThresholdLinear(4096, 4096, backward_mode="skip", collapse_density=None)
         _set_density(layer, args.density)
-        opt = opt_cls(layer.parameters(), **kw)
+        opt = opt_cls(layer.parameters(), **kw, **extra)
 
         def step(layer=layer, opt=opt):
             opt.zero_grad(set_to_none=True)

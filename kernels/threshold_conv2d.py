@@ -781,12 +781,14 @@ def threshold_conv2d_bwd(
     split: int | None = None,
     density_hint: float | None = None,
     compact_weight: bool | None = None,
+    r_out: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
     """Gradients ``(dX | None, dW, dtau)`` of the threshold Conv2d (bias gradient left to the
     caller). ``split``: how many programs share the pixel reduction of the weight gradient
     (default: chosen from the shape; the result does not depend on it beyond fp32 rounding).
     ``dW`` has the weight's layout (channels-last or contiguous); ``dX`` the output layout of
-    :func:`threshold_conv2d_fwd`."""
+    :func:`threshold_conv2d_fwd`. ``r_out``: as in
+    :func:`spafl.kernels.threshold_linear.threshold_linear_bwd` (``dW`` of the active filters only)."""
     _check_operands(x, weight, row_mask, geometry)
     check_density_hint(density_hint)
     if mode not in BACKWARD_MODES:
@@ -811,6 +813,8 @@ def threshold_conv2d_bwd(
         dtau.zero_()
         if dx is not None:
             dx.zero_()
+        if r_out is not None:
+            r_out.zero_()
         return dx, dw, dtau
 
     grad_y = grad_y.to(x.dtype)
@@ -895,5 +899,5 @@ def threshold_conv2d_bwd(
         w2d = weight.permute(0, 2, 3, 1).reshape(filters, fan_in)
     else:
         w2d = weight.reshape(filters, fan_in) if weight.is_contiguous() else weight.contiguous().view(filters, fan_in)
-    finish_threshold_gradients(rpart, w2d, row_mask, g, dw2d, dtau, mode_id=mode_id)
+    finish_threshold_gradients(rpart, w2d, row_mask, g, dw2d, dtau, mode_id=mode_id, r_out=r_out)
     return dx, dw, dtau

@@ -690,6 +690,7 @@ def _threshold_bwd_finish_kernel(
     g_ptr,  # [SPLIT, N, K] m * G of the active rows: fp32 workspace, or dw itself (IN_PLACE)
     dw_ptr,  # [N, K] out: m * G + sign(W) * r / K, rounded once to the weight dtype
     dtau_ptr,  # [N] out: -r
+    r_ptr,  # [N] fp32 out: r (ROWS_ONLY)
     N,
     K,
     NUM_KB,  # rows of rpart
@@ -705,9 +706,12 @@ def _threshold_bwd_finish_kernel(
     WIDE: tl.constexpr,
     BLOCK_P: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    ROWS_ONLY: tl.constexpr = False,
 ):
     # Reads G of active rows only and W only where the sign term is needed; writes every row of
     # dW (pruned rows: sign(W) r / K, or 0 in skip mode, which reads nothing for them).
+    # ROWS_ONLY: the active rows of dW alone, and r of every row, from which the fused optimizer
+    # step (spafl.optim) forms the pruned rows' term as it reads W (neither is read nor written here).
     pid = tl.program_id(0)
     offs_p = pid * BLOCK_P + tl.arange(0, BLOCK_P)
     p_ok = offs_p < N
@@ -725,6 +729,11 @@ def _threshold_bwd_finish_kernel(
     for kb in range(0, NUM_KB):
         r += tl.load(rpart_ptr + kb * N + rows, mask=need_r, other=0.0)
     tl.store(dtau_ptr + rows, (-r).to(dtau_ptr.dtype.element_ty), mask=p_ok)
+    out_rows = p_ok
+    if ROWS_ONLY:
+        tl.store(r_ptr + rows, r, mask=p_ok)
+        need_r = active
+        out_rows = active
 
     coef = (r / K)[:, None]
     offs_kb = tl.arange(0, BLOCK_K)
@@ -745,7 +754,7 @@ def _threshold_bwd_finish_kernel(
                          mask=active[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
         sign = tl.where(w > 0, 1.0, tl.where(w < 0, -1.0, 0.0))
         tl.store(dw_ptr + rows[:, None] * stride_dwn + offs_k[None, :] * stride_dwk,
-                 (g + sign * coef).to(dw_ptr.dtype.element_ty), mask=p_ok[:, None] & k_ok[None, :])
+                 (g + sign * coef).to(dw_ptr.dtype.element_ty), mask=out_rows[:, None] & k_ok[None, :])
 
 
 # ----------------------------------------------------------------------------- launchers
@@ -840,19 +849,22 @@ def finish_threshold_gradients(
     dtau: torch.Tensor,
     *,
     mode_id: int,
+    r_out: torch.Tensor | None = None,
 ) -> None:
     """Second pass of every weight gradient: ``dtau = -r`` from the partial sums ``rpart``
     (summed over its rows in a fixed order) and ``dW = m G + sign(W) r / K`` from the slices
     of ``g [SPLIT, N, K]`` (a view of ``dw2d`` itself when it holds G in place). ``w2d`` and
-    ``dw2d`` are ``[N, K]`` views in the workspace's K order."""
+    ``dw2d`` are ``[N, K]`` views in the workspace's K order. ``r_out`` (fp32 ``[N]``): ``r``
+    goes there, and ``dW`` is written for the active rows only (the others are left as they are)."""
     n_rows, fan_in = w2d.shape
     key = ("finish", w2d.shape, w2d.stride(), g.shape, g.stride(), dw2d.stride(), mode_id,
            aligned16(w2d) and aligned16(g) and aligned16(dw2d), launch_settings())
     plan = cached_plan(key, lambda: _finish_plan(w2d, g, dw2d, mode_id, key[-2]))
+    rows_only = {"ROWS_ONLY": True} if r_out is not None else {}
     _threshold_bwd_finish_kernel[plan.grid](
-        rpart, w2d, row_mask.perm, row_mask.count, g, dw2d, dtau, n_rows, fan_in, rpart.shape[0], g.shape[0],
-        w2d.stride(0), w2d.stride(1), g.stride(0), g.stride(1), g.stride(2), dw2d.stride(0), dw2d.stride(1),
-        **plan.kwargs,
+        rpart, w2d, row_mask.perm, row_mask.count, g, dw2d, dtau, dtau if r_out is None else r_out, n_rows, fan_in,
+        rpart.shape[0], g.shape[0], w2d.stride(0), w2d.stride(1), g.stride(0), g.stride(1), g.stride(2),
+        dw2d.stride(0), dw2d.stride(1), **plan.kwargs, **rows_only,
     )
 
 
@@ -1055,12 +1067,15 @@ def threshold_linear_bwd(
     threshold_dtype: torch.dtype = torch.float32,
     density_hint: float | None = None,
     compact_weight: bool | None = None,
+    r_out: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
     """Gradients ``(dX [M, K] | None, dW [N, K], dtau [N])`` of the threshold Linear.
 
     ``grad_y [M, N]`` may have any strides. The bias gradient (``grad_y.sum(0)``) is left to
     the caller. See the module docstring for the meaning of ``mode``, and
     :func:`threshold_linear_fwd` for ``density_hint``, ``compact_weight`` and the plans.
+    ``r_out`` (fp32 ``[N]``): receives ``r`` (``dtau = -r``), and ``dW`` holds the active rows
+    only (``row_mask``'s; the pruned rows' ``sign(W) r / K`` is left to the fused optimizer step).
     """
     _check_operands(x2d, weight, row_mask)
     check_density_hint(density_hint)
@@ -1077,6 +1092,8 @@ def threshold_linear_bwd(
     if m_rows == 0:
         dw.zero_()
         dtau.zero_()
+        if r_out is not None:
+            r_out.zero_()
         return dx, dw, dtau
 
     if grad_y.dtype != x2d.dtype:
@@ -1104,7 +1121,7 @@ def threshold_linear_bwd(
         (x2d, dyc, grad_y, weight, row_mask.perm, row_mask.count, g, rpart, m_rows, n_rows, fan_in, x2d.stride(0),
          x2d.stride(1), dyc.stride(0), grad_y.stride(0), grad_y.stride(1), weight.stride(0), weight.stride(1),
          g.stride(0), g.stride(1), plan.s_count, plan.s_step), x2d.dtype, m_rows, density_hint)
-    finish_threshold_gradients(rpart, weight, row_mask, g.unsqueeze(0), dw, dtau, mode_id=plan.mode_id)
+    finish_threshold_gradients(rpart, weight, row_mask, g.unsqueeze(0), dw, dtau, mode_id=plan.mode_id, r_out=r_out)
     return dx, dw, dtau
 
 

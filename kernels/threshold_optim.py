@@ -62,6 +62,8 @@ def _fused_step_kernel(
     collapsed_ptr,  # [1] int8 out (HAS_GUARD)
     previous_ptr,  # [1] float: the layer's previous_density (GUARD_PREVIOUS)
     ticket_ptr,  # [1] int32, 0 on entry and on exit
+    gmask_ptr,  # [N] int8: the rows of g_ptr that hold the gradient (ROWS)
+    r_ptr,  # [N] fp32: r of the other rows, owed sign(W) r / K (ROWS)
     N,
     K,
     lr,
@@ -84,6 +86,7 @@ def _fused_step_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     COMPACT_BLOCK: tl.constexpr,
+    ROWS: tl.constexpr = False,  # g_ptr holds the backward's active rows only (rows_only backward)
 ):
     pid = tl.program_id(0)
     dtype = w_ptr.dtype.element_ty
@@ -95,11 +98,22 @@ def _fused_step_kernel(
     else:
         base = rows[:, None] * K + offs_k[None, :]
     acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+    if ROWS:
+        live = tl.load(gmask_ptr + rows, mask=row_ok, other=0) != 0
+        coef = (tl.load(r_ptr + rows, mask=row_ok, other=0.0) / K)[:, None]
     for k0 in range(0, K, BLOCK_K):
         offs = base + k0
         ok = row_ok[:, None] & (offs_k[None, :] < K - k0)
         w = tl.load(w_ptr + offs, mask=ok, other=0.0).to(tl.float32)
-        g = tl.load(g_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+        if ROWS:
+            # A pruned row's gradient, as the backward's finish kernel would have written it:
+            # 0 + sign(W) r / K, rounded to the weight dtype (r is 0 in skip mode).
+            g = tl.load(g_ptr + offs, mask=ok & live[:, None], other=0.0).to(tl.float32)
+            sign = tl.where(w > 0, 1.0, tl.where(w < 0, -1.0, 0.0))
+            owed = (tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32) + sign * coef).to(dtype).to(tl.float32)
+            g = tl.where(live[:, None], g, owed)
+        else:
+            g = tl.load(g_ptr + offs, mask=ok, other=0.0).to(tl.float32)
         if KIND == 0:
             if HAS_DECAY:
                 g = _rounded(tl.fma(w, weight_decay, g), dtype, ROUND)
@@ -184,6 +198,7 @@ def fused_step(
     step: int = 1,
     collapse_density: float | None = None,
     previous_density: torch.Tensor | None = None,
+    grad_rows: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> RowMask:
     """One optimizer step of ``weight2d [N, K]`` (contiguous, updated in place) from ``grad2d``,
     and the row mask of the updated weight against ``threshold [N]``: what
@@ -193,7 +208,10 @@ def fused_step(
     ``"adamw"`` (``state1`` / ``state2``: ``exp_avg`` / ``exp_avg_sq``; ``step``: the step
     count after this step). State buffers are contiguous, of the weight's shape and dtype.
     ``previous_density`` (one element): the guard of ``collapse_timing="previous"``, which
-    tests it instead of the new mask's density (and then masks ``score > 0``, as after the reset)."""
+    tests it instead of the new mask's density (and then masks ``score > 0``, as after the reset).
+    ``grad_rows = (mask, r)``: ``grad2d`` holds only the rows where the backward's ``mask [N]``
+    is set (a ``rows_only`` backward); every other row's gradient is ``sign(W) r / K``, formed
+    here from ``r [N]`` (fp32) as the backward would have written it."""
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {sorted(KINDS)}, got {kind!r}")
     if weight2d.dim() != 2 or not weight2d.is_contiguous():
@@ -240,10 +258,18 @@ def fused_step(
            has_guard, guard_previous, launch_settings())
     grid, kwargs = cached_plan(key, lambda: _plan(weight2d, kind, weight_decay != 0.0, momentum != 0.0, first,
                                                   nesterov, has_guard, guard_previous))
+    gmask, r = score, score  # (placeholders: not read without ROWS)
+    if grad_rows is not None:
+        gmask, r = grad_rows
+        if gmask.shape != (n_rows,) or r.shape != (n_rows,) or r.dtype != torch.float32 \
+                or gmask.device != device or r.device != device:
+            raise ValueError(f"grad_rows must be a mask and fp32 r of shape ({n_rows},) on {device}")
+        gmask = gmask.view(torch.int8) if gmask.dtype == torch.bool else gmask
+        kwargs = {**kwargs, "ROWS": True}
     _fused_step_kernel[grid](
         weight2d, grad2d, state1 if state1 is not None else weight2d, state2 if state2 is not None else weight2d,
         threshold, score, mask.view(torch.int8), perm, count, collapsed if has_guard else count,
-        previous_density if guard_previous else score, ticket_counter(device), n_rows, fan_in, float(lr),
+        previous_density if guard_previous else score, ticket_counter(device), gmask, r, n_rows, fan_in, float(lr),
         float(weight_decay), float(s_a), float(s_b), float(step_size), float(bc2_sqrt), float(eps),
         float(collapse_density) if has_guard else 0.0, **kwargs,
     )

@@ -11,9 +11,12 @@ chains of :mod:`spafl.chain` (which pass an implementation object of their own).
 from __future__ import annotations
 
 import contextlib
+import weakref
+from typing import NamedTuple
 
 import torch
 from torch.autograd.function import once_differentiable
+from torch.utils.weak import WeakIdKeyDictionary
 
 from . import compact, compact_conv, reference
 from ._conv import ConvGeometry
@@ -26,9 +29,13 @@ def _cast_gradients(grads, need_dx: bool, weight_dtype: torch.dtype, threshold_d
     """The compute-dtype ``(dx, dw, dtau, db)`` of the plain-PyTorch backends in the dtypes of
     the inputs."""
     dx, dw, dtau, db = grads
+    if isinstance(dw, compact.CompactGrad):
+        dw = dw._replace(values=compact._cast(dw.values, weight_dtype))
+    else:
+        dw = compact._cast(dw, weight_dtype)
     return (
         compact._cast(dx, weight_dtype) if need_dx else None,
-        compact._cast(dw, weight_dtype),
+        dw,
         compact._cast(dtau, threshold_dtype),
         compact._cast(db, weight_dtype),
     )
@@ -91,10 +98,11 @@ class _Compact:
         return compact.linear_forward(x2d, weight, bias, row_mask.mask, self._skip(options),
                                       x_index=self.x_index, compact_output=self.compact_output, units=row_mask.units)
 
-    def linear_backward(self, grad_y2d, x2d, weight, row_mask, state, options, need_dx, has_bias, threshold_dtype):
+    def linear_backward(self, grad_y2d, x2d, weight, row_mask, state, options, need_dx, has_bias, threshold_dtype,
+                        rows_only=False):
         grads = compact.linear_backward(
             grad_y2d, x2d, weight, row_mask.mask, state, has_bias=has_bias, need_dx=need_dx,
-            mode=_mode(options, x2d.shape[0]), sample_fraction=options.sample_fraction,
+            mode=_mode(options, x2d.shape[0]), sample_fraction=options.sample_fraction, rows_only=rows_only,
         )
         return _cast_gradients(grads, need_dx, weight.dtype, threshold_dtype)
 
@@ -103,10 +111,10 @@ class _Compact:
                                       x_index=self.x_index, compact_output=self.compact_output, units=row_mask.units)
 
     def conv2d_backward(self, grad_y, x, weight, row_mask, geometry, state, options, need_dx, has_bias,
-                        threshold_dtype):
+                        threshold_dtype, rows_only=False):
         grads = compact_conv.conv2d_backward(
             grad_y, x, weight, row_mask.mask, geometry, state, has_bias=has_bias, need_dx=need_dx,
-            mode=_mode(options, x.shape[0]), sample_fraction=options.sample_fraction,
+            mode=_mode(options, x.shape[0]), sample_fraction=options.sample_fraction, rows_only=rows_only,
         )
         return _cast_gradients(grads, need_dx, weight.dtype, threshold_dtype)
 
@@ -126,11 +134,15 @@ class _Triton:
         return _kernels().threshold_linear_fwd(x2d, weight, bias, row_mask), None
 
     @staticmethod
-    def linear_backward(grad_y2d, x2d, weight, row_mask, state, options, need_dx, has_bias, threshold_dtype):
+    def linear_backward(grad_y2d, x2d, weight, row_mask, state, options, need_dx, has_bias, threshold_dtype,
+                        rows_only=False):
+        r = torch.empty(weight.shape[0], dtype=torch.float32, device=weight.device) if rows_only else None
         dx, dw, dtau = _kernels().threshold_linear_bwd(
             grad_y2d, x2d, weight, row_mask, mode=_mode(options, x2d.shape[0]),
-            sample_fraction=options.sample_fraction, need_dx=need_dx, threshold_dtype=threshold_dtype,
+            sample_fraction=options.sample_fraction, need_dx=need_dx, threshold_dtype=threshold_dtype, r_out=r,
         )
+        if rows_only:
+            dw = MaskedGrad(dw, row_mask.mask, r, weight)
         db = grad_y2d.sum(dim=0, dtype=torch.float32).to(weight.dtype) if has_bias else None
         return dx, dw, dtau, db
 
@@ -146,9 +158,10 @@ class _Triton:
 
     @staticmethod
     def conv2d_backward(grad_y, x, weight, row_mask, geometry, as_linear, options, need_dx, has_bias,
-                        threshold_dtype):
+                        threshold_dtype, rows_only=False):
+        r = torch.empty(weight.shape[0], dtype=torch.float32, device=weight.device) if rows_only else None
         kwargs = {"mode": _mode(options, x.shape[0]), "sample_fraction": options.sample_fraction,
-                  "need_dx": need_dx, "threshold_dtype": threshold_dtype}
+                  "need_dx": need_dx, "threshold_dtype": threshold_dtype, "r_out": r}
         if as_linear:
             batch, chans, height, width = x.shape
             filters = weight.shape[0]
@@ -164,6 +177,8 @@ class _Triton:
                 dx = dx.view(batch, height, width, chans).permute(0, 3, 1, 2)
         else:
             dx, dw, dtau = _kernels().threshold_conv2d_bwd(grad_y, x, weight, row_mask, geometry, **kwargs)
+        if rows_only:
+            dw = MaskedGrad(dw, row_mask.mask, r, weight)
         db = grad_y.sum(dim=(0, 2, 3), dtype=torch.float32).to(weight.dtype) if has_bias else None
         return dx, dw, dtau, db
 
@@ -192,6 +207,106 @@ _AUTOCAST_AVAILABLE: dict[str, bool] = {}
 
 # The registry: where a resolved backend name (``Route.compute``) becomes code.
 IMPLEMENTATIONS = {"reference": _Reference, "compact": _Compact(), "triton": _Triton}
+
+
+# ----------------------------------------------------------------------------- compact weight gradients
+
+# weight Parameter -> its GradSink, for the weights of a fused optimizer that asked for compact
+# gradients (spafl.optim, compact_grads=True). Keyed by identity, like spafl.layers' owners.
+_GRAD_SINKS = WeakIdKeyDictionary()
+
+# The weight dtypes whose compact gradient a fused step applies with torch.optim's exact bits (the
+# 16-bit elementwise kernels round differently on row subsets: those weights get full gradients).
+_ROWS_DTYPES = (torch.float32, torch.float64)
+
+
+class MaskedGrad(NamedTuple):
+    """A weight's gradient from the Triton backward's ``rows_only`` pass: ``dw`` holds the rows
+    where ``mask`` is set (the others are unwritten), and every other row ``i`` is
+    ``sign(W_i) r_i / fan_in`` (``r`` fp32; 0 in skip mode), which the fused step forms as it
+    reads ``W``."""
+
+    dw: torch.Tensor
+    mask: torch.Tensor
+    r: torch.Tensor
+    weight: torch.Tensor
+
+    def dense(self) -> torch.Tensor:
+        """The full gradient (the backward's without the opt-in; from the weight as it is now)."""
+        w = self.weight.detach()
+        w2 = w.reshape(w.shape[0], -1)
+        owed = torch.sign(w2.float()) * (self.r / w2.shape[1])[:, None]
+        owed = (torch.zeros((), dtype=torch.float32, device=w.device) + owed).to(w.dtype)
+        return torch.where(self.mask.view(-1, 1), self.dw.reshape(w2.shape), owed).view(w.shape)
+
+
+class GradSink:
+    """Where the compact backend's backward leaves a weight's gradient as rows
+    (:class:`spafl.compact.CompactGrad`) instead of writing ``weight.grad``, for the fused
+    optimizer that consumes it (:mod:`spafl.optim`). ``grad`` is None when nothing is pending."""
+
+    __slots__ = ("param", "grad", "__weakref__")
+
+    def __init__(self, param: torch.Tensor):
+        self.param = weakref.ref(param)
+        self.grad = None
+
+    def take(self):
+        grad, self.grad = self.grad, None
+        return grad
+
+    def materialize(self) -> None:
+        """Move a pending compact gradient into ``param.grad`` (added to it if there is one)."""
+        grad, param = self.take(), self.param()
+        if grad is None or param is None:
+            return
+        dense = grad.dense()
+        if param.grad is None:
+            param.grad = dense
+        else:
+            param.grad += dense
+
+    def accepts(self, any_dtype: bool = False) -> bool:
+        """Whether this backward may leave its ``dW`` here as rows. A gradient already pending
+        (a second backward before the step: accumulation) is moved into ``param.grad`` first, and
+        this backward then writes its full ``dW`` too, which autograd adds to it."""
+        param = self.param()
+        if param is None:
+            return False
+        if self.grad is not None:
+            self.materialize()
+        return param.grad is None and (any_dtype or param.dtype in _ROWS_DTYPES)
+
+
+def grad_sink(weight: torch.Tensor) -> GradSink:
+    """The weight's sink, made on first use."""
+    sink = _GRAD_SINKS.get(weight)
+    if sink is None:
+        sink = _GRAD_SINKS[weight] = GradSink(weight)
+    return sink
+
+
+def _sink_for(impl, weight: torch.Tensor):
+    # Only the layers' own compact backend and the Triton kernels write rows (a chain's compact
+    # instance and the reference write full gradients).
+    if not _GRAD_SINKS or not (impl is IMPLEMENTATIONS["compact"] or impl is _Triton):
+        return None
+    return _GRAD_SINKS.get(weight)
+
+
+def _hand_rows(ctx):
+    """Whether this backward leaves ``dW`` in the sink (see :class:`GradSink`). The Triton rows
+    are any dtype: the fused kernel forms the pruned rows' gradient with the backward's rounding."""
+    sink = ctx.sink
+    return sink is not None and ctx.needs_input_grad[1] and sink.accepts(ctx.impl is _Triton)
+
+
+def _keep_rows(ctx, dw):
+    """``dw`` for autograd: None when it came as rows (then kept in the sink)."""
+    if isinstance(dw, (compact.CompactGrad, MaskedGrad)):
+        ctx.sink.grad = dw
+        return None
+    return dw
 
 
 def _impl(backend):
@@ -253,6 +368,7 @@ class ThresholdLinearFunction(torch.autograd.Function):
         y, state = impl.linear_forward(x, weight, bias, row_mask, options)
         ctx.save_for_backward(x, weight, *row_mask[:3])
         ctx.impl, ctx.state, ctx.options, ctx.tau_dtype = impl, state, options, threshold.dtype
+        ctx.sink = _sink_for(impl, weight)
         ctx.has_bias, ctx.x_shape = bias is not None, x_shape
         return _own(y if len(x_shape) == 2 else y.reshape(*x_shape[:-1], weight.shape[0]))
 
@@ -262,10 +378,12 @@ class ThresholdLinearFunction(torch.autograd.Function):
         x, weight, mask, perm, count = ctx.saved_tensors
         if grad_y.dim() != 2:
             grad_y = grad_y.reshape(-1, weight.shape[0])
+        rows = {"rows_only": True} if _hand_rows(ctx) else {}
         dx, dw, dtau, db = ctx.impl.linear_backward(
             grad_y, x, weight, RowMask(mask, perm, count, None), ctx.state, ctx.options,
-            ctx.needs_input_grad[0], ctx.has_bias, ctx.tau_dtype,
+            ctx.needs_input_grad[0], ctx.has_bias, ctx.tau_dtype, **rows,
         )
+        dw = _keep_rows(ctx, dw)
         if dx is not None and len(ctx.x_shape) != 2:
             dx = dx.reshape(ctx.x_shape)
         return dx, dw, dtau, db, None, None, None
@@ -288,6 +406,7 @@ class ThresholdConv2dFunction(torch.autograd.Function):
         y, state = impl.conv2d_forward(x, weight, bias, row_mask, geometry, options)
         ctx.save_for_backward(x, weight, *row_mask[:3])
         ctx.impl, ctx.state, ctx.options, ctx.tau_dtype = impl, state, options, threshold.dtype
+        ctx.sink = _sink_for(impl, weight)
         ctx.geometry = geometry
         ctx.has_bias = bias is not None
         return _own(y)
@@ -296,10 +415,12 @@ class ThresholdConv2dFunction(torch.autograd.Function):
     @_once_differentiable
     def backward(ctx, grad_y):
         x, weight, mask, perm, count = ctx.saved_tensors
+        rows = {"rows_only": True} if _hand_rows(ctx) else {}
         dx, dw, dtau, db = ctx.impl.conv2d_backward(
             grad_y, x, weight, RowMask(mask, perm, count, None), ctx.geometry, ctx.state, ctx.options,
-            ctx.needs_input_grad[0], ctx.has_bias, ctx.tau_dtype,
+            ctx.needs_input_grad[0], ctx.has_bias, ctx.tau_dtype, **rows,
         )
+        dw = _keep_rows(ctx, dw)
         return dx, dw, dtau, db, None, None, None, None
 
 

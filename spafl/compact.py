@@ -167,6 +167,28 @@ def _zeros_except(values, index, shape, dim, memory_format=torch.contiguous_form
     return _scatter_units(values, index, None, shape, dim, memory_format)
 
 
+class CompactGrad(NamedTuple):
+    """A weight's gradient given by rows: ``values [R, ...]`` at the distinct rows ``rows [R]``
+    (int64), every other row 0. What the compact backward hands a fused optimizer instead of a
+    full ``dW`` (see :mod:`spafl.optim`)."""
+
+    rows: torch.Tensor
+    values: torch.Tensor
+    shape: torch.Size
+
+    def dense(self) -> torch.Tensor:
+        """The full gradient (what the backward writes without the optimizer's opt-in)."""
+        return _zeros_except(self.values, self.rows, self.shape, 0)
+
+
+def _rows_gradient(dw_a, units, pruned, w, r_p, fan_in) -> CompactGrad:
+    """The active rows' ``dW`` and the pruned rows' straight-through term, as rows."""
+    if pruned is None:
+        return CompactGrad(units, dw_a, w.shape)
+    sign_p = _sign_term(w.index_select(0, pruned), r_p, fan_in)
+    return CompactGrad(torch.cat((units, pruned)), torch.cat((dw_a, sign_p)), w.shape)
+
+
 def _sign_term(w_rows: torch.Tensor, r: torch.Tensor, fan_in: int, out: torch.Tensor | None = None) -> torch.Tensor:
     """``sign(W_ij) * r_i / fan_in`` for ``w_rows [n, ...]``, ``r [n]`` (into ``out`` or a new
     tensor); on the CPU in row blocks, each block scaled while still in cache: one pass over
@@ -290,11 +312,15 @@ def linear_backward(
     need_dx: bool = True,
     mode: str = "exact",
     sample_fraction: float = 0.125,
-) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    rows_only: bool = False,
+) -> tuple[torch.Tensor | None, torch.Tensor | CompactGrad, torch.Tensor, torch.Tensor | None]:
     """``(dx [M, K] | None, dW [N, K], dtau [N], db [N] | None)`` in the compute dtype, equal to
     :func:`spafl.reference.threshold_linear_backward` (``dx`` is 0 at dropped input features).
     With a compact input ``dx`` is that of the compact ``x``; with a compact output
-    ``grad_out`` is ``[M, A]`` and pruned units get no gradient (the chain's rule: theirs is 0)."""
+    ``grad_out`` is ``[M, A]`` and pruned units get no gradient (the chain's rule: theirs is 0).
+    ``rows_only``: ``dW`` as a :class:`CompactGrad` when some unit is pruned (the rows that are
+    not 0: the active ones and, outside skip mode, the pruned ones owed a straight-through term),
+    so that no weight-sized tensor is filled and scattered into."""
     units, cols, z = state.units, state.cols, state.z
     compute = _compute_dtype(x.dtype)
     dy, xc, w = _cast(grad_out, compute), _cast(x, compute), _cast(weight, compute)
@@ -303,7 +329,8 @@ def linear_backward(
     # step's dW freed. Allocated later, behind this step's temporaries, it grew the heap into
     # fresh pages that glibc trimmed again after the step (measured ~45 page faults a step for
     # an 800 -> 500 Linear, a third of its time on a loaded machine).
-    dw = torch.empty(w.shape, dtype=compute, device=w.device)
+    rows_only = rows_only and units is not None and not state.compact_output
+    dw = None if rows_only else torch.empty(w.shape, dtype=compute, device=w.device)
     db = dy.sum(dim=0) if has_bias else None
     x_in = xc if state.x_in is None else state.x_in
     w_in = w if state.w_in is None else state.w_in
@@ -333,8 +360,13 @@ def linear_backward(
             dw_a.index_add_(1, cols, g)
     if units is None:
         return dx, dw, r_a.neg_(), db
-    dw.zero_().index_copy_(0, units, dw_a)
     dtau = _zeros_except(r_a.neg_(), units, (n_out,), 0)
+    if rows_only:
+        pruned, r_p = _pruned_r_linear(dy, x_in, w, mask, cols, mode, sample_fraction)
+        if pruned is not None:
+            dtau.index_copy_(0, pruned, -r_p)
+        return dx, _rows_gradient(dw_a, units, pruned, w, r_p, fan_in), dtau, db
+    dw.zero_().index_copy_(0, units, dw_a)
     if state.compact_output:
         return dx, dw, dtau, db
     pruned, r_p = _pruned_r_linear(dy, x_in, w, mask, cols, mode, sample_fraction)

@@ -15,11 +15,13 @@ import torch.nn.functional as F
 from ._conv import ConvGeometry
 from ._rowmask import sample_rows
 from .compact import (
+    CompactGrad,
     _cast,
     _channels_last,
     _live_pruned,
     _nonzero_along,
     _row_dot,
+    _rows_gradient,
     _scatter_units,
     _select_channels,
     _sign_term,
@@ -257,11 +259,14 @@ def conv2d_backward(
     need_dx: bool = True,
     mode: str = "exact",
     sample_fraction: float = 0.125,
-) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    rows_only: bool = False,
+) -> tuple[torch.Tensor | None, torch.Tensor | CompactGrad, torch.Tensor, torch.Tensor | None]:
     """``(dx | None, dW, dtau, db | None)`` in the compute dtype, equal to
     :func:`spafl.reference.threshold_conv2d_backward` (``dx`` is 0 at dropped input channels).
     With a compact input ``dx`` is that of the compact ``x``; with a compact output
-    ``grad_out`` is ``[B, A, Ho, Wo]`` and pruned filters get no gradient (theirs is 0)."""
+    ``grad_out`` is ``[B, A, Ho, Wo]`` and pruned filters get no gradient (theirs is 0).
+    ``rows_only``: ``dW`` as a :class:`spafl.compact.CompactGrad` when some filter is active and
+    some pruned (see :func:`spafl.compact.linear_backward`)."""
     units, channels = state.units, state.channels
     compute = _compute_dtype(x.dtype)
     dy, xc, w = _cast(grad_out, compute), _cast(x, compute), _cast(weight, compute)
@@ -275,9 +280,15 @@ def conv2d_backward(
     x_in = xc if state.x_in is None else state.x_in
     plan = state.plan
     dw = torch.empty(w.shape, dtype=compute, device=w.device)  # first: see linear_backward
+    rows_only = rows_only and units is not None and not state.compact_output
     if plan is None:  # nothing active (or every input channel 0)
         dx = torch.empty(xc.shape, dtype=compute, device=xc.device, memory_format=fmt).zero_() if need_dx else None
-        dw, dtau = dw.zero_(), w.new_zeros(n_out)
+        dtau = w.new_zeros(n_out)
+        if rows_only:
+            rows = _rows_conv(dy, xc, x_in, w, mask, channels, geometry, mode, sample_fraction, dtau, fan_in,
+                              w.new_empty((0, *w.shape[1:])), units)
+            return dx, rows, dtau, db
+        dw = dw.zero_()
     else:
         x_plan = x_in if state.x_plan is None else state.x_plan
         if units is None or state.compact_output:
@@ -304,8 +315,12 @@ def conv2d_backward(
             dw_a.index_add_(1, channels, g)
         if units is None:
             return dx, dw_a, r_a.neg_(), db
-        dw.zero_().index_copy_(0, units, dw_a)
         dtau = _zeros_except(r_a.neg_(), units, (n_out,), 0)
+        if rows_only:
+            rows = _rows_conv(dy, xc, x_in, w, mask, channels, geometry, mode, sample_fraction, dtau, fan_in,
+                              dw_a, units)
+            return dx, rows, dtau, db
+        dw.zero_().index_copy_(0, units, dw_a)
     if state.compact_output or (channels is not None and not channels.numel()):
         return dx, dw, dtau, db  # pruned filters' output gradient is 0, or every input is
     pruned, r_p = _pruned_r_conv(dy, xc, x_in, w, mask, channels, geometry, mode, sample_fraction)
@@ -313,6 +328,17 @@ def conv2d_backward(
         dtau.index_copy_(0, pruned, -r_p)
         dw.index_copy_(0, pruned, _sign_term(w.index_select(0, pruned), r_p, fan_in))
     return dx, dw, dtau, db
+
+
+def _rows_conv(dy, xc, x_in, w, mask, channels, geometry, mode, sample_fraction, dtau, fan_in, dw_a, units):
+    """The ``rows_only`` gradient of :func:`conv2d_backward`: the active filters' ``dw_a`` and the
+    pruned filters' straight-through term (their ``-r`` written into ``dtau``)."""
+    pruned, r_p = None, None
+    if channels is None or channels.numel():  # (every input 0: no pruned filter is owed anything)
+        pruned, r_p = _pruned_r_conv(dy, xc, x_in, w, mask, channels, geometry, mode, sample_fraction)
+    if pruned is not None:
+        dtau.index_copy_(0, pruned, -r_p)
+    return _rows_gradient(dw_a, units, pruned, w, r_p, fan_in)
 
 
 def _gather_grad(dy: torch.Tensor, units: torch.Tensor, plan: _ConvPlan, x_plan: torch.Tensor, need_dx: bool):

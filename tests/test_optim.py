@@ -356,3 +356,332 @@ def test_eval_forward_and_copies_leave_the_kept_mask_current(monkeypatch):
     layer.train()
     layer(x)
     assert len(scored) == 1  # the training forward still takes the step's scores
+
+
+# ----------------------------------------------------------------------------- compact gradients (CPU)
+
+
+def _pending(layer):
+    """The layer's weight gradient left as rows by the backward (None if none is pending)."""
+    from spafl._functions import _GRAD_SINKS
+
+    sink = _GRAD_SINKS.get(layer.weight)
+    return None if sink is None else sink.grad
+
+
+def _backward(layer, x):
+    y = layer(x).float()
+    (y.square().mean() + 1e-2 * torch.exp(-layer.threshold.float()).sum()).backward()
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+@pytest.mark.parametrize("mode", ["exact", "skip", "sample"])
+@pytest.mark.parametrize("name,fused,plain,kw", OPTIMIZERS, ids=[o[0] for o in OPTIMIZERS])
+def test_compact_grads_match_torch_optim(kind, mode, name, fused, plain, kw):
+    torch.manual_seed(0)
+    a = _layer(kind, backward_mode=mode)
+    b = copy.deepcopy(a)
+    oa, ob = fused(a.parameters(), compact_grads=True, **kw), plain(b.parameters(), **kw)
+    gen = torch.Generator().manual_seed(1)
+    compact_steps = 0
+    for _ in range(25):
+        x = _input(kind, gen)
+        oa.zero_grad()
+        _backward(a, x)
+        pending = _pending(a)
+        if pending is not None:
+            compact_steps += 1
+            assert a.weight.grad is None
+            mask = a.mask
+            active = mask.nonzero().squeeze(1)
+            # The active rows' dW, and in exact mode the pruned rows owed a sign term: never the
+            # pruned rows of skip mode.
+            assert set(active.tolist()) <= set(pending.rows.tolist())
+            if mode == "skip":
+                assert pending.rows.numel() == active.numel()
+        ob.zero_grad()
+        _backward(b, x)
+        assert torch.equal(a.threshold.grad, b.threshold.grad)
+        if pending is not None:
+            assert torch.equal(pending.dense(), b.weight.grad)
+        oa.step()
+        ob.step()
+        assert a.weight.grad is None or pending is None
+    assert compact_steps >= 5, compact_steps  # (steps with every unit active take full gradients)
+    for pa, pb in zip(a.parameters(), b.parameters(), strict=True):
+        assert torch.equal(pa, pb)
+    for pa, pb in zip(oa.state.values(), ob.state.values(), strict=True):
+        assert pa.keys() == pb.keys()
+        for key in pa:
+            assert torch.equal(torch.as_tensor(pa[key]), torch.as_tensor(pb[key])), key
+    assert torch.equal(a.mask, b.mask)
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+@pytest.mark.parametrize("level", ["all-pruned", "all-active"])
+def test_compact_grads_extremes(kind, level):
+    torch.manual_seed(0)
+    a = _layer(kind, backward_mode="exact", collapse_density=None)
+    with torch.no_grad():
+        a.threshold.fill_(1e3 if level == "all-pruned" else -1.0)
+    b = copy.deepcopy(a)
+    kw = dict(lr=0.05, momentum=0.9, weight_decay=1e-3)
+    oa, ob = so.SGD(a.parameters(), compact_grads=True, **kw), torch.optim.SGD(b.parameters(), **kw)
+    gen = torch.Generator().manual_seed(2)
+    for _ in range(4):
+        x = _input(kind, gen)
+        oa.zero_grad()
+        _backward(a, x)
+        pending = _pending(a)
+        if level == "all-active":  # nothing to skip: the full gradient, as without the opt-in
+            assert pending is None and a.weight.grad is not None
+        else:
+            assert a.weight.grad is None and pending is not None and pending.rows.numel() <= a.weight.shape[0]
+        ob.zero_grad()
+        _backward(b, x)
+        oa.step()
+        ob.step()
+    assert torch.equal(a.weight, b.weight)
+    assert torch.equal(oa.state[a.weight]["momentum_buffer"], ob.state[b.weight]["momentum_buffer"])
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+def test_compact_grads_accumulation_second_forward_zero_grad_clipping(kind):
+    """Two backwards before a step (the second moves the first into ``.grad`` and adds its full
+    gradient), a forward whose graph is dropped, ``zero_grad`` dropping pending rows, and clipping
+    after ``full_grads()``: the same as torch.optim with full gradients."""
+    torch.manual_seed(0)
+    a = _layer(kind, backward_mode="exact")
+    b = copy.deepcopy(a)
+    kw = dict(lr=1e-3, weight_decay=1e-3)
+    oa, ob = so.Adam(a.parameters(), compact_grads=True, **kw), torch.optim.Adam(b.parameters(), **kw)
+    gen = torch.Generator().manual_seed(4)
+    seen = 0
+    for step in range(6):
+        x1, x2 = _input(kind, gen), _input(kind, gen)
+        for layer, opt, compact in ((a, oa, True), (b, ob, False)):
+            # rows left pending by a backward, then dropped by zero_grad
+            _backward(layer, x2)
+            opt.zero_grad()
+            assert _pending(layer) is None
+            layer(x1)  # a second forward, its graph never used
+            _backward(layer, x1)
+            if compact and layer.density < 1:
+                assert layer.weight.grad is None and _pending(layer) is not None
+                seen += 1
+            if step % 2:  # accumulation
+                _backward(layer, x2)
+                assert _pending(layer) is None and layer.weight.grad is not None
+            if step >= 3:  # clipping reads every gradient: full_grads first
+                if compact:
+                    opt.full_grads()
+                    assert layer.weight.grad is not None
+                torch.nn.utils.clip_grad_norm_(layer.parameters(), 0.05)
+            opt.step()
+    assert seen >= 4, seen  # (a step with every unit active takes full gradients)
+    for pa, pb in zip(a.parameters(), b.parameters(), strict=True):
+        assert torch.equal(pa, pb)
+    # The state dict moves to torch.optim and back, and training goes on the same.
+    back = so.Adam(a.parameters(), compact_grads=True, **kw)
+    back.load_state_dict(copy.deepcopy(ob.state_dict()))
+    plain = torch.optim.Adam(b.parameters(), **kw)
+    plain.load_state_dict(copy.deepcopy(oa.state_dict()))
+    for _ in range(3):
+        x = _input(kind, gen)
+        _train_step(a, back, x)
+        _train_step(b, plain, x)
+    assert torch.equal(a.weight, b.weight)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_compact_grads_16bit_weights_take_full_gradients(dtype):
+    torch.manual_seed(0)
+    a = _layer("linear", dtype=dtype)
+    b = copy.deepcopy(a)
+    oa, ob = so.SGD(a.parameters(), lr=0.05, momentum=0.9, compact_grads=True), torch.optim.SGD(
+        b.parameters(), lr=0.05, momentum=0.9)
+    gen = torch.Generator().manual_seed(5)
+    for _ in range(3):
+        x = _input("linear", gen, dtype)
+        oa.zero_grad()
+        _backward(a, x)
+        assert _pending(a) is None and a.weight.grad is not None
+        oa.step()
+        _train_step(b, ob, x)
+    assert torch.equal(a.weight, b.weight)
+
+
+def test_compact_grads_off_by_default_and_checked():
+    layer = _layer("linear")
+    opt = so.SGD(layer.parameters(), lr=0.1)
+    assert not opt.compact_grads
+    _backward(layer, torch.randn(4, 23))
+    assert layer.weight.grad is not None and _pending(layer) is None
+    with pytest.raises(TypeError, match="compact_grads must be a bool"):
+        so.SGD(layer.parameters(), lr=0.1, compact_grads=1)
+
+
+# ----------------------------------------------------------------------------- compact gradients (Triton)
+
+
+def _triton_linear(dtype, mode, **kw):
+    layer = ThresholdLinear(23, 37, backend="triton", backward_mode=mode, dtype=dtype, device=_device(), **kw)
+    with torch.no_grad():
+        layer.threshold.copy_(reference.row_scores(layer.weight).float() * torch.linspace(0.6, 1.3, 37))
+    return layer
+
+
+TRITON_COMPACT = [
+    ("nesterov", so.SGD, dict(lr=0.05, momentum=0.9, weight_decay=1e-3, nesterov=True)),
+    # (eps that fp16 holds: 1e-8 is 0 there, and Adam divides by it)
+    ("adam", so.Adam, dict(lr=1e-2, weight_decay=1e-3, eps=1e-3)),
+]
+
+
+@triton_only
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("mode", ["exact", "skip", "sample"])
+@pytest.mark.parametrize("name,opt_cls,kw", TRITON_COMPACT, ids=[c[0] for c in TRITON_COMPACT])
+def test_triton_compact_grads_match_full_gradients(dtype, mode, name, opt_cls, kw):
+    """The rows-only backward and the fused step that forms the pruned rows' gradient: the same
+    bits as the fused step from the full gradient."""
+    torch.manual_seed(0)
+    a = _triton_linear(dtype, mode)
+    b = copy.deepcopy(a)
+    oa, ob = opt_cls(a.parameters(), compact_grads=True, **kw), opt_cls(b.parameters(), **kw)
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(5):
+        x = _input("linear", gen, dtype).to(_device())
+        oa.zero_grad()
+        _backward(a, x)
+        pending = _pending(a)
+        assert a.weight.grad is None and pending is not None
+        ob.zero_grad()
+        _backward(b, x)
+        assert torch.equal(a.threshold.grad, b.threshold.grad)
+        if dtype == torch.float32:  # (16-bit: torch rounds the owed term, the interpreter truncates)
+            assert torch.equal(pending.dense(), b.weight.grad)
+        oa.step()
+        ob.step()
+    assert oa.fused_launches == ob.fused_launches == 5
+    assert torch.equal(a.weight, b.weight)
+    assert torch.equal(a.threshold, b.threshold)
+    assert torch.equal(a.mask, b.mask)
+    for pa, pb in zip(oa.state.values(), ob.state.values(), strict=True):
+        for key in pa:
+            assert torch.equal(torch.as_tensor(pa[key]), torch.as_tensor(pb[key])), key
+
+
+@triton_only
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("level", ["all-pruned", "all-active"])
+def test_triton_compact_grads_extremes(dtype, level):
+    torch.manual_seed(0)
+    a = _triton_linear(dtype, "exact", collapse_density=None)
+    with torch.no_grad():
+        a.threshold.fill_(1e3 if level == "all-pruned" else -1.0)
+    b = copy.deepcopy(a)
+    kw = dict(lr=0.05, momentum=0.9, weight_decay=1e-3)
+    oa, ob = so.SGD(a.parameters(), compact_grads=True, **kw), so.SGD(b.parameters(), **kw)
+    gen = torch.Generator().manual_seed(2)
+    for _ in range(3):
+        x = _input("linear", gen, dtype).to(_device())
+        oa.zero_grad()
+        _backward(a, x)
+        assert a.weight.grad is None
+        ob.zero_grad()
+        _backward(b, x)
+        oa.step()
+        ob.step()
+    assert torch.equal(a.weight, b.weight)
+    assert torch.equal(oa.state[a.weight]["momentum_buffer"], ob.state[b.weight]["momentum_buffer"])
+
+
+@triton_only
+def test_triton_compact_grads_accumulation_and_fallbacks():
+    """Accumulation, and an optimizer group the fused kernel does not take (amsgrad): the rows
+    become a full ``.grad`` and torch.optim steps it."""
+    torch.manual_seed(0)
+    for kw in (dict(lr=1e-2), dict(lr=1e-2, amsgrad=True)):
+        a = _triton_linear(torch.float32, "exact")
+        b = copy.deepcopy(a)
+        oa, ob = so.Adam(a.parameters(), compact_grads=True, **kw), so.Adam(b.parameters(), **kw)
+        gen = torch.Generator().manual_seed(3)
+        for _ in range(3):
+            x1, x2 = _input("linear", gen).to(_device()), _input("linear", gen).to(_device())
+            for layer, opt in ((a, oa), (b, ob)):
+                opt.zero_grad()
+                _backward(layer, x1)
+                _backward(layer, x2)
+                assert _pending(layer) is None and layer.weight.grad is not None
+                opt.step()
+        assert torch.equal(a.weight, b.weight)
+
+
+@pytest.mark.skipif(not interpreter_enabled(), reason="counts the interpreter's loads and stores")
+def test_triton_compact_steady_state_touches_active_rows_only():
+    """After a fused step, a skip-mode forward, backward and step: only the fused step reads or
+    writes a pruned row of the weight or of its gradient, and no row-mask kernel runs."""
+    from work_count import WorkCounter
+
+    torch.manual_seed(0)
+    layer = ThresholdLinear(23, 70, backend="triton", backward_mode="skip", collapse_density=None)
+    with torch.no_grad():
+        layer.threshold.copy_(reference.row_scores(layer.weight) * torch.linspace(0.6, 1.3, 70))
+    opt = so.SGD(layer.parameters(), lr=0.05, momentum=0.9, compact_grads=True)
+    gen = torch.Generator().manual_seed(4)
+    for _ in range(2):
+        opt.zero_grad()
+        layer(torch.randn(9, 23, generator=gen)).square().mean().backward()
+        opt.step()
+    active = int(layer.mask.sum())
+    assert 0 < active < 70
+    rows_bytes = active * 23 * 4
+    with WorkCounter() as wc:
+        opt.zero_grad()
+        layer(torch.randn(9, 23, generator=gen)).square().mean().backward()
+        opt.step()
+    assert "_row_mask_kernel" not in wc.kernels
+    assert wc.kernels["_fused_step_kernel"].launches == 1
+    assert wc.kernels["_fused_step_kernel"].by_arg["w_ptr"] == [70 * 23 * 4] * 2  # every row, once
+    assert wc.kernels["_fused_step_kernel"].by_arg["g_ptr"] == [rows_bytes, 0]  # the gradient's active rows
+    for name, work in wc.kernels.items():
+        if name == "_fused_step_kernel":
+            continue
+        for arg in ("w_ptr", "g_ptr", "dw_ptr"):
+            loaded, stored = work.by_arg.get(arg, (0, 0))
+            assert loaded <= rows_bytes and stored <= rows_bytes, (name, arg, loaded, stored, rows_bytes)
+    assert wc.kernels["_threshold_bwd_finish_kernel"].by_arg["g_ptr"][1] == rows_bytes  # dW: active rows
+
+
+@triton_only
+@pytest.mark.parametrize("dtype,mode", [(torch.float32, "exact"), (torch.bfloat16, "skip"), (torch.float16, "exact")])
+@pytest.mark.parametrize("pointwise", [False, True], ids=["3x3", "1x1-channels-last"])
+def test_triton_compact_grads_conv(dtype, mode, pointwise):
+    """Conv2d on the Triton path (and a 1x1 convolution on a channels-last input, which runs the
+    Linear kernels): the same bits as the fused step from the full gradient."""
+    torch.manual_seed(0)
+    size = 1 if pointwise else 3
+    a = ThresholdConv2d(5, 19, size, padding=size // 2, backend="triton", backward_mode=mode, dtype=dtype,
+                        device=_device())
+    with torch.no_grad():
+        a.threshold.copy_(reference.row_scores(a.weight).float() * torch.linspace(0.6, 1.3, 19))
+    b = copy.deepcopy(a)
+    kw = dict(lr=0.05, momentum=0.9, weight_decay=1e-3)
+    oa, ob = so.SGD(a.parameters(), compact_grads=True, **kw), so.SGD(b.parameters(), **kw)
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(3):
+        x = _input("conv", gen, dtype)[:2].to(_device())
+        if pointwise:
+            x = x.contiguous(memory_format=torch.channels_last)
+        oa.zero_grad()
+        _backward(a, x)
+        assert a.weight.grad is None and _pending(a) is not None
+        ob.zero_grad()
+        _backward(b, x)
+        oa.step()
+        ob.step()
+    assert oa.fused_launches == ob.fused_launches == 3
+    assert torch.equal(a.weight, b.weight)
+    assert torch.equal(oa.state[a.weight]["momentum_buffer"], ob.state[b.weight]["momentum_buffer"])
+    assert torch.equal(a.mask, b.mask)
