@@ -555,3 +555,29 @@ def test_the_limit_across_rounds_is_checkpointed_and_resumed_exactly(tmp_path):
     assert [{k: v for k, v in row.items() if not k.endswith("_s")} for row in again] == strip
     a, b = full.engine.memory, resumed.engine.memory
     assert a.rounds == b.rounds and all(torch.equal(a.sums[c][n], b.sums[c][n]) for c in a.sums for n in a.sums[c])
+
+
+def test_a_client_that_pushes_one_way_every_round_is_held_back_across_rounds():
+    """FedAvg, 4 rounds, client 0 in every round sending, per tensor, the largest flip of its own
+    honest deviation that the whole rule (the per-round limits and the limit across rounds, whose
+    memory it knows) leaves alone: it is accepted every round, its sum across rounds stays within
+    the bound, and it costs at least 5 points less than the same client against the per-round
+    limits alone (measured: 48.75 vs 38.72, honest 72.70)."""
+    config = small("fedavg", rounds=4)
+    sim = Simulator(config)
+    Adversary(sim, [0], "just-under-flip")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            history = sim.run()
+        memory, limit = sim.engine.memory, sim.method.drift_limit()
+    finally:
+        sim.close()
+    messages = [str(w.message) for w in caught if issubclass(w.category, FederatedWarning)]
+    assert not any("client 0 update clipped" in m for m in messages), messages
+    assert memory.rounds[0] == 4
+    assert all(float(s.norm()) <= limit * 2 * (1 + 1e-5) for s in memory.sums[0].values())
+    per_round, _ = attacked_run(config.replace(cohort_drift=math.inf), "just-under-flip", bad=[0])
+    print(f"fedavg just-under-flip, 4 rounds: {accuracy(history):.2f} (per-round limits alone "
+          f"{accuracy(per_round):.2f}), honest {honest(config):.2f}")
+    assert accuracy(history) > accuracy(per_round) + 5, (accuracy(history), accuracy(per_round))
