@@ -249,8 +249,9 @@ def small(method, **changes):
 
 
 def undefended(config):
-    """``config`` without the clip to the cohort (none of its limits)."""
-    return config.replace(cohort_clip=None, cohort_against=math.inf, cohort_shift=math.inf)
+    """``config`` without the clip to the cohort (none of its limits, the one across rounds
+    included)."""
+    return config.replace(cohort_clip=None, cohort_against=math.inf, cohort_shift=math.inf, cohort_drift=math.inf)
 
 
 _HONEST: dict = {}
