@@ -6,7 +6,7 @@ seed; also how often the cohort clip fired on the honest run.
 
     OMP_NUM_THREADS=1 python benchmarks/adversary.py [--methods spafl,fedavg,sparsyfed]
         [--attacks max-shift,...] [--rounds 20] [--cohort-clip X] [--bad 0]
-        [--cohort-against X] [--cohort-shift X]
+        [--cohort-against X] [--cohort-shift X] [--cohort-drift X]
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ def main() -> None:
     p.add_argument("--cohort-clip", default="default", help="a number, 'none', or 'default'")
     p.add_argument("--cohort-against", default="default", help="a number, 'inf' (off), or 'default' (the method's)")
     p.add_argument("--cohort-shift", default="default", help="a number, 'inf' (off), or 'default' (the method's)")
+    p.add_argument("--cohort-drift", default="default", help="a number, 'inf' (off), or 'default' (the method's)")
     p.add_argument("--aggregator", default="mean")
     args = p.parse_args()
     torch.set_num_threads(1)
@@ -44,7 +45,7 @@ def main() -> None:
                      "aggregator": args.aggregator, "checkpoint_every": 0}
         if args.cohort_clip != "default":
             overrides["cohort_clip"] = None if args.cohort_clip == "none" else float(args.cohort_clip)
-        for name in ("cohort_against", "cohort_shift"):
+        for name in ("cohort_against", "cohort_shift", "cohort_drift"):
             if getattr(args, name) != "default":
                 overrides[name] = float(getattr(args, name))
         config = build_config("digits-cnn", None, overrides)

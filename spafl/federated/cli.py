@@ -91,6 +91,9 @@ _HELP = {
     "cohort_shift": "keep each accepted update's shift of a whole tensor (every value one way) within this many "
                     "times the round's median deviation of the cohort's median shift (none: the method's default; "
                     "inf: off; docs/security.md)",
+    "cohort_drift": "keep each client's deviations from the cohort's centre, summed over the rounds it took part "
+                    "in, within this many times the round's median deviation times sqrt(rounds) (none: the method's "
+                    "default; inf: off; docs/security.md)",
     "update_bounds": "reject updates that no legitimate client's local SGD can reach from the global state",
     "grad_bound": "the gradient bound the update bounds assume without --clip ('none': 1000)",
     "max_failed_rounds": "stop with an error after this many rounds in a row that aggregate nothing (0: never)",

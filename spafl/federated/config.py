@@ -129,7 +129,10 @@ class FedConfig:
     # is cut to this many times the same median (None: the method's default,
     # ``Method.cohort_against``; inf: off); ``cohort_shift``: a client's shift of a whole tensor
     # (every value one way) is kept within this many times that median of the cohort's median
-    # shift (None: ``Method.cohort_shift``; inf: off).
+    # shift (None: ``Method.cohort_shift``; inf: off); ``cohort_drift``: a client's deviations
+    # from the cohort's centre, summed over the rounds it took part in, are kept within this
+    # many median deviations times sqrt(rounds) (rules.CohortMemory; None:
+    # ``Method.cohort_drift``; inf: off).
     aggregator: str = "mean"
     trim_fraction: float = 0.2
     update_bounds: bool = True
@@ -138,6 +141,7 @@ class FedConfig:
     cohort_clip: float | None = 20.0
     cohort_against: float | None = None
     cohort_shift: float | None = None
+    cohort_drift: float | None = None
 
     def replace(self, **changes: Any) -> FedConfig:
         return dataclasses.replace(self, **changes)
@@ -230,6 +234,10 @@ class FedConfig:
                                            and not isinstance(self.cohort_shift, bool) and self.cohort_shift > 0),
              f"cohort_shift must be None (the method's default), a positive number or inf (off), "
              f"got {self.cohort_shift!r}")
+        need(self.cohort_drift is None or (isinstance(self.cohort_drift, (int, float))
+                                           and not isinstance(self.cohort_drift, bool) and self.cohort_drift > 0),
+             f"cohort_drift must be None (the method's default), a positive number or inf (off), "
+             f"got {self.cohort_drift!r}")
         need(isinstance(self.max_failed_rounds, int) and not isinstance(self.max_failed_rounds, bool)
              and self.max_failed_rounds >= 0,
              f"max_failed_rounds must be a non-negative integer (0: never stop), got {self.max_failed_rounds!r}")

@@ -31,7 +31,7 @@ from .config import FedConfig
 from .history import client_metrics, round_diagnostics
 from .keys import SequentialStreams, sample_clients
 from .methods import Method
-from .rules import AggregateWarning, FederatedWarning, UpdateRejected
+from .rules import AggregateWarning, CohortMemory, FederatedWarning, UpdateRejected
 from .training import ClientReport, learning_rate, penalty_coefficient
 from .wire import decode, encode
 
@@ -148,18 +148,19 @@ class RoundTally:
         }
 
 
-def aggregate_round(method: Method, server, tally: RoundTally):
+def aggregate_round(method: Method, server, tally: RoundTally, memory: CohortMemory | None = None):
     """``method.aggregate`` of the round's accepted updates, each first clipped to the cohort
-    (:meth:`Method.clip_updates`: norm, pull against the cohort, shift of a whole tensor): the
-    next global state. Each clipped tensor is a line in the tally's errors naming its client,
-    tensor, what was measured and the limit (warned with the others by
+    (:meth:`Method.clip_updates`: norm, pull against the cohort, shift of a whole tensor, and,
+    with the server's ``memory``, the push across rounds): the next global state. Each clipped
+    tensor is a line in the tally's errors naming its client, tensor, what was measured and the
+    limit (warned with the others by
     :meth:`RoundTally.warn`, and in the history). What the method sets aside or refuses (an
     :class:`AggregateWarning` each) goes into the errors too, a refusal also into
     ``tally.refused`` (the ``aggregate_refused`` column)."""
-    updates, clipped = method.clip_updates(server, tally.accepted)
+    updates, clipped = method.clip_updates(server, tally.accepted, tally.accepted_ids, memory)
     cfg = method.config
     for event in clipped:
-        factor = {"against": method.against_limit, "shift": method.shift_limit}.get(
+        factor = {"against": method.against_limit, "shift": method.shift_limit, "drift": method.drift_limit}.get(
             event.kind, lambda: cfg.cohort_clip)()
         tally.errors.append(event.describe(tally.accepted_ids[event.index], factor))
     tally.clipped = len({event.index for event in clipped})
@@ -303,6 +304,7 @@ class RoundEngine:
         self.failures = FailedRounds(config.max_failed_rounds)
         self.streams = SequentialStreams(config.seed) if config.rng == "global" else None
         self._downlink: tuple | None = None
+        self.memory = CohortMemory()  # each client's push across rounds (rules.CohortMemory)
 
     @property
     def round(self) -> int:
@@ -371,7 +373,7 @@ class RoundEngine:
         the method's round metrics; ``sync`` (a device synchronisation) before the training time
         is taken."""
         before = self.server
-        self.server = aggregate_round(self.method, self.server, rnd.tally)
+        self.server = aggregate_round(self.method, self.server, rnd.tally, self.memory)
         rnd.extra = self.method.round_metrics(before, self.server, rnd.tally.reports)
         if sync is not None:
             sync()
@@ -408,7 +410,8 @@ class RoundEngine:
         """The server's side of a checkpoint (top-level keys of the transports' checkpoints)."""
         return {"server": self.server.state_dict(), "client_flops": torch.from_numpy(self.client_flops.copy()),
                 "history": self.history, "totals": dict(self.totals),
-                "streams": self.streams.state_dict() if self.streams is not None else None}
+                "streams": self.streams.state_dict() if self.streams is not None else None,
+                "cohort_memory": self.memory.state_dict()}
 
     def load_state_dict(self, ckpt: Mapping) -> None:
         self.server = type(self.server).from_state_dict(ckpt["server"])
@@ -418,6 +421,8 @@ class RoundEngine:
         if self.streams is not None:
             self.streams.load_state_dict(ckpt["streams"])
         self.failures = FailedRounds(self.config.max_failed_rounds, self.history)
+        self.memory = CohortMemory()
+        self.memory.load_state_dict(ckpt.get("cohort_memory"))
 
 
 class EngineView:

@@ -283,9 +283,15 @@ class Clipped:
     limit: float
     median: float
     kind: str = "norm"
+    scale: float = 1.0  # kind "drift": the fraction of the deviation from the cohort's centre kept
 
     def describe(self, client: object, factor: float | None) -> str:
         """The history's line for this event (``client``: the client's id)."""
+        if self.kind == "drift":
+            return (f"client {client} update clipped: {self.name} pushed the same way round after round: its "
+                    f"deviations from the cohort's centre would sum to {self.norm:.4g} median deviations, more than "
+                    f"{factor:g} x sqrt(rounds) = {self.limit:.4g}; its deviation from the centre scaled by "
+                    f"{self.scale:.4g}")
         if self.kind == "shift":
             return (f"client {client} update clipped: {self.name} shifted as a whole {self.norm:+.4g} from the "
                     f"cohort's median shift, more than {factor:g} x the cohort's median deviation {self.median:.4g}; "
@@ -374,3 +380,98 @@ def clip_to_cohort(reference: Mapping[str, torch.Tensor], updates: list[Mapping[
     if not events:
         return updates, []
     return [scaled.get(i, u) for i, u in enumerate(updates)], events
+
+
+class CohortMemory:
+    """The server's record, across rounds, of where each client pushes: per client id and
+    exchanged tensor, the sum ``S`` of its accepted deviations from the cohort's centre (the
+    coordinate-wise median deviation of the round), each in units of that round's median
+    deviation norm ``m`` (as :func:`clip_to_cohort`), and the rounds ``k`` it was counted in.
+
+    An honest outlier's deviation from the cohort changes direction from round to round, so its
+    sum grows like ``sqrt(k)`` times one round's deviation; a participant that pushes the same
+    way every round (up to the per-round limits) grows it like ``k``. :meth:`clip` keeps
+    ``|S| <= limit * sqrt(k)`` by scaling the new round's deviation from the centre by the
+    largest ``alpha`` in [0, 1] that does (the update moves toward the centre, so it stays
+    inside every box bound the centre and the update obey), and adds what it kept to ``S``.
+    Over its rounds such a participant then moves the mean by at most ``limit * sqrt(k)``
+    median deviations (times its weight), where the per-round limits alone allow ``k`` times
+    their size.
+
+    It is server state: :meth:`state_dict` goes into the run's checkpoint, and a resumed run
+    continues with the same sums. Memory: one float32 copy of the exchanged tensors per client
+    seen."""
+
+    def __init__(self):
+        self.sums: dict[int, dict[str, torch.Tensor]] = {}
+        self.rounds: dict[int, int] = {}
+
+    def clip(self, reference: Mapping[str, torch.Tensor], updates: list[Mapping[str, torch.Tensor]],
+             ids: list[int], limit: float | None, commit: bool = True
+             ) -> tuple[list[Mapping[str, torch.Tensor]], list[Clipped]]:
+        """``updates`` (of the clients ``ids``, already clipped per round) with the deviation
+        from the centre of each client whose sum would pass ``limit * sqrt(k)`` scaled back,
+        and the events (``kind="drift"``: ``norm`` the sum's norm it would have reached,
+        ``limit`` the bound, ``scale`` the factor kept). The list itself, untouched, when nothing
+        is clipped. ``commit`` False: the state is not changed (what an update would meet).
+        Rounds of fewer than 3 updates or a zero median deviation are not counted: there is no
+        cohort to measure against."""
+        n = len(updates)
+        if limit is None or n < 3:
+            return updates, []
+        if len(ids) != n or len(set(ids)) != n:
+            raise ValueError(f"{n} updates need {n} distinct client ids, got {ids!r}")
+        events: list[Clipped] = []
+        scaled: dict[int, dict[str, torch.Tensor]] = {}
+        added: dict[int, dict[str, torch.Tensor]] = {}
+        for name, ref in reference.items():
+            g = ref.double()
+            devs = [u[name].double() - g for u in updates]
+            norms = sorted(float(torch.linalg.vector_norm(d)) for d in devs)
+            median = norms[(n - 1) // 2]
+            if not (median > 0 and math.isfinite(median)):
+                continue
+            centre = torch.stack(devs).median(0).values
+            for i, cid in enumerate(ids):
+                k = self.rounds.get(cid, 0) + 1
+                bound = limit * math.sqrt(k)
+                old = self.sums.get(cid, {}).get(name)
+                s = old.double() if old is not None else torch.zeros_like(g)
+                r = (devs[i] - centre) / median
+                total = float(torch.linalg.vector_norm(s + r))
+                alpha = 1.0
+                if total > bound:
+                    # the largest alpha with |s + alpha r| <= bound (|s| <= bound: the last
+                    # round's bound was smaller)
+                    rr, sr, ss = float((r * r).sum()), float((s * r).sum()), float((s * s).sum())
+                    alpha = max(0.0, min(1.0, (-sr + math.sqrt(max(sr * sr - rr * (ss - bound * bound), 0.0))) / rr))
+                    value = (g + centre + alpha * (devs[i] - centre)).to(updates[i][name].dtype)
+                    scaled.setdefault(i, dict(updates[i]))[name] = value
+                    events.append(Clipped(i, name, total, bound, median, "drift", alpha))
+                added.setdefault(i, {})[name] = (s + alpha * r).float()
+        if commit:
+            for i, cid in enumerate(ids):
+                if i in added:
+                    self.sums.setdefault(cid, {}).update(added[i])
+                    self.rounds[cid] = self.rounds.get(cid, 0) + 1
+        if not events:
+            return updates, []
+        return [scaled.get(i, u) for i, u in enumerate(updates)], events
+
+    def state_dict(self) -> dict:
+        """Tensors and plain containers only (a checkpoint loads with ``weights_only=True``)."""
+        return {"sums": {int(c): dict(t) for c, t in self.sums.items()},
+                "rounds": {int(c): int(k) for c, k in self.rounds.items()}}
+
+    def load_state_dict(self, state: Mapping | None) -> None:
+        """``state`` from :meth:`state_dict`; None (a checkpoint written before the record
+        existed): empty."""
+        state = state or {"sums": {}, "rounds": {}}
+        sums, rounds = state.get("sums"), state.get("rounds")
+        if not isinstance(sums, Mapping) or not isinstance(rounds, Mapping):
+            raise ValueError("the cohort memory in the checkpoint must hold 'sums' and 'rounds' mappings")
+        for cid, tensors in sums.items():
+            if not isinstance(tensors, Mapping) or not all(isinstance(t, torch.Tensor) for t in tensors.values()):
+                raise ValueError(f"the cohort memory of client {cid} in the checkpoint is not a mapping of tensors")
+        self.sums = {int(c): {str(k): v.float().clone() for k, v in t.items()} for c, t in sums.items()}
+        self.rounds = {int(c): int(k) for c, k in rounds.items()}
