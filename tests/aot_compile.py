@@ -90,7 +90,7 @@ def specialise(launch: Launch) -> tuple[dict, dict, dict, dict]:
     values.update(kwargs)
     signature, constexprs, attrs = {}, {}, {}
     for index, param in enumerate(fn.params):
-        value = values[param.name]
+        value = values[param.name] if param.name in values else param.default  # (a defaulted constexpr)
         if param.is_constexpr:
             signature[param.name] = "constexpr"
             constexprs[param.name] = value
@@ -124,6 +124,8 @@ def linear_case(dtype: torch.dtype, m: int, n: int, k: int, modes=("exact", "ski
         kernels.threshold_linear_fwd(x, w, torch.randn(n, dtype=dtype) if bias else None, rm)
         for i, mode in enumerate(modes):
             kernels.threshold_linear_bwd(dy, x, w, rm, mode=mode, need_dx=i == 0)
+        # the finish that writes the active rows only (a fused optimizer takes compact gradients)
+        kernels.threshold_linear_bwd(dy, x, w, rm, mode=modes[0], need_dx=False, r_out=torch.empty(n))
     return run
 
 
@@ -160,6 +162,10 @@ def optim_case(dtype: torch.dtype, n: int, k: int):
         # collapse_timing="previous": the guard reads the layer's stored density
         fused_step(w, g, tau, kind="sgd", lr=0.1, state1=s1, momentum=0.9, collapse_density=0.01,
                    previous_density=torch.ones(()))
+        # compact gradients: only the active rows of g are read, pruned rows owe sign(w) r / K
+        rows = (torch.rand(n) < 0.1, torch.randn(n))
+        fused_step(w, g, tau, kind="sgd", lr=0.1, state1=s1, momentum=0.9, grad_rows=rows)
+        fused_step(w, g, tau, kind="adam", lr=1e-3, state1=s1, state2=s2, step=3, grad_rows=rows)
     return run
 
 
