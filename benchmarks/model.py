@@ -1006,14 +1006,14 @@ def main(argv=None) -> int:
     lay.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     lay.add_argument("--no-shortcut", action="store_true", help="execute every case whole (slow)")
     lay.add_argument("--step-optimizers", nargs="*", default=["torch-sgd"],
-                     choices=("torch-sgd", "torch-adam", "spafl-sgd", "spafl-adam"),
+                     choices=tuple(model_steps.OPTIMIZERS),
                      help="optimizers of the training-step rows (ops opt, steady-fwd+bwd, step) of cases counted "
                           "whole; none: no step rows")
     lay.add_argument("--host", action="store_true", help="fill host_us (host time with the launches stubbed)")
     st = sub.add_parser("steps", parents=[common], help="training steps of the federated models")
     st.add_argument("--models", nargs="+", choices=sorted(model_steps.STEP_PRESETS),
                     default=["lenet5", "conv4", "resnet18"])
-    st.add_argument("--optimizer", choices=("torch-sgd", "torch-adam", "spafl-sgd", "spafl-adam"), default="torch-sgd",
+    st.add_argument("--optimizer", choices=tuple(model_steps.OPTIMIZERS), default="torch-sgd",
                     help="the spafl network's optimizer (the dense one steps with the torch.optim of the same rule)")
     st.add_argument("--force", action="store_true", help="replace existing tables")
     st.add_argument("--batch", type=_positive_int, default=None,

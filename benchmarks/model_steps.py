@@ -52,24 +52,29 @@ def torch_adam(params: list, h: Hyper) -> torch.optim.Optimizer:
     return torch.optim.Adam(params, lr=h.lr, weight_decay=h.weight_decay, foreach=True)
 
 
-def _spafl_optimizer(name: str) -> OptimizerFactory:
+def _spafl_optimizer(name: str, compact_grads: bool = False) -> OptimizerFactory:
     def make(params: list, h: Hyper) -> torch.optim.Optimizer:
         try:
             from spafl import optim
         except ImportError as e:
             raise RuntimeError(f"spafl.optim is not in this tree: cannot build the fused optimizer {name}") from e
+        extra = {"compact_grads": True} if compact_grads else {}
         if name == "SGD":
-            return optim.SGD(params, lr=h.lr, momentum=h.momentum, weight_decay=h.weight_decay, foreach=True)
-        return getattr(optim, name)(params, lr=h.lr, weight_decay=h.weight_decay, foreach=True)
+            return optim.SGD(params, lr=h.lr, momentum=h.momentum, weight_decay=h.weight_decay, foreach=True,
+                             **extra)
+        return getattr(optim, name)(params, lr=h.lr, weight_decay=h.weight_decay, foreach=True, **extra)
 
-    make.__name__ = f"spafl_{name.lower()}"
+    make.__name__ = f"spafl_{name.lower()}{'_compact' if compact_grads else ''}"
     return make
 
 
 OPTIMIZERS: dict[str, OptimizerFactory] = {"torch-sgd": torch_sgd, "torch-adam": torch_adam,
-                                           "spafl-sgd": _spafl_optimizer("SGD"), "spafl-adam": _spafl_optimizer("Adam")}
+                                           "spafl-sgd": _spafl_optimizer("SGD"), "spafl-adam": _spafl_optimizer("Adam"),
+                                           # the backward hands the step the active rows only
+                                           "spafl-sgd-compact": _spafl_optimizer("SGD", compact_grads=True),
+                                           "spafl-adam-compact": _spafl_optimizer("Adam", compact_grads=True)}
 DENSE_OPTIMIZER = {"torch-sgd": "torch-sgd", "spafl-sgd": "torch-sgd", "torch-adam": "torch-adam",
-                   "spafl-adam": "torch-adam"}
+                   "spafl-adam": "torch-adam", "spafl-sgd-compact": "torch-sgd", "spafl-adam-compact": "torch-adam"}
 # A lone layer's step: SGD with momentum as the CIFAR presets (the values change no launch count).
 LAYER_HYPER = Hyper(lr=0.01, momentum=0.9, weight_decay=0.0)
 STEP_PHASES = ("fwd", "bwd", "step")
