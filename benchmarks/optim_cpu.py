@@ -9,7 +9,9 @@ percentile spread):
   the step ratio;
 * ``linear4096``: one ``ThresholdLinear(4096, 4096)`` at 256 rows, skip mode, density
   ``--density``: the steady-state forward + backward alone (after a step of each optimizer: with
-  spafl.optim the forward takes the step's scores) and the whole step.
+  spafl.optim the forward takes the step's scores) and the whole step; beside it the
+  physically smaller dense layer (``nn.Linear`` of the active rows only: the upper bound of
+  skipping), forward + backward.
 
 On the CPU the fused optimizer moves the row-score pass from the forward into the step (its
 arithmetic is torch.optim's, for bit-identical histories): the whole step costs the same work,
@@ -146,14 +148,32 @@ def main(argv=None) -> int:
             return time.perf_counter() - t0
 
         fns[name] = (step, fwd_bwd)
+        active = int(layer.mask.sum())
+    # The physically smaller layer: a dense nn.Linear of the active rows only (the upper bound
+    # of skipping, benchmarks/kernels.py's `smaller`), its forward + backward alone.
+    small = nn.Linear(4096, active)
+    xs = xl.clone().requires_grad_(False)
+    dys = torch.randn(256, active)
+
+    def smaller():
+        t0 = time.perf_counter()
+        small.zero_grad(set_to_none=True)
+        small(xs).backward(dys)
+        return time.perf_counter() - t0
+
     steps = _interleaved({k: v[0] for k, v in fns.items()}, max(3, args.reps // 3))
-    fb = {k: [] for k in fns}
+    fb = {k: [] for k in [*fns, "smaller"]}
     for _ in range(args.reps):
         for k, v in fns.items():
             fb[k].append(1e3 * v[1]())
-    print(f"linear 4096x4096, 256 rows, density {args.density}, skip:")
+        fb["smaller"].append(1e3 * smaller())
+    print(f"linear 4096x4096, 256 rows, density {args.density}, skip ({active} active rows):")
     for k in fns:
         print(f"  {k:<12} step {_summary(steps[k])}; forward+backward after a step {_summary(fb[k])}")
+    print(f"  {'smaller':<12} forward+backward of nn.Linear(4096, {active}) {_summary(fb['smaller'])}")
+    for k in fns:
+        print(f"  smaller / {k} (forward+backward): "
+              f"{statistics.median(fb['smaller']) / statistics.median(fb[k]):.3f}x")
     return 0
 
 
