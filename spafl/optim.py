@@ -42,8 +42,8 @@ import torch
 from . import reference
 from ._checks import route
 from ._functions import _GRAD_SINKS, MaskedGrad, grad_sink
+from ._layer_base import weight_owner
 from ._rowmask import RowMask
-from .layers import weight_owner
 
 __all__ = ["SGD", "Adam", "AdamW", "FusedStep"]
 

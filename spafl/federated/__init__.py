@@ -7,6 +7,7 @@ and the methods it is compared with.
     engine                                 the round, once for every transport (cohort, tally, aggregate, history row)
     methods                                SpaFL, FedAvg, local-only, SparsyFed and Top-K, a module each
     rules                                  what the server accepts and how it aggregates (every method, transport)
+    cohort                                 the limits against the cohort, per round and across rounds (via rules)
     training                               a client's local SGD, state, report and evaluation
     keys                                   keyed randomness (collision-free stream keys)
     wire                                   the payload encoding (what a transport carries)

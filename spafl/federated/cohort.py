@@ -1,0 +1,223 @@
+"""The server's limits relative to the cohort: what one accepted update may do compared with the
+other clients of its round (:func:`clip_to_cohort`: its deviation's norm, its pull against the
+cohort's median direction, its shift of a whole tensor) and, per client id, across rounds
+(:class:`CohortMemory`: a push in the same direction round after round). Each limit is a
+multiple of the round's median deviation, set above what honest clients were measured to do,
+so that honest runs are never clipped (docs/security.md). Exported by :mod:`.rules`, the one
+place of the server's rules.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class Clipped:
+    """One update's tensor that :func:`clip_to_cohort` scaled back: the update's index in the
+    list, the tensor's name, what was measured (``norm``: the deviation's Euclidean norm;
+    ``kind="against"``: its component against the cohort's median direction), the limit it
+    was brought to, and the cohort's lower median deviation norm the limit is a multiple of."""
+
+    index: int
+    name: str
+    norm: float
+    limit: float
+    median: float
+    kind: str = "norm"
+    scale: float = 1.0  # kind "drift": the fraction of the deviation from the cohort's centre kept
+
+    def describe(self, client: object, factor: float | None) -> str:
+        """The history's line for this event (``client``: the client's id)."""
+        if self.kind == "drift":
+            return (f"client {client} update clipped: {self.name} pushed the same way round after round: its "
+                    f"deviations from the cohort's centre would sum to {self.norm:.4g} median deviations, more than "
+                    f"{factor:g} x sqrt(rounds) = {self.limit:.4g}; its deviation from the centre scaled by "
+                    f"{self.scale:.4g}")
+        if self.kind == "shift":
+            return (f"client {client} update clipped: {self.name} shifted as a whole {self.norm:+.4g} from the "
+                    f"cohort's median shift, more than {factor:g} x the cohort's median deviation {self.median:.4g}; "
+                    f"cut to {math.copysign(self.limit, self.norm):+.4g}")
+        if self.kind == "against":
+            return (f"client {client} update clipped: {self.name} moved {self.norm:.4g} against the cohort's median "
+                    f"direction, more than {factor:g} x the cohort's median deviation {self.median:.4g}; "
+                    f"that component cut to {self.limit:.4g}")
+        return (f"client {client} update clipped: {self.name} moved {self.norm:.4g} from the global value "
+                f"(Euclidean norm), more than {factor:g} x the cohort's median {self.median:.4g}; "
+                f"scaled to {self.limit:.4g}")
+
+
+def clip_to_cohort(reference: Mapping[str, torch.Tensor], updates: list[Mapping[str, torch.Tensor]],
+                   factor: float | None, against: float | None = None, shift: float | None = None
+                   ) -> tuple[list[Mapping[str, torch.Tensor]], list[Clipped]]:
+    """Each update's deviation from the global state ``reference``, per tensor, brought within
+    two limits, both multiples of the cohort's median deviation norm ``m`` for that tensor (the
+    lower median: the ``ceil(n/2)``-th smallest, so that fewer than half the updates, however
+    large, cannot raise it):
+
+    1. its Euclidean norm at most ``factor * m``: a longer deviation ``d`` becomes
+       ``d * factor * m / |d|`` (same direction);
+    2. its component against the cohort's direction at most ``against * m``: with ``c`` the
+       coordinate-wise median of the (norm-clipped) deviations (no minority moves it outside
+       the others' range) and ``a = -<d, c> / |c|``, a deviation with ``a > against * m``
+       loses the excess along ``c``: ``d + (a - against * m) c / |c|`` (which only shortens it).
+    3. its shift of the whole tensor (the component along the all-ones direction: every
+       value up, or every value down) within ``shift * m`` of the cohort's median shift.
+
+    The norm limit bounds what one client adds to a mean in any direction; the second bounds,
+    much more tightly, how far it can pull the mean back against where the cohort is going,
+    which an adversary would otherwise do every round; the third, how far it can move a whole
+    tensor one way (SpaFL: raise every threshold of a layer, pruning its units). Honest clients far from the others
+    move mostly across the cohort's direction, not against it (the measurements are in
+    docs/security.md), so both limits leave them alone. Returns ``(updates, clipped)``: the
+    list itself, untouched, when nothing is clipped (the aggregate is then computed exactly as
+    without the rule), else a new list in which only the clipped updates are new mappings.
+    ``factor`` / ``against`` None: that limit is off."""
+    if (factor is None and against is None and shift is None) or not updates:
+        return updates, []
+    n = len(updates)
+    events: list[Clipped] = []
+    scaled: dict[int, dict[str, torch.Tensor]] = {}
+    for name, ref in reference.items():
+        g = ref.double()
+        devs = [u[name].double() - g for u in updates]
+        norms = [float(torch.linalg.vector_norm(d)) for d in devs]
+        median = sorted(norms)[(n - 1) // 2]
+        changed: set[int] = set()
+        if factor is not None:
+            limit = factor * median
+            for i, norm in enumerate(norms):
+                if norm > limit:
+                    # limit 0 (the median client left the tensor as it was): only the global
+                    # value stays within it
+                    devs[i] = devs[i] * (limit / norm if math.isfinite(norm) else 0.0)
+                    changed.add(i)
+                    events.append(Clipped(i, name, norm, limit, median))
+        if against is not None and n > 1 and median > 0:
+            centre = torch.stack(devs).median(0).values
+            length = float(torch.linalg.vector_norm(centre))
+            if length > 0:
+                unit = centre / length
+                limit = against * median
+                for i, d in enumerate(devs):
+                    back = -float((d * unit).sum())
+                    if back > limit:
+                        devs[i] = d + (back - limit) * unit
+                        changed.add(i)
+                        events.append(Clipped(i, name, back, limit, median, "against"))
+        if shift is not None and n > 1 and median > 0:
+            unit = torch.full_like(g, 1.0 / math.sqrt(g.numel()))
+            moves = [float((d * unit).sum()) for d in devs]
+            centre = sorted(moves)[(n - 1) // 2]
+            limit = shift * median
+            for i, move in enumerate(moves):
+                if abs(move - centre) > limit:
+                    target = centre + math.copysign(limit, move - centre)
+                    devs[i] = devs[i] + (target - move) * unit
+                    changed.add(i)
+                    events.append(Clipped(i, name, move - centre, limit, median, "shift"))
+        for i in changed:
+            value = (g + devs[i]).to(updates[i][name].dtype)
+            scaled.setdefault(i, dict(updates[i]))[name] = value
+    if not events:
+        return updates, []
+    return [scaled.get(i, u) for i, u in enumerate(updates)], events
+
+
+class CohortMemory:
+    """The server's record, across rounds, of where each client pushes: per client id and
+    exchanged tensor, the sum ``S`` of its accepted deviations from the cohort's centre (the
+    coordinate-wise median deviation of the round), each in units of that round's median
+    deviation norm ``m`` (as :func:`clip_to_cohort`), and the rounds ``k`` it was counted in.
+
+    An honest outlier's deviation from the cohort changes direction from round to round, so its
+    sum grows like ``sqrt(k)`` times one round's deviation; a participant that pushes the same
+    way every round (up to the per-round limits) grows it like ``k``. :meth:`clip` keeps
+    ``|S| <= limit * sqrt(k)`` by scaling the new round's deviation from the centre by the
+    largest ``alpha`` in [0, 1] that does (the update moves toward the centre, so it stays
+    inside every box bound the centre and the update obey), and adds what it kept to ``S``.
+    Over its rounds such a participant then moves the mean by at most ``limit * sqrt(k)``
+    median deviations (times its weight), where the per-round limits alone allow ``k`` times
+    their size.
+
+    It is server state: :meth:`state_dict` goes into the run's checkpoint, and a resumed run
+    continues with the same sums. Memory: one float32 copy of the exchanged tensors per client
+    seen."""
+
+    def __init__(self):
+        self.sums: dict[int, dict[str, torch.Tensor]] = {}
+        self.rounds: dict[int, int] = {}
+
+    def clip(self, reference: Mapping[str, torch.Tensor], updates: list[Mapping[str, torch.Tensor]],
+             ids: list[int], limit: float | None, commit: bool = True
+             ) -> tuple[list[Mapping[str, torch.Tensor]], list[Clipped]]:
+        """``updates`` (of the clients ``ids``, already clipped per round) with the deviation
+        from the centre of each client whose sum would pass ``limit * sqrt(k)`` scaled back,
+        and the events (``kind="drift"``: ``norm`` the sum's norm it would have reached,
+        ``limit`` the bound, ``scale`` the factor kept). The list itself, untouched, when nothing
+        is clipped. ``commit`` False: the state is not changed (what an update would meet).
+        Rounds of fewer than 3 updates or a zero median deviation are not counted: there is no
+        cohort to measure against."""
+        n = len(updates)
+        if limit is None or n < 3:
+            return updates, []
+        if len(ids) != n or len(set(ids)) != n:
+            raise ValueError(f"{n} updates need {n} distinct client ids, got {ids!r}")
+        events: list[Clipped] = []
+        scaled: dict[int, dict[str, torch.Tensor]] = {}
+        added: dict[int, dict[str, torch.Tensor]] = {}
+        for name, ref in reference.items():
+            g = ref.double()
+            devs = [u[name].double() - g for u in updates]
+            norms = sorted(float(torch.linalg.vector_norm(d)) for d in devs)
+            median = norms[(n - 1) // 2]
+            if not (median > 0 and math.isfinite(median)):
+                continue
+            centre = torch.stack(devs).median(0).values
+            for i, cid in enumerate(ids):
+                k = self.rounds.get(cid, 0) + 1
+                bound = limit * math.sqrt(k)
+                old = self.sums.get(cid, {}).get(name)
+                s = old.double() if old is not None else torch.zeros_like(g)
+                r = (devs[i] - centre) / median
+                total = float(torch.linalg.vector_norm(s + r))
+                alpha = 1.0
+                if total > bound:
+                    # the largest alpha with |s + alpha r| <= bound (|s| <= bound: the last
+                    # round's bound was smaller)
+                    rr, sr, ss = float((r * r).sum()), float((s * r).sum()), float((s * s).sum())
+                    alpha = max(0.0, min(1.0, (-sr + math.sqrt(max(sr * sr - rr * (ss - bound * bound), 0.0))) / rr))
+                    value = (g + centre + alpha * (devs[i] - centre)).to(updates[i][name].dtype)
+                    scaled.setdefault(i, dict(updates[i]))[name] = value
+                    events.append(Clipped(i, name, total, bound, median, "drift", alpha))
+                added.setdefault(i, {})[name] = (s + alpha * r).float()
+        if commit:
+            for i, cid in enumerate(ids):
+                if i in added:
+                    self.sums.setdefault(cid, {}).update(added[i])
+                    self.rounds[cid] = self.rounds.get(cid, 0) + 1
+        if not events:
+            return updates, []
+        return [scaled.get(i, u) for i, u in enumerate(updates)], events
+
+    def state_dict(self) -> dict:
+        """Tensors and plain containers only (a checkpoint loads with ``weights_only=True``)."""
+        return {"sums": {int(c): dict(t) for c, t in self.sums.items()},
+                "rounds": {int(c): int(k) for c, k in self.rounds.items()}}
+
+    def load_state_dict(self, state: Mapping | None) -> None:
+        """``state`` from :meth:`state_dict`; None (a checkpoint written before the record
+        existed): empty."""
+        state = state or {"sums": {}, "rounds": {}}
+        sums, rounds = state.get("sums"), state.get("rounds")
+        if not isinstance(sums, Mapping) or not isinstance(rounds, Mapping):
+            raise ValueError("the cohort memory in the checkpoint must hold 'sums' and 'rounds' mappings")
+        for cid, tensors in sums.items():
+            if not isinstance(tensors, Mapping) or not all(isinstance(t, torch.Tensor) for t in tensors.values()):
+                raise ValueError(f"the cohort memory of client {cid} in the checkpoint is not a mapping of tensors")
+        self.sums = {int(c): {str(k): v.float().clone() for k, v in t.items()} for c, t in sums.items()}
+        self.rounds = {int(c): int(k) for c, k in rounds.items()}
