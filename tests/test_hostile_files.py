@@ -152,6 +152,24 @@ def test_atomic_write_permission_error_names_the_file(tmp_path, monkeypatch):
     assert target.read_text() == "old"
 
 
+def test_atomic_write_names_a_size_limit_raised_while_torch_closes_its_archive(tmp_path):
+    """``torch.save`` past a file size limit: the OSError of the write, then a RuntimeError of the
+    archive writer ("unexpected pos") while it closes; the OSError in the chain is what counts."""
+    target = tmp_path / "checkpoint.pt"
+    target.write_bytes(b"old")
+
+    def write(f):
+        try:
+            raise OSError(27, "File too large")
+        finally:
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 101312 vs 101204")
+
+    with pytest.raises(OSError, match=f"cannot write {target}: File too large; the file it would replace is intact"):
+        runfolder.atomic_write(target, write)
+    assert target.read_bytes() == b"old"
+    assert not [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")]  # no temporary file left
+
+
 def _plotted_run(tmp_path):
     out = tmp_path / "run"
     assert train("--rounds", "2", "--out", str(out)) == 0

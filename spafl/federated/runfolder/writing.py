@@ -99,10 +99,14 @@ def atomic_write(path: Path, write: Callable, keep_previous: Path | None = None)
 
 def _write_failure(path: Path, e: BaseException) -> OSError | None:
     """A failed write of ``path`` as one :class:`OSError` naming it (None: not a write failure).
-    ``torch.save`` reports a full disk as a ``RuntimeError`` of its archive writer."""
-    if isinstance(e, OSError):
-        reason = e.strerror or str(e)
-        return OSError(e.errno, f"cannot write {path}: {reason}; the file it would replace is intact")
+    ``torch.save`` reports a full disk as a ``RuntimeError`` of its archive writer, either alone or
+    raised while closing the archive after the ``OSError`` itself (then found in the chain)."""
+    cause, chain = e, 0
+    while cause is not None and chain < 8:  # (bounded: a chain can loop)
+        if isinstance(cause, OSError):
+            reason = cause.strerror or str(cause)
+            return OSError(cause.errno, f"cannot write {path}: {reason}; the file it would replace is intact")
+        cause, chain = cause.__cause__ or cause.__context__, chain + 1
     if isinstance(e, RuntimeError) and "write" in str(e).lower():
         first = str(e).strip().splitlines()[0][:200]
         return OSError(None, f"cannot write {path}: {first} (a full disk or a file size limit?); the file it "
