@@ -117,6 +117,19 @@ def _row_mask_kernel(
             k_off = k0 * stride_wk
         w = tl.load(w_ptrs + k_off, mask=row_ok[:, None] & (offs_k[None, :] < K - k0), other=0.0)
         acc += tl.abs(w.to(tl.float32))
+    _score_and_compact(acc, K, rows, row_ok, tau_ptr, score_ptr, mask_ptr, perm_ptr, count_ptr, collapsed_ptr,
+                       ticket_ptr, N, collapse_density, HAS_GUARD, COMPACT_BLOCK)
+
+
+@triton.jit
+def _score_and_compact(
+    acc, K, rows, row_ok, tau_ptr, score_ptr, mask_ptr, perm_ptr, count_ptr, collapsed_ptr, ticket_ptr, N,
+    collapse_density, HAS_GUARD: tl.constexpr, COMPACT_BLOCK: tl.constexpr, previous_ptr=None,
+    GUARD_PREVIOUS: tl.constexpr = False,
+):
+    """A program's rows scored (``acc``: their |w| summed over column tiles) and masked, then the
+    last program to finish compacts every row: the end of the row-mask kernel and of the fused
+    optimizer step alike."""
     score = tl.sum(acc, axis=1) / K
     tau = tl.load(tau_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
     tl.store(score_ptr + rows, score, mask=row_ok)
@@ -129,7 +142,7 @@ def _row_mask_kernel(
     ticket = tl.atomic_add(ticket_ptr, 1, sem="acq_rel")
     if ticket == tl.num_programs(0) - 1:
         _compact_rows(score_ptr, mask_ptr, perm_ptr, count_ptr, collapsed_ptr, N, collapse_density, HAS_GUARD,
-                      COMPACT_BLOCK)
+                      COMPACT_BLOCK, previous_ptr, GUARD_PREVIOUS)
         tl.atomic_xchg(ticket_ptr, 0, sem="relaxed")
 
 

@@ -9,7 +9,7 @@ For a weight viewed as ``[N, K]`` (contiguous), its gradient, the optimizer's st
 * scores the updated rows, ``score[i] = mean_j |W[i, j]|`` (fp32, accumulated in the same tiles
   and order as ``_row_mask_kernel``), and stores ``mask[i] = score[i] > tau[i]``;
 * lets its last program build ``perm`` / ``count`` and run the collapse guard, as the row-mask
-  kernel does (:func:`kernels.threshold_mask._compact_rows`).
+  kernel does (:func:`kernels.threshold_mask._score_and_compact`).
 
 So the one pass over ``W`` that every training step needs (the update touches every row: momentum
 and weight decay reach pruned rows too) also produces the row mask of the next forward, which
@@ -28,7 +28,7 @@ import triton.language as tl
 
 from .._rowmask import RowMask
 from ._config import cached_plan, cdiv, gpu_tiles, launch_settings, next_power_of_2
-from .threshold_mask import _compact_rows, fits_int32, ticket_counter
+from .threshold_mask import _score_and_compact, fits_int32, ticket_counter
 
 KINDS = {"sgd": 0, "adam": 1, "adamw": 2}
 
@@ -155,18 +155,9 @@ def _fused_step_kernel(
         w = tl.where(ok, _rounded(w, dtype, ROUND), 0.0)
         tl.store(w_ptr + offs, w.to(dtype), mask=ok)
         acc += tl.abs(w)
-    score = tl.sum(acc, axis=1) / K
-    tau = tl.load(tau_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
-    tl.store(score_ptr + rows, score, mask=row_ok)
-    tl.store(mask_ptr + rows, (score > tau).to(tl.int8), mask=row_ok)
-
-    # As in _row_mask_kernel: the last program to take a ticket sees every mask and compacts.
-    tl.debug_barrier()
-    ticket = tl.atomic_add(ticket_ptr, 1, sem="acq_rel")
-    if ticket == tl.num_programs(0) - 1:
-        _compact_rows(score_ptr, mask_ptr, perm_ptr, count_ptr, collapsed_ptr, N, collapse_density, HAS_GUARD,
-                      COMPACT_BLOCK, previous_ptr, GUARD_PREVIOUS)
-        tl.atomic_xchg(ticket_ptr, 0, sem="relaxed")
+    # As the row-mask kernel ends: score, mask, and the last program to finish compacts.
+    _score_and_compact(acc, K, rows, row_ok, tau_ptr, score_ptr, mask_ptr, perm_ptr, count_ptr, collapsed_ptr,
+                       ticket_ptr, N, collapse_density, HAS_GUARD, COMPACT_BLOCK, previous_ptr, GUARD_PREVIOUS)
 
 
 # The row-mask kernel's score columns (BLOCK_K): each row sums |W| in the same order, so that the
