@@ -177,6 +177,8 @@ def _linear_fwd_unit(
     if n_split > 1:
         acc, last = _split_fixup(acc, ws_ptr, lock_ptr, tile, split, n_split, BLOCK_M, SLOT, WIDTH)
     if last:
+        # A pruned position's weights load as 0, but 0 * inf is NaN: select, so it holds the bias.
+        acc = tl.where(active[None, :], acc, 0.0)
         if HAS_BIAS:
             acc += tl.load(b_ptr + rows, mask=p_ok, other=0.0).to(tl.float32)[None, :]
         y_ptrs = y_ptr + offs_m[:, None] * stride_ym + rows[None, :] * stride_yn
