@@ -465,9 +465,29 @@ def launch_settings() -> tuple:
     """What a launcher's plan depends on besides the operands: the interpreter, the tiles, the
     autotuning switch, the weight-path policy and PyTorch's TF32 settings. Part of every plan's
     key, so that changing one of them (in a test, or ``torch.backends``) takes effect at once."""
-    return (interpreter_enabled(), _production_tiles_forced, _autotune_override, _forced_split,
-            os.environ.get("SPAFL_AUTOTUNE", "0"), os.environ.get("SPAFL_COMPACT_WEIGHT", "auto"),
-            torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    return (*_plan_environment(), _production_tiles_forced, _autotune_override, _forced_split,
+            _cublas_tf32(), _cudnn_tf32())
+
+
+# The variables a plan depends on (TRITON_INTERPRET, SPAFL_AUTOTUNE, SPAFL_COMPACT_WEIGHT), read at
+# every launch: through `os.environ.get` the three cost ~5 us a launch (each decodes the value),
+# half of this function; from the mapping behind `os.environ` (POSIX: raw bytes, updated by every
+# write through `os.environ`, as `os.environ.get` is) a few hundred nanoseconds. Their raw values
+# key the plans: distinct spellings of one setting only make distinct (equal) plans.
+_PLAN_VARIABLES = ("TRITON_INTERPRET", "SPAFL_AUTOTUNE", "SPAFL_COMPACT_WEIGHT")
+_RAW_ENVIRON = getattr(os.environ, "_data", None)
+if os.name == "posix" and isinstance(_RAW_ENVIRON, dict):
+    _RAW_KEYS = tuple(os.fsencode(name) for name in _PLAN_VARIABLES)
+
+    def _plan_environment(_get=_RAW_ENVIRON.get, _keys=_RAW_KEYS) -> tuple:
+        return (_get(_keys[0]), _get(_keys[1]), _get(_keys[2]))
+else:
+    def _plan_environment() -> tuple:
+        return tuple(os.environ.get(name) for name in _PLAN_VARIABLES)
+
+# (torch.backends' properties end in these getters, through a Python __getattr__ that costs ~2 us)
+_cublas_tf32 = torch._C._get_cublas_allow_tf32
+_cudnn_tf32 = torch._C._get_cudnn_allow_tf32
 
 
 _PLANS: dict[tuple, object] = {}

@@ -56,6 +56,7 @@ def _guarded_row_mask(
     previous_density: torch.Tensor | None,
     check_finite: bool = False,
     precomputed: tuple[str, RowMask] | None = None,
+    cache: HostMaskCache | None = None,
 ) -> RowMask:
     """The forward's row mask, after the collapse guard of ``options`` (if any) has run: the one
     guard of every path (eager, the ``spafl::row_mask`` operator, the chains).
@@ -74,13 +75,21 @@ def _guarded_row_mask(
     built from these very weights and thresholds with this guard density; the caller has checked
     that they are unchanged since. On the host path only its scores are read; elsewhere it is the
     mask (the guard's "current" test included) when it comes from this mask backend.
+
+    ``cache``: a layer's :class:`HostMaskCache`; on the host path the mask of its last forward
+    is reused while that forward's inputs are unchanged (see there).
     """
     density = options.collapse_density
     on_host = mask_backend != "triton" and not with_perm and weight.device.type == "cpu"
     if on_host:
+        if cache is not None:
+            found = cache.get(weight, threshold, mask_backend, options, previous_density)
+            if found is not None:
+                return found
         return _host_row_mask(weight, threshold, mask_backend == "compact", density, options.collapse_timing,
                               counter, previous_density, check_finite,
-                              None if precomputed is None else precomputed[1].score)
+                              None if precomputed is None else precomputed[1].score,
+                              None if cache is None else (cache, mask_backend, options))
     # (with a guard, the kept mask must carry its decision: the fused step makes it for either timing)
     reuse = (precomputed is not None and precomputed[0] == mask_backend
              and (not with_perm or precomputed[1].perm is not None)
@@ -121,7 +130,7 @@ def _store_density(previous_density: torch.Tensor | None, row_mask: RowMask) -> 
 
 
 def _host_row_mask(weight, threshold, want_units: bool, density, timing, counter, previous_density, check_finite,
-                   score=None):
+                   score=None, keep=None):
     """:func:`_guarded_row_mask` for CPU tensors on the plain-PyTorch backends, deciding on the
     host (a synchronisation is free there) with as few operations as a small layer allows: the
     comparisons are the device path's, in its dtypes (``s > tau`` as ``s - tau > 0``, the same
@@ -129,7 +138,8 @@ def _host_row_mask(weight, threshold, want_units: bool, density, timing, counter
     that both are finite). ``RowMask.perm``, ``count``, ``score`` and ``collapsed`` stay None
     (nothing downstream reads them); ``units`` holds the active rows for the compacting backend
     (``want_units``). ``score``: the row scores of ``weight`` when already known (a fused
-    optimizer step computed them)."""
+    optimizer step computed them). ``keep``: ``(HostMaskCache, mask backend, options)`` that
+    receives the result when the guard did not fire."""
     if score is None:
         score = reference.row_scores(weight)
     tau = threshold.detach()
@@ -143,6 +153,7 @@ def _host_row_mask(weight, threshold, want_units: bool, density, timing, counter
     else:
         mask = score > tau
     units = None
+    fired = False
     if want_units or density is not None:
         units = mask.nonzero().view(-1)
     if density is not None:
@@ -160,7 +171,76 @@ def _host_row_mask(weight, threshold, want_units: bool, density, timing, counter
             units = mask.nonzero().view(-1)
         if previous_density is not None:
             previous_density.fill_(units.shape[0] / n)  # = the device path's fp32 count / n, rounded once
-    return RowMask(mask, None, None, None, None, units if want_units else None)
+    row_mask = RowMask(mask, None, None, None, None, units if want_units else None)
+    if keep is not None and not fired:
+        # (after the guard's writes: the versions kept are those the next forward will see)
+        keep[0].put(weight, threshold, keep[1], keep[2], previous_density, row_mask)
+    return row_mask
+
+
+class HostMaskCache:
+    """The row mask of a layer's last forward on the host path (CPU tensors, plain-PyTorch
+    backends), for its next forward: a forward that finds the same weight and threshold tensors,
+    unchanged, and the same options takes the mask as it is instead of scoring the weight, testing
+    finiteness and running the guard again (on a small layer those operations cost more than its
+    product). Only a forward whose guard did not fire is kept, so a hit changes nothing a forward
+    would have changed: its guard would not fire (``"current"``: the same density;
+    ``"previous"``: tested again, from ``previous_density``), and the density it would store is
+    the one stored already.
+
+    "Unchanged" is what PyTorch can tell: the same tensor objects with the same storage, data
+    pointer, shape, strides, dtype and version counter (and the same version of
+    ``previous_density``). In-place writes bump the version counter (an optimizer step,
+    ``copy_``, ``load_state_dict``, ``torch.nn.init``, writes through ``.detach()`` or under
+    ``no_grad``), and ``param.data = t`` changes the storage (the cache holds the storage it saw,
+    so no later tensor can take its address). Writes that bypass the version counter are not
+    seen: in-place operations on ``param.data`` (``param.data.copy_(t)``, ``param.data.mul_(2)``),
+    on a NumPy array sharing the memory, or through DLPack; after such a write call the layer's
+    :meth:`forget_next_mask`, or write in place under ``torch.no_grad()`` instead.
+    """
+
+    __slots__ = ("_entry",)
+
+    def __init__(self) -> None:
+        self._entry = None
+
+    def clear(self) -> None:
+        self._entry = None
+
+    def put(self, weight, threshold, mask_backend: str, options: ThresholdOptions, previous_density,
+            row_mask: RowMask) -> None:
+        try:
+            stamp = (_stamp(weight), _stamp(threshold), _version_of(options, previous_density))
+            # (the aliases hold the storages: no later tensor can get their addresses)
+            held = (weight.detach(), threshold.detach())
+        except RuntimeError:  # inference tensors have no version counter: nothing is kept
+            self._entry = None
+            return
+        self._entry = (weight, threshold, previous_density, mask_backend, options, stamp, held, row_mask)
+
+    def get(self, weight, threshold, mask_backend: str, options: ThresholdOptions, previous_density):
+        """The kept :class:`RowMask` if a forward with these arguments would compute it, else None."""
+        entry = self._entry
+        if (entry is None or entry[0] is not weight or entry[1] is not threshold or entry[2] is not previous_density
+                or entry[3] != mask_backend or entry[4] is not options):
+            return None
+        if entry[5] != (_stamp(weight), _stamp(threshold), _version_of(options, previous_density)):
+            return None
+        if (options.collapse_density is not None and options.collapse_timing == "previous"
+                and bool(previous_density <= options.collapse_density)):
+            return None  # the guard fires now: the full path resets
+        return entry[7]
+
+
+def _stamp(t: torch.Tensor) -> tuple:
+    return t._version, t.data_ptr(), t.shape, t.stride(), t.dtype
+
+
+def _version_of(options: ThresholdOptions, previous_density) -> int | None:
+    # (the host path writes previous_density only where a guard runs)
+    if previous_density is None or options.collapse_density is None:
+        return None
+    return previous_density._version
 
 
 def _reset(threshold: torch.Tensor, collapsed: torch.Tensor, counter: torch.Tensor | None) -> None:

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 from torch.utils.weak import WeakIdKeyDictionary
 
+from ._guard import HostMaskCache
 from ._options import ThresholdOptions
 from .functional import threshold_row_mask
 
@@ -37,6 +38,9 @@ def _guard_buffers(device) -> dict[str, torch.Tensor]:
         # collapse_timing="previous" tests, like the authors' `self.ratio`. Saved with checkpoints.
         "previous_density": torch.ones((), dtype=torch.float32, device=device),
     }
+
+
+_UNSAVED = ("_next_mask", "_registered_weight", "_host_mask_cache")
 
 
 class _ThresholdMixin:
@@ -99,8 +103,27 @@ class _ThresholdMixin:
         self.__dict__["_next_mask"] = (self._mask_key(self._options), (mask_backend, row_mask))
 
     def forget_next_mask(self) -> None:
-        """Drop the kept mask: the next forward scores the weight itself."""
+        """Drop the kept masks (a fused optimizer's, and the last forward's on the CPU): the next
+        forward scores the weight itself. Needed only after writing the weight or the thresholds
+        in a way that PyTorch's version counters do not see (in place through ``.data``, through
+        a NumPy array sharing their memory): see :class:`spafl._guard.HostMaskCache`."""
         self.__dict__.pop("_next_mask", None)
+        cache = self.__dict__.get("_host_mask_cache")
+        if cache is not None:
+            cache.clear()
+
+    def _host_masks(self) -> HostMaskCache:
+        """The cache of the last forward's mask on the host path (see :class:`HostMaskCache`)."""
+        cache = self.__dict__.get("_host_mask_cache")
+        if cache is None:
+            cache = self.__dict__["_host_mask_cache"] = HostMaskCache()
+        return cache
+
+    def _apply(self, fn, *args, **kwargs):
+        # (.to(), .half(), .cuda() ...: the kept masks belong to the old tensors, whose storage the
+        # host cache would otherwise hold)
+        self.forget_next_mask()
+        return super()._apply(fn, *args, **kwargs)
 
     def _mask_key(self, options: ThresholdOptions) -> tuple:
         w, tau = self.weight, self.threshold
@@ -142,10 +165,10 @@ class _ThresholdMixin:
 
     def __getstate__(self):
         # (a kept mask is a cache tied to this process's tensors, and a weak reference cannot be
-        # pickled: neither is saved)
+        # pickled: none is saved)
         state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__.copy()
-        if "_next_mask" in state or "_registered_weight" in state:
-            state = {k: v for k, v in state.items() if k not in ("_next_mask", "_registered_weight")}
+        if any(k in state for k in _UNSAVED):
+            state = {k: v for k, v in state.items() if k not in _UNSAVED}
         return state
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,

@@ -89,14 +89,14 @@ def _validate_guard(options: ThresholdOptions, collapse_counter, previous_densit
 
 
 def linear_call(x, weight, threshold, bias, options: ThresholdOptions, counter=None, previous_density=None,
-                precomputed=None):
+                precomputed=None, cache=None):
     """:func:`threshold_linear` with its options already built (what the layers call): checks
-    the tensors, runs the guard and the forward of the routed backend. ``precomputed``: see
-    :func:`spafl._guard._guarded_row_mask` (eager mode only)."""
+    the tensors, runs the guard and the forward of the routed backend. ``precomputed`` and
+    ``cache``: see :func:`spafl._guard._guarded_row_mask` (eager mode only)."""
     if torch.jit.is_tracing():
         with _shape_checks_in_trace():
             return _linear_call(x, weight, threshold, bias, options, counter, previous_density)
-    return _linear_call(x, weight, threshold, bias, options, counter, previous_density, precomputed)
+    return _linear_call(x, weight, threshold, bias, options, counter, previous_density, precomputed, cache)
 
 
 @contextlib.contextmanager
@@ -109,7 +109,8 @@ def _shape_checks_in_trace():
         yield
 
 
-def _linear_call(x, weight, threshold, bias, options: ThresholdOptions, counter, previous_density, precomputed=None):
+def _linear_call(x, weight, threshold, bias, options: ThresholdOptions, counter, previous_density, precomputed=None,
+                 cache=None):
     check_layer_inputs(x, weight, threshold, bias, op="threshold_linear", weight_dim=2, x_min_dim=1)
     n_out, fan_in = weight.shape
     if x.shape[-1] != fan_in:
@@ -132,7 +133,7 @@ def _linear_call(x, weight, threshold, bias, options: ThresholdOptions, counter,
                                              options.key)
     else:
         row_mask = _guarded_row_mask(weight, threshold, where.mask, where.with_perm, options, counter,
-                                     previous_density, check, precomputed)
+                                     previous_density, check, precomputed, cache)
         if autocast:
             with torch.autocast(x.device.type, enabled=False):
                 y = _run(ThresholdLinearFunction, x2d, w_op, threshold, b_op, row_mask, where.compute, options)
@@ -281,18 +282,19 @@ def _kernel_of(weight):
 
 
 def conv2d_call(x, weight, threshold, bias, geometry: ConvGeometry, options: ThresholdOptions, counter=None,
-                previous_density=None, precomputed=None):
+                previous_density=None, precomputed=None, cache=None):
     """:func:`threshold_conv2d` with its geometry and options already built (what the layers
     call): checks the tensors, runs the guard and the forward of the routed backend.
-    ``precomputed``: see :func:`spafl._guard._guarded_row_mask` (eager mode only)."""
+    ``precomputed`` and ``cache``: see :func:`spafl._guard._guarded_row_mask` (eager mode only)."""
     if torch.jit.is_tracing():
         with _shape_checks_in_trace():
             return _conv2d_call(x, weight, threshold, bias, geometry, options, counter, previous_density)
-    return _conv2d_call(x, weight, threshold, bias, geometry, options, counter, previous_density, precomputed)
+    return _conv2d_call(x, weight, threshold, bias, geometry, options, counter, previous_density, precomputed,
+                        cache)
 
 
 def _conv2d_call(x, weight, threshold, bias, geometry: ConvGeometry, options: ThresholdOptions, counter,
-                 previous_density, precomputed=None):
+                 previous_density, precomputed=None, cache=None):
     check_layer_inputs(x, weight, threshold, bias, op="threshold_conv2d", weight_dim=4, x_min_dim=3)
     if x.dim() not in (3, 4):
         raise ValueError(f"threshold_conv2d: x must be [B, C, H, W] or [C, H, W], got shape {tuple(x.shape)}")
@@ -332,7 +334,7 @@ def _conv2d_call(x, weight, threshold, bias, geometry: ConvGeometry, options: Th
         )
     else:
         row_mask = _guarded_row_mask(weight, threshold, where.mask, where.with_perm, options, counter,
-                                     previous_density, check, precomputed)
+                                     previous_density, check, precomputed, cache)
         if autocast:
             with torch.autocast(x.device.type, enabled=False):
                 y = _run(ThresholdConv2dFunction, x_op, w_op, threshold, b_op, row_mask, geometry, where.compute,

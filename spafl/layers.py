@@ -118,7 +118,7 @@ class ThresholdLinear(_ThresholdMixin, nn.Module):
             _threads.warn_once_about_threads(x.device)
         options = self.forward_options
         return linear_call(x, self.weight, self.threshold, self.bias, options, self.collapse_resets,
-                           self.previous_density, self._eager_kept_mask(options))
+                           self.previous_density, self._eager_kept_mask(options), self._host_masks())
 
     @classmethod
     def from_dense(cls, linear: nn.Linear, *, copy: bool = True, **kwargs) -> ThresholdLinear:
@@ -250,7 +250,8 @@ class ThresholdConv2d(_ThresholdMixin, nn.Module):
         geometry = cached_geometry(self.kernel_size, self.stride, padding, self.dilation, self.groups)
         options = self.forward_options
         return conv2d_call(x, self.weight, self.threshold, self.bias, geometry, options,
-                           self.collapse_resets, self.previous_density, self._eager_kept_mask(options))
+                           self.collapse_resets, self.previous_density, self._eager_kept_mask(options),
+                           self._host_masks())
 
     @classmethod
     def from_dense(cls, conv: nn.Conv2d, *, copy: bool = True, **kwargs) -> ThresholdConv2d:
