@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import copy
 import io
-import os
 import pickle
 
 import pytest
@@ -256,26 +255,3 @@ def test_gradients_unchanged_by_a_hit():
         grads.append([t.grad.clone() for t in (x, *layer.parameters())])
     for a, b in zip(*grads, strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
-
-
-def test_launch_settings_follow_the_environment_and_torch(monkeypatch):
-    pytest.importorskip("triton")
-    from spafl.kernels import _config
-
-    before = _config.launch_settings()
-    for name in ("SPAFL_AUTOTUNE", "SPAFL_COMPACT_WEIGHT", "TRITON_INTERPRET"):
-        monkeypatch.setenv(name, "changed" + name)
-        now = _config.launch_settings()
-        assert now != before, name
-        before = now
-        monkeypatch.delenv(name)
-        assert _config.launch_settings() != now, name
-        before = _config.launch_settings()
-    assert os.environ.get("SPAFL_AUTOTUNE") is None
-    flag = torch.backends.cuda.matmul.allow_tf32
-    try:
-        torch.backends.cuda.matmul.allow_tf32 = not flag
-        assert _config.launch_settings() != before
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = flag
-    assert _config.launch_settings() == before
