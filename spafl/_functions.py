@@ -289,7 +289,8 @@ def grad_sink(weight: torch.Tensor) -> GradSink:
 def _sink_for(impl, weight: torch.Tensor):
     # Only the layers' own compact backend and the Triton kernels write rows (a chain's compact
     # instance and the reference write full gradients).
-    if not _GRAD_SINKS or not (impl is IMPLEMENTATIONS["compact"] or impl is _Triton):
+    # (the dictionary's own len() is Python code: its plain mapping tells emptiness in C)
+    if not _GRAD_SINKS.data or not (impl is IMPLEMENTATIONS["compact"] or impl is _Triton):
         return None
     return _GRAD_SINKS.get(weight)
 

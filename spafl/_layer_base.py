@@ -150,6 +150,15 @@ class _ThresholdMixin:
         self._register_owner()
         return self._kept_mask(options)
 
+    def _call_tensors(self) -> tuple:
+        """``(weight, threshold, bias, collapse_resets, previous_density)`` for a forward."""
+        params, buffers = self._parameters, self._buffers
+        try:  # (straight from the module's dictionaries: five attribute lookups cost ~5 us)
+            return (params["weight"], params["threshold"], params["bias"], buffers["collapse_resets"],
+                    buffers["previous_density"])
+        except KeyError:  # a parametrization (torch.nn.utils.parametrize) computes one of them
+            return self.weight, self.threshold, self.bias, self.collapse_resets, self.previous_density
+
     def _register_owner(self) -> None:
         # (a forward registers the layer, so that a fused optimizer finds it from its weight; the
         # weak reference to the weight registered last spares the dictionary's lookup, which costs

@@ -117,8 +117,9 @@ class ThresholdLinear(_ThresholdMixin, nn.Module):
         if not _threads._warned and self.training and not torch.compiler.is_compiling():
             _threads.warn_once_about_threads(x.device)
         options = self.forward_options
-        return linear_call(x, self.weight, self.threshold, self.bias, options, self.collapse_resets,
-                           self.previous_density, self._eager_kept_mask(options), self._host_masks())
+        weight, threshold, bias, counter, previous = self._call_tensors()
+        return linear_call(x, weight, threshold, bias, options, counter, previous, self._eager_kept_mask(options),
+                           self._host_masks())
 
     @classmethod
     def from_dense(cls, linear: nn.Linear, *, copy: bool = True, **kwargs) -> ThresholdLinear:
@@ -249,9 +250,9 @@ class ThresholdConv2d(_ThresholdMixin, nn.Module):
         # (cached: the settings are attributes a caller may change, as on nn.Conv2d)
         geometry = cached_geometry(self.kernel_size, self.stride, padding, self.dilation, self.groups)
         options = self.forward_options
-        return conv2d_call(x, self.weight, self.threshold, self.bias, geometry, options,
-                           self.collapse_resets, self.previous_density, self._eager_kept_mask(options),
-                           self._host_masks())
+        weight, threshold, bias, counter, previous = self._call_tensors()
+        return conv2d_call(x, weight, threshold, bias, geometry, options, counter, previous,
+                           self._eager_kept_mask(options), self._host_masks())
 
     @classmethod
     def from_dense(cls, conv: nn.Conv2d, *, copy: bool = True, **kwargs) -> ThresholdConv2d:

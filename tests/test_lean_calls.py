@@ -56,3 +56,53 @@ def test_launch_settings_follow_the_environment_and_torch(monkeypatch):
     finally:
         torch.backends.cuda.matmul.allow_tf32 = flag
     assert _config.launch_settings() == before
+
+
+class _Scale(torch.nn.Module):
+    def forward(self, w):
+        return w * 3.0
+
+
+@pytest.mark.parametrize("name", ["weight", "threshold", "bias"])
+def test_parametrized_tensors_are_read_through_the_module(name):
+    # A parametrization moves the tensor out of the module's parameter dictionary: the forward
+    # must read the computed value, and see the parametrization's change of the original.
+    from torch.nn.utils import parametrize
+
+    import spafl
+
+    torch.manual_seed(0)
+    layer = spafl.ThresholdLinear(9, 6)
+    with torch.no_grad():
+        layer.threshold.copy_(torch.linspace(0.0, 0.3, 6))
+    plain = copy_layer(layer)
+    parametrize.register_parametrization(layer, name, _Scale())
+    with torch.no_grad():
+        getattr(plain, name).mul_(3.0)
+    x = torch.randn(4, 9)
+    torch.testing.assert_close(layer(x), plain(x), rtol=1e-6, atol=1e-6)
+    with torch.no_grad():
+        getattr(layer.parametrizations, name).original.mul_(0.5)
+        getattr(plain, name).mul_(0.5)
+    torch.testing.assert_close(layer(x), plain(x), rtol=1e-6, atol=1e-6)
+
+
+def test_functional_call_uses_the_given_tensors():
+    import spafl
+
+    torch.manual_seed(0)
+    layer = spafl.ThresholdLinear(9, 6)
+    x = torch.randn(4, 9)
+    layer(x)
+    params = {"weight": torch.randn(6, 9), "threshold": torch.full((6,), 0.5), "bias": torch.zeros(6)}
+    y = torch.func.functional_call(layer, params, (x,))
+    mask = params["weight"].abs().mean(1) > 0.5
+    torch.testing.assert_close(y, x @ (params["weight"] * mask[:, None]).t(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(layer(x), torch.nn.functional.linear(x, layer.weight, layer.bias), rtol=1e-5,
+                               atol=1e-5)
+
+
+def copy_layer(layer):
+    import copy
+
+    return copy.deepcopy(layer)
