@@ -142,13 +142,14 @@ class _ThresholdMixin:
         # (kept on a mismatch: an eval-mode forward, whose options differ, leaves it current)
         return kept[1] if kept[0] == self._mask_key(options) else None
 
-    def _eager_kept_mask(self, options: ThresholdOptions):
-        """A forward's registration with the fused optimizers and its kept mask (none while
-        ``torch.compile`` traces: the compiled graph builds its own mask)."""
+    def _eager_masks(self, options: ThresholdOptions) -> tuple:
+        """A forward's registration with the fused optimizers, and its ``(kept mask, host mask
+        cache)``: ``(None, None)`` while ``torch.compile`` traces (the compiled graph builds its
+        own mask)."""
         if torch.compiler.is_compiling():
-            return None
+            return None, None
         self._register_owner()
-        return self._kept_mask(options)
+        return self._kept_mask(options), self._host_masks()
 
     def _call_tensors(self) -> tuple:
         """``(weight, threshold, bias, collapse_resets, previous_density)`` for a forward."""

@@ -118,8 +118,7 @@ class ThresholdLinear(_ThresholdMixin, nn.Module):
             _threads.warn_once_about_threads(x.device)
         options = self.forward_options
         weight, threshold, bias, counter, previous = self._call_tensors()
-        return linear_call(x, weight, threshold, bias, options, counter, previous, self._eager_kept_mask(options),
-                           self._host_masks())
+        return linear_call(x, weight, threshold, bias, options, counter, previous, *self._eager_masks(options))
 
     @classmethod
     def from_dense(cls, linear: nn.Linear, *, copy: bool = True, **kwargs) -> ThresholdLinear:
@@ -252,7 +251,7 @@ class ThresholdConv2d(_ThresholdMixin, nn.Module):
         options = self.forward_options
         weight, threshold, bias, counter, previous = self._call_tensors()
         return conv2d_call(x, weight, threshold, bias, geometry, options, counter, previous,
-                           self._eager_kept_mask(options), self._host_masks())
+                           *self._eager_masks(options))
 
     @classmethod
     def from_dense(cls, conv: nn.Conv2d, *, copy: bool = True, **kwargs) -> ThresholdConv2d:

@@ -255,3 +255,26 @@ def test_gradients_unchanged_by_a_hit():
         grads.append([t.grad.clone() for t in (x, *layer.parameters())])
     for a, b in zip(*grads, strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_conv_layers_keep_and_drop_the_mask(scored):
+    torch.manual_seed(0)
+    layer = spafl.ThresholdConv2d(3, 5, 3, padding=1)
+    x = torch.randn(2, 3, 6, 7)
+
+    def expected():
+        with torch.no_grad():
+            mask = reference.row_scores(layer.weight.detach().flatten(1)) > layer.threshold.detach()
+            return torch.nn.functional.conv2d(x, layer.weight * mask[:, None, None, None], layer.bias, padding=1)
+
+    for misses in (1, 1):
+        torch.testing.assert_close(layer(x), expected(), rtol=1e-5, atol=1e-5)
+        assert len(scored) == misses
+    opt = torch.optim.SGD([layer.threshold], lr=1.0)
+    layer.threshold.grad = -torch.tensor([10.0, 0, 10.0, 0, 0])  # prunes filters 0 and 2
+    opt.step()
+    for _ in range(2):
+        y = layer(x)
+        torch.testing.assert_close(y, expected(), rtol=1e-5, atol=1e-5)
+        assert len(scored) == 2
+    torch.testing.assert_close(y[:, 0], layer.bias[0].detach().expand(2, 6, 7), rtol=0, atol=0)
