@@ -6,14 +6,20 @@ seed; also how often the cohort clip fired on the honest run.
 
     OMP_NUM_THREADS=1 python benchmarks/adversary.py [--methods spafl,fedavg,sparsyfed]
         [--attacks max-shift,...] [--rounds 20] [--cohort-clip X] [--bad 0]
-        [--cohort-against X] [--cohort-shift X] [--cohort-drift X]
+        [--cohort-against X] [--cohort-shift X] [--cohort-drift X] [--aggregate-drift X]
+
+Each attacked run prints its clip events by kind (norm, against, shift, drift: one client's;
+aggregate: the whole cohort pulled toward its centre), so that the limit an attack rides is
+visible.
 """
 
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -36,6 +42,9 @@ def main() -> None:
     p.add_argument("--cohort-against", default="default", help="a number, 'inf' (off), or 'default' (the method's)")
     p.add_argument("--cohort-shift", default="default", help="a number, 'inf' (off), or 'default' (the method's)")
     p.add_argument("--cohort-drift", default="default", help="a number, 'inf' (off), or 'default' (the method's)")
+    for name in ("drift", "shift", "against"):
+        p.add_argument(f"--aggregate-{name}", default="default",
+                       help="a number, 'inf' (off), or 'default' (the method's)")
     p.add_argument("--aggregator", default="mean")
     args = p.parse_args()
     torch.set_num_threads(1)
@@ -45,13 +54,14 @@ def main() -> None:
                      "aggregator": args.aggregator, "checkpoint_every": 0}
         if args.cohort_clip != "default":
             overrides["cohort_clip"] = None if args.cohort_clip == "none" else float(args.cohort_clip)
-        for name in ("cohort_against", "cohort_shift", "cohort_drift"):
+        for name in ("cohort_against", "cohort_shift", "cohort_drift", "aggregate_drift", "aggregate_shift",
+                     "aggregate_against"):
             if getattr(args, name) != "default":
                 overrides[name] = float(getattr(args, name))
         config = build_config("digits-cnn", None, overrides)
         start = time.perf_counter()
         history, messages = attacked_run(config)
-        clipped = sum(" update clipped: " in m for m in messages)
+        clipped = sum(" update clipped: " in m or "aggregate pulled" in m for m in messages)
         base = accuracy(history)
         print(f"{method} honest: acc {base:.2f}, clip events {clipped} over {args.rounds} rounds "
               f"({time.perf_counter() - start:.0f} s)", flush=True)
@@ -64,8 +74,20 @@ def main() -> None:
             acc = accuracy(history)
             clipped = sum(" update clipped: " in m for m in messages)
             rejected = sum(" update rejected: " in m for m in messages)
+            kinds = Counter(_kind(m) for m in messages if " update clipped: " in m or "aggregate pulled" in m)
             print(f"{method} {attack} bad={bad}: acc {acc:.2f} (loss {base - acc:+.2f} points), "
-                  f"clip events {clipped}, rejections {rejected}", flush=True)
+                  f"clip events {clipped}, rejections {rejected}, by kind {dict(sorted(kinds.items()))}", flush=True)
+
+
+def _kind(message: str) -> str:
+    """The limit a clip line names (cohort.Clipped.describe)."""
+    if "aggregate pulled" in message:
+        return "aggregate"
+    for kind, pattern in (("drift", "pushed the same way"), ("shift", "shifted as a whole"),
+                          ("against", "against the cohort's median"), ("norm", r"\(Euclidean norm\)")):
+        if re.search(pattern, message):
+            return kind
+    return "other"
 
 
 if __name__ == "__main__":

@@ -99,13 +99,15 @@ ADAPTIVE = {
 }
 
 
-def _largest_unclipped(method, name, g, others, index, direction, bound, memory=None, ids=None):
+def _largest_unclipped(method, name, g, others, index, direction, bound, memory=None, ids=None, weights=None):
     """The largest multiple ``s`` of ``direction`` for which ``g + s * direction`` (pulled inside
     the update bound ``bound``), put at ``index`` among the ``others`` (every other update of
     the round, adversarial ones included), is left alone by the server's rule for tensor
     ``name``: :func:`rules.clip_to_cohort` with the run's ``cohort_clip`` and the method's
     limits, then, with the server's ``memory`` and the round's client ``ids``, the limit across
-    rounds (:meth:`rules.CohortMemory.clip`, without changing the memory): a bisection on ``s``,
+    rounds (:meth:`rules.CohortMemory.clip`) and the federation's limit across rounds
+    (:meth:`rules.AggregateMemory.clip`, with the round's sample counts ``weights``), both
+    without changing the memory: a bisection on ``s``,
     so that the attacker needs no formula for the rule. When even ``s = 0`` (the global value)
     is clipped (its past pushes used up its allowance), it sends the others' coordinate-wise
     median, where it sits at the cohort's centre."""
@@ -123,9 +125,14 @@ def _largest_unclipped(method, name, g, others, index, direction, bound, memory=
         ups, events = rules.clip_to_cohort({name: g}, ups, method.config.cohort_clip, method.against_limit(),
                                            method.shift_limit())
         if memory is not None:
-            _, more = memory.clip({name: g}, ups, ids, method.drift_limit(), commit=False)
+            ups, more = memory.clip({name: g}, ups, ids, method.drift_limit(), commit=False)
             events = events + more
-        return not any(e.index == index for e in events)
+            if method.config.aggregator == "mean":
+                mean_weights = weights if method.weighted_mean else None
+                _, more = memory.aggregate.clip({name: g}, ups, mean_weights, method.aggregate_limit(), commit=False)
+                events = events + more
+        # an event of the whole cohort (index None) pulls the attacker's update back too
+        return not any(e.index in (index, None) for e in events)
 
     largest_other = max((float((u.double() - g64).norm()) for u in others), default=0.0)
     hi = (method.config.cohort_clip or 1e6) * max(largest_other, 1e-12) / length * 1.01
@@ -169,14 +176,14 @@ class Adversary:
         if attack in ADAPTIVE:
             clip = sim.method.clip_updates
 
-            def adaptive(server, updates, ids=None, memory=None, commit=True):
+            def adaptive(server, updates, ids=None, memory=None, commit=True, weights=None):
                 updates = list(updates)
                 bad = [i for i, u in enumerate(updates)
                        if any(all(torch.equal(u[k], s[k]) for k in u) for s in self.sent)]
                 good = [u for i, u in enumerate(updates) if i not in bad]
                 self.sent.clear()
                 if not good:  # only the adversaries' updates were accepted: nothing to aim against
-                    return clip(server, updates, ids, memory, commit)
+                    return clip(server, updates, ids, memory, commit, weights)
                 method = sim.method
                 ref = method.expected_update(server)
                 bounds = _bounds(method, server, method.sample_bound)
@@ -196,12 +203,13 @@ class Adversary:
                         if method.sparse_wire:  # within its own Top-K
                             d = d * (updates[i][name] != 0)
                         others = [u[name] for j, u in enumerate(updates) if j != i]
-                        forged[name] = _largest_unclipped(method, name, g, others, i, d, bounds.get(name), memory, ids)
+                        forged[name] = _largest_unclipped(method, name, g, others, i, d, bounds.get(name), memory, ids,
+                                                          weights)
                         if method.sparse_wire:
                             forged[name] = torch.where(updates[i][name] != 0, forged[name], 0.0)
                     method.validate_update(forged, server)  # it is an accepted update
                     updates[i] = forged
-                return clip(server, updates, ids, memory, commit)
+                return clip(server, updates, ids, memory, commit, weights)
 
             sim.method.clip_updates = adaptive
 
@@ -261,7 +269,8 @@ def honest(config, **kw) -> float:
     key = (repr(config), repr(kw))
     if key not in _HONEST:
         history, messages = attacked_run(config, **kw)
-        assert not any(" update clipped: " in m or " rejected: " in m for m in messages), messages
+        assert not any(" update clipped: " in m or " rejected: " in m or "aggregate pulled" in m
+                       for m in messages), messages
         _HONEST[key] = accuracy(history)
     return _HONEST[key]
 
@@ -582,3 +591,83 @@ def test_a_client_that_pushes_one_way_every_round_is_held_back_across_rounds():
     print(f"fedavg just-under-flip, 4 rounds: {accuracy(history):.2f} (per-round limits alone "
           f"{accuracy(per_round):.2f}), honest {honest(config):.2f}")
     assert accuracy(history) > accuracy(per_round) + 5, (accuracy(history), accuracy(per_round))
+
+
+# --- the federation's limit across rounds (whatever the client ids) -----------------------------
+
+
+def _cohort_round(memory, pushes, limits, weights=None, commit=True):
+    """One round of ``rules.AggregateMemory.clip`` on one 4-value tensor at 0."""
+    ups = [{"t": torch.tensor(p, dtype=torch.float64).float()} for p in pushes]
+    return ups, *memory.clip({"t": torch.zeros(4)}, ups, weights, limits, commit)
+
+
+def test_the_federations_limit_across_rounds_by_hand(tmp_path):
+    """Four honest clients whose deviations change direction every round and a fifth update
+    that raises every value (a new participant each round: the record has no ids). The mean's
+    shift away from the median adds up round after round: from the round its sum passes
+    ``shift * sqrt(k)`` every update is moved toward the coordinate-wise median by the same
+    factor, so the sum sits on the bound, the median stays where it was and the mean moves
+    toward it. Honest rounds alone are never clipped; a dry run leaves the record as it was;
+    the record survives a weights-only save."""
+    limits = rules.AggregateLimits(norm=None, shift=1.0, against=None)
+    honest_only, memory = rules.AggregateMemory(), rules.AggregateMemory()
+    for k in range(1, 9):
+        s = (-1.0) ** k
+        honest = [[s, 0, 0, 0], [0, -s, 0, 0], [0, 0, s, 0], [-s, 0, 0, 0]]
+        ups, out, events = _cohort_round(honest_only, honest, limits)
+        assert out is ups and events == []
+        before = (memory.shift.get("t"), memory.rounds)
+        _, _, dry = _cohort_round(memory, [*honest, [1, 1, 1, 1]], limits, commit=False)
+        assert (memory.shift.get("t"), memory.rounds) == before
+        ups, out, events = _cohort_round(memory, [*honest, [1, 1, 1, 1]], limits)
+        assert [(e.index, e.kind, e.which) for e in events] == [(e.index, e.kind, e.which) for e in dry]
+        assert abs(memory.shift["t"]) <= math.sqrt(k) + 1e-9
+        centre = torch.stack([u["t"] for u in ups]).median(0).values
+        if events:
+            assert [(e.index, e.kind, e.which) for e in events] == [(None, "aggregate", "shift")]
+            assert memory.shift["t"] == pytest.approx(math.sqrt(k))
+            assert 0 <= events[0].scale < 1
+            torch.testing.assert_close(torch.stack([u["t"] for u in out]).median(0).values, centre)
+            mean_in, mean_out = (torch.stack([u["t"] for u in x]).mean(0) for x in (ups, out))
+            assert float((mean_out - centre).norm()) < float((mean_in - centre).norm())
+            assert "aggregate pulled toward the cohort's centre: t: " in events[0].describe(None, None)
+    assert memory.rounds == 8
+    # 8 rounds of a mean 0.2 (one fifth of the raise) above the median along every value: a
+    # shift of 0.4 a round would sum to 3.2, held at sqrt(8) = 2.83
+    assert memory.shift["t"] == pytest.approx(math.sqrt(8))
+    torch.save(memory.state_dict(), tmp_path / "a.pt")
+    again = rules.AggregateMemory()
+    again.load_state_dict(torch.load(tmp_path / "a.pt", weights_only=True))
+    assert again.shift == memory.shift and again.against == memory.against and again.rounds == memory.rounds
+    assert torch.equal(again.sums["t"], memory.sums["t"])
+    with pytest.raises(ValueError, match="aggregate's record"):
+        again.load_state_dict({"sums": {}, "shift": {"t": float("nan")}, "against": {}, "rounds": 1})
+    with pytest.raises(ValueError, match="positive finite weights"):
+        memory.clip({"t": torch.zeros(4)}, [{"t": torch.zeros(4)}] * 3, [1, 0, 2], limits)
+
+
+def test_the_federations_limit_against_the_cohort_and_in_norm_by_hand():
+    """The same record's two other sums: an update that undoes the cohort's direction every
+    round (against) and one that pushes along one coordinate (norm), each from a new id."""
+    against = rules.AggregateLimits(against=0.5)
+    norm = rules.AggregateLimits(norm=0.5)
+    for limits, bad, which in ((against, [-3, 0, 0, 0], "against"), (norm, [0, 0, 0, 3], "norm")):
+        memory, fired = rules.AggregateMemory(), []
+        for k in range(1, 7):
+            s = (-1.0) ** k
+            honest = [[1, s, 0, 0], [1, 0, -s, 0], [1, -s, 0, 0], [1, 0, s, 0]]
+            _, _, events = _cohort_round(memory, [*honest, bad], limits)
+            fired += [e.which for e in events]
+            if which == "against":
+                assert memory.against["t"] <= 0.5 * math.sqrt(k) + 1e-9
+            else:
+                assert float(memory.sums["t"].norm()) <= 0.5 * math.sqrt(k) + 1e-6
+        assert fired and set(fired) == {which}, fired
+
+
+@pytest.mark.parametrize("name", ["aggregate_drift", "aggregate_shift", "aggregate_against"])
+@pytest.mark.parametrize("value", [0, -1.0, True, "3"])
+def test_the_federations_limits_refuse_bad_values_by_name(name, value):
+    with pytest.raises(ValueError, match=name):
+        small("spafl", **{name: value})

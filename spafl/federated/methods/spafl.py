@@ -171,6 +171,7 @@ class SpaFL(Method):
     # the measured runs (fc4, 60 rounds: a non-IID client's class thresholds keep leaning one
     # way, more as the penalty grows; docs/security.md)
     cohort_drift = 14.0
+    weighted_mean = False  # SpaFL's mean is uniform over the clients
 
     def prepare_model(self, model: nn.Module) -> nn.Module:
         if not any(True for _ in named_threshold_layers(model)):
