@@ -334,7 +334,11 @@ class AggregateMemory:
             if not (median > 0 and math.isfinite(median)):
                 added[name] = (s.float(), s_shift, s_against)
                 continue
-            centre = devs.median(0).values
+            # the trimmed mean: a participant at either end moves it no more than one rank, as
+            # the median, while the honest noise of the mean's distance to it is a fraction of
+            # its distance to the median (the limits can be that much tighter)
+            trim = max(1, int(0.2 * n))
+            centre = devs.sort(0).values[trim:n - trim].mean(0)
             r = (torch.tensordot(w, devs, dims=1) - centre) / median
             r_shift = float(r.sum()) / math.sqrt(r.numel())
             length = float(torch.linalg.vector_norm(centre))

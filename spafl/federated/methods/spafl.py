@@ -172,6 +172,12 @@ class SpaFL(Method):
     # way, more as the penalty grows; docs/security.md)
     cohort_drift = 14.0
     weighted_mean = False  # SpaFL's mean is uniform over the clients
+    # Honest SpaFL runs' sums across rounds reached 1.56 (norm, fc4), 0.82 (shift: fc4's
+    # thresholds, where a few clients holding a class move it far, lean one way) and 0.32
+    # (against) median deviations times sqrt(rounds) (rules.AggregateMemory; docs/security.md)
+    aggregate_drift = 2.0
+    aggregate_shift = 1.2
+    aggregate_against = 0.5
 
     def prepare_model(self, model: nn.Module) -> nn.Module:
         if not any(True for _ in named_threshold_layers(model)):
