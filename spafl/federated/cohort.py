@@ -39,7 +39,7 @@ class Clipped:
             what = {"shift": "shift of the whole tensor", "against": "component against the cohort's direction"}.get(
                 self.which, "Euclidean norm")
             return (f"aggregate pulled toward the cohort's centre: {self.name}: the accepted mean's deviations from "
-                    f"the cohort's coordinate-wise median, summed over the rounds, would reach {self.norm:.4g} median "
+                    f"the cohort's coordinate-wise trimmed mean, summed over the rounds, would reach {self.norm:.4g} median "
                     f"deviations ({what}), more than its limit x sqrt(rounds) = {self.limit:.4g}; every update's "
                     f"deviation from the centre scaled by {self.scale:.4g}")
         if self.kind == "drift":
@@ -260,7 +260,7 @@ class AggregateLimits:
     """The limits of :class:`AggregateMemory`, each in round median deviations times
     sqrt(rounds): ``norm`` on the sum's Euclidean norm (any direction), ``shift`` on its
     component along the all-ones direction (every value of a tensor one way), ``against`` on
-    its component against the cohort's median direction of each round (undoing training).
+    its component against the direction of each round's centre (undoing training).
     None: that limit off."""
 
     norm: float | None = None
@@ -275,7 +275,8 @@ class AggregateMemory:
     """The server's record, across rounds, of where the accepted mean goes relative to the
     cohort's robust centre, whoever sent what. Each round and exchanged tensor, with ``mean``
     the aggregator's weighted mean of the accepted deviations from the global state, ``c``
-    their coordinate-wise median (no minority moves it outside the others' range) and ``m``
+    their coordinate-wise trimmed mean (``max(1, floor(0.2 n))`` dropped at each end: one
+    participant at either end moves it by at most one rank) and ``m``
     the round's lower median deviation norm, ``r = (mean - c) / m`` is added to three sums:
     the vector ``S`` itself, its component along the all-ones direction (``shift``) and its
     component against the cohort's direction ``-c / |c|`` (``against``); ``k`` counts the
@@ -284,11 +285,11 @@ class AggregateMemory:
     In an honest round the mean and the median differ by sampling noise whose direction changes
     from round to round, so each sum grows like ``sqrt(k)``, and the two components, one
     direction of many, stay much smaller than the norm. One adversarial participant a round
-    moves the mean by its weight times its deviation but the median by at most one rank, and
+    moves the mean by its weight times its deviation but ``c`` by at most one rank, and
     pushes the same way whatever client id it uses, so the sum along its direction grows like
     ``k``. :meth:`clip` keeps every sum within its limit times ``sqrt(k)``
     (:class:`AggregateLimits`) by moving every update's deviation toward the centre by the same
-    factor (the mean moves toward ``c`` by the excess; the median does not move), and adds
+    factor (the mean moves toward ``c`` by the excess; ``c`` does not move), and adds
     what it kept. Unlike :class:`CohortMemory` it needs no client ids, so a participant that
     returns under a new id every round meets the same record. It is server state (in
     :class:`CohortMemory`'s :meth:`~CohortMemory.state_dict`)."""

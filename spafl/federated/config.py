@@ -134,7 +134,7 @@ class FedConfig:
     # many median deviations times sqrt(rounds) (rules.CohortMemory; None:
     # ``Method.cohort_drift``; inf: off); ``aggregate_drift`` / ``aggregate_shift`` /
     # ``aggregate_against``: the accepted mean's deviations from the cohort's coordinate-wise
-    # median, summed over the rounds whoever sent them, are kept within this many median
+    # trimmed mean, summed over the rounds whoever sent them, are kept within this many median
     # deviations times sqrt(rounds) in norm / along the all-ones direction / against the
     # cohort's direction (rules.AggregateMemory; None: the method's; inf: off; the mean
     # aggregator only).
