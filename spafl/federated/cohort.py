@@ -39,9 +39,9 @@ class Clipped:
             what = {"shift": "shift of the whole tensor", "against": "component against the cohort's direction"}.get(
                 self.which, "Euclidean norm")
             return (f"aggregate pulled toward the cohort's centre: {self.name}: the accepted mean's deviations from "
-                    f"the cohort's coordinate-wise trimmed mean, summed over the rounds, would reach {self.norm:.4g} median "
-                    f"deviations ({what}), more than its limit x sqrt(rounds) = {self.limit:.4g}; every update's "
-                    f"deviation from the centre scaled by {self.scale:.4g}")
+                    f"the cohort's coordinate-wise trimmed mean, summed over the rounds, would reach {self.norm:.4g} "
+                    f"median deviations ({what}), more than its limit x sqrt(rounds) = {self.limit:.4g}; every "
+                    f"update's deviation from the centre scaled by {self.scale:.4g}")
         if self.kind == "drift":
             return (f"client {client} update clipped: {self.name} pushed the same way round after round: its "
                     f"deviations from the cohort's centre would sum to {self.norm:.4g} median deviations, more than "
