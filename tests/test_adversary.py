@@ -256,10 +256,16 @@ def small(method, **changes):
     return build_config("digits-cnn", None, base)
 
 
+def without_record(config):
+    """``config`` without the federation's limits across rounds (``rules.AggregateMemory``)."""
+    return config.replace(aggregate_drift=math.inf, aggregate_shift=math.inf, aggregate_against=math.inf)
+
+
 def undefended(config):
-    """``config`` without the clip to the cohort (none of its limits, the one across rounds
+    """``config`` without the clip to the cohort (none of its limits, the ones across rounds
     included)."""
-    return config.replace(cohort_clip=None, cohort_against=math.inf, cohort_shift=math.inf, cohort_drift=math.inf)
+    return without_record(config).replace(cohort_clip=None, cohort_against=math.inf, cohort_shift=math.inf,
+                                          cohort_drift=math.inf)
 
 
 _HONEST: dict = {}
@@ -374,7 +380,8 @@ def test_the_adaptive_client_is_not_reported_and_its_pull_is_cut(method):
     history, messages = attacked_run(config, "just-under", bad=[0])
     assert not any("client 0 update clipped" in m for m in messages), messages
     loss = base - accuracy(history)
-    norm_only, _ = attacked_run(config.replace(cohort_against=math.inf, cohort_drift=math.inf), "just-under", bad=[0])
+    norm_only, _ = attacked_run(without_record(config).replace(cohort_against=math.inf, cohort_drift=math.inf),
+                                "just-under", bad=[0])
     print(f"{method} just-under: accuracy {accuracy(history):.2f} (norm clip only {accuracy(norm_only):.2f}), "
           f"honest {base:.2f}")
     assert loss <= JUST_UNDER_CI[method], (accuracy(history), base)
@@ -591,7 +598,7 @@ def test_a_client_that_pushes_one_way_every_round_is_held_back_across_rounds():
     assert not any("client 0 update clipped" in m for m in messages), messages
     assert memory.rounds[0] == 4
     assert all(float(s.norm()) <= limit * 2 * (1 + 1e-5) for s in memory.sums[0].values())
-    per_round, _ = attacked_run(config.replace(cohort_drift=math.inf), "just-under-flip", bad=[0])
+    per_round, _ = attacked_run(without_record(config).replace(cohort_drift=math.inf), "just-under-flip", bad=[0])
     print(f"fedavg just-under-flip, 4 rounds: {accuracy(history):.2f} (per-round limits alone "
           f"{accuracy(per_round):.2f}), honest {honest(config):.2f}")
     assert accuracy(history) > accuracy(per_round) + 5, (accuracy(history), accuracy(per_round))
@@ -715,8 +722,7 @@ def test_an_adversary_with_a_new_id_every_round_meets_the_federations_record():
     assert all(float(s.norm()) <= limits["aggregate_drift"] * root * (1 + 1e-5) for s in record.sums.values())
     assert all(abs(v) <= limits["aggregate_shift"] * root + 1e-6 for v in record.shift.values())
     assert all(v <= limits["aggregate_against"] * root + 1e-6 for v in record.against.values())
-    without, _ = attacked_run(config.replace(aggregate_drift=math.inf, aggregate_shift=math.inf,
-                                             aggregate_against=math.inf), "just-under-flip", "first")
+    without, _ = attacked_run(without_record(config), "just-under-flip", "first")
 
     def distance(a):
         return math.sqrt(sum(float((a[k] - reference[k]).pow(2).sum()) for k in reference))
