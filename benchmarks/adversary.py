@@ -6,14 +6,28 @@ seed; also how often the cohort clip fired on the honest run.
 
     OMP_NUM_THREADS=1 python benchmarks/adversary.py [--methods spafl,fedavg,sparsyfed]
         [--attacks max-shift,...] [--rounds 20] [--cohort-clip X] [--bad 0]
-        [--cohort-against X] [--cohort-shift X] [--cohort-drift X]
+        [--cohort-against X] [--cohort-shift X] [--cohort-drift X] [--aggregate-drift X]
+
+``--record`` runs the honest run alone, with the federation's limits across rounds out of
+reach, and prints the largest value each of their sums reached (what the defaults of
+``Method.aggregate_drift``, ``aggregate_shift`` and ``aggregate_against`` were set above):
+
+    OMP_NUM_THREADS=1 python benchmarks/adversary.py --record [--preset digits-cnn]
+        [--clients-per-round 10] [--rounds 20] [--set rng=global --set local_epochs=1 ...]
+
+Each attacked run prints its clip events by kind (norm, against, shift, drift: one client's;
+aggregate: the whole cohort pulled toward its centre), so that the limit an attack rides is
+visible.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
+import re
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -21,7 +35,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from test_adversary import ATTACKS, accuracy, attacked_run  # noqa: E402
 
-from spafl.federated import build_config  # noqa: E402
+from spafl.federated import build_config, rules  # noqa: E402
 from spafl.federated.engine import FederationStalled  # noqa: E402
 
 
@@ -36,22 +50,40 @@ def main() -> None:
     p.add_argument("--cohort-against", default="default", help="a number, 'inf' (off), or 'default' (the method's)")
     p.add_argument("--cohort-shift", default="default", help="a number, 'inf' (off), or 'default' (the method's)")
     p.add_argument("--cohort-drift", default="default", help="a number, 'inf' (off), or 'default' (the method's)")
+    for name in ("drift", "shift", "against"):
+        p.add_argument(f"--aggregate-{name}", default="default",
+                       help="a number, 'inf' (off), or 'default' (the method's)")
     p.add_argument("--aggregator", default="mean")
+    p.add_argument("--record", action="store_true",
+                   help="the honest run alone: the largest sums of the federation's record (rules.AggregateMemory)")
+    p.add_argument("--preset", default="digits-cnn")
+    p.add_argument("--clients-per-round", type=int, default=10, help="0: the preset's")
+    p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
+                   help="another setting (an int, a float or a string), e.g. rng=global")
     args = p.parse_args()
     torch.set_num_threads(1)
     bad = "first" if args.bad == "first" else [int(c) for c in args.bad.split(",")]
     for method in args.methods.split(","):
-        overrides = {"rounds": args.rounds, "device": "cpu", "method": method, "clients_per_round": 10,
+        overrides = {"rounds": args.rounds, "device": "cpu", "method": method,
                      "aggregator": args.aggregator, "checkpoint_every": 0}
+        if args.clients_per_round:
+            overrides["clients_per_round"] = args.clients_per_round
+        for item in args.set:
+            name, value = item.split("=", 1)
+            overrides[name] = _number(value)
+        if args.record:
+            record(build_config(args.preset, None, overrides))
+            continue
         if args.cohort_clip != "default":
             overrides["cohort_clip"] = None if args.cohort_clip == "none" else float(args.cohort_clip)
-        for name in ("cohort_against", "cohort_shift", "cohort_drift"):
+        for name in ("cohort_against", "cohort_shift", "cohort_drift", "aggregate_drift", "aggregate_shift",
+                     "aggregate_against"):
             if getattr(args, name) != "default":
                 overrides[name] = float(getattr(args, name))
-        config = build_config("digits-cnn", None, overrides)
+        config = build_config(args.preset, None, overrides)
         start = time.perf_counter()
         history, messages = attacked_run(config)
-        clipped = sum(" update clipped: " in m for m in messages)
+        clipped = sum(" update clipped: " in m or "aggregate pulled" in m for m in messages)
         base = accuracy(history)
         print(f"{method} honest: acc {base:.2f}, clip events {clipped} over {args.rounds} rounds "
               f"({time.perf_counter() - start:.0f} s)", flush=True)
@@ -64,8 +96,59 @@ def main() -> None:
             acc = accuracy(history)
             clipped = sum(" update clipped: " in m for m in messages)
             rejected = sum(" update rejected: " in m for m in messages)
+            kinds = Counter(_kind(m) for m in messages if " update clipped: " in m or "aggregate pulled" in m)
             print(f"{method} {attack} bad={bad}: acc {acc:.2f} (loss {base - acc:+.2f} points), "
-                  f"clip events {clipped}, rejections {rejected}", flush=True)
+                  f"clip events {clipped}, rejections {rejected}, by kind {dict(sorted(kinds.items()))}", flush=True)
+
+
+def _number(text: str):
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+def record(config) -> None:
+    """The honest run of ``config`` with the federation's limits out of reach; prints, per sum
+    (norm, shift, against), the largest value over every round and tensor of ``|S| /
+    sqrt(k)`` (``S / sqrt(k)`` against the cohort), where and when."""
+    config = config.replace(aggregate_drift=1e30, aggregate_shift=1e30, aggregate_against=1e30)
+    peaks: dict = {}
+    clip = rules.AggregateMemory.clip
+
+    def watched(self, reference, updates, weights, limits, commit=True):
+        out = clip(self, reference, updates, weights, limits, commit)
+        if commit and self.rounds:
+            root = math.sqrt(self.rounds)
+            for name, s in self.sums.items():
+                for kind, value in (("norm", float(s.norm())), ("shift", abs(self.shift[name])),
+                                    ("against", self.against[name])):
+                    if value / root > peaks.get(kind, (-math.inf,))[0]:
+                        peaks[kind] = (value / root, name, self.rounds)
+        return out
+
+    rules.AggregateMemory.clip = watched
+    try:
+        start = time.perf_counter()
+        history, _ = attacked_run(config)
+    finally:
+        rules.AggregateMemory.clip = clip
+    print(f"{config.method} honest record ({config.rounds} rounds, {config.clients_per_round} a round): "
+          + "; ".join(f"{kind} {v:.3f} ({name}, round {k})" for kind, (v, name, k) in peaks.items())
+          + f"; acc {accuracy(history):.2f} ({time.perf_counter() - start:.0f} s)", flush=True)
+
+
+def _kind(message: str) -> str:
+    """The limit a clip line names (cohort.Clipped.describe)."""
+    if "aggregate pulled" in message:
+        return "aggregate"
+    for kind, pattern in (("drift", "pushed the same way"), ("shift", "shifted as a whole"),
+                          ("against", "against the cohort's median"), ("norm", r"\(Euclidean norm\)")):
+        if re.search(pattern, message):
+            return kind
+    return "other"
 
 
 if __name__ == "__main__":

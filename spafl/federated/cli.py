@@ -94,6 +94,13 @@ _HELP = {
     "cohort_drift": "keep each client's deviations from the cohort's centre, summed over the rounds it took part "
                     "in, within this many times the round's median deviation times sqrt(rounds) (none: the method's "
                     "default; inf: off; docs/security.md)",
+    "aggregate_drift": "keep the accepted mean's deviations from the cohort's trimmed mean, summed over the rounds "
+                       "whoever sent them, within this many times the round's median deviation times sqrt(rounds), "
+                       "in Euclidean norm (none: the method's default; inf: off; docs/security.md)",
+    "aggregate_shift": "the same sum's shift of a whole tensor (every value one way) (none: the method's default; "
+                       "inf: off)",
+    "aggregate_against": "the same sum's component against the cohort's direction (none: the method's default; "
+                         "inf: off)",
     "update_bounds": "reject updates that no legitimate client's local SGD can reach from the global state",
     "grad_bound": "the gradient bound the update bounds assume without --clip ('none': 1000)",
     "max_failed_rounds": "stop with an error after this many rounds in a row that aggregate nothing (0: never)",

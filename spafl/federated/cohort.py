@@ -23,16 +23,25 @@ class Clipped:
     ``kind="against"``: its component against the cohort's median direction), the limit it
     was brought to, and the cohort's lower median deviation norm the limit is a multiple of."""
 
-    index: int
+    index: int | None  # None: kind "aggregate" (the whole cohort, no one client)
     name: str
     norm: float
     limit: float
     median: float
     kind: str = "norm"
     scale: float = 1.0  # kind "drift": the fraction of the deviation from the cohort's centre kept
+    which: str = ""  # kind "aggregate": the sum that passed its limit (norm, shift, against)
 
     def describe(self, client: object, factor: float | None) -> str:
-        """The history's line for this event (``client``: the client's id)."""
+        """The history's line for this event (``client``: the client's id; unused for
+        ``kind="aggregate"``, which concerns the round's whole cohort)."""
+        if self.kind == "aggregate":
+            what = {"shift": "shift of the whole tensor", "against": "component against the cohort's direction"}.get(
+                self.which, "Euclidean norm")
+            return (f"aggregate pulled toward the cohort's centre: {self.name}: the accepted mean's deviations from "
+                    f"the cohort's coordinate-wise trimmed mean, summed over the rounds, would reach {self.norm:.4g} "
+                    f"median deviations ({what}), more than its limit x sqrt(rounds) = {self.limit:.4g}; every "
+                    f"update's deviation from the centre scaled by {self.scale:.4g}")
         if self.kind == "drift":
             return (f"client {client} update clipped: {self.name} pushed the same way round after round: its "
                     f"deviations from the cohort's centre would sum to {self.norm:.4g} median deviations, more than "
@@ -151,6 +160,7 @@ class CohortMemory:
     def __init__(self):
         self.sums: dict[int, dict[str, torch.Tensor]] = {}
         self.rounds: dict[int, int] = {}
+        self.aggregate = AggregateMemory()  # the federation's record, whatever the ids
 
     def clip(self, reference: Mapping[str, torch.Tensor], updates: list[Mapping[str, torch.Tensor]],
              ids: list[int], limit: float | None, commit: bool = True
@@ -207,7 +217,8 @@ class CohortMemory:
     def state_dict(self) -> dict:
         """Tensors and plain containers only (a checkpoint loads with ``weights_only=True``)."""
         return {"sums": {int(c): dict(t) for c, t in self.sums.items()},
-                "rounds": {int(c): int(k) for c, k in self.rounds.items()}}
+                "rounds": {int(c): int(k) for c, k in self.rounds.items()},
+                "aggregate": self.aggregate.state_dict()}
 
     def load_state_dict(self, state: Mapping | None) -> None:
         """``state`` from :meth:`state_dict`; None (a checkpoint written before the record
@@ -221,3 +232,167 @@ class CohortMemory:
                 raise ValueError(f"the cohort memory of client {cid} in the checkpoint is not a mapping of tensors")
         self.sums = {int(c): {str(k): v.float().clone() for k, v in t.items()} for c, t in sums.items()}
         self.rounds = {int(c): int(k) for c, k in rounds.items()}
+        self.aggregate = AggregateMemory()
+        self.aggregate.load_state_dict(state.get("aggregate"))
+
+
+def _largest_kept(s: torch.Tensor, r: torch.Tensor, bound: float) -> float:
+    """The largest ``alpha`` in [0, 1] with ``|s + alpha r| <= bound`` (0 when even ``|s|``
+    passes it)."""
+    rr, sr, ss = float((r * r).sum()), float((s * r).sum()), float((s * s).sum())
+    if rr == 0:
+        return 1.0
+    return max(0.0, min(1.0, (-sr + math.sqrt(max(sr * sr - rr * (ss - bound * bound), 0.0))) / rr))
+
+
+def _largest_kept_along(s: float, r: float, bound: float, both: bool = True) -> float:
+    """The largest ``alpha`` in [0, 1] with ``s + alpha r <= bound`` (and, ``both``,
+    ``>= -bound``)."""
+    if r > 0 and s + r > bound:
+        return max(0.0, min(1.0, (bound - s) / r))
+    if both and r < 0 and s + r < -bound:
+        return max(0.0, min(1.0, (-bound - s) / r))
+    return 1.0
+
+
+@dataclass(frozen=True)
+class AggregateLimits:
+    """The limits of :class:`AggregateMemory`, each in round median deviations times
+    sqrt(rounds): ``norm`` on the sum's Euclidean norm (any direction), ``shift`` on its
+    component along the all-ones direction (every value of a tensor one way), ``against`` on
+    its component against the direction of each round's centre (undoing training).
+    None: that limit off."""
+
+    norm: float | None = None
+    shift: float | None = None
+    against: float | None = None
+
+    def off(self) -> bool:
+        return self.norm is None and self.shift is None and self.against is None
+
+
+class AggregateMemory:
+    """The server's record, across rounds, of where the accepted mean goes relative to the
+    cohort's robust centre, whoever sent what. Each round and exchanged tensor, with ``mean``
+    the aggregator's weighted mean of the accepted deviations from the global state, ``c``
+    their coordinate-wise trimmed mean (``max(1, floor(0.2 n))`` dropped at each end: one
+    participant at either end moves it by at most one rank) and ``m``
+    the round's lower median deviation norm, ``r = (mean - c) / m`` is added to three sums:
+    the vector ``S`` itself, its component along the all-ones direction (``shift``) and its
+    component against the cohort's direction ``-c / |c|`` (``against``); ``k`` counts the
+    rounds.
+
+    In an honest round the mean and the median differ by sampling noise whose direction changes
+    from round to round, so each sum grows like ``sqrt(k)``, and the two components, one
+    direction of many, stay much smaller than the norm. One adversarial participant a round
+    moves the mean by its weight times its deviation but ``c`` by at most one rank, and
+    pushes the same way whatever client id it uses, so the sum along its direction grows like
+    ``k``. :meth:`clip` keeps every sum within its limit times ``sqrt(k)``
+    (:class:`AggregateLimits`) by moving every update's deviation toward the centre by the same
+    factor (the mean moves toward ``c`` by the excess; ``c`` does not move), and adds
+    what it kept. Unlike :class:`CohortMemory` it needs no client ids, so a participant that
+    returns under a new id every round meets the same record. It is server state (in
+    :class:`CohortMemory`'s :meth:`~CohortMemory.state_dict`)."""
+
+    def __init__(self):
+        self.sums: dict[str, torch.Tensor] = {}
+        self.shift: dict[str, float] = {}
+        self.against: dict[str, float] = {}
+        self.rounds = 0
+
+    def clip(self, reference: Mapping[str, torch.Tensor], updates: list[Mapping[str, torch.Tensor]],
+             weights: list[float] | None, limits: AggregateLimits | None, commit: bool = True
+             ) -> tuple[list[Mapping[str, torch.Tensor]], list[Clipped]]:
+        """``updates`` with every deviation from the cohort's centre scaled toward it in each
+        tensor one of whose sums would pass its limit times ``sqrt(k)``, and the events
+        (``kind="aggregate"``, ``index`` None). ``weights``: the mean's weights (None:
+        uniform). The list itself, untouched, when nothing is clipped; ``commit`` False: the
+        record is not changed. Rounds of fewer than 3 updates are not counted (no cohort to
+        measure against); a tensor whose median deviation is 0 adds nothing."""
+        n = len(updates)
+        if limits is None or limits.off() or n < 3:
+            return updates, []
+        if weights is None:
+            w = torch.full((n,), 1.0 / n, dtype=torch.float64)
+        else:
+            w = torch.tensor([float(x) for x in weights], dtype=torch.float64)
+            if len(w) != n or not bool(torch.isfinite(w).all()) or bool((w <= 0).any()):
+                raise ValueError(f"{n} updates need {n} positive finite weights, got {weights!r}")
+            w = w / w.sum()
+        k = self.rounds + 1
+        root = math.sqrt(k)
+        events: list[Clipped] = []
+        scaled: dict[int, dict[str, torch.Tensor]] = {}
+        added: dict[str, tuple[torch.Tensor, float, float]] = {}
+        for name, ref in reference.items():
+            g = ref.double()
+            devs = torch.stack([u[name].double() - g for u in updates])
+            norms = sorted(float(torch.linalg.vector_norm(d)) for d in devs)
+            median = norms[(n - 1) // 2]
+            old = self.sums.get(name)
+            s = old.double() if old is not None else torch.zeros_like(g)
+            s_shift, s_against = self.shift.get(name, 0.0), self.against.get(name, 0.0)
+            if not (median > 0 and math.isfinite(median)):
+                added[name] = (s.float(), s_shift, s_against)
+                continue
+            # the trimmed mean: a participant at either end moves it no more than one rank, as
+            # the median, while the honest noise of the mean's distance to it is a fraction of
+            # its distance to the median (the limits can be that much tighter)
+            trim = max(1, int(0.2 * n))
+            centre = devs.sort(0).values[trim:n - trim].mean(0)
+            r = (torch.tensordot(w, devs, dims=1) - centre) / median
+            r_shift = float(r.sum()) / math.sqrt(r.numel())
+            length = float(torch.linalg.vector_norm(centre))
+            r_against = -float((r * centre).sum()) / length if length > 0 else 0.0
+            alpha, worst = 1.0, None
+            for kind, limit, value in (("norm", limits.norm, float(torch.linalg.vector_norm(s + r))),
+                                       ("shift", limits.shift, abs(s_shift + r_shift)),
+                                       ("against", limits.against, s_against + r_against)):
+                if limit is None or value <= limit * root:
+                    continue
+                bound = limit * root
+                if kind == "norm":
+                    a = _largest_kept(s, r, bound)
+                elif kind == "shift":
+                    a = _largest_kept_along(s_shift, r_shift, bound)
+                else:  # only pulling against the cohort is limited: going its way is training
+                    a = _largest_kept_along(s_against, r_against, bound, both=False)
+                if worst is None or a < alpha:
+                    alpha, worst = min(alpha, a), (kind, value, bound)
+            if worst is not None:
+                for i, u in enumerate(updates):
+                    value = (g + centre + alpha * (devs[i] - centre)).to(u[name].dtype)
+                    scaled.setdefault(i, dict(u))[name] = value
+                kind, value, bound = worst
+                events.append(Clipped(None, name, value, bound, median, "aggregate", alpha, kind))
+            added[name] = ((s + alpha * r).float(), s_shift + alpha * r_shift, s_against + alpha * r_against)
+        if commit:
+            for name, (s, s_shift, s_against) in added.items():
+                self.sums[name], self.shift[name], self.against[name] = s, s_shift, s_against
+            self.rounds = k
+        if not events:
+            return updates, []
+        return [scaled.get(i, u) for i, u in enumerate(updates)], events
+
+    def state_dict(self) -> dict:
+        return {"sums": dict(self.sums), "shift": dict(self.shift), "against": dict(self.against),
+                "rounds": int(self.rounds)}
+
+    def load_state_dict(self, state: Mapping | None) -> None:
+        """``state`` from :meth:`state_dict`; None (a checkpoint written before the record
+        existed): empty."""
+        state = state or {"sums": {}, "shift": {}, "against": {}, "rounds": 0}
+        sums, rounds = state.get("sums"), state.get("rounds")
+        shift, against = state.get("shift"), state.get("against")
+        if not isinstance(sums, Mapping) or not all(isinstance(t, torch.Tensor) for t in sums.values()):
+            raise ValueError("the aggregate's record in the checkpoint must hold a 'sums' mapping of tensors")
+        for what, values in (("shift", shift), ("against", against)):
+            if not isinstance(values, Mapping) or not all(
+                    isinstance(v, float) and math.isfinite(v) for v in values.values()):
+                raise ValueError(f"the aggregate's record in the checkpoint must hold a '{what}' mapping of numbers")
+        if not isinstance(rounds, int) or isinstance(rounds, bool) or rounds < 0:
+            raise ValueError(f"the aggregate's record in the checkpoint must count its rounds, got {rounds!r}")
+        self.sums = {str(k): v.float().clone() for k, v in sums.items()}
+        self.shift = {str(k): float(v) for k, v in shift.items()}
+        self.against = {str(k): float(v) for k, v in against.items()}
+        self.rounds = rounds

@@ -132,7 +132,12 @@ class FedConfig:
     # shift (None: ``Method.cohort_shift``; inf: off); ``cohort_drift``: a client's deviations
     # from the cohort's centre, summed over the rounds it took part in, are kept within this
     # many median deviations times sqrt(rounds) (rules.CohortMemory; None:
-    # ``Method.cohort_drift``; inf: off).
+    # ``Method.cohort_drift``; inf: off); ``aggregate_drift`` / ``aggregate_shift`` /
+    # ``aggregate_against``: the accepted mean's deviations from the cohort's coordinate-wise
+    # trimmed mean, summed over the rounds whoever sent them, are kept within this many median
+    # deviations times sqrt(rounds) in norm / along the all-ones direction / against the
+    # cohort's direction (rules.AggregateMemory; None: the method's; inf: off; the mean
+    # aggregator only).
     aggregator: str = "mean"
     trim_fraction: float = 0.2
     update_bounds: bool = True
@@ -142,6 +147,9 @@ class FedConfig:
     cohort_against: float | None = None
     cohort_shift: float | None = None
     cohort_drift: float | None = None
+    aggregate_drift: float | None = None
+    aggregate_shift: float | None = None
+    aggregate_against: float | None = None
 
     def replace(self, **changes: Any) -> FedConfig:
         return dataclasses.replace(self, **changes)
@@ -238,6 +246,10 @@ class FedConfig:
                                            and not isinstance(self.cohort_drift, bool) and self.cohort_drift > 0),
              f"cohort_drift must be None (the method's default), a positive number or inf (off), "
              f"got {self.cohort_drift!r}")
+        for name in ("aggregate_drift", "aggregate_shift", "aggregate_against"):
+            value = getattr(self, name)
+            need(value is None or (isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0),
+                 f"{name} must be None (the method's default), a positive number or inf (off), got {value!r}")
         need(isinstance(self.max_failed_rounds, int) and not isinstance(self.max_failed_rounds, bool)
              and self.max_failed_rounds >= 0,
              f"max_failed_rounds must be a non-negative integer (0: never stop), got {self.max_failed_rounds!r}")

@@ -157,13 +157,14 @@ def aggregate_round(method: Method, server, tally: RoundTally, memory: CohortMem
     :meth:`RoundTally.warn`, and in the history). What the method sets aside or refuses (an
     :class:`AggregateWarning` each) goes into the errors too, a refusal also into
     ``tally.refused`` (the ``aggregate_refused`` column)."""
-    updates, clipped = method.clip_updates(server, tally.accepted, tally.accepted_ids, memory)
+    updates, clipped = method.clip_updates(server, tally.accepted, tally.accepted_ids, memory, weights=tally.weights)
     cfg = method.config
     for event in clipped:
-        factor = {"against": method.against_limit, "shift": method.shift_limit, "drift": method.drift_limit}.get(
-            event.kind, lambda: cfg.cohort_clip)()
-        tally.errors.append(event.describe(tally.accepted_ids[event.index], factor))
-    tally.clipped = len({event.index for event in clipped})
+        factor = {"against": method.against_limit, "shift": method.shift_limit, "drift": method.drift_limit,
+                  "aggregate": method.aggregate_limit}.get(event.kind, lambda: cfg.cohort_clip)()
+        client = tally.accepted_ids[event.index] if event.index is not None else None
+        tally.errors.append(event.describe(client, factor))
+    tally.clipped = len({event.index for event in clipped if event.index is not None})
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", AggregateWarning)
         new = method.aggregate(server, updates, tally.weights)

@@ -9,7 +9,8 @@ sample count a positive integer no larger than the server knows the client to ho
 (:func:`check_sample_count`); the accepted updates are combined by the configured aggregator
 (:func:`aggregate_tensors`: mean, median or trimmed mean) and the aggregate is checked again
 before it becomes the global state (:func:`check_aggregate`). The limits against the cohort
-(:func:`clip_to_cohort` each round, :class:`CohortMemory` across rounds) live in :mod:`.cohort`
+(:func:`clip_to_cohort` each round, :class:`CohortMemory` across rounds per client and
+:class:`AggregateMemory` for the whole federation) live in :mod:`.cohort`
 and are exported here. A new defence (a tighter bound,
 clipping relative to the cohort, another aggregator) belongs here and in ``Method.update_bounds``
 / ``Method.aggregate``; the round (:mod:`.engine`) applies them to every transport alike.
@@ -24,7 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .cohort import Clipped, CohortMemory, clip_to_cohort  # noqa: F401  (the rules' one public face)
+from .cohort import AggregateLimits, AggregateMemory, Clipped, CohortMemory, clip_to_cohort  # noqa: F401  (the rules' one public face)
 from .config import FedConfig
 from .training import learning_rate, num_batches
 from .wire import _DTYPES

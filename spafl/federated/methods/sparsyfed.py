@@ -27,6 +27,11 @@ class SparsyFed(Method):
     # Honest SparsyFed clients' sums across rounds reached 4.98 median deviations times
     # sqrt(rounds) in the measured runs (20 and 60 rounds; docs/security.md)
     cohort_drift = 7.0
+    # honest SparsyFed runs' sums across rounds reached 0.84 (norm), 0.19 (shift) and 0.19
+    # (against) median deviations times sqrt(rounds) (rules.AggregateMemory; docs/security.md)
+    aggregate_drift = 1.2
+    aggregate_shift = 0.4
+    aggregate_against = 0.3
 
     def __init__(self, config: FedConfig, plain_topk: bool = False):
         super().__init__(config)
