@@ -472,13 +472,13 @@ def _dw_splits(r: LayerWork, meta: dict, reduction: int, mode: str) -> int:
     """How many programs share the dW reduction (the conv launcher's choice; 1 for Linear)."""
     if isinstance(r.layer, LinearLayer):
         return 1
-    from spafl.kernels._config import cdiv
+    from spafl.kernels._config import cdiv, grid_programs
     from spafl.kernels.threshold_conv2d import _dw_split
 
     chans = min(r.layer.cin, r.size.channels)
     num_kb = r.layer.kernel**2 * cdiv(chans, meta["BLOCK_C"])
     n_blocks = cdiv(r.layer.units, meta["BLOCK_P"]) + (1 if mode == "sample" else 0)
-    return _dw_split(n_blocks * num_kb, reduction, meta["BLOCK_M"])
+    return _dw_split(n_blocks, num_kb, reduction, meta["BLOCK_M"], grid_programs(torch.device("cpu")))
 
 
 def _pixels(r: LayerWork) -> int:
