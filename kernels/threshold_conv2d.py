@@ -23,13 +23,15 @@ computed once per program, and offsets are int32 wherever the launcher proves th
 Forward:  an upper-bound grid over pixel tiles x ``perm`` blocks; as for Linear, the block that
           straddles ``count`` runs the narrowest tile class that covers its active filters, and
           blocks past ``count`` only write bias (or 0) for the pruned output channels.
-Backward: ``dY``'s active columns are compacted into ``dyc [P, >= count]``;
+Backward: ``dY``'s active columns are compacted into ``dyc [P, >= count]`` by a launch that also
+          sums the bias gradient over every filter (it reads nearly all of ``dY`` anyway);
           ``dX`` is the transposed convolution over the active filters only (full ``BLOCK_P``
           steps, then ``TAIL_P``-wide steps), split into the ``stride_h * stride_w`` phases of
           the input pixels so that no lane computes a product that the stride makes zero; each
           phase loops only over the kernel positions that reach it;
           ``G^T = Xcol^T dY`` (``[channels, filters]`` tiles per kernel position, filters as the
-          N dimension again) is a GEMM over the pixels, split along them for parallelism, with
+          N dimension again) is a GEMM over the pixels, split along them so that the active
+          filter blocks fill the SMs (:func:`_dw_split`), with
           per-tile partial sums of ``r_i = sum G_i W_i``; the finish kernel then writes
           ``dtau = -r`` and ``dW = m G + sign(W) r / (C KH KW)``.
 The backward modes are those of :mod:`.threshold_linear`; ``sample`` draws its strided sample
@@ -51,6 +53,7 @@ from ._config import (
     MIN_UNITS,
     GemmConfig,
     aligned,
+    bytes_per_mac,
     cdiv,
     dot_precision,
     gemm_config,
@@ -761,7 +764,9 @@ def conv_tiles(cfg: GemmConfig, filters: int, chans: int, geometry: ConvGeometry
         dx_channels=_pow2_block(chans, cfg.block_n),
         dx_filters=cfg.block_k,
         dx_tail=16,
-        dw_channels=_pow2_block(chans, cfg.block_n),
+        # 64-channel dW tiles: twice the tiles per filter block, so that fewer pixel splits
+        # fill the machine and fewer fp32 slices of G go through HBM to the finish pass.
+        dw_channels=_pow2_block(chans, min(cfg.block_n, 64)),
         dw_filters=filter_tile,
         dw_pixels=cfg.block_k,
     )
@@ -869,21 +874,47 @@ def _compact_dy(grad_y: torch.Tensor, row_mask: RowMask, pixels: int, ho: int, w
 _DW_MIN_PIXELS_PER_SPLIT = 1024
 
 
-def _dw_split(blocks: int, num_kb: int, pixels: int, block_m: int, programs: int) -> int:
-    """How many programs share the dW GEMM's pixel reduction, for ``blocks`` filter blocks of
-    ``num_kb`` (kernel position, channel block) tiles each on ``programs`` SMs. The count is
-    device-side, so the grid is sized for every filter block and the blocks past it exit at
-    once: the split is the one whose waves of ``block_m``-pixel steps are fewest summed over
-    one active block (a low density) and every block (density 1). Ties go to the smaller split
-    (less fp32 workspace for the finish pass to read)."""
-    most = max(1, min(cdiv(pixels, max(_DW_MIN_PIXELS_PER_SPLIT, block_m)), _MAX_GRID_YZ))
-    best, best_cost = 1, None
-    for split in range(1, most + 1):
-        steps = cdiv(cdiv(pixels, split), block_m)
-        cost = sum(cdiv(active * num_kb * split, programs) * steps for active in {1, blocks})
-        if best_cost is None or cost < best_cost:
-            best, best_cost = split, cost
-    return best
+@dataclass(frozen=True)
+class DwShape:
+    """What the dW GEMM's split depends on: ``blocks`` filter blocks of ``block_p`` filters,
+    ``num_kb`` (kernel position, channel block) tiles of ``block_c`` channels each, ``pixels``
+    reduced in ``block_m`` steps, ``fan_in`` weight columns, ``base_bytes`` read whatever the
+    split (X and the compacted dY), ``mac_bytes`` HBM bytes as long as one multiply-add of one
+    program (:func:`._config.bytes_per_mac`), on ``programs`` SMs."""
+
+    blocks: int
+    num_kb: int
+    pixels: int
+    block_m: int
+    block_c: int
+    block_p: int
+    fan_in: int
+    base_bytes: int
+    mac_bytes: float
+    programs: int
+
+
+def _dw_split(shape: DwShape) -> int:
+    """How many programs share the dW GEMM's pixel reduction. The count is device-side, so the
+    grid is sized for every filter block and the blocks past it exit at once; the split is
+    priced as the cost model prices a launch, ``max(compute, traffic)``: the waves of
+    ``block_m``-pixel steps, against the bytes read plus the fp32 slices of G that every split
+    writes and the finish pass reads. Two densities are weighed, each relative to its best
+    split: one active block at a quarter of its width (a 256-filter layer at density 0.1 runs
+    the 32-wide class) and every block. Ties go to the smaller split."""
+    sh = shape
+    most = max(1, min(cdiv(sh.pixels, max(_DW_MIN_PIXELS_PER_SPLIT, sh.block_m)), _MAX_GRID_YZ))
+
+    def cost(split: int, active: int, width: int) -> float:
+        steps = cdiv(cdiv(sh.pixels, split), sh.block_m)
+        compute = cdiv(active * sh.num_kb * split, sh.programs) * steps * sh.block_c * width * sh.block_m * sh.mac_bytes
+        traffic = sh.base_bytes + 2 * split * active * width * sh.fan_in * 4
+        return max(compute, traffic)
+
+    points = {(1, max(MIN_UNITS, sh.block_p // 4)), (sh.blocks, sh.block_p)}
+    costs = {split: [cost(split, *p) for p in points] for split in range(1, most + 1)}
+    lowest = [min(c[i] for c in costs.values()) for i in range(len(points))]
+    return min(costs, key=lambda split: (sum(c / b for c, b in zip(costs[split], lowest, strict=True)), split))
 
 
 def threshold_conv2d_bwd(
@@ -986,8 +1017,11 @@ def threshold_conv2d_bwd(
         )
 
     n_blocks = cdiv(filters, tiles.dw_filters) + (1 if mode_id == 2 else 0)
-    n_split = split if split is not None else _dw_split(n_blocks, num_kb, pixels, tiles.dw_pixels,
-                                                        grid_programs(device))
+    if split is None:
+        split = _dw_split(DwShape(n_blocks, num_kb, pixels, tiles.dw_pixels, tiles.dw_channels, tiles.dw_filters,
+                                  fan_in, x_cl.numel() * x_cl.element_size() + dyc.numel() * dyc.element_size(),
+                                  bytes_per_mac(x.dtype, "conv"), grid_programs(device)))
+    n_split = split
     # m*G: accumulated straight into dW for fp32 without a split, else into an fp32 workspace
     # (one slice per split) that the finish pass sums in a fixed order and rounds once. Its
     # columns follow dW's memory order: (r, s, c) channels-last, (c, r, s) otherwise.

@@ -52,7 +52,7 @@ MAIN_KERNELS = ("_threshold_linear_fwd_kernel", "_threshold_linear_bwd_dx_kernel
                 "_threshold_conv2d_fwd_kernel", "_threshold_conv2d_bwd_dx_kernel", "_threshold_conv2d_bwd_dw_kernel")
 
 # Kernels that must compile without local-memory spills (--check).
-SPILL_CHECKED = (*MAIN_KERNELS, "_fused_step_kernel")
+SPILL_CHECKED = (*MAIN_KERNELS, "_fused_step_kernel", "_conv_compact_dy_kernel")
 
 
 @dataclass

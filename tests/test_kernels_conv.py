@@ -257,18 +257,28 @@ def test_bias_gradient_from_the_dy_compaction(dy_layout, density, device):
     assert (db == 0).all()
 
 
-def test_dw_split_fills_the_waves_at_low_density_and_at_density_1():
-    from spafl.kernels.threshold_conv2d import _dw_split
+def test_dw_split_fills_the_waves_and_weighs_the_workspace():
+    from spafl.kernels._config import bytes_per_mac
+    from spafl.kernels.threshold_conv2d import DwShape, _dw_split
 
-    # ResNet-18's 256-filter 3x3 convolution at 16x16, batch 32 (GPU tiles: 2 filter blocks of
-    # 128, 9 x 2 kernel-position / channel tiles, 64-pixel steps) on 132 SMs: 7 splits put one
-    # active block on 126 programs (one wave) and both blocks on 252 (two); 8 would take two
-    # waves and three.
-    assert _dw_split(2, 18, 8192, 64, 132) == 7
-    # Never fewer than 1024 pixels a split, never past the grid's axis limit, at least 1.
-    assert _dw_split(1, 1, 2048, 64, 132) == 2
-    assert _dw_split(4, 36, 100, 64, 132) == 1
-    assert 1 <= _dw_split(1, 1, 1 << 30, 64, 132) <= 65535
+    mac_bytes = bytes_per_mac(torch.bfloat16, "conv")
+
+    def resnet(block_c, **kw):
+        # ResNet-18's 256-filter 3x3 convolution at 16x16, batch 32, bf16, on 132 SMs: 2 filter
+        # blocks of 128, 9 kernel positions x 256 / block_c channel tiles, 64-pixel steps.
+        return DwShape(**{**dict(blocks=2, num_kb=9 * 256 // block_c, pixels=8192, block_m=64, block_c=block_c,
+                                 block_p=128, fan_in=2304, base_bytes=(1 << 22) + 8192 * 512, mac_bytes=mac_bytes,
+                                 programs=132), **kw})
+
+    # 64-channel tiles: 3 splits put one active block on 108 programs (one wave), and write 3
+    # fp32 slices of G; 7 would fill the wave as well but write 7.
+    assert _dw_split(resnet(64)) == 3
+    # 128-channel tiles: 7 splits (126 programs, one wave; 252 at density 1, two).
+    assert _dw_split(resnet(128)) == 7
+    # Never fewer than 1024 pixels a split (1 below that), never past the grid's axis limit.
+    assert _dw_split(resnet(64, pixels=100)) == 1
+    assert _dw_split(resnet(64, pixels=2048)) <= 2
+    assert 1 <= _dw_split(resnet(64, pixels=1 << 30, base_bytes=1 << 40)) <= 65535
 
 
 def test_forward_pixel_tile_halves_when_one_filter_block_leaves_sms_idle():
@@ -279,3 +289,20 @@ def test_forward_pixel_tile_halves_when_one_filter_block_leaves_sms_idle():
     assert conv_tiles(cfg, 256, 256, pixels=8192, programs=132).fwd_pixels == cfg.block_m // 2
     assert conv_tiles(cfg, 256, 256, pixels=32768, programs=132).fwd_pixels == cfg.block_m
     assert conv_tiles(cfg, 256, 256).fwd_pixels == cfg.block_m
+
+
+@pytest.mark.parametrize("mode", ["skip", "exact"])
+def test_gpu_tiles_against_the_reference(mode, device):
+    # The GPU's tiles in the interpreter: the forward's halved pixel tile (64, as for any layer
+    # whose 128-pixel tiles leave SMs idle), 64-channel dW tiles over 64 channels, a pixel split
+    # of the dW reduction, the bias gradient from the dY compaction; channels-last as the
+    # ResNet benchmarks feed them.
+    from spafl.kernels import _config
+
+    geometry = (2, 64, 8, 8, 37, 3, 1, 1, 1)
+    geo, x, w, b, dy, tau = _inputs(geometry, torch.bfloat16, 0.4, device, channels_last=True)
+    w = w.contiguous(memory_format=torch.channels_last)
+    dy = dy.contiguous(memory_format=torch.channels_last)
+    with _config.production_tiles():
+        for split in (None, 2):
+            _check_all(geo, x, w, b, dy, tau, mode, torch.bfloat16, split=split)
