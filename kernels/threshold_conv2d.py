@@ -823,7 +823,11 @@ def threshold_conv2d_fwd(
     compact = use_compact_weight(compact_weight, "conv", weight)
     w_op, w_strides = _weight_operand(weight, row_mask, compact)
     cfg = gemm_config(x.dtype, "conv")
-    tiles = conv_tiles(cfg, filters, chans, geometry, pixels=pixels, programs=grid_programs(x.device))
+    wide = not fits_int32(x_cl, w_op, y)
+    # Not in the int64 variant, which halves the pixel tile itself (WIDE_HALVED): 32 x 128 on 8
+    # warps spills (offline sm_90 compile, Triton 3.6 and 3.9: 4 local-memory instructions).
+    tiles = conv_tiles(cfg, filters, chans, geometry, pixels=None if wide else pixels,
+                       programs=grid_programs(x.device))
     channel_tile = tiles.fwd_channels
     if gpu_tiles() and not aligned(x_cl, w_op, sizes=(chans,)):
         # Unvectorised im2col loads (a channel count that is not a multiple of 16): 16-channel
@@ -840,7 +844,7 @@ def threshold_conv2d_fwd(
         (x_cl, w_op, bias if bias is not None else weight, row_mask.perm, row_mask.count, y, pixels, filters, chans,
          height, width, ho, wo, *_geometry_args(geometry), *x_cl.stride(), *w_strides, *y.stride()),
         dict(HAS_BIAS=bias is not None, COMPACT_W=compact, UPCAST=interpreter_enabled(),
-             DOT_PRECISION=dot_precision("conv", x.dtype), WIDE=not fits_int32(x_cl, w_op, y), KH=kh, KW=kw),
+             DOT_PRECISION=dot_precision("conv", x.dtype), WIDE=wide, KH=kh, KW=kw),
         dtype=x.dtype,
         rows=pixels,
         density_hint=density_hint,
