@@ -23,13 +23,15 @@ computed once per program, and offsets are int32 wherever the launcher proves th
 Forward:  an upper-bound grid over pixel tiles x ``perm`` blocks; as for Linear, the block that
           straddles ``count`` runs the narrowest tile class that covers its active filters, and
           blocks past ``count`` only write bias (or 0) for the pruned output channels.
-Backward: ``dY``'s active columns are compacted into ``dyc [P, >= count]``;
+Backward: ``dY``'s active columns are compacted into ``dyc [P, >= count]`` by a launch that also
+          sums the bias gradient over every filter (it reads nearly all of ``dY`` anyway);
           ``dX`` is the transposed convolution over the active filters only (full ``BLOCK_P``
           steps, then ``TAIL_P``-wide steps), split into the ``stride_h * stride_w`` phases of
           the input pixels so that no lane computes a product that the stride makes zero; each
           phase loops only over the kernel positions that reach it;
           ``G^T = Xcol^T dY`` (``[channels, filters]`` tiles per kernel position, filters as the
-          N dimension again) is a GEMM over the pixels, split along them for parallelism, with
+          N dimension again) is a GEMM over the pixels, split along them so that the active
+          filter blocks fill the SMs (:func:`_dw_split`), with
           per-tile partial sums of ``r_i = sum G_i W_i``; the finish kernel then writes
           ``dtau = -r`` and ``dW = m G + sign(W) r / (C KH KW)``.
 The backward modes are those of :mod:`.threshold_linear`; ``sample`` draws its strided sample
@@ -51,10 +53,12 @@ from ._config import (
     MIN_UNITS,
     GemmConfig,
     aligned,
+    bytes_per_mac,
     cdiv,
     dot_precision,
     gemm_config,
     gpu_tiles,
+    grid_programs,
     interpreter_enabled,
     launch,
     next_power_of_2,
@@ -64,12 +68,13 @@ from ._config import (
 )
 from .threshold_linear import (
     BACKWARD_MODES,
+    DYC_PAD,
     _grouped_tile,
     check_density_hint,
     check_row_mask_operands,
-    compact_grad_columns,
     compact_weight_rows,
     finish_threshold_gradients,
+    split_tickets,
 )
 from .threshold_mask import fits_int32
 
@@ -390,6 +395,80 @@ def _threshold_conv2d_bwd_dx_kernel(
     tl.store(out, acc.to(dx_ptr.dtype.element_ty), mask=pix_ok[:, None] & c_ok[None, :])
 
 
+# ----------------------------------------------------------------------------- dY compaction, bias gradient
+
+
+@triton.jit
+def _conv_compact_dy_kernel(
+    dy_ptr,  # [B, F, Ho, Wo] output gradient, any strides
+    perm_ptr,  # [F] int32
+    count_ptr,  # [1] int32
+    dyc_ptr,  # [P, >= count] out, row stride stride_cm: dyc[q, p] = dY[q, perm[p]] for p < count
+    dbp_ptr,  # [cdiv(P, BLOCK_M), F] fp32 scratch: each pixel block's sum of dY per filter (HAS_BIAS)
+    db_ptr,  # [F] out: the bias gradient, sum of dY over the pixels (HAS_BIAS)
+    ticket_ptr,  # [>= cdiv(F, BLOCK_P)] int32, 0 on entry and on exit (HAS_BIAS)
+    P,
+    F,
+    PLANE,  # Ho * Wo: pixel q is (q // PLANE, (q % PLANE) // Wo, q % Wo)
+    Wo,
+    sdyb, sdyf, sdyh, sdyw,
+    stride_cm,
+    HAS_BIAS: tl.constexpr,
+    UNIT_MAJOR: tl.constexpr,  # dY's filters are its contiguous dimension (channels-last)
+    WIDE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+):
+    # Copies dY's active columns for the GEMMs and, with a bias, sums every column over the
+    # pixels in the same pass: the bias gradient needs all of dY, which the compaction reads
+    # nearly all of anyway (a 32-byte sector holds 16 bf16 filters). The sum is deterministic:
+    # per pixel block, then the program that draws a column block's last ticket adds the blocks'
+    # partials in block order.
+    pid_m = tl.program_id(0)
+    pid_p = tl.program_id(1)
+    count = tl.load(count_ptr)
+    if not HAS_BIAS:
+        if pid_p * BLOCK_P >= count:
+            return
+    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    p_ok = offs_p < F
+    active = offs_p < count
+    rows = tl.load(perm_ptr + offs_p, mask=p_ok, other=0)
+    if WIDE:
+        rows = rows.to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    if WIDE:
+        offs_m = offs_m.to(tl.int64)
+    m_ok = offs_m < P
+    b, oh, ow = _pixel_coords(offs_m, PLANE, Wo)
+    src = b * sdyb + oh * sdyh + ow * sdyw
+    read = p_ok if HAS_BIAS else active
+    dst = dyc_ptr + offs_m[:, None] * stride_cm + offs_p[None, :]
+    if UNIT_MAJOR:
+        tile = tl.load(dy_ptr + src[:, None] + rows[None, :] * sdyf, mask=m_ok[:, None] & read[None, :], other=0.0)
+    else:
+        # Read along the pixels (NCHW) and transposed in registers: both sides coalesced.
+        tile = tl.trans(tl.load(dy_ptr + src[None, :] + rows[:, None] * sdyf, mask=read[:, None] & m_ok[None, :],
+                                other=0.0))
+    tl.store(dst, tile, mask=m_ok[:, None] & active[None, :])
+    if HAS_BIAS:
+        n_m = tl.num_programs(0)
+        part = tl.sum(tile.to(tl.float32), axis=0)
+        blk = pid_m.to(tl.int64) if WIDE else pid_m
+        tl.store(dbp_ptr + blk * F + rows, part, mask=p_ok)
+        # Every thread's stores happen before the ticket (release); the last program sees them
+        # all (acquire), as in the row-mask kernel's handoff.
+        tl.debug_barrier()
+        ticket = tl.atomic_add(ticket_ptr + pid_p, 1, sem="acq_rel")
+        if ticket == n_m - 1:
+            acc = tl.zeros([BLOCK_P], dtype=tl.float32)
+            for m in range(0, n_m):
+                mm = m.to(tl.int64) if WIDE else m
+                acc += tl.load(dbp_ptr + mm * F + rows, mask=p_ok, other=0.0)
+            tl.store(db_ptr + rows, acc.to(db_ptr.dtype.element_ty), mask=p_ok)
+            tl.atomic_xchg(ticket_ptr + pid_p, 0, sem="relaxed")
+
+
 # ----------------------------------------------------------------------------- dW
 
 
@@ -653,7 +732,8 @@ class ConvTiles:
     dw_pixels: int
 
 
-def conv_tiles(cfg: GemmConfig, filters: int, chans: int, geometry: ConvGeometry | None = None) -> ConvTiles:
+def conv_tiles(cfg: GemmConfig, filters: int, chans: int, geometry: ConvGeometry | None = None,
+               pixels: int | None = None, programs: int | None = None) -> ConvTiles:
     """Tiles for a layer of ``filters`` x ``chans``. A filter block covers the layer up to the
     configured width (one block for a 64-filter layer); the work still follows the density
     because the block that straddles the active count runs the narrowest tile class that covers
@@ -662,20 +742,31 @@ def conv_tiles(cfg: GemmConfig, filters: int, chans: int, geometry: ConvGeometry
 
     The forward of a strided or 1x1 convolution takes at most half the filter width: with 128
     filters it spills registers (offline sm_90 compile: strides that are not the constant 1
-    keep more per-pixel state live)."""
+    keep more per-pixel state live).
+
+    With ``pixels`` output pixels and ``programs`` SMs, the forward's pixel tile is halved (to
+    64 at least) when the full tiles of one filter block are fewer than the SMs: at a low
+    density only the first filter block multiplies, and half-height tiles put twice as many
+    programs on it (ResNet-18's 256-filter 3x3 convolution at 16x16, batch 32: 8192 pixels,
+    64 tiles of 128, 128 of 64)."""
     filter_tile = _pow2_block(filters, cfg.block_n, MIN_UNITS)
+    fwd_pixels = cfg.block_m
+    if pixels is not None and programs is not None and cdiv(pixels, cfg.block_m) < programs:
+        fwd_pixels = max(64, cfg.block_m // 2) if cfg.block_m > 64 else cfg.block_m
     fwd_filters = filter_tile
     if geometry is not None and (geometry.stride != (1, 1) or geometry.kernel == (1, 1)):
         fwd_filters = _pow2_block(filters, max(cfg.block_n // 2, MIN_UNITS), MIN_UNITS)
     return ConvTiles(
-        fwd_pixels=cfg.block_m,
+        fwd_pixels=fwd_pixels,
         fwd_filters=fwd_filters,
         fwd_channels=_pow2_block(chans, cfg.block_k),
         dx_pixels=cfg.block_m,
         dx_channels=_pow2_block(chans, cfg.block_n),
         dx_filters=cfg.block_k,
         dx_tail=16,
-        dw_channels=_pow2_block(chans, cfg.block_n),
+        # 64-channel dW tiles: twice the tiles per filter block, so that fewer pixel splits
+        # fill the machine and fewer fp32 slices of G go through HBM to the finish pass.
+        dw_channels=_pow2_block(chans, min(cfg.block_n, 64)),
         dw_filters=filter_tile,
         dw_pixels=cfg.block_k,
     )
@@ -732,7 +823,11 @@ def threshold_conv2d_fwd(
     compact = use_compact_weight(compact_weight, "conv", weight)
     w_op, w_strides = _weight_operand(weight, row_mask, compact)
     cfg = gemm_config(x.dtype, "conv")
-    tiles = conv_tiles(cfg, filters, chans, geometry)
+    wide = not fits_int32(x_cl, w_op, y)
+    # Not in the int64 variant, which halves the pixel tile itself (WIDE_HALVED): 32 x 128 on 8
+    # warps spills (offline sm_90 compile, Triton 3.6 and 3.9: 4 local-memory instructions).
+    tiles = conv_tiles(cfg, filters, chans, geometry, pixels=None if wide else pixels,
+                       programs=grid_programs(x.device))
     channel_tile = tiles.fwd_channels
     if gpu_tiles() and not aligned(x_cl, w_op, sizes=(chans,)):
         # Unvectorised im2col loads (a channel count that is not a multiple of 16): 16-channel
@@ -749,7 +844,7 @@ def threshold_conv2d_fwd(
         (x_cl, w_op, bias if bias is not None else weight, row_mask.perm, row_mask.count, y, pixels, filters, chans,
          height, width, ho, wo, *_geometry_args(geometry), *x_cl.stride(), *w_strides, *y.stride()),
         dict(HAS_BIAS=bias is not None, COMPACT_W=compact, UPCAST=interpreter_enabled(),
-             DOT_PRECISION=dot_precision("conv", x.dtype), WIDE=not fits_int32(x_cl, w_op, y), KH=kh, KW=kw),
+             DOT_PRECISION=dot_precision("conv", x.dtype), WIDE=wide, KH=kh, KW=kw),
         dtype=x.dtype,
         rows=pixels,
         density_hint=density_hint,
@@ -758,15 +853,72 @@ def threshold_conv2d_fwd(
     return y
 
 
-# Parallelism target of the pixel-split dW GEMM: programs per launch (a few waves of a
-# Hopper GPU's 132 SMs) and the fewest pixels one split may reduce over.
-_DW_TARGET_PROGRAMS = 512
+def _compact_dy(grad_y: torch.Tensor, row_mask: RowMask, pixels: int, ho: int, wo: int,
+                db_out: torch.Tensor | None) -> torch.Tensor:
+    """``dyc [pixels, >= count]`` (column ``p`` holds dY's filter ``perm[p]``, rows padded to
+    whole blocks as :func:`.threshold_linear.compact_grad_columns` pads them) and, with
+    ``db_out [F]``, the bias gradient written there in the same launch."""
+    filters = grad_y.shape[1]
+    padded = cdiv(filters, DYC_PAD) * DYC_PAD
+    dyc = torch.empty((pixels, padded), device=grad_y.device, dtype=grad_y.dtype)
+    block_m, block_p = (64, 64) if gpu_tiles() else (32, 32)
+    n_m, n_p = cdiv(pixels, block_m), cdiv(filters, block_p)
+    has_bias = db_out is not None
+    dbp = torch.empty((n_m, filters) if has_bias else (1,), device=grad_y.device, dtype=torch.float32)
+    tickets = split_tickets(grad_y.device, n_p) if has_bias else row_mask.count
+    _conv_compact_dy_kernel[(n_m, n_p)](
+        grad_y, row_mask.perm, row_mask.count, dyc, dbp, db_out if has_bias else dbp, tickets, pixels, filters,
+        ho * wo, wo, *grad_y.stride(), dyc.stride(0), HAS_BIAS=has_bias, UNIT_MAJOR=grad_y.stride(1) == 1,
+        WIDE=not fits_int32(grad_y, dyc, dbp), BLOCK_M=block_m, BLOCK_P=block_p, num_warps=4,
+    )
+    return dyc
+
+
+# The fewest pixels one split of the dW GEMM's pixel reduction may reduce over.
 _DW_MIN_PIXELS_PER_SPLIT = 1024
 
 
-def _dw_split(tiles: int, pixels: int, block_m: int) -> int:
-    by_work = cdiv(pixels, max(_DW_MIN_PIXELS_PER_SPLIT, block_m))
-    return max(1, min(by_work, cdiv(_DW_TARGET_PROGRAMS, tiles), _MAX_GRID_YZ))
+@dataclass(frozen=True)
+class DwShape:
+    """What the dW GEMM's split depends on: ``blocks`` filter blocks of ``block_p`` filters,
+    ``num_kb`` (kernel position, channel block) tiles of ``block_c`` channels each, ``pixels``
+    reduced in ``block_m`` steps, ``fan_in`` weight columns, ``base_bytes`` read whatever the
+    split (X and the compacted dY), ``mac_bytes`` HBM bytes as long as one multiply-add of one
+    program (:func:`._config.bytes_per_mac`), on ``programs`` SMs."""
+
+    blocks: int
+    num_kb: int
+    pixels: int
+    block_m: int
+    block_c: int
+    block_p: int
+    fan_in: int
+    base_bytes: int
+    mac_bytes: float
+    programs: int
+
+
+def _dw_split(shape: DwShape) -> int:
+    """How many programs share the dW GEMM's pixel reduction. The count is device-side, so the
+    grid is sized for every filter block and the blocks past it exit at once; the split is
+    priced as the cost model prices a launch, ``max(compute, traffic)``: the waves of
+    ``block_m``-pixel steps, against the bytes read plus the fp32 slices of G that every split
+    writes and the finish pass reads. Two densities are weighed, each relative to its best
+    split: one active block at a quarter of its width (a 256-filter layer at density 0.1 runs
+    the 32-wide class) and every block. Ties go to the smaller split."""
+    sh = shape
+    most = max(1, min(cdiv(sh.pixels, max(_DW_MIN_PIXELS_PER_SPLIT, sh.block_m)), _MAX_GRID_YZ))
+
+    def cost(split: int, active: int, width: int) -> float:
+        steps = cdiv(cdiv(sh.pixels, split), sh.block_m)
+        compute = cdiv(active * sh.num_kb * split, sh.programs) * steps * sh.block_c * width * sh.block_m * sh.mac_bytes
+        traffic = sh.base_bytes + 2 * split * active * width * sh.fan_in * 4
+        return max(compute, traffic)
+
+    points = {(1, max(MIN_UNITS, sh.block_p // 4)), (sh.blocks, sh.block_p)}
+    costs = {split: [cost(split, *p) for p in points] for split in range(1, most + 1)}
+    lowest = [min(c[i] for c in costs.values()) for i in range(len(points))]
+    return min(costs, key=lambda split: (sum(c / b for c, b in zip(costs[split], lowest, strict=True)), split))
 
 
 def threshold_conv2d_bwd(
@@ -784,13 +936,16 @@ def threshold_conv2d_bwd(
     density_hint: float | None = None,
     compact_weight: bool | None = None,
     r_out: torch.Tensor | None = None,
+    db_out: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
     """Gradients ``(dX | None, dW, dtau)`` of the threshold Conv2d (bias gradient left to the
     caller). ``split``: how many programs share the pixel reduction of the weight gradient
     (default: chosen from the shape; the result does not depend on it beyond fp32 rounding).
     ``dW`` has the weight's layout (channels-last or contiguous); ``dX`` the output layout of
     :func:`threshold_conv2d_fwd`. ``r_out``: as in
-    :func:`spafl.kernels.threshold_linear.threshold_linear_bwd` (``dW`` of the active filters only)."""
+    :func:`spafl.kernels.threshold_linear.threshold_linear_bwd` (``dW`` of the active filters only).
+    ``db_out [F]`` (any float dtype): the bias gradient, written by the launch that compacts dY
+    (fp32 sums, rounded once)."""
     _check_operands(x, weight, row_mask, geometry)
     check_density_hint(density_hint)
     if mode not in BACKWARD_MODES:
@@ -803,6 +958,10 @@ def threshold_conv2d_bwd(
     if split is not None and (isinstance(split, bool) or not isinstance(split, int) or not 1 <= split <= _MAX_GRID_YZ):
         raise ValueError(f"split must be an integer in [1, {_MAX_GRID_YZ}], got {split!r}")
     device = x.device
+    if db_out is not None and (db_out.shape != (filters,) or db_out.device != device or not db_out.is_contiguous()
+                               or not db_out.is_floating_point()):
+        raise ValueError(f"db_out must be a contiguous floating-point tensor of shape ({filters},) on {device}, got "
+                         f"{db_out.dtype} {tuple(db_out.shape)} on {db_out.device}")
     fan_in = chans * kh * kw
     w_cl = _is_channels_last(weight)
     dx = torch.empty_like(x, memory_format=_memory_format(x, weight)) if need_dx else None
@@ -817,6 +976,8 @@ def threshold_conv2d_bwd(
             dx.zero_()
         if r_out is not None:
             r_out.zero_()
+        if db_out is not None:
+            db_out.zero_()
         return dx, dw, dtau
 
     grad_y = grad_y.to(x.dtype)
@@ -834,8 +995,7 @@ def threshold_conv2d_bwd(
     geo = _geometry_args(geometry)
 
     # dyc[q, p] = dY[b, perm[p], oh, ow] for the flattened pixel q = (b, oh, ow), p < count.
-    dyc = compact_grad_columns(grad_y, row_mask, pixels, filters, (ho * wo, wo),
-                               (grad_y.stride(0), grad_y.stride(2), grad_y.stride(3)), grad_y.stride(1))
+    dyc = _compact_dy(grad_y, row_mask, pixels, ho, wo, db_out)
 
     if need_dx:
         compact = use_compact_weight(compact_weight, "conv", weight)
@@ -861,7 +1021,11 @@ def threshold_conv2d_bwd(
         )
 
     n_blocks = cdiv(filters, tiles.dw_filters) + (1 if mode_id == 2 else 0)
-    n_split = split if split is not None else _dw_split(n_blocks * num_kb, pixels, tiles.dw_pixels)
+    if split is None:
+        split = _dw_split(DwShape(n_blocks, num_kb, pixels, tiles.dw_pixels, tiles.dw_channels, tiles.dw_filters,
+                                  fan_in, x_cl.numel() * x_cl.element_size() + dyc.numel() * dyc.element_size(),
+                                  bytes_per_mac(x.dtype, "conv"), grid_programs(device)))
+    n_split = split
     # m*G: accumulated straight into dW for fp32 without a split, else into an fp32 workspace
     # (one slice per split) that the finish pass sums in a fixed order and rounds once. Its
     # columns follow dW's memory order: (r, s, c) channels-last, (c, r, s) otherwise.

@@ -175,11 +175,13 @@ class _Triton:
             dw = dw.view(weight.shape)
             if dx is not None:
                 dx = dx.view(batch, height, width, chans).permute(0, 3, 1, 2)
+            db = grad_y.sum(dim=(0, 2, 3), dtype=torch.float32).to(weight.dtype) if has_bias else None
         else:
-            dx, dw, dtau = _kernels().threshold_conv2d_bwd(grad_y, x, weight, row_mask, geometry, **kwargs)
+            # The bias gradient comes from the launch that compacts dY (it reads dY anyway).
+            db = torch.empty(weight.shape[0], dtype=weight.dtype, device=weight.device) if has_bias else None
+            dx, dw, dtau = _kernels().threshold_conv2d_bwd(grad_y, x, weight, row_mask, geometry, db_out=db, **kwargs)
         if rows_only:
             dw = MaskedGrad(dw, row_mask.mask, r, weight)
-        db = grad_y.sum(dim=(0, 2, 3), dtype=torch.float32).to(weight.dtype) if has_bias else None
         return dx, dw, dtau, db
 
 

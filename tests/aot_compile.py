@@ -52,7 +52,7 @@ MAIN_KERNELS = ("_threshold_linear_fwd_kernel", "_threshold_linear_bwd_dx_kernel
                 "_threshold_conv2d_fwd_kernel", "_threshold_conv2d_bwd_dx_kernel", "_threshold_conv2d_bwd_dw_kernel")
 
 # Kernels that must compile without local-memory spills (--check).
-SPILL_CHECKED = (*MAIN_KERNELS, "_fused_step_kernel")
+SPILL_CHECKED = (*MAIN_KERNELS, "_fused_step_kernel", "_conv_compact_dy_kernel")
 
 
 @dataclass
@@ -141,7 +141,9 @@ def conv_case(dtype: torch.dtype, batch: int, cin: int, cout: int, size: int, ke
         rm = _row_mask(w)
         kernels.threshold_conv2d_fwd(x, w, None, rm, geo)
         for i, mode in enumerate(modes):
-            kernels.threshold_conv2d_bwd(dy, x, w, rm, geo, mode=mode, need_dx=i == 0)
+            # (the first with the bias gradient from the dY compaction)
+            kernels.threshold_conv2d_bwd(dy, x, w, rm, geo, mode=mode, need_dx=i == 0,
+                                         db_out=torch.empty(cout, dtype=dtype) if i == 0 else None)
     return run
 
 

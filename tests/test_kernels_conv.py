@@ -59,16 +59,21 @@ def _check_all(geo, x, w, b, dy, tau, mode, dtype, sample_fraction=0.3, split=No
     assert y.dtype == x.dtype
     assert_close(y, reference.threshold_conv2d_forward(x, w, ref.mask, b, geo), dtype, "y")
 
+    # The bias gradient comes from the launch that compacts dY (db_out), where there is a bias.
+    db = None if b is None else torch.full_like(b, float("nan"))
     dx, dw, dtau = threshold_conv2d_bwd(dy, x, w, rm, geo, mode=mode, sample_fraction=sample_fraction,
-                                        threshold_dtype=tau.dtype, split=split, **options)
-    rdx, rdw, rdtau, _ = reference.threshold_conv2d_backward(
-        dy, x, w, ref.mask.to(w.dtype), ref.mask, geo, has_bias=False, mode=mode, sample_fraction=sample_fraction
+                                        threshold_dtype=tau.dtype, split=split, db_out=db, **options)
+    rdx, rdw, rdtau, rdb = reference.threshold_conv2d_backward(
+        dy, x, w, ref.mask.to(w.dtype), ref.mask, geo, has_bias=b is not None, mode=mode,
+        sample_fraction=sample_fraction
     )
     assert dx.dtype == dw.dtype == dtype and dtau.dtype == tau.dtype
     assert dx.shape == x.shape and dw.shape == w.shape
     assert_close(dx, rdx, dtype, "dx")
     assert_close(dw, rdw, dtype, "dW")
     assert_close(dtau, rdtau, dtype, "dtau")
+    if b is not None:
+        assert_close(db, rdb.to(dtype), dtype, "db")
     return rm, y, dx, dw, dtau
 
 
@@ -222,3 +227,82 @@ def test_launchers_reject_bad_operands(device):
         threshold_conv2d_fwd(x, w, b, rm, geo, density_hint=2.0)
     with pytest.raises(ValueError, match="density_hint"):
         threshold_conv2d_bwd(dy, x, w, rm, geo, density_hint=-1.0)
+    for db in (torch.empty(36, device=device), torch.empty(37, 2, device=device)[:, 0],
+               torch.empty(37, device=device, dtype=torch.int32)):
+        with pytest.raises(ValueError, match="db_out"):
+            threshold_conv2d_bwd(dy, x, w, rm, geo, db_out=db)
+
+
+@pytest.mark.parametrize("dy_layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("density", [0.0, 0.4, 1.0])
+def test_bias_gradient_from_the_dy_compaction(dy_layout, density, device):
+    # The bias gradient is summed by the launch that compacts dY, over every filter (pruned ones
+    # included), read along the filters (channels-last dY) or along the pixels (NCHW); fp32 sums
+    # rounded once, deterministic (per pixel block, then the blocks in order).
+    geo, x, w, b, dy, tau = _inputs(GEOMETRIES["3x3-stride2"], torch.bfloat16, density, device)
+    if dy_layout == "channels_last":
+        dy = dy.contiguous(memory_format=torch.channels_last)
+    rm = threshold_row_mask(w.reshape(w.shape[0], -1), tau)
+    dbs = []
+    for mode in MODES:
+        db = torch.full_like(b, float("nan"))
+        threshold_conv2d_bwd(dy, x, w, rm, geo, mode=mode, db_out=db)
+        dbs.append(db)
+    want = dy.float().sum(dim=(0, 2, 3)).to(torch.bfloat16)
+    assert_close(dbs[0], want, torch.bfloat16, "db")
+    assert all(torch.equal(d, dbs[0]) for d in dbs)
+    # An empty batch: a zero bias gradient.
+    db = torch.full_like(b, float("nan"))
+    threshold_conv2d_bwd(dy[:0], x[:0], w, rm, geo, db_out=db)
+    assert (db == 0).all()
+
+
+def test_dw_split_fills_the_waves_and_weighs_the_workspace():
+    from spafl.kernels._config import bytes_per_mac
+    from spafl.kernels.threshold_conv2d import DwShape, _dw_split
+
+    mac_bytes = bytes_per_mac(torch.bfloat16, "conv")
+
+    def resnet(block_c, **kw):
+        # ResNet-18's 256-filter 3x3 convolution at 16x16, batch 32, bf16, on 132 SMs: 2 filter
+        # blocks of 128, 9 kernel positions x 256 / block_c channel tiles, 64-pixel steps.
+        return DwShape(**{**dict(blocks=2, num_kb=9 * 256 // block_c, pixels=8192, block_m=64, block_c=block_c,
+                                 block_p=128, fan_in=2304, base_bytes=(1 << 22) + 8192 * 512, mac_bytes=mac_bytes,
+                                 programs=132), **kw})
+
+    # 64-channel tiles: 3 splits put one active block on 108 programs (one wave), and write 3
+    # fp32 slices of G; 7 would fill the wave as well but write 7.
+    assert _dw_split(resnet(64)) == 3
+    # 128-channel tiles: 7 splits (126 programs, one wave; 252 at density 1, two).
+    assert _dw_split(resnet(128)) == 7
+    # Never fewer than 1024 pixels a split (1 below that), never past the grid's axis limit.
+    assert _dw_split(resnet(64, pixels=100)) == 1
+    assert _dw_split(resnet(64, pixels=2048)) <= 2
+    assert 1 <= _dw_split(resnet(64, pixels=1 << 30, base_bytes=1 << 40)) <= 65535
+
+
+def test_forward_pixel_tile_halves_when_one_filter_block_leaves_sms_idle():
+    from spafl.kernels import _config
+    from spafl.kernels.threshold_conv2d import conv_tiles
+
+    cfg = _config._GPU_GEMM_16BIT
+    assert conv_tiles(cfg, 256, 256, pixels=8192, programs=132).fwd_pixels == cfg.block_m // 2
+    assert conv_tiles(cfg, 256, 256, pixels=32768, programs=132).fwd_pixels == cfg.block_m
+    assert conv_tiles(cfg, 256, 256).fwd_pixels == cfg.block_m
+
+
+@pytest.mark.parametrize("mode", ["skip", "exact"])
+def test_gpu_tiles_against_the_reference(mode, device):
+    # The GPU's tiles in the interpreter: the forward's halved pixel tile (64, as for any layer
+    # whose 128-pixel tiles leave SMs idle), 64-channel dW tiles over 64 channels, a pixel split
+    # of the dW reduction, the bias gradient from the dY compaction; channels-last as the
+    # ResNet benchmarks feed them.
+    from spafl.kernels import _config
+
+    geometry = (2, 64, 8, 8, 37, 3, 1, 1, 1)
+    geo, x, w, b, dy, tau = _inputs(geometry, torch.bfloat16, 0.4, device, channels_last=True)
+    w = w.contiguous(memory_format=torch.channels_last)
+    dy = dy.contiguous(memory_format=torch.channels_last)
+    with _config.production_tiles():
+        for split in (None, 2):
+            _check_all(geo, x, w, b, dy, tau, mode, torch.bfloat16, split=split)

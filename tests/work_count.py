@@ -327,8 +327,8 @@ OPS = ("mask", "w", "fwd", "dy", "dx", "dw")
 def op_of(kernel_name: str) -> str:
     """The operation a kernel belongs to in the report: the row mask, the weight compaction, the
     forward GEMM, the dY compaction, the dX GEMM, the dW GEMM and its finish pass."""
-    for key, op in (("row_mask", "mask"), ("compact_weight", "w"), ("compact_grad", "dy"), ("fwd", "fwd"),
-                    ("bwd_dx", "dx"), ("bwd_dw", "dw"), ("finish", "dw")):
+    for key, op in (("row_mask", "mask"), ("compact_weight", "w"), ("compact_grad", "dy"), ("compact_dy", "dy"),
+                    ("fwd", "fwd"), ("bwd_dx", "dx"), ("bwd_dw", "dw"), ("finish", "dw")):
         if key in kernel_name:
             return op
     raise ValueError(f"no operation for kernel {kernel_name}")
@@ -469,16 +469,18 @@ def _split_cover(end: int, splits: int, block: int) -> int:
 
 
 def _dw_splits(r: LayerWork, meta: dict, reduction: int, mode: str) -> int:
-    """How many programs share the dW reduction (the conv launcher's choice; 1 for Linear)."""
+    """How many programs share the dW reduction (1 for Linear): for a convolution, the split that
+    the launcher chose, read from the recorded grid (filter blocks x kernel-position / channel
+    tiles x splits)."""
     if isinstance(r.layer, LinearLayer):
         return 1
     from spafl.kernels._config import cdiv
-    from spafl.kernels.threshold_conv2d import _dw_split
 
     chans = min(r.layer.cin, r.size.channels)
     num_kb = r.layer.kernel**2 * cdiv(chans, meta["BLOCK_C"])
     n_blocks = cdiv(r.layer.units, meta["BLOCK_P"]) + (1 if mode == "sample" else 0)
-    return _dw_split(n_blocks * num_kb, reduction, meta["BLOCK_M"])
+    work = next(w for name, w in r.kernels[("dw", mode)][1.0].items() if "bwd_dw" in name)
+    return work.programs // work.launches // (n_blocks * num_kb)
 
 
 def _pixels(r: LayerWork) -> int:
