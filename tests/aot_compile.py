@@ -126,6 +126,14 @@ def linear_case(dtype: torch.dtype, m: int, n: int, k: int, modes=("exact", "ski
             kernels.threshold_linear_bwd(dy, x, w, rm, mode=mode, need_dx=i == 0)
         # the finish that writes the active rows only (a fused optimizer takes compact gradients)
         kernels.threshold_linear_bwd(dy, x, w, rm, mode=modes[0], need_dx=False, r_out=torch.empty(n))
+        if "skip" in modes:
+            # skip mode from the forward's products: the forward that keeps them, the pass over dY
+            # (compaction, r, bias gradient) and the GEMM that writes dW itself
+            z = torch.empty(m, n)
+            kernels.threshold_linear_fwd(x, w, torch.randn(n, dtype=dtype) if bias else None, rm, z_out=z)
+            kernels.threshold_linear_bwd(dy, x, w, rm, mode="skip", r_out=torch.empty(n), z=z,
+                                         db_out=torch.empty(n, dtype=dtype) if bias else None)
+            kernels.threshold_linear_bwd(dy, x, w, rm, mode="skip", need_dx=False, z=z)
     return run
 
 
