@@ -131,12 +131,14 @@ class _Triton:
 
     @staticmethod
     def linear_forward(x2d, weight, bias, row_mask, options, keep_z=False):
-        # keep_z (a recorded skip-mode call): the active units' products go to the backward,
-        # which then needs no second pass over the weight gradient (state: fp32 [M, N]).
+        # keep_z (a recorded skip- or exact-mode call): the products go to the backward, which
+        # then needs no second pass over the weight gradient (state: fp32 [M, N]). Exact mode
+        # computes the pruned units' too: its one dense-shaped GEMM, for their r.
         z = None
-        if keep_z and options.backward_mode == "skip":
+        exact = options.backward_mode == "exact"
+        if keep_z and (exact or options.backward_mode == "skip"):
             z = torch.empty((x2d.shape[0], weight.shape[0]), dtype=torch.float32, device=x2d.device)
-        return _kernels().threshold_linear_fwd(x2d, weight, bias, row_mask, z_out=z), z
+        return _kernels().threshold_linear_fwd(x2d, weight, bias, row_mask, z_out=z, z_all=exact), z
 
     @staticmethod
     def linear_backward(grad_y2d, x2d, weight, row_mask, state, options, need_dx, has_bias, threshold_dtype,

@@ -1,6 +1,7 @@
-"""The skip-mode backward that takes the forward's products (``z``): ``r`` and the bias gradient
-from the pass that compacts ``dY``, and ``dW`` written by its GEMM (no second pass), against the
-reference, the unfused backward, and the rows-only contract of the fused optimizer step."""
+"""The skip- and exact-mode backward that takes the forward's products (``z``; every unit's in
+exact mode): ``r`` and the bias gradient from the pass that compacts ``dY``, and ``dW`` written
+by its GEMM (no second pass), against the reference, the unfused backward, and the rows-only
+contract of the fused optimizer step."""
 
 import pytest
 import torch
@@ -13,12 +14,12 @@ from spafl.kernels import threshold_linear_bwd, threshold_linear_fwd, threshold_
 pytestmark = pytest.mark.interpreter
 
 
-def _fused(x, w, b, dy, rm, rows_only=False, need_dx=True, tau_dtype=torch.float32):
+def _fused(x, w, b, dy, rm, rows_only=False, need_dx=True, tau_dtype=torch.float32, mode="skip"):
     z = torch.empty((x.shape[0], w.shape[0]), dtype=torch.float32, device=x.device)
-    y = threshold_linear_fwd(x, w, b, rm, z_out=z)
+    y = threshold_linear_fwd(x, w, b, rm, z_out=z, z_all=mode == "exact")
     r = torch.empty(w.shape[0], dtype=torch.float32, device=x.device) if rows_only else None
     db = torch.empty_like(b) if b is not None else None
-    dx, dw, dtau = threshold_linear_bwd(dy, x, w, rm, mode="skip", need_dx=need_dx, r_out=r, z=z, db_out=db,
+    dx, dw, dtau = threshold_linear_bwd(dy, x, w, rm, mode=mode, need_dx=need_dx, r_out=r, z=z, db_out=db,
                                         threshold_dtype=tau_dtype)
     return y, dx, dw, dtau, db, r, z
 
@@ -27,76 +28,79 @@ def _fused(x, w, b, dy, rm, rows_only=False, need_dx=True, tau_dtype=torch.float
 @pytest.mark.parametrize("density", [0.0, 0.3, 1.0])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
-def test_fused_skip_backward_matches_reference(shape, density, dtype, bias, device):
+@pytest.mark.parametrize("mode", ["skip", "exact"])
+def test_fused_backward_matches_reference(shape, density, dtype, bias, mode, device):
     x, w, b, dy, tau = _inputs(*shape, dtype, density, device, bias=bias)
     rm = threshold_row_mask(w, tau)
-    y, dx, dw, dtau, db, _, z = _fused(x, w, b, dy, rm, tau_dtype=tau.dtype)
+    y, dx, dw, dtau, db, _, z = _fused(x, w, b, dy, rm, tau_dtype=tau.dtype, mode=mode)
     ref_mask = rm.mask
     assert_close(y, reference.threshold_linear_forward(x, w, ref_mask, b), dtype, "y")
-    active = ref_mask.nonzero().flatten()
-    rz = (x.double() @ w.double().t())[:, rm.perm[: int(rm.count)].long()]
-    assert_close(z[:, : int(rm.count)], rz, dtype, "z (the active products)")
+    computed = int(rm.count) if mode == "skip" else w.shape[0]
+    rz = (x.double() @ w.double().t())[:, rm.perm[:computed].long()]
+    assert_close(z[:, :computed], rz, dtype, "z (the computed products)")
     rdx, rdw, rdtau, rdb = reference.threshold_linear_backward(
-        dy, x, w, ref_mask.to(w.dtype), ref_mask, has_bias=bias, mode="skip")
+        dy, x, w, ref_mask.to(w.dtype), ref_mask, has_bias=bias, mode=mode)
     assert dx.dtype == dw.dtype == dtype and dtau.dtype == tau.dtype
     assert_close(dx, rdx, dtype, "dx")
     assert_close(dw, rdw, dtype, "dW")
     assert_close(dtau, rdtau, dtype, "dtau")
-    assert (dw[~ref_mask] == 0).all() and (dtau[~ref_mask] == 0).all()
+    if mode == "skip":
+        assert (dw[~ref_mask] == 0).all() and (dtau[~ref_mask] == 0).all()
     if bias:
         assert db.dtype == dtype
         assert_close(db, rdb, dtype, "db")
-    # The unfused skip backward computes the same gradients (r summed in another order).
-    _, odw, odtau = threshold_linear_bwd(dy, x, w, rm, mode="skip", threshold_dtype=tau.dtype)
+    # The unfused backward computes the same gradients (r summed in another order).
+    _, odw, odtau = threshold_linear_bwd(dy, x, w, rm, mode=mode, threshold_dtype=tau.dtype)
     assert_close(dw, odw, dtype, "dW against the unfused backward")
     assert_close(dtau, odtau, dtype, "dtau against the unfused backward")
-    assert active.numel() == int(rm.count)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("density", [0.0, 0.3, 1.0])
-def test_fused_rows_only_writes_active_rows_and_r(dtype, density, device, poisoned_allocations):
+@pytest.mark.parametrize("mode", ["skip", "exact"])
+def test_fused_rows_only_writes_active_rows_and_r(dtype, density, mode, device, poisoned_allocations):
     x, w, b, dy, tau = _inputs(37, 53, 41, dtype, density, device)
     rm = threshold_row_mask(w, tau)
-    _, dx, dw, dtau, db, r, _ = _fused(x, w, b, dy, rm, rows_only=True)
+    _, dx, dw, dtau, db, r, _ = _fused(x, w, b, dy, rm, rows_only=True, mode=mode)
     _, rdw, rdtau, rdb = reference.threshold_linear_backward(
-        dy, x, w, rm.mask.to(w.dtype), rm.mask, has_bias=True, mode="skip")[:4]
+        dy, x, w, rm.mask.to(w.dtype), rm.mask, has_bias=True, mode=mode)[:4]
     assert torch.isfinite(dx).all() and torch.isfinite(dtau).all() and torch.isfinite(db).all()
     assert torch.isfinite(r).all()
-    # r of every row: the reference's -dtau (0 for the pruned rows), and dtau = -r exactly.
+    # r of every row: the reference's -dtau (skip mode: 0 for the pruned rows), and dtau = -r exactly.
     assert_close(r, -rdtau, dtype, "r")
-    assert (r[~rm.mask] == 0).all()
+    if mode == "skip":
+        assert (r[~rm.mask] == 0).all()
     assert torch.equal(dtau, (-r).to(dtau.dtype))
     assert_close(dw[rm.mask], rdw[rm.mask], dtype, "dW (active rows)")
     assert_close(db, rdb, dtype, "db")
 
 
-def test_fused_backward_is_deterministic_and_matches_half_rounding(device):
+@pytest.mark.parametrize("mode", ["skip", "exact"])
+def test_fused_backward_is_deterministic_and_matches_half_rounding(mode, device):
     x, w, b, dy, tau = _inputs(64, 40, 48, torch.bfloat16, 0.5, device, seed=5)
     rm = threshold_row_mask(w, tau)
-    first = _fused(x, w, b, dy, rm)
-    again = _fused(x, w, b, dy, rm)
+    first = _fused(x, w, b, dy, rm, mode=mode)
+    again = _fused(x, w, b, dy, rm, mode=mode)
     for a, c in zip(first[:5], again[:5], strict=True):
         assert torch.equal(a, c)
     # dW rounded once from fp32 (within one rounding of the reference's result).
     _, rdw, _, _ = reference.threshold_linear_backward(dy, x, w, rm.mask.to(w.dtype), rm.mask, has_bias=False,
-                                                       mode="skip")
+                                                       mode=mode)
     dw = first[2]
     ulp = torch.finfo(dw.dtype).eps * rdw.abs().clamp_min(torch.finfo(dw.dtype).tiny)
     assert ((dw.double() - rdw.to(dw.dtype).double()).abs() <= ulp.double() + 1e-3 * rdw.abs().max()).all()
 
 
-def test_z_is_used_in_skip_mode_only(device):
-    # Other modes ignore z: the same bits as without it.
+def test_sample_mode_ignores_z(device):
+    # The same bits as without it.
     x, w, b, dy, tau = _inputs(20, 30, 25, torch.float32, 0.4, device)
     rm = threshold_row_mask(w, tau)
     z = torch.empty((20, 30), dtype=torch.float32, device=device)
-    threshold_linear_fwd(x, w, b, rm, z_out=z)
-    for mode in ("exact", "sample"):
-        with_z = threshold_linear_bwd(dy, x, w, rm, mode=mode, z=z)
-        without = threshold_linear_bwd(dy, x, w, rm, mode=mode)
-        for a, c in zip(with_z, without, strict=True):
-            assert torch.equal(a, c), mode
+    threshold_linear_fwd(x, w, b, rm, z_out=z, z_all=True)
+    with_z = threshold_linear_bwd(dy, x, w, rm, mode="sample", z=z)
+    without = threshold_linear_bwd(dy, x, w, rm, mode="sample")
+    for a, c in zip(with_z, without, strict=True):
+        assert torch.equal(a, c)
 
 
 def test_empty_batch_and_bad_z(device):
