@@ -36,6 +36,16 @@ row's dense work, ``dY[:, i] . (X W_i)``):
   ``0, step, 2*step, ...`` scaled by ``M / SAMPLE_COUNT``; ``dW_i = sign(W_i) * r_i / K``.
   Active and pruned positions run in separate tiles (one accumulator each).
 
+Training in skip or exact mode (the layers' autograd Function) takes a shorter route: the forward
+also stores its fp32 products by position, ``Z [M, N]`` (``Z[m, p] = X[m] . W[perm[p]]``; the
+active positions in skip mode, every position in exact mode, whose forward then covers all of
+``perm``: its one dense-shaped GEMM). Since ``r_i = sum_k G_ik W_ik = sum_m dY[m, i] Z[m, i]``,
+the one pass over ``dY`` (:func:`_compact_grad_bias_kernel`) compacts it, forms every row's ``r``
+and ``dtau`` and the bias gradient; the ``dW`` GEMM then writes ``G + sign(W) r / K`` of the
+active rows directly in the weight's dtype (rounded once) and the pruned rows' ``sign(W) r / K``
+(no GEMM for them), or leaves those to the fused optimizer step. Four launches: forward, that
+pass, ``dX``, ``dW``; no second pass over ``dW``, no fp32 workspace of ``G``.
+
 With ``compact_weight``, the active rows of ``W`` are first copied to a contiguous ``Wc [count, K]``
 (:func:`compact_weight_rows`) and the GEMMs read ``Wc`` without the gather.
 """
@@ -1191,8 +1201,12 @@ def _linear_fwd_plan(x2d, weight, has_bias: bool, compact_weight, x_aligned: boo
     # sm_90 compile, tests/aot_compile.py), and shared memory holds it (128 KiB of 227).
     stages = 4 if gpu_tiles() and x2d.dtype != torch.float32 else cfg.num_stages
     # Storing Z as well spills the full tile (89 local-memory instructions under Triton 3.9, with
-    # the 254 registers it uses already): half the rows per tile, on the same warps.
+    # the 254 registers it uses already): half the rows per tile, on the same warps; for IEEE
+    # fp32 on the FMA units half the units too (half the rows alone still spills under Triton
+    # 3.6, a quarter of them under 3.9).
     block_m = cfg.block_m // 2 if store_z and gpu_tiles() else cfg.block_m
+    if store_z and gpu_tiles() and x2d.dtype == torch.float32 and dot_precision("matmul", x2d.dtype) == "ieee":
+        block_n = block_n // 2
     fixed = {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "GROUP_M": cfg.group_m,
              **tail_widths(block_n), "num_warps": cfg.num_warps, "num_stages": stages}
     consts = dict(HAS_BIAS=has_bias, STORE_Z=store_z, Z_ALL=z_all, COMPACT_W=compact, UPCAST=interpreter_enabled(),
