@@ -285,11 +285,12 @@ PRECISION_EXCLUDED: dict[tuple[str, str], list[dict]] = {("linear_fwd", "ieee"):
 # these blocks halved: 64-bit offsets and bounds take registers, and the fixed tiles spill then
 # (offline sm_90 compile; Triton 3.6 also spilled the IEEE fp32 Linear dX with its row block
 # halved alone, the persistent IEEE fp32 Linear forward likewise (22 local-memory
-# instructions), and the IEEE fp32 conv dW). They never autotune: a compile per candidate for a
+# instructions), the IEEE fp32 conv dW, and the 16-bit Linear dW that also writes the pruned
+# rows, 26). They never autotune: a compile per candidate for a
 # rare shape. (No block that sizes a grid outside the launch: conv dW's pixel block is its
 # reduction.)
-WIDE_HALVED = {"linear_fwd": ("BLOCK_M", "BLOCK_N"), "linear_dx": ("BLOCK_M", "BLOCK_K"), "conv_fwd": ("BLOCK_M",),
-               "conv_dx": ("BLOCK_M",), "conv_dw": ("BLOCK_M",)}
+WIDE_HALVED = {"linear_fwd": ("BLOCK_M", "BLOCK_N"), "linear_dx": ("BLOCK_M", "BLOCK_K"), "linear_dw": ("BLOCK_P",),
+               "conv_fwd": ("BLOCK_M",), "conv_dx": ("BLOCK_M",), "conv_dw": ("BLOCK_M",)}
 
 # Meta-parameters whose tail classes follow them.
 _TAILED = ("BLOCK_N", "BLOCK_P")

@@ -36,6 +36,16 @@ row's dense work, ``dY[:, i] . (X W_i)``):
   ``0, step, 2*step, ...`` scaled by ``M / SAMPLE_COUNT``; ``dW_i = sign(W_i) * r_i / K``.
   Active and pruned positions run in separate tiles (one accumulator each).
 
+Training in skip or exact mode (the layers' autograd Function) takes a shorter route: the forward
+also stores its fp32 products by position, ``Z [M, N]`` (``Z[m, p] = X[m] . W[perm[p]]``; the
+active positions in skip mode, every position in exact mode, whose forward then covers all of
+``perm``: its one dense-shaped GEMM). Since ``r_i = sum_k G_ik W_ik = sum_m dY[m, i] Z[m, i]``,
+the one pass over ``dY`` (:func:`_compact_grad_bias_kernel`) compacts it, forms every row's ``r``
+and ``dtau`` and the bias gradient; the ``dW`` GEMM then writes ``G + sign(W) r / K`` of the
+active rows directly in the weight's dtype (rounded once) and the pruned rows' ``sign(W) r / K``
+(no GEMM for them), or leaves those to the fused optimizer step. Four launches: forward, that
+pass, ``dX``, ``dW``; no second pass over ``dW``, no fp32 workspace of ``G``.
+
 With ``compact_weight``, the active rows of ``W`` are first copied to a contiguous ``Wc [count, K]``
 (:func:`compact_weight_rows`) and the GEMMs read ``Wc`` without the gather.
 """
@@ -133,17 +143,19 @@ def _split_count(split_ptr, index, tiles, num_programs):
 
 @triton.jit
 def _linear_fwd_unit(
-    x_ptr, w_ptr, b_ptr, y_ptr, perm_ptr, ws_ptr, lock_ptr, p0, count, offs_m, m_ok, N, K, k_lo, k_hi,
-    tile, split, n_split, stride_xm, stride_xk, stride_wn, stride_wk, stride_ym, stride_yn,
-    HAS_BIAS: tl.constexpr, COMPACT_W: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    WIDE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, SLOT: tl.constexpr, WIDTH: tl.constexpr,
+    x_ptr, w_ptr, b_ptr, y_ptr, z_ptr, perm_ptr, ws_ptr, lock_ptr, p0, count, hi, offs_m, m_ok, N, K, k_lo, k_hi,
+    tile, split, n_split, stride_xm, stride_xk, stride_wn, stride_wk, stride_ym, stride_yn, stride_zm,
+    STORE_Z: tl.constexpr, HAS_BIAS: tl.constexpr, COMPACT_W: tl.constexpr, UPCAST: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, WIDE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+    SLOT: tl.constexpr, WIDTH: tl.constexpr,
 ):
-    # Y[:, perm[p0 : p0 + WIDTH]] over the features [k_lo, k_hi): active positions computed,
-    # pruned ones get the bias (or 0). With n_split > 1 the program that finishes the tile's
-    # last split writes it.
+    # Y[:, perm[p0 : p0 + WIDTH]] over the features [k_lo, k_hi): positions below hi computed
+    # (count, or N for Z of every unit), active ones (below count) output, pruned ones get the
+    # bias (or 0). With n_split > 1 the program that finishes the tile's last split writes it.
     offs_p = p0 + tl.arange(0, WIDTH)
     p_ok = offs_p < N
     active = offs_p < count
+    computed = offs_p < hi
     rows = tl.load(perm_ptr + offs_p, mask=p_ok, other=0)
     if WIDE:
         rows = rows.to(tl.int64)
@@ -168,7 +180,7 @@ def _linear_fwd_unit(
     for k0 in range(k_lo, k_hi, BLOCK_K):
         k_ok = offs_k < (K - k0).to(tl.int32)
         a = tl.load(x_ptrs + k0 * stride_xk, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-        b = tl.load(w_ptrs + k0 * stride_wk, mask=k_ok[:, None] & active[None, :], other=0.0)
+        b = tl.load(w_ptrs + k0 * stride_wk, mask=k_ok[:, None] & computed[None, :], other=0.0)
         if UPCAST:  # the interpreter: bf16 tl.dot is unreliable there
             a = a.to(tl.float32)
             b = b.to(tl.float32)
@@ -177,6 +189,11 @@ def _linear_fwd_unit(
     if n_split > 1:
         acc, last = _split_fixup(acc, ws_ptr, lock_ptr, tile, split, n_split, BLOCK_M, SLOT, WIDTH)
     if last:
+        if STORE_Z:
+            # The pre-bias products, unrounded, by position: the backward's
+            # r_p = sum_m dY[m, perm[p]] Z[m, p] needs no second pass over the weight gradient.
+            tl.store(z_ptr + offs_m[:, None] * stride_zm + offs_p[None, :], acc,
+                     mask=m_ok[:, None] & computed[None, :])
         # A pruned position's weights load as 0, but 0 * inf is NaN: select, so it holds the bias.
         acc = tl.where(active[None, :], acc, 0.0)
         if HAS_BIAS:
@@ -220,6 +237,7 @@ def _threshold_linear_fwd_kernel(
     ws_ptr,  # [programs * BLOCK_M * BLOCK_N] fp32 scratch: partial tiles of split reductions
     lock_ptr,  # [>= programs] int32, zero: tickets of split tiles (reset by their last program)
     y_ptr,  # [M, N] out
+    z_ptr,  # [M, N] fp32 out (STORE_Z): Z[m, p] = X[m] . W[perm[p]], p < count (Z_ALL: every p)
     M,
     N,
     K,
@@ -229,6 +247,7 @@ def _threshold_linear_fwd_kernel(
     stride_wk,
     stride_ym,
     stride_yn,
+    stride_zm,
     HAS_BIAS: tl.constexpr,
     COMPACT_W: tl.constexpr,
     UPCAST: tl.constexpr,  # compute the dot in fp32 (interpreter: bf16 tl.dot is unreliable there)
@@ -241,6 +260,8 @@ def _threshold_linear_fwd_kernel(
     TAIL1: tl.constexpr,  # narrower tiles for the block that straddles count: TAIL1 >= TAIL2 >= TAIL3
     TAIL2: tl.constexpr,
     TAIL3: tl.constexpr,
+    STORE_Z: tl.constexpr = False,
+    Z_ALL: tl.constexpr = False,  # Z of the pruned units too (exact mode's r): tiles over all of perm
 ):
     # Persistent: a fixed number of programs (at most one per SM) share the work that the
     # device-side count defines. Work units are (output tile, split of K): the tiles cover the
@@ -250,8 +271,11 @@ def _threshold_linear_fwd_kernel(
     pid = tl.program_id(0)
     num_programs = tl.num_programs(0)
     count = tl.load(count_ptr)
+    hi = count
+    if Z_ALL:
+        hi = count * 0 + N
     tiles_m = tl.cdiv(M, BLOCK_M)
-    n_active = tl.cdiv(count, BLOCK_N)
+    n_active = tl.cdiv(hi, BLOCK_N)
     tiles = tiles_m * n_active
     n_split = _split_count(split_ptr, n_active, tiles, num_programs)
     k_blocks = tl.cdiv(K, BLOCK_K)
@@ -268,31 +292,33 @@ def _threshold_linear_fwd_kernel(
         p0 = pid_p * BLOCK_N
         k_lo = split * chunk * BLOCK_K
         k_hi = tl.minimum(k_lo + chunk * BLOCK_K, K)
-        rem = count - p0
+        rem = hi - p0
         if rem > TAIL1:
-            _linear_fwd_unit(x_ptr, w_ptr, b_ptr, y_ptr, perm_ptr, ws_ptr, lock_ptr, p0, count, offs_m, m_ok, N, K,
-                             k_lo, k_hi, tile, split, n_split, stride_xm, stride_xk, stride_wn, stride_wk, stride_ym,
-                             stride_yn, HAS_BIAS, COMPACT_W, UPCAST, DOT_PRECISION, WIDE, BLOCK_M, BLOCK_K,
-                             BLOCK_M * BLOCK_N, BLOCK_N)
+            _linear_fwd_unit(x_ptr, w_ptr, b_ptr, y_ptr, z_ptr, perm_ptr, ws_ptr, lock_ptr, p0, count, hi, offs_m,
+                             m_ok, N, K, k_lo, k_hi, tile, split, n_split, stride_xm, stride_xk, stride_wn, stride_wk,
+                             stride_ym, stride_yn, stride_zm, STORE_Z, HAS_BIAS, COMPACT_W, UPCAST, DOT_PRECISION,
+                             WIDE, BLOCK_M, BLOCK_K, BLOCK_M * BLOCK_N, BLOCK_N)
         elif rem > TAIL2:
-            _linear_fwd_unit(x_ptr, w_ptr, b_ptr, y_ptr, perm_ptr, ws_ptr, lock_ptr, p0, count, offs_m, m_ok, N, K,
-                             k_lo, k_hi, tile, split, n_split, stride_xm, stride_xk, stride_wn, stride_wk, stride_ym,
-                             stride_yn, HAS_BIAS, COMPACT_W, UPCAST, DOT_PRECISION, WIDE, BLOCK_M, BLOCK_K,
-                             BLOCK_M * BLOCK_N, TAIL1)
+            _linear_fwd_unit(x_ptr, w_ptr, b_ptr, y_ptr, z_ptr, perm_ptr, ws_ptr, lock_ptr, p0, count, hi, offs_m,
+                             m_ok, N, K, k_lo, k_hi, tile, split, n_split, stride_xm, stride_xk, stride_wn, stride_wk,
+                             stride_ym, stride_yn, stride_zm, STORE_Z, HAS_BIAS, COMPACT_W, UPCAST, DOT_PRECISION,
+                             WIDE, BLOCK_M, BLOCK_K, BLOCK_M * BLOCK_N, TAIL1)
         elif rem > TAIL3:
-            _linear_fwd_unit(x_ptr, w_ptr, b_ptr, y_ptr, perm_ptr, ws_ptr, lock_ptr, p0, count, offs_m, m_ok, N, K,
-                             k_lo, k_hi, tile, split, n_split, stride_xm, stride_xk, stride_wn, stride_wk, stride_ym,
-                             stride_yn, HAS_BIAS, COMPACT_W, UPCAST, DOT_PRECISION, WIDE, BLOCK_M, BLOCK_K,
-                             BLOCK_M * BLOCK_N, TAIL2)
+            _linear_fwd_unit(x_ptr, w_ptr, b_ptr, y_ptr, z_ptr, perm_ptr, ws_ptr, lock_ptr, p0, count, hi, offs_m,
+                             m_ok, N, K, k_lo, k_hi, tile, split, n_split, stride_xm, stride_xk, stride_wn, stride_wk,
+                             stride_ym, stride_yn, stride_zm, STORE_Z, HAS_BIAS, COMPACT_W, UPCAST, DOT_PRECISION,
+                             WIDE, BLOCK_M, BLOCK_K, BLOCK_M * BLOCK_N, TAIL2)
         else:
-            _linear_fwd_unit(x_ptr, w_ptr, b_ptr, y_ptr, perm_ptr, ws_ptr, lock_ptr, p0, count, offs_m, m_ok, N, K,
-                             k_lo, k_hi, tile, split, n_split, stride_xm, stride_xk, stride_wn, stride_wk, stride_ym,
-                             stride_yn, HAS_BIAS, COMPACT_W, UPCAST, DOT_PRECISION, WIDE, BLOCK_M, BLOCK_K,
-                             BLOCK_M * BLOCK_N, TAIL3)
+            _linear_fwd_unit(x_ptr, w_ptr, b_ptr, y_ptr, z_ptr, perm_ptr, ws_ptr, lock_ptr, p0, count, hi, offs_m,
+                             m_ok, N, K, k_lo, k_hi, tile, split, n_split, stride_xm, stride_xk, stride_wn, stride_wk,
+                             stride_ym, stride_yn, stride_zm, STORE_Z, HAS_BIAS, COMPACT_W, UPCAST, DOT_PRECISION,
+                             WIDE, BLOCK_M, BLOCK_K, BLOCK_M * BLOCK_N, TAIL3)
     # Pruned outputs: the blocks from the one that straddles count to the end, past the tile
-    # class that the straddling block computed.
+    # class that the straddling block computed (Z_ALL: the tiles wrote them all).
     first = count // BLOCK_N
     n_fill = tl.cdiv(N, BLOCK_N) - first
+    if Z_ALL:
+        n_fill = n_fill * 0
     for f in range(pid, tiles_m * n_fill, num_programs):
         fm = f // n_fill
         p0 = (first + f - fm * n_fill) * BLOCK_N
@@ -357,6 +383,77 @@ def _compact_grad_kernel(
     else:
         tile = tl.load(dy_ptr + src[None, :] + rows[:, None] * stride_dyn, mask=p_ok[:, None] & m_ok[None, :])
         tl.store(dst, tl.trans(tile), mask=m_ok[:, None] & p_ok[None, :])
+
+
+@triton.jit
+def _compact_grad_bias_kernel(
+    dy_ptr,  # [M, N] output gradient, any strides
+    perm_ptr,  # [N] int32
+    count_ptr,  # [1] int32
+    z_ptr,  # [M, N] fp32: the forward's Z[m, p] = X[m] . W[perm[p]] (active positions; Z_ALL: all)
+    dyc_ptr,  # [M, >= count] out, unit column stride: dyc[m, p] = dY[m, perm[p]]
+    r_ptr,  # [N] fp32 out, by row: r = sum_m dY[m, i] Z[m, i] (skip mode: 0 for pruned rows)
+    dtau_ptr,  # [N] out, by row: -r
+    db_ptr,  # [N] out (HAS_BIAS): sum_m dY[m, j], rounded once to its dtype
+    M,
+    N,
+    stride_dym,
+    stride_dyn,
+    stride_zm,
+    stride_cm,
+    HAS_BIAS: tl.constexpr,
+    WIDE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+    Z_ALL: tl.constexpr = False,  # exact mode: z holds every position, r of every row
+):
+    # The skip- or exact-mode backward's one pass over dY: the active columns compacted (as
+    # _compact_grad_kernel), each active row's r from the forward's Z (so the weight-gradient
+    # GEMM can finish its rows itself), and the bias gradient of every column (a pruned unit's
+    # output is its bias). A program owns BLOCK_P positions and the same BLOCK_P columns, over the
+    # whole batch: every sum runs in registers in a fixed order (deterministic, no atomics).
+    pid = tl.program_id(0)
+    count = tl.load(count_ptr)
+    offs_p = pid * BLOCK_P + tl.arange(0, BLOCK_P)
+    p_ok = offs_p < N
+    active = offs_p < count
+    hi = count
+    if Z_ALL:
+        hi = count * 0 + N
+    computed = offs_p < hi
+    rows = tl.load(perm_ptr + offs_p, mask=p_ok, other=0)
+    if WIDE:
+        rows = rows.to(tl.int64)
+    offs_j = tl.arange(0, BLOCK_M)
+    r_acc = tl.zeros([BLOCK_M, BLOCK_P], dtype=tl.float32)
+    if pid * BLOCK_P < hi:
+        for m0 in range(0, M, BLOCK_M):
+            offs_m = m0 + offs_j
+            m_ok = offs_m < M
+            ok = m_ok[:, None] & computed[None, :]
+            if WIDE:
+                offs_m = offs_m.to(tl.int64)
+            dy = tl.load(dy_ptr + offs_m[:, None] * stride_dym + rows[None, :] * stride_dyn, mask=ok, other=0.0)
+            tl.store(dyc_ptr + offs_m[:, None] * stride_cm + offs_p[None, :], dy, mask=m_ok[:, None] & active[None, :])
+            z = tl.load(z_ptr + offs_m[:, None] * stride_zm + offs_p[None, :], mask=ok, other=0.0)
+            r_acc += dy.to(tl.float32) * z
+    r = tl.sum(r_acc, axis=0)
+    tl.store(r_ptr + rows, r, mask=p_ok)
+    tl.store(dtau_ptr + rows, (-r).to(dtau_ptr.dtype.element_ty), mask=p_ok)
+    if HAS_BIAS:
+        # Columns in their own order (coalesced), not through perm.
+        cols = offs_p
+        if WIDE:
+            cols = cols.to(tl.int64)
+        b_acc = tl.zeros([BLOCK_M, BLOCK_P], dtype=tl.float32)
+        for m0 in range(0, M, BLOCK_M):
+            offs_m = m0 + offs_j
+            ok = (offs_m < M)[:, None] & p_ok[None, :]
+            if WIDE:
+                offs_m = offs_m.to(tl.int64)
+            b_acc += tl.load(dy_ptr + offs_m[:, None] * stride_dym + cols[None, :] * stride_dyn, mask=ok,
+                             other=0.0).to(tl.float32)
+        tl.store(db_ptr + cols, tl.sum(b_acc, axis=0).to(db_ptr.dtype.element_ty), mask=p_ok)
 
 
 @triton.jit
@@ -519,9 +616,10 @@ def _threshold_linear_bwd_dx_kernel(
 @triton.jit
 def _linear_dw_tile(
     x_ptr, dyc_ptr, dy_ptr, w_ptr, perm_ptr, g_ptr, rpart_ptr,
-    p0, p_end, count, pid_k, offs_k, k_ok, M, N, m_end, m_step, r_scale,
+    p0, p_end, count, pid_k, offs_k, k_ok, M, N, K, m_end, m_step, r_scale,
     stride_xm, stride_xk, stride_cm, stride_dym, stride_dyn, stride_wn, stride_wk, stride_gn, stride_gk,
     SOURCE: tl.constexpr,  # dY columns from: 0 dyc (active positions), 1 dY itself (pruned), 2 both
+    R_KNOWN: tl.constexpr,  # rpart holds the final r by row: g is dW itself, G + sign(W) r / K (active rows)
     STORE_G: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, WIDE: tl.constexpr,
     BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr, WIDTH: tl.constexpr,
 ):
@@ -565,45 +663,74 @@ def _linear_dw_tile(
         acc = tl.dot(tl.trans(xt), b, acc, input_precision=DOT_PRECISION)
     w = tl.load(w_ptr + rows[None, :] * stride_wn + offs_k[:, None] * stride_wk,
                 mask=k_ok[:, None] & p_ok[None, :], other=0.0).to(tl.float32)
-    r = tl.sum(acc * w, axis=0) * r_scale
-    tl.store(rpart_ptr + pid_k * N + rows, r, mask=p_ok)
-    if STORE_G:
-        # Only active rows: the finish pass never reads G of a pruned row.
-        tl.store(g_ptr + rows[None, :] * stride_gn + offs_k[:, None] * stride_gk, acc.to(g_ptr.dtype.element_ty),
-                 mask=k_ok[:, None] & in_dyc[None, :])
+    if R_KNOWN:
+        # One rounding, as the finish pass would: its sign term, its division.
+        coef = (tl.load(rpart_ptr + rows, mask=in_dyc, other=0.0) / K)[None, :]
+        sign = tl.where(w > 0, 1.0, tl.where(w < 0, -1.0, 0.0))
+        tl.store(g_ptr + rows[None, :] * stride_gn + offs_k[:, None] * stride_gk,
+                 (acc + sign * coef).to(g_ptr.dtype.element_ty), mask=k_ok[:, None] & in_dyc[None, :])
+    else:
+        r = tl.sum(acc * w, axis=0) * r_scale
+        tl.store(rpart_ptr + pid_k * N + rows, r, mask=p_ok)
+        if STORE_G:
+            # Only active rows: the finish pass never reads G of a pruned row.
+            tl.store(g_ptr + rows[None, :] * stride_gn + offs_k[:, None] * stride_gk,
+                     acc.to(g_ptr.dtype.element_ty), mask=k_ok[:, None] & in_dyc[None, :])
 
 
 @triton.jit
 def _linear_dw_tiles(
     x_ptr, dyc_ptr, dy_ptr, w_ptr, perm_ptr, g_ptr, rpart_ptr,
-    p0, p_end, count, pid_k, offs_k, k_ok, M, N, m_end, m_step, r_scale,
+    p0, p_end, count, pid_k, offs_k, k_ok, M, N, K, m_end, m_step, r_scale,
     stride_xm, stride_xk, stride_cm, stride_dym, stride_dyn, stride_wn, stride_wk, stride_gn, stride_gk,
-    SOURCE: tl.constexpr, STORE_G: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    WIDE: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr,
-    TAIL1: tl.constexpr, TAIL2: tl.constexpr, TAIL3: tl.constexpr,
+    SOURCE: tl.constexpr, R_KNOWN: tl.constexpr, STORE_G: tl.constexpr, UPCAST: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, WIDE: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_P: tl.constexpr, TAIL1: tl.constexpr, TAIL2: tl.constexpr, TAIL3: tl.constexpr,
 ):
     # The block of positions [p0, p_end) at the narrowest tile class that covers it.
     rem = p_end - p0
     if rem > TAIL1:
         _linear_dw_tile(x_ptr, dyc_ptr, dy_ptr, w_ptr, perm_ptr, g_ptr, rpart_ptr, p0, p_end, count, pid_k, offs_k,
-                        k_ok, M, N, m_end, m_step, r_scale, stride_xm, stride_xk, stride_cm, stride_dym, stride_dyn,
-                        stride_wn, stride_wk, stride_gn, stride_gk, SOURCE, STORE_G, UPCAST, DOT_PRECISION, WIDE,
-                        BLOCK_K, BLOCK_M, BLOCK_P)
+                        k_ok, M, N, K, m_end, m_step, r_scale, stride_xm, stride_xk, stride_cm, stride_dym,
+                        stride_dyn, stride_wn, stride_wk, stride_gn, stride_gk, SOURCE, R_KNOWN, STORE_G, UPCAST,
+                        DOT_PRECISION, WIDE, BLOCK_K, BLOCK_M, BLOCK_P)
     elif rem > TAIL2:
         _linear_dw_tile(x_ptr, dyc_ptr, dy_ptr, w_ptr, perm_ptr, g_ptr, rpart_ptr, p0, p_end, count, pid_k, offs_k,
-                        k_ok, M, N, m_end, m_step, r_scale, stride_xm, stride_xk, stride_cm, stride_dym, stride_dyn,
-                        stride_wn, stride_wk, stride_gn, stride_gk, SOURCE, STORE_G, UPCAST, DOT_PRECISION, WIDE,
-                        BLOCK_K, BLOCK_M, TAIL1)
+                        k_ok, M, N, K, m_end, m_step, r_scale, stride_xm, stride_xk, stride_cm, stride_dym,
+                        stride_dyn, stride_wn, stride_wk, stride_gn, stride_gk, SOURCE, R_KNOWN, STORE_G, UPCAST,
+                        DOT_PRECISION, WIDE, BLOCK_K, BLOCK_M, TAIL1)
     elif rem > TAIL3:
         _linear_dw_tile(x_ptr, dyc_ptr, dy_ptr, w_ptr, perm_ptr, g_ptr, rpart_ptr, p0, p_end, count, pid_k, offs_k,
-                        k_ok, M, N, m_end, m_step, r_scale, stride_xm, stride_xk, stride_cm, stride_dym, stride_dyn,
-                        stride_wn, stride_wk, stride_gn, stride_gk, SOURCE, STORE_G, UPCAST, DOT_PRECISION, WIDE,
-                        BLOCK_K, BLOCK_M, TAIL2)
+                        k_ok, M, N, K, m_end, m_step, r_scale, stride_xm, stride_xk, stride_cm, stride_dym,
+                        stride_dyn, stride_wn, stride_wk, stride_gn, stride_gk, SOURCE, R_KNOWN, STORE_G, UPCAST,
+                        DOT_PRECISION, WIDE, BLOCK_K, BLOCK_M, TAIL2)
     else:
         _linear_dw_tile(x_ptr, dyc_ptr, dy_ptr, w_ptr, perm_ptr, g_ptr, rpart_ptr, p0, p_end, count, pid_k, offs_k,
-                        k_ok, M, N, m_end, m_step, r_scale, stride_xm, stride_xk, stride_cm, stride_dym, stride_dyn,
-                        stride_wn, stride_wk, stride_gn, stride_gk, SOURCE, STORE_G, UPCAST, DOT_PRECISION, WIDE,
-                        BLOCK_K, BLOCK_M, TAIL3)
+                        k_ok, M, N, K, m_end, m_step, r_scale, stride_xm, stride_xk, stride_cm, stride_dym,
+                        stride_dyn, stride_wn, stride_wk, stride_gn, stride_gk, SOURCE, R_KNOWN, STORE_G, UPCAST,
+                        DOT_PRECISION, WIDE, BLOCK_K, BLOCK_M, TAIL3)
+
+
+@triton.jit
+def _linear_dw_pruned(
+    w_ptr, perm_ptr, dw_ptr, r_ptr, p0, count, N, K, offs_k, k_ok, stride_wn, stride_wk, stride_dwn, stride_dwk,
+    MODE: tl.constexpr, WIDE: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr,
+):
+    # dW of the pruned positions in [p0, p0 + BLOCK_P): sign(W) r / K, or 0 in skip mode (no
+    # read). 0 + the term, as the finish pass and MaskedGrad.dense() form it (a -0 becomes +0).
+    offs_p = p0 + tl.arange(0, BLOCK_P)
+    ok = (offs_p < N) & (offs_p >= count)
+    rows = tl.load(perm_ptr + offs_p, mask=ok, other=0)
+    if WIDE:
+        rows = rows.to(tl.int64)
+    val = tl.zeros([BLOCK_K, BLOCK_P], dtype=tl.float32)
+    if MODE != 1:
+        w = tl.load(w_ptr + rows[None, :] * stride_wn + offs_k[:, None] * stride_wk,
+                    mask=k_ok[:, None] & ok[None, :], other=0.0).to(tl.float32)
+        coef = (tl.load(r_ptr + rows, mask=ok, other=0.0) / K)[None, :]
+        val += tl.where(w > 0, 1.0, tl.where(w < 0, -1.0, 0.0)) * coef
+    tl.store(dw_ptr + rows[None, :] * stride_dwn + offs_k[:, None] * stride_dwk, val.to(dw_ptr.dtype.element_ty),
+             mask=k_ok[:, None] & ok[None, :])
 
 
 @triton.jit
@@ -614,8 +741,8 @@ def _threshold_linear_bwd_dw_kernel(
     w_ptr,  # [N, K]
     perm_ptr,  # [N] int32
     count_ptr,  # [1] int32
-    g_ptr,  # [N, K] out (active rows): m * G, fp32 workspace or dW itself (fp32)
-    rpart_ptr,  # [cdiv(K, BLOCK_K), N] fp32 out: per-K-tile partial sums of r
+    g_ptr,  # [N, K] out (active rows): m * G, fp32 workspace or dW itself (fp32); dW (R_KNOWN)
+    rpart_ptr,  # [cdiv(K, BLOCK_K), N] fp32 out: per-K-tile partial sums of r; [N] r in (R_KNOWN)
     M,
     N,
     K,
@@ -641,6 +768,8 @@ def _threshold_linear_bwd_dw_kernel(
     TAIL1: tl.constexpr,
     TAIL2: tl.constexpr,
     TAIL3: tl.constexpr,
+    R_KNOWN: tl.constexpr = False,  # MODE 0 / 1: rpart_ptr holds r ([N], by row) and g_ptr is dW
+    WRITE_PRUNED: tl.constexpr = False,  # R_KNOWN: also the pruned rows of dW (sign(W) r / K; 0 in skip mode)
 ):
     # Grid: (K tiles, position blocks). exact: cdiv(N, BLOCK_P) blocks over all of perm. skip: the
     # same grid, blocks past count exit. sample: one more block, so that the active blocks
@@ -652,35 +781,46 @@ def _threshold_linear_bwd_dw_kernel(
     if WIDE:
         offs_k = offs_k.to(tl.int64)
     k_ok = offs_k < K
-    if MODE == 0:
+    if R_KNOWN:
+        # r is final: active blocks are GEMM tiles that write dW; pruned rows need no GEMM.
+        if t < tl.cdiv(count, BLOCK_P):
+            _linear_dw_tiles(x_ptr, dyc_ptr, dy_ptr, w_ptr, perm_ptr, g_ptr, rpart_ptr, t * BLOCK_P, count, count,
+                             pid_k, offs_k, k_ok, M, N, K, M, 1, 1.0, stride_xm, stride_xk, stride_cm, stride_dym,
+                             stride_dyn, stride_wn, stride_wk, stride_gn, stride_gk, 0, True, True, UPCAST,
+                             DOT_PRECISION, WIDE, BLOCK_K, BLOCK_M, BLOCK_P, TAIL1, TAIL2, TAIL3)
+        if WRITE_PRUNED:
+            if (t + 1) * BLOCK_P > count:
+                _linear_dw_pruned(w_ptr, perm_ptr, g_ptr, rpart_ptr, t * BLOCK_P, count, N, K, offs_k, k_ok,
+                                  stride_wn, stride_wk, stride_gn, stride_gk, MODE, WIDE, BLOCK_K, BLOCK_P)
+    elif MODE == 0:
         p0 = t * BLOCK_P
         if p0 + BLOCK_P <= count:
             _linear_dw_tile(x_ptr, dyc_ptr, dy_ptr, w_ptr, perm_ptr, g_ptr, rpart_ptr, p0, N, count, pid_k, offs_k,
-                            k_ok, M, N, M, 1, 1.0, stride_xm, stride_xk, stride_cm, stride_dym, stride_dyn, stride_wn,
-                            stride_wk, stride_gn, stride_gk, 0, True, UPCAST, DOT_PRECISION, WIDE, BLOCK_K, BLOCK_M,
-                            BLOCK_P)
+                            k_ok, M, N, K, M, 1, 1.0, stride_xm, stride_xk, stride_cm, stride_dym, stride_dyn,
+                            stride_wn, stride_wk, stride_gn, stride_gk, 0, False, True, UPCAST, DOT_PRECISION, WIDE,
+                            BLOCK_K, BLOCK_M, BLOCK_P)
         else:
             _linear_dw_tile(x_ptr, dyc_ptr, dy_ptr, w_ptr, perm_ptr, g_ptr, rpart_ptr, p0, N, count, pid_k, offs_k,
-                            k_ok, M, N, M, 1, 1.0, stride_xm, stride_xk, stride_cm, stride_dym, stride_dyn, stride_wn,
-                            stride_wk, stride_gn, stride_gk, 2, True, UPCAST, DOT_PRECISION, WIDE, BLOCK_K, BLOCK_M,
-                            BLOCK_P)
+                            k_ok, M, N, K, M, 1, 1.0, stride_xm, stride_xk, stride_cm, stride_dym, stride_dyn,
+                            stride_wn, stride_wk, stride_gn, stride_gk, 2, False, True, UPCAST, DOT_PRECISION, WIDE,
+                            BLOCK_K, BLOCK_M, BLOCK_P)
     else:
         n_active = tl.cdiv(count, BLOCK_P)
         if t < n_active:
             # Active positions over the whole batch; G stored.
             _linear_dw_tiles(x_ptr, dyc_ptr, dy_ptr, w_ptr, perm_ptr, g_ptr, rpart_ptr, t * BLOCK_P, count, count,
-                             pid_k, offs_k, k_ok, M, N, M, 1, 1.0, stride_xm, stride_xk, stride_cm, stride_dym,
-                             stride_dyn, stride_wn, stride_wk, stride_gn, stride_gk, 0, True, UPCAST, DOT_PRECISION,
-                             WIDE, BLOCK_K, BLOCK_M, BLOCK_P, TAIL1, TAIL2, TAIL3)
+                             pid_k, offs_k, k_ok, M, N, K, M, 1, 1.0, stride_xm, stride_xk, stride_cm, stride_dym,
+                             stride_dyn, stride_wn, stride_wk, stride_gn, stride_gk, 0, False, True, UPCAST,
+                             DOT_PRECISION, WIDE, BLOCK_K, BLOCK_M, BLOCK_P, TAIL1, TAIL2, TAIL3)
         elif MODE == 2:
             # Pruned positions over the strided sample of the batch rows; r only.
             p0 = count + (t - n_active) * BLOCK_P
             if p0 < N:
                 _linear_dw_tiles(x_ptr, dyc_ptr, dy_ptr, w_ptr, perm_ptr, g_ptr, rpart_ptr, p0, N, count, pid_k,
-                                 offs_k, k_ok, M, N, sample_count, sample_step, M / sample_count, stride_xm,
+                                 offs_k, k_ok, M, N, K, sample_count, sample_step, M / sample_count, stride_xm,
                                  stride_xk, stride_cm, stride_dym, stride_dyn, stride_wn, stride_wk, stride_gn,
-                                 stride_gk, 1, False, UPCAST, DOT_PRECISION, WIDE, BLOCK_K, SAMPLE_M, BLOCK_P, TAIL1,
-                                 TAIL2, TAIL3)
+                                 stride_gk, 1, False, False, UPCAST, DOT_PRECISION, WIDE, BLOCK_K, SAMPLE_M,
+                                 BLOCK_P, TAIL1, TAIL2, TAIL3)
 
 
 @triton.jit
@@ -946,8 +1086,16 @@ def threshold_linear_fwd(
     *,
     density_hint: float | None = None,
     compact_weight: bool | None = None,
+    z_out: torch.Tensor | None = None,
+    z_all: bool = False,
 ) -> torch.Tensor:
     """``Y [M, N]`` for ``x2d [M, K]``, ``weight [N, K]``, ``bias [N] | None``; any strides.
+
+    ``z_out`` (fp32 ``[M, N]``, contiguous): receives the active positions' products
+    before the bias, ``z_out[m, p] = X[m] . W[perm[p]]`` for ``p < count`` (the rest is left
+    unwritten), for the skip-mode backward (``threshold_linear_bwd(z=...)``); with ``z_all``
+    every position's (the dense product, for exact mode's ``r`` of the pruned rows; the weight
+    rows are then gathered, never compacted).
 
     ``density_hint``: the density the caller expects (e.g. the previous step's), known on the
     host without a synchronisation; it only selects the autotuning bucket. ``compact_weight``:
@@ -959,6 +1107,8 @@ def threshold_linear_fwd(
     check_density_hint(density_hint)
     m_rows, fan_in = x2d.shape
     n_rows = weight.shape[0]
+    if z_out is not None:
+        _check_z(z_out, x2d, n_rows)
     y = torch.empty((m_rows, n_rows), device=x2d.device, dtype=x2d.dtype)
     if m_rows == 0:
         return y
@@ -966,16 +1116,25 @@ def threshold_linear_fwd(
         bias = bias.contiguous()  # the kernel indexes the bias with stride 1
     x2d, weight = _rows_contiguous(x2d), _rows_contiguous(weight)
     key = ("linear_fwd", x2d.shape, x2d.stride(), weight.shape, weight.stride(), x2d.dtype, bias is not None,
-           compact_weight, aligned16(x2d), aligned16(weight), launch_settings())
+           compact_weight, aligned16(x2d), aligned16(weight), z_out is not None, z_all, launch_settings())
     compact, plan, split = cached_plan(key, lambda: _linear_fwd_plan(x2d, weight, bias is not None, compact_weight,
-                                                                     key[-3], key[-2]))
+                                                                     key[-5], key[-4], z_out is not None,
+                                                                     z_all and z_out is not None))
     w_op = compact_weight_rows(weight, row_mask, fan_in, fan_in, (weight.stride(1), 0, 0), 1) if compact else weight
     _go(_threshold_linear_fwd_kernel, plan,
         (x2d, w_op, bias if bias is not None else weight, row_mask.perm, row_mask.count, *split.operands(x2d.device),
-         y, m_rows, n_rows, fan_in, x2d.stride(0), x2d.stride(1), w_op.stride(0), w_op.stride(1), y.stride(0),
-         y.stride(1)),
+         y, y if z_out is None else z_out, m_rows, n_rows, fan_in, x2d.stride(0), x2d.stride(1), w_op.stride(0),
+         w_op.stride(1), y.stride(0), y.stride(1), 0 if z_out is None else z_out.stride(0)),
         x2d.dtype, m_rows, density_hint)
     return y
+
+
+def _check_z(z: torch.Tensor, x2d: torch.Tensor, n_rows: int) -> None:
+    if z.dtype != torch.float32 or z.device != x2d.device:
+        raise ValueError(f"z must be float32 on {x2d.device}, got {z.dtype} on {z.device}")
+    if z.shape != (x2d.shape[0], n_rows) or not z.is_contiguous():
+        raise ValueError(f"z must be a contiguous [{x2d.shape[0]}, {n_rows}] tensor, got {tuple(z.shape)} "
+                         f"strides {z.stride()}")
 
 
 class _Split(NamedTuple):
@@ -1024,10 +1183,11 @@ def _split_plan(tiles_of, blocks_of, n_index: int, block_macs: int, bytes_of, sl
     return _Split(table, max(1, min(device_programs, units)), slot)
 
 
-def _linear_fwd_plan(x2d, weight, has_bias: bool, compact_weight, x_aligned: bool, w_aligned: bool):
+def _linear_fwd_plan(x2d, weight, has_bias: bool, compact_weight, x_aligned: bool, w_aligned: bool,
+                     store_z: bool = False, z_all: bool = False):
     m_rows, fan_in = x2d.shape
     n_rows = weight.shape[0]
-    compact = use_compact_weight(compact_weight, "linear", weight)
+    compact = use_compact_weight(compact_weight, "linear", weight) and not z_all
     w_op = _meta((n_rows, cdiv(fan_in, 16) * 16)) if compact else weight
     y = _meta((m_rows, n_rows))
     cfg = gemm_config(x2d.dtype)
@@ -1040,9 +1200,16 @@ def _linear_fwd_plan(x2d, weight, has_bias: bool, compact_weight, x_aligned: boo
     # one register under Triton 3.6 (255 in use); with 4 it fits under 3.6 and 3.9 (offline
     # sm_90 compile, tests/aot_compile.py), and shared memory holds it (128 KiB of 227).
     stages = 4 if gpu_tiles() and x2d.dtype != torch.float32 else cfg.num_stages
-    fixed = {"BLOCK_M": cfg.block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "GROUP_M": cfg.group_m,
+    # Storing Z as well spills the full tile (89 local-memory instructions under Triton 3.9, with
+    # the 254 registers it uses already): half the rows per tile, on the same warps; for IEEE
+    # fp32 on the FMA units half the units too (half the rows alone still spills under Triton
+    # 3.6, a quarter of them under 3.9).
+    block_m = cfg.block_m // 2 if store_z and gpu_tiles() else cfg.block_m
+    if store_z and gpu_tiles() and x2d.dtype == torch.float32 and dot_precision("matmul", x2d.dtype) == "ieee":
+        block_n = block_n // 2
+    fixed = {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "GROUP_M": cfg.group_m,
              **tail_widths(block_n), "num_warps": cfg.num_warps, "num_stages": stages}
-    consts = dict(HAS_BIAS=has_bias, COMPACT_W=compact, UPCAST=interpreter_enabled(),
+    consts = dict(HAS_BIAS=has_bias, STORE_Z=store_z, Z_ALL=z_all, COMPACT_W=compact, UPCAST=interpreter_enabled(),
                   DOT_PRECISION=dot_precision("matmul", x2d.dtype), WIDE=not fits_int32(x2d, w_op, y))
     # The table and the programs follow the blocks the launch runs (halved for int64 offsets);
     # an autotuned configuration's smaller blocks are clamped by the kernel to the programs.
@@ -1070,6 +1237,8 @@ def threshold_linear_bwd(
     density_hint: float | None = None,
     compact_weight: bool | None = None,
     r_out: torch.Tensor | None = None,
+    z: torch.Tensor | None = None,
+    db_out: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
     """Gradients ``(dX [M, K] | None, dW [N, K], dtau [N])`` of the threshold Linear.
 
@@ -1078,6 +1247,11 @@ def threshold_linear_bwd(
     :func:`threshold_linear_fwd` for ``density_hint``, ``compact_weight`` and the plans.
     ``r_out`` (fp32 ``[N]``): receives ``r`` (``dtau = -r``), and ``dW`` holds the active rows
     only (``row_mask``'s; the pruned rows' ``sign(W) r / K`` is left to the fused optimizer step).
+    ``z``: the forward's ``z_out`` (same ``x2d``, ``weight`` and ``row_mask``; ``z_all`` in exact
+    mode); in skip and exact mode ``r`` then comes from it, in the pass that compacts ``dY``,
+    and the weight gradient's GEMM writes ``dW`` itself (no second pass, no work for the pruned
+    rows but their ``sign(W) r / K``). Sample mode ignores it.
+    ``db_out`` (``[N]``): receives the bias gradient ``grad_y.sum(0)`` (fp32 sum, rounded once).
     """
     _check_operands(x2d, weight, row_mask)
     check_density_hint(density_hint)
@@ -1091,11 +1265,17 @@ def threshold_linear_bwd(
     dx = torch.empty_like(x2d, memory_format=torch.contiguous_format) if need_dx else None
     dw = torch.empty((n_rows, fan_in), device=device, dtype=weight.dtype)
     dtau = torch.empty(n_rows, device=device, dtype=threshold_dtype)
+    if z is not None:
+        _check_z(z, x2d, n_rows)
+    if db_out is not None and (db_out.shape != (n_rows,) or db_out.device != device):
+        raise ValueError(f"db_out must be [{n_rows}] on {device}, got {tuple(db_out.shape)} on {db_out.device}")
     if m_rows == 0:
         dw.zero_()
         dtau.zero_()
         if r_out is not None:
             r_out.zero_()
+        if db_out is not None:
+            db_out.zero_()
         return dx, dw, dtau
 
     if grad_y.dtype != x2d.dtype:
@@ -1105,7 +1285,15 @@ def threshold_linear_bwd(
            sample_fraction, need_dx, compact_weight, aligned16(x2d) and aligned16(weight), launch_settings())
     plan = cached_plan(key, lambda: _linear_bwd_plan(x2d, weight, grad_y, mode, sample_fraction, need_dx,
                                                      compact_weight, key[-2]))
-    dyc = compact_grad_columns(grad_y, row_mask, m_rows, n_rows, (1, 1), (grad_y.stride(0), 0, 0), grad_y.stride(1))
+    fused = z is not None and plan.mode_id != BACKWARD_MODES["sample"]
+    if fused:
+        r = r_out if r_out is not None else torch.empty(n_rows, device=device, dtype=torch.float32)
+        dyc = _compact_grad_bias(grad_y, row_mask, z, r, dtau, db_out, m_rows, n_rows, plan.mode_id == 0)
+    else:
+        dyc = compact_grad_columns(grad_y, row_mask, m_rows, n_rows, (1, 1), (grad_y.stride(0), 0, 0),
+                                   grad_y.stride(1))
+        if db_out is not None:
+            db_out.copy_(grad_y.sum(dim=0, dtype=torch.float32))
     if need_dx:
         w_op = (compact_weight_rows(weight, row_mask, fan_in, fan_in, (weight.stride(1), 0, 0), 1)
                 if plan.compact else weight)
@@ -1113,6 +1301,15 @@ def threshold_linear_bwd(
             (dyc, w_op, row_mask.perm, row_mask.count, *plan.dx_split.operands(device), dx, m_rows, n_rows, fan_in,
              dyc.stride(0), w_op.stride(0), w_op.stride(1), dx.stride(0), dx.stride(1)),
             x2d.dtype, m_rows, density_hint)
+    if fused:
+        # r is known: the GEMM writes the active rows of dW = G + sign(W) r / K itself, and the
+        # pruned rows' sign(W) r / K (0 in skip mode), unless the fused optimizer step forms them
+        # (r_out).
+        _go(_threshold_linear_bwd_dw_kernel, plan.dw_fused if r_out is None else plan.dw_rows,
+            (x2d, dyc, grad_y, weight, row_mask.perm, row_mask.count, dw, r, m_rows, n_rows, fan_in, x2d.stride(0),
+             x2d.stride(1), dyc.stride(0), grad_y.stride(0), grad_y.stride(1), weight.stride(0), weight.stride(1),
+             dw.stride(0), dw.stride(1), plan.s_count, plan.s_step), x2d.dtype, m_rows, density_hint)
+        return dx, dw, dtau
     # dW = m*G + sign(W) r / K is finished in a second pass (r needs every K tile of G). For
     # 16-bit weights G goes through an fp32 workspace so that dW is rounded once, like the
     # reference; fp32 weights hold G in place.
@@ -1137,6 +1334,32 @@ class _BwdPlan(NamedTuple):
     s_count: int
     s_step: int
     mode_id: int
+    dw_fused: _Launch | None  # skip / exact mode with the forward's Z: dW written by the GEMM (R_KNOWN)
+    dw_rows: _Launch | None  # the same for the active rows only (a fused optimizer step forms the rest)
+
+
+def _compact_grad_bias(grad_y, row_mask: RowMask, z, r, dtau, db_out, m_rows: int, n_rows: int,
+                       z_all: bool) -> torch.Tensor:
+    """The skip / exact-mode pass over ``grad_y [M, N]``: ``dyc`` (as :func:`compact_grad_columns`),
+    ``r`` / ``dtau`` of every row from ``z`` (``z_all``: of the pruned rows too, else 0 there),
+    and ``db_out`` if given."""
+    key = ("dyc_bias", grad_y.shape, grad_y.stride(), db_out is not None, z_all, launch_settings())
+    padded, plan = cached_plan(key, lambda: _dyc_bias_plan(grad_y, m_rows, n_rows, db_out is not None, z_all))
+    dyc = torch.empty((m_rows, padded), device=grad_y.device, dtype=grad_y.dtype)
+    _compact_grad_bias_kernel[plan.grid](
+        grad_y, row_mask.perm, row_mask.count, z, dyc, r, dtau, dtau if db_out is None else db_out, m_rows, n_rows,
+        grad_y.stride(0), grad_y.stride(1), z.stride(0), dyc.stride(0), **plan.kwargs)
+    return dyc
+
+
+def _dyc_bias_plan(grad, rows: int, units: int, has_bias: bool, z_all: bool):
+    padded = cdiv(units, DYC_PAD) * DYC_PAD
+    # Each program reduces the whole batch for its units: narrow unit blocks give the launch
+    # programs enough to cover the SMs (4096 units: 128 programs).
+    block_m, block_p = (64, 32) if gpu_tiles() else (16, 16)
+    wide = not fits_int32(grad, _meta((rows, padded)), _meta((rows, units)))
+    return padded, _Launch((cdiv(units, block_p),), {"HAS_BIAS": has_bias, "Z_ALL": z_all, "WIDE": wide,
+                                                     "BLOCK_M": block_m, "BLOCK_P": block_p, "num_warps": 4})
 
 
 def _linear_bwd_plan(x2d, weight, grad_y, mode: str, sample_fraction: float, need_dx: bool, compact_weight,
@@ -1182,4 +1405,13 @@ def _linear_bwd_plan(x2d, weight, grad_y, mode: str, sample_fraction: float, nee
         f"linear_dw{mode_id}", lambda meta: (num_kb, cdiv(n_rows, meta["BLOCK_P"]) + (1 if mode_id == 2 else 0)),
         fixed, dict(MODE=mode_id, SAMPLE_M=sample_m, WIDE=not fits_int32(x2d, dyc, grad_y, weight, g), **consts),
         limits={"BLOCK_P": next_power_of_2(n_rows)}, fixed_keys=("BLOCK_K",))
-    return _BwdPlan(compact, dx_plan, dx_split, in_place, num_kb, dw_plan, s_count, s_step, mode_id)
+    dw_fused = dw_rows = None
+    if mode_id != BACKWARD_MODES["sample"]:
+        # (their own tuners: "linear_dw", the mode, r known, pruned rows written or not)
+        dw_fused, dw_rows = (_planned(
+            f"linear_dw{mode_id}1{int(pruned)}", lambda meta: (num_kb, cdiv(n_rows, meta["BLOCK_P"])), fixed,
+            dict(MODE=mode_id, SAMPLE_M=sample_m, R_KNOWN=True, WRITE_PRUNED=pruned,
+                 WIDE=not fits_int32(x2d, dyc, grad_y, weight, g), **consts),
+            limits={"BLOCK_P": next_power_of_2(n_rows)}, fixed_keys=("BLOCK_K",)) for pruned in (True, False))
+    return _BwdPlan(compact, dx_plan, dx_split, in_place, num_kb, dw_plan, s_count, s_step, mode_id, dw_fused,
+                    dw_rows)

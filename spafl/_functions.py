@@ -130,20 +130,28 @@ class _Triton:
     Ignores ``skip_zero_inputs``."""
 
     @staticmethod
-    def linear_forward(x2d, weight, bias, row_mask, options):
-        return _kernels().threshold_linear_fwd(x2d, weight, bias, row_mask), None
+    def linear_forward(x2d, weight, bias, row_mask, options, keep_z=False):
+        # keep_z (a recorded skip- or exact-mode call): the products go to the backward, which
+        # then needs no second pass over the weight gradient (state: fp32 [M, N]). Exact mode
+        # computes the pruned units' too: its one dense-shaped GEMM, for their r.
+        z = None
+        exact = options.backward_mode == "exact"
+        if keep_z and (exact or options.backward_mode == "skip"):
+            z = torch.empty((x2d.shape[0], weight.shape[0]), dtype=torch.float32, device=x2d.device)
+        return _kernels().threshold_linear_fwd(x2d, weight, bias, row_mask, z_out=z, z_all=exact), z
 
     @staticmethod
     def linear_backward(grad_y2d, x2d, weight, row_mask, state, options, need_dx, has_bias, threshold_dtype,
                         rows_only=False):
         r = torch.empty(weight.shape[0], dtype=torch.float32, device=weight.device) if rows_only else None
+        db = torch.empty(weight.shape[0], dtype=weight.dtype, device=weight.device) if has_bias else None
         dx, dw, dtau = _kernels().threshold_linear_bwd(
             grad_y2d, x2d, weight, row_mask, mode=_mode(options, x2d.shape[0]),
             sample_fraction=options.sample_fraction, need_dx=need_dx, threshold_dtype=threshold_dtype, r_out=r,
+            z=state, db_out=db,
         )
         if rows_only:
             dw = MaskedGrad(dw, row_mask.mask, r, weight)
-        db = grad_y2d.sum(dim=0, dtype=torch.float32).to(weight.dtype) if has_bias else None
         return dx, dw, dtau, db
 
     @staticmethod
@@ -368,7 +376,8 @@ class ThresholdLinearFunction(torch.autograd.Function):
         x_shape = x.shape
         if x.dim() != 2:
             x = x.reshape(-1, weight.shape[1])
-        y, state = impl.linear_forward(x, weight, bias, row_mask, options)
+        y, state = (impl.linear_forward(x, weight, bias, row_mask, options, keep_z=True) if impl is _Triton
+                    else impl.linear_forward(x, weight, bias, row_mask, options))
         ctx.save_for_backward(x, weight, *row_mask[:3])
         ctx.impl, ctx.state, ctx.options, ctx.tau_dtype = impl, state, options, threshold.dtype
         ctx.sink = _sink_for(impl, weight)

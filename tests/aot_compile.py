@@ -126,6 +126,21 @@ def linear_case(dtype: torch.dtype, m: int, n: int, k: int, modes=("exact", "ski
             kernels.threshold_linear_bwd(dy, x, w, rm, mode=mode, need_dx=i == 0)
         # the finish that writes the active rows only (a fused optimizer takes compact gradients)
         kernels.threshold_linear_bwd(dy, x, w, rm, mode=modes[0], need_dx=False, r_out=torch.empty(n))
+        if "skip" in modes:
+            # skip mode from the forward's products: the forward that keeps them, the pass over dY
+            # (compaction, r, bias gradient) and the GEMM that writes dW itself
+            z = torch.empty(m, n)
+            kernels.threshold_linear_fwd(x, w, torch.randn(n, dtype=dtype) if bias else None, rm, z_out=z)
+            kernels.threshold_linear_bwd(dy, x, w, rm, mode="skip", r_out=torch.empty(n), z=z,
+                                         db_out=torch.empty(n, dtype=dtype) if bias else None)
+            kernels.threshold_linear_bwd(dy, x, w, rm, mode="skip", need_dx=False, z=z)
+        if "exact" in modes:
+            # exact mode from every unit's products (the pruned units' r)
+            z = torch.empty(m, n)
+            kernels.threshold_linear_fwd(x, w, None, rm, z_out=z, z_all=True)
+            kernels.threshold_linear_bwd(dy, x, w, rm, mode="exact", r_out=torch.empty(n), z=z)
+            kernels.threshold_linear_bwd(dy, x, w, rm, mode="exact", need_dx=False, z=z,
+                                         db_out=torch.empty(n, dtype=dtype))
     return run
 
 
@@ -357,9 +372,9 @@ def compile_launch(name: str, launch: Launch, arch: int) -> Report:
 def _label(launch: Launch) -> str:
     short = launch.kernel.__name__.removeprefix("_threshold_").removeprefix("_").removesuffix("_kernel")
     flags = [f"{k}={v}" for k, v in launch.kwargs.items()
-             if k in ("MODE", "COMPACT_W", "HAS_BIAS", "KH", "BLOCK_M", "BLOCK_N", "BLOCK_P", "BLOCK_C",
-                      "DOT_PRECISION", "WIDE", "KIND", "FIRST", "HAS_MOMENTUM", "NESTEROV", "HAS_GUARD",
-                      "GUARD_PREVIOUS", "num_warps", "num_stages")]
+             if k in ("MODE", "R_KNOWN", "WRITE_PRUNED", "STORE_Z", "Z_ALL", "COMPACT_W", "HAS_BIAS", "KH", "BLOCK_M",
+                      "BLOCK_N", "BLOCK_P", "BLOCK_C", "DOT_PRECISION", "WIDE", "KIND", "FIRST", "HAS_MOMENTUM",
+                      "NESTEROV", "HAS_GUARD", "GUARD_PREVIOUS", "num_warps", "num_stages")]
     return f"{short}[{','.join(flags)}]"
 
 

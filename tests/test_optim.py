@@ -651,7 +651,56 @@ def test_triton_compact_steady_state_touches_active_rows_only():
         for arg in ("w_ptr", "g_ptr", "dw_ptr"):
             loaded, stored = work.by_arg.get(arg, (0, 0))
             assert loaded <= rows_bytes and stored <= rows_bytes, (name, arg, loaded, stored, rows_bytes)
-    assert wc.kernels["_threshold_bwd_finish_kernel"].by_arg["g_ptr"][1] == rows_bytes  # dW: active rows
+    # dW: the active rows, written by the GEMM itself (no second pass over the weight gradient).
+    assert "_threshold_bwd_finish_kernel" not in wc.kernels
+    assert wc.kernels["_threshold_linear_bwd_dw_kernel"].by_arg["g_ptr"][1] == rows_bytes
+
+
+@pytest.mark.skipif(not interpreter_enabled(), reason="counts the interpreter's launches")
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
+def test_triton_compact_steady_forward_backward_is_four_launches(bias):
+    """The skip-mode forward and backward after a fused step: the forward, one pass over dY
+    (compaction, r, bias gradient), dX and dW; no other kernel, and no PyTorch reduction or cast
+    for the bias."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from work_count import WorkCounter
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(func.__name__)
+            return func(*args, **(kwargs or {}))
+
+    torch.manual_seed(0)
+    layer = ThresholdLinear(23, 70, bias=bias, backend="triton", backward_mode="skip", collapse_density=None)
+    with torch.no_grad():
+        layer.threshold.copy_(reference.row_scores(layer.weight) * torch.linspace(0.6, 1.3, 70))
+    opt = so.SGD(layer.parameters(), lr=0.05, momentum=0.9, compact_grads=True)
+    gen = torch.Generator().manual_seed(4)
+    for _ in range(2):
+        opt.zero_grad()
+        layer(torch.randn(9, 23, generator=gen)).square().mean().backward()
+        opt.step()
+    opt.zero_grad()
+    x = torch.randn(9, 23, generator=gen, requires_grad=True)
+    dy = torch.randn(9, 70, generator=gen)
+    with WorkCounter() as wc:
+        y = layer(x)
+        with Ops() as ops:
+            y.backward(dy)
+    assert {name: work.launches for name, work in wc.kernels.items()} == {
+        "_threshold_linear_fwd_kernel": 1, "_compact_grad_bias_kernel": 1, "_threshold_linear_bwd_dx_kernel": 1,
+        "_threshold_linear_bwd_dw_kernel": 1}
+    # (the interpreter's own copy_ of each launch's arguments is not a launch on the GPU)
+    assert not [n for n in ops.names if n.startswith(("sum", "_to_copy", "zero_", "fill_", "add"))], ops.names
+    assert {n.split(".")[0] for n in ops.names} <= {"copy_", "detach", "empty", "empty_like", "lift_fresh",
+                                                     "new_empty", "set_"}, sorted(set(ops.names))
+    assert layer.weight.grad is None and _pending(layer) is not None
+    if bias:
+        assert torch.allclose(layer.bias.grad, dy.sum(0), atol=1e-5)
 
 
 @triton_only
