@@ -23,7 +23,7 @@ import pytest
 import torch
 from torch import nn
 
-from spafl.federated import FederatedWarning, Simulator, build_config, keys, rules
+from spafl.federated import FederatedWarning, Simulator, build_config, cohort, keys, rules
 
 ATTACKS = ("max-shift", "sign-flip", "floor", "one-unit", "just-under", "just-under-up", "just-under-flip",
            "just-under-alt")
@@ -623,8 +623,14 @@ def test_the_federations_limit_across_rounds_by_hand(tmp_path):
     survives a weights-only save."""
     limits = rules.AggregateLimits(norm=None, shift=1.0, against=None)
     honest_only, memory = rules.AggregateMemory(), rules.AggregateMemory()
+    # per value -1, -1, 1, 1, 4: the trimmed mean (one dropped at each end) is 1/3, the mean
+    # 4/5; in units of the median norm 2, a shift of 4 x 7/15 / 2 / sqrt(4) = 0.467 a round,
+    # times the scale that brings 5 updates' honest noise to that of 10 (0.698)
+    step = 7 / 15 * cohort._small_cohort_scale(5)
+    first = next(k for k in range(1, 100) if k * step > math.sqrt(k))
+    assert 0.6 < cohort._small_cohort_scale(5) < 0.8 and first == 10
     fired = []
-    for k in range(1, 9):
+    for k in range(1, 14):
         s = (-1.0) ** k
         honest = [[s, -s, s, -s], [-s, s, -s, s], [s, s, -s, -s], [-s, -s, s, s]]
         ups, out, events = _cohort_round(honest_only, honest, limits)
@@ -635,11 +641,8 @@ def test_the_federations_limit_across_rounds_by_hand(tmp_path):
         ups, out, events = _cohort_round(memory, [*honest, [4, 4, 4, 4]], limits)
         assert [(e.index, e.kind, e.which) for e in events] == [(e.index, e.kind, e.which) for e in dry]
         assert abs(memory.shift["t"]) <= math.sqrt(k) + 1e-9
-        # per value -1, -1, 1, 1, 4: the trimmed mean (one dropped at each end) is 1/3, the
-        # mean 4/5; in units of the median norm 2, a shift of 4 x 7/15 / 2 / sqrt(4) = 0.467 a
-        # round, past sqrt(k) from round 5
-        if k < 5:
-            assert not events and memory.shift["t"] == pytest.approx(k * 7 / 15)
+        if k < first:
+            assert not events and memory.shift["t"] == pytest.approx(k * step)
         else:
             fired.append(k)
             assert [(e.index, e.kind, e.which) for e in events] == [(None, "aggregate", "shift")]
@@ -651,7 +654,7 @@ def test_the_federations_limit_across_rounds_by_hand(tmp_path):
             mean_in = torch.stack([u["t"] for u in ups]).mean(0)
             assert float((after.mean(0) - centre).norm()) < float((mean_in - centre).norm())
             assert "aggregate pulled toward the cohort's centre: t: " in events[0].describe(None, None)
-    assert fired == [5, 6, 7, 8] and memory.rounds == 8
+    assert fired == [10, 11, 12, 13] and memory.rounds == 13
     torch.save(memory.state_dict(), tmp_path / "a.pt")
     again = rules.AggregateMemory()
     again.load_state_dict(torch.load(tmp_path / "a.pt", weights_only=True))
