@@ -462,9 +462,11 @@ def _conv_compact_dy_kernel(
         ticket = tl.atomic_add(ticket_ptr + pid_p, 1, sem="acq_rel")
         if ticket == n_m - 1:
             acc = tl.zeros([BLOCK_P], dtype=tl.float32)
-            for m in range(0, n_m):
-                mm = m.to(tl.int64) if WIDE else m
-                acc += tl.load(dbp_ptr + mm * F + rows, mask=p_ok, other=0.0)
+            n_loop = n_m
+            if WIDE:  # int64 bounds make the loop variable int64
+                n_loop = tl.cast(n_m, tl.int64)
+            for m in range(0, n_loop):
+                acc += tl.load(dbp_ptr + m * F + rows, mask=p_ok, other=0.0)
             tl.store(db_ptr + rows, acc.to(db_ptr.dtype.element_ty), mask=p_ok)
             tl.atomic_xchg(ticket_ptr + pid_p, 0, sem="relaxed")
 
