@@ -147,8 +147,6 @@ def _conv_fwd_tile(
             a = a.to(tl.float32)
             b = b.to(tl.float32)
         acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
-    # A pruned position's weights load as 0, but 0 * inf is NaN: select, so it holds the bias.
-    acc = tl.where(active[None, :], acc, 0.0)
     if HAS_BIAS:
         acc += tl.load(b_ptr + rows, mask=p_ok, other=0.0).to(tl.float32)[None, :]
     tl.store(y_ptr + out[:, None] + rows[None, :] * syf, acc.to(y_ptr.dtype.element_ty),
