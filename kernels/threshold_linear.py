@@ -154,7 +154,6 @@ def _linear_fwd_unit(
     # bias (or 0). With n_split > 1 the program that finishes the tile's last split writes it.
     offs_p = p0 + tl.arange(0, WIDTH)
     p_ok = offs_p < N
-    active = offs_p < count
     computed = offs_p < hi
     rows = tl.load(perm_ptr + offs_p, mask=p_ok, other=0)
     if WIDE:
