@@ -193,6 +193,9 @@ def _linear_fwd_unit(
             # r_p = sum_m dY[m, perm[p]] Z[m, p] needs no second pass over the weight gradient.
             tl.store(z_ptr + offs_m[:, None] * stride_zm + offs_p[None, :], acc,
                      mask=m_ok[:, None] & computed[None, :])
+            # With Z of every unit (exact mode) the pruned positions were computed as well: they
+            # output the bias (or 0).
+            acc = tl.where((offs_p < count)[None, :], acc, 0.0)
         if HAS_BIAS:
             acc += tl.load(b_ptr + rows, mask=p_ok, other=0.0).to(tl.float32)[None, :]
         y_ptrs = y_ptr + offs_m[:, None] * stride_ym + rows[None, :] * stride_yn
