@@ -216,7 +216,8 @@ _AUTOCAST_AVAILABLE: dict[str, bool] = {}
 
 
 # The registry: where a resolved backend name (``Route.compute``) becomes code.
-IMPLEMENTATIONS = {"reference": _Reference, "compact": _Compact(), "triton": _Triton}
+_COMPACT = _Compact()
+IMPLEMENTATIONS = {"reference": _Reference, "compact": _COMPACT, "triton": _Triton}
 
 
 # ----------------------------------------------------------------------------- compact weight gradients
@@ -371,22 +372,48 @@ class ThresholdLinearFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, threshold, bias, row_mask, backend, options):
-        row_mask = _bare(row_mask)
         impl = _impl(backend)
         x_shape = x.shape
         if x.dim() != 2:
             x = x.reshape(-1, weight.shape[1])
-        y, state = (impl.linear_forward(x, weight, bias, row_mask, options, keep_z=True) if impl is _Triton
-                    else impl.linear_forward(x, weight, bias, row_mask, options))
-        ctx.save_for_backward(x, weight, *row_mask[:3])
+        ctx.sink = sink = _sink_for(impl, weight)
+        small = False
+        if impl is _COMPACT:  # (the layers' compacting backend: its forward called directly, a hot path)
+            y, state = compact.linear_forward(x, weight, bias, row_mask.mask, options.skip_zero_inputs,
+                                              units=row_mask.units)
+            # The dense small case, decided once here: its backward is one call (_dense_small_backward)
+            # and reads neither the mask nor the options.
+            small = state.small and sink is None and len(x_shape) == 2 and threshold.dtype == weight.dtype
+        elif impl is _Triton:
+            y, state = impl.linear_forward(x, weight, bias, _bare(row_mask), options, keep_z=True)
+        else:
+            y, state = impl.linear_forward(x, weight, bias, _bare(row_mask), options)
+        ctx.small = small
+        if small:
+            ctx.save_for_backward(x, weight)
+        else:
+            ctx.save_for_backward(x, weight, *row_mask[:3])
         ctx.impl, ctx.state, ctx.options, ctx.tau_dtype = impl, state, options, threshold.dtype
-        ctx.sink = _sink_for(impl, weight)
         ctx.has_bias, ctx.x_shape = bias is not None, x_shape
         return _own(y if len(x_shape) == 2 else y.reshape(*x_shape[:-1], weight.shape[0]))
 
     @staticmethod
-    @_once_differentiable
     def backward(ctx, grad_y):
+        if ctx.small and not torch.is_grad_enabled():  # (what _backward runs for it, without the route)
+            x, weight = ctx.saved_tensors
+            dx, dw, dtau, db = compact._dense_small_backward(grad_y, x, weight, ctx.state.z, ctx.has_bias,
+                                                             ctx.needs_input_grad[0])
+            return dx, dw, dtau, db, None, None, None
+        return ThresholdLinearFunction._backward(ctx, grad_y)
+
+    @staticmethod
+    @_once_differentiable
+    def _backward(ctx, grad_y):
+        if ctx.small:
+            x, weight = ctx.saved_tensors
+            dx, dw, dtau, db = compact._dense_small_backward(grad_y, x, weight, ctx.state.z, ctx.has_bias,
+                                                             ctx.needs_input_grad[0])
+            return dx, dw, dtau, db, None, None, None
         x, weight, mask, perm, count = ctx.saved_tensors
         if grad_y.dim() != 2:
             grad_y = grad_y.reshape(-1, weight.shape[0])

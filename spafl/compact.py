@@ -218,6 +218,9 @@ class _LinearState(NamedTuple):
     z: torch.Tensor | None  # the active units' pre-activations [M, A] when M < K (else None)
     compact_input: bool
     compact_output: bool
+    # every unit active, every input kept, z kept, one row block, nothing cast: the backward is
+    # _dense_small_backward on the forward's own tensors
+    small: bool = False
 
 
 def linear_state(
@@ -277,7 +280,8 @@ def linear_forward(
         raise ValueError("compact_output needs a layer without bias: pruned units must output 0")
     dtype = x.dtype
     compute = _compute_dtype(dtype)
-    if dtype == compute and weight.dtype == compute and (bias is None or bias.dtype == compute):
+    uncast = dtype == compute and weight.dtype == compute and (bias is None or bias.dtype == compute)
+    if uncast:
         xc, w, b = x, weight, bias
     else:
         xc, w, b = _cast(x, compute), _cast(weight, compute), _cast(bias, compute)
@@ -296,8 +300,9 @@ def linear_forward(
             y = z.clone() if keep_z else z  # a kept z stays private to the backward
         if not keep_z:
             z = None
+    small = uncast and z is not None and units is None and cols is None and _one_block(w.shape[0], w.shape[1], w.device)
     state = _LinearState(units, cols, None if x_in is xc else x_in, None if w_in is w else w_in, z,
-                         x_index is not None, compact_output)
+                         x_index is not None, compact_output, small)
     return (y if y.dtype == dtype else y.to(dtype)), state
 
 

@@ -28,7 +28,15 @@ from ._checks import (
     route,
 )
 from ._conv import ConvGeometry, conv_geometry
-from ._functions import ThresholdConv2dFunction, ThresholdLinearFunction, _autocast_enabled, _run
+from ._functions import (
+    _C_APPLY,
+    IMPLEMENTATIONS,
+    ThresholdConv2dFunction,
+    ThresholdLinearFunction,
+    _autocast_enabled,
+    _run,
+    _unwrap_if_dead,
+)
 from ._guard import _check_finite, _guarded_row_mask, _row_mask
 from ._options import ThresholdOptions, options_of
 from ._rowmask import RowMask
@@ -97,6 +105,34 @@ def linear_call(x, weight, threshold, bias, options: ThresholdOptions, counter=N
         with _shape_checks_in_trace():
             return _linear_call(x, weight, threshold, bias, options, counter, previous_density)
     return _linear_call(x, weight, threshold, bias, options, counter, previous_density, precomputed, cache)
+
+
+def linear_kept(x, weight, threshold, bias, options: ThresholdOptions, previous_density, cache):
+    """The common eager call of a layer whose last forward's mask is still current (see
+    :class:`spafl._guard.HostMaskCache`), or None when this call is not that one: a 2-D CPU ``x``
+    of the weight's dtype, no ``torch.jit`` trace, ``torch.compile``, functorch transform or
+    autocast, the mask and the bias well formed. Then it is what :func:`linear_call` computes
+    (the route of a kept mask is the compacting backend; the checks that read ``weight`` and
+    ``threshold`` passed at the forward that kept it, and they are unchanged since), from the
+    layer to the autograd Function in one step: on a small layer the dispatch of the general
+    path costs several times its product."""
+    dtype = weight.dtype
+    if (torch._C._is_tracing() or x.__class__ is not torch.Tensor or not x.is_cpu or x.dtype != dtype
+            or x.dim() != 2 or x.shape[1] != weight.shape[1] or torch.compiler.is_compiling()
+            or torch.is_autocast_enabled("cpu") or torch._C._are_functorch_transforms_active()):
+        return None
+    if bias is not None and (bias.dtype != dtype or not bias.is_cpu or bias.shape != threshold.shape):
+        return None
+    row_mask = cache.get(weight, threshold, "compact", options, previous_density)
+    if row_mask is None:
+        return None
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or threshold.requires_grad
+                                    or (bias is not None and bias.requires_grad)):
+        return _C_APPLY[ThresholdLinearFunction](_unwrap_if_dead(x), _unwrap_if_dead(weight),
+                                                 _unwrap_if_dead(threshold),
+                                                 None if bias is None else _unwrap_if_dead(bias), row_mask,
+                                                 "compact", options)
+    return IMPLEMENTATIONS["compact"].linear_forward(x, weight, bias, row_mask, options)[0]
 
 
 @contextlib.contextmanager

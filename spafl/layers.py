@@ -41,7 +41,7 @@ from . import _threads
 from ._checks import check_positive_int, check_threshold_values
 from ._conv import cached_geometry, conv_geometry
 from ._layer_base import _ThresholdMixin
-from .functional import conv2d_call, linear_call
+from .functional import conv2d_call, linear_call, linear_kept
 
 
 class ThresholdLinear(_ThresholdMixin, nn.Module):
@@ -116,8 +116,13 @@ class ThresholdLinear(_ThresholdMixin, nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not _threads._warned and self.training and not torch.compiler.is_compiling():
             _threads.warn_once_about_threads(x.device)
-        options = self.forward_options
+        options = self._options if self.training else self._eval_options
         weight, threshold, bias, counter, previous = self._call_tensors()
+        cache = self.__dict__.get("_host_mask_cache")
+        if cache is not None and cache._entry is not None:  # (the last forward's mask may still be current)
+            y = linear_kept(x, weight, threshold, bias, options, previous, cache)
+            if y is not None:
+                return y
         return linear_call(x, weight, threshold, bias, options, counter, previous, *self._eager_masks(options))
 
     @classmethod

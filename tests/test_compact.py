@@ -272,13 +272,16 @@ def test_auto_is_compact_on_cpu_and_the_layer_runs_it(monkeypatch):
     assert resolve_backend("compact", torch.zeros(1, device="meta")) == "compact"
     assert resolve_backend("auto", torch.zeros(1, device="meta")) == "reference"  # never a host sync
     calls = []
-    for module, name in ((compact, "linear_forward"), (compact, "linear_backward"), (compact_conv, "conv2d_forward"),
-                         (compact_conv, "conv2d_backward")):
+    for module, name in ((compact, "linear_forward"), (compact, "linear_backward"), (compact, "_dense_small_backward"),
+                         (compact_conv, "conv2d_forward"), (compact_conv, "conv2d_backward")):
         original = getattr(module, name)
         monkeypatch.setattr(module, name, lambda *a, _f=original, _n=name, **k: calls.append(_n) or _f(*a, **k))
+    ThresholdLinear(4, 3)(torch.randn(5, 4)).sum().backward()
+    # (every unit active, z kept: the backward of that case is called directly)
     ThresholdLinear(4, 3)(torch.randn(2, 4)).sum().backward()
     ThresholdConv2d(2, 3, 3)(torch.randn(1, 2, 5, 5)).sum().backward()
-    assert calls == ["linear_forward", "linear_backward", "conv2d_forward", "conv2d_backward"]
+    assert calls == ["linear_forward", "linear_backward", "linear_forward", "_dense_small_backward", "conv2d_forward",
+                     "conv2d_backward"]
 
 
 def test_collapse_guard_on_the_compact_path():

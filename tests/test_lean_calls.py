@@ -106,3 +106,124 @@ def copy_layer(layer):
     import copy
 
     return copy.deepcopy(layer)
+
+
+# ----------------------------------------------------------------------------- the kept-mask call
+
+
+@pytest.fixture
+def kept_calls(monkeypatch):
+    """Records, per layer forward, whether the one-step call of a kept mask ran it."""
+    from spafl import layers
+
+    taken = []
+    original = layers.linear_kept
+
+    def recording(*args):
+        y = original(*args)
+        taken.append(y is not None)
+        return y
+
+    monkeypatch.setattr(layers, "linear_kept", recording)
+    return taken
+
+
+def _general(layer, x):
+    """The layer's forward through the general path (the oracle of the one-step call)."""
+    import spafl.functional as fn
+
+    options = layer.forward_options
+    w, tau, b, counter, previous = layer._call_tensors()
+    return fn.linear_call(x, w, tau, b, options, counter, previous, *layer._eager_masks(options))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("has_bias", [True, False])
+@pytest.mark.parametrize("rows", [3, 40])  # z kept (rows < fan_in: the dense small backward) or not
+@pytest.mark.parametrize("pruned", [False, True])
+@pytest.mark.parametrize("skip_zero_inputs", [False, True])
+@pytest.mark.parametrize("grad", [True, False])
+def test_kept_mask_call_is_the_general_call_bit_for_bit(kept_calls, dtype, has_bias, rows, pruned, skip_zero_inputs,
+                                                        grad):
+    import spafl
+
+    torch.manual_seed(rows + 7 * pruned)
+    layer = spafl.ThresholdLinear(24, 9, bias=has_bias, skip_zero_inputs=skip_zero_inputs, dtype=dtype)
+    if pruned:
+        with torch.no_grad():
+            layer.threshold[[1, 4, 5]] = 10.0
+    other = copy_layer(layer)
+    x = torch.randn(rows, 24, dtype=dtype).relu_()
+    x[:, 3] = 0  # (a dropped input feature under skip_zero_inputs)
+    dy = torch.randn(rows, 9, dtype=dtype)
+    outs = []
+    for module, call in ((layer, layer), (other, lambda xi: _general(other, xi))):
+        module(x)  # keeps the mask (the first forward scores the weight)
+        xi = x.clone().requires_grad_(grad)
+        with torch.set_grad_enabled(grad):
+            y = call(xi)
+        got = [y]
+        if grad:
+            y.backward(dy)
+            got += [xi.grad, *(p.grad for p in module.parameters())]
+        outs.append(got)
+    # (the first forward has no kept mask to try; the oracle's forward does not record)
+    assert kept_calls == [True], "the second forward of an unchanged layer takes the one-step call"
+    for a, e in zip(*outs, strict=True):
+        assert a.dtype == e.dtype and torch.equal(a, e)
+    assert torch.equal(layer.collapse_resets, other.collapse_resets)
+    assert torch.equal(layer.previous_density, other.previous_density)
+
+
+def test_kept_mask_call_leaves_other_calls_to_the_general_path(kept_calls):
+    import spafl
+
+    torch.manual_seed(0)
+    layer = spafl.ThresholdLinear(6, 4)
+    x = torch.randn(5, 6)
+    layer(x)
+    kept_calls.clear()
+    # each call below finds the mask current, but is not the one-step call's case
+    y3 = layer(x.view(5, 1, 6))  # (not 2-D)
+    torch.testing.assert_close(y3.view(5, 4), layer(x), rtol=0, atol=0)
+    with pytest.raises(TypeError, match="x is torch.float64 but weight is torch.float32"):
+        layer(x.double())
+    with pytest.raises(ValueError, match="features in its last dimension"):
+        layer(torch.randn(5, 7))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert layer(x).dtype == torch.bfloat16
+    traced = torch.jit.trace(layer, x, check_trace=False)
+    torch.testing.assert_close(traced(x), layer(x), rtol=1e-6, atol=1e-6)
+    # (the traced forward's guard writes the thresholds in place, device-side: the last forward scores again)
+    assert kept_calls == [False, True, False, False, False, False, False], kept_calls
+    layer(x)
+    assert kept_calls[-1] is True
+    # a bias reshaped behind the layer's back: the general path names it
+    layer.bias.data = torch.zeros(3)
+    with pytest.raises(ValueError, match="bias must have shape"):
+        layer(x)
+    assert kept_calls[-1] is False
+
+
+def test_dense_small_backward_with_a_grad_sink_accumulates_as_the_general_path():
+    # A fused optimizer that takes compact gradients (a sink on the weight): a pruned forward's
+    # backward leaves its rows there, then a dense small one (thresholds back at 0) runs, before
+    # any step. The accumulated gradient is the one of a layer without a sink.
+    import spafl
+    from spafl import _functions
+
+    torch.manual_seed(0)
+    layer = spafl.ThresholdLinear(16, 5)
+    other = copy_layer(layer)
+    x = torch.randn(3, 16)
+    sink = _functions.grad_sink(layer.weight)
+    for tau in (10.0, 0.0):
+        for module in (layer, other):
+            with torch.no_grad():
+                module.threshold[[0, 2]] = tau
+            module(x).sum().backward()
+        if tau:
+            assert sink.grad is not None  # (the pruned forward's rows are pending)
+    sink.materialize()
+    assert torch.equal(layer.weight.grad, other.weight.grad)
+    assert torch.equal(layer.threshold.grad, other.threshold.grad)
