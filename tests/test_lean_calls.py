@@ -227,3 +227,17 @@ def test_dense_small_backward_with_a_grad_sink_accumulates_as_the_general_path()
     sink.materialize()
     assert torch.equal(layer.weight.grad, other.weight.grad)
     assert torch.equal(layer.threshold.grad, other.threshold.grad)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("value", [1, 3, 7, 64, 100, 1000003, 2**24 + 1])
+def test_cached_divisor_divides_as_the_python_number(dtype, value):
+    # (the straight-through term's r / fan_in: the cached 0-dim tensor must round as the number)
+    torch.manual_seed(value % 1000)
+    r = torch.cat([torch.randn(4096, dtype=dtype) * 10.0 ** torch.randint(-30, 30, (4096,)).to(dtype),
+                   torch.tensor([0.0, -0.0, float("inf"), float("nan"), torch.finfo(dtype).tiny], dtype=dtype)])
+    got = torch.div(r, compact._divisor(value, dtype))
+    assert got.dtype == dtype
+    assert torch.equal(got.view(-1)[:-2], torch.div(r, value)[:-2])
+    assert torch.equal(got.isnan(), torch.div(r, value).isnan())
+    assert torch.equal(got[-1], torch.div(r, value)[-1])
