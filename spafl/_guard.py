@@ -14,6 +14,7 @@ from . import reference
 from ._checks import check_finite_values
 from ._options import ThresholdOptions
 from ._rowmask import RowMask
+from .compact import _divisor
 
 _KERNELS = None
 
@@ -124,7 +125,8 @@ def _store_density(previous_density: torch.Tensor | None, row_mask: RowMask) -> 
         return
     n = row_mask.mask.shape[0]
     if previous_density.dtype == torch.float32:  # the fp32 quotient written in place: one operation
-        torch.div(row_mask.count, n, out=previous_density.view(1))
+        # (n as a cached CPU scalar tensor: the same quotient as the Python number, see compact._divisor)
+        torch.div(row_mask.count, _divisor(n, torch.float32), out=previous_density.view(1))
     else:
         previous_density.copy_(row_mask.count.reshape(()) / n)  # (fp32, as the host)
 

@@ -241,3 +241,12 @@ def test_cached_divisor_divides_as_the_python_number(dtype, value):
     assert torch.equal(got.view(-1)[:-2], torch.div(r, value)[:-2])
     assert torch.equal(got.isnan(), torch.div(r, value).isnan())
     assert torch.equal(got[-1], torch.div(r, value)[-1])
+
+
+@pytest.mark.parametrize("n", [1, 3, 7, 100, 4096, 12345])
+def test_cached_divisor_gives_the_stored_density_of_the_python_number(n):
+    # (the device-side guard stores count / n, count an int32 [1] tensor, into an fp32 buffer)
+    counts = torch.arange(0, n + 1, dtype=torch.int32).view(-1, 1)
+    got = torch.div(counts, compact._divisor(n, torch.float32))
+    expected = torch.div(counts, n)
+    assert got.dtype == expected.dtype == torch.float32 and torch.equal(got, expected)
