@@ -240,6 +240,10 @@ class _LinearState(NamedTuple):
     small: bool = False
 
 
+# The compute dtypes (reference._compute_dtype): inputs of these dtypes are used as they come.
+_COMPUTE_DTYPES = (torch.float32, torch.float64)
+
+
 def linear_state(
     xc: torch.Tensor,
     w: torch.Tensor,
@@ -293,9 +297,20 @@ def linear_forward(
     holds only those input features of the layer, the others being 0; with ``compact_output``
     (no bias), ``y [M, A]`` holds only the active units' outputs, in ascending unit order (all
     ``N`` when every unit is active), and the backward takes the gradient of that ``y``."""
+    dtype = x.dtype
+    if (units is not None and not skip_zero_inputs and x_index is None and not compact_output
+            and units.shape[0] == mask.shape[0] and x.shape[0] < x.shape[1] and dtype in _COMPUTE_DTYPES
+            and weight.dtype == dtype and (bias is None or bias.dtype == dtype)
+            and (not weight.is_cpu or weight.numel() <= ROW_BLOCK)):
+        # Every unit active (the caller's list holds them all), every input kept, z kept, one row
+        # block, nothing cast: what the general path below does there (the product, the bias add,
+        # the state of the dense small backward), without its branches and calls, which cost more
+        # than the operations on a small layer.
+        z = _linear(x, weight)
+        return (z + bias if bias is not None else z.clone()), _LinearState(None, None, None, None, z, False, False,
+                                                                           True)
     if compact_output and bias is not None:
         raise ValueError("compact_output needs a layer without bias: pruned units must output 0")
-    dtype = x.dtype
     compute = _compute_dtype(dtype)
     uncast = dtype == compute and weight.dtype == compute and (bias is None or bias.dtype == compute)
     if uncast:

@@ -250,3 +250,39 @@ def test_cached_divisor_gives_the_stored_density_of_the_python_number(n):
     got = torch.div(counts, compact._divisor(n, torch.float32))
     expected = torch.div(counts, n)
     assert got.dtype == expected.dtype == torch.float32 and torch.equal(got, expected)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("has_bias", [True, False])
+@pytest.mark.parametrize("rows, fan_in, n_out", [(8, 64, 10), (1, 2, 1), (3, 5, 4)])
+def test_dense_small_forward_is_the_general_path_bit_for_bit(dtype, has_bias, rows, fan_in, n_out):
+    # With the full list of units given, the forward takes its short branch; without it the
+    # general path (which finds every unit active itself) runs: the same output and state.
+    torch.manual_seed(rows + fan_in)
+    x = torch.randn(rows, fan_in, dtype=dtype)
+    w = torch.randn(n_out, fan_in, dtype=dtype)
+    b = torch.randn(n_out, dtype=dtype) if has_bias else None
+    mask = torch.ones(n_out, dtype=torch.bool)
+    y, state = compact.linear_forward(x, w, b, mask, units=torch.arange(n_out))
+    y_general, general = compact.linear_forward(x, w, b, mask)
+    assert y.dtype == y_general.dtype and torch.equal(y, y_general)
+    assert y.data_ptr() != state.z.data_ptr()  # (a kept z stays private to the backward)
+    assert state._replace(z=None) == general._replace(z=None) and state.small
+    assert torch.equal(state.z, general.z)
+
+
+def test_dense_small_forward_is_only_taken_where_it_applies(monkeypatch):
+    # Cases one condition away from the short branch: the general path's state says why.
+    torch.manual_seed(0)
+    w, b = torch.randn(4, 6), torch.randn(4)
+    mask, every = torch.ones(4, dtype=torch.bool), torch.arange(4)
+    x = torch.randn(3, 6)
+    assert not compact.linear_forward(x, w, b, mask.clone().index_fill_(0, torch.tensor([1]), False),
+                                      units=torch.tensor([0, 2, 3]))[1].small  # a pruned unit
+    assert compact.linear_forward(torch.randn(6, 6), w, b, mask, units=every)[1].z is None  # rows >= fan_in: no z
+    assert not compact.linear_forward(x.half(), w.half(), b.half(), mask, units=every)[1].small  # cast
+    x0 = x.clone()
+    x0[:, 2] = 0
+    assert compact.linear_forward(x0, w, b, mask, True, units=every)[1].cols is not None  # skip_zero_inputs
+    monkeypatch.setattr(compact, "ROW_BLOCK", 23)
+    assert not compact.linear_forward(x, w, b, mask, units=every)[1].small  # several row blocks
