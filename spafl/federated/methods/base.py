@@ -220,7 +220,8 @@ class Method:
         """The round's accepted updates with each tensor's deviation from the global state
         clipped to ``cohort_clip`` times the cohort's median (:func:`rules.clip_to_cohort`),
         then, with the clients' ``ids`` and the server's ``memory``, each client's push across
-        rounds kept within :meth:`drift_limit` (:meth:`rules.CohortMemory.clip`; ``commit``
+        rounds kept within :meth:`drift_limit` and, along the all-ones direction,
+        :meth:`drift_shift_limit` (:meth:`rules.CohortMemory.clip`; ``commit``
         False: the memory is left as it was), then the federation's drift across rounds, whatever
         the ids, within :meth:`aggregate_limit` (:meth:`rules.AggregateMemory.clip`, with the
         updates' sample counts ``weights``: the mean's weights), and what was clipped. The
