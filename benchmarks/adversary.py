@@ -6,11 +6,17 @@ seed; also how often the cohort clip fired on the honest run.
 
     OMP_NUM_THREADS=1 python benchmarks/adversary.py [--methods spafl,fedavg,sparsyfed]
         [--attacks max-shift,...] [--rounds 20] [--cohort-clip X] [--bad 0]
-        [--cohort-against X] [--cohort-shift X] [--cohort-drift X] [--aggregate-drift X]
+        [--cohort-against X] [--cohort-shift X] [--cohort-drift X] [--aggregate-drift X] [--seeds 0,1,2]
 
 ``--record`` runs the honest run alone, with the federation's limits across rounds out of
 reach, and prints the largest value each of their sums reached (what the defaults of
-``Method.aggregate_drift``, ``aggregate_shift`` and ``aggregate_against`` were set above):
+``Method.aggregate_drift``, ``aggregate_shift`` and ``aggregate_against`` were set above) and
+the largest component of one update along the record's direction, from the cohort's median
+along it (``along``: in the cohort's spread along it; ``along/m``: in median deviations), what
+a limit of each round along the record's direction would have to allow; and, per client id
+(``rules.CohortMemory``, its limits out of reach too), the largest ``|S| / sqrt(k)`` (``client
+norm``: ``Method.cohort_drift``) and its component along the all-ones direction (``client
+shift``: ``Method.cohort_drift_shift``; ``k`` here the rounds the client took part in):
 
     OMP_NUM_THREADS=1 python benchmarks/adversary.py --record [--preset digits-cnn]
         [--clients-per-round 10] [--rounds 20] [--set rng=global --set local_epochs=1 ...]
@@ -33,6 +39,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+import test_adversary  # noqa: E402
 from test_adversary import ATTACKS, accuracy, attacked_run  # noqa: E402
 
 from spafl.federated import build_config, rules  # noqa: E402
@@ -54,6 +61,9 @@ def main() -> None:
         p.add_argument(f"--aggregate-{name}", default="default",
                        help="a number, 'inf' (off), or 'default' (the method's)")
     p.add_argument("--aggregator", default="mean")
+    p.add_argument("--seeds", default="",
+                   help="comma-separated seeds: each run (honest and attacked) once per seed, then each attack's "
+                        "loss as mean, min and max over them (default: the preset's seed)")
     p.add_argument("--record", action="store_true",
                    help="the honest run alone: the largest sums of the federation's record (rules.AggregateMemory)")
     p.add_argument("--preset", default="digits-cnn")
@@ -80,25 +90,49 @@ def main() -> None:
                      "aggregate_against"):
             if getattr(args, name) != "default":
                 overrides[name] = float(getattr(args, name))
-        config = build_config(args.preset, None, overrides)
-        start = time.perf_counter()
-        history, messages = attacked_run(config)
-        clipped = sum(" update clipped: " in m or "aggregate pulled" in m for m in messages)
-        base = accuracy(history)
-        print(f"{method} honest: acc {base:.2f}, clip events {clipped} over {args.rounds} rounds "
-              f"({time.perf_counter() - start:.0f} s)", flush=True)
-        for attack in args.attacks.split(","):
-            try:
-                history, messages = attacked_run(config, attack, bad)
-            except FederationStalled as e:  # every client's training diverged: the run stopped
-                print(f"{method} {attack} bad={bad}: the run stopped: {e}", flush=True)
-                continue
-            acc = accuracy(history)
-            clipped = sum(" update clipped: " in m for m in messages)
-            rejected = sum(" update rejected: " in m for m in messages)
-            kinds = Counter(_kind(m) for m in messages if " update clipped: " in m or "aggregate pulled" in m)
-            print(f"{method} {attack} bad={bad}: acc {acc:.2f} (loss {base - acc:+.2f} points), "
-                  f"clip events {clipped}, rejections {rejected}, by kind {dict(sorted(kinds.items()))}", flush=True)
+        seeds = [int(x) for x in args.seeds.split(",")] if args.seeds else [None]
+        losses: dict[str, list[float]] = {}
+        for seed in seeds:
+            if seed is not None:
+                overrides["seed"] = seed
+            config = build_config(args.preset, None, overrides)
+            for attack, loss in attack_runs(config, method, args.attacks.split(","), bad, args.rounds).items():
+                losses.setdefault(attack, []).append(loss)
+        if len(seeds) > 1:
+            for attack, values in losses.items():
+                print(f"{method} {attack} bad={bad} seeds {args.seeds}: loss mean {sum(values) / len(values):+.2f} "
+                      f"points (min {min(values):+.2f}, max {max(values):+.2f}; "
+                      + ", ".join(f"{v:+.2f}" for v in values) + ")", flush=True)
+
+
+def attack_runs(config, method: str, attacks: list[str], bad, rounds: int) -> dict[str, float]:
+    """The honest run of ``config`` and each attack's; prints each and returns the points each
+    attack cost (NaN where the run stopped)."""
+    start = time.perf_counter()
+    history, messages = attacked_run(config)
+    clipped = sum(" update clipped: " in m or "aggregate pulled" in m for m in messages)
+    base = accuracy(history)
+    print(f"{method} seed {config.seed} honest: acc {base:.2f}, clip events {clipped} over {rounds} rounds "
+          f"({time.perf_counter() - start:.0f} s)", flush=True)
+    out = {}
+    for attack in attacks:
+        test_adversary.RIDDEN.clear()
+        try:
+            history, messages = attacked_run(config, attack, bad)
+        except FederationStalled as e:  # every client's training diverged: the run stopped
+            print(f"{method} {attack} bad={bad}: the run stopped: {e}", flush=True)
+            out[attack] = math.nan
+            continue
+        acc = accuracy(history)
+        out[attack] = base - acc
+        clipped = sum(" update clipped: " in m for m in messages)
+        rejected = sum(" update rejected: " in m for m in messages)
+        kinds = Counter(_kind(m) for m in messages if " update clipped: " in m or "aggregate pulled" in m)
+        ridden = f", limits ridden {dict(sorted(test_adversary.RIDDEN.items()))}" if test_adversary.RIDDEN else ""
+        print(f"{method} seed {config.seed} {attack} bad={bad}: acc {acc:.2f} (loss {base - acc:+.2f} points), "
+              f"clip events {clipped}, rejections {rejected}, by kind {dict(sorted(kinds.items()))}{ridden}",
+              flush=True)
+    return out
 
 
 def _number(text: str):
@@ -113,12 +147,43 @@ def _number(text: str):
 def record(config) -> None:
     """The honest run of ``config`` with the federation's limits out of reach; prints, per sum
     (norm, shift, against), the largest value over every round and tensor of ``|S| /
-    sqrt(k)`` (``S / sqrt(k)`` against the cohort), where and when."""
-    config = config.replace(aggregate_drift=1e30, aggregate_shift=1e30, aggregate_against=1e30)
+    sqrt(k)`` (``S / sqrt(k)`` against the cohort) and of an update's component along the
+    record's direction, where and when."""
+    config = config.replace(aggregate_drift=1e30, aggregate_shift=1e30, aggregate_against=1e30,
+                            cohort_drift=1e30, cohort_drift_shift=1e30)
     peaks: dict = {}
     clip = rules.AggregateMemory.clip
+    client_clip = rules.CohortMemory.clip
+
+    def client_watched(self, reference, updates, ids, limit, commit=True, shift=None):
+        out = client_clip(self, reference, updates, ids, limit, commit, shift)
+        if commit:  # each client's sum (the per-client record), norm and shift
+            for cid in ids:
+                root = math.sqrt(self.rounds.get(cid, 1))
+                for name, s in self.sums.get(cid, {}).items():
+                    for kind, value in (("client norm", float(s.norm())),
+                                        ("client shift", abs(float(s.sum())) / math.sqrt(s.numel()))):
+                        if value / root > peaks.get(kind, (-math.inf,))[0]:
+                            peaks[kind] = (value / root, name, self.rounds.get(cid, 1))
+        return out
 
     def watched(self, reference, updates, weights, limits, commit=True):
+        n = len(updates)
+        if commit and n >= 3:  # each update's component along the record's direction, in spreads
+            for name, ref in reference.items():
+                s = self.sums.get(name)
+                devs = torch.stack([u[name].double() - ref.double() for u in updates])
+                if s is None or float(s.norm()) == 0 or float(devs.norm()) == 0:
+                    continue
+                trim = max(1, int(0.2 * n))
+                centre = devs.sort(0).values[trim:n - trim].mean(0)
+                p = (devs - centre).reshape(n, -1) @ (s.double() / s.double().norm()).reshape(-1)
+                q = float(p.sort().values[(n - 1) // 2])
+                spread = float((p - q).abs().sort().values[(n - 1) // 2])
+                m = sorted(float(d.norm()) for d in devs)[(n - 1) // 2]
+                for kind, unit in (("along", spread), ("along/m", m)):
+                    if unit > 0 and float(p.max() - q) / unit > peaks.get(kind, (-math.inf,))[0]:
+                        peaks[kind] = (float(p.max() - q) / unit, name, self.rounds + 1)
         out = clip(self, reference, updates, weights, limits, commit)
         if commit and self.rounds:
             root = math.sqrt(self.rounds)
@@ -130,11 +195,13 @@ def record(config) -> None:
         return out
 
     rules.AggregateMemory.clip = watched
+    rules.CohortMemory.clip = client_watched
     try:
         start = time.perf_counter()
         history, _ = attacked_run(config)
     finally:
         rules.AggregateMemory.clip = clip
+        rules.CohortMemory.clip = client_clip
     print(f"{config.method} honest record ({config.rounds} rounds, {config.clients_per_round} a round): "
           + "; ".join(f"{kind} {v:.3f} ({name}, round {k})" for kind, (v, name, k) in peaks.items())
           + f"; acc {accuracy(history):.2f} ({time.perf_counter() - start:.0f} s)", flush=True)

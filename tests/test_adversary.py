@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections import Counter
 
 import pytest
 import torch
@@ -119,32 +120,50 @@ def _largest_unclipped(method, name, g, others, index, direction, bound, memory=
     def candidate(scale):
         return _in_bounds(g64 + direction * scale, g, bound)
 
-    def accepted(value):
+    def binding(value):
+        """The kinds of the events ``value`` meets (the limits the attacker rides)."""
         ups = [{name: u} for u in others]
         ups.insert(index, {name: value})
         ups, events = rules.clip_to_cohort({name: g}, ups, method.config.cohort_clip, method.against_limit(),
                                            method.shift_limit())
         if memory is not None:
-            ups, more = memory.clip({name: g}, ups, ids, method.drift_limit(), commit=False)
+            ups, more = memory.clip({name: g}, ups, ids, method.drift_limit(), commit=False,
+                                    shift=method.drift_shift_limit())
             events = events + more
             if method.config.aggregator == "mean":
                 mean_weights = weights if method.weighted_mean else None
                 _, more = memory.aggregate.clip({name: g}, ups, mean_weights, method.aggregate_limit(), commit=False)
                 events = events + more
+        return events
+
+    def accepted(value):
         # an event of the whole cohort (index None) pulls the attacker's update back too
-        return not any(e.index in (index, None) for e in events)
+        return not any(e.index in (index, None) for e in binding(value))
 
     largest_other = max((float((u.double() - g64).norm()) for u in others), default=0.0)
     hi = (method.config.cohort_clip or 1e6) * max(largest_other, 1e-12) / length * 1.01
     lo = 0.0
     if accepted(candidate(hi)):
+        RIDDEN["none"] += 1
         return candidate(hi)
     if not accepted(candidate(lo)):
+        RIDDEN["spent"] += 1
         return torch.stack([u.double() for u in others]).median(0).values.float()
     for _ in range(40):
         mid = (lo + hi) / 2
         lo, hi = (mid, hi) if accepted(candidate(mid)) else (lo, mid)
+    RIDDEN.update({_ridden(e) for e in binding(candidate(hi)) if e.index in (index, None)})
     return candidate(lo)
+
+
+# The limits the adaptive attackers rode (the kinds of event just above the update each sent,
+# "aggregate:<sum>" for the federation's record; "spent": even the global value was clipped,
+# "none": nothing within reach clipped it), counted per tensor and round; the benchmark prints them.
+RIDDEN: Counter = Counter()
+
+
+def _ridden(event) -> str:
+    return f"{event.kind}:{event.which}" if event.which else event.kind
 
 
 class Adversary:
@@ -265,7 +284,7 @@ def undefended(config):
     """``config`` without the clip to the cohort (none of its limits, the ones across rounds
     included)."""
     return without_record(config).replace(cohort_clip=None, cohort_against=math.inf, cohort_shift=math.inf,
-                                          cohort_drift=math.inf)
+                                          cohort_drift=math.inf, cohort_drift_shift=math.inf)
 
 
 _HONEST: dict = {}
@@ -380,7 +399,8 @@ def test_the_adaptive_client_is_not_reported_and_its_pull_is_cut(method):
     history, messages = attacked_run(config, "just-under", bad=[0])
     assert not any("client 0 update clipped" in m for m in messages), messages
     loss = base - accuracy(history)
-    norm_only, _ = attacked_run(without_record(config).replace(cohort_against=math.inf, cohort_drift=math.inf),
+    norm_only, _ = attacked_run(without_record(config).replace(cohort_against=math.inf, cohort_drift=math.inf,
+                                                               cohort_drift_shift=math.inf),
                                 "just-under", bad=[0])
     print(f"{method} just-under: accuracy {accuracy(history):.2f} (norm clip only {accuracy(norm_only):.2f}), "
           f"honest {base:.2f}")
@@ -551,6 +571,42 @@ def test_cohort_drift_refuses_bad_values_by_name(value):
         small("spafl", cohort_drift=value)
 
 
+def test_the_limit_across_rounds_on_a_whole_tensor_by_hand():
+    """The per-client sum's component along the all-ones direction (every value of a tensor one
+    way: SpaFL's "raise every threshold") has its own, tighter limit: four clients whose
+    deviations each move one value, changing sign every round, and one (id 4) that raises every
+    value by 0.6 every round, well within the norm limit (1.2 a round against 100): only id 4 is
+    clipped, from its first round, its sum's shift then sits on ``shift * sqrt(k)``, and the
+    line says so; a dry run leaves the memory as it was."""
+    memory = rules.CohortMemory()
+    for k in range(1, 6):
+        s = (-1) ** k
+        pushes = [[s, 0, 0, 0], [0, -s, 0, 0], [0, 0, s, 0], [-s, 0, 0, 0], [0.6, 0.6, 0.6, 0.6]]
+        ups = [{"t": torch.tensor(p, dtype=torch.float32)} for p in pushes]
+        before = {c: v["t"].clone() for c, v in memory.sums.items()}
+        _, dry = memory.clip({"t": torch.zeros(4)}, ups, list(range(5)), 100.0, commit=False, shift=1.0)
+        assert all(torch.equal(memory.sums[c]["t"], before[c]) for c in before)
+        out, events = memory.clip({"t": torch.zeros(4)}, ups, list(range(5)), 100.0, shift=1.0)
+        assert [(e.index, e.kind, e.which) for e in events] == [(4, "drift", "shift")] == \
+            [(e.index, e.kind, e.which) for e in dry]
+        # the centre is 0 and the median norm 1: the sum's shift is sum(S) / 2
+        assert float(memory.sums[4]["t"].sum()) / 2 == pytest.approx(math.sqrt(k), rel=1e-5)
+        assert events[0].norm == pytest.approx(math.sqrt(k - 1) + 1.2, rel=1e-5)
+        assert float(out[4]["t"].sum()) < 2.4 and all(out[i] is ups[i] for i in range(4))
+        assert max(abs(float(memory.sums[c]["t"].sum())) / 2 for c in range(4)) <= 0.5 + 1e-6
+    line = events[0].describe(4, 1.0)
+    assert line.startswith("client 4 update clipped: t pushed the same way round after round: its deviations from "
+                           "the cohort's centre would shift the whole tensor by "), line
+    # the same pushes with the shift limit off: the norm limit (100) leaves id 4 alone
+    assert rules.CohortMemory().clip({"t": torch.zeros(4)}, ups, list(range(5)), 100.0) == (ups, [])
+
+
+@pytest.mark.parametrize("value", [0, -1.0, True, "3"])
+def test_cohort_drift_shift_refuses_bad_values_by_name(value):
+    with pytest.raises(ValueError, match="cohort_drift_shift"):
+        small("spafl", cohort_drift_shift=value)
+
+
 def test_the_limit_across_rounds_is_checkpointed_and_resumed_exactly(tmp_path):
     """A run whose limit across rounds fires (a limit set below the honest values) resumed from
     round 2 of 4 has the uninterrupted run's history, clip lines included, and its memory."""
@@ -598,7 +654,8 @@ def test_a_client_that_pushes_one_way_every_round_is_held_back_across_rounds():
     assert not any("client 0 update clipped" in m for m in messages), messages
     assert memory.rounds[0] == 4
     assert all(float(s.norm()) <= limit * 2 * (1 + 1e-5) for s in memory.sums[0].values())
-    per_round, _ = attacked_run(without_record(config).replace(cohort_drift=math.inf), "just-under-flip", bad=[0])
+    per_round, _ = attacked_run(without_record(config).replace(cohort_drift=math.inf, cohort_drift_shift=math.inf),
+                                "just-under-flip", bad=[0])
     print(f"fedavg just-under-flip, 4 rounds: {accuracy(history):.2f} (per-round limits alone "
           f"{accuracy(per_round):.2f}), honest {honest(config):.2f}")
     assert accuracy(history) > accuracy(per_round) + 5, (accuracy(history), accuracy(per_round))

@@ -94,6 +94,9 @@ _HELP = {
     "cohort_drift": "keep each client's deviations from the cohort's centre, summed over the rounds it took part "
                     "in, within this many times the round's median deviation times sqrt(rounds) (none: the method's "
                     "default; inf: off; docs/security.md)",
+    "cohort_drift_shift": "keep the component of that sum along the all-ones direction (a whole tensor one way) "
+                          "within this many times the round's median deviation times sqrt(rounds) (none: the "
+                          "method's default; inf: off)",
     "aggregate_drift": "keep the accepted mean's deviations from the cohort's trimmed mean, summed over the rounds "
                        "whoever sent them, within this many times the round's median deviation times sqrt(rounds), "
                        "in Euclidean norm (none: the method's default; inf: off; docs/security.md)",

@@ -31,7 +31,7 @@ class Clipped:
     median: float
     kind: str = "norm"
     scale: float = 1.0  # kind "drift": the fraction of the deviation from the cohort's centre kept
-    which: str = ""  # kind "aggregate": the sum that passed its limit (norm, shift, against)
+    which: str = ""  # kinds "aggregate", "drift": the sum that passed its limit (norm, shift, against)
 
     def describe(self, client: object, factor: float | None) -> str:
         """The history's line for this event (``client``: the client's id; unused for
@@ -44,9 +44,10 @@ class Clipped:
                     f"median deviations ({what}), more than its limit x sqrt(rounds) = {self.limit:.4g}; every "
                     f"update's deviation from the centre scaled by {self.scale:.4g}")
         if self.kind == "drift":
+            what = ("sum to", "") if self.which != "shift" else ("shift the whole tensor by", " as a whole")
             return (f"client {client} update clipped: {self.name} pushed the same way round after round: its "
-                    f"deviations from the cohort's centre would sum to {self.norm:.4g} median deviations, more than "
-                    f"{factor:g} x sqrt(rounds) = {self.limit:.4g}; its deviation from the centre scaled by "
+                    f"deviations from the cohort's centre would {what[0]} {self.norm:.4g} median deviations, more "
+                    f"than {factor:g} x sqrt(rounds) = {self.limit:.4g}; its deviation from the centre scaled by "
                     f"{self.scale:.4g}")
         if self.kind == "shift":
             return (f"client {client} update clipped: {self.name} shifted as a whole {self.norm:+.4g} from the "
@@ -164,17 +165,19 @@ class CohortMemory:
         self.aggregate = AggregateMemory()  # the federation's record, whatever the ids
 
     def clip(self, reference: Mapping[str, torch.Tensor], updates: list[Mapping[str, torch.Tensor]],
-             ids: list[int], limit: float | None, commit: bool = True
+             ids: list[int], limit: float | None, commit: bool = True, shift: float | None = None
              ) -> tuple[list[Mapping[str, torch.Tensor]], list[Clipped]]:
         """``updates`` (of the clients ``ids``, already clipped per round) with the deviation
-        from the centre of each client whose sum would pass ``limit * sqrt(k)`` scaled back,
-        and the events (``kind="drift"``: ``norm`` the sum's norm it would have reached,
-        ``limit`` the bound, ``scale`` the factor kept). The list itself, untouched, when nothing
-        is clipped. ``commit`` False: the state is not changed (what an update would meet).
-        Rounds of fewer than 3 updates or a zero median deviation are not counted: there is no
-        cohort to measure against."""
+        from the centre of each client whose sum would pass ``limit * sqrt(k)`` (or whose
+        sum's component along the all-ones direction, a whole tensor one way, would pass
+        ``shift * sqrt(k)``) scaled back, and the events (``kind="drift"``: ``norm`` the value
+        the sum would have reached, ``which`` "norm" or "shift", ``limit`` the bound, ``scale``
+        the factor kept). The list itself, untouched, when nothing is clipped. ``commit``
+        False: the state is not changed (what an update would meet). Rounds of fewer than 3
+        updates or a zero median deviation are not counted: there is no cohort to measure
+        against."""
         n = len(updates)
-        if limit is None or n < 3:
+        if (limit is None and shift is None) or n < 3:
             return updates, []
         if len(ids) != n or len(set(ids)) != n:
             raise ValueError(f"{n} updates need {n} distinct client ids, got {ids!r}")
@@ -191,20 +194,28 @@ class CohortMemory:
             centre = torch.stack(devs).median(0).values
             for i, cid in enumerate(ids):
                 k = self.rounds.get(cid, 0) + 1
-                bound = limit * math.sqrt(k)
                 old = self.sums.get(cid, {}).get(name)
                 s = old.double() if old is not None else torch.zeros_like(g)
                 r = (devs[i] - centre) / median
+                alpha, worst = 1.0, None
                 total = float(torch.linalg.vector_norm(s + r))
-                alpha = 1.0
-                if total > bound:
+                if limit is not None and total > limit * math.sqrt(k):
                     # the largest alpha with |s + alpha r| <= bound (|s| <= bound: the last
                     # round's bound was smaller)
-                    rr, sr, ss = float((r * r).sum()), float((s * r).sum()), float((s * s).sum())
-                    alpha = max(0.0, min(1.0, (-sr + math.sqrt(max(sr * sr - rr * (ss - bound * bound), 0.0))) / rr))
+                    bound = limit * math.sqrt(k)
+                    alpha, worst = _largest_kept(s, r, bound), ("norm", total, bound)
+                if shift is not None:
+                    root = math.sqrt(g.numel())
+                    s_shift, r_shift = float(s.sum()) / root, float(r.sum()) / root
+                    if abs(s_shift + r_shift) > shift * math.sqrt(k):
+                        a = _largest_kept_along(s_shift, r_shift, shift * math.sqrt(k))
+                        if worst is None or a < alpha:
+                            alpha, worst = a, ("shift", abs(s_shift + r_shift), shift * math.sqrt(k))
+                if worst is not None:
                     value = (g + centre + alpha * (devs[i] - centre)).to(updates[i][name].dtype)
                     scaled.setdefault(i, dict(updates[i]))[name] = value
-                    events.append(Clipped(i, name, total, bound, median, "drift", alpha))
+                    which, reached, at = worst
+                    events.append(Clipped(i, name, reached, at, median, "drift", alpha, which))
                 added.setdefault(i, {})[name] = (s + alpha * r).float()
         if commit:
             for i, cid in enumerate(ids):

@@ -160,7 +160,8 @@ def aggregate_round(method: Method, server, tally: RoundTally, memory: CohortMem
     updates, clipped = method.clip_updates(server, tally.accepted, tally.accepted_ids, memory, weights=tally.weights)
     cfg = method.config
     for event in clipped:
-        factor = {"against": method.against_limit, "shift": method.shift_limit, "drift": method.drift_limit,
+        factor = {"against": method.against_limit, "shift": method.shift_limit,
+                  "drift": method.drift_shift_limit if event.which == "shift" else method.drift_limit,
                   "aggregate": method.aggregate_limit}.get(event.kind, lambda: cfg.cohort_clip)()
         client = tally.accepted_ids[event.index] if event.index is not None else None
         tally.errors.append(event.describe(client, factor))

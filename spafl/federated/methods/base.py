@@ -93,6 +93,12 @@ class Method:
     # in the measured runs (60 rounds; 4.22 in 20: a non-IID client keeps leaning one way, so
     # the value grows with the rounds a client takes part in; docs/security.md).
     cohort_drift: float = 10.0
+    # The default limit on that sum's component along the all-ones direction, a whole tensor
+    # one way (config.cohort_drift_shift None; rules.CohortMemory): honest FedAvg clients
+    # reached 1.63 median deviations times sqrt(rounds) (60 rounds; 0.70 in the CI-sized runs;
+    # docs/security.md), far below the norm's 8.45, where a client raising a whole tensor has
+    # the two equal.
+    cohort_drift_shift: float = 1.8
     # The default limits on the federation's drift (config.aggregate_drift, aggregate_shift,
     # aggregate_against None): the accepted mean's deviations from the cohort's trimmed mean,
     # summed over the rounds, within these many median deviations times sqrt(rounds), in norm,
@@ -214,7 +220,8 @@ class Method:
         """The round's accepted updates with each tensor's deviation from the global state
         clipped to ``cohort_clip`` times the cohort's median (:func:`rules.clip_to_cohort`),
         then, with the clients' ``ids`` and the server's ``memory``, each client's push across
-        rounds kept within :meth:`drift_limit` (:meth:`rules.CohortMemory.clip`; ``commit``
+        rounds kept within :meth:`drift_limit` and, along the all-ones direction,
+        :meth:`drift_shift_limit` (:meth:`rules.CohortMemory.clip`; ``commit``
         False: the memory is left as it was), then the federation's drift across rounds, whatever
         the ids, within :meth:`aggregate_limit` (:meth:`rules.AggregateMemory.clip`, with the
         updates' sample counts ``weights``: the mean's weights), and what was clipped. The
@@ -223,7 +230,8 @@ class Method:
         updates, events = rules.clip_to_cohort(reference, updates, self.config.cohort_clip,
                                                self.against_limit(), self.shift_limit())
         if memory is not None and ids is not None:
-            updates, more = memory.clip(reference, updates, ids, self.drift_limit(), commit)
+            updates, more = memory.clip(reference, updates, ids, self.drift_limit(), commit,
+                                        shift=self.drift_shift_limit())
             events = events + more
         if memory is not None and self.config.aggregator == "mean":
             mean_weights = weights if self.weighted_mean and weights is not None else None
@@ -249,6 +257,15 @@ class Method:
         ``cohort_drift``, else the method's :attr:`cohort_drift`; None when off (inf)."""
         value = self.config.cohort_drift if self.config.cohort_drift is not None else self.cohort_drift
         return None if value == float("inf") else value
+
+    def drift_shift_limit(self) -> float | None:
+        """The limit on the component along the all-ones direction (a whole tensor one way) of
+        a client's deviations from the cohort's centre summed over its rounds, in median
+        deviations times sqrt(rounds) (:class:`rules.CohortMemory`): the configured
+        ``cohort_drift_shift``, else the method's :attr:`cohort_drift_shift`; None when off (inf)."""
+        value = (self.config.cohort_drift_shift if self.config.cohort_drift_shift is not None
+                 else self.cohort_drift_shift)
+        return None if value == math.inf else value
 
     def shift_limit(self) -> float | None:
         """The limit on a client's shift of a whole tensor away from the cohort's median shift,

@@ -27,6 +27,8 @@ class SparsyFed(Method):
     # Honest SparsyFed clients' sums across rounds reached 4.98 median deviations times
     # sqrt(rounds) in the measured runs (20 and 60 rounds; docs/security.md)
     cohort_drift = 7.0
+    # and their components along the all-ones direction 1.22 (20 rounds; docs/security.md)
+    cohort_drift_shift = 1.35
     # honest SparsyFed runs' sums across rounds reached 0.84 (norm), 0.19 (shift) and 0.19
     # (against) median deviations times sqrt(rounds) (rules.AggregateMemory; docs/security.md)
     aggregate_drift = 1.2
