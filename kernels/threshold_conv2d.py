@@ -24,7 +24,9 @@ Forward:  an upper-bound grid over pixel tiles x ``perm`` blocks; as for Linear,
           straddles ``count`` runs the narrowest tile class that covers its active filters, and
           blocks past ``count`` only write bias (or 0) for the pruned output channels.
 Backward: ``dY``'s active columns are compacted into ``dyc [P, >= count]`` by a launch that also
-          sums the bias gradient over every filter (it reads nearly all of ``dY`` anyway);
+          sums the bias gradient over every filter (it reads nearly all of ``dY`` anyway); with
+          every filter active, a channels-last ``dY`` that has ``dyc``'s layout is not copied
+          and the GEMMs read it in place (decided on the device, :func:`_dy_in_place`);
           ``dX`` is the transposed convolution over the active filters only (full ``BLOCK_P``
           steps, then ``TAIL_P``-wide steps), split into the ``stride_h * stride_w`` phases of
           the input pixels so that no lane computes a product that the stride makes zero; each
@@ -32,7 +34,8 @@ Backward: ``dY``'s active columns are compacted into ``dyc [P, >= count]`` by a 
           ``G^T = Xcol^T dY`` (``[channels, filters]`` tiles per kernel position, filters as the
           N dimension again) is a GEMM over the pixels, split along them so that the active
           filter blocks fill the SMs (:func:`_dw_split`), with
-          per-tile partial sums of ``r_i = sum G_i W_i``; the finish kernel then writes
+          per-tile partial sums of ``r_i = sum G_i W_i`` (the last split program of a tile adds
+          the splits' fp32 slices of ``G`` into the first); the finish kernel then writes
           ``dtau = -r`` and ``dW = m G + sign(W) r / (C KH KW)``.
 The backward modes are those of :mod:`.threshold_linear`; ``sample`` draws its strided sample
 from the output pixels.
