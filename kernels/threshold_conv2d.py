@@ -24,7 +24,9 @@ Forward:  an upper-bound grid over pixel tiles x ``perm`` blocks; as for Linear,
           straddles ``count`` runs the narrowest tile class that covers its active filters, and
           blocks past ``count`` only write bias (or 0) for the pruned output channels.
 Backward: ``dY``'s active columns are compacted into ``dyc [P, >= count]`` by a launch that also
-          sums the bias gradient over every filter (it reads nearly all of ``dY`` anyway);
+          sums the bias gradient over every filter (it reads nearly all of ``dY`` anyway); with
+          every filter active, a channels-last ``dY`` that has ``dyc``'s layout is not copied
+          and the GEMMs read it in place (decided on the device, :func:`_dy_in_place`);
           ``dX`` is the transposed convolution over the active filters only (full ``BLOCK_P``
           steps, then ``TAIL_P``-wide steps), split into the ``stride_h * stride_w`` phases of
           the input pixels so that no lane computes a product that the stride makes zero; each
@@ -32,7 +34,8 @@ Backward: ``dY``'s active columns are compacted into ``dyc [P, >= count]`` by a 
           ``G^T = Xcol^T dY`` (``[channels, filters]`` tiles per kernel position, filters as the
           N dimension again) is a GEMM over the pixels, split along them so that the active
           filter blocks fill the SMs (:func:`_dw_split`), with
-          per-tile partial sums of ``r_i = sum G_i W_i``; the finish kernel then writes
+          per-tile partial sums of ``r_i = sum G_i W_i`` (the last split program of a tile adds
+          the splits' fp32 slices of ``G`` into the first); the finish kernel then writes
           ``dtau = -r`` and ``dW = m G + sign(W) r / (C KH KW)``.
 The backward modes are those of :mod:`.threshold_linear`; ``sample`` draws its strided sample
 from the output pixels.
@@ -272,11 +275,13 @@ def _phase_taps(phase, pad, dil, stride, K: tl.constexpr):
 @triton.jit
 def _threshold_conv2d_bwd_dx_kernel(
     dyc_ptr,  # [P, >= count] compacted dY (row = output pixel, unit column stride)
+    dy_ptr,  # [P, F] dY itself, row stride stride_cm (DY_DIRECT only)
     w_ptr,  # [F, C, KH, KW], or [>= count, KH * KW * C] compacted (COMPACT_W)
     perm_ptr,  # [F] int32
     count_ptr,  # [1] int32
     dx_ptr,  # [B, C, H, W] out, any strides
     PQ,  # B * Hq * Wq: input pixels of one phase (upper bound)
+    F,
     C, H, W, Ho, Wo,
     Hq, Wq,  # cdiv(H, stride_h), cdiv(W, stride_w)
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
@@ -284,6 +289,7 @@ def _threshold_conv2d_bwd_dx_kernel(
     stride_cm,
     swf, swc, swh, sww,
     sdb, sdc, sdh, sdw,
+    DY_DIRECT: tl.constexpr,  # dY is channels-last with F a multiple of DYC_PAD: dyc's layout
     COMPACT_W: tl.constexpr,
     UPCAST: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
@@ -324,6 +330,11 @@ def _threshold_conv2d_bwd_dx_kernel(
     lift_h = (KH - 1) * dil_h
     lift_w = (KW - 1) * dil_w
     base = b * Ho * Wo + i * Wo + j
+    if DY_DIRECT:
+        if count == F:
+            # Every filter active: perm is the identity and dY's rows are dyc's, so the
+            # compaction wrote nothing (see _conv_compact_dy_kernel).
+            dyc_ptr = dy_ptr
     a_rows = dyc_ptr + base[:, None] * stride_cm
     w_cols = w_ptr + offs_c[None, :] * swc
     acc = tl.zeros([BLOCK_M, BLOCK_C], dtype=tl.float32)
@@ -413,6 +424,7 @@ def _conv_compact_dy_kernel(
     stride_cm,
     HAS_BIAS: tl.constexpr,
     UNIT_MAJOR: tl.constexpr,  # dY's filters are its contiguous dimension (channels-last)
+    DY_DIRECT: tl.constexpr,  # dY is [P, F] with row stride stride_cm: the GEMMs read it in place at count == F
     WIDE: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_P: tl.constexpr,
@@ -425,8 +437,13 @@ def _conv_compact_dy_kernel(
     pid_m = tl.program_id(0)
     pid_p = tl.program_id(1)
     count = tl.load(count_ptr)
+    # The positions to copy: none when the GEMMs read dY in place (every filter active).
+    n_copy = count
+    if DY_DIRECT:
+        if count == F:
+            n_copy = 0
     if not HAS_BIAS:
-        if pid_p * BLOCK_P >= count:
+        if pid_p * BLOCK_P >= n_copy:
             return
     offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
     p_ok = offs_p < F
@@ -448,7 +465,7 @@ def _conv_compact_dy_kernel(
         # Read along the pixels (NCHW) and transposed in registers: both sides coalesced.
         tile = tl.trans(tl.load(dy_ptr + src[None, :] + rows[:, None] * sdyf, mask=read[:, None] & m_ok[None, :],
                                 other=0.0))
-    tl.store(dst, tile, mask=m_ok[:, None] & active[None, :])
+    tl.store(dst, tile, mask=m_ok[:, None] & (offs_p < n_copy)[None, :])
     if HAS_BIAS:
         n_m = tl.num_programs(0)
         part = tl.sum(tile.to(tl.float32), axis=0)
@@ -589,6 +606,36 @@ def _conv_dw_tiles(
 
 
 @triton.jit
+def _conv_dw_sum_splits(
+    g_ptr, perm_ptr, ticket_ptr, tile, p0, count, rs, offs_c, c_ok, SPLIT,
+    stride_gs, stride_gn, stride_gc, stride_grs,
+    WIDE: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
+):
+    # The last of a tile's SPLIT programs to store its slice of G adds the slices in split
+    # order into slice 0: the finish pass then reads one fp32 slice instead of SPLIT (the same
+    # fp32 sums in the same order as it would form). Every thread's stores happen before the
+    # ticket (release); the last program sees them all (acquire).
+    tl.debug_barrier()
+    ticket = tl.atomic_add(ticket_ptr + tile, 1, sem="acq_rel")
+    if ticket == SPLIT - 1:
+        offs_p = p0 + tl.arange(0, BLOCK_P)
+        act = offs_p < count
+        rows = tl.load(perm_ptr + offs_p, mask=act, other=0)
+        if WIDE:
+            rows = rows.to(tl.int64)
+        ptrs = g_ptr + rows[None, :] * stride_gn + offs_c[:, None] * stride_gc + rs * stride_grs
+        ok = c_ok[:, None] & act[None, :]
+        acc = tl.zeros([BLOCK_C, BLOCK_P], dtype=tl.float32)
+        n_split = SPLIT
+        if WIDE:
+            n_split = tl.cast(SPLIT, tl.int64)
+        for sl in range(0, n_split):
+            acc += tl.load(ptrs + sl * stride_gs, mask=ok, other=0.0)
+        tl.store(ptrs, acc, mask=ok)
+        tl.atomic_xchg(ticket_ptr + tile, 0, sem="relaxed")
+
+
+@triton.jit
 def _threshold_conv2d_bwd_dw_kernel(
     x_ptr,  # [B, C, H, W], channels-last in memory on the launcher's path
     dyc_ptr,  # [P, >= count] compacted dY
@@ -598,6 +645,7 @@ def _threshold_conv2d_bwd_dw_kernel(
     count_ptr,  # [1] int32
     g_ptr,  # [SPLIT, F, C, KH * KW] out (active rows): m * G, fp32 workspace or dW itself
     rpart_ptr,  # [SPLIT * num_kb, F] fp32 out: partial sums of r
+    ticket_ptr,  # [>= blocks * num_kb] int32, 0 on entry and on exit (SPLIT > 1)
     P,
     F,
     C, H, W, Ho, Wo,
@@ -611,6 +659,7 @@ def _threshold_conv2d_bwd_dw_kernel(
     sample_step,
     SPLIT,  # the pixel reduction is split into SPLIT programs along grid axis 2
     MODE: tl.constexpr,
+    DY_DIRECT: tl.constexpr,  # as in the dX kernel: dY read in place at count == F
     UPCAST: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     WIDE: tl.constexpr,
@@ -646,6 +695,9 @@ def _threshold_conv2d_bwd_dw_kernel(
         split = split.to(tl.int64)
     count = tl.load(count_ptr)
     c_ok = offs_c < C
+    if DY_DIRECT:
+        if count == F:
+            dyc_ptr = dy_ptr
     if MODE == 0:
         p0 = t * BLOCK_P
         if p0 + BLOCK_P <= count:
@@ -660,6 +712,10 @@ def _threshold_conv2d_bwd_dw_kernel(
                           dil_h, dil_w, sxb, sxc, sxh, sxw, stride_cm, sdyb, sdyf, sdyh, sdyw, swf, swc, swh, sww,
                           stride_gs, stride_gn, stride_gc, stride_grs, 2, True, UPCAST, DOT_PRECISION, WIDE, BLOCK_C,
                           BLOCK_M, BLOCK_P)
+        if SPLIT > 1:
+            if p0 < count:
+                _conv_dw_sum_splits(g_ptr, perm_ptr, ticket_ptr, t * num_kb + kb, p0, count, rs, offs_c, c_ok, SPLIT,
+                                    stride_gs, stride_gn, stride_gc, stride_grs, WIDE, BLOCK_C, BLOCK_P)
     else:
         n_active = tl.cdiv(count, BLOCK_P)
         if t < n_active:
@@ -669,6 +725,9 @@ def _threshold_conv2d_bwd_dw_kernel(
                            stride_w, pad_h, pad_w, dil_h, dil_w, sxb, sxc, sxh, sxw, stride_cm, sdyb, sdyf, sdyh,
                            sdyw, swf, swc, swh, sww, stride_gs, stride_gn, stride_gc, stride_grs, 0, True, UPCAST,
                            DOT_PRECISION, WIDE, BLOCK_C, BLOCK_M, BLOCK_P, TAIL1, TAIL2, TAIL3)
+            if SPLIT > 1:
+                _conv_dw_sum_splits(g_ptr, perm_ptr, ticket_ptr, t * num_kb + kb, t * BLOCK_P, count, rs, offs_c,
+                                    c_ok, SPLIT, stride_gs, stride_gn, stride_gc, stride_grs, WIDE, BLOCK_C, BLOCK_P)
         elif MODE == 2:
             # Pruned positions over the strided sample of the pixels; r only.
             p0 = count + (t - n_active) * BLOCK_P
@@ -853,11 +912,21 @@ def threshold_conv2d_fwd(
     return y
 
 
+def _dy_in_place(grad_y: torch.Tensor) -> bool:
+    """Whether the GEMMs may read ``grad_y`` itself where every filter is active: channels-last
+    and dense (its ``[P, F]`` view has row stride ``F``), with ``F`` a multiple of ``DYC_PAD``,
+    so that the view has exactly the compacted buffer's layout (the unmasked block loads
+    along the filters stay inside each row)."""
+    return grad_y.shape[1] % DYC_PAD == 0 and grad_y.permute(0, 2, 3, 1).is_contiguous()
+
+
 def _compact_dy(grad_y: torch.Tensor, row_mask: RowMask, pixels: int, ho: int, wo: int,
-                db_out: torch.Tensor | None) -> torch.Tensor:
+                db_out: torch.Tensor | None, in_place: bool) -> torch.Tensor:
     """``dyc [pixels, >= count]`` (column ``p`` holds dY's filter ``perm[p]``, rows padded to
     whole blocks as :func:`.threshold_linear.compact_grad_columns` pads them) and, with
-    ``db_out [F]``, the bias gradient written there in the same launch."""
+    ``db_out [F]``, the bias gradient written there in the same launch. ``in_place``
+    (:func:`_dy_in_place`): at ``count == F`` nothing is copied (the bias gradient is still
+    summed) and the GEMMs read ``grad_y`` instead; the count is read on the device only."""
     filters = grad_y.shape[1]
     padded = cdiv(filters, DYC_PAD) * DYC_PAD
     dyc = torch.empty((pixels, padded), device=grad_y.device, dtype=grad_y.dtype)
@@ -869,7 +938,7 @@ def _compact_dy(grad_y: torch.Tensor, row_mask: RowMask, pixels: int, ho: int, w
     _conv_compact_dy_kernel[(n_m, n_p)](
         grad_y, row_mask.perm, row_mask.count, dyc, dbp, db_out if has_bias else dbp, tickets, pixels, filters,
         ho * wo, wo, *grad_y.stride(), dyc.stride(0), HAS_BIAS=has_bias, UNIT_MAJOR=grad_y.stride(1) == 1,
-        WIDE=not fits_int32(grad_y, dyc, dbp), BLOCK_M=block_m, BLOCK_P=block_p, num_warps=4,
+        DY_DIRECT=in_place, WIDE=not fits_int32(grad_y, dyc, dbp), BLOCK_M=block_m, BLOCK_P=block_p, num_warps=4,
     )
     return dyc
 
@@ -995,7 +1064,8 @@ def threshold_conv2d_bwd(
     geo = _geometry_args(geometry)
 
     # dyc[q, p] = dY[b, perm[p], oh, ow] for the flattened pixel q = (b, oh, ow), p < count.
-    dyc = _compact_dy(grad_y, row_mask, pixels, ho, wo, db_out)
+    dy_in_place = _dy_in_place(grad_y)
+    dyc = _compact_dy(grad_y, row_mask, pixels, ho, wo, db_out, dy_in_place)
 
     if need_dx:
         compact = use_compact_weight(compact_weight, "conv", weight)
@@ -1011,9 +1081,10 @@ def threshold_conv2d_bwd(
             "conv_dx",
             lambda meta: (cdiv(phase_pixels, meta["BLOCK_M"]) * cdiv(chans, meta["BLOCK_C"]), sh * sw),
             fixed,
-            (dyc, w_op, row_mask.perm, row_mask.count, dx, phase_pixels, chans, height, width, ho, wo, hq, wq, *geo,
-             *steps, dyc.stride(0), *w_strides, *dx.stride()),
-            dict(COMPACT_W=compact, TAIL_P=tiles.dx_tail, WIDE=not fits_int32(dyc, w_op, dx), **consts),
+            (dyc, grad_y, w_op, row_mask.perm, row_mask.count, dx, phase_pixels, filters, chans, height, width, ho,
+             wo, hq, wq, *geo, *steps, dyc.stride(0), *w_strides, *dx.stride()),
+            dict(DY_DIRECT=dy_in_place, COMPACT_W=compact, TAIL_P=tiles.dx_tail, WIDE=not fits_int32(dyc, w_op, dx),
+                 **consts),
             dtype=x.dtype,
             rows=pixels,
             density_hint=density_hint,
@@ -1050,10 +1121,11 @@ def threshold_conv2d_bwd(
         f"conv_dw{mode_id}",
         lambda meta: (n_blocks, num_kb, n_split),
         fixed,
-        (x_cl, dyc, grad_y, weight, row_mask.perm, row_mask.count, g, rpart, pixels, filters, chans, height, width,
-         ho, wo, *geo, *x_cl.stride(), dyc.stride(0), *grad_y.stride(), *weight.stride(), *g_strides, s_count,
+        (x_cl, dyc, grad_y, weight, row_mask.perm, row_mask.count, g, rpart,
+         split_tickets(device, n_blocks * num_kb) if n_split > 1 else row_mask.count, pixels, filters, chans, height,
+         width, ho, wo, *geo, *x_cl.stride(), dyc.stride(0), *grad_y.stride(), *weight.stride(), *g_strides, s_count,
          s_step, n_split),
-        dict(MODE=mode_id, WIDE=wide, SAMPLE_M=sample_m, **consts),
+        dict(MODE=mode_id, DY_DIRECT=dy_in_place, WIDE=wide, SAMPLE_M=sample_m, **consts),
         dtype=x.dtype,
         rows=pixels,
         density_hint=density_hint,
@@ -1065,5 +1137,6 @@ def threshold_conv2d_bwd(
         w2d = weight.permute(0, 2, 3, 1).reshape(filters, fan_in)
     else:
         w2d = weight.reshape(filters, fan_in) if weight.is_contiguous() else weight.contiguous().view(filters, fan_in)
-    finish_threshold_gradients(rpart, w2d, row_mask, g, dw2d, dtau, mode_id=mode_id, r_out=r_out)
+    # With a split, the dW launch has summed the slices into the first (_conv_dw_sum_splits).
+    finish_threshold_gradients(rpart, w2d, row_mask, g[:1], dw2d, dtau, mode_id=mode_id, r_out=r_out)
     return dx, dw, dtau

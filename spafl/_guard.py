@@ -36,9 +36,23 @@ def _check_finite(options: ThresholdOptions, threshold: torch.Tensor) -> bool:
     return threshold.device.type == "cpu" if check is None else check
 
 
+def weight_rows(weight: torch.Tensor) -> torch.Tensor | None:
+    """``weight [N, ...]`` as ``[N, K]`` rows in its memory order, without a copy: a view of a
+    contiguous weight, or of a channels-last convolution weight with its columns in ``(r, s, c)``
+    order. None for any other layout. The Triton row mask and the fused optimizer step
+    (:mod:`spafl.optim`) both score rows in this order, so their fp32 sums agree bit for bit."""
+    if weight.is_contiguous():
+        return weight.view(weight.shape[0], -1)
+    if weight.dim() == 4 and weight.permute(0, 2, 3, 1).is_contiguous():
+        return weight.permute(0, 2, 3, 1).reshape(weight.shape[0], -1)
+    return None
+
+
 def _row_mask(weight, threshold, mask_backend: str, collapse_density: float | None, with_perm: bool = True) -> RowMask:
     if mask_backend == "triton":  # (a launch records no graph: no detach needed)
-        w2d = weight if weight.dim() == 2 else weight.reshape(weight.shape[0], -1)
+        w2d = weight_rows(weight)
+        if w2d is None:
+            w2d = weight.reshape(weight.shape[0], -1)
         return _kernels().threshold_row_mask(w2d, threshold, collapse_density=collapse_density)
     w2d = weight.detach()
     if w2d.dim() != 2:

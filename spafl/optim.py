@@ -42,6 +42,7 @@ import torch
 from . import reference
 from ._checks import route
 from ._functions import _GRAD_SINKS, MaskedGrad, grad_sink
+from ._guard import weight_rows
 from ._layer_base import weight_owner
 from ._rowmask import RowMask
 
@@ -207,7 +208,7 @@ class FusedStep:
         options = layer.options
         if not layer.training or route(options.backend, p, None, getattr(layer, "groups", 1)).mask != "triton":
             return False
-        if grad.is_sparse or grad.dtype != p.dtype or not p.is_contiguous() or not grad.is_contiguous():
+        if grad.is_sparse or grad.dtype != p.dtype or not _same_rows(p, grad):
             return False
         if group.get("maximize") or group.get("differentiable") or group.get("fused") or group.get("capturable"):
             return False
@@ -264,8 +265,25 @@ def _guard(layer) -> dict:
             "previous_density": layer.previous_density if previous else None}
 
 
+def _same_rows(p: torch.Tensor, t: torch.Tensor) -> bool:
+    """Whether ``t`` (a gradient or a state buffer) has ``p``'s rows in ``p``'s memory order:
+    then the fused kernel steps them as ``[N, K]`` views (contiguous, or channels-last
+    convolution weights, whose rows are ``(r, s, c)``)."""
+    return (weight_rows(p) is not None and t.shape == p.shape
+            and (t.stride() == p.stride() or (t.is_contiguous() and p.is_contiguous())))
+
+
+def _in_rows_of(state: dict, key: str, p: torch.Tensor) -> torch.Tensor:
+    """``state[key]`` in ``p``'s memory layout (converted once, e.g. after a state dict that
+    came from another layout)."""
+    value = state[key]
+    if not _same_rows(p, value):
+        value = state[key] = torch.empty_like(p).copy_(value)
+    return value
+
+
 def _as2d(t: torch.Tensor) -> torch.Tensor:
-    return t.view(t.shape[0], -1)
+    return weight_rows(t)
 
 
 class SGD(FusedStep, torch.optim.SGD):
@@ -283,9 +301,9 @@ class SGD(FusedStep, torch.optim.SGD):
         buf = state.get("momentum_buffer") if momentum != 0 else None
         first = momentum != 0 and buf is None
         if first:
-            buf = torch.empty_like(p, memory_format=torch.contiguous_format)
-        elif buf is not None and not buf.is_contiguous():
-            buf = state["momentum_buffer"] = buf.contiguous()
+            buf = torch.empty_like(p)  # (p's layout: the kernel steps the rows in memory order)
+        elif buf is not None:
+            buf = _in_rows_of(state, "momentum_buffer", p)
         row_mask = _kernels().fused_step(
             _as2d(p), _as2d(grad), layer.threshold.detach(), kind="sgd", lr=float(group["lr"]),
             weight_decay=group["weight_decay"], state1=None if buf is None else _as2d(buf), momentum=momentum,
@@ -313,8 +331,7 @@ class _AdamFused(FusedStep):
             state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
         for name in ("exp_avg", "exp_avg_sq"):
-            if not state[name].is_contiguous():
-                state[name] = state[name].contiguous()
+            _in_rows_of(state, name, p)
         state["step"] += 1
         step = float(state["step"])
         beta1, beta2 = group["betas"]

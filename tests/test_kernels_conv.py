@@ -306,3 +306,26 @@ def test_gpu_tiles_against_the_reference(mode, device):
     with _config.production_tiles():
         for split in (None, 2):
             _check_all(geo, x, w, b, dy, tau, mode, torch.bfloat16, split=split)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("density", [1.0, 0.99])
+def test_every_filter_active_reads_channels_last_dy_in_place(density, mode, device, poisoned_allocations):
+    # 128 filters and a channels-last dY: dY's [P, F] view has the compacted buffer's layout, so
+    # at count == F (density 1) the compaction copies nothing and the GEMMs read dY itself; with
+    # one filter pruned (0.99: 127 of 128) they read the copy. Fresh buffers hold NaN here: a
+    # GEMM that read the uncopied buffer would show it. Splits of the dW reduction are summed
+    # by the dW launch itself, whose tickets are left at 0.
+    from spafl.kernels.threshold_conv2d import _dy_in_place
+    from spafl.kernels.threshold_linear import split_tickets
+
+    geometry = (1, 5, 6, 5, 128, 3, 1, 1, 1)
+    geo, x, w, b, dy, tau = _inputs(geometry, torch.bfloat16, density, device, channels_last=True)
+    dy = dy.contiguous(memory_format=torch.channels_last)
+    assert _dy_in_place(dy)
+    assert not _dy_in_place(dy.contiguous()) and not _dy_in_place(dy[:, :127])
+    for bias in (b, None):
+        for split in (1, 3):
+            rm = _check_all(geo, x, w, bias, dy, tau, mode, torch.bfloat16, split=split)[0]
+            assert int(rm.count) == round(density * 128)
+            assert (split_tickets(x.device, 1) == 0).all()

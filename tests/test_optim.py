@@ -734,3 +734,126 @@ def test_triton_compact_grads_conv(dtype, mode, pointwise):
     assert torch.equal(a.weight, b.weight)
     assert torch.equal(oa.state[a.weight]["momentum_buffer"], ob.state[b.weight]["momentum_buffer"])
     assert torch.equal(a.mask, b.mask)
+
+
+# ----------------------------------------------------------------------------- channels-last convolution weights
+
+
+def _channels_last_conv(mode, dtype=torch.float32, **kw):
+    layer = ThresholdConv2d(5, 19, 3, padding=1, backend="triton", backward_mode=mode, dtype=dtype,
+                            device=_device(), **kw).to(memory_format=torch.channels_last)
+    with torch.no_grad():
+        layer.threshold.copy_(reference.row_scores(layer.weight).float() * torch.linspace(0.6, 1.3, 19))
+    assert layer.weight.is_contiguous(memory_format=torch.channels_last) and not layer.weight.is_contiguous()
+    return layer
+
+
+@triton_only
+@pytest.mark.parametrize("compact", [False, True], ids=["full-grads", "compact-grads"])
+@pytest.mark.parametrize("mode,which", [("exact", 0), ("skip", 1), ("exact", 4), ("skip", 5)],
+                         ids=lambda v: OPTIMIZERS[v][0] if isinstance(v, int) else v)
+def test_triton_channels_last_conv_fused_step(mode, which, compact):
+    """A channels-last convolution weight is stepped by the fused kernel (its rows in memory
+    order, (r, s, c)), momentum / decay / Adam's moments included, as torch.optim steps the same
+    layer and the reference layer; the kept mask is the one the forward would score, and the
+    weight and its state stay channels-last."""
+    from spafl._guard import weight_rows
+    from spafl.kernels import threshold_row_mask
+
+    name, fused, plain, kw = OPTIMIZERS[which]
+    torch.manual_seed(0)
+    a = _channels_last_conv(mode)
+    b = copy.deepcopy(a)
+    ref = copy.deepcopy(a)
+    ref.backend = "reference"
+    oa = fused(a.parameters(), compact_grads=compact, **kw)
+    ob, oref = plain(b.parameters(), **kw), plain(ref.parameters(), **kw)
+    gen = torch.Generator().manual_seed(1)
+    steps = 4
+    for _ in range(steps):
+        x = _input("conv", gen)[:2].to(_device()).contiguous(memory_format=torch.channels_last)
+        for layer, opt in ((a, oa), (b, ob), (ref, oref)):
+            _train_step(layer, opt, x)
+        kept = a._kept_mask(a.forward_options)
+        assert kept is not None and kept[0] == "triton"
+        scored = threshold_row_mask(weight_rows(a.weight), a.threshold.detach())
+        assert torch.equal(kept[1].score, scored.score) and torch.equal(kept[1].perm, scored.perm)
+    assert oa.fused_launches == steps
+    for other in (b, ref):
+        torch.testing.assert_close(a.weight, other.weight, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(a.threshold, other.threshold, rtol=1e-4, atol=1e-5)
+        assert torch.equal(a.mask, other.mask)
+    assert a.weight.is_contiguous(memory_format=torch.channels_last)
+    for key, value in oa.state[a.weight].items():
+        if isinstance(value, torch.Tensor) and value.dim() == 4:
+            assert value.stride() == a.weight.stride(), key
+            torch.testing.assert_close(value, ob.state[b.weight][key], rtol=1e-4, atol=1e-5)
+
+
+@triton_only
+@pytest.mark.parametrize("dtype,mode", [(torch.float32, "exact"), (torch.bfloat16, "skip")])
+def test_triton_channels_last_conv_compact_grads_match_full_gradients(dtype, mode):
+    """Compact gradients of a channels-last weight (the active rows of dW and r, the pruned rows'
+    term formed by the fused step): the same bits as the fused step from the full gradient."""
+    torch.manual_seed(0)
+    a = _channels_last_conv(mode, dtype)
+    b = copy.deepcopy(a)
+    kw = dict(lr=0.05, momentum=0.9, weight_decay=1e-3)
+    oa, ob = so.SGD(a.parameters(), compact_grads=True, **kw), so.SGD(b.parameters(), **kw)
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(3):
+        x = _input("conv", gen, dtype)[:2].to(_device()).contiguous(memory_format=torch.channels_last)
+        oa.zero_grad()
+        _backward(a, x)
+        assert a.weight.grad is None and _pending(a) is not None
+        ob.zero_grad()
+        _backward(b, x)
+        oa.step()
+        ob.step()
+    assert oa.fused_launches == ob.fused_launches == 3
+    assert torch.equal(a.weight, b.weight)
+    assert torch.equal(oa.state[a.weight]["momentum_buffer"], ob.state[b.weight]["momentum_buffer"])
+    assert torch.equal(a.mask, b.mask)
+
+
+@triton_only
+@pytest.mark.parametrize("edit", ["copy_weight", "load_state_dict", "state_from_torch_optim"])
+def test_triton_channels_last_conv_edits(edit):
+    """``copy_`` and ``load_state_dict`` invalidate the kept mask of a channels-last weight; a
+    contiguous state (from torch.optim stepping a contiguous copy) is taken in the weight's layout."""
+    from spafl._conv import conv_geometry
+
+    torch.manual_seed(0)
+    a = _channels_last_conv("skip", collapse_density=None)
+    kw = dict(lr=0.05, momentum=0.9)
+    oa = so.SGD(a.parameters(), **kw)
+    gen = torch.Generator().manual_seed(2)
+    x = _input("conv", gen)[:2].to(_device()).contiguous(memory_format=torch.channels_last)
+    _train_step(a, oa, x)
+    assert a._kept_mask(a.forward_options) is not None
+    if edit == "state_from_torch_optim":
+        b = copy.deepcopy(a).to(memory_format=torch.contiguous_format)
+        ob = torch.optim.SGD(b.parameters(), **kw)
+        ob.load_state_dict(copy.deepcopy(oa.state_dict()))
+        ob.state[b.weight]["momentum_buffer"] = ob.state[b.weight]["momentum_buffer"].contiguous()
+        a2 = copy.deepcopy(a)
+        oa2 = so.SGD(a2.parameters(), **kw)
+        oa2.load_state_dict(copy.deepcopy(ob.state_dict()))
+        assert oa2.state[a2.weight]["momentum_buffer"].is_contiguous()
+        for layer, opt in ((a2, oa2), (b, ob)):
+            _train_step(layer, opt, x)
+        assert oa2.fused_launches == 1
+        assert oa2.state[a2.weight]["momentum_buffer"].stride() == a2.weight.stride()
+        torch.testing.assert_close(a2.weight, b.weight, rtol=1e-5, atol=1e-6)
+        return
+    with torch.no_grad():
+        if edit == "copy_weight":
+            a.weight.copy_(torch.randn_like(a.weight))
+        else:
+            state = {k: v.clone() for k, v in a.state_dict().items()}
+            state["weight"] = torch.randn_like(a.weight)
+            a.load_state_dict(state)
+    assert a._kept_mask(a.forward_options) is None
+    expected = reference.threshold_conv2d_forward(x, a.weight, reference.row_mask(a.weight, a.threshold).mask,
+                                                  a.bias, conv_geometry(3, 1, 1))
+    torch.testing.assert_close(a(x), expected, rtol=1e-4, atol=1e-5)
