@@ -49,8 +49,23 @@ def _addr(t: torch.Tensor, offsets: np.ndarray) -> np.ndarray:
 
 
 def _unique_bytes(parts: list[np.ndarray]) -> int:
-    parts = [p for p in parts if p.size]
-    return SECTOR * (np.unique(np.concatenate(parts)).size if parts else 0)
+    """32 x the distinct sectors in ``parts``: parts whose sector ranges overlap are merged and
+    counted on a bitmap of their span (a buffer's span, not the address space; no sort)."""
+    spans = sorted(((int(p.min()), int(p.max()), i) for i, p in enumerate(parts) if p.size))
+    groups: list[list] = []
+    for lo, hi, i in spans:
+        if groups and lo <= groups[-1][1]:
+            groups[-1][1] = max(groups[-1][1], hi)
+            groups[-1][2].append(i)
+        else:
+            groups.append([lo, hi, [i]])
+    distinct = 0
+    for lo, hi, members in groups:
+        seen = np.zeros(hi - lo + 1, dtype=bool)
+        for i in members:
+            seen[parts[i] - lo] = True
+        distinct += int(np.count_nonzero(seen))
+    return SECTOR * distinct
 
 
 def _class_width(rem: int, block: int, tails: tuple[int, int, int], zero_is_fill: bool) -> int:
