@@ -20,10 +20,10 @@ What is counted (docs/cost-model.md has the formulas, the peaks and the limits):
   of one SM's share of the dense peak; a PyTorch op's is its MACs at that efficiency of the whole
   machine; memory is the bytes at ``memory_efficiency`` of the HBM bandwidth.
 
-Interpreter time: a Linear whose rows and features are multiples of 128 is counted at four
-small probe sizes and extrapolated bilinearly (:func:`bilinear`), which is exact for these
-kernels there (tests/test_cost_model.py checks it against full execution); everything else runs
-whole.
+Interpreter time: the convolution GEMM launches (forward, dX, dW) are counted from their grids
+and loop bounds by benchmarks/conv_count.py, their address sets formed at once in NumPy and
+their outputs written by plain torch (tests/test_cost_model.py checks every field of every
+launch against the interpreter); every other launch runs in the interpreter.
 
 No GPU ran anything here: every figure is a model.
 """
@@ -50,6 +50,8 @@ import torch.nn.functional as F  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import conv_count  # noqa: E402  (the convolution GEMM launches counted without the interpreter)
+
 import kernels as bench_kernels  # noqa: E402  (benchmarks/kernels.py: the benchmark cases)
 
 SECTOR = 32  # bytes: the DRAM / L2 access granularity of Hopper
@@ -209,11 +211,20 @@ class _DispatchRecorder(TorchDispatchMode):
         return out
 
 
+# Count the convolution GEMM launches from their grids (benchmarks/conv_count.py) instead of
+# interpreting every program; ``--interpret-conv`` (or False here) interprets them.
+FAST_CONV = True
+
+
 class Recorder:
     """``with Recorder() as rec: ...`` then ``rec.launches``: every device launch in the block,
-    in order. ``rec.phase = "bwd"`` labels the launches that follow."""
+    in order. ``rec.phase = "bwd"`` labels the launches that follow. ``fast_conv`` (default
+    :data:`FAST_CONV`): the convolution GEMM launches are counted by ``conv_count`` and their
+    outputs written by plain torch; every other launch runs in the interpreter."""
 
-    def __init__(self) -> None:
+    def __init__(self, fast_conv: bool | None = None) -> None:
+        self.fast_conv = FAST_CONV if fast_conv is None else fast_conv
+        self.fast_launches = 0  # launches counted by conv_count
         self.launches: list[Launch] = []
         self.phase = ""
         self.syncs = 0  # host reads of device values (.item()): no launch, but a stall on a GPU
@@ -360,6 +371,21 @@ class Recorder:
             rec._current = Launch(rec.phase, "triton", name, prec)
             rec._reads, rec._writes, rec._program_macs = [], [], 0
             rec._in_kernel = True
+            if rec.fast_conv:
+                # (its reference ops run inside the launch: the dispatch mode does not record them)
+                try:
+                    counted = conv_count.count(executor, args, kwargs)
+                except BaseException:
+                    rec._current, rec._in_kernel = None, False
+                    raise
+                if counted is not None:
+                    cur = replace(rec._current, **counted)
+                    if not cur.macs:
+                        cur.precision = ""
+                    rec.launches.append(cur)
+                    rec.fast_launches += 1
+                    rec._current, rec._in_kernel = None, False
+                    return None
             try:
                 return call(executor, *args, **kwargs)
             finally:
@@ -1000,6 +1026,9 @@ def main(argv=None) -> int:
     common.add_argument("--densities", type=_densities, default=DENSITIES, help="comma-separated")
     common.add_argument("--breakdown", action="store_true", help="print every launch")
     common.add_argument("--out", default=None, help="folder for the tables (markdown) and CSVs")
+    common.add_argument("--interpret-conv", action="store_true",
+                        help="run the convolution GEMM launches in the interpreter too (slow; by default "
+                             "benchmarks/conv_count.py counts them from their grids)")
     lay = sub.add_parser("layers", parents=[common], help="the benchmark layers")
     lay.add_argument("-k", default="", help="only cases whose name contains this")
     lay.add_argument("--dtype", choices=sorted(bench_kernels.DTYPES), default="bfloat16")
@@ -1046,6 +1075,8 @@ def main(argv=None) -> int:
     if not interpreter_enabled():
         p.error("the model counts launches in Triton's interpreter: unset TRITON_INTERPRET=0")
     torch.set_num_threads(1)
+    global FAST_CONV
+    FAST_CONV = not getattr(args, "interpret_conv", False)
     return {"layers": run_layers, "steps": run_steps, "pair": run_pair, "reprice": run_reprice,
             "retable": run_retable, "summary": run_summary}[args.cmd](args)
 

@@ -125,7 +125,9 @@ def _warm(forward: Callable[[], torch.Tensor], backward: Callable[[torch.Tensor]
     interpreter's time does."""
     from spafl.kernels import _config
 
-    with _config.production_tiles():
+    # Inside a recorder whose launches are dropped: the convolution GEMMs take the fast count
+    # (benchmarks/conv_count.py) here too, instead of the interpreter.
+    with _config.production_tiles(), M.Recorder():
         backward(forward())
         opt.step()
     opt.zero_grad(set_to_none=True)

@@ -444,3 +444,93 @@ def test_a_model_step_command_by_hand(tmp_path, capsys, monkeypatch):
     # the tables are not replaced without --force
     assert model.main(argv) == 2
     assert "exists" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- the fast convolution count
+
+# (batch, channels, filters, size, kernel, stride, padding, dilation, channels-last, dtype): small
+# enough for the interpreter, covering strides (phases of dX), 1x1, even kernels with "same"
+# padding (uneven), dilation, a pixel reduction split in two (2048 pixels) and the tile classes.
+_FAST_SHAPES = {
+    "3x3-nchw": (2, 5, 20, 9, 3, 1, 1, 1, False, torch.bfloat16),
+    "3x3-cl-fp32": (2, 5, 20, 9, 3, 1, 1, 1, True, torch.float32),
+    "stride2-cl": (2, 16, 40, 8, 3, 2, 1, 1, True, torch.bfloat16),
+    "1x1": (1, 3, 24, 10, 1, 1, 0, 1, False, torch.bfloat16),
+    "4x4-same": (2, 8, 30, 11, 4, 1, "same", 1, False, torch.bfloat16),
+    "dilated": (2, 6, 20, 9, 3, 1, 2, 2, True, torch.bfloat16),
+    "split": (2, 4, 20, 32, 3, 1, 1, 1, True, torch.bfloat16),
+}
+
+
+def _conv_call(shape, density, mode, fast):
+    from spafl import threshold_conv2d
+
+    batch, chans, filters, size, k, stride, padding, dilation, cl, dtype = shape
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, chans, size, size, generator=g).to(dtype)
+    w = torch.randn(filters, chans, k, k, generator=g).to(dtype)
+    b = torch.randn(filters, generator=g).to(dtype)
+    y_shape = F.conv2d(x.float(), w.float(), None, stride, padding, dilation).shape
+    dy = torch.randn(y_shape, generator=g).to(dtype)
+    if cl:
+        x, w, dy = (t.contiguous(memory_format=torch.channels_last) for t in (x, w, dy))
+    tau = model.unit_thresholds(filters, density)
+    x, w, tau, b = (t.requires_grad_() for t in (x, w, tau, b))
+
+    def call():
+        y = threshold_conv2d(x, w, tau, b, stride, padding, dilation, backend="triton", backward_mode=mode,
+                             collapse_density=None, check_finite=False)
+        return y.detach(), torch.autograd.grad(y, (x, w, tau, b), dy)
+
+    model._warm_state()
+    call()  # state the kernels keep between calls (the bias gradient's tickets) exists before the record
+    rec = model.Recorder(fast_conv=fast)
+    with rec:
+        _, out = model.record(call, "fwd+bwd", rec)
+    return rec, out
+
+
+# Every density and mode on the plain 3x3 shape; each other shape at one density and mode
+# (CI-sized: the interpreter side takes seconds per case).
+_FAST_CASES = ([("3x3-nchw", d, m) for d in (0.0, 0.3, 1.0) for m in ("skip", "exact")]
+               + [("3x3-cl-fp32", 0.3, "exact"), ("stride2-cl", 1.0, "exact"), ("stride2-cl", 0.0, "skip"),
+                  ("1x1", 0.3, "skip"), ("4x4-same", 0.3, "exact"), ("dilated", 1.0, "skip"), ("split", 1.0, "exact")])
+
+
+@pytest.mark.parametrize(("name", "density", "mode"), _FAST_CASES)
+def test_the_fast_convolution_count_equals_the_interpreter_launch_for_launch(name, density, mode):
+    shape = _FAST_SHAPES[name]
+    slow, (y0, grads0) = _conv_call(shape, density, mode, fast=False)
+    fast, (y1, grads1) = _conv_call(shape, density, mode, fast=True)
+    assert slow.fast_launches == 0 and fast.fast_launches == 3  # forward, dX, dW
+    assert [la.name for la in fast.launches] == [la.name for la in slow.launches]
+    for a, b in zip(slow.launches, fast.launches, strict=True):
+        assert vars(a) == vars(b), a.name
+    # the outputs the fast path writes with plain torch carry the same values into later launches
+    tol = {"atol": 1e-4, "rtol": 1e-4} if shape[-1] == torch.float32 else {"atol": 3e-2, "rtol": 2e-2}
+    torch.testing.assert_close(y1, y0, **tol)
+    for g1, g0 in zip(grads1, grads0, strict=True):
+        torch.testing.assert_close(g1, g0, **tol)
+
+
+def test_the_fast_count_covers_the_sample_mode_and_a_split_pixel_reduction():
+    shape = _FAST_SHAPES["split"]
+    slow, (_, grads0) = _conv_call(shape, 0.3, "sample", fast=False)
+    fast, (_, grads1) = _conv_call(shape, 0.3, "sample", fast=True)
+    for a, b in zip(slow.launches, fast.launches, strict=True):
+        assert vars(a) == vars(b), a.name
+    (dw,) = [la for la in fast.launches if la.name == "_threshold_conv2d_bwd_dw_kernel"]
+    # grid (active block + pruned block, 9 kernel positions, split): the split is not 1 here
+    assert dw.programs % (2 * 9) == 0 and dw.programs // (2 * 9) > 1
+    for g1, g0 in zip(grads1, grads0, strict=True):
+        torch.testing.assert_close(g1, g0, atol=3e-2, rtol=2e-2)
+
+
+def test_launches_the_fast_count_does_not_know_run_in_the_interpreter():
+    a, b = torch.randn(16, 16), torch.randn(16, 16)
+    out = torch.zeros(2, 16, 16)
+    rec = model.Recorder(fast_conv=True)
+    with rec:
+        _gemm_tile_kernel[(2,)](a, b, out, 2, BLOCK=16)
+    assert rec.fast_launches == 0 and rec.launches[0].macs == 2 * 16**3
+    torch.testing.assert_close(out[1], a @ b)
