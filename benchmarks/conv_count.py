@@ -211,6 +211,7 @@ def _dx(a: dict, grid: tuple) -> dict:
     if tuple(grid[:2]) != (n0, sh * sw) or grid[2] != 1:
         raise ValueError("unexpected dX grid")
     count = int(a["count_ptr"][0])
+    _dy_in_place(a, count)
     full = count - count % bp
     n_full, n_tail = full // bp, cdiv(count - full, tp)
     lift_h, lift_w = (KH - 1) * a["dil_h"], (KW - 1) * a["dil_w"]
@@ -292,6 +293,7 @@ def _dw(a: dict, grid: tuple) -> dict:
     if tuple(grid[1:]) != (num_kb, n_split):
         raise ValueError("unexpected dW grid")
     count = int(a["count_ptr"][0])
+    _dy_in_place(a, count)
     perm = a["perm_ptr"][:nF].long()
     perm_np = perm.numpy().astype(np.int64)
     # Per block: (p0, p_end, width, source, store_g, m_end, m_step, block_m) or None (no work).
@@ -316,6 +318,9 @@ def _dw(a: dict, grid: tuple) -> dict:
     writes = []
     pix_sets: dict[tuple[int, int], None] = {}
     x_strides = (a["sxb"], a["sxc"], a["sxh"], a["sxw"])
+    def t_index(p0: int) -> int:
+        return p0 // bp  # the blocks that store G start at t * BLOCK_P
+
     for kind in kinds:
         if kind is None:
             continue
@@ -350,14 +355,29 @@ def _dw(a: dict, grid: tuple) -> dict:
             c = np.arange(C, dtype=np.int64) * a["stride_gc"]
             rs = np.arange(KH * KW, dtype=np.int64) * a["stride_grs"]
             sp = np.arange(n_split, dtype=np.int64) * a["stride_gs"]
-            writes.append(_addr(a["g_ptr"], (sp[:, None, None, None] + g_rows[None, :, None, None] * a["stride_gn"]
-                                             + c[None, None, :, None] + rs[None, None, None, :])))
+            g_all = _addr(a["g_ptr"], (sp[:, None, None, None] + g_rows[None, :, None, None] * a["stride_gn"]
+                                       + c[None, None, :, None] + rs[None, None, None, :]))
+            writes.append(g_all)
+            if n_split > 1 and p0 < count:
+                # _conv_dw_sum_splits: every program of the tile takes a ticket; the last reads
+                # the tile's slices (all of them) and stores their sum into the first (already
+                # among the writes), then resets the ticket.
+                tickets = _addr(a["ticket_ptr"], t_index(p0) * num_kb + np.arange(num_kb, dtype=np.int64))
+                reads += [tickets, g_all]
+                writes.append(tickets)
     for m_end, m_step in pix_sets:
         q = np.arange(m_end, dtype=np.int64) * m_step
         reads.append(_addr(a["x_ptr"], _input_offsets(q, a, all_taps, C, x_strides)))
     _dw_values(a, kinds, count, perm, num_kb)
     return {"programs": grid[0] * grid[1] * grid[2], "mac_programs": mac_programs, "macs": macs,
             "max_program_macs": max_macs, "read_bytes": _unique_bytes(reads), "write_bytes": _unique_bytes(writes)}
+
+
+def _dy_in_place(a: dict, count: int) -> None:
+    """The GEMMs' ``DY_DIRECT`` switch: with every filter active they read dY itself (laid out as
+    the compacted buffer) in place of the buffer the compaction left unwritten."""
+    if a.get("DY_DIRECT") and count == a["F"]:
+        a["dyc_ptr"] = a["dy_ptr"]
 
 
 def _dw_values(a: dict, kinds: list, count: int, perm: torch.Tensor, num_kb: int) -> None:

@@ -459,6 +459,8 @@ _FAST_SHAPES = {
     "4x4-same": (2, 8, 30, 11, 4, 1, "same", 1, False, torch.bfloat16),
     "dilated": (2, 6, 20, 9, 3, 1, 2, 2, True, torch.bfloat16),
     "split": (2, 4, 20, 32, 3, 1, 1, 1, True, torch.bfloat16),
+    # channels-last dY with a multiple of 128 filters: at density 1 dX and dW read it in place
+    "dy-in-place": (1, 4, 128, 5, 3, 1, 1, 1, True, torch.bfloat16),
 }
 
 
@@ -494,7 +496,8 @@ def _conv_call(shape, density, mode, fast):
 # (CI-sized: the interpreter side takes seconds per case).
 _FAST_CASES = ([("3x3-nchw", d, m) for d in (0.0, 0.3, 1.0) for m in ("skip", "exact")]
                + [("3x3-cl-fp32", 0.3, "exact"), ("stride2-cl", 1.0, "exact"), ("stride2-cl", 0.0, "skip"),
-                  ("1x1", 0.3, "skip"), ("4x4-same", 0.3, "exact"), ("dilated", 1.0, "skip"), ("split", 1.0, "exact")])
+                  ("1x1", 0.3, "skip"), ("4x4-same", 0.3, "exact"), ("dilated", 1.0, "skip"), ("split", 1.0, "exact"),
+                  ("dy-in-place", 1.0, "exact")])
 
 
 @pytest.mark.parametrize(("name", "density", "mode"), _FAST_CASES)
