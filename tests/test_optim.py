@@ -715,13 +715,19 @@ def test_triton_compact_grads_conv(dtype, mode, pointwise):
                         device=_device())
     with torch.no_grad():
         a.threshold.copy_(reference.row_scores(a.weight).float() * torch.linspace(0.6, 1.3, 19))
+    _assert_compact_steps_match_full(a, dtype, channels_last_input=pointwise)
+
+
+def _assert_compact_steps_match_full(a, dtype, channels_last_input):
+    """Three SGD steps (momentum, decay) of ``a`` from compact gradients and of a copy from full
+    ones: the same weights, momentum and mask, bit for bit, each step fused."""
     b = copy.deepcopy(a)
     kw = dict(lr=0.05, momentum=0.9, weight_decay=1e-3)
     oa, ob = so.SGD(a.parameters(), compact_grads=True, **kw), so.SGD(b.parameters(), **kw)
     gen = torch.Generator().manual_seed(1)
     for _ in range(3):
         x = _input("conv", gen, dtype)[:2].to(_device())
-        if pointwise:
+        if channels_last_input:
             x = x.contiguous(memory_format=torch.channels_last)
         oa.zero_grad()
         _backward(a, x)
@@ -796,24 +802,7 @@ def test_triton_channels_last_conv_compact_grads_match_full_gradients(dtype, mod
     """Compact gradients of a channels-last weight (the active rows of dW and r, the pruned rows'
     term formed by the fused step): the same bits as the fused step from the full gradient."""
     torch.manual_seed(0)
-    a = _channels_last_conv(mode, dtype)
-    b = copy.deepcopy(a)
-    kw = dict(lr=0.05, momentum=0.9, weight_decay=1e-3)
-    oa, ob = so.SGD(a.parameters(), compact_grads=True, **kw), so.SGD(b.parameters(), **kw)
-    gen = torch.Generator().manual_seed(1)
-    for _ in range(3):
-        x = _input("conv", gen, dtype)[:2].to(_device()).contiguous(memory_format=torch.channels_last)
-        oa.zero_grad()
-        _backward(a, x)
-        assert a.weight.grad is None and _pending(a) is not None
-        ob.zero_grad()
-        _backward(b, x)
-        oa.step()
-        ob.step()
-    assert oa.fused_launches == ob.fused_launches == 3
-    assert torch.equal(a.weight, b.weight)
-    assert torch.equal(oa.state[a.weight]["momentum_buffer"], ob.state[b.weight]["momentum_buffer"])
-    assert torch.equal(a.mask, b.mask)
+    _assert_compact_steps_match_full(_channels_last_conv(mode, dtype), dtype, channels_last_input=True)
 
 
 @triton_only
