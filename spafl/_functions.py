@@ -400,20 +400,21 @@ class ThresholdLinearFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_y):
         if ctx.small and not torch.is_grad_enabled():  # (what _backward runs for it, without the route)
-            x, weight = ctx.saved_tensors
-            dx, dw, dtau, db = compact._dense_small_backward(grad_y, x, weight, ctx.state.z, ctx.has_bias,
-                                                             ctx.needs_input_grad[0])
-            return dx, dw, dtau, db, None, None, None
+            return ThresholdLinearFunction._small_backward(ctx, grad_y)
         return ThresholdLinearFunction._backward(ctx, grad_y)
+
+    @staticmethod
+    def _small_backward(ctx, grad_y):
+        x, weight = ctx.saved_tensors
+        dx, dw, dtau, db = compact._dense_small_backward(grad_y, x, weight, ctx.state.z, ctx.has_bias,
+                                                         ctx.needs_input_grad[0])
+        return dx, dw, dtau, db, None, None, None
 
     @staticmethod
     @_once_differentiable
     def _backward(ctx, grad_y):
         if ctx.small:
-            x, weight = ctx.saved_tensors
-            dx, dw, dtau, db = compact._dense_small_backward(grad_y, x, weight, ctx.state.z, ctx.has_bias,
-                                                             ctx.needs_input_grad[0])
-            return dx, dw, dtau, db, None, None, None
+            return ThresholdLinearFunction._small_backward(ctx, grad_y)
         x, weight, mask, perm, count = ctx.saved_tensors
         if grad_y.dim() != 2:
             grad_y = grad_y.reshape(-1, weight.shape[0])
