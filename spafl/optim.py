@@ -282,10 +282,6 @@ def _in_rows_of(state: dict, key: str, p: torch.Tensor) -> torch.Tensor:
     return value
 
 
-def _as2d(t: torch.Tensor) -> torch.Tensor:
-    return weight_rows(t)
-
-
 class SGD(FusedStep, torch.optim.SGD):
     """``torch.optim.SGD`` that also builds the threshold layers' next row masks (see
     :mod:`spafl.optim`)."""
@@ -305,8 +301,8 @@ class SGD(FusedStep, torch.optim.SGD):
         elif buf is not None:
             buf = _in_rows_of(state, "momentum_buffer", p)
         row_mask = _kernels().fused_step(
-            _as2d(p), _as2d(grad), layer.threshold.detach(), kind="sgd", lr=float(group["lr"]),
-            weight_decay=group["weight_decay"], state1=None if buf is None else _as2d(buf), momentum=momentum,
+            weight_rows(p), weight_rows(grad), layer.threshold.detach(), kind="sgd", lr=float(group["lr"]),
+            weight_decay=group["weight_decay"], state1=None if buf is None else weight_rows(buf), momentum=momentum,
             dampening=group["dampening"], nesterov=group["nesterov"], first=first, grad_rows=grad_rows,
             **_guard(layer),
         )
@@ -337,8 +333,9 @@ class _AdamFused(FusedStep):
         beta1, beta2 = group["betas"]
         kind = "adamw" if self._decoupled(group) else "adam"
         return _kernels().fused_step(
-            _as2d(p), _as2d(grad), layer.threshold.detach(), kind=kind, lr=float(group["lr"]),
-            weight_decay=group["weight_decay"], state1=_as2d(state["exp_avg"]), state2=_as2d(state["exp_avg_sq"]),
+            weight_rows(p), weight_rows(grad), layer.threshold.detach(), kind=kind, lr=float(group["lr"]),
+            weight_decay=group["weight_decay"], state1=weight_rows(state["exp_avg"]),
+            state2=weight_rows(state["exp_avg_sq"]),
             betas=(float(beta1), float(beta2)), eps=group["eps"], step=step, grad_rows=grad_rows,
             **_guard(layer),
         )
