@@ -212,9 +212,11 @@ def _sign_term(w_rows: torch.Tensor, r: torch.Tensor, fan_in: int, out: torch.Te
     memory instead of two."""
     n = w_rows.shape[0]
     scale = torch.div(r, _divisor(fan_in, r.dtype)).view((n,) + (1,) * (w_rows.dim() - 1))
+    row_len = w_rows.numel() // n if n else 0
+    if out is None and w_rows.is_contiguous() and _one_block(n, row_len, w_rows.device):
+        return torch.sign(w_rows).mul_(scale)  # (contiguous like its input: one allocation less to ask for)
     if out is None:
         out = torch.empty_like(w_rows, memory_format=torch.contiguous_format)
-    row_len = w_rows.numel() // n if n else 0
     if _one_block(n, row_len, out.device):
         return torch.sign(w_rows, out=out).mul_(scale)
     for rows in row_blocks(n, row_len, out.device):

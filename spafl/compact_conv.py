@@ -7,6 +7,7 @@ really multiplied (as :mod:`spafl.compact` does for the Linear products).
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -154,6 +155,7 @@ class _ConvState(NamedTuple):
     x_plan: torch.Tensor | None  # the plan's input when it is neither x_in nor the input
     compact_input: bool = False
     compact_output: bool = False
+    rows: torch.Tensor | None = None  # the active filters' whole rows of the weight, when the plan also drops channels
 
 
 def conv2d_state(
@@ -187,6 +189,8 @@ def conv2d_state(
     state = _ConvState(units, channels, None if x_in is xc else x_in, None, None, compact_input, compact_output)
     if units is not None and not units.numel():
         return state
+    if geometry.groups == 1:
+        return state._replace(**_dense_groups_plan(w, units, channels, _channels_last(x_in)))
     plan = _conv_plan(w, units, channels, geometry.groups)
     x_plan = x_in if plan.channels is channels else _gather_channels(xc, plan.channels)
     if plan.weight is not w and _channels_last(x_plan) and not _channels_last(plan.weight):
@@ -194,6 +198,30 @@ def conv2d_state(
         # (measured 1.07x on the forward and backward of LeNet-5's compact conv2).
         plan = plan._replace(weight=plan.weight.contiguous(memory_format=torch.channels_last))
     return state._replace(plan=plan, x_plan=None if x_plan is x_in else x_plan)
+
+
+def _dense_groups_plan(w: torch.Tensor, units: torch.Tensor | None, channels: torch.Tensor | None,
+                       channels_last: bool) -> dict:
+    """The ``plan`` (and ``rows``) of :class:`_ConvState` for ``groups == 1``: the filters
+    ``units`` (None: all) reading the input channels ``channels`` (None: all), in the input's
+    layout (``channels_last``), as :func:`_conv_plan` and a reorder would make it, with fewer
+    operations. The whole rows ``W[units]`` are kept for the backward's sign term, which would
+    otherwise gather them again."""
+    rows = w if units is None else w.index_select(0, units)
+    if channels is None:
+        weight = rows
+        if rows is not w and channels_last and not _channels_last(rows):
+            # The gathered weight in the input's layout: oneDNN would reorder it in every call
+            # (measured 1.07x on the forward and backward of LeNet-5's compact conv2).
+            weight = rows.contiguous(memory_format=torch.channels_last)
+        return {"plan": _ConvPlan(weight, 1, None, None)}
+    if channels_last:
+        # Gathered along the last dimension of the [F', kh, kw, C] view, the columns come out
+        # channels-last: one copy where a gather and a reorder made two.
+        weight = rows.permute(0, 2, 3, 1).index_select(3, channels).permute(0, 3, 1, 2)
+    else:
+        weight = rows.index_select(1, channels)
+    return {"plan": _ConvPlan(weight, 1, channels, None), "rows": None if rows is w else rows}
 
 
 def conv2d_forward(
@@ -228,23 +256,23 @@ def conv2d_forward(
     if units is None and state.channels is None:
         y = _plan_conv(xc, _ConvPlan(w, geometry.groups, None, None), geometry, b)
         return _cast(y, x.dtype), state
-    fmt = _conv_format(x, weight)
     if plan is None:  # no filter active, or every input channel 0: so is every product
         out_h, out_w = geometry.output_size(x.shape[2], x.shape[3])
         if compact_output:  # the rows of a compact output: the mask's active filters
             return x.new_zeros((x.shape[0], int(mask.count_nonzero()), out_h, out_w)), state
         y_active = xc.new_empty((x.shape[0], 0, out_h, out_w))
-        y = _scatter_units(y_active, units, b, (x.shape[0], w.shape[0], out_h, out_w), 1, fmt)
+        y = _scatter_units(y_active, units, b, (x.shape[0], w.shape[0], out_h, out_w), 1, _conv_format(x, weight))
         return _cast(y, x.dtype), state
     x_in = xc if state.x_in is None else state.x_in
     x_plan = x_in if state.x_plan is None else state.x_plan
     if units is None:
-        return _cast(_as_format(_plan_conv(x_plan, plan, geometry, b), fmt), x.dtype), state
+        return _cast(_as_format(_plan_conv(x_plan, plan, geometry, b), _conv_format(x, weight)), x.dtype), state
     y_active = _plan_conv(x_plan, plan, geometry)
     if compact_output:
         return _cast(y_active, x.dtype), state
     out_h, out_w = y_active.shape[2:]
-    return _cast(_scatter_units(y_active, units, b, (x.shape[0], w.shape[0], out_h, out_w), 1, fmt), x.dtype), state
+    y = _scatter_units(y_active, units, b, (x.shape[0], w.shape[0], out_h, out_w), 1, _conv_format(x, weight))
+    return _cast(y, x.dtype), state
 
 
 def conv2d_backward(
@@ -270,19 +298,20 @@ def conv2d_backward(
     units, channels = state.units, state.channels
     compute = _compute_dtype(x.dtype)
     dy, xc, w = _cast(grad_out, compute), _cast(x, compute), _cast(weight, compute)
-    n_out, fan_in = w.shape[0], w[0].numel()
-    fmt = _conv_format(x, weight)
+    n_out, fan_in = w.shape[0], math.prod(w.shape[1:])
     db = dy.sum(dim=(0, 2, 3)) if has_bias else None
     if units is None and channels is None:  # density 1, nothing dropped: the dense backward
         dx, g = _plan_conv_backward(dy, xc, _ConvPlan(w, geometry.groups, None, None), geometry, need_dx, x.shape)
         dw, r = _straight_through_(g, w, fan_in)
-        return None if dx is None else _as_format(dx, fmt), dw, r.neg_(), db
+        return None if dx is None else _as_format(dx, _conv_format(x, weight)), dw, r.neg_(), db
     x_in = xc if state.x_in is None else state.x_in
     plan = state.plan
     dw = torch.empty(w.shape, dtype=compute, device=w.device)  # first: see linear_backward
     rows_only = rows_only and units is not None and not state.compact_output
     if plan is None:  # nothing active (or every input channel 0)
-        dx = torch.empty(xc.shape, dtype=compute, device=xc.device, memory_format=fmt).zero_() if need_dx else None
+        dx = None
+        if need_dx:
+            dx = torch.empty(xc.shape, dtype=compute, device=xc.device, memory_format=_conv_format(x, weight)).zero_()
         dtau = w.new_zeros(n_out)
         if rows_only:
             rows = _rows_conv(dy, xc, x_in, w, mask, channels, geometry, mode, sample_fraction, dtau, fan_in,
@@ -303,11 +332,13 @@ def conv2d_backward(
             g, w_in = g.index_select(0, plan.slots), w_in.index_select(0, plan.slots)
         dx = None
         if need_dx and (plan.channels is None or state.compact_input):
-            dx = _as_format(dx_in, fmt)
+            dx = _as_format(dx_in, _conv_format(x, weight))
         elif need_dx:
-            dx = _zeros_except(dx_in, plan.channels, xc.shape, 1, fmt)
+            dx = _zeros_except(dx_in, plan.channels, xc.shape, 1, _conv_format(x, weight))
         r_a = _row_dot(g, w_in)  # exact with dropped channels: G is 0 there
-        w_a = w_in if channels is None else _take(w, units, None)  # whole filters for the sign term
+        w_a = w_in  # whole filters for the sign term
+        if channels is not None:
+            w_a = _take(w, units, None) if state.rows is None else state.rows
         dw_a = _sign_term(w_a, r_a, fan_in)
         if channels is None:
             dw_a.add_(g)
@@ -315,7 +346,7 @@ def conv2d_backward(
             dw_a.index_add_(1, channels, g)
         if units is None:
             return dx, dw_a, r_a.neg_(), db
-        dtau = _zeros_except(r_a.neg_(), units, (n_out,), 0)
+        dtau = r_a.new_zeros(n_out).index_copy_(0, units, r_a.neg_())
         if rows_only:
             rows = _rows_conv(dy, xc, x_in, w, mask, channels, geometry, mode, sample_fraction, dtau, fan_in,
                               dw_a, units)

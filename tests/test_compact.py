@@ -982,3 +982,62 @@ def test_conv_output_layout_follows_f_conv2d_for_one_channel_inputs(density):
         expected = F.conv2d(inp, w)
         assert y.stride() == expected.stride()
         assert_close(y, threshold_conv2d(inp, w, tau, backend="reference"), torch.float32, "y")
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("units, channels", [(None, [0, 2, 5]), ([1, 3, 4, 8], None), ([1, 3, 4, 8], [0, 2, 5]),
+                                             ([6], [4])], ids=str)
+@pytest.mark.parametrize("chans", [6, 1])
+def test_groups_one_plan_is_the_general_plan_in_the_input_layout(units, channels, chans, channels_last):
+    # conv2d_state builds the groups == 1 plan with one gather per dimension, the columns straight
+    # into the input's layout; it must hold the general plan's values (bit for bit), in the layout
+    # the general plan is reordered to, and keep the whole rows W[units] for the sign term.
+    if chans == 1 and channels is not None:
+        channels = [0]
+    w = torch.randn(9, chans, 3, 2, generator=torch.Generator().manual_seed(3))
+    units_t = None if units is None else torch.tensor(units)
+    channels_t = None if channels is None else torch.tensor(channels)
+    general = compact_conv._conv_plan(w, units_t, channels_t, 1).weight
+    got = compact_conv._dense_groups_plan(w, units_t, channels_t, channels_last)
+    plan = got["plan"]
+    assert torch.equal(plan.weight, general) and plan.groups == 1 and plan.slots is None
+    assert plan.channels is channels_t
+    if channels_last:  # (what .contiguous(memory_format=torch.channels_last) gives)
+        assert plan.weight.is_contiguous(memory_format=torch.channels_last)
+    else:
+        assert plan.weight.is_contiguous()
+    rows = got.get("rows")
+    if channels is not None and units is not None:
+        assert torch.equal(rows, w[units_t])
+    else:
+        assert rows is None
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_compact_input_and_output_conv_backward_matches_the_reference(mode):
+    # The chain's convolution (compact input in channels-last, compact output): the backward's
+    # sign term reads the rows kept by the forward.
+    g = torch.Generator().manual_seed(5)
+    w = torch.randn(11, 7, 3, 3, generator=g)
+    x_index = torch.tensor([0, 2, 3, 6])
+    x = F.relu(torch.randn(3, 7, 8, 9, generator=g))
+    x[:, [1, 4, 5]] = 0  # what a compact input leaves out
+    tau = threshold_for_density(w, 0.5)
+    mask = spafl.threshold_row_mask(w, tau).mask
+    geo = spafl._conv.conv_geometry(3, 1, 1)
+    xc = x.index_select(1, x_index).contiguous(memory_format=torch.channels_last)
+    y, state = compact_conv.conv2d_forward(xc, w, None, mask, geo, x_index=x_index, compact_output=True)
+    units = mask.nonzero().squeeze(1)
+    assert state.rows is not None and torch.equal(state.rows, w[units])
+    dy = torch.randn(y.shape, generator=g).contiguous(memory_format=torch.channels_last)
+    dx, dw, dtau, _ = compact_conv.conv2d_backward(dy, xc, w, mask, geo, state, has_bias=False, mode=mode)
+    # The reference: the whole input and output, the pruned filters' output gradient 0 (a ReLU
+    # follows them in a chain).
+    dy_full = torch.zeros(3, 11, 8, 9).index_copy_(1, units, dy.contiguous())
+    y_ref = spafl.reference.threshold_conv2d_forward(x, w, mask, None, geo)
+    rdx, rdw, rdtau, _ = spafl.reference.threshold_conv2d_backward(dy_full, x, w, mask, mask, geo,
+                                                                   has_bias=False, mode=mode)
+    assert_close(y, y_ref[:, units], torch.float32, "y")
+    assert_close(dx, rdx[:, x_index], torch.float32, "dx")
+    assert_close(dw, rdw, torch.float32, "dW")
+    assert_close(dtau, rdtau, torch.float32, "dtau")
