@@ -133,8 +133,13 @@ def step_specs(name: str, densities, profiles) -> list[tuple[str, float | dict]]
     return [("uniform", d) for d in densities] + [(p, PROFILES[p][name]) for p in profiles if name in PROFILES[p]]
 
 
-def step_rows(name: str, specs, device, reps: int, min_sample_ms: float, tolerance: float) -> Iterator[dict]:
-    """Rows of the step table for model ``name``, a comparison at a time."""
+STEP_PROVIDERS = ("dense", "masked", "spafl")
+
+
+def step_rows(name: str, specs, device, reps: int, min_sample_ms: float, tolerance: float,
+              providers=STEP_PROVIDERS) -> Iterator[dict]:
+    """Rows of the step table for model ``name``, a comparison at a time, of the ``providers``
+    named (the others are built, for the shared weights, but not timed)."""
     shape, batch = MODELS[name]
     g = torch.Generator().manual_seed(0)
     xs = [torch.randn(batch, *shape, generator=g).to(device) for _ in range(4)]
@@ -148,6 +153,7 @@ def step_rows(name: str, specs, device, reps: int, min_sample_ms: float, toleran
             models[provider] = model
         backends = {"dense": "torch", "masked": "reference", "spafl": _backend(models["spafl"])}
         models = {"dense": densify(copy.deepcopy(models["masked"])), **models}  # plain layers, same weights
+        models = {p: m for p, m in models.items() if p in providers}
         steps = {}
         for provider, model in models.items():
             opt = torch.optim.SGD(model.parameters(), lr=0.0, momentum=0.9)
@@ -274,6 +280,9 @@ def build_parser(cuda: bool):
                    help="uniform densities of the step table (every threshold layer), in [0, 1]")
     p.add_argument("--profiles", nargs="*", choices=sorted(PROFILES), default=sorted(PROFILES),
                    help="per-layer density profiles of the step table, for the models they cover")
+    p.add_argument("--providers", nargs="+", choices=STEP_PROVIDERS, default=list(STEP_PROVIDERS),
+                   help="providers of the step table (leaving out masked, the slowest, shortens a run; a ratio "
+                        "to a provider left out is NaN)")
     p.add_argument("--presets", nargs="+", default=["fmnist-lenet5"], help="simulator presets of the round table")
     p.add_argument("--round-densities", nargs="+", default=["late-spafl"], metavar="SPEC",
                    help=f"densities of the round table: a profile ({', '.join(sorted(PROFILES))}; skipped for a "
@@ -320,7 +329,8 @@ def main(argv=None) -> int:
         if "step" in args.tables:
             for name in args.models:
                 specs = step_specs(name, args.densities, args.profiles)
-                for row in step_rows(name, specs, device, args.reps, args.min_sample_ms, args.tolerance):
+                for row in step_rows(name, specs, device, args.reps, args.min_sample_ms, args.tolerance,
+                                     args.providers):
                     yield {"timestamp": timestamp(), **base, **row}
         if "round" in args.tables:
             for preset in args.presets:

@@ -358,6 +358,16 @@ def test_e2e_step_table(tmp_path):
     assert sorted(p.name for p in written) == ["e2e_profiles_and_rounds.png", "step_train-step_float32.png"]
 
 
+def test_e2e_step_table_times_only_the_providers_named(tmp_path):
+    out = tmp_path / "e.csv"
+    assert e2e.main(["--tables", "step", "--models", "lenet5", "--densities", "0.2", "--profiles",
+                     "--providers", "dense", "spafl", "--reps", "1", "--min-sample-ms", "0", "--csv", str(out)]) == 0
+    rows = read_csv(out)
+    assert [r["provider"] for r in rows] == ["dense", "spafl"]
+    spafl_row = rows[1]
+    assert float(spafl_row["speedup_vs_dense"]) > 0 and math.isnan(float(spafl_row["speedup_vs_masked"]))
+
+
 def test_e2e_round_table_keeps_the_set_densities(tmp_path, capsys):
     out = tmp_path / "r.csv"
     assert e2e.main(["--tables", "round", "--presets", "digits-cnn", "--round-densities", "0.5", "--round-reps", "1",
