@@ -17,6 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 import _common  # noqa: E402
 import cpu_costs  # noqa: E402
 import e2e  # noqa: E402
+import step_profile  # noqa: E402
 
 import kernels  # noqa: E402
 from spafl import named_threshold_layers  # noqa: E402
@@ -366,6 +367,21 @@ def test_e2e_step_table_times_only_the_providers_named(tmp_path):
     assert [r["provider"] for r in rows] == ["dense", "spafl"]
     spafl_row = rows[1]
     assert float(spafl_row["speedup_vs_dense"]) > 0 and math.isnan(float(spafl_row["speedup_vs_masked"]))
+
+
+def test_step_profile_attributes_the_step_and_restores_the_functions(capsys):
+    from spafl import chain, compact, compact_conv
+
+    originals = [getattr(owner, name) for owner, name, _ in step_profile._WRAPPED]
+    total, shares = step_profile.attribution("late-spafl", 5, warmup=1)
+    assert [getattr(owner, name) for owner, name, _ in step_profile._WRAPPED] == originals
+    assert compact_conv._conv2d is originals[0] and chain.layer is not None and compact.linear_forward is originals[4]
+    measured = {k: v for k, v in shares.items() if not k.startswith("the rest")}
+    assert all(v > 0 for v in measured.values()), shares  # every wrapped function ran in the step
+    assert sum(shares.values()) == pytest.approx(total)
+    assert step_profile.main(["--steps", "5", "--profile", "uniform-0.1"]) == 0
+    printed = capsys.readouterr().out
+    assert "dense / spafl:" in printed and "conv kernels, backward (oneDNN)" in printed
 
 
 def test_e2e_round_table_keeps_the_set_densities(tmp_path, capsys):
