@@ -666,7 +666,7 @@ def test_cohort_drift_against_refuses_bad_values_by_name(value):
 def test_the_limit_across_rounds_is_checkpointed_and_resumed_exactly(tmp_path):
     """A run whose limit across rounds fires (a limit set below the honest values) resumed from
     round 2 of 4 has the uninterrupted run's history, clip lines included, and its memory."""
-    config = small("fedavg", rounds=4, cohort_drift=1.5, checkpoint_every=2)
+    config = small("fedavg", rounds=4, cohort_drift=1.5, cohort_drift_against=0.3, checkpoint_every=2)
     full = Simulator(config, out_dir=tmp_path / "full")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FederatedWarning)
@@ -684,6 +684,8 @@ def test_the_limit_across_rounds_is_checkpointed_and_resumed_exactly(tmp_path):
     assert [{k: v for k, v in row.items() if not k.endswith("_s")} for row in again] == strip
     a, b = full.engine.memory, resumed.engine.memory
     assert a.rounds == b.rounds and all(torch.equal(a.sums[c][n], b.sums[c][n]) for c in a.sums for n in a.sums[c])
+    assert a.against == b.against and a.against
+    assert any("would pull against the cohort's direction" in e for row in history for e in row["errors"])
     # and the federation's record, which has no ids
     fa, fb = a.aggregate, b.aggregate
     assert fa.rounds == fb.rounds == 4 and fa.shift == fb.shift and fa.against == fb.against
