@@ -17,10 +17,15 @@ along it (``along``: in the cohort's spread along it; ``along/m``: in median dev
 a limit of each round along the record's direction would have to allow; and, per client id
 (``rules.CohortMemory``, its limits out of reach too), the largest ``|S| / sqrt(k)`` (``client
 norm``: ``Method.cohort_drift``) and its component along the all-ones direction (``client
-shift``: ``Method.cohort_drift_shift``; ``k`` here the rounds the client took part in):
+shift``: ``Method.cohort_drift_shift``; ``client against``: its sum of pulls against each
+round's centre, ``Method.cohort_drift_against``; ``k`` here the rounds the client took part in):
 
     OMP_NUM_THREADS=1 python benchmarks/adversary.py --record [--preset digits-cnn]
         [--clients-per-round 10] [--rounds 20] [--set rng=global --set local_epochs=1 ...]
+
+``--attacks null`` is the control: the adversarial client sends its own update with its
+deviation 1.001 times as long, so its "loss" is the run's sensitivity to any change of a round
+(the noise floor the attacks are read against).
 
 Each attacked run prints its clip events by kind (norm, against, shift, drift: one client's;
 aggregate: the whole cohort pulled toward its centre), so that the limit an attack rides is

@@ -419,6 +419,19 @@ def test_the_adaptive_client_is_not_reported_and_its_pull_is_cut(method):
         assert accuracy(norm_only) < accuracy(history) - 5, (accuracy(norm_only), accuracy(history))
 
 
+@pytest.mark.parametrize("method", ["spafl", "fedavg"])
+def test_the_null_control_is_accepted_as_it_is(method):
+    """The benchmark's control (``null``: a client's own update, its deviation 1.001 times as
+    long) is an honest update for every rule: accepted and never clipped, so that what it costs
+    in the 20-round runs is the noise floor and nothing else (over 20 rounds it can still
+    meet a limit, on the other trajectory it starts: docs/security.md)."""
+    config = small(method)
+    base = honest(config)
+    history, messages = attacked_run(config, CONTROL, bad=[0])
+    assert not any(" update clipped: " in m or "rejected" in m or "aggregate pulled" in m for m in messages), messages
+    print(f"{method} null: accuracy {accuracy(history):.2f}, honest {base:.2f}")
+
+
 def test_clip_to_cohort_by_hand():
     g = {"a": torch.zeros(4), "b": torch.ones(2)}
     ups = [{"a": torch.full((4,), float(k)), "b": torch.ones(2)} for k in (1, 2, 3)]
