@@ -183,7 +183,7 @@ class SpaFL(Method):
     # The components of the same deviations against each round's centre direction, summed (a
     # client undoing the cohort's training round after round): honest clients reached 3.51
     # median deviations times sqrt(rounds) (conv1 in its first two rounds, 60 rounds; 3.44 in
-    # 20; 1.5 or less in the other layers; docs/security.md), where a client flipping its own
+    # 20; 1.72 or less in the other layers; docs/security.md), where a client flipping its own
     # update every round grows it like its rounds, not their square root.
     cohort_drift_against = 3.8
     weighted_mean = False  # SpaFL's mean is uniform over the clients
