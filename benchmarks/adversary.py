@@ -6,7 +6,8 @@ seed; also how often the cohort clip fired on the honest run.
 
     OMP_NUM_THREADS=1 python benchmarks/adversary.py [--methods spafl,fedavg,sparsyfed]
         [--attacks max-shift,...] [--rounds 20] [--cohort-clip X] [--bad 0]
-        [--cohort-against X] [--cohort-shift X] [--cohort-drift X] [--aggregate-drift X] [--seeds 0,1,2]
+        [--cohort-against X] [--cohort-shift X] [--cohort-drift X] [--cohort-drift-against X] [--aggregate-drift X]
+        [--seeds 0,1,2]
 
 ``--record`` runs the honest run alone, with the federation's limits across rounds out of
 reach, and prints the largest value each of their sums reached (what the defaults of
@@ -16,10 +17,15 @@ along it (``along``: in the cohort's spread along it; ``along/m``: in median dev
 a limit of each round along the record's direction would have to allow; and, per client id
 (``rules.CohortMemory``, its limits out of reach too), the largest ``|S| / sqrt(k)`` (``client
 norm``: ``Method.cohort_drift``) and its component along the all-ones direction (``client
-shift``: ``Method.cohort_drift_shift``; ``k`` here the rounds the client took part in):
+shift``: ``Method.cohort_drift_shift``; ``client against``: its sum of pulls against each
+round's centre, ``Method.cohort_drift_against``; ``k`` here the rounds the client took part in):
 
     OMP_NUM_THREADS=1 python benchmarks/adversary.py --record [--preset digits-cnn]
         [--clients-per-round 10] [--rounds 20] [--set rng=global --set local_epochs=1 ...]
+
+``--attacks null`` is the control: the adversarial client sends its own update with its
+deviation 1.001 times as long, so its "loss" is the run's sensitivity to any change of a round
+(the noise floor the attacks are read against).
 
 Each attacked run prints its clip events by kind (norm, against, shift, drift: one client's;
 aggregate: the whole cohort pulled toward its centre), so that the limit an attack rides is
@@ -57,6 +63,8 @@ def main() -> None:
     p.add_argument("--cohort-against", default="default", help="a number, 'inf' (off), or 'default' (the method's)")
     p.add_argument("--cohort-shift", default="default", help="a number, 'inf' (off), or 'default' (the method's)")
     p.add_argument("--cohort-drift", default="default", help="a number, 'inf' (off), or 'default' (the method's)")
+    p.add_argument("--cohort-drift-against", default="default",
+                   help="a number, 'inf' (off), or 'default' (the method's)")
     for name in ("drift", "shift", "against"):
         p.add_argument(f"--aggregate-{name}", default="default",
                        help="a number, 'inf' (off), or 'default' (the method's)")
@@ -86,8 +94,8 @@ def main() -> None:
             continue
         if args.cohort_clip != "default":
             overrides["cohort_clip"] = None if args.cohort_clip == "none" else float(args.cohort_clip)
-        for name in ("cohort_against", "cohort_shift", "cohort_drift", "aggregate_drift", "aggregate_shift",
-                     "aggregate_against"):
+        for name in ("cohort_against", "cohort_shift", "cohort_drift", "cohort_drift_against", "aggregate_drift",
+                     "aggregate_shift", "aggregate_against"):
             if getattr(args, name) != "default":
                 overrides[name] = float(getattr(args, name))
         seeds = [int(x) for x in args.seeds.split(",")] if args.seeds else [None]
@@ -150,19 +158,20 @@ def record(config) -> None:
     sqrt(k)`` (``S / sqrt(k)`` against the cohort) and of an update's component along the
     record's direction, where and when."""
     config = config.replace(aggregate_drift=1e30, aggregate_shift=1e30, aggregate_against=1e30,
-                            cohort_drift=1e30, cohort_drift_shift=1e30)
+                            cohort_drift=1e30, cohort_drift_shift=1e30, cohort_drift_against=1e30)
     peaks: dict = {}
     clip = rules.AggregateMemory.clip
     client_clip = rules.CohortMemory.clip
 
-    def client_watched(self, reference, updates, ids, limit, commit=True, shift=None):
-        out = client_clip(self, reference, updates, ids, limit, commit, shift)
-        if commit:  # each client's sum (the per-client record), norm and shift
+    def client_watched(self, reference, updates, ids, limit, commit=True, shift=None, against=None):
+        out = client_clip(self, reference, updates, ids, limit, commit, shift, against)
+        if commit:  # each client's sum (the per-client record), norm, shift and against
             for cid in ids:
                 root = math.sqrt(self.rounds.get(cid, 1))
                 for name, s in self.sums.get(cid, {}).items():
                     for kind, value in (("client norm", float(s.norm())),
-                                        ("client shift", abs(float(s.sum())) / math.sqrt(s.numel()))):
+                                        ("client shift", abs(float(s.sum())) / math.sqrt(s.numel())),
+                                        ("client against", self.against.get(cid, {}).get(name, 0.0))):
                         if value / root > peaks.get(kind, (-math.inf,))[0]:
                             peaks[kind] = (value / root, name, self.rounds.get(cid, 1))
         return out

@@ -28,6 +28,10 @@ from spafl.federated import FederatedWarning, Simulator, build_config, cohort, k
 
 ATTACKS = ("max-shift", "sign-flip", "floor", "one-unit", "just-under", "just-under-up", "just-under-flip",
            "just-under-alt")
+# Not an attack: the client's own update with its deviation 1.001 times as long, the smallest
+# change of a round; what it "costs" is the run's sensitivity to any change (the noise floor the
+# attacks' losses are read against).
+CONTROL = "null"
 
 # --- the attacks ------------------------------------------------------------------------------
 
@@ -67,6 +71,10 @@ def craft(attack, method, server, honest_update, n):
     training), every value within the update bounds and above the floor."""
     bounds = _bounds(method, server, n)
     ref = method.expected_update(server)
+    if attack == CONTROL:  # what the Top-K zeroed stays zero
+        return {name: torch.where(honest_update[name] != 0, (g.double() + (honest_update[name].double() - g.double())
+                                                             * 1.001).float(), honest_update[name])
+                for name, g in ref.items()}
     out = {}
     for name, g in ref.items():
         b = bounds.get(name)
@@ -128,7 +136,7 @@ def _largest_unclipped(method, name, g, others, index, direction, bound, memory=
                                            method.shift_limit())
         if memory is not None:
             ups, more = memory.clip({name: g}, ups, ids, method.drift_limit(), commit=False,
-                                    shift=method.drift_shift_limit())
+                                    shift=method.drift_shift_limit(), against=method.drift_against_limit())
             events = events + more
             if method.config.aggregator == "mean":
                 mean_weights = weights if method.weighted_mean else None
@@ -284,7 +292,8 @@ def undefended(config):
     """``config`` without the clip to the cohort (none of its limits, the ones across rounds
     included)."""
     return without_record(config).replace(cohort_clip=None, cohort_against=math.inf, cohort_shift=math.inf,
-                                          cohort_drift=math.inf, cohort_drift_shift=math.inf)
+                                          cohort_drift=math.inf, cohort_drift_shift=math.inf,
+                                          cohort_drift_against=math.inf)
 
 
 _HONEST: dict = {}
@@ -400,13 +409,27 @@ def test_the_adaptive_client_is_not_reported_and_its_pull_is_cut(method):
     assert not any("client 0 update clipped" in m for m in messages), messages
     loss = base - accuracy(history)
     norm_only, _ = attacked_run(without_record(config).replace(cohort_against=math.inf, cohort_drift=math.inf,
-                                                               cohort_drift_shift=math.inf),
+                                                               cohort_drift_shift=math.inf,
+                                                               cohort_drift_against=math.inf),
                                 "just-under", bad=[0])
     print(f"{method} just-under: accuracy {accuracy(history):.2f} (norm clip only {accuracy(norm_only):.2f}), "
           f"honest {base:.2f}")
     assert loss <= JUST_UNDER_CI[method], (accuracy(history), base)
     if method != "spafl":  # pulling SpaFL's thresholds back costs it little either way (docs/security.md)
         assert accuracy(norm_only) < accuracy(history) - 5, (accuracy(norm_only), accuracy(history))
+
+
+@pytest.mark.parametrize("method", ["spafl", "fedavg"])
+def test_the_null_control_is_accepted_as_it_is(method):
+    """The benchmark's control (``null``: a client's own update, its deviation 1.001 times as
+    long) is an honest update for every rule: accepted and never clipped, so that what it costs
+    in the 20-round runs is the noise floor and nothing else (over 20 rounds it can still
+    meet a limit, on the other trajectory it starts: docs/security.md)."""
+    config = small(method)
+    base = honest(config)
+    history, messages = attacked_run(config, CONTROL, bad=[0])
+    assert not any(" update clipped: " in m or "rejected" in m or "aggregate pulled" in m for m in messages), messages
+    print(f"{method} null: accuracy {accuracy(history):.2f}, honest {base:.2f}")
 
 
 def test_clip_to_cohort_by_hand():
@@ -607,10 +630,56 @@ def test_cohort_drift_shift_refuses_bad_values_by_name(value):
         small("spafl", cohort_drift_shift=value)
 
 
+def test_the_limit_across_rounds_against_the_cohort_by_hand(tmp_path):
+    """The per-client sum of each round's pull against that round's centre direction has its own
+    limit: four clients that move with the cohort (their deviations from the centre change sign
+    and lie across its direction) and one (id 4) that goes back where the others go forward, by
+    the same amount every round. Only id 4 is clipped, from its first round; its sum against the
+    cohort then sits on ``against * sqrt(k)``, its update is moved toward the centre, the line
+    says so, a dry run leaves the memory as it was, and the sums survive a weights-only save
+    (a checkpoint written before they were kept loads with none)."""
+    memory = rules.CohortMemory()
+    for k in range(1, 6):
+        s = (-1) ** k
+        pushes = [[1, s, 0, 0], [1, 0, -s, 0], [1, 0, 0, s], [1, -s, 0, 0], [-1, 0, 0, 0]]
+        ups = [{"t": torch.tensor(p, dtype=torch.float32)} for p in pushes]
+        before = {c: dict(v) for c, v in memory.against.items()}
+        _, dry = memory.clip({"t": torch.zeros(4)}, ups, list(range(5)), 100.0, commit=False, against=1.2)
+        assert memory.against == before
+        out, events = memory.clip({"t": torch.zeros(4)}, ups, list(range(5)), 100.0, against=1.2)
+        assert [(e.index, e.kind, e.which) for e in events] == [(4, "drift", "against")] == \
+            [(e.index, e.kind, e.which) for e in dry]
+        # the centre is (1, 0, 0, 0) and the median norm sqrt(2): id 4 pulls back 2 / sqrt(2) a round
+        assert memory.against[4]["t"] == pytest.approx(1.2 * math.sqrt(k), rel=1e-6)
+        assert events[0].norm == pytest.approx(1.2 * math.sqrt(k - 1) + math.sqrt(2), rel=1e-6)
+        assert -1 < float(out[4]["t"][0]) < 1 and all(out[i] is ups[i] for i in range(4))
+        assert max(abs(memory.against[c]["t"]) for c in range(4)) < 1e-6
+    line = events[0].describe(4, 1.2)
+    assert line.startswith("client 4 update clipped: t pushed the same way round after round: its deviations from "
+                           "the cohort's centre would pull against the cohort's direction by "), line
+    torch.save(memory.state_dict(), tmp_path / "m.pt")
+    again = rules.CohortMemory()
+    again.load_state_dict(torch.load(tmp_path / "m.pt", weights_only=True))
+    assert again.against == memory.against and again.rounds == memory.rounds
+    old = {k: v for k, v in memory.state_dict().items() if k != "against"}
+    again.load_state_dict(old)
+    assert again.against == {} and again.rounds == memory.rounds
+    with pytest.raises(ValueError, match="'against' mapping"):
+        again.load_state_dict({**old, "against": {4: {"t": math.nan}}})
+    # the same pushes with the limit off: the norm limit (100) leaves id 4 alone
+    assert rules.CohortMemory().clip({"t": torch.zeros(4)}, ups, list(range(5)), 100.0) == (ups, [])
+
+
+@pytest.mark.parametrize("value", [0, -1.0, True, "3"])
+def test_cohort_drift_against_refuses_bad_values_by_name(value):
+    with pytest.raises(ValueError, match="cohort_drift_against"):
+        small("spafl", cohort_drift_against=value)
+
+
 def test_the_limit_across_rounds_is_checkpointed_and_resumed_exactly(tmp_path):
     """A run whose limit across rounds fires (a limit set below the honest values) resumed from
     round 2 of 4 has the uninterrupted run's history, clip lines included, and its memory."""
-    config = small("fedavg", rounds=4, cohort_drift=1.5, checkpoint_every=2)
+    config = small("fedavg", rounds=4, cohort_drift=1.5, cohort_drift_against=0.3, checkpoint_every=2)
     full = Simulator(config, out_dir=tmp_path / "full")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FederatedWarning)
@@ -628,6 +697,8 @@ def test_the_limit_across_rounds_is_checkpointed_and_resumed_exactly(tmp_path):
     assert [{k: v for k, v in row.items() if not k.endswith("_s")} for row in again] == strip
     a, b = full.engine.memory, resumed.engine.memory
     assert a.rounds == b.rounds and all(torch.equal(a.sums[c][n], b.sums[c][n]) for c in a.sums for n in a.sums[c])
+    assert a.against == b.against and a.against
+    assert any("would pull against the cohort's direction" in e for row in history for e in row["errors"])
     # and the federation's record, which has no ids
     fa, fb = a.aggregate, b.aggregate
     assert fa.rounds == fb.rounds == 4 and fa.shift == fb.shift and fa.against == fb.against
@@ -654,7 +725,8 @@ def test_a_client_that_pushes_one_way_every_round_is_held_back_across_rounds():
     assert not any("client 0 update clipped" in m for m in messages), messages
     assert memory.rounds[0] == 4
     assert all(float(s.norm()) <= limit * 2 * (1 + 1e-5) for s in memory.sums[0].values())
-    per_round, _ = attacked_run(without_record(config).replace(cohort_drift=math.inf, cohort_drift_shift=math.inf),
+    per_round, _ = attacked_run(without_record(config).replace(cohort_drift=math.inf, cohort_drift_shift=math.inf,
+                                                               cohort_drift_against=math.inf),
                                 "just-under-flip", bad=[0])
     print(f"fedavg just-under-flip, 4 rounds: {accuracy(history):.2f} (per-round limits alone "
           f"{accuracy(per_round):.2f}), honest {honest(config):.2f}")

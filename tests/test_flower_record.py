@@ -23,7 +23,7 @@ from spafl.flower.server import MethodStrategy  # noqa: E402
 
 
 def _records_equal(a, b) -> None:
-    assert a.rounds == b.rounds
+    assert a.rounds == b.rounds and a.against == b.against and a.against
     assert a.sums.keys() == b.sums.keys()
     assert all(torch.equal(a.sums[c][n], b.sums[c][n]) for c in a.sums for n in a.sums[c])
     fa, fb = a.aggregate, b.aggregate
@@ -48,7 +48,7 @@ def test_the_records_resume_through_the_flower_servers_checkpoint(tmp_path):
     lines included, and both records equal to the uninterrupted run's, read back from the
     server's checkpoint."""
     config = small_config(method="fedavg", num_clients=4, clients_per_round=4, rounds=3, cohort_drift=0.5,
-                          cohort_drift_shift=0.05, aggregate_drift=0.05)
+                          cohort_drift_shift=0.05, cohort_drift_against=0.05, aggregate_drift=0.05)
     data = synthetic(noise=0.3, n_train=240, n_test=80)
     full = _run(config, data, tmp_path / "full-state", tmp_path / "full")
     part = _run(config.replace(rounds=2), data, tmp_path / "state", tmp_path / "out")
@@ -59,6 +59,7 @@ def test_the_records_resume_through_the_flower_servers_checkpoint(tmp_path):
     assert any("pushed the same way round after round: its deviations from the cohort's centre would shift the "
                "whole tensor" in e for row in full.history for e in row["errors"])
     assert any(e.startswith("aggregate pulled") for e in late), late
+    assert any("would pull against the cohort's direction" in e for row in full.history for e in row["errors"])
     assert strip_timing(resumed.history) == strip_timing(full.history)
     _records_equal(resumed.engine.memory, full.engine.memory)
     assert resumed.engine.memory.aggregate.rounds == 3

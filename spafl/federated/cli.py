@@ -97,6 +97,9 @@ _HELP = {
     "cohort_drift_shift": "keep the component of that sum along the all-ones direction (a whole tensor one way) "
                           "within this many times the round's median deviation times sqrt(rounds) (none: the "
                           "method's default; inf: off)",
+    "cohort_drift_against": "keep that client's pulls against each round's cohort direction, summed, within this "
+                            "many times the round's median deviation times sqrt(rounds) (none: the method's default; "
+                            "inf: off)",
     "aggregate_drift": "keep the accepted mean's deviations from the cohort's trimmed mean, summed over the rounds "
                        "whoever sent them, within this many times the round's median deviation times sqrt(rounds), "
                        "in Euclidean norm (none: the method's default; inf: off; docs/security.md)",

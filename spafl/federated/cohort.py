@@ -44,9 +44,10 @@ class Clipped:
                     f"median deviations ({what}), more than its limit x sqrt(rounds) = {self.limit:.4g}; every "
                     f"update's deviation from the centre scaled by {self.scale:.4g}")
         if self.kind == "drift":
-            what = ("sum to", "") if self.which != "shift" else ("shift the whole tensor by", " as a whole")
+            what = {"shift": "shift the whole tensor by", "against": "pull against the cohort's direction by"}.get(
+                self.which, "sum to")
             return (f"client {client} update clipped: {self.name} pushed the same way round after round: its "
-                    f"deviations from the cohort's centre would {what[0]} {self.norm:.4g} median deviations, more "
+                    f"deviations from the cohort's centre would {what} {self.norm:.4g} median deviations, more "
                     f"than {factor:g} x sqrt(rounds) = {self.limit:.4g}; its deviation from the centre scaled by "
                     f"{self.scale:.4g}")
         if self.kind == "shift":
@@ -162,28 +163,34 @@ class CohortMemory:
     def __init__(self):
         self.sums: dict[int, dict[str, torch.Tensor]] = {}
         self.rounds: dict[int, int] = {}
+        # per client and tensor, the sum of its deviations' components against each round's
+        # centre direction (the centre turns from round to round, so this is not a component of
+        # ``sums``)
+        self.against: dict[int, dict[str, float]] = {}
         self.aggregate = AggregateMemory()  # the federation's record, whatever the ids
 
     def clip(self, reference: Mapping[str, torch.Tensor], updates: list[Mapping[str, torch.Tensor]],
-             ids: list[int], limit: float | None, commit: bool = True, shift: float | None = None
-             ) -> tuple[list[Mapping[str, torch.Tensor]], list[Clipped]]:
+             ids: list[int], limit: float | None, commit: bool = True, shift: float | None = None,
+             against: float | None = None) -> tuple[list[Mapping[str, torch.Tensor]], list[Clipped]]:
         """``updates`` (of the clients ``ids``, already clipped per round) with the deviation
         from the centre of each client whose sum would pass ``limit * sqrt(k)`` (or whose
         sum's component along the all-ones direction, a whole tensor one way, would pass
-        ``shift * sqrt(k)``) scaled back, and the events (``kind="drift"``: ``norm`` the value
-        the sum would have reached, ``which`` "norm" or "shift", ``limit`` the bound, ``scale``
-        the factor kept). The list itself, untouched, when nothing is clipped. ``commit``
-        False: the state is not changed (what an update would meet). Rounds of fewer than 3
-        updates or a zero median deviation are not counted: there is no cohort to measure
-        against."""
+        ``shift * sqrt(k)``, or whose components against each round's centre direction, summed,
+        would pass ``against * sqrt(k)``) scaled back, and the events (``kind="drift"``:
+        ``norm`` the value the sum would have reached, ``which`` "norm", "shift" or "against",
+        ``limit`` the bound, ``scale`` the factor kept). The list itself, untouched, when
+        nothing is clipped. ``commit`` False: the state is not changed (what an update would
+        meet). Rounds of fewer than 3 updates or a zero median deviation are not counted:
+        there is no cohort to measure against."""
         n = len(updates)
-        if (limit is None and shift is None) or n < 3:
+        if (limit is None and shift is None and against is None) or n < 3:
             return updates, []
         if len(ids) != n or len(set(ids)) != n:
             raise ValueError(f"{n} updates need {n} distinct client ids, got {ids!r}")
         events: list[Clipped] = []
         scaled: dict[int, dict[str, torch.Tensor]] = {}
         added: dict[int, dict[str, torch.Tensor]] = {}
+        added_against: dict[int, dict[str, float]] = {}
         for name, ref in reference.items():
             g = ref.double()
             devs = [u[name].double() - g for u in updates]
@@ -192,6 +199,7 @@ class CohortMemory:
             if not (median > 0 and math.isfinite(median)):
                 continue
             centre = torch.stack(devs).median(0).values
+            length = float(torch.linalg.vector_norm(centre))
             for i, cid in enumerate(ids):
                 k = self.rounds.get(cid, 0) + 1
                 old = self.sums.get(cid, {}).get(name)
@@ -211,16 +219,25 @@ class CohortMemory:
                         a = _largest_kept_along(s_shift, r_shift, shift * math.sqrt(k))
                         if worst is None or a < alpha:
                             alpha, worst = a, ("shift", abs(s_shift + r_shift), shift * math.sqrt(k))
+                # only pulling against the cohort is limited: going its way is training
+                s_against = self.against.get(cid, {}).get(name, 0.0)
+                r_against = -float((r * centre).sum()) / length if length > 0 else 0.0
+                if against is not None and s_against + r_against > against * math.sqrt(k):
+                    a = _largest_kept_along(s_against, r_against, against * math.sqrt(k), both=False)
+                    if worst is None or a < alpha:
+                        alpha, worst = a, ("against", s_against + r_against, against * math.sqrt(k))
                 if worst is not None:
                     value = (g + centre + alpha * (devs[i] - centre)).to(updates[i][name].dtype)
                     scaled.setdefault(i, dict(updates[i]))[name] = value
                     which, reached, at = worst
                     events.append(Clipped(i, name, reached, at, median, "drift", alpha, which))
                 added.setdefault(i, {})[name] = (s + alpha * r).float()
+                added_against.setdefault(i, {})[name] = s_against + alpha * r_against
         if commit:
             for i, cid in enumerate(ids):
                 if i in added:
                     self.sums.setdefault(cid, {}).update(added[i])
+                    self.against.setdefault(cid, {}).update(added_against[i])
                     self.rounds[cid] = self.rounds.get(cid, 0) + 1
         if not events:
             return updates, []
@@ -230,6 +247,7 @@ class CohortMemory:
         """Tensors and plain containers only (a checkpoint loads with ``weights_only=True``)."""
         return {"sums": {int(c): dict(t) for c, t in self.sums.items()},
                 "rounds": {int(c): int(k) for c, k in self.rounds.items()},
+                "against": {int(c): {str(k): float(v) for k, v in a.items()} for c, a in self.against.items()},
                 "aggregate": self.aggregate.state_dict()}
 
     def load_state_dict(self, state: Mapping | None) -> None:
@@ -242,8 +260,15 @@ class CohortMemory:
         for cid, tensors in sums.items():
             if not isinstance(tensors, Mapping) or not all(isinstance(t, torch.Tensor) for t in tensors.values()):
                 raise ValueError(f"the cohort memory of client {cid} in the checkpoint is not a mapping of tensors")
+        # a checkpoint written before the sums against the cohort were kept: none yet
+        against = state.get("against", {})
+        if not isinstance(against, Mapping) or not all(
+                isinstance(a, Mapping) and all(isinstance(v, float) and math.isfinite(v) for v in a.values())
+                for a in against.values()):
+            raise ValueError("the cohort memory in the checkpoint must hold an 'against' mapping of numbers per client")
         self.sums = {int(c): {str(k): v.float().clone() for k, v in t.items()} for c, t in sums.items()}
         self.rounds = {int(c): int(k) for c, k in rounds.items()}
+        self.against = {int(c): {str(k): float(v) for k, v in a.items()} for c, a in against.items()}
         self.aggregate = AggregateMemory()
         self.aggregate.load_state_dict(state.get("aggregate"))
 

@@ -134,7 +134,9 @@ class FedConfig:
     # many median deviations times sqrt(rounds) (rules.CohortMemory; None:
     # ``Method.cohort_drift``; inf: off), and that sum's component along the all-ones direction
     # (a whole tensor one way) within ``cohort_drift_shift`` times the same (None:
-    # ``Method.cohort_drift_shift``; inf: off); ``aggregate_drift`` / ``aggregate_shift`` /
+    # ``Method.cohort_drift_shift``; inf: off), and its rounds' components against each
+    # round's centre direction, summed, within ``cohort_drift_against`` times the same (None:
+    # ``Method.cohort_drift_against``; inf: off); ``aggregate_drift`` / ``aggregate_shift`` /
     # ``aggregate_against``: the accepted mean's deviations from the cohort's coordinate-wise
     # trimmed mean, summed over the rounds whoever sent them, are kept within this many median
     # deviations times sqrt(rounds) in norm / along the all-ones direction / against the
@@ -150,6 +152,7 @@ class FedConfig:
     cohort_shift: float | None = None
     cohort_drift: float | None = None
     cohort_drift_shift: float | None = None
+    cohort_drift_against: float | None = None
     aggregate_drift: float | None = None
     aggregate_shift: float | None = None
     aggregate_against: float | None = None
@@ -253,7 +256,7 @@ class FedConfig:
         need(value is None or (isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0),
              f"cohort_drift_shift must be None (the method's default), a positive number or inf (off), "
              f"got {self.cohort_drift_shift!r}")
-        for name in ("aggregate_drift", "aggregate_shift", "aggregate_against"):
+        for name in ("cohort_drift_against", "aggregate_drift", "aggregate_shift", "aggregate_against"):
             value = getattr(self, name)
             need(value is None or (isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0),
                  f"{name} must be None (the method's default), a positive number or inf (off), got {value!r}")

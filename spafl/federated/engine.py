@@ -161,7 +161,8 @@ def aggregate_round(method: Method, server, tally: RoundTally, memory: CohortMem
     cfg = method.config
     for event in clipped:
         factor = {"against": method.against_limit, "shift": method.shift_limit,
-                  "drift": method.drift_shift_limit if event.which == "shift" else method.drift_limit,
+                  "drift": {"shift": method.drift_shift_limit, "against": method.drift_against_limit}.get(
+                      event.which, method.drift_limit),
                   "aggregate": method.aggregate_limit}.get(event.kind, lambda: cfg.cohort_clip)()
         client = tally.accepted_ids[event.index] if event.index is not None else None
         tally.errors.append(event.describe(client, factor))

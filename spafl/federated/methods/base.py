@@ -99,6 +99,10 @@ class Method:
     # docs/security.md), far below the norm's 8.45, where a client raising a whole tensor has
     # the two equal.
     cohort_drift_shift: float = 1.8
+    # The default limit on the same deviations' components against each round's centre
+    # direction, summed (config.cohort_drift_against None; rules.CohortMemory): off (inf) where
+    # it was not measured on honest runs (SpaFL sets it).
+    cohort_drift_against: float = math.inf
     # The default limits on the federation's drift (config.aggregate_drift, aggregate_shift,
     # aggregate_against None): the accepted mean's deviations from the cohort's trimmed mean,
     # summed over the rounds, within these many median deviations times sqrt(rounds), in norm,
@@ -231,7 +235,7 @@ class Method:
                                                self.against_limit(), self.shift_limit())
         if memory is not None and ids is not None:
             updates, more = memory.clip(reference, updates, ids, self.drift_limit(), commit,
-                                        shift=self.drift_shift_limit())
+                                        shift=self.drift_shift_limit(), against=self.drift_against_limit())
             events = events + more
         if memory is not None and self.config.aggregator == "mean":
             mean_weights = weights if self.weighted_mean and weights is not None else None
@@ -265,6 +269,15 @@ class Method:
         ``cohort_drift_shift``, else the method's :attr:`cohort_drift_shift`; None when off (inf)."""
         value = (self.config.cohort_drift_shift if self.config.cohort_drift_shift is not None
                  else self.cohort_drift_shift)
+        return None if value == math.inf else value
+
+    def drift_against_limit(self) -> float | None:
+        """The limit on a client's deviations from the cohort's centre, each projected against
+        that round's centre direction, summed over its rounds, in median deviations times
+        sqrt(rounds) (:class:`rules.CohortMemory`): the configured ``cohort_drift_against``,
+        else the method's :attr:`cohort_drift_against`; None when off (inf)."""
+        value = (self.config.cohort_drift_against if self.config.cohort_drift_against is not None
+                 else self.cohort_drift_against)
         return None if value == math.inf else value
 
     def shift_limit(self) -> float | None:

@@ -180,6 +180,12 @@ class SpaFL(Method):
     # norm's 12.5 cost 3.75, 9.08 and 0.51 points over 20 rounds (seeds 0, 1, 2;
     # docs/security.md).
     cohort_drift_shift = 7.5
+    # The components of the same deviations against each round's centre direction, summed (a
+    # client undoing the cohort's training round after round): honest clients reached 3.51
+    # median deviations times sqrt(rounds) (conv1 in its first two rounds, 60 rounds; 3.44 in
+    # 20; 1.72 or less in the other layers; docs/security.md), where a client flipping its own
+    # update every round grows it like its rounds, not their square root.
+    cohort_drift_against = 3.8
     weighted_mean = False  # SpaFL's mean is uniform over the clients
     # Honest SpaFL runs' sums across rounds reached 1.09 (norm, fc4, 60 rounds), 0.82 (shift:
     # fc4's thresholds, where a few clients holding a class move it far, lean one way; 20
