@@ -1,0 +1,165 @@
+"""The Triton path's host-side savings: the collapse guard's writes done by the row-mask launch
+itself (the same masks, thresholds, counters and stored densities as the host-issued writes),
+and the launchers' scratch buffers kept between calls (never an output a caller can hold)."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+from spafl import ThresholdLinear, threshold_for_density
+
+pytestmark = pytest.mark.interpreter
+
+
+def _guard_results(w, backend, timing, density, previous, tau_dtype=torch.float32, counter_dtype=torch.long,
+                   stored_dtype=torch.float32, with_counter=True, with_stored=True, strided_tau=False):
+    from spafl._guard import _guarded_row_mask
+    from spafl._options import ThresholdOptions
+
+    tau = threshold_for_density(w, density).to(tau_dtype)
+    if strided_tau:  # a view with stride 2 (the launch cannot write it where it is)
+        tau = torch.stack([tau, torch.full_like(tau, 7.0)], 1)[:, 0]
+    counter = torch.zeros((), dtype=counter_dtype, device=w.device) if with_counter else None
+    stored = torch.tensor(previous, dtype=stored_dtype, device=w.device) if with_stored else None
+    versions = [t._version for t in (tau, counter, stored) if t is not None]
+    options = ThresholdOptions(collapse_density=0.01, collapse_timing=timing)
+    rm = _guarded_row_mask(w, tau, backend, True, options, counter, stored)
+    bumped = [t._version > v for t, v in zip([t for t in (tau, counter, stored) if t is not None], versions,
+                                              strict=True)]
+    return (rm.mask, rm.perm, rm.count.reshape(1), tau, counter, stored), bumped
+
+
+@pytest.mark.parametrize("timing", ["current", "previous"])
+def test_guard_written_by_the_launch_matches_the_host_writes(timing, device):
+    # "reference" with the index list: the same decisions device-side through PyTorch operations
+    # (what the Triton path issued before its launch wrote them); at and around the guard's edge.
+    import spafl.kernels.threshold_mask as masks
+
+    launched = []
+    original = masks.guarded_row_mask
+    masks.guarded_row_mask = lambda *a, **k: (launched.append(1), original(*a, **k))[1]
+    try:
+        torch.manual_seed(0)
+        w = torch.randn(200, 7, device=device)
+        cases = 0
+        for density in (0.5, 2 / 200, 3 / 200, 1 / 200, 0.0, 1.0):
+            for previous in (1.0, 0.0100001, 0.01, 0.005, 0.0):
+                want, _ = _guard_results(w, "reference", timing, density, previous)
+                got, bumped = _guard_results(w, "triton", timing, density, previous)
+                for name, a, b in zip(("mask", "perm", "count", "tau", "counter", "stored"), got, want, strict=True):
+                    assert a.dtype == b.dtype and torch.equal(a, b), (name, density, previous)
+                assert all(bumped), (density, previous)  # as the host's in-place writes bumped them
+                cases += 1
+        assert len(launched) == cases
+    finally:
+        masks.guarded_row_mask = original
+
+
+@pytest.mark.parametrize("variant", [
+    {"tau_dtype": torch.bfloat16}, {"tau_dtype": torch.float16}, {"with_counter": False},
+    {"with_stored": False},  # (current timing only: previous needs the stored density)
+])
+@pytest.mark.parametrize("density", [0.5, 1 / 300, 0.0])
+def test_guard_in_the_launch_with_other_tensors(variant, density, device):
+    torch.manual_seed(1)
+    w = torch.randn(300, 19, device=device)
+    for timing in (("current",) if not variant.get("with_stored", True) else ("current", "previous")):
+        for previous in (1.0, 0.005):
+            want, _ = _guard_results(w, "reference", timing, density, previous, **variant)
+            got, bumped = _guard_results(w, "triton", timing, density, previous, **variant)
+            for a, b in zip(got, want, strict=True):
+                assert (a is None and b is None) or (a.dtype == b.dtype and torch.equal(a, b)), (timing, previous)
+            assert all(bumped)
+
+
+@pytest.mark.parametrize("variant", [{"counter_dtype": torch.int32}, {"stored_dtype": torch.float64},
+                                     {"strided_tau": True}])
+def test_tensors_the_launch_cannot_write_take_the_host_writes(variant, device):
+    import spafl.kernels.threshold_mask as masks
+
+    torch.manual_seed(2)
+    w = torch.randn(100, 5, device=device)
+    tau = torch.zeros(100, device=device)
+    if variant.get("strided_tau"):
+        tau = torch.zeros(100, 2, device=device)[:, 0]
+    stored = torch.ones((), dtype=variant.get("stored_dtype", torch.float32), device=device)
+    counter = torch.zeros((), dtype=variant.get("counter_dtype", torch.long), device=device)
+    assert not masks.writes_guard(tau, stored, counter)
+    for density in (0.5, 0.0):
+        for timing in ("current", "previous"):
+            want, _ = _guard_results(w, "reference", timing, density, 0.005, **variant)
+            got, _ = _guard_results(w, "triton", timing, density, 0.005, **variant)
+            for a, b in zip(got, want, strict=True):
+                assert a.dtype == b.dtype and torch.equal(a, b), (density, timing)
+
+
+def test_a_reset_by_the_launch_is_seen_by_autograd(device):
+    # A graph that saved the thresholds before a forward reset them must refuse its backward,
+    # as it did when the host reset them in place.
+    layer = ThresholdLinear(16, 100, backend="triton", device=device)
+    with torch.no_grad():
+        layer.threshold.fill_(10.0)  # every unit pruned: the guard fires
+    penalty = (layer.threshold ** 2).sum()  # (pow saves tau for its backward)
+    layer(torch.randn(3, 16, device=device))
+    assert layer.collapse_resets.item() == 1 and (layer.threshold == 0).all()
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        penalty.backward()
+
+
+def test_scratch_is_kept_per_role_shape_dtype_and_thread():
+    from spafl.kernels.threshold_mask import _SCRATCH_BYTES, scratch
+
+    cpu = torch.device("cpu")
+    a = scratch("test.a", (8,), torch.float32, cpu)
+    assert scratch("test.a", (8,), torch.float32, cpu) is a
+    assert scratch("test.b", (8,), torch.float32, cpu) is not a
+    assert scratch("test.a", (9,), torch.float32, cpu) is not a
+    assert scratch("test.a", (8,), torch.float64, cpu) is not a
+    other = []
+    thread = threading.Thread(target=lambda: other.append(scratch("test.a", (8,), torch.float32, cpu)))
+    thread.start()
+    thread.join()
+    assert other[0] is not a and other[0].data_ptr() != a.data_ptr()
+    big = (_SCRATCH_BYTES // 4 + 1,)
+    assert scratch("test.big", big, torch.float32, cpu) is not scratch("test.big", big, torch.float32, cpu)
+
+
+@pytest.mark.parametrize("mode", ["skip", "exact", "sample"])
+def test_outputs_of_consecutive_calls_never_share_memory(mode, device):
+    # Two forwards and two backwards of the same shapes: every output and saved tensor of the
+    # first call is its own memory and keeps its values through the second call.
+    torch.manual_seed(3)
+    layer = ThresholdLinear(40, 50, backend="triton", backward_mode=mode, device=device)
+    with torch.no_grad():
+        layer.threshold.copy_(threshold_for_density(layer.weight, 0.5))
+    x1 = torch.randn(6, 40, device=device, requires_grad=True)
+    x2 = torch.randn(6, 40, device=device, requires_grad=True)
+    dy1, dy2 = torch.randn(6, 50, device=device), torch.randn(6, 50, device=device)
+
+    def grads(x, dy):
+        layer.zero_grad(set_to_none=True)
+        x.grad = None
+        y = layer(x)
+        y.backward(dy)
+        return [y.detach(), x.grad, layer.weight.grad, layer.threshold.grad, layer.bias.grad]
+
+    alone = [t.clone() for t in grads(x1, dy1)]
+    x1.grad = None
+    layer.zero_grad(set_to_none=True)
+    y1, y2 = layer(x1), layer(x2)  # two graphs alive at once
+    assert y1.data_ptr() != y2.data_ptr()
+    y1_values = y1.detach().clone()
+    y2.backward(dy2)
+    second = [x2.grad, layer.weight.grad, layer.threshold.grad, layer.bias.grad]
+    second = [t.clone() for t in second]
+    layer.zero_grad(set_to_none=True)
+    y1.backward(dy1)  # the first graph's saved state is untouched by the second call
+    first = [y1_values, x1.grad, layer.weight.grad, layer.threshold.grad, layer.bias.grad]
+    for name, a, b in zip(("y", "dx", "dw", "dtau", "db"), first, alone, strict=True):
+        assert torch.equal(a, b), name
+    again = grads(x2, dy2)[1:]
+    for name, a, b in zip(("dx", "dw", "dtau", "db"), again, second, strict=True):
+        assert torch.equal(a, b), name
