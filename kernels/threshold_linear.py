@@ -962,12 +962,13 @@ class _Launch(NamedTuple):
     limits: dict | None = None
     grid_fn: object = None
     fixed_keys: tuple = ()
+    tune: bool = False  # autotune_enabled() when planned (the plans' keys hold what it reads)
 
 
 def _go(kernel, plan: _Launch, args: tuple, dtype, rows: int, density_hint) -> None:
     # The planned launch unless a tuner may choose: autotuning on, or every candidate recorded
     # for the offline compile check. The int64 variants never tune (their plan is final).
-    if plan.fixed is None or plan.consts.get("WIDE") or not (autotune_enabled() or every_candidate_enabled()):
+    if plan.fixed is None or plan.consts.get("WIDE") or not (plan.tune or every_candidate_enabled()):
         kernel[plan.grid](*args, **plan.kwargs)
         return
     launch(kernel, plan.family, plan.grid_fn, plan.fixed, args, plan.consts, dtype=dtype, rows=rows,
@@ -979,7 +980,7 @@ def _planned(family: str, grid_fn, fixed: dict, consts: dict, *, limits=None, fi
     meta = dict(fixed)
     warps, stages = meta.pop("num_warps"), meta.pop("num_stages")
     return _Launch(grid_fn(fixed), {**consts, **meta, "num_warps": warps, "num_stages": stages}, family, fixed,
-                   consts, limits, grid_fn, fixed_keys)
+                   consts, limits, grid_fn, fixed_keys, autotune_enabled())
 
 
 def finish_threshold_gradients(

@@ -163,3 +163,143 @@ def test_outputs_of_consecutive_calls_never_share_memory(mode, device):
     again = grads(x2, dy2)[1:]
     for name, a, b in zip(("dx", "dw", "dtau", "db"), again, second, strict=True):
         assert torch.equal(a, b), name
+
+
+# ----------------------------------------------------------------------------- the kept Triton call
+
+
+def _pair(mode, bias, timing, check_finite=False, seed=4):
+    torch.manual_seed(seed)
+    kwargs = dict(backend="triton", backward_mode=mode, bias=bias, collapse_timing=timing, check_finite=check_finite)
+    a = ThresholdLinear(33, 70, **kwargs)
+    b = ThresholdLinear(33, 70, **kwargs)
+    b.load_state_dict(a.state_dict())
+    return a, b
+
+
+def _steps(layer, xs, dys, densities):
+    out = []
+    for x, dy, density in zip(xs, dys, densities, strict=True):
+        with torch.no_grad():
+            layer.threshold.copy_(threshold_for_density(layer.weight, density))
+        layer.zero_grad(set_to_none=True)
+        x = x.clone().requires_grad_(True)
+        y = layer(x)
+        y.backward(dy)
+        grads = [x.grad, layer.weight.grad, layer.threshold.grad]
+        grads += [layer.bias.grad] if layer.bias is not None else []
+        out.append([y.detach().clone(), *[g.clone() for g in grads], layer.threshold.detach().clone(),
+                    layer.collapse_resets.clone(), layer.previous_density.clone()])
+        with torch.no_grad():
+            layer.weight.mul_(0.99)  # (a step between forwards)
+    return out
+
+
+@pytest.mark.parametrize("mode", ["skip", "exact", "sample"])
+@pytest.mark.parametrize("bias, timing", [(True, "current"), (False, "current"), (True, "previous")])
+def test_kept_triton_call_is_the_general_call_bit_for_bit(monkeypatch, mode, bias, timing):
+    import spafl.layers
+
+    general = []
+    original = spafl.layers.linear_call
+    monkeypatch.setattr(spafl.layers, "linear_call", lambda *a, **k: (general.append(1), original(*a, **k))[1])
+    kept, plain = _pair(mode, bias, timing)
+    torch.manual_seed(5)
+    xs = [torch.randn(9, 33) for _ in range(4)]
+    dys = [torch.randn(9, 70) for _ in range(4)]
+    densities = [0.5, 1 / 140, 0.3, 1.0]  # the second fires the guard ("previous": the third)
+    got = _steps(kept, xs, dys, densities)
+    assert len(general) == 1  # the first call only
+    monkeypatch.setattr(spafl.layers, "device_call_of", lambda *a, **k: None)
+    want = _steps(plain, xs, dys, densities)
+    assert len(general) == 5
+    assert kept.collapse_resets.item() == 1
+    for step, (g, w) in enumerate(zip(got, want, strict=True)):
+        for i, (a, b) in enumerate(zip(g, w, strict=True)):
+            assert a.dtype == b.dtype and torch.equal(a, b), (step, i)
+
+
+def test_kept_triton_call_leaves_every_other_call_to_the_general_path(monkeypatch):
+    import spafl.layers
+    from spafl.functional import linear_call
+
+    general = []
+    monkeypatch.setattr(spafl.layers, "linear_call", lambda *a, **k: (general.append(1), linear_call(*a, **k))[1])
+    torch.manual_seed(6)
+    layer = ThresholdLinear(12, 20, backend="triton", check_finite=False)
+    x = torch.randn(5, 12)
+
+    def general_calls(fn):
+        layer(x)  # (the call that keeps the tensors and options)
+        before = len(general)
+        fn()
+        return len(general) - before
+
+    def same_as_fresh():
+        fresh = ThresholdLinear(12, 20, backend="triton", check_finite=False, bias=layer.bias is not None,
+                                dtype=layer.weight.dtype)
+        fresh.load_state_dict(layer.state_dict())
+        with torch.no_grad():
+            want = fresh(x.to(layer.weight.dtype))
+        assert torch.equal(layer(x.to(layer.weight.dtype)), want)
+
+    assert general_calls(lambda: layer(x)) == 0
+    assert general_calls(lambda: layer(torch.randn(2, 3, 12))) == 1  # (not 2-D)
+    with pytest.raises(TypeError, match="x is torch.float64 but weight is torch.float32"):
+        general_calls(lambda: layer(x.double()))
+    with pytest.raises(ValueError, match="7 features in its last dimension"):
+        general_calls(lambda: layer(torch.randn(5, 7)))
+
+    def new_data():
+        layer.weight.data = torch.randn(20, 12)
+        same_as_fresh()
+    assert general_calls(new_data) >= 1
+
+    def new_parameter():
+        layer.weight = torch.nn.Parameter(torch.randn(20, 12))
+        same_as_fresh()
+    assert general_calls(new_parameter) >= 1
+
+    def new_buffer():
+        layer.previous_density = torch.ones(())
+        layer(x)
+    assert general_calls(new_buffer) == 1
+
+    def new_options():
+        layer.backward_mode = "exact"
+        layer(x)
+    assert general_calls(new_options) == 1
+
+    def eval_mode():
+        layer.eval()
+        layer(x)
+        layer.train()
+    assert general_calls(eval_mode) == 1
+
+    def under_autocast():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            layer(x)
+    assert general_calls(under_autocast) == 1
+
+    def fused_step_mask():
+        layer.keep_next_mask("triton", spafl_row_mask(layer))
+        layer(x)
+    assert general_calls(fused_step_mask) == 1
+
+    def strided_threshold():
+        layer.threshold.data = torch.zeros(20, 2)[:, 0]
+        same_as_fresh()
+    assert general_calls(strided_threshold) >= 1
+    assert "_device_call" in layer.__dict__ and layer.__dict__["_device_call"] is None  # (the launch cannot write it)
+
+    layer.threshold.data = torch.zeros(20)
+    layer(x)
+    layer.half()  # (.to() and the like drop it)
+    assert "_device_call" not in layer.__dict__
+    same_as_fresh()
+
+
+def spafl_row_mask(layer):
+    from spafl import kernels
+
+    return kernels.threshold_row_mask(layer.weight, layer.threshold.detach(), collapse_density=0.01)
