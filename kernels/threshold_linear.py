@@ -81,7 +81,7 @@ from ._config import (
     use_compact_weight,
     wide_config,
 )
-from .threshold_mask import fits_int32
+from .threshold_mask import fits_int32, scratch
 
 BACKWARD_MODES = {"exact": 0, "skip": 1, "sample": 2}
 
@@ -962,12 +962,13 @@ class _Launch(NamedTuple):
     limits: dict | None = None
     grid_fn: object = None
     fixed_keys: tuple = ()
+    tune: bool = False  # autotune_enabled() when planned (the plans' keys hold what it reads)
 
 
 def _go(kernel, plan: _Launch, args: tuple, dtype, rows: int, density_hint) -> None:
     # The planned launch unless a tuner may choose: autotuning on, or every candidate recorded
     # for the offline compile check. The int64 variants never tune (their plan is final).
-    if plan.fixed is None or plan.consts.get("WIDE") or not (autotune_enabled() or every_candidate_enabled()):
+    if plan.fixed is None or plan.consts.get("WIDE") or not (plan.tune or every_candidate_enabled()):
         kernel[plan.grid](*args, **plan.kwargs)
         return
     launch(kernel, plan.family, plan.grid_fn, plan.fixed, args, plan.consts, dtype=dtype, rows=rows,
@@ -979,7 +980,7 @@ def _planned(family: str, grid_fn, fixed: dict, consts: dict, *, limits=None, fi
     meta = dict(fixed)
     warps, stages = meta.pop("num_warps"), meta.pop("num_stages")
     return _Launch(grid_fn(fixed), {**consts, **meta, "num_warps": warps, "num_stages": stages}, family, fixed,
-                   consts, limits, grid_fn, fixed_keys)
+                   consts, limits, grid_fn, fixed_keys, autotune_enabled())
 
 
 def finish_threshold_gradients(
@@ -1122,9 +1123,10 @@ def threshold_linear_fwd(
                                                                      z_all and z_out is not None))
     w_op = compact_weight_rows(weight, row_mask, fan_in, fan_in, (weight.stride(1), 0, 0), 1) if compact else weight
     _go(_threshold_linear_fwd_kernel, plan,
-        (x2d, w_op, bias if bias is not None else weight, row_mask.perm, row_mask.count, *split.operands(x2d.device),
-         y, y if z_out is None else z_out, m_rows, n_rows, fan_in, x2d.stride(0), x2d.stride(1), w_op.stride(0),
-         w_op.stride(1), y.stride(0), y.stride(1), 0 if z_out is None else z_out.stride(0)),
+        (x2d, w_op, bias if bias is not None else weight, row_mask.perm, row_mask.count,
+         *split.operands(x2d.device, "linear_fwd.ws"), y, y if z_out is None else z_out, m_rows, n_rows, fan_in,
+         x2d.stride(0), x2d.stride(1), w_op.stride(0), w_op.stride(1), y.stride(0), y.stride(1),
+         0 if z_out is None else z_out.stride(0)),
         x2d.dtype, m_rows, density_hint)
     return y
 
@@ -1145,15 +1147,15 @@ class _Split(NamedTuple):
     programs: int
     slot: int
 
-    def operands(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def operands(self, device: torch.device, role: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(table, workspace, tickets)`` on ``device``: the table uploaded once per device,
-        a workspace of one slot per program, and zeroed tickets shared by the launches of the
-        current stream (each split tile's last program resets its own)."""
+        a workspace of one slot per program (scratch of ``role``), and zeroed tickets shared by
+        the launches of the current stream (each split tile's last program resets its own)."""
         found = _split_tables.get((self.table, device))
         if found is None:
             found = _split_tables[(self.table, device)] = torch.tensor(self.table, dtype=torch.int32, device=device)
         # An unsplit launch never touches the workspace: one element stands in for it.
-        ws = torch.empty(self.programs * self.slot if max(self.table) > 1 else 1, device=device, dtype=torch.float32)
+        ws = scratch(role, (self.programs * self.slot if max(self.table) > 1 else 1,), torch.float32, device)
         return found, ws, split_tickets(device, self.programs)
 
 
@@ -1287,7 +1289,7 @@ def threshold_linear_bwd(
                                                      compact_weight, key[-2]))
     fused = z is not None and plan.mode_id != BACKWARD_MODES["sample"]
     if fused:
-        r = r_out if r_out is not None else torch.empty(n_rows, device=device, dtype=torch.float32)
+        r = r_out if r_out is not None else scratch("linear_bwd.r", (n_rows,), torch.float32, device)
         dyc = _compact_grad_bias(grad_y, row_mask, z, r, dtau, db_out, m_rows, n_rows, plan.mode_id == 0)
     else:
         dyc = compact_grad_columns(grad_y, row_mask, m_rows, n_rows, (1, 1), (grad_y.stride(0), 0, 0),
@@ -1298,8 +1300,8 @@ def threshold_linear_bwd(
         w_op = (compact_weight_rows(weight, row_mask, fan_in, fan_in, (weight.stride(1), 0, 0), 1)
                 if plan.compact else weight)
         _go(_threshold_linear_bwd_dx_kernel, plan.dx,
-            (dyc, w_op, row_mask.perm, row_mask.count, *plan.dx_split.operands(device), dx, m_rows, n_rows, fan_in,
-             dyc.stride(0), w_op.stride(0), w_op.stride(1), dx.stride(0), dx.stride(1)),
+            (dyc, w_op, row_mask.perm, row_mask.count, *plan.dx_split.operands(device, "linear_dx.ws"), dx, m_rows,
+             n_rows, fan_in, dyc.stride(0), w_op.stride(0), w_op.stride(1), dx.stride(0), dx.stride(1)),
             x2d.dtype, m_rows, density_hint)
     if fused:
         # r is known: the GEMM writes the active rows of dW = G + sign(W) r / K itself, and the
@@ -1345,7 +1347,7 @@ def _compact_grad_bias(grad_y, row_mask: RowMask, z, r, dtau, db_out, m_rows: in
     and ``db_out`` if given."""
     key = ("dyc_bias", grad_y.shape, grad_y.stride(), db_out is not None, z_all, launch_settings())
     padded, plan = cached_plan(key, lambda: _dyc_bias_plan(grad_y, m_rows, n_rows, db_out is not None, z_all))
-    dyc = torch.empty((m_rows, padded), device=grad_y.device, dtype=grad_y.dtype)
+    dyc = scratch("linear_bwd.dyc", (m_rows, padded), grad_y.dtype, grad_y.device)
     _compact_grad_bias_kernel[plan.grid](
         grad_y, row_mask.perm, row_mask.count, z, dyc, r, dtau, dtau if db_out is None else db_out, m_rows, n_rows,
         grad_y.stride(0), grad_y.stride(1), z.stride(0), dyc.stride(0), **plan.kwargs)

@@ -20,6 +20,8 @@ device and stream, kept between calls) is ready for the next launch without a me
 
 from __future__ import annotations
 
+import threading
+
 import torch
 import triton
 import triton.language as tl
@@ -32,6 +34,7 @@ from ._config import cached_plan, cdiv, gpu_tiles, launch_settings, next_power_o
 def _compact_rows(
     score_ptr, mask_ptr, perm_ptr, count_ptr, collapsed_ptr, N, collapse_density,
     HAS_GUARD: tl.constexpr, BLOCK: tl.constexpr, previous_ptr=None, GUARD_PREVIOUS: tl.constexpr = False,
+    tau_ptr=None, resets_ptr=None, GUARD_WRITES: tl.constexpr = False,
 ):
     # One program: a deterministic prefix sum over the mask without inter-program sync. The
     # loads bypass L1 (".cg"): the masks were written by other programs of the same launch.
@@ -78,6 +81,19 @@ def _compact_rows(
         tl.store(perm_ptr + pos, offs.to(tl.int32), mask=valid)
         active_before += tl.sum(m, axis=0)
     tl.store(count_ptr, total)
+    if GUARD_WRITES:
+        # The layer's side of the guard, which the host issued as three operations after the
+        # launch: tau to 0 and the reset counter + 1 where it fired, and this mask's density
+        # stored for collapse_timing="previous" (fp32 count / N, correctly rounded, as
+        # torch.div computes it). Every thread has read tau and the stored density by now; the
+        # barrier makes sure before they are overwritten.
+        tl.debug_barrier()
+        if collapsed:
+            for n0 in range(0, N, BLOCK):
+                offs = n0 + tl.arange(0, BLOCK)
+                tl.store(tau_ptr + offs, tl.zeros([BLOCK], dtype=tl.float32), mask=offs < N)
+            tl.store(resets_ptr, tl.load(resets_ptr) + 1)
+        tl.store(previous_ptr, tl.div_rn(total.to(tl.float32), (total * 0 + N).to(tl.float32)))
 
 
 @triton.jit
@@ -90,6 +106,8 @@ def _row_mask_kernel(
     count_ptr,  # [1] int32 out: number of active rows
     collapsed_ptr,  # [1] int8 out: 1 when the collapse guard fired (only with HAS_GUARD)
     ticket_ptr,  # [1] int32: 0 on entry, reset to 0 by the last program
+    previous_ptr,  # [1] fp32: the stored density (read with GUARD_PREVIOUS, written with GUARD_WRITES)
+    resets_ptr,  # [1] int64: the guard's reset counter (GUARD_WRITES)
     N,
     K,
     stride_wn,
@@ -100,6 +118,8 @@ def _row_mask_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     COMPACT_BLOCK: tl.constexpr,
+    GUARD_PREVIOUS: tl.constexpr = False,  # collapse_timing="previous": the guard tests previous_ptr
+    GUARD_WRITES: tl.constexpr = False,  # the last program resets tau, counts, stores the density
 ):
     pid = tl.program_id(0)
     rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -118,14 +138,15 @@ def _row_mask_kernel(
         w = tl.load(w_ptrs + k_off, mask=row_ok[:, None] & (offs_k[None, :] < K - k0), other=0.0)
         acc += tl.abs(w.to(tl.float32))
     _score_and_compact(acc, K, rows, row_ok, tau_ptr, score_ptr, mask_ptr, perm_ptr, count_ptr, collapsed_ptr,
-                       ticket_ptr, N, collapse_density, HAS_GUARD, COMPACT_BLOCK)
+                       ticket_ptr, N, collapse_density, HAS_GUARD, COMPACT_BLOCK, previous_ptr, GUARD_PREVIOUS,
+                       resets_ptr, GUARD_WRITES)
 
 
 @triton.jit
 def _score_and_compact(
     acc, K, rows, row_ok, tau_ptr, score_ptr, mask_ptr, perm_ptr, count_ptr, collapsed_ptr, ticket_ptr, N,
     collapse_density, HAS_GUARD: tl.constexpr, COMPACT_BLOCK: tl.constexpr, previous_ptr=None,
-    GUARD_PREVIOUS: tl.constexpr = False,
+    GUARD_PREVIOUS: tl.constexpr = False, resets_ptr=None, GUARD_WRITES: tl.constexpr = False,
 ):
     """A program's rows scored (``acc``: their |w| summed over column tiles) and masked, then the
     last program to finish compacts every row: the end of the row-mask kernel and of the fused
@@ -142,7 +163,7 @@ def _score_and_compact(
     ticket = tl.atomic_add(ticket_ptr, 1, sem="acq_rel")
     if ticket == tl.num_programs(0) - 1:
         _compact_rows(score_ptr, mask_ptr, perm_ptr, count_ptr, collapsed_ptr, N, collapse_density, HAS_GUARD,
-                      COMPACT_BLOCK, previous_ptr, GUARD_PREVIOUS)
+                      COMPACT_BLOCK, previous_ptr, GUARD_PREVIOUS, tau_ptr, resets_ptr, GUARD_WRITES)
         tl.atomic_xchg(ticket_ptr, 0, sem="relaxed")
 
 
@@ -183,8 +204,69 @@ def threshold_row_mask(
 
     With ``collapse_density`` set, a layer whose density is ``<= collapse_density`` gets the mask
     of ``tau = 0`` instead, and ``RowMask.collapsed`` says so; the caller owns the thresholds and
-    resets them (the kernels never write their inputs). One launch, no host synchronisation.
+    resets them (this launch never writes its inputs; :func:`guarded_row_mask` does). One launch,
+    no host synchronisation.
     """
+    threshold = _check_row_mask_inputs(weight2d, threshold)
+    device, n_rows = weight2d.device, weight2d.shape[0]
+    score = torch.empty(n_rows, device=device, dtype=torch.float32)
+    has_guard = collapse_density is not None
+    collapsed = torch.empty(1, device=device, dtype=torch.int8) if has_guard else None
+    return _launch(weight2d, threshold, score, collapsed, collapse_density, None, None, False, False)
+
+
+def guarded_row_mask(
+    weight2d: torch.Tensor,
+    threshold: torch.Tensor,
+    collapse_density: float,
+    previous: bool,
+    previous_density: torch.Tensor | None,
+    counter: torch.Tensor | None,
+) -> RowMask:
+    """A layer's row mask with its collapse guard applied in the same launch: where the guard
+    fires (``previous``: on ``previous_density``, the density stored by the last guarded
+    forward, as ``collapse_timing="previous"``; else on this mask's density), ``threshold`` is
+    reset to 0 and ``counter`` incremented, and the mask is that of ``tau = 0``; either way
+    ``previous_density`` then holds this mask's density. What the host would otherwise issue as
+    separate operations after :func:`threshold_row_mask`, with the same results (the version
+    counters of the three tensors are bumped, as an in-place operation would).
+
+    ``threshold`` must have unit stride (it is written where it is), ``previous_density`` be None
+    (``previous`` off) or an fp32 one-element tensor and ``counter`` None or an int64 one-element
+    tensor, all on the weight's device (:func:`writes_guard` tells). The returned mask has no ``score`` and no
+    ``collapsed``: they are the launch's scratch."""
+    threshold = _check_row_mask_inputs(weight2d, threshold)
+    device, n_rows = weight2d.device, weight2d.shape[0]
+    score = scratch("row_mask.score", (n_rows,), torch.float32, device)
+    collapsed = scratch("row_mask.collapsed", (1,), torch.int8, device)
+    written = [threshold]
+    if previous_density is None:
+        previous_density = scratch("row_mask.density", (1,), torch.float32, device)
+    else:
+        written.append(previous_density)
+    if counter is None:
+        counter = scratch("row_mask.resets", (1,), torch.int64, device)
+    else:
+        written.append(counter)
+    row_mask = _launch(weight2d, threshold, score, collapsed, collapse_density, previous_density, counter, previous,
+                       True)
+    # (the launch wrote them: autograd's in-place checks must see it, as they saw the host's writes)
+    torch._C._increment_version(written)
+    return RowMask(row_mask.mask, row_mask.perm, row_mask.count, None, None)
+
+
+def writes_guard(threshold: torch.Tensor, previous_density: torch.Tensor | None, counter: torch.Tensor | None) -> bool:
+    """Whether :func:`guarded_row_mask` takes these tensors (else the caller writes the guard's
+    results itself)."""
+    device = threshold.device
+    return (threshold.stride(0) == 1
+            and (previous_density is None or (previous_density.dtype == torch.float32
+                                              and previous_density.numel() == 1 and previous_density.device == device))
+            and (counter is None or (counter.dtype == torch.int64 and counter.numel() == 1
+                                     and counter.device == device)))
+
+
+def _check_row_mask_inputs(weight2d: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
     if weight2d.dim() != 2:
         raise ValueError(f"threshold_row_mask expects a 2-D weight view, got shape {tuple(weight2d.shape)}")
     n_rows, fan_in = weight2d.shape
@@ -194,18 +276,19 @@ def threshold_row_mask(
         raise ValueError(f"threshold is on {threshold.device} but weight is on {weight2d.device}")
     if n_rows == 0 or fan_in == 0:
         raise ValueError(f"weight must have at least one row and one column, got {tuple(weight2d.shape)}")
+    return threshold if threshold.stride(0) == 1 else threshold.contiguous()
+
+
+def _launch(weight2d, threshold, score, collapsed, collapse_density, previous_density, resets, previous: bool,
+            writes: bool) -> RowMask:
+    n_rows, fan_in = weight2d.shape
     device = weight2d.device
-    if threshold.stride(0) != 1:
-        threshold = threshold.contiguous()
-    score = torch.empty(n_rows, device=device, dtype=torch.float32)
     mask = torch.empty(n_rows, device=device, dtype=torch.bool)
     perm = torch.empty(n_rows, device=device, dtype=torch.int32)
     count = torch.empty(1, device=device, dtype=torch.int32)
     has_guard = collapse_density is not None
-    collapsed = torch.zeros(1, device=device, dtype=torch.int8) if has_guard else None
-
-    key = ("row_mask", weight2d.shape, weight2d.stride(), has_guard, launch_settings())
-    grid, kwargs = cached_plan(key, lambda: _row_mask_plan(weight2d, has_guard))
+    key = ("row_mask", weight2d.shape, weight2d.stride(), has_guard, previous, writes, launch_settings())
+    grid, kwargs = cached_plan(key, lambda: _row_mask_plan(weight2d, has_guard, previous, writes))
     _row_mask_kernel[grid](
         weight2d,
         threshold,
@@ -215,6 +298,8 @@ def threshold_row_mask(
         count,
         collapsed if has_guard else count,
         ticket_counter(device),
+        previous_density if previous_density is not None else score,
+        resets if resets is not None else count,
         n_rows,
         fan_in,
         weight2d.stride(0),
@@ -225,7 +310,37 @@ def threshold_row_mask(
     return RowMask(mask, perm, count, score, collapsed.view(torch.bool) if has_guard else None)
 
 
-def _row_mask_plan(weight2d: torch.Tensor, has_guard: bool) -> tuple[tuple, dict]:
+# Scratch buffers kept between launcher calls: (role, shape, dtype, device, thread, stream) ->
+# tensor. Only buffers that no caller ever sees live here, up to _SCRATCH_BYTES each.
+_scratch: dict[tuple, torch.Tensor] = {}
+_SCRATCH_BYTES = 1 << 20
+_SCRATCH_ENTRIES = 256
+
+
+def scratch(role: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """An uninitialised buffer that the launches of one launcher call write and read and nothing
+    keeps afterwards (a split workspace, a compacted gradient, a guard's scores): the same one
+    for every call of this thread on this device and stream with the same ``role``, shape and
+    dtype, instead of an allocation per call. Launches on one stream run in order, so the next
+    call's writes come after this call's reads; a buffer is never shared between threads (which
+    could interleave their launches on one stream) or streams. ``role`` names the buffer's use
+    inside its launcher: two buffers of one call need different roles. Larger buffers than
+    ``_SCRATCH_BYTES`` are allocated per call (a held buffer would cost memory for little)."""
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    key = (role, shape, dtype, device, threading.get_ident(), stream)
+    found = _scratch.get(key)
+    if found is None:
+        found = torch.empty(shape, device=device, dtype=dtype)
+        if found.numel() * found.element_size() > _SCRATCH_BYTES:
+            return found
+        if len(_scratch) >= _SCRATCH_ENTRIES:  # (shapes that keep changing should not grow it forever)
+            _scratch.clear()
+        _scratch[key] = found
+    return found
+
+
+def _row_mask_plan(weight2d: torch.Tensor, has_guard: bool, previous: bool = False,
+                   writes: bool = False) -> tuple[tuple, dict]:
     """The grid and the launch settings of :func:`threshold_row_mask` for this weight's layout."""
     n_rows, fan_in = weight2d.shape
     block_k = min(_SCORE_BLOCK_K, next_power_of_2(fan_in))
@@ -236,5 +351,7 @@ def _row_mask_plan(weight2d: torch.Tensor, has_guard: bool) -> tuple[tuple, dict
         BLOCK_N=_SCORE_BLOCK_N,
         BLOCK_K=block_k,
         COMPACT_BLOCK=max(compact_block, 16),
+        GUARD_PREVIOUS=previous,
+        GUARD_WRITES=writes,
         num_warps=4,
     )

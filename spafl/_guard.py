@@ -120,6 +120,13 @@ def _guarded_row_mask(
     if density is None:
         return _row_mask(weight, threshold, mask_backend, None, with_perm)
     previous = options.collapse_timing == "previous"
+    if mask_backend == "triton":
+        masks = _kernels().threshold_mask
+        if masks.writes_guard(threshold, previous_density, counter):
+            # (the reset, the count and the stored density in the launch itself: no host operations)
+            w2d = weight_rows(weight)
+            return masks.guarded_row_mask(w2d if w2d is not None else weight.reshape(weight.shape[0], -1),
+                                          threshold.detach(), density, previous, previous_density, counter)
     # (no autograd context needed: the masks are built from detached tensors, and _reset writes
     # the thresholds through a detached alias)
     if previous:

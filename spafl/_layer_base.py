@@ -40,7 +40,7 @@ def _guard_buffers(device) -> dict[str, torch.Tensor]:
     }
 
 
-_UNSAVED = ("_next_mask", "_registered_weight", "_host_mask_cache")
+_UNSAVED = ("_next_mask", "_registered_weight", "_host_mask_cache", "_device_call")
 
 
 class _ThresholdMixin:
@@ -108,6 +108,7 @@ class _ThresholdMixin:
         in a way that PyTorch's version counters do not see (in place through ``.data``, through
         a NumPy array sharing their memory): see :class:`spafl._guard.HostMaskCache`."""
         self.__dict__.pop("_next_mask", None)
+        self.__dict__.pop("_device_call", None)
         cache = self.__dict__.get("_host_mask_cache")
         if cache is not None:
             cache.clear()

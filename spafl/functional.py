@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -34,10 +35,11 @@ from ._functions import (
     ThresholdConv2dFunction,
     ThresholdLinearFunction,
     _autocast_enabled,
+    _bare,
     _run,
     _unwrap_if_dead,
 )
-from ._guard import _check_finite, _guarded_row_mask, _row_mask
+from ._guard import _check_finite, _guarded_row_mask, _kernels, _row_mask
 from ._options import ThresholdOptions, options_of
 from ._rowmask import RowMask
 
@@ -133,6 +135,81 @@ def linear_kept(x, weight, threshold, bias, options: ThresholdOptions, previous_
                                                  None if bias is None else _unwrap_if_dead(bias), row_mask,
                                                  "compact", options)
     return IMPLEMENTATIONS["compact"].linear_forward(x, weight, bias, row_mask, options)[0]
+
+
+class DeviceCall(NamedTuple):
+    """What a layer's eager call on the Triton path established about its tensors and options
+    (:func:`device_call_of`), for :func:`linear_device_kept`: the tensors themselves, their
+    layouts (data pointer, dtype, shape, strides; the aliases in ``held`` keep the storages, so
+    that no later tensor can take their addresses) and the guard's settings."""
+
+    options: ThresholdOptions
+    tensors: tuple  # (weight, threshold, bias, counter, previous_density)
+    stamps: tuple
+    held: tuple
+    tau: torch.Tensor  # a detached alias of the thresholds, which the guard's launch writes
+    device: torch.device
+    guard: float | None
+    previous: bool
+
+
+def _layout(t):
+    return None if t is None else (t.data_ptr(), t.dtype, t.shape, t.stride())
+
+
+def device_call_of(x, weight, threshold, bias, options: ThresholdOptions, counter, previous_density):
+    """The :class:`DeviceCall` of a layer's call that :func:`linear_call` just ran, or None when
+    its next calls cannot take :func:`linear_device_kept`: that needs the Triton kernels for the
+    mask and the products (no cast), no finiteness check, a contiguous 2-D weight, and the guard's
+    writes in the mask's launch (:func:`spafl.kernels.threshold_mask.writes_guard`)."""
+    if (options.backend not in ("triton", "auto") or torch.compiler.is_compiling() or torch._C._is_tracing()
+            or weight.dim() != 2 or not weight.is_contiguous() or threshold.dim() != 1):
+        return None
+    where = route(options.backend, weight)
+    if where.mask != "triton" or where.compute != "triton" or _check_finite(options, threshold):
+        return None
+    guard = options.collapse_density
+    if guard is not None and not _kernels().threshold_mask.writes_guard(threshold, previous_density, counter):
+        return None
+    tensors = (weight, threshold, bias, counter, previous_density)
+    return DeviceCall(options, tensors, tuple(_layout(t) for t in tensors),
+                      tuple(None if t is None else t.detach() for t in tensors), threshold.detach(), weight.device,
+                      guard, options.collapse_timing == "previous")
+
+
+def linear_device_kept(x, weight, threshold, bias, options: ThresholdOptions, counter, previous_density,
+                       call: DeviceCall):
+    """A layer's common call on the Triton path in one step, or None when this call is not
+    that one: the same tensors and options as the call that made ``call`` (same objects, same
+    layouts), a 2-D ``x`` of the weight's dtype and device, no ``torch.jit`` trace,
+    ``torch.compile``, functorch transform or autocast. Then the checks of the tensors, the route
+    and the guard's settings of :func:`linear_call` would find what they found then; this runs
+    what it runs after them: the row mask (with the guard's writes in its launch) and the
+    autograd Function."""
+    tensors = call.tensors
+    if (call.options is not options or tensors[0] is not weight or tensors[1] is not threshold
+            or tensors[2] is not bias or tensors[3] is not counter or tensors[4] is not previous_density):
+        return None
+    if (x.__class__ is not torch.Tensor or x.dtype != weight.dtype or x.dim() != 2 or x.shape[1] != weight.shape[1]
+            or x.device != call.device or torch._C._is_tracing() or torch.compiler.is_compiling()
+            or torch._C._are_functorch_transforms_active() or _autocast_enabled(call.device.type)):
+        return None
+    stamps = call.stamps
+    if (_layout(weight) != stamps[0] or _layout(threshold) != stamps[1] or _layout(bias) != stamps[2]
+            or _layout(counter) != stamps[3] or _layout(previous_density) != stamps[4]):
+        return None
+    masks = _kernels().threshold_mask
+    if call.guard is None:
+        row_mask = masks.threshold_row_mask(weight, call.tau)
+    else:
+        row_mask = masks.guarded_row_mask(weight, call.tau, call.guard, call.previous, previous_density, counter)
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or threshold.requires_grad
+                                    or (bias is not None and bias.requires_grad)):
+        return _C_APPLY[ThresholdLinearFunction](_unwrap_if_dead(x), _unwrap_if_dead(weight),
+                                                 _unwrap_if_dead(threshold),
+                                                 None if bias is None else _unwrap_if_dead(bias), row_mask,
+                                                 "triton", options)
+    return IMPLEMENTATIONS["triton"].linear_forward(x, weight, bias, _bare(row_mask), options)[0]
 
 
 @contextlib.contextmanager

@@ -41,7 +41,7 @@ from . import _threads
 from ._checks import check_positive_int, check_threshold_values
 from ._conv import cached_geometry, conv_geometry
 from ._layer_base import _ThresholdMixin
-from .functional import conv2d_call, linear_call, linear_kept
+from .functional import conv2d_call, device_call_of, linear_call, linear_device_kept, linear_kept
 
 
 class ThresholdLinear(_ThresholdMixin, nn.Module):
@@ -118,12 +118,21 @@ class ThresholdLinear(_ThresholdMixin, nn.Module):
             _threads.warn_once_about_threads(x.device)
         options = self._options if self.training else self._eval_options
         weight, threshold, bias, counter, previous = self._call_tensors()
-        cache = self.__dict__.get("_host_mask_cache")
+        state = self.__dict__
+        cache = state.get("_host_mask_cache")
         if cache is not None and cache._entry is not None:  # (the last forward's mask may still be current)
             y = linear_kept(x, weight, threshold, bias, options, previous, cache)
             if y is not None:
                 return y
-        return linear_call(x, weight, threshold, bias, options, counter, previous, *self._eager_masks(options))
+        call = state.get("_device_call")
+        if call is not None and "_next_mask" not in state:  # (a fused step's kept mask takes the general path)
+            y = linear_device_kept(x, weight, threshold, bias, options, counter, previous, call)
+            if y is not None:
+                return y
+        y = linear_call(x, weight, threshold, bias, options, counter, previous, *self._eager_masks(options))
+        if x.device.type != "cpu" or options.backend == "triton":  # (the Triton path's next calls, in one step)
+            state["_device_call"] = device_call_of(x, weight, threshold, bias, options, counter, previous)
+        return y
 
     @classmethod
     def from_dense(cls, linear: nn.Linear, *, copy: bool = True, **kwargs) -> ThresholdLinear:

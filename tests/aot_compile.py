@@ -186,6 +186,20 @@ def optim_case(dtype: torch.dtype, n: int, k: int):
     return run
 
 
+def row_mask_case(dtype: torch.dtype, n: int, k: int):
+    """The row-mask kernel with the collapse guard: decided only, and with the layer's writes
+    (thresholds, counter, stored density) in the launch, for both timings."""
+    def run():
+        from spafl.kernels.threshold_mask import guarded_row_mask
+
+        w = torch.randn(n, k, dtype=dtype)
+        tau = torch.zeros(n, dtype=dtype)
+        kernels.threshold_row_mask(w, tau, collapse_density=0.01)
+        guarded_row_mask(w, tau, 0.01, False, torch.ones(()), torch.zeros((), dtype=torch.long))
+        guarded_row_mask(w, tau, 0.01, True, torch.ones(()), torch.zeros((), dtype=torch.long))
+    return run
+
+
 @contextlib.contextmanager
 def wide_offsets():
     """Within this block every launcher takes its int64-offset variant (``WIDE=True``), as for
@@ -233,6 +247,8 @@ CASES = [
     ("optim-bf16-ragged", optim_case(BF16, 1531, 769), None, ()),
     ("optim-fp16", optim_case(FP16, 512, 1024), None, ()),
     ("optim-bf16-wide", optim_case(BF16, 512, 1024), None, ("wide",)),
+    ("rowmask-bf16-ragged", row_mask_case(BF16, 1531, 769), None, ()),
+    ("rowmask-fp32-wide", row_mask_case(FP32, 512, 1024), None, ("wide",)),
     ("linear-bf16", linear_case(BF16, 256, 512, 1024), None, ()),
     ("linear-bf16-ragged", linear_case(BF16, 1000, 1531, 769), None, ()),
     ("linear-fp16", linear_case(FP16, 256, 512, 1024, modes=("skip",)), None, ()),
@@ -374,7 +390,7 @@ def _label(launch: Launch) -> str:
     flags = [f"{k}={v}" for k, v in launch.kwargs.items()
              if k in ("MODE", "R_KNOWN", "WRITE_PRUNED", "STORE_Z", "Z_ALL", "COMPACT_W", "HAS_BIAS", "KH", "BLOCK_M",
                       "BLOCK_N", "BLOCK_P", "BLOCK_C", "DOT_PRECISION", "WIDE", "KIND", "FIRST", "HAS_MOMENTUM",
-                      "NESTEROV", "HAS_GUARD", "GUARD_PREVIOUS", "num_warps", "num_stages")]
+                      "NESTEROV", "HAS_GUARD", "GUARD_PREVIOUS", "GUARD_WRITES", "num_warps", "num_stages")]
     return f"{short}[{','.join(flags)}]"
 
 

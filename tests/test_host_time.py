@@ -34,3 +34,17 @@ def test_host_time_with_a_baseline_pairs_every_side_with_it(tmp_path, capsys):
     with pytest.raises(SystemExit):
         host_time.main(args)  # no file is overwritten
     assert "exists; choose another --label" in capsys.readouterr().err
+
+
+def test_host_time_pieces_writes_its_table_once(tmp_path, capsys):
+    import host_time_pieces
+
+    args = ["--label", "p", "--out", str(tmp_path), "--reps", "2", "--min-sample-ms", "0"]
+    assert host_time_pieces.main(args) == 0
+    rows = [line for line in (tmp_path / "p.md").read_text().splitlines() if line.startswith("| ")][1:]
+    names = [row.split(" | ")[0].lstrip("| ") for row in rows]
+    assert names[0] == "layer forward" and names[-1] == "nn.Linear(64, 10) forward" and len(names) == 9
+    assert rows[-1].endswith("| 1.00 |")  # (the yardstick, in its own units)
+    with pytest.raises(SystemExit):
+        host_time_pieces.main(args)  # no file is overwritten
+    assert "exists; choose another --label" in capsys.readouterr().err
