@@ -21,9 +21,10 @@ What is counted (docs/cost-model.md has the formulas, the peaks and the limits):
   machine; memory is the bytes at ``memory_efficiency`` of the HBM bandwidth.
 
 Interpreter time: the convolution GEMM launches (forward, dX, dW) are counted from their grids
-and loop bounds by benchmarks/conv_count.py, their address sets formed at once in NumPy and
-their outputs written by plain torch (tests/test_cost_model.py checks every field of every
-launch against the interpreter); every other launch runs in the interpreter.
+and loop bounds by benchmarks/conv_count.py, the Linear kernels, the finish pass and the row
+mask by benchmarks/linear_count.py, their address sets formed at once in NumPy and their
+outputs written by plain torch (tests/test_cost_model.py checks every field of every launch
+against the interpreter); every other launch runs in the interpreter.
 
 No GPU ran anything here: every figure is a model.
 """
