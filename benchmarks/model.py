@@ -21,9 +21,10 @@ What is counted (docs/cost-model.md has the formulas, the peaks and the limits):
   machine; memory is the bytes at ``memory_efficiency`` of the HBM bandwidth.
 
 Interpreter time: the convolution GEMM launches (forward, dX, dW) are counted from their grids
-and loop bounds by benchmarks/conv_count.py, their address sets formed at once in NumPy and
-their outputs written by plain torch (tests/test_cost_model.py checks every field of every
-launch against the interpreter); every other launch runs in the interpreter.
+and loop bounds by benchmarks/conv_count.py, the Linear kernels, the finish pass and the row
+mask by benchmarks/linear_count.py, their address sets formed at once in NumPy and their
+outputs written by plain torch (tests/test_cost_model.py checks every field of every launch
+against the interpreter); every other launch runs in the interpreter.
 
 No GPU ran anything here: every figure is a model.
 """
@@ -51,6 +52,7 @@ from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import conv_count  # noqa: E402  (the convolution GEMM launches counted without the interpreter)
+import linear_count  # noqa: E402  (the Linear kernels and the row mask, likewise)
 
 import kernels as bench_kernels  # noqa: E402  (benchmarks/kernels.py: the benchmark cases)
 
@@ -212,19 +214,23 @@ class _DispatchRecorder(TorchDispatchMode):
 
 
 # Count the convolution GEMM launches from their grids (benchmarks/conv_count.py) instead of
-# interpreting every program; ``--interpret-conv`` (or False here) interprets them.
+# interpreting every program; ``--interpret-conv`` (or False here) interprets them. Likewise the
+# Linear kernels, the finish pass and the row mask (benchmarks/linear_count.py; ``--interpret-linear``).
 FAST_CONV = True
+FAST_LINEAR = True
 
 
 class Recorder:
     """``with Recorder() as rec: ...`` then ``rec.launches``: every device launch in the block,
     in order. ``rec.phase = "bwd"`` labels the launches that follow. ``fast_conv`` (default
     :data:`FAST_CONV`): the convolution GEMM launches are counted by ``conv_count`` and their
-    outputs written by plain torch; every other launch runs in the interpreter."""
+    outputs written by plain torch; ``fast_linear`` (default :data:`FAST_LINEAR`): the same for
+    the launches ``linear_count`` knows; every other launch runs in the interpreter."""
 
-    def __init__(self, fast_conv: bool | None = None) -> None:
+    def __init__(self, fast_conv: bool | None = None, fast_linear: bool | None = None) -> None:
         self.fast_conv = FAST_CONV if fast_conv is None else fast_conv
-        self.fast_launches = 0  # launches counted by conv_count
+        self.fast_linear = FAST_LINEAR if fast_linear is None else fast_linear
+        self.fast_launches = 0  # launches counted by conv_count or linear_count
         self.launches: list[Launch] = []
         self.phase = ""
         self.syncs = 0  # host reads of device values (.item()): no launch, but a stall on a GPU
@@ -371,10 +377,15 @@ class Recorder:
             rec._current = Launch(rec.phase, "triton", name, prec)
             rec._reads, rec._writes, rec._program_macs = [], [], 0
             rec._in_kernel = True
-            if rec.fast_conv:
+            counters = [c.count for c, on in ((conv_count, rec.fast_conv), (linear_count, rec.fast_linear)) if on]
+            if counters:
                 # (its reference ops run inside the launch: the dispatch mode does not record them)
+                counted = None
                 try:
-                    counted = conv_count.count(executor, args, kwargs)
+                    for counter in counters:
+                        counted = counter(executor, args, kwargs)
+                        if counted is not None:
+                            break
                 except BaseException:
                     rec._current, rec._in_kernel = None, False
                     raise
@@ -1029,6 +1040,9 @@ def main(argv=None) -> int:
     common.add_argument("--interpret-conv", action="store_true",
                         help="run the convolution GEMM launches in the interpreter too (slow; by default "
                              "benchmarks/conv_count.py counts them from their grids)")
+    common.add_argument("--interpret-linear", action="store_true",
+                        help="run the Linear kernels, the finish pass and the row mask in the interpreter too "
+                             "(slow; by default benchmarks/linear_count.py counts them from their grids)")
     lay = sub.add_parser("layers", parents=[common], help="the benchmark layers")
     lay.add_argument("-k", default="", help="only cases whose name contains this")
     lay.add_argument("--dtype", choices=sorted(bench_kernels.DTYPES), default="bfloat16")
@@ -1075,8 +1089,9 @@ def main(argv=None) -> int:
     if not interpreter_enabled():
         p.error("the model counts launches in Triton's interpreter: unset TRITON_INTERPRET=0")
     torch.set_num_threads(1)
-    global FAST_CONV
+    global FAST_CONV, FAST_LINEAR
     FAST_CONV = not getattr(args, "interpret_conv", False)
+    FAST_LINEAR = not getattr(args, "interpret_linear", False)
     return {"layers": run_layers, "steps": run_steps, "pair": run_pair, "reprice": run_reprice,
             "retable": run_retable, "summary": run_summary}[args.cmd](args)
 

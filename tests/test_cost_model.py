@@ -486,7 +486,7 @@ def _conv_call(shape, density, mode, fast):
 
     model._warm_state()
     call()  # state the kernels keep between calls (the bias gradient's tickets) exists before the record
-    rec = model.Recorder(fast_conv=fast)
+    rec = model.Recorder(fast_conv=fast, fast_linear=fast)
     with rec:
         _, out = model.record(call, "fwd+bwd", rec)
     return rec, out
@@ -505,7 +505,11 @@ def test_the_fast_convolution_count_equals_the_interpreter_launch_for_launch(nam
     shape = _FAST_SHAPES[name]
     slow, (y0, grads0) = _conv_call(shape, density, mode, fast=False)
     fast, (y1, grads1) = _conv_call(shape, density, mode, fast=True)
-    assert slow.fast_launches == 0 and fast.fast_launches == 3  # forward, dX, dW
+    # forward, dX, dW; the row mask and the finish pass by the Linear count
+    assert [la.name for la in fast.launches if la.name.startswith("_threshold_conv2d")] == [
+        "_threshold_conv2d_fwd_kernel", "_threshold_conv2d_bwd_dx_kernel", "_threshold_conv2d_bwd_dw_kernel"]
+    assert slow.fast_launches == 0 and fast.fast_launches == 3 + sum(
+        la.name in ("_row_mask_kernel", "_threshold_bwd_finish_kernel") for la in fast.launches)
     assert [la.name for la in fast.launches] == [la.name for la in slow.launches]
     for a, b in zip(slow.launches, fast.launches, strict=True):
         assert vars(a) == vars(b), a.name
@@ -537,3 +541,116 @@ def test_launches_the_fast_count_does_not_know_run_in_the_interpreter():
         _gemm_tile_kernel[(2,)](a, b, out, 2, BLOCK=16)
     assert rec.fast_launches == 0 and rec.launches[0].macs == 2 * 16**3
     torch.testing.assert_close(out[1], a @ b)
+
+
+# ----------------------------------------------------------------------------- the fast Linear count
+
+import linear_count  # noqa: E402  (benchmarks/, on the path above)
+
+
+def _linear_operands(m, k, n, density, dtype, bias):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(m, k, generator=g).to(dtype)
+    w = torch.randn(n, k, generator=g).to(dtype)
+    b = torch.randn(n, generator=g).to(dtype) if bias else None
+    dy = torch.randn(m, n, generator=g).to(dtype)
+    return x, w, b, dy, model.unit_thresholds(n, density)
+
+
+def _recorded(call, fast):
+    model._warm_state()
+    call()  # state the kernels keep between calls exists before the record
+    rec = model.Recorder(fast_conv=fast, fast_linear=fast)
+    with rec:
+        _, out = model.record(call, "fwd+bwd", rec)
+    return rec, out
+
+
+def _linear_call(shape, density, mode, fast):
+    from spafl import threshold_linear
+
+    m, k, n, dtype, bias = shape
+    x, w, b, dy, tau = _linear_operands(m, k, n, density, dtype, bias)
+    params = [t.requires_grad_() for t in (x, w, tau, b) if t is not None]
+
+    def call():
+        y = threshold_linear(x, w, tau, b, backend="triton", backward_mode=mode, collapse_density=None,
+                             check_finite=False)
+        return [y.detach(), *torch.autograd.grad(y, params, dy)]
+
+    return _recorded(call, fast)
+
+
+def _assert_same_launches(slow, fast, outs0, outs1, dtype):
+    assert slow.fast_launches == 0
+    assert [la.name for la in fast.launches] == [la.name for la in slow.launches]
+    for a, b in zip(slow.launches, fast.launches, strict=True):
+        assert vars(a) == vars(b), a.name
+    # the outputs the fast count writes with plain torch carry the same values into later launches
+    tol = {"atol": 1e-4, "rtol": 1e-4} if dtype == torch.float32 else {"atol": 3e-2, "rtol": 2e-2}
+    for o1, o0 in zip(outs1, outs0, strict=True):
+        torch.testing.assert_close(o1, o0, **tol)
+
+
+# (rows, features, units, dtype, bias): odd sizes below one tile (45 features: rows that start
+# inside a sector); a 1024-long reduction over one tile of units, which the forward splits across
+# programs; fp32 (its own tiles).
+_LINEAR_SHAPES = {
+    "bf16": (33, 48, 40, torch.bfloat16, True),
+    "bf16-no-bias": (29, 45, 40, torch.bfloat16, False),
+    "fp32": (37, 64, 50, torch.float32, True),
+    "split": (64, 1024, 200, torch.bfloat16, False),
+}
+_LINEAR_CASES = ([("bf16", d, m) for d in (0.0, 0.3, 1.0) for m in ("skip", "exact")]
+                 + [("bf16-no-bias", 0.3, "skip"), ("fp32", 0.3, "exact"), ("fp32", 1.0, "skip"),
+                    ("split", 0.3, "skip"), ("split", 1.0, "exact")])
+
+
+@pytest.mark.parametrize(("name", "density", "mode"), _LINEAR_CASES)
+def test_the_fast_linear_count_equals_the_interpreter_launch_for_launch(name, density, mode):
+    shape = _LINEAR_SHAPES[name]
+    slow, outs0 = _linear_call(shape, density, mode, fast=False)
+    fast, outs1 = _linear_call(shape, density, mode, fast=True)
+    # row mask, forward, the pass over dY, dX, dW: every launch of the training path
+    assert fast.fast_launches == len(fast.launches) == 5
+    _assert_same_launches(slow, fast, outs0, outs1, shape[3])
+    if name == "split":
+        fwd = fast.launches[1]
+        # one tile of outputs, its reduction split over several programs (workspace and tickets)
+        assert fwd.name == "_threshold_linear_fwd_kernel" and fwd.mac_programs > 1
+
+
+def test_the_fast_linear_count_covers_the_finish_pass_compact_weights_rows_only_and_the_guard():
+    from spafl.kernels import threshold_linear as tlk
+    from spafl.kernels.threshold_mask import threshold_row_mask
+
+    x, w, b, dy, tau = _linear_operands(33, 48, 40, 0.3, torch.bfloat16, True)
+
+    def call():
+        outs = []
+        # the guard fires (density 0.3 <= 0.5): the mask of tau = 0
+        guarded = threshold_row_mask(w, tau, collapse_density=0.5)
+        outs += [guarded.perm, guarded.count, guarded.score, guarded.collapsed]
+        mask = threshold_row_mask(w, tau)
+        for mode in ("exact", "skip", "sample"):
+            y = tlk.threshold_linear_fwd(x, w, b, mask, compact_weight=True)
+            # no Z: dW through its workspace and the finish pass
+            outs += [y, *tlk.threshold_linear_bwd(dy, x, w, mask, mode=mode, compact_weight=True)]
+            # r for a fused optimizer step: the active rows of dW only
+            r = torch.zeros(40)
+            z = torch.empty(33, 40)
+            tlk.threshold_linear_fwd(x, w, b, mask, z_out=z, z_all=mode == "exact")
+            if mode != "sample":
+                _, dw, dtau = tlk.threshold_linear_bwd(dy, x, w, mask, mode=mode, z=z, r_out=r)
+                outs += [dw[mask.perm[:int(mask.count)].long()], dtau, r]
+        return outs
+
+    slow, outs0 = _recorded(call, fast=False)
+    fast, outs1 = _recorded(call, fast=True)
+    names = [la.name for la in fast.launches]
+    assert {"_threshold_bwd_finish_kernel", "_compact_weight_kernel"} <= set(names)
+    counted = [n for n in names if n in linear_count.COUNTERS]
+    # the dW GEMMs that do not know r (the three without Z) and the compactions run in the interpreter
+    assert fast.fast_launches == len(counted) - 3
+    _assert_same_launches(slow, fast, outs0, outs1, torch.bfloat16)
+    assert bool(outs1[3]) and int(outs1[1]) == 40  # collapsed: every row with a positive score
