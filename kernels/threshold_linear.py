@@ -43,8 +43,10 @@ active positions in skip mode, every position in exact mode, whose forward then 
 the one pass over ``dY`` (:func:`_compact_grad_bias_kernel`) compacts it, forms every row's ``r``
 and ``dtau`` and the bias gradient; the ``dW`` GEMM then writes ``G + sign(W) r / K`` of the
 active rows directly in the weight's dtype (rounded once) and the pruned rows' ``sign(W) r / K``
-(no GEMM for them), or leaves those to the fused optimizer step. Four launches: forward, that
-pass, ``dX``, ``dW``; no second pass over ``dW``, no fp32 workspace of ``G``.
+(no GEMM for them). For a fused optimizer step (compact gradients, ``r_out``) it writes the active
+rows' ``G`` alone and reads no ``W``: the step, which reads every row of ``W`` anyway, adds
+``sign(W) r / K`` to every row. Four launches: forward, that pass, ``dX``, ``dW``; no second pass
+over ``dW``, no fp32 workspace of ``G``.
 
 With ``compact_weight``, the active rows of ``W`` are first copied to a contiguous ``Wc [count, K]``
 (:func:`compact_weight_rows`) and the GEMMs read ``Wc`` without the gather.
@@ -622,6 +624,7 @@ def _linear_dw_tile(
     R_KNOWN: tl.constexpr,  # rpart holds the final r by row: g is dW itself, G + sign(W) r / K (active rows)
     STORE_G: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, WIDE: tl.constexpr,
     BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr, WIDTH: tl.constexpr,
+    SIGN_TERM: tl.constexpr = True,  # R_KNOWN: add sign(W) r / K (False: G alone, the optimizer step adds it)
 ):
     # G^T[k, p] = sum_m X[m, k] dY[m, perm[p]] for positions p0 <= p < min(p0 + WIDTH, p_end),
     # over the batch rows m = j * m_step, j < m_end; then r_p = sum_k G^T[k, p] W[perm[p], k]
@@ -661,15 +664,20 @@ def _linear_dw_tile(
             xt = xt.to(tl.float32)
             b = b.to(tl.float32)
         acc = tl.dot(tl.trans(xt), b, acc, input_precision=DOT_PRECISION)
-    w = tl.load(w_ptr + rows[None, :] * stride_wn + offs_k[:, None] * stride_wk,
-                mask=k_ok[:, None] & p_ok[None, :], other=0.0).to(tl.float32)
     if R_KNOWN:
-        # One rounding, as the finish pass would: its sign term, its division.
-        coef = (tl.load(rpart_ptr + rows, mask=in_dyc, other=0.0) / K)[None, :]
-        sign = tl.where(w > 0, 1.0, tl.where(w < 0, -1.0, 0.0))
+        if SIGN_TERM:
+            # One rounding, as the finish pass would: its sign term, its division.
+            w = tl.load(w_ptr + rows[None, :] * stride_wn + offs_k[:, None] * stride_wk,
+                        mask=k_ok[:, None] & p_ok[None, :], other=0.0).to(tl.float32)
+            coef = (tl.load(rpart_ptr + rows, mask=in_dyc, other=0.0) / K)[None, :]
+            sign = tl.where(w > 0, 1.0, tl.where(w < 0, -1.0, 0.0))
+            acc += sign * coef
+        # (without the term no row of W is read here: the step that reads W anyway adds it)
         tl.store(g_ptr + rows[None, :] * stride_gn + offs_k[:, None] * stride_gk,
-                 (acc + sign * coef).to(g_ptr.dtype.element_ty), mask=k_ok[:, None] & in_dyc[None, :])
+                 acc.to(g_ptr.dtype.element_ty), mask=k_ok[:, None] & in_dyc[None, :])
     else:
+        w = tl.load(w_ptr + rows[None, :] * stride_wn + offs_k[:, None] * stride_wk,
+                    mask=k_ok[:, None] & p_ok[None, :], other=0.0).to(tl.float32)
         r = tl.sum(acc * w, axis=0) * r_scale
         tl.store(rpart_ptr + pid_k * N + rows, r, mask=p_ok)
         if STORE_G:
@@ -686,6 +694,7 @@ def _linear_dw_tiles(
     SOURCE: tl.constexpr, R_KNOWN: tl.constexpr, STORE_G: tl.constexpr, UPCAST: tl.constexpr,
     DOT_PRECISION: tl.constexpr, WIDE: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_P: tl.constexpr, TAIL1: tl.constexpr, TAIL2: tl.constexpr, TAIL3: tl.constexpr,
+    SIGN_TERM: tl.constexpr = True,
 ):
     # The block of positions [p0, p_end) at the narrowest tile class that covers it.
     rem = p_end - p0
@@ -693,22 +702,22 @@ def _linear_dw_tiles(
         _linear_dw_tile(x_ptr, dyc_ptr, dy_ptr, w_ptr, perm_ptr, g_ptr, rpart_ptr, p0, p_end, count, pid_k, offs_k,
                         k_ok, M, N, K, m_end, m_step, r_scale, stride_xm, stride_xk, stride_cm, stride_dym,
                         stride_dyn, stride_wn, stride_wk, stride_gn, stride_gk, SOURCE, R_KNOWN, STORE_G, UPCAST,
-                        DOT_PRECISION, WIDE, BLOCK_K, BLOCK_M, BLOCK_P)
+                        DOT_PRECISION, WIDE, BLOCK_K, BLOCK_M, BLOCK_P, SIGN_TERM)
     elif rem > TAIL2:
         _linear_dw_tile(x_ptr, dyc_ptr, dy_ptr, w_ptr, perm_ptr, g_ptr, rpart_ptr, p0, p_end, count, pid_k, offs_k,
                         k_ok, M, N, K, m_end, m_step, r_scale, stride_xm, stride_xk, stride_cm, stride_dym,
                         stride_dyn, stride_wn, stride_wk, stride_gn, stride_gk, SOURCE, R_KNOWN, STORE_G, UPCAST,
-                        DOT_PRECISION, WIDE, BLOCK_K, BLOCK_M, TAIL1)
+                        DOT_PRECISION, WIDE, BLOCK_K, BLOCK_M, TAIL1, SIGN_TERM)
     elif rem > TAIL3:
         _linear_dw_tile(x_ptr, dyc_ptr, dy_ptr, w_ptr, perm_ptr, g_ptr, rpart_ptr, p0, p_end, count, pid_k, offs_k,
                         k_ok, M, N, K, m_end, m_step, r_scale, stride_xm, stride_xk, stride_cm, stride_dym,
                         stride_dyn, stride_wn, stride_wk, stride_gn, stride_gk, SOURCE, R_KNOWN, STORE_G, UPCAST,
-                        DOT_PRECISION, WIDE, BLOCK_K, BLOCK_M, TAIL2)
+                        DOT_PRECISION, WIDE, BLOCK_K, BLOCK_M, TAIL2, SIGN_TERM)
     else:
         _linear_dw_tile(x_ptr, dyc_ptr, dy_ptr, w_ptr, perm_ptr, g_ptr, rpart_ptr, p0, p_end, count, pid_k, offs_k,
                         k_ok, M, N, K, m_end, m_step, r_scale, stride_xm, stride_xk, stride_cm, stride_dym,
                         stride_dyn, stride_wn, stride_wk, stride_gn, stride_gk, SOURCE, R_KNOWN, STORE_G, UPCAST,
-                        DOT_PRECISION, WIDE, BLOCK_K, BLOCK_M, TAIL3)
+                        DOT_PRECISION, WIDE, BLOCK_K, BLOCK_M, TAIL3, SIGN_TERM)
 
 
 @triton.jit
@@ -770,6 +779,7 @@ def _threshold_linear_bwd_dw_kernel(
     TAIL3: tl.constexpr,
     R_KNOWN: tl.constexpr = False,  # MODE 0 / 1: rpart_ptr holds r ([N], by row) and g_ptr is dW
     WRITE_PRUNED: tl.constexpr = False,  # R_KNOWN: also the pruned rows of dW (sign(W) r / K; 0 in skip mode)
+    SIGN_TERM: tl.constexpr = True,  # R_KNOWN: the active rows get sign(W) r / K (False: G alone, no read of W)
 ):
     # Grid: (K tiles, position blocks). exact: cdiv(N, BLOCK_P) blocks over all of perm. skip: the
     # same grid, blocks past count exit. sample: one more block, so that the active blocks
@@ -787,7 +797,7 @@ def _threshold_linear_bwd_dw_kernel(
             _linear_dw_tiles(x_ptr, dyc_ptr, dy_ptr, w_ptr, perm_ptr, g_ptr, rpart_ptr, t * BLOCK_P, count, count,
                              pid_k, offs_k, k_ok, M, N, K, M, 1, 1.0, stride_xm, stride_xk, stride_cm, stride_dym,
                              stride_dyn, stride_wn, stride_wk, stride_gn, stride_gk, 0, True, True, UPCAST,
-                             DOT_PRECISION, WIDE, BLOCK_K, BLOCK_M, BLOCK_P, TAIL1, TAIL2, TAIL3)
+                             DOT_PRECISION, WIDE, BLOCK_K, BLOCK_M, BLOCK_P, TAIL1, TAIL2, TAIL3, SIGN_TERM)
         if WRITE_PRUNED:
             if (t + 1) * BLOCK_P > count:
                 _linear_dw_pruned(w_ptr, perm_ptr, g_ptr, rpart_ptr, t * BLOCK_P, count, N, K, offs_k, k_ok,
@@ -1252,7 +1262,9 @@ def threshold_linear_bwd(
     ``z``: the forward's ``z_out`` (same ``x2d``, ``weight`` and ``row_mask``; ``z_all`` in exact
     mode); in skip and exact mode ``r`` then comes from it, in the pass that compacts ``dY``,
     and the weight gradient's GEMM writes ``dW`` itself (no second pass, no work for the pruned
-    rows but their ``sign(W) r / K``). Sample mode ignores it.
+    rows but their ``sign(W) r / K``). Sample mode ignores it. With ``r_out`` too, the active
+    rows of ``dW`` hold ``m G`` alone, rounded to the weight's dtype, and no row of ``W`` is read:
+    the fused optimizer step adds ``sign(W) r / K`` to every row as it reads ``W``.
     ``db_out`` (``[N]``): receives the bias gradient ``grad_y.sum(0)`` (fp32 sum, rounded once).
     """
     _check_operands(x2d, weight, row_mask)
@@ -1305,8 +1317,8 @@ def threshold_linear_bwd(
             x2d.dtype, m_rows, density_hint)
     if fused:
         # r is known: the GEMM writes the active rows of dW = G + sign(W) r / K itself, and the
-        # pruned rows' sign(W) r / K (0 in skip mode), unless the fused optimizer step forms them
-        # (r_out).
+        # pruned rows' sign(W) r / K (0 in skip mode); with r_out the fused optimizer step adds
+        # the term to every row, and the GEMM writes the active rows' G alone (W not read).
         _go(_threshold_linear_bwd_dw_kernel, plan.dw_fused if r_out is None else plan.dw_rows,
             (x2d, dyc, grad_y, weight, row_mask.perm, row_mask.count, dw, r, m_rows, n_rows, fan_in, x2d.stride(0),
              x2d.stride(1), dyc.stride(0), grad_y.stride(0), grad_y.stride(1), weight.stride(0), weight.stride(1),
@@ -1337,7 +1349,7 @@ class _BwdPlan(NamedTuple):
     s_step: int
     mode_id: int
     dw_fused: _Launch | None  # skip / exact mode with the forward's Z: dW written by the GEMM (R_KNOWN)
-    dw_rows: _Launch | None  # the same for the active rows only (a fused optimizer step forms the rest)
+    dw_rows: _Launch | None  # the active rows' G only (a fused optimizer step adds every row's sign term)
 
 
 def _compact_grad_bias(grad_y, row_mask: RowMask, z, r, dtau, db_out, m_rows: int, n_rows: int,
@@ -1412,7 +1424,7 @@ def _linear_bwd_plan(x2d, weight, grad_y, mode: str, sample_fraction: float, nee
         # (their own tuners: "linear_dw", the mode, r known, pruned rows written or not)
         dw_fused, dw_rows = (_planned(
             f"linear_dw{mode_id}1{int(pruned)}", lambda meta: (num_kb, cdiv(n_rows, meta["BLOCK_P"])), fixed,
-            dict(MODE=mode_id, SAMPLE_M=sample_m, R_KNOWN=True, WRITE_PRUNED=pruned,
+            dict(MODE=mode_id, SAMPLE_M=sample_m, R_KNOWN=True, WRITE_PRUNED=pruned, SIGN_TERM=pruned,
                  WIDE=not fits_int32(x2d, dyc, grad_y, weight, g), **consts),
             limits={"BLOCK_P": next_power_of_2(n_rows)}, fixed_keys=("BLOCK_K",)) for pruned in (True, False))
     return _BwdPlan(compact, dx_plan, dx_split, in_place, num_kb, dw_plan, s_count, s_step, mode_id, dw_fused,

@@ -87,6 +87,7 @@ def _fused_step_kernel(
     BLOCK_K: tl.constexpr,
     COMPACT_BLOCK: tl.constexpr,
     ROWS: tl.constexpr = False,  # g_ptr holds the backward's active rows only (rows_only backward)
+    ROWS_TERM: tl.constexpr = False,  # ROWS: those rows lack sign(W) r / K too (G alone): added here
 ):
     pid = tl.program_id(0)
     dtype = w_ptr.dtype.element_ty
@@ -110,8 +111,17 @@ def _fused_step_kernel(
             # 0 + sign(W) r / K, rounded to the weight dtype (r is 0 in skip mode).
             g = tl.load(g_ptr + offs, mask=ok & live[:, None], other=0.0).to(tl.float32)
             sign = tl.where(w > 0, 1.0, tl.where(w < 0, -1.0, 0.0))
-            owed = (tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32) + sign * coef).to(dtype).to(tl.float32)
-            g = tl.where(live[:, None], g, owed)
+            if ROWS_TERM:
+                # Every row: G (0 where pruned) + sign(W) r / K, rounded to the weight dtype
+                # (fp32: the bits of the dW GEMM that adds the term itself; 16-bit: G was rounded
+                # when stored, as the reference rounds its G). The active rows round to nearest
+                # even as torch does (MaskedGrad.dense()) in the interpreter too; the pruned rows
+                # as the backward writes them (the interpreter's conversion truncates).
+                g = g + sign * coef
+                g = tl.where(live[:, None], _rounded(g, dtype, ROUND), g.to(dtype).to(tl.float32))
+            else:
+                owed = (tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32) + sign * coef).to(dtype).to(tl.float32)
+                g = tl.where(live[:, None], g, owed)
         else:
             g = tl.load(g_ptr + offs, mask=ok, other=0.0).to(tl.float32)
         if KIND == 0:
@@ -202,7 +212,9 @@ def fused_step(
     tests it instead of the new mask's density (and then masks ``score > 0``, as after the reset).
     ``grad_rows = (mask, r)``: ``grad2d`` holds only the rows where the backward's ``mask [N]``
     is set (a ``rows_only`` backward); every other row's gradient is ``sign(W) r / K``, formed
-    here from ``r [N]`` (fp32) as the backward would have written it."""
+    here from ``r [N]`` (fp32) as the backward would have written it. ``(mask, r, True)``: the
+    rows of ``grad2d`` lack their ``sign(W) r / K`` too (the Linear GEMM's ``G`` alone), and
+    every row gets it here, from the ``W`` this step reads anyway."""
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {sorted(KINDS)}, got {kind!r}")
     if weight2d.dim() != 2 or not weight2d.is_contiguous():
@@ -251,12 +263,15 @@ def fused_step(
                                                   nesterov, has_guard, guard_previous))
     gmask, r = score, score  # (placeholders: not read without ROWS)
     if grad_rows is not None:
-        gmask, r = grad_rows
+        if len(grad_rows) not in (2, 3):
+            raise ValueError("grad_rows must be (mask, r) or (mask, r, rows_lack_term)")
+        gmask, r = grad_rows[:2]
+        rows_term = bool(grad_rows[2]) if len(grad_rows) == 3 else False
         if gmask.shape != (n_rows,) or r.shape != (n_rows,) or r.dtype != torch.float32 \
                 or gmask.device != device or r.device != device:
             raise ValueError(f"grad_rows must be a mask and fp32 r of shape ({n_rows},) on {device}")
         gmask = gmask.view(torch.int8) if gmask.dtype == torch.bool else gmask
-        kwargs = {**kwargs, "ROWS": True}
+        kwargs = {**kwargs, "ROWS": True, "ROWS_TERM": rows_term}
     _fused_step_kernel[grid](
         weight2d, grad2d, state1 if state1 is not None else weight2d, state2 if state2 is not None else weight2d,
         threshold, score, mask.view(torch.int8), perm, count, collapsed if has_guard else count,

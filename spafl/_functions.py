@@ -145,13 +145,15 @@ class _Triton:
                         rows_only=False):
         r = torch.empty(weight.shape[0], dtype=torch.float32, device=weight.device) if rows_only else None
         db = torch.empty(weight.shape[0], dtype=weight.dtype, device=weight.device) if has_bias else None
+        mode = _mode(options, x2d.shape[0])
         dx, dw, dtau = _kernels().threshold_linear_bwd(
-            grad_y2d, x2d, weight, row_mask, mode=_mode(options, x2d.shape[0]),
+            grad_y2d, x2d, weight, row_mask, mode=mode,
             sample_fraction=options.sample_fraction, need_dx=need_dx, threshold_dtype=threshold_dtype, r_out=r,
             z=state, db_out=db,
         )
         if rows_only:
-            dw = MaskedGrad(dw, row_mask.mask, r, weight)
+            # (from the forward's products the GEMM leaves every row's sign term to the step)
+            dw = MaskedGrad(dw, row_mask.mask, r, weight, state is not None and mode != "sample")
         return dx, dw, dtau, db
 
     @staticmethod
@@ -235,20 +237,27 @@ class MaskedGrad(NamedTuple):
     """A weight's gradient from the Triton backward's ``rows_only`` pass: ``dw`` holds the rows
     where ``mask`` is set (the others are unwritten), and every other row ``i`` is
     ``sign(W_i) r_i / fan_in`` (``r`` fp32; 0 in skip mode), which the fused step forms as it
-    reads ``W``."""
+    reads ``W``. ``lacks_term``: the rows of ``dw`` hold ``G`` alone and are owed that term
+    too (the Linear GEMM that takes the forward's products reads no ``W``)."""
 
     dw: torch.Tensor
     mask: torch.Tensor
     r: torch.Tensor
     weight: torch.Tensor
+    lacks_term: bool = False
 
     def dense(self) -> torch.Tensor:
         """The full gradient (the backward's without the opt-in; from the weight as it is now)."""
         w = self.weight.detach()
         w2 = w.reshape(w.shape[0], -1)
         owed = torch.sign(w2.float()) * (self.r / w2.shape[1])[:, None]
+        rows = self.dw.reshape(w2.shape)
+        if self.lacks_term:
+            # (as the fused step forms it: G, 0 where pruned, plus the term, rounded once)
+            rows = torch.where(self.mask.view(-1, 1), rows, 0).float()
+            return (rows + owed).to(w.dtype).view(w.shape)
         owed = (torch.zeros((), dtype=torch.float32, device=w.device) + owed).to(w.dtype)
-        return torch.where(self.mask.view(-1, 1), self.dw.reshape(w2.shape), owed).view(w.shape)
+        return torch.where(self.mask.view(-1, 1), rows, owed).view(w.shape)
 
 
 class GradSink:

@@ -29,7 +29,8 @@ pruned rows owed a straight-through term) the step applies ``torch.optim``'s upd
 from them (a broadcast zero gradient for the weight, the rows as a parameter of their own),
 bit-identical for fp32 / fp64 weights (16-bit weights take full gradients). On the Triton path
 (Linear, Conv2d) the backward writes the active rows of ``dW`` and ``r``, and the fused kernel forms the
-pruned rows' ``sign(W) r / K`` as it reads ``W``. Gradient accumulation falls back to full
+pruned rows' ``sign(W) r / K`` as it reads ``W`` (and the active rows' too where the Linear backward's
+GEMM leaves it out: skip and exact mode, which then read no ``W`` for ``dW``). Gradient accumulation falls back to full
 gradients by itself; code that reads gradients before the step (clipping) calls
 :meth:`FusedStep.full_grads` first; gradients are cleared with the optimizer's ``zero_grad``.
 See docs/optim.md.
@@ -177,7 +178,7 @@ class FusedStep:
             if grad is None:
                 row_mask = self._fused_update(group, p, layer, p.grad, None)
             else:
-                row_mask = self._fused_update(group, p, layer, grad.dw, (grad.mask, grad.r))
+                row_mask = self._fused_update(group, p, layer, grad.dw, (grad.mask, grad.r, grad.lacks_term))
             layer.keep_next_mask("triton", row_mask)
             self.fused_launches += 1
         for _, p, sub, index in rows:

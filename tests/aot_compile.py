@@ -183,6 +183,11 @@ def optim_case(dtype: torch.dtype, n: int, k: int):
         rows = (torch.rand(n) < 0.1, torch.randn(n))
         fused_step(w, g, tau, kind="sgd", lr=0.1, state1=s1, momentum=0.9, grad_rows=rows)
         fused_step(w, g, tau, kind="adam", lr=1e-3, state1=s1, state2=s2, step=3, grad_rows=rows)
+        # the active rows lack their sign term too (the Linear GEMM from the forward's products)
+        fused_step(w, g, tau, kind="sgd", lr=0.1, weight_decay=1e-4, state1=s1, momentum=0.9, nesterov=True,
+                   grad_rows=(*rows, True))
+        fused_step(w, g, tau, kind="adamw", lr=1e-3, weight_decay=1e-2, state1=s1, state2=s2, step=3,
+                   grad_rows=(*rows, True))
     return run
 
 
@@ -388,7 +393,7 @@ def compile_launch(name: str, launch: Launch, arch: int) -> Report:
 def _label(launch: Launch) -> str:
     short = launch.kernel.__name__.removeprefix("_threshold_").removeprefix("_").removesuffix("_kernel")
     flags = [f"{k}={v}" for k, v in launch.kwargs.items()
-             if k in ("MODE", "R_KNOWN", "WRITE_PRUNED", "STORE_Z", "Z_ALL", "COMPACT_W", "HAS_BIAS", "KH", "BLOCK_M",
+             if k in ("MODE", "R_KNOWN", "WRITE_PRUNED", "SIGN_TERM", "ROWS", "ROWS_TERM", "STORE_Z", "Z_ALL", "COMPACT_W", "HAS_BIAS", "KH", "BLOCK_M",
                       "BLOCK_N", "BLOCK_P", "BLOCK_C", "DOT_PRECISION", "WIDE", "KIND", "FIRST", "HAS_MOMENTUM",
                       "NESTEROV", "HAS_GUARD", "GUARD_PREVIOUS", "GUARD_WRITES", "num_warps", "num_stages")]
     return f"{short}[{','.join(flags)}]"
