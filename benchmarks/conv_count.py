@@ -431,7 +431,13 @@ def count(executor, args: tuple, kwargs: dict) -> dict | None:
     """The counts of one launch (``programs``, ``mac_programs``, ``macs``, ``max_program_macs``,
     ``read_bytes``, ``write_bytes``), its outputs written; None for a kernel this module does
     not know (the caller interprets it)."""
-    counter = COUNTERS.get(executor.fn.__name__)
+    return count_with(COUNTERS, executor, args, kwargs)
+
+
+def count_with(counters: dict, executor, args: tuple, kwargs: dict) -> dict | None:
+    """One launch counted by the counter ``counters`` holds for its kernel (None if none, or if
+    an operand lives on a device: only CPU launches are counted this way)."""
+    counter = counters.get(executor.fn.__name__)
     if counter is None:
         return None
     spec = inspect.getfullargspec(executor.fn)

@@ -236,11 +236,16 @@ def _commit() -> str:
         return "unknown"
 
 
-def main(argv: list[str] | None = None) -> int:
+def interpreted(script: str, argv: list[str] | None) -> None:
+    """Start ``script`` again with TRITON_INTERPRET=1 unless it is on (Triton decides at import
+    whether kernels are interpreted, so this must run before anything imports Triton)."""
     if os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
-        # Triton decides at import whether kernels are interpreted: start again with it on.
         env = {**os.environ, "TRITON_INTERPRET": "1"}
-        os.execve(sys.executable, [sys.executable, __file__, *(sys.argv[1:] if argv is None else argv)], env)
+        os.execve(sys.executable, [sys.executable, script, *(sys.argv[1:] if argv is None else argv)], env)
+
+
+def main(argv: list[str] | None = None) -> int:
+    interpreted(__file__, argv)
     sys.path.insert(0, str(HERE))
     import torch
     from _common import command_line, environment, parser_for, timestamp

@@ -75,10 +75,10 @@ def _pieces():
 
 
 def main(argv: list[str] | None = None) -> int:
-    if os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
-        env = {**os.environ, "TRITON_INTERPRET": "1"}
-        os.execve(sys.executable, [sys.executable, __file__, *(sys.argv[1:] if argv is None else argv)], env)
     sys.path.insert(0, str(HERE))
+    from host_time import interpreted
+
+    interpreted(__file__, argv)
     import platform
 
     import torch

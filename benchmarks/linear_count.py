@@ -26,11 +26,9 @@ launch with the interpreter's count: a change in a kernel's loops or masks fails
 
 from __future__ import annotations
 
-import inspect
-
 import numpy as np
 import torch
-from conv_count import SECTOR, _class_width, _unique_bytes, cdiv
+from conv_count import SECTOR, _class_width, _unique_bytes, cdiv, count_with
 
 
 def _addr(t: torch.Tensor, offsets) -> np.ndarray:
@@ -310,8 +308,9 @@ def _dw(a: dict, grid: tuple) -> dict | None:
         reads.append(_tile(a["x_ptr"], np.arange(M), a["stride_xm"], 0, K, a["stride_xk"]))
         # dyc is loaded without a mask along the positions: whole tile classes (its rows are padded)
         reads.append(_tile(a["dyc_ptr"], np.arange(M), a["stride_cm"], 0, dyc_end, 1))
-        reads.append(_tile(a["w_ptr"], perm_np[active], a["stride_wn"], 0, K, a["stride_wk"]))
-        reads.append(_addr(a["rpart_ptr"], perm_np[active]))
+        if a["SIGN_TERM"]:  # else G alone: the fused optimizer step adds the term (no W, no r read)
+            reads.append(_tile(a["w_ptr"], perm_np[active], a["stride_wn"], 0, K, a["stride_wk"]))
+            reads.append(_addr(a["rpart_ptr"], perm_np[active]))
         writes.append(_tile(a["g_ptr"], perm_np[active], a["stride_gn"], 0, K, a["stride_gk"]))
     pruned = np.zeros(0, dtype=np.int64)
     if a["WRITE_PRUNED"]:
@@ -322,8 +321,9 @@ def _dw(a: dict, grid: tuple) -> dict | None:
                 reads.append(_tile(a["w_ptr"], perm_np[pruned], a["stride_wn"], 0, K, a["stride_wk"]))
                 reads.append(_addr(a["rpart_ptr"], perm_np[pruned]))
             writes.append(_tile(a["g_ptr"], perm_np[pruned], a["stride_gn"], 0, K, a["stride_gk"]))
-    # Values: G of the active rows plus the straight-through term, rounded once; the pruned rows'
-    # term alone (0 + the term, as the kernel forms it; 0 in skip mode).
+    # Values: G of the active rows plus the straight-through term (without SIGN_TERM, G alone),
+    # rounded once; the pruned rows' term alone (0 + the term, as the kernel forms it; 0 in skip
+    # mode).
     w = _view(a["w_ptr"], (N, K), (a["stride_wn"], a["stride_wk"])).float()
     r = a["rpart_ptr"][:N].float()
     dw = _view(a["g_ptr"], (N, K), (a["stride_gn"], a["stride_gk"]))
@@ -332,7 +332,8 @@ def _dw(a: dict, grid: tuple) -> dict | None:
         x = _view(a["x_ptr"], (M, K), (a["stride_xm"], a["stride_xk"])).float()
         dyc = _view(a["dyc_ptr"], (M, active.size), (a["stride_cm"], 1)).float()
         rows = perm[:active.size]
-        dw[rows] = ((dyc.T @ x) + term[rows]).to(dw.dtype)
+        g = dyc.T @ x
+        dw[rows] = (g + term[rows] if a["SIGN_TERM"] else g).to(dw.dtype)
     if pruned.size:
         rows = perm[pruned]
         val = torch.zeros((pruned.size, K), dtype=torch.float32)
@@ -443,15 +444,4 @@ def count(executor, args: tuple, kwargs: dict) -> dict | None:
     """The counts of one launch (``programs``, ``mac_programs``, ``macs``, ``max_program_macs``,
     ``read_bytes``, ``write_bytes``), its outputs written; None for a launch this module does not
     count (the caller interprets it)."""
-    counter = COUNTERS.get(executor.fn.__name__)
-    if counter is None:
-        return None
-    spec = inspect.getfullargspec(executor.fn)
-    kwargs = {k: v for k, v in kwargs.items() if k in spec.args or k in spec.kwonlyargs}
-    a = inspect.getcallargs(executor.fn, *args, **kwargs)
-    if any(isinstance(v, torch.Tensor) and v.device.type != "cpu" for v in a.values()):
-        return None
-    grid = executor.grid(a) if callable(executor.grid) else executor.grid
-    grid = tuple(int(g) for g in grid) + (1,) * (3 - len(grid))
-    with torch.no_grad():
-        return counter(a, grid)
+    return count_with(COUNTERS, executor, args, kwargs)

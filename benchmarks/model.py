@@ -544,7 +544,12 @@ def layer_launches(case, dtype: torch.dtype, density: float, modes: Iterable[str
 
 def _op_launches(fn, x0: torch.Tensor, dy: torch.Tensor, params: tuple) -> tuple[list, list, list]:
     """Launches of ``fn``'s forward without a graph, its forward recording the graph, and the
-    backward of that graph."""
+    backward of that graph, in steady state: one forward and backward first, not recorded, so
+    that the launchers' scratch buffers (kept per shape between calls) exist, as in a training
+    loop."""
+    xw = x0.detach().requires_grad_()
+    yw = record(lambda: fn(xw), "fwd")[1]
+    record(lambda: torch.autograd.grad(yw, (xw, *params), dy), "bwd")
     with torch.no_grad():
         fwd, _ = record(lambda: fn(x0), "fwd")
     x = x0.detach().requires_grad_()
