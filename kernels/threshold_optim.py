@@ -199,7 +199,7 @@ def fused_step(
     step: int = 1,
     collapse_density: float | None = None,
     previous_density: torch.Tensor | None = None,
-    grad_rows: tuple[torch.Tensor, torch.Tensor] | None = None,
+    grad_rows: tuple[torch.Tensor, torch.Tensor] | tuple[torch.Tensor, torch.Tensor, bool] | None = None,
 ) -> RowMask:
     """One optimizer step of ``weight2d [N, K]`` (contiguous, updated in place) from ``grad2d``,
     and the row mask of the updated weight against ``threshold [N]``: what
