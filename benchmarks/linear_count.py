@@ -18,7 +18,8 @@ reductions' fp32 workspace is left as it is (only the launch reads it back).
 
 Kernels counted: the forward (``_threshold_linear_fwd_kernel``), the pass over dY
 (``_compact_grad_bias_kernel``), dX, the dW GEMM when ``r`` is known (``R_KNOWN``: the skip and
-exact modes' training path), the finish pass and the row mask. :func:`count` returns None for
+exact modes' training path), the two in one launch (``_threshold_linear_bwd_kernel``), the finish
+pass and the row mask. :func:`count` returns None for
 any other launch (the sample mode's dW, the compactions, the fused optimizer step), which the
 recorder then runs in the interpreter. tests/test_cost_model.py compares every field of every
 launch with the interpreter's count: a change in a kernel's loops or masks fails there.
@@ -235,11 +236,14 @@ def _dy_pass(a: dict, grid: tuple) -> dict:
 
 
 def _dx(a: dict, grid: tuple) -> dict:
-    M, N, K = a["M"], a["N"], a["K"]
-    bm, bk, bp, tp = a["BLOCK_M"], a["BLOCK_K"], a["BLOCK_P"], a["TAIL_P"]
-    programs = _programs(grid)
     if grid[1] * grid[2] != 1:
         raise ValueError("unexpected dX grid")
+    return _result(*_dx_parts(a, _programs(grid)))
+
+
+def _dx_parts(a: dict, programs: int) -> tuple[_Work, list, list]:
+    M, N, K = a["M"], a["N"], a["K"]
+    bm, bk, bp, tp = a["BLOCK_M"], a["BLOCK_K"], a["BLOCK_P"], a["TAIL_P"]
     count = int(a["count_ptr"][0])
     tiles_m, tiles_k = cdiv(M, bm), cdiv(K, bk)
     tiles = tiles_m * tiles_k
@@ -273,7 +277,7 @@ def _dx(a: dict, grid: tuple) -> dict:
         dx.copy_(dyc @ w)
     else:
         dx.zero_()
-    return _result(work, reads, writes)
+    return work, reads, writes
 
 
 # ----------------------------------------------------------------------------- dW
@@ -282,16 +286,22 @@ def _dx(a: dict, grid: tuple) -> dict:
 def _dw(a: dict, grid: tuple) -> dict | None:
     if not a["R_KNOWN"]:
         return None  # the sample mode's and the unfused path's GEMM: interpreted
+    if grid[0] != cdiv(a["K"], a["BLOCK_K"]) or grid[2] != 1:
+        raise ValueError("unexpected dW grid")
+    return _result(*_dw_parts(a, grid[1]))
+
+
+def _dw_parts(a: dict, n_blocks: int) -> tuple[_Work, list, list]:
+    """The dW GEMM with ``r`` known on its grid of (K tiles, ``n_blocks`` position blocks), K
+    tiles fastest."""
     M, N, K = a["M"], a["N"], a["K"]
     bk, bp, bm = a["BLOCK_K"], a["BLOCK_P"], a["BLOCK_M"]
     tails = (a["TAIL1"], a["TAIL2"], a["TAIL3"])
-    num_kb, n_blocks = grid[0], grid[1]
-    if num_kb != cdiv(K, bk) or grid[2] != 1:
-        raise ValueError("unexpected dW grid")
+    num_kb = cdiv(K, bk)
     count = int(a["count_ptr"][0])
     perm = a["perm_ptr"][:N].long()
     perm_np = perm.numpy().astype(np.int64)
-    work = _Work(_programs(grid))
+    work = _Work(num_kb * n_blocks)
     n_active = cdiv(count, bp)
     steps = cdiv(M, bm)
     reads = [_addr(a["count_ptr"], [0])]
@@ -340,7 +350,31 @@ def _dw(a: dict, grid: tuple) -> dict | None:
         if a["MODE"] != 1:
             val = val + term[rows]
         dw[rows] = val.to(dw.dtype)
-    return _result(work, reads, writes)
+    return work, reads, writes
+
+
+def _grouped(a: dict, grid: tuple) -> dict:
+    """``_threshold_linear_bwd_kernel``: dX's persistent programs, then dW's grid, in one launch
+    (one set of programs; the sectors both read counted once)."""
+    dx_programs, num_kb = a["dx_programs"], cdiv(a["K"], a["BLOCK_K"])
+    n_blocks, rest = divmod(_programs(grid) - dx_programs, num_kb)
+    if rest or grid[1] * grid[2] != 1:
+        raise ValueError("unexpected grouped backward grid")
+    common = {k: a[k] for k in ("M", "N", "K", "count_ptr", "perm_ptr", "dyc_ptr", "stride_cm", "UPCAST")}
+    dx = {**common, "w_ptr": a["wdx_ptr"], "stride_wn": a["stride_wdxn"], "stride_wk": a["stride_wdxk"],
+          **{k: a[k] for k in ("split_ptr", "ws_ptr", "lock_ptr", "dx_ptr", "stride_dxm", "stride_dxk", "COMPACT_W",
+                               "TAIL_P", "GROUP_M")},
+          "BLOCK_M": a["DX_BLOCK_M"], "BLOCK_K": a["DX_BLOCK_K"], "BLOCK_P": a["DX_BLOCK_P"]}
+    dw = {**common, "g_ptr": a["dw_ptr"], "rpart_ptr": a["r_ptr"], "stride_gn": a["stride_dwn"],
+          "stride_gk": a["stride_dwk"],
+          **{k: a[k] for k in ("x_ptr", "w_ptr", "stride_xm", "stride_xk", "stride_wn", "stride_wk", "MODE",
+                               "BLOCK_K", "BLOCK_P", "BLOCK_M", "TAIL1", "TAIL2", "TAIL3", "WRITE_PRUNED",
+                               "SIGN_TERM")}}
+    dx_work, dx_reads, dx_writes = _dx_parts(dx, dx_programs)
+    dw_work, dw_reads, dw_writes = _dw_parts(dw, n_blocks)
+    work = _Work(0)
+    work.per = np.concatenate([dx_work.per, dw_work.per])
+    return _result(work, dx_reads + dw_reads, dx_writes + dw_writes)
 
 
 # ----------------------------------------------------------------------------- finish
@@ -437,6 +471,7 @@ def _row_mask(a: dict, grid: tuple) -> dict:
 
 COUNTERS = {"_threshold_linear_fwd_kernel": _fwd, "_compact_grad_bias_kernel": _dy_pass,
             "_threshold_linear_bwd_dx_kernel": _dx, "_threshold_linear_bwd_dw_kernel": _dw,
+            "_threshold_linear_bwd_kernel": _grouped,
             "_threshold_bwd_finish_kernel": _finish, "_row_mask_kernel": _row_mask}
 
 

@@ -45,8 +45,10 @@ and ``dtau`` and the bias gradient; the ``dW`` GEMM then writes ``G + sign(W) r 
 active rows directly in the weight's dtype (rounded once) and the pruned rows' ``sign(W) r / K``
 (no GEMM for them). For a fused optimizer step (compact gradients, ``r_out``) it writes the active
 rows' ``G`` alone and reads no ``W``: the step, which reads every row of ``W`` anyway, adds
-``sign(W) r / K`` to every row. Four launches: forward, that pass, ``dX``, ``dW``; no second pass
-over ``dW``, no fp32 workspace of ``G``.
+``sign(W) r / K`` to every row. Three launches: forward, that pass, and ``dX`` with ``dW`` in one
+launch (:func:`_threshold_linear_bwd_kernel`: both GEMMs read only ``dyc`` and the weights; the
+autotuner and the int64-offset variants keep them apart); no second pass over ``dW``, no fp32
+workspace of ``G``.
 
 With ``compact_weight``, the active rows of ``W`` are first copied to a contiguous ``Wc [count, K]``
 (:func:`compact_weight_rows`) and the GEMMs read ``Wc`` without the gather.
@@ -556,6 +558,39 @@ def _linear_dx_unit(
 
 
 @triton.jit
+def _linear_dx_program(
+    pid, num_programs, count, dyc_ptr, w_ptr, perm_ptr, split_ptr, ws_ptr, lock_ptr, dx_ptr, M, N, K,
+    stride_cm, stride_wn, stride_wk, stride_dxm, stride_dxk,
+    COMPACT_W: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, WIDE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr, TAIL_P: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    # Program ``pid`` of ``num_programs`` persistent dX programs: work units are (dX tile, split
+    # of the active positions), the split from the launcher's table for this number of active
+    # blocks (many active units over few tiles).
+    tiles_m = tl.cdiv(M, BLOCK_M)
+    tiles_k = tl.cdiv(K, BLOCK_K)
+    tiles = tiles_m * tiles_k
+    p_blocks = tl.cdiv(count, BLOCK_P)
+    n_split = _split_count(split_ptr, p_blocks, tiles, num_programs)
+    chunk = tl.maximum(tl.cdiv(p_blocks, n_split), 1)
+    n_split = tl.maximum(tl.cdiv(p_blocks, chunk), 1)  # no empty split; one unit per tile at count 0
+    for u in range(pid, tiles * n_split, num_programs):
+        tile = u // n_split
+        split = u - tile * n_split
+        pid_m, pid_k = _grouped_tile(tile, tiles_m, tiles_k, GROUP_M)
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+        if WIDE:
+            offs_m = offs_m.to(tl.int64)
+            offs_k = offs_k.to(tl.int64)
+        p_lo = split * chunk * BLOCK_P
+        _linear_dx_unit(dyc_ptr, w_ptr, perm_ptr, dx_ptr, ws_ptr, lock_ptr, offs_m, offs_m < M, offs_k, offs_k < K,
+                        p_lo, tl.minimum(p_lo + chunk * BLOCK_P, count), tile, split, n_split, stride_cm, stride_wn,
+                        stride_wk, stride_dxm, stride_dxk, COMPACT_W, UPCAST, DOT_PRECISION, WIDE, BLOCK_M, BLOCK_K,
+                        BLOCK_P, TAIL_P)
+
+
+@triton.jit
 def _threshold_linear_bwd_dx_kernel(
     dyc_ptr,  # [M, >= count] compacted dY (unit column stride)
     w_ptr,  # [N, K], or [>= count, K] compacted (COMPACT_W)
@@ -584,32 +619,10 @@ def _threshold_linear_bwd_dx_kernel(
     GROUP_M: tl.constexpr,
 ):
     # dX = dY[:, act] @ W[act]: the reduction runs over the active positions only. Persistent,
-    # as the forward: work units are (dX tile, split of the active positions), the split from the
-    # launcher's table for this number of active blocks (many active units over few tiles).
-    pid = tl.program_id(0)
-    num_programs = tl.num_programs(0)
-    count = tl.load(count_ptr)
-    tiles_m = tl.cdiv(M, BLOCK_M)
-    tiles_k = tl.cdiv(K, BLOCK_K)
-    tiles = tiles_m * tiles_k
-    p_blocks = tl.cdiv(count, BLOCK_P)
-    n_split = _split_count(split_ptr, p_blocks, tiles, num_programs)
-    chunk = tl.maximum(tl.cdiv(p_blocks, n_split), 1)
-    n_split = tl.maximum(tl.cdiv(p_blocks, chunk), 1)  # no empty split; one unit per tile at count 0
-    for u in range(pid, tiles * n_split, num_programs):
-        tile = u // n_split
-        split = u - tile * n_split
-        pid_m, pid_k = _grouped_tile(tile, tiles_m, tiles_k, GROUP_M)
-        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
-        if WIDE:
-            offs_m = offs_m.to(tl.int64)
-            offs_k = offs_k.to(tl.int64)
-        p_lo = split * chunk * BLOCK_P
-        _linear_dx_unit(dyc_ptr, w_ptr, perm_ptr, dx_ptr, ws_ptr, lock_ptr, offs_m, offs_m < M, offs_k, offs_k < K,
-                        p_lo, tl.minimum(p_lo + chunk * BLOCK_P, count), tile, split, n_split, stride_cm, stride_wn,
-                        stride_wk, stride_dxm, stride_dxk, COMPACT_W, UPCAST, DOT_PRECISION, WIDE, BLOCK_M, BLOCK_K,
-                        BLOCK_P, TAIL_P)
+    # as the forward.
+    _linear_dx_program(tl.program_id(0), tl.num_programs(0), tl.load(count_ptr), dyc_ptr, w_ptr, perm_ptr, split_ptr,
+                       ws_ptr, lock_ptr, dx_ptr, M, N, K, stride_cm, stride_wn, stride_wk, stride_dxm, stride_dxk,
+                       COMPACT_W, UPCAST, DOT_PRECISION, WIDE, BLOCK_M, BLOCK_K, BLOCK_P, TAIL_P, GROUP_M)
 
 
 # ----------------------------------------------------------------------------- dW
@@ -743,6 +756,34 @@ def _linear_dw_pruned(
 
 
 @triton.jit
+def _linear_dw_known(
+    pid_k, t, count, x_ptr, dyc_ptr, w_ptr, perm_ptr, dw_ptr, r_ptr, M, N, K,
+    stride_xm, stride_xk, stride_cm, stride_wn, stride_wk, stride_dwn, stride_dwk,
+    MODE: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, WIDE: tl.constexpr,
+    BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_M: tl.constexpr,
+    TAIL1: tl.constexpr, TAIL2: tl.constexpr, TAIL3: tl.constexpr,
+    WRITE_PRUNED: tl.constexpr, SIGN_TERM: tl.constexpr,
+):
+    # The dW program (K tile pid_k, block t of positions) when r is final (skip / exact mode
+    # with the forward's Z): active blocks are GEMM tiles that write dW; pruned rows need no
+    # GEMM. Only dyc is read (dY itself is for the modes that gather pruned columns: passed as
+    # dyc, never loaded).
+    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    if WIDE:
+        offs_k = offs_k.to(tl.int64)
+    k_ok = offs_k < K
+    if t < tl.cdiv(count, BLOCK_P):
+        _linear_dw_tiles(x_ptr, dyc_ptr, dyc_ptr, w_ptr, perm_ptr, dw_ptr, r_ptr, t * BLOCK_P, count, count,
+                         pid_k, offs_k, k_ok, M, N, K, M, 1, 1.0, stride_xm, stride_xk, stride_cm, stride_cm,
+                         1, stride_wn, stride_wk, stride_dwn, stride_dwk, 0, True, True, UPCAST,
+                         DOT_PRECISION, WIDE, BLOCK_K, BLOCK_M, BLOCK_P, TAIL1, TAIL2, TAIL3, SIGN_TERM)
+    if WRITE_PRUNED:
+        if (t + 1) * BLOCK_P > count:
+            _linear_dw_pruned(w_ptr, perm_ptr, dw_ptr, r_ptr, t * BLOCK_P, count, N, K, offs_k, k_ok,
+                              stride_wn, stride_wk, stride_dwn, stride_dwk, MODE, WIDE, BLOCK_K, BLOCK_P)
+
+
+@triton.jit
 def _threshold_linear_bwd_dw_kernel(
     x_ptr,  # [M, K]
     dyc_ptr,  # [M, >= count] compacted dY
@@ -787,22 +828,16 @@ def _threshold_linear_bwd_dw_kernel(
     pid_k = tl.program_id(0)
     t = tl.program_id(1)
     count = tl.load(count_ptr)
+    if R_KNOWN:
+        _linear_dw_known(pid_k, t, count, x_ptr, dyc_ptr, w_ptr, perm_ptr, g_ptr, rpart_ptr, M, N, K, stride_xm,
+                         stride_xk, stride_cm, stride_wn, stride_wk, stride_gn, stride_gk, MODE, UPCAST,
+                         DOT_PRECISION, WIDE, BLOCK_K, BLOCK_P, BLOCK_M, TAIL1, TAIL2, TAIL3, WRITE_PRUNED, SIGN_TERM)
+        return
     offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     if WIDE:
         offs_k = offs_k.to(tl.int64)
     k_ok = offs_k < K
-    if R_KNOWN:
-        # r is final: active blocks are GEMM tiles that write dW; pruned rows need no GEMM.
-        if t < tl.cdiv(count, BLOCK_P):
-            _linear_dw_tiles(x_ptr, dyc_ptr, dy_ptr, w_ptr, perm_ptr, g_ptr, rpart_ptr, t * BLOCK_P, count, count,
-                             pid_k, offs_k, k_ok, M, N, K, M, 1, 1.0, stride_xm, stride_xk, stride_cm, stride_dym,
-                             stride_dyn, stride_wn, stride_wk, stride_gn, stride_gk, 0, True, True, UPCAST,
-                             DOT_PRECISION, WIDE, BLOCK_K, BLOCK_M, BLOCK_P, TAIL1, TAIL2, TAIL3, SIGN_TERM)
-        if WRITE_PRUNED:
-            if (t + 1) * BLOCK_P > count:
-                _linear_dw_pruned(w_ptr, perm_ptr, g_ptr, rpart_ptr, t * BLOCK_P, count, N, K, offs_k, k_ok,
-                                  stride_wn, stride_wk, stride_gn, stride_gk, MODE, WIDE, BLOCK_K, BLOCK_P)
-    elif MODE == 0:
+    if MODE == 0:
         p0 = t * BLOCK_P
         if p0 + BLOCK_P <= count:
             _linear_dw_tile(x_ptr, dyc_ptr, dy_ptr, w_ptr, perm_ptr, g_ptr, rpart_ptr, p0, N, count, pid_k, offs_k,
@@ -831,6 +866,72 @@ def _threshold_linear_bwd_dw_kernel(
                                  stride_xk, stride_cm, stride_dym, stride_dyn, stride_wn, stride_wk, stride_gn,
                                  stride_gk, 1, False, False, UPCAST, DOT_PRECISION, WIDE, BLOCK_K, SAMPLE_M,
                                  BLOCK_P, TAIL1, TAIL2, TAIL3)
+
+
+@triton.jit
+def _threshold_linear_bwd_kernel(
+    x_ptr,  # [M, K]
+    dyc_ptr,  # [M, >= count] compacted dY
+    w_ptr,  # [N, K]: dW's (its sign term and pruned rows)
+    wdx_ptr,  # [N, K], or [>= count, K] compacted (COMPACT_W): dX's
+    perm_ptr,  # [N] int32
+    count_ptr,  # [1] int32
+    split_ptr,  # dX's split table (as _threshold_linear_bwd_dx_kernel)
+    ws_ptr,  # dX's split workspace
+    lock_ptr,  # dX's split tickets
+    dx_ptr,  # [M, K] out
+    dw_ptr,  # [N, K] out: dW (as _threshold_linear_bwd_dw_kernel with R_KNOWN)
+    r_ptr,  # [N] fp32: r by row
+    M,
+    N,
+    K,
+    dx_programs,  # the first dx_programs programs compute dX, the rest dW
+    stride_xm,
+    stride_xk,
+    stride_cm,
+    stride_wn,
+    stride_wk,
+    stride_wdxn,
+    stride_wdxk,
+    stride_dxm,
+    stride_dxk,
+    stride_dwn,
+    stride_dwk,
+    MODE: tl.constexpr,  # 0 exact, 1 skip
+    UPCAST: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    WIDE: tl.constexpr,
+    COMPACT_W: tl.constexpr,  # dX reads the compacted weight
+    DX_BLOCK_M: tl.constexpr,
+    DX_BLOCK_K: tl.constexpr,
+    DX_BLOCK_P: tl.constexpr,
+    TAIL_P: tl.constexpr,
+    GROUP_M: tl.constexpr,
+    BLOCK_K: tl.constexpr,  # dW's tiles, as _threshold_linear_bwd_dw_kernel's
+    BLOCK_P: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    TAIL1: tl.constexpr,
+    TAIL2: tl.constexpr,
+    TAIL3: tl.constexpr,
+    WRITE_PRUNED: tl.constexpr,
+    SIGN_TERM: tl.constexpr,
+):
+    # The backward's two GEMMs in one launch once r is known (both read only dyc and the
+    # weights, and write different outputs): the persistent dX programs first, then dW's grid
+    # (K tiles fastest, as its own launch orders them). One launch fewer per backward, and the
+    # two GEMMs' programs share the machine's waves instead of each leaving its tail idle.
+    pid = tl.program_id(0)
+    count = tl.load(count_ptr)
+    if pid < dx_programs:
+        _linear_dx_program(pid, dx_programs, count, dyc_ptr, wdx_ptr, perm_ptr, split_ptr, ws_ptr, lock_ptr, dx_ptr,
+                           M, N, K, stride_cm, stride_wdxn, stride_wdxk, stride_dxm, stride_dxk, COMPACT_W, UPCAST,
+                           DOT_PRECISION, WIDE, DX_BLOCK_M, DX_BLOCK_K, DX_BLOCK_P, TAIL_P, GROUP_M)
+    else:
+        t = pid - dx_programs
+        k_blocks = tl.cdiv(K, BLOCK_K)
+        _linear_dw_known(t % k_blocks, t // k_blocks, count, x_ptr, dyc_ptr, w_ptr, perm_ptr, dw_ptr, r_ptr, M, N, K,
+                         stride_xm, stride_xk, stride_cm, stride_wn, stride_wk, stride_dwn, stride_dwk, MODE, UPCAST,
+                         DOT_PRECISION, WIDE, BLOCK_K, BLOCK_P, BLOCK_M, TAIL1, TAIL2, TAIL3, WRITE_PRUNED, SIGN_TERM)
 
 
 @triton.jit
@@ -1308,9 +1409,18 @@ def threshold_linear_bwd(
                                    grad_y.stride(1))
         if db_out is not None:
             db_out.copy_(grad_y.sum(dim=0, dtype=torch.float32))
+    w_op = (compact_weight_rows(weight, row_mask, fan_in, fan_in, (weight.stride(1), 0, 0), 1)
+            if need_dx and plan.compact else weight)
+    grouped = (plan.grouped_fused if r_out is None else plan.grouped_rows) if fused else None
+    if grouped is not None:
+        # dX and dW in one launch (r is known: both GEMMs read only dyc and the weights).
+        _threshold_linear_bwd_kernel[grouped.grid](
+            x2d, dyc, weight, w_op, row_mask.perm, row_mask.count, *plan.dx_split.operands(device, "linear_dx.ws"), dx,
+            dw, r, m_rows, n_rows, fan_in, plan.dx_split.programs, x2d.stride(0), x2d.stride(1), dyc.stride(0),
+            weight.stride(0), weight.stride(1), w_op.stride(0), w_op.stride(1), dx.stride(0), dx.stride(1),
+            dw.stride(0), dw.stride(1), **grouped.kwargs)
+        return dx, dw, dtau
     if need_dx:
-        w_op = (compact_weight_rows(weight, row_mask, fan_in, fan_in, (weight.stride(1), 0, 0), 1)
-                if plan.compact else weight)
         _go(_threshold_linear_bwd_dx_kernel, plan.dx,
             (dyc, w_op, row_mask.perm, row_mask.count, *plan.dx_split.operands(device, "linear_dx.ws"), dx, m_rows,
              n_rows, fan_in, dyc.stride(0), w_op.stride(0), w_op.stride(1), dx.stride(0), dx.stride(1)),
@@ -1350,6 +1460,8 @@ class _BwdPlan(NamedTuple):
     mode_id: int
     dw_fused: _Launch | None  # skip / exact mode with the forward's Z: dW written by the GEMM (R_KNOWN)
     dw_rows: _Launch | None  # the active rows' G only (a fused optimizer step adds every row's sign term)
+    grouped_fused: _Launch | None = None  # dX and dw_fused in one launch
+    grouped_rows: _Launch | None = None  # dX and dw_rows in one launch
 
 
 def _compact_grad_bias(grad_y, row_mask: RowMask, z, r, dtau, db_out, m_rows: int, n_rows: int,
@@ -1427,5 +1539,26 @@ def _linear_bwd_plan(x2d, weight, grad_y, mode: str, sample_fraction: float, nee
             dict(MODE=mode_id, SAMPLE_M=sample_m, R_KNOWN=True, WRITE_PRUNED=pruned, SIGN_TERM=pruned,
                  WIDE=not fits_int32(x2d, dyc, grad_y, weight, g), **consts),
             limits={"BLOCK_P": next_power_of_2(n_rows)}, fixed_keys=("BLOCK_K",)) for pruned in (True, False))
+    grouped = (None, None)
+    # (IEEE fp32 on the GPU's FMA tiles: the two GEMMs in one kernel spill, 10 local-memory
+    # instructions under Triton 3.9 in the offline sm_90 compile: two launches there.)
+    fma = gpu_tiles() and x2d.dtype == torch.float32 and consts["DOT_PRECISION"] == "ieee"
+    if dx_plan is not None and dw_fused is not None and not (dx_plan.tune or dw_fused.tune or fma) \
+            and not (dx_plan.consts["WIDE"] or dw_fused.consts["WIDE"]):
+        grouped = tuple(_grouped_plan(dx_plan, dx_split, dw) for dw in (dw_fused, dw_rows))
     return _BwdPlan(compact, dx_plan, dx_split, in_place, num_kb, dw_plan, s_count, s_step, mode_id, dw_fused,
-                    dw_rows)
+                    dw_rows, *grouped)
+
+
+def _grouped_plan(dx: _Launch, dx_split: _Split, dw: _Launch) -> _Launch:
+    """The launch of ``_threshold_linear_bwd_kernel``: ``dx``'s persistent programs, then ``dw``'s
+    grid, at their planned tiles (the autotuner and the int64-offset variants keep two launches)."""
+    x, w = dx.kwargs, dw.kwargs
+    if (x["num_warps"], x["num_stages"]) != (w["num_warps"], w["num_stages"]):
+        raise AssertionError("the grouped backward needs one warp count and pipeline depth for dX and dW")
+    kwargs = {"MODE": w["MODE"], "UPCAST": w["UPCAST"], "DOT_PRECISION": w["DOT_PRECISION"], "WIDE": False,
+              "COMPACT_W": x["COMPACT_W"], "DX_BLOCK_M": x["BLOCK_M"], "DX_BLOCK_K": x["BLOCK_K"],
+              "DX_BLOCK_P": x["BLOCK_P"], "TAIL_P": x["TAIL_P"], "GROUP_M": x["GROUP_M"],
+              **{k: w[k] for k in ("BLOCK_K", "BLOCK_P", "BLOCK_M", "TAIL1", "TAIL2", "TAIL3", "WRITE_PRUNED",
+                                   "SIGN_TERM", "num_warps", "num_stages")}}
+    return _Launch((dx_split.programs + dw.grid[0] * dw.grid[1],), kwargs)

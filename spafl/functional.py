@@ -128,13 +128,20 @@ def linear_kept(x, weight, threshold, bias, options: ThresholdOptions, previous_
     row_mask = cache.get(weight, threshold, "compact", options, previous_density)
     if row_mask is None:
         return None
+    return _kept_forward(x, weight, threshold, bias, row_mask, "compact", options)
+
+
+def _kept_forward(x, weight, threshold, bias, row_mask: RowMask, route: str, options: ThresholdOptions):
+    """The kept calls' last step: the autograd Function when a gradient is wanted, else the
+    route's forward (the Triton route's on the mask without its scores and guard flag)."""
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or threshold.requires_grad
                                     or (bias is not None and bias.requires_grad)):
         return _C_APPLY[ThresholdLinearFunction](_unwrap_if_dead(x), _unwrap_if_dead(weight),
                                                  _unwrap_if_dead(threshold),
-                                                 None if bias is None else _unwrap_if_dead(bias), row_mask,
-                                                 "compact", options)
-    return IMPLEMENTATIONS["compact"].linear_forward(x, weight, bias, row_mask, options)[0]
+                                                 None if bias is None else _unwrap_if_dead(bias), row_mask, route,
+                                                 options)
+    return IMPLEMENTATIONS[route].linear_forward(x, weight, bias, _bare(row_mask) if route == "triton" else row_mask,
+                                                 options)[0]
 
 
 class DeviceCall(NamedTuple):
@@ -203,13 +210,7 @@ def linear_device_kept(x, weight, threshold, bias, options: ThresholdOptions, co
         row_mask = masks.threshold_row_mask(weight, call.tau)
     else:
         row_mask = masks.guarded_row_mask(weight, call.tau, call.guard, call.previous, previous_density, counter)
-    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or threshold.requires_grad
-                                    or (bias is not None and bias.requires_grad)):
-        return _C_APPLY[ThresholdLinearFunction](_unwrap_if_dead(x), _unwrap_if_dead(weight),
-                                                 _unwrap_if_dead(threshold),
-                                                 None if bias is None else _unwrap_if_dead(bias), row_mask,
-                                                 "triton", options)
-    return IMPLEMENTATIONS["triton"].linear_forward(x, weight, bias, _bare(row_mask), options)[0]
+    return _kept_forward(x, weight, threshold, bias, row_mask, "triton", options)
 
 
 @contextlib.contextmanager

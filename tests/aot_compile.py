@@ -52,7 +52,7 @@ MAIN_KERNELS = ("_threshold_linear_fwd_kernel", "_threshold_linear_bwd_dx_kernel
                 "_threshold_conv2d_fwd_kernel", "_threshold_conv2d_bwd_dx_kernel", "_threshold_conv2d_bwd_dw_kernel")
 
 # Kernels that must compile without local-memory spills (--check).
-SPILL_CHECKED = (*MAIN_KERNELS, "_fused_step_kernel", "_conv_compact_dy_kernel")
+SPILL_CHECKED = (*MAIN_KERNELS, "_threshold_linear_bwd_kernel", "_fused_step_kernel", "_conv_compact_dy_kernel")
 
 
 @dataclass
@@ -134,6 +134,9 @@ def linear_case(dtype: torch.dtype, m: int, n: int, k: int, modes=("exact", "ski
             kernels.threshold_linear_bwd(dy, x, w, rm, mode="skip", r_out=torch.empty(n), z=z,
                                          db_out=torch.empty(n, dtype=dtype) if bias else None)
             kernels.threshold_linear_bwd(dy, x, w, rm, mode="skip", need_dx=False, z=z)
+            # (with dX: dX and dW in one launch, writing every row of dW; without dX, the rows only)
+            kernels.threshold_linear_bwd(dy, x, w, rm, mode="skip", z=z)
+            kernels.threshold_linear_bwd(dy, x, w, rm, mode="skip", need_dx=False, z=z, r_out=torch.empty(n))
         if "exact" in modes:
             # exact mode from every unit's products (the pruned units' r)
             z = torch.empty(m, n)
@@ -393,8 +396,9 @@ def compile_launch(name: str, launch: Launch, arch: int) -> Report:
 def _label(launch: Launch) -> str:
     short = launch.kernel.__name__.removeprefix("_threshold_").removeprefix("_").removesuffix("_kernel")
     flags = [f"{k}={v}" for k, v in launch.kwargs.items()
-             if k in ("MODE", "R_KNOWN", "WRITE_PRUNED", "SIGN_TERM", "ROWS", "ROWS_TERM", "STORE_Z", "Z_ALL", "COMPACT_W", "HAS_BIAS", "KH", "BLOCK_M",
-                      "BLOCK_N", "BLOCK_P", "BLOCK_C", "DOT_PRECISION", "WIDE", "KIND", "FIRST", "HAS_MOMENTUM",
+             if k in ("MODE", "R_KNOWN", "WRITE_PRUNED", "SIGN_TERM", "ROWS", "ROWS_TERM", "STORE_Z", "Z_ALL",
+                      "COMPACT_W", "HAS_BIAS", "KH", "BLOCK_M", "BLOCK_N", "BLOCK_P", "BLOCK_C", "DOT_PRECISION",
+                      "WIDE", "KIND", "FIRST", "HAS_MOMENTUM",
                       "NESTEROV", "HAS_GUARD", "GUARD_PREVIOUS", "GUARD_WRITES", "num_warps", "num_stages")]
     return f"{short}[{','.join(flags)}]"
 

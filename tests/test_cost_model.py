@@ -611,8 +611,9 @@ def test_the_fast_linear_count_equals_the_interpreter_launch_for_launch(name, de
     shape = _LINEAR_SHAPES[name]
     slow, outs0 = _linear_call(shape, density, mode, fast=False)
     fast, outs1 = _linear_call(shape, density, mode, fast=True)
-    # row mask, forward, the pass over dY, dX, dW: every launch of the training path
-    assert fast.fast_launches == len(fast.launches) == 5
+    # row mask, forward, the pass over dY, dX and dW in one launch: every launch of the training path
+    assert fast.fast_launches == len(fast.launches) == 4
+    assert fast.launches[-1].name == "_threshold_linear_bwd_kernel"
     _assert_same_launches(slow, fast, outs0, outs1, shape[3])
     if name == "split":
         fwd = fast.launches[1]
@@ -643,12 +644,15 @@ def test_the_fast_linear_count_covers_the_finish_pass_compact_weights_rows_only_
             if mode != "sample":
                 _, dw, dtau = tlk.threshold_linear_bwd(dy, x, w, mask, mode=mode, z=z, r_out=r)
                 outs += [dw[mask.perm[:int(mask.count)].long()], dtau, r]
+                # without dX (a first layer): the dW GEMM alone, writing every row
+                outs += list(tlk.threshold_linear_bwd(dy, x, w, mask, mode=mode, z=z, need_dx=False)[1:])
         return outs
 
     slow, outs0 = _recorded(call, fast=False)
     fast, outs1 = _recorded(call, fast=True)
     names = [la.name for la in fast.launches]
-    assert {"_threshold_bwd_finish_kernel", "_compact_weight_kernel"} <= set(names)
+    assert {"_threshold_bwd_finish_kernel", "_compact_weight_kernel", "_threshold_linear_bwd_kernel",
+            "_threshold_linear_bwd_dw_kernel"} <= set(names)
     counted = [n for n in names if n in linear_count.COUNTERS]
     # the dW GEMMs that do not know r (the three without Z) and the compactions run in the interpreter
     assert fast.fast_launches == len(counted) - 3

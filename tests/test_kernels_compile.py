@@ -62,6 +62,17 @@ def test_every_launch_compiles_for_sm90_without_spills(aot):
     assert not spilled, f"register spills in {spilled}\n{log}"
 
 
+def test_the_grouped_backward_compiles_without_spills(aot):
+    # dX and dW in one launch (skip / exact mode with the forward's products): both GEMM loops
+    # in one kernel must still fit the registers, and aligned 16-bit keeps wgmma and cp.async.
+    _, reports = aot
+    grouped = [r for r in reports.values() if r["kernel"] == "_threshold_linear_bwd_kernel"]
+    assert len(grouped) >= 8 and any(r["name"].startswith("linear-fp32-tf32:") for r in grouped)
+    assert not [r["name"] for r in grouped if r["local_instructions"]]
+    aligned = [r for r in grouped if r["name"].startswith(("linear-bf16:", "linear-fp16:"))]
+    assert aligned and all(r["wgmma"] > 0 and r["cp_async"] > 0 for r in aligned), aligned
+
+
 def test_aligned_16bit_gemms_use_wgmma_and_a_cp_async_pipeline(aot):
     # A structural guard, not a timing: aligned 16-bit operands (contiguous; for the convolutions
     # channels-last, or NCHW converted by the launcher) must keep the Hopper tensor-core

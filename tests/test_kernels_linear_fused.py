@@ -128,3 +128,41 @@ def test_empty_batch_and_bad_z(device):
             threshold_linear_bwd(dy, x, w, rm, mode="skip", z=bad)
     with pytest.raises(ValueError, match="db_out"):
         threshold_linear_bwd(dy, x, w, rm, mode="skip", db_out=torch.empty(5, device=device))
+
+
+@pytest.mark.parametrize("rows_only", [False, True], ids=["every-row", "rows-only"])
+@pytest.mark.parametrize("mode", ["skip", "exact"])
+def test_dx_and_dw_in_one_launch_equal_the_two_launches(mode, rows_only, device):
+    # With dX, the two GEMMs run in one launch (_threshold_linear_bwd_kernel); without it (a
+    # first layer), dW's launch alone. The launches share their code: the same bits. Odd sizes
+    # with an active count that straddles a block; the unit count over several dX splits.
+    from spafl.kernels import threshold_linear as tlk
+
+    x, w, b, dy, tau = _inputs(45, 70, 150, torch.bfloat16, 0.45, device, seed=3)
+    rm = threshold_row_mask(w, tau)
+    launched = []
+    for kernel in (tlk._threshold_linear_bwd_kernel, tlk._threshold_linear_bwd_dw_kernel,
+                   tlk._threshold_linear_bwd_dx_kernel):
+        original = kernel.run
+
+        def run(*args, _name=kernel.__name__, _run=original, **kwargs):
+            launched.append(_name)
+            return _run(*args, **kwargs)
+
+        kernel.run = run
+    try:
+        _, dx, dw, dtau, db, r, _ = _fused(x, w, b, dy, rm, rows_only=rows_only, mode=mode)
+        assert launched == ["_threshold_linear_bwd_kernel"]
+        _, no_dx, dw_alone, dtau_alone, db_alone, r_alone, _ = _fused(x, w, b, dy, rm, rows_only=rows_only,
+                                                                       need_dx=False, mode=mode)
+        assert launched[1:] == ["_threshold_linear_bwd_dw_kernel"] and no_dx is None
+    finally:
+        for kernel in (tlk._threshold_linear_bwd_kernel, tlk._threshold_linear_bwd_dw_kernel,
+                       tlk._threshold_linear_bwd_dx_kernel):
+            del kernel.run
+    rows = rm.perm[:int(rm.count)].long() if rows_only else slice(None)
+    assert torch.equal(dw[rows], dw_alone[rows]) and torch.equal(dtau, dtau_alone) and torch.equal(db, db_alone)
+    if rows_only:
+        assert torch.equal(r, r_alone)
+    rdx = reference.threshold_linear_backward(dy, x, w, rm.mask.to(w.dtype), rm.mask, has_bias=True, mode=mode)[0]
+    assert_close(dx, rdx, torch.bfloat16, "dx")
