@@ -93,6 +93,13 @@ class _Work:
     def add(self, program: int, macs: int) -> None:
         self.per[program] += macs
 
+    @classmethod
+    def dealt(cls, units: np.ndarray, programs: int) -> _Work:
+        """Work units dealt to persistent programs as ``range(pid, units, programs)`` deals them."""
+        work = cls(programs)
+        np.add.at(work.per, np.arange(units.size) % programs, units)
+        return work
+
     def fields(self) -> dict:
         busy = self.per[self.per > 0]
         return {"programs": int(self.per.size), "mac_programs": int(busy.size), "macs": int(busy.sum()),
@@ -238,10 +245,12 @@ def _dy_pass(a: dict, grid: tuple) -> dict:
 def _dx(a: dict, grid: tuple) -> dict:
     if grid[1] * grid[2] != 1:
         raise ValueError("unexpected dX grid")
-    return _result(*_dx_parts(a, _programs(grid)))
+    units, reads, writes = _dx_parts(a, _programs(grid))
+    return _result(_Work.dealt(units, _programs(grid)), reads, writes)
 
 
-def _dx_parts(a: dict, programs: int) -> tuple[_Work, list, list]:
+def _dx_parts(a: dict, programs: int) -> tuple[np.ndarray, list, list]:
+    """dX's work units' multiply-adds in order (the split capped for ``programs``), reads, writes."""
     M, N, K = a["M"], a["N"], a["K"]
     bm, bk, bp, tp = a["BLOCK_M"], a["BLOCK_K"], a["BLOCK_P"], a["TAIL_P"]
     count = int(a["count_ptr"][0])
@@ -249,14 +258,13 @@ def _dx_parts(a: dict, programs: int) -> tuple[_Work, list, list]:
     tiles = tiles_m * tiles_k
     p_blocks = cdiv(count, bp)
     n_split, chunk = _split_count(a, p_blocks, tiles, programs, p_blocks)
-    work = _Work(programs)
+    units = np.zeros(tiles * n_split, dtype=np.int64)
     for u in range(tiles * n_split):
         split = u % n_split
         p_lo = split * chunk * bp
         p_hi = min(p_lo + chunk * bp, count)
         full = p_hi - (p_hi - p_lo) % bp
-        macs = len(range(p_lo, full, bp)) * bm * bp * bk + len(range(full, p_hi, tp)) * bm * tp * bk
-        work.add(u % programs, macs)
+        units[u] = len(range(p_lo, full, bp)) * bm * bp * bk + len(range(full, p_hi, tp)) * bm * tp * bk
     perm = a["perm_ptr"][:N].long()
     perm_np = perm.numpy().astype(np.int64)
     reads = [_addr(a["count_ptr"], [0]), _addr(a["split_ptr"], [p_blocks])]
@@ -277,7 +285,7 @@ def _dx_parts(a: dict, programs: int) -> tuple[_Work, list, list]:
         dx.copy_(dyc @ w)
     else:
         dx.zero_()
-    return work, reads, writes
+    return units, reads, writes
 
 
 # ----------------------------------------------------------------------------- dW
@@ -288,12 +296,13 @@ def _dw(a: dict, grid: tuple) -> dict | None:
         return None  # the sample mode's and the unfused path's GEMM: interpreted
     if grid[0] != cdiv(a["K"], a["BLOCK_K"]) or grid[2] != 1:
         raise ValueError("unexpected dW grid")
-    return _result(*_dw_parts(a, grid[1]))
+    units, reads, writes = _dw_parts(a, grid[1])
+    return _result(_Work.dealt(units, units.size), reads, writes)
 
 
-def _dw_parts(a: dict, n_blocks: int) -> tuple[_Work, list, list]:
-    """The dW GEMM with ``r`` known on its grid of (K tiles, ``n_blocks`` position blocks), K
-    tiles fastest."""
+def _dw_parts(a: dict, n_blocks: int) -> tuple[np.ndarray, list, list]:
+    """The dW GEMM with ``r`` known over (K tiles, ``n_blocks`` position blocks), K tiles
+    fastest: each tile's multiply-adds in that order, reads, writes."""
     M, N, K = a["M"], a["N"], a["K"]
     bk, bp, bm = a["BLOCK_K"], a["BLOCK_P"], a["BLOCK_M"]
     tails = (a["TAIL1"], a["TAIL2"], a["TAIL3"])
@@ -301,7 +310,7 @@ def _dw_parts(a: dict, n_blocks: int) -> tuple[_Work, list, list]:
     count = int(a["count_ptr"][0])
     perm = a["perm_ptr"][:N].long()
     perm_np = perm.numpy().astype(np.int64)
-    work = _Work(num_kb * n_blocks)
+    work = np.zeros(num_kb * n_blocks, dtype=np.int64)
     n_active = cdiv(count, bp)
     steps = cdiv(M, bm)
     reads = [_addr(a["count_ptr"], [0])]
@@ -310,7 +319,7 @@ def _dw_parts(a: dict, n_blocks: int) -> tuple[_Work, list, list]:
     for t in range(min(n_active, n_blocks)):
         width = _class_width(count - t * bp, bp, tails, False)
         for pid_k in range(num_kb):
-            work.add(t * num_kb + pid_k, steps * bk * bm * width)
+            work[t * num_kb + pid_k] = steps * bk * bm * width
         dyc_end = max(dyc_end, t * bp + width)
     active = np.arange(min(count, n_blocks * bp), dtype=np.int64)
     if active.size:
@@ -354,12 +363,12 @@ def _dw_parts(a: dict, n_blocks: int) -> tuple[_Work, list, list]:
 
 
 def _grouped(a: dict, grid: tuple) -> dict:
-    """``_threshold_linear_bwd_kernel``: dX's persistent programs, then dW's grid, in one launch
-    (one set of programs; the sectors both read counted once)."""
-    dx_programs, num_kb = a["dx_programs"], cdiv(a["K"], a["BLOCK_K"])
-    n_blocks, rest = divmod(_programs(grid) - dx_programs, num_kb)
-    if rest or grid[1] * grid[2] != 1:
+    """``_threshold_linear_bwd_kernel``: dX's work units, then dW's tiles, dealt to one set of
+    persistent programs (the sectors both read counted once)."""
+    if grid[1] * grid[2] != 1:
         raise ValueError("unexpected grouped backward grid")
+    count = int(a["count_ptr"][0])
+    n_blocks = cdiv(a["N"] if a["WRITE_PRUNED"] else count, a["BLOCK_P"])
     common = {k: a[k] for k in ("M", "N", "K", "count_ptr", "perm_ptr", "dyc_ptr", "stride_cm", "UPCAST")}
     dx = {**common, "w_ptr": a["wdx_ptr"], "stride_wn": a["stride_wdxn"], "stride_wk": a["stride_wdxk"],
           **{k: a[k] for k in ("split_ptr", "ws_ptr", "lock_ptr", "dx_ptr", "stride_dxm", "stride_dxk", "COMPACT_W",
@@ -370,10 +379,9 @@ def _grouped(a: dict, grid: tuple) -> dict:
           **{k: a[k] for k in ("x_ptr", "w_ptr", "stride_xm", "stride_xk", "stride_wn", "stride_wk", "MODE",
                                "BLOCK_K", "BLOCK_P", "BLOCK_M", "TAIL1", "TAIL2", "TAIL3", "WRITE_PRUNED",
                                "SIGN_TERM")}}
-    dx_work, dx_reads, dx_writes = _dx_parts(dx, dx_programs)
-    dw_work, dw_reads, dw_writes = _dw_parts(dw, n_blocks)
-    work = _Work(0)
-    work.per = np.concatenate([dx_work.per, dw_work.per])
+    dx_units, dx_reads, dx_writes = _dx_parts(dx, a["dx_programs"])
+    dw_units, dw_reads, dw_writes = _dw_parts(dw, n_blocks)
+    work = _Work.dealt(np.concatenate([dx_units, dw_units]), _programs(grid))
     return _result(work, dx_reads + dw_reads, dx_writes + dw_writes)
 
 

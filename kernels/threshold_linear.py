@@ -46,9 +46,9 @@ active rows directly in the weight's dtype (rounded once) and the pruned rows' `
 (no GEMM for them). For a fused optimizer step (compact gradients, ``r_out``) it writes the active
 rows' ``G`` alone and reads no ``W``: the step, which reads every row of ``W`` anyway, adds
 ``sign(W) r / K`` to every row. Three launches: forward, that pass, and ``dX`` with ``dW`` in one
-launch (:func:`_threshold_linear_bwd_kernel`: both GEMMs read only ``dyc`` and the weights; the
-autotuner and the int64-offset variants keep them apart); no second pass over ``dW``, no fp32
-workspace of ``G``.
+persistent launch (:func:`_threshold_linear_bwd_kernel`: both GEMMs read only ``dyc`` and the
+weights; the autotuner, the int64-offset variants and IEEE fp32 on the GPU keep them apart); no
+second pass over ``dW``, no fp32 workspace of ``G``.
 
 With ``compact_weight``, the active rows of ``W`` are first copied to a contiguous ``Wc [count, K]``
 (:func:`compact_weight_rows`) and the GEMMs read ``Wc`` without the gather.
@@ -558,36 +558,40 @@ def _linear_dx_unit(
 
 
 @triton.jit
-def _linear_dx_program(
-    pid, num_programs, count, dyc_ptr, w_ptr, perm_ptr, split_ptr, ws_ptr, lock_ptr, dx_ptr, M, N, K,
-    stride_cm, stride_wn, stride_wk, stride_dxm, stride_dxk,
-    COMPACT_W: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, WIDE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr, TAIL_P: tl.constexpr, GROUP_M: tl.constexpr,
-):
-    # Program ``pid`` of ``num_programs`` persistent dX programs: work units are (dX tile, split
-    # of the active positions), the split from the launcher's table for this number of active
-    # blocks (many active units over few tiles).
-    tiles_m = tl.cdiv(M, BLOCK_M)
-    tiles_k = tl.cdiv(K, BLOCK_K)
-    tiles = tiles_m * tiles_k
+def _linear_dx_split(count, split_ptr, M, K, num_programs, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+                     BLOCK_P: tl.constexpr):
+    # dX's work units are (dX tile, split of the active positions): the split from the
+    # launcher's table for this number of active blocks (many active units over few tiles),
+    # at most num_programs units (the workspace's slots). Returns (tiles, splits, chunk).
+    tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(K, BLOCK_K)
     p_blocks = tl.cdiv(count, BLOCK_P)
     n_split = _split_count(split_ptr, p_blocks, tiles, num_programs)
     chunk = tl.maximum(tl.cdiv(p_blocks, n_split), 1)
     n_split = tl.maximum(tl.cdiv(p_blocks, chunk), 1)  # no empty split; one unit per tile at count 0
-    for u in range(pid, tiles * n_split, num_programs):
-        tile = u // n_split
-        split = u - tile * n_split
-        pid_m, pid_k = _grouped_tile(tile, tiles_m, tiles_k, GROUP_M)
-        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
-        if WIDE:
-            offs_m = offs_m.to(tl.int64)
-            offs_k = offs_k.to(tl.int64)
-        p_lo = split * chunk * BLOCK_P
-        _linear_dx_unit(dyc_ptr, w_ptr, perm_ptr, dx_ptr, ws_ptr, lock_ptr, offs_m, offs_m < M, offs_k, offs_k < K,
-                        p_lo, tl.minimum(p_lo + chunk * BLOCK_P, count), tile, split, n_split, stride_cm, stride_wn,
-                        stride_wk, stride_dxm, stride_dxk, COMPACT_W, UPCAST, DOT_PRECISION, WIDE, BLOCK_M, BLOCK_K,
-                        BLOCK_P, TAIL_P)
+    return tiles, n_split, chunk
+
+
+@triton.jit
+def _linear_dx_work(
+    u, n_split, chunk, count, dyc_ptr, w_ptr, perm_ptr, ws_ptr, lock_ptr, dx_ptr, M, K,
+    stride_cm, stride_wn, stride_wk, stride_dxm, stride_dxk,
+    COMPACT_W: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, WIDE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr, TAIL_P: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    # dX's work unit u (see _linear_dx_split).
+    tile = u // n_split
+    split = u - tile * n_split
+    pid_m, pid_k = _grouped_tile(tile, tl.cdiv(M, BLOCK_M), tl.cdiv(K, BLOCK_K), GROUP_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    if WIDE:
+        offs_m = offs_m.to(tl.int64)
+        offs_k = offs_k.to(tl.int64)
+    p_lo = split * chunk * BLOCK_P
+    _linear_dx_unit(dyc_ptr, w_ptr, perm_ptr, dx_ptr, ws_ptr, lock_ptr, offs_m, offs_m < M, offs_k, offs_k < K,
+                    p_lo, tl.minimum(p_lo + chunk * BLOCK_P, count), tile, split, n_split, stride_cm, stride_wn,
+                    stride_wk, stride_dxm, stride_dxk, COMPACT_W, UPCAST, DOT_PRECISION, WIDE, BLOCK_M, BLOCK_K,
+                    BLOCK_P, TAIL_P)
 
 
 @triton.jit
@@ -620,9 +624,13 @@ def _threshold_linear_bwd_dx_kernel(
 ):
     # dX = dY[:, act] @ W[act]: the reduction runs over the active positions only. Persistent,
     # as the forward.
-    _linear_dx_program(tl.program_id(0), tl.num_programs(0), tl.load(count_ptr), dyc_ptr, w_ptr, perm_ptr, split_ptr,
-                       ws_ptr, lock_ptr, dx_ptr, M, N, K, stride_cm, stride_wn, stride_wk, stride_dxm, stride_dxk,
-                       COMPACT_W, UPCAST, DOT_PRECISION, WIDE, BLOCK_M, BLOCK_K, BLOCK_P, TAIL_P, GROUP_M)
+    num_programs = tl.num_programs(0)
+    count = tl.load(count_ptr)
+    tiles, n_split, chunk = _linear_dx_split(count, split_ptr, M, K, num_programs, BLOCK_M, BLOCK_K, BLOCK_P)
+    for u in range(tl.program_id(0), tiles * n_split, num_programs):
+        _linear_dx_work(u, n_split, chunk, count, dyc_ptr, w_ptr, perm_ptr, ws_ptr, lock_ptr, dx_ptr, M, K,
+                        stride_cm, stride_wn, stride_wk, stride_dxm, stride_dxk, COMPACT_W, UPCAST, DOT_PRECISION,
+                        WIDE, BLOCK_M, BLOCK_K, BLOCK_P, TAIL_P, GROUP_M)
 
 
 # ----------------------------------------------------------------------------- dW
@@ -885,7 +893,7 @@ def _threshold_linear_bwd_kernel(
     M,
     N,
     K,
-    dx_programs,  # the first dx_programs programs compute dX, the rest dW
+    dx_programs,  # dX's programs in its own launch (its split table's cap)
     stride_xm,
     stride_xk,
     stride_cm,
@@ -916,22 +924,35 @@ def _threshold_linear_bwd_kernel(
     WRITE_PRUNED: tl.constexpr,
     SIGN_TERM: tl.constexpr,
 ):
-    # The backward's two GEMMs in one launch once r is known (both read only dyc and the
-    # weights, and write different outputs): the persistent dX programs first, then dW's grid
-    # (K tiles fastest, as its own launch orders them). One launch fewer per backward, and the
-    # two GEMMs' programs share the machine's waves instead of each leaving its tail idle.
+    # The backward's two GEMMs in one persistent launch once r is known (both read only dyc and
+    # the weights, and write different outputs): dX's work units (as its own launch forms them,
+    # its split capped at dx_programs, the workspace's slots), then dW's tiles (K tiles fastest,
+    # as its own grid orders them: the active blocks, and with WRITE_PRUNED the pruned ones),
+    # dealt to the programs in turn. One launch fewer per backward, and every program's share of
+    # the two GEMMs' multiply-adds is about the same, whatever the density.
     pid = tl.program_id(0)
+    num_programs = tl.num_programs(0)
     count = tl.load(count_ptr)
-    if pid < dx_programs:
-        _linear_dx_program(pid, dx_programs, count, dyc_ptr, wdx_ptr, perm_ptr, split_ptr, ws_ptr, lock_ptr, dx_ptr,
-                           M, N, K, stride_cm, stride_wdxn, stride_wdxk, stride_dxm, stride_dxk, COMPACT_W, UPCAST,
-                           DOT_PRECISION, WIDE, DX_BLOCK_M, DX_BLOCK_K, DX_BLOCK_P, TAIL_P, GROUP_M)
+    tiles, n_split, chunk = _linear_dx_split(count, split_ptr, M, K, dx_programs, DX_BLOCK_M, DX_BLOCK_K, DX_BLOCK_P)
+    dx_units = tiles * n_split
+    k_blocks = tl.cdiv(K, BLOCK_K)
+    if WRITE_PRUNED:
+        dw_blocks = tl.cdiv(N, BLOCK_P)
     else:
-        t = pid - dx_programs
-        k_blocks = tl.cdiv(K, BLOCK_K)
-        _linear_dw_known(t % k_blocks, t // k_blocks, count, x_ptr, dyc_ptr, w_ptr, perm_ptr, dw_ptr, r_ptr, M, N, K,
-                         stride_xm, stride_xk, stride_cm, stride_wn, stride_wk, stride_dwn, stride_dwk, MODE, UPCAST,
-                         DOT_PRECISION, WIDE, BLOCK_K, BLOCK_P, BLOCK_M, TAIL1, TAIL2, TAIL3, WRITE_PRUNED, SIGN_TERM)
+        dw_blocks = tl.cdiv(count, BLOCK_P)
+    # The units u = pid, pid + num_programs, ... below dx_units + dW's, in two loops (one body
+    # each: the registers of one GEMM at a time, as in their own launches).
+    for u in range(pid, dx_units, num_programs):
+        _linear_dx_work(u, n_split, chunk, count, dyc_ptr, wdx_ptr, perm_ptr, ws_ptr, lock_ptr, dx_ptr, M, K,
+                        stride_cm, stride_wdxn, stride_wdxk, stride_dxm, stride_dxk, COMPACT_W, UPCAST,
+                        DOT_PRECISION, WIDE, DX_BLOCK_M, DX_BLOCK_K, DX_BLOCK_P, TAIL_P, GROUP_M)
+    first = pid + tl.cdiv(tl.maximum(dx_units - pid, 0), num_programs) * num_programs
+    for u in range(first, dx_units + dw_blocks * k_blocks, num_programs):
+        j = u - dx_units
+        _linear_dw_known(j % k_blocks, j // k_blocks, count, x_ptr, dyc_ptr, w_ptr, perm_ptr, dw_ptr, r_ptr, M, N,
+                         K, stride_xm, stride_xk, stride_cm, stride_wn, stride_wk, stride_dwn, stride_dwk, MODE,
+                         UPCAST, DOT_PRECISION, WIDE, BLOCK_K, BLOCK_P, BLOCK_M, TAIL1, TAIL2, TAIL3, WRITE_PRUNED,
+                         SIGN_TERM)
 
 
 @triton.jit
@@ -1460,7 +1481,7 @@ class _BwdPlan(NamedTuple):
     mode_id: int
     dw_fused: _Launch | None  # skip / exact mode with the forward's Z: dW written by the GEMM (R_KNOWN)
     dw_rows: _Launch | None  # the active rows' G only (a fused optimizer step adds every row's sign term)
-    grouped_fused: _Launch | None = None  # dX and dw_fused in one launch
+    grouped_fused: _Launch | None = None  # dX and dw_fused in one launch (not planned: see _linear_bwd_plan)
     grouped_rows: _Launch | None = None  # dX and dw_rows in one launch
 
 
@@ -1545,14 +1566,18 @@ def _linear_bwd_plan(x2d, weight, grad_y, mode: str, sample_fraction: float, nee
     fma = gpu_tiles() and x2d.dtype == torch.float32 and consts["DOT_PRECISION"] == "ieee"
     if dx_plan is not None and dw_fused is not None and not (dx_plan.tune or dw_fused.tune or fma) \
             and not (dx_plan.consts["WIDE"] or dw_fused.consts["WIDE"]):
-        grouped = tuple(_grouped_plan(dx_plan, dx_split, dw) for dw in (dw_fused, dw_rows))
+        # (the compact gradients' GEMMs only: the variant that writes the pruned rows and adds the
+        # sign term spills in one persistent kernel, 14 to 20 local-memory instructions under
+        # Triton 3.9 in the offline sm_90 compile; plain torch.optim keeps two launches)
+        grouped = (None, _grouped_plan(dx_plan, dx_split, tiles, dw_rows, grid_programs(x2d.device)))
     return _BwdPlan(compact, dx_plan, dx_split, in_place, num_kb, dw_plan, s_count, s_step, mode_id, dw_fused,
                     dw_rows, *grouped)
 
 
-def _grouped_plan(dx: _Launch, dx_split: _Split, dw: _Launch) -> _Launch:
-    """The launch of ``_threshold_linear_bwd_kernel``: ``dx``'s persistent programs, then ``dw``'s
-    grid, at their planned tiles (the autotuner and the int64-offset variants keep two launches)."""
+def _grouped_plan(dx: _Launch, dx_split: _Split, dx_tiles: int, dw: _Launch, programs: int) -> _Launch:
+    """The launch of ``_threshold_linear_bwd_kernel``: ``dx``'s work units and ``dw``'s tiles on
+    one set of persistent programs, at their planned tiles (the autotuner and the int64-offset
+    variants keep two launches)."""
     x, w = dx.kwargs, dw.kwargs
     if (x["num_warps"], x["num_stages"]) != (w["num_warps"], w["num_stages"]):
         raise AssertionError("the grouped backward needs one warp count and pipeline depth for dX and dW")
@@ -1561,4 +1586,7 @@ def _grouped_plan(dx: _Launch, dx_split: _Split, dw: _Launch) -> _Launch:
               "DX_BLOCK_P": x["BLOCK_P"], "TAIL_P": x["TAIL_P"], "GROUP_M": x["GROUP_M"],
               **{k: w[k] for k in ("BLOCK_K", "BLOCK_P", "BLOCK_M", "TAIL1", "TAIL2", "TAIL3", "WRITE_PRUNED",
                                    "SIGN_TERM", "num_warps", "num_stages")}}
-    return _Launch((dx_split.programs + dw.grid[0] * dw.grid[1],), kwargs)
+    # Persistent: a program per SM, fewer when the two GEMMs never have that many units (dX: its
+    # tiles, or its programs when it splits; dW: its grid).
+    units = max(dx_tiles, dx_split.programs) + dw.grid[0] * dw.grid[1]
+    return _Launch((max(1, min(programs, units)),), kwargs)

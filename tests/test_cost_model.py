@@ -611,14 +611,43 @@ def test_the_fast_linear_count_equals_the_interpreter_launch_for_launch(name, de
     shape = _LINEAR_SHAPES[name]
     slow, outs0 = _linear_call(shape, density, mode, fast=False)
     fast, outs1 = _linear_call(shape, density, mode, fast=True)
-    # row mask, forward, the pass over dY, dX and dW in one launch: every launch of the training path
-    assert fast.fast_launches == len(fast.launches) == 4
-    assert fast.launches[-1].name == "_threshold_linear_bwd_kernel"
+    # row mask, forward, the pass over dY, dX, dW: every launch of the training path
+    assert fast.fast_launches == len(fast.launches) == 5
     _assert_same_launches(slow, fast, outs0, outs1, shape[3])
     if name == "split":
         fwd = fast.launches[1]
         # one tile of outputs, its reduction split over several programs (workspace and tickets)
         assert fwd.name == "_threshold_linear_fwd_kernel" and fwd.mac_programs > 1
+
+
+@pytest.mark.parametrize(("name", "density", "mode"), [("bf16", 0.3, "skip"), ("bf16", 1.0, "exact"),
+                                                      ("bf16-no-bias", 0.0, "skip"), ("split", 0.3, "skip"),
+                                                      ("split", 1.0, "skip")])
+def test_the_fast_count_of_dx_and_dw_in_one_launch_equals_the_interpreter(name, density, mode):
+    # The backward for compact gradients (a fused optimizer step): dX and dW in one persistent
+    # launch, its units dealt to the programs in turn.
+    from spafl.kernels import threshold_linear as tlk
+    from spafl.kernels.threshold_mask import threshold_row_mask
+
+    m, k, n, dtype, bias = _LINEAR_SHAPES[name]
+    x, w, b, dy, tau = _linear_operands(m, k, n, density, dtype, bias)
+
+    def call():
+        mask = threshold_row_mask(w, tau)
+        z = torch.empty(m, n)
+        y = tlk.threshold_linear_fwd(x, w, b, mask, z_out=z, z_all=mode == "exact")
+        r = torch.zeros(n)
+        dx, dw, dtau = tlk.threshold_linear_bwd(dy, x, w, mask, mode=mode, z=z, r_out=r)
+        return [y, dx, dw[mask.perm[:int(mask.count)].long()], dtau, r]
+
+    slow, outs0 = _recorded(call, fast=False)
+    fast, outs1 = _recorded(call, fast=True)
+    # row mask, forward, the pass over dY, dX and dW in one launch (then the test's own indexing)
+    assert [la.name for la in fast.launches if la.source == "triton"] == [
+        "_row_mask_kernel", "_threshold_linear_fwd_kernel", "_compact_grad_bias_kernel",
+        "_threshold_linear_bwd_kernel"]
+    assert fast.fast_launches == 4
+    _assert_same_launches(slow, fast, outs0, outs1, dtype)
 
 
 def test_the_fast_linear_count_covers_the_finish_pass_compact_weights_rows_only_and_the_guard():
