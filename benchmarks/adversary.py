@@ -29,7 +29,8 @@ deviation 1.001 times as long, so its "loss" is the run's sensitivity to any cha
 
 Each attacked run prints its clip events by kind (norm, against, shift, drift: one client's;
 aggregate: the whole cohort pulled toward its centre), so that the limit an attack rides is
-visible.
+visible, and the largest per-client sum against the cohort any client reached (``client
+against``, as ``--record`` prints it: what ``Method.cohort_drift_against`` would have to stop).
 """
 
 from __future__ import annotations
