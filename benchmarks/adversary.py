@@ -29,12 +29,14 @@ deviation 1.001 times as long, so its "loss" is the run's sensitivity to any cha
 
 Each attacked run prints its clip events by kind (norm, against, shift, drift: one client's;
 aggregate: the whole cohort pulled toward its centre), so that the limit an attack rides is
-visible.
+visible, and the largest per-client sum against the cohort any client reached (``client
+against``, as ``--record`` prints it: what ``Method.cohort_drift_against`` would have to stop).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import re
 import sys
@@ -125,8 +127,10 @@ def attack_runs(config, method: str, attacks: list[str], bad, rounds: int) -> di
     out = {}
     for attack in attacks:
         test_adversary.RIDDEN.clear()
+        peaks: dict = {}
         try:
-            history, messages = attacked_run(config, attack, bad)
+            with client_peaks(peaks):
+                history, messages = attacked_run(config, attack, bad)
         except FederationStalled as e:  # every client's training diverged: the run stopped
             print(f"{method} {attack} bad={bad}: the run stopped: {e}", flush=True)
             out[attack] = math.nan
@@ -137,9 +141,11 @@ def attack_runs(config, method: str, attacks: list[str], bad, rounds: int) -> di
         rejected = sum(" update rejected: " in m for m in messages)
         kinds = Counter(_kind(m) for m in messages if " update clipped: " in m or "aggregate pulled" in m)
         ridden = f", limits ridden {dict(sorted(test_adversary.RIDDEN.items()))}" if test_adversary.RIDDEN else ""
+        against = peaks.get("client against")
+        reached = f", client against {against[0]:.3f} ({against[1]}, k {against[2]})" if against else ""
         print(f"{method} seed {config.seed} {attack} bad={bad}: acc {acc:.2f} (loss {base - acc:+.2f} points), "
-              f"clip events {clipped}, rejections {rejected}, by kind {dict(sorted(kinds.items()))}{ridden}",
-              flush=True)
+              f"clip events {clipped}, rejections {rejected}, by kind {dict(sorted(kinds.items()))}{ridden}"
+              f"{reached}", flush=True)
     return out
 
 
@@ -161,21 +167,6 @@ def record(config) -> None:
                             cohort_drift=1e30, cohort_drift_shift=1e30, cohort_drift_against=1e30)
     peaks: dict = {}
     clip = rules.AggregateMemory.clip
-    client_clip = rules.CohortMemory.clip
-
-    def client_watched(self, reference, updates, ids, limit, commit=True, shift=None, against=None):
-        out = client_clip(self, reference, updates, ids, limit, commit, shift, against)
-        if commit:  # each client's sum (the per-client record), norm, shift and against
-            for cid in ids:
-                root = math.sqrt(self.rounds.get(cid, 1))
-                for name, s in self.sums.get(cid, {}).items():
-                    for kind, value in (("client norm", float(s.norm())),
-                                        ("client shift", abs(float(s.sum())) / math.sqrt(s.numel())),
-                                        ("client against", self.against.get(cid, {}).get(name, 0.0))):
-                        if value / root > peaks.get(kind, (-math.inf,))[0]:
-                            peaks[kind] = (value / root, name, self.rounds.get(cid, 1))
-        return out
-
     def watched(self, reference, updates, weights, limits, commit=True):
         n = len(updates)
         if commit and n >= 3:  # each update's component along the record's direction, in spreads
@@ -204,16 +195,43 @@ def record(config) -> None:
         return out
 
     rules.AggregateMemory.clip = watched
-    rules.CohortMemory.clip = client_watched
     try:
         start = time.perf_counter()
-        history, _ = attacked_run(config)
+        with client_peaks(peaks):
+            history, _ = attacked_run(config)
     finally:
         rules.AggregateMemory.clip = clip
-        rules.CohortMemory.clip = client_clip
     print(f"{config.method} honest record ({config.rounds} rounds, {config.clients_per_round} a round): "
           + "; ".join(f"{kind} {v:.3f} ({name}, round {k})" for kind, (v, name, k) in peaks.items())
           + f"; acc {accuracy(history):.2f} ({time.perf_counter() - start:.0f} s)", flush=True)
+
+
+@contextlib.contextmanager
+def client_peaks(peaks: dict):
+    """While it is open, ``peaks`` gets, per kind (``client norm``, ``client shift``, ``client
+    against``), the largest value ``(v / sqrt(k), tensor, k)`` any client's sums in
+    ``rules.CohortMemory`` reach after a round (``|S|``, its component along all-ones, its sum of
+    pulls against each round's centre; ``k`` the rounds the client took part in)."""
+    client_clip = rules.CohortMemory.clip
+
+    def client_watched(self, reference, updates, ids, limit, commit=True, shift=None, against=None):
+        out = client_clip(self, reference, updates, ids, limit, commit, shift, against)
+        if commit:
+            for cid in ids:
+                root = math.sqrt(self.rounds.get(cid, 1))
+                for name, s in self.sums.get(cid, {}).items():
+                    for kind, value in (("client norm", float(s.norm())),
+                                        ("client shift", abs(float(s.sum())) / math.sqrt(s.numel())),
+                                        ("client against", self.against.get(cid, {}).get(name, 0.0))):
+                        if value / root > peaks.get(kind, (-math.inf,))[0]:
+                            peaks[kind] = (value / root, name, self.rounds.get(cid, 1))
+        return out
+
+    rules.CohortMemory.clip = client_watched
+    try:
+        yield peaks
+    finally:
+        rules.CohortMemory.clip = client_clip
 
 
 def _kind(message: str) -> str:

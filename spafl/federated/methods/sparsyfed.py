@@ -29,6 +29,9 @@ class SparsyFed(Method):
     cohort_drift = 7.0
     # and their components along the all-ones direction 1.22 (20 rounds; docs/security.md)
     cohort_drift_shift = 1.35
+    # and their pulls against each round's cohort direction, summed, 1.59 (fc3, 60 rounds;
+    # seeds 0 to 2; docs/security.md); Top-K's reached 1.62 (conv1, 60 rounds) and get 1.8
+    cohort_drift_against = 1.75
     # honest SparsyFed runs' sums across rounds reached 0.84 (norm), 0.19 (shift) and 0.19
     # (against) median deviations times sqrt(rounds) (rules.AggregateMemory; docs/security.md)
     aggregate_drift = 1.2
@@ -40,6 +43,7 @@ class SparsyFed(Method):
         self.plain_topk = plain_topk
         if plain_topk:
             self.name = "topk"
+            self.cohort_drift_against = 1.8
         self.beta = 1.0 if plain_topk else config.beta
         self.spectral = config.spectral_exponent and not plain_topk
         self.activation_pruning = not plain_topk
