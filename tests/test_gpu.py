@@ -74,6 +74,29 @@ def test_large_shapes_match_reference(shape, dtype, density, mode):
     assert_close(dtau, rdtau, dtype, "dtau")
 
 
+@pytest.mark.parametrize("shape", [(1000, 1531, 769), (512, 4096, 4096)], ids=str)
+@pytest.mark.parametrize("density", [0.1, 1.0])
+@pytest.mark.parametrize("mode", ["exact", "skip"])
+def test_grouped_backward_at_large_shapes(shape, density, mode):
+    # Compact gradients from the forward's products: dX and dW in one persistent launch (many
+    # units per program), against dW's launch alone and against the reference's dX.
+    m, n, k = shape
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(m, k, generator=g).cuda().bfloat16()
+    w = (torch.randn(n, k, generator=g) / k**0.5).cuda().bfloat16()
+    dy = torch.randn(m, n, generator=g).cuda().bfloat16()
+    rm = threshold_row_mask(w, threshold_for_density(w, density))
+    z = torch.empty(m, n, device="cuda")
+    threshold_linear_fwd(x, w, None, rm, z_out=z, z_all=mode == "exact")
+    r, r_alone = torch.empty(n, device="cuda"), torch.empty(n, device="cuda")
+    dx, dw, dtau = threshold_linear_bwd(dy, x, w, rm, mode=mode, z=z, r_out=r)
+    _, dw_alone, dtau_alone = threshold_linear_bwd(dy, x, w, rm, mode=mode, z=z, r_out=r_alone, need_dx=False)
+    rows = rm.perm[:int(rm.count)].long()
+    assert torch.equal(dw[rows], dw_alone[rows]) and torch.equal(dtau, dtau_alone) and torch.equal(r, r_alone)
+    rdx = reference.threshold_linear_backward(dy, x, w, rm.mask.bfloat16(), rm.mask, has_bias=False, mode=mode)[0]
+    assert_close(dx, rdx, torch.bfloat16, "dx")
+
+
 def test_tf32_follows_torch_setting():
     x = torch.randn(512, 512, device="cuda")
     w = torch.randn(256, 512, device="cuda") / 20
