@@ -165,10 +165,12 @@ def _number(text: str):
 
 
 def record(config) -> None:
-    """The honest run of ``config`` with the federation's limits out of reach; prints, per sum
-    (norm, shift, against), the largest value over every round and tensor of ``|S| /
-    sqrt(k)`` (``S / sqrt(k)`` against the cohort) and of an update's component along the
-    record's direction, where and when."""
+    """The honest run of ``config`` with every limit against the cohort out of reach (the norm
+    limit ``cohort_clip`` stays); prints the largest value over every round and tensor of each
+    round's limited quantities (:func:`_round_peaks`), of the federation's sums (norm, shift,
+    against: ``|S| / sqrt(k)``, ``S / sqrt(k)`` against the cohort), of an update's component
+    along the record's direction and of each client's sums (:func:`client_peaks`), where and
+    when; then runs ``config`` as given (the limits in force) and prints its clip events."""
     defaults = config
     config = config.replace(aggregate_drift=1e30, aggregate_shift=1e30, aggregate_against=1e30,
                             cohort_drift=1e30, cohort_drift_shift=1e30, cohort_drift_against=1e30,
