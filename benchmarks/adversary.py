@@ -9,16 +9,22 @@ seed; also how often the cohort clip fired on the honest run.
         [--cohort-against X] [--cohort-shift X] [--cohort-drift X] [--cohort-drift-against X] [--aggregate-drift X]
         [--seeds 0,1,2]
 
-``--record`` runs the honest run alone, with the federation's limits across rounds out of
-reach, and prints the largest value each of their sums reached (what the defaults of
-``Method.aggregate_drift``, ``aggregate_shift`` and ``aggregate_against`` were set above) and
+``--record`` runs the honest run alone, with the limits against the cohort across rounds (the
+federation's and each client's) and each round's limits against the cohort and on a whole
+tensor's shift out of reach (the norm limit ``cohort_clip`` stays), and prints, per round
+(``round norm``, ``round against``, ``round shift``: what ``cohort_clip``, ``Method.cohort_against``
+and ``Method.cohort_shift`` limit, in the round's median deviations), the largest value each
+of the federation's sums reached (what the defaults of ``Method.aggregate_drift``,
+``aggregate_shift`` and ``aggregate_against`` were set above) and
 the largest component of one update along the record's direction, from the cohort's median
 along it (``along``: in the cohort's spread along it; ``along/m``: in median deviations), what
 a limit of each round along the record's direction would have to allow; and, per client id
 (``rules.CohortMemory``, its limits out of reach too), the largest ``|S| / sqrt(k)`` (``client
 norm``: ``Method.cohort_drift``) and its component along the all-ones direction (``client
 shift``: ``Method.cohort_drift_shift``; ``client against``: its sum of pulls against each
-round's centre, ``Method.cohort_drift_against``; ``k`` here the rounds the client took part in):
+round's centre, ``Method.cohort_drift_against``; ``k`` here the rounds the client took part in);
+then the same honest run with the limits in force (the method's defaults unless set) and its
+clip events (none: the defaults leave that run alone):
 
     OMP_NUM_THREADS=1 python benchmarks/adversary.py --record [--preset digits-cnn]
         [--clients-per-round 10] [--rounds 20] [--set rng=global --set local_epochs=1 ...]
@@ -159,12 +165,16 @@ def _number(text: str):
 
 
 def record(config) -> None:
-    """The honest run of ``config`` with the federation's limits out of reach; prints, per sum
-    (norm, shift, against), the largest value over every round and tensor of ``|S| /
-    sqrt(k)`` (``S / sqrt(k)`` against the cohort) and of an update's component along the
-    record's direction, where and when."""
+    """The honest run of ``config`` with every limit against the cohort out of reach (the norm
+    limit ``cohort_clip`` stays); prints the largest value over every round and tensor of each
+    round's limited quantities (:func:`_round_peaks`), of the federation's sums (norm, shift,
+    against: ``|S| / sqrt(k)``, ``S / sqrt(k)`` against the cohort), of an update's component
+    along the record's direction and of each client's sums (:func:`client_peaks`), where and
+    when; then runs ``config`` as given (the limits in force) and prints its clip events."""
+    defaults = config
     config = config.replace(aggregate_drift=1e30, aggregate_shift=1e30, aggregate_against=1e30,
-                            cohort_drift=1e30, cohort_drift_shift=1e30, cohort_drift_against=1e30)
+                            cohort_drift=1e30, cohort_drift_shift=1e30, cohort_drift_against=1e30,
+                            cohort_against=1e30, cohort_shift=1e30)
     peaks: dict = {}
     clip = rules.AggregateMemory.clip
     def watched(self, reference, updates, weights, limits, commit=True):
@@ -195,15 +205,57 @@ def record(config) -> None:
         return out
 
     rules.AggregateMemory.clip = watched
+    per_round = rules.clip_to_cohort
+    rounds_seen = [0]
+
+    def round_watched(reference, updates, factor, against=None, shift=None):
+        rounds_seen[0] += 1
+        _round_peaks(peaks, reference, updates, rounds_seen[0])
+        return per_round(reference, updates, factor, against, shift)
+
+    rules.clip_to_cohort = round_watched
     try:
         start = time.perf_counter()
         with client_peaks(peaks):
-            history, _ = attacked_run(config)
+            history, messages = attacked_run(config)
     finally:
         rules.AggregateMemory.clip = clip
-    print(f"{config.method} honest record ({config.rounds} rounds, {config.clients_per_round} a round): "
+        rules.clip_to_cohort = per_round
+    clipped = sum(" update clipped: " in m or "aggregate pulled" in m for m in messages)
+    print(f"{config.method} honest record ({config.rounds} rounds, {config.clients_per_round} a round, "
+          f"seed {config.seed}): "
           + "; ".join(f"{kind} {v:.3f} ({name}, round {k})" for kind, (v, name, k) in peaks.items())
-          + f"; acc {accuracy(history):.2f} ({time.perf_counter() - start:.0f} s)", flush=True)
+          + f"; clip events {clipped}; acc {accuracy(history):.2f} ({time.perf_counter() - start:.0f} s)", flush=True)
+    # the same honest run with the configured limits (the method's defaults unless set)
+    history, messages = attacked_run(defaults)
+    kinds = Counter(_kind(m) for m in messages if " update clipped: " in m or "aggregate pulled" in m)
+    print(f"{config.method} honest run with the limits in force: clip events {sum(kinds.values())} "
+          f"{dict(sorted(kinds.items()))}; acc {accuracy(history):.2f}", flush=True)
+
+
+def _round_peaks(peaks: dict, reference, updates, round_index: int) -> None:
+    """Into ``peaks``, per kind (``round norm``, ``round against``, ``round shift``), the
+    largest value ``(v, tensor, round)`` over the round's updates and tensors of what
+    :func:`rules.clip_to_cohort` limits (``cohort_clip``, ``cohort_against``, ``cohort_shift``),
+    in the round's lower median deviation norms, computed as it computes them before clipping."""
+    n = len(updates)
+    if n < 2:
+        return
+    for name, ref in reference.items():
+        devs = torch.stack([u[name].double() - ref.double() for u in updates]).reshape(n, -1)
+        norms = devs.norm(dim=1)
+        m = float(norms.sort().values[(n - 1) // 2])
+        if m <= 0:
+            continue
+        values = {"round norm": float(norms.max()) / m}
+        centre = devs.median(0).values
+        if float(centre.norm()) > 0:
+            values["round against"] = float((-(devs @ (centre / centre.norm()))).max()) / m
+        moves = devs.sum(1) / math.sqrt(devs.shape[1])
+        values["round shift"] = float((moves - moves.sort().values[(n - 1) // 2]).abs().max()) / m
+        for kind, value in values.items():
+            if value > peaks.get(kind, (-math.inf,))[0]:
+                peaks[kind] = (value, name, round_index)
 
 
 @contextlib.contextmanager
