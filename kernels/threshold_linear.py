@@ -1107,6 +1107,12 @@ def _go(kernel, plan: _Launch, args: tuple, dtype, rows: int, density_hint) -> N
            density_hint=density_hint, fixed_keys=plan.fixed_keys, limits=plan.limits)
 
 
+def _direct(plan: _Launch) -> bool:
+    """Whether :func:`_go` launches ``plan`` as planned unless every candidate is being recorded
+    (no tuner may choose)."""
+    return plan.fixed is None or bool(plan.consts.get("WIDE")) or not plan.tune
+
+
 def _planned(family: str, grid_fn, fixed: dict, consts: dict, *, limits=None, fixed_keys=()) -> _Launch:
     fixed = wide_config(family, fixed, consts)
     meta = dict(fixed)
@@ -1248,19 +1254,76 @@ def threshold_linear_fwd(
     if bias is not None and bias.stride(0) != 1:
         bias = bias.contiguous()  # the kernel indexes the bias with stride 1
     x2d, weight = _rows_contiguous(x2d), _rows_contiguous(weight)
-    key = ("linear_fwd", x2d.shape, x2d.stride(), weight.shape, weight.stride(), x2d.dtype, bias is not None,
-           compact_weight, aligned16(x2d), aligned16(weight), z_out is not None, z_all, launch_settings())
-    compact, plan, split = cached_plan(key, lambda: _linear_fwd_plan(x2d, weight, bias is not None, compact_weight,
-                                                                     key[-5], key[-4], z_out is not None,
-                                                                     z_all and z_out is not None))
+    compact, plan, split = _fwd_planned(x2d, weight, bias is not None, compact_weight, z_out is not None, z_all)
     w_op = compact_weight_rows(weight, row_mask, fan_in, fan_in, (weight.stride(1), 0, 0), 1) if compact else weight
     _go(_threshold_linear_fwd_kernel, plan,
         (x2d, w_op, bias if bias is not None else weight, row_mask.perm, row_mask.count,
-         *split.operands(x2d.device, "linear_fwd.ws"), y, y if z_out is None else z_out, m_rows, n_rows, fan_in,
-         x2d.stride(0), x2d.stride(1), w_op.stride(0), w_op.stride(1), y.stride(0), y.stride(1),
-         0 if z_out is None else z_out.stride(0)),
+         *split.operands(x2d.device, "linear_fwd.ws"), y, y if z_out is None else z_out,
+         *_fwd_layout(x2d, w_op, y, z_out)),
         x2d.dtype, m_rows, density_hint)
     return y
+
+
+def _fwd_planned(x2d, weight, has_bias: bool, compact_weight, store_z: bool, z_all: bool):
+    key = ("linear_fwd", x2d.shape, x2d.stride(), weight.shape, weight.stride(), x2d.dtype, has_bias,
+           compact_weight, aligned16(x2d), aligned16(weight), store_z, z_all, launch_settings())
+    return cached_plan(key, lambda: _linear_fwd_plan(x2d, weight, has_bias, compact_weight, key[-5], key[-4],
+                                                     store_z, z_all and store_z))
+
+
+def _fwd_layout(x2d, w_op, y, z) -> tuple:
+    # The forward kernel's sizes and strides, after its tensors.
+    m_rows, fan_in = x2d.shape
+    return (m_rows, w_op.shape[0], fan_in, x2d.stride(0), x2d.stride(1), w_op.stride(0), w_op.stride(1),
+            y.stride(0), y.stride(1), 0 if z is None else z.stride(0))
+
+
+class PreparedForward:
+    """:func:`threshold_linear_fwd` for one layout of ``x2d``, ``weight`` and ``bias`` (with a
+    fresh fp32 ``z_out`` per call when ``store_z``), prepared once: the checks, the plan, the
+    split's table, workspace and tickets, and the sizes and strides. For a caller that repeats
+    the call with tensors of these layouts (shapes, strides, dtypes, device, 16-byte alignment),
+    the same :func:`launch_settings`, on the same thread and stream: the caller checks that (the
+    layers' kept Triton call). Raises ``ValueError`` for a layout the launcher would copy (the
+    caller then keeps the launcher). A call returns ``(y, z)`` as the launcher computes them."""
+
+    __slots__ = ("_run", "_plan", "_operands", "_layout", "_compact", "_direct", "_shape", "_dtype", "_device",
+                 "_z", "_fan_in")
+
+    def __init__(self, x2d, weight, bias, *, store_z: bool, z_all: bool = False):
+        if x2d.dim() != 2 or weight.dim() != 2 or x2d.shape[1] != weight.shape[1]:
+            raise ValueError(f"expected x [M, K] and weight [N, K], got {tuple(x2d.shape)} and {tuple(weight.shape)}")
+        if x2d.dtype != weight.dtype or weight.dtype not in SUPPORTED_DTYPES or x2d.device != weight.device:
+            raise ValueError(f"x ({x2d.dtype}, {x2d.device}) and weight ({weight.dtype}, {weight.device}) must be "
+                             f"of one supported dtype and device")
+        m_rows, fan_in = x2d.shape
+        if (m_rows == 0 or _rows_contiguous(x2d) is not x2d or _rows_contiguous(weight) is not weight
+                or (bias is not None and bias.stride(0) != 1)):
+            raise ValueError("a prepared forward needs rows, a K-contiguous x and weight and a unit-stride bias")
+        compact, plan, split = _fwd_planned(x2d, weight, bias is not None, None, store_z, z_all)
+        n_rows, device = weight.shape[0], x2d.device
+        w_op = _meta((n_rows, cdiv(fan_in, 16) * 16)) if compact else weight
+        y = _meta((m_rows, n_rows))
+        self._layout = _fwd_layout(x2d, w_op, y, y if store_z else None)
+        self._run, self._plan, self._compact = _threshold_linear_fwd_kernel[plan.grid], plan, compact
+        self._operands = split.operands(device, "linear_fwd.ws")
+        self._direct = _direct(plan)
+        self._shape, self._dtype, self._device, self._z, self._fan_in = (m_rows, n_rows), x2d.dtype, device, \
+            store_z, fan_in
+
+    def __call__(self, x2d, weight, bias, row_mask: RowMask):
+        device = self._device
+        y = torch.empty(self._shape, device=device, dtype=self._dtype)
+        z = torch.empty(self._shape, device=device, dtype=torch.float32) if self._z else None
+        w_op = (compact_weight_rows(weight, row_mask, self._fan_in, self._fan_in, (weight.stride(1), 0, 0), 1)
+                if self._compact else weight)
+        args = (x2d, w_op, weight if bias is None else bias, row_mask.perm, row_mask.count, *self._operands, y,
+                y if z is None else z, *self._layout)
+        if self._direct and not every_candidate_enabled():
+            self._run(*args, **self._plan.kwargs)
+        else:
+            _go(_threshold_linear_fwd_kernel, self._plan, args, self._dtype, self._shape[0], None)
+        return y, z
 
 
 def _check_z(z: torch.Tensor, x2d: torch.Tensor, n_rows: int) -> None:
@@ -1417,10 +1480,7 @@ def threshold_linear_bwd(
     if grad_y.dtype != x2d.dtype:
         grad_y = grad_y.to(x2d.dtype)
     x2d, weight = _rows_contiguous(x2d), _rows_contiguous(weight)
-    key = ("linear_bwd", x2d.shape, x2d.stride(), weight.shape, weight.stride(), grad_y.stride(), x2d.dtype, mode,
-           sample_fraction, need_dx, compact_weight, aligned16(x2d) and aligned16(weight), launch_settings())
-    plan = cached_plan(key, lambda: _linear_bwd_plan(x2d, weight, grad_y, mode, sample_fraction, need_dx,
-                                                     compact_weight, key[-2]))
+    plan = _bwd_planned(x2d, weight, grad_y, mode, sample_fraction, need_dx, compact_weight)
     fused = z is not None and plan.mode_id != BACKWARD_MODES["sample"]
     if fused:
         r = r_out if r_out is not None else scratch("linear_bwd.r", (n_rows,), torch.float32, device)
@@ -1437,23 +1497,20 @@ def threshold_linear_bwd(
         # dX and dW in one launch (r is known: both GEMMs read only dyc and the weights).
         _threshold_linear_bwd_kernel[grouped.grid](
             x2d, dyc, weight, w_op, row_mask.perm, row_mask.count, *plan.dx_split.operands(device, "linear_dx.ws"), dx,
-            dw, r, m_rows, n_rows, fan_in, plan.dx_split.programs, x2d.stride(0), x2d.stride(1), dyc.stride(0),
-            weight.stride(0), weight.stride(1), w_op.stride(0), w_op.stride(1), dx.stride(0), dx.stride(1),
-            dw.stride(0), dw.stride(1), **grouped.kwargs)
+            dw, r, *_grouped_layout(x2d, dyc, weight, w_op, dx, dw, plan), **grouped.kwargs)
         return dx, dw, dtau
     if need_dx:
         _go(_threshold_linear_bwd_dx_kernel, plan.dx,
-            (dyc, w_op, row_mask.perm, row_mask.count, *plan.dx_split.operands(device, "linear_dx.ws"), dx, m_rows,
-             n_rows, fan_in, dyc.stride(0), w_op.stride(0), w_op.stride(1), dx.stride(0), dx.stride(1)),
+            (dyc, w_op, row_mask.perm, row_mask.count, *plan.dx_split.operands(device, "linear_dx.ws"), dx,
+             *_dx_layout(x2d, dyc, w_op, dx)),
             x2d.dtype, m_rows, density_hint)
     if fused:
         # r is known: the GEMM writes the active rows of dW = G + sign(W) r / K itself, and the
         # pruned rows' sign(W) r / K (0 in skip mode); with r_out the fused optimizer step adds
         # the term to every row, and the GEMM writes the active rows' G alone (W not read).
         _go(_threshold_linear_bwd_dw_kernel, plan.dw_fused if r_out is None else plan.dw_rows,
-            (x2d, dyc, grad_y, weight, row_mask.perm, row_mask.count, dw, r, m_rows, n_rows, fan_in, x2d.stride(0),
-             x2d.stride(1), dyc.stride(0), grad_y.stride(0), grad_y.stride(1), weight.stride(0), weight.stride(1),
-             dw.stride(0), dw.stride(1), plan.s_count, plan.s_step), x2d.dtype, m_rows, density_hint)
+            (x2d, dyc, grad_y, weight, row_mask.perm, row_mask.count, dw, r,
+             *_dw_layout(x2d, dyc, grad_y, weight, dw, plan)), x2d.dtype, m_rows, density_hint)
         return dx, dw, dtau
     # dW = m*G + sign(W) r / K is finished in a second pass (r needs every K tile of G). For
     # 16-bit weights G goes through an fp32 workspace so that dW is rounded once, like the
@@ -1462,11 +1519,121 @@ def threshold_linear_bwd(
     # rpart has one row per K tile: the K tile is fixed here (not tuned), the other sizes are.
     rpart = torch.empty((plan.num_kb, n_rows), device=device, dtype=torch.float32)
     _go(_threshold_linear_bwd_dw_kernel, plan.dw,
-        (x2d, dyc, grad_y, weight, row_mask.perm, row_mask.count, g, rpart, m_rows, n_rows, fan_in, x2d.stride(0),
-         x2d.stride(1), dyc.stride(0), grad_y.stride(0), grad_y.stride(1), weight.stride(0), weight.stride(1),
-         g.stride(0), g.stride(1), plan.s_count, plan.s_step), x2d.dtype, m_rows, density_hint)
+        (x2d, dyc, grad_y, weight, row_mask.perm, row_mask.count, g, rpart,
+         *_dw_layout(x2d, dyc, grad_y, weight, g, plan)), x2d.dtype, m_rows, density_hint)
     finish_threshold_gradients(rpart, weight, row_mask, g.unsqueeze(0), dw, dtau, mode_id=plan.mode_id, r_out=r_out)
     return dx, dw, dtau
+
+
+class PreparedBackward:
+    """:func:`threshold_linear_bwd` in skip or exact mode with the forward's ``z`` (and with
+    ``r_out`` when ``rows``, ``db_out`` when ``has_db``) for one layout of ``grad_y``, ``x2d`` and
+    ``weight``, prepared once: the checks, the plans, the scratch (compacted ``dY``, ``r``, the
+    split's workspace and tickets) and the sizes and strides. For a caller that repeats the
+    call with tensors of these layouts (shapes, strides, dtypes, device, 16-byte alignment), the
+    same :func:`launch_settings`, on the same thread and stream: the caller checks that (the
+    layers' kept Triton call). Raises ``ValueError`` where the launcher would convert or copy an
+    operand (the caller then keeps the launcher). A call returns ``(dX | None, dW, dtau)`` as
+    the launcher computes them, with the same launches."""
+
+    __slots__ = ("_plan", "_dyc", "_dyc_run", "_dyc_kwargs", "_dyc_tail", "_r", "_dx_ops", "_grouped", "_dx_tail",
+                 "_dw", "_dw_tail", "_runs", "_need_dx", "_rows", "_dims", "_dtype", "_tau_dtype", "_device")
+
+    def __init__(self, grad_y, x2d, weight, *, mode: str, sample_fraction: float, need_dx: bool,
+                 threshold_dtype: torch.dtype, rows: bool, has_db: bool):
+        if mode not in ("skip", "exact"):
+            raise ValueError(f"a prepared backward runs skip or exact mode, got {mode!r}")
+        if x2d.dim() != 2 or weight.dim() != 2 or x2d.shape[1] != weight.shape[1]:
+            raise ValueError(f"expected x [M, K] and weight [N, K], got {tuple(x2d.shape)} and {tuple(weight.shape)}")
+        m_rows, fan_in = x2d.shape
+        n_rows, device = weight.shape[0], x2d.device
+        if (grad_y.shape != (m_rows, n_rows) or grad_y.dtype != x2d.dtype or x2d.dtype != weight.dtype
+                or weight.dtype not in SUPPORTED_DTYPES or grad_y.device != device or weight.device != device
+                or m_rows == 0 or _rows_contiguous(x2d) is not x2d or _rows_contiguous(weight) is not weight):
+            raise ValueError("a prepared backward needs rows, one supported dtype and device and K-contiguous "
+                             "x and weight")
+        plan = _bwd_planned(x2d, weight, grad_y, mode, sample_fraction, need_dx, None)
+        padded, dyc_plan = _dyc_planned(grad_y, m_rows, n_rows, has_db, plan.mode_id == 0)
+        dyc = scratch("linear_bwd.dyc", (m_rows, padded), grad_y.dtype, device)
+        z = _meta((m_rows, n_rows))
+        self._dyc, self._dyc_run, self._dyc_kwargs = dyc, _compact_grad_bias_kernel[dyc_plan.grid], dyc_plan.kwargs
+        self._dyc_tail = _dyc_layout(grad_y, z, dyc)
+        self._r = None if rows else scratch("linear_bwd.r", (n_rows,), torch.float32, device)
+        w_op = _meta((n_rows, cdiv(fan_in, 16) * 16)) if need_dx and plan.compact else weight
+        dx, dw = _meta((m_rows, fan_in)), _meta((n_rows, fan_in))
+        self._dx_ops = plan.dx_split.operands(device, "linear_dx.ws") if need_dx else None
+        grouped = plan.grouped_rows if rows else plan.grouped_fused
+        self._grouped = None if grouped is None else (_threshold_linear_bwd_kernel[grouped.grid], grouped.kwargs)
+        self._dx_tail = _grouped_layout(x2d, dyc, weight, w_op, dx, dw, plan) if grouped is not None else \
+            _dx_layout(x2d, dyc, w_op, dx) if need_dx else None
+        self._dw = plan.dw_rows if rows else plan.dw_fused
+        self._dw_tail = _dw_layout(x2d, dyc, grad_y, weight, dw, plan)
+        # (the planned launches themselves where no tuner may choose, as _go decides)
+        self._runs = tuple(None if p is None or not _direct(p) else kernel[p.grid]
+                           for kernel, p in ((_threshold_linear_bwd_dx_kernel, plan.dx),
+                                             (_threshold_linear_bwd_dw_kernel, self._dw)))
+        self._plan, self._need_dx, self._rows = plan, need_dx, rows
+        self._dims, self._dtype, self._tau_dtype, self._device = (m_rows, n_rows, fan_in), x2d.dtype, \
+            threshold_dtype, device
+
+    def __call__(self, grad_y, x2d, weight, row_mask: RowMask, z, r_out=None, db_out=None):
+        m_rows, n_rows, fan_in = self._dims
+        device, dtype, plan, perm, count = self._device, self._dtype, self._plan, row_mask.perm, row_mask.count
+        dx = torch.empty((m_rows, fan_in), device=device, dtype=dtype) if self._need_dx else None
+        dw = torch.empty((n_rows, fan_in), device=device, dtype=dtype)
+        dtau = torch.empty(n_rows, device=device, dtype=self._tau_dtype)
+        r = r_out if self._rows else self._r
+        dyc = self._dyc
+        self._dyc_run(grad_y, perm, count, z, dyc, r, dtau, dtau if db_out is None else db_out, *self._dyc_tail,
+                      **self._dyc_kwargs)
+        w_op = (compact_weight_rows(weight, row_mask, fan_in, fan_in, (weight.stride(1), 0, 0), 1)
+                if self._need_dx and plan.compact else weight)
+        grouped = self._grouped
+        if grouped is not None:
+            grouped[0](x2d, dyc, weight, w_op, perm, count, *self._dx_ops, dx, dw, r, *self._dx_tail, **grouped[1])
+            return dx, dw, dtau
+        run_dx, run_dw = self._runs
+        candidates = every_candidate_enabled()
+        if self._need_dx:
+            args = (dyc, w_op, perm, count, *self._dx_ops, dx, *self._dx_tail)
+            if run_dx is not None and not candidates:
+                run_dx(*args, **plan.dx.kwargs)
+            else:
+                _go(_threshold_linear_bwd_dx_kernel, plan.dx, args, dtype, m_rows, None)
+        args = (x2d, dyc, grad_y, weight, perm, count, dw, r, *self._dw_tail)
+        if run_dw is not None and not candidates:
+            run_dw(*args, **self._dw.kwargs)
+        else:
+            _go(_threshold_linear_bwd_dw_kernel, self._dw, args, dtype, m_rows, None)
+        return dx, dw, dtau
+
+
+def _bwd_planned(x2d, weight, grad_y, mode: str, sample_fraction: float, need_dx: bool, compact_weight):
+    key = ("linear_bwd", x2d.shape, x2d.stride(), weight.shape, weight.stride(), grad_y.stride(), x2d.dtype, mode,
+           sample_fraction, need_dx, compact_weight, aligned16(x2d) and aligned16(weight), launch_settings())
+    return cached_plan(key, lambda: _linear_bwd_plan(x2d, weight, grad_y, mode, sample_fraction, need_dx,
+                                                     compact_weight, key[-2]))
+
+
+# The backward kernels' sizes and strides, after their tensors.
+def _dx_layout(x2d, dyc, w_op, dx) -> tuple:
+    m_rows, fan_in = x2d.shape
+    return (m_rows, w_op.shape[0], fan_in, dyc.stride(0), w_op.stride(0), w_op.stride(1), dx.stride(0),
+            dx.stride(1))
+
+
+def _dw_layout(x2d, dyc, grad_y, weight, dw, plan) -> tuple:
+    m_rows, fan_in = x2d.shape
+    return (m_rows, weight.shape[0], fan_in, x2d.stride(0), x2d.stride(1), dyc.stride(0), grad_y.stride(0),
+            grad_y.stride(1), weight.stride(0), weight.stride(1), dw.stride(0), dw.stride(1), plan.s_count,
+            plan.s_step)
+
+
+def _grouped_layout(x2d, dyc, weight, w_op, dx, dw, plan) -> tuple:
+    m_rows, fan_in = x2d.shape
+    return (m_rows, weight.shape[0], fan_in, plan.dx_split.programs, x2d.stride(0), x2d.stride(1), dyc.stride(0),
+            weight.stride(0), weight.stride(1), w_op.stride(0), w_op.stride(1), dx.stride(0), dx.stride(1),
+            dw.stride(0), dw.stride(1))
 
 
 class _BwdPlan(NamedTuple):
@@ -1490,13 +1657,21 @@ def _compact_grad_bias(grad_y, row_mask: RowMask, z, r, dtau, db_out, m_rows: in
     """The skip / exact-mode pass over ``grad_y [M, N]``: ``dyc`` (as :func:`compact_grad_columns`),
     ``r`` / ``dtau`` of every row from ``z`` (``z_all``: of the pruned rows too, else 0 there),
     and ``db_out`` if given."""
-    key = ("dyc_bias", grad_y.shape, grad_y.stride(), db_out is not None, z_all, launch_settings())
-    padded, plan = cached_plan(key, lambda: _dyc_bias_plan(grad_y, m_rows, n_rows, db_out is not None, z_all))
+    padded, plan = _dyc_planned(grad_y, m_rows, n_rows, db_out is not None, z_all)
     dyc = scratch("linear_bwd.dyc", (m_rows, padded), grad_y.dtype, grad_y.device)
     _compact_grad_bias_kernel[plan.grid](
-        grad_y, row_mask.perm, row_mask.count, z, dyc, r, dtau, dtau if db_out is None else db_out, m_rows, n_rows,
-        grad_y.stride(0), grad_y.stride(1), z.stride(0), dyc.stride(0), **plan.kwargs)
+        grad_y, row_mask.perm, row_mask.count, z, dyc, r, dtau, dtau if db_out is None else db_out,
+        *_dyc_layout(grad_y, z, dyc), **plan.kwargs)
     return dyc
+
+
+def _dyc_planned(grad_y, m_rows: int, n_rows: int, has_bias: bool, z_all: bool):
+    key = ("dyc_bias", grad_y.shape, grad_y.stride(), has_bias, z_all, launch_settings())
+    return cached_plan(key, lambda: _dyc_bias_plan(grad_y, m_rows, n_rows, has_bias, z_all))
+
+
+def _dyc_layout(grad_y, z, dyc) -> tuple:
+    return (*grad_y.shape, grad_y.stride(0), grad_y.stride(1), z.stride(0), dyc.stride(0))
 
 
 def _dyc_bias_plan(grad, rows: int, units: int, has_bias: bool, z_all: bool):

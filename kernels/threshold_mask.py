@@ -279,6 +279,11 @@ def _check_row_mask_inputs(weight2d: torch.Tensor, threshold: torch.Tensor) -> t
     return threshold if threshold.stride(0) == 1 else threshold.contiguous()
 
 
+def _planned_row_mask(weight2d, has_guard: bool, previous: bool, writes: bool) -> tuple[tuple, dict]:
+    key = ("row_mask", weight2d.shape, weight2d.stride(), has_guard, previous, writes, launch_settings())
+    return cached_plan(key, lambda: _row_mask_plan(weight2d, has_guard, previous, writes))
+
+
 def _launch(weight2d, threshold, score, collapsed, collapse_density, previous_density, resets, previous: bool,
             writes: bool) -> RowMask:
     n_rows, fan_in = weight2d.shape
@@ -287,8 +292,7 @@ def _launch(weight2d, threshold, score, collapsed, collapse_density, previous_de
     perm = torch.empty(n_rows, device=device, dtype=torch.int32)
     count = torch.empty(1, device=device, dtype=torch.int32)
     has_guard = collapse_density is not None
-    key = ("row_mask", weight2d.shape, weight2d.stride(), has_guard, previous, writes, launch_settings())
-    grid, kwargs = cached_plan(key, lambda: _row_mask_plan(weight2d, has_guard, previous, writes))
+    grid, kwargs = _planned_row_mask(weight2d, has_guard, previous, writes)
     _row_mask_kernel[grid](
         weight2d,
         threshold,
@@ -310,11 +314,82 @@ def _launch(weight2d, threshold, score, collapsed, collapse_density, previous_de
     return RowMask(mask, perm, count, score, collapsed.view(torch.bool) if has_guard else None)
 
 
+class PreparedRowMask:
+    """The row mask of one weight against one threshold tensor, with the guard's settings, as
+    :func:`guarded_row_mask` (``collapse_density`` set) or :func:`threshold_row_mask` (None)
+    compute it, prepared once: the checks, the plan and every argument but the outputs. For a
+    caller that repeats the call with the same tensors (objects and layouts), the same
+    :func:`launch_settings`, on the same thread and stream; the caller checks that (the layers'
+    kept Triton call, ``spafl.functional.linear_device_kept``). Each call returns fresh
+    ``mask`` / ``perm`` / ``count`` and no ``score`` / ``collapsed`` (scratch here, also without
+    the guard); the guard's writes and version bumps are :func:`guarded_row_mask`'s."""
+
+    __slots__ = ("_run", "_head", "_tail", "_kwargs", "_n", "_device", "_written", "_guard")
+
+    def __init__(self, weight2d, threshold, collapse_density: float | None, previous: bool = False,
+                 previous_density: torch.Tensor | None = None, counter: torch.Tensor | None = None):
+        _check_row_mask_inputs(weight2d, threshold)
+        if threshold.stride(0) != 1:  # (the launcher copies such thresholds at every call)
+            raise ValueError("a prepared row mask needs thresholds of unit stride")
+        device, (n_rows, fan_in) = weight2d.device, weight2d.shape
+        guard = collapse_density is not None
+        if guard and not writes_guard(threshold, previous_density, counter):
+            raise ValueError("the guard's writes need a unit-stride threshold, an fp32 one-element previous "
+                             "density and an int64 one-element counter on the weight's device")
+        score = scratch("row_mask.score", (n_rows,), torch.float32, device)
+        grid, self._kwargs = _planned_row_mask(weight2d, guard, previous and guard, guard)
+        self._run = _row_mask_kernel[grid]
+        self._head = (weight2d, threshold, score)
+        self._written = [threshold]
+        if guard:
+            collapsed = scratch("row_mask.collapsed", (1,), torch.int8, device)
+            if previous_density is None:
+                previous_density = scratch("row_mask.density", (1,), torch.float32, device)
+            else:
+                self._written.append(previous_density)
+            if counter is None:
+                counter = scratch("row_mask.resets", (1,), torch.int64, device)
+            else:
+                self._written.append(counter)
+            self._tail = (collapsed, ticket_counter(device), previous_density, counter, n_rows, fan_in,
+                          weight2d.stride(0), weight2d.stride(1), float(collapse_density))
+        else:
+            self._tail = (ticket_counter(device), score, n_rows, fan_in, weight2d.stride(0), weight2d.stride(1), 0.0)
+        self._n, self._device, self._guard = n_rows, device, guard
+
+    def __call__(self) -> RowMask:
+        n_rows, device = self._n, self._device
+        mask = torch.empty(n_rows, device=device, dtype=torch.bool)
+        perm = torch.empty(n_rows, device=device, dtype=torch.int32)
+        count = torch.empty(1, device=device, dtype=torch.int32)
+        if self._guard:
+            self._run(*self._head, mask.view(torch.int8), perm, count, *self._tail, **self._kwargs)
+            # (the launch wrote them: autograd's in-place checks must see it)
+            torch._C._increment_version(self._written)
+        else:
+            # (without the guard the launch takes the count for its unused flag and resets: as _launch)
+            tickets, score, *rest = self._tail
+            self._run(*self._head, mask.view(torch.int8), perm, count, count, tickets, score, count, *rest,
+                      **self._kwargs)
+        return RowMask(mask, perm, count, None, None)
+
+
 # Scratch buffers kept between launcher calls: (role, shape, dtype, device, thread, stream) ->
 # tensor. Only buffers that no caller ever sees live here, up to _SCRATCH_BYTES each.
 _scratch: dict[tuple, torch.Tensor] = {}
 _SCRATCH_BYTES = 1 << 20
 _SCRATCH_ENTRIES = 256
+
+
+def stream_key(device: torch.device, cuda: bool | None = None) -> tuple[int, int] | int:
+    """This thread and ``device``'s current stream (the thread alone off CUDA): what the scratch
+    buffers and the tickets are kept per, and so what a prepared launch (which holds them) is
+    valid for. ``cuda``: ``device.type == "cuda"`` where the caller knows it."""
+    if cuda is None:
+        cuda = device.type == "cuda"
+    if not cuda:
+        return threading.get_ident()
+    return threading.get_ident(), torch.cuda.current_stream(device).cuda_stream
 
 
 def scratch(role: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:

@@ -142,15 +142,19 @@ class _Triton:
 
     @staticmethod
     def linear_backward(grad_y2d, x2d, weight, row_mask, state, options, need_dx, has_bias, threshold_dtype,
-                        rows_only=False):
+                        rows_only=False, prepared=None):
+        # prepared: a PreparedBackward of these operands' layouts (PreparedTriton's), same launches
         r = torch.empty(weight.shape[0], dtype=torch.float32, device=weight.device) if rows_only else None
         db = torch.empty(weight.shape[0], dtype=weight.dtype, device=weight.device) if has_bias else None
         mode = _mode(options, x2d.shape[0])
-        dx, dw, dtau = _kernels().threshold_linear_bwd(
-            grad_y2d, x2d, weight, row_mask, mode=mode,
-            sample_fraction=options.sample_fraction, need_dx=need_dx, threshold_dtype=threshold_dtype, r_out=r,
-            z=state, db_out=db,
-        )
+        if prepared is not None:
+            dx, dw, dtau = prepared(grad_y2d, x2d, weight, row_mask, state, r, db)
+        else:
+            dx, dw, dtau = _kernels().threshold_linear_bwd(
+                grad_y2d, x2d, weight, row_mask, mode=mode,
+                sample_fraction=options.sample_fraction, need_dx=need_dx, threshold_dtype=threshold_dtype, r_out=r,
+                z=state, db_out=db,
+            )
         if rows_only:
             # (from the forward's products the GEMM leaves every row's sign term to the step)
             dw = MaskedGrad(dw, row_mask.mask, r, weight, state is not None and mode != "sample")
@@ -219,6 +223,59 @@ _AUTOCAST_AVAILABLE: dict[str, bool] = {}
 
 # The registry: where a resolved backend name (``Route.compute``) becomes code.
 _COMPACT = _Compact()
+class PreparedTriton:
+    """The Triton implementation for the kept calls of one layer (``spafl.functional.DeviceCall``)
+    on one input layout, thread and stream: the row mask, the forward and the backward launches
+    prepared once (``spafl.kernels``' ``Prepared*``), the same launches with the same arguments
+    as :class:`_Triton`'s. The kept call checks that its tensors, their layouts and the launch
+    settings are those it was prepared for; a backward of another ``grad_y`` layout or mode
+    takes :class:`_Triton`'s."""
+
+    __slots__ = ("row_mask", "_forwards", "_backwards", "_cuda")
+
+    def __init__(self, x2d, weight, tau, bias, options: ThresholdOptions, guard: float | None, previous: bool,
+                 previous_density, counter):
+        kernels = _kernels()
+        self.row_mask = kernels.threshold_mask.PreparedRowMask(weight, tau, guard, previous, previous_density,
+                                                               counter)
+        # The recorded calls' forward (keep_z, as _Triton's) and the others'.
+        exact = options.backward_mode == "exact"
+        store_z = exact or options.backward_mode == "skip"
+        prepare = kernels.threshold_linear.PreparedForward
+        self._forwards = (prepare(x2d, weight, bias, store_z=False),
+                          prepare(x2d, weight, bias, store_z=store_z, z_all=exact))
+        self._backwards, self._cuda = {}, weight.device.type == "cuda"
+
+    def linear_forward(self, x2d, weight, bias, row_mask, options, keep_z=False):
+        return self._forwards[keep_z](x2d, weight, bias, row_mask)
+
+    def linear_backward(self, grad_y2d, x2d, weight, row_mask, state, options, need_dx, has_bias, threshold_dtype,
+                        rows_only=False):
+        prepared = None
+        if state is not None:
+            kernels = _kernels()
+            key = (grad_y2d.stride(), grad_y2d.dtype, need_dx, has_bias, rows_only, threshold_dtype,
+                   kernels._config.launch_settings(), kernels.threshold_mask.stream_key(grad_y2d.device, self._cuda))
+            prepared = self._backwards.get(key)
+            if prepared is None:
+                if len(self._backwards) >= 8:
+                    self._backwards.clear()
+                try:
+                    prepared = kernels.threshold_linear.PreparedBackward(
+                        grad_y2d, x2d, weight, mode=_mode(options, x2d.shape[0]),
+                        sample_fraction=options.sample_fraction, need_dx=need_dx, threshold_dtype=threshold_dtype,
+                        rows=rows_only, has_db=has_bias)
+                except ValueError:  # (a layout or mode the launcher converts: it runs the call)
+                    prepared = False
+                self._backwards[key] = prepared
+        return _Triton.linear_backward(grad_y2d, x2d, weight, row_mask, state, options, need_dx, has_bias,
+                                       threshold_dtype, rows_only, prepared or None)
+
+
+def _triton(impl) -> bool:
+    return impl is _Triton or impl.__class__ is PreparedTriton
+
+
 IMPLEMENTATIONS = {"reference": _Reference, "compact": _COMPACT, "triton": _Triton}
 
 
@@ -310,7 +367,7 @@ def _sink_for(impl, weight: torch.Tensor):
     # Only the layers' own compact backend and the Triton kernels write rows (a chain's compact
     # instance and the reference write full gradients).
     # (the dictionary's own len() is Python code: its plain mapping tells emptiness in C)
-    if not _GRAD_SINKS.data or not (impl is IMPLEMENTATIONS["compact"] or impl is _Triton):
+    if not _GRAD_SINKS.data or not (impl is IMPLEMENTATIONS["compact"] or _triton(impl)):
         return None
     return _GRAD_SINKS.get(weight)
 
@@ -319,7 +376,7 @@ def _hand_rows(ctx):
     """Whether this backward leaves ``dW`` in the sink (see :class:`GradSink`). The Triton rows
     are any dtype: the fused kernel forms the pruned rows' gradient with the backward's rounding."""
     sink = ctx.sink
-    return sink is not None and ctx.needs_input_grad[1] and sink.accepts(ctx.impl is _Triton)
+    return sink is not None and ctx.needs_input_grad[1] and sink.accepts(_triton(ctx.impl))
 
 
 def _keep_rows(ctx, dw):
@@ -393,7 +450,7 @@ class ThresholdLinearFunction(torch.autograd.Function):
             # The dense small case, decided once here: its backward is one call (_dense_small_backward)
             # and reads neither the mask nor the options.
             small = state.small and sink is None and len(x_shape) == 2 and threshold.dtype == weight.dtype
-        elif impl is _Triton:
+        elif _triton(impl):
             y, state = impl.linear_forward(x, weight, bias, _bare(row_mask), options, keep_z=True)
         else:
             y, state = impl.linear_forward(x, weight, bias, _bare(row_mask), options)

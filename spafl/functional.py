@@ -32,6 +32,7 @@ from ._conv import ConvGeometry, conv_geometry
 from ._functions import (
     _C_APPLY,
     IMPLEMENTATIONS,
+    PreparedTriton,
     ThresholdConv2dFunction,
     ThresholdLinearFunction,
     _autocast_enabled,
@@ -140,6 +141,8 @@ def _kept_forward(x, weight, threshold, bias, row_mask: RowMask, route: str, opt
                                                  _unwrap_if_dead(threshold),
                                                  None if bias is None else _unwrap_if_dead(bias), row_mask, route,
                                                  options)
+    if route.__class__ is PreparedTriton:
+        return route.linear_forward(x, weight, bias, row_mask, options)[0]
     return IMPLEMENTATIONS[route].linear_forward(x, weight, bias, _bare(row_mask) if route == "triton" else row_mask,
                                                  options)[0]
 
@@ -158,6 +161,8 @@ class DeviceCall(NamedTuple):
     device: torch.device
     guard: float | None
     previous: bool
+    prepared: dict  # (x's rows, strides and alignment, launch settings, thread and stream) -> PreparedTriton | False
+    cuda: bool
 
 
 def _layout(t):
@@ -181,7 +186,7 @@ def device_call_of(x, weight, threshold, bias, options: ThresholdOptions, counte
     tensors = (weight, threshold, bias, counter, previous_density)
     return DeviceCall(options, tensors, tuple(_layout(t) for t in tensors),
                       tuple(None if t is None else t.detach() for t in tensors), threshold.detach(), weight.device,
-                      guard, options.collapse_timing == "previous")
+                      guard, options.collapse_timing == "previous", {}, weight.device.type == "cuda")
 
 
 def linear_device_kept(x, weight, threshold, bias, options: ThresholdOptions, counter, previous_density,
@@ -205,12 +210,32 @@ def linear_device_kept(x, weight, threshold, bias, options: ThresholdOptions, co
     if (_layout(weight) != stamps[0] or _layout(threshold) != stamps[1] or _layout(bias) != stamps[2]
             or _layout(counter) != stamps[3] or _layout(previous_density) != stamps[4]):
         return None
-    masks = _kernels().threshold_mask
-    if call.guard is None:
-        row_mask = masks.threshold_row_mask(weight, call.tau)
-    else:
-        row_mask = masks.guarded_row_mask(weight, call.tau, call.guard, call.previous, previous_density, counter)
-    return _kept_forward(x, weight, threshold, bias, row_mask, "triton", options)
+    kernels = _kernels()
+    key = (x.shape[0], x.stride(), x.data_ptr() % 16, kernels._config.launch_settings(),
+           kernels.threshold_mask.stream_key(call.device, call.cuda))
+    impl = call.prepared.get(key)
+    if impl is None:
+        impl = call.prepared[key] = _prepared(call, x, weight, bias, options, counter, previous_density)
+    if impl is False:
+        masks = kernels.threshold_mask
+        if call.guard is None:
+            row_mask = masks.threshold_row_mask(weight, call.tau)
+        else:
+            row_mask = masks.guarded_row_mask(weight, call.tau, call.guard, call.previous, previous_density, counter)
+        return _kept_forward(x, weight, threshold, bias, row_mask, "triton", options)
+    return _kept_forward(x, weight, threshold, bias, impl.row_mask(), impl, options)
+
+
+def _prepared(call: DeviceCall, x, weight, bias, options: ThresholdOptions, counter, previous_density):
+    """The :class:`PreparedTriton` of ``call`` for ``x``'s layout, or False where its launches
+    cannot be prepared (a layout the launchers copy): the launchers run those calls."""
+    if len(call.prepared) >= 8:  # (a caller cycling through batch sizes must not grow it forever)
+        call.prepared.clear()
+    try:
+        return PreparedTriton(x, weight, call.tau, bias, options, call.guard, call.previous, previous_density,
+                              counter)
+    except ValueError:
+        return False
 
 
 @contextlib.contextmanager
