@@ -1,5 +1,6 @@
 """Where the Triton path's host time goes: the pieces of one ``ThresholdLinear(256, 256)`` bf16
-forward (skip mode, ``check_finite=False``, 128 rows, the layer of ``host_time.py``) timed apart,
+forward (skip mode, ``check_finite=False``, 128 rows, the layer of ``host_time.py``) timed apart
+(the kept call's prepared launches, and the launchers of the general call),
 with its kernels' launches stubbed (``host_time.stubbed_launches``), beside what any layer of
 this design pays (a module call, an autograd Function that allocates and saves as this one does,
 three allocations) and ``nn.Linear(64, 10)``'s forward at batch 8, the yardstick of
@@ -27,7 +28,8 @@ def _pieces():
     from spafl.kernels import threshold_mask as tm
 
     class _Bare(torch.autograd.Function):
-        # What the layer's Function does besides computing: allocate y and z, save five tensors.
+        # What the layer's Function does besides computing: allocate y and z, save five tensors;
+        # its backward allocates the four gradients autograd then accumulates.
         @staticmethod
         def forward(ctx, x, w, tau, b, mask, perm, count):
             ctx.save_for_backward(x, w, mask, perm, count)
@@ -36,7 +38,9 @@ def _pieces():
 
         @staticmethod
         def backward(ctx, grad):
-            return None, None, None, None, None, None, None
+            x, w, *_ = ctx.saved_tensors
+            return (torch.empty_like(x), torch.empty_like(w), torch.empty(w.shape[0]), torch.empty_like(w[:, 0]),
+                    None, None, None)
 
     class _Identity(torch.nn.Module):
         def forward(self, x):
@@ -52,6 +56,23 @@ def _pieces():
     bare = super(torch.autograd.Function, _Bare).apply
     identity = _Identity()
     dense, xd = torch.nn.Linear(64, 10), torch.randn(8, 64)
+    dy = torch.randn(128, 256, dtype=torch.bfloat16)
+    params = [x, *layer.parameters()]
+    layer(x)
+    layer(x)  # (the kept Triton call and its prepared launches)
+    call = layer.__dict__["_device_call"]
+    prepared = next(v for v in call.prepared.values() if v)
+    bare_tensors = [t.detach().requires_grad_(t.is_floating_point()) for t in (x, weight, tau, bias)]
+
+    def layer_fwd_bwd():
+        for p in params:
+            p.grad = None
+        layer(x).backward(dy)
+
+    def bare_fwd_bwd():
+        for p in bare_tensors:
+            p.grad = None
+        bare(*bare_tensors, *row_mask[:3]).backward(dy)
 
     def allocations():
         torch.empty(256, dtype=torch.bool)
@@ -60,6 +81,11 @@ def _pieces():
 
     return ht, {
         "layer forward": lambda: layer(x),
+        "layer forward + backward": layer_fwd_bwd,
+        "prepared row mask (the kept call's)": prepared.row_mask,
+        "autograd Function on the prepared launches": lambda: _C_APPLY[ThresholdLinearFunction](
+            x, weight, tau, bias, row_mask, prepared, options),
+        "prepared forward with z": lambda: prepared.linear_forward(x, weight, bias, row_mask, options, keep_z=True),
         "row mask with the guard (launcher)": lambda: tm.guarded_row_mask(weight, tau.detach(),
                                                                           options.collapse_density, False, previous,
                                                                           counter),
@@ -70,6 +96,7 @@ def _pieces():
         "floor: a module call": lambda: identity(x),
         "floor: a Function allocating two, saving five": lambda: bare(x, weight, tau, bias, *row_mask[:3]),
         "floor: three allocations": allocations,
+        "floor: that Function, forward + backward with four gradients": bare_fwd_bwd,
         "nn.Linear(64, 10) forward": lambda: dense(xd),
     }
 
