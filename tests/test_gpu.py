@@ -187,6 +187,47 @@ def test_training_step_never_synchronises_with_the_host(kind, mode):
     assert layer.collapse_resets.item() == 1
 
 
+@pytest.mark.parametrize("mode", ["exact", "skip"])
+def test_prepared_kept_call_per_stream_matches_the_general_call(mode):
+    # The kept call's prepared launches hold the current stream's tickets and scratch: a call on
+    # another stream prepares its own; every step equals the general call's (the backward runs on
+    # autograd's device thread, whose prepared backward is its own too).
+    from spafl._functions import PreparedTriton
+
+    torch.manual_seed(11)
+    kept = ThresholdLinear(96, 200, device="cuda", backward_mode=mode, dtype=torch.bfloat16, check_finite=False)
+    plain = copy.deepcopy(kept)
+    with torch.no_grad():
+        for layer in (kept, plain):
+            layer.threshold.copy_(threshold_for_density(layer.weight, 0.3))
+    xs = [torch.randn(64, 96, device="cuda", dtype=torch.bfloat16) for _ in range(4)]
+    side = torch.cuda.Stream()
+
+    def step(layer, x):
+        layer.zero_grad(set_to_none=True)
+        x = x.clone().requires_grad_(True)
+        y = layer(x)
+        y.float().square().sum().backward()
+        return [y.detach(), x.grad, layer.weight.grad, layer.threshold.grad, layer.bias.grad]
+
+    got = [step(kept, xs[0]), step(kept, xs[1])]
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        got += [step(kept, xs[2]), step(kept, xs[3])]
+    torch.cuda.current_stream().wait_stream(side)
+    prepared = [v for v in kept.__dict__["_device_call"].prepared.values() if isinstance(v, PreparedTriton)]
+    assert len(prepared) == 2
+    kept_call = spafl.layers.device_call_of
+    spafl.layers.device_call_of = lambda *a, **k: None
+    try:
+        want = [step(plain, x) for x in xs]
+    finally:
+        spafl.layers.device_call_of = kept_call
+    for i, (g, w) in enumerate(zip(got, want, strict=True)):
+        for j, (a, b) in enumerate(zip(g, w, strict=True)):
+            assert torch.equal(a, b), (i, j)
+
+
 # (batch, cin, cout, size, kernel, stride, padding): ResNet-18 layers, its stem, a ragged case.
 CONV_SHAPES = {
     "resnet-64x64-32px": (64, 64, 64, 32, 3, 1, 1),
