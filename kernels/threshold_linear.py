@@ -85,7 +85,7 @@ from ._config import (
     use_compact_weight,
     wide_config,
 )
-from .threshold_mask import fits_int32, scratch
+from .threshold_mask import Scratch, fits_int32, held_scratch, scratch
 
 BACKWARD_MODES = {"exact": 0, "skip": 1, "sample": 2}
 
@@ -1306,7 +1306,7 @@ class PreparedForward:
         y = _meta((m_rows, n_rows))
         self._layout = _fwd_layout(x2d, w_op, y, y if store_z else None)
         self._run, self._plan, self._compact = _threshold_linear_fwd_kernel[plan.grid], plan, compact
-        self._operands = split.operands(device, "linear_fwd.ws")
+        self._operands = split.held_operands(device, "linear_fwd.ws")
         self._direct = _direct(plan)
         self._shape, self._dtype, self._device, self._z, self._fan_in = (m_rows, n_rows), x2d.dtype, device, \
             store_z, fan_in
@@ -1317,8 +1317,9 @@ class PreparedForward:
         z = torch.empty(self._shape, device=device, dtype=torch.float32) if self._z else None
         w_op = (compact_weight_rows(weight, row_mask, self._fan_in, self._fan_in, (weight.stride(1), 0, 0), 1)
                 if self._compact else weight)
-        args = (x2d, w_op, weight if bias is None else bias, row_mask.perm, row_mask.count, *self._operands, y,
-                y if z is None else z, *self._layout)
+        table, ws, tickets = self._operands
+        args = (x2d, w_op, weight if bias is None else bias, row_mask.perm, row_mask.count, table, ws.get(), tickets,
+                y, y if z is None else z, *self._layout)
         if self._direct and not every_candidate_enabled():
             self._run(*args, **self._plan.kwargs)
         else:
@@ -1341,6 +1342,12 @@ class _Split(NamedTuple):
     table: tuple[int, ...]
     programs: int
     slot: int
+
+    def held_operands(self, device: torch.device, role: str) -> tuple[torch.Tensor, Scratch, torch.Tensor]:
+        """:meth:`operands` for a prepared launch: the workspace as a :class:`Scratch`."""
+        table, _, tickets = self.operands(device, role)
+        return table, held_scratch(role, (self.programs * self.slot if max(self.table) > 1 else 1,), torch.float32,
+                                   device), tickets
 
     def operands(self, device: torch.device, role: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(table, workspace, tickets)`` on ``device``: the table uploaded once per device,
@@ -1554,14 +1561,14 @@ class PreparedBackward:
                              "x and weight")
         plan = _bwd_planned(x2d, weight, grad_y, mode, sample_fraction, need_dx, None)
         padded, dyc_plan = _dyc_planned(grad_y, m_rows, n_rows, has_db, plan.mode_id == 0)
-        dyc = scratch("linear_bwd.dyc", (m_rows, padded), grad_y.dtype, device)
-        z = _meta((m_rows, n_rows))
-        self._dyc, self._dyc_run, self._dyc_kwargs = dyc, _compact_grad_bias_kernel[dyc_plan.grid], dyc_plan.kwargs
+        self._dyc = held_scratch("linear_bwd.dyc", (m_rows, padded), grad_y.dtype, device)
+        dyc, z = _meta((m_rows, padded)), _meta((m_rows, n_rows))
+        self._dyc_run, self._dyc_kwargs = _compact_grad_bias_kernel[dyc_plan.grid], dyc_plan.kwargs
         self._dyc_tail = _dyc_layout(grad_y, z, dyc)
-        self._r = None if rows else scratch("linear_bwd.r", (n_rows,), torch.float32, device)
+        self._r = None if rows else held_scratch("linear_bwd.r", (n_rows,), torch.float32, device)
         w_op = _meta((n_rows, cdiv(fan_in, 16) * 16)) if need_dx and plan.compact else weight
         dx, dw = _meta((m_rows, fan_in)), _meta((n_rows, fan_in))
-        self._dx_ops = plan.dx_split.operands(device, "linear_dx.ws") if need_dx else None
+        self._dx_ops = plan.dx_split.held_operands(device, "linear_dx.ws") if need_dx else None
         grouped = plan.grouped_rows if rows else plan.grouped_fused
         self._grouped = None if grouped is None else (_threshold_linear_bwd_kernel[grouped.grid], grouped.kwargs)
         self._dx_tail = _grouped_layout(x2d, dyc, weight, w_op, dx, dw, plan) if grouped is not None else \
@@ -1582,20 +1589,24 @@ class PreparedBackward:
         dx = torch.empty((m_rows, fan_in), device=device, dtype=dtype) if self._need_dx else None
         dw = torch.empty((n_rows, fan_in), device=device, dtype=dtype)
         dtau = torch.empty(n_rows, device=device, dtype=self._tau_dtype)
-        r = r_out if self._rows else self._r
-        dyc = self._dyc
+        r = r_out if self._rows else self._r.get()
+        dyc = self._dyc.get()
+        dx_ops = None
+        if self._need_dx:
+            table, ws, tickets = self._dx_ops
+            dx_ops = (table, ws.get(), tickets)
         self._dyc_run(grad_y, perm, count, z, dyc, r, dtau, dtau if db_out is None else db_out, *self._dyc_tail,
                       **self._dyc_kwargs)
         w_op = (compact_weight_rows(weight, row_mask, fan_in, fan_in, (weight.stride(1), 0, 0), 1)
                 if self._need_dx and plan.compact else weight)
         grouped = self._grouped
         if grouped is not None:
-            grouped[0](x2d, dyc, weight, w_op, perm, count, *self._dx_ops, dx, dw, r, *self._dx_tail, **grouped[1])
+            grouped[0](x2d, dyc, weight, w_op, perm, count, *dx_ops, dx, dw, r, *self._dx_tail, **grouped[1])
             return dx, dw, dtau
         run_dx, run_dw = self._runs
         candidates = every_candidate_enabled()
         if self._need_dx:
-            args = (dyc, w_op, perm, count, *self._dx_ops, dx, *self._dx_tail)
+            args = (dyc, w_op, perm, count, *dx_ops, dx, *self._dx_tail)
             if run_dx is not None and not candidates:
                 run_dx(*args, **plan.dx.kwargs)
             else:

@@ -21,6 +21,7 @@ device and stream, kept between calls) is ready for the next launch without a me
 from __future__ import annotations
 
 import threading
+from typing import NamedTuple
 
 import torch
 import triton
@@ -336,7 +337,10 @@ class PreparedRowMask:
         if guard and not writes_guard(threshold, previous_density, counter):
             raise ValueError("the guard's writes need a unit-stride threshold, an fp32 one-element previous "
                              "density and an int64 one-element counter on the weight's device")
-        score = scratch("row_mask.score", (n_rows,), torch.float32, device)
+        score = held_scratch("row_mask.score", (n_rows,), torch.float32, device)
+        if score.buffer is None:  # (over 256 K rows: scores of a call's own, as the launcher has them)
+            raise ValueError("a prepared row mask keeps its scores: at most 256 K rows")
+        score = score.buffer
         grid, self._kwargs = _planned_row_mask(weight2d, guard, previous and guard, guard)
         self._run = _row_mask_kernel[grid]
         self._head = (weight2d, threshold, score)
@@ -412,6 +416,29 @@ def scratch(role: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch
             _scratch.clear()
         _scratch[key] = found
     return found
+
+
+class Scratch(NamedTuple):
+    """A scratch buffer as a prepared launch holds it: the kept buffer itself where
+    :func:`scratch` keeps one, else (``buffer`` None) the shape to allocate at every call, as the
+    launcher does -- a prepared launch outlives its call, and must not hold more."""
+
+    buffer: torch.Tensor | None
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    device: torch.device
+
+    def get(self) -> torch.Tensor:
+        buffer = self.buffer
+        return buffer if buffer is not None else torch.empty(self.shape, device=self.device, dtype=self.dtype)
+
+
+def held_scratch(role: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Scratch:
+    """:func:`scratch` for a prepared launch (see :class:`Scratch`)."""
+    size = dtype.itemsize
+    for n in shape:
+        size *= n
+    return Scratch(scratch(role, shape, dtype, device) if size <= _SCRATCH_BYTES else None, shape, dtype, device)
 
 
 def _row_mask_plan(weight2d: torch.Tensor, has_guard: bool, previous: bool = False,

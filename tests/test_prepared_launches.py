@@ -240,3 +240,25 @@ def test_the_kept_call_leaves_layouts_it_cannot_prepare_to_the_launchers():
     y = layer(x)
     assert False in layer.__dict__["_device_call"].prepared.values()
     assert torch.equal(y, want(x.contiguous()))
+
+
+def test_prepared_launches_hold_no_buffer_the_launchers_would_not_keep(monkeypatch):
+    # Scratch over the kept size is allocated per call by the launchers; a prepared launch,
+    # which lives as long as its layer, must not hold it either.
+    lin, tm = _kernels()
+    monkeypatch.setattr(tm, "_SCRATCH_BYTES", 64)
+    w, tau = _weight(70, 33, torch.float32, 0.4)
+    x, dy = torch.randn(5, 33), torch.randn(5, 70)
+    rm = _row_mask(w, tau)
+    z = torch.zeros(5, 70)
+    lin.threshold_linear_fwd(x, w, None, rm, z_out=z)
+    run = lin.PreparedBackward(dy, x, w, mode="skip", sample_fraction=0.125, need_dx=True,
+                               threshold_dtype=torch.float32, rows=False, has_db=False)
+    assert run._dyc.buffer is None and run._r.buffer is None and run._dx_ops[1].buffer is None
+    got = run(dy, x, w, rm, z)
+    want = lin.threshold_linear_bwd(dy, x, w, rm, mode="skip", z=z)
+    for a, b in zip(got, want, strict=True):
+        assert torch.equal(a, b)
+    fwd = lin.PreparedForward(x, w, None, store_z=False)
+    assert fwd._operands[1].buffer is None
+    assert torch.equal(fwd(x, w, None, rm)[0], lin.threshold_linear_fwd(x, w, None, rm))
