@@ -163,6 +163,7 @@ class DeviceCall(NamedTuple):
     previous: bool
     prepared: dict  # (x's rows, strides and alignment, launch settings, thread and stream) -> PreparedTriton | False
     cuda: bool
+    autocast: str | None  # the device type, where it has autocast
 
 
 def _layout(t):
@@ -186,7 +187,8 @@ def device_call_of(x, weight, threshold, bias, options: ThresholdOptions, counte
     tensors = (weight, threshold, bias, counter, previous_density)
     return DeviceCall(options, tensors, tuple(_layout(t) for t in tensors),
                       tuple(None if t is None else t.detach() for t in tensors), threshold.detach(), weight.device,
-                      guard, options.collapse_timing == "previous", {}, weight.device.type == "cuda")
+                      guard, options.collapse_timing == "previous", {}, weight.device.type == "cuda",
+                      weight.device.type if torch.amp.is_autocast_available(weight.device.type) else None)
 
 
 def linear_device_kept(x, weight, threshold, bias, options: ThresholdOptions, counter, previous_density,
@@ -204,7 +206,8 @@ def linear_device_kept(x, weight, threshold, bias, options: ThresholdOptions, co
         return None
     if (x.__class__ is not torch.Tensor or x.dtype != weight.dtype or x.dim() != 2 or x.shape[1] != weight.shape[1]
             or x.device != call.device or torch._C._is_tracing() or torch.compiler.is_compiling()
-            or torch._C._are_functorch_transforms_active() or _autocast_enabled(call.device.type)):
+            or torch._C._are_functorch_transforms_active()
+            or (call.autocast is not None and torch.is_autocast_enabled(call.autocast))):
         return None
     stamps = call.stamps
     if (_layout(weight) != stamps[0] or _layout(threshold) != stamps[1] or _layout(bias) != stamps[2]
