@@ -7,6 +7,7 @@ seed; also how often the cohort clip fired on the honest run.
     OMP_NUM_THREADS=1 python benchmarks/adversary.py [--methods spafl,fedavg,sparsyfed]
         [--attacks max-shift,...] [--rounds 20] [--cohort-clip X] [--bad 0]
         [--cohort-against X] [--cohort-shift X] [--cohort-drift X] [--cohort-drift-against X] [--aggregate-drift X]
+        [--aggregate-shift X] [--aggregate-against X] [--aggregate-energy X]
         [--seeds 0,1,2]
 
 ``--record`` runs the honest run alone, with the limits against the cohort across rounds (the
@@ -15,7 +16,7 @@ tensor's shift out of reach (the norm limit ``cohort_clip`` stays), and prints, 
 (``round norm``, ``round against``, ``round shift``: what ``cohort_clip``, ``Method.cohort_against``
 and ``Method.cohort_shift`` limit, in the round's median deviations), the largest value each
 of the federation's sums reached (what the defaults of ``Method.aggregate_drift``,
-``aggregate_shift`` and ``aggregate_against`` were set above) and
+``aggregate_shift``, ``aggregate_against`` and ``aggregate_energy`` were set above) and
 the largest component of one update along the record's direction, from the cohort's median
 along it (``along``: in the cohort's spread along it; ``along/m``: in median deviations), what
 a limit of each round along the record's direction would have to allow; and, per client id
@@ -73,7 +74,7 @@ def main() -> None:
     p.add_argument("--cohort-drift", default="default", help="a number, 'inf' (off), or 'default' (the method's)")
     p.add_argument("--cohort-drift-against", default="default",
                    help="a number, 'inf' (off), or 'default' (the method's)")
-    for name in ("drift", "shift", "against"):
+    for name in ("drift", "shift", "against", "energy"):
         p.add_argument(f"--aggregate-{name}", default="default",
                        help="a number, 'inf' (off), or 'default' (the method's)")
     p.add_argument("--aggregator", default="mean")
@@ -103,7 +104,7 @@ def main() -> None:
         if args.cohort_clip != "default":
             overrides["cohort_clip"] = None if args.cohort_clip == "none" else float(args.cohort_clip)
         for name in ("cohort_against", "cohort_shift", "cohort_drift", "cohort_drift_against", "aggregate_drift",
-                     "aggregate_shift", "aggregate_against"):
+                     "aggregate_shift", "aggregate_against", "aggregate_energy"):
             if getattr(args, name) != "default":
                 overrides[name] = float(getattr(args, name))
         seeds = [int(x) for x in args.seeds.split(",")] if args.seeds else [None]
@@ -172,7 +173,7 @@ def record(config) -> None:
     along the record's direction and of each client's sums (:func:`client_peaks`), where and
     when; then runs ``config`` as given (the limits in force) and prints its clip events."""
     defaults = config
-    config = config.replace(aggregate_drift=1e30, aggregate_shift=1e30, aggregate_against=1e30,
+    config = config.replace(aggregate_drift=1e30, aggregate_shift=1e30, aggregate_against=1e30, aggregate_energy=1e30,
                             cohort_drift=1e30, cohort_drift_shift=1e30, cohort_drift_against=1e30,
                             cohort_against=1e30, cohort_shift=1e30)
     peaks: dict = {}
@@ -197,11 +198,13 @@ def record(config) -> None:
         out = clip(self, reference, updates, weights, limits, commit)
         if commit and self.rounds:
             root = math.sqrt(self.rounds)
+            slack = math.sqrt(self.rounds + rules.ENERGY_SLACK_ROUNDS)
             for name, s in self.sums.items():
-                for kind, value in (("norm", float(s.norm())), ("shift", abs(self.shift[name])),
-                                    ("against", self.against[name])):
-                    if value / root > peaks.get(kind, (-math.inf,))[0]:
-                        peaks[kind] = (value / root, name, self.rounds)
+                for kind, value in (("norm", float(s.norm()) / root), ("shift", abs(self.shift[name]) / root),
+                                    ("against", self.against[name] / root),
+                                    ("energy", math.sqrt(self.energy[name]) / slack)):
+                    if value > peaks.get(kind, (-math.inf,))[0]:
+                        peaks[kind] = (value, name, self.rounds)
         return out
 
     rules.AggregateMemory.clip = watched

@@ -285,7 +285,8 @@ def small(method, **changes):
 
 def without_record(config):
     """``config`` without the federation's limits across rounds (``rules.AggregateMemory``)."""
-    return config.replace(aggregate_drift=math.inf, aggregate_shift=math.inf, aggregate_against=math.inf)
+    return config.replace(aggregate_drift=math.inf, aggregate_shift=math.inf, aggregate_against=math.inf,
+                          aggregate_energy=math.inf)
 
 
 def undefended(config):
@@ -788,6 +789,7 @@ def test_the_limit_across_rounds_is_checkpointed_and_resumed_exactly(tmp_path):
     # and the federation's record, which has no ids
     fa, fb = a.aggregate, b.aggregate
     assert fa.rounds == fb.rounds == 4 and fa.shift == fb.shift and fa.against == fb.against
+    assert fa.energy == fb.energy and fa.energy
     assert fa.sums.keys() == fb.sums.keys() and all(torch.equal(fa.sums[n], fb.sums[n]) for n in fa.sums)
 
 
@@ -900,7 +902,81 @@ def test_the_federations_limit_against_the_cohort_and_in_norm_by_hand():
         assert fired and set(fired) == {which}, fired
 
 
-@pytest.mark.parametrize("name", ["aggregate_drift", "aggregate_shift", "aggregate_against"])
+def _round_term(pushes):
+    """The record's term of one round of equally weighted updates of one tensor at 0, by hand:
+    (mean - trimmed mean) / lower median norm, scaled to the honest noise of 10 updates."""
+    devs = torch.tensor(pushes, dtype=torch.float64)
+    n = len(pushes)
+    trim = max(1, int(0.2 * n))
+    centre = devs.sort(0).values[trim:n - trim].mean(0)
+    median = sorted(float(d.norm()) for d in devs)[(n - 1) // 2]
+    return (devs.mean(0) - centre) / median * cohort._small_cohort_scale(n)
+
+
+def test_the_federations_energy_limit_by_hand(tmp_path):
+    """An update that pushes in a new direction every round (a new participant each round):
+    its pushes do not add up in any one direction, so the sum of the rounds' terms grows like
+    honest noise, but the sum of their squared norms grows with every round. From the round in
+    which its root passes ``energy * sqrt(k + ENERGY_SLACK_ROUNDS)``, every update is moved
+    toward the centre by the same factor, which leaves the sum on its bound; the honest
+    updates alone never reach it; a dry run changes nothing; the sum survives a weights-only
+    save, and a record saved before it was kept loads with it empty."""
+    energy = 0.4
+    limits = rules.AggregateLimits(energy=energy)
+    slack = rules.ENERGY_SLACK_ROUNDS
+    # the three sums with the energy's first-round allowance as their limits
+    first = energy * math.sqrt(1 + slack)
+    sums_alone = rules.AggregateLimits(norm=first, shift=first, against=first)
+    memory, honest_only, total, fired = rules.AggregateMemory(), rules.AggregateMemory(), 0.0, []
+    other = rules.AggregateMemory()
+    for k in range(1, 13):
+        s = (-1.0) ** k
+        honest = [[1, s, 0, 0], [1, 0, -s, 0], [1, -s, 0, 0], [1, 0, s, 0]]
+        bad = [1.0, 0.0, 0.0, 0.0]
+        bad[1 + k % 3] = 6.0 * (-1) ** (k // 3)  # a new direction every round
+        _, out, events = _cohort_round(honest_only, honest, limits)
+        assert events == []
+        before = dict(memory.energy)
+        _, _, dry = _cohort_round(memory, [*honest, bad], limits, commit=False)
+        assert memory.energy == before
+        ups, out, events = _cohort_round(memory, [*honest, bad], limits)
+        assert [(e.index, e.kind, e.which) for e in events] == [(e.index, e.kind, e.which) for e in dry]
+        r = _round_term([*honest, bad])
+        bound = energy * math.sqrt(k + slack)
+        if total + float((r * r).sum()) <= bound ** 2:
+            assert events == []
+            total += float((r * r).sum())
+            assert memory.energy["t"] == pytest.approx(total)
+        else:
+            fired.append(k)
+            assert [(e.index, e.kind, e.which) for e in events] == [(None, "aggregate", "energy")]
+            assert math.sqrt(memory.energy["t"]) == pytest.approx(bound)
+            assert events[0].norm == pytest.approx(math.sqrt(total + float((r * r).sum())))
+            # what was kept: the term scaled by the factor reported, which fills the budget
+            assert events[0].scale ** 2 * float((r * r).sum()) == pytest.approx(bound ** 2 - total)
+            total = memory.energy["t"]
+            before, after = torch.stack([u["t"] for u in ups]), torch.stack([u["t"] for u in out])
+            centre = before.sort(0).values[1:4].mean(0)
+            torch.testing.assert_close(after.sort(0).values[1:4].mean(0), centre)
+            torch.testing.assert_close(after.mean(0) - centre, events[0].scale * (before.mean(0) - centre))
+            assert "root of their squared norms summed over the rounds" in events[0].describe(None, None)
+        # the three sums do not see it: its pushes cancel out every six rounds
+        assert _cohort_round(other, [*honest, bad], sums_alone)[2] == []
+    assert fired and fired[0] > 1 and fired == list(range(fired[0], 13)), fired
+    torch.save(memory.state_dict(), tmp_path / "a.pt")
+    again = rules.AggregateMemory()
+    again.load_state_dict(torch.load(tmp_path / "a.pt", weights_only=True))
+    assert again.energy == memory.energy and again.rounds == memory.rounds
+    older = {k: v for k, v in memory.state_dict().items() if k != "energy"}
+    again.load_state_dict(older)
+    assert again.energy == {} and again.rounds == memory.rounds
+    with pytest.raises(ValueError, match="energy"):
+        again.load_state_dict({**older, "energy": {"t": -1.0}})
+    with pytest.raises(ValueError, match="energy"):
+        again.load_state_dict({**older, "energy": {"t": float("inf")}})
+
+
+@pytest.mark.parametrize("name", ["aggregate_drift", "aggregate_shift", "aggregate_against", "aggregate_energy"])
 @pytest.mark.parametrize("value", [0, -1.0, True, "3"])
 def test_the_federations_limits_refuse_bad_values_by_name(name, value):
     with pytest.raises(ValueError, match=name):
