@@ -1038,7 +1038,7 @@ def test_an_adversary_with_a_new_id_every_round_meets_the_federations_energy_lim
     """SpaFL, 4 rounds, the first client of every cohort adversarial (a new participant every
     round to the per-client memory), flipping its own update by the largest amount the whole
     rule leaves alone (it knows the federation's record, the energy limit included). With the
-    energy limit set just above this run's honest value (0.25; the honest run is not clipped;
+    energy limit set just above this run's honest value (0.238: the honest run is not clipped;
     the record's other limits as their defaults) it rides that limit: the record pulls the
     aggregate back, the root of the squared sums stays within its bound every round, and the
     global thresholds end nearer the honest run's than with the limit off (measured: distance
