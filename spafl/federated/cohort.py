@@ -321,7 +321,7 @@ class AggregateLimits:
 # its trimmed mean while the model is new (one honest round of a golden run reaches 1.87 median
 # deviations, where later rounds settle near 0.3), so the budget is that of this many rounds
 # more. Of 4, 8, 16, 24, 32 and 48, 24 and 32 leave one participant the least over 20 rounds
-# with the limit above every honest run measured (docs/security.md); 24 the less over 60.
+# with SpaFL's limit above every honest run measured (32 a little less; docs/security.md).
 ENERGY_SLACK_ROUNDS = 24
 
 
