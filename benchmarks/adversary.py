@@ -7,6 +7,7 @@ seed; also how often the cohort clip fired on the honest run.
     OMP_NUM_THREADS=1 python benchmarks/adversary.py [--methods spafl,fedavg,sparsyfed]
         [--attacks max-shift,...] [--rounds 20] [--cohort-clip X] [--bad 0]
         [--cohort-against X] [--cohort-shift X] [--cohort-drift X] [--cohort-drift-against X] [--aggregate-drift X]
+        [--aggregate-shift X] [--aggregate-against X] [--aggregate-energy X]
         [--seeds 0,1,2]
 
 ``--record`` runs the honest run alone, with the limits against the cohort across rounds (the
@@ -15,7 +16,7 @@ tensor's shift out of reach (the norm limit ``cohort_clip`` stays), and prints, 
 (``round norm``, ``round against``, ``round shift``: what ``cohort_clip``, ``Method.cohort_against``
 and ``Method.cohort_shift`` limit, in the round's median deviations), the largest value each
 of the federation's sums reached (what the defaults of ``Method.aggregate_drift``,
-``aggregate_shift`` and ``aggregate_against`` were set above) and
+``aggregate_shift``, ``aggregate_against`` and ``aggregate_energy`` were set above) and
 the largest component of one update along the record's direction, from the cohort's median
 along it (``along``: in the cohort's spread along it; ``along/m``: in median deviations), what
 a limit of each round along the record's direction would have to allow; and, per client id
@@ -28,6 +29,13 @@ clip events (none: the defaults leave that run alone):
 
     OMP_NUM_THREADS=1 python benchmarks/adversary.py --record [--preset digits-cnn]
         [--clients-per-round 10] [--rounds 20] [--set rng=global --set local_epochs=1 ...]
+
+``--energy`` runs the honest run alone with the federation's limits out of reach and every other
+limit as configured, and prints the largest root mean square of the record's round terms (what
+``Method.aggregate_energy`` was set above; ``ENERGY_SLACK_ROUNDS`` added to the rounds):
+
+    OMP_NUM_THREADS=1 python benchmarks/adversary.py --energy --methods spafl,fedavg,sparsyfed,topk
+        [--rounds 60 --clients-per-round 0] [--seeds ...]
 
 ``--attacks null`` is the control: the adversarial client sends its own update with its
 deviation 1.001 times as long, so its "loss" is the run's sensitivity to any change of a round
@@ -73,13 +81,16 @@ def main() -> None:
     p.add_argument("--cohort-drift", default="default", help="a number, 'inf' (off), or 'default' (the method's)")
     p.add_argument("--cohort-drift-against", default="default",
                    help="a number, 'inf' (off), or 'default' (the method's)")
-    for name in ("drift", "shift", "against"):
+    for name in ("drift", "shift", "against", "energy"):
         p.add_argument(f"--aggregate-{name}", default="default",
                        help="a number, 'inf' (off), or 'default' (the method's)")
     p.add_argument("--aggregator", default="mean")
     p.add_argument("--seeds", default="",
                    help="comma-separated seeds: each run (honest and attacked) once per seed, then each attack's "
                         "loss as mean, min and max over them (default: the preset's seed)")
+    p.add_argument("--energy", action="store_true",
+                   help="the honest run alone, the federation's limits out of reach and every other limit at its "
+                        "default: the largest root mean square of the record's round terms (aggregate_energy)")
     p.add_argument("--record", action="store_true",
                    help="the honest run alone: the largest sums of the federation's record (rules.AggregateMemory)")
     p.add_argument("--preset", default="digits-cnn")
@@ -100,10 +111,14 @@ def main() -> None:
         if args.record:
             record(build_config(args.preset, None, overrides))
             continue
+        if args.energy:
+            for seed in [int(x) for x in args.seeds.split(",")] if args.seeds else [None]:
+                energy(build_config(args.preset, None, overrides if seed is None else {**overrides, "seed": seed}))
+            continue
         if args.cohort_clip != "default":
             overrides["cohort_clip"] = None if args.cohort_clip == "none" else float(args.cohort_clip)
         for name in ("cohort_against", "cohort_shift", "cohort_drift", "cohort_drift_against", "aggregate_drift",
-                     "aggregate_shift", "aggregate_against"):
+                     "aggregate_shift", "aggregate_against", "aggregate_energy"):
             if getattr(args, name) != "default":
                 overrides[name] = float(getattr(args, name))
         seeds = [int(x) for x in args.seeds.split(",")] if args.seeds else [None]
@@ -172,7 +187,7 @@ def record(config) -> None:
     along the record's direction and of each client's sums (:func:`client_peaks`), where and
     when; then runs ``config`` as given (the limits in force) and prints its clip events."""
     defaults = config
-    config = config.replace(aggregate_drift=1e30, aggregate_shift=1e30, aggregate_against=1e30,
+    config = config.replace(aggregate_drift=1e30, aggregate_shift=1e30, aggregate_against=1e30, aggregate_energy=1e30,
                             cohort_drift=1e30, cohort_drift_shift=1e30, cohort_drift_against=1e30,
                             cohort_against=1e30, cohort_shift=1e30)
     peaks: dict = {}
@@ -197,11 +212,13 @@ def record(config) -> None:
         out = clip(self, reference, updates, weights, limits, commit)
         if commit and self.rounds:
             root = math.sqrt(self.rounds)
+            slack = math.sqrt(self.rounds + rules.ENERGY_SLACK_ROUNDS)
             for name, s in self.sums.items():
-                for kind, value in (("norm", float(s.norm())), ("shift", abs(self.shift[name])),
-                                    ("against", self.against[name])):
-                    if value / root > peaks.get(kind, (-math.inf,))[0]:
-                        peaks[kind] = (value / root, name, self.rounds)
+                for kind, value in (("norm", float(s.norm()) / root), ("shift", abs(self.shift[name]) / root),
+                                    ("against", self.against[name] / root),
+                                    ("energy", math.sqrt(self.energy[name]) / slack)):
+                    if value > peaks.get(kind, (-math.inf,))[0]:
+                        peaks[kind] = (value, name, self.rounds)
         return out
 
     rules.AggregateMemory.clip = watched
@@ -231,6 +248,45 @@ def record(config) -> None:
     kinds = Counter(_kind(m) for m in messages if " update clipped: " in m or "aggregate pulled" in m)
     print(f"{config.method} honest run with the limits in force: clip events {sum(kinds.values())} "
           f"{dict(sorted(kinds.items()))}; acc {accuracy(history):.2f}", flush=True)
+
+
+def energy(config) -> None:
+    """The honest run of ``config`` with the federation's limits out of reach (every other
+    limit as configured: the updates the record sees are those of the run with the defaults);
+    prints the largest ``sqrt(E / (k + ENERGY_SLACK_ROUNDS))`` over every tensor and round
+    (what ``Method.aggregate_energy`` was set above), the largest single round's ``|r|`` and
+    the largest root mean square of ``|r|`` after round 5, each with its tensor and round."""
+    config = config.replace(aggregate_drift=1e30, aggregate_shift=1e30, aggregate_against=1e30, aggregate_energy=1e30)
+    terms: list[dict[str, float]] = []
+    clip = rules.AggregateMemory.clip
+
+    def watched(self, reference, updates, weights, limits, commit=True):
+        before = dict(self.energy)
+        out = clip(self, reference, updates, weights, limits, commit)
+        if commit and len(updates) >= 3:
+            terms.append({name: self.energy[name] - before.get(name, 0.0) for name in reference})
+        return out
+
+    rules.AggregateMemory.clip = watched
+    try:
+        start = time.perf_counter()
+        history, messages = attacked_run(config)
+    finally:
+        rules.AggregateMemory.clip = clip
+    peak, single, late = (0.0, "", 0), (0.0, "", 0), (0.0, "")
+    for name in terms[0] if terms else ():
+        total = 0.0
+        for k, row in enumerate(terms, 1):
+            total += row[name]
+            peak = max(peak, (math.sqrt(total / (k + rules.ENERGY_SLACK_ROUNDS)), name, k))
+            single = max(single, (math.sqrt(row[name]), name, k))
+        if len(terms) > 5:
+            late = max(late, (math.sqrt(sum(row[name] for row in terms[5:]) / (len(terms) - 5)), name))
+    clipped = sum(" update clipped: " in m or "aggregate pulled" in m for m in messages)
+    print(f"{config.method} honest energy ({config.rounds} rounds, {config.clients_per_round} a round, seed "
+          f"{config.seed}): {peak[0]:.3f} ({peak[1]}, round {peak[2]}); largest round {single[0]:.2f} ({single[1]}, "
+          f"round {single[2]}); root mean square after round 5 {late[0]:.2f} ({late[1] or '-'}); other clip events "
+          f"{clipped}; acc {accuracy(history):.2f} ({time.perf_counter() - start:.0f} s)", flush=True)
 
 
 def _round_peaks(peaks: dict, reference, updates, round_index: int) -> None:

@@ -107,6 +107,9 @@ _HELP = {
                        "inf: off)",
     "aggregate_against": "the same sum's component against the cohort's direction (none: the method's default; "
                          "inf: off)",
+    "aggregate_energy": "keep the root mean square over the rounds of the accepted mean's distance from the "
+                        "cohort's trimmed mean, whatever its direction, within this many times the round's median "
+                        "deviation (none: the method's default; inf: off)",
     "update_bounds": "reject updates that no legitimate client's local SGD can reach from the global state",
     "grad_bound": "the gradient bound the update bounds assume without --clip ('none': 1000)",
     "max_failed_rounds": "stop with an error after this many rounds in a row that aggregate nothing (0: never)",

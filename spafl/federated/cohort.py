@@ -31,11 +31,17 @@ class Clipped:
     median: float
     kind: str = "norm"
     scale: float = 1.0  # kind "drift": the fraction of the deviation from the cohort's centre kept
-    which: str = ""  # kinds "aggregate", "drift": the sum that passed its limit (norm, shift, against)
+    which: str = ""  # kinds "aggregate", "drift": the sum that passed its limit (norm, shift, against, energy)
 
     def describe(self, client: object, factor: float | None) -> str:
         """The history's line for this event (``client``: the client's id; unused for
         ``kind="aggregate"``, which concerns the round's whole cohort)."""
+        if self.kind == "aggregate" and self.which == "energy":
+            return (f"aggregate pulled toward the cohort's centre: {self.name}: the accepted mean's deviations from "
+                    f"the cohort's coordinate-wise trimmed mean, root of their squared norms summed over the rounds, "
+                    f"would reach {self.norm:.4g} median deviations, more than its limit x sqrt(rounds + "
+                    f"{ENERGY_SLACK_ROUNDS}) = {self.limit:.4g}; every update's deviation from the centre scaled by "
+                    f"{self.scale:.4g}")
         if self.kind == "aggregate":
             what = {"shift": "shift of the whole tensor", "against": "component against the cohort's direction"}.get(
                 self.which, "Euclidean norm")
@@ -297,15 +303,26 @@ class AggregateLimits:
     """The limits of :class:`AggregateMemory`, each in round median deviations times
     sqrt(rounds): ``norm`` on the sum's Euclidean norm (any direction), ``shift`` on its
     component along the all-ones direction (every value of a tensor one way), ``against`` on
-    its component against the direction of each round's centre (undoing training).
-    None: that limit off."""
+    its component against the direction of each round's centre (undoing training);
+    ``energy`` on the root of the rounds' squared norms summed, times
+    ``sqrt(rounds + ENERGY_SLACK_ROUNDS)`` (the rounds' root mean square: a new direction every
+    round, which the three sums cannot tell from honest noise). None: that limit off."""
 
     norm: float | None = None
     shift: float | None = None
     against: float | None = None
+    energy: float | None = None
 
     def off(self) -> bool:
-        return self.norm is None and self.shift is None and self.against is None
+        return self.norm is None and self.shift is None and self.against is None and self.energy is None
+
+
+# The energy limit's allowance for the first rounds: an honest cohort's mean strays furthest from
+# its trimmed mean while the model is new (one honest round of a golden run reaches 1.87 median
+# deviations, where later rounds settle near 0.3), so the budget is that of this many rounds
+# more. Of 4, 8, 16, 24, 32 and 48, 24 and 32 leave one participant the least over 20 rounds
+# with SpaFL's limit above every honest run measured (32 a little less; docs/security.md).
+ENERGY_SLACK_ROUNDS = 24
 
 
 # The limits are set from cohorts of 10; a smaller cohort's trimmed mean is nearer its median and
@@ -351,7 +368,15 @@ class AggregateMemory:
     ``k``. :meth:`clip` keeps every sum within its limit times ``sqrt(k)``
     (:class:`AggregateLimits`) by moving every update's deviation toward the centre by the same
     factor (the mean moves toward ``c`` by the excess; ``c`` does not move), and adds
-    what it kept. Unlike :class:`CohortMemory` it needs no client ids, so a participant that
+    what it kept.
+
+    The three sums cannot see a participant that pushes in a new direction every round (noise
+    the size of the limit each round, which sums like honest noise): a fourth sum, ``E``, adds
+    each round's ``|r|^2``, and ``sqrt(E)`` is kept within ``energy * sqrt(k + ENERGY_SLACK_ROUNDS)``,
+    a bound on the rounds' root mean square ``|r|`` whatever their directions. An honest
+    cohort's ``|r|`` is largest in the first rounds and settles to a fraction of it, so that
+    bound, set above the honest values, is well below what the other sums let one participant
+    add every round. Unlike :class:`CohortMemory` it needs no client ids, so a participant that
     returns under a new id every round meets the same record. It is server state (in
     :class:`CohortMemory`'s :meth:`~CohortMemory.state_dict`)."""
 
@@ -359,6 +384,7 @@ class AggregateMemory:
         self.sums: dict[str, torch.Tensor] = {}
         self.shift: dict[str, float] = {}
         self.against: dict[str, float] = {}
+        self.energy: dict[str, float] = {}
         self.rounds = 0
 
     def clip(self, reference: Mapping[str, torch.Tensor], updates: list[Mapping[str, torch.Tensor]],
@@ -384,7 +410,7 @@ class AggregateMemory:
         root = math.sqrt(k)
         events: list[Clipped] = []
         scaled: dict[int, dict[str, torch.Tensor]] = {}
-        added: dict[str, tuple[torch.Tensor, float, float]] = {}
+        added: dict[str, tuple[torch.Tensor, float, float, float]] = {}
         for name, ref in reference.items():
             g = ref.double()
             devs = torch.stack([u[name].double() - g for u in updates])
@@ -393,8 +419,9 @@ class AggregateMemory:
             old = self.sums.get(name)
             s = old.double() if old is not None else torch.zeros_like(g)
             s_shift, s_against = self.shift.get(name, 0.0), self.against.get(name, 0.0)
+            s_energy = self.energy.get(name, 0.0)
             if not (median > 0 and math.isfinite(median)):
-                added[name] = (s.float(), s_shift, s_against)
+                added[name] = (s.float(), s_shift, s_against, s_energy)
                 continue
             # the trimmed mean: a participant at either end moves it no more than one rank, as
             # the median, while the honest noise of the mean's distance to it is a fraction of
@@ -405,17 +432,22 @@ class AggregateMemory:
             r_shift = float(r.sum()) / math.sqrt(r.numel())
             length = float(torch.linalg.vector_norm(centre))
             r_against = -float((r * centre).sum()) / length if length > 0 else 0.0
+            r_energy = float((r * r).sum())
             alpha, worst = 1.0, None
-            for kind, limit, value in (("norm", limits.norm, float(torch.linalg.vector_norm(s + r))),
-                                       ("shift", limits.shift, abs(s_shift + r_shift)),
-                                       ("against", limits.against, s_against + r_against)):
-                if limit is None or value <= limit * root:
+            for kind, limit, value, scale in (
+                    ("norm", limits.norm, float(torch.linalg.vector_norm(s + r)), root),
+                    ("shift", limits.shift, abs(s_shift + r_shift), root),
+                    ("against", limits.against, s_against + r_against, root),
+                    ("energy", limits.energy, math.sqrt(s_energy + r_energy), math.sqrt(k + ENERGY_SLACK_ROUNDS))):
+                if limit is None or value <= limit * scale:
                     continue
-                bound = limit * root
+                bound = limit * scale
                 if kind == "norm":
                     a = _largest_kept(s, r, bound)
                 elif kind == "shift":
                     a = _largest_kept_along(s_shift, r_shift, bound)
+                elif kind == "energy":  # s_energy + a^2 r_energy <= bound^2
+                    a = math.sqrt(max(0.0, bound * bound - s_energy) / r_energy) if r_energy > 0 else 1.0
                 else:  # only pulling against the cohort is limited: going its way is training
                     a = _largest_kept_along(s_against, r_against, bound, both=False)
                 if worst is None or a < alpha:
@@ -426,10 +458,12 @@ class AggregateMemory:
                     scaled.setdefault(i, dict(u))[name] = value
                 kind, value, bound = worst
                 events.append(Clipped(None, name, value, bound, median, "aggregate", alpha, kind))
-            added[name] = ((s + alpha * r).float(), s_shift + alpha * r_shift, s_against + alpha * r_against)
+            added[name] = ((s + alpha * r).float(), s_shift + alpha * r_shift, s_against + alpha * r_against,
+                           s_energy + alpha * alpha * r_energy)
         if commit:
-            for name, (s, s_shift, s_against) in added.items():
+            for name, (s, s_shift, s_against, s_energy) in added.items():
                 self.sums[name], self.shift[name], self.against[name] = s, s_shift, s_against
+                self.energy[name] = s_energy
             self.rounds = k
         if not events:
             return updates, []
@@ -437,17 +471,17 @@ class AggregateMemory:
 
     def state_dict(self) -> dict:
         return {"sums": dict(self.sums), "shift": dict(self.shift), "against": dict(self.against),
-                "rounds": int(self.rounds)}
+                "energy": dict(self.energy), "rounds": int(self.rounds)}
 
     def load_state_dict(self, state: Mapping | None) -> None:
         """``state`` from :meth:`state_dict`; None (a checkpoint written before the record
-        existed): empty."""
+        existed): empty; no ``energy`` (written before that sum was kept): that sum empty."""
         state = state or {"sums": {}, "shift": {}, "against": {}, "rounds": 0}
         sums, rounds = state.get("sums"), state.get("rounds")
-        shift, against = state.get("shift"), state.get("against")
+        shift, against, energy = state.get("shift"), state.get("against"), state.get("energy", {})
         if not isinstance(sums, Mapping) or not all(isinstance(t, torch.Tensor) for t in sums.values()):
             raise ValueError("the aggregate's record in the checkpoint must hold a 'sums' mapping of tensors")
-        for what, values in (("shift", shift), ("against", against)):
+        for what, values in (("shift", shift), ("against", against), ("energy", energy)):
             if not isinstance(values, Mapping) or not all(
                     isinstance(v, float) and math.isfinite(v) for v in values.values()):
                 raise ValueError(f"the aggregate's record in the checkpoint must hold a '{what}' mapping of numbers")
@@ -456,4 +490,7 @@ class AggregateMemory:
         self.sums = {str(k): v.float().clone() for k, v in sums.items()}
         self.shift = {str(k): float(v) for k, v in shift.items()}
         self.against = {str(k): float(v) for k, v in against.items()}
+        if any(v < 0 for v in energy.values()):
+            raise ValueError("the aggregate's record in the checkpoint must hold non-negative 'energy' sums")
+        self.energy = {str(k): float(v) for k, v in energy.items()}
         self.rounds = rounds

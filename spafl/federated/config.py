@@ -141,7 +141,9 @@ class FedConfig:
     # trimmed mean, summed over the rounds whoever sent them, are kept within this many median
     # deviations times sqrt(rounds) in norm / along the all-ones direction / against the
     # cohort's direction (rules.AggregateMemory; None: the method's; inf: off; the mean
-    # aggregator only).
+    # aggregator only); ``aggregate_energy``: the root mean square of the same deviations' norms
+    # over the rounds (plus rules.ENERGY_SLACK_ROUNDS), whatever their directions, within this
+    # many median deviations (None: the method's; inf: off).
     aggregator: str = "mean"
     trim_fraction: float = 0.2
     update_bounds: bool = True
@@ -156,6 +158,7 @@ class FedConfig:
     aggregate_drift: float | None = None
     aggregate_shift: float | None = None
     aggregate_against: float | None = None
+    aggregate_energy: float | None = None
 
     def replace(self, **changes: Any) -> FedConfig:
         return dataclasses.replace(self, **changes)
@@ -256,7 +259,8 @@ class FedConfig:
         need(value is None or (isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0),
              f"cohort_drift_shift must be None (the method's default), a positive number or inf (off), "
              f"got {self.cohort_drift_shift!r}")
-        for name in ("cohort_drift_against", "aggregate_drift", "aggregate_shift", "aggregate_against"):
+        for name in ("cohort_drift_against", "aggregate_drift", "aggregate_shift", "aggregate_against",
+                     "aggregate_energy"):
             value = getattr(self, name)
             need(value is None or (isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0),
                  f"{name} must be None (the method's default), a positive number or inf (off), got {value!r}")

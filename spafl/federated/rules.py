@@ -25,7 +25,14 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .cohort import AggregateLimits, AggregateMemory, Clipped, CohortMemory, clip_to_cohort  # noqa: F401  (the rules' one public face)
+from .cohort import (  # noqa: F401  (the rules' one public face)
+    ENERGY_SLACK_ROUNDS,
+    AggregateLimits,
+    AggregateMemory,
+    Clipped,
+    CohortMemory,
+    clip_to_cohort,
+)
 from .config import FedConfig
 from .training import learning_rate, num_batches
 from .wire import _DTYPES
