@@ -43,7 +43,9 @@ def test_host_time_pieces_writes_its_table_once(tmp_path, capsys):
     assert host_time_pieces.main(args) == 0
     rows = [line for line in (tmp_path / "p.md").read_text().splitlines() if line.startswith("| ")][1:]
     names = [row.split(" | ")[0].lstrip("| ") for row in rows]
-    assert names[0] == "layer forward" and names[-1] == "nn.Linear(64, 10) forward" and len(names) == 9
+    assert names[0] == "layer forward" and names[-1] == "nn.Linear(64, 10) forward" and len(names) == 14
+    assert "prepared row mask (the kept call's)" in names
+    assert "floor: that Function, forward + backward with four gradients" in names
     assert rows[-1].endswith("| 1.00 |")  # (the yardstick, in its own units)
     with pytest.raises(SystemExit):
         host_time_pieces.main(args)  # no file is overwritten
