@@ -1297,6 +1297,10 @@ class PreparedForward:
             raise ValueError(f"x ({x2d.dtype}, {x2d.device}) and weight ({weight.dtype}, {weight.device}) must be "
                              f"of one supported dtype and device")
         m_rows, fan_in = x2d.shape
+        if bias is not None and (bias.shape != (weight.shape[0],) or bias.dtype != weight.dtype
+                                 or bias.device != weight.device):
+            raise ValueError(f"bias must be [{weight.shape[0]}] {weight.dtype} on {weight.device}, got "
+                             f"{tuple(bias.shape)} {bias.dtype} on {bias.device}")
         if (m_rows == 0 or _rows_contiguous(x2d) is not x2d or _rows_contiguous(weight) is not weight
                 or (bias is not None and bias.stride(0) != 1)):
             raise ValueError("a prepared forward needs rows, a K-contiguous x and weight and a unit-stride bias")

@@ -161,7 +161,7 @@ class DeviceCall(NamedTuple):
     device: torch.device
     guard: float | None
     previous: bool
-    prepared: dict  # (x's rows, strides and alignment, launch settings, thread and stream) -> PreparedTriton | False
+    prepared: dict  # (x's rows, strides, 16-byte alignment, settings, thread, stream) -> PreparedTriton | False
     cuda: bool
     autocast: str | None  # the device type, where it has autocast
 
@@ -214,7 +214,7 @@ def linear_device_kept(x, weight, threshold, bias, options: ThresholdOptions, co
             or _layout(counter) != stamps[3] or _layout(previous_density) != stamps[4]):
         return None
     kernels = _kernels()
-    key = (x.shape[0], x.stride(), x.data_ptr() % 16, kernels._config.launch_settings(),
+    key = (x.shape[0], x.stride(), x.data_ptr() % 16 == 0, kernels._config.launch_settings(),
            kernels.threshold_mask.stream_key(call.device, call.cuda))
     impl = call.prepared.get(key)
     if impl is None:

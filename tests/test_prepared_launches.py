@@ -113,6 +113,10 @@ def test_prepared_forward_refuses_layouts_the_launcher_copies():
         lin.PreparedForward(x, w, torch.randn(12, 2)[:, 0], store_z=False)
     with pytest.raises(ValueError, match="rows"):
         lin.PreparedForward(x[:0], w, None, store_z=False)
+    with pytest.raises(ValueError, match=r"bias must be \[12\] torch.float32"):
+        lin.PreparedForward(x, w, torch.randn(11), store_z=False)
+    with pytest.raises(ValueError, match="bias must be"):
+        lin.PreparedForward(x, w, torch.randn(12, dtype=torch.float64), store_z=False)
     with pytest.raises(ValueError, match="one supported dtype"):
         lin.PreparedForward(x.double(), w.double(), None, store_z=False)
     with pytest.raises(ValueError, match="expected x"):
