@@ -89,12 +89,28 @@ def _compact_rows(
         # torch.div computes it). Every thread has read tau and the stored density by now; the
         # barrier makes sure before they are overwritten.
         tl.debug_barrier()
-        if collapsed:
-            for n0 in range(0, N, BLOCK):
-                offs = n0 + tl.arange(0, BLOCK)
-                tl.store(tau_ptr + offs, tl.zeros([BLOCK], dtype=tl.float32), mask=offs < N)
-            tl.store(resets_ptr, tl.load(resets_ptr) + 1)
-        tl.store(previous_ptr, tl.div_rn(total.to(tl.float32), (total * 0 + N).to(tl.float32)))
+        _guard_stores(collapsed, total, N, tau_ptr, resets_ptr, previous_ptr, BLOCK)
+
+
+@triton.jit
+def _guard_stores(collapsed, total, N, tau_ptr, resets_ptr, previous_ptr, BLOCK: tl.constexpr):
+    # The guard's writes, given its decision and the mask's active-row count: tau to 0 and the
+    # reset counter + 1 where it fired; the density count / N stored either way (fp32,
+    # correctly rounded, as torch.div computes it).
+    if collapsed:
+        for n0 in range(0, N, BLOCK):
+            offs = n0 + tl.arange(0, BLOCK)
+            tl.store(tau_ptr + offs, tl.zeros([BLOCK], dtype=tl.float32), mask=offs < N)
+        tl.store(resets_ptr, tl.load(resets_ptr) + 1)
+    tl.store(previous_ptr, tl.div_rn(total.to(tl.float32), (total * 0 + N).to(tl.float32)))
+
+
+@triton.jit
+def _guard_writes_kernel(collapsed_ptr, count_ptr, tau_ptr, resets_ptr, previous_ptr, N, BLOCK: tl.constexpr):
+    # One program: the guard's writes for a mask built earlier (a fused optimizer step's), whose
+    # decision (``collapsed``) and active-row count it reads.
+    collapsed = tl.load(collapsed_ptr) != 0
+    _guard_stores(collapsed, tl.load(count_ptr), N, tau_ptr, resets_ptr, previous_ptr, BLOCK)
 
 
 @triton.jit
@@ -254,6 +270,41 @@ def guarded_row_mask(
     # (the launch wrote them: autograd's in-place checks must see it, as they saw the host's writes)
     torch._C._increment_version(written)
     return RowMask(row_mask.mask, row_mask.perm, row_mask.count, None, None)
+
+
+def guard_writes(threshold: torch.Tensor, collapsed: torch.Tensor, count: torch.Tensor,
+                 previous_density: torch.Tensor | None, counter: torch.Tensor | None) -> None:
+    """The collapse guard's writes for a row mask built earlier with its decision (a fused
+    optimizer step's, :func:`kernels.threshold_optim.fused_step`), in one launch: where
+    ``collapsed`` (a one-element bool or int8 flag) is set, ``threshold`` to 0 and ``counter``
+    + 1; ``previous_density`` (when given) then holds ``count / N`` (``count``: the mask's int32
+    active-row count). The same results as the host's ``masked_fill_``, ``add_`` and ``div``,
+    with the version counters of the written tensors bumped as they would be. The tensors must
+    be what :func:`writes_guard` accepts."""
+    if not writes_guard(threshold, previous_density, counter):
+        raise ValueError("the guard's writes need a unit-stride threshold, an fp32 one-element previous "
+                         "density and an int64 one-element counter on the threshold's device")
+    device, n_rows = threshold.device, threshold.shape[0]
+    if collapsed.numel() != 1 or collapsed.device != device or collapsed.dtype not in (torch.bool, torch.int8):
+        raise ValueError(f"collapsed must be one bool or int8 element on {device}, got {collapsed.dtype} "
+                         f"{tuple(collapsed.shape)} on {collapsed.device}")
+    if count.numel() != 1 or count.device != device or count.dtype != torch.int32:
+        raise ValueError(f"count must be one int32 element on {device}, got {count.dtype} {tuple(count.shape)} "
+                         f"on {count.device}")
+    written = [threshold]
+    if previous_density is None:
+        previous_density = scratch("row_mask.density", (1,), torch.float32, device)
+    else:
+        written.append(previous_density)
+    if counter is None:
+        counter = scratch("row_mask.resets", (1,), torch.int64, device)
+    else:
+        written.append(counter)
+    flag = collapsed.view(torch.int8) if collapsed.dtype == torch.bool else collapsed
+    _guard_writes_kernel[(1,)](flag, count, threshold, counter, previous_density, n_rows,
+                               BLOCK=min(_COMPACT_BLOCK, next_power_of_2(n_rows)) if gpu_tiles() else 64, num_warps=1)
+    # (the launch wrote them: autograd's in-place checks must see it, as they saw the host's writes)
+    torch._C._increment_version(written)
 
 
 def writes_guard(threshold: torch.Tensor, previous_density: torch.Tensor | None, counter: torch.Tensor | None) -> bool:

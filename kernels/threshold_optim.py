@@ -244,7 +244,7 @@ def fused_step(
     perm = torch.empty(n_rows, device=device, dtype=torch.int32)
     count = torch.empty(1, device=device, dtype=torch.int32)
     has_guard = collapse_density is not None
-    collapsed = torch.zeros(1, device=device, dtype=torch.int8) if has_guard else None
+    collapsed = torch.empty(1, device=device, dtype=torch.int8) if has_guard else None  # (the kernel writes it)
     guard_previous = has_guard and previous_density is not None
     if guard_previous and (previous_density.numel() != 1 or previous_density.device != device):
         raise ValueError(f"previous_density must be one element on {device}, got {tuple(previous_density.shape)} on "

@@ -114,8 +114,13 @@ def _guarded_row_mask(
     if reuse:
         row_mask = precomputed[1]
         if density is not None:
-            _reset(threshold, row_mask.collapsed, counter)
-            _store_density(previous_density, row_mask)
+            masks = _kernels().threshold_mask if mask_backend == "triton" else None
+            if masks is not None and masks.writes_guard(threshold, previous_density, counter):
+                # (the reset, the count and the stored density in one launch)
+                masks.guard_writes(threshold.detach(), row_mask.collapsed, row_mask.count, previous_density, counter)
+            else:
+                _reset(threshold, row_mask.collapsed, counter)
+                _store_density(previous_density, row_mask)
         return row_mask
     if density is None:
         return _row_mask(weight, threshold, mask_backend, None, with_perm)

@@ -196,15 +196,18 @@ def optim_case(dtype: torch.dtype, n: int, k: int):
 
 def row_mask_case(dtype: torch.dtype, n: int, k: int):
     """The row-mask kernel with the collapse guard: decided only, and with the layer's writes
-    (thresholds, counter, stored density) in the launch, for both timings."""
+    (thresholds, counter, stored density) in the launch, for both timings; and the guard's writes
+    alone, for a mask a fused optimizer step built."""
     def run():
-        from spafl.kernels.threshold_mask import guarded_row_mask
+        from spafl.kernels.threshold_mask import guard_writes, guarded_row_mask
 
         w = torch.randn(n, k, dtype=dtype)
         tau = torch.zeros(n, dtype=dtype)
         kernels.threshold_row_mask(w, tau, collapse_density=0.01)
         guarded_row_mask(w, tau, 0.01, False, torch.ones(()), torch.zeros((), dtype=torch.long))
         guarded_row_mask(w, tau, 0.01, True, torch.ones(()), torch.zeros((), dtype=torch.long))
+        guard_writes(tau, torch.ones(1, dtype=torch.bool), torch.zeros(1, dtype=torch.int32), torch.ones(()),
+                     torch.zeros((), dtype=torch.long))
     return run
 
 

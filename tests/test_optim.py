@@ -388,6 +388,91 @@ def test_triton_collapse_guard_in_the_fused_step(timing):
     assert torch.equal(a.mask, b.mask)
 
 
+@triton_only
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("n", [1, 70, 1531])
+def test_guard_writes_match_the_host_operations(dtype, n):
+    # The one launch that applies a kept mask's guard decision against what the host issued
+    # (masked_fill_, add_, div): thresholds, counter and stored density bit for bit, fired or
+    # not, with and without the counter and the stored density; every written tensor's version
+    # bumped. n = 1531 spans several of the kernel's blocks.
+    from spafl.kernels.threshold_mask import guard_writes
+
+    device = _device()
+    gen = torch.Generator().manual_seed(n)
+    for fired in (True, False):
+        for active in (0, 1, n // 3, n):
+            for with_counter, with_density in ((True, True), (False, True), (True, False), (False, False)):
+                tau = torch.randn(n, generator=gen).to(dtype).to(device)
+                counter = torch.tensor(5, dtype=torch.int64, device=device) if with_counter else None
+                stored = torch.tensor(0.75, device=device) if with_density else None
+                flag = torch.tensor([fired], device=device)
+                count = torch.tensor([active], dtype=torch.int32, device=device)
+                want_tau = tau.masked_fill(flag, 0.0)
+                versions = [t._version for t in (tau, counter, stored) if t is not None]
+                guard_writes(tau, flag, count, stored, counter)
+                assert torch.equal(tau, want_tau), (fired, active)
+                if counter is not None:
+                    assert int(counter) == 5 + fired
+                if stored is not None:
+                    want = torch.div(torch.tensor([active], dtype=torch.int32), torch.tensor(float(n)))
+                    assert torch.equal(stored.cpu().view(1), want), (stored, want)
+                assert all(t._version > v for t, v in zip([t for t in (tau, counter, stored) if t is not None],
+                                                          versions, strict=True))
+    # an int8 flag as the fused step's kernel writes it
+    tau = torch.ones(n, dtype=dtype, device=device)
+    guard_writes(tau, torch.ones(1, dtype=torch.int8, device=device), torch.zeros(1, dtype=torch.int32,
+                 device=device), None, None)
+    assert not tau.any()
+
+
+@triton_only
+def test_guard_writes_refuse_what_they_cannot_write():
+    from spafl.kernels.threshold_mask import guard_writes
+
+    device = _device()
+    tau = torch.zeros(8, device=device)
+    flag = torch.zeros(1, dtype=torch.bool, device=device)
+    count = torch.zeros(1, dtype=torch.int32, device=device)
+    with pytest.raises(ValueError, match="unit-stride threshold"):
+        guard_writes(torch.zeros(8, 2, device=device)[:, 0], flag, count, None, None)
+    with pytest.raises(ValueError, match="int64 one-element counter"):
+        guard_writes(tau, flag, count, None, torch.zeros(1, dtype=torch.int32, device=device))
+    with pytest.raises(ValueError, match="fp32 one-element previous density"):
+        guard_writes(tau, flag, count, torch.zeros(2, device=device), None)
+    with pytest.raises(ValueError, match="collapsed must be one bool or int8"):
+        guard_writes(tau, torch.zeros(2, dtype=torch.bool, device=device), count, None, None)
+    with pytest.raises(ValueError, match="count must be one int32"):
+        guard_writes(tau, flag, torch.zeros(1, dtype=torch.int64, device=device), None, None)
+
+
+@triton_only
+def test_the_forward_after_a_fused_step_writes_the_guard_in_one_launch():
+    # The forward that takes the step's mask issues the guard's reset, count and stored density
+    # as one launch (not three PyTorch operations), with the row-mask kernel's results.
+    from work_count import WorkCounter
+
+    torch.manual_seed(0)
+    a = _layer("linear", backend="triton", collapse_density=0.3, collapse_timing="previous", device=_device())
+    b = copy.deepcopy(a)
+    oa, ob = so.SGD(a.parameters(), lr=0.05, momentum=0.9), torch.optim.SGD(b.parameters(), lr=0.05, momentum=0.9)
+    gen = torch.Generator().manual_seed(3)
+    for _ in range(2):
+        x = _input("linear", gen).to(_device())
+        for layer, opt in ((a, oa), (b, ob)):
+            _train_step(layer, opt, x)
+    assert a._kept_mask(a.forward_options) is not None
+    with torch.no_grad():
+        with WorkCounter() as wc:
+            ya = a(x)
+        yb = b(x)
+    assert wc.kernels["_guard_writes_kernel"].launches == 1
+    assert "_row_mask_kernel" not in wc.kernels
+    torch.testing.assert_close(ya, yb, rtol=1e-5, atol=1e-6)
+    assert torch.equal(a.previous_density, b.previous_density)
+    assert int(a.collapse_resets) == int(b.collapse_resets)
+
+
 def test_eval_forward_and_copies_leave_the_kept_mask_current(monkeypatch):
     torch.manual_seed(0)
     layer = _layer("linear")
