@@ -80,18 +80,25 @@ def _stepper(model, penalty: bool):
     return step
 
 
-def phases(profile: str, steps: int, warmup: int = 5) -> dict:
-    """Per-phase thread CPU times (s) of interleaved spafl and dense steps."""
+def phases(profile: str, steps: int, warmup: int = 5, run: int = 1) -> dict:
+    """Per-phase thread CPU times (s) of interleaved spafl and dense steps: ``run`` steps of one
+    network, then ``run`` of the other, in an order that alternates, until each has ``steps``.
+    ``run = 1`` alternates every step, so each step starts with the caches the other network
+    left; a longer run measures steps that follow steps of their own network, as in a training
+    loop."""
     spafl_model, dense_model = _models(profile)
     steppers = {"spafl": _stepper(spafl_model, True), "dense": _stepper(dense_model, False)}
     for _ in range(warmup):
         for s in steppers.values():
             s()
     out = {name: [] for name in steppers}
-    for r in range(steps):
+    r = 0
+    while len(out["spafl"]) < steps:
         order = list(steppers) if r % 2 == 0 else list(reversed(steppers))
         for name in order:
-            out[name].append(steppers[name]())
+            for _ in range(min(run, steps - len(out[name]))):
+                out[name].append(steppers[name]())
+        r += 1
     return out
 
 
@@ -176,15 +183,20 @@ def main(argv=None) -> int:
                    help="late-spafl (conv1 0.6, conv2 0.3, fc3 0.05, fc4 1.0) or uniform-D for density D everywhere")
     p.add_argument("--steps", type=int, default=60, help="measured steps of each network (after 5 warm-up steps)")
     p.add_argument("--threads", type=int, default=1, help="intra-op CPU threads")
+    p.add_argument("--run", type=int, default=1,
+                   help="consecutive steps of one network before the other's (1: alternate every step)")
     args = p.parse_args(argv)
     if args.steps < 5:
         p.error(f"--steps must be at least 5, got {args.steps}")
+    if args.run < 1:
+        p.error(f"--run must be at least 1, got {args.run}")
     if args.profile not in PROFILES and not args.profile.startswith("uniform-"):
         p.error(f"--profile takes {', '.join(sorted(PROFILES))} or uniform-D, got {args.profile!r}")
     torch.set_num_threads(args.threads)
     print(f"# python {' '.join(sys.argv)}")
-    print(f"# torch {torch.__version__}, {args.threads} thread(s), profile {args.profile}, thread CPU time")
-    times = phases(args.profile, args.steps)
+    print(f"# torch {torch.__version__}, {args.threads} thread(s), profile {args.profile}, thread CPU time, "
+          f"runs of {args.run} step(s)")
+    times = phases(args.profile, args.steps, run=args.run)
     for name, rows in times.items():
         cols = [statistics.median(r[j] for r in rows) * 1e3 for j in range(3)]
         total = statistics.median(sum(r) for r in rows) * 1e3

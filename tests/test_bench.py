@@ -384,6 +384,20 @@ def test_step_profile_attributes_the_step_and_restores_the_functions(capsys):
     assert "dense / spafl:" in printed and "conv kernels, backward (oneDNN)" in printed
 
 
+def test_step_profile_runs_of_steps(monkeypatch):
+    # --run N: N steps of one network, then N of the other, the first network alternating;
+    # each ends with the number of steps asked for, a last run cut short.
+    calls = []
+    monkeypatch.setattr(step_profile, "_models", lambda profile: ("spafl-model", "dense-model"))
+    monkeypatch.setattr(step_profile, "_stepper",
+                        lambda model, penalty: lambda: calls.append(model.split("-")[0]) or (0.0, 0.0, 0.0))
+    out = step_profile.phases("late-spafl", 7, warmup=0, run=3)
+    assert {k: len(v) for k, v in out.items()} == {"spafl": 7, "dense": 7}
+    assert "".join(c[0] for c in calls) == "sssddd" "dddsss" "sd"
+    with pytest.raises(SystemExit):
+        step_profile.main(["--run", "0"])
+
+
 def test_e2e_round_table_keeps_the_set_densities(tmp_path, capsys):
     out = tmp_path / "r.csv"
     assert e2e.main(["--tables", "round", "--presets", "digits-cnn", "--round-densities", "0.5", "--round-reps", "1",
