@@ -137,6 +137,71 @@ def test_state_dict_round_trip_and_penalty():
     torch.testing.assert_close(spafl.threshold_penalty(model), 2 * torch.exp(-a.threshold).sum())
 
 
+def _aten_ops(fn):
+    """The aten operations ``fn()`` dispatches, in order."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Seen(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    with Seen() as seen:
+        fn()
+    return seen.ops
+
+
+def test_threshold_penalty_in_one_expression_on_the_kernel_path():
+    # Layers on the Triton path: one expression over the concatenated thresholds (four operations
+    # forward, two backward, whatever the number of layers); the plain path on the CPU keeps the
+    # per-layer sums (bit for bit what it was). Same value and gradients to fp32 rounding, and
+    # differentiable twice.
+    from spafl import ThresholdConv2d
+
+    torch.manual_seed(0)
+
+    def model(backend):
+        torch.manual_seed(1)
+        m = nn.Sequential(ThresholdConv2d(3, 7, 3, backend=backend), ThresholdLinear(11, 5, backend=backend),
+                          ThresholdLinear(5, 3, backend=backend))
+        with torch.no_grad():
+            for layer in spafl.threshold_layers(m):
+                layer.threshold.uniform_(-0.5, 2.0)
+        return m
+
+    plain, kernel = model("auto"), model("triton")
+    taus = [layer.threshold for layer in spafl.threshold_layers(plain)]
+    want = torch.stack([torch.exp(-t).sum() for t in taus]).sum()
+    got_plain = spafl.threshold_penalty(plain)
+    assert torch.equal(got_plain, want)  # the recorded histories' order, bit for bit
+    got = spafl.threshold_penalty(kernel)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=0)
+    got.backward(torch.tensor(0.3))
+    got_plain.backward(torch.tensor(0.3))
+    for a, b in zip(spafl.threshold_layers(kernel), spafl.threshold_layers(plain), strict=True):
+        assert torch.equal(a.threshold.grad, b.threshold.grad)  # -(g e^-tau), elementwise either way
+    metadata = {"view", "detach", "alias", "expand", "_unsafe_view", "slice", "narrow"}  # (no launch)
+    fwd = [op for op in _aten_ops(lambda: spafl.threshold_penalty(kernel)) if op not in metadata]
+    assert fwd == ["cat", "neg", "exp", "sum"], fwd
+    value = spafl.threshold_penalty(kernel)
+    bwd = [op for op in _aten_ops(lambda: value.backward()) if op not in metadata]
+    assert bwd.count("neg") == 1 and bwd.count("mul") == 1 and "stack" not in bwd, bwd
+    # higher order: d2/dtau2 sum exp(-tau) = exp(-tau)
+    tau = next(spafl.threshold_layers(kernel)).threshold
+    (g,) = torch.autograd.grad(spafl.threshold_penalty(kernel), tau, create_graph=True)
+    (h,) = torch.autograd.grad(g.sum(), tau)
+    torch.testing.assert_close(h, torch.exp(-tau.detach()))
+    # thresholds of different dtypes: per layer, as before
+    mixed = model("triton")
+    mixed[2].threshold.data = mixed[2].threshold.data.double()
+    ops = _aten_ops(lambda: spafl.threshold_penalty(mixed))
+    assert "cat" not in ops and "stack" in ops
+
+
 def test_sparsify_swaps_linear_layers_keeping_weights():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 3)))
