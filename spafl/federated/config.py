@@ -122,7 +122,11 @@ class FedConfig:
     # unweighted; ``update_bounds`` rejects updates no legitimate client's local SGD can reach,
     # with every gradient coordinate bounded by ``clip`` when clipping is on, else by
     # ``grad_bound`` (None: rules.DEFAULT_GRAD_BOUND); a run stops with an error after
-    # ``max_failed_rounds`` rounds in a row that aggregate nothing (0: never); ``cohort_clip``:
+    # ``max_failed_rounds`` rounds in a row that aggregate nothing (0: never); ``rollback_depth``:
+    # how many of the last global states that cohorts trained from successfully the server
+    # keeps, to restore one (one level further back each time) after a round that aggregated
+    # nothing because no cohort could train from the global state (more than half the cohort
+    # replied, every update rejected: engine.RollbackRing; 0: off); ``cohort_clip``:
     # each accepted update's deviation from the global state is clipped, per tensor, to this
     # many times the round's median deviation norm (rules.clip_to_cohort; None: off);
     # ``cohort_against``: the component of that deviation against the cohort's median direction
@@ -149,6 +153,7 @@ class FedConfig:
     update_bounds: bool = True
     grad_bound: float | None = None
     max_failed_rounds: int = 3
+    rollback_depth: int = 3
     cohort_clip: float | None = 20.0
     cohort_against: float | None = None
     cohort_shift: float | None = None
@@ -267,6 +272,9 @@ class FedConfig:
         need(isinstance(self.max_failed_rounds, int) and not isinstance(self.max_failed_rounds, bool)
              and self.max_failed_rounds >= 0,
              f"max_failed_rounds must be a non-negative integer (0: never stop), got {self.max_failed_rounds!r}")
+        need(isinstance(self.rollback_depth, int) and not isinstance(self.rollback_depth, bool)
+             and self.rollback_depth >= 0,
+             f"rollback_depth must be a non-negative integer (0: no rollback), got {self.rollback_depth!r}")
         if len(errors) == 1:
             raise ValueError(f"invalid configuration: {errors[0]}")
         if errors:
@@ -390,7 +398,7 @@ def build_config(preset_name: str | None = None, file_values: dict[str, Any] | N
 
 # Fields that may differ between a checkpoint and the run that resumes it.
 RESUMABLE_CHANGES = frozenset({"rounds", "checkpoint_every", "data_root", "download", "device", "eval_batch_size",
-                               "max_failed_rounds"})
+                               "max_failed_rounds", "rollback_depth"})
 
 
 def config_mismatch(saved: dict[str, Any], current: FedConfig) -> list[str]:

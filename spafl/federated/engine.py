@@ -60,6 +60,7 @@ class RoundTally:
         self.dropped = self.rejected = self.bytes_up = self.nnz_up = 0
         self.flops = 0.0
         self.refused: str | None = None  # why the round's aggregate was refused (None: it was not)
+        self.rolled_back_to: int | None = None  # the round whose global state was restored (RollbackRing)
 
     def drop(self, cid: int, reason: str) -> None:
         self.dropped += 1
@@ -130,6 +131,8 @@ class RoundTally:
             "rejected": self.rejected,
             "aggregate_refused": int(self.refused is not None),
             "round_failed": int(self.failed),
+            # only in a round after which an earlier global state was restored (RollbackRing)
+            **({"rolled_back_to": self.rolled_back_to} if self.rolled_back_to is not None else {}),
             "train_loss": float(np.mean(self.train_losses)) if self.train_losses else float("nan"),
             "lr": learning_rate(config, t),
             "lambda": penalty_coefficient(config, t) if method.name == "spafl" else 0.0,
@@ -210,6 +213,91 @@ class FailedRounds:
         raise FederationStalled(
             f"{len(self.streak)} rounds in a row aggregated nothing (rounds {first_round} to {last_round}, "
             f"max_failed_rounds = {self.limit}); round {first_round}: {first}{hint}")
+
+
+class RollbackRing:
+    """The last ``depth`` global states that a round's cohort trained from successfully (the
+    round aggregated something), oldest first; 0 keeps none (the rollback is off).
+
+    A round that aggregated nothing *because of the global state* restores the newest of them
+    (:meth:`RoundEngine.aggregate`), one level further back for each such round in a row. What
+    counts as the global state's fault (:meth:`untrainable`): no update was accepted although
+    more than half of the sampled cohort trained and replied with a report -- every one of
+    those updates rejected by the server's checks (non-finite values, changes past what SGD can
+    reach from the global state, the wrong sparsity). Clients that did not reply (a timeout, a
+    lost node, a transport error, a client that failed with an error: the server cannot tell a
+    crash the global state caused from one of the node) are not evidence against the global
+    state, and a refused aggregate is not either (its updates were accepted: the cohort could
+    train from the global state). So a rollback always follows a round that made no progress,
+    and one client, or any minority of a cohort, cannot cause one: the rest of the cohort
+    would have to fail on the global state too."""
+
+    def __init__(self, depth: int):
+        self.depth = depth
+        self.states: list = []
+
+    def __len__(self) -> int:
+        return len(self.states)
+
+    def trained_from(self, state) -> None:
+        """Keep ``state``: a round's cohort trained from it and the round aggregated something."""
+        if self.depth:
+            self.states = [*self.states, state][-self.depth:]
+
+    def pop(self):
+        """The newest kept state, removed from the ring (None: the ring is empty)."""
+        if not self.states:
+            return None
+        *self.states, newest = self.states
+        return newest
+
+    @staticmethod
+    def untrainable(tally: RoundTally) -> bool:
+        """Whether ``tally``'s round showed that its cohort cannot train from the global state
+        (see the class): more than half of the sampled cohort trained and replied, and the
+        server rejected those clients' updates."""
+        if not tally.method.communicates:
+            return False
+        sampled = len(tally.cohort) if tally.cohort is not None else tally.method.config.clients_per_round
+        return 2 * (len(tally.trained_ids) - len(tally.accepted)) > sampled
+
+    def state_dict(self) -> list[dict]:
+        """The kept states (each the method's ``state_dict()``: tensors and numbers), oldest first."""
+        return [state.state_dict() for state in self.states]
+
+    def load_state_dict(self, stored, server, method: Method) -> None:
+        """The kept states from :meth:`state_dict`, as states of ``server``'s type; None (a
+        checkpoint written before the ring existed): empty. A ring that does not hold states of
+        this run's global state (their tensors' names, shapes and dtypes; rounds not after
+        ``server``'s) is refused (``ValueError`` naming it); beyond ``depth`` (a resumed run
+        that lowered it) only the newest are kept."""
+        if stored is None:
+            self.states = []
+            return
+        if not isinstance(stored, (list, tuple)):
+            raise ValueError(f"the rollback ring in the checkpoint must be a list of global states, "
+                             f"got a {type(stored).__name__}")
+        expected = {k: (tuple(v.shape), v.dtype) for k, v in method.expected_update(server).items()}
+        states, last = [], -1
+        for i, d in enumerate(stored):
+            where = f"the rollback ring's state {i} in the checkpoint"
+            if not isinstance(d, Mapping):
+                raise ValueError(f"{where} is a {type(d).__name__}, not a global state's mapping")
+            try:
+                state = type(server).from_state_dict(d)
+                tensors = method.expected_update(state)
+            except (KeyError, TypeError, ValueError, AttributeError) as e:
+                raise ValueError(f"{where} is malformed ({type(e).__name__}: {e})") from e
+            got = {k: (tuple(v.shape), v.dtype) if isinstance(v, torch.Tensor) else type(v).__name__
+                   for k, v in tensors.items()}
+            if got != expected:
+                raise ValueError(f"{where} does not hold this run's global state (tensors {got}, expected {expected})")
+            if not last <= state.round <= server.round:
+                raise ValueError(f"{where} is of round {state.round}: the ring's rounds must not decrease and not "
+                                 f"pass the global state's ({server.round})")
+            last = state.round
+            states.append(state)
+        self.states = states[-self.depth:] if self.depth else []
 
 
 
@@ -308,6 +396,7 @@ class RoundEngine:
         self.streams = SequentialStreams(config.seed) if config.rng == "global" else None
         self._downlink: tuple | None = None
         self.memory = CohortMemory()  # each client's push across rounds (rules.CohortMemory)
+        self.rollback = RollbackRing(config.rollback_depth)  # the global states to fall back to
 
     @property
     def round(self) -> int:
@@ -377,10 +466,44 @@ class RoundEngine:
         is taken."""
         before = self.server
         self.server = aggregate_round(self.method, self.server, rnd.tally, self.memory)
+        self._roll_back(rnd.tally, before)
         rnd.extra = self.method.round_metrics(before, self.server, rnd.tally.reports)
         if sync is not None:
             sync()
         rnd.train_s = time.perf_counter() - rnd.start
+
+    def _roll_back(self, tally: RoundTally, before) -> None:
+        """After the aggregate: keep ``before`` (the state the round trained from) in the
+        rollback ring when the round aggregated something; when the round showed that no cohort
+        can train from that state (:meth:`RollbackRing.untrainable`), refuse what a minority's
+        accepted updates would have made of it (the round aggregates nothing) and restore the
+        ring's newest state (:meth:`Method.restore`), recorded in the tally (``rolled_back_to``,
+        a line in its errors). The memories of the clients' and the federation's pushes
+        (:class:`CohortMemory`) are not rolled back: what the clients sent is still counted.
+        With ``rollback_depth`` 0 nothing here changes the round."""
+        ring = self.rollback
+        if not ring.depth:
+            return
+        if not RollbackRing.untrainable(tally):
+            if not tally.failed:
+                ring.trained_from(before)
+            return
+        sampled = len(tally.cohort) if tally.cohort is not None else self.config.clients_per_round
+        failed = len(tally.trained_ids) - len(tally.accepted)
+        why = f"{failed} of {sampled} sampled clients trained from the global state and their updates were rejected"
+        if not tally.failed:  # a minority's updates were accepted: not from a state the cohort can train from
+            self.server = self.method.restore(before, self.server)
+            tally.refused = f"{why}: the {len(tally.accepted)} accepted update(s) are not aggregated"
+        saved = ring.pop()
+        if saved is None:
+            tally.errors.append(f"rollback: {why}, and no earlier global state is left to restore "
+                                f"(rollback_depth = {ring.depth})")
+            return
+        self.server = self.method.restore(saved, self.server)
+        tally.rolled_back_to = saved.round
+        restored = f"the global state after round {saved.round}" if saved.round else "the initial global state"
+        tally.errors.append(f"rollback: {why}; {restored} is restored ({len(ring)} earlier state(s) left, "
+                            f"rollback_depth = {ring.depth})")
 
     def finish(self, rnd: Round, evaluations: list[dict], global_eval: dict | None, eval_s: float,
                first: Mapping | None = None, last: Mapping | None = None) -> dict:
@@ -414,7 +537,7 @@ class RoundEngine:
         return {"server": self.server.state_dict(), "client_flops": torch.from_numpy(self.client_flops.copy()),
                 "history": self.history, "totals": dict(self.totals),
                 "streams": self.streams.state_dict() if self.streams is not None else None,
-                "cohort_memory": self.memory.state_dict()}
+                "cohort_memory": self.memory.state_dict(), "rollback": self.rollback.state_dict()}
 
     def load_state_dict(self, ckpt: Mapping) -> None:
         self.server = type(self.server).from_state_dict(ckpt["server"])
@@ -426,6 +549,8 @@ class RoundEngine:
         self.failures = FailedRounds(self.config.max_failed_rounds, self.history)
         self.memory = CohortMemory()
         self.memory.load_state_dict(ckpt.get("cohort_memory"))
+        self.rollback = RollbackRing(self.config.rollback_depth)
+        self.rollback.load_state_dict(ckpt.get("rollback"), self.server, self.method)
 
 
 class EngineView:
