@@ -282,7 +282,7 @@ class RollbackRing:
         for i, d in enumerate(stored):
             where = f"the rollback ring's state {i} in the checkpoint"
             if not isinstance(d, Mapping):
-                raise ValueError(f"{where} is a {type(d).__name__}, not a global state's mapping")
+                raise ValueError(f"{where} is not a global state's mapping (got a {type(d).__name__})")
             try:
                 state = type(server).from_state_dict(d)
                 tensors = method.expected_update(state)
