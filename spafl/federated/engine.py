@@ -4,8 +4,10 @@ A round is: the cohort and the downlink (:meth:`RoundEngine.begin`), the client 
 the transport: in-process threads, :func:`run_client`, or Flower nodes), the server's tally of
 what came back in the cohort's order (:meth:`RoundEngine.collect`: dropped, refused, trained,
 rejected or accepted, every check of :mod:`.rules` applied through the method), the aggregate
-(:meth:`RoundEngine.aggregate`), the evaluation (the transport's again) and the history row
-(:meth:`RoundEngine.finish`), then the stall check (:meth:`RoundEngine.check_progress`).
+(:meth:`RoundEngine.aggregate`, with the rollback to an earlier global state when most of the
+cohort could not train from this one: :class:`RollbackRing`), the evaluation (the transport's
+again) and the history row (:meth:`RoundEngine.finish`), then the stall check
+(:meth:`RoundEngine.check_progress`).
 
 The two transports: :class:`.simulator.Simulator` (clients in this process, in threads) and
 :class:`spafl.flower.MethodStrategy` (clients on Flower nodes, reached through its ``Grid``).
@@ -383,8 +385,9 @@ def run_client(method: Method, client_fn: Callable, model, state, rnd: Round, ci
 
 class RoundEngine:
     """The server's side of a run, whatever the transport: the global state (``server``), the
-    per-client FLOPs, the running totals, the history, and the rounds in a row that aggregated
-    nothing. ``layer_names``: the layers whose densities the history reports."""
+    per-client FLOPs, the running totals, the history, the rounds in a row that aggregated
+    nothing and the global states to roll back to (:class:`RollbackRing`). ``layer_names``: the
+    layers whose densities the history reports."""
 
     def __init__(self, config: FedConfig, method: Method, server, layer_names: list[str]):
         self.config, self.method, self.server = config, method, server
