@@ -20,7 +20,7 @@ from flwr.supercore.task_identity import TaskIdentity  # noqa: E402
 from spafl.federated import Simulator, keys  # noqa: E402
 from spafl.flower.client import client_app  # noqa: E402
 from spafl.flower.server import MethodStrategy  # noqa: E402
-from spafl.flower.wire import METRICS, config_from_run_config  # noqa: E402
+from spafl.flower.wire import ARRAYS, METRICS, config_from_run_config, pack  # noqa: E402
 
 
 class FakeGrid:
@@ -399,3 +399,37 @@ def test_a_node_that_timed_out_is_excluded_from_later_rounds(setup, caplog):
             assert strategy.history[t]["participants"] == 1
     assert strategy.nodes[1] == 501 and ("train", 501) in sent
     assert strategy.history[restart_at]["participants"] == 2
+
+
+def test_a_round_whose_cohort_is_rejected_rolls_the_global_state_back(setup, caplog):
+    """The rollback is the round engine's, so Flower's server has it too: in round 2 every
+    train reply carries an unreadable uplink (both sampled clients trained and were rejected),
+    so the server restores the initial global state, and round 3 trains from it."""
+    config, data, app = setup
+
+    class Unreadable(FakeGrid):
+        def send_and_receive(self, messages, *, timeout=None):
+            replies = super().send_and_receive(messages, timeout=timeout)
+            for r in replies:
+                if r.metadata.message_type == "train" and not r.has_error() and self.round == 1:
+                    r.content.array_records[ARRAYS] = pack(b"not an uplink")
+            return replies
+
+    grid = Unreadable(_nodes(app, range(4)))
+    strategy = MethodStrategy(config, dataset=data, node_wait=1.0, rejoin_wait=1.0)
+    grid.round = 0
+    original = strategy.aggregate_evaluate
+
+    def counted(*args, **kwargs):
+        out = original(*args, **kwargs)
+        grid.round += 1
+        return out
+
+    strategy.aggregate_evaluate = counted
+    with caplog.at_level(logging.WARNING, logger="flwr"):
+        strategy.start(grid)
+    history = strategy.history
+    assert [r.get("rolled_back_to") for r in history] == [None, 0, None]
+    assert [r["participants"] for r in history] == [2, 0, 2] and history[1]["rejected"] == 2
+    assert any("the initial global state is restored" in e for e in history[1]["errors"])
+    assert [s.round for s in strategy.engine.rollback.states] == [2]  # round 3 trained from the restored state
