@@ -292,10 +292,11 @@ def without_record(config):
 
 def undefended(config):
     """``config`` without the clip to the cohort (none of its limits, the ones across rounds
-    included)."""
+    included) and without the rollback (which, alone, undoes a round in which the honest
+    clients were rejected after an adversary threw the global state off)."""
     return without_record(config).replace(cohort_clip=None, cohort_against=math.inf, cohort_shift=math.inf,
                                           cohort_drift=math.inf, cohort_drift_shift=math.inf,
-                                          cohort_drift_against=math.inf)
+                                          cohort_drift_against=math.inf, rollback_depth=0)
 
 
 _HONEST: dict = {}
@@ -1094,4 +1095,4 @@ def test_a_max_shift_adversary_no_longer_stops_a_sparsyfed_federation():
     assert (history[3]["participants"], history[3]["aggregate_refused"]) == (1, 1)  # the adversary's alone: refused
     # no round's aggregate is a minority's: where most of the cohort was rejected, nothing was aggregated
     assert all(row["round_failed"] for row in history if 2 * (row["rejected"]) > config.clients_per_round)
-    assert any("round 4: rollback: 9 of 10 sampled clients" in m for m in messages), messages
+    assert any("round 4: rollback: 9 of 10 sampled clients could not train" in m for m in messages), messages

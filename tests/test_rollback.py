@@ -34,7 +34,8 @@ def fingerprint(message) -> str:
 def scripted(sim, behaviour, seen: dict | None = None):
     """Make ``sim``'s clients follow ``behaviour(t, cid, message)``: None (honest), "diverge"
     (trains, then sends non-finite values: what a client whose training diverged on the global
-    state sends) or "silent" (never replies: a lost node). ``seen[t]``: each round's downlink."""
+    state sends), "raise" (its training fails on the values it was given), "silent" (never
+    replies: a lost node) or "lost" (its device fails). ``seen[t]``: each round's downlink."""
     honest = sim.client_fn
 
     def client(model, state, message, data, cfg, t, cid, macs, **kwargs):
@@ -43,6 +44,10 @@ def scripted(sim, behaviour, seen: dict | None = None):
         what = behaviour(t, cid, message)
         if what == "silent":
             raise TimeoutError("no reply in time")
+        if what == "lost":
+            raise RuntimeError("device lost")
+        if what == "raise":  # as SpaFL's layers on non-finite thresholds
+            raise ValueError("threshold has non-finite values (NaN or inf) at units [0]")
         new_state, report = honest(model, state, message, data, cfg, t, cid, macs, **kwargs)
         if what == "diverge":
             report.update = {k: torch.full_like(v, float("nan")) for k, v in report.update.items()}
@@ -88,8 +93,9 @@ def test_a_poisoned_global_state_is_rolled_back_and_the_run_goes_on(data, tmp_pa
     for name, value in seen[1].items():  # round 4 trains from what round 2 trained from
         assert torch.equal(seen[3][name], value)
     assert fingerprint(seen[3]) not in poisoned
-    assert any(m.startswith("round 3: rollback: 3 of 3 sampled clients trained from the global state and their "
-                            "updates were rejected; the global state after round 1 is restored") for m in messages)
+    assert any(m.startswith("round 3: rollback: 3 of 3 sampled clients could not train from the global state (3 "
+                            "update(s) rejected, 0 training(s) failed on its values); the global state after round 1 "
+                            "is restored") for m in messages)
     assert any("rollback" in e for e in history[2]["errors"])
     saved = json.loads((tmp_path / "history.json").read_text())["history"]
     assert rolled(saved) == [None, None, 1, None, None]
@@ -104,6 +110,10 @@ def test_a_poisoned_global_state_is_rolled_back_and_the_run_goes_on(data, tmp_pa
     (("diverge", None, None), False, 2),  # one client of the cohort cannot cause a rollback
     (("diverge", "diverge", "silent"), True, 0),  # two of three replied, both rejected
     (("diverge", "diverge", None), True, 1),  # the minority's accepted update is not aggregated
+    (("raise", "raise", "raise"), True, 0),  # training failed on the global state's values
+    (("raise", "diverge", None), True, 1),
+    (("raise", "lost", "silent"), False, 0),  # a lost device or node is not the global state's doing
+    (("lost", "lost", "lost"), False, 0),
 ])
 def test_only_a_cohort_that_replied_and_was_rejected_rolls_back(data, script, rolls, participants):
     cfg = config(rounds=4)
@@ -255,3 +265,17 @@ def test_an_older_checkpoint_loads_with_an_empty_ring_and_a_malformed_ring_is_re
         target = Simulator(cfg, dataset=data)
         with pytest.raises(ValueError, match=match):
             target.load_state_dict({**ckpt, "rollback": ring})
+
+
+def test_which_client_errors_count_against_the_global_state():
+    from spafl.federated.engine import failed_on_values
+
+    assert failed_on_values(ValueError("threshold has non-finite values")) and failed_on_values(FloatingPointError())
+    assert not failed_on_values(RuntimeError("CUDA out of memory")) and not failed_on_values(TimeoutError())
+    assert failed_on_values("ValueError: threshold has non-finite values (NaN or inf) at units [0]")
+    assert failed_on_values("<class 'ValueError'>:<'threshold has non-finite values'>")  # a Flower SuperNode's
+    assert failed_on_values("<class 'ZeroDivisionError'>:<'division by zero'>")
+    assert not failed_on_values("<class 'ConnectionError'>:<'reset'>")
+    for reason in ("no reply in time", "no SuperNode serves this partition", "malformed reply: ValueError: x",
+                   "RuntimeError: device lost", "", None):
+        assert not failed_on_values(reason), reason

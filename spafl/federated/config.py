@@ -124,11 +124,12 @@ class FedConfig:
     # ``grad_bound`` (None: rules.DEFAULT_GRAD_BOUND); a run stops with an error after
     # ``max_failed_rounds`` rounds in a row that aggregate nothing (0: never); ``rollback_depth``:
     # how many of the last global states that cohorts trained from successfully the server
-    # keeps, to restore one (one level further back each time) after a round that aggregated
-    # nothing because no cohort could train from the global state (more than half the cohort
-    # replied, every update rejected: engine.RollbackRing; 0: off); ``cohort_clip``:
-    # each accepted update's deviation from the global state is clipped, per tensor, to this
-    # many times the round's median deviation norm (rules.clip_to_cohort; None: off);
+    # keeps, to restore one (one level further back each time) after a round that showed no
+    # cohort can train from the global state (more than half the sampled cohort trained and
+    # had its update rejected; such a round aggregates nothing: engine.RollbackRing; 0: off);
+    # ``cohort_clip``: each accepted update's deviation from the global state is clipped, per
+    # tensor, to this many times the round's median deviation norm (rules.clip_to_cohort; None:
+    # off);
     # ``cohort_against``: the component of that deviation against the cohort's median direction
     # is cut to this many times the same median (None: the method's default,
     # ``Method.cohort_against``; inf: off); ``cohort_shift``: a client's shift of a whole tensor

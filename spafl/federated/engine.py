@@ -60,12 +60,16 @@ class RoundTally:
         self.trained_ids: list[int] = []
         self.train_losses: list[float] = []
         self.dropped = self.rejected = self.bytes_up = self.nnz_up = 0
+        self.state_failures = 0  # dropped clients whose training failed on the values it was given
         self.flops = 0.0
         self.refused: str | None = None  # why the round's aggregate was refused (None: it was not)
         self.rolled_back_to: int | None = None  # the round whose global state was restored (RollbackRing)
 
-    def drop(self, cid: int, reason: str) -> None:
+    def drop(self, cid: int, reason: str, state_failure: bool = False) -> None:
+        """Client ``cid`` failed (``state_failure``: its training failed on the values it was
+        given, which counts against the global state: :meth:`RollbackRing.untrainable`)."""
         self.dropped += 1
+        self.state_failures += bool(state_failure)
         self.errors.append(f"client {cid} failed: {reason}")
 
     def trained(self, cid: int, report) -> None:
@@ -221,18 +225,20 @@ class RollbackRing:
     """The last ``depth`` global states that a round's cohort trained from successfully (the
     round aggregated something), oldest first; 0 keeps none (the rollback is off).
 
-    A round that aggregated nothing *because of the global state* restores the newest of them
-    (:meth:`RoundEngine.aggregate`), one level further back for each such round in a row. What
-    counts as the global state's fault (:meth:`untrainable`): no update was accepted although
-    more than half of the sampled cohort trained and replied with a report -- every one of
-    those updates rejected by the server's checks (non-finite values, changes past what SGD can
-    reach from the global state, the wrong sparsity). Clients that did not reply (a timeout, a
-    lost node, a transport error, a client that failed with an error: the server cannot tell a
-    crash the global state caused from one of the node) are not evidence against the global
-    state, and a refused aggregate is not either (its updates were accepted: the cohort could
-    train from the global state). So a rollback always follows a round that made no progress,
-    and one client, or any minority of a cohort, cannot cause one: the rest of the cohort
-    would have to fail on the global state too."""
+    A round that shows its cohort cannot train from the global state (:meth:`untrainable`):
+    more than half of the sampled cohort either trained, replied with a report and had its update
+    rejected by the server's checks (non-finite values, changes past what SGD can reach from the
+    global state, the wrong sparsity), or failed in training on the values it was given (an
+    error that names them, :func:`failed_on_values`: SpaFL's layers refuse non-finite
+    thresholds). Such a round aggregates nothing (the updates of an
+    accepted minority are refused too: measured, they were the adversary's alone) and restores
+    the newest kept state (:meth:`RoundEngine.aggregate`), one level further back for each such
+    round in a row. Clients that did not reply (a timeout, a lost node, a transport error) or
+    failed otherwise (out of memory, a lost device) are not evidence against the global state,
+    and a refused aggregate is not either (its updates were accepted: the cohort could train
+    from the global state).
+    One client, or any minority of a cohort, cannot cause a rollback: the rest of the cohort
+    would have to be rejected too, which only the global state does."""
 
     def __init__(self, depth: int):
         self.depth = depth
@@ -257,11 +263,19 @@ class RollbackRing:
     def untrainable(tally: RoundTally) -> bool:
         """Whether ``tally``'s round showed that its cohort cannot train from the global state
         (see the class): more than half of the sampled cohort trained and replied, and the
-        server rejected those clients' updates."""
+        server rejected those clients' updates, or they failed in training on the values they
+        were given."""
         if not tally.method.communicates:
             return False
         sampled = len(tally.cohort) if tally.cohort is not None else tally.method.config.clients_per_round
-        return 2 * (len(tally.trained_ids) - len(tally.accepted)) > sampled
+        return 2 * RollbackRing.failures(tally) > sampled
+
+    @staticmethod
+    def failures(tally: RoundTally) -> int:
+        """The sampled clients of ``tally``'s round that count against its global state: those
+        that trained and had their update rejected, and those whose training failed on the
+        values it was given."""
+        return len(tally.trained_ids) - len(tally.accepted) + tally.state_failures
 
     def state_dict(self) -> list[dict]:
         """The kept states (each the method's ``state_dict()``: tensors and numbers), oldest first."""
@@ -302,15 +316,14 @@ class RollbackRing:
         self.states = states[-self.depth:] if self.depth else []
 
 
-
-
 @dataclass
 class ClientResult:
     """What a transport brings back from one sampled client. ``outcome``: ``"ok"`` (trained;
     its uplink ``up`` and validated sample count ``num_samples`` when the method communicates),
     ``"dropped"`` (failed, or its report is malformed), ``"refused"`` (an impossible sample
     count: it does not count as trained) or ``"rejected"`` (trained, but its update is not this
-    round's uplink in form); ``error`` says why."""
+    round's uplink in form); ``error`` says why; ``state_failure``: a dropped client's training
+    failed on the values it was given (:func:`failed_on_values`)."""
 
     cid: int
     outcome: str
@@ -318,6 +331,27 @@ class ClientResult:
     up: bytes | None = None
     num_samples: int | None = None
     error: str | None = None
+    state_failure: bool = False
+
+
+# The errors a client's training raises on the values it was given (SpaFL's layers: a
+# ValueError for non-finite thresholds; arithmetic on them), as opposed to a lost node, a
+# timeout, a lost device or memory: they count against the global state (RollbackRing).
+VALUE_ERRORS = ("ValueError", "ArithmeticError", "FloatingPointError", "OverflowError", "ZeroDivisionError")
+
+
+def failed_on_values(error: BaseException | str | None) -> bool:
+    """Whether ``error`` (an exception, or a failed client's reason as a transport reports it:
+    ``"ValueError: ..."``, or Flower's ``"<class 'ValueError'>:<'...'>"``) is one a client's
+    training raises on the values it was given (:data:`VALUE_ERRORS`)."""
+    if isinstance(error, BaseException):
+        return isinstance(error, (ValueError, ArithmeticError))
+    if not isinstance(error, str):
+        return False
+    head = error.split(":", 1)[0].strip()
+    if head.startswith("<class '") and head.endswith("'>"):
+        head = head[len("<class '"):-2]
+    return head.rsplit(".", 1)[-1] in VALUE_ERRORS
 
 
 @dataclass
@@ -366,8 +400,11 @@ def run_client(method: Method, client_fn: Callable, model, state, rnd: Round, ci
             model.load_state_dict(reset)
         kwargs = {"train_seeds": seeds} if seeds is not None else {}
         new_state, report = client_fn(model, state, received, data, config, rnd.index, cid, macs, **kwargs)
-        check_report(report)
     except Exception as e:  # the client failed mid-round: drop it from this round
+        return None, ClientResult(cid, "dropped", error=f"{type(e).__name__}: {e}", state_failure=failed_on_values(e))
+    try:
+        check_report(report)
+    except Exception as e:  # a malformed report: the client's own doing
         return None, ClientResult(cid, "dropped", error=f"{type(e).__name__}: {e}")
     if not method.communicates:
         return new_state, ClientResult(cid, "ok", report)
@@ -436,7 +473,7 @@ class RoundEngine:
         tally, method = rnd.tally, self.method
         for r in results:
             if r.outcome == "dropped":
-                tally.drop(r.cid, r.error)
+                tally.drop(r.cid, r.error, r.state_failure)
                 continue
             if r.outcome == "refused":
                 tally.reject(r.cid, r.error)
@@ -492,8 +529,9 @@ class RoundEngine:
                 ring.trained_from(before)
             return
         sampled = len(tally.cohort) if tally.cohort is not None else self.config.clients_per_round
-        failed = len(tally.trained_ids) - len(tally.accepted)
-        why = f"{failed} of {sampled} sampled clients trained from the global state and their updates were rejected"
+        rejected = len(tally.trained_ids) - len(tally.accepted)
+        why = (f"{RollbackRing.failures(tally)} of {sampled} sampled clients could not train from the global state "
+               f"({rejected} update(s) rejected, {tally.state_failures} training(s) failed on its values)")
         if not tally.failed:  # a minority's updates were accepted: not from a state the cohort can train from
             self.server = self.method.restore(before, self.server)
             tally.refused = f"{why}: the {len(tally.accepted)} accepted update(s) are not aggregated"
