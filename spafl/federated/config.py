@@ -126,7 +126,8 @@ class FedConfig:
     # how many of the last global states that cohorts trained from successfully the server
     # keeps, to restore one (one level further back each time) after a round that showed no
     # cohort can train from the global state (more than half the sampled cohort trained and
-    # had its update rejected; such a round aggregates nothing: engine.RollbackRing; 0: off);
+    # had its update rejected, or failed in training on its values; such a round aggregates
+    # nothing: engine.RollbackRing; 0: off);
     # ``cohort_clip``: each accepted update's deviation from the global state is clipped, per
     # tensor, to this many times the round's median deviation norm (rules.clip_to_cohort; None:
     # off);
