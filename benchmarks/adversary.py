@@ -41,7 +41,9 @@ limit as configured, and prints the largest root mean square of the record's rou
 deviation 1.001 times as long, so its "loss" is the run's sensitivity to any change of a round
 (the noise floor the attacks are read against).
 
-Each attacked run prints its clip events by kind (norm, against, shift, drift: one client's;
+Each attacked run prints its failed rounds and the rollbacks of the global state (``rollbacks``:
+each round after which an earlier state was restored, and the round whose state it was;
+``--set rollback_depth=0`` turns them off), its clip events by kind (norm, against, shift, drift: one client's;
 aggregate: the whole cohort pulled toward its centre), so that the limit an attack rides is
 visible, and the largest per-client sum against the cohort any client reached (``client
 against``, as ``--record`` prints it: what ``Method.cohort_drift_against`` would have to stop).
@@ -164,9 +166,13 @@ def attack_runs(config, method: str, attacks: list[str], bad, rounds: int) -> di
         ridden = f", limits ridden {dict(sorted(test_adversary.RIDDEN.items()))}" if test_adversary.RIDDEN else ""
         against = peaks.get("client against")
         reached = f", client against {against[0]:.3f} ({against[1]}, k {against[2]})" if against else ""
+        restored = [(row["round"], row["rolled_back_to"]) for row in history if row.get("rolled_back_to") is not None]
+        rolled = (f", rollbacks {len(restored)} (" + ", ".join(f"round {r} to {k}" for r, k in restored) + ")"
+                  if restored else "")
+        failed = sum(row["round_failed"] for row in history)
         print(f"{method} seed {config.seed} {attack} bad={bad}: acc {acc:.2f} (loss {base - acc:+.2f} points), "
               f"clip events {clipped}, rejections {rejected}, by kind {dict(sorted(kinds.items()))}{ridden}"
-              f"{reached}", flush=True)
+              f"{reached}, failed rounds {failed}{rolled}", flush=True)
     return out
 
 

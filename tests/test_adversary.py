@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from spafl.federated import FederatedWarning, Simulator, build_config, cohort, keys, rules
+from spafl.federated.engine import FederationStalled
 
 ATTACKS = ("max-shift", "sign-flip", "floor", "one-unit", "just-under", "just-under-up", "just-under-flip",
            "just-under-alt")
@@ -291,10 +292,11 @@ def without_record(config):
 
 def undefended(config):
     """``config`` without the clip to the cohort (none of its limits, the ones across rounds
-    included)."""
+    included) and without the rollback (which, alone, undoes a round in which the honest
+    clients were rejected after an adversary threw the global state off)."""
     return without_record(config).replace(cohort_clip=None, cohort_against=math.inf, cohort_shift=math.inf,
                                           cohort_drift=math.inf, cohort_drift_shift=math.inf,
-                                          cohort_drift_against=math.inf)
+                                          cohort_drift_against=math.inf, rollback_depth=0)
 
 
 _HONEST: dict = {}
@@ -1074,3 +1076,23 @@ def test_an_adversary_with_a_new_id_every_round_meets_the_federations_energy_lim
     assert any("root of their squared norms" in m for m in messages), messages
     assert any("root of their squared norms" in e for row in history for e in row["errors"])
     assert distance(state) < distance(LAST["state"]), (distance(state), distance(LAST["state"]))
+
+
+def test_a_max_shift_adversary_no_longer_stops_a_sparsyfed_federation():
+    """SparsyFed, the ``digits-cnn`` preset with 10 clients a round, seed 2, one adversary (the
+    first of every cohort) sending ``max-shift``: the shifts accepted in rounds 1 to 3 leave a
+    global model no honest client can train from, and without the rollback rounds 5 to 7
+    aggregate nothing and the run stops (``max_failed_rounds``). With it (the default depth) the
+    server refuses round 4, where the adversary's update alone was accepted, restores the state
+    after round 2, and the run goes on (docs/security.md, "Rolling back")."""
+    config = build_config("digits-cnn", None, {"rounds": 8, "device": "cpu", "method": "sparsyfed", "seed": 2,
+                                               "clients_per_round": 10, "checkpoint_every": 0})
+    with pytest.raises(FederationStalled, match="rounds 5 to 7"):
+        attacked_run(config.replace(rollback_depth=0), "max-shift", "first")
+    history, messages = attacked_run(config, "max-shift", "first")
+    assert len(history) == 8
+    assert [row.get("rolled_back_to") for row in history][:4] == [None, None, None, 2]
+    assert (history[3]["participants"], history[3]["aggregate_refused"]) == (1, 1)  # the adversary's alone: refused
+    # no round's aggregate is a minority's: where most of the cohort was rejected, nothing was aggregated
+    assert all(row["round_failed"] for row in history if 2 * (row["rejected"]) > config.clients_per_round)
+    assert any("round 4: rollback: 9 of 10 sampled clients could not train" in m for m in messages), messages

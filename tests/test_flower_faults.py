@@ -20,7 +20,7 @@ from flwr.supercore.task_identity import TaskIdentity  # noqa: E402
 from spafl.federated import Simulator, keys  # noqa: E402
 from spafl.flower.client import client_app  # noqa: E402
 from spafl.flower.server import MethodStrategy  # noqa: E402
-from spafl.flower.wire import METRICS, config_from_run_config  # noqa: E402
+from spafl.flower.wire import ARRAYS, METRICS, config_from_run_config, pack  # noqa: E402
 
 
 class FakeGrid:
@@ -399,3 +399,50 @@ def test_a_node_that_timed_out_is_excluded_from_later_rounds(setup, caplog):
             assert strategy.history[t]["participants"] == 1
     assert strategy.nodes[1] == 501 and ("train", 501) in sent
     assert strategy.history[restart_at]["participants"] == 2
+
+
+@pytest.mark.parametrize("failure", ["unreadable", "ValueError", "TimeoutError"])
+def test_a_round_whose_cohort_is_rejected_rolls_the_global_state_back(setup, caplog, failure):
+    """The rollback is the round engine's, so Flower's server has it too: in round 2 every
+    train reply carries an unreadable uplink (both sampled clients trained and were rejected)
+    or every ClientApp raises a ValueError in training (a failure on the values it was given,
+    as SpaFL's layers on non-finite thresholds), so the server restores the initial global
+    state and round 3 trains from it; ClientApps that raise a TimeoutError are no evidence
+    against the global state: the round only fails."""
+    config, data, app = setup
+    state = {"round": 0}
+
+    def client(msg, context):
+        if failure != "unreadable" and msg.metadata.message_type == "train" and state["round"] == 1:
+            raise {"ValueError": ValueError, "TimeoutError": TimeoutError}[failure]("round 2 fails")
+        return app(msg, context)
+
+    class Unreadable(FakeGrid):
+        def send_and_receive(self, messages, *, timeout=None):
+            replies = super().send_and_receive(messages, timeout=timeout)
+            for r in replies:
+                if (failure == "unreadable" and r.metadata.message_type == "train" and not r.has_error()
+                        and state["round"] == 1):
+                    r.content.array_records[ARRAYS] = pack(b"not an uplink")
+            return replies
+
+    grid = Unreadable(_nodes(client, range(4)))
+    strategy = MethodStrategy(config, dataset=data, node_wait=1.0, rejoin_wait=1.0)
+    original = strategy.aggregate_evaluate
+
+    def counted(*args, **kwargs):
+        out = original(*args, **kwargs)
+        state["round"] += 1
+        return out
+
+    strategy.aggregate_evaluate = counted
+    with caplog.at_level(logging.WARNING, logger="flwr"):
+        strategy.start(grid)
+    history = strategy.history
+    rolls = failure != "TimeoutError"
+    assert [r.get("rolled_back_to") for r in history] == [None, 0 if rolls else None, None]
+    assert [r["participants"] for r in history] == [2, 0, 2] and history[1]["round_failed"] == 1
+    assert (history[1]["rejected"], history[1]["dropped"]) == ((2, 0) if failure == "unreadable" else (0, 2))
+    assert any("the initial global state is restored" in e for e in history[1]["errors"]) == rolls
+    # round 3 trained from the restored state (its round count 2), else from the state after round 1
+    assert [s.round for s in strategy.engine.rollback.states] == ([2] if rolls else [0, 2])

@@ -113,6 +113,9 @@ _HELP = {
     "update_bounds": "reject updates that no legitimate client's local SGD can reach from the global state",
     "grad_bound": "the gradient bound the update bounds assume without --clip ('none': 1000)",
     "max_failed_rounds": "stop with an error after this many rounds in a row that aggregate nothing (0: never)",
+    "rollback_depth": "keep this many of the last global states that cohorts trained from, and restore one after "
+                      "a round in which more than half the sampled cohort had its update rejected or its training "
+                      "failed on the global state's values (0: off; docs/security.md)",
     "seed": "the run's seed (split, sampling, initial model, batches)",
     "rounds": "rounds to run (with --resume: the new total)",
 }

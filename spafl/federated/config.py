@@ -122,9 +122,15 @@ class FedConfig:
     # unweighted; ``update_bounds`` rejects updates no legitimate client's local SGD can reach,
     # with every gradient coordinate bounded by ``clip`` when clipping is on, else by
     # ``grad_bound`` (None: rules.DEFAULT_GRAD_BOUND); a run stops with an error after
-    # ``max_failed_rounds`` rounds in a row that aggregate nothing (0: never); ``cohort_clip``:
-    # each accepted update's deviation from the global state is clipped, per tensor, to this
-    # many times the round's median deviation norm (rules.clip_to_cohort; None: off);
+    # ``max_failed_rounds`` rounds in a row that aggregate nothing (0: never); ``rollback_depth``:
+    # how many of the last global states that cohorts trained from successfully the server
+    # keeps, to restore one (one level further back each time) after a round that showed no
+    # cohort can train from the global state (more than half the sampled cohort trained and
+    # had its update rejected, or failed in training on its values; such a round aggregates
+    # nothing: engine.RollbackRing; 0: off);
+    # ``cohort_clip``: each accepted update's deviation from the global state is clipped, per
+    # tensor, to this many times the round's median deviation norm (rules.clip_to_cohort; None:
+    # off);
     # ``cohort_against``: the component of that deviation against the cohort's median direction
     # is cut to this many times the same median (None: the method's default,
     # ``Method.cohort_against``; inf: off); ``cohort_shift``: a client's shift of a whole tensor
@@ -149,6 +155,7 @@ class FedConfig:
     update_bounds: bool = True
     grad_bound: float | None = None
     max_failed_rounds: int = 3
+    rollback_depth: int = 3
     cohort_clip: float | None = 20.0
     cohort_against: float | None = None
     cohort_shift: float | None = None
@@ -267,6 +274,9 @@ class FedConfig:
         need(isinstance(self.max_failed_rounds, int) and not isinstance(self.max_failed_rounds, bool)
              and self.max_failed_rounds >= 0,
              f"max_failed_rounds must be a non-negative integer (0: never stop), got {self.max_failed_rounds!r}")
+        need(isinstance(self.rollback_depth, int) and not isinstance(self.rollback_depth, bool)
+             and self.rollback_depth >= 0,
+             f"rollback_depth must be a non-negative integer (0: no rollback), got {self.rollback_depth!r}")
         if len(errors) == 1:
             raise ValueError(f"invalid configuration: {errors[0]}")
         if errors:
@@ -390,7 +400,7 @@ def build_config(preset_name: str | None = None, file_values: dict[str, Any] | N
 
 # Fields that may differ between a checkpoint and the run that resumes it.
 RESUMABLE_CHANGES = frozenset({"rounds", "checkpoint_every", "data_root", "download", "device", "eval_batch_size",
-                               "max_failed_rounds"})
+                               "max_failed_rounds", "rollback_depth"})
 
 
 def config_mismatch(saved: dict[str, Any], current: FedConfig) -> list[str]:

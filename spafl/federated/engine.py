@@ -4,8 +4,10 @@ A round is: the cohort and the downlink (:meth:`RoundEngine.begin`), the client 
 the transport: in-process threads, :func:`run_client`, or Flower nodes), the server's tally of
 what came back in the cohort's order (:meth:`RoundEngine.collect`: dropped, refused, trained,
 rejected or accepted, every check of :mod:`.rules` applied through the method), the aggregate
-(:meth:`RoundEngine.aggregate`), the evaluation (the transport's again) and the history row
-(:meth:`RoundEngine.finish`), then the stall check (:meth:`RoundEngine.check_progress`).
+(:meth:`RoundEngine.aggregate`, with the rollback to an earlier global state when most of the
+cohort could not train from this one: :class:`RollbackRing`), the evaluation (the transport's
+again) and the history row (:meth:`RoundEngine.finish`), then the stall check
+(:meth:`RoundEngine.check_progress`).
 
 The two transports: :class:`.simulator.Simulator` (clients in this process, in threads) and
 :class:`spafl.flower.MethodStrategy` (clients on Flower nodes, reached through its ``Grid``).
@@ -58,11 +60,16 @@ class RoundTally:
         self.trained_ids: list[int] = []
         self.train_losses: list[float] = []
         self.dropped = self.rejected = self.bytes_up = self.nnz_up = 0
+        self.state_failures = 0  # dropped clients whose training failed on the values it was given
         self.flops = 0.0
         self.refused: str | None = None  # why the round's aggregate was refused (None: it was not)
+        self.rolled_back_to: int | None = None  # the round whose global state was restored (RollbackRing)
 
-    def drop(self, cid: int, reason: str) -> None:
+    def drop(self, cid: int, reason: str, state_failure: bool = False) -> None:
+        """Client ``cid`` failed (``state_failure``: its training failed on the values it was
+        given, which counts against the global state: :meth:`RollbackRing.untrainable`)."""
         self.dropped += 1
+        self.state_failures += bool(state_failure)
         self.errors.append(f"client {cid} failed: {reason}")
 
     def trained(self, cid: int, report) -> None:
@@ -130,6 +137,8 @@ class RoundTally:
             "rejected": self.rejected,
             "aggregate_refused": int(self.refused is not None),
             "round_failed": int(self.failed),
+            # only in a round after which an earlier global state was restored (RollbackRing)
+            **({"rolled_back_to": self.rolled_back_to} if self.rolled_back_to is not None else {}),
             "train_loss": float(np.mean(self.train_losses)) if self.train_losses else float("nan"),
             "lr": learning_rate(config, t),
             "lambda": penalty_coefficient(config, t) if method.name == "spafl" else 0.0,
@@ -212,6 +221,99 @@ class FailedRounds:
             f"max_failed_rounds = {self.limit}); round {first_round}: {first}{hint}")
 
 
+class RollbackRing:
+    """The last ``depth`` global states that a round's cohort trained from successfully (the
+    round aggregated something), oldest first; 0 keeps none (the rollback is off).
+
+    A round that shows its cohort cannot train from the global state (:meth:`untrainable`):
+    more than half of the sampled cohort either trained, replied with a report and had its update
+    rejected by the server's checks (non-finite values, changes past what SGD can reach from the
+    global state, the wrong sparsity), or failed in training on the values it was given (an
+    error that names them, :func:`failed_on_values`: SpaFL's layers refuse non-finite
+    thresholds). Such a round aggregates nothing (the updates of an
+    accepted minority are refused too: measured, they were the adversary's alone) and restores
+    the newest kept state (:meth:`RoundEngine.aggregate`), one level further back for each such
+    round in a row. Clients that did not reply (a timeout, a lost node, a transport error) or
+    failed otherwise (out of memory, a lost device) are not evidence against the global state,
+    and a refused aggregate is not either (its updates were accepted: the cohort could train
+    from the global state).
+    One client, or any minority of a cohort, cannot cause a rollback: the rest of the cohort
+    would have to be rejected too, which only the global state does."""
+
+    def __init__(self, depth: int):
+        self.depth = depth
+        self.states: list = []
+
+    def __len__(self) -> int:
+        return len(self.states)
+
+    def trained_from(self, state) -> None:
+        """Keep ``state``: a round's cohort trained from it and the round aggregated something."""
+        if self.depth:
+            self.states = [*self.states, state][-self.depth:]
+
+    def pop(self):
+        """The newest kept state, removed from the ring (None: the ring is empty)."""
+        if not self.states:
+            return None
+        *self.states, newest = self.states
+        return newest
+
+    @staticmethod
+    def untrainable(tally: RoundTally) -> bool:
+        """Whether ``tally``'s round showed that its cohort cannot train from the global state
+        (see the class): more than half of the sampled cohort trained and replied, and the
+        server rejected those clients' updates, or they failed in training on the values they
+        were given."""
+        if not tally.method.communicates:
+            return False
+        sampled = len(tally.cohort) if tally.cohort is not None else tally.method.config.clients_per_round
+        return 2 * RollbackRing.failures(tally) > sampled
+
+    @staticmethod
+    def failures(tally: RoundTally) -> int:
+        """The sampled clients of ``tally``'s round that count against its global state: those
+        that trained and had their update rejected, and those whose training failed on the
+        values it was given."""
+        return len(tally.trained_ids) - len(tally.accepted) + tally.state_failures
+
+    def state_dict(self) -> list[dict]:
+        """The kept states (each the method's ``state_dict()``: tensors and numbers), oldest first."""
+        return [state.state_dict() for state in self.states]
+
+    def load_state_dict(self, stored, server, method: Method) -> None:
+        """The kept states from :meth:`state_dict`, as states of ``server``'s type; None (a
+        checkpoint written before the ring existed): empty. A ring that does not hold states of
+        this run's global state (their tensors' names, shapes and dtypes; rounds not after
+        ``server``'s) is refused (``ValueError`` naming it); beyond ``depth`` (a resumed run
+        that lowered it) only the newest are kept."""
+        if stored is None:
+            self.states = []
+            return
+        if not isinstance(stored, (list, tuple)):
+            raise ValueError(f"the rollback ring in the checkpoint must be a list of global states, "
+                             f"got a {type(stored).__name__}")
+        expected = {k: (tuple(v.shape), v.dtype) for k, v in method.expected_update(server).items()}
+        states, last = [], -1
+        for i, d in enumerate(stored):
+            where = f"the rollback ring's state {i} in the checkpoint"
+            if not isinstance(d, Mapping):
+                raise ValueError(f"{where} is not a global state's mapping (got a {type(d).__name__})")
+            try:
+                state = type(server).from_state_dict(d)
+                tensors = method.expected_update(state)
+            except (KeyError, TypeError, ValueError, AttributeError) as e:
+                raise ValueError(f"{where} is malformed ({type(e).__name__}: {e})") from e
+            got = {k: (tuple(v.shape), v.dtype) if isinstance(v, torch.Tensor) else type(v).__name__
+                   for k, v in tensors.items()}
+            if got != expected:
+                raise ValueError(f"{where} does not hold this run's global state (tensors {got}, expected {expected})")
+            if not last <= state.round <= server.round:
+                raise ValueError(f"{where} is of round {state.round}: the ring's rounds must not decrease and not "
+                                 f"pass the global state's ({server.round})")
+            last = state.round
+            states.append(state)
+        self.states = states[-self.depth:] if self.depth else []
 
 
 @dataclass
@@ -220,7 +322,8 @@ class ClientResult:
     its uplink ``up`` and validated sample count ``num_samples`` when the method communicates),
     ``"dropped"`` (failed, or its report is malformed), ``"refused"`` (an impossible sample
     count: it does not count as trained) or ``"rejected"`` (trained, but its update is not this
-    round's uplink in form); ``error`` says why."""
+    round's uplink in form); ``error`` says why; ``state_failure``: a dropped client's training
+    failed on the values it was given (:func:`failed_on_values`)."""
 
     cid: int
     outcome: str
@@ -228,6 +331,27 @@ class ClientResult:
     up: bytes | None = None
     num_samples: int | None = None
     error: str | None = None
+    state_failure: bool = False
+
+
+# The errors a client's training raises on the values it was given (SpaFL's layers: a
+# ValueError for non-finite thresholds; arithmetic on them), as opposed to a lost node, a
+# timeout, a lost device or memory: they count against the global state (RollbackRing).
+VALUE_ERRORS = ("ValueError", "ArithmeticError", "FloatingPointError", "OverflowError", "ZeroDivisionError")
+
+
+def failed_on_values(error: BaseException | str | None) -> bool:
+    """Whether ``error`` (an exception, or a failed client's reason as a transport reports it:
+    ``"ValueError: ..."``, or Flower's ``"<class 'ValueError'>:<'...'>"``) is one a client's
+    training raises on the values it was given (:data:`VALUE_ERRORS`)."""
+    if isinstance(error, BaseException):
+        return isinstance(error, (ValueError, ArithmeticError))
+    if not isinstance(error, str):
+        return False
+    head = error.split(":", 1)[0].strip()
+    if head.startswith("<class '") and head.endswith("'>"):
+        head = head[len("<class '"):-2]
+    return head.rsplit(".", 1)[-1] in VALUE_ERRORS
 
 
 @dataclass
@@ -276,8 +400,11 @@ def run_client(method: Method, client_fn: Callable, model, state, rnd: Round, ci
             model.load_state_dict(reset)
         kwargs = {"train_seeds": seeds} if seeds is not None else {}
         new_state, report = client_fn(model, state, received, data, config, rnd.index, cid, macs, **kwargs)
-        check_report(report)
     except Exception as e:  # the client failed mid-round: drop it from this round
+        return None, ClientResult(cid, "dropped", error=f"{type(e).__name__}: {e}", state_failure=failed_on_values(e))
+    try:
+        check_report(report)
+    except Exception as e:  # a malformed report: the client's own doing
         return None, ClientResult(cid, "dropped", error=f"{type(e).__name__}: {e}")
     if not method.communicates:
         return new_state, ClientResult(cid, "ok", report)
@@ -295,8 +422,9 @@ def run_client(method: Method, client_fn: Callable, model, state, rnd: Round, ci
 
 class RoundEngine:
     """The server's side of a run, whatever the transport: the global state (``server``), the
-    per-client FLOPs, the running totals, the history, and the rounds in a row that aggregated
-    nothing. ``layer_names``: the layers whose densities the history reports."""
+    per-client FLOPs, the running totals, the history, the rounds in a row that aggregated
+    nothing and the global states to roll back to (:class:`RollbackRing`). ``layer_names``: the
+    layers whose densities the history reports."""
 
     def __init__(self, config: FedConfig, method: Method, server, layer_names: list[str]):
         self.config, self.method, self.server = config, method, server
@@ -308,6 +436,7 @@ class RoundEngine:
         self.streams = SequentialStreams(config.seed) if config.rng == "global" else None
         self._downlink: tuple | None = None
         self.memory = CohortMemory()  # each client's push across rounds (rules.CohortMemory)
+        self.rollback = RollbackRing(config.rollback_depth)  # the global states to fall back to
 
     @property
     def round(self) -> int:
@@ -344,7 +473,7 @@ class RoundEngine:
         tally, method = rnd.tally, self.method
         for r in results:
             if r.outcome == "dropped":
-                tally.drop(r.cid, r.error)
+                tally.drop(r.cid, r.error, r.state_failure)
                 continue
             if r.outcome == "refused":
                 tally.reject(r.cid, r.error)
@@ -377,10 +506,45 @@ class RoundEngine:
         is taken."""
         before = self.server
         self.server = aggregate_round(self.method, self.server, rnd.tally, self.memory)
+        self._roll_back(rnd.tally, before)
         rnd.extra = self.method.round_metrics(before, self.server, rnd.tally.reports)
         if sync is not None:
             sync()
         rnd.train_s = time.perf_counter() - rnd.start
+
+    def _roll_back(self, tally: RoundTally, before) -> None:
+        """After the aggregate: keep ``before`` (the state the round trained from) in the
+        rollback ring when the round aggregated something; when the round showed that no cohort
+        can train from that state (:meth:`RollbackRing.untrainable`), refuse what a minority's
+        accepted updates would have made of it (the round aggregates nothing) and restore the
+        ring's newest state (:meth:`Method.restore`), recorded in the tally (``rolled_back_to``,
+        a line in its errors). The memories of the clients' and the federation's pushes
+        (:class:`CohortMemory`) are not rolled back: what the clients sent is still counted.
+        With ``rollback_depth`` 0 nothing here changes the round."""
+        ring = self.rollback
+        if not ring.depth:
+            return
+        if not RollbackRing.untrainable(tally):
+            if not tally.failed:
+                ring.trained_from(before)
+            return
+        sampled = len(tally.cohort) if tally.cohort is not None else self.config.clients_per_round
+        rejected = len(tally.trained_ids) - len(tally.accepted)
+        why = (f"{RollbackRing.failures(tally)} of {sampled} sampled clients could not train from the global state "
+               f"({rejected} update(s) rejected, {tally.state_failures} training(s) failed on its values)")
+        if not tally.failed:  # a minority's updates were accepted: not from a state the cohort can train from
+            self.server = self.method.restore(before, self.server)
+            tally.refused = f"{why}: the {len(tally.accepted)} accepted update(s) are not aggregated"
+        saved = ring.pop()
+        if saved is None:
+            tally.errors.append(f"rollback: {why}, and no earlier global state is left to restore "
+                                f"(rollback_depth = {ring.depth})")
+            return
+        self.server = self.method.restore(saved, self.server)
+        tally.rolled_back_to = saved.round
+        restored = f"the global state after round {saved.round}" if saved.round else "the initial global state"
+        tally.errors.append(f"rollback: {why}; {restored} is restored ({len(ring)} earlier state(s) left, "
+                            f"rollback_depth = {ring.depth})")
 
     def finish(self, rnd: Round, evaluations: list[dict], global_eval: dict | None, eval_s: float,
                first: Mapping | None = None, last: Mapping | None = None) -> dict:
@@ -414,7 +578,7 @@ class RoundEngine:
         return {"server": self.server.state_dict(), "client_flops": torch.from_numpy(self.client_flops.copy()),
                 "history": self.history, "totals": dict(self.totals),
                 "streams": self.streams.state_dict() if self.streams is not None else None,
-                "cohort_memory": self.memory.state_dict()}
+                "cohort_memory": self.memory.state_dict(), "rollback": self.rollback.state_dict()}
 
     def load_state_dict(self, ckpt: Mapping) -> None:
         self.server = type(self.server).from_state_dict(ckpt["server"])
@@ -426,6 +590,8 @@ class RoundEngine:
         self.failures = FailedRounds(self.config.max_failed_rounds, self.history)
         self.memory = CohortMemory()
         self.memory.load_state_dict(ckpt.get("cohort_memory"))
+        self.rollback = RollbackRing(self.config.rollback_depth)
+        self.rollback.load_state_dict(ckpt.get("rollback"), self.server, self.method)
 
 
 class EngineView:

@@ -265,7 +265,8 @@ class Simulator(EngineView):
         A round that aggregates nothing (every sampled client dropped or rejected, or the
         aggregate refused) is warned about and marked in the history (``round_failed``); after
         ``config.max_failed_rounds`` of them in a row the run is saved and stops with
-        :class:`FederationStalled`."""
+        :class:`FederationStalled`. A round in which most of the cohort trained and was rejected
+        restores an earlier global state (:class:`.engine.RollbackRing`, ``rolled_back_to``)."""
         target = self.config.rounds if rounds is None else rounds
         if self.out_dir is not None and self.round < target:  # before any training
             runfolder.prepare(self.out_dir)
@@ -383,7 +384,7 @@ class Simulator(EngineView):
         ``log``, else is warned (:class:`runfolder.CheckpointWarning`).
 
         ``config`` may change only ``rounds``, ``checkpoint_every``, ``data_root``,
-        ``download``, ``device``, ``eval_batch_size`` and ``max_failed_rounds``; by default the
+        ``download``, ``device``, ``eval_batch_size``, ``max_failed_rounds`` and ``rollback_depth``; by default the
         checkpoint's own configuration is used. ``kwargs`` go to the constructor (``dataset``,
         ``workers``...)."""
         path = Path(path)

@@ -46,7 +46,7 @@ from ..federated.build import initial_model, resolve_device, whole_test_set
 from ..federated.config import FedConfig, config_mismatch, dataset_classes
 from ..federated.data import ImageDataset
 from ..federated.datafiles import load_dataset
-from ..federated.engine import ClientResult, EngineView, Round, RoundEngine
+from ..federated.engine import ClientResult, EngineView, Round, RoundEngine, failed_on_values
 from ..federated.keys import sample_clients
 from ..federated.methods import make_method
 from ..federated.rules import FederatedWarning, UpdateRejected
@@ -169,8 +169,9 @@ class MethodStrategy(EngineView, NodeExchange, Strategy):
             return ClientResult(p, "dropped", error="no SuperNode serves this partition")
         if reply is None:
             return ClientResult(p, "dropped", error="no reply in time")
-        if reply.has_error():
-            return ClientResult(p, "dropped", error=reply.error.reason)
+        if reply.has_error():  # the ClientApp raised (its exception's type in the reason), or Flower failed
+            reason = reply.error.reason
+            return ClientResult(p, "dropped", error=reason, state_failure=failed_on_values(reason))
         method = self.method
         metrics = reply.content.metric_records.get(METRICS, {})
         try:

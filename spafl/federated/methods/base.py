@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -317,6 +317,13 @@ class Method:
 
     def _unchanged(self, server):
         return GlobalState(dict(server.params), server.round + 1)
+
+    def restore(self, saved, server):
+        """The earlier global state ``saved`` (kept by the engine's rollback ring,
+        :class:`..engine.RollbackRing`) as the state after ``server``'s round: ``saved``'s
+        tensors with ``server``'s round count, and no change carried over (as a round that
+        aggregated nothing: SpaFL's ``delta`` zero)."""
+        return self._unchanged(replace(saved, round=server.round - 1))
 
     def aggregate(self, server, updates: list[Tensors], weights: list[float]):
         """The next global state from the round's accepted ``updates`` and their clients'

@@ -44,7 +44,9 @@ def write_history(out: Path, meta: dict, history: list[dict], layer_names: list[
     out.mkdir(parents=True, exist_ok=True)
     body = {**meta, "history_format": HISTORY_FORMAT, "history": history}
     atomic_write(out / "history.json", lambda f: f.write(json.dumps(body, indent=1).encode()))
-    columns = [k for k in history[0] if k not in ("layers", "errors", "tau")] if history else []
+    # every row's columns in the order they first appear (a column only some rounds have, as
+    # ``rolled_back_to``, is empty in the others)
+    columns = list(dict.fromkeys(k for row in history for k in row if k not in ("layers", "errors", "tau")))
     columns += [f"density:{name}" for name in layer_names]
     tau_layers = list(history[0].get("tau", {})) if history else []
     columns += [f"tau:{name}:{stat}" for name in tau_layers for stat in TAU_STATS]
