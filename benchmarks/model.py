@@ -766,7 +766,8 @@ def run_steps(args) -> int:
     for name in args.models:
         real = FedConfig(**preset(ms.STEP_PRESETS[name])).batch_size
         batch = args.batch or real
-        stem = f"step-{name}{'' if batch == real else f'-b{batch}'}-{args.dtype}-{args.optimizer}"
+        fmt = "" if args.memory_format == "auto" else f"-{args.memory_format.replace('_', '-')}"
+        stem = f"step-{name}{'' if batch == real else f'-b{batch}'}{fmt}-{args.dtype}-{args.optimizer}"
         paths = [out / f"{stem}-{d}{ext}" for d in args.devices for ext in (".csv", "-launches.csv", ".md")] if out \
             else []
         for path in paths:
@@ -779,8 +780,10 @@ def run_steps(args) -> int:
         launches = {d: [] for d in args.devices}
         t0 = time.perf_counter()
         for density in args.densities:
-            ours = ms.step_launches(name, density, dtype, batch=batch, optimizer=args.optimizer)
-            dense = ms.step_launches(name, density, dtype, dense=True, batch=batch, optimizer=dense_opt)
+            ours = ms.step_launches(name, density, dtype, batch=batch, optimizer=args.optimizer,
+                                    memory_format=args.memory_format)
+            dense = ms.step_launches(name, density, dtype, dense=True, batch=batch, optimizer=dense_opt,
+                                     memory_format=args.memory_format)
             for d in args.devices:
                 spec = DEVICES[d]
                 for provider, opt_name, res in (("spafl", args.optimizer, ours), ("dense", dense_opt, dense)):
@@ -804,7 +807,8 @@ def run_steps(args) -> int:
                                            "torch_launches", "macs", "bytes", "model_us", "dense_model_us",
                                            "vs_dense"))
                 note = "" if batch == real else f" (not the preset's batch {real})"
-                title = f"## {name} training step, batch {batch}{note}, {args.dtype}, {args.optimizer}, " \
+                layout = "" if args.memory_format == "auto" else f", {args.memory_format.replace('_', '-')}"
+                title = f"## {name} training step, batch {batch}{note}{layout}, {args.dtype}, {args.optimizer}, " \
                         f"{DEVICES[d].name}"
                 if last:
                     print(f"\n{title}\n\n{table}", flush=True)
@@ -1067,6 +1071,9 @@ def main(argv=None) -> int:
     st.add_argument("--batch", type=_positive_int, default=None,
                     help="batch size (default: the preset's; another one is named in the file names and titles)")
     st.add_argument("--dtype", choices=sorted(bench_kernels.DTYPES), default="float32")
+    st.add_argument("--memory-format", choices=("auto", "channels_last", "contiguous"), default="auto",
+                    help="the models' layout (auto: as the simulator sets it on a GPU, channels-last for the "
+                         "convolutional models; another one is named in the file names and titles)")
     pr = sub.add_parser("pair", help="the model beside every measured row of benchmarks/kernels.py")
     pr.add_argument("--measured", required=True)
     pr.add_argument("--device", choices=sorted(DEVICES), required=True)

@@ -149,20 +149,26 @@ def _clip_like_cuda(params: list[torch.Tensor], max_norm: float) -> None:
 
 
 def step_launches(model_name: str, density: float, dtype: torch.dtype = torch.float32, dense: bool = False,
-                  batch: int | None = None, optimizer="torch-sgd") -> dict[str, list[M.Launch]]:
+                  batch: int | None = None, optimizer="torch-sgd",
+                  memory_format: str = "auto") -> dict[str, list[M.Launch]]:
     """``{phase: [Launch]}`` of one local training step of a federated model at its preset's
     batch size, every threshold layer at ``density``: ``fwd`` (model and loss, with the threshold
     penalty), ``bwd``, ``step`` (gradient clipping where the preset clips, the optimizer's step,
     ``zero_grad``). ``optimizer``: a name of :data:`OPTIMIZERS` or a factory, with the preset's
     learning rate, momentum and weight decay. ``dense``: the same model with plain
-    ``nn.Conv2d`` / ``nn.Linear`` layers (``spafl.densify``)."""
+    ``nn.Conv2d`` / ``nn.Linear`` layers (``spafl.densify``). ``memory_format``: the model's
+    layout as the simulator sets it on a GPU (``FedConfig.memory_format``; "auto": channels-last
+    for the convolutional models, as on CUDA), the input batch NCHW as the simulator's data."""
     import spafl
     from spafl.federated import training
-    from spafl.federated.config import FedConfig, dataset_classes, model_input_shape, preset
+    from spafl.federated.build import channels_last
+    from spafl.federated.config import MEMORY_FORMATS, FedConfig, dataset_classes, model_input_shape, preset
     from spafl.federated.models import build_model
 
     if model_name not in STEP_PRESETS:
         raise ValueError(f"model must be one of {sorted(STEP_PRESETS)}, got {model_name!r}")
+    if memory_format not in MEMORY_FORMATS:
+        raise ValueError(f"memory_format must be one of {MEMORY_FORMATS}, got {memory_format!r}")
     factory = optimizer_factory(optimizer)
     config = FedConfig(**preset(STEP_PRESETS[model_name]))
     M._warm_state()
@@ -175,6 +181,8 @@ def step_launches(model_name: str, density: float, dtype: torch.dtype = torch.fl
             layer.threshold.copy_(spafl.threshold_for_density(layer.weight.detach().float(), density))
     if dense:
         model = spafl.densify(copy.deepcopy(model))
+    if channels_last(memory_format, torch.device("cuda"), model):  # (the modelled device's choice)
+        model = model.to(memory_format=torch.channels_last)
     model = model.to(dtype)
     model.train()
     b = batch or config.batch_size

@@ -761,7 +761,12 @@ def _check_operands(x: torch.Tensor, weight: torch.Tensor, row_mask: RowMask, ge
 
 
 def _is_channels_last(t: torch.Tensor) -> bool:
-    return t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
+    """Channels-last and not also contiguous; with one channel (where both hold) the channel
+    stride tells: 1 where the tensor was made channels-last (``model.to(memory_format=...)``
+    on a 1-channel stem), ``H * W`` where it was made contiguous."""
+    if not t.is_contiguous(memory_format=torch.channels_last):
+        return False
+    return not t.is_contiguous() or (t.shape[1] == 1 and t.shape[2] * t.shape[3] > 1 and t.stride(1) == 1)
 
 
 def _memory_format(x: torch.Tensor, weight: torch.Tensor) -> torch.memory_format:

@@ -446,6 +446,30 @@ def test_a_model_step_command_by_hand(tmp_path, capsys, monkeypatch):
     assert "exists" in capsys.readouterr().err
 
 
+def test_a_model_step_runs_channels_last_as_the_simulator_sets_it_on_a_gpu(tmp_path, monkeypatch):
+    # --memory-format auto (the default): the convolutional model channels-last, as the simulator
+    # runs it on CUDA: the second convolution reads its input in place (no `clone` of it in the
+    # forward or the backward) and gathers its active filters inside its tile loads (no weight
+    # compaction launch), the 1-channel stem's output channels-last too. "contiguous": the NCHW
+    # model, named so in its files and title.
+    monkeypatch.setitem(model_steps.STEP_PRESETS, "digits-cnn", "digits-cnn")
+    names = {}
+    for fmt in ("auto", "contiguous"):
+        argv = ["steps", "--models", "digits-cnn", "--batch", "4", "--densities", "0.5", "--devices", "h100",
+                "--memory-format", fmt, "--out", str(tmp_path)]
+        assert model.main(argv) == 0
+        suffix = "" if fmt == "auto" else "-contiguous"
+        with (tmp_path / f"step-digits-cnn-b4{suffix}-float32-torch-sgd-h100-launches.csv").open() as f:
+            names[fmt] = [r["name"] for r in csv.DictReader(f) if r["provider"] == "spafl"]
+    assert "contiguous" in (tmp_path / "step-digits-cnn-b4-contiguous-float32-torch-sgd-h100.md").read_text()
+    # (channels-last, one `clone` remains: flattening the last pooled activation for the Linear)
+    assert names["auto"].count("clone") == 1 and "_compact_weight_kernel" not in names["auto"], names["auto"]
+    assert names["contiguous"].count("clone") == 2 and "_compact_weight_kernel" in names["contiguous"]
+    assert len(names["auto"]) < len(names["contiguous"])
+    with pytest.raises(ValueError, match="memory_format must be one of"):
+        model_steps.step_launches("lenet5", 0.5, memory_format="nhwc")
+
+
 # ----------------------------------------------------------------------------- the fast convolution count
 
 # (batch, channels, filters, size, kernel, stride, padding, dilation, channels-last, dtype): small

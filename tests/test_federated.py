@@ -108,6 +108,34 @@ def test_simulator_accounting_lenet5_round():
     assert row["flops_total"] == pytest.approx(expected)
 
 
+@pytest.mark.parametrize("method", ["spafl", "fedavg"])
+def test_memory_format_channels_last_and_auto(method):
+    # "channels_last": the convolutions' weights (and so every activation after them) channels-last,
+    # kept so across rounds (clients' states loaded into the model, aggregates, the wire); the
+    # same run as "contiguous" to fp32 rounding of the convolutions. "auto" on the CPU: contiguous.
+    from spafl.federated.build import channels_last
+
+    runs = {}
+    for fmt in ("channels_last", "contiguous", "auto"):
+        sim = Simulator(small_config(method=method, rounds=2, memory_format=fmt))
+        runs[fmt] = strip_timing(sim.run())
+        convs = [p for p in sim.model.parameters() if p.dim() == 4]
+        assert convs
+        layout = torch.channels_last if fmt == "channels_last" else torch.contiguous_format
+        assert all(p.is_contiguous(memory_format=layout) for p in convs), fmt
+        # (a 1-channel filter bank is both; the 16-channel one tells)
+        assert any(not p.is_contiguous() for p in convs) == (fmt == "channels_last"), fmt
+    assert runs["auto"] == runs["contiguous"]
+    for a, b in zip(runs["channels_last"], runs["contiguous"], strict=True):
+        assert a["round"] == b["round"] and a["participants"] == b["participants"] and not a["round_failed"]
+        assert a["acc_mean"] == pytest.approx(b["acc_mean"], abs=0.05)
+    model = build_model("digits-cnn", 10)
+    assert channels_last("auto", torch.device("cuda"), model) and not channels_last("auto", torch.device("cpu"), model)
+    assert not channels_last("channels_last", torch.device("cpu"), torch.nn.Linear(3, 2))  # no 4-D weight
+    with pytest.raises(ValueError, match="memory_format must be one of"):
+        small_config(memory_format="nhwc")
+
+
 def _load(sim, i):
     sim.model.load_state_dict(sim.client_states[i])
     return sim.model

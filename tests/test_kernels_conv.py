@@ -119,6 +119,26 @@ def test_strided_views_and_channels_last_weights(device):
     assert y.is_contiguous(memory_format=torch.channels_last) and dx.is_contiguous(memory_format=torch.channels_last)
 
 
+@pytest.mark.parametrize("weight_layout", ["nchw", "channels_last"])
+def test_a_one_channel_stem_follows_its_weights_layout(weight_layout, device):
+    # One input channel: a weight made channels-last is also "contiguous" by PyTorch's test (the
+    # channel dimension has size 1); its channel stride (1, not kh*kw) says which it was made, and
+    # the output (and dX, dW) take that layout, so that a channels-last model's activations stay
+    # channels-last after its stem. The input's own layout is ambiguous too (NCHW here).
+    geo, x, w, b, dy, tau = _inputs(GEOMETRIES["3x3-pad1"], torch.float32, 0.4, device)
+    x, w = x[:, :1].contiguous(), w[:, :1].contiguous()
+    tau = threshold_for_density(w, 0.4)
+    if weight_layout == "channels_last":
+        w = w.to(memory_format=torch.channels_last)
+        assert w.is_contiguous() and w.stride(1) == 1
+    _, y, dx, dw, _ = _check_all(geo, x, w, b, dy, tau, "exact", torch.float32)
+    cl = weight_layout == "channels_last"
+    assert (y.stride(1) == 1) == cl and y.is_contiguous(memory_format=torch.channels_last if cl
+                                                        else torch.contiguous_format)
+    assert y.is_contiguous() != cl
+    assert dw.stride(1) == (1 if cl else 9)
+
+
 @pytest.mark.parametrize("compact_weight", [False, True])
 @pytest.mark.parametrize("weight_layout", ["nchw", "channels_last"])
 def test_both_weight_paths_and_layouts(compact_weight, weight_layout, device):

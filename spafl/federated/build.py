@@ -73,6 +73,19 @@ def initial_model(config: FedConfig, method: Method, num_classes: int, device: t
                         sample_fraction=config.sample_fraction, collapse_density=config.collapse_density,
                         collapse_timing=config.collapse_timing, collapse_in_eval=config.collapse_in_eval)
     model = model_fn() if model_fn is not None else build_model(config.model, num_classes, **layer_kwargs)
-    return method.prepare_model(model.to(device))
+    model = method.prepare_model(model.to(device))
+    if channels_last(config.memory_format, device, model):
+        model = model.to(memory_format=torch.channels_last)  # (the 4-D parameters and buffers; the same objects)
+    return model
+
+
+def channels_last(memory_format: str, device: torch.device, model: nn.Module) -> bool:
+    """Whether ``model`` runs channels-last: ``memory_format`` "channels_last", or "auto" on CUDA,
+    for a model with 4-D weights (convolutions). Channels-last weights make the convolutions'
+    outputs channels-last, so every later activation is too, and the Triton convolutions read
+    them in place (an NCHW activation is converted at every forward and again in the backward)."""
+    if memory_format == "contiguous" or (memory_format == "auto" and torch.device(device).type != "cuda"):
+        return False
+    return any(p.dim() == 4 for p in model.parameters())
 
 

@@ -76,6 +76,7 @@ _HELP = {
     "checkpoint_every": "rounds between checkpoints (0: only at the end)",
     "mask_layer": "threshold layer whose masks are recorded for the mask plot ('none': the model's first)",
     "device": "auto, cpu or cuda[:i]",
+    "memory_format": "a convolutional model's layout: auto (channels-last on CUDA), channels_last or contiguous",
     "optimizer_lifetime": "per-round (a fresh SGD optimiser every round) or per-run (one per client, momentum kept)",
     "collapse_timing": "collapse guard on the density of this forward (current) or the previous one (previous)",
     "collapse_in_eval": "run the collapse guard in evaluation too (a reset persists in the client)",

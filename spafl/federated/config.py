@@ -23,6 +23,7 @@ OPTIMIZER_LIFETIMES = ("per-round", "per-run")
 COLLAPSE_TIMINGS = ("current", "previous")
 RNG_MODES = ("keyed", "global")
 NORMALIZATIONS = ("standard", "raw")
+MEMORY_FORMATS = ("auto", "channels_last", "contiguous")
 AGGREGATORS = ("mean", "median", "trimmed-mean")
 _DATASET_SHAPES = {"digits": (1, 8, 8), "fmnist": (1, 28, 28), "cifar10": (3, 32, 32), "cifar100": (3, 32, 32)}
 _MODEL_INPUTS = {"digits-cnn": (1, 8, 8), "lenet5": (1, 28, 28), "conv4": (3, 32, 32), "vit": (3, 32, 32),
@@ -112,6 +113,11 @@ class FedConfig:
     # run
     seed: int = 0
     device: str = "auto"
+    # ``memory_format`` of a model with convolutions: "auto" (channels-last on CUDA, where the
+    # Triton convolutions read and write channels-last tensors in place and an NCHW activation
+    # would be converted at every call; contiguous elsewhere), "channels_last" or "contiguous"
+    # (build.initial_model)
+    memory_format: str = "auto"
     eval_batch_size: int = 1024
     checkpoint_every: int = 10
     mask_layer: str | None = None
@@ -182,6 +188,8 @@ class FedConfig:
                 errors.append(message)
 
         need(self.method in METHODS, f"method must be one of {METHODS}, got {self.method!r}")
+        need(self.memory_format in MEMORY_FORMATS,
+             f"memory_format must be one of {MEMORY_FORMATS}, got {self.memory_format!r}")
         need(_is_real(self.sparsity) and 0 <= self.sparsity < 1, f"sparsity must be in [0, 1), got {self.sparsity!r}")
         need(_is_real(self.beta) and self.beta >= 1, f"beta must be a finite number >= 1, got {self.beta!r}")
         need(self.lr_final is None or (_is_real(self.lr_final) and self.lr_final > 0),
@@ -399,8 +407,8 @@ def build_config(preset_name: str | None = None, file_values: dict[str, Any] | N
 
 
 # Fields that may differ between a checkpoint and the run that resumes it.
-RESUMABLE_CHANGES = frozenset({"rounds", "checkpoint_every", "data_root", "download", "device", "eval_batch_size",
-                               "max_failed_rounds", "rollback_depth"})
+RESUMABLE_CHANGES = frozenset({"rounds", "checkpoint_every", "data_root", "download", "device", "memory_format",
+                               "eval_batch_size", "max_failed_rounds", "rollback_depth"})
 
 
 def config_mismatch(saved: dict[str, Any], current: FedConfig) -> list[str]:
