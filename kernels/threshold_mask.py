@@ -256,15 +256,7 @@ def guarded_row_mask(
     device, n_rows = weight2d.device, weight2d.shape[0]
     score = scratch("row_mask.score", (n_rows,), torch.float32, device)
     collapsed = scratch("row_mask.collapsed", (1,), torch.int8, device)
-    written = [threshold]
-    if previous_density is None:
-        previous_density = scratch("row_mask.density", (1,), torch.float32, device)
-    else:
-        written.append(previous_density)
-    if counter is None:
-        counter = scratch("row_mask.resets", (1,), torch.int64, device)
-    else:
-        written.append(counter)
+    previous_density, counter, written = _guard_targets(threshold, previous_density, counter, device)
     row_mask = _launch(weight2d, threshold, score, collapsed, collapse_density, previous_density, counter, previous,
                        True)
     # (the launch wrote them: autograd's in-place checks must see it, as they saw the host's writes)
@@ -282,8 +274,7 @@ def guard_writes(threshold: torch.Tensor, collapsed: torch.Tensor, count: torch.
     with the version counters of the written tensors bumped as they would be. The tensors must
     be what :func:`writes_guard` accepts."""
     if not writes_guard(threshold, previous_density, counter):
-        raise ValueError("the guard's writes need a unit-stride threshold, an fp32 one-element previous "
-                         "density and an int64 one-element counter on the threshold's device")
+        raise ValueError(_GUARD_TENSORS)
     device, n_rows = threshold.device, threshold.shape[0]
     if collapsed.numel() != 1 or collapsed.device != device or collapsed.dtype not in (torch.bool, torch.int8):
         raise ValueError(f"collapsed must be one bool or int8 element on {device}, got {collapsed.dtype} "
@@ -291,6 +282,23 @@ def guard_writes(threshold: torch.Tensor, collapsed: torch.Tensor, count: torch.
     if count.numel() != 1 or count.device != device or count.dtype != torch.int32:
         raise ValueError(f"count must be one int32 element on {device}, got {count.dtype} {tuple(count.shape)} "
                          f"on {count.device}")
+    previous_density, counter, written = _guard_targets(threshold, previous_density, counter, device)
+    flag = collapsed.view(torch.int8) if collapsed.dtype == torch.bool else collapsed
+    _guard_writes_kernel[(1,)](flag, count, threshold, counter, previous_density, n_rows,
+                               BLOCK=min(_COMPACT_BLOCK, next_power_of_2(n_rows)) if gpu_tiles() else 64, num_warps=1)
+    # (the launch wrote them: autograd's in-place checks must see it, as they saw the host's writes)
+    torch._C._increment_version(written)
+
+
+_GUARD_TENSORS = ("the guard's writes need a unit-stride threshold, an fp32 one-element previous density and an "
+                  "int64 one-element counter on the threshold's device")
+
+
+def _guard_targets(threshold: torch.Tensor, previous_density: torch.Tensor | None, counter: torch.Tensor | None,
+                   device: torch.device) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+    """The stored density and the reset counter a guard's launch writes (scratch for those the
+    caller does not keep) and the caller's tensors among what it writes (their versions bumped
+    after the launch)."""
     written = [threshold]
     if previous_density is None:
         previous_density = scratch("row_mask.density", (1,), torch.float32, device)
@@ -300,11 +308,7 @@ def guard_writes(threshold: torch.Tensor, collapsed: torch.Tensor, count: torch.
         counter = scratch("row_mask.resets", (1,), torch.int64, device)
     else:
         written.append(counter)
-    flag = collapsed.view(torch.int8) if collapsed.dtype == torch.bool else collapsed
-    _guard_writes_kernel[(1,)](flag, count, threshold, counter, previous_density, n_rows,
-                               BLOCK=min(_COMPACT_BLOCK, next_power_of_2(n_rows)) if gpu_tiles() else 64, num_warps=1)
-    # (the launch wrote them: autograd's in-place checks must see it, as they saw the host's writes)
-    torch._C._increment_version(written)
+    return previous_density, counter, written
 
 
 def writes_guard(threshold: torch.Tensor, previous_density: torch.Tensor | None, counter: torch.Tensor | None) -> bool:
@@ -386,8 +390,7 @@ class PreparedRowMask:
         device, (n_rows, fan_in) = weight2d.device, weight2d.shape
         guard = collapse_density is not None
         if guard and not writes_guard(threshold, previous_density, counter):
-            raise ValueError("the guard's writes need a unit-stride threshold, an fp32 one-element previous "
-                             "density and an int64 one-element counter on the weight's device")
+            raise ValueError(_GUARD_TENSORS)
         score = held_scratch("row_mask.score", (n_rows,), torch.float32, device)
         if score.buffer is None:  # (over 256 K rows: scores of a call's own, as the launcher has them)
             raise ValueError("a prepared row mask keeps its scores: at most 256 K rows")
@@ -398,14 +401,7 @@ class PreparedRowMask:
         self._written = [threshold]
         if guard:
             collapsed = scratch("row_mask.collapsed", (1,), torch.int8, device)
-            if previous_density is None:
-                previous_density = scratch("row_mask.density", (1,), torch.float32, device)
-            else:
-                self._written.append(previous_density)
-            if counter is None:
-                counter = scratch("row_mask.resets", (1,), torch.int64, device)
-            else:
-                self._written.append(counter)
+            previous_density, counter, self._written = _guard_targets(threshold, previous_density, counter, device)
             self._tail = (collapsed, ticket_counter(device), previous_density, counter, n_rows, fan_in,
                           weight2d.stride(0), weight2d.stride(1), float(collapse_density))
         else:
