@@ -273,6 +273,9 @@ def guard_writes(threshold: torch.Tensor, collapsed: torch.Tensor, count: torch.
     active-row count). The same results as the host's ``masked_fill_``, ``add_`` and ``div``,
     with the version counters of the written tensors bumped as they would be. The tensors must
     be what :func:`writes_guard` accepts."""
+    if threshold.dim() != 1 or not threshold.is_floating_point():
+        raise ValueError(f"the guard writes one-dimensional floating-point thresholds, got {threshold.dtype} "
+                         f"{tuple(threshold.shape)}")
     if not writes_guard(threshold, previous_density, counter):
         raise ValueError(_GUARD_TENSORS)
     device, n_rows = threshold.device, threshold.shape[0]

@@ -361,15 +361,21 @@ def test_triton_compact_training_loop_adds_the_term_once(mode, which):
         assert not torch.allclose(a.weight, ref.weight, rtol=1e-4, atol=1e-5), fault
 
 
+def _guarded_twins(timing: str):
+    """A Triton layer with the collapse guard stepped by spafl.optim.SGD, and its copy stepped by
+    torch.optim.SGD."""
+    torch.manual_seed(0)
+    a = _layer("linear", backend="triton", collapse_density=0.3, collapse_timing=timing, device=_device())
+    b = copy.deepcopy(a)
+    return a, b, so.SGD(a.parameters(), lr=0.05, momentum=0.9), torch.optim.SGD(b.parameters(), lr=0.05, momentum=0.9)
+
+
 @triton_only
 @pytest.mark.parametrize("timing", ["current", "previous"])
 def test_triton_collapse_guard_in_the_fused_step(timing):
     # The fused kernel makes the guard's decision for the next forward (either timing); that
     # forward resets the thresholds and stores its density as the row-mask kernel's path does.
-    torch.manual_seed(0)
-    a = _layer("linear", backend="triton", collapse_density=0.3, collapse_timing=timing, device=_device())
-    b = copy.deepcopy(a)
-    oa, ob = so.SGD(a.parameters(), lr=0.05, momentum=0.9), torch.optim.SGD(b.parameters(), lr=0.05, momentum=0.9)
+    a, b, oa, ob = _guarded_twins(timing)
     gen = torch.Generator().manual_seed(7)
     for step in range(5):
         x = _input("linear", gen).to(_device())
@@ -444,6 +450,10 @@ def test_guard_writes_refuse_what_they_cannot_write():
         guard_writes(tau, torch.zeros(2, dtype=torch.bool, device=device), count, None, None)
     with pytest.raises(ValueError, match="count must be one int32"):
         guard_writes(tau, flag, torch.zeros(1, dtype=torch.int64, device=device), None, None)
+    with pytest.raises(ValueError, match="one-dimensional floating-point thresholds"):
+        guard_writes(torch.zeros(8, 1, device=device), flag, count, None, None)
+    with pytest.raises(ValueError, match="one-dimensional floating-point thresholds"):
+        guard_writes(torch.zeros(8, dtype=torch.int32, device=device), flag, count, None, None)
 
 
 @triton_only
@@ -452,10 +462,7 @@ def test_the_forward_after_a_fused_step_writes_the_guard_in_one_launch():
     # as one launch (not three PyTorch operations), with the row-mask kernel's results.
     from work_count import WorkCounter
 
-    torch.manual_seed(0)
-    a = _layer("linear", backend="triton", collapse_density=0.3, collapse_timing="previous", device=_device())
-    b = copy.deepcopy(a)
-    oa, ob = so.SGD(a.parameters(), lr=0.05, momentum=0.9), torch.optim.SGD(b.parameters(), lr=0.05, momentum=0.9)
+    a, b, oa, ob = _guarded_twins("previous")
     gen = torch.Generator().manual_seed(3)
     for _ in range(2):
         x = _input("linear", gen).to(_device())

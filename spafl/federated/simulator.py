@@ -384,9 +384,9 @@ class Simulator(EngineView):
         ``log``, else is warned (:class:`runfolder.CheckpointWarning`).
 
         ``config`` may change only ``rounds``, ``checkpoint_every``, ``data_root``,
-        ``download``, ``device``, ``eval_batch_size``, ``max_failed_rounds`` and ``rollback_depth``; by default the
-        checkpoint's own configuration is used. ``kwargs`` go to the constructor (``dataset``,
-        ``workers``...)."""
+        ``download``, ``device``, ``memory_format``, ``eval_batch_size``, ``max_failed_rounds`` and
+        ``rollback_depth``; by default the checkpoint's own configuration is used. ``kwargs`` go
+        to the constructor (``dataset``, ``workers``...)."""
         path = Path(path)
         kwargs.setdefault("out_dir", path if path.is_dir() else path.parent)
         found = runfolder.open_checkpoint(path, kwargs["out_dir"])
