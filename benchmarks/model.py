@@ -767,6 +767,7 @@ def run_steps(args) -> int:
         real = FedConfig(**preset(ms.STEP_PRESETS[name])).batch_size
         batch = args.batch or real
         fmt = "" if args.memory_format == "auto" else f"-{args.memory_format.replace('_', '-')}"
+        fmt += "" if args.penalty == "grad" else f"-penalty-{args.penalty}"
         stem = f"step-{name}{'' if batch == real else f'-b{batch}'}{fmt}-{args.dtype}-{args.optimizer}"
         paths = [out / f"{stem}-{d}{ext}" for d in args.devices for ext in (".csv", "-launches.csv", ".md")] if out \
             else []
@@ -781,7 +782,7 @@ def run_steps(args) -> int:
         t0 = time.perf_counter()
         for density in args.densities:
             ours = ms.step_launches(name, density, dtype, batch=batch, optimizer=args.optimizer,
-                                    memory_format=args.memory_format)
+                                    memory_format=args.memory_format, penalty=args.penalty)
             dense = ms.step_launches(name, density, dtype, dense=True, batch=batch, optimizer=dense_opt,
                                      memory_format=args.memory_format)
             for d in args.devices:
@@ -808,6 +809,7 @@ def run_steps(args) -> int:
                                            "vs_dense"))
                 note = "" if batch == real else f" (not the preset's batch {real})"
                 layout = "" if args.memory_format == "auto" else f", {args.memory_format.replace('_', '-')}"
+                layout += "" if args.penalty == "grad" else ", the threshold penalty in the loss"
                 title = f"## {name} training step, batch {batch}{note}{layout}, {args.dtype}, {args.optimizer}, " \
                         f"{DEVICES[d].name}"
                 if last:
@@ -1074,6 +1076,10 @@ def main(argv=None) -> int:
     st.add_argument("--memory-format", choices=("auto", "channels_last", "contiguous"), default="auto",
                     help="the models' layout (auto: as the simulator sets it on a GPU, channels-last for the "
                          "convolutional models; another one is named in the file names and titles)")
+    st.add_argument("--penalty", choices=model_steps.PENALTIES, default="grad",
+                    help="the threshold penalty: grad, its gradient added after the backward (as the simulator "
+                         "trains); loss, the term in the loss (another than grad is named in the file names and "
+                         "titles)")
     pr = sub.add_parser("pair", help="the model beside every measured row of benchmarks/kernels.py")
     pr.add_argument("--measured", required=True)
     pr.add_argument("--device", choices=sorted(DEVICES), required=True)

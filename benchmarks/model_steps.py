@@ -148,15 +148,22 @@ def _clip_like_cuda(params: list[torch.Tensor], max_norm: float) -> None:
     torch._foreach_mul_(grads, coef)
 
 
+# How the spafl side's threshold penalty enters the step (see step_launches).
+PENALTIES = ("grad", "loss")
+
+
 def step_launches(model_name: str, density: float, dtype: torch.dtype = torch.float32, dense: bool = False,
                   batch: int | None = None, optimizer="torch-sgd",
-                  memory_format: str = "auto") -> dict[str, list[M.Launch]]:
+                  memory_format: str = "auto", penalty: str = "grad") -> dict[str, list[M.Launch]]:
     """``{phase: [Launch]}`` of one local training step of a federated model at its preset's
-    batch size, every threshold layer at ``density``: ``fwd`` (model and loss, with the threshold
-    penalty), ``bwd``, ``step`` (gradient clipping where the preset clips, the optimizer's step,
-    ``zero_grad``). ``optimizer``: a name of :data:`OPTIMIZERS` or a factory, with the preset's
-    learning rate, momentum and weight decay. ``dense``: the same model with plain
-    ``nn.Conv2d`` / ``nn.Linear`` layers (``spafl.densify``). ``memory_format``: the model's
+    batch size, every threshold layer at ``density``: ``fwd`` (model and loss), ``bwd``,
+    ``step`` (gradient clipping where the preset clips, the optimizer's step, ``zero_grad``).
+    ``penalty`` (the spafl side's threshold penalty): "grad", its gradient added after the
+    backward (``spafl.add_threshold_penalty_grad``, as the simulator trains; in ``bwd``), or
+    "loss", the term added to the loss (``spafl.threshold_penalty``; in ``fwd`` and ``bwd``).
+    ``optimizer``: a name of :data:`OPTIMIZERS` or a factory, with the preset's learning rate,
+    momentum and weight decay. ``dense``: the same model with plain ``nn.Conv2d`` /
+    ``nn.Linear`` layers (``spafl.densify``). ``memory_format``: the model's
     layout as the simulator sets it on a GPU (``FedConfig.memory_format``; "auto": channels-last
     for the convolutional models, as on CUDA), the input batch NCHW as the simulator's data."""
     import spafl
@@ -169,6 +176,8 @@ def step_launches(model_name: str, density: float, dtype: torch.dtype = torch.fl
         raise ValueError(f"model must be one of {sorted(STEP_PRESETS)}, got {model_name!r}")
     if memory_format not in MEMORY_FORMATS:
         raise ValueError(f"memory_format must be one of {MEMORY_FORMATS}, got {memory_format!r}")
+    if penalty not in PENALTIES:
+        raise ValueError(f"penalty must be one of {PENALTIES}, got {penalty!r}")
     factory = optimizer_factory(optimizer)
     config = FedConfig(**preset(STEP_PRESETS[model_name]))
     M._warm_state()
@@ -193,9 +202,17 @@ def step_launches(model_name: str, density: float, dtype: torch.dtype = torch.fl
     params = list(model.parameters())
     opt = factory(params, Hyper(config.lr, config.momentum, config.weight_decay))
 
+    in_loss = not dense and penalty == "loss"
+    taus = [] if dense or in_loss else [layer.threshold for layer in spafl.threshold_layers(model)]
+
     def forward(x=x, y=y):
         loss = F.cross_entropy(model(x), y)
-        return loss if dense else loss + lam * spafl.threshold_penalty(model)
+        return loss + lam * spafl.threshold_penalty(model) if in_loss else loss
+
+    def backward(loss):
+        loss.backward()
+        if taus:
+            spafl.add_threshold_penalty_grad(taus, lam)
 
     def update():
         if config.clip is not None:
@@ -203,8 +220,8 @@ def step_launches(model_name: str, density: float, dtype: torch.dtype = torch.fl
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    _warm(lambda: forward(x[:2], y[:2]), lambda loss: loss.backward(), opt)  # BatchNorm needs 2 samples
-    return _record_step(M.Recorder(), forward, lambda loss: loss.backward(), update, opt)
+    _warm(lambda: forward(x[:2], y[:2]), backward, opt)  # BatchNorm needs 2 samples
+    return _record_step(M.Recorder(), forward, backward, update, opt)
 
 
 # ----------------------------------------------------------------------------- one layer

@@ -9,6 +9,7 @@ Public API:
     find_zero_input_layers, mark_zero_input_layers   input-side skipping where it is exact
     threshold_layers, named_threshold_layers   the threshold layers of a model (like modules / named_modules)
     threshold_penalty, model_density, threshold_for_density
+    add_threshold_penalty_grad                the penalty's gradient, added after the backward
     RowMask                                   device-side mask / compact index list / count
     reference                                 the masked-dense reference of every op (the tests' oracle)
     compact                                   the compacting plain-PyTorch backend (CPU default)
@@ -23,6 +24,7 @@ from . import (
 )
 from ._rowmask import RowMask
 from .convert import (
+    add_threshold_penalty_grad,
     dense_state_dict,
     densify,
     model_density,
@@ -50,6 +52,7 @@ __all__ = [
     "ThresholdConv2dFunction",
     "ThresholdLinear",
     "ThresholdLinearFunction",
+    "add_threshold_penalty_grad",
     "compact",
     "compact_conv",
     "dense_state_dict",

@@ -470,6 +470,36 @@ def test_a_model_step_runs_channels_last_as_the_simulator_sets_it_on_a_gpu(tmp_p
         model_steps.step_launches("lenet5", 0.5, memory_format="nhwc")
 
 
+def test_a_model_step_adds_the_penalty_gradient_as_the_simulator_does(tmp_path, monkeypatch):
+    # --penalty grad (the default): no penalty in the forward, its gradient in four multi-tensor
+    # launches after the backward and no add per layer where autograd joined the two threshold
+    # gradients; "loss": the term in the loss, named so in the files. The dense side is the same.
+    monkeypatch.setitem(model_steps.STEP_PRESETS, "digits-cnn", "digits-cnn")
+    names = {}
+    for penalty in ("grad", "loss"):
+        argv = ["steps", "--models", "digits-cnn", "--batch", "4", "--densities", "0.5", "--devices", "h100",
+                "--penalty", penalty, "--out", str(tmp_path)]
+        assert model.main(argv) == 0
+        suffix = "" if penalty == "grad" else "-penalty-loss"
+        with (tmp_path / f"step-digits-cnn-b4{suffix}-float32-torch-sgd-h100-launches.csv").open() as f:
+            rows = list(csv.DictReader(f))
+        names[penalty] = {(p, ph): [r["name"] for r in rows if r["provider"] == p and r["op"] == ph]
+                          for p in ("spafl", "dense") for ph in ("fwd", "bwd", "step")}
+    assert "penalty in the loss" in (tmp_path / "step-digits-cnn-b4-penalty-loss-float32-torch-sgd-h100.md").read_text()
+    grad, loss = names["grad"], names["loss"]
+    assert "exp" not in grad[("spafl", "fwd")] and "exp" in loss[("spafl", "fwd")]
+    foreach = [n for n in grad[("spafl", "bwd")] if n.startswith("_foreach")]
+    assert foreach == ["_foreach_neg", "_foreach_exp_", "_foreach_mul_.Scalar", "_foreach_sub_.List"], foreach
+    layers = 4  # digits-cnn: two convolutions, two Linear layers
+    saved = len(loss[("spafl", "fwd")]) + len(loss[("spafl", "bwd")]) - len(grad[("spafl", "fwd")]) \
+        - len(grad[("spafl", "bwd")])
+    assert saved >= layers + 2, saved
+    for ph in ("fwd", "bwd", "step"):
+        assert grad[("dense", ph)] == loss[("dense", ph)]
+    with pytest.raises(ValueError, match="penalty must be one of"):
+        model_steps.step_launches("lenet5", 0.5, penalty="graph")
+
+
 # ----------------------------------------------------------------------------- the fast convolution count
 
 # (batch, channels, filters, size, kernel, stride, padding, dilation, channels-last, dtype): small

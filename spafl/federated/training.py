@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..convert import named_threshold_layers, threshold_penalty
+from ..convert import add_threshold_penalty_grad, named_threshold_layers, threshold_layers
 from ..optim import SGD
 from .config import FedConfig
 from .data import ClientData, crop_flip
@@ -136,6 +136,12 @@ def local_train(model: nn.Module, data: ClientData, config: FedConfig, round_ind
     if len(generators) != config.local_epochs:
         raise ValueError(f"{len(generators)} generators for {config.local_epochs} local epochs")
     lam = penalty_coefficient(config, round_index) if penalty else 0.0
+    # The penalty enters as its gradient, added after each backward (four multi-tensor launches
+    # for the model, where the term in the loss costs about ten plus one per layer); the
+    # thresholds end with the same bits (spafl.add_threshold_penalty_grad).
+    taus = [layer.threshold for layer in threshold_layers(model)] if lam else []
+    if lam and not taus:
+        raise ValueError("model has no threshold layers")
     n, b = data.num_train, config.batch_size
     steps = num_batches(n, b, config.drop_last)
     device = data.train_x.device
@@ -150,9 +156,10 @@ def local_train(model: nn.Module, data: ClientData, config: FedConfig, round_ind
             if data.augment:
                 x = crop_flip(x, data.fill, generator)
             loss = F.cross_entropy(model(x), y)
-            objective = loss + lam * threshold_penalty(model) if lam else loss
             opt.zero_grad(set_to_none=True)
-            objective.backward()
+            loss.backward()
+            if lam:
+                add_threshold_penalty_grad(taus, lam)
             if config.clip is not None:
                 nn.utils.clip_grad_norm_(model.parameters(), config.clip)
             opt.step()
