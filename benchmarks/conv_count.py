@@ -48,6 +48,24 @@ def _addr(t: torch.Tensor, offsets: np.ndarray) -> np.ndarray:
     return (t.data_ptr() + off * t.element_size()) // SECTOR
 
 
+def guard_stores(a: dict, n: int, count: int, reads: list, writes: list) -> None:
+    """The forward kernels' ``GUARD_WRITES`` (program 0: the collapse guard's writes for a mask
+    a fused step built, ``kernels.threshold_mask._guard_stores``): made here, and their traffic
+    added to ``reads`` / ``writes``."""
+    if not a.get("GUARD_WRITES"):
+        return
+    flag, tau, resets, previous = (a[k].view(-1) for k in ("guard_flag_ptr", "guard_tau_ptr", "guard_resets_ptr",
+                                                            "guard_previous_ptr"))  # (one-element: 0-dim too)
+    reads.append(_addr(flag, [0]))
+    if int(flag[0]) != 0:
+        tau[:n] = 0
+        resets[0] += 1
+        reads.append(_addr(resets, [0]))
+        writes += [_addr(tau, np.arange(n)), _addr(resets, [0])]
+    previous[0] = torch.tensor(float(count), dtype=torch.float32) / torch.tensor(float(n), dtype=torch.float32)
+    writes.append(_addr(previous, [0]))
+
+
 def _unique_bytes(parts: list[np.ndarray]) -> int:
     """32 x the distinct sectors in ``parts``: parts whose sector ranges overlap are merged and
     counted on a bitmap of their span (a buffer's span, not the address space; no sort)."""
@@ -190,6 +208,7 @@ def _fwd(a: dict, grid: tuple) -> dict:
     if a["HAS_BIAS"]:
         val += a["b_ptr"][:nF].float()[None, :, None, None]
     y.copy_(val)
+    guard_stores(a, nF, count, reads, writes)
     return {**fields, "read_bytes": _unique_bytes(reads), "write_bytes": _unique_bytes(writes)}
 
 

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from conv_count import SECTOR, _class_width, _unique_bytes, cdiv, count_with
+from conv_count import SECTOR, _class_width, _unique_bytes, cdiv, count_with, guard_stores
 
 
 def _addr(t: torch.Tensor, offsets) -> np.ndarray:
@@ -185,6 +185,7 @@ def _fwd(a: dict, grid: tuple) -> dict:
         reads.append(_addr(a["b_ptr"], perm_np[pos]))
     writes.append(_cols(a["y_ptr"], 0, M, a["stride_ym"], perm_np[pos], a["stride_yn"]))
     _fwd_values(a, perm, count, hi)
+    guard_stores(a, N, count, reads, writes)
     return _result(work, reads, writes)
 
 

@@ -400,6 +400,12 @@ def candidate_metas(family: str, fixed: dict, limits: dict | None = None, fixed_
     return metas
 
 
+def launches_once(consts: dict) -> bool:
+    """Whether :func:`launch` with these constexprs launches its kernel exactly once (no tuner,
+    no recording of every candidate): then the launch may carry writes that must happen once."""
+    return bool(consts.get("WIDE")) or not (_every_candidate or autotune_enabled())
+
+
 def launch(
     kernel,
     family: str,

@@ -64,22 +64,25 @@ from ._config import (
     grid_programs,
     interpreter_enabled,
     launch,
+    launches_once,
     next_power_of_2,
     sample_block,
     tail_widths,
     use_compact_weight,
 )
 from .threshold_linear import (
+    _NO_GUARD,
     BACKWARD_MODES,
     DYC_PAD,
     _grouped_tile,
+    _row_mask_guard,
     check_density_hint,
     check_row_mask_operands,
     compact_weight_rows,
     finish_threshold_gradients,
     split_tickets,
 )
-from .threshold_mask import fits_int32
+from .threshold_mask import _guard_stores_apart, fits_int32, flush_guard_writes
 
 
 @triton.jit
@@ -189,6 +192,10 @@ def _threshold_conv2d_fwd_kernel(
     sxb, sxc, sxh, sxw,
     swf, swc, swh, sww,
     syb, syf, syh, syw,
+    guard_flag_ptr,  # [1] int8 (GUARD_WRITES: the collapse guard's writes, as the Linear forward's)
+    guard_tau_ptr,  # [F]
+    guard_resets_ptr,  # [1] int64
+    guard_previous_ptr,  # [1] fp32
     HAS_BIAS: tl.constexpr,
     COMPACT_W: tl.constexpr,
     UPCAST: tl.constexpr,
@@ -203,6 +210,8 @@ def _threshold_conv2d_fwd_kernel(
     TAIL1: tl.constexpr,  # narrower tiles for the block that straddles count
     TAIL2: tl.constexpr,
     TAIL3: tl.constexpr,
+    GUARD_WRITES: tl.constexpr = False,
+    GUARD_BLOCK: tl.constexpr = 64,
 ):
     pid = tl.program_id(0)
     pid_m, pid_p = _grouped_tile(pid, tl.cdiv(P, BLOCK_M), tl.cdiv(F, BLOCK_N), GROUP_M)
@@ -252,6 +261,11 @@ def _threshold_conv2d_fwd_kernel(
     else:
         _conv_fill_pruned(b_ptr, y_ptr, perm_ptr, p0, p0 + BLOCK_N, F, m_ok, out, syf, HAS_BIAS, WIDE, BLOCK_M,
                           BLOCK_N)
+    if GUARD_WRITES:
+        # (last, when the tile's registers are free; no program reads what it writes)
+        if pid == 0:
+            _guard_stores_apart(guard_flag_ptr, count, F, guard_tau_ptr, guard_resets_ptr, guard_previous_ptr,
+                                GUARD_BLOCK)
 
 
 # ----------------------------------------------------------------------------- dX
@@ -875,11 +889,14 @@ def threshold_conv2d_fwd(
     check_density_hint(density_hint)
     batch, chans, height, width = x.shape
     filters, _, kh, kw = weight.shape
+    guard = _row_mask_guard(row_mask, filters)
     ho, wo = geometry.output_size(height, width)
     y = torch.empty((batch, filters, ho, wo), device=x.device, dtype=x.dtype,
                     memory_format=_memory_format(x, weight))
     pixels = batch * ho * wo
     if pixels == 0:
+        if guard is not None:
+            flush_guard_writes(guard)
         return y
     if bias is not None:
         bias = bias.contiguous()
@@ -900,15 +917,22 @@ def threshold_conv2d_fwd(
     fixed = {"BLOCK_M": tiles.fwd_pixels, "BLOCK_N": tiles.fwd_filters, "BLOCK_K": channel_tile,
              "GROUP_M": cfg.group_m, **tail_widths(tiles.fwd_filters), "num_warps": cfg.num_warps,
              "num_stages": cfg.num_stages}
+    consts = dict(HAS_BIAS=bias is not None, COMPACT_W=compact, UPCAST=interpreter_enabled(),
+                  DOT_PRECISION=dot_precision("conv", x.dtype), WIDE=wide, KH=kh, KW=kw)
+    if guard is not None and (wide or not launches_once(consts)):  # (as the Linear forward: _guard_in_launch)
+        flush_guard_writes(guard)
+        guard = None
+    if guard is not None:
+        consts.update(GUARD_WRITES=True, GUARD_BLOCK=guard.block)
     launch(
         _threshold_conv2d_fwd_kernel,
         "conv_fwd",
         lambda meta: (cdiv(pixels, meta["BLOCK_M"]) * cdiv(filters, meta["BLOCK_N"]),),
         fixed,
         (x_cl, w_op, bias if bias is not None else weight, row_mask.perm, row_mask.count, y, pixels, filters, chans,
-         height, width, ho, wo, *_geometry_args(geometry), *x_cl.stride(), *w_strides, *y.stride()),
-        dict(HAS_BIAS=bias is not None, COMPACT_W=compact, UPCAST=interpreter_enabled(),
-             DOT_PRECISION=dot_precision("conv", x.dtype), WIDE=wide, KH=kh, KW=kw),
+         height, width, ho, wo, *_geometry_args(geometry), *x_cl.stride(), *w_strides, *y.stride(),
+         *(guard.kernel_args() if guard is not None else _NO_GUARD(row_mask.count))),
+        consts,
         dtype=x.dtype,
         rows=pixels,
         density_hint=density_hint,

@@ -85,7 +85,15 @@ from ._config import (
     use_compact_weight,
     wide_config,
 )
-from .threshold_mask import Scratch, fits_int32, held_scratch, scratch
+from .threshold_mask import (
+    GuardWrites,
+    Scratch,
+    _guard_stores,
+    fits_int32,
+    flush_guard_writes,
+    held_scratch,
+    scratch,
+)
 
 BACKWARD_MODES = {"exact": 0, "skip": 1, "sample": 2}
 
@@ -252,6 +260,10 @@ def _threshold_linear_fwd_kernel(
     stride_ym,
     stride_yn,
     stride_zm,
+    guard_flag_ptr,  # [1] int8: the collapse guard fired (GUARD_WRITES; kernels.threshold_mask.GuardWrites)
+    guard_tau_ptr,  # [N] thresholds, unit stride: set to 0 where it fired (GUARD_WRITES)
+    guard_resets_ptr,  # [1] int64: the reset counter, + 1 where it fired (GUARD_WRITES)
+    guard_previous_ptr,  # [1] fp32 out: count / N (GUARD_WRITES)
     HAS_BIAS: tl.constexpr,
     COMPACT_W: tl.constexpr,
     UPCAST: tl.constexpr,  # compute the dot in fp32 (interpreter: bf16 tl.dot is unreliable there)
@@ -266,6 +278,8 @@ def _threshold_linear_fwd_kernel(
     TAIL3: tl.constexpr,
     STORE_Z: tl.constexpr = False,
     Z_ALL: tl.constexpr = False,  # Z of the pruned units too (exact mode's r): tiles over all of perm
+    GUARD_WRITES: tl.constexpr = False,  # the guard's writes for a mask built earlier, by program 0
+    GUARD_BLOCK: tl.constexpr = 64,
 ):
     # Persistent: a fixed number of programs (at most one per SM) share the work that the
     # device-side count defines. Work units are (output tile, split of K): the tiles cover the
@@ -333,6 +347,12 @@ def _threshold_linear_fwd_kernel(
         lo = p0 + tl.where(rem > 0, _tile_width(rem, BLOCK_N, TAIL1, TAIL2, TAIL3), 0)
         _linear_fill_pruned(b_ptr, y_ptr, perm_ptr, lo, p0 + BLOCK_N, N, offs_m, offs_m < M, stride_ym, stride_yn,
                             HAS_BIAS, WIDE, BLOCK_M, BLOCK_N)
+    if GUARD_WRITES:
+        # Last, when the tiles' registers are free (first, it spilled under Triton 3.6); no
+        # program reads the thresholds, the counter or the stored density: no barrier.
+        if pid == 0:
+            _guard_stores(tl.load(guard_flag_ptr) != 0, count, N, guard_tau_ptr, guard_resets_ptr,
+                          guard_previous_ptr, GUARD_BLOCK)
 
 
 # ----------------------------------------------------------------------------- compactions
@@ -1248,20 +1268,55 @@ def threshold_linear_fwd(
     n_rows = weight.shape[0]
     if z_out is not None:
         _check_z(z_out, x2d, n_rows)
+    guard = _row_mask_guard(row_mask, n_rows)
     y = torch.empty((m_rows, n_rows), device=x2d.device, dtype=x2d.dtype)
     if m_rows == 0:
+        if guard is not None:
+            flush_guard_writes(guard)
         return y
     if bias is not None and bias.stride(0) != 1:
         bias = bias.contiguous()  # the kernel indexes the bias with stride 1
     x2d, weight = _rows_contiguous(x2d), _rows_contiguous(weight)
     compact, plan, split = _fwd_planned(x2d, weight, bias is not None, compact_weight, z_out is not None, z_all)
     w_op = compact_weight_rows(weight, row_mask, fan_in, fan_in, (weight.stride(1), 0, 0), 1) if compact else weight
-    _go(_threshold_linear_fwd_kernel, plan,
-        (x2d, w_op, bias if bias is not None else weight, row_mask.perm, row_mask.count,
-         *split.operands(x2d.device, "linear_fwd.ws"), y, y if z_out is None else z_out,
-         *_fwd_layout(x2d, w_op, y, z_out)),
-        x2d.dtype, m_rows, density_hint)
+    args = (x2d, w_op, bias if bias is not None else weight, row_mask.perm, row_mask.count,
+            *split.operands(x2d.device, "linear_fwd.ws"), y, y if z_out is None else z_out,
+            *_fwd_layout(x2d, w_op, y, z_out))
+    if guard is not None and _guard_in_launch(plan):
+        _threshold_linear_fwd_kernel[plan.grid](*args, *guard.kernel_args(), **plan.kwargs, GUARD_WRITES=True,
+                                                GUARD_BLOCK=guard.block)
+        return y
+    if guard is not None:
+        flush_guard_writes(guard)
+    _go(_threshold_linear_fwd_kernel, plan, (*args, *_NO_GUARD(row_mask.count)), x2d.dtype, m_rows, density_hint)
     return y
+
+
+def _NO_GUARD(count: torch.Tensor) -> tuple:  # noqa: N802
+    # The forward kernels' guard arguments when they make no guard writes: None, which Triton
+    # specialises away (dummy tensors there cost the fp32 IEEE int64 variant spills).
+    return None, None, None, None
+
+
+def _row_mask_guard(row_mask: RowMask, n_rows: int) -> GuardWrites | None:
+    """The row mask's pending collapse-guard writes (:class:`kernels.threshold_mask.GuardWrites`),
+    checked against the layer's ``n_rows``; None when it has none."""
+    guard = row_mask.guard
+    if guard is None:
+        return None
+    if not isinstance(guard, GuardWrites) or guard.tau.shape != (n_rows,) or guard.count is not row_mask.count:
+        raise ValueError(f"the row mask's pending guard writes must be kernels.threshold_mask.GuardWrites for its "
+                         f"{n_rows} thresholds and its count")
+    return guard
+
+
+def _guard_in_launch(plan: _Launch) -> bool:
+    """Whether the forward ``plan`` makes a row mask's pending guard writes in its own launch:
+    when :func:`_go` launches it exactly once (no tuner's trials, no recording of every
+    candidate: the counter's increment must happen once), and not in the int64-offset variants
+    (tensors past 2^31 elements), whose registers are the tightest (the fp32 IEEE one spilled
+    with them in the offline sm_90 compile) and where one launch more costs nothing measurable."""
+    return not plan.kwargs.get("WIDE") and (plan.fixed is None or not (plan.tune or every_candidate_enabled()))
 
 
 def _fwd_planned(x2d, weight, has_bias: bool, compact_weight, store_z: bool, z_all: bool):
@@ -1324,6 +1379,13 @@ class PreparedForward:
         table, ws, tickets = self._operands
         args = (x2d, w_op, weight if bias is None else bias, row_mask.perm, row_mask.count, table, ws.get(), tickets,
                 y, y if z is None else z, *self._layout)
+        if row_mask.guard is not None:
+            guard = _row_mask_guard(row_mask, self._shape[1])
+            if _guard_in_launch(self._plan):
+                self._run(*args, *guard.kernel_args(), **self._plan.kwargs, GUARD_WRITES=True, GUARD_BLOCK=guard.block)
+                return y, z
+            flush_guard_writes(guard)
+        args = (*args, *_NO_GUARD(row_mask.count))
         if self._direct and not every_candidate_enabled():
             self._run(*args, **self._plan.kwargs)
         else:

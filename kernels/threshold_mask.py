@@ -105,6 +105,14 @@ def _guard_stores(collapsed, total, N, tau_ptr, resets_ptr, previous_ptr, BLOCK:
     tl.store(previous_ptr, tl.div_rn(total.to(tl.float32), (total * 0 + N).to(tl.float32)))
 
 
+@triton.jit(noinline=True)
+def _guard_stores_apart(flag_ptr, total, N, tau_ptr, resets_ptr, previous_ptr, BLOCK: tl.constexpr):
+    # The guard's writes from the convolution forward's program 0 (GUARD_WRITES), as a call of
+    # its own: inlined at the end of the kernel, the fp32 IEEE variant spilled (offline sm_90
+    # compile, Triton 3.9). The Linear forward inlines _guard_stores (no spills either way).
+    _guard_stores(tl.load(flag_ptr) != 0, total, N, tau_ptr, resets_ptr, previous_ptr, BLOCK)
+
+
 @triton.jit
 def _guard_writes_kernel(collapsed_ptr, count_ptr, tau_ptr, resets_ptr, previous_ptr, N, BLOCK: tl.constexpr):
     # One program: the guard's writes for a mask built earlier (a fused optimizer step's), whose
@@ -273,12 +281,63 @@ def guard_writes(threshold: torch.Tensor, collapsed: torch.Tensor, count: torch.
     active-row count). The same results as the host's ``masked_fill_``, ``add_`` and ``div``,
     with the version counters of the written tensors bumped as they would be. The tensors must
     be what :func:`writes_guard` accepts."""
+    flag, previous_density, counter, written = _guard_operands(threshold, collapsed, count, previous_density, counter)
+    _guard_writes_kernel[(1,)](flag, count, threshold, counter, previous_density, threshold.shape[0],
+                               BLOCK=_guard_block(threshold.shape[0]), num_warps=1)
+    # (the launch wrote them: autograd's in-place checks must see it, as they saw the host's writes)
+    torch._C._increment_version(written)
+
+
+class GuardWrites(NamedTuple):
+    """The collapse guard's writes for a row mask built earlier with its decision (a fused
+    optimizer step's), left to the launch that reads the mask next: the forward GEMM's first
+    program makes them (``GUARD_WRITES`` of the Linear and convolution forward kernels) instead
+    of a launch of their own. :func:`pending_guard_writes` makes one; a launcher that cannot
+    take it runs :func:`flush_guard_writes`."""
+
+    flag: torch.Tensor  # [1] int8: the guard fired
+    count: torch.Tensor  # [1] int32: the mask's active rows
+    tau: torch.Tensor  # [N] thresholds, unit stride: 0 where it fired
+    resets: torch.Tensor  # [1] int64: the reset counter, + 1 where it fired
+    previous: torch.Tensor  # [1] fp32: count / N stored
+    block: int  # the stores' block (GUARD_BLOCK)
+
+    def kernel_args(self) -> tuple:
+        """The forward kernels' four guard arguments (after their sizes and strides)."""
+        return self.flag, self.tau, self.resets, self.previous
+
+
+def pending_guard_writes(threshold: torch.Tensor, collapsed: torch.Tensor, count: torch.Tensor,
+                         previous_density: torch.Tensor | None, counter: torch.Tensor | None) -> GuardWrites:
+    """:func:`guard_writes`'s checks and targets, without its launch: the writes a later launch
+    makes (:class:`GuardWrites`). The version counters of the caller's tensors it writes are
+    bumped now, as :func:`guard_writes` bumps them after its launch (autograd's in-place checks
+    see the write at the same point of the program; on the device it comes before any later
+    launch that could read them)."""
+    flag, previous_density, counter, written = _guard_operands(threshold, collapsed, count, previous_density, counter)
+    torch._C._increment_version(written)
+    n_rows = threshold.shape[0]
+    return GuardWrites(flag, count, threshold, counter, previous_density, _guard_block(n_rows))
+
+
+def flush_guard_writes(guard: GuardWrites) -> None:
+    """Make ``guard``'s writes in a launch of their own (a launcher that cannot fold them into
+    its kernel: a launch that may run more than once while it is tuned, or no launch at all)."""
+    _guard_writes_kernel[(1,)](guard.flag, guard.count, guard.tau, guard.resets, guard.previous, guard.tau.shape[0],
+                               BLOCK=guard.block, num_warps=1)
+
+
+def _guard_block(n_rows: int) -> int:
+    return min(_COMPACT_BLOCK, next_power_of_2(n_rows)) if gpu_tiles() else 64
+
+
+def _guard_operands(threshold, collapsed, count, previous_density, counter):
     if threshold.dim() != 1 or not threshold.is_floating_point():
         raise ValueError(f"the guard writes one-dimensional floating-point thresholds, got {threshold.dtype} "
                          f"{tuple(threshold.shape)}")
     if not writes_guard(threshold, previous_density, counter):
         raise ValueError(_GUARD_TENSORS)
-    device, n_rows = threshold.device, threshold.shape[0]
+    device = threshold.device
     if collapsed.numel() != 1 or collapsed.device != device or collapsed.dtype not in (torch.bool, torch.int8):
         raise ValueError(f"collapsed must be one bool or int8 element on {device}, got {collapsed.dtype} "
                          f"{tuple(collapsed.shape)} on {collapsed.device}")
@@ -287,10 +346,7 @@ def guard_writes(threshold: torch.Tensor, collapsed: torch.Tensor, count: torch.
                          f"on {count.device}")
     previous_density, counter, written = _guard_targets(threshold, previous_density, counter, device)
     flag = collapsed.view(torch.int8) if collapsed.dtype == torch.bool else collapsed
-    _guard_writes_kernel[(1,)](flag, count, threshold, counter, previous_density, n_rows,
-                               BLOCK=min(_COMPACT_BLOCK, next_power_of_2(n_rows)) if gpu_tiles() else 64, num_warps=1)
-    # (the launch wrote them: autograd's in-place checks must see it, as they saw the host's writes)
-    torch._C._increment_version(written)
+    return flag, previous_density, counter, written
 
 
 _GUARD_TENSORS = ("the guard's writes need a unit-stride threshold, an fp32 one-element previous density and an "

@@ -400,10 +400,11 @@ def _needs_graph(x, weight, threshold, bias) -> bool:
 
 
 def _bare(row_mask: RowMask) -> RowMask:
-    # What the products and the backward read (the scores and the guard's flag stay behind).
+    # What the products and the backward read (the scores and the guard's flag stay behind; the
+    # guard's pending writes go to the forward's launch).
     if row_mask.score is None and row_mask.collapsed is None:
         return row_mask
-    return RowMask(row_mask.mask, row_mask.perm, row_mask.count, None, None, row_mask.units)
+    return RowMask(row_mask.mask, row_mask.perm, row_mask.count, None, None, row_mask.units, row_mask.guard)
 
 
 def _once_differentiable(backward):

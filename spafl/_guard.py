@@ -72,6 +72,7 @@ def _guarded_row_mask(
     check_finite: bool = False,
     precomputed: tuple[str, RowMask] | None = None,
     cache: HostMaskCache | None = None,
+    defer_writes: bool = False,
 ) -> RowMask:
     """The forward's row mask, after the collapse guard of ``options`` (if any) has run: the one
     guard of every path (eager, the ``spafl::row_mask`` operator, the chains).
@@ -93,6 +94,10 @@ def _guarded_row_mask(
 
     ``cache``: a layer's :class:`HostMaskCache`; on the host path the mask of its last forward
     is reused while that forward's inputs are unchanged (see there).
+
+    ``defer_writes``: the caller's forward runs on the Triton kernels, whose launch can make the
+    guard's writes for a ``precomputed`` mask (``RowMask.guard``) instead of a launch of their
+    own here.
     """
     density = options.collapse_density
     on_host = mask_backend != "triton" and not with_perm and weight.device.type == "cpu"
@@ -116,6 +121,9 @@ def _guarded_row_mask(
         if density is not None:
             masks = _kernels().threshold_mask if mask_backend == "triton" else None
             if masks is not None and masks.writes_guard(threshold, previous_density, counter):
+                if defer_writes:  # (in the forward's launch: no launch of their own)
+                    return row_mask._replace(guard=masks.pending_guard_writes(
+                        threshold.detach(), row_mask.collapsed, row_mask.count, previous_density, counter))
                 # (the reset, the count and the stored density in one launch)
                 masks.guard_writes(threshold.detach(), row_mask.collapsed, row_mask.count, previous_density, counter)
             else:

@@ -20,6 +20,9 @@ class RowMask(NamedTuple):
     units:     int64 [A]  the active rows ascending, where the host built the mask for the
                           compacting backend (:mod:`spafl.compact` then needs no second
                           ``nonzero``); None otherwise, and when every row is active
+    guard:     the collapse guard's writes (thresholds reset, counter, stored density) still to
+               be made for a mask a fused optimizer step built, which the Triton forward's
+               launch makes (``kernels.threshold_mask.GuardWrites``); None: none pending
     """
 
     mask: torch.Tensor
@@ -28,6 +31,7 @@ class RowMask(NamedTuple):
     score: torch.Tensor
     collapsed: torch.Tensor | None = None
     units: torch.Tensor | None = None
+    guard: object | None = None
 
 
 def sample_rows(m_rows: int, sample_fraction: float) -> tuple[int, int]:

@@ -275,7 +275,7 @@ def _linear_call(x, weight, threshold, bias, options: ThresholdOptions, counter,
                                              options.key)
     else:
         row_mask = _guarded_row_mask(weight, threshold, where.mask, where.with_perm, options, counter,
-                                     previous_density, check, precomputed, cache)
+                                     previous_density, check, precomputed, cache, where.compute == "triton")
         if autocast:
             with torch.autocast(x.device.type, enabled=False):
                 y = _run(ThresholdLinearFunction, x2d, w_op, threshold, b_op, row_mask, where.compute, options)
@@ -476,7 +476,7 @@ def _conv2d_call(x, weight, threshold, bias, geometry: ConvGeometry, options: Th
         )
     else:
         row_mask = _guarded_row_mask(weight, threshold, where.mask, where.with_perm, options, counter,
-                                     previous_density, check, precomputed, cache)
+                                     previous_density, check, precomputed, cache, where.compute == "triton")
         if autocast:
             with torch.autocast(x.device.type, enabled=False):
                 y = _run(ThresholdConv2dFunction, x_op, w_op, threshold, b_op, row_mask, geometry, where.compute,

@@ -116,12 +116,22 @@ def _row_mask(w: torch.Tensor):
     return kernels.threshold_row_mask(w.reshape(w.shape[0], -1), threshold_for_density(w.float(), 0.5).to(w.dtype))
 
 
+def _pending_guard(rm, n: int, dtype: torch.dtype):
+    """``rm`` with a fused step's collapse-guard writes pending (the forward's program 0 makes them)."""
+    from spafl.kernels.threshold_mask import pending_guard_writes
+
+    return rm._replace(guard=pending_guard_writes(torch.zeros(n, dtype=dtype), torch.ones(1, dtype=torch.bool),
+                                                  rm.count, torch.ones(()), torch.zeros((), dtype=torch.long)))
+
+
 def linear_case(dtype: torch.dtype, m: int, n: int, k: int, modes=("exact", "skip", "sample"), bias=True):
     def run():
         x, w = torch.randn(m, k, dtype=dtype), torch.randn(n, k, dtype=dtype)
         dy = torch.randn(m, n, dtype=dtype)
         rm = _row_mask(w)
         kernels.threshold_linear_fwd(x, w, torch.randn(n, dtype=dtype) if bias else None, rm)
+        # (with the collapse guard's writes for a mask a fused optimizer step built)
+        kernels.threshold_linear_fwd(x, w, torch.randn(n, dtype=dtype) if bias else None, _pending_guard(rm, n, dtype))
         for i, mode in enumerate(modes):
             kernels.threshold_linear_bwd(dy, x, w, rm, mode=mode, need_dx=i == 0)
         # the finish that writes the active rows only (a fused optimizer takes compact gradients)
@@ -158,6 +168,7 @@ def conv_case(dtype: torch.dtype, batch: int, cin: int, cout: int, size: int, ke
         dy = torch.randn(batch, cout, ho, wo, dtype=dtype).contiguous(memory_format=fmt)
         rm = _row_mask(w)
         kernels.threshold_conv2d_fwd(x, w, None, rm, geo)
+        kernels.threshold_conv2d_fwd(x, w, None, _pending_guard(rm, cout, dtype), geo)
         for i, mode in enumerate(modes):
             # (the first with the bias gradient from the dY compaction)
             kernels.threshold_conv2d_bwd(dy, x, w, rm, geo, mode=mode, need_dx=i == 0,

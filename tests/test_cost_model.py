@@ -741,3 +741,50 @@ def test_the_fast_linear_count_covers_the_finish_pass_compact_weights_rows_only_
     assert fast.fast_launches == len(counted) - 3
     _assert_same_launches(slow, fast, outs0, outs1, torch.bfloat16)
     assert bool(outs1[3]) and int(outs1[1]) == 40  # collapsed: every row with a positive score
+
+
+@pytest.mark.parametrize("fired", [True, False], ids=["fires", "holds"])
+def test_the_fast_count_of_a_forward_with_the_guards_writes_equals_the_interpreter(fired):
+    # The forward that takes a fused step's mask makes the collapse guard's writes in its
+    # launch (program 0): counted without the interpreter, the same launch fields and the same
+    # writes (thresholds, reset counter, stored density), Linear and convolution.
+    from spafl._conv import conv_geometry
+    from spafl.kernels import threshold_conv2d as tck
+    from spafl.kernels import threshold_linear as tlk
+    from spafl.kernels.threshold_mask import pending_guard_writes, threshold_row_mask
+
+    m, k, n, dtype, bias = _LINEAR_SHAPES["bf16"]
+    x, w, b, _, tau = _linear_operands(m, k, n, 0.3, dtype, bias)
+    shape = _FAST_SHAPES["3x3-cl-fp32"]
+    batch, chans, filters, size, kk, stride, padding, dilation, _, cdt = shape
+    g = torch.Generator().manual_seed(1)
+    xc = torch.randn(batch, chans, size, size, generator=g).to(cdt).contiguous(memory_format=torch.channels_last)
+    wc = torch.randn(filters, chans, kk, kk, generator=g).to(cdt).contiguous(memory_format=torch.channels_last)
+    geo = conv_geometry(kk, stride, padding, dilation)
+
+    def state():
+        return [torch.full((n,), 0.5), torch.full((filters,), 0.25), torch.tensor(3), torch.tensor(4),
+                torch.ones(()), torch.ones(())]
+
+    def call(s):
+        t_lin, t_conv, r_lin, r_conv, p_lin, p_conv = s
+        flag = torch.tensor([fired])
+        rm = threshold_row_mask(w, tau)
+        rm = rm._replace(guard=pending_guard_writes(t_lin, flag, rm.count, p_lin, r_lin))
+        y = tlk.threshold_linear_fwd(x, w, b, rm)
+        rmc = threshold_row_mask(wc.reshape(filters, -1), model.unit_thresholds(filters, 0.3))
+        rmc = rmc._replace(guard=pending_guard_writes(t_conv, flag, rmc.count, p_conv, r_conv))
+        yc = tck.threshold_conv2d_fwd(xc, wc, None, rmc, geo)
+        return [y, yc]
+
+    runs = []
+    for fast in (False, True):
+        s = state()
+        rec, outs = _recorded(lambda s=s: call(s), fast)
+        runs.append((rec, outs, s))
+    (slow, outs0, s0), (fast, outs1, s1) = runs
+    assert fast.fast_launches == 4  # (the two row masks and the two forwards)
+    _assert_same_launches(slow, fast, outs0, outs1, dtype)
+    for a, c in zip(s0, s1, strict=True):
+        assert torch.equal(a, c)
+    assert int(s0[2]) == 3 + 2 * fired and bool((s0[0] == 0).all()) == fired  # (twice: the warm-up call too)

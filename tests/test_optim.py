@@ -456,28 +456,134 @@ def test_guard_writes_refuse_what_they_cannot_write():
         guard_writes(torch.zeros(8, dtype=torch.int32, device=device), flag, count, None, None)
 
 
+def _guarded_fused_pair(kind: str, timing: str, fire: bool):
+    """Two copies of a Triton layer with the collapse guard, each stepped twice by
+    spafl.optim.SGD (the second step leaves a kept mask; ``fire``: the thresholds raised before
+    it, so that the guard fires in the forward that takes it), and that forward's input."""
+    torch.manual_seed(0)
+    kw = dict(backend="triton", collapse_density=0.3, collapse_timing=timing, device=_device())
+    if kind == "conv1x1":  # (the Triton path runs it as a Linear GEMM over the pixels)
+        a = ThresholdConv2d(5, 19, 1, **kw).to(memory_format=torch.channels_last)
+        with torch.no_grad():
+            a.threshold.copy_(reference.row_scores(a.weight) * torch.linspace(0.6, 1.3, 19, device=_device()))
+    else:
+        a = _layer(kind, **kw)
+        if kind == "conv":  # (as the simulator runs it on a GPU: the filters gathered in the tile loads)
+            a = a.to(memory_format=torch.channels_last)
+    b = copy.deepcopy(a)
+    gen = torch.Generator().manual_seed(3)
+    x = _input("linear" if kind == "linear" else "conv", gen).to(_device())
+    if kind != "linear":
+        x = x.contiguous(memory_format=torch.channels_last)
+    opts = [so.SGD(layer.parameters(), lr=0.05, momentum=0.9) for layer in (a, b)]
+    for step in range(2):
+        for layer, opt in zip((a, b), opts, strict=True):
+            opt.zero_grad()
+            (layer(x).float().square().mean() + 1e-2 * torch.exp(-layer.threshold.float()).sum()).backward()
+            if step == 1 and fire:
+                with torch.no_grad():  # (before the step: the mask it builds collapses, either timing)
+                    layer.threshold.add_(1.0)
+                    layer.previous_density.fill_(0.0)
+            opt.step()
+    for layer in (a, b):
+        assert layer._kept_mask(layer.forward_options) is not None
+    return a, b, x
+
+
 @triton_only
-def test_the_forward_after_a_fused_step_writes_the_guard_in_one_launch():
-    # The forward that takes the step's mask issues the guard's reset, count and stored density
-    # as one launch (not three PyTorch operations), with the row-mask kernel's results.
+@pytest.mark.parametrize("kind", ["linear", "conv", "conv1x1"])
+@pytest.mark.parametrize("timing", ["current", "previous"])
+@pytest.mark.parametrize("fire", [False, True], ids=["holds", "fires"])
+def test_triton_forward_after_a_fused_step_makes_the_guard_writes_in_its_gemm_launch(kind, timing, fire, monkeypatch):
+    # The forward that takes the step's mask makes the guard's reset, count and stored density in
+    # its GEMM's launch (program 0): one launch per forward, no row-mask launch, no launch of the
+    # guard's own; bit for bit what the guard's own launch writes (the twin, with the deferral
+    # turned off), with grad mode on and off, and the thresholds' version bumped once either way.
     from work_count import WorkCounter
 
-    a, b, oa, ob = _guarded_twins("previous")
-    gen = torch.Generator().manual_seed(3)
-    for _ in range(2):
-        x = _input("linear", gen).to(_device())
-        for layer, opt in ((a, oa), (b, ob)):
-            _train_step(layer, opt, x)
-    assert a._kept_mask(a.forward_options) is not None
-    with torch.no_grad():
+    from spafl import functional
+
+    outputs = []
+    for defer in (True, False):
+        a, _, x = _guarded_fused_pair(kind, timing, fire)
+        if not defer:
+            monkeypatch.setattr(functional, "_guarded_row_mask",
+                                lambda *args, real=functional._guarded_row_mask: real(*args[:-1], False))
+        version = a.threshold._version
         with WorkCounter() as wc:
-            ya = a(x)
-        yb = b(x)
-    assert wc.kernels["_guard_writes_kernel"].launches == 1
-    assert "_row_mask_kernel" not in wc.kernels
-    torch.testing.assert_close(ya, yb, rtol=1e-5, atol=1e-6)
-    assert torch.equal(a.previous_density, b.previous_density)
-    assert int(a.collapse_resets) == int(b.collapse_resets)
+            y = a(x)
+        monkeypatch.undo()
+        names = set(wc.kernels)
+        gemm = "_threshold_linear_fwd_kernel" if kind != "conv" else "_threshold_conv2d_fwd_kernel"
+        if defer:
+            assert names == {gemm}, names
+        else:
+            assert names == {gemm, "_guard_writes_kernel"}, names
+        assert wc.kernels[gemm].launches == 1
+        assert a.threshold._version == version + 1
+        y.float().square().mean().backward()  # (the autograd graph takes the write)
+        outputs.append((y.detach(), a.threshold.detach().clone(), a.threshold.grad.clone(), a.weight.grad.clone(),
+                        int(a.collapse_resets), a.previous_density.clone()))
+    (y1, t1, gt1, gw1, r1, p1), (y2, t2, gt2, gw2, r2, p2) = outputs
+    assert torch.equal(y1, y2) and torch.equal(t1, t2) and torch.equal(gt1, gt2) and torch.equal(gw1, gw2)
+    assert r1 == r2 and torch.equal(p1, p2)
+    assert (r1 >= 1) == fire and (bool((t1 == 0).all()) or not fire)
+
+
+@triton_only
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+def test_triton_guard_writes_fall_back_to_their_own_launch(kind, monkeypatch):
+    # Where the GEMM's launch could run more than once (a tuner's trials), is an int64-offset
+    # variant or does not run (an empty batch), the guard's writes take their own launch: once,
+    # with the same results.
+    from work_count import WorkCounter
+
+    from spafl.kernels import _config, threshold_conv2d, threshold_linear
+
+    def forward(case):
+        a, b, x = _guarded_fused_pair(kind, "previous", True)
+        if case == "empty":
+            x = x[:0]
+        with WorkCounter() as wc:
+            if case == "tuned":
+                with monkeypatch.context() as mp:
+                    mp.setattr(_config, "autotune_enabled", lambda: True)
+                    mp.setattr(_config, "_every_candidate", True)  # (every candidate once: no timing)
+                    a(x)
+            elif case == "wide":  # (the int64-offset variants, as for tensors past 2^31 elements)
+                with monkeypatch.context() as mp:
+                    for module in (threshold_linear, threshold_conv2d):
+                        mp.setattr(module, "fits_int32", lambda *tensors, margin=1024: False)
+                    _config._PLANS.clear()
+                    a(x)
+                _config._PLANS.clear()
+            else:
+                a(x)
+        return a, wc
+
+    for case in ("tuned", "wide", "empty"):
+        a, wc = forward(case)
+        assert wc.kernels["_guard_writes_kernel"].launches == 1, case
+        assert int(a.collapse_resets) == 1 and bool((a.threshold == 0).all()), case
+        if case == "empty":
+            assert "_threshold_linear_fwd_kernel" not in wc.kernels and "_threshold_conv2d_fwd_kernel" not in wc.kernels
+    a, wc = forward("plain")
+    assert "_guard_writes_kernel" not in wc.kernels
+    assert int(a.collapse_resets) == 1 and bool((a.threshold == 0).all())
+
+
+@triton_only
+def test_triton_forward_refuses_foreign_pending_guard_writes():
+    from spafl.kernels.threshold_linear import threshold_linear_fwd
+    from spafl.kernels.threshold_mask import pending_guard_writes, threshold_row_mask
+
+    w, x = torch.randn(6, 4), torch.randn(3, 4)
+    rm = threshold_row_mask(w, torch.zeros(6))
+    other = pending_guard_writes(torch.zeros(5), torch.zeros(1, dtype=torch.bool), rm.count, None, None)
+    with pytest.raises(ValueError, match="pending guard writes"):
+        threshold_linear_fwd(x, w, None, rm._replace(guard=other))
+    with pytest.raises(ValueError, match="pending guard writes"):
+        threshold_linear_fwd(x, w, None, rm._replace(guard=("not", "guard writes")))
 
 
 def test_eval_forward_and_copies_leave_the_kept_mask_current(monkeypatch):
