@@ -446,21 +446,26 @@ def test_a_model_step_command_by_hand(tmp_path, capsys, monkeypatch):
     assert "exists" in capsys.readouterr().err
 
 
+def _digits_step_rows(tmp_path, monkeypatch, option: str, value: str, suffix: str) -> list[dict]:
+    """The per-launch rows of ``model.py steps`` for the ``digits-cnn`` preset's network (batch 4,
+    density 0.5, H100) with ``--<option> <value>``, read from the file named with ``suffix``."""
+    monkeypatch.setitem(model_steps.STEP_PRESETS, "digits-cnn", "digits-cnn")
+    argv = ["steps", "--models", "digits-cnn", "--batch", "4", "--densities", "0.5", "--devices", "h100",
+            f"--{option}", value, "--out", str(tmp_path)]
+    assert model.main(argv) == 0
+    with (tmp_path / f"step-digits-cnn-b4{suffix}-float32-torch-sgd-h100-launches.csv").open() as f:
+        return list(csv.DictReader(f))
+
+
 def test_a_model_step_runs_channels_last_as_the_simulator_sets_it_on_a_gpu(tmp_path, monkeypatch):
     # --memory-format auto (the default): the convolutional model channels-last, as the simulator
     # runs it on CUDA: the second convolution reads its input in place (no `clone` of it in the
     # forward or the backward) and gathers its active filters inside its tile loads (no weight
     # compaction launch), the 1-channel stem's output channels-last too. "contiguous": the NCHW
     # model, named so in its files and title.
-    monkeypatch.setitem(model_steps.STEP_PRESETS, "digits-cnn", "digits-cnn")
-    names = {}
-    for fmt in ("auto", "contiguous"):
-        argv = ["steps", "--models", "digits-cnn", "--batch", "4", "--densities", "0.5", "--devices", "h100",
-                "--memory-format", fmt, "--out", str(tmp_path)]
-        assert model.main(argv) == 0
-        suffix = "" if fmt == "auto" else "-contiguous"
-        with (tmp_path / f"step-digits-cnn-b4{suffix}-float32-torch-sgd-h100-launches.csv").open() as f:
-            names[fmt] = [r["name"] for r in csv.DictReader(f) if r["provider"] == "spafl"]
+    names = {fmt: [r["name"] for r in _digits_step_rows(tmp_path, monkeypatch, "memory-format", fmt,
+                                                         "" if fmt == "auto" else "-contiguous")
+                   if r["provider"] == "spafl"] for fmt in ("auto", "contiguous")}
     assert "contiguous" in (tmp_path / "step-digits-cnn-b4-contiguous-float32-torch-sgd-h100.md").read_text()
     # (channels-last, one `clone` remains: flattening the last pooled activation for the Linear)
     assert names["auto"].count("clone") == 1 and "_compact_weight_kernel" not in names["auto"], names["auto"]
@@ -474,15 +479,10 @@ def test_a_model_step_adds_the_penalty_gradient_as_the_simulator_does(tmp_path, 
     # --penalty grad (the default): no penalty in the forward, its gradient in four multi-tensor
     # launches after the backward and no add per layer where autograd joined the two threshold
     # gradients; "loss": the term in the loss, named so in the files. The dense side is the same.
-    monkeypatch.setitem(model_steps.STEP_PRESETS, "digits-cnn", "digits-cnn")
     names = {}
     for penalty in ("grad", "loss"):
-        argv = ["steps", "--models", "digits-cnn", "--batch", "4", "--densities", "0.5", "--devices", "h100",
-                "--penalty", penalty, "--out", str(tmp_path)]
-        assert model.main(argv) == 0
         suffix = "" if penalty == "grad" else "-penalty-loss"
-        with (tmp_path / f"step-digits-cnn-b4{suffix}-float32-torch-sgd-h100-launches.csv").open() as f:
-            rows = list(csv.DictReader(f))
+        rows = _digits_step_rows(tmp_path, monkeypatch, "penalty", penalty, suffix)
         names[penalty] = {(p, ph): [r["name"] for r in rows if r["provider"] == p and r["op"] == ph]
                           for p in ("spafl", "dense") for ph in ("fwd", "bwd", "step")}
     assert "penalty in the loss" in (tmp_path / "step-digits-cnn-b4-penalty-loss-float32-torch-sgd-h100.md").read_text()
