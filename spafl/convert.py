@@ -320,7 +320,10 @@ def add_threshold_penalty_grad(model: nn.Module | list, coefficient: float) -> N
     yet gets the penalty's gradient alone. A coefficient of 0 adds nothing. Call it once per
     ``backward()`` of the loss the penalty would have joined, before gradient clipping (which
     must see it). For a penalty inside a larger graph (second order, other terms on the
-    thresholds) use :func:`threshold_penalty`."""
+    thresholds) use :func:`threshold_penalty`. Non-finite thresholds are not refused here (no
+    host synchronisation on a GPU): their gradient is what autograd would give (NaN for NaN,
+    0 for +inf); the layers' forward refuses them where ``check_finite`` is on (the CPU's
+    default)."""
     if isinstance(coefficient, bool) or not isinstance(coefficient, (int, float)):
         raise TypeError(f"coefficient must be a real number, got {type(coefficient).__name__}")
     if not math.isfinite(coefficient):
