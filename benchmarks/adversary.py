@@ -77,7 +77,7 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=20)
     p.add_argument("--bad", default="first",
                    help="comma-separated adversarial client ids, or 'first': the first client of every cohort")
-    p.add_argument("--cohort-clip", default="default", help="a number, 'none', or 'default'")
+    p.add_argument("--cohort-clip", default="default", help="a number, 'inf' (off), or 'default' (the method's)")
     p.add_argument("--cohort-against", default="default", help="a number, 'inf' (off), or 'default' (the method's)")
     p.add_argument("--cohort-shift", default="default", help="a number, 'inf' (off), or 'default' (the method's)")
     p.add_argument("--cohort-drift", default="default", help="a number, 'inf' (off), or 'default' (the method's)")
@@ -118,7 +118,7 @@ def main() -> None:
                 energy(build_config(args.preset, None, overrides if seed is None else {**overrides, "seed": seed}))
             continue
         if args.cohort_clip != "default":
-            overrides["cohort_clip"] = None if args.cohort_clip == "none" else float(args.cohort_clip)
+            overrides["cohort_clip"] = math.inf if args.cohort_clip in ("none", "inf") else float(args.cohort_clip)
         for name in ("cohort_against", "cohort_shift", "cohort_drift", "cohort_drift_against", "aggregate_drift",
                      "aggregate_shift", "aggregate_against", "aggregate_energy"):
             if getattr(args, name) != "default":

@@ -516,10 +516,36 @@ def test_config_validation_lists_every_problem():
         assert fragment in text
     with pytest.raises(ValueError, match="takes .* inputs but dataset"):
         FedConfig(dataset="digits", model="lenet5").validate()
-    for clip in (0.5, float("nan"), float("inf"), "20", True):
+    for clip in (0.5, float("nan"), float("-inf"), "20", True):
         with pytest.raises(ValueError, match="cohort_clip must be None"):
             FedConfig(cohort_clip=clip).validate()
-    assert FedConfig(cohort_clip=None).validate().cohort_clip is None
+    assert FedConfig(cohort_clip=None).validate().cohort_clip is None  # the method's default
+    assert FedConfig(cohort_clip=float("inf")).validate().cohort_clip == float("inf")  # off
+
+
+def test_a_checkpoint_with_the_earlier_norm_limit_resumes_where_it_means_the_same():
+    """A checkpoint written when every method's norm limit was 20 by default (``cohort_clip``
+    20.0 in its settings) resumes where the method's own default is still 20 (SpaFL,
+    SparsyFed, Top-K, local-only) and is refused, with both values named, for FedAvg (whose
+    default is now 8); an explicit 20 resumes it."""
+    from spafl.federated.config import config_mismatch
+
+    for method in ("spafl", "sparsyfed", "topk", "local", "fedavg"):
+        now = FedConfig(method=method).validate()
+        saved = {**now.to_dict(), "cohort_clip": 20.0}
+        problems = config_mismatch(saved, now)
+        if method == "fedavg":
+            assert problems == ["cohort_clip: checkpoint 20.0 vs now None (the method's default, 8.0)"]
+            assert config_mismatch(saved, now.replace(cohort_clip=20.0)) == []
+        else:
+            assert problems == [], (method, problems)
+        assert config_mismatch(now.to_dict(), now) == []
+    fedavg = FedConfig(method="fedavg").validate()
+    assert config_mismatch({**fedavg.to_dict(), "cohort_clip": 8.0}, fedavg) == []
+    assert config_mismatch({**fedavg.to_dict(), "cohort_clip": 5.0}, fedavg) == [
+        "cohort_clip: checkpoint 5.0 vs now None (the method's default, 8.0)"]
+    assert config_mismatch(fedavg.to_dict(), fedavg.replace(cohort_clip=float("inf"))) == [
+        "cohort_clip: checkpoint None vs now inf"]
     with pytest.raises(ValueError, match="unknown setting"):
         build_config("digits-cnn", overrides={"learning_rate": 0.1})
     with pytest.raises(ValueError, match="unknown preset"):

@@ -85,7 +85,8 @@ _HELP = {
                   "minority of hostile clients)",
     "trim_fraction": "trimmed-mean: the fraction of values dropped at each end of every coordinate",
     "cohort_clip": "scale each accepted update's deviation from the global state back to this many times "
-                   "the round's median deviation, per exchanged tensor (none: off; docs/security.md)",
+                   "the round's median deviation, per exchanged tensor (none: the method's default; inf: off; "
+                   "docs/security.md)",
     "cohort_against": "cut each accepted update's component against the cohort's median direction to this many "
                       "times the round's median deviation, per exchanged tensor (none: the method's default; inf: off; "
                       "docs/security.md)",

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import re
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -136,7 +137,7 @@ class FedConfig:
     # nothing: engine.RollbackRing; 0: off);
     # ``cohort_clip``: each accepted update's deviation from the global state is clipped, per
     # tensor, to this many times the round's median deviation norm (rules.clip_to_cohort; None:
-    # off);
+    # the method's default, ``Method.cohort_clip``; inf: off);
     # ``cohort_against``: the component of that deviation against the cohort's median direction
     # is cut to this many times the same median (None: the method's default,
     # ``Method.cohort_against``; inf: off); ``cohort_shift``: a client's shift of a whole tensor
@@ -162,7 +163,7 @@ class FedConfig:
     grad_bound: float | None = None
     max_failed_rounds: int = 3
     rollback_depth: int = 3
-    cohort_clip: float | None = 20.0
+    cohort_clip: float | None = None
     cohort_against: float | None = None
     cohort_shift: float | None = None
     cohort_drift: float | None = None
@@ -255,8 +256,10 @@ class FedConfig:
         need(isinstance(self.update_bounds, bool), f"update_bounds must be true or false, got {self.update_bounds!r}")
         need(self.grad_bound is None or (_is_real(self.grad_bound) and self.grad_bound > 0),
              f"grad_bound must be None or a positive finite number, got {self.grad_bound!r}")
-        need(self.cohort_clip is None or (_is_real(self.cohort_clip) and self.cohort_clip >= 1),
-             f"cohort_clip must be None (off) or a finite number >= 1, got {self.cohort_clip!r}")
+        need(self.cohort_clip is None or self.cohort_clip == math.inf
+             or (_is_real(self.cohort_clip) and self.cohort_clip >= 1),
+             f"cohort_clip must be None (the method's default), inf (off) or a number >= 1, got "
+             f"{self.cohort_clip!r}")
         need(self.cohort_against is None or (isinstance(self.cohort_against, (int, float))
                                              and not isinstance(self.cohort_against, bool)
                                              and self.cohort_against > 0),
@@ -414,8 +417,23 @@ RESUMABLE_CHANGES = frozenset({"rounds", "checkpoint_every", "data_root", "downl
 def config_mismatch(saved: dict[str, Any], current: FedConfig) -> list[str]:
     now = current.to_dict()
     saved = {**FedConfig().to_dict(), **saved}  # settings added since the checkpoint: their defaults
-    return [f"{k}: checkpoint {saved.get(k)!r} vs now {now[k]!r}" for k in sorted(now)
-            if k not in RESUMABLE_CHANGES and saved.get(k) != now[k]]
+    problems = []
+    for k in sorted(now):
+        if k in RESUMABLE_CHANGES or saved.get(k) == now[k]:
+            continue
+        if k == "cohort_clip":
+            # None takes the method's norm limit (a checkpoint written before FedAvg had its own
+            # holds the earlier default, 20, of every method): what each side resolves to
+            from .methods import default_norm_limit
+
+            own = default_norm_limit(current.method)
+            if (own if saved[k] is None else saved[k]) == (own if now[k] is None else now[k]):
+                continue
+            if now[k] is None:
+                problems.append(f"{k}: checkpoint {saved[k]!r} vs now None (the method's default, {own!r})")
+                continue
+        problems.append(f"{k}: checkpoint {saved.get(k)!r} vs now {now[k]!r}")
+    return problems
 
 
 __all__ = ["DEFAULT_PRESET", "FedConfig", "METHODS", "PRESETS", "build_config", "load_config_file", "preset"]

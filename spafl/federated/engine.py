@@ -167,12 +167,11 @@ def aggregate_round(method: Method, server, tally: RoundTally, memory: CohortMem
     :class:`AggregateWarning` each) goes into the errors too, a refusal also into
     ``tally.refused`` (the ``aggregate_refused`` column)."""
     updates, clipped = method.clip_updates(server, tally.accepted, tally.accepted_ids, memory, weights=tally.weights)
-    cfg = method.config
     for event in clipped:
         factor = {"against": method.against_limit, "shift": method.shift_limit,
                   "drift": {"shift": method.drift_shift_limit, "against": method.drift_against_limit}.get(
                       event.which, method.drift_limit),
-                  "aggregate": method.aggregate_limit}.get(event.kind, lambda: cfg.cohort_clip)()
+                  "aggregate": method.aggregate_limit}.get(event.kind, method.norm_limit)()
         client = tally.accepted_ids[event.index] if event.index is not None else None
         tally.errors.append(event.describe(client, factor))
     tally.clipped = len({event.index for event in clipped if event.index is not None})
