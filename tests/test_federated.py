@@ -525,16 +525,16 @@ def test_config_validation_lists_every_problem():
 
 def test_a_checkpoint_with_the_earlier_norm_limit_resumes_where_it_means_the_same():
     """A checkpoint written when every method's norm limit was 20 by default (``cohort_clip``
-    20.0 in its settings) resumes where the method's own default is still 20 (SpaFL,
-    SparsyFed, Top-K, local-only) and is refused, with both values named, for FedAvg (whose
-    default is now 8); an explicit 20 resumes it."""
+    20.0 in its settings) resumes where the method's own default is still 20 (SpaFL, Top-K,
+    local-only) and is refused, with both values named, for FedAvg and SparsyFed (whose
+    defaults are now 8); an explicit 20 resumes it."""
     from spafl.federated.config import config_mismatch
 
     for method in ("spafl", "sparsyfed", "topk", "local", "fedavg"):
         now = FedConfig(method=method).validate()
         saved = {**now.to_dict(), "cohort_clip": 20.0}
         problems = config_mismatch(saved, now)
-        if method == "fedavg":
+        if method in ("fedavg", "sparsyfed"):
             assert problems == ["cohort_clip: checkpoint 20.0 vs now None (the method's default, 8.0)"]
             assert config_mismatch(saved, now.replace(cohort_clip=20.0)) == []
         else:
