@@ -159,11 +159,10 @@ def client_round(model: nn.Module, state: Mapping[str, torch.Tensor], message: M
 
 class SpaFL(Method):
     name = "spafl"
-    # Honest clients' thresholds moved up to 14.2 median deviations in one round (the golden
-    # run with rng="global"): a client holding mostly one class moves that class's thresholds
-    # far more than the others do. At 8 its honest runs move (20 rounds, seeds 2 to 4: 2 to 6
-    # clip events, +1.19 / +1.00 / +1.01 points) and the attacks cost as much or more
-    # (docs/security.md)
+    # The norm limit of 20: a client holding mostly one class moves that class's thresholds far
+    # more than the others do (honest deviations of 14 median deviations were measured). At 8
+    # its honest runs move (20 rounds, seeds 2 to 4: 2 to 6 clip events, +1.19 / +1.00 / +1.01
+    # points) and the attacks cost as much or more (docs/security.md)
     cohort_clip = 20.0
     # Honest clients' thresholds pulled back against the cohort by up to 2.9 median deviations
     # in the measured runs (in conv1, 16 thresholds: in few dimensions one client's deviation
