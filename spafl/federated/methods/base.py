@@ -84,8 +84,8 @@ class Method:
     # deviations in almost every round, with rare single outliers (16.1 in one round of a
     # 20-round run, seed 1: one client's local training thrown off, the global accuracy down 5.6
     # points that round); the limit clips those, leaves the accuracy of the honest runs measured
-    # as it was (20 and 60 rounds, ten seeds), and bounds one participant flipping its own update
-    # every round (docs/security.md, "The same runs on a second machine").
+    # as it was but one, by one test image (ten seeds of 20 rounds, two of 60), and bounds one
+    # participant flipping its own update every round (docs/security.md, "The same runs on a second machine").
     cohort_clip: float = 8.0
     # The default limit on pulling against the cohort (config.cohort_against None), in cohort
     # median deviations. An adversary's pull against the cohort is what costs a global model
