@@ -1,6 +1,7 @@
 """The command line's first hour: the quick start, the demo, threads, --help, --download, Ctrl-C, disk
 use, compare's table."""
 
+import dataclasses
 import re
 import subprocess
 import sys
@@ -325,3 +326,25 @@ def test_ctrl_c_in_the_demo_is_one_line(monkeypatch, capsys):
     monkeypatch.setattr(spafl.cli, "_demo", interrupted)
     assert main(["demo", "--epochs", "1"]) == 130
     assert capsys.readouterr().err == "spafl demo: interrupted\n"
+
+
+def test_the_limit_flags_read_off_as_off_and_none_as_the_methods_default():
+    """``--cohort-clip off`` (and every other limit against the cohort) turns the limit off
+    (inf): for these settings None is the method's default, which ``none`` still gives; other
+    optional settings keep ``off`` as None (``--clip off``: no gradient clipping)."""
+    import math
+
+    from spafl.cli import build_parser
+    from spafl.federated.cli import _LIMITS
+    from spafl.federated.config import FedConfig
+
+    assert _LIMITS <= {f.name for f in dataclasses.fields(FedConfig)}
+    parser = build_parser()
+    for name in sorted(_LIMITS):
+        flag = "--" + name.replace("_", "-")
+        assert getattr(parser.parse_args(["train", flag, "off"]), name) == math.inf, name
+        assert getattr(parser.parse_args(["train", flag, "none"]), name) is None, name
+        assert getattr(parser.parse_args(["train", flag, "3.5"]), name) == 3.5, name
+    assert parser.parse_args(["train", "--clip", "off"]).clip is None
+    with pytest.raises(ValueError, match="cohort_clip must be"):
+        FedConfig(cohort_clip=0.5).validate()

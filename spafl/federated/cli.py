@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import shlex
 import sys
 import types
@@ -49,6 +50,11 @@ _CHOICES = {"method": METHODS, "dataset": DATASETS, "model": MODELS, "backend": 
             "backward_mode": ("exact", "skip", "sample"), "normalize": NORMALIZATIONS,
             "penalty_schedule": PENALTY_SCHEDULES, "optimizer_lifetime": OPTIMIZER_LIFETIMES,
             "collapse_timing": COLLAPSE_TIMINGS, "rng": RNG_MODES, "aggregator": AGGREGATORS}
+
+# The server's limits against the cohort: None (``none``) takes the method's default, so ``off`` is inf.
+_LIMITS = frozenset({"cohort_clip", "cohort_against", "cohort_shift", "cohort_drift", "cohort_drift_shift",
+                     "cohort_drift_against", "aggregate_drift", "aggregate_shift", "aggregate_against",
+                     "aggregate_energy"})
 
 _HELP = {
     "method": "spafl, fedavg (dense), local (no communication), sparsyfed, or topk (SparsyFed's ablation)",
@@ -143,7 +149,7 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
         elif f.name in _CHOICES:
             group.add_argument(flag, choices=_CHOICES[f.name], default=None, help=help_text)
         else:
-            kind = optional_value(base) if optional else base
+            kind = optional_value(base, math.inf if f.name in _LIMITS else None) if optional else base
             group.add_argument(flag, type=kind, default=None, dest=f.name, help=help_text,
                                metavar=base.__name__.upper())
 

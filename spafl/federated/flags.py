@@ -35,9 +35,14 @@ def folder_arg(text: str) -> Path:
     return Path(text)
 
 
-def optional_value(kind):
+def optional_value(kind, off=None):
+    """A parser of an optional setting: "none" / "null" give None; "off" gives ``off`` (None where
+    None turns the setting off; ``float("inf")`` for the limits whose None is the method's
+    default)."""
     def parse(text: str):
-        return None if text.lower() in ("none", "null", "off") else kind(text)
+        if text.lower() == "off":
+            return off
+        return None if text.lower() in ("none", "null") else kind(text)
 
     parse.__name__ = kind.__name__
     return parse
