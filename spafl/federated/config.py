@@ -424,9 +424,9 @@ def config_mismatch(saved: dict[str, Any], current: FedConfig) -> list[str]:
         if k == "cohort_clip":
             # None takes the method's norm limit (a checkpoint written before FedAvg had its own
             # holds the earlier default, 20, of every method): what each side resolves to
-            from .methods import default_norm_limit
+            from .methods import make_method
 
-            own = default_norm_limit(current.method)
+            own = make_method(current.replace(cohort_clip=None)).norm_limit()
             if (own if saved[k] is None else saved[k]) == (own if now[k] is None else now[k]):
                 continue
             if now[k] is None:

@@ -32,14 +32,6 @@ from .spafl import ServerState, SpaFL
 from .sparsyfed import SparsyFed
 
 
-def default_norm_limit(method: str) -> float:
-    """The norm limit ``cohort_clip`` None takes for ``method`` (:attr:`Method.cohort_clip`)."""
-    cls = {"spafl": SpaFL, "fedavg": FedAvg, "local": LocalOnly, "sparsyfed": SparsyFed, "topk": SparsyFed}.get(method)
-    if cls is None:
-        raise ValueError(f"unknown method {method!r}")
-    return cls.TOPK_LIMITS.get("cohort_clip", cls.cohort_clip) if method == "topk" else cls.cohort_clip
-
-
 def make_method(config: FedConfig) -> Method:
     """The :class:`Method` named by ``config.method``."""
     if config.method == "spafl":
@@ -54,4 +46,4 @@ def make_method(config: FedConfig) -> Method:
 
 
 __all__ = ["TRAIN_SIZES", "FedAvg", "GlobalState", "LocalOnly", "Method", "ServerState", "SpaFL", "SparsyFed",
-           "default_norm_limit", "exchanged", "make_method", "weighted_mean"]
+           "exchanged", "make_method", "weighted_mean"]
