@@ -231,7 +231,7 @@ class PreparedTriton:
     settings are those it was prepared for; a backward of another ``grad_y`` layout or mode
     takes :class:`_Triton`'s."""
 
-    __slots__ = ("row_mask", "_forwards", "_backwards", "_cuda")
+    __slots__ = ("row_mask", "recorded_forward", "_forwards", "_backwards", "_cuda")
 
     def __init__(self, x2d, weight, tau, bias, options: ThresholdOptions, guard: float | None, previous: bool,
                  previous_density, counter):
@@ -244,6 +244,7 @@ class PreparedTriton:
         prepare = kernels.threshold_linear.PreparedForward
         self._forwards = (prepare(x2d, weight, bias, store_z=False),
                           prepare(x2d, weight, bias, store_z=store_z, z_all=exact))
+        self.recorded_forward = self._forwards[True]  # (PreparedLinearFunction's)
         self._backwards, self._cuda = {}, weight.device.type == "cuda"
 
     def linear_forward(self, x2d, weight, bias, row_mask, options, keep_z=False):
@@ -496,6 +497,24 @@ class ThresholdLinearFunction(torch.autograd.Function):
         return dx, dw, dtau, db, None, None, None
 
 
+class PreparedLinearFunction(ThresholdLinearFunction):
+    """:class:`ThresholdLinearFunction` for the layers' kept Triton call (``backend`` a
+    :class:`PreparedTriton`, ``x`` 2-D: what ``spafl.functional.linear_device_kept`` checks): its
+    prepared forward called directly, without the general forward's dispatch; the same saved
+    state and the same backward."""
+
+    @staticmethod
+    def forward(ctx, x, weight, threshold, bias, row_mask, backend, options):
+        # (the prepared forward reads the mask's perm, count and guard: the row mask as it comes)
+        ctx.sink = _GRAD_SINKS.get(weight) if _GRAD_SINKS.data else None
+        y, state = backend.recorded_forward(x, weight, bias, row_mask)
+        ctx.small = False
+        ctx.save_for_backward(x, weight, *row_mask[:3])
+        ctx.impl, ctx.state, ctx.options, ctx.tau_dtype = backend, state, options, threshold.dtype
+        ctx.has_bias, ctx.x_shape = bias is not None, x.shape
+        return y  # (a fresh tensor: the prepared forward allocates it)
+
+
 class ThresholdConv2dFunction(torch.autograd.Function):
     """``y = conv2d(x, W * m[:, None, None, None], b)`` with the straight-through threshold
     gradient.
@@ -535,7 +554,8 @@ _unwrap_if_dead = torch._C._functorch.unwrap_if_dead
 
 
 # The autograd Functions' C++ apply (what ``Function.apply`` ends in), bound once.
-_C_APPLY = {fn: super(torch.autograd.Function, fn).apply for fn in (ThresholdLinearFunction, ThresholdConv2dFunction)}
+_C_APPLY = {fn: super(torch.autograd.Function, fn).apply
+            for fn in (ThresholdLinearFunction, PreparedLinearFunction, ThresholdConv2dFunction)}
 
 
 def _run(fn, x, weight, threshold, bias, row_mask, *args):

@@ -14,7 +14,9 @@ by the ``torch.library`` operators of :mod:`spafl._ops` under ``torch.compile``;
 from __future__ import annotations
 
 import contextlib
+import functools
 import warnings
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -32,6 +34,7 @@ from ._conv import ConvGeometry, conv_geometry
 from ._functions import (
     _C_APPLY,
     IMPLEMENTATIONS,
+    PreparedLinearFunction,
     PreparedTriton,
     ThresholdConv2dFunction,
     ThresholdLinearFunction,
@@ -43,6 +46,8 @@ from ._functions import (
 from ._guard import _check_finite, _guarded_row_mask, _kernels, _row_mask
 from ._options import ThresholdOptions, options_of
 from ._rowmask import RowMask
+
+_PREPARED_APPLY = _C_APPLY[PreparedLinearFunction]
 
 
 def threshold_row_mask(
@@ -137,6 +142,9 @@ def _kept_forward(x, weight, threshold, bias, row_mask: RowMask, route: str, opt
     route's forward (the Triton route's on the mask without its scores and guard flag)."""
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or threshold.requires_grad
                                     or (bias is not None and bias.requires_grad)):
+        if route.__class__ is PreparedTriton:
+            return _PREPARED_APPLY(_unwrap_if_dead(x), _unwrap_if_dead(weight), _unwrap_if_dead(threshold),
+                                   None if bias is None else _unwrap_if_dead(bias), row_mask, route, options)
         return _C_APPLY[ThresholdLinearFunction](_unwrap_if_dead(x), _unwrap_if_dead(weight),
                                                  _unwrap_if_dead(threshold),
                                                  None if bias is None else _unwrap_if_dead(bias), row_mask, route,
@@ -155,19 +163,30 @@ class DeviceCall(NamedTuple):
 
     options: ThresholdOptions
     tensors: tuple  # (weight, threshold, bias, counter, previous_density)
-    stamps: tuple
+    stamped: tuple  # the same, None as _ABSENT
+    stamp: tuple  # their layouts (_stamp)
     held: tuple
     tau: torch.Tensor  # a detached alias of the thresholds, which the guard's launch writes
     device: torch.device
+    dtype: torch.dtype  # the weight's
+    fan_in: int
     guard: float | None
     previous: bool
     prepared: dict  # (x's rows, strides, 16-byte alignment, settings, thread, stream) -> PreparedTriton | False
-    cuda: bool
     autocast: str | None  # the device type, where it has autocast
+    settings: Callable[[], tuple]  # the launchers' settings (kernels' launch_settings)
+    stream: Callable[[], object]  # this thread and the device's current stream (threshold_mask.stream_key)
 
 
-def _layout(t):
-    return None if t is None else (t.data_ptr(), t.dtype, t.shape, t.stride())
+def _stamp(w, t, b, c, p):
+    """The layouts (data pointer, dtype, shape, strides) of a kept call's five tensors, ``None``
+    ones given as :data:`_ABSENT`: one flat tuple, built and compared at every kept call."""
+    return (w.data_ptr(), w.dtype, w.shape, w.stride(), t.data_ptr(), t.dtype, t.shape, t.stride(),
+            b.data_ptr(), b.dtype, b.shape, b.stride(), c.data_ptr(), c.dtype, c.shape, c.stride(),
+            p.data_ptr(), p.dtype, p.shape, p.stride())
+
+
+_ABSENT = torch.empty(0)  # (in a kept call's stamped tensors, for a bias, counter or density that is None)
 
 
 def device_call_of(x, weight, threshold, bias, options: ThresholdOptions, counter, previous_density):
@@ -185,10 +204,14 @@ def device_call_of(x, weight, threshold, bias, options: ThresholdOptions, counte
     if guard is not None and not _kernels().threshold_mask.writes_guard(threshold, previous_density, counter):
         return None
     tensors = (weight, threshold, bias, counter, previous_density)
-    return DeviceCall(options, tensors, tuple(_layout(t) for t in tensors),
-                      tuple(None if t is None else t.detach() for t in tensors), threshold.detach(), weight.device,
-                      guard, options.collapse_timing == "previous", {}, weight.device.type == "cuda",
-                      weight.device.type if torch.amp.is_autocast_available(weight.device.type) else None)
+    stamped = tuple(_ABSENT if t is None else t for t in tensors)
+    kernels, device = _kernels(), weight.device
+    stream = functools.partial(kernels.threshold_mask.stream_key, device, device.type == "cuda")
+    return DeviceCall(options, tensors, stamped, _stamp(*stamped),
+                      tuple(None if t is None else t.detach() for t in tensors), threshold.detach(), device,
+                      weight.dtype, weight.shape[1], guard, options.collapse_timing == "previous", {},
+                      device.type if torch.amp.is_autocast_available(device.type) else None,
+                      kernels._config.launch_settings, stream)
 
 
 def linear_device_kept(x, weight, threshold, bias, options: ThresholdOptions, counter, previous_density,
@@ -204,23 +227,21 @@ def linear_device_kept(x, weight, threshold, bias, options: ThresholdOptions, co
     if (call.options is not options or tensors[0] is not weight or tensors[1] is not threshold
             or tensors[2] is not bias or tensors[3] is not counter or tensors[4] is not previous_density):
         return None
-    if (x.__class__ is not torch.Tensor or x.dtype != weight.dtype or x.dim() != 2 or x.shape[1] != weight.shape[1]
+    shape = x.shape
+    # (the weight's dtype and fan-in as the call found them: the stamp below checks they still are)
+    if (x.__class__ is not torch.Tensor or x.dtype != call.dtype or len(shape) != 2 or shape[1] != call.fan_in
             or x.device != call.device or torch._C._is_tracing() or torch.compiler.is_compiling()
             or torch._C._are_functorch_transforms_active()
             or (call.autocast is not None and torch.is_autocast_enabled(call.autocast))):
         return None
-    stamps = call.stamps
-    if (_layout(weight) != stamps[0] or _layout(threshold) != stamps[1] or _layout(bias) != stamps[2]
-            or _layout(counter) != stamps[3] or _layout(previous_density) != stamps[4]):
+    if _stamp(*call.stamped) != call.stamp:  # (the same objects as ``tensors``: checked above)
         return None
-    kernels = _kernels()
-    key = (x.shape[0], x.stride(), x.data_ptr() % 16 == 0, kernels._config.launch_settings(),
-           kernels.threshold_mask.stream_key(call.device, call.cuda))
+    key = (shape[0], x.stride(), x.data_ptr() % 16 == 0, call.settings(), call.stream())
     impl = call.prepared.get(key)
     if impl is None:
         impl = call.prepared[key] = _prepared(call, x, weight, bias, options, counter, previous_density)
     if impl is False:
-        masks = kernels.threshold_mask
+        masks = _kernels().threshold_mask
         if call.guard is None:
             row_mask = masks.threshold_row_mask(weight, call.tau)
         else:
