@@ -198,7 +198,7 @@ def record(config) -> None:
                             cohort_against=1e30, cohort_shift=1e30)
     peaks: dict = {}
     clip = rules.AggregateMemory.clip
-    def watched(self, reference, updates, weights, limits, commit=True):
+    def watched(self, reference, updates, weights, limits, commit=True, sparse=()):
         n = len(updates)
         if commit and n >= 3:  # each update's component along the record's direction, in spreads
             for name, ref in reference.items():
@@ -215,7 +215,7 @@ def record(config) -> None:
                 for kind, unit in (("along", spread), ("along/m", m)):
                     if unit > 0 and float(p.max() - q) / unit > peaks.get(kind, (-math.inf,))[0]:
                         peaks[kind] = (float(p.max() - q) / unit, name, self.rounds + 1)
-        out = clip(self, reference, updates, weights, limits, commit)
+        out = clip(self, reference, updates, weights, limits, commit, sparse)
         if commit and self.rounds:
             root = math.sqrt(self.rounds)
             slack = math.sqrt(self.rounds + rules.ENERGY_SLACK_ROUNDS)
@@ -231,10 +231,10 @@ def record(config) -> None:
     per_round = rules.clip_to_cohort
     rounds_seen = [0]
 
-    def round_watched(reference, updates, factor, against=None, shift=None):
+    def round_watched(reference, updates, factor, against=None, shift=None, sparse=(), kept=None):
         rounds_seen[0] += 1
-        _round_peaks(peaks, reference, updates, rounds_seen[0])
-        return per_round(reference, updates, factor, against, shift)
+        _round_peaks(peaks, reference, updates, rounds_seen[0], sparse)
+        return per_round(reference, updates, factor, against, shift, sparse, kept)
 
     rules.clip_to_cohort = round_watched
     try:
@@ -266,9 +266,9 @@ def energy(config) -> None:
     terms: list[dict[str, float]] = []
     clip = rules.AggregateMemory.clip
 
-    def watched(self, reference, updates, weights, limits, commit=True):
+    def watched(self, reference, updates, weights, limits, commit=True, sparse=()):
         before = dict(self.energy)
-        out = clip(self, reference, updates, weights, limits, commit)
+        out = clip(self, reference, updates, weights, limits, commit, sparse)
         if commit and len(updates) >= 3:
             terms.append({name: self.energy[name] - before.get(name, 0.0) for name in reference})
         return out
@@ -295,11 +295,13 @@ def energy(config) -> None:
           f"{clipped}; acc {accuracy(history):.2f} ({time.perf_counter() - start:.0f} s)", flush=True)
 
 
-def _round_peaks(peaks: dict, reference, updates, round_index: int) -> None:
+def _round_peaks(peaks: dict, reference, updates, round_index: int, sparse=()) -> None:
     """Into ``peaks``, per kind (``round norm``, ``round against``, ``round shift``), the
     largest value ``(v, tensor, round)`` over the round's updates and tensors of what
     :func:`rules.clip_to_cohort` limits (``cohort_clip``, ``cohort_against``, ``cohort_shift``),
-    in the round's lower median deviation norms, computed as it computes them before clipping."""
+    in the round's lower median deviation norms, computed as it computes them before clipping;
+    for the ``sparse`` tensors also ``round kept norm``, the norm of the values each client kept
+    in their own median."""
     n = len(updates)
     if n < 2:
         return
@@ -310,6 +312,12 @@ def _round_peaks(peaks: dict, reference, updates, round_index: int) -> None:
         if m <= 0:
             continue
         values = {"round norm": float(norms.max()) / m}
+        if name in sparse:
+            kept = torch.stack([(u[name] != 0).reshape(-1) for u in updates])
+            kept_norms = torch.where(kept, devs, 0.0).norm(dim=1)
+            m_kept = float(kept_norms.sort().values[(n - 1) // 2])
+            if m_kept > 0:
+                values["round kept norm"] = float(kept_norms.max()) / m_kept
         centre = devs.median(0).values
         if float(centre.norm()) > 0:
             values["round against"] = float((-(devs @ (centre / centre.norm()))).max()) / m
@@ -328,8 +336,8 @@ def client_peaks(peaks: dict):
     pulls against each round's centre; ``k`` the rounds the client took part in)."""
     client_clip = rules.CohortMemory.clip
 
-    def client_watched(self, reference, updates, ids, limit, commit=True, shift=None, against=None):
-        out = client_clip(self, reference, updates, ids, limit, commit, shift, against)
+    def client_watched(self, reference, updates, ids, limit, commit=True, shift=None, against=None, sparse=()):
+        out = client_clip(self, reference, updates, ids, limit, commit, shift, against, sparse)
         if commit:
             for cid in ids:
                 root = math.sqrt(self.rounds.get(cid, 1))

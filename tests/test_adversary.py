@@ -109,7 +109,8 @@ ADAPTIVE = {
 }
 
 
-def _largest_unclipped(method, name, g, others, index, direction, bound, memory=None, ids=None, weights=None):
+def _largest_unclipped(method, name, g, others, index, direction, bound, memory=None, ids=None, weights=None,
+                       support=None):
     """The largest multiple ``s`` of ``direction`` for which ``g + s * direction`` (pulled inside
     the update bound ``bound``), put at ``index`` among the ``others`` (every other update of
     the round, adversarial ones included), is left alone by the server's rule for tensor
@@ -120,28 +121,33 @@ def _largest_unclipped(method, name, g, others, index, direction, bound, memory=
     without changing the memory: a bisection on ``s``,
     so that the attacker needs no formula for the rule. When even ``s = 0`` (the global value)
     is clipped (its past pushes used up its allowance), it sends the others' coordinate-wise
-    median, where it sits at the cohort's centre."""
+    median, where it sits at the cohort's centre. ``support``: where the attacker's Top-K keeps
+    values (a method whose clients send pruned tensors): every candidate is 0 elsewhere."""
     g64 = g.double()
     length = float(direction.norm())
     if length == 0:
-        return g.clone()
+        return g.clone() if support is None else torch.where(support, g, 0.0)
+    sparse = method.pruned_by_clients()
 
     def candidate(scale):
-        return _in_bounds(g64 + direction * scale, g, bound)
+        value = _in_bounds(g64 + direction * scale, g, bound)
+        return value if support is None else torch.where(support, value, 0.0)
 
     def binding(value):
         """The kinds of the events ``value`` meets (the limits the attacker rides)."""
         ups = [{name: u} for u in others]
         ups.insert(index, {name: value})
         ups, events = rules.clip_to_cohort({name: g}, ups, method.norm_limit(), method.against_limit(),
-                                           method.shift_limit())
+                                           method.shift_limit(), sparse, method.kept_limit())
         if memory is not None:
             ups, more = memory.clip({name: g}, ups, ids, method.drift_limit(), commit=False,
-                                    shift=method.drift_shift_limit(), against=method.drift_against_limit())
+                                    shift=method.drift_shift_limit(), against=method.drift_against_limit(),
+                                    sparse=sparse)
             events = events + more
             if method.config.aggregator == "mean":
                 mean_weights = weights if method.weighted_mean else None
-                _, more = memory.aggregate.clip({name: g}, ups, mean_weights, method.aggregate_limit(), commit=False)
+                _, more = memory.aggregate.clip({name: g}, ups, mean_weights, method.aggregate_limit(), commit=False,
+                                                sparse=sparse)
                 events = events + more
         return events
 
@@ -157,7 +163,8 @@ def _largest_unclipped(method, name, g, others, index, direction, bound, memory=
         return candidate(hi)
     if not accepted(candidate(lo)):
         RIDDEN["spent"] += 1
-        return torch.stack([u.double() for u in others]).median(0).values.float()
+        centre = torch.stack([u.double() for u in others]).median(0).values.float()
+        return centre if support is None else torch.where(support, centre, 0.0)
     for _ in range(40):
         mid = (lo + hi) / 2
         lo, hi = (mid, hi) if accepted(candidate(mid)) else (lo, mid)
@@ -228,13 +235,12 @@ class Adversary:
                             d = torch.ones_like(g64) * (-1) ** sim.engine.round
                         else:
                             d = -own
-                        if method.sparse_wire:  # within its own Top-K
-                            d = d * (updates[i][name] != 0)
+                        support = updates[i][name] != 0 if method.sparse_wire else None
+                        if support is not None:  # within its own Top-K
+                            d = d * support
                         others = [u[name] for j, u in enumerate(updates) if j != i]
                         forged[name] = _largest_unclipped(method, name, g, others, i, d, bounds.get(name), memory, ids,
-                                                          weights)
-                        if method.sparse_wire:
-                            forged[name] = torch.where(updates[i][name] != 0, forged[name], 0.0)
+                                                          weights, support)
                     method.validate_update(forged, server)  # it is an accepted update
                     updates[i] = forged
                 return clip(server, updates, ids, memory, commit, weights)
@@ -451,6 +457,77 @@ def test_clip_to_cohort_by_hand():
     torch.testing.assert_close(out[3]["b"], torch.ones(2))  # the median client left b as it was
     assert all(out[i] is ups[i] for i in range(3))
     assert rules.clip_to_cohort(g, ups, None) == (ups, [])
+
+
+def _pruned(kept: int, value: float, size: int = 100) -> torch.Tensor:
+    """A client's pruned upload of a tensor: ``value`` in its first ``kept`` entries, 0 elsewhere."""
+    t = torch.zeros(size)
+    t[:kept] = value
+    return t
+
+
+def test_a_pruned_tensor_is_measured_on_the_values_kept_and_keeps_its_zeros():
+    """For a tensor clients send pruned (a Top-K's weights), the limits measure what each client
+    did to the values it kept; the pruning, most of an honest deviation's norm, no longer sets a
+    median that lets one client move its kept values far beyond any honest one; and a clip
+    revives nothing a client pruned."""
+    g = {"w": torch.ones(100), "b": torch.ones(3)}
+    ups = [{"w": _pruned(10, 1.01), "b": torch.full((3,), 1.0 + 0.01 * k)} for k in range(1, 10)]
+    bad = {"w": _pruned(10, 5.0), "b": torch.full((3,), 1.05)}
+    # every deviation mostly the pruning (norm 9.49 honest, 15.9 the attacker's): no clip
+    assert rules.clip_to_cohort(g, [*ups, bad], 8.0)[1] == []
+    # with the zeros kept but no limit on the kept values: no clip either
+    assert rules.clip_to_cohort(g, [*ups, bad], 8.0, sparse={"w"})[1] == []
+    out, events = rules.clip_to_cohort(g, [*ups, bad], 8.0, sparse={"w"}, kept=8.0)
+    # kept values: honest deviation norm sqrt(10) * 0.01, the attacker's sqrt(10) * 4
+    assert [(e.index, e.name) for e in events] == [(9, "w")]
+    assert events[0].median == pytest.approx(10 ** 0.5 * 0.01) and events[0].norm == pytest.approx(10 ** 0.5 * 4)
+    torch.testing.assert_close(out[9]["w"], _pruned(10, 1.08))  # 8 x the median: 0.08 a kept value
+    assert out[9]["b"] is bad["b"]
+    # without the rule's knowledge of the pruning, a clip would have made the update dense
+    dense = rules.clip_to_cohort(g, [*ups, bad], 0.5)[0][9]["w"]
+    assert int((dense != 0).sum()) == 100
+    for limit in (0.5, 1.0):  # clipped further, it still keeps exactly its own non-zeros
+        out, events = rules.clip_to_cohort(g, [*ups, bad], limit, 1.0, 1.0, sparse={"w"}, kept=limit)
+        assert any(e.index == 9 for e in events)
+        assert torch.equal(out[9]["w"] != 0, bad["w"] != 0)
+
+
+def test_the_records_across_rounds_keep_a_pruned_tensors_zeros():
+    """The limits across rounds (a client's, the federation's) move a clipped update toward the
+    cohort's centre; for a tensor clients send pruned, the values the client pruned stay 0."""
+    g = {"w": torch.ones(100)}
+    memory = rules.CohortMemory()
+    ups = [{"w": _pruned(10 + k, 1.0 + 0.01 * k)} for k in range(5)]
+    for _ in range(3):  # client 5 pushes its kept values up, round after round
+        bad = {"w": _pruned(30, 1.5)}
+        out, events = memory.clip(g, [*ups, bad], list(range(6)), 0.3, shift=0.1, sparse={"w"})
+        assert any(e.index == 5 for e in events)
+        assert torch.equal(out[5]["w"] != 0, bad["w"] != 0)
+    out, events = memory.aggregate.clip(g, [*ups, bad], None, rules.AggregateLimits(0.01, 0.01, 0.01, 0.01),
+                                        sparse={"w"})
+    assert events and all(torch.equal(o["w"] != 0, u["w"] != 0) for o, u in zip(out, [*ups, bad], strict=True))
+
+
+def test_topk_holds_the_values_a_client_kept_and_its_clips_keep_the_sparsity():
+    """Top-K, one round of the CI-sized run, client 0 sending every value it kept at the update
+    bound (``max-shift``, its Top-K's zeros left as they were): the whole deviation's norm, most
+    of it the pruning every client does, passes the norm limit where the kept values' does not;
+    the server reports the kept values' clip, and the global model stays as sparse as the
+    honest one's (without keeping the zeros, a clipped update is dense and the global model
+    with it: sparsity 0.03 on the 20-round run's first round, docs/security.md)."""
+    config = small("topk", rounds=1)
+    honest_history, _ = attacked_run(config)
+    history, messages = attacked_run(config, "max-shift", bad=[0])
+    kept = [m for m in messages if "client 0 update clipped" in m and "values it kept" in m]
+    assert kept, messages
+    assert history[0]["global_sparsity"] >= honest_history[0]["global_sparsity"] - 0.02, (
+        history[0]["global_sparsity"], honest_history[0]["global_sparsity"])
+    from spafl.federated.methods import make_method
+
+    assert make_method(config).kept_limit() == make_method(config).norm_limit() == 20.0
+    sparsyfed = make_method(small("sparsyfed"))
+    assert sparsyfed.kept_limit() is None and sparsyfed.pruned_by_clients() == frozenset()
 
 
 @pytest.mark.parametrize("method", ["spafl", "fedavg"])

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -31,7 +31,9 @@ class Clipped:
     median: float
     kind: str = "norm"
     scale: float = 1.0  # kind "drift": the fraction of the deviation from the cohort's centre kept
-    which: str = ""  # kinds "aggregate", "drift": the sum that passed its limit (norm, shift, against, energy)
+    # kinds "aggregate", "drift": the sum that passed its limit (norm, shift, against, energy);
+    # kind "norm": "kept" for the norm of the values a client kept (a tensor sent pruned)
+    which: str = ""
 
     def describe(self, client: object, factor: float | None) -> str:
         """The history's line for this event (``client``: the client's id; unused for
@@ -64,13 +66,18 @@ class Clipped:
             return (f"client {client} update clipped: {self.name} moved {self.norm:.4g} against the cohort's median "
                     f"direction, more than {factor:g} x the cohort's median deviation {self.median:.4g}; "
                     f"that component cut to {self.limit:.4g}")
+        if self.which == "kept":
+            return (f"client {client} update clipped: {self.name}'s values it kept moved {self.norm:.4g} from "
+                    f"their global values (Euclidean norm), more than {factor:g} x the cohort's median "
+                    f"{self.median:.4g}; scaled to {self.limit:.4g}")
         return (f"client {client} update clipped: {self.name} moved {self.norm:.4g} from the global value "
                 f"(Euclidean norm), more than {factor:g} x the cohort's median {self.median:.4g}; "
                 f"scaled to {self.limit:.4g}")
 
 
 def clip_to_cohort(reference: Mapping[str, torch.Tensor], updates: list[Mapping[str, torch.Tensor]],
-                   factor: float | None, against: float | None = None, shift: float | None = None
+                   factor: float | None, against: float | None = None, shift: float | None = None,
+                   sparse: Collection[str] = (), kept: float | None = None
                    ) -> tuple[list[Mapping[str, torch.Tensor]], list[Clipped]]:
     """Each update's deviation from the global state ``reference``, per tensor, brought within
     two limits, both multiples of the cohort's median deviation norm ``m`` for that tensor (the
@@ -94,7 +101,16 @@ def clip_to_cohort(reference: Mapping[str, torch.Tensor], updates: list[Mapping[
     docs/security.md), so both limits leave them alone. Returns ``(updates, clipped)``: the
     list itself, untouched, when nothing is clipped (the aggregate is then computed exactly as
     without the rule), else a new list in which only the clipped updates are new mappings.
-    ``factor`` / ``against`` None: that limit is off."""
+    ``factor`` / ``against`` None: that limit is off.
+
+    ``sparse``: the names of the tensors a client sends pruned (a Top-K after training: its
+    exact zeros are its pruning, bounded by the global values themselves). A clipped update
+    keeps its zeros (:func:`on_support`). With ``kept``, a norm limit holds for those tensors
+    on the deviation of the values each client kept too (``(u - g)`` where ``u != 0``): at most
+    ``kept`` times the median of the cohort's kept deviations (a longer one scaled to it, the
+    pruned values left as they were). The pruning makes most of an honest deviation's norm, and
+    its median alone lets one client move the values it keeps many times further than any
+    honest client does."""
     if (factor is None and against is None and shift is None) or not updates:
         return updates, []
     n = len(updates)
@@ -115,6 +131,19 @@ def clip_to_cohort(reference: Mapping[str, torch.Tensor], updates: list[Mapping[
                     devs[i] = devs[i] * (limit / norm if math.isfinite(norm) else 0.0)
                     changed.add(i)
                     events.append(Clipped(i, name, norm, limit, median))
+        if kept is not None and name in sparse:
+            kept_devs = [torch.where(u[name] != 0, d, 0.0) for u, d in zip(updates, devs, strict=True)]
+            # (the cohort's median of the kept deviations as sent: a clip above shortens only
+            # updates longer than the median, and the median is taken before it)
+            sent = sorted(float(torch.linalg.vector_norm(torch.where(u[name] != 0, u[name].double() - g, 0.0)))
+                          for u in updates)[(n - 1) // 2]
+            limit = kept * sent
+            for i, k in enumerate(kept_devs):
+                norm = float(torch.linalg.vector_norm(k))
+                if norm > limit:
+                    devs[i] = devs[i] - k * (1.0 - (limit / norm if math.isfinite(norm) else 0.0))
+                    changed.add(i)
+                    events.append(Clipped(i, name, norm, limit, sent, which="kept"))
         if against is not None and n > 1 and median > 0:
             centre = torch.stack(devs).median(0).values
             length = float(torch.linalg.vector_norm(centre))
@@ -139,11 +168,20 @@ def clip_to_cohort(reference: Mapping[str, torch.Tensor], updates: list[Mapping[
                     changed.add(i)
                     events.append(Clipped(i, name, move - centre, limit, median, "shift"))
         for i in changed:
-            value = (g + devs[i]).to(updates[i][name].dtype)
+            value = on_support(g + devs[i], updates[i][name], name in sparse)
             scaled.setdefault(i, dict(updates[i]))[name] = value
     if not events:
         return updates, []
     return [scaled.get(i, u) for i, u in enumerate(updates)], events
+
+
+def on_support(value: torch.Tensor, sent: torch.Tensor, sparse: bool) -> torch.Tensor:
+    """A clipped tensor ``value`` in the dtype of the ``sent`` one; ``sparse`` (a tensor the
+    client sends pruned): 0 wherever ``sent`` is, so that a clip never revives what a client
+    pruned (a dense clipped update would make the aggregate dense: a Top-K method's global
+    model would lose its sparsity to one clipped client)."""
+    value = value.to(sent.dtype)
+    return torch.where(sent != 0, value, torch.zeros((), dtype=sent.dtype)) if sparse else value
 
 
 class CohortMemory:
@@ -177,7 +215,8 @@ class CohortMemory:
 
     def clip(self, reference: Mapping[str, torch.Tensor], updates: list[Mapping[str, torch.Tensor]],
              ids: list[int], limit: float | None, commit: bool = True, shift: float | None = None,
-             against: float | None = None) -> tuple[list[Mapping[str, torch.Tensor]], list[Clipped]]:
+             against: float | None = None, sparse: Collection[str] = ()
+             ) -> tuple[list[Mapping[str, torch.Tensor]], list[Clipped]]:
         """``updates`` (of the clients ``ids``, already clipped per round) with the deviation
         from the centre of each client whose sum would pass ``limit * sqrt(k)`` (or whose
         sum's component along the all-ones direction, a whole tensor one way, would pass
@@ -187,7 +226,8 @@ class CohortMemory:
         ``limit`` the bound, ``scale`` the factor kept). The list itself, untouched, when
         nothing is clipped. ``commit`` False: the state is not changed (what an update would
         meet). Rounds of fewer than 3 updates or a zero median deviation are not counted:
-        there is no cohort to measure against."""
+        there is no cohort to measure against. ``sparse``: tensors whose zeros a clipped update
+        keeps (:func:`on_support`; the sums count the deviation as scaled)."""
         n = len(updates)
         if (limit is None and shift is None and against is None) or n < 3:
             return updates, []
@@ -233,7 +273,7 @@ class CohortMemory:
                     if worst is None or a < alpha:
                         alpha, worst = a, ("against", s_against + r_against, against * math.sqrt(k))
                 if worst is not None:
-                    value = (g + centre + alpha * (devs[i] - centre)).to(updates[i][name].dtype)
+                    value = on_support(g + centre + alpha * (devs[i] - centre), updates[i][name], name in sparse)
                     scaled.setdefault(i, dict(updates[i]))[name] = value
                     which, reached, at = worst
                     events.append(Clipped(i, name, reached, at, median, "drift", alpha, which))
@@ -388,14 +428,15 @@ class AggregateMemory:
         self.rounds = 0
 
     def clip(self, reference: Mapping[str, torch.Tensor], updates: list[Mapping[str, torch.Tensor]],
-             weights: list[float] | None, limits: AggregateLimits | None, commit: bool = True
-             ) -> tuple[list[Mapping[str, torch.Tensor]], list[Clipped]]:
+             weights: list[float] | None, limits: AggregateLimits | None, commit: bool = True,
+             sparse: Collection[str] = ()) -> tuple[list[Mapping[str, torch.Tensor]], list[Clipped]]:
         """``updates`` with every deviation from the cohort's centre scaled toward it in each
         tensor one of whose sums would pass its limit times ``sqrt(k)``, and the events
         (``kind="aggregate"``, ``index`` None). ``weights``: the mean's weights (None:
         uniform). The list itself, untouched, when nothing is clipped; ``commit`` False: the
         record is not changed. Rounds of fewer than 3 updates are not counted (no cohort to
-        measure against); a tensor whose median deviation is 0 adds nothing."""
+        measure against); a tensor whose median deviation is 0 adds nothing. ``sparse``: tensors
+        whose zeros every update keeps (:func:`on_support`; the sums count the mean as scaled)."""
         n = len(updates)
         if limits is None or limits.off() or n < 3:
             return updates, []
@@ -454,7 +495,7 @@ class AggregateMemory:
                     alpha, worst = min(alpha, a), (kind, value, bound)
             if worst is not None:
                 for i, u in enumerate(updates):
-                    value = (g + centre + alpha * (devs[i] - centre)).to(u[name].dtype)
+                    value = on_support(g + centre + alpha * (devs[i] - centre), u[name], name in sparse)
                     scaled.setdefault(i, dict(u))[name] = value
                 kind, value, bound = worst
                 events.append(Clipped(None, name, value, bound, median, "aggregate", alpha, kind))

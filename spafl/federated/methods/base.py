@@ -249,17 +249,32 @@ class Method:
         updates' sample counts ``weights``: the mean's weights), and what was clipped. The
         round applies it before :meth:`aggregate`."""
         reference = self.expected_update(server)
+        sparse = self.pruned_by_clients()
         updates, events = rules.clip_to_cohort(reference, updates, self.norm_limit(), self.against_limit(),
-                                               self.shift_limit())
+                                               self.shift_limit(), sparse, self.kept_limit())
         if memory is not None and ids is not None:
             updates, more = memory.clip(reference, updates, ids, self.drift_limit(), commit,
-                                        shift=self.drift_shift_limit(), against=self.drift_against_limit())
+                                        shift=self.drift_shift_limit(), against=self.drift_against_limit(),
+                                        sparse=sparse)
             events = events + more
         if memory is not None and self.config.aggregator == "mean":
             mean_weights = weights if self.weighted_mean and weights is not None else None
-            updates, more = memory.aggregate.clip(reference, updates, mean_weights, self.aggregate_limit(), commit)
+            updates, more = memory.aggregate.clip(reference, updates, mean_weights, self.aggregate_limit(), commit,
+                                                  sparse)
             events = events + more
         return updates, events
+
+    def pruned_by_clients(self) -> frozenset[str]:
+        """The exchanged tensors a client prunes before sending (its exact zeros are its
+        pruning): a clip never revives what it pruned (:func:`rules.clip_to_cohort`). None
+        here; Top-K's weights."""
+        return frozenset()
+
+    def kept_limit(self) -> float | None:
+        """The limit on the deviation of the values a client kept in :meth:`pruned_by_clients`,
+        in the cohort's median of those (:func:`rules.clip_to_cohort`'s ``kept``): None here
+        (off); Top-K's norm limit."""
+        return None
 
     def aggregate_limit(self) -> rules.AggregateLimits:
         """The limits on the accepted mean's deviations from the cohort's centre summed over the

@@ -89,6 +89,18 @@ class SparsyFed(Method):
         if nnz > self._keep:
             raise UpdateRejected(f"{nnz} non-zero weights, above the Top-K target of {self._keep}")
 
+    # Top-K's weights are pruned by its clients (the global Top-K after training); its clips keep
+    # their zeros, and the values a client kept stay within its norm limit of the cohort's
+    # median (its honest clients reached 17.48; docs/security.md, "Top-K's kept values").
+    # SparsyFed keeps the rule it was measured with: its honest clients' kept values reached
+    # 11.8 median deviations, above its norm limit of 8, and its honest runs that are clipped
+    # (60 rounds, seed 2) end elsewhere when the clips keep the zeros.
+    def pruned_by_clients(self) -> frozenset[str]:
+        return frozenset(self._weights) if self.plain_topk else frozenset()
+
+    def kept_limit(self) -> float | None:
+        return self.norm_limit() if self.plain_topk else None
+
     def _spectral_seed(self) -> int | None:
         return derived_seed(self.config.seed, "spectral") if self.spectral else None
 
