@@ -19,6 +19,7 @@ from pathlib import Path
 from .config import (
     AGGREGATORS,
     BACKENDS,
+    COHORT_LIMITS,
     COLLAPSE_TIMINGS,
     DATASETS,
     DEFAULT_PRESET,
@@ -50,11 +51,6 @@ _CHOICES = {"method": METHODS, "dataset": DATASETS, "model": MODELS, "backend": 
             "backward_mode": ("exact", "skip", "sample"), "normalize": NORMALIZATIONS,
             "penalty_schedule": PENALTY_SCHEDULES, "optimizer_lifetime": OPTIMIZER_LIFETIMES,
             "collapse_timing": COLLAPSE_TIMINGS, "rng": RNG_MODES, "aggregator": AGGREGATORS}
-
-# The server's limits against the cohort: None (``none``) takes the method's default, so ``off`` is inf.
-_LIMITS = frozenset({"cohort_clip", "cohort_against", "cohort_shift", "cohort_drift", "cohort_drift_shift",
-                     "cohort_drift_against", "aggregate_drift", "aggregate_shift", "aggregate_against",
-                     "aggregate_energy"})
 
 _HELP = {
     "method": "spafl, fedavg (dense), local (no communication), sparsyfed, or topk (SparsyFed's ablation)",
@@ -149,7 +145,8 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
         elif f.name in _CHOICES:
             group.add_argument(flag, choices=_CHOICES[f.name], default=None, help=help_text)
         else:
-            kind = optional_value(base, math.inf if f.name in _LIMITS else None) if optional else base
+            # (a limit against the cohort: None, ``none``, is the method's default, so ``off`` is inf)
+            kind = optional_value(base, math.inf if f.name in COHORT_LIMITS else None) if optional else base
             group.add_argument(flag, type=kind, default=None, dest=f.name, help=help_text,
                                metavar=base.__name__.upper())
 

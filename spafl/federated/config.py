@@ -26,6 +26,9 @@ RNG_MODES = ("keyed", "global")
 NORMALIZATIONS = ("standard", "raw")
 MEMORY_FORMATS = ("auto", "channels_last", "contiguous")
 AGGREGATORS = ("mean", "median", "trimmed-mean")
+# The server's limits against the cohort: None takes the method's default, inf turns one off.
+COHORT_LIMITS = ("cohort_clip", "cohort_against", "cohort_shift", "cohort_drift", "cohort_drift_shift",
+                 "cohort_drift_against", "aggregate_drift", "aggregate_shift", "aggregate_against", "aggregate_energy")
 _DATASET_SHAPES = {"digits": (1, 8, 8), "fmnist": (1, 28, 28), "cifar10": (3, 32, 32), "cifar100": (3, 32, 32)}
 _MODEL_INPUTS = {"digits-cnn": (1, 8, 8), "lenet5": (1, 28, 28), "conv4": (3, 32, 32), "vit": (3, 32, 32),
                  "resnet18": (3, 32, 32)}
@@ -260,25 +263,7 @@ class FedConfig:
              or (_is_real(self.cohort_clip) and self.cohort_clip >= 1),
              f"cohort_clip must be None (the method's default), inf (off) or a number >= 1, got "
              f"{self.cohort_clip!r}")
-        need(self.cohort_against is None or (isinstance(self.cohort_against, (int, float))
-                                             and not isinstance(self.cohort_against, bool)
-                                             and self.cohort_against > 0),
-             f"cohort_against must be None (the method's default), a positive number or inf (off), "
-             f"got {self.cohort_against!r}")
-        need(self.cohort_shift is None or (isinstance(self.cohort_shift, (int, float))
-                                           and not isinstance(self.cohort_shift, bool) and self.cohort_shift > 0),
-             f"cohort_shift must be None (the method's default), a positive number or inf (off), "
-             f"got {self.cohort_shift!r}")
-        need(self.cohort_drift is None or (isinstance(self.cohort_drift, (int, float))
-                                           and not isinstance(self.cohort_drift, bool) and self.cohort_drift > 0),
-             f"cohort_drift must be None (the method's default), a positive number or inf (off), "
-             f"got {self.cohort_drift!r}")
-        value = self.cohort_drift_shift
-        need(value is None or (isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0),
-             f"cohort_drift_shift must be None (the method's default), a positive number or inf (off), "
-             f"got {self.cohort_drift_shift!r}")
-        for name in ("cohort_drift_against", "aggregate_drift", "aggregate_shift", "aggregate_against",
-                     "aggregate_energy"):
+        for name in COHORT_LIMITS[1:]:  # (cohort_clip above: at least 1)
             value = getattr(self, name)
             need(value is None or (isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0),
                  f"{name} must be None (the method's default), a positive number or inf (off), got {value!r}")
