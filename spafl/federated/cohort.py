@@ -119,6 +119,7 @@ def clip_to_cohort(reference: Mapping[str, torch.Tensor], updates: list[Mapping[
     for name, ref in reference.items():
         g = ref.double()
         devs = [u[name].double() - g for u in updates]
+        sent = list(devs)  # (the deviations as sent: the norm limit below replaces clipped ones)
         norms = [float(torch.linalg.vector_norm(d)) for d in devs]
         median = sorted(norms)[(n - 1) // 2]
         changed: set[int] = set()
@@ -132,18 +133,19 @@ def clip_to_cohort(reference: Mapping[str, torch.Tensor], updates: list[Mapping[
                     changed.add(i)
                     events.append(Clipped(i, name, norm, limit, median))
         if kept is not None and name in sparse:
-            kept_devs = [torch.where(u[name] != 0, d, 0.0) for u, d in zip(updates, devs, strict=True)]
+            supports = [u[name] != 0 for u in updates]
+            kept_devs = [torch.where(m, d, 0.0) for m, d in zip(supports, devs, strict=True)]
             # (the cohort's median of the kept deviations as sent: a clip above shortens only
             # updates longer than the median, and the median is taken before it)
-            sent = sorted(float(torch.linalg.vector_norm(torch.where(u[name] != 0, u[name].double() - g, 0.0)))
-                          for u in updates)[(n - 1) // 2]
-            limit = kept * sent
+            kept_median = sorted(float(torch.linalg.vector_norm(torch.where(m, d, 0.0)))
+                                 for m, d in zip(supports, sent, strict=True))[(n - 1) // 2]
+            limit = kept * kept_median
             for i, k in enumerate(kept_devs):
                 norm = float(torch.linalg.vector_norm(k))
                 if norm > limit:
                     devs[i] = devs[i] - k * (1.0 - (limit / norm if math.isfinite(norm) else 0.0))
                     changed.add(i)
-                    events.append(Clipped(i, name, norm, limit, sent, which="kept"))
+                    events.append(Clipped(i, name, norm, limit, kept_median, which="kept"))
         if against is not None and n > 1 and median > 0:
             centre = torch.stack(devs).median(0).values
             length = float(torch.linalg.vector_norm(centre))
