@@ -301,7 +301,8 @@ def _round_peaks(peaks: dict, reference, updates, round_index: int, sparse=()) -
     :func:`rules.clip_to_cohort` limits (``cohort_clip``, ``cohort_against``, ``cohort_shift``),
     in the round's lower median deviation norms, computed as it computes them before clipping;
     for the ``sparse`` tensors also ``round kept norm``, the norm of the values each client kept
-    in their own median."""
+    in their own median, and ``round kept/sent``, the same norm in the median norm of the
+    tensors as sent."""
     n = len(updates)
     if n < 2:
         return
@@ -318,6 +319,12 @@ def _round_peaks(peaks: dict, reference, updates, round_index: int, sparse=()) -
             m_kept = float(kept_norms.sort().values[(n - 1) // 2])
             if m_kept > 0:
                 values["round kept norm"] = float(kept_norms.max()) / m_kept
+            # the same norms in the cohort's median norm of the tensors as sent (g + d, zeros
+            # included): the scale of what one update adds to the mean
+            sent = torch.stack([u[name].double().reshape(-1) for u in updates]).norm(dim=1)
+            m_sent = float(sent.sort().values[(n - 1) // 2])
+            if m_sent > 0:
+                values["round kept/sent"] = float(kept_norms.max()) / m_sent
         centre = devs.median(0).values
         if float(centre.norm()) > 0:
             values["round against"] = float((-(devs @ (centre / centre.norm()))).max()) / m
