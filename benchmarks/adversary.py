@@ -231,10 +231,10 @@ def record(config) -> None:
     per_round = rules.clip_to_cohort
     rounds_seen = [0]
 
-    def round_watched(reference, updates, factor, against=None, shift=None, sparse=(), kept=None):
+    def round_watched(reference, updates, factor, against=None, shift=None, sparse=(), kept=None, kept_sent=None):
         rounds_seen[0] += 1
         _round_peaks(peaks, reference, updates, rounds_seen[0], sparse)
-        return per_round(reference, updates, factor, against, shift, sparse, kept)
+        return per_round(reference, updates, factor, against, shift, sparse, kept, kept_sent)
 
     rules.clip_to_cohort = round_watched
     try:

@@ -138,7 +138,7 @@ def _largest_unclipped(method, name, g, others, index, direction, bound, memory=
         ups = [{name: u} for u in others]
         ups.insert(index, {name: value})
         ups, events = rules.clip_to_cohort({name: g}, ups, method.norm_limit(), method.against_limit(),
-                                           method.shift_limit(), sparse, method.kept_limit())
+                                           method.shift_limit(), sparse, method.kept_limit(), method.kept_sent_limit())
         if memory is not None:
             ups, more = memory.clip({name: g}, ups, ids, method.drift_limit(), commit=False,
                                     shift=method.drift_shift_limit(), against=method.drift_against_limit(),
@@ -493,6 +493,29 @@ def test_a_pruned_tensor_is_measured_on_the_values_kept_and_keeps_its_zeros():
         assert torch.equal(out[9]["w"] != 0, bad["w"] != 0)
 
 
+def test_the_values_a_client_kept_are_held_to_the_cohorts_median_norm_as_sent_too():
+    """``kept_sent``: the kept values' deviation within a multiple of the cohort's median norm of
+    the tensors as sent (the scale of what one update adds to the mean), the smaller of that and
+    ``kept`` times the kept deviations' own median holding; the event names which."""
+    g = {"w": torch.ones(100)}
+    ups = [{"w": _pruned(10, 1.01)} for _ in range(9)]
+    bad = {"w": _pruned(10, 5.0)}  # kept deviation sqrt(10) * 4, sent norm sqrt(10) * 5
+    sent = 10 ** 0.5 * 1.01  # every honest update's norm as sent: the median
+    out, events = rules.clip_to_cohort(g, [*ups, bad], 1e6, sparse={"w"}, kept=1e6, kept_sent=1.35)
+    assert [(e.index, e.which) for e in events] == [(9, "kept-sent")]
+    assert events[0].median == pytest.approx(sent) and events[0].limit == pytest.approx(1.35 * sent)
+    torch.testing.assert_close(out[9]["w"], _pruned(10, 1.0 + 1.35 * 1.01), rtol=1e-6, atol=1e-6)
+    line = events[0].describe(9, 1e6)
+    assert "1.35 x the cohort's median norm of the tensor as sent" in line, line
+    # the kept deviations' own limit, smaller here (8 x sqrt(10) * 0.01), holds instead
+    out, events = rules.clip_to_cohort(g, [*ups, bad], 1e6, sparse={"w"}, kept=8.0, kept_sent=1.35)
+    assert [(e.index, e.which) for e in events] == [(9, "kept")]
+    torch.testing.assert_close(out[9]["w"], _pruned(10, 1.08))
+    # within both: nothing clipped, the list itself returned
+    same = [*ups, {"w": _pruned(10, 1.3)}]
+    assert rules.clip_to_cohort(g, same, 1e6, sparse={"w"}, kept=1e6, kept_sent=1.35) == (same, [])
+
+
 def test_the_records_across_rounds_keep_a_pruned_tensors_zeros():
     """The limits across rounds (a client's, the federation's) move a clipped update toward the
     cohort's centre; for a tensor clients send pruned, the values the client pruned stay 0."""
@@ -526,8 +549,11 @@ def test_topk_holds_the_values_a_client_kept_and_its_clips_keep_the_sparsity():
     from spafl.federated.methods import make_method
 
     assert make_method(config).kept_limit() == make_method(config).norm_limit() == 20.0
+    assert make_method(config).kept_sent_limit() == 1.35
+    assert make_method(config.replace(cohort_clip=math.inf)).kept_sent_limit() is None  # off with the norm limit
     sparsyfed = make_method(small("sparsyfed"))
     assert sparsyfed.kept_limit() is None and sparsyfed.pruned_by_clients() == frozenset()
+    assert sparsyfed.kept_sent_limit() is None
 
 
 @pytest.mark.parametrize("method", ["spafl", "fedavg"])

@@ -32,7 +32,8 @@ class Clipped:
     kind: str = "norm"
     scale: float = 1.0  # kind "drift": the fraction of the deviation from the cohort's centre kept
     # kinds "aggregate", "drift": the sum that passed its limit (norm, shift, against, energy);
-    # kind "norm": "kept" for the norm of the values a client kept (a tensor sent pruned)
+    # kind "norm": "kept" for the norm of the values a client kept (a tensor sent pruned), in the
+    # cohort's median of those; "kept-sent", the same in the cohort's median norm as sent
     which: str = ""
 
     def describe(self, client: object, factor: float | None) -> str:
@@ -66,6 +67,10 @@ class Clipped:
             return (f"client {client} update clipped: {self.name} moved {self.norm:.4g} against the cohort's median "
                     f"direction, more than {factor:g} x the cohort's median deviation {self.median:.4g}; "
                     f"that component cut to {self.limit:.4g}")
+        if self.which == "kept-sent":
+            return (f"client {client} update clipped: {self.name}'s values it kept moved {self.norm:.4g} from "
+                    f"their global values (Euclidean norm), more than {self.limit / self.median:.3g} x the cohort's "
+                    f"median norm of the tensor as sent {self.median:.4g}; scaled to {self.limit:.4g}")
         if self.which == "kept":
             return (f"client {client} update clipped: {self.name}'s values it kept moved {self.norm:.4g} from "
                     f"their global values (Euclidean norm), more than {factor:g} x the cohort's median "
@@ -77,7 +82,7 @@ class Clipped:
 
 def clip_to_cohort(reference: Mapping[str, torch.Tensor], updates: list[Mapping[str, torch.Tensor]],
                    factor: float | None, against: float | None = None, shift: float | None = None,
-                   sparse: Collection[str] = (), kept: float | None = None
+                   sparse: Collection[str] = (), kept: float | None = None, kept_sent: float | None = None
                    ) -> tuple[list[Mapping[str, torch.Tensor]], list[Clipped]]:
     """Each update's deviation from the global state ``reference``, per tensor, brought within
     two limits, both multiples of the cohort's median deviation norm ``m`` for that tensor (the
@@ -110,7 +115,10 @@ def clip_to_cohort(reference: Mapping[str, torch.Tensor], updates: list[Mapping[
     ``kept`` times the median of the cohort's kept deviations (a longer one scaled to it, the
     pruned values left as they were). The pruning makes most of an honest deviation's norm, and
     its median alone lets one client move the values it keeps many times further than any
-    honest client does."""
+    honest client does. With ``kept_sent`` too, that norm is also at most ``kept_sent`` times the
+    cohort's median norm of the tensors as sent (``|u|``, zeros included: the scale of what one
+    update adds to the mean), which does not have the heavy tail of the kept deviations' own
+    median; the smaller of the two limits holds."""
     if (factor is None and against is None and shift is None) or not updates:
         return updates, []
     n = len(updates)
@@ -139,13 +147,17 @@ def clip_to_cohort(reference: Mapping[str, torch.Tensor], updates: list[Mapping[
             # updates longer than the median, and the median is taken before it)
             kept_median = sorted(float(torch.linalg.vector_norm(torch.where(m, d, 0.0)))
                                  for m, d in zip(supports, sent, strict=True))[(n - 1) // 2]
-            limit = kept * kept_median
+            limit, unit, which = kept * kept_median, kept_median, "kept"
+            if kept_sent is not None:
+                sent_median = sorted(float(torch.linalg.vector_norm(u[name].double())) for u in updates)[(n - 1) // 2]
+                if kept_sent * sent_median < limit:
+                    limit, unit, which = kept_sent * sent_median, sent_median, "kept-sent"
             for i, k in enumerate(kept_devs):
                 norm = float(torch.linalg.vector_norm(k))
                 if norm > limit:
                     devs[i] = devs[i] - k * (1.0 - (limit / norm if math.isfinite(norm) else 0.0))
                     changed.add(i)
-                    events.append(Clipped(i, name, norm, limit, kept_median, which="kept"))
+                    events.append(Clipped(i, name, norm, limit, unit, which=which))
         if against is not None and n > 1 and median > 0:
             centre = torch.stack(devs).median(0).values
             length = float(torch.linalg.vector_norm(centre))

@@ -251,7 +251,7 @@ class Method:
         reference = self.expected_update(server)
         sparse = self.pruned_by_clients()
         updates, events = rules.clip_to_cohort(reference, updates, self.norm_limit(), self.against_limit(),
-                                               self.shift_limit(), sparse, self.kept_limit())
+                                               self.shift_limit(), sparse, self.kept_limit(), self.kept_sent_limit())
         if memory is not None and ids is not None:
             updates, more = memory.clip(reference, updates, ids, self.drift_limit(), commit,
                                         shift=self.drift_shift_limit(), against=self.drift_against_limit(),
@@ -274,6 +274,12 @@ class Method:
         """The limit on the deviation of the values a client kept in :meth:`pruned_by_clients`,
         in the cohort's median of those (:func:`rules.clip_to_cohort`'s ``kept``): None here
         (off); Top-K's norm limit."""
+        return None
+
+    def kept_sent_limit(self) -> float | None:
+        """The same deviation's limit in the cohort's median norm of the tensors as sent
+        (:func:`rules.clip_to_cohort`'s ``kept_sent``): None here (off); Top-K's while its
+        :meth:`kept_limit` is on."""
         return None
 
     def aggregate_limit(self) -> rules.AggregateLimits:

@@ -101,6 +101,13 @@ class SparsyFed(Method):
     def kept_limit(self) -> float | None:
         return self.norm_limit() if self.plain_topk else None
 
+    # Top-K's honest kept deviations reached 1.21 times the cohort's median norm of the tensors
+    # as sent (20 and 60 rounds, seeds 0-2; docs/security.md, "Top-K's kept values"): a tenth above.
+    TOPK_KEPT_SENT = 1.35
+
+    def kept_sent_limit(self) -> float | None:
+        return self.TOPK_KEPT_SENT if self.kept_limit() is not None else None
+
     def _spectral_seed(self) -> int | None:
         return derived_seed(self.config.seed, "spectral") if self.spectral else None
 
