@@ -514,6 +514,12 @@ def test_the_values_a_client_kept_are_held_to_the_cohorts_median_norm_as_sent_to
     # within both: nothing clipped, the list itself returned
     same = [*ups, {"w": _pruned(10, 1.3)}]
     assert rules.clip_to_cohort(g, same, 1e6, sparse={"w"}, kept=1e6, kept_sent=1.35) == (same, [])
+    # fewer than 3 updates: no cohort to take the scale from (alone, a client whose kept values
+    # shrank would be measured against its own norm)
+    shrunk = [{"w": _pruned(10, 0.2)}, {"w": _pruned(10, 0.3)}]
+    assert rules.clip_to_cohort(g, shrunk, 1e6, sparse={"w"}, kept=1e6, kept_sent=1.35) == (shrunk, [])
+    assert rules.clip_to_cohort(g, [*shrunk, {"w": _pruned(10, 0.25)}], 1e6, sparse={"w"}, kept=1e6,
+                                kept_sent=1.35)[1]
 
 
 def test_the_records_across_rounds_keep_a_pruned_tensors_zeros():

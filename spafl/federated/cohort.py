@@ -118,7 +118,8 @@ def clip_to_cohort(reference: Mapping[str, torch.Tensor], updates: list[Mapping[
     honest client does. With ``kept_sent`` too, that norm is also at most ``kept_sent`` times the
     cohort's median norm of the tensors as sent (``|u|``, zeros included: the scale of what one
     update adds to the mean), which does not have the heavy tail of the kept deviations' own
-    median; the smaller of the two limits holds."""
+    median; the smaller of the two limits holds. It needs a cohort of 3 updates or more (with
+    one, the median would be the update's own norm)."""
     if (factor is None and against is None and shift is None) or not updates:
         return updates, []
     n = len(updates)
@@ -148,7 +149,7 @@ def clip_to_cohort(reference: Mapping[str, torch.Tensor], updates: list[Mapping[
             kept_median = sorted(float(torch.linalg.vector_norm(torch.where(m, d, 0.0)))
                                  for m, d in zip(supports, sent, strict=True))[(n - 1) // 2]
             limit, unit, which = kept * kept_median, kept_median, "kept"
-            if kept_sent is not None:
+            if kept_sent is not None and n >= 3:  # (fewer: no cohort to measure the scale by)
                 sent_median = sorted(float(torch.linalg.vector_norm(u[name].double())) for u in updates)[(n - 1) // 2]
                 if kept_sent * sent_median < limit:
                     limit, unit, which = kept_sent * sent_median, sent_median, "kept-sent"
