@@ -498,19 +498,21 @@ def test_the_values_a_client_kept_are_held_to_the_cohorts_median_norm_as_sent_to
     the tensors as sent (the scale of what one update adds to the mean), the smaller of that and
     ``kept`` times the kept deviations' own median holding; the event names which."""
     g = {"w": torch.ones(100)}
-    ups = [{"w": _pruned(10, 1.01)} for _ in range(9)]
+    ups = [{"w": _pruned(10, 1.0 + 0.005 * k)} for k in range(1, 10)]  # kept values 1.005 ... 1.045
     bad = {"w": _pruned(10, 5.0)}  # kept deviation sqrt(10) * 4, sent norm sqrt(10) * 5
-    sent = 10 ** 0.5 * 1.01  # every honest update's norm as sent: the median
+    sent = 10 ** 0.5 * 1.025  # the lower median (5th of 10) of the norms as sent
     out, events = rules.clip_to_cohort(g, [*ups, bad], 1e6, sparse={"w"}, kept=1e6, kept_sent=1.35)
     assert [(e.index, e.which) for e in events] == [(9, "kept-sent")]
     assert events[0].median == pytest.approx(sent) and events[0].limit == pytest.approx(1.35 * sent)
-    torch.testing.assert_close(out[9]["w"], _pruned(10, 1.0 + 1.35 * 1.01), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(out[9]["w"], _pruned(10, 1.0 + 1.35 * 1.025), rtol=1e-6, atol=1e-6)
     line = events[0].describe(9, 1e6)
     assert "1.35 x the cohort's median norm of the tensor as sent" in line, line
-    # the kept deviations' own limit, smaller here (8 x sqrt(10) * 0.01), holds instead
+    # the kept deviations' own limit, smaller here (8 x sqrt(10) * 0.025), holds instead
     out, events = rules.clip_to_cohort(g, [*ups, bad], 1e6, sparse={"w"}, kept=8.0, kept_sent=1.35)
     assert [(e.index, e.which) for e in events] == [(9, "kept")]
-    torch.testing.assert_close(out[9]["w"], _pruned(10, 1.08))
+    torch.testing.assert_close(out[9]["w"], _pruned(10, 1.2))
+    # without the kept values' limit there is none as sent either
+    assert rules.clip_to_cohort(g, [*ups, bad], 1e6, sparse={"w"}, kept_sent=1.35)[1] == []
     # within both: nothing clipped, the list itself returned
     same = [*ups, {"w": _pruned(10, 1.3)}]
     assert rules.clip_to_cohort(g, same, 1e6, sparse={"w"}, kept=1e6, kept_sent=1.35) == (same, [])

@@ -151,7 +151,7 @@ def clip_to_cohort(reference: Mapping[str, torch.Tensor], updates: list[Mapping[
             limit, unit, which = kept * kept_median, kept_median, "kept"
             if kept_sent is not None and n >= 3:  # (fewer: no cohort to measure the scale by)
                 sent_median = sorted(float(torch.linalg.vector_norm(u[name].double())) for u in updates)[(n - 1) // 2]
-                if kept_sent * sent_median < limit:
+                if 0 < sent_median and kept_sent * sent_median < limit:
                     limit, unit, which = kept_sent * sent_median, sent_median, "kept-sent"
             for i, k in enumerate(kept_devs):
                 norm = float(torch.linalg.vector_norm(k))
