@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -80,6 +80,13 @@ class Clipped:
                 f"scaled to {self.limit:.4g}")
 
 
+def lower_median(values: Iterable[float]) -> float:
+    """The ``ceil(n/2)``-th smallest of ``n`` values (the lower median): fewer than half of them,
+    however large, cannot raise it; every limit against the cohort is a multiple of one."""
+    ordered = sorted(values)
+    return ordered[(len(ordered) - 1) // 2]
+
+
 def clip_to_cohort(reference: Mapping[str, torch.Tensor], updates: list[Mapping[str, torch.Tensor]],
                    factor: float | None, against: float | None = None, shift: float | None = None,
                    sparse: Collection[str] = (), kept: float | None = None, kept_sent: float | None = None
@@ -130,7 +137,7 @@ def clip_to_cohort(reference: Mapping[str, torch.Tensor], updates: list[Mapping[
         devs = [u[name].double() - g for u in updates]
         sent = list(devs)  # (the deviations as sent: the norm limit below replaces clipped ones)
         norms = [float(torch.linalg.vector_norm(d)) for d in devs]
-        median = sorted(norms)[(n - 1) // 2]
+        median = lower_median(norms)
         changed: set[int] = set()
         if factor is not None:
             limit = factor * median
@@ -146,11 +153,11 @@ def clip_to_cohort(reference: Mapping[str, torch.Tensor], updates: list[Mapping[
             kept_devs = [torch.where(m, d, 0.0) for m, d in zip(supports, devs, strict=True)]
             # (the cohort's median of the kept deviations as sent: a clip above shortens only
             # updates longer than the median, and the median is taken before it)
-            kept_median = sorted(float(torch.linalg.vector_norm(torch.where(m, d, 0.0)))
-                                 for m, d in zip(supports, sent, strict=True))[(n - 1) // 2]
+            kept_median = lower_median(float(torch.linalg.vector_norm(torch.where(m, d, 0.0)))
+                                       for m, d in zip(supports, sent, strict=True))
             limit, unit, which = kept * kept_median, kept_median, "kept"
             if kept_sent is not None and n >= 3:  # (fewer: no cohort to measure the scale by)
-                sent_median = sorted(float(torch.linalg.vector_norm(u[name].double())) for u in updates)[(n - 1) // 2]
+                sent_median = lower_median(float(torch.linalg.vector_norm(u[name].double())) for u in updates)
                 if 0 < sent_median and kept_sent * sent_median < limit:
                     limit, unit, which = kept_sent * sent_median, sent_median, "kept-sent"
             for i, k in enumerate(kept_devs):
@@ -174,7 +181,7 @@ def clip_to_cohort(reference: Mapping[str, torch.Tensor], updates: list[Mapping[
         if shift is not None and n > 1 and median > 0:
             unit = torch.full_like(g, 1.0 / math.sqrt(g.numel()))
             moves = [float((d * unit).sum()) for d in devs]
-            centre = sorted(moves)[(n - 1) // 2]
+            centre = lower_median(moves)
             limit = shift * median
             for i, move in enumerate(moves):
                 if abs(move - centre) > limit:
@@ -255,8 +262,7 @@ class CohortMemory:
         for name, ref in reference.items():
             g = ref.double()
             devs = [u[name].double() - g for u in updates]
-            norms = sorted(float(torch.linalg.vector_norm(d)) for d in devs)
-            median = norms[(n - 1) // 2]
+            median = lower_median(float(torch.linalg.vector_norm(d)) for d in devs)
             if not (median > 0 and math.isfinite(median)):
                 continue
             centre = torch.stack(devs).median(0).values
@@ -470,8 +476,7 @@ class AggregateMemory:
         for name, ref in reference.items():
             g = ref.double()
             devs = torch.stack([u[name].double() - g for u in updates])
-            norms = sorted(float(torch.linalg.vector_norm(d)) for d in devs)
-            median = norms[(n - 1) // 2]
+            median = lower_median(float(torch.linalg.vector_norm(d)) for d in devs)
             old = self.sums.get(name)
             s = old.double() if old is not None else torch.zeros_like(g)
             s_shift, s_against = self.shift.get(name, 0.0), self.against.get(name, 0.0)
